@@ -1,0 +1,383 @@
+//! Engine settings, loaded from TOML (serde). `configs/default.toml` is embedded
+//! and is what [`Config::default`] returns; every field has a default, so a file
+//! only needs the keys it changes. Nothing here reads environment variables.
+
+use serde::{Deserialize, Serialize};
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::time::Duration;
+
+/// The embedded default configuration file.
+pub const DEFAULT_TOML: &str = include_str!("../../configs/default.toml");
+
+/// All engine settings.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub poller: PollerConfig,
+    pub ring: RingConfig,
+    pub ops: OpsConfig,
+    pub qp: QpConfig,
+    pub mem: MemConfig,
+    pub mr_cache: MrCacheConfig,
+    pub close: CloseConfig,
+    pub connect: ConnectConfig,
+    pub limits: LimitsConfig,
+    pub fabric: FabricConfig,
+}
+
+/// How completion queues are driven.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PollerMode {
+    /// Dedicated poller threads reap CQs into completion rings; a dispatcher
+    /// thread drains the rings and makes the upcalls.
+    Threads,
+    /// No engine threads: a thread that waits for a completion (or calls
+    /// `Provider::progress`) polls the CQs itself and dispatches inline.
+    RunToCompletion,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PollerConfig {
+    pub mode: PollerMode,
+    /// Number of poller threads (and CQs) in `threads` mode; CQs in the other.
+    pub count: usize,
+    /// Cores to pin poller threads to, in order; empty = not pinned. The
+    /// dispatcher is pinned to `dispatcher_core` when set.
+    pub cores: Vec<usize>,
+    pub dispatcher_core: Option<usize>,
+    /// Empty polls a thread makes before it arms notification and sleeps.
+    pub spin_budget: u32,
+    /// Work completions reaped per poll call.
+    pub batch: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RingConfig {
+    /// Capacity of each poller → dispatcher completion ring (rounded up to a
+    /// power of two).
+    pub capacity: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct OpsConfig {
+    /// Overlapped op slots preallocated per provider (in-flight limit).
+    pub slab_size: usize,
+    /// Socket table capacity.
+    pub max_sockets: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct QpConfig {
+    pub send_depth: u32,
+    pub recv_depth: u32,
+    /// Scatter/gather entries per work request (WSABUF count limit).
+    pub max_sge: u32,
+    /// Depth of each completion queue.
+    pub cq_depth: u32,
+    /// Messages the soft NIC holds for a receiver with no posted receive
+    /// before it fails the sender with "RNR retry exceeded" (spec §7-9).
+    pub rnr_queue_max: u32,
+}
+
+/// Whether registered memory is locked into RAM.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum MlockPolicy {
+    Off,
+    /// Lock when `RLIMIT_MEMLOCK` allows it, otherwise continue unlocked.
+    Try,
+    /// Fail the allocation with a clear error when it cannot be locked.
+    Require,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MemConfig {
+    pub mlock: MlockPolicy,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MrCacheConfig {
+    /// Keep registrations whose count dropped to zero (spec §5). Off by
+    /// default on Linux: without `MmSecureVirtualMemory` only an explicit
+    /// `memory_registration_cache_callback` keeps the cache true (spec §7-19).
+    pub enabled: bool,
+    pub max_entries: usize,
+    pub max_bytes: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CloseConfig {
+    /// How long `close_socket` waits for in-flight work requests to come back
+    /// before it returns and leaves the rest of the teardown to the
+    /// dispatcher (nothing is released while the fabric may touch it).
+    pub quiesce_timeout_ms: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConnectConfig {
+    /// Connection-manager timeout: a host that answers only over TCP/IP
+    /// yields `WSAETIMEDOUT` after this long (CONN-6).
+    pub timeout_ms: u64,
+    /// `SOMAXCONN` and larger backlogs are clamped to this (spec §7-17).
+    pub backlog_max: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// `SO_MAX_MSG_SIZE`: largest single `send`.
+    pub max_msg_size: u32,
+    /// `SO_MAX_RDMA_SIZE`: largest single RDMA op.
+    pub max_rdma_size: u32,
+    /// `SO_RDMA_THRESHOLD_SIZE`: our preferred smallest RDMA transfer.
+    pub rdma_threshold: u32,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FabricKind {
+    Soft,
+    Verbs,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct FabricConfig {
+    pub kind: FabricKind,
+    pub soft: SoftFabricConfig,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SoftFabricConfig {
+    /// IPv4 addresses of this provider's soft NIC.
+    pub addresses: Vec<Ipv4Addr>,
+    /// Prefix length of the SAN subnet each address belongs to.
+    pub prefix_len: u8,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::from_toml(DEFAULT_TOML).expect("configs/default.toml is valid")
+    }
+}
+
+/// Hard-coded fallbacks, used only for keys a file leaves out.
+impl Default for PollerConfig {
+    fn default() -> Self {
+        PollerConfig {
+            mode: PollerMode::Threads,
+            count: 1,
+            cores: Vec::new(),
+            dispatcher_core: None,
+            spin_budget: 2000,
+            batch: 32,
+        }
+    }
+}
+
+impl Default for RingConfig {
+    fn default() -> Self {
+        RingConfig { capacity: 1024 }
+    }
+}
+
+impl Default for OpsConfig {
+    fn default() -> Self {
+        OpsConfig {
+            slab_size: 4096,
+            max_sockets: 1024,
+        }
+    }
+}
+
+impl Default for QpConfig {
+    fn default() -> Self {
+        QpConfig {
+            send_depth: 256,
+            recv_depth: 256,
+            max_sge: 16,
+            cq_depth: 16384,
+            rnr_queue_max: 8,
+        }
+    }
+}
+
+impl Default for MemConfig {
+    fn default() -> Self {
+        MemConfig {
+            mlock: MlockPolicy::Try,
+        }
+    }
+}
+
+impl Default for MrCacheConfig {
+    fn default() -> Self {
+        MrCacheConfig {
+            enabled: false,
+            max_entries: 1024,
+            max_bytes: 256 << 20,
+        }
+    }
+}
+
+impl Default for CloseConfig {
+    fn default() -> Self {
+        CloseConfig {
+            quiesce_timeout_ms: 2000,
+        }
+    }
+}
+
+impl Default for ConnectConfig {
+    fn default() -> Self {
+        ConnectConfig {
+            timeout_ms: 3000,
+            backlog_max: 128,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_msg_size: 8 << 20,
+            max_rdma_size: 1 << 30,
+            rdma_threshold: 64 << 10,
+        }
+    }
+}
+
+impl Default for FabricConfig {
+    fn default() -> Self {
+        FabricConfig {
+            kind: FabricKind::Soft,
+            soft: SoftFabricConfig::default(),
+        }
+    }
+}
+
+impl Default for SoftFabricConfig {
+    fn default() -> Self {
+        SoftFabricConfig {
+            addresses: vec![Ipv4Addr::new(198, 18, 0, 1)],
+            prefix_len: 24,
+        }
+    }
+}
+
+/// Why a configuration was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid TOML: {0}")]
+    Parse(#[from] toml::de::Error),
+    #[error("invalid setting: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Parses and validates a TOML document.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads, parses and validates a TOML file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::from_toml(&text)
+    }
+
+    /// Checks the relations between settings.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        if self.poller.count == 0 {
+            return bad("poller.count must be at least 1");
+        }
+        if self.poller.batch == 0 {
+            return bad("poller.batch must be at least 1");
+        }
+        if self.ring.capacity < 2 {
+            return bad("ring.capacity must be at least 2");
+        }
+        if self.ops.slab_size == 0 || self.ops.slab_size > (1 << 24) {
+            return bad("ops.slab_size must be in 1..=16777216");
+        }
+        if self.ops.max_sockets == 0 || self.ops.max_sockets > (1 << 20) {
+            return bad("ops.max_sockets must be in 1..=1048576");
+        }
+        let q = &self.qp;
+        if q.send_depth == 0 || q.recv_depth == 0 || q.max_sge == 0 {
+            return bad("qp.send_depth, qp.recv_depth and qp.max_sge must be at least 1");
+        }
+        if u64::from(q.cq_depth) < u64::from(q.send_depth) + u64::from(q.recv_depth) {
+            return bad("qp.cq_depth must hold at least one queue pair (send_depth + recv_depth)");
+        }
+        if self.limits.max_msg_size == 0 || self.limits.max_rdma_size == 0 {
+            return bad("limits.max_msg_size and limits.max_rdma_size must be positive");
+        }
+        if self.fabric.soft.prefix_len > 32 {
+            return bad("fabric.soft.prefix_len must be at most 32");
+        }
+        Ok(())
+    }
+
+    pub fn close_quiesce_timeout(&self) -> Duration {
+        Duration::from_millis(self.close.quiesce_timeout_ms)
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect.timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_parses_and_matches_fallbacks() {
+        let c = Config::default();
+        assert_eq!(c.fabric.kind, FabricKind::Soft);
+        assert_eq!(c.limits.rdma_threshold, 64 << 10);
+        assert_eq!(c.connect.backlog_max, 128);
+    }
+
+    #[test]
+    fn partial_file_keeps_other_defaults() {
+        let c = Config::from_toml("[poller]\nmode = \"run_to_completion\"\n").unwrap();
+        assert_eq!(c.poller.mode, PollerMode::RunToCompletion);
+        assert_eq!(c.ring, RingConfig::default());
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_relations_are_rejected() {
+        assert!(matches!(
+            Config::from_toml("[poller]\nmood = 1\n"),
+            Err(ConfigError::Parse(_))
+        ));
+        assert!(matches!(
+            Config::from_toml("[qp]\ncq_depth = 4\n"),
+            Err(ConfigError::Invalid(_))
+        ));
+    }
+}

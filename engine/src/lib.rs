@@ -1,0 +1,25 @@
+//! sanpath: the provider side of the Windows Sockets Direct SAN SPI over an
+//! RDMA fabric. See `DESIGN.md` in the shared folder for the module map and
+//! `spec/WSD-SAN-SPI.md` for the behavioural contract this crate implements.
+//!
+//! - [`spi`]: the front end (sockets, overlapped I/O, registration, RDMA,
+//!   close), driven by the switch through a safe Rust API (calls that take
+//!   caller-owned memory are `unsafe fn`, with the SPI's own contract).
+//! - [`fabric`]: the transport trait and its software NIC.
+//! - [`mem`]: registered regions, the registration table and cache, RDMA
+//!   descriptors.
+//! - [`poller`], [`ring`]: completion progress (poller threads or run to
+//!   completion) and the lock-free poller → front end ring.
+
+pub mod config;
+pub mod error;
+pub mod event;
+pub mod fabric;
+pub mod mem;
+pub mod poller;
+pub mod ring;
+pub mod spi;
+pub mod sync;
+
+pub use config::Config;
+pub use error::{WsaError, WsaResult};
