@@ -1,1 +1,107 @@
-//! stub
+//! `WSAEVENT` on Linux: a manual-reset event (spec §0). Set stays set until
+//! reset; `wait` returns at once while it is set.
+
+use std::sync::{Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+/// A manual-reset event, shared as `Arc<Event>`.
+#[derive(Debug, Default)]
+pub struct Event {
+    /// Signalled state; written under the mutex by `set`/`reset`, read by
+    /// waiters under it.
+    state: Mutex<EventState>,
+    /// Notified (all waiters) on every `set`.
+    cond: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct EventState {
+    signalled: bool,
+    /// Number of `set` calls that changed the state from reset to set.
+    set_count: u64,
+}
+
+impl Event {
+    pub fn new() -> Event {
+        Event::default()
+    }
+
+    /// Signals the event and wakes every waiter.
+    pub fn set(&self) {
+        let mut s = self.lock();
+        if !s.signalled {
+            s.signalled = true;
+            s.set_count += 1;
+        }
+        drop(s);
+        self.cond.notify_all();
+    }
+
+    /// Returns the event to the non-signalled state.
+    pub fn reset(&self) {
+        self.lock().signalled = false;
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.lock().signalled
+    }
+
+    /// How many times the event went from reset to set (for tests that check
+    /// "signalled exactly once").
+    pub fn set_count(&self) -> u64 {
+        self.lock().set_count
+    }
+
+    /// Waits until the event is set or `timeout` passed; returns whether it
+    /// is set.
+    pub fn wait(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut s = self.lock();
+        while !s.signalled {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            s = self
+                .cond
+                .wait_timeout(s, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        true
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, EventState> {
+        // The state is a plain flag and counter: a panic elsewhere cannot
+        // leave it inconsistent, so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn manual_reset_semantics() {
+        let e = Event::new();
+        assert!(!e.wait(Duration::from_millis(1)));
+        e.set();
+        e.set();
+        assert!(e.wait(Duration::ZERO));
+        assert!(e.wait(Duration::ZERO), "stays set until reset");
+        assert_eq!(e.set_count(), 1);
+        e.reset();
+        assert!(!e.is_set());
+    }
+
+    #[test]
+    fn wakes_a_waiting_thread() {
+        let e = Arc::new(Event::new());
+        let e2 = e.clone();
+        let t = std::thread::spawn(move || e2.wait(Duration::from_secs(10)));
+        e.set();
+        assert!(t.join().unwrap());
+    }
+}

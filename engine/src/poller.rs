@@ -1,1 +1,413 @@
-//! stub
+//! Completion progress. The engine has `poller.count` completion queues; a
+//! socket's queue pair is attached to one of them.
+//!
+//! - `threads` mode: one pinned poller thread per CQ busy-polls it for up to
+//!   `spin_budget` empty polls, then arms the CQ and parks until the CQ wakes
+//!   it. Reaped completions go into that poller's SPSC [`ring`](crate::ring)
+//!   to the front end, published in batches; when the ring is full the poller
+//!   stops reaping (completions wait in the CQ, nothing is dropped). Pollers
+//!   never make upcalls.
+//! - `run_to_completion` mode: no threads. A thread that needs progress calls
+//!   [`Progress::reap`], which polls the CQs directly (no handoff); while it
+//!   has nothing to do it may [`Progress::arm`] the CQs and wait on the
+//!   notifier they wake.
+//!
+//! Either way the front end gets completions from [`Progress::reap`].
+
+use crate::config::{Config, PollerMode};
+use crate::fabric::{CompletionQueue, CqId, FabricError, Nic, Waker, WorkCompletion};
+use crate::ring::{self, Consumer, Producer};
+use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
+use std::thread::{JoinHandle, Thread};
+use std::time::{Duration, Instant};
+
+/// Wakes one parked thread, cheaply when it is not asleep.
+#[derive(Default)]
+pub struct ParkWaker {
+    /// The thread to unpark; set once by that thread before it first sleeps.
+    thread: OnceLock<Thread>,
+    /// True from just before the thread re-checks for work and parks until it
+    /// runs again. Read by wakers (SeqCst, paired with the sleeper's fence).
+    sleeping: AtomicBool,
+}
+
+impl ParkWaker {
+    /// Registers the calling thread as the one to wake.
+    pub fn register_current(&self) {
+        let _ = self.thread.set(std::thread::current());
+    }
+
+    /// Announces an intent to sleep. The caller must re-check for work after
+    /// this and before [`ParkWaker::sleep`].
+    pub fn prepare_sleep(&self) {
+        self.sleeping.store(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+    }
+
+    /// Parks (or returns at once if woken since `prepare_sleep`).
+    pub fn sleep(&self, timeout: Option<Duration>) {
+        match timeout {
+            Some(t) => std::thread::park_timeout(t),
+            None => std::thread::park(),
+        }
+        self.sleeping.store(false, Ordering::Relaxed);
+    }
+
+    /// Abandons a `prepare_sleep` because work was found.
+    pub fn cancel_sleep(&self) {
+        self.sleeping.store(false, Ordering::Relaxed);
+    }
+
+    /// Unparks the thread unconditionally (shutdown).
+    pub fn unpark(&self) {
+        if let Some(t) = self.thread.get() {
+            t.unpark();
+        }
+    }
+}
+
+impl Waker for ParkWaker {
+    fn wake(&self) {
+        // Pairs with the fence in `prepare_sleep`: either the sleeper sees
+        // the new work in its re-check, or we see `sleeping` and unpark it
+        // (an unpark before park makes the park return at once).
+        fence(Ordering::SeqCst);
+        if self.sleeping.load(Ordering::SeqCst) {
+            self.unpark();
+        }
+    }
+}
+
+/// A wake-up many threads can wait for (op completions, close drains, CQ
+/// notifications), cheap to signal when nobody waits. Usage: take a token
+/// with [`Notifier::prepare`], re-check the condition, then
+/// [`Notifier::wait`]; a `notify` after `prepare` is never lost.
+#[derive(Default)]
+pub struct Notifier {
+    /// Bumped by every notify that found a waiter.
+    seq: Mutex<u64>,
+    cond: Condvar,
+    /// Threads between `prepare` and the end of `wait`; `notify` skips the
+    /// lock when 0.
+    waiters: AtomicUsize,
+}
+
+/// A registration as waiter of a [`Notifier`]; consumed by `wait`.
+#[must_use]
+pub struct WaitToken<'a> {
+    notifier: &'a Notifier,
+    seen: u64,
+}
+
+impl Notifier {
+    pub fn notify(&self) {
+        fence(Ordering::SeqCst);
+        if self.waiters.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        *self.seq.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+        self.cond.notify_all();
+    }
+
+    /// Registers the caller as a waiter.
+    pub fn prepare(&self) -> WaitToken<'_> {
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        let seen = *self.seq.lock().unwrap_or_else(PoisonError::into_inner);
+        WaitToken {
+            notifier: self,
+            seen,
+        }
+    }
+
+    /// Waits until `done()` holds or `deadline` passes; returns `done()`.
+    /// `done` must become true only together with a `notify`.
+    pub fn wait_until(&self, deadline: Option<Instant>, mut done: impl FnMut() -> bool) -> bool {
+        loop {
+            let token = self.prepare();
+            if done() {
+                return true;
+            }
+            if !token.wait(deadline) {
+                return done();
+            }
+        }
+    }
+}
+
+impl WaitToken<'_> {
+    /// Sleeps until a `notify` since `prepare`, or `deadline`; returns false
+    /// on timeout. Dropping a token without waiting unregisters it.
+    pub fn wait(self, deadline: Option<Instant>) -> bool {
+        let n = self.notifier;
+        let mut seq = n.seq.lock().unwrap_or_else(PoisonError::into_inner);
+        let notified = loop {
+            if *seq != self.seen {
+                break true;
+            }
+            // Without a deadline, wake periodically as a guard; correctness
+            // does not depend on it.
+            let timeout = match deadline {
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(t) if !t.is_zero() => t,
+                    _ => break false,
+                },
+                None => Duration::from_millis(100),
+            };
+            seq = n
+                .cond
+                .wait_timeout(seq, timeout)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        };
+        notified
+    }
+}
+
+impl Drop for WaitToken<'_> {
+    fn drop(&mut self) {
+        self.notifier.waiters.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Waker for Notifier {
+    fn wake(&self) {
+        self.notify();
+    }
+}
+
+struct PollerThread {
+    waker: Arc<ParkWaker>,
+    handle: Option<JoinHandle<()>>,
+}
+
+/// The CQs and whatever drives them.
+pub struct Progress {
+    mode: PollerMode,
+    cqs: Vec<Arc<dyn CompletionQueue>>,
+    /// Threads mode: poller threads, one per CQ; emptied by `shutdown`.
+    pollers: Mutex<Vec<PollerThread>>,
+    /// Threads mode: the consumer ends of the pollers' rings, locked by the
+    /// thread that drains them (normally the dispatcher) for pop + dispatch.
+    consumers: Mutex<Vec<Consumer<WorkCompletion>>>,
+    /// Run-to-completion mode: one reaper per CQ at a time (CQs are single
+    /// consumer).
+    rtc_reapers: Vec<Mutex<()>>,
+    stop: Arc<AtomicBool>,
+    /// Next CQ to hand out (round robin).
+    next_cq: AtomicUsize,
+}
+
+impl Progress {
+    /// Creates the CQs and, in threads mode, starts the pollers. `front` is
+    /// woken whenever completions were published for the front end (threads
+    /// mode) or a CQ armed with [`Progress::arm`] got a completion
+    /// (run-to-completion mode).
+    pub fn start(
+        nic: &dyn Nic,
+        config: &Config,
+        front: Arc<dyn Waker>,
+    ) -> Result<Progress, FabricError> {
+        let pc = &config.poller;
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut cqs = Vec::with_capacity(pc.count);
+        let mut pollers = Vec::new();
+        let mut consumers = Vec::new();
+        for i in 0..pc.count {
+            match pc.mode {
+                PollerMode::RunToCompletion => {
+                    cqs.push(nic.create_cq(config.qp.cq_depth, front.clone())?);
+                }
+                PollerMode::Threads => {
+                    let waker = Arc::new(ParkWaker::default());
+                    let cq = nic.create_cq(config.qp.cq_depth, waker.clone())?;
+                    let (producer, consumer) = ring::channel(config.ring.capacity);
+                    consumers.push(consumer);
+                    let ctx = PollerCtx {
+                        cq: cq.clone(),
+                        producer,
+                        waker: waker.clone(),
+                        front: front.clone(),
+                        stop: stop.clone(),
+                        spin_budget: pc.spin_budget,
+                        batch: pc.batch.min(POLL_BATCH),
+                        core: pc.cores.get(i).copied(),
+                    };
+                    let handle = std::thread::Builder::new()
+                        .name(format!("sanpath-poll{i}"))
+                        .spawn(move || ctx.run())
+                        .map_err(|e| FabricError::Unavailable(format!("poller thread: {e}")))?;
+                    pollers.push(PollerThread {
+                        waker,
+                        handle: Some(handle),
+                    });
+                    cqs.push(cq);
+                }
+            }
+        }
+        let rtc_reapers = (0..cqs.len()).map(|_| Mutex::new(())).collect();
+        Ok(Progress {
+            mode: pc.mode,
+            cqs,
+            pollers: Mutex::new(pollers),
+            consumers: Mutex::new(consumers),
+            rtc_reapers,
+            stop,
+            next_cq: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn mode(&self) -> PollerMode {
+        self.mode
+    }
+
+    /// The CQ for a new queue pair (round robin).
+    pub fn assign_cq(&self) -> CqId {
+        let i = self.next_cq.fetch_add(1, Ordering::Relaxed) % self.cqs.len();
+        self.cqs[i].id()
+    }
+
+    /// Hands available completions to `f`, oldest first per CQ; never
+    /// blocks. Threads mode: from the rings; run-to-completion: straight from
+    /// the CQs. The reaper lock of a ring or CQ is held while `f` runs, so two
+    /// threads never interleave the completions of one CQ; `f` must not call
+    /// `drain` again (the front end refuses nested progress). Returns how
+    /// many completions were handed out.
+    pub fn drain(&self, f: &mut dyn FnMut(&WorkCompletion)) -> usize {
+        let mut buf = [WorkCompletion::EMPTY; POLL_BATCH];
+        let mut total = 0;
+        match self.mode {
+            PollerMode::Threads => {
+                let Ok(mut consumers) = self.consumers.try_lock() else {
+                    return 0;
+                };
+                for c in consumers.iter_mut() {
+                    loop {
+                        let n = c.pop_into(&mut buf);
+                        buf[..n].iter().for_each(&mut *f);
+                        total += n;
+                        if n < buf.len() {
+                            break;
+                        }
+                    }
+                }
+            }
+            PollerMode::RunToCompletion => {
+                for (cq, lock) in self.cqs.iter().zip(&self.rtc_reapers) {
+                    let Ok(_guard) = lock.try_lock() else {
+                        continue;
+                    };
+                    loop {
+                        let n = cq.poll(&mut buf);
+                        buf[..n].iter().for_each(&mut *f);
+                        total += n;
+                        if n < buf.len() {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        total
+    }
+
+    /// Prepares to sleep: run-to-completion mode arms every CQ; returns true
+    /// if completions are already waiting (do not sleep). Threads mode: true
+    /// if a ring is non-empty.
+    pub fn arm(&self) -> bool {
+        match self.mode {
+            PollerMode::Threads => match self.consumers.try_lock() {
+                Ok(mut consumers) => consumers.iter_mut().any(|c| !c.is_empty()),
+                Err(_) => true,
+            },
+            PollerMode::RunToCompletion => {
+                let mut ready = false;
+                for cq in &self.cqs {
+                    ready |= cq.arm();
+                }
+                ready
+            }
+        }
+    }
+
+    /// Stops and joins the poller threads. Idempotent.
+    pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let pollers =
+            std::mem::take(&mut *self.pollers.lock().unwrap_or_else(PoisonError::into_inner));
+        for mut p in pollers {
+            p.waker.unpark();
+            if let Some(h) = p.handle.take() {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Completions reaped per poll call at most (stack buffer size).
+const POLL_BATCH: usize = 64;
+
+struct PollerCtx {
+    cq: Arc<dyn CompletionQueue>,
+    producer: Producer<WorkCompletion>,
+    waker: Arc<ParkWaker>,
+    front: Arc<dyn Waker>,
+    stop: Arc<AtomicBool>,
+    spin_budget: u32,
+    batch: usize,
+    core: Option<usize>,
+}
+
+impl PollerCtx {
+    fn run(mut self) {
+        if let Some(id) = self.core {
+            // Best effort: a core missing from this machine leaves the thread
+            // unpinned.
+            core_affinity::set_for_current(core_affinity::CoreId { id });
+        }
+        self.waker.register_current();
+        let mut buf = [WorkCompletion::EMPTY; POLL_BATCH];
+        let mut idle: u32 = 0;
+        while !self.stop.load(Ordering::Relaxed) {
+            let free = self.producer.free();
+            if free == 0 {
+                // Ring full: leave completions in the CQ until the front end
+                // catches up. Back off rather than spin.
+                self.front.wake();
+                idle = idle.saturating_add(1);
+                if idle < self.spin_budget {
+                    std::thread::yield_now();
+                } else {
+                    std::thread::park_timeout(Duration::from_micros(200));
+                }
+                continue;
+            }
+            let n = self.cq.poll(&mut buf[..free.min(self.batch)]);
+            if n > 0 {
+                let pushed = self.producer.push_slice(&buf[..n]);
+                debug_assert_eq!(pushed, n, "ring had room for what was reaped");
+                self.front.wake();
+                idle = 0;
+                continue;
+            }
+            idle = idle.saturating_add(1);
+            if idle < self.spin_budget {
+                std::hint::spin_loop();
+                continue;
+            }
+            self.waker.prepare_sleep();
+            if self.cq.arm() || self.stop.load(Ordering::SeqCst) {
+                self.waker.cancel_sleep();
+            } else {
+                self.waker.sleep(None);
+            }
+            idle = 0;
+        }
+    }
+}

@@ -321,8 +321,12 @@ pub trait Nic: Send + Sync {
     /// The range must stay valid memory until [`Nic::deregister`] returned
     /// for the returned key, and the caller must not access it in ways that
     /// race with work requests naming it.
-    unsafe fn register(&self, addr: usize, len: usize, access: Access)
-        -> Result<MrKeys, FabricError>;
+    unsafe fn register(
+        &self,
+        addr: usize,
+        len: usize,
+        access: Access,
+    ) -> Result<MrKeys, FabricError>;
 
     /// Removes a registration; its lkey and every remote key bound to it stop
     /// working. Must not be called while a posted request names it.

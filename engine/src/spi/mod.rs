@@ -1,1 +1,1393 @@
-//! stub
+//! The SPI front end: the provider side of the WSD SAN SPI as a Rust API.
+//!
+//! [`Provider`] implements every function marked R in spec §2.4 and the
+//! extension functions of §3.1. Calls that take memory the switch owns
+//! (buffers, overlapped records) are `unsafe fn` whose safety contract is the
+//! SPI's own: the memory stays valid until the op completed or the
+//! registration ended. Everything else is safe.
+//!
+//! Data flow of an op: validate → reserve an op slot (no allocation) → post a
+//! work request whose id names the slot → `Ok` (the C ABI reports
+//! `WSA_IO_PENDING`). The completion comes back through [`crate::poller`];
+//! the front end takes the op's state out of its slot (freeing it), writes the
+//! overlapped result, and makes the one `complete_overlapped_request` upcall
+//! (unless `hEvent` bit 0 is set).
+//!
+//! Close (spec §6.1): remove the descriptor → mark closing → cancel a pending
+//! connect, close a listener, move the queue pair to error so the fabric
+//! flushes every posted request → wait (bounded) until every op came back
+//! and was completed with `WSA_OPERATION_ABORTED`, its memory freed first →
+//! release the registrations → `close_socket_handle`, the last upcall.
+
+mod ops;
+mod socket;
+mod types;
+
+pub use ops::MAX_SGE;
+pub use types::*;
+
+use crate::config::{Config, FabricKind, PollerMode};
+use crate::error::{WsaError, WsaResult};
+use crate::event::Event;
+use crate::fabric::soft::{default_network, SoftNicConfig};
+use crate::fabric::{
+    ConnectError, FabricError, Nic, PostError, QpParams, QueuePair, RecvWr, SendOp, SendWr, Sge,
+    Waker, WcStatus, WorkCompletion,
+};
+use crate::mem::descriptor::{Descriptor, DESCRIPTOR_LEN};
+use crate::mem::table::{MemFlags, OwnerId, RegRef, RegistrationTable};
+use crate::poller::{Notifier, ParkWaker, Progress};
+use ops::{OpSlab, OpState, OvPtr};
+use socket::{record_connect, Phase, Socket, SocketListenerEvents, SocketQpEvents, SocketTable};
+use std::cell::Cell;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Size of the RDMA descriptor `register_rdma_memory` writes (spec §7-1).
+pub const RDMA_DESCRIPTOR_LEN: usize = DESCRIPTOR_LEN;
+
+/// Description reported in `WSPDATA`.
+pub const DESCRIPTION: &str = "sanpath WSD SAN provider";
+
+thread_local! {
+    /// True while this thread dispatches completions (and so may be inside
+    /// an upcall): nested progress is refused so per-socket completion order
+    /// holds, and waits that only this thread could satisfy do not block.
+    static DISPATCHING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Sets [`DISPATCHING`] for its lifetime (cleared even if an upcall panics).
+struct DispatchingFlag;
+
+impl DispatchingFlag {
+    fn set() -> DispatchingFlag {
+        DISPATCHING.with(|d| d.set(true));
+        DispatchingFlag
+    }
+}
+
+impl Drop for DispatchingFlag {
+    fn drop(&mut self) {
+        DISPATCHING.with(|d| d.set(false));
+    }
+}
+
+/// Provider counters (tests, benchmarks).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProviderStats {
+    /// Op slots in use (pending ops).
+    pub ops_in_use: usize,
+    /// Live (not closed) sockets.
+    pub sockets: usize,
+}
+
+/// The SAN provider. Cheap to clone; all clones are the same provider.
+#[derive(Clone)]
+pub struct Provider {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Config,
+    nic: Arc<dyn Nic>,
+    table: RegistrationTable,
+    ops: OpSlab,
+    sockets: SocketTable,
+    /// Startup refcount and the running engine; taken by startup/cleanup.
+    life: Mutex<Life>,
+    /// The running engine, read by calls that need the switch or progress.
+    running: RwLock<Option<Arc<Running>>>,
+    /// Source of socket ids (never reused).
+    next_owner: AtomicU64,
+    /// Next ephemeral port.
+    next_port: AtomicU16,
+    /// Notified after every dispatched batch: op completions, close drains.
+    completed: Notifier,
+}
+
+#[derive(Default)]
+struct Life {
+    refcount: u32,
+}
+
+struct Running {
+    switch: Arc<dyn Switch>,
+    catalog_entry_id: u32,
+    progress: Progress,
+    /// Threads mode: the dispatcher thread's waker (pollers wake it).
+    dispatcher_waker: Arc<ParkWaker>,
+    /// Run-to-completion mode: woken by armed CQs.
+    rtc_notifier: Arc<Notifier>,
+    dispatcher: Mutex<Option<JoinHandle<()>>>,
+    stop: std::sync::atomic::AtomicBool,
+}
+
+/// Why a provider could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    #[error("invalid configuration: {0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("fabric: {0}")]
+    Fabric(#[from] FabricError),
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Provider {
+    /// A provider on the NIC the config selects: the soft fabric's process-
+    /// wide network with `fabric.soft.addresses`.
+    pub fn new(config: Config) -> Result<Provider, ProviderError> {
+        config.validate()?;
+        let nic: Arc<dyn Nic> = match config.fabric.kind {
+            FabricKind::Soft => default_network().attach(SoftNicConfig {
+                addresses: config.fabric.soft.addresses.clone(),
+                prefix_len: config.fabric.soft.prefix_len,
+                connect_timeout: config.connect_timeout(),
+                rnr_queue_max: config.qp.rnr_queue_max,
+            })?,
+            FabricKind::Verbs => {
+                return Err(FabricError::Unavailable(
+                    "the verbs fabric is not built into this engine yet".into(),
+                )
+                .into())
+            }
+        };
+        Provider::with_nic(config, nic)
+    }
+
+    /// A provider on a given NIC.
+    pub fn with_nic(config: Config, nic: Arc<dyn Nic>) -> Result<Provider, ProviderError> {
+        config.validate()?;
+        let table = RegistrationTable::new(nic.clone(), config.mr_cache.clone());
+        Ok(Provider {
+            inner: Arc::new(Inner {
+                table,
+                ops: OpSlab::new(config.ops.slab_size),
+                sockets: SocketTable::new(config.ops.max_sockets),
+                life: Mutex::new(Life::default()),
+                running: RwLock::new(None),
+                next_owner: AtomicU64::new(1),
+                next_port: AtomicU16::new(0),
+                completed: Notifier::default(),
+                nic,
+                config,
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    pub fn nic(&self) -> &Arc<dyn Nic> {
+        &self.inner.nic
+    }
+
+    pub fn stats(&self) -> ProviderStats {
+        ProviderStats {
+            ops_in_use: self.inner.ops.in_use(),
+            sockets: self.inner.sockets.all().len(),
+        }
+    }
+
+    /// Statistics of the registration table.
+    pub fn registration_stats(&self) -> crate::mem::table::TableStats {
+        self.inner.table.stats()
+    }
+
+    // ------------------------------------------------------------------
+    // Startup and cleanup (§2.1, §2.5)
+    // ------------------------------------------------------------------
+
+    /// `WSPStartupEx`. `version` is the highest version the switch speaks
+    /// (low byte major, high byte minor); 2.2 is required. The first call
+    /// keeps `switch`; later calls only count (§7-14).
+    pub fn startup(
+        &self,
+        version: u16,
+        switch: Arc<dyn Switch>,
+        catalog_entry_id: u32,
+    ) -> WsaResult<WspData> {
+        let (major, minor) = (version & 0xFF, version >> 8);
+        if (major, minor) < (2, 2) {
+            return Err(WsaError::WSAVERNOTSUPPORTED);
+        }
+        let mut life = lock(&self.inner.life);
+        if life.refcount == 0 {
+            let run = self.inner.start(switch, catalog_entry_id)?;
+            *self
+                .inner
+                .running
+                .write()
+                .unwrap_or_else(PoisonError::into_inner) = Some(run);
+        }
+        life.refcount += 1;
+        Ok(WspData {
+            version: WSD_VERSION,
+            high_version: WSD_VERSION,
+            description: DESCRIPTION,
+        })
+    }
+
+    /// `WSPCleanup`. The last call closes every socket (pending ops complete
+    /// `WSA_OPERATION_ABORTED`) and stops the engine threads.
+    pub fn cleanup(&self) -> WsaResult<()> {
+        let mut life = lock(&self.inner.life);
+        if life.refcount == 0 {
+            return Err(WsaError::WSANOTINITIALISED);
+        }
+        life.refcount -= 1;
+        if life.refcount > 0 {
+            return Ok(());
+        }
+        // Mark every socket first, so that a socket torn down by its peer's
+        // close still reports its ops as aborted, not reset (START-7).
+        let sockets = self.inner.sockets.all();
+        for s in &sockets {
+            s.closing.store(true, Ordering::SeqCst);
+        }
+        for s in sockets {
+            let _ = self.close_socket(s.desc);
+        }
+        let run = self
+            .inner
+            .running
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(run) = run {
+            run.stop.store(true, Ordering::SeqCst);
+            run.dispatcher_waker.unpark();
+            if let Some(h) = lock(&run.dispatcher).take() {
+                let _ = h.join();
+            }
+            run.progress.shutdown();
+        }
+        Ok(())
+    }
+
+    /// Whether `startup` succeeded more often than `cleanup` was called.
+    pub fn is_started(&self) -> bool {
+        lock(&self.inner.life).refcount > 0
+    }
+
+    // ------------------------------------------------------------------
+    // Sockets (§3)
+    // ------------------------------------------------------------------
+
+    /// `WSPSocket`. `dup_reserved` is `WSAPROTOCOL_INFOW::dwProviderReserved`
+    /// (non-zero = re-creation of a duplicated socket, not supported).
+    pub fn socket(
+        &self,
+        af: i32,
+        ty: i32,
+        protocol: i32,
+        group: u32,
+        flags: u32,
+        dup_reserved: u64,
+    ) -> WsaResult<ProviderSocket> {
+        let run = self.inner.running()?;
+        if af != AF_INET {
+            return Err(WsaError::WSAEAFNOSUPPORT);
+        }
+        if ty != SOCK_STREAM {
+            return Err(WsaError::WSAESOCKTNOSUPPORT);
+        }
+        if protocol != 0 && protocol != IPPROTO_TCP {
+            return Err(WsaError::WSAEPROTONOSUPPORT);
+        }
+        if group != 0 || flags & !WSA_FLAG_OVERLAPPED != 0 || dup_reserved != 0 {
+            return Err(WsaError::WSAEINVAL);
+        }
+        let sock = self.inner.new_socket(&run)?;
+        self.inner.sockets.publish(sock.clone());
+        Ok(sock.desc)
+    }
+
+    /// `WSPBind`: `addr` must be one of our NIC addresses or the wildcard.
+    pub fn bind(&self, s: ProviderSocket, addr: SocketAddrV4) -> WsaResult<()> {
+        let sock = self.inner.socket(s)?;
+        let ip = *addr.ip();
+        if !ip.is_unspecified() && !self.inner.nic.addresses().contains(&ip) {
+            return Err(WsaError::WSAEADDRNOTAVAIL);
+        }
+        let mut c = sock.ctl();
+        if c.phase != Phase::Open || c.local.is_some() {
+            return Err(WsaError::WSAEINVAL);
+        }
+        let port = if addr.port() == 0 {
+            self.inner.ephemeral_port()
+        } else {
+            addr.port()
+        };
+        c.local = Some(SocketAddrV4::new(ip, port));
+        c.phase = Phase::Bound;
+        Ok(())
+    }
+
+    /// `WSPListen`. `SOMAXCONN` (or anything above `connect.backlog_max`) is
+    /// clamped to `connect.backlog_max`.
+    pub fn listen(&self, s: ProviderSocket, backlog: i32) -> WsaResult<()> {
+        let sock = self.inner.socket(s)?;
+        let max = self.inner.config.connect.backlog_max;
+        let backlog = (backlog.max(1) as u32).min(max);
+        let mut c = sock.ctl();
+        match c.phase {
+            Phase::Listening => return Ok(()),
+            Phase::Bound => {}
+            Phase::Connected | Phase::Connecting => return Err(WsaError::WSAEISCONN),
+            Phase::Open => return Err(WsaError::WSAEINVAL),
+        }
+        let local = c.local.ok_or(WsaError::WSAEINVAL)?;
+        let events = Arc::new(SocketListenerEvents(Arc::downgrade(&sock)));
+        let listener = self
+            .inner
+            .nic
+            .listen(local, backlog, events)
+            .map_err(|e| match e {
+                FabricError::AddressInUse => WsaError::WSAEADDRINUSE,
+                FabricError::AddressNotAvailable => WsaError::WSAEADDRNOTAVAIL,
+                FabricError::NoResources(_) => WsaError::WSAENOBUFS,
+                _ => WsaError::WSAENETDOWN,
+            })?;
+        c.listener = Some(listener);
+        c.backlog = backlog;
+        c.phase = Phase::Listening;
+        Ok(())
+    }
+
+    /// `WSPEventSelect`: records `event` and the `FD_*` mask; an event that
+    /// is already recorded and selected signals at once.
+    pub fn event_select(
+        &self,
+        s: ProviderSocket,
+        event: Option<Arc<Event>>,
+        network_events: i32,
+    ) -> WsaResult<()> {
+        let sock = self.inner.socket(s)?;
+        let mut c = sock.ctl();
+        match event {
+            Some(ev) if network_events != 0 => {
+                if c.recorded.network_events & network_events != 0 {
+                    ev.set();
+                }
+                c.event = Some((ev, network_events));
+            }
+            Some(_) => c.event = None,
+            None if network_events == 0 => c.event = None,
+            None => return Err(WsaError::WSAEINVAL),
+        }
+        Ok(())
+    }
+
+    /// `WSPEnumNetworkEvents`: copies and clears the recorded events and
+    /// resets `event` (if given).
+    pub fn enum_network_events(
+        &self,
+        s: ProviderSocket,
+        event: Option<&Event>,
+    ) -> WsaResult<NetworkEvents> {
+        let sock = self.inner.socket(s)?;
+        let mut c = sock.ctl();
+        let out = std::mem::take(&mut c.recorded);
+        if let Some(ev) = event {
+            ev.reset();
+        }
+        Ok(out)
+    }
+
+    /// `WSPConnect`, always non-blocking (§4.1): `Ok(())` means the attempt
+    /// is under way and its result comes as `FD_CONNECT`; failures known at
+    /// once are returned directly. Caller/callee data are not supported:
+    /// non-empty `caller_data` fails `WSAEINVAL` (§7-11).
+    pub fn connect(
+        &self,
+        s: ProviderSocket,
+        addr: SocketAddrV4,
+        caller_data: &[u8],
+    ) -> WsaResult<()> {
+        let sock = self.inner.socket(s)?;
+        let run = self.inner.running()?;
+        if !caller_data.is_empty() {
+            return Err(WsaError::WSAEINVAL);
+        }
+        if addr.ip().is_unspecified() || addr.port() == 0 || addr.ip().is_broadcast() {
+            return Err(WsaError::WSAEADDRNOTAVAIL);
+        }
+        let mut c = sock.ctl();
+        match c.phase {
+            Phase::Open | Phase::Bound => {}
+            Phase::Connecting => return Err(WsaError::WSAEALREADY),
+            Phase::Connected => return Err(WsaError::WSAEISCONN),
+            Phase::Listening => return Err(WsaError::WSAEINVAL),
+        }
+        let local = self.inner.local_for_connect(c.local, *addr.ip())?;
+        let params = self.inner.qp_params(&run, &sock);
+        let weak = Arc::downgrade(&sock);
+        let done = Box::new(move |result: Result<Arc<dyn QueuePair>, ConnectError>| {
+            let Some(sock) = weak.upgrade() else { return };
+            connect_done(&sock, result);
+        });
+        match self.inner.nic.connect(local, addr, params, done) {
+            Ok(attempt) => {
+                c.local = Some(local);
+                c.peer = Some(addr);
+                c.phase = Phase::Connecting;
+                c.attempt = Some(attempt);
+                Ok(())
+            }
+            Err(e) => Err(connect_error(e)),
+        }
+    }
+
+    /// `WSPAccept`: takes the oldest queued request, asks `condition` on the
+    /// calling thread, and only then answers the remote (§4.2, CONN-10).
+    /// Returns the new socket and the caller's address.
+    pub fn accept(
+        &self,
+        s: ProviderSocket,
+        condition: &mut dyn FnMut(&ConnectRequestInfo) -> Condition,
+    ) -> WsaResult<(ProviderSocket, SocketAddrV4)> {
+        let sock = self.inner.socket(s)?;
+        let run = self.inner.running()?;
+        let (listener, event) = {
+            let c = sock.ctl();
+            if c.phase != Phase::Listening {
+                return Err(WsaError::WSAEINVAL);
+            }
+            (
+                c.listener.clone().ok_or(WsaError::WSAEINVAL)?,
+                c.event.as_ref().map(|(e, _)| e.clone()),
+            )
+        };
+        // The listen event is re-armed for the next request (CONN-11).
+        if let Some(ev) = &event {
+            ev.reset();
+        }
+        let result = loop {
+            let Some(req) = listener.peek() else {
+                break Err(WsaError::WSAEWOULDBLOCK);
+            };
+            let info = ConnectRequestInfo {
+                caller: req.peer_addr(),
+                callee: req.local_addr(),
+            };
+            match condition(&info) {
+                Condition::Reject => {
+                    req.reject();
+                    break Err(WsaError::WSAECONNREFUSED);
+                }
+                Condition::Defer => break Err(WsaError::WSATRY_AGAIN),
+                Condition::Accept => {}
+            }
+            let new = self.inner.new_socket(&run)?;
+            let params = self.inner.qp_params(&run, &new);
+            match req.accept(params) {
+                Ok(qp) => {
+                    {
+                        let mut c = new.ctl();
+                        c.local = Some(info.callee);
+                        c.peer = Some(info.caller);
+                        c.phase = Phase::Connected;
+                    }
+                    let _ = new.qp.set(qp);
+                    self.inner.sockets.publish(new.clone());
+                    break Ok((new.desc, info.caller));
+                }
+                Err(e) => {
+                    // The connector gave up (or resources ran out): undo the
+                    // new socket, handle included, and try the next request.
+                    self.inner.sockets.unreserve(new.desc);
+                    self.inner.table.release_owner(&new.regs);
+                    let _ = run.switch.close_socket_handle(new.handle);
+                    if e != ConnectError::Cancelled {
+                        break Err(connect_error(e));
+                    }
+                }
+            }
+        };
+        if listener.pending() > 0 && !sock.closing.load(Ordering::SeqCst) {
+            let mut c = sock.ctl();
+            c.record(FD_ACCEPT_BIT, 0);
+        }
+        result
+    }
+
+    /// `WSPGetSockOpt`: writes the value into `out` and returns its length.
+    pub fn get_sockopt(
+        &self,
+        s: ProviderSocket,
+        level: i32,
+        name: i32,
+        out: &mut [u8],
+    ) -> WsaResult<usize> {
+        let sock = self.inner.socket(s)?;
+        let limits = &self.inner.config.limits;
+        let value: u32 = match (level, name) {
+            (SOL_SOCKET, SO_MAX_MSG_SIZE) => limits.max_msg_size,
+            (SOL_SOCKET, SO_MAX_RDMA_SIZE) => limits.max_rdma_size,
+            (SOL_SOCKET, SO_RDMA_THRESHOLD_SIZE) => sock.rdma_threshold.load(Ordering::Relaxed),
+            (SOL_SOCKET, SO_DEBUG) => sock.opts.debug.load(Ordering::Relaxed) as u32,
+            (IPPROTO_TCP, TCP_NODELAY) => sock.opts.nodelay.load(Ordering::Relaxed) as u32,
+            (SOL_SOCKET, _) | (IPPROTO_TCP, _) => return Err(WsaError::WSAENOPROTOOPT),
+            _ => return Err(WsaError::WSAEINVAL),
+        };
+        let bytes = value.to_le_bytes();
+        let dst = out.get_mut(..4).ok_or(WsaError::WSAEFAULT)?;
+        dst.copy_from_slice(&bytes);
+        Ok(4)
+    }
+
+    /// `WSPSetSockOpt`: `SO_DEBUG`, `TCP_NODELAY` (kept; a SAN has no Nagle)
+    /// and `SO_RDMA_THRESHOLD_SIZE`; QoS group options are not supported.
+    pub fn set_sockopt(
+        &self,
+        s: ProviderSocket,
+        level: i32,
+        name: i32,
+        value: &[u8],
+    ) -> WsaResult<()> {
+        let sock = self.inner.socket(s)?;
+        let known = matches!(
+            (level, name),
+            (SOL_SOCKET, SO_DEBUG)
+                | (SOL_SOCKET, SO_RDMA_THRESHOLD_SIZE)
+                | (IPPROTO_TCP, TCP_NODELAY)
+        );
+        if !known {
+            return match level {
+                SOL_SOCKET | IPPROTO_TCP => Err(WsaError::WSAENOPROTOOPT),
+                _ => Err(WsaError::WSAEINVAL),
+            };
+        }
+        let v = match value.len() {
+            0 => return Err(WsaError::WSAEFAULT),
+            1..=3 => u32::from(value[0]),
+            _ => u32::from_le_bytes([value[0], value[1], value[2], value[3]]),
+        };
+        match (level, name) {
+            (SOL_SOCKET, SO_DEBUG) => sock.opts.debug.store(v != 0, Ordering::Relaxed),
+            (IPPROTO_TCP, TCP_NODELAY) => sock.opts.nodelay.store(v != 0, Ordering::Relaxed),
+            _ => sock.rdma_threshold.store(v, Ordering::Relaxed),
+        }
+        Ok(())
+    }
+
+    /// `SIO_GET_EXTENSION_FUNCTION_POINTER` (§7-12): which extension a GUID
+    /// names; RDMA read is supported, the cache callback only when the
+    /// registration cache is enabled.
+    pub fn extension(&self, guid: &[u8; 16]) -> WsaResult<Extension> {
+        let ext = Extension::from_guid(guid).ok_or(WsaError::WSAEINVAL)?;
+        if ext == Extension::MemoryRegistrationCacheCallback && !self.inner.table.cache_enabled() {
+            return Err(WsaError::WSAEOPNOTSUPP);
+        }
+        Ok(ext)
+    }
+
+    /// `SIO_ADDRESS_LIST_QUERY`: the IPv4 addresses of our NIC (EXT-4).
+    pub fn address_list(&self) -> WsaResult<Vec<Ipv4Addr>> {
+        self.inner.running()?;
+        Ok(self.inner.nic.addresses())
+    }
+
+    /// `WSPGetQOSByName`: QoS is not supported (START-8).
+    pub fn get_qos_by_name(&self, _s: ProviderSocket) -> WsaResult<()> {
+        Err(WsaError::WSAEOPNOTSUPP)
+    }
+
+    /// `WSPDuplicateSocket`: socket duplication is not supported yet.
+    pub fn duplicate_socket(&self, s: ProviderSocket, _process_id: u32) -> WsaResult<u64> {
+        self.inner.socket(s)?;
+        Err(WsaError::WSAEOPNOTSUPP)
+    }
+
+    /// The local address a socket is bound or connected to.
+    pub fn local_addr(&self, s: ProviderSocket) -> WsaResult<Option<SocketAddrV4>> {
+        Ok(self.inner.socket(s)?.ctl().local)
+    }
+
+    /// The switch handle of a socket (SOCK-1/2 checks).
+    pub fn switch_handle(&self, s: ProviderSocket) -> WsaResult<SwitchHandle> {
+        Ok(self.inner.socket(s)?.handle)
+    }
+
+    // ------------------------------------------------------------------
+    // Memory registration (§3.1, §5)
+    // ------------------------------------------------------------------
+
+    /// `WSPRegisterMemory` on a connected socket; returns the handle.
+    ///
+    /// # Safety
+    /// `[addr, addr+len)` must stay valid memory until it is deregistered or
+    /// the socket is closed, and the caller must not touch it while an op
+    /// that uses it is pending.
+    pub unsafe fn register_memory(
+        &self,
+        s: ProviderSocket,
+        addr: *mut u8,
+        len: u32,
+        flags: u32,
+    ) -> WsaResult<u64> {
+        let sock = self.inner.socket(s)?;
+        sock.connected_qp()?;
+        // SAFETY: forwarded caller contract.
+        let h = unsafe {
+            self.inner
+                .table
+                .register_memory(&sock.regs, addr as usize, len as usize, flags)?
+        };
+        Ok(h.get())
+    }
+
+    /// `WSPDeregisterMemory`.
+    pub fn deregister_memory(&self, s: ProviderSocket, handle: u64) -> WsaResult<()> {
+        let sock = self.inner.socket(s)?;
+        self.inner.table.deregister_memory(&sock.regs, handle)
+    }
+
+    /// `WSPRegisterRdmaMemory`: exposes the buffer to this connection's peer
+    /// and writes the descriptor into `descriptor`, returning its length. A
+    /// block shorter than [`RDMA_DESCRIPTOR_LEN`] fails `WSAEFAULT` (the C ABI
+    /// then reports the required size, MEM-4).
+    ///
+    /// # Safety
+    /// As [`Provider::register_memory`]; the peer may access the range while
+    /// it is registered.
+    pub unsafe fn register_rdma_memory(
+        &self,
+        s: ProviderSocket,
+        addr: *mut u8,
+        len: u32,
+        flags: u32,
+        descriptor: &mut [u8],
+    ) -> WsaResult<usize> {
+        let sock = self.inner.socket(s)?;
+        let qp = sock.connected_qp()?;
+        if descriptor.len() < DESCRIPTOR_LEN {
+            return Err(WsaError::WSAEFAULT);
+        }
+        // SAFETY: forwarded caller contract.
+        let d = unsafe {
+            self.inner.table.register_rdma_memory(
+                &sock.regs,
+                qp.num(),
+                addr as usize,
+                len as usize,
+                flags,
+            )?
+        };
+        descriptor[..DESCRIPTOR_LEN].copy_from_slice(&d.encode());
+        Ok(DESCRIPTOR_LEN)
+    }
+
+    /// `WSPDeregisterRdmaMemory`.
+    pub fn deregister_rdma_memory(&self, s: ProviderSocket, descriptor: &[u8]) -> WsaResult<()> {
+        let sock = self.inner.socket(s)?;
+        self.inner
+            .table
+            .deregister_rdma_memory(&sock.regs, descriptor)
+    }
+
+    /// `WSPMemoryRegistrationCacheCallback`.
+    pub fn memory_registration_cache_callback(&self, addr: *mut u8, size: usize) -> WsaResult<()> {
+        self.inner.running()?;
+        self.inner.table.cache_callback(addr as usize, size)
+    }
+
+    // ------------------------------------------------------------------
+    // Data transfer (§4.3, §4.4). Ok(()) = started, i.e. WSA_IO_PENDING.
+    // ------------------------------------------------------------------
+
+    /// `WSPSend`: one message made of `bufs`, delivered whole into one posted
+    /// receive of the peer. `flags` must be 0.
+    ///
+    /// # Safety
+    /// Every buffer must lie in memory registered on `s` and stay valid, and
+    /// `ov` must stay valid, until the op's completion was reported.
+    pub unsafe fn send(
+        &self,
+        s: ProviderSocket,
+        bufs: &[WsaBuf],
+        flags: u32,
+        ov: &Overlapped,
+    ) -> WsaResult<()> {
+        let sock = self.inner.socket(s)?;
+        if flags != 0 {
+            return Err(WsaError::WSAEOPNOTSUPP);
+        }
+        let max = self.inner.config.limits.max_msg_size;
+        let it = bufs.iter().map(|b| (b.buf as usize, b.len, None));
+        // SAFETY: forwarded caller contract.
+        unsafe {
+            self.inner
+                .start_op(sock, it, MemFlags::READ, max, ov, |qp, id, sges| {
+                    qp.post_send(&SendWr {
+                        wr_id: id,
+                        op: SendOp::Send,
+                        sges,
+                    })
+                })
+        }
+    }
+
+    /// `WSPRecv`: posts one receive made of `bufs`.
+    ///
+    /// # Safety
+    /// As [`Provider::send`].
+    pub unsafe fn recv(
+        &self,
+        s: ProviderSocket,
+        bufs: &[WsaBuf],
+        ov: &Overlapped,
+    ) -> WsaResult<()> {
+        let sock = self.inner.socket(s)?;
+        let it = bufs.iter().map(|b| (b.buf as usize, b.len, None));
+        // SAFETY: forwarded caller contract.
+        unsafe {
+            self.inner
+                .start_op(sock, it, MemFlags::WRITE, u32::MAX, ov, |qp, id, sges| {
+                    qp.post_recv(&RecvWr { wr_id: id, sges })
+                })
+        }
+    }
+
+    /// `WSPRdmaWrite`: writes `bufs` to the peer buffer named by `descriptor`
+    /// at `offset`.
+    ///
+    /// # Safety
+    /// As [`Provider::send`]; each buffer's `handle` must come from
+    /// `register_memory` on `s`.
+    pub unsafe fn rdma_write(
+        &self,
+        s: ProviderSocket,
+        bufs: &[WsaBufEx],
+        descriptor: &[u8],
+        offset: u32,
+        flags: u32,
+        ov: &Overlapped,
+    ) -> WsaResult<()> {
+        // SAFETY: forwarded caller contract.
+        unsafe { self.rdma(s, bufs, descriptor, offset, flags, ov, RdmaDir::Write) }
+    }
+
+    /// `WSPRdmaRead`: fills `bufs` from the peer buffer named by `descriptor`
+    /// at `offset`.
+    ///
+    /// # Safety
+    /// As [`Provider::rdma_write`].
+    pub unsafe fn rdma_read(
+        &self,
+        s: ProviderSocket,
+        bufs: &[WsaBufEx],
+        descriptor: &[u8],
+        offset: u32,
+        flags: u32,
+        ov: &Overlapped,
+    ) -> WsaResult<()> {
+        // SAFETY: forwarded caller contract.
+        unsafe { self.rdma(s, bufs, descriptor, offset, flags, ov, RdmaDir::Read) }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn rdma(
+        &self,
+        s: ProviderSocket,
+        bufs: &[WsaBufEx],
+        descriptor: &[u8],
+        offset: u32,
+        flags: u32,
+        ov: &Overlapped,
+        dir: RdmaDir,
+    ) -> WsaResult<()> {
+        let sock = self.inner.socket(s)?;
+        if flags != 0 {
+            return Err(WsaError::WSAEOPNOTSUPP);
+        }
+        let d = Descriptor::decode(descriptor)?;
+        let total: u64 = bufs.iter().map(|b| u64::from(b.len)).sum();
+        let max = self.inner.config.limits.max_rdma_size;
+        if total > u64::from(max) {
+            return Err(WsaError::WSAEMSGSIZE);
+        }
+        let remote_addr = d.target(u64::from(offset), total)?;
+        let (need, op) = match dir {
+            RdmaDir::Write => (
+                MemFlags::READ,
+                SendOp::RdmaWrite {
+                    remote_addr,
+                    rkey: d.rkey,
+                },
+            ),
+            RdmaDir::Read => (
+                MemFlags::WRITE,
+                SendOp::RdmaRead {
+                    remote_addr,
+                    rkey: d.rkey,
+                },
+            ),
+        };
+        let it = bufs.iter().map(|b| (b.buf as usize, b.len, Some(b.handle)));
+        // SAFETY: forwarded caller contract.
+        unsafe {
+            self.inner
+                .start_op(sock, it, need, max, ov, |qp, id, sges| {
+                    qp.post_send(&SendWr {
+                        wr_id: id,
+                        op,
+                        sges,
+                    })
+                })
+        }
+    }
+
+    /// `WSPGetOverlappedResult`: `(bytes, flags)` of a completed op, the op's
+    /// error if it failed, `WSA_IO_INCOMPLETE` if pending and `!wait`. With
+    /// `wait` it waits for the op itself, not for `hEvent` (§7-7); called
+    /// from inside an upcall it does not wait (nothing could complete).
+    pub fn get_overlapped_result(
+        &self,
+        s: ProviderSocket,
+        ov: &Overlapped,
+        wait: bool,
+    ) -> WsaResult<(u32, u32)> {
+        self.inner.socket(s)?;
+        if ov.is_pending() {
+            if !wait || DISPATCHING.with(Cell::get) {
+                return Err(WsaError::WSA_IO_INCOMPLETE);
+            }
+            let run = self.inner.running()?;
+            self.inner.wait_for(&run, None, || !ov.is_pending());
+        }
+        let error = ov.offset_high.load(Ordering::Acquire);
+        let bytes = ov.internal_high.load(Ordering::Acquire) as u32;
+        let flags = ov.offset.load(Ordering::Acquire);
+        match error {
+            0 => Ok((bytes, flags)),
+            e => Err(WsaError::from_code(e as i32).unwrap_or(WsaError::WSAECONNABORTED)),
+        }
+    }
+
+    /// Reaps and dispatches available completions on the calling thread
+    /// (run-to-completion mode; harmless in threads mode). Returns how many
+    /// were dispatched; 0 when called from inside an upcall.
+    pub fn progress(&self) -> usize {
+        match self.inner.running() {
+            Ok(run) => self.inner.progress(&run),
+            Err(_) => 0,
+        }
+    }
+
+    // ------------------------------------------------------------------
+    // Close (§6.1)
+    // ------------------------------------------------------------------
+
+    /// `WSPCloseSocket`: abortive, never lingers, returns 0 in every state.
+    pub fn close_socket(&self, s: ProviderSocket) -> WsaResult<()> {
+        let run = self.inner.running()?;
+        let sock = self.inner.sockets.remove(s)?;
+        sock.closing.store(true, Ordering::SeqCst);
+        let (listener, attempt) = {
+            let mut c = sock.ctl();
+            c.event = None;
+            (c.listener.take(), c.attempt.take())
+        };
+        if let Some(a) = attempt {
+            // If the attempt completed meanwhile, connect_done sees `closing`
+            // and tears the new queue pair down itself.
+            a.cancel();
+        }
+        if let Some(l) = listener {
+            l.close();
+        }
+        // The ctl lock orders this read after a concurrent connect_done.
+        let qp = {
+            let _c = sock.ctl();
+            sock.qp.get().cloned()
+        };
+        if let Some(qp) = qp {
+            qp.set_error();
+        }
+        if DISPATCHING.with(Cell::get) {
+            // Called from an upcall on the thread that dispatches: the
+            // flushed completions can only be processed after we return.
+            self.inner.defer_finalize(&run, &sock);
+            return Ok(());
+        }
+        let deadline = Instant::now() + self.inner.config.close_quiesce_timeout();
+        if self.inner.wait_for(&run, Some(deadline), || {
+            sock.inflight.load(Ordering::SeqCst) == 0
+        }) {
+            self.inner.finalize(&run, &sock);
+        } else {
+            self.inner.defer_finalize(&run, &sock);
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy)]
+enum RdmaDir {
+    Write,
+    Read,
+}
+
+/// Outcome of an outgoing connection attempt, on whatever thread completed
+/// it (an acceptor, a timer).
+fn connect_done(sock: &Socket, result: Result<Arc<dyn QueuePair>, ConnectError>) {
+    let mut c = sock.ctl();
+    // Under the ctl lock: close either already marked the socket (we tear
+    // the new connection down, signal nothing) or will find the queue pair.
+    if sock.closing.load(Ordering::SeqCst) {
+        drop(c);
+        if let Ok(qp) = result {
+            qp.set_error();
+        }
+        return;
+    }
+    let result = result.map(|qp| {
+        let _ = sock.qp.set(qp);
+    });
+    record_connect(&mut c, result.map_err(connect_error));
+}
+
+/// Connection-manager failure → the `FD_CONNECT` / `WSPConnect` code whose
+/// fallback meaning the switch expects (§4.1 step 4).
+fn connect_error(e: ConnectError) -> WsaError {
+    match e {
+        ConnectError::Refused => WsaError::WSAECONNREFUSED,
+        ConnectError::NoListener => WsaError::WSAECONNRESET,
+        ConnectError::HostUnreachable => WsaError::WSAEHOSTUNREACH,
+        ConnectError::NetUnreachable => WsaError::WSAENETUNREACH,
+        ConnectError::TimedOut => WsaError::WSAETIMEDOUT,
+        ConnectError::NoResources => WsaError::WSAENOBUFS,
+        ConnectError::Cancelled => WsaError::WSAECONNABORTED,
+    }
+}
+
+/// Work-completion status → the op's Winsock error (§7-5, §7-8), for a
+/// socket that is not being closed.
+fn completion_error(status: WcStatus, sock: &Socket) -> WsaError {
+    let code = match status {
+        WcStatus::Success => unreachable!("success has no error"),
+        WcStatus::Flushed => return sock.failure().unwrap_or(WsaError::WSAECONNABORTED),
+        WcStatus::RemoteDisconnected
+        | WcStatus::RemoteAccessError
+        | WcStatus::RemoteInvalidRequest => WsaError::WSAECONNRESET,
+        WcStatus::LocalLengthError
+        | WcStatus::LocalProtectionError
+        | WcStatus::RnrRetryExceeded
+        | WcStatus::RetryExceeded => WsaError::WSAECONNABORTED,
+    };
+    sock.record_failure(code);
+    sock.failure().unwrap_or(code)
+}
+
+impl Inner {
+    fn start(
+        self: &Arc<Self>,
+        switch: Arc<dyn Switch>,
+        catalog_entry_id: u32,
+    ) -> WsaResult<Arc<Running>> {
+        let dispatcher_waker = Arc::new(ParkWaker::default());
+        let rtc_notifier = Arc::new(Notifier::default());
+        let front: Arc<dyn Waker> = match self.config.poller.mode {
+            PollerMode::Threads => dispatcher_waker.clone(),
+            PollerMode::RunToCompletion => rtc_notifier.clone(),
+        };
+        let progress = Progress::start(&*self.nic, &self.config, front)
+            .map_err(|_| WsaError::WSASYSNOTREADY)?;
+        let run = Arc::new(Running {
+            switch,
+            catalog_entry_id,
+            progress,
+            dispatcher_waker,
+            rtc_notifier,
+            dispatcher: Mutex::new(None),
+            stop: std::sync::atomic::AtomicBool::new(false),
+        });
+        if self.config.poller.mode == PollerMode::Threads {
+            let inner = self.clone();
+            let r = run.clone();
+            let core = self.config.poller.dispatcher_core;
+            let h = std::thread::Builder::new()
+                .name("sanpath-dispatch".into())
+                .spawn(move || inner.dispatcher_main(&r, core))
+                .map_err(|_| WsaError::WSASYSNOTREADY)?;
+            *lock(&run.dispatcher) = Some(h);
+        }
+        Ok(run)
+    }
+
+    fn running(&self) -> WsaResult<Arc<Running>> {
+        self.running
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or(WsaError::WSANOTINITIALISED)
+    }
+
+    fn socket(&self, s: ProviderSocket) -> WsaResult<Arc<Socket>> {
+        self.sockets.get(s)
+    }
+
+    /// Creates a socket object with its switch handle (one
+    /// `create_socket_handle` upcall, no lock held), not yet published.
+    fn new_socket(&self, run: &Running) -> WsaResult<Arc<Socket>> {
+        let desc = self.sockets.reserve()?;
+        let handle = match run
+            .switch
+            .create_socket_handle(run.catalog_entry_id, desc.0)
+        {
+            Ok(h) => h,
+            Err(e) => {
+                self.sockets.unreserve(desc);
+                return Err(e);
+            }
+        };
+        let id = OwnerId(self.next_owner.fetch_add(1, Ordering::Relaxed));
+        let regs = self.table.new_owner(id);
+        Ok(Arc::new(Socket::new(
+            desc,
+            handle,
+            regs,
+            self.config.limits.rdma_threshold,
+        )))
+    }
+
+    fn qp_params(&self, run: &Running, sock: &Arc<Socket>) -> QpParams {
+        let q = &self.config.qp;
+        QpParams {
+            cq: run.progress.assign_cq(),
+            send_depth: q.send_depth,
+            recv_depth: q.recv_depth,
+            max_sge: q.max_sge.min(MAX_SGE as u32),
+            events: Arc::new(SocketQpEvents(Arc::downgrade(sock))),
+        }
+    }
+
+    fn ephemeral_port(&self) -> u16 {
+        // 49152..=65535, the IANA dynamic range.
+        49152 + self.next_port.fetch_add(1, Ordering::Relaxed) % 16384
+    }
+
+    /// The local address for a connect: the bound one (a wildcard IP becomes
+    /// the NIC address on the target's subnet, else the first), or a fresh one.
+    fn local_for_connect(
+        &self,
+        bound: Option<SocketAddrV4>,
+        target: Ipv4Addr,
+    ) -> WsaResult<SocketAddrV4> {
+        let addrs = self.nic.addresses();
+        let pick = || {
+            let prefix = self.config.fabric.soft.prefix_len;
+            let mask = if prefix == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(prefix))
+            };
+            addrs
+                .iter()
+                .copied()
+                .find(|a| u32::from(*a) & mask == u32::from(target) & mask)
+                .or_else(|| addrs.first().copied())
+                .ok_or(WsaError::WSAENETDOWN)
+        };
+        match bound {
+            Some(a) if !a.ip().is_unspecified() => Ok(a),
+            Some(a) => Ok(SocketAddrV4::new(pick()?, a.port())),
+            None => Ok(SocketAddrV4::new(pick()?, self.ephemeral_port())),
+        }
+    }
+
+    /// Validates the buffers, reserves an op slot and posts.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn start_op(
+        &self,
+        sock: Arc<Socket>,
+        bufs: impl ExactSizeIterator<Item = (usize, u32, Option<usize>)>,
+        need: MemFlags,
+        max_total: u32,
+        ov: &Overlapped,
+        post: impl FnOnce(&dyn QueuePair, u64, &[Sge]) -> Result<(), PostError>,
+    ) -> WsaResult<()> {
+        let qp = sock.connected_qp()?.clone();
+        if bufs.len() > MAX_SGE || bufs.len() > self.config.qp.max_sge as usize {
+            return Err(WsaError::WSAEINVAL);
+        }
+        let mut sges = [Sge {
+            addr: 0,
+            len: 0,
+            lkey: 0,
+        }; MAX_SGE];
+        let mut regs: [Option<RegRef>; MAX_SGE] = Default::default();
+        let mut n = 0;
+        let mut total: u64 = 0;
+        for (addr, len, handle) in bufs {
+            if len == 0 {
+                continue;
+            }
+            if addr == 0 {
+                return Err(WsaError::WSAEFAULT);
+            }
+            let reg = match handle {
+                None => self
+                    .table
+                    .acquire_covering(&sock.regs, addr, len as usize, need)?,
+                Some(h) => {
+                    self.table
+                        .acquire_handle(&sock.regs, h as u64, addr, len as usize, need)?
+                }
+            };
+            sges[n] = Sge {
+                addr,
+                len,
+                lkey: reg.lkey(),
+            };
+            regs[n] = Some(reg);
+            n += 1;
+            total += u64::from(len);
+        }
+        if total > u64::from(max_total) {
+            return Err(WsaError::WSAEMSGSIZE);
+        }
+        // Close gate: either close sees this op in `inflight`, or we see
+        // `closing` (both SeqCst).
+        sock.inflight.fetch_add(1, Ordering::SeqCst);
+        if sock.closing.load(Ordering::SeqCst) {
+            self.op_finished(&sock);
+            return Err(WsaError::WSAENOTSOCK);
+        }
+        let Some(slot) = self.ops.reserve() else {
+            self.op_finished(&sock);
+            return Err(WsaError::WSAENOBUFS);
+        };
+        ov.start();
+        self.ops.fill(
+            &slot,
+            OpState {
+                socket: sock.clone(),
+                // SAFETY: the caller guarantees `ov` outlives the op.
+                overlapped: unsafe { OvPtr::new(ov) },
+                regs,
+            },
+        );
+        match post(&*qp, slot.wr_id(), &sges[..n]) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                drop(self.ops.cancel(slot));
+                self.op_finished(&sock);
+                Err(match e {
+                    PostError::QueueFull => WsaError::WSAENOBUFS,
+                    PostError::TooManySge => WsaError::WSAEINVAL,
+                })
+            }
+        }
+    }
+
+    /// An op of `sock` is over (completed, or never started).
+    fn op_finished(&self, sock: &Arc<Socket>) {
+        if sock.inflight.fetch_sub(1, Ordering::SeqCst) == 1
+            && sock.defer_finalize.load(Ordering::SeqCst)
+        {
+            if let Ok(run) = self.running() {
+                self.finalize(&run, sock);
+            }
+        }
+    }
+
+    /// Applies one completion: frees the op's state, writes the result, makes
+    /// the upcall (or stores the result for polling), then lets close proceed.
+    fn dispatch(&self, run: &Running, wc: &WorkCompletion) {
+        let Some(op) = self.ops.complete(wc.wr_id) else {
+            debug_assert!(false, "completion for an unknown op {:#x}", wc.wr_id);
+            return;
+        };
+        let OpState {
+            socket,
+            overlapped,
+            regs,
+        } = op;
+        let (error, bytes) = if socket.closing.load(Ordering::SeqCst) {
+            (WsaError::WSA_OPERATION_ABORTED.code() as u32, 0)
+        } else if wc.status == WcStatus::Success {
+            (0, wc.byte_len)
+        } else {
+            (completion_error(wc.status, &socket).code() as u32, 0)
+        };
+        // The op's private memory goes first (CLOSE-4).
+        drop(regs);
+        let ov = overlapped.get();
+        ov.offset.store(0, Ordering::Relaxed);
+        ov.offset_high.store(error, Ordering::Release);
+        if ov.wants_upcall() {
+            let _ = run
+                .switch
+                .complete_overlapped_request(socket.handle, ov, error, bytes);
+        } else {
+            ov.complete(error, bytes);
+        }
+        self.op_finished(&socket);
+    }
+
+    /// Reaps and dispatches on this thread; 0 if already dispatching.
+    fn progress(&self, run: &Running) -> usize {
+        if DISPATCHING.with(Cell::get) {
+            return 0;
+        }
+        let total = {
+            let _flag = DispatchingFlag::set();
+            run.progress.drain(&mut |wc| self.dispatch(run, wc))
+        };
+        if total > 0 {
+            self.completed.notify();
+        }
+        total
+    }
+
+    /// Waits until `done()` or `deadline`, making progress itself in
+    /// run-to-completion mode. Returns `done()`.
+    fn wait_for(
+        &self,
+        run: &Running,
+        deadline: Option<Instant>,
+        mut done: impl FnMut() -> bool,
+    ) -> bool {
+        match self.config.poller.mode {
+            PollerMode::Threads => self.completed.wait_until(deadline, done),
+            PollerMode::RunToCompletion => {
+                let budget = self.config.poller.spin_budget;
+                let mut idle = 0u32;
+                loop {
+                    if done() {
+                        return true;
+                    }
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return done();
+                    }
+                    if self.progress(run) > 0 {
+                        idle = 0;
+                        continue;
+                    }
+                    idle = idle.saturating_add(1);
+                    if idle < budget {
+                        std::hint::spin_loop();
+                        continue;
+                    }
+                    // Sleep until an armed CQ gets a completion (or another
+                    // thread's dispatch notifies), bounded by the deadline.
+                    let token = run.rtc_notifier.prepare();
+                    if run.progress.arm() || done() {
+                        drop(token);
+                        continue;
+                    }
+                    let until = deadline.map_or(Instant::now() + Duration::from_millis(50), |d| {
+                        d.min(Instant::now() + Duration::from_millis(50))
+                    });
+                    let _ = token.wait(Some(until));
+                    idle = 0;
+                }
+            }
+        }
+    }
+
+    fn defer_finalize(&self, run: &Running, sock: &Arc<Socket>) {
+        sock.defer_finalize.store(true, Ordering::SeqCst);
+        if sock.inflight.load(Ordering::SeqCst) == 0 {
+            self.finalize(run, sock);
+        }
+    }
+
+    /// Last steps of close, once no op of `sock` is outstanding: release its
+    /// registrations, then the final upcall. Runs exactly once.
+    fn finalize(&self, run: &Running, sock: &Arc<Socket>) {
+        if sock.finalized.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.table.release_owner(&sock.regs);
+        let _ = run.switch.close_socket_handle(sock.handle);
+        self.completed.notify();
+    }
+
+    fn dispatcher_main(self: Arc<Self>, run: &Arc<Running>, core: Option<usize>) {
+        if let Some(id) = core {
+            core_affinity::set_for_current(core_affinity::CoreId { id });
+        }
+        run.dispatcher_waker.register_current();
+        let budget = self.config.poller.spin_budget;
+        let mut idle = 0u32;
+        while !run.stop.load(Ordering::SeqCst) {
+            if self.progress(run) > 0 {
+                idle = 0;
+                continue;
+            }
+            idle = idle.saturating_add(1);
+            if idle < budget {
+                std::hint::spin_loop();
+                continue;
+            }
+            run.dispatcher_waker.prepare_sleep();
+            if run.progress.arm() || run.stop.load(Ordering::SeqCst) {
+                run.dispatcher_waker.cancel_sleep();
+            } else {
+                run.dispatcher_waker.sleep(None);
+            }
+            idle = 0;
+        }
+        // Completions still queued at shutdown were already reported by the
+        // closes that ran before; drain whatever is left.
+        self.progress(run);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_below_2_2_is_refused() {
+        let net = crate::fabric::soft::SoftNetwork::new();
+        let nic = net
+            .attach(SoftNicConfig {
+                addresses: vec![Ipv4Addr::new(198, 18, 200, 1)],
+                prefix_len: 24,
+                connect_timeout: Duration::from_millis(100),
+                rnr_queue_max: 4,
+            })
+            .unwrap();
+        let p = Provider::with_nic(Config::default(), nic).unwrap();
+        struct Nop;
+        impl Switch for Nop {
+            fn create_socket_handle(&self, _: u32, c: usize) -> WsaResult<SwitchHandle> {
+                Ok(SwitchHandle(c ^ 1))
+            }
+            fn close_socket_handle(&self, _: SwitchHandle) -> WsaResult<()> {
+                Ok(())
+            }
+            fn query_socket_handle_context(&self, _: SwitchHandle) -> WsaResult<usize> {
+                Ok(0)
+            }
+            fn complete_overlapped_request(
+                &self,
+                _: SwitchHandle,
+                ov: &Overlapped,
+                e: u32,
+                b: u32,
+            ) -> WsaResult<()> {
+                ov.complete(e, b);
+                Ok(())
+            }
+        }
+        assert_eq!(
+            p.startup(0x0102, Arc::new(Nop), 1).unwrap_err(),
+            WsaError::WSAVERNOTSUPPORTED
+        );
+        assert_eq!(p.cleanup().unwrap_err(), WsaError::WSANOTINITIALISED);
+        p.startup(0x0202, Arc::new(Nop), 1).unwrap();
+        p.cleanup().unwrap();
+    }
+}

@@ -1,0 +1,252 @@
+//! Overlapped op slots: a fixed slab allocated at startup, so starting an op
+//! allocates nothing. A work request's id names its slot and the slot's
+//! generation (`wr_id = generation << 32 | index`), so a completion can never
+//! be applied to a later op that reuses the slot.
+//!
+//! Free slots form a lock-free LIFO (Treiber stack). The head packs the top
+//! index with a tag that changes on every successful update, which defeats
+//! ABA: a pop that read `next` of a slot that was popped and pushed back
+//! meanwhile fails its compare-exchange because the tag moved on.
+
+use super::socket::Socket;
+use super::types::Overlapped;
+use crate::mem::table::RegRef;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+/// Most buffers one op may name (the soft NIC's and the config's SGE limit).
+pub const MAX_SGE: usize = 16;
+
+const NIL: u32 = u32::MAX;
+
+/// The address of the switch's overlapped record of a pending op.
+#[derive(Clone, Copy, Debug)]
+pub struct OvPtr(NonNull<Overlapped>);
+
+// SAFETY: `Overlapped` consists of atomics, so sharing it between threads is
+// sound; the pointer itself is only dereferenced while the record is valid
+// (see `OvPtr::new`).
+unsafe impl Send for OvPtr {}
+// SAFETY: as for Send: only `&Overlapped` (all atomics) is ever produced.
+unsafe impl Sync for OvPtr {}
+
+impl OvPtr {
+    /// # Safety
+    /// `ov` must stay valid until the completion of the op it belongs to has
+    /// been reported (the SPI's contract for every overlapped call); only
+    /// the op's bookkeeping holds an `OvPtr`, and it is dropped then.
+    pub unsafe fn new(ov: &Overlapped) -> OvPtr {
+        OvPtr(NonNull::from(ov))
+    }
+
+    pub fn get(&self) -> &Overlapped {
+        // SAFETY: valid while the op is pending (constructor contract), and an
+        // OvPtr lives only in the state of a pending op.
+        unsafe { self.0.as_ref() }
+    }
+}
+
+/// The provider's private state of one pending op — "the op's memory" of
+/// spec §6.1 step 2, released before the op's completion is signalled.
+pub struct OpState {
+    /// The socket the op belongs to; keeps the socket object alive until the
+    /// op completed.
+    pub socket: Arc<Socket>,
+    /// The switch's overlapped record.
+    pub overlapped: OvPtr,
+    /// Registrations the op uses; each holds its registration "in use".
+    pub regs: [Option<RegRef>; MAX_SGE],
+}
+
+struct Slot {
+    /// Generation of the op currently (or last) in the slot. Written only by
+    /// the owner of the slot (the thread that popped it) before the op's work
+    /// request is posted; read by the completing thread.
+    generation: AtomicU32,
+    /// Next free slot while this one is on the free list; meaningless
+    /// otherwise. Written by the pusher before the head CAS publishes it.
+    next: AtomicU32,
+    /// The op's private state while it is pending. Locked once by the
+    /// starter (fill) and once by the completer (take); never contended in
+    /// practice.
+    state: Mutex<Option<OpState>>,
+}
+
+/// A fixed set of op slots.
+pub struct OpSlab {
+    slots: Box<[Slot]>,
+    /// Free-list head: low 32 bits the top slot index (or `NIL`), high 32 bits
+    /// a tag incremented by every successful push or pop.
+    head: AtomicU64,
+    /// Slots currently allocated (for tests and stats).
+    in_use: AtomicUsize,
+}
+
+/// A slot reserved for a new op, not yet holding state.
+#[derive(Debug)]
+pub struct Reserved {
+    index: u32,
+    generation: u32,
+}
+
+impl Reserved {
+    /// The work-request id naming this op.
+    pub fn wr_id(&self) -> u64 {
+        (u64::from(self.generation) << 32) | u64::from(self.index)
+    }
+}
+
+impl OpSlab {
+    pub fn new(size: usize) -> OpSlab {
+        assert!(size > 0 && size < NIL as usize, "op slab size out of range");
+        let slots: Box<[Slot]> = (0..size)
+            .map(|i| Slot {
+                generation: AtomicU32::new(0),
+                next: AtomicU32::new(if i + 1 < size { i as u32 + 1 } else { NIL }),
+                state: Mutex::new(None),
+            })
+            .collect();
+        OpSlab {
+            slots,
+            head: AtomicU64::new(0),
+            in_use: AtomicUsize::new(0),
+        }
+    }
+
+    /// Takes a free slot, or `None` when every slot is in use.
+    pub fn reserve(&self) -> Option<Reserved> {
+        let mut head = self.head.load(Ordering::Acquire);
+        loop {
+            let index = head as u32;
+            if index == NIL {
+                return None;
+            }
+            let next = self.slots[index as usize].next.load(Ordering::Relaxed);
+            let tag = (head >> 32).wrapping_add(1);
+            match self.head.compare_exchange_weak(
+                head,
+                (tag << 32) | u64::from(next),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    self.in_use.fetch_add(1, Ordering::Relaxed);
+                    let slot = &self.slots[index as usize];
+                    let generation = slot.generation.load(Ordering::Relaxed).wrapping_add(1);
+                    slot.generation.store(generation, Ordering::Relaxed);
+                    return Some(Reserved { index, generation });
+                }
+                Err(actual) => head = actual,
+            }
+        }
+    }
+
+    /// Stores the op's state in its reserved slot (before posting).
+    pub fn fill(&self, r: &Reserved, state: OpState) {
+        *self.lock(r.index) = Some(state);
+    }
+
+    /// Returns a reserved slot whose op was never started.
+    pub fn cancel(&self, r: Reserved) -> Option<OpState> {
+        let state = self.lock(r.index).take();
+        self.release(r.index);
+        state
+    }
+
+    /// Takes the state of the op named by `wr_id` and frees its slot. `None`
+    /// if the id is stale or unknown (never for a completion of a posted op).
+    pub fn complete(&self, wr_id: u64) -> Option<OpState> {
+        let index = wr_id as u32;
+        let generation = (wr_id >> 32) as u32;
+        let slot = self.slots.get(index as usize)?;
+        if slot.generation.load(Ordering::Relaxed) != generation {
+            return None;
+        }
+        let state = self.lock(index).take()?;
+        self.release(index);
+        Some(state)
+    }
+
+    /// Slots currently allocated.
+    pub fn in_use(&self) -> usize {
+        self.in_use.load(Ordering::Relaxed)
+    }
+
+    fn lock(&self, index: u32) -> std::sync::MutexGuard<'_, Option<OpState>> {
+        // OpState has no invariant a panic could break half-way.
+        self.slots[index as usize]
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn release(&self, index: u32) {
+        self.in_use.fetch_sub(1, Ordering::Relaxed);
+        let slot = &self.slots[index as usize];
+        let mut head = self.head.load(Ordering::Relaxed);
+        loop {
+            slot.next.store(head as u32, Ordering::Relaxed);
+            let tag = (head >> 32).wrapping_add(1);
+            match self.head.compare_exchange_weak(
+                head,
+                (tag << 32) | u64::from(index),
+                Ordering::Release,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return,
+                Err(actual) => head = actual,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reserve_all_then_exhausted_then_reuse_with_new_generation() {
+        let slab = OpSlab::new(3);
+        let a = slab.reserve().unwrap();
+        let b = slab.reserve().unwrap();
+        let c = slab.reserve().unwrap();
+        assert!(slab.reserve().is_none());
+        assert_eq!(slab.in_use(), 3);
+        let old = a.wr_id();
+        slab.cancel(a);
+        let d = slab.reserve().unwrap();
+        assert_ne!(d.wr_id(), old, "a reused slot gets a new generation");
+        assert!(slab.complete(old).is_none(), "stale ids are ignored");
+        for r in [b, c, d] {
+            slab.cancel(r);
+        }
+        assert_eq!(slab.in_use(), 0);
+    }
+
+    #[test]
+    fn concurrent_reserve_release_never_hands_out_a_slot_twice() {
+        let slab = Arc::new(OpSlab::new(8));
+        let owners: Arc<Vec<AtomicU32>> = Arc::new((0..8).map(|_| AtomicU32::new(0)).collect());
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let slab = slab.clone();
+                let owners = owners.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..20_000 {
+                        if let Some(r) = slab.reserve() {
+                            let prev = owners[r.index as usize].fetch_add(1, Ordering::SeqCst);
+                            assert_eq!(prev, 0, "slot handed out twice");
+                            owners[r.index as usize].fetch_sub(1, Ordering::SeqCst);
+                            slab.cancel(r);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(slab.in_use(), 0);
+    }
+}
