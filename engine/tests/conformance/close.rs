@@ -1,0 +1,260 @@
+use crate::harness::*;
+use sanpath::config::PollerMode;
+use sanpath::event::Event;
+use sanpath::spi::*;
+use sanpath::WsaError;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::Arc;
+
+#[test]
+fn close_1_and_2_close_returns_zero_in_every_state() {
+    let h = Host::new();
+    let unbound = h.socket();
+    h.p.close_socket(unbound).unwrap();
+    let bound = h.socket();
+    h.p.bind(bound, h.addr(5600)).unwrap();
+    h.p.close_socket(bound).unwrap();
+    let (listening, _) = h.listener(5601, 4);
+    h.p.close_socket(listening).unwrap();
+    let ip = Ipv4Addr::new(198, 18, 0, 60);
+    h.net.add_tcp_only_host(ip);
+    let connecting = h.socket();
+    h.p.connect(connecting, SocketAddrV4::new(ip, 1), &[])
+        .unwrap();
+    h.p.close_socket(connecting).unwrap();
+    let (c, s) = pair(&h, 5602);
+    let b = buf(&h, s, 4096, MEM_READWRITE);
+    let ov = Overlapped::new(0);
+    recv(&h, s, &b, 0, 64, &ov).unwrap();
+    h.p.close_socket(c).unwrap();
+    assert_eq!(wait_ov(&h, &ov).0, CONNRESET);
+    // Peer-reset socket.
+    h.p.close_socket(s).unwrap();
+}
+
+fn every_pending_op_aborted_once(mode: PollerMode) {
+    let h = Host::with_config(test_config(mode));
+    let (c, s) = pair(&h, 5603);
+    let bc = buf(&h, c, 1 << 16, MEM_READWRITE);
+    let bs = buf(&h, s, 1 << 16, MEM_READWRITE);
+    // Pending on c: 3 receives, 2 sends parked at the peer (no receive
+    // there), one polled receive, one RDMA write not yet reported.
+    let recvs: Vec<Overlapped> = (0..3).map(|_| Overlapped::new(0)).collect();
+    for (i, ov) in recvs.iter().enumerate() {
+        recv(&h, c, &bc, i * 100, 100, ov).unwrap();
+    }
+    let sends: Vec<Overlapped> = (0..2).map(|_| Overlapped::new(0)).collect();
+    for ov in &sends {
+        send(&h, c, &bc, 1000, 10, ov).unwrap();
+    }
+    let polled = Overlapped::new(1);
+    recv(&h, c, &bc, 2000, 100, &polled).unwrap();
+    let hc = h.p.switch_handle(c).unwrap();
+    h.p.close_socket(c).unwrap();
+    for ov in recvs.iter().chain(&sends) {
+        assert_eq!(wait_ov(&h, ov), (ABORTED, 0));
+        assert_eq!(h.sw.completions_of(ov), 1);
+    }
+    assert_eq!(wait_ov(&h, &polled).0, ABORTED);
+    assert_eq!(h.sw.completions_of(&polled), 0);
+    h.sw.wait_closed(hc);
+    let _ = bs;
+}
+
+#[test]
+fn close_3_every_pending_op_aborted_once() {
+    every_pending_op_aborted_once(PollerMode::Threads);
+}
+
+#[test]
+fn close_3_run_to_completion_mode() {
+    every_pending_op_aborted_once(PollerMode::RunToCompletion);
+}
+
+#[test]
+fn close_4_op_memory_released_before_abort_is_signalled() {
+    let h = Host::new();
+    let (c, _s) = pair(&h, 5604);
+    let b = buf(&h, c, 4096, MEM_READWRITE);
+    let k = 5;
+    let ovs: Vec<Overlapped> = (0..k).map(|_| Overlapped::new(0)).collect();
+    for (i, ov) in ovs.iter().enumerate() {
+        recv(&h, c, &b, i * 64, 64, ov).unwrap();
+    }
+    assert_eq!(h.p.stats().ops_in_use, k);
+    let hc = h.p.switch_handle(c).unwrap();
+    h.p.close_socket(c).unwrap();
+    let seen: Vec<usize> =
+        h.sw.upcalls()
+            .into_iter()
+            .filter_map(|u| match u {
+                Upcall::Complete {
+                    handle,
+                    ops_in_use,
+                    error,
+                    ..
+                } if handle == hc => {
+                    assert_eq!(error, ABORTED);
+                    Some(ops_in_use)
+                }
+                _ => None,
+            })
+            .collect();
+    assert_eq!(
+        seen,
+        (0..k).rev().collect::<Vec<_>>(),
+        "slot freed before each upcall"
+    );
+}
+
+#[test]
+fn close_5_and_6_close_handle_exactly_once_and_last() {
+    let h = Host::new();
+    let (c, s) = pair(&h, 5605);
+    let b = buf(&h, c, 4096, MEM_READWRITE);
+    let ovs: Vec<Overlapped> = (0..4).map(|_| Overlapped::new(0)).collect();
+    for (i, ov) in ovs.iter().enumerate() {
+        recv(&h, c, &b, i * 64, 64, ov).unwrap();
+    }
+    let hc = h.p.switch_handle(c).unwrap();
+    h.p.close_socket(c).unwrap();
+    h.p.close_socket(s).unwrap();
+    let ups = h.sw.upcalls();
+    let mine: Vec<_> = ups
+        .iter()
+        .filter(|u| matches!(u, Upcall::Close { handle } | Upcall::Complete { handle, .. } | Upcall::Create { handle, .. } if *handle == hc))
+        .collect();
+    assert!(
+        matches!(mine.last(), Some(Upcall::Close { .. })),
+        "{mine:?}"
+    );
+    assert_eq!(
+        mine.iter()
+            .filter(|u| matches!(u, Upcall::Close { .. }))
+            .count(),
+        1
+    );
+    // The recorder flags any upcall with a closed handle (checked on drop).
+}
+
+#[test]
+fn close_7_calls_after_close_are_enotsock() {
+    let h = Host::new();
+    let (c, _s) = pair(&h, 5606);
+    let b = buf(&h, c, 4096, MEM_READWRITE);
+    h.p.close_socket(c).unwrap();
+    let ov = Overlapped::new(0);
+    let mut v = [0u8; 4];
+    assert_eq!(h.p.close_socket(c).unwrap_err(), WsaError::WSAENOTSOCK);
+    assert_eq!(
+        recv(&h, c, &b, 0, 64, &ov).unwrap_err(),
+        WsaError::WSAENOTSOCK
+    );
+    assert_eq!(
+        h.p.get_sockopt(c, SOL_SOCKET, SO_MAX_RDMA_SIZE, &mut v)
+            .unwrap_err(),
+        WsaError::WSAENOTSOCK
+    );
+    assert_eq!(
+        h.p.deregister_memory(c, b.handle).unwrap_err(),
+        WsaError::WSAENOTSOCK
+    );
+    assert_eq!(
+        h.p.get_overlapped_result(c, &ov, false).unwrap_err(),
+        WsaError::WSAENOTSOCK
+    );
+    assert_eq!(h.p.bind(c, h.addr(1)).unwrap_err(), WsaError::WSAENOTSOCK);
+    // A descriptor value never handed out is not a socket either.
+    assert_eq!(
+        h.p.close_socket(ProviderSocket(12345)).unwrap_err(),
+        WsaError::WSAENOTSOCK
+    );
+}
+
+#[test]
+fn close_8_peer_teardown_keeps_the_socket_until_close() {
+    let h = Host::new();
+    let (c, s) = pair(&h, 5607);
+    let b = buf(&h, s, 4096, MEM_READWRITE);
+    let first = Overlapped::new(0);
+    recv(&h, s, &b, 0, 64, &first).unwrap();
+    h.p.close_socket(c).unwrap();
+    assert_eq!(wait_ov(&h, &first).0, CONNRESET);
+    let hs = h.p.switch_handle(s).unwrap();
+    assert!(!h.sw.closed(hs), "not freed by the peer's teardown");
+    for _ in 0..3 {
+        let ov = Overlapped::new(0);
+        match send(&h, s, &b, 0, 8, &ov) {
+            Err(e) => assert_eq!(e, WsaError::WSAECONNRESET),
+            Ok(()) => assert_eq!(wait_ov(&h, &ov).0, CONNRESET),
+        }
+    }
+    let mut v = [0u8; 4];
+    h.p.get_sockopt(s, SOL_SOCKET, SO_MAX_RDMA_SIZE, &mut v)
+        .unwrap();
+    h.p.deregister_memory(s, b.handle).unwrap();
+    h.p.close_socket(s).unwrap();
+    assert!(h.sw.closed(hs));
+}
+
+#[test]
+fn close_9_closing_one_end_resets_the_other_promptly() {
+    let h = Host::new();
+    let (c, s) = pair(&h, 5608);
+    let b = buf(&h, s, 4096, MEM_READWRITE);
+    let ovs: Vec<Overlapped> = (0..4).map(|_| Overlapped::new(0)).collect();
+    for (i, ov) in ovs.iter().enumerate() {
+        recv(&h, s, &b, i * 64, 64, ov).unwrap();
+    }
+    h.p.close_socket(c).unwrap();
+    for ov in &ovs {
+        assert_eq!(wait_ov(&h, ov).0, CONNRESET);
+    }
+}
+
+#[test]
+fn close_10_closed_socket_exposures_reject_peer_rdma() {
+    let h = Host::new();
+    let (c, s) = pair(&h, 5609);
+    let target = region(4096);
+    let d = expose(&h, s, &target, MEM_WRITE | MEM_READ);
+    let src = buf(&h, c, 4096, MEM_READWRITE);
+    src.fill(5);
+    h.p.close_socket(s).unwrap();
+    let ov = Overlapped::new(0);
+    match rdma_write(&h, c, &src, 0, 64, &d, 0, &ov) {
+        Ok(()) => assert_ne!(wait_ov(&h, &ov).0, OK),
+        Err(e) => assert_eq!(e, WsaError::WSAECONNRESET),
+    }
+    let mut back = vec![1u8; 4096];
+    target.read_at(0, &mut back).unwrap();
+    assert!(back.iter().all(|&b| b == 0));
+    assert_eq!(h.p.nic().stats().live_remote_keys, 0);
+}
+
+#[test]
+fn close_11_no_fd_connect_after_close() {
+    let mut cfg = test_config(PollerMode::Threads);
+    cfg.connect.timeout_ms = 100;
+    let h = Host::with_config(cfg);
+    let ip = Ipv4Addr::new(198, 18, 0, 61);
+    h.net.add_tcp_only_host(ip);
+    let c = h.socket();
+    let ev = Arc::new(Event::new());
+    h.p.event_select(c, Some(ev.clone()), FD_CONNECT).unwrap();
+    h.p.connect(c, SocketAddrV4::new(ip, 1), &[]).unwrap();
+    h.p.close_socket(c).unwrap();
+    // Longer than the connection-manager timeout that would have fired.
+    assert!(!ev.wait(std::time::Duration::from_millis(500)));
+    // Also for a connect that completes after close: accept after the
+    // connector closed must not signal it.
+    let (l, lev) = h.listener(5610, 4);
+    let c2 = h.socket();
+    let ev2 = Arc::new(Event::new());
+    h.p.event_select(c2, Some(ev2.clone()), FD_CONNECT).unwrap();
+    h.p.connect(c2, h.addr(5610), &[]).unwrap();
+    assert!(lev.wait(TIMEOUT));
+    h.p.close_socket(c2).unwrap();
+    let _ = h.p.accept(l, &mut |_| Condition::Accept);
+    assert!(!ev2.is_set());
+}

@@ -1,0 +1,468 @@
+//! Test fixtures: a recording switch double that checks upcall rules as it
+//! records them, hosts on a private soft network, connected socket pairs and
+//! registered buffers. Every wait has a timeout that fails the test loudly.
+
+use sanpath::config::{MlockPolicy, PollerMode};
+use sanpath::event::Event;
+use sanpath::fabric::soft::{SoftNetwork, SoftNicConfig};
+use sanpath::mem::region::Region;
+use sanpath::spi::*;
+use sanpath::{Config, WsaError, WsaResult};
+use std::collections::{HashMap, HashSet};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// How long any test waits for something that should happen promptly.
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Upcall {
+    Create {
+        handle: SwitchHandle,
+        context: usize,
+    },
+    Close {
+        handle: SwitchHandle,
+    },
+    Complete {
+        handle: SwitchHandle,
+        ov: usize,
+        error: u32,
+        bytes: u32,
+        ops_in_use: usize,
+    },
+}
+
+#[derive(Default)]
+struct Log {
+    upcalls: Vec<Upcall>,
+    live: HashSet<SwitchHandle>,
+    closed: HashSet<SwitchHandle>,
+    completions: HashMap<usize, u32>,
+    violations: Vec<String>,
+}
+
+/// The switch double: hands out handles from its own number range, records
+/// every upcall, and notes rule violations (SOCK-2, CLOSE-5/6, XFER-6).
+pub struct RecordingSwitch {
+    log: Mutex<Log>,
+    cond: Condvar,
+    next: AtomicUsize,
+    provider: OnceLock<Provider>,
+}
+
+impl RecordingSwitch {
+    pub fn new() -> Arc<RecordingSwitch> {
+        Arc::new(RecordingSwitch {
+            log: Mutex::new(Log::default()),
+            cond: Condvar::new(),
+            next: AtomicUsize::new(0x7000_0001),
+            provider: OnceLock::new(),
+        })
+    }
+
+    pub fn upcalls(&self) -> Vec<Upcall> {
+        self.log.lock().unwrap().upcalls.clone()
+    }
+
+    pub fn violations(&self) -> Vec<String> {
+        self.log.lock().unwrap().violations.clone()
+    }
+
+    /// Completion upcalls made for `ov`.
+    pub fn completions_of(&self, ov: &Overlapped) -> u32 {
+        let key = ov as *const Overlapped as usize;
+        self.log
+            .lock()
+            .unwrap()
+            .completions
+            .get(&key)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Waits until `pred(upcalls)` holds; panics after [`TIMEOUT`]. `pred`
+    /// runs under the log lock: it must not call other methods of `self`.
+    pub fn wait_for(&self, what: &str, mut pred: impl FnMut(&[Upcall]) -> bool) {
+        let deadline = Instant::now() + TIMEOUT;
+        let mut log = self.log.lock().unwrap();
+        while !pred(&log.upcalls) {
+            let now = Instant::now();
+            assert!(
+                now < deadline,
+                "timed out waiting for {what}; upcalls: {:?}",
+                log.upcalls
+            );
+            log = self.cond.wait_timeout(log, deadline - now).unwrap().0;
+        }
+    }
+
+    pub fn closed(&self, h: SwitchHandle) -> bool {
+        self.log.lock().unwrap().closed.contains(&h)
+    }
+
+    /// Waits until `ov` got `n` completion upcalls.
+    pub fn wait_completions(&self, ov: &Overlapped, n: usize) {
+        let key = ov as *const Overlapped as usize;
+        self.wait_for("completion upcalls", |u| {
+            u.iter()
+                .filter(|x| matches!(x, Upcall::Complete { ov, .. } if *ov == key))
+                .count()
+                == n
+        });
+    }
+
+    /// Waits until `h` was closed.
+    pub fn wait_closed(&self, h: SwitchHandle) {
+        self.wait_for("close_socket_handle", |u| {
+            u.iter()
+                .any(|x| matches!(x, Upcall::Close { handle } if *handle == h))
+        });
+    }
+
+    fn push(&self, u: Upcall) {
+        let mut log = self.log.lock().unwrap();
+        match u {
+            Upcall::Create { handle, .. } => {
+                log.live.insert(handle);
+            }
+            Upcall::Close { handle } => {
+                if !log.live.remove(&handle) {
+                    log.violations
+                        .push(format!("close of unknown or closed handle {handle:?}"));
+                }
+                log.closed.insert(handle);
+            }
+            Upcall::Complete { handle, ov, .. } => {
+                if !log.live.contains(&handle) {
+                    log.violations
+                        .push(format!("completion with dead/unknown handle {handle:?}"));
+                }
+                *log.completions.entry(ov).or_default() += 1;
+            }
+        }
+        log.upcalls.push(u);
+        drop(log);
+        self.cond.notify_all();
+    }
+}
+
+impl Switch for RecordingSwitch {
+    fn create_socket_handle(&self, _catalog: u32, context: usize) -> WsaResult<SwitchHandle> {
+        let handle = SwitchHandle(self.next.fetch_add(1, Ordering::Relaxed));
+        self.push(Upcall::Create { handle, context });
+        Ok(handle)
+    }
+
+    fn close_socket_handle(&self, handle: SwitchHandle) -> WsaResult<()> {
+        self.push(Upcall::Close { handle });
+        Ok(())
+    }
+
+    fn query_socket_handle_context(&self, handle: SwitchHandle) -> WsaResult<usize> {
+        let log = self.log.lock().unwrap();
+        log.upcalls
+            .iter()
+            .find_map(|u| match u {
+                Upcall::Create { handle: h, context } if *h == handle => Some(*context),
+                _ => None,
+            })
+            .ok_or(WsaError::WSAENOTSOCK)
+    }
+
+    fn complete_overlapped_request(
+        &self,
+        handle: SwitchHandle,
+        ov: &Overlapped,
+        error: u32,
+        bytes: u32,
+    ) -> WsaResult<()> {
+        let ops_in_use = self.provider.get().map_or(0, |p| p.stats().ops_in_use);
+        ov.complete(error, bytes);
+        self.push(Upcall::Complete {
+            handle,
+            ov: ov as *const Overlapped as usize,
+            error,
+            bytes,
+            ops_in_use,
+        });
+        Ok(())
+    }
+}
+
+/// A provider on its own soft network, started with a recording switch.
+pub struct Host {
+    pub net: Arc<SoftNetwork>,
+    pub p: Provider,
+    pub sw: Arc<RecordingSwitch>,
+    pub ip: Ipv4Addr,
+}
+
+pub fn test_config(mode: PollerMode) -> Config {
+    let mut c = Config::default();
+    c.poller.mode = mode;
+    c.poller.spin_budget = 200;
+    c.mem.mlock = MlockPolicy::Off;
+    c.connect.timeout_ms = 200;
+    c.close.quiesce_timeout_ms = 5000;
+    c
+}
+
+impl Host {
+    pub fn new() -> Host {
+        Host::with_config(test_config(PollerMode::Threads))
+    }
+
+    pub fn with_config(config: Config) -> Host {
+        Host::on(SoftNetwork::new(), Ipv4Addr::new(198, 18, 0, 1), config)
+    }
+
+    /// Another host on the same network.
+    pub fn peer(&self, ip: Ipv4Addr) -> Host {
+        Host::on(
+            self.net.clone(),
+            ip,
+            test_config(self.p.config().poller.mode),
+        )
+    }
+
+    pub fn on(net: Arc<SoftNetwork>, ip: Ipv4Addr, mut config: Config) -> Host {
+        config.fabric.soft.addresses = vec![ip];
+        let nic = net
+            .attach(SoftNicConfig {
+                addresses: vec![ip],
+                prefix_len: 24,
+                connect_timeout: config.connect_timeout(),
+                rnr_queue_max: config.qp.rnr_queue_max,
+            })
+            .expect("attach soft NIC");
+        let p = Provider::with_nic(config, nic).expect("provider");
+        let sw = RecordingSwitch::new();
+        let _ = sw.provider.set(p.clone());
+        p.startup(WSD_VERSION, sw.clone(), 1001).expect("startup");
+        Host { net, p, sw, ip }
+    }
+
+    pub fn socket(&self) -> ProviderSocket {
+        self.p
+            .socket(AF_INET, SOCK_STREAM, IPPROTO_TCP, 0, WSA_FLAG_OVERLAPPED, 0)
+            .expect("socket")
+    }
+
+    pub fn addr(&self, port: u16) -> SocketAddrV4 {
+        SocketAddrV4::new(self.ip, port)
+    }
+
+    /// A bound listening socket with an FD_ACCEPT event.
+    pub fn listener(&self, port: u16, backlog: i32) -> (ProviderSocket, Arc<Event>) {
+        let l = self.socket();
+        self.p.bind(l, self.addr(port)).unwrap();
+        self.p.listen(l, backlog).unwrap();
+        let ev = Arc::new(Event::new());
+        self.p.event_select(l, Some(ev.clone()), FD_ACCEPT).unwrap();
+        (l, ev)
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            while self.p.is_started() {
+                self.p.cleanup().unwrap();
+            }
+            let v = self.sw.violations();
+            assert!(v.is_empty(), "switch rule violations: {v:?}");
+        }
+    }
+}
+
+/// Starts a connect and returns its final result (immediate or through
+/// `FD_CONNECT`).
+pub fn connect_result(h: &Host, s: ProviderSocket, to: SocketAddrV4) -> WsaResult<()> {
+    let ev = Arc::new(Event::new());
+    h.p.event_select(s, Some(ev.clone()), FD_CONNECT).unwrap();
+    h.p.connect(s, to, &[])?;
+    assert!(ev.wait(TIMEOUT), "FD_CONNECT not signalled");
+    let ne = h.p.enum_network_events(s, Some(&ev)).unwrap();
+    assert_ne!(ne.network_events & FD_CONNECT, 0);
+    match ne.error_codes[FD_CONNECT_BIT] {
+        0 => Ok(()),
+        c => Err(WsaError::from_code(c).expect("known code")),
+    }
+}
+
+/// Accepts the next request, waiting for FD_ACCEPT.
+pub fn accept_one(h: &Host, l: ProviderSocket, ev: &Event) -> ProviderSocket {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        match h.p.accept(l, &mut |_| Condition::Accept) {
+            Ok((s, _)) => return s,
+            Err(WsaError::WSAEWOULDBLOCK) => {
+                assert!(Instant::now() < deadline, "no connection request arrived");
+                ev.wait(Duration::from_millis(100));
+            }
+            Err(e) => panic!("accept failed: {e}"),
+        }
+    }
+}
+
+/// A connected pair on one host: (client, server).
+pub fn pair(h: &Host, port: u16) -> (ProviderSocket, ProviderSocket) {
+    let (l, ev) = h.listener(port, 8);
+    let c = h.socket();
+    let ev2 = Arc::new(Event::new());
+    h.p.event_select(c, Some(ev2.clone()), FD_CONNECT).unwrap();
+    h.p.connect(c, h.addr(port), &[]).unwrap();
+    let s = accept_one(h, l, &ev);
+    assert!(ev2.wait(TIMEOUT), "FD_CONNECT not signalled");
+    let ne = h.p.enum_network_events(c, Some(&ev2)).unwrap();
+    assert_eq!(ne.error_codes[FD_CONNECT_BIT], 0, "connect failed");
+    h.p.close_socket(l).unwrap();
+    (c, s)
+}
+
+/// A page-aligned buffer registered on a socket.
+pub struct Buf {
+    pub region: Region,
+    pub handle: u64,
+}
+
+impl Buf {
+    pub fn ptr(&self) -> *mut u8 {
+        self.region.as_ptr()
+    }
+
+    pub fn wsabuf(&self, off: usize, len: u32) -> WsaBuf {
+        assert!(off + len as usize <= self.region.len());
+        // SAFETY: in bounds of the region (asserted above).
+        let buf = unsafe { self.ptr().add(off) };
+        WsaBuf { len, buf }
+    }
+
+    pub fn wsabufex(&self, off: usize, len: u32) -> WsaBufEx {
+        let b = self.wsabuf(off, len);
+        WsaBufEx {
+            len,
+            buf: b.buf,
+            handle: self.handle as usize,
+        }
+    }
+
+    pub fn fill(&self, seed: u8) {
+        let data: Vec<u8> = (0..self.region.len())
+            .map(|i| seed.wrapping_add(i as u8))
+            .collect();
+        self.region.write_at(0, &data).unwrap();
+    }
+
+    pub fn bytes(&self, off: usize, len: usize) -> Vec<u8> {
+        let mut v = vec![0; len];
+        self.region.read_at(off, &mut v).unwrap();
+        v
+    }
+}
+
+pub fn region(len: usize) -> Region {
+    Region::new(len, MlockPolicy::Off).expect("region")
+}
+
+/// Registers a fresh buffer of `len` bytes on `s`.
+pub fn buf(h: &Host, s: ProviderSocket, len: usize, flags: u32) -> Buf {
+    let region = region(len);
+    // SAFETY: the region outlives the socket's use of it (tests close
+    // sockets or deregister before dropping buffers).
+    let handle = unsafe {
+        h.p.register_memory(s, region.as_ptr(), region.len() as u32, flags)
+    }
+    .expect("register_memory");
+    Buf { region, handle }
+}
+
+/// Posts a receive into `b[off..off+len]`.
+pub fn recv(
+    h: &Host,
+    s: ProviderSocket,
+    b: &Buf,
+    off: usize,
+    len: u32,
+    ov: &Overlapped,
+) -> WsaResult<()> {
+    // SAFETY: buffers and overlapped outlive the op (waited for).
+    unsafe { h.p.recv(s, &[b.wsabuf(off, len)], ov) }
+}
+
+pub fn send(
+    h: &Host,
+    s: ProviderSocket,
+    b: &Buf,
+    off: usize,
+    len: u32,
+    ov: &Overlapped,
+) -> WsaResult<()> {
+    // SAFETY: as `recv`.
+    unsafe { h.p.send(s, &[b.wsabuf(off, len)], 0, ov) }
+}
+
+/// Waits for an op to complete (upcall or polled) and returns its result.
+pub fn wait_ov(h: &Host, ov: &Overlapped) -> (u32, u32) {
+    let deadline = Instant::now() + TIMEOUT;
+    while ov.is_pending() {
+        assert!(Instant::now() < deadline, "op did not complete");
+        h.p.progress();
+        std::thread::yield_now();
+    }
+    (
+        ov.offset_high.load(Ordering::Acquire),
+        ov.internal_high.load(Ordering::Acquire) as u32,
+    )
+}
+
+pub const OK: u32 = 0;
+pub const ABORTED: u32 = WsaError::WSA_OPERATION_ABORTED.code() as u32;
+pub const CONNRESET: u32 = WsaError::WSAECONNRESET.code() as u32;
+
+/// Exposes `r` on `s` for the peer's RDMA; returns the descriptor.
+pub fn expose(h: &Host, s: ProviderSocket, r: &Region, flags: u32) -> Vec<u8> {
+    let mut d = [0u8; RDMA_DESCRIPTOR_LEN];
+    // SAFETY: the region outlives its exposure (tests deregister or
+    // close first).
+    let n = unsafe {
+        h.p.register_rdma_memory(s, r.as_ptr(), r.len() as u32, flags, &mut d)
+    }
+    .expect("register_rdma_memory");
+    d[..n].to_vec()
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn rdma_write(
+    h: &Host,
+    s: ProviderSocket,
+    src: &Buf,
+    off: usize,
+    len: u32,
+    desc: &[u8],
+    at: u32,
+    ov: &Overlapped,
+) -> WsaResult<()> {
+    // SAFETY: buffers and overlapped outlive the op (waited for).
+    unsafe {
+        h.p.rdma_write(s, &[src.wsabufex(off, len)], desc, at, 0, ov)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn rdma_read(
+    h: &Host,
+    s: ProviderSocket,
+    dst: &Buf,
+    off: usize,
+    len: u32,
+    desc: &[u8],
+    at: u32,
+    ov: &Overlapped,
+) -> WsaResult<()> {
+    // SAFETY: as `rdma_write`.
+    unsafe { h.p.rdma_read(s, &[dst.wsabufex(off, len)], desc, at, 0, ov) }
+}

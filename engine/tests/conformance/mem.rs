@@ -1,0 +1,215 @@
+use crate::harness::*;
+use sanpath::spi::*;
+use sanpath::WsaError;
+
+#[test]
+fn mem_1_register_needs_connection_flags_and_mapped_memory() {
+    let h = Host::new();
+    let (c, _s) = pair(&h, 5300);
+    let r = region(8192);
+    // SAFETY: the region outlives the registrations.
+    unsafe {
+        let handle = h.p.register_memory(c, r.as_ptr(), 4096, MEM_READ).unwrap();
+        assert_ne!(handle, 0);
+        let un = h.socket();
+        assert_eq!(
+            h.p.register_memory(un, r.as_ptr(), 4096, MEM_READ)
+                .unwrap_err(),
+            WsaError::WSAENOTCONN
+        );
+        for bad in [0, 4, 7, 0x100] {
+            assert_eq!(
+                h.p.register_memory(c, r.as_ptr(), 4096, bad).unwrap_err(),
+                WsaError::WSAEINVAL
+            );
+        }
+        let gone = region(4096);
+        let addr = gone.as_ptr();
+        drop(gone);
+        assert_eq!(
+            h.p.register_memory(c, addr, 4096, MEM_READ).unwrap_err(),
+            WsaError::WSAEFAULT
+        );
+        assert_eq!(
+            h.p.register_memory(c, std::ptr::null_mut(), 4096, MEM_READ)
+                .unwrap_err(),
+            WsaError::WSAEFAULT
+        );
+        h.p.deregister_memory(c, handle).unwrap();
+    }
+}
+
+#[test]
+fn mem_2_shared_buffer_refcounted_across_sockets() {
+    let h = Host::new();
+    let (c1, s1) = pair(&h, 5301);
+    let (c2, _s2) = pair(&h, 5302);
+    let r = region(4096);
+    let live0 = h.p.nic().stats().live_regions;
+    // SAFETY: the region outlives the registrations.
+    let (h1, h2) = unsafe {
+        (
+            h.p.register_memory(c1, r.as_ptr(), 4096, MEM_READWRITE)
+                .unwrap(),
+            h.p.register_memory(c2, r.as_ptr(), 4096, MEM_READWRITE)
+                .unwrap(),
+        )
+    };
+    assert_eq!(
+        h.p.nic().stats().live_regions,
+        live0 + 1,
+        "one NIC registration shared"
+    );
+    h.p.deregister_memory(c2, h2).unwrap();
+    // Still usable on c1.
+    let bs = buf(&h, s1, 4096, MEM_READWRITE);
+    let (rv, sd) = (Overlapped::new(0), Overlapped::new(0));
+    recv(&h, s1, &bs, 0, 128, &rv).unwrap();
+    // SAFETY: r outlives the op.
+    unsafe {
+        h.p.send(
+            c1,
+            &[WsaBuf {
+                len: 128,
+                buf: r.as_ptr(),
+            }],
+            0,
+            &sd,
+        )
+        .unwrap()
+    };
+    assert_eq!(wait_ov(&h, &sd).0, OK);
+    assert_eq!(wait_ov(&h, &rv), (OK, 128));
+    assert_eq!(h.p.nic().stats().live_regions, live0 + 2);
+    h.p.deregister_memory(c1, h1).unwrap();
+    assert_eq!(
+        h.p.nic().stats().live_regions,
+        live0 + 1,
+        "last deregistration frees"
+    );
+    assert_eq!(
+        h.p.deregister_memory(c1, h1).unwrap_err(),
+        WsaError::WSAEINVAL
+    );
+}
+
+#[test]
+fn mem_3_deregister_unknown_or_in_use_is_einval() {
+    let h = Host::new();
+    let (c, s) = pair(&h, 5303);
+    let b = buf(&h, s, 4096, MEM_READWRITE);
+    assert_eq!(
+        h.p.deregister_memory(s, 0xDEAD).unwrap_err(),
+        WsaError::WSAEINVAL
+    );
+    assert_eq!(
+        h.p.deregister_memory(c, b.handle).unwrap_err(),
+        WsaError::WSAEINVAL,
+        "foreign socket's handle"
+    );
+    let ov = Overlapped::new(0);
+    recv(&h, s, &b, 0, 64, &ov).unwrap();
+    assert_eq!(
+        h.p.deregister_memory(s, b.handle).unwrap_err(),
+        WsaError::WSAEINVAL
+    );
+    h.p.close_socket(c).unwrap();
+    assert_eq!(wait_ov(&h, &ov).0, CONNRESET);
+    h.p.deregister_memory(s, b.handle).unwrap();
+}
+
+#[test]
+fn mem_4_small_descriptor_block_is_efault_then_retry_works() {
+    let h = Host::new();
+    let (c, _s) = pair(&h, 5304);
+    let r = region(4096);
+    let mut small = [0u8; 16];
+    // SAFETY: the region outlives the registration.
+    unsafe {
+        assert_eq!(
+            h.p.register_rdma_memory(c, r.as_ptr(), 4096, MEM_WRITE, &mut small)
+                .unwrap_err(),
+            WsaError::WSAEFAULT
+        );
+        let mut d = vec![0u8; RDMA_DESCRIPTOR_LEN];
+        assert_eq!(
+            h.p.register_rdma_memory(c, r.as_ptr(), 4096, MEM_WRITE, &mut d)
+                .unwrap(),
+            RDMA_DESCRIPTOR_LEN
+        );
+        h.p.deregister_rdma_memory(c, &d).unwrap();
+        assert_eq!(
+            h.p.deregister_rdma_memory(c, &d).unwrap_err(),
+            WsaError::WSAEINVAL
+        );
+    }
+}
+
+#[test]
+fn mem_5_exposure_rights_are_enforced() {
+    let h = Host::new();
+    // Read-only exposure: the peer's write fails, memory unchanged.
+    let (c, s) = pair(&h, 5305);
+    let target = region(4096);
+    let d = expose(&h, s, &target, MEM_READ);
+    let src = buf(&h, c, 4096, MEM_READWRITE);
+    src.fill(9);
+    let ov = Overlapped::new(0);
+    rdma_write(&h, c, &src, 0, 512, &d, 0, &ov).unwrap();
+    assert_eq!(wait_ov(&h, &ov).0, CONNRESET);
+    let mut back = vec![1u8; 512];
+    target.read_at(0, &mut back).unwrap();
+    assert!(back.iter().all(|&b| b == 0), "read-only target was written");
+    // Write-only exposure: the peer's read fails.
+    let (c, s) = pair(&h, 5306);
+    let source = region(4096);
+    let d = expose(&h, s, &source, MEM_WRITE);
+    let dst = buf(&h, c, 4096, MEM_READWRITE);
+    let ov = Overlapped::new(0);
+    rdma_read(&h, c, &dst, 0, 512, &d, 0, &ov).unwrap();
+    assert_eq!(wait_ov(&h, &ov).0, CONNRESET);
+}
+
+#[test]
+fn mem_6_deregistered_exposure_is_unreachable() {
+    let h = Host::new();
+    let (c, s) = pair(&h, 5307);
+    let target = region(4096);
+    let d = expose(&h, s, &target, MEM_WRITE);
+    h.p.deregister_rdma_memory(s, &d).unwrap();
+    let src = buf(&h, c, 4096, MEM_READWRITE);
+    src.fill(3);
+    let ov = Overlapped::new(0);
+    rdma_write(&h, c, &src, 0, 64, &d, 0, &ov).unwrap();
+    assert_eq!(wait_ov(&h, &ov).0, CONNRESET);
+    let mut back = vec![1u8; 64];
+    target.read_at(0, &mut back).unwrap();
+    assert!(back.iter().all(|&b| b == 0));
+}
+
+#[test]
+fn mem_7_descriptor_only_works_on_its_connection() {
+    let h = Host::new();
+    let (c1, s1) = pair(&h, 5308);
+    let (c2, _s2) = pair(&h, 5309);
+    let target = region(4096);
+    let d = expose(&h, s1, &target, MEM_WRITE);
+    let src = buf(&h, c2, 4096, MEM_READWRITE);
+    src.fill(4);
+    let ov = Overlapped::new(0);
+    rdma_write(&h, c2, &src, 0, 64, &d, 0, &ov).unwrap();
+    assert_eq!(wait_ov(&h, &ov).0, CONNRESET);
+    let mut back = vec![1u8; 64];
+    target.read_at(0, &mut back).unwrap();
+    assert!(back.iter().all(|&b| b == 0));
+    // And not after its connection closed.
+    let src1 = buf(&h, c1, 4096, MEM_READWRITE);
+    h.p.close_socket(s1).unwrap();
+    let ov = Overlapped::new(0);
+    match rdma_write(&h, c1, &src1, 0, 64, &d, 0, &ov) {
+        Ok(()) => assert_ne!(wait_ov(&h, &ov).0, OK),
+        Err(e) => assert_eq!(e, WsaError::WSAECONNRESET),
+    }
+    target.read_at(0, &mut back).unwrap();
+    assert!(back.iter().all(|&b| b == 0));
+}

@@ -1,0 +1,229 @@
+use crate::harness::*;
+use sanpath::config::PollerMode;
+use sanpath::event::Event;
+use sanpath::spi::*;
+use sanpath::WsaError;
+use std::sync::Arc;
+
+#[test]
+fn xfer_1_data_calls_return_pending_without_waiting() {
+    let h = Host::new();
+    let (c, s) = pair(&h, 5500);
+    let b = buf(&h, s, 4096, MEM_READWRITE);
+    let ov = Overlapped::new(0);
+    // No matching send will ever come: the call must still return at once.
+    recv(&h, s, &b, 0, 64, &ov).unwrap();
+    assert!(ov.is_pending());
+    h.p.close_socket(s).unwrap();
+    assert_eq!(wait_ov(&h, &ov).0, ABORTED);
+    h.p.close_socket(c).unwrap();
+}
+
+#[test]
+fn xfer_1_bad_input_gets_its_code_and_starts_nothing() {
+    let h = Host::new();
+    let (c, s) = pair(&h, 5501);
+    let b = buf(&h, c, 8192, MEM_READ);
+    let ov = Overlapped::new(0);
+    let r = region(4096);
+    // SAFETY: nothing is started by these calls.
+    unsafe {
+        assert_eq!(
+            h.p.send(c, &[b.wsabuf(0, 16)], 1, &ov).unwrap_err(),
+            WsaError::WSAEOPNOTSUPP
+        );
+        assert_eq!(
+            h.p.send(
+                c,
+                &[WsaBuf {
+                    len: 16,
+                    buf: r.as_ptr()
+                }],
+                0,
+                &ov
+            )
+            .unwrap_err(),
+            WsaError::WSAEFAULT
+        );
+        let too_many: Vec<WsaBuf> = (0..MAX_SGE + 1).map(|i| b.wsabuf(i * 8, 8)).collect();
+        assert_eq!(
+            h.p.send(c, &too_many, 0, &ov).unwrap_err(),
+            WsaError::WSAEINVAL
+        );
+        // A MEM_READ registration cannot be a receive sink.
+        assert_eq!(
+            h.p.recv(c, &[b.wsabuf(0, 16)], &ov).unwrap_err(),
+            WsaError::WSAEFAULT
+        );
+        // Crossing the end of the registration.
+        let range_end = WsaBuf {
+            len: 16,
+            buf: b.ptr().add(8192 - 8),
+        };
+        assert_eq!(
+            h.p.send(c, &[range_end], 0, &ov).unwrap_err(),
+            WsaError::WSAEFAULT
+        );
+        let un = h.socket();
+        assert_eq!(
+            h.p.send(un, &[b.wsabuf(0, 16)], 0, &ov).unwrap_err(),
+            WsaError::WSAENOTCONN
+        );
+    }
+    let big = buf(
+        &h,
+        c,
+        (h.p.config().limits.max_msg_size as usize) + 4096,
+        MEM_READ,
+    );
+    let ov2 = Overlapped::new(0);
+    assert_eq!(
+        send(&h, c, &big, 0, h.p.config().limits.max_msg_size + 1, &ov2).unwrap_err(),
+        WsaError::WSAEMSGSIZE
+    );
+    let _ = s;
+}
+
+fn messages_whole_in_order(mode: PollerMode) {
+    let h = Host::with_config(test_config(mode));
+    let (c, s) = pair(&h, 5502);
+    let bc = buf(&h, c, 1 << 16, MEM_READWRITE);
+    let bs = buf(&h, s, 1 << 16, MEM_READWRITE);
+    bc.fill(1);
+    let n = 32;
+    let recvs: Vec<Overlapped> = (0..n).map(|_| Overlapped::new(0)).collect();
+    let sends: Vec<Overlapped> = (0..n).map(|_| Overlapped::new(0)).collect();
+    for (i, ov) in recvs.iter().enumerate() {
+        recv(&h, s, &bs, i * 1024, 1024, ov).unwrap();
+    }
+    for (i, ov) in sends.iter().enumerate() {
+        // Message i: two gather pieces, i+1 and 2i+3 bytes.
+        let (a, b2) = (i as u32 + 1, 2 * i as u32 + 3);
+        // SAFETY: buffers and overlapped outlive the op.
+        unsafe {
+            h.p.send(
+                c,
+                &[bc.wsabuf(i * 1024, a), bc.wsabuf(i * 1024 + 512, b2)],
+                0,
+                ov,
+            )
+            .unwrap()
+        };
+    }
+    for i in 0..n {
+        let (a, b2) = (i + 1, 2 * i + 3);
+        assert_eq!(wait_ov(&h, &recvs[i]), (OK, (a + b2) as u32), "message {i}");
+        let mut want = bc.bytes(i * 1024, a);
+        want.extend(bc.bytes(i * 1024 + 512, b2));
+        assert_eq!(bs.bytes(i * 1024, a + b2), want, "message {i} bytes");
+        assert_eq!(wait_ov(&h, &sends[i]), (OK, (a + b2) as u32));
+    }
+}
+
+#[test]
+fn xfer_2_each_send_lands_whole_in_one_receive_in_order() {
+    messages_whole_in_order(PollerMode::Threads);
+}
+
+#[test]
+fn xfer_2_run_to_completion_mode() {
+    messages_whole_in_order(PollerMode::RunToCompletion);
+}
+
+#[test]
+fn xfer_3_pending_op_reads_in_progress_and_incomplete() {
+    let h = Host::new();
+    let (_c, s) = pair(&h, 5503);
+    let b = buf(&h, s, 4096, MEM_READWRITE);
+    let ov = Overlapped::new(0);
+    recv(&h, s, &b, 0, 64, &ov).unwrap();
+    assert_eq!(
+        ov.internal.load(std::sync::atomic::Ordering::Acquire),
+        WSS_OPERATION_IN_PROGRESS
+    );
+    assert_eq!(
+        h.p.get_overlapped_result(s, &ov, false).unwrap_err(),
+        WsaError::WSA_IO_INCOMPLETE
+    );
+    h.p.close_socket(s).unwrap();
+    assert_eq!(wait_ov(&h, &ov).0, ABORTED);
+}
+
+#[test]
+fn xfer_4_and_6_completed_op_result_and_one_upcall() {
+    let h = Host::new();
+    let (c, s) = pair(&h, 5504);
+    let bc = buf(&h, c, 4096, MEM_READWRITE);
+    let bs = buf(&h, s, 4096, MEM_READWRITE);
+    let (r, w) = (Overlapped::new(0x40), Overlapped::new(0x80));
+    recv(&h, s, &bs, 0, 1000, &r).unwrap();
+    send(&h, c, &bc, 0, 777, &w).unwrap();
+    h.sw.wait_completions(&r, 1);
+    h.sw.wait_completions(&w, 1);
+    assert_eq!(h.p.get_overlapped_result(s, &r, false).unwrap(), (777, 0));
+    assert_eq!(h.p.get_overlapped_result(c, &w, true).unwrap(), (777, 0));
+    let hs = h.p.switch_handle(s).unwrap();
+    let key = &r as *const Overlapped as usize;
+    let ups: Vec<_> =
+        h.sw.upcalls()
+            .into_iter()
+            .filter(|u| matches!(u, Upcall::Complete { ov, .. } if *ov == key))
+            .collect();
+    assert_eq!(ups.len(), 1);
+    assert!(
+        matches!(ups[0], Upcall::Complete { handle, error: 0, bytes: 777, .. } if handle == hs)
+    );
+}
+
+#[test]
+fn xfer_5_failed_op_reports_its_error() {
+    let h = Host::new();
+    let (c, s) = pair(&h, 5505);
+    let b = buf(&h, s, 4096, MEM_READWRITE);
+    let ov = Overlapped::new(0);
+    recv(&h, s, &b, 0, 64, &ov).unwrap();
+    h.p.close_socket(c).unwrap();
+    assert_eq!(wait_ov(&h, &ov).0, CONNRESET);
+    assert_eq!(
+        h.p.get_overlapped_result(s, &ov, false).unwrap_err(),
+        WsaError::WSAECONNRESET
+    );
+}
+
+#[test]
+fn xfer_7_bit0_set_means_no_upcall_but_pollable() {
+    for mode in [PollerMode::Threads, PollerMode::RunToCompletion] {
+        let h = Host::with_config(test_config(mode));
+        let (c, s) = pair(&h, 5506);
+        let bc = buf(&h, c, 4096, MEM_READWRITE);
+        let bs = buf(&h, s, 4096, MEM_READWRITE);
+        let (r, w) = (Overlapped::new(0x41), Overlapped::new(0x81));
+        recv(&h, s, &bs, 0, 100, &r).unwrap();
+        send(&h, c, &bc, 0, 50, &w).unwrap();
+        assert_eq!(h.p.get_overlapped_result(s, &r, true).unwrap(), (50, 0));
+        assert_eq!(h.p.get_overlapped_result(c, &w, true).unwrap(), (50, 0));
+        assert_eq!(h.sw.completions_of(&r) + h.sw.completions_of(&w), 0);
+    }
+}
+
+#[test]
+fn xfer_9_peer_teardown_resets_pending_receives() {
+    let h = Host::new();
+    let peer = h.peer(std::net::Ipv4Addr::new(198, 18, 0, 2));
+    let (l, lev) = peer.listener(5507, 4);
+    let c = h.socket();
+    let cev = Arc::new(Event::new());
+    h.p.event_select(c, Some(cev.clone()), FD_CONNECT).unwrap();
+    h.p.connect(c, peer.addr(5507), &[]).unwrap();
+    let s = accept_one(&peer, l, &lev);
+    assert!(cev.wait(TIMEOUT));
+    let b = buf(&h, c, 4096, MEM_READWRITE);
+    let ovs: Vec<Overlapped> = (0..3).map(|_| Overlapped::new(0)).collect();
+    for (i, ov) in ovs.iter().enumerate() {
+        recv(&h, c, &b, i * 64, 64, ov).unwrap();
+    }
+    peer.p.close_socket(s).unwrap();
+    for ov in &ovs {
+        assert_eq!(wait_ov(&h, ov).0, CONNRESET);
+    }
+}
