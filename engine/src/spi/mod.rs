@@ -596,7 +596,8 @@ impl Provider {
     }
 
     /// `WSPGetQOSByName`: QoS is not supported (START-8).
-    pub fn get_qos_by_name(&self, _s: ProviderSocket) -> WsaResult<()> {
+    pub fn get_qos_by_name(&self, s: ProviderSocket) -> WsaResult<()> {
+        self.inner.socket(s)?;
         Err(WsaError::WSAEOPNOTSUPP)
     }
 
@@ -915,16 +916,16 @@ impl Provider {
         if DISPATCHING.with(Cell::get) {
             // Called from an upcall on the thread that dispatches: the
             // flushed completions can only be processed after we return.
-            self.inner.defer_finalize(&run, &sock);
+            self.inner.defer_finalize(&sock);
             return Ok(());
         }
         let deadline = Instant::now() + self.inner.config.close_quiesce_timeout();
         if self.inner.wait_for(&run, Some(deadline), || {
             sock.inflight.load(Ordering::SeqCst) == 0
         }) {
-            self.inner.finalize(&run, &sock);
+            self.inner.finalize(&sock);
         } else {
-            self.inner.defer_finalize(&run, &sock);
+            self.inner.defer_finalize(&sock);
         }
         Ok(())
     }
@@ -1054,6 +1055,7 @@ impl Inner {
         Ok(Arc::new(Socket::new(
             desc,
             handle,
+            run.switch.clone(),
             regs,
             self.config.limits.rdma_threshold,
         )))
@@ -1194,9 +1196,7 @@ impl Inner {
         if sock.inflight.fetch_sub(1, Ordering::SeqCst) == 1
             && sock.defer_finalize.load(Ordering::SeqCst)
         {
-            if let Ok(run) = self.running() {
-                self.finalize(&run, sock);
-            }
+            self.finalize(sock);
         }
     }
 
@@ -1295,21 +1295,23 @@ impl Inner {
         }
     }
 
-    fn defer_finalize(&self, run: &Running, sock: &Arc<Socket>) {
+    fn defer_finalize(&self, sock: &Arc<Socket>) {
         sock.defer_finalize.store(true, Ordering::SeqCst);
         if sock.inflight.load(Ordering::SeqCst) == 0 {
-            self.finalize(run, sock);
+            self.finalize(sock);
         }
     }
 
     /// Last steps of close, once no op of `sock` is outstanding: release its
-    /// registrations, then the final upcall. Runs exactly once.
-    fn finalize(&self, run: &Running, sock: &Arc<Socket>) {
+    /// registrations, then the final upcall (through the socket's own switch,
+    /// so it happens even when the provider was cleaned up meanwhile). Runs
+    /// exactly once.
+    fn finalize(&self, sock: &Arc<Socket>) {
         if sock.finalized.swap(true, Ordering::SeqCst) {
             return;
         }
         self.table.release_owner(&sock.regs);
-        let _ = run.switch.close_socket_handle(sock.handle);
+        let _ = sock.switch.close_socket_handle(sock.handle);
         self.completed.notify();
     }
 

@@ -6,7 +6,7 @@
 //! its duration. Nothing of a socket is released before `close_socket`
 //! (spec §6.1 step 5): peer-detected failures only change `fail`.
 
-use super::types::{NetworkEvents, ProviderSocket, SwitchHandle, FD_ACCEPT, FD_CONNECT};
+use super::types::{NetworkEvents, ProviderSocket, Switch, SwitchHandle, FD_ACCEPT, FD_CONNECT};
 use crate::error::{WsaError, WsaResult};
 use crate::event::Event;
 use crate::fabric::{ConnectAttempt, Listener, ListenerEvents, QpEvents, QueuePair};
@@ -64,6 +64,9 @@ pub struct Options {
 pub struct Socket {
     pub desc: ProviderSocket,
     pub handle: SwitchHandle,
+    /// The switch that owns `handle`: the final upcall goes to it even if
+    /// the provider was cleaned up before the socket's teardown ended.
+    pub switch: Arc<dyn Switch>,
     /// Set once by `close_socket`; ops started after it fail, completions
     /// processed after it report `WSA_OPERATION_ABORTED`.
     pub closing: AtomicBool,
@@ -93,12 +96,14 @@ impl Socket {
     pub fn new(
         desc: ProviderSocket,
         handle: SwitchHandle,
+        switch: Arc<dyn Switch>,
         regs: Arc<OwnerRegs>,
         rdma_threshold: u32,
     ) -> Socket {
         Socket {
             desc,
             handle,
+            switch,
             closing: AtomicBool::new(false),
             inflight: AtomicUsize::new(0),
             fail: AtomicI32::new(0),

@@ -164,6 +164,7 @@ fn close_7_calls_after_close_are_enotsock() {
         WsaError::WSAENOTSOCK
     );
     assert_eq!(h.p.bind(c, h.addr(1)).unwrap_err(), WsaError::WSAENOTSOCK);
+    assert_eq!(h.p.get_qos_by_name(c).unwrap_err(), WsaError::WSAENOTSOCK);
     // A descriptor value never handed out is not a socket either.
     assert_eq!(
         h.p.close_socket(ProviderSocket(12345)).unwrap_err(),
