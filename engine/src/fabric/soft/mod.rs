@@ -24,7 +24,9 @@
 //! refused, host unreachable, timed out).
 //!
 //! Lock order: network → NIC listeners → listener queue → request; link
-//! state → region tables (read) → CQ reservation. Events are delivered with
+//! state → region table → remote-key table → CQ reservation. A remote
+//! access runs with the peer's region and key tables read-locked, so a
+//! revocation never overlaps an access that passed its check. Events are delivered with
 //! no lock held; wakers run under the link lock and only unpark or notify.
 use crate::fabric::*;
 use crossbeam_queue::ArrayQueue;
@@ -260,7 +262,23 @@ impl NicInner {
     }
 
     /// The address range a remote access may touch, if the key allows it.
-    fn check_remote(&self, rkey: u32, qp: QpNum, addr: u64, len: usize, need: Access) -> bool {
+    /// Runs `access(remote address)` if `rkey` lets the peer `qp` touch
+    /// `[addr, addr+len)` with `need`, holding the region and key tables
+    /// (read) throughout, so that a concurrent deregistration or revocation
+    /// either happens before the check or waits until the copy is done: once
+    /// `unbind_remote`/`deregister` returned, no access through the key
+    /// happens (MEM-6, CLOSE-10). Returns whether it ran.
+    fn with_remote(
+        &self,
+        rkey: u32,
+        qp: QpNum,
+        addr: u64,
+        len: usize,
+        need: Access,
+        access: impl FnOnce(usize),
+    ) -> bool {
+        // Lock order: regions, then remote keys (as everywhere).
+        let mrs = self.mrs.read().unwrap_or_else(PoisonError::into_inner);
         let rkeys = self.rkeys.read().unwrap_or_else(PoisonError::into_inner);
         let Some(rk) = rkeys.get(rkey) else {
             return false;
@@ -268,14 +286,17 @@ impl NicInner {
         if rk.qp != qp || !rk.access.contains(need) {
             return false;
         }
-        let mrs = self.mrs.read().unwrap_or_else(PoisonError::into_inner);
         let Some(mr) = mrs.get(rk.lkey) else {
             return false;
         };
-        let (Ok(a), Some(_)) = (usize::try_from(addr), (addr as usize).checked_add(len)) else {
+        let Ok(a) = usize::try_from(addr) else {
             return false;
         };
-        a >= mr.addr && a + len <= mr.addr + mr.len
+        let inside = a >= mr.addr && a.checked_add(len).is_some_and(|e| e <= mr.addr + mr.len);
+        if inside {
+            access(a);
+        }
+        inside
     }
 
     fn listener_for(&self, addr: SocketAddrV4) -> Option<Arc<ListenerInner>> {
@@ -624,10 +645,22 @@ impl QueuePair for SoftQp {
                 } else {
                     Access::REMOTE_READ
                 };
-                if link.nics[other].check_remote(rkey, link.nums[other], remote_addr, len, need) {
-                    // SAFETY: local entries and the remote range were checked
-                    // against their region tables above.
-                    unsafe { copy_flat(posted.sgl.as_slice(), remote_addr as usize, write) };
+                let done = link.nics[other].with_remote(
+                    rkey,
+                    link.nums[other],
+                    remote_addr,
+                    len,
+                    need,
+                    |remote| {
+                        // SAFETY: the local entries were checked against our
+                        // region table above (and stay registered while the
+                        // request is posted); the remote range was checked
+                        // against the peer's tables, which stay read-locked
+                        // during this copy.
+                        unsafe { copy_flat(posted.sgl.as_slice(), remote, write) }
+                    },
+                );
+                if done {
                     link.cqs[me].push(wc(wr.wr_id, WcStatus::Success, opcode, len as u32));
                     [false, false]
                 } else {
@@ -1064,6 +1097,12 @@ impl Nic for SoftNic {
     }
 
     fn unbind_remote(&self, rkey: u32) {
+        // Lock order: regions, then remote keys.
+        let mut mrs = self
+            .inner
+            .mrs
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         let removed = self
             .inner
             .rkeys
@@ -1071,11 +1110,6 @@ impl Nic for SoftNic {
             .unwrap_or_else(PoisonError::into_inner)
             .remove(rkey);
         if let Some(rk) = removed {
-            let mut mrs = self
-                .inner
-                .mrs
-                .write()
-                .unwrap_or_else(PoisonError::into_inner);
             let idx = (rk.lkey & ((1 << KEY_INDEX_BITS) - 1)) as usize;
             if let Some((_, Some(mr))) = mrs.slots.get_mut(idx) {
                 mr.rkeys.retain(|k| *k != rkey);
