@@ -28,6 +28,8 @@ pub fn tune(c: &mut Config, mode: Mode) {
         Mode::Threads => PollerMode::Threads,
     };
     c.mem.mlock = MlockPolicy::Off;
+    // One CQ per side, so that each side's thread polls only its own.
+    c.poller.count = 2;
     c.qp.rnr_queue_max = 4096;
     c.limits.max_msg_size = c.limits.max_msg_size.max(MAX as u32);
     c.fabric.soft.addresses = vec![Ipv4Addr::new(198, 18, 250, 1)];
@@ -119,9 +121,10 @@ impl Bench {
         Ok(Bench { p, cores, c, s })
     }
 
-    fn wait(&self, ov: &Overlapped) -> Res<u32> {
+    /// Waits for an op of `side`, polling only that socket's CQ.
+    fn wait(&self, side: &Side, ov: &Overlapped) -> Res<u32> {
         while ov.is_pending() {
-            self.p.progress();
+            self.p.progress_socket(side.sock);
         }
         match ov.offset_high.load(std::sync::atomic::Ordering::Acquire) {
             0 => Ok(ov.internal_high.load(std::sync::atomic::Ordering::Acquire) as u32),
@@ -175,14 +178,14 @@ impl Bench {
                 let sov = Overlapped::new(POLLED);
                 self.recv(&self.s, size, &rov[0])?;
                 for i in 0..warm + iters {
-                    self.wait(&rov[i % 2])?;
+                    self.wait(&self.s, &rov[i % 2])?;
                     // No receive outlives the loop (its record is on this
                     // stack): the last round posts none.
                     if i + 1 < warm + iters {
                         self.recv(&self.s, size, &rov[(i + 1) % 2])?;
                     }
                     self.send(&self.s, size, &sov)?;
-                    self.wait(&sov)?;
+                    self.wait(&self.s, &sov)?;
                 }
                 Ok(())
             });
@@ -193,12 +196,12 @@ impl Bench {
             for i in 0..warm + iters {
                 let t0 = Instant::now();
                 self.send(&self.c, size, &sov)?;
-                self.wait(&rov)?;
+                self.wait(&self.c, &rov)?;
                 let ns = t0.elapsed().as_nanos() as f64 / 2.0;
                 if i + 1 < warm + iters {
                     self.recv(&self.c, size, &rov)?;
                 }
-                self.wait(&sov)?;
+                self.wait(&self.c, &sov)?;
                 if i >= warm {
                     samples.push(ns);
                 }
@@ -233,7 +236,7 @@ impl Bench {
                     }
                     mark(&self.s, v);
                     self.rdma(&self.s, &self.c, size, true, &wov)?;
-                    self.wait(&wov)?;
+                    self.wait(&self.s, &wov)?;
                 }
                 Ok(())
             });
@@ -246,10 +249,10 @@ impl Bench {
                 mark(&self.c, v);
                 self.rdma(&self.c, &self.s, size, true, &wov)?;
                 while seen(&self.c) != v {
-                    self.p.progress();
+                    self.p.progress_socket(self.c.sock);
                 }
                 let ns = t0.elapsed().as_nanos() as f64 / 2.0;
-                self.wait(&wov)?;
+                self.wait(&self.c, &wov)?;
                 if i >= warm {
                     samples.push(ns);
                 }
@@ -268,7 +271,7 @@ impl Bench {
         for i in 0..warm + iters {
             let t0 = Instant::now();
             self.rdma(&self.c, &self.s, size, false, &ov)?;
-            self.wait(&ov)?;
+            self.wait(&self.c, &ov)?;
             if i >= warm {
                 samples.push(t0.elapsed().as_nanos() as f64);
             }
@@ -291,7 +294,7 @@ impl Bench {
                 }
                 for i in 0..msgs {
                     let ov = &ovs[i % WINDOW];
-                    self.wait(ov)?;
+                    self.wait(&self.s, ov)?;
                     if posted < msgs {
                         self.recv(&self.s, size, ov)?;
                         posted += 1;
@@ -333,7 +336,7 @@ impl Bench {
         })
     }
 
-    /// Keeps `WINDOW` ops outstanding until `msgs` completed.
+    /// Keeps `WINDOW` ops of the client outstanding until `msgs` completed.
     fn window(&self, msgs: usize, post: impl Fn(&Overlapped) -> Res<()>) -> Res<()> {
         let ovs: Vec<Overlapped> = (0..WINDOW).map(|_| Overlapped::new(POLLED)).collect();
         let mut posted = 0;
@@ -345,7 +348,7 @@ impl Bench {
         }
         for i in 0..msgs {
             let ov = &ovs[i % WINDOW];
-            self.wait(ov)?;
+            self.wait(&self.c, ov)?;
             if posted < msgs {
                 post(ov)?;
                 posted += 1;

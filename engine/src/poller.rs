@@ -261,10 +261,10 @@ impl Progress {
         self.mode
     }
 
-    /// The CQ for a new queue pair (round robin).
-    pub fn assign_cq(&self) -> CqId {
+    /// The CQ for a new queue pair (round robin): its index and id.
+    pub fn assign_cq(&self) -> (usize, CqId) {
         let i = self.next_cq.fetch_add(1, Ordering::Relaxed) % self.cqs.len();
-        self.cqs[i].id()
+        (i, self.cqs[i].id())
     }
 
     /// Hands available completions to `f`, oldest first per CQ; never
@@ -272,8 +272,10 @@ impl Progress {
     /// the CQs. The reaper lock of a ring or CQ is held while `f` runs, so two
     /// threads never interleave the completions of one CQ; `f` must not call
     /// `drain` again (the front end refuses nested progress). Returns how
-    /// many completions were handed out.
-    pub fn drain(&self, f: &mut dyn FnMut(&WorkCompletion)) -> usize {
+    /// many completions were handed out. `only` limits a run-to-completion
+    /// drain to one CQ (the one a waiting thread's socket uses); threads
+    /// mode drains the rings regardless.
+    pub fn drain(&self, only: Option<usize>, f: &mut dyn FnMut(&WorkCompletion)) -> usize {
         let mut buf = [WorkCompletion::EMPTY; POLL_BATCH];
         let mut total = 0;
         match self.mode {
@@ -293,7 +295,10 @@ impl Progress {
                 }
             }
             PollerMode::RunToCompletion => {
-                for (cq, lock) in self.cqs.iter().zip(&self.rtc_reapers) {
+                for (i, (cq, lock)) in self.cqs.iter().zip(&self.rtc_reapers).enumerate() {
+                    if only.is_some_and(|o| o != i) {
+                        continue;
+                    }
                     let Ok(_guard) = lock.try_lock() else {
                         continue;
                     };

@@ -113,7 +113,7 @@ struct Life {
     refcount: u32,
 }
 
-struct Running {
+pub(crate) struct Running {
     switch: Arc<dyn Switch>,
     catalog_entry_id: u32,
     progress: Progress,
@@ -167,7 +167,7 @@ impl Provider {
         Ok(Provider {
             inner: Arc::new(Inner {
                 table,
-                ops: OpSlab::new(config.ops.slab_size),
+                ops: OpSlab::new(config.ops.slab_size, config.poller.count),
                 sockets: SocketTable::new(config.ops.max_sockets),
                 life: Mutex::new(Life::default()),
                 running: RwLock::new(None),
@@ -856,13 +856,14 @@ impl Provider {
         ov: &Overlapped,
         wait: bool,
     ) -> WsaResult<(u32, u32)> {
-        self.inner.socket(s)?;
+        let sock = self.inner.socket(s)?;
         if ov.is_pending() {
             if !wait || DISPATCHING.with(Cell::get) {
                 return Err(WsaError::WSA_IO_INCOMPLETE);
             }
             let run = self.inner.running()?;
-            self.inner.wait_for(&run, None, || !ov.is_pending());
+            self.inner
+                .wait_for(&run, None, sock.cq_index(), || !ov.is_pending());
         }
         let error = ov.offset_high.load(Ordering::Acquire);
         let bytes = ov.internal_high.load(Ordering::Acquire) as u32;
@@ -878,7 +879,19 @@ impl Provider {
     /// were dispatched; 0 when called from inside an upcall.
     pub fn progress(&self) -> usize {
         match self.inner.running() {
-            Ok(run) => self.inner.progress(&run),
+            Ok(run) => self.inner.progress(&run, None),
+            Err(_) => 0,
+        }
+    }
+
+    /// Like [`Provider::progress`], but in run-to-completion mode polls only
+    /// the completion queue of socket `s`: the thread that waits for `s`'s
+    /// ops polls its own CQ, without touching other threads' CQs.
+    pub fn progress_socket(&self, s: ProviderSocket) -> usize {
+        match self.inner.socket(s) {
+            // The socket's own reference to the engine: no provider-wide
+            // lock is touched by a thread spinning on its socket.
+            Ok(sock) => self.inner.progress(&sock.run, sock.cq_index()),
             Err(_) => 0,
         }
     }
@@ -920,9 +933,12 @@ impl Provider {
             return Ok(());
         }
         let deadline = Instant::now() + self.inner.config.close_quiesce_timeout();
-        if self.inner.wait_for(&run, Some(deadline), || {
-            sock.inflight.load(Ordering::SeqCst) == 0
-        }) {
+        if self
+            .inner
+            .wait_for(&run, Some(deadline), sock.cq_index(), || {
+                sock.inflight.load(Ordering::SeqCst) == 0
+            })
+        {
             self.inner.finalize(&sock);
         } else {
             self.inner.defer_finalize(&sock);
@@ -1038,7 +1054,7 @@ impl Inner {
 
     /// Creates a socket object with its switch handle (one
     /// `create_socket_handle` upcall, no lock held), not yet published.
-    fn new_socket(&self, run: &Running) -> WsaResult<Arc<Socket>> {
+    fn new_socket(&self, run: &Arc<Running>) -> WsaResult<Arc<Socket>> {
         let desc = self.sockets.reserve()?;
         let handle = match run
             .switch
@@ -1055,7 +1071,7 @@ impl Inner {
         Ok(Arc::new(Socket::new(
             desc,
             handle,
-            run.switch.clone(),
+            run.clone(),
             regs,
             self.config.limits.rdma_threshold,
         )))
@@ -1063,8 +1079,10 @@ impl Inner {
 
     fn qp_params(&self, run: &Running, sock: &Arc<Socket>) -> QpParams {
         let q = &self.config.qp;
+        let (index, cq) = run.progress.assign_cq();
+        sock.cq.store(index, Ordering::Relaxed);
         QpParams {
-            cq: run.progress.assign_cq(),
+            cq,
             send_depth: q.send_depth,
             recv_depth: q.recv_depth,
             max_sge: q.max_sge.min(MAX_SGE as u32),
@@ -1164,7 +1182,7 @@ impl Inner {
             self.op_finished(&sock);
             return Err(WsaError::WSAENOTSOCK);
         }
-        let Some(slot) = self.ops.reserve() else {
+        let Some(slot) = self.ops.reserve(sock.cq_index().unwrap_or(0)) else {
             self.op_finished(&sock);
             return Err(WsaError::WSAENOBUFS);
         };
@@ -1234,14 +1252,15 @@ impl Inner {
         self.op_finished(&socket);
     }
 
-    /// Reaps and dispatches on this thread; 0 if already dispatching.
-    fn progress(&self, run: &Running) -> usize {
+    /// Reaps and dispatches on this thread (run-to-completion: only CQ
+    /// `only` if given); 0 if already dispatching.
+    fn progress(&self, run: &Running, only: Option<usize>) -> usize {
         if DISPATCHING.with(Cell::get) {
             return 0;
         }
         let total = {
             let _flag = DispatchingFlag::set();
-            run.progress.drain(&mut |wc| self.dispatch(run, wc))
+            run.progress.drain(only, &mut |wc| self.dispatch(run, wc))
         };
         if total > 0 {
             self.completed.notify();
@@ -1250,11 +1269,12 @@ impl Inner {
     }
 
     /// Waits until `done()` or `deadline`, making progress itself in
-    /// run-to-completion mode. Returns `done()`.
+    /// run-to-completion mode (on CQ `only` if given). Returns `done()`.
     fn wait_for(
         &self,
         run: &Running,
         deadline: Option<Instant>,
+        only: Option<usize>,
         mut done: impl FnMut() -> bool,
     ) -> bool {
         match self.config.poller.mode {
@@ -1269,7 +1289,7 @@ impl Inner {
                     if deadline.is_some_and(|d| Instant::now() >= d) {
                         return done();
                     }
-                    if self.progress(run) > 0 {
+                    if self.progress(run, only) > 0 {
                         idle = 0;
                         continue;
                     }
@@ -1311,7 +1331,7 @@ impl Inner {
             return;
         }
         self.table.release_owner(&sock.regs);
-        let _ = sock.switch.close_socket_handle(sock.handle);
+        let _ = sock.run.switch.close_socket_handle(sock.handle);
         self.completed.notify();
     }
 
@@ -1323,7 +1343,7 @@ impl Inner {
         let budget = self.config.poller.spin_budget;
         let mut idle = 0u32;
         while !run.stop.load(Ordering::SeqCst) {
-            if self.progress(run) > 0 {
+            if self.progress(run, None) > 0 {
                 idle = 0;
                 continue;
             }
@@ -1342,7 +1362,7 @@ impl Inner {
         }
         // Completions still queued at shutdown were already reported by the
         // closes that ran before; drain whatever is left.
-        self.progress(run);
+        self.progress(run, None);
     }
 }
 

@@ -3,14 +3,19 @@
 //! generation (`wr_id = generation << 32 | index`), so a completion can never
 //! be applied to a later op that reuses the slot.
 //!
-//! Free slots form a lock-free LIFO (Treiber stack). The head packs the top
-//! index with a tag that changes on every successful update, which defeats
-//! ABA: a pop that read `next` of a slot that was popped and pushed back
-//! meanwhile fails its compare-exchange because the tag moved on.
+//! Free slots form lock-free LIFOs (Treiber stacks), one per completion
+//! queue: slot `i` always returns to list `i % lists`, and an op takes from
+//! the list of its socket's CQ first, so the thread that starts and completes
+//! the ops of one CQ (run-to-completion) never shares a cache line with the
+//! thread of another. A head packs the top index with a tag that changes on
+//! every successful update, which defeats ABA: a pop that read `next` of a
+//! slot that was popped and pushed back meanwhile fails its compare-exchange
+//! because the tag moved on.
 
 use super::socket::Socket;
 use super::types::Overlapped;
 use crate::mem::table::RegRef;
+use crossbeam_utils::CachePadded;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -76,11 +81,13 @@ struct Slot {
 /// A fixed set of op slots.
 pub struct OpSlab {
     slots: Box<[Slot]>,
-    /// Free-list head: low 32 bits the top slot index (or `NIL`), high 32 bits
-    /// a tag incremented by every successful push or pop.
-    head: AtomicU64,
-    /// Slots currently allocated (for tests and stats).
-    in_use: AtomicUsize,
+    /// Free-list heads: low 32 bits the top slot index (or `NIL`), high 32
+    /// bits a tag incremented by every successful push or pop. List `l` holds
+    /// only slots `i` with `i % heads.len() == l`.
+    heads: Box<[CachePadded<AtomicU64>]>,
+    /// Slots currently allocated, per list (for tests and stats; padded so
+    /// the counting threads do not share a line).
+    in_use: Box<[CachePadded<AtomicUsize>]>,
 }
 
 /// A slot reserved for a new op, not yet holding state.
@@ -98,25 +105,42 @@ impl Reserved {
 }
 
 impl OpSlab {
-    pub fn new(size: usize) -> OpSlab {
+    /// `size` slots spread over `lists` free lists.
+    pub fn new(size: usize, lists: usize) -> OpSlab {
         assert!(size > 0 && size < NIL as usize, "op slab size out of range");
+        let lists = lists.clamp(1, size);
         let slots: Box<[Slot]> = (0..size)
             .map(|i| Slot {
                 generation: AtomicU32::new(0),
-                next: AtomicU32::new(if i + 1 < size { i as u32 + 1 } else { NIL }),
+                next: AtomicU32::new(if i + lists < size {
+                    (i + lists) as u32
+                } else {
+                    NIL
+                }),
                 state: Mutex::new(None),
             })
             .collect();
         OpSlab {
             slots,
-            head: AtomicU64::new(0),
-            in_use: AtomicUsize::new(0),
+            heads: (0..lists)
+                .map(|l| CachePadded::new(AtomicU64::new(l as u64)))
+                .collect(),
+            in_use: (0..lists)
+                .map(|_| CachePadded::new(AtomicUsize::new(0)))
+                .collect(),
         }
     }
 
-    /// Takes a free slot, or `None` when every slot is in use.
-    pub fn reserve(&self) -> Option<Reserved> {
-        let mut head = self.head.load(Ordering::Acquire);
+    /// Takes a free slot, from list `hint` first, or `None` when every slot
+    /// is in use.
+    pub fn reserve(&self, hint: usize) -> Option<Reserved> {
+        let n = self.heads.len();
+        (0..n).find_map(|k| self.pop((hint + k) % n))
+    }
+
+    fn pop(&self, list: usize) -> Option<Reserved> {
+        let head_cell = &self.heads[list];
+        let mut head = head_cell.load(Ordering::Acquire);
         loop {
             let index = head as u32;
             if index == NIL {
@@ -124,14 +148,14 @@ impl OpSlab {
             }
             let next = self.slots[index as usize].next.load(Ordering::Relaxed);
             let tag = (head >> 32).wrapping_add(1);
-            match self.head.compare_exchange_weak(
+            match head_cell.compare_exchange_weak(
                 head,
                 (tag << 32) | u64::from(next),
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
                 Ok(_) => {
-                    self.in_use.fetch_add(1, Ordering::Relaxed);
+                    self.in_use[list].fetch_add(1, Ordering::Relaxed);
                     let slot = &self.slots[index as usize];
                     let generation = slot.generation.load(Ordering::Relaxed).wrapping_add(1);
                     slot.generation.store(generation, Ordering::Relaxed);
@@ -170,7 +194,10 @@ impl OpSlab {
 
     /// Slots currently allocated.
     pub fn in_use(&self) -> usize {
-        self.in_use.load(Ordering::Relaxed)
+        self.in_use
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum::<usize>()
     }
 
     fn lock(&self, index: u32) -> std::sync::MutexGuard<'_, Option<OpState>> {
@@ -182,13 +209,15 @@ impl OpSlab {
     }
 
     fn release(&self, index: u32) {
-        self.in_use.fetch_sub(1, Ordering::Relaxed);
+        let list = index as usize % self.heads.len();
+        self.in_use[list].fetch_sub(1, Ordering::Relaxed);
         let slot = &self.slots[index as usize];
-        let mut head = self.head.load(Ordering::Relaxed);
+        let head_cell = &self.heads[list];
+        let mut head = head_cell.load(Ordering::Relaxed);
         loop {
             slot.next.store(head as u32, Ordering::Relaxed);
             let tag = (head >> 32).wrapping_add(1);
-            match self.head.compare_exchange_weak(
+            match head_cell.compare_exchange_weak(
                 head,
                 (tag << 32) | u64::from(index),
                 Ordering::Release,
@@ -207,15 +236,15 @@ mod tests {
 
     #[test]
     fn reserve_all_then_exhausted_then_reuse_with_new_generation() {
-        let slab = OpSlab::new(3);
-        let a = slab.reserve().unwrap();
-        let b = slab.reserve().unwrap();
-        let c = slab.reserve().unwrap();
-        assert!(slab.reserve().is_none());
+        let slab = OpSlab::new(3, 2);
+        let a = slab.reserve(0).unwrap();
+        let b = slab.reserve(0).unwrap();
+        let c = slab.reserve(1).unwrap();
+        assert!(slab.reserve(1).is_none());
         assert_eq!(slab.in_use(), 3);
         let old = a.wr_id();
         slab.cancel(a);
-        let d = slab.reserve().unwrap();
+        let d = slab.reserve(1).unwrap();
         assert_ne!(d.wr_id(), old, "a reused slot gets a new generation");
         assert!(slab.complete(old).is_none(), "stale ids are ignored");
         for r in [b, c, d] {
@@ -226,15 +255,15 @@ mod tests {
 
     #[test]
     fn concurrent_reserve_release_never_hands_out_a_slot_twice() {
-        let slab = Arc::new(OpSlab::new(8));
+        let slab = Arc::new(OpSlab::new(8, 2));
         let owners: Arc<Vec<AtomicU32>> = Arc::new((0..8).map(|_| AtomicU32::new(0)).collect());
         let threads: Vec<_> = (0..4)
             .map(|_| {
                 let slab = slab.clone();
                 let owners = owners.clone();
                 std::thread::spawn(move || {
-                    for _ in 0..20_000 {
-                        if let Some(r) = slab.reserve() {
+                    for k in 0..20_000 {
+                        if let Some(r) = slab.reserve(k % 3) {
                             let prev = owners[r.index as usize].fetch_add(1, Ordering::SeqCst);
                             assert_eq!(prev, 0, "slot handed out twice");
                             owners[r.index as usize].fetch_sub(1, Ordering::SeqCst);

@@ -6,7 +6,8 @@
 //! its duration. Nothing of a socket is released before `close_socket`
 //! (spec §6.1 step 5): peer-detected failures only change `fail`.
 
-use super::types::{NetworkEvents, ProviderSocket, Switch, SwitchHandle, FD_ACCEPT, FD_CONNECT};
+use super::types::{NetworkEvents, ProviderSocket, SwitchHandle, FD_ACCEPT, FD_CONNECT};
+use super::Running;
 use crate::error::{WsaError, WsaResult};
 use crate::event::Event;
 use crate::fabric::{ConnectAttempt, Listener, ListenerEvents, QpEvents, QueuePair};
@@ -64,9 +65,10 @@ pub struct Options {
 pub struct Socket {
     pub desc: ProviderSocket,
     pub handle: SwitchHandle,
-    /// The switch that owns `handle`: the final upcall goes to it even if
-    /// the provider was cleaned up before the socket's teardown ended.
-    pub switch: Arc<dyn Switch>,
+    /// The engine the socket was created in: its switch owns `handle` (the
+    /// final upcall goes to it even if the provider was cleaned up before
+    /// the socket's teardown ended), its progress serves `progress_socket`.
+    pub run: Arc<Running>,
     /// Set once by `close_socket`; ops started after it fail, completions
     /// processed after it report `WSA_OPERATION_ABORTED`.
     pub closing: AtomicBool,
@@ -90,20 +92,23 @@ pub struct Socket {
     pub opts: Options,
     /// Socket-level `SO_RDMA_THRESHOLD_SIZE` (settable by the switch).
     pub rdma_threshold: AtomicU32,
+    /// Index of the CQ the socket's queue pair uses (`usize::MAX` before a
+    /// connection); set before the queue pair exists.
+    pub cq: AtomicUsize,
 }
 
 impl Socket {
     pub fn new(
         desc: ProviderSocket,
         handle: SwitchHandle,
-        switch: Arc<dyn Switch>,
+        run: Arc<Running>,
         regs: Arc<OwnerRegs>,
         rdma_threshold: u32,
     ) -> Socket {
         Socket {
             desc,
             handle,
-            switch,
+            run,
             closing: AtomicBool::new(false),
             inflight: AtomicUsize::new(0),
             fail: AtomicI32::new(0),
@@ -123,6 +128,15 @@ impl Socket {
             }),
             opts: Options::default(),
             rdma_threshold: AtomicU32::new(rdma_threshold),
+            cq: AtomicUsize::new(usize::MAX),
+        }
+    }
+
+    /// The socket's CQ index, once it has a queue pair (or is getting one).
+    pub fn cq_index(&self) -> Option<usize> {
+        match self.cq.load(Ordering::Relaxed) {
+            usize::MAX => None,
+            i => Some(i),
         }
     }
 
@@ -219,7 +233,8 @@ struct TableSlot {
 /// never 0, never `INVALID_SOCKET`, and a closed descriptor's value does not
 /// come back until its slot's 32-bit generation wraps.
 pub struct SocketTable {
-    slots: Box<[TableSlot]>,
+    /// Padded: threads spinning on different sockets never share a line.
+    slots: Box<[crossbeam_utils::CachePadded<TableSlot>]>,
     /// Indices of unused slots.
     free: Mutex<Vec<u32>>,
 }
@@ -231,9 +246,11 @@ impl SocketTable {
     pub fn new(capacity: usize) -> SocketTable {
         SocketTable {
             slots: (0..capacity)
-                .map(|_| TableSlot {
-                    generation: AtomicU32::new(0),
-                    socket: Mutex::new(None),
+                .map(|_| {
+                    crossbeam_utils::CachePadded::new(TableSlot {
+                        generation: AtomicU32::new(0),
+                        socket: Mutex::new(None),
+                    })
                 })
                 .collect(),
             free: Mutex::new((0..capacity as u32).rev().collect()),
