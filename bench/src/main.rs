@@ -4,6 +4,7 @@
 
 mod baseline;
 mod engine;
+mod plot;
 mod stats;
 
 use clap::{Parser, ValueEnum};
@@ -69,6 +70,13 @@ struct Cli {
     /// Write every figure and the environment as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Write HdrHistogram percentile files (.hgrm) of each latency test here.
+    #[arg(long)]
+    hgrm: Option<PathBuf>,
+    /// Write a latency-percentile chart (SVG) here; with -a also a
+    /// bandwidth-by-size chart next to it (NAME-bw.svg).
+    #[arg(long)]
+    plot: Option<PathBuf>,
     /// Small iteration counts (CI smoke run).
     #[arg(long)]
     quick: bool,
@@ -126,6 +134,11 @@ fn run(cli: &Cli) -> Result<(), String> {
     // Baselines measured once per size, in this run.
     let floor = baseline::pingpong(cores, lat_iters);
     let mut json = Vec::new();
+    let mut curves: Vec<plot::Series> = Vec::new();
+    let mut bw_points: Vec<plot::Series> = Vec::new();
+    if let Some(dir) = &cli.hgrm {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
     println!();
     println!(
         "{:<10} {:>8}  {:>9} {:>9} {:>9} {:>9} {:>9} {:>8}  | baselines (same run)",
@@ -163,6 +176,15 @@ fn run(cli: &Cli) -> Result<(), String> {
                         floor.clone()
                     };
                     print_lat(t, size, &lat, &fl, &tcp);
+                    if let Some(dir) = &cli.hgrm {
+                        let path = dir.join(format!("{}_{}.hgrm", name(t), size));
+                        std::fs::write(&path, lat.hgrm())
+                            .map_err(|e| format!("{}: {e}", path.display()))?;
+                    }
+                    curves.push((
+                        format!("{} {}", name(t), human(size)),
+                        lat.percentile_curve(),
+                    ));
                     json.push(serde_json::json!({
                         "test": name(t), "size": size, "mode": format!("{:?}", cli.mode).to_lowercase(),
                         "lat_ns": lat.json(), "floor_ns": fl.json(), "tcp_ns": tcp.json(),
@@ -181,6 +203,12 @@ fn run(cli: &Cli) -> Result<(), String> {
                     let memcpy = baseline::memcpy_bw(size, msgs.min(100_000));
                     let tcp = baseline::tcp_bw(size, (total / 4).max(size * 16));
                     print_bw(t, size, &bw, &memcpy, &tcp);
+                    match bw_points.iter_mut().find(|(l, _)| l == name(t)) {
+                        Some((_, pts)) => pts.push((size as f64, bw.mb_s())),
+                        None => {
+                            bw_points.push((name(t).to_string(), vec![(size as f64, bw.mb_s())]))
+                        }
+                    }
                     json.push(serde_json::json!({
                         "test": name(t), "size": size, "mode": format!("{:?}", cli.mode).to_lowercase(),
                         "mb_s": bw.mb_s(), "mmsg_s": bw.mmsg_s(), "memcpy_mb_s": memcpy.mb_s(), "tcp_mb_s": tcp.mb_s(),
@@ -194,6 +222,28 @@ fn run(cli: &Cli) -> Result<(), String> {
     println!();
     println!("latency: half round trip for send/write, full for read (perftest convention); ns from raw samples.");
     println!("floor = cache-line ping-pong between the same two cores; tcp = same pattern over 127.0.0.1.");
+    if let Some(dir) = &cli.hgrm {
+        println!("wrote percentile files to {}", dir.display());
+    }
+    if let Some(path) = &cli.plot {
+        let write = |p: &std::path::Path, svg: String| -> Result<(), String> {
+            std::fs::write(p, svg).map_err(|e| format!("{}: {e}", p.display()))?;
+            println!("wrote {}", p.display());
+            Ok(())
+        };
+        if !curves.is_empty() {
+            write(path, plot::latency(&curves))?;
+        }
+        if bw_points.iter().any(|(_, p)| p.len() > 1) {
+            let stem = path
+                .file_stem()
+                .map_or("sanbench".into(), |s| s.to_string_lossy().into_owned());
+            write(
+                &path.with_file_name(format!("{stem}-bw.svg")),
+                plot::bandwidth(&bw_points),
+            )?;
+        }
+    }
     if let Some(path) = &cli.json {
         let doc = serde_json::json!({
             "tool": "sanbench", "version": env!("CARGO_PKG_VERSION"),

@@ -65,3 +65,63 @@ impl Bw {
         self.msgs as f64 / self.secs / 1e6
     }
 }
+
+impl Lat {
+    /// The distribution in HdrHistogram's percentile-distribution text format
+    /// (values in microseconds), as `.hgrm` files hold it.
+    pub fn hgrm(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "{:>12} {:>14} {:>10} {:>14}\n",
+            "Value", "Percentile", "TotalCount", "1/(1-Percentile)"
+        );
+        let mut total = 0u64;
+        for v in self.hist.iter_quantiles(5) {
+            total += v.count_since_last_iteration();
+            let q = v.quantile_iterated_to();
+            let inv = if q < 1.0 {
+                format!("{:>14.2}", 1.0 / (1.0 - q))
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                out,
+                "{:>12.3} {:>14.12} {:>10} {}",
+                v.value_iterated_to() as f64 / 1000.0,
+                q,
+                total,
+                inv
+            );
+        }
+        let n = self.samples.len().max(1) as f64;
+        let mean = self.samples.iter().sum::<f64>() / n;
+        let _ = writeln!(
+            out,
+            "#[Mean    = {:>12.3}, StdDeviation   = {:>12.3}]",
+            mean / 1000.0,
+            self.stdev_ns() / 1000.0
+        );
+        let _ = writeln!(
+            out,
+            "#[Max     = {:>12.3}, Total count    = {:>12}]",
+            self.max_ns() / 1000.0,
+            self.samples.len()
+        );
+        out
+    }
+
+    /// (percentile, microseconds) points for a percentile chart.
+    pub fn percentile_curve(&self) -> Vec<(f64, f64)> {
+        self.hist
+            .iter_quantiles(5)
+            .map(|v| {
+                (
+                    v.quantile_iterated_to(),
+                    v.value_iterated_to() as f64 / 1000.0,
+                )
+            })
+            .collect()
+    }
+}
