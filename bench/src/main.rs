@@ -154,6 +154,7 @@ fn run(cli: &Cli) -> Result<(), String> {
             })]
         };
         for size in sizes {
+            progress(&format!("running {} {} ...", name(t), human(size)));
             match t {
                 Test::StreamLat | Test::StreamBw => {
                     println!(
@@ -257,6 +258,17 @@ fn run(cli: &Cli) -> Result<(), String> {
         println!("wrote {}", path.display());
     }
     Ok(())
+}
+
+/// A one-line progress note on stderr, only when it is a terminal; the next
+/// table line overwrites it.
+fn progress(what: &str) {
+    use std::io::IsTerminal;
+    let mut err = std::io::stderr();
+    if err.is_terminal() {
+        let _ = write!(err, "\r\x1b[2K{what}\r");
+        let _ = err.flush();
+    }
 }
 
 fn print_lat(t: Test, size: usize, l: &Lat, floor: &Lat, tcp: &Lat) {
