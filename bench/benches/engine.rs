@@ -4,67 +4,21 @@
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use sanpath::config::{MlockPolicy, PollerMode};
-use sanpath::event::Event;
-use sanpath::fabric::soft::{SoftNetwork, SoftNicConfig};
 use sanpath::mem::region::Region;
 use sanpath::spi::*;
-use sanpath::{Config, WsaResult};
+use sanpath::testkit::{self, CompletingSwitch};
+use sanpath::Config;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Duration;
-
-struct Quiet;
-impl Switch for Quiet {
-    fn create_socket_handle(&self, _: u32, c: usize) -> WsaResult<SwitchHandle> {
-        Ok(SwitchHandle(c ^ 1 << 62))
-    }
-    fn close_socket_handle(&self, _: SwitchHandle) -> WsaResult<()> {
-        Ok(())
-    }
-    fn query_socket_handle_context(&self, h: SwitchHandle) -> WsaResult<usize> {
-        Ok(h.0 ^ 1 << 62)
-    }
-    fn complete_overlapped_request(
-        &self,
-        _: SwitchHandle,
-        ov: &Overlapped,
-        e: u32,
-        b: u32,
-    ) -> WsaResult<()> {
-        ov.complete(e, b);
-        Ok(())
-    }
-}
 
 fn post_and_poll(c: &mut Criterion) {
     let mut config = Config::default();
     config.poller.mode = PollerMode::RunToCompletion;
     config.mem.mlock = MlockPolicy::Off;
     let ip = Ipv4Addr::new(198, 18, 251, 1);
-    let net = SoftNetwork::new();
-    let nic = net
-        .attach(SoftNicConfig {
-            addresses: vec![ip],
-            prefix_len: 24,
-            connect_timeout: Duration::from_secs(1),
-            rnr_queue_max: 8,
-        })
-        .unwrap();
-    let p = Provider::with_nic(config, nic).unwrap();
-    p.startup(WSD_VERSION, Arc::new(Quiet), 1).unwrap();
-    let l = p
-        .socket(AF_INET, SOCK_STREAM, IPPROTO_TCP, 0, WSA_FLAG_OVERLAPPED, 0)
-        .unwrap();
-    p.bind(l, SocketAddrV4::new(ip, 9)).unwrap();
-    p.listen(l, 1).unwrap();
-    let ev = Arc::new(Event::new());
-    p.event_select(l, Some(ev.clone()), FD_ACCEPT).unwrap();
-    let cs = p
-        .socket(AF_INET, SOCK_STREAM, IPPROTO_TCP, 0, WSA_FLAG_OVERLAPPED, 0)
-        .unwrap();
-    p.connect(cs, SocketAddrV4::new(ip, 9), &[]).unwrap();
-    assert!(ev.wait(Duration::from_secs(10)));
-    let (ss, _) = p.accept(l, &mut |_| Condition::Accept).unwrap();
+    let (p, _nic, _net) = testkit::soft_provider(config, ip, Arc::new(CompletingSwitch)).unwrap();
+    let (cs, ss) = testkit::connected_pair(&p, SocketAddrV4::new(ip, 9)).unwrap();
     let r = Region::new(1 << 16, MlockPolicy::Off).unwrap();
     // SAFETY: the region outlives the sockets (cleanup below runs first).
     unsafe {

@@ -5,14 +5,13 @@
 use crate::stats::{Bw, Lat};
 use crate::Mode;
 use sanpath::config::{MlockPolicy, PollerMode};
-use sanpath::event::Event;
-use sanpath::fabric::soft::{SoftNetwork, SoftNicConfig};
 use sanpath::mem::region::Region;
 use sanpath::spi::*;
-use sanpath::{Config, WsaError, WsaResult};
+use sanpath::testkit::{self, CompletingSwitch};
+use sanpath::{Config, WsaError};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Largest message (the -a sweep goes to 8 MiB).
 const MAX: usize = 8 << 20;
@@ -33,31 +32,6 @@ pub fn tune(c: &mut Config, mode: Mode) {
     c.qp.rnr_queue_max = 4096;
     c.limits.max_msg_size = c.limits.max_msg_size.max(MAX as u32);
     c.fabric.soft.addresses = vec![Ipv4Addr::new(198, 18, 250, 1)];
-}
-
-/// Completes ops into their overlapped records; no socket bookkeeping.
-struct BenchSwitch;
-
-impl Switch for BenchSwitch {
-    fn create_socket_handle(&self, _: u32, context: usize) -> WsaResult<SwitchHandle> {
-        Ok(SwitchHandle(context ^ (1 << 62)))
-    }
-    fn close_socket_handle(&self, _: SwitchHandle) -> WsaResult<()> {
-        Ok(())
-    }
-    fn query_socket_handle_context(&self, h: SwitchHandle) -> WsaResult<usize> {
-        Ok(h.0 ^ (1 << 62))
-    }
-    fn complete_overlapped_request(
-        &self,
-        _: SwitchHandle,
-        ov: &Overlapped,
-        e: u32,
-        b: u32,
-    ) -> WsaResult<()> {
-        ov.complete(e, b);
-        Ok(())
-    }
 }
 
 /// One side of the connection: its socket and buffers.
@@ -87,35 +61,9 @@ type Res<T> = Result<T, WsaError>;
 impl Bench {
     pub fn new(config: Config, cores: (usize, usize)) -> Result<Bench, String> {
         let ip = config.fabric.soft.addresses[0];
-        let nic = SoftNetwork::new()
-            .attach(SoftNicConfig {
-                addresses: vec![ip],
-                prefix_len: 24,
-                connect_timeout: Duration::from_secs(2),
-                rnr_queue_max: config.qp.rnr_queue_max,
-            })
-            .map_err(|e| e.to_string())?;
-        let p = Provider::with_nic(config, nic).map_err(|e| e.to_string())?;
-        p.startup(WSD_VERSION, Arc::new(BenchSwitch), 1)
-            .map_err(|e| e.to_string())?;
-        let e = |e: WsaError| e.to_string();
-        let l = p
-            .socket(AF_INET, SOCK_STREAM, IPPROTO_TCP, 0, WSA_FLAG_OVERLAPPED, 0)
-            .map_err(e)?;
-        let addr = SocketAddrV4::new(ip, 18515);
-        p.bind(l, addr).map_err(e)?;
-        p.listen(l, 1).map_err(e)?;
-        let ev = Arc::new(Event::new());
-        p.event_select(l, Some(ev.clone()), FD_ACCEPT).map_err(e)?;
-        let c = p
-            .socket(AF_INET, SOCK_STREAM, IPPROTO_TCP, 0, WSA_FLAG_OVERLAPPED, 0)
-            .map_err(e)?;
-        p.connect(c, addr, &[]).map_err(e)?;
-        if !ev.wait(Duration::from_secs(10)) {
-            return Err("no connection request within 10 s".into());
-        }
-        let (s, _) = p.accept(l, &mut |_| Condition::Accept).map_err(e)?;
-        p.close_socket(l).map_err(e)?;
+        let (p, _nic, _net) = testkit::soft_provider(config, ip, Arc::new(CompletingSwitch))?;
+        let (c, s) = testkit::connected_pair(&p, SocketAddrV4::new(ip, 18515))
+            .map_err(|e| format!("connecting the benchmark pair: {e}"))?;
         let c = side(&p, c)?;
         let s = side(&p, s)?;
         Ok(Bench { p, cores, c, s })

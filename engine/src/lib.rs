@@ -10,6 +10,8 @@
 //!   descriptors.
 //! - [`poller`], [`ring`]: completion progress (poller threads or run to
 //!   completion) and the lock-free poller → front end ring.
+//! - [`testkit`]: a completing switch, a provider on a private soft network
+//!   and a connected pair, for tests and benchmarks.
 
 pub mod config;
 pub mod error;
@@ -20,6 +22,7 @@ pub mod poller;
 pub mod ring;
 pub mod spi;
 pub mod sync;
+pub mod testkit;
 
 pub use config::Config;
 pub use error::{WsaError, WsaResult};

@@ -4,11 +4,10 @@
 //! watches the whole process while this test binary runs alone.
 
 use sanpath::config::{MlockPolicy, PollerMode};
-use sanpath::event::Event;
-use sanpath::fabric::soft::{SoftNetwork, SoftNicConfig};
 use sanpath::mem::region::Region;
 use sanpath::spi::*;
-use sanpath::{Config, WsaResult};
+use sanpath::testkit::{self, CompletingSwitch};
+use sanpath::Config;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,30 +39,6 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-struct NopSwitch;
-
-impl Switch for NopSwitch {
-    fn create_socket_handle(&self, _: u32, context: usize) -> WsaResult<SwitchHandle> {
-        Ok(SwitchHandle(context | 1 << 62))
-    }
-    fn close_socket_handle(&self, _: SwitchHandle) -> WsaResult<()> {
-        Ok(())
-    }
-    fn query_socket_handle_context(&self, h: SwitchHandle) -> WsaResult<usize> {
-        Ok(h.0 & !(1 << 62))
-    }
-    fn complete_overlapped_request(
-        &self,
-        _: SwitchHandle,
-        ov: &Overlapped,
-        e: u32,
-        b: u32,
-    ) -> WsaResult<()> {
-        ov.complete(e, b);
-        Ok(())
-    }
-}
-
 fn wait(p: &Provider, ov: &Overlapped) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while ov.is_pending() {
@@ -79,30 +54,8 @@ fn data_path_makes_no_allocation_per_op() {
     config.poller.mode = PollerMode::RunToCompletion;
     config.mem.mlock = MlockPolicy::Off;
     let ip = Ipv4Addr::new(198, 18, 9, 1);
-    let net = SoftNetwork::new();
-    let nic = net
-        .attach(SoftNicConfig {
-            addresses: vec![ip],
-            prefix_len: 24,
-            connect_timeout: Duration::from_secs(1),
-            rnr_queue_max: 8,
-        })
-        .unwrap();
-    let p = Provider::with_nic(config, nic).unwrap();
-    p.startup(WSD_VERSION, Arc::new(NopSwitch), 1).unwrap();
-    let l = p
-        .socket(AF_INET, SOCK_STREAM, IPPROTO_TCP, 0, WSA_FLAG_OVERLAPPED, 0)
-        .unwrap();
-    p.bind(l, SocketAddrV4::new(ip, 7000)).unwrap();
-    p.listen(l, 4).unwrap();
-    let lev = Arc::new(Event::new());
-    p.event_select(l, Some(lev.clone()), FD_ACCEPT).unwrap();
-    let c = p
-        .socket(AF_INET, SOCK_STREAM, IPPROTO_TCP, 0, WSA_FLAG_OVERLAPPED, 0)
-        .unwrap();
-    p.connect(c, SocketAddrV4::new(ip, 7000), &[]).unwrap();
-    assert!(lev.wait(Duration::from_secs(10)));
-    let (s, _) = p.accept(l, &mut |_| Condition::Accept).unwrap();
+    let (p, _nic, _net) = testkit::soft_provider(config, ip, Arc::new(CompletingSwitch)).unwrap();
+    let (c, s) = testkit::connected_pair(&p, SocketAddrV4::new(ip, 7000)).unwrap();
 
     let rc = Region::new(1 << 16, MlockPolicy::Off).unwrap();
     let rs = Region::new(1 << 16, MlockPolicy::Off).unwrap();
@@ -152,6 +105,5 @@ fn data_path_makes_no_allocation_per_op() {
     assert_eq!(after - before, 0, "allocations during 30000 ops");
     p.close_socket(c).unwrap();
     p.close_socket(s).unwrap();
-    p.close_socket(l).unwrap();
     p.cleanup().unwrap();
 }

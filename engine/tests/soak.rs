@@ -8,11 +8,10 @@
 //! every wait has a deadline.
 
 use sanpath::config::{MlockPolicy, PollerMode};
-use sanpath::event::Event;
-use sanpath::fabric::soft::{SoftNetwork, SoftNicConfig};
 use sanpath::fabric::Nic;
 use sanpath::mem::region::Region;
 use sanpath::spi::*;
+use sanpath::testkit;
 use sanpath::{Config, WsaError, WsaResult};
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -105,20 +104,7 @@ impl Rng {
 }
 
 fn open(p: &Provider, ip: Ipv4Addr, port: u16) -> Conn {
-    let l = p
-        .socket(AF_INET, SOCK_STREAM, IPPROTO_TCP, 0, WSA_FLAG_OVERLAPPED, 0)
-        .unwrap();
-    p.bind(l, SocketAddrV4::new(ip, port)).unwrap();
-    p.listen(l, 1).unwrap();
-    let lev = Arc::new(Event::new());
-    p.event_select(l, Some(lev.clone()), FD_ACCEPT).unwrap();
-    let c = p
-        .socket(AF_INET, SOCK_STREAM, IPPROTO_TCP, 0, WSA_FLAG_OVERLAPPED, 0)
-        .unwrap();
-    p.connect(c, SocketAddrV4::new(ip, port), &[]).unwrap();
-    assert!(lev.wait(Duration::from_secs(10)), "no connection request");
-    let (s, _) = p.accept(l, &mut |_| Condition::Accept).unwrap();
-    p.close_socket(l).unwrap();
+    let (c, s) = testkit::connected_pair(p, SocketAddrV4::new(ip, port)).unwrap();
     let rc = Region::new(SLOTS * MSG, MlockPolicy::Off).unwrap();
     let rs = Region::new(2 * SLOTS * MSG, MlockPolicy::Off).unwrap();
     let mut desc = vec![0u8; RDMA_DESCRIPTOR_LEN];
@@ -189,20 +175,10 @@ fn soak(mode: PollerMode) {
     config.poller.mode = mode;
     config.poller.spin_budget = 100;
     config.mem.mlock = MlockPolicy::Off;
+    config.qp.rnr_queue_max = 64;
     let ip = Ipv4Addr::new(198, 18, 7, 1);
-    let net = SoftNetwork::new();
-    let nic = net
-        .attach(SoftNicConfig {
-            addresses: vec![ip],
-            prefix_len: 24,
-            connect_timeout: Duration::from_secs(1),
-            rnr_queue_max: 64,
-        })
-        .unwrap();
-    let nic_dyn: Arc<dyn Nic> = nic.clone();
-    let p = Provider::with_nic(config, nic_dyn).unwrap();
     let sw = Arc::new(CountingSwitch::default());
-    p.startup(WSD_VERSION, sw.clone(), 1).unwrap();
+    let (p, nic, _net) = testkit::soft_provider(config, ip, sw.clone()).unwrap();
     let port = Arc::new(AtomicU16::new(20000));
     let totals = Arc::new(Mutex::new((0u64, 0u64, 0u64)));
     let threads: Vec<_> = (0..4u64)
