@@ -85,7 +85,11 @@ fn xfer_1_bad_input_gets_its_code_and_starts_nothing() {
 }
 
 fn messages_whole_in_order(mode: PollerMode) {
-    let h = Host::with_config(test_config(mode));
+    messages_whole_in_order_with(test_config(mode));
+}
+
+fn messages_whole_in_order_with(config: sanpath::Config) {
+    let h = Host::with_config(config);
     let (c, s) = pair(&h, 5502);
     let bc = buf(&h, c, 1 << 16, MEM_READWRITE);
     let bs = buf(&h, s, 1 << 16, MEM_READWRITE);
@@ -128,6 +132,16 @@ fn xfer_2_each_send_lands_whole_in_one_receive_in_order() {
 #[test]
 fn xfer_2_run_to_completion_mode() {
     messages_whole_in_order(PollerMode::RunToCompletion);
+}
+
+/// A full completion ring makes the poller leave completions in the CQ
+/// until the front end catches up: 64 completions through 2 slots.
+#[test]
+fn xfer_2_full_ring_drops_nothing() {
+    let mut c = test_config(PollerMode::Threads);
+    c.ring.capacity = 2;
+    c.poller.batch = 1;
+    messages_whole_in_order_with(c);
 }
 
 #[test]
