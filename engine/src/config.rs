@@ -156,6 +156,17 @@ pub enum FabricKind {
 pub struct FabricConfig {
     pub kind: FabricKind,
     pub soft: SoftFabricConfig,
+    pub verbs: VerbsFabricConfig,
+}
+
+/// The RDMA device the `verbs` fabric uses (engine feature `verbs`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct VerbsFabricConfig {
+    /// Device name (`rxe0`, `mlx5_0`); empty: the first with an active port.
+    pub device: String,
+    /// Port number (1-based); 0 means 1.
+    pub port: u8,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -257,6 +268,10 @@ impl Default for FabricConfig {
         FabricConfig {
             kind: FabricKind::Soft,
             soft: SoftFabricConfig::default(),
+            verbs: VerbsFabricConfig {
+                device: String::new(),
+                port: 1,
+            },
         }
     }
 }

@@ -10,6 +10,8 @@
 //! in the error state. Nothing here knows about sockets or Winsock.
 
 pub mod soft;
+#[cfg(feature = "verbs")]
+pub mod verbs;
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;

@@ -150,9 +150,21 @@ impl Provider {
                 connect_timeout: config.connect_timeout(),
                 rnr_queue_max: config.qp.rnr_queue_max,
             })?,
+            #[cfg(feature = "verbs")]
+            FabricKind::Verbs => {
+                use crate::fabric::verbs::{VerbsConfig, VerbsNic};
+                let v = &config.fabric.verbs;
+                VerbsNic::open(VerbsConfig {
+                    device: (!v.device.is_empty()).then(|| v.device.clone()),
+                    port: v.port.max(1),
+                    connect_timeout: config.connect_timeout(),
+                    ..VerbsConfig::default()
+                })?
+            }
+            #[cfg(not(feature = "verbs"))]
             FabricKind::Verbs => {
                 return Err(FabricError::Unavailable(
-                    "the verbs fabric is not built into this engine yet".into(),
+                    "this engine was built without the verbs fabric (cargo feature `verbs`)".into(),
                 )
                 .into())
             }
