@@ -4,7 +4,7 @@
 
 use crate::stats::{Bw, Lat};
 use crate::Mode;
-use sanpath::config::{MlockPolicy, PollerMode};
+use sanpath::config::{FabricKind, MlockPolicy, PollerMode};
 use sanpath::mem::region::Region;
 use sanpath::spi::*;
 use sanpath::testkit::{self, CompletingSwitch};
@@ -32,6 +32,10 @@ pub fn tune(c: &mut Config, mode: Mode) {
     c.qp.rnr_queue_max = 4096;
     c.limits.max_msg_size = c.limits.max_msg_size.max(MAX as u32);
     c.fabric.soft.addresses = vec![Ipv4Addr::new(198, 18, 250, 1)];
+    if c.fabric.kind == FabricKind::Verbs {
+        // A real NIC's send queue: no receiver-not-ready queue of 4096.
+        c.qp.send_depth = c.qp.send_depth.max(WINDOW as u32 * 2);
+    }
 }
 
 /// One side of the connection: its socket and buffers.
@@ -60,8 +64,23 @@ type Res<T> = Result<T, WsaError>;
 
 impl Bench {
     pub fn new(config: Config, cores: (usize, usize)) -> Result<Bench, String> {
-        let ip = config.fabric.soft.addresses[0];
-        let (p, _nic, _net) = testkit::soft_provider(config, ip, Arc::new(CompletingSwitch))?;
+        let p = match config.fabric.kind {
+            FabricKind::Soft => {
+                let ip = config.fabric.soft.addresses[0];
+                testkit::soft_provider(config, ip, Arc::new(CompletingSwitch))?.0
+            }
+            FabricKind::Verbs => {
+                let p = Provider::new(config).map_err(|e| e.to_string())?;
+                p.startup(WSD_VERSION, Arc::new(CompletingSwitch), 1)
+                    .map_err(|e| e.to_string())?;
+                p
+            }
+        };
+        let ip = *p
+            .address_list()
+            .map_err(|e| e.to_string())?
+            .first()
+            .ok_or("the NIC has no IPv4 address")?;
         let (c, s) = testkit::connected_pair(&p, SocketAddrV4::new(ip, 18515))
             .map_err(|e| format!("connecting the benchmark pair: {e}"))?;
         let c = side(&p, c)?;

@@ -91,13 +91,16 @@ fn main() {
 }
 
 fn run(cli: &Cli) -> Result<(), String> {
-    if cli.fabric == Fabric::Verbs {
-        return Err("the verbs fabric is not built into this engine yet".into());
-    }
     let mut config = match &cli.config {
         Some(p) => sanpath::Config::load(p).map_err(|e| e.to_string())?,
         None => sanpath::Config::default(),
     };
+    if cli.fabric == Fabric::Verbs {
+        if !cfg!(feature = "verbs") {
+            return Err("--fabric verbs: build with `--features verbs` (needs libibverbs-dev librdmacm-dev libclang-dev)".into());
+        }
+        config.fabric.kind = sanpath::config::FabricKind::Verbs;
+    }
     engine::tune(&mut config, cli.mode);
     let cores = match cli.cores.as_slice() {
         [] => (0, 1),
@@ -118,8 +121,12 @@ fn run(cli: &Cli) -> Result<(), String> {
     };
     let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
-        "sanbench {}: soft fabric, {} mode, {} cores, sides on cores {},{}{}",
+        "sanbench {}: {} fabric, {} mode, {} cores, sides on cores {},{}{}",
         env!("CARGO_PKG_VERSION"),
+        match cli.fabric {
+            Fabric::Soft => "soft",
+            Fabric::Verbs => "verbs",
+        },
         match cli.mode {
             Mode::Rtc => "run-to-completion",
             Mode::Threads => "threads",
