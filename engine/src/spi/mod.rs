@@ -85,6 +85,11 @@ pub struct ProviderStats {
 }
 
 /// The SAN provider. Cheap to clone; all clones are the same provider.
+///
+/// Pair every successful [`Provider::startup`] with one
+/// [`Provider::cleanup`]: the last cleanup closes the remaining sockets and
+/// stops the engine's threads. Dropping the handles without it leaves those
+/// threads (and the sockets) running, as an unloaded provider DLL would.
 #[derive(Clone)]
 pub struct Provider {
     inner: Arc<Inner>,
