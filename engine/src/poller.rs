@@ -3,16 +3,16 @@
 //!
 //! - `threads` mode: one pinned poller thread per CQ busy-polls it for up to
 //!   `spin_budget` empty polls, then arms the CQ and parks until the CQ wakes
-//!   it. Reaped completions go into that poller's SPSC [`ring`](crate::ring)
+//!   it. Reaped completions go into that poller's SPSC [`ring`]
 //!   to the front end, published in batches; when the ring is full the poller
 //!   stops reaping (completions wait in the CQ, nothing is dropped). Pollers
 //!   never make upcalls.
 //! - `run_to_completion` mode: no threads. A thread that needs progress calls
-//!   [`Progress::reap`], which polls the CQs directly (no handoff); while it
+//!   [`Progress::drain`], which polls the CQs directly (no handoff); while it
 //!   has nothing to do it may [`Progress::arm`] the CQs and wait on the
 //!   notifier they wake.
 //!
-//! Either way the front end gets completions from [`Progress::reap`].
+//! Either way the front end gets completions from [`Progress::drain`].
 
 use crate::config::{Config, PollerMode};
 use crate::fabric::{CompletionQueue, CqId, FabricError, Nic, Waker, WorkCompletion};
@@ -82,7 +82,7 @@ impl Waker for ParkWaker {
 /// A wake-up many threads can wait for (op completions, close drains, CQ
 /// notifications), cheap to signal when nobody waits. Usage: take a token
 /// with [`Notifier::prepare`], re-check the condition, then
-/// [`Notifier::wait`]; a `notify` after `prepare` is never lost.
+/// [`WaitToken::wait`]; a `notify` after `prepare` is never lost.
 #[derive(Default)]
 pub struct Notifier {
     /// Bumped by every notify that found a waiter.

@@ -26,7 +26,7 @@
 //!   tracked **per association** (socket + entry + flags), so another
 //!   socket's transfers never block this socket's deregistration. A `RegRef`
 //!   also keeps the NIC registration itself alive: the NIC registration is
-//!   owned by a reference-counted [`NicRegion`] whose drop deregisters, so
+//!   owned by a reference-counted `NicRegion` whose drop deregisters, so
 //!   no path — not even [`RegistrationTable::release_owner`] called too
 //!   early — can release memory an op still names.
 //!
