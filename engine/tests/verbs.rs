@@ -642,19 +642,27 @@ fn connect_errors() {
     // Listening twice on one address fails.
     assert!(server.listen(at, 4, Arc::new(Signal::default())).is_err());
     listener.close();
-    // Cancel before anything happened: the callback never runs.
+    // Cancel: the callback runs if and only if cancel came too late (on a
+    // loopback to a port nobody listens on, the reject can beat a thread
+    // descheduled for a few milliseconds).
     let (tx, rx) = mpsc::channel::<()>();
     let a = client
         .connect(
             local,
             SocketAddrV4::new(server.addresses()[0], port()),
             params(&cq, &ev),
-            Box::new(move |_| tx.send(()).unwrap()),
+            Box::new(move |_| {
+                let _ = tx.send(());
+            }),
         )
         .unwrap();
-    assert!(a.cancel());
+    let cancelled = a.cancel();
     assert!(!a.cancel());
-    assert!(rx.recv_timeout(Duration::from_millis(500)).is_err());
+    let called = rx.recv_timeout(Duration::from_millis(500)).is_ok();
+    assert_ne!(
+        cancelled, called,
+        "cancelled {cancelled}, callback ran {called}"
+    );
 }
 
 // ---------------------------------------------------------------- faults --

@@ -574,6 +574,7 @@ impl Attempt {
             RDMA_CM_EVENT_ESTABLISHED => {
                 let Some(qp) = st.qp.clone() else { return };
                 drop(st);
+                qp.on_established();
                 qp.tune();
                 shared
                     .tokens
@@ -679,7 +680,15 @@ pub(crate) fn run(shared: Arc<Shared>, stop: Arc<OwnedFd>) {
                     e.token
                 );
             }
-            dispatch(&shared, e);
+            // A panicking callback must not take the NIC's connection
+            // management down with it.
+            let step = std::panic::AssertUnwindSafe(|| dispatch(&shared, e));
+            if std::panic::catch_unwind(step).is_err() {
+                eprintln!(
+                    "sanpath verbs {}: a connection callback panicked",
+                    shared.name
+                );
+            }
         }
     }
 }
@@ -693,6 +702,7 @@ fn dispatch(shared: &Arc<Shared>, e: Event) {
     match shared.tokens.get(e.token) {
         Some(Target::Attempt(a)) => a.on_event(&e),
         Some(Target::Qp(q)) => match e.kind {
+            RDMA_CM_EVENT_ESTABLISHED => q.on_established(),
             RDMA_CM_EVENT_DISCONNECTED
             | RDMA_CM_EVENT_CONNECT_ERROR
             | RDMA_CM_EVENT_UNREACHABLE

@@ -37,7 +37,7 @@
 //!
 //! # Memory windows and MEM-7
 //!
-//! With type-2 windows (rxe in Linux ≥ 5.15, mlx5, ...) a remote key works
+//! With type-2 windows (rxe in Linux 6.1, where it is tested; mlx5; ...) a remote key works
 //! only through the queue pair it was bound on, and revoking it is
 //! `ibv_dealloc_mw`, synchronous in the kernel: accesses after
 //! `unbind_remote` returned fail with a remote access error (which, as verbs
@@ -430,7 +430,6 @@ impl VerbsNic {
     /// Errors say what is missing: no RDMA device, the port not active, no
     /// IPv4 address, locked memory limited, no memory windows when required.
     pub fn open(cfg: VerbsConfig) -> Result<Arc<VerbsNic>, FabricError> {
-        check_memlock(cfg.min_memlock)?;
         let mut n = 0;
         // SAFETY: see device_names; the list is kept until Shared drops (or
         // freed below on failure), as `ctx` points into it.
@@ -490,6 +489,7 @@ impl VerbsNic {
             };
             return Err(free(unavailable(msg)));
         };
+        check_memlock(cfg.min_memlock).map_err(free)?;
         // SAFETY: ibv_device_attr is plain data.
         let mut dev: ibv_device_attr = unsafe { std::mem::zeroed() };
         // SAFETY: valid context, writable attr.

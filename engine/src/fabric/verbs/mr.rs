@@ -2,7 +2,7 @@
 //! registrations without them; see the module docs of `verbs`).
 
 use super::sys::{base_mr_flags, errno, remote_flags, Raw};
-use super::{lock, Shared, RESERVED_WR_ID};
+use super::{lock, Shared};
 use crate::fabric::{Access, FabricError, MrKeys, QpNum};
 use rdma_sys::*;
 use std::collections::HashMap;
@@ -210,7 +210,6 @@ pub(crate) fn bind_remote(
             unsafe { ibv_dealloc_mw(mw) };
             return Err(e);
         }
-        debug_assert_ne!(RESERVED_WR_ID, 0);
         (
             rkey,
             RemoteKey::Window {

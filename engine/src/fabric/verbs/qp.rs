@@ -24,6 +24,10 @@ struct State {
     error: bool,
     /// `rdma_disconnect` was called.
     disconnect_sent: bool,
+    /// The connection manager reported the connection established (on the
+    /// accepting side this can follow `accept` by a while: until the
+    /// connector's RTU arrives, a disconnect cannot be sent yet).
+    established: bool,
     /// `set_error` was called here (the peer's disconnect is then no news).
     local_close: bool,
     /// `QpEvents::disconnected` was called (at most once).
@@ -175,11 +179,28 @@ impl VerbsQp {
                 )
             };
         }
+        if st.established {
+            self.send_disconnect(st);
+        }
+        // Else `on_established` sends it, or the connection never completes.
+    }
+
+    fn send_disconnect(&self, st: &mut State) {
         if !st.disconnect_sent {
             st.disconnect_sent = true;
-            // SAFETY: the id is live (we own it). Fails harmlessly when the
-            // connection never got established.
+            // SAFETY: the id is live (we own it).
             unsafe { rdma_disconnect(self.id.get()) };
+        }
+    }
+
+    /// `RDMA_CM_EVENT_ESTABLISHED`: sends the disconnect `set_error` had to
+    /// hold back (the IB CM sends a DREQ only for an established connection;
+    /// before that the peer would never hear of the close).
+    pub(crate) fn on_established(&self) {
+        let mut st = self.write_state();
+        st.established = true;
+        if st.error {
+            self.send_disconnect(&mut st);
         }
     }
 
@@ -189,6 +210,9 @@ impl VerbsQp {
         let report = {
             let mut st = self.write_state();
             self.enter_error(&mut st);
+            // Answers the peer's DREQ (DREP) whatever state we thought the
+            // connection was in.
+            self.send_disconnect(&mut st);
             let r = !st.local_close && !st.reported;
             st.reported = true;
             r
