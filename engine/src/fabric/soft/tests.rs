@@ -1,0 +1,1384 @@
+//! Tests of the soft NIC through the `Nic` trait only. Every blocking wait
+//! has a timeout that fails the test; nothing sleeps to synchronise.
+
+use super::*;
+use std::sync::atomic::AtomicUsize;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Counts calls and signals each one on a channel; a waker, QP-event and
+/// listener-event sink at once.
+struct Probe {
+    calls: AtomicUsize,
+    tx: Mutex<Sender<()>>,
+}
+
+impl Probe {
+    fn new() -> (Arc<Probe>, Receiver<()>) {
+        let (tx, rx) = mpsc::channel();
+        let p = Arc::new(Probe {
+            calls: AtomicUsize::new(0),
+            tx: Mutex::new(tx),
+        });
+        (p, rx)
+    }
+    fn hit(&self) {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let _ = lock(&self.tx).send(());
+    }
+    fn count(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+impl Waker for Probe {
+    fn wake(&self) {
+        self.hit();
+    }
+}
+impl QpEvents for Probe {
+    fn disconnected(&self) {
+        self.hit();
+    }
+}
+impl ListenerEvents for Probe {
+    fn request_arrived(&self) {
+        self.hit();
+    }
+}
+
+fn ip(a: u8, b: u8, c: u8, d: u8) -> Ipv4Addr {
+    Ipv4Addr::new(a, b, c, d)
+}
+
+fn sa(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(ip, port)
+}
+
+fn nic_on(net: &Arc<SoftNetwork>, addr: Ipv4Addr, rnr: u32) -> Arc<SoftNic> {
+    net.attach(SoftNicConfig {
+        addresses: vec![addr],
+        prefix_len: 24,
+        connect_timeout: Duration::from_millis(50),
+        rnr_queue_max: rnr,
+    })
+    .unwrap()
+}
+
+/// One end of a test connection.
+struct End {
+    qp: Arc<dyn QueuePair>,
+    cq: Arc<dyn CompletionQueue>,
+    events: Arc<Probe>,
+}
+
+impl End {
+    fn poll(&self) -> Vec<WorkCompletion> {
+        let mut out = [WorkCompletion::EMPTY; 64];
+        let n = self.cq.poll(&mut out);
+        out[..n].to_vec()
+    }
+}
+
+fn params(cq: &Arc<dyn CompletionQueue>, events: &Arc<Probe>, depth: u32) -> QpParams {
+    QpParams {
+        cq: cq.id(),
+        send_depth: depth,
+        recv_depth: depth,
+        max_sge: 4,
+        events: events.clone(),
+    }
+}
+
+/// Connects `a` to a listener of `b` at `to`: (connector end, acceptor end).
+fn pair(a: &SoftNic, b: &SoftNic, to: SocketAddrV4) -> (End, End) {
+    let (lev, lrx) = Probe::new();
+    let l = b.listen(to, 4, lev.clone()).unwrap();
+    let acq = a.create_cq(256, Probe::new().0).unwrap();
+    let bcq = b.create_cq(256, Probe::new().0).unwrap();
+    let (aev, bev) = (Probe::new().0, Probe::new().0);
+    let (tx, rx) = mpsc::channel();
+    let from = sa(a.addresses()[0], 40000 + to.port());
+    a.connect(
+        from,
+        to,
+        params(&acq, &aev, 8),
+        Box::new(move |r| tx.send(r).unwrap()),
+    )
+    .unwrap();
+    lrx.recv_timeout(WAIT).expect("request_arrived");
+    assert_eq!(l.pending(), 1);
+    let req = l.peek().unwrap();
+    assert_eq!(req.peer_addr(), from);
+    assert_eq!(req.local_addr(), to);
+    let bqp = req.accept(params(&bcq, &bev, 8)).unwrap();
+    let aqp = rx.recv_timeout(WAIT).expect("done").unwrap();
+    assert_eq!(l.pending(), 0);
+    assert!(l.peek().is_none());
+    assert_eq!((aqp.local_addr(), aqp.peer_addr()), (from, to));
+    assert_eq!((bqp.local_addr(), bqp.peer_addr()), (to, from));
+    (
+        End {
+            qp: aqp,
+            cq: acq,
+            events: aev,
+        },
+        End {
+            qp: bqp,
+            cq: bcq,
+            events: bev,
+        },
+    )
+}
+
+/// A heap buffer registered with a NIC. After registration every access
+/// (the NIC's and the test's writes) goes through `ptr`.
+struct Buf {
+    mem: Vec<u8>,
+    ptr: *mut u8,
+    lkey: u32,
+}
+
+// SAFETY: `Buf` owns its heap buffer and `ptr` points into it; the tests
+// order every access through `ptr` with the completions of the requests
+// naming the buffer.
+unsafe impl Send for Buf {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for Buf {}
+
+impl Buf {
+    fn with(nic: &SoftNic, len: usize, access: Access, fill: impl Fn(usize) -> u8) -> Buf {
+        let mut mem: Vec<u8> = (0..len).map(fill).collect();
+        let ptr = mem.as_mut_ptr();
+        // SAFETY: `mem` lives as long as the `Buf`, which every test keeps
+        // until its NIC use is over, and is not touched while a request
+        // naming it is outstanding.
+        let keys = unsafe { nic.register(ptr as usize, len, access) }.unwrap();
+        Buf {
+            mem,
+            ptr,
+            lkey: keys.lkey,
+        }
+    }
+    fn new(nic: &SoftNic, len: usize, access: Access) -> Buf {
+        Buf::with(nic, len, access, |i| (i * 7 + 3) as u8)
+    }
+    fn zeroed(nic: &SoftNic, len: usize, access: Access) -> Buf {
+        Buf::with(nic, len, access, |_| 0)
+    }
+    fn sge(&self, off: usize, len: u32) -> Sge {
+        assert!(off + len as usize <= self.mem.len());
+        Sge {
+            addr: self.ptr as usize + off,
+            len,
+            lkey: self.lkey,
+        }
+    }
+    fn addr(&self) -> u64 {
+        self.ptr as u64
+    }
+}
+
+fn send(qp: &Arc<dyn QueuePair>, wr_id: WrId, sges: &[Sge]) {
+    qp.post_send(&SendWr {
+        wr_id,
+        op: SendOp::Send,
+        sges,
+    })
+    .unwrap();
+}
+
+fn recv(qp: &Arc<dyn QueuePair>, wr_id: WrId, sges: &[Sge]) {
+    qp.post_recv(&RecvWr { wr_id, sges }).unwrap();
+}
+
+fn statuses(wcs: &[WorkCompletion]) -> Vec<(WrId, WcStatus)> {
+    wcs.iter().map(|w| (w.wr_id, w.status)).collect()
+}
+
+#[test]
+fn loopback_on_one_nic_and_across_two_nics() {
+    let net = SoftNetwork::new();
+    let n1 = nic_on(&net, ip(198, 18, 1, 1), 4);
+    let n2 = nic_on(&net, ip(198, 18, 1, 2), 4);
+    let (a, b) = pair(&n1, &n1, sa(ip(198, 18, 1, 1), 1));
+    assert_ne!(a.qp.num(), b.qp.num());
+    let (c, d) = pair(&n1, &n2, sa(ip(198, 18, 1, 2), 2));
+    assert_eq!(n1.stats().live_qps, 3);
+    assert_eq!(n2.stats().live_qps, 1);
+    // Data moves both ways on both connections.
+    for (x, y, nx, ny) in [(&a, &b, &n1, &n1), (&c, &d, &n1, &n2)] {
+        let src = Buf::new(nx, 64, Access::NONE);
+        let dst = Buf::new(ny, 64, Access::LOCAL_WRITE);
+        recv(&y.qp, 1, &[dst.sge(0, 64)]);
+        send(&x.qp, 2, &[src.sge(0, 64)]);
+        assert_eq!(statuses(&y.poll()), vec![(1, WcStatus::Success)]);
+        assert_eq!(statuses(&x.poll()), vec![(2, WcStatus::Success)]);
+        assert_eq!(dst.mem, src.mem);
+        let src2 = Buf::new(ny, 8, Access::NONE);
+        let dst2 = Buf::new(nx, 8, Access::LOCAL_WRITE);
+        recv(&x.qp, 3, &[dst2.sge(0, 8)]);
+        send(&y.qp, 4, &[src2.sge(0, 8)]);
+        assert_eq!(statuses(&x.poll()), vec![(3, WcStatus::Success)]);
+        assert_eq!(statuses(&y.poll()), vec![(4, WcStatus::Success)]);
+        assert_eq!(dst2.mem, src2.mem);
+    }
+    drop((a, b, c, d));
+    assert_eq!(n1.stats().live_qps, 0);
+    assert_eq!(n2.stats().live_qps, 0);
+}
+
+#[test]
+fn wildcard_listener_and_address_rules() {
+    let net = SoftNetwork::new();
+    let n = net
+        .attach(SoftNicConfig {
+            addresses: vec![ip(198, 18, 2, 1), ip(198, 18, 3, 1)],
+            prefix_len: 24,
+            connect_timeout: Duration::from_millis(50),
+            rnr_queue_max: 4,
+        })
+        .unwrap();
+    // Attach conflicts, and addresses freed by a drop.
+    let cfg = |a| SoftNicConfig {
+        addresses: vec![a],
+        prefix_len: 24,
+        connect_timeout: Duration::from_millis(50),
+        rnr_queue_max: 4,
+    };
+    assert_eq!(
+        net.attach(cfg(ip(198, 18, 3, 1))).err(),
+        Some(FabricError::AddressInUse)
+    );
+    assert!(matches!(
+        net.attach(SoftNicConfig {
+            addresses: vec![],
+            ..cfg(ip(1, 1, 1, 1))
+        }),
+        Err(FabricError::Invalid(_))
+    ));
+    let other = net.attach(cfg(ip(198, 18, 2, 9))).unwrap();
+    drop(other);
+    let again = net.attach(cfg(ip(198, 18, 2, 9))).unwrap();
+
+    let ev = Probe::new().0;
+    let wild = n
+        .listen(sa(Ipv4Addr::UNSPECIFIED, 7), 2, ev.clone())
+        .unwrap();
+    assert_eq!(
+        n.listen(sa(ip(198, 18, 3, 1), 7), 2, ev.clone()).err(),
+        Some(FabricError::AddressInUse)
+    );
+    assert_eq!(
+        n.listen(sa(Ipv4Addr::UNSPECIFIED, 7), 2, ev.clone()).err(),
+        Some(FabricError::AddressInUse)
+    );
+    assert_eq!(
+        n.listen(sa(ip(198, 18, 2, 9), 8), 2, ev.clone()).err(),
+        Some(FabricError::AddressNotAvailable)
+    );
+    let exact = n.listen(sa(ip(198, 18, 2, 1), 8), 2, ev.clone()).unwrap();
+    assert_eq!(
+        n.listen(sa(Ipv4Addr::UNSPECIFIED, 8), 2, ev.clone()).err(),
+        Some(FabricError::AddressInUse)
+    );
+    // The wildcard catches both addresses of the NIC.
+    let cq = again.create_cq(64, Probe::new().0).unwrap();
+    let qev = Probe::new().0;
+    for target in [ip(198, 18, 2, 1), ip(198, 18, 3, 1)] {
+        again
+            .connect(
+                sa(ip(198, 18, 2, 9), 1),
+                sa(target, 7),
+                params(&cq, &qev, 4),
+                Box::new(|_| {}),
+            )
+            .unwrap();
+    }
+    assert_eq!(wild.pending(), 2);
+    assert_eq!(exact.pending(), 0);
+    // Closing makes room again (and is idempotent).
+    wild.close();
+    wild.close();
+    assert_eq!(wild.pending(), 0);
+    let again_wild = n.listen(sa(Ipv4Addr::UNSPECIFIED, 7), 2, ev).unwrap();
+    drop(again_wild);
+}
+
+#[test]
+fn send_recv_is_byte_exact_with_several_entries_and_zero_length() {
+    let net = SoftNetwork::new();
+    let n = nic_on(&net, ip(198, 18, 4, 1), 4);
+    let (a, b) = pair(&n, &n, sa(ip(198, 18, 4, 1), 1));
+    let src = Buf::new(&n, 1000, Access::NONE);
+    let dst = Buf::zeroed(&n, 1000, Access::LOCAL_WRITE);
+    // 3 gather pieces (100 + 0 + 250 bytes) into 3 scatter pieces.
+    recv(
+        &b.qp,
+        10,
+        &[dst.sge(0, 30), dst.sge(500, 20), dst.sge(700, 300)],
+    );
+    send(
+        &a.qp,
+        20,
+        &[src.sge(10, 100), src.sge(0, 0), src.sge(400, 250)],
+    );
+    let rw = b.poll();
+    assert_eq!(rw.len(), 1);
+    assert_eq!(
+        (rw[0].wr_id, rw[0].status, rw[0].opcode, rw[0].byte_len),
+        (10, WcStatus::Success, WcOpcode::Recv, 350)
+    );
+    let sw = a.poll();
+    assert_eq!(
+        (sw[0].wr_id, sw[0].status, sw[0].opcode, sw[0].byte_len),
+        (20, WcStatus::Success, WcOpcode::Send, 350)
+    );
+    let mut message = src.mem[10..110].to_vec();
+    message.extend_from_slice(&src.mem[400..650]);
+    let mut landed = dst.mem[0..30].to_vec();
+    landed.extend_from_slice(&dst.mem[500..520]);
+    landed.extend_from_slice(&dst.mem[700..1000]);
+    assert_eq!(&landed[..350], &message[..]);
+    assert!(
+        dst.mem[30..500].iter().all(|x| *x == 0),
+        "outside untouched"
+    );
+    // Zero-length messages: no entries at all, into no entries.
+    recv(&b.qp, 11, &[]);
+    send(&a.qp, 21, &[]);
+    assert_eq!(b.poll()[0].byte_len, 0);
+    assert_eq!(statuses(&a.poll()), vec![(21, WcStatus::Success)]);
+    // Too many entries: refused, nothing queued.
+    let many = [src.sge(0, 1); 5];
+    assert_eq!(
+        a.qp.post_send(&SendWr {
+            wr_id: 1,
+            op: SendOp::Send,
+            sges: &many
+        }),
+        Err(PostError::TooManySge)
+    );
+    assert_eq!(
+        b.qp.post_recv(&RecvWr {
+            wr_id: 1,
+            sges: &many
+        }),
+        Err(PostError::TooManySge)
+    );
+    assert!(a.poll().is_empty() && b.poll().is_empty());
+}
+
+#[test]
+fn sends_wait_for_receives_in_order() {
+    let net = SoftNetwork::new();
+    let n = nic_on(&net, ip(198, 18, 5, 1), 4);
+    let (a, b) = pair(&n, &n, sa(ip(198, 18, 5, 1), 1));
+    let src = Buf::new(&n, 64, Access::NONE);
+    let dst = Buf::new(&n, 64, Access::LOCAL_WRITE);
+    for i in 0..3u64 {
+        send(&a.qp, i, &[src.sge(i as usize * 10, 10)]);
+    }
+    assert!(a.poll().is_empty(), "parked until receives are posted");
+    for i in 0..3u64 {
+        recv(&b.qp, 100 + i, &[dst.sge(i as usize * 20, 20)]);
+        // Each receive takes the oldest parked send at once.
+        let got = b.poll();
+        assert_eq!(statuses(&got), vec![(100 + i, WcStatus::Success)]);
+        assert_eq!(got[0].byte_len, 10);
+        assert_eq!(statuses(&a.poll()), vec![(i, WcStatus::Success)]);
+        let at = i as usize;
+        assert_eq!(
+            dst.mem[at * 20..at * 20 + 10],
+            src.mem[at * 10..at * 10 + 10]
+        );
+    }
+    assert_eq!(a.events.count() + b.events.count(), 0);
+}
+
+#[test]
+fn rnr_overflow_fails_the_newest_send_and_breaks_both_ends() {
+    let net = SoftNetwork::new();
+    let n = nic_on(&net, ip(198, 18, 6, 1), 2);
+    let (a, b) = pair(&n, &n, sa(ip(198, 18, 6, 1), 1));
+    let src = Buf::new(&n, 64, Access::NONE);
+    let dst = Buf::new(&n, 64, Access::LOCAL_WRITE);
+    recv(&a.qp, 50, &[dst.sge(0, 8)]); // outstanding on the failing end
+    for i in 0..3u64 {
+        send(&a.qp, i, &[src.sge(0, 1)]);
+    }
+    let got = statuses(&a.poll());
+    assert_eq!(
+        got,
+        vec![
+            (2, WcStatus::RnrRetryExceeded),
+            (50, WcStatus::Flushed),
+            (0, WcStatus::Flushed),
+            (1, WcStatus::Flushed),
+        ]
+    );
+    assert!(b.poll().is_empty());
+    assert_eq!((a.events.count(), b.events.count()), (1, 1));
+    // Both ends are broken: later posts complete with their error status.
+    send(&a.qp, 3, &[]);
+    recv(&b.qp, 4, &[dst.sge(0, 8)]);
+    assert_eq!(statuses(&a.poll()), vec![(3, WcStatus::Flushed)]);
+    assert_eq!(statuses(&b.poll()), vec![(4, WcStatus::RemoteDisconnected)]);
+    assert_eq!((a.events.count(), b.events.count()), (1, 1));
+}
+
+#[test]
+fn message_longer_than_the_receive_is_a_length_error() {
+    let net = SoftNetwork::new();
+    let n = nic_on(&net, ip(198, 18, 7, 1), 4);
+    let (a, b) = pair(&n, &n, sa(ip(198, 18, 7, 1), 1));
+    let src = Buf::new(&n, 64, Access::NONE);
+    let dst = Buf::zeroed(&n, 64, Access::LOCAL_WRITE);
+    recv(&b.qp, 1, &[dst.sge(0, 8), dst.sge(8, 8)]);
+    recv(&b.qp, 2, &[dst.sge(16, 8)]);
+    send(&a.qp, 3, &[src.sge(0, 17)]);
+    assert_eq!(
+        statuses(&b.poll()),
+        vec![(1, WcStatus::LocalLengthError), (2, WcStatus::Flushed)]
+    );
+    assert_eq!(
+        statuses(&a.poll()),
+        vec![(3, WcStatus::RemoteInvalidRequest)]
+    );
+    assert!(dst.mem.iter().all(|x| *x == 0), "nothing landed");
+    assert_eq!((a.events.count(), b.events.count()), (1, 1));
+}
+
+#[test]
+fn rdma_write_and_read_at_an_offset_are_byte_exact() {
+    let net = SoftNetwork::new();
+    let (n1, n2) = (
+        nic_on(&net, ip(198, 18, 8, 1), 4),
+        nic_on(&net, ip(198, 18, 8, 2), 4),
+    );
+    let (a, b) = pair(&n1, &n2, sa(ip(198, 18, 8, 2), 1));
+    let local = Buf::new(&n1, 256, Access::LOCAL_WRITE);
+    let target = Buf::zeroed(
+        &n2,
+        4096,
+        Access::LOCAL_WRITE | Access::REMOTE_WRITE | Access::REMOTE_READ,
+    );
+    let rkey = n2
+        .bind_remote(
+            target.lkey,
+            b.qp.num(),
+            Access::REMOTE_WRITE | Access::REMOTE_READ,
+        )
+        .unwrap();
+    assert_eq!(n2.stats().live_remote_keys, 1);
+    a.qp.post_send(&SendWr {
+        wr_id: 1,
+        op: SendOp::RdmaWrite {
+            remote_addr: target.addr() + 1000,
+            rkey,
+        },
+        sges: &[local.sge(0, 100), local.sge(200, 50)],
+    })
+    .unwrap();
+    let wc = a.poll();
+    assert_eq!(
+        (wc[0].status, wc[0].opcode, wc[0].byte_len),
+        (WcStatus::Success, WcOpcode::RdmaWrite, 150)
+    );
+    assert!(b.poll().is_empty(), "one-sided");
+    assert_eq!(target.mem[1000..1100], local.mem[0..100]);
+    assert_eq!(target.mem[1100..1150], local.mem[200..250]);
+    assert!(target.mem[..1000]
+        .iter()
+        .chain(&target.mem[1150..])
+        .all(|x| *x == 0));
+    // Read it back into another place.
+    let sink = Buf::new(&n1, 150, Access::LOCAL_WRITE);
+    a.qp.post_send(&SendWr {
+        wr_id: 2,
+        op: SendOp::RdmaRead {
+            remote_addr: target.addr() + 1000,
+            rkey,
+        },
+        sges: &[sink.sge(0, 150)],
+    })
+    .unwrap();
+    let wc = a.poll();
+    assert_eq!(
+        (wc[0].status, wc[0].opcode, wc[0].byte_len),
+        (WcStatus::Success, WcOpcode::RdmaRead, 150)
+    );
+    assert_eq!(sink.mem[..], target.mem[1000..1150]);
+    // Out of the region's range: remote access error, nothing written.
+    let before = target.mem.clone();
+    a.qp.post_send(&SendWr {
+        wr_id: 3,
+        op: SendOp::RdmaWrite {
+            remote_addr: target.addr() + 4000,
+            rkey,
+        },
+        sges: &[local.sge(0, 100)],
+    })
+    .unwrap();
+    assert_eq!(statuses(&a.poll()), vec![(3, WcStatus::RemoteAccessError)]);
+    assert_eq!(target.mem, before);
+    assert_eq!((a.events.count(), b.events.count()), (1, 1));
+}
+
+fn rdma(
+    qp: &Arc<dyn QueuePair>,
+    wr_id: WrId,
+    write: bool,
+    remote_addr: u64,
+    rkey: u32,
+    sges: &[Sge],
+) {
+    let op = if write {
+        SendOp::RdmaWrite { remote_addr, rkey }
+    } else {
+        SendOp::RdmaRead { remote_addr, rkey }
+    };
+    qp.post_send(&SendWr { wr_id, op, sges }).unwrap();
+}
+
+#[test]
+fn remote_keys_are_bound_to_one_connection_and_revocable() {
+    let net = SoftNetwork::new();
+    let (n1, n2) = (
+        nic_on(&net, ip(198, 18, 9, 1), 4),
+        nic_on(&net, ip(198, 18, 9, 2), 4),
+    );
+    let (a, b) = pair(&n1, &n2, sa(ip(198, 18, 9, 2), 1));
+    let (a2, _b2) = pair(&n1, &n2, sa(ip(198, 18, 9, 2), 2));
+    let src = Buf::new(&n1, 16, Access::NONE);
+    let target = Buf::zeroed(&n2, 256, Access::LOCAL_WRITE | Access::REMOTE_WRITE);
+    let rkey = n2
+        .bind_remote(target.lkey, b.qp.num(), Access::REMOTE_WRITE)
+        .unwrap();
+    rdma(&a.qp, 1, true, target.addr(), rkey, &[src.sge(0, 16)]);
+    assert_eq!(statuses(&a.poll()), vec![(1, WcStatus::Success)]);
+    rdma(
+        &a2.qp,
+        2,
+        true,
+        target.addr() + 100,
+        rkey,
+        &[src.sge(0, 16)],
+    );
+    assert_eq!(
+        statuses(&a2.poll()),
+        vec![(2, WcStatus::RemoteAccessError)],
+        "a key bound to another connection"
+    );
+    assert!(target.mem[100..116].iter().all(|x| *x == 0));
+    // A fresh connection for the revocation check (the first one still
+    // works; a2's broke).
+    n2.unbind_remote(rkey);
+    n2.unbind_remote(rkey);
+    assert_eq!(n2.stats().live_remote_keys, 0);
+    rdma(&a.qp, 3, true, target.addr() + 100, rkey, &[src.sge(0, 16)]);
+    assert_eq!(
+        statuses(&a.poll()),
+        vec![(3, WcStatus::RemoteAccessError)],
+        "revoked"
+    );
+    assert!(target.mem[100..116].iter().all(|x| *x == 0));
+}
+
+#[test]
+fn deregistration_revokes_keys_and_stale_keys_never_alias() {
+    let net = SoftNetwork::new();
+    let n = nic_on(&net, ip(198, 18, 10, 1), 4);
+    let (a, b) = pair(&n, &n, sa(ip(198, 18, 10, 1), 1));
+    let src = Buf::new(&n, 16, Access::NONE);
+    let target = Buf::new(&n, 64, Access::LOCAL_WRITE | Access::REMOTE_WRITE);
+    let rkey = n
+        .bind_remote(target.lkey, b.qp.num(), Access::REMOTE_WRITE)
+        .unwrap();
+    assert_eq!(n.stats().live_regions, 2);
+    n.deregister(target.lkey);
+    n.deregister(target.lkey);
+    assert_eq!(n.stats().live_regions, 1);
+    assert_eq!(n.stats().live_remote_keys, 0);
+    // The slot is reused with a new generation: the old keys stay dead.
+    let again = Buf::new(&n, 64, Access::LOCAL_WRITE | Access::REMOTE_WRITE);
+    assert_ne!(again.lkey, target.lkey);
+    let rkey2 = n
+        .bind_remote(again.lkey, b.qp.num(), Access::REMOTE_WRITE)
+        .unwrap();
+    assert_ne!(rkey2, rkey);
+    assert_eq!(n.stats().registrations, 3);
+    rdma(&a.qp, 1, true, again.addr(), rkey, &[src.sge(0, 16)]);
+    assert_eq!(statuses(&a.poll()), vec![(1, WcStatus::RemoteAccessError)]);
+    // A stale lkey in a local entry is a local protection error.
+    let (c, _d) = pair(&n, &n, sa(ip(198, 18, 10, 1), 2));
+    let stale = Sge {
+        addr: target.ptr as usize,
+        len: 8,
+        lkey: target.lkey,
+    };
+    send(&c.qp, 2, &[stale]);
+    assert_eq!(
+        statuses(&c.poll()),
+        vec![(2, WcStatus::LocalProtectionError)]
+    );
+}
+
+#[test]
+fn access_rights_are_enforced() {
+    let net = SoftNetwork::new();
+    let n = nic_on(&net, ip(198, 18, 11, 1), 4);
+    let (a, b) = pair(&n, &n, sa(ip(198, 18, 11, 1), 1));
+    let ro = Buf::new(&n, 64, Access::NONE);
+    let rw = Buf::new(&n, 64, Access::LOCAL_WRITE | Access::REMOTE_READ);
+    let bad_rw = Buf::new(&n, 64, Access::REMOTE_WRITE);
+    let num = b.qp.num();
+    for (lkey, access) in [
+        (rw.lkey, Access::REMOTE_WRITE), // region lacks it
+        (rw.lkey, Access::NONE),
+        (rw.lkey, Access::LOCAL_WRITE),      // not a remote right
+        (bad_rw.lkey, Access::REMOTE_WRITE), // remote write needs local write
+        (0, Access::REMOTE_READ),
+    ] {
+        assert!(
+            matches!(
+                n.bind_remote(lkey, num, access),
+                Err(FabricError::Invalid(_))
+            ),
+            "{access:?}"
+        );
+    }
+    assert!(matches!(
+        n.bind_remote(rw.lkey, QpNum(9999), Access::REMOTE_READ),
+        Err(FabricError::Invalid(_))
+    ));
+    let rkey = n.bind_remote(rw.lkey, num, Access::REMOTE_READ).unwrap();
+    // The key allows reading only.
+    rdma(&a.qp, 1, true, rw.addr(), rkey, &[ro.sge(0, 8)]);
+    assert_eq!(statuses(&a.poll()), vec![(1, WcStatus::RemoteAccessError)]);
+    // A read needs a writable local sink.
+    let (c, d) = pair(&n, &n, sa(ip(198, 18, 11, 1), 2));
+    let rkey = n
+        .bind_remote(rw.lkey, d.qp.num(), Access::REMOTE_READ)
+        .unwrap();
+    rdma(&c.qp, 2, false, rw.addr(), rkey, &[ro.sge(0, 8)]);
+    assert_eq!(
+        statuses(&c.poll()),
+        vec![(2, WcStatus::LocalProtectionError)]
+    );
+    // A receive needs a writable sink, an entry must lie in its region.
+    let (e, f) = pair(&n, &n, sa(ip(198, 18, 11, 1), 3));
+    recv(&f.qp, 3, &[ro.sge(0, 8)]);
+    assert_eq!(
+        statuses(&f.poll()),
+        vec![(3, WcStatus::LocalProtectionError)]
+    );
+    assert_eq!((e.events.count(), f.events.count()), (1, 1));
+    let (g, _h) = pair(&n, &n, sa(ip(198, 18, 11, 1), 4));
+    let mut beyond = ro.sge(60, 4);
+    beyond.len = 8;
+    send(&g.qp, 4, &[beyond]);
+    assert_eq!(
+        statuses(&g.poll()),
+        vec![(4, WcStatus::LocalProtectionError)]
+    );
+}
+
+#[test]
+fn set_error_flushes_everything_once_and_tells_the_peer() {
+    let net = SoftNetwork::new();
+    let n = nic_on(&net, ip(198, 18, 12, 1), 4);
+    let (a, b) = pair(&n, &n, sa(ip(198, 18, 12, 1), 1));
+    let buf = Buf::new(&n, 64, Access::LOCAL_WRITE);
+    for i in 0..3 {
+        recv(&a.qp, i, &[buf.sge(0, 8)]);
+        recv(&b.qp, 10 + i, &[buf.sge(8, 8)]);
+    }
+    // Use up b's receives, so that a's next send waits at b.
+    for i in 0..3 {
+        send(&a.qp, 20 + i, &[buf.sge(16, 4)]);
+    }
+    assert_eq!(b.poll().len(), 3);
+    assert_eq!(a.poll().len(), 3);
+    send(&a.qp, 30, &[buf.sge(16, 4)]); // parked at b
+    send(&b.qp, 31, &[buf.sge(16, 4)]); // lands in a's receive 0
+    assert_eq!(statuses(&a.poll()), vec![(0, WcStatus::Success)]);
+    assert_eq!(statuses(&b.poll()), vec![(31, WcStatus::Success)]);
+    a.qp.set_error();
+    a.qp.set_error();
+    assert_eq!(
+        statuses(&a.poll()),
+        vec![
+            (1, WcStatus::Flushed),
+            (2, WcStatus::Flushed),
+            (30, WcStatus::Flushed)
+        ]
+    );
+    assert!(b.poll().is_empty(), "b had nothing outstanding");
+    assert_eq!(b.events.count(), 1);
+    assert_eq!(a.events.count(), 0, "the closing end is not told");
+    send(&a.qp, 40, &[]);
+    recv(&a.qp, 41, &[]);
+    assert_eq!(
+        statuses(&a.poll()),
+        vec![(40, WcStatus::Flushed), (41, WcStatus::Flushed)]
+    );
+    send(&b.qp, 42, &[]);
+    assert_eq!(
+        statuses(&b.poll()),
+        vec![(42, WcStatus::RemoteDisconnected)]
+    );
+    // The peer closing too: marked locally, nothing new to tell.
+    b.qp.set_error();
+    send(&b.qp, 43, &[]);
+    assert_eq!(statuses(&b.poll()), vec![(43, WcStatus::Flushed)]);
+    assert_eq!((a.events.count(), b.events.count()), (0, 1));
+}
+
+#[test]
+fn peer_outstanding_requests_complete_remote_disconnected() {
+    let net = SoftNetwork::new();
+    let n = nic_on(&net, ip(198, 18, 13, 1), 4);
+    let (a, b) = pair(&n, &n, sa(ip(198, 18, 13, 1), 1));
+    let buf = Buf::new(&n, 64, Access::LOCAL_WRITE);
+    recv(&b.qp, 1, &[buf.sge(0, 8)]);
+    recv(&b.qp, 2, &[buf.sge(0, 8)]);
+    send(&b.qp, 3, &[buf.sge(0, 4)]); // parked at a
+    let (_, b_gone) = (a.events.clone(), b.events.clone());
+    drop(a.qp); // dropping the last handle closes
+    assert_eq!(
+        statuses(&b.poll()),
+        vec![
+            (1, WcStatus::RemoteDisconnected),
+            (2, WcStatus::RemoteDisconnected),
+            (3, WcStatus::RemoteDisconnected)
+        ]
+    );
+    assert_eq!(b_gone.count(), 1);
+    assert_eq!(n.stats().live_qps, 1);
+}
+
+#[test]
+fn depth_limits_refuse_posts_without_side_effects() {
+    let net = SoftNetwork::new();
+    let n = nic_on(&net, ip(198, 18, 14, 1), 16);
+    let (a, b) = pair(&n, &n, sa(ip(198, 18, 14, 1), 1));
+    let buf = Buf::new(&n, 64, Access::LOCAL_WRITE);
+    for i in 0..8 {
+        recv(&b.qp, i, &[buf.sge(0, 8)]);
+    }
+    assert_eq!(
+        b.qp.post_recv(&RecvWr {
+            wr_id: 99,
+            sges: &[buf.sge(0, 8)]
+        }),
+        Err(PostError::QueueFull)
+    );
+    for i in 0..8 {
+        send(&b.qp, 10 + i, &[buf.sge(0, 1)]); // parked at a (send depth 8)
+    }
+    assert_eq!(
+        b.qp.post_send(&SendWr {
+            wr_id: 98,
+            op: SendOp::Send,
+            sges: &[]
+        }),
+        Err(PostError::QueueFull)
+    );
+    assert!(a.poll().is_empty() && b.poll().is_empty());
+    // All of it completes exactly once on close.
+    b.qp.set_error();
+    let got = b.poll();
+    assert_eq!(got.len(), 16);
+    assert!(got.iter().all(|w| w.status == WcStatus::Flushed));
+    assert!(!got.iter().any(|w| w.wr_id >= 98));
+}
+
+#[test]
+fn cq_reservations_and_admission_prevent_overflow() {
+    let net = SoftNetwork::new();
+    let n = nic_on(&net, ip(198, 18, 15, 1), 4);
+    let (lev, _lrx) = Probe::new();
+    let l = n.listen(sa(ip(198, 18, 15, 1), 1), 4, lev).unwrap();
+    let small = n.create_cq(4, Probe::new().0).unwrap();
+    let big = n.create_cq(64, Probe::new().0).unwrap();
+    let ev = Probe::new().0;
+    let p = |cq: &Arc<dyn CompletionQueue>| QpParams {
+        cq: cq.id(),
+        send_depth: 2,
+        recv_depth: 2,
+        max_sge: 1,
+        events: ev.clone(),
+    };
+    let (tx, rx) = mpsc::channel();
+    let connect = |cq: &Arc<dyn CompletionQueue>| {
+        let tx = tx.clone();
+        n.connect(
+            sa(ip(198, 18, 15, 1), 9),
+            sa(ip(198, 18, 15, 1), 1),
+            p(cq),
+            Box::new(move |r| tx.send(r).unwrap()),
+        )
+        .unwrap();
+    };
+    // The connector end takes all 4 entries of `small`.
+    connect(&small);
+    let b = l.peek().unwrap().accept(p(&big)).unwrap();
+    let a = rx.recv_timeout(WAIT).unwrap().unwrap();
+    // A second queue pair on `small` cannot be made: both sides learn it.
+    connect(&small);
+    assert_eq!(
+        l.peek().unwrap().accept(p(&big)).err(),
+        Some(ConnectError::NoResources)
+    );
+    assert_eq!(
+        rx.recv_timeout(WAIT).unwrap().err(),
+        Some(ConnectError::NoResources)
+    );
+    assert_eq!(l.pending(), 0);
+    assert_eq!(n.stats().live_qps, 2);
+    // More unpolled completions than the CQ holds are refused, not lost.
+    let src = Buf::new(&n, 8, Access::NONE);
+    let target = Buf::zeroed(&n, 8, Access::LOCAL_WRITE | Access::REMOTE_WRITE);
+    let rkey = n
+        .bind_remote(target.lkey, b.num(), Access::REMOTE_WRITE)
+        .unwrap();
+    let write = |wr_id| {
+        a.post_send(&SendWr {
+            wr_id,
+            op: SendOp::RdmaWrite {
+                remote_addr: target.addr(),
+                rkey,
+            },
+            sges: &[src.sge(0, 8)],
+        })
+    };
+    for i in 0..4 {
+        write(i).unwrap();
+    }
+    assert_eq!(write(4), Err(PostError::QueueFull));
+    let mut out = [WorkCompletion::EMPTY; 8];
+    assert_eq!(small.poll(&mut out[..1]), 1);
+    write(5).unwrap();
+    assert_eq!(small.poll(&mut out), 4);
+    let ids: Vec<_> = out[..4].iter().map(|w| w.wr_id).collect();
+    assert_eq!(ids, vec![1, 2, 3, 5]);
+    // Destroying the queue pair frees its reservation.
+    drop(a);
+    connect(&small);
+    let _b2 = l.peek().unwrap().accept(p(&big)).unwrap();
+    let _a2 = rx.recv_timeout(WAIT).unwrap().unwrap();
+    drop(b);
+}
+
+#[test]
+fn backlog_full_refuses_without_an_event() {
+    let net = SoftNetwork::new();
+    let n = nic_on(&net, ip(198, 18, 16, 1), 4);
+    let (lev, lrx) = Probe::new();
+    let l = n.listen(sa(ip(198, 18, 16, 1), 1), 1, lev.clone()).unwrap();
+    let cq = n.create_cq(64, Probe::new().0).unwrap();
+    let ev = Probe::new().0;
+    let to = sa(ip(198, 18, 16, 1), 1);
+    let from = sa(ip(198, 18, 16, 1), 2);
+    let (tx, rx) = mpsc::channel();
+    n.connect(
+        from,
+        to,
+        params(&cq, &ev, 4),
+        Box::new(move |r| tx.send(r.err()).unwrap()),
+    )
+    .unwrap();
+    lrx.recv_timeout(WAIT).unwrap();
+    let second = n.connect(from, to, params(&cq, &ev, 4), Box::new(|_| panic!("never")));
+    assert_eq!(second.err(), Some(ConnectError::Refused));
+    assert_eq!(lev.count(), 1);
+    assert_eq!(l.pending(), 1);
+    // Closing refuses the queued one through its callback.
+    l.close();
+    assert_eq!(rx.recv_timeout(WAIT).unwrap(), Some(ConnectError::Refused));
+    assert_eq!(
+        n.connect(from, to, params(&cq, &ev, 4), Box::new(|_| {}))
+            .err(),
+        Some(ConnectError::NoListener)
+    );
+}
+
+#[test]
+fn cancel_and_reject() {
+    let net = SoftNetwork::new();
+    let n = nic_on(&net, ip(198, 18, 17, 1), 4);
+    let (lev, _lrx) = Probe::new();
+    let l = n.listen(sa(ip(198, 18, 17, 1), 1), 4, lev).unwrap();
+    let cq = n.create_cq(64, Probe::new().0).unwrap();
+    let ev = Probe::new().0;
+    let to = sa(ip(198, 18, 17, 1), 1);
+    let from = sa(ip(198, 18, 17, 1), 2);
+    // Cancel before accept: the callback is dropped unrun.
+    let (tx, rx) = mpsc::channel::<()>();
+    let attempt = n
+        .connect(
+            from,
+            to,
+            params(&cq, &ev, 4),
+            Box::new(move |_| tx.send(()).unwrap()),
+        )
+        .unwrap();
+    let req = l.peek().unwrap();
+    assert!(attempt.cancel());
+    assert!(!attempt.cancel());
+    assert_eq!(rx.recv_timeout(WAIT), Err(RecvTimeoutError::Disconnected));
+    assert_eq!(l.pending(), 0);
+    assert_eq!(
+        req.accept(params(&cq, &ev, 4)).err(),
+        Some(ConnectError::Cancelled)
+    );
+    assert_eq!(n.stats().live_qps, 0);
+    // Reject: the connector is refused; cancel afterwards is too late.
+    let (tx, rx) = mpsc::channel();
+    let attempt = n
+        .connect(
+            from,
+            to,
+            params(&cq, &ev, 4),
+            Box::new(move |r| tx.send(r.err()).unwrap()),
+        )
+        .unwrap();
+    l.peek().unwrap().reject();
+    assert_eq!(rx.recv_timeout(WAIT).unwrap(), Some(ConnectError::Refused));
+    assert!(!attempt.cancel());
+    // Accept: cancel afterwards is too late as well.
+    let (tx, rx) = mpsc::channel();
+    let attempt = n
+        .connect(
+            from,
+            to,
+            params(&cq, &ev, 4),
+            Box::new(move |r| tx.send(r.map(|_| ()).err()).unwrap()),
+        )
+        .unwrap();
+    let req = l.peek().unwrap();
+    let _qp = req.accept(params(&cq, &ev, 4)).unwrap();
+    assert_eq!(rx.recv_timeout(WAIT).unwrap(), None);
+    assert!(!attempt.cancel());
+    assert_eq!(
+        req.accept(params(&cq, &ev, 4)).err(),
+        Some(ConnectError::Cancelled)
+    );
+}
+
+#[test]
+fn address_resolution_failures() {
+    let net = SoftNetwork::new();
+    let n = nic_on(&net, ip(198, 18, 18, 1), 4);
+    let _other = nic_on(&net, ip(198, 19, 0, 1), 4);
+    let cq = n.create_cq(64, Probe::new().0).unwrap();
+    let ev = Probe::new().0;
+    let from = sa(ip(198, 18, 18, 1), 1);
+    let try_connect = |to: Ipv4Addr| {
+        n.connect(
+            from,
+            sa(to, 5),
+            params(&cq, &ev, 4),
+            Box::new(|_| panic!("direct")),
+        )
+        .err()
+    };
+    assert_eq!(
+        try_connect(ip(198, 18, 18, 1)),
+        Some(ConnectError::NoListener)
+    );
+    assert_eq!(
+        try_connect(ip(198, 19, 0, 1)),
+        Some(ConnectError::NoListener)
+    );
+    assert_eq!(
+        try_connect(ip(198, 18, 18, 7)),
+        Some(ConnectError::HostUnreachable)
+    );
+    assert_eq!(
+        try_connect(ip(198, 19, 0, 7)),
+        Some(ConnectError::HostUnreachable)
+    );
+    assert_eq!(
+        try_connect(ip(10, 9, 9, 9)),
+        Some(ConnectError::NetUnreachable)
+    );
+}
+
+#[test]
+fn tcp_only_host_times_out_unless_cancelled() {
+    let net = SoftNetwork::new();
+    let n = nic_on(&net, ip(198, 18, 19, 1), 4);
+    net.add_tcp_only_host(ip(198, 18, 19, 9));
+    net.add_tcp_only_host(ip(10, 0, 0, 9)); // off every SAN subnet
+    let cq = n.create_cq(64, Probe::new().0).unwrap();
+    let ev = Probe::new().0;
+    let from = sa(ip(198, 18, 19, 1), 1);
+    for host in [ip(198, 18, 19, 9), ip(10, 0, 0, 9)] {
+        let (tx, rx) = mpsc::channel();
+        let attempt = n
+            .connect(
+                from,
+                sa(host, 5),
+                params(&cq, &ev, 4),
+                Box::new(move |r| tx.send(r.err()).unwrap()),
+            )
+            .unwrap();
+        assert_eq!(rx.recv_timeout(WAIT).unwrap(), Some(ConnectError::TimedOut));
+        assert!(!attempt.cancel());
+    }
+    // Cancelled: the timer thread drops the callback unrun (the channel
+    // disconnects) long before the 10 s timeout.
+    let slow = net
+        .attach(SoftNicConfig {
+            addresses: vec![ip(198, 18, 19, 2)],
+            prefix_len: 24,
+            connect_timeout: Duration::from_secs(3600),
+            rnr_queue_max: 4,
+        })
+        .unwrap();
+    let (tx, rx) = mpsc::channel::<()>();
+    let attempt = slow
+        .connect(
+            sa(ip(198, 18, 19, 2), 1),
+            sa(ip(198, 18, 19, 9), 5),
+            params(&cq, &ev, 4),
+            Box::new(move |_| tx.send(()).unwrap()),
+        )
+        .unwrap();
+    assert!(attempt.cancel());
+    assert_eq!(rx.recv_timeout(WAIT), Err(RecvTimeoutError::Disconnected));
+}
+
+#[test]
+fn arm_does_not_lose_wake_ups() {
+    let net = SoftNetwork::new();
+    let n = nic_on(&net, ip(198, 18, 20, 1), 4);
+    let (lev, _lrx) = Probe::new();
+    let l = n.listen(sa(ip(198, 18, 20, 1), 1), 4, lev).unwrap();
+    let (waker, woken) = Probe::new();
+    let cq = n.create_cq(64, waker.clone()).unwrap();
+    let other_cq = n.create_cq(64, Probe::new().0).unwrap();
+    let ev = Probe::new().0;
+    let (tx, rx) = mpsc::channel();
+    n.connect(
+        sa(ip(198, 18, 20, 1), 2),
+        sa(ip(198, 18, 20, 1), 1),
+        params(&other_cq, &ev, 8),
+        Box::new(move |r| tx.send(r).unwrap()),
+    )
+    .unwrap();
+    let b = l.peek().unwrap().accept(params(&cq, &ev, 8)).unwrap();
+    let a = rx.recv_timeout(WAIT).unwrap().unwrap();
+    let buf = Arc::new(Buf::new(&n, 64, Access::LOCAL_WRITE));
+    // Nothing there: arm reports empty; a completion from another thread
+    // wakes exactly once, even with two completions.
+    assert!(!cq.arm());
+    recv(&b, 1, &[buf.sge(0, 8)]);
+    recv(&b, 2, &[buf.sge(8, 8)]);
+    let t = {
+        let buf = buf.clone();
+        std::thread::spawn(move || {
+            send(&a, 3, &[buf.sge(32, 4)]);
+            send(&a, 4, &[buf.sge(32, 4)]);
+            a
+        })
+    };
+    woken.recv_timeout(WAIT).expect("armed CQ was not woken");
+    let a = t.join().unwrap();
+    let mut out = [WorkCompletion::EMPTY; 8];
+    assert_eq!(cq.poll(&mut out), 2);
+    assert_eq!(waker.count(), 1, "one wake per arm");
+    // Entries already present: arm says so (and stays armed).
+    recv(&b, 5, &[buf.sge(0, 8)]);
+    send(&a, 6, &[]);
+    assert!(cq.arm());
+    assert_eq!(cq.poll(&mut out), 1);
+    recv(&b, 7, &[]);
+    send(&a, 8, &[]);
+    woken.recv_timeout(WAIT).expect("still armed");
+    assert_eq!(waker.count(), 2);
+    assert_eq!(cq.poll(&mut out), 1);
+    // Not armed: no wake.
+    recv(&b, 9, &[]);
+    send(&a, 10, &[]);
+    assert_eq!(waker.count(), 2);
+}
+
+#[test]
+fn two_threads_stream_through_rnr_and_wakes() {
+    const N: u64 = 2000;
+    let net = SoftNetwork::new();
+    let (n1, n2) = (
+        nic_on(&net, ip(198, 18, 21, 1), 8),
+        nic_on(&net, ip(198, 18, 21, 2), 8),
+    );
+    let (lev, _lrx) = Probe::new();
+    let l = n2.listen(sa(ip(198, 18, 21, 2), 1), 4, lev).unwrap();
+    let (aw, arx) = Probe::new();
+    let (bw, brx) = Probe::new();
+    let acq = n1.create_cq(64, aw).unwrap();
+    let bcq = n2.create_cq(64, bw).unwrap();
+    let ev = Probe::new().0;
+    let (tx, rx) = mpsc::channel();
+    n1.connect(
+        sa(ip(198, 18, 21, 1), 1),
+        sa(ip(198, 18, 21, 2), 1),
+        params(&acq, &ev, 8),
+        Box::new(move |r| tx.send(r).unwrap()),
+    )
+    .unwrap();
+    let bqp = l.peek().unwrap().accept(params(&bcq, &ev, 8)).unwrap();
+    let aqp = rx.recv_timeout(WAIT).unwrap().unwrap();
+    let src = Buf::new(&n1, 8 * 8, Access::NONE);
+    let dst = Buf::new(&n2, 8 * 8, Access::LOCAL_WRITE);
+
+    /// Waits for at least one completion: poll, else arm and sleep on the
+    /// waker's channel (with a deadline).
+    fn reap(
+        cq: &Arc<dyn CompletionQueue>,
+        woken: &Receiver<()>,
+        out: &mut [WorkCompletion],
+    ) -> usize {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let n = cq.poll(out);
+            if n > 0 {
+                return n;
+            }
+            if !cq.arm() {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                match woken.recv_timeout(left) {
+                    Ok(()) => {}
+                    Err(e) => panic!("no completion: {e:?}"),
+                }
+            }
+        }
+    }
+
+    std::thread::scope(|s| {
+        let (src, dst) = (&src, &dst);
+        s.spawn(move || {
+            // Sender: at most 8 sends outstanding (its send depth); each
+            // carries its sequence number.
+            let mut out = [WorkCompletion::EMPTY; 16];
+            let (mut posted, mut done) = (0u64, 0u64);
+            while done < N {
+                while posted < N && posted - done < 8 {
+                    let slot = (posted % 8) as usize;
+                    // SAFETY: slot `slot` of `src` is not named by any
+                    // outstanding send (at most 8 in flight, in order).
+                    unsafe { (src.ptr.add(slot * 8) as *mut u64).write_unaligned(posted) };
+                    send(&aqp, posted, &[src.sge(slot * 8, 8)]);
+                    posted += 1;
+                }
+                let n = reap(&acq, &arx, &mut out);
+                for wc in &out[..n] {
+                    assert_eq!((wc.wr_id, wc.status), (done, WcStatus::Success));
+                    done += 1;
+                }
+            }
+        });
+        s.spawn(move || {
+            // Receiver: 8 receives in flight, refilled as they complete.
+            let mut out = [WorkCompletion::EMPTY; 16];
+            let (mut posted, mut got) = (0u64, 0u64);
+            while got < N {
+                while posted < N && posted - got < 8 {
+                    let slot = (posted % 8) as usize;
+                    recv(&bqp, posted, &[dst.sge(slot * 8, 8)]);
+                    posted += 1;
+                }
+                let n = reap(&bcq, &brx, &mut out);
+                for wc in &out[..n] {
+                    assert_eq!(
+                        (wc.wr_id, wc.status, wc.byte_len),
+                        (got, WcStatus::Success, 8)
+                    );
+                    let slot = (got % 8) as usize;
+                    // SAFETY: receive `got` completed and slot `slot` is not
+                    // named by another posted receive until it is refilled.
+                    let v = unsafe { (dst.ptr.add(slot * 8) as *const u64).read_unaligned() };
+                    assert_eq!(v, got, "message {got} in order and intact");
+                    got += 1;
+                }
+            }
+        });
+    });
+}
+
+#[test]
+fn registration_checks_the_range() {
+    let net = SoftNetwork::new();
+    let n = nic_on(&net, ip(198, 18, 22, 1), 4);
+    // SAFETY: every range below is rejected, so none stays registered.
+    unsafe {
+        assert!(matches!(
+            n.register(0, 8, Access::NONE),
+            Err(FabricError::Invalid(_))
+        ));
+        let v = [0u8; 8];
+        assert!(matches!(
+            n.register(v.as_ptr() as usize, 0, Access::NONE),
+            Err(FabricError::Invalid(_))
+        ));
+        assert!(matches!(
+            n.register(usize::MAX - 4, 16, Access::NONE),
+            Err(FabricError::Invalid(_))
+        ));
+    }
+    // A hole: map three pages, unmap the middle one.
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+    // SAFETY: a fresh anonymous private mapping, checked for failure.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            3 * page,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(base, libc::MAP_FAILED);
+    let base = base as usize;
+    // SAFETY: the middle page belongs to the mapping made above and nothing
+    // refers to it.
+    let rc = unsafe { libc::munmap((base + page) as *mut libc::c_void, page) };
+    assert_eq!(rc, 0);
+    // SAFETY: rejected ranges are not kept; the accepted one is deregistered
+    // before the mapping goes away.
+    unsafe {
+        assert_eq!(
+            n.register(base, 3 * page, Access::LOCAL_WRITE).err(),
+            Some(FabricError::Invalid("range not mapped"))
+        );
+        assert!(n.register(base + page - 1, 2, Access::NONE).is_err());
+        let ok = n
+            .register(base + 2 * page, page, Access::LOCAL_WRITE)
+            .unwrap();
+        n.deregister(ok.lkey);
+    }
+    assert_eq!(n.stats().live_regions, 0);
+    assert_eq!(n.stats().registrations, 1);
+    for p in [base, base + 2 * page] {
+        // SAFETY: the remaining pages of our mapping, no longer registered.
+        assert_eq!(unsafe { libc::munmap(p as *mut libc::c_void, page) }, 0);
+    }
+}
+
+#[test]
+fn cancel_racing_accept_settles_exactly_once() {
+    let net = SoftNetwork::new();
+    let n = nic_on(&net, ip(198, 18, 23, 1), 4);
+    let (lev, _lrx) = Probe::new();
+    let to = sa(ip(198, 18, 23, 1), 1);
+    let l = n.listen(to, 4, lev).unwrap();
+    let cq = n.create_cq(64, Probe::new().0).unwrap();
+    let ev = Probe::new().0;
+    let (mut cancelled, mut accepted) = (0, 0);
+    for _ in 0..200 {
+        let (tx, rx) = mpsc::channel();
+        let attempt = n
+            .connect(
+                sa(ip(198, 18, 23, 1), 2),
+                to,
+                params(&cq, &ev, 4),
+                Box::new(move |r| tx.send(r).unwrap()),
+            )
+            .unwrap();
+        let req = l.peek().unwrap();
+        let barrier = std::sync::Barrier::new(2);
+        let (won_cancel, accept) = std::thread::scope(|s| {
+            let c = s.spawn(|| {
+                barrier.wait();
+                attempt.cancel()
+            });
+            barrier.wait();
+            let accept = req.accept(params(&cq, &ev, 4));
+            (c.join().unwrap(), accept)
+        });
+        drop(req);
+        match (won_cancel, accept) {
+            (true, Err(ConnectError::Cancelled)) => {
+                cancelled += 1;
+                assert!(
+                    matches!(rx.recv_timeout(WAIT), Err(RecvTimeoutError::Disconnected)),
+                    "a cancelled attempt's callback never runs"
+                );
+            }
+            (false, Ok(_qp)) => {
+                accepted += 1;
+                assert!(rx.recv_timeout(WAIT).unwrap().is_ok());
+                assert!(matches!(
+                    rx.recv_timeout(WAIT),
+                    Err(RecvTimeoutError::Disconnected)
+                ));
+            }
+            (c, a) => panic!("inconsistent: cancel {c}, accept {:?}", a.err()),
+        }
+        assert_eq!(l.pending(), 0);
+    }
+    assert_eq!(cancelled + accepted, 200);
+    assert_eq!(n.stats().live_qps, 0);
+}
+
+#[test]
+fn set_error_racing_posts_completes_every_post_exactly_once() {
+    let net = SoftNetwork::new();
+    let n = nic_on(&net, ip(198, 18, 24, 1), 4);
+    let (a, b) = pair(&n, &n, sa(ip(198, 18, 24, 1), 1));
+    let src = Buf::new(&n, 64, Access::NONE);
+    let target = Buf::zeroed(&n, 64, Access::LOCAL_WRITE | Access::REMOTE_WRITE);
+    let rkey = n
+        .bind_remote(target.lkey, b.qp.num(), Access::REMOTE_WRITE)
+        .unwrap();
+    for i in 0..4 {
+        recv(&a.qp, 1_000_000 + i, &[target.sge(0, 8)]);
+    }
+    const N: u64 = 200;
+    let oks = std::thread::scope(|s| {
+        let poster = s.spawn(|| {
+            let mut oks = Vec::new();
+            for i in 0..N {
+                let r = a.qp.post_send(&SendWr {
+                    wr_id: i,
+                    op: SendOp::RdmaWrite {
+                        remote_addr: target.addr(),
+                        rkey,
+                    },
+                    sges: &[src.sge(0, 8)],
+                });
+                if r.is_ok() {
+                    oks.push(i);
+                }
+            }
+            oks
+        });
+        a.qp.set_error();
+        poster.join().unwrap()
+    });
+    let mut seen = Vec::new();
+    loop {
+        let got = a.poll();
+        if got.is_empty() {
+            break;
+        }
+        for wc in got {
+            assert!(
+                matches!(wc.status, WcStatus::Success | WcStatus::Flushed),
+                "{wc:?}"
+            );
+            seen.push(wc.wr_id);
+        }
+    }
+    let mut expected = oks;
+    expected.extend(1_000_000..1_000_004);
+    seen.sort_unstable();
+    expected.sort_unstable();
+    assert_eq!(seen, expected, "one completion per accepted post");
+    assert_eq!((a.events.count(), b.events.count()), (0, 1));
+}
