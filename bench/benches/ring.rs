@@ -1,7 +1,14 @@
 //! The completion ring (poller → front end) against crossbeam's ArrayQueue
 //! and crossbeam-channel, in one group each: single handoff latency (one
 //! item bounced between two threads through two queues, per round trip)
-//! and batch throughput (one producer, one consumer, batches of 32).
+//! and batch throughput (one producer, one consumer, batches of 32; the
+//! crossbeam queues have no batch API, so they move one item at a time, and
+//! so does `sanpath_ring_one_by_one` to show what batching alone is worth).
+//!
+//! Targets (issue 6): the ring's round trip within 1.2x of the cache-line
+//! floor, its batch throughput at least 2x ArrayQueue's. Run with
+//! `cargo bench -p sanpath-bench --bench ring`; the two sides are pinned to
+//! cores 0 and 1.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use crossbeam_queue::ArrayQueue;
@@ -155,6 +162,34 @@ fn batch(c: &mut Criterion) {
                 let mut got = 0;
                 while got < n {
                     got += c.pop_into(&mut buf) as u64;
+                }
+                total += t0.elapsed();
+                t.join().unwrap();
+            }
+            total
+        })
+    });
+    // The same ring one item at a time: how much of its lead is batching.
+    g.bench_function("sanpath_ring_one_by_one", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let (mut p, mut c) = sanpath::ring::channel::<u64>(1024);
+                let t = std::thread::spawn(move || {
+                    pin(1);
+                    for _ in 0..n {
+                        while p.push(7).is_err() {
+                            spin_loop();
+                        }
+                    }
+                });
+                pin(0);
+                let t0 = Instant::now();
+                let mut got = 0;
+                while got < n {
+                    if c.pop().is_some() {
+                        got += 1;
+                    }
                 }
                 total += t0.elapsed();
                 t.join().unwrap();

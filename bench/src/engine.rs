@@ -15,8 +15,9 @@ use std::time::Instant;
 
 /// Largest message (the -a sweep goes to 8 MiB).
 const MAX: usize = 8 << 20;
-/// Outstanding ops in bandwidth tests.
-const WINDOW: usize = 32;
+/// Outstanding ops in bandwidth tests (perftest's default tx depth is 128
+/// on hardware; 64 keeps the soft NIC's receiver-not-ready hold small).
+pub const WINDOW: usize = 64;
 /// hEvent with bit 0 set: no upcall, the benchmark polls.
 const POLLED: usize = 1;
 
@@ -27,9 +28,17 @@ pub fn tune(c: &mut Config, mode: Mode) {
         Mode::Threads => PollerMode::Threads,
     };
     c.mem.mlock = MlockPolicy::Off;
-    // One CQ per side, so that each side's thread polls only its own.
-    c.poller.count = 2;
-    c.qp.rnr_queue_max = 4096;
+    c.poller.count = match mode {
+        // One CQ per side, so that each side's thread polls only its own.
+        Mode::Rtc => 2,
+        // One poller thread: with the two benchmark threads that is already
+        // more threads than this machine's two cores (they block, it spins
+        // only up to its budget).
+        Mode::Threads => 1,
+    };
+    // A sender with a full window may run ahead of the receiver's reposts:
+    // the soft NIC holds at most this many sends before it breaks the link.
+    c.qp.rnr_queue_max = c.qp.rnr_queue_max.max(WINDOW as u32);
     c.limits.max_msg_size = c.limits.max_msg_size.max(MAX as u32);
     c.fabric.soft.addresses = vec![Ipv4Addr::new(198, 18, 250, 1)];
     if c.fabric.kind == FabricKind::Verbs {
@@ -51,19 +60,39 @@ struct Side {
 
 pub struct Bench {
     p: Provider,
-    cores: (usize, usize),
+    /// Cores of the client and server threads (`None`: not pinned).
+    cores: Option<(usize, usize)>,
+    /// Whether memory polling must yield (more threads than cores).
+    yielding: bool,
     c: Side,
     s: Side,
 }
 
-fn pin(core: usize) {
-    core_affinity::set_for_current(core_affinity::CoreId { id: core });
+fn pin(core: Option<usize>) {
+    if let Some(id) = core {
+        core_affinity::set_for_current(core_affinity::CoreId { id });
+    }
+}
+
+/// Spins on a condition; if `yielding`, gives the core away after a short
+/// spin (threads mode: a poller thread needs the core too).
+fn spin_until(yielding: bool, mut done: impl FnMut() -> bool) {
+    let mut n = 0u32;
+    while !done() {
+        n = n.wrapping_add(1);
+        if yielding && n > 256 {
+            std::thread::yield_now();
+        } else {
+            std::hint::spin_loop();
+        }
+    }
 }
 
 type Res<T> = Result<T, WsaError>;
 
 impl Bench {
-    pub fn new(config: Config, cores: (usize, usize)) -> Result<Bench, String> {
+    pub fn new(config: Config, cores: Option<(usize, usize)>) -> Result<Bench, String> {
+        let yielding = config.poller.mode == PollerMode::Threads;
         let p = match config.fabric.kind {
             FabricKind::Soft => {
                 let ip = config.fabric.soft.addresses[0];
@@ -85,18 +114,24 @@ impl Bench {
             .map_err(|e| format!("connecting the benchmark pair: {e}"))?;
         let c = side(&p, c)?;
         let s = side(&p, s)?;
-        Ok(Bench { p, cores, c, s })
+        Ok(Bench {
+            p,
+            cores,
+            yielding,
+            c,
+            s,
+        })
     }
 
-    /// Waits for an op of `side`, polling only that socket's CQ.
+    /// Waits for an op of `side` the way a switch would: with
+    /// `WSPGetOverlappedResult(fWait = TRUE)`. In run-to-completion mode
+    /// that polls only the socket's own CQ, spinning up to the configured
+    /// budget before it sleeps; in threads mode it blocks until the
+    /// dispatcher completed the op.
     fn wait(&self, side: &Side, ov: &Overlapped) -> Res<u32> {
-        while ov.is_pending() {
-            self.p.progress_socket(side.sock);
-        }
-        match ov.offset_high.load(std::sync::atomic::Ordering::Acquire) {
-            0 => Ok(ov.internal_high.load(std::sync::atomic::Ordering::Acquire) as u32),
-            e => Err(WsaError::from_code(e as i32).unwrap_or(WsaError::WSAECONNABORTED)),
-        }
+        self.p
+            .get_overlapped_result(side.sock, ov, true)
+            .map(|(bytes, _)| bytes)
     }
 
     fn send(&self, side: &Side, len: usize, ov: &Overlapped) -> Res<()> {
@@ -140,7 +175,7 @@ impl Bench {
         let warm = iters / 10;
         std::thread::scope(|sc| {
             let server = sc.spawn(|| -> Res<()> {
-                pin(self.cores.1);
+                pin(self.cores.map(|c| c.1));
                 let rov = [Overlapped::new(POLLED), Overlapped::new(POLLED)];
                 let sov = Overlapped::new(POLLED);
                 self.recv(&self.s, size, &rov[0])?;
@@ -156,7 +191,7 @@ impl Bench {
                 }
                 Ok(())
             });
-            pin(self.cores.0);
+            pin(self.cores.map(|c| c.0));
             let (rov, sov) = (Overlapped::new(POLLED), Overlapped::new(POLLED));
             let mut samples = Vec::with_capacity(iters);
             self.recv(&self.c, size, &rov)?;
@@ -194,20 +229,18 @@ impl Bench {
         };
         std::thread::scope(|sc| {
             let server = sc.spawn(|| -> Res<()> {
-                pin(self.cores.1);
+                pin(self.cores.map(|c| c.1));
                 let wov = Overlapped::new(POLLED);
                 for i in 0..warm + iters {
                     let v = (i % 255) as u8 + 1;
-                    while seen(&self.s) != v {
-                        std::hint::spin_loop();
-                    }
+                    spin_until(self.yielding, || seen(&self.s) == v);
                     mark(&self.s, v);
                     self.rdma(&self.s, &self.c, size, true, &wov)?;
                     self.wait(&self.s, &wov)?;
                 }
                 Ok(())
             });
-            pin(self.cores.0);
+            pin(self.cores.map(|c| c.0));
             let wov = Overlapped::new(POLLED);
             let mut samples = Vec::with_capacity(iters);
             for i in 0..warm + iters {
@@ -215,9 +248,9 @@ impl Bench {
                 let t0 = Instant::now();
                 mark(&self.c, v);
                 self.rdma(&self.c, &self.s, size, true, &wov)?;
-                while seen(&self.c) != v {
-                    self.p.progress_socket(self.c.sock);
-                }
+                // Memory only, as perftest: the write's own completion is
+                // reaped after the sample.
+                spin_until(self.yielding, || seen(&self.c) == v);
                 let ns = t0.elapsed().as_nanos() as f64 / 2.0;
                 self.wait(&self.c, &wov)?;
                 if i >= warm {
@@ -231,7 +264,7 @@ impl Bench {
 
     /// RDMA read of the peer's buffer; full round trip per sample.
     pub fn read_lat(&self, size: usize, iters: usize) -> Res<Lat> {
-        pin(self.cores.0);
+        pin(self.cores.map(|c| c.0));
         let ov = Overlapped::new(POLLED);
         let warm = iters / 10;
         let mut samples = Vec::with_capacity(iters);
@@ -250,7 +283,7 @@ impl Bench {
     pub fn send_bw(&self, size: usize, msgs: usize) -> Res<Bw> {
         std::thread::scope(|sc| {
             let server = sc.spawn(|| -> Res<()> {
-                pin(self.cores.1);
+                pin(self.cores.map(|c| c.1));
                 let ovs: Vec<Overlapped> = (0..WINDOW).map(|_| Overlapped::new(POLLED)).collect();
                 let mut posted = 0;
                 for ov in &ovs {
@@ -269,7 +302,7 @@ impl Bench {
                 }
                 Ok(())
             });
-            pin(self.cores.0);
+            pin(self.cores.map(|c| c.0));
             let t0 = Instant::now();
             self.window(msgs, |ov| self.send(&self.c, size, ov))?;
             server.join().expect("server thread")?;
@@ -282,7 +315,7 @@ impl Bench {
     }
 
     pub fn write_bw(&self, size: usize, msgs: usize) -> Res<Bw> {
-        pin(self.cores.0);
+        pin(self.cores.map(|c| c.0));
         let t0 = Instant::now();
         self.window(msgs, |ov| self.rdma(&self.c, &self.s, size, true, ov))?;
         Ok(Bw {
@@ -293,7 +326,7 @@ impl Bench {
     }
 
     pub fn read_bw(&self, size: usize, msgs: usize) -> Res<Bw> {
-        pin(self.cores.0);
+        pin(self.cores.map(|c| c.0));
         let t0 = Instant::now();
         self.window(msgs, |ov| self.rdma(&self.c, &self.s, size, false, ov))?;
         Ok(Bw {

@@ -7,10 +7,13 @@ mod engine;
 mod plot;
 mod stats;
 
+use baseline::Cores;
 use clap::{Parser, ValueEnum};
+use serde_json::{json, Value};
 use stats::{Bw, Lat};
 use std::io::Write;
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 #[value(rename_all = "snake_case")]
@@ -33,35 +36,41 @@ enum Fabric {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
-    /// The waiting thread polls the CQ itself (no engine threads).
+    /// Run to completion: the waiting thread polls its socket's CQ itself
+    /// (no engine threads).
     Rtc,
-    /// Poller threads and a dispatcher.
+    /// Poller threads reap CQs into rings; a dispatcher completes ops.
     Threads,
 }
 
-/// perftest-style benchmarks of sanpath with their baselines beside them.
+/// perftest-style benchmarks of sanpath, each figure beside baselines
+/// measured in the same run (cache-line ping-pong floor, memcpy, TCP loopback).
 #[derive(Parser, Debug)]
 #[command(name = "sanbench", version)]
 struct Cli {
-    /// Tests to run (default: the standard suite).
+    /// Tests to run (default: send_lat write_lat read_lat send_bw write_bw read_bw).
     #[arg(value_enum)]
     tests: Vec<Test>,
-    /// Message size in bytes (default: per test, 8 B for latency, 1 MiB for bandwidth).
+    /// Message size in bytes (default: 8 B for latency, 1 MiB for bandwidth).
     #[arg(short = 's', long)]
     size: Option<usize>,
     /// Sweep sizes 2 B .. 8 MiB (powers of two).
-    #[arg(short = 'a', long)]
+    #[arg(short = 'a', long, conflicts_with = "size")]
     all: bool,
     /// Iterations per latency test / messages per bandwidth test.
-    #[arg(short = 'n', long)]
+    #[arg(short = 'n', long, conflicts_with = "duration")]
     iters: Option<usize>,
-    /// Fabric.
+    /// Run each test for about this many seconds instead of a fixed count.
+    #[arg(short = 'D', long)]
+    duration: Option<f64>,
+    /// Fabric (verbs needs the `verbs` cargo feature).
     #[arg(long, value_enum, default_value = "soft")]
     fabric: Fabric,
-    /// Progress mode.
+    /// Progress mode (engine `poller.mode`): rtc = run_to_completion.
     #[arg(long, value_enum, default_value = "rtc")]
     mode: Mode,
-    /// Two cores for the two sides, e.g. `0,1`.
+    /// The cores of the two sides, e.g. `0,1` (default: 0,1 when there are
+    /// two or more; not pinned on one core).
     #[arg(long, value_delimiter = ',')]
     cores: Vec<usize>,
     /// Engine config file (TOML), applied before the benchmark's own settings.
@@ -73,11 +82,11 @@ struct Cli {
     /// Write HdrHistogram percentile files (.hgrm) of each latency test here.
     #[arg(long)]
     hgrm: Option<PathBuf>,
-    /// Write a latency-percentile chart (SVG) here; with -a also a
-    /// bandwidth-by-size chart next to it (NAME-bw.svg).
+    /// Write a latency-percentile chart (SVG) here (with -a: of the 2 B
+    /// runs), and with -a a bandwidth-by-size chart next to it (NAME-bw.svg).
     #[arg(long)]
     plot: Option<PathBuf>,
-    /// Small iteration counts (CI smoke run).
+    /// Small iteration counts (CI smoke run, a few seconds).
     #[arg(long)]
     quick: bool,
 }
@@ -90,23 +99,79 @@ fn main() {
     }
 }
 
+/// Rounds of (engine, memcpy) a bandwidth figure alternates; each side's
+/// figure is the median of its rounds, so that a burst of noise on this
+/// shared machine hits one round of one side, not the ratio.
+const BW_ROUNDS: usize = 3;
+/// Rounds of (floor, engine) a latency figure alternates; the samples of
+/// all rounds make each distribution.
+const LAT_ROUNDS: usize = 5;
+
+/// What the run measures and where it goes.
+struct Runner<'a> {
+    cli: &'a Cli,
+    bench: engine::Bench,
+    cores: Cores,
+    mode: &'static str,
+    lat_iters: usize,
+    /// Bytes a latency test moves each way at most (large messages get
+    /// fewer iterations).
+    lat_bytes: usize,
+    bw_bytes: usize,
+    results: Vec<Value>,
+    curves: Vec<plot::Series>,
+    bw_points: Vec<plot::Series>,
+    notes: Vec<&'static str>,
+    /// Kind of the last table row printed (a header precedes a change).
+    last: Option<Kind>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Lat,
+    Bw,
+}
+
 fn run(cli: &Cli) -> Result<(), String> {
+    if cfg!(debug_assertions) {
+        eprintln!("sanbench: warning: a debug build; run with --release for meaningful figures");
+    }
     let mut config = match &cli.config {
-        Some(p) => sanpath::Config::load(p).map_err(|e| e.to_string())?,
+        Some(p) => sanpath::Config::load(p).map_err(|e| format!("{}: {e}", p.display()))?,
         None => sanpath::Config::default(),
     };
     if cli.fabric == Fabric::Verbs {
         if !cfg!(feature = "verbs") {
-            return Err("--fabric verbs: build with `--features verbs` (needs libibverbs-dev librdmacm-dev libclang-dev)".into());
+            return Err(
+                "--fabric verbs: not built in: this sanbench was built without the \
+                        `verbs` cargo feature (cargo run --release -p sanpath-bench --features \
+                        verbs; needs libibverbs-dev librdmacm-dev libclang-dev and an RDMA device)"
+                    .into(),
+            );
         }
         config.fabric.kind = sanpath::config::FabricKind::Verbs;
     }
     engine::tune(&mut config, cli.mode);
-    let cores = match cli.cores.as_slice() {
-        [] => (0, 1),
-        [a, b, ..] => (*a, *b),
-        [a] => (*a, *a),
+    let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cores: Cores = match cli.cores.as_slice() {
+        [] if ncpu >= 2 => Some((0, 1)),
+        [] => None,
+        [a] => Some((*a, *a)),
+        [a, b] => Some((*a, *b)),
+        _ => return Err("--cores takes one or two cores, e.g. --cores 0,1".into()),
     };
+    if let Some((a, b)) = cores {
+        let ids: Vec<usize> = core_affinity::get_core_ids()
+            .unwrap_or_default()
+            .iter()
+            .map(|c| c.id)
+            .collect();
+        if let Some(bad) = [a, b].into_iter().find(|c| !ids.contains(c)) {
+            return Err(format!(
+                "--cores: core {bad} is not available (have {ids:?})"
+            ));
+        }
+    }
     let suite: Vec<Test> = if cli.tests.is_empty() {
         vec![
             Test::SendLat,
@@ -119,38 +184,57 @@ fn run(cli: &Cli) -> Result<(), String> {
     } else {
         cli.tests.clone()
     };
-    let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mode = match cli.mode {
+        Mode::Rtc => "rtc",
+        Mode::Threads => "threads",
+    };
+    let load = loadavg();
     println!(
-        "sanbench {}: {} fabric, {} mode, {} cores, sides on cores {},{}{}",
+        "sanbench {}: {} fabric, poller mode {} ({}), {} cpus, sides on {}{}",
         env!("CARGO_PKG_VERSION"),
         match cli.fabric {
             Fabric::Soft => "soft",
             Fabric::Verbs => "verbs",
         },
+        mode,
         match cli.mode {
-            Mode::Rtc => "run-to-completion",
+            Mode::Rtc => "run_to_completion",
             Mode::Threads => "threads",
         },
         ncpu,
-        cores.0,
-        cores.1,
+        match cores {
+            Some((a, b)) => format!("cores {a},{b}"),
+            None => "no pinned cores".into(),
+        },
         if cli.quick { ", quick" } else { "" }
     );
-    let lat_iters = cli.iters.unwrap_or(if cli.quick { 2_000 } else { 50_000 });
-    let bench = engine::Bench::new(config, cores).map_err(|e| e.to_string())?;
-    // Baselines measured once per size, in this run.
-    let floor = baseline::pingpong(cores, lat_iters);
-    let mut json = Vec::new();
-    let mut curves: Vec<plot::Series> = Vec::new();
-    let mut bw_points: Vec<plot::Series> = Vec::new();
+    if let Some(l) = load.first().filter(|l| **l > 0.5 * ncpu as f64) {
+        println!(
+            "note: load average {l:.2} at start on {ncpu} cpus: other work shares these cores; \
+             absolute figures are noisy, the same-run ratios less so"
+        );
+    }
+    let bench = engine::Bench::new(config.clone(), cores)?;
+    let mut r = Runner {
+        cli,
+        bench,
+        cores,
+        mode,
+        lat_iters: cli
+            .iters
+            .unwrap_or(if cli.quick { 10_000 } else { 100_000 }),
+        lat_bytes: if cli.quick { 256 << 20 } else { 2 << 30 },
+        bw_bytes: if cli.quick { 256 << 20 } else { 4 << 30 },
+        results: Vec::new(),
+        curves: Vec::new(),
+        bw_points: Vec::new(),
+        notes: Vec::new(),
+        last: None,
+    };
     if let Some(dir) = &cli.hgrm {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
-    println!();
-    println!(
-        "{:<10} {:>8}  {:>9} {:>9} {:>9} {:>9} {:>9} {:>8}  | baselines (same run)",
-        "test", "size", "t_min", "t_typ", "t_p99", "t_p99.9", "t_max", "t_stdev"
-    );
+    let started = Instant::now();
     for t in suite {
         let sizes: Vec<usize> = if cli.all {
             (1..=23).map(|k| 1usize << k).collect()
@@ -165,71 +249,36 @@ fn run(cli: &Cli) -> Result<(), String> {
             match t {
                 Test::StreamLat | Test::StreamBw => {
                     println!(
-                        "{:<10} {:>8}  not available yet: needs the reference switch (issue 3)",
+                        "{:<10} {:>7}  not available yet: needs the reference switch (issue 3)",
                         name(t),
                         human(size)
                     );
+                    r.last = None;
                 }
-                Test::SendLat | Test::WriteLat | Test::ReadLat => {
-                    let lat = match t {
-                        Test::SendLat => bench.send_lat(size, lat_iters),
-                        Test::WriteLat => bench.write_lat(size, lat_iters),
-                        _ => bench.read_lat(size, lat_iters),
-                    }
-                    .map_err(|e| format!("{}: {e}", name(t)))?;
-                    let tcp = baseline::tcp_lat(size, (lat_iters / 4).max(200), t == Test::ReadLat);
-                    let fl = if t == Test::ReadLat {
-                        floor.scaled(2.0)
-                    } else {
-                        floor.clone()
-                    };
-                    print_lat(t, size, &lat, &fl, &tcp);
-                    if let Some(dir) = &cli.hgrm {
-                        let path = dir.join(format!("{}_{}.hgrm", name(t), size));
-                        std::fs::write(&path, lat.hgrm())
-                            .map_err(|e| format!("{}: {e}", path.display()))?;
-                    }
-                    curves.push((
-                        format!("{} {}", name(t), human(size)),
-                        lat.percentile_curve(),
-                    ));
-                    json.push(serde_json::json!({
-                        "test": name(t), "size": size, "mode": format!("{:?}", cli.mode).to_lowercase(),
-                        "lat_ns": lat.json(), "floor_ns": fl.json(), "tcp_ns": tcp.json(),
-                        "ratio_floor": lat.median_ns() / fl.median_ns(), "ratio_tcp": tcp.median_ns() / lat.median_ns(),
-                    }));
-                }
-                Test::SendBw | Test::WriteBw | Test::ReadBw => {
-                    let total: usize = if cli.quick { 64 << 20 } else { 2 << 30 };
-                    let msgs = cli.iters.unwrap_or((total / size).clamp(1_000, 2_000_000));
-                    let bw = match t {
-                        Test::SendBw => bench.send_bw(size, msgs),
-                        Test::WriteBw => bench.write_bw(size, msgs),
-                        _ => bench.read_bw(size, msgs),
-                    }
-                    .map_err(|e| format!("{}: {e}", name(t)))?;
-                    let memcpy = baseline::memcpy_bw(size, msgs.min(100_000));
-                    let tcp = baseline::tcp_bw(size, (total / 4).max(size * 16));
-                    print_bw(t, size, &bw, &memcpy, &tcp);
-                    match bw_points.iter_mut().find(|(l, _)| l == name(t)) {
-                        Some((_, pts)) => pts.push((size as f64, bw.mb_s())),
-                        None => {
-                            bw_points.push((name(t).to_string(), vec![(size as f64, bw.mb_s())]))
-                        }
-                    }
-                    json.push(serde_json::json!({
-                        "test": name(t), "size": size, "mode": format!("{:?}", cli.mode).to_lowercase(),
-                        "mb_s": bw.mb_s(), "mmsg_s": bw.mmsg_s(), "memcpy_mb_s": memcpy.mb_s(), "tcp_mb_s": tcp.mb_s(),
-                        "ratio_memcpy": bw.mb_s() / memcpy.mb_s(), "ratio_tcp": bw.mb_s() / tcp.mb_s(),
-                    }));
-                }
+                Test::SendLat | Test::WriteLat | Test::ReadLat => r.latency(t, size)?,
+                Test::SendBw | Test::WriteBw | Test::ReadBw => r.bandwidth(t, size)?,
             }
         }
     }
-    drop(bench);
+    progress("");
+    let elapsed = started.elapsed();
+    drop(r.bench);
+    if r.results.is_empty() {
+        return Ok(());
+    }
     println!();
-    println!("latency: half round trip for send/write, full for read (perftest convention); ns from raw samples.");
-    println!("floor = cache-line ping-pong between the same two cores; tcp = same pattern over 127.0.0.1.");
+    println!("latency: half round trip for send/write, full for read (perftest); t_typ = median of raw samples (HdrHistogram).");
+    println!("  floor = cache-line ping-pong between the same two cores (x2 for read) plus one memcpy of the message,");
+    println!("  alternating with the test in {LAT_ROUNDS} rounds; tcp = the same ping-pong over 127.0.0.1 (TCP_NODELAY),");
+    println!("  best of three placements (same two cores, one core, unpinned).");
+    println!(
+        "bandwidth: MB/s = 10^6 B/s, window {} ops; memcpy = one copy between buffers of the message size;",
+        engine::WINDOW
+    );
+    println!("  median of {BW_ROUNDS} alternating rounds; tcp = one-way stream over 127.0.0.1, best of the same placements.");
+    for n in &r.notes {
+        println!("note: {n}");
+    }
     if let Some(dir) = &cli.hgrm {
         println!("wrote percentile files to {}", dir.display());
     }
@@ -239,36 +288,333 @@ fn run(cli: &Cli) -> Result<(), String> {
             println!("wrote {}", p.display());
             Ok(())
         };
-        if !curves.is_empty() {
-            write(path, plot::latency(&curves))?;
+        if !r.curves.is_empty() {
+            write(path, plot::latency(&r.curves))?;
         }
-        if bw_points.iter().any(|(_, p)| p.len() > 1) {
+        if r.bw_points.iter().any(|(_, p)| p.len() > 1) {
             let stem = path
                 .file_stem()
                 .map_or("sanbench".into(), |s| s.to_string_lossy().into_owned());
             write(
                 &path.with_file_name(format!("{stem}-bw.svg")),
-                plot::bandwidth(&bw_points),
+                plot::bandwidth(&r.bw_points),
             )?;
         }
     }
     if let Some(path) = &cli.json {
-        let doc = serde_json::json!({
-            "tool": "sanbench", "version": env!("CARGO_PKG_VERSION"),
-            "git": git_rev(), "cores": ncpu, "sides_on_cores": [cores.0, cores.1],
-            "mode": format!("{:?}", cli.mode).to_lowercase(), "quick": cli.quick,
-            "results": json,
+        let doc = json!({
+            "tool": "sanbench",
+            "version": env!("CARGO_PKG_VERSION"),
+            "environment": {
+                "git": git_rev(),
+                "rustc": env!("SANBENCH_RUSTC_VERSION"),
+                "profile": if cfg!(debug_assertions) { "debug" } else { "release" },
+                "cpus": ncpu,
+                "cpu_model": cpu_model(),
+                "kernel": kernel(),
+                "loadavg_start": load,
+                "loadavg_end": loadavg(),
+                "sides_on_cores": cores.map(|(a, b)| [a, b]),
+                "fabric": match cli.fabric { Fabric::Soft => "soft", Fabric::Verbs => "verbs" },
+                "mode": mode,
+                "quick": cli.quick,
+                "args": std::env::args().skip(1).collect::<Vec<_>>(),
+                "seconds": elapsed.as_secs_f64(),
+                "config": serde_json::to_value(&config).unwrap_or(Value::Null),
+            },
+            "results": r.results,
         });
         let mut f = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
         writeln!(f, "{}", serde_json::to_string_pretty(&doc).unwrap())
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| format!("{}: {e}", path.display()))?;
         println!("wrote {}", path.display());
     }
     Ok(())
 }
 
+impl Runner<'_> {
+    fn header(&mut self, kind: Kind) {
+        if self.last == Some(kind) {
+            return;
+        }
+        self.last = Some(kind);
+        println!();
+        match kind {
+            Kind::Lat => println!(
+                "{:<10} {:>7} {:<7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7}  | {:<18} tcp loopback (tcp/t_typ)",
+                "latency",
+                "size",
+                "mode",
+                "t_min",
+                "t_typ",
+                "t_p99",
+                "t_p99.9",
+                "t_max",
+                "t_stdev",
+                "floor (t_typ/floor)",
+            ),
+            Kind::Bw => println!(
+                "{:<10} {:>7} {:<7} {:>10} {:>10}  | {:<24} tcp loopback (MB/s / tcp)",
+                "bandwidth", "size", "mode", "MB/s", "Mmsg/s", "memcpy (MB/s / memcpy)"
+            ),
+        }
+        if kind == Kind::Lat {
+            println!("{:<10} {:>7} {:<7} {:>47}", "", "", "", "(microseconds)");
+        }
+    }
+
+    /// Iterations of a latency test at `size`: `-n`; or sized from a probe
+    /// run to last about `-D` seconds; or the default count, fewer for large
+    /// messages (at most `lat_bytes` moved each way, at least 1000 samples).
+    fn lat_count(
+        &self,
+        size: usize,
+        probe: impl Fn(usize) -> Result<Lat, String>,
+    ) -> Result<usize, String> {
+        if let Some(n) = self.cli.iters {
+            return Ok(n);
+        }
+        let default = (self.lat_bytes / size.max(1)).clamp(1_000, self.lat_iters);
+        let Some(d) = self.cli.duration else {
+            return Ok(default);
+        };
+        let n = default.min(1_000);
+        let t0 = Instant::now();
+        probe(n)?;
+        let per = t0.elapsed().as_secs_f64() / (n + n / 10) as f64;
+        Ok(((d / per) as usize).clamp(n, 20_000_000))
+    }
+
+    fn latency(&mut self, t: Test, size: usize) -> Result<(), String> {
+        let full = t == Test::ReadLat;
+        let run = |n: usize| -> Result<Lat, String> {
+            match t {
+                Test::SendLat => self.bench.send_lat(size, n),
+                Test::WriteLat => self.bench.write_lat(size, n),
+                _ => self.bench.read_lat(size, n),
+            }
+            .map_err(|e| format!("{} {}: {e}", name(t), human(size)))
+        };
+        let n = fresh(|| self.lat_count(size, run))?;
+        // The floor alternates with the engine in rounds on the same cores,
+        // so that both see the same placement of this VM's vCPUs (the
+        // floor moves between ~60 and ~220 ns when the host moves them).
+        let cores = self.cores;
+        let per = n.div_ceil(LAT_ROUNDS);
+        let floor_per = per.min(40_000);
+        let (mut lats, mut floors) = (Vec::new(), Vec::new());
+        for _ in 0..LAT_ROUNDS {
+            floors.push(fresh(|| baseline::pingpong(cores, floor_per)));
+            lats.push(fresh(|| run(per))?);
+        }
+        let lat = Lat::merge(&lats);
+        // A one-copy transfer between two cores takes at least the line
+        // handoff(s) plus one copy of the message: the copy is timed here
+        // (memcpy between buffers of `size`), negligible for small messages.
+        let copy_ns = if size <= 64 {
+            0.0
+        } else {
+            let m = fresh(|| {
+                baseline::pin(cores.map(|c| c.0));
+                baseline::memcpy_bw(size, Duration::from_millis(20))
+            });
+            m.secs * 1e9 / m.msgs as f64
+        };
+        let floor = Lat::merge(&floors)
+            .scaled(if full { 2.0 } else { 1.0 })
+            .shifted(copy_ns);
+        let tcp_iters = (self.lat_bytes / 16 / size.max(1)).clamp(100, self.lat_iters / 10);
+        let tcp_all = tcp_placements(cores, |c| baseline::tcp_lat(c, size, tcp_iters, full));
+        let (tcp_where, tcp) = tcp_all
+            .iter()
+            .min_by(|a, b| a.1.median_ns().total_cmp(&b.1.median_ns()))
+            .cloned()
+            .expect("a TCP placement");
+        self.header(Kind::Lat);
+        let ratio_floor = lat.median_ns() / floor.median_ns();
+        let ratio_tcp = tcp.median_ns() / lat.median_ns();
+        println!(
+            "{:<10} {:>7} {:<7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7}  | {:<18} {}",
+            name(t),
+            human(size),
+            self.mode,
+            us(lat.min_ns()),
+            us(lat.median_ns()),
+            us(lat.p(99.0)),
+            us(lat.p(99.9)),
+            us(lat.max_ns()),
+            us(lat.stdev_ns()),
+            format!("{} ({})", us(floor.median_ns()), times(ratio_floor)),
+            if ratio_tcp >= 1.0 {
+                format!("{} ({} below)", us(tcp.median_ns()), times(ratio_tcp))
+            } else {
+                format!(
+                    "{} ({} above: slower)",
+                    us(tcp.median_ns()),
+                    times(1.0 / ratio_tcp)
+                )
+            },
+        );
+        if full && ratio_floor < 1.0 {
+            self.note(
+                "read_lat below the floor: on the soft fabric an RDMA read is a copy the \
+                 initiator's own thread makes at post time; no second core takes part, so one \
+                 read round trip can be cheaper than the cache-line floor of two core crossings",
+            );
+        }
+        if lat.p(99.9) > 100.0 * lat.median_ns() {
+            self.note(
+                "t_p99.9/t_max of milliseconds are scheduler preemptions of a spinning side \
+                 (2 shared vCPUs), not engine stalls; compare t_typ",
+            );
+        }
+        if let Some(dir) = &self.cli.hgrm {
+            let path = dir.join(format!("{}_{}.hgrm", name(t), size));
+            std::fs::write(&path, lat.hgrm()).map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        // One curve per test and size; in a sweep (-a) only the smallest
+        // size's, or the chart would be unreadable.
+        if !self.cli.all || size == 2 {
+            self.curves.push((
+                format!("{} {}", name(t), human(size)),
+                lat.percentile_curve(),
+            ));
+        }
+        self.results.push(json!({
+            "test": name(t), "size": size, "mode": self.mode, "iters": n,
+            "round_trip": if full { "full" } else { "half" },
+            "lat_ns": lat.json(), "floor_ns": floor.json(), "floor_copy_ns": copy_ns, "tcp_ns": tcp.json(),
+            "tcp_placement": tcp_where,
+            "tcp_by_placement_ns": tcp_all.iter().map(|(w, l)| (w.to_string(), l.json())).collect::<serde_json::Map<_, _>>(),
+            "ratio_floor": ratio_floor, "ratio_tcp": ratio_tcp,
+        }));
+        Ok(())
+    }
+
+    fn bandwidth(&mut self, t: Test, size: usize) -> Result<(), String> {
+        let run = |msgs: usize| -> Result<Bw, String> {
+            match t {
+                Test::SendBw => self.bench.send_bw(size, msgs),
+                Test::WriteBw => self.bench.write_bw(size, msgs),
+                _ => self.bench.read_bw(size, msgs),
+            }
+            .map_err(|e| format!("{} {}: {e}", name(t), human(size)))
+        };
+        let run = |msgs: usize| fresh(|| run(msgs));
+        let msgs = match (self.cli.iters, self.cli.duration) {
+            (Some(n), _) => n,
+            (None, Some(d)) => {
+                let probe = run(4 * engine::WINDOW)?;
+                ((d * probe.msgs as f64 / probe.secs) as usize).clamp(engine::WINDOW, 1 << 30)
+            }
+            (None, None) => (self.bw_bytes / size.max(1)).clamp(1_000, 4_000_000),
+        };
+        let per_round = msgs.div_ceil(BW_ROUNDS);
+        let mut eng = Vec::new();
+        let mut mem = Vec::new();
+        for _ in 0..BW_ROUNDS {
+            let b = run(per_round)?;
+            // memcpy for as long as the engine round took (at least 20 ms).
+            let cores = self.cores;
+            let m = fresh(|| {
+                baseline::pin(cores.map(|c| c.0));
+                baseline::memcpy_bw(size, Duration::from_secs_f64(b.secs.max(0.02)))
+            });
+            eng.push(b);
+            mem.push(m);
+        }
+        let tcp_time = Duration::from_millis(match (self.cli.quick, self.cli.all) {
+            (true, _) => 100,
+            (false, true) => 150,
+            (false, false) => 300,
+        });
+        let tcp_all = tcp_placements(self.cores, |c| baseline::tcp_bw(c, size, tcp_time));
+        let (tcp_where, tcp) = tcp_all
+            .iter()
+            .max_by(|a, b| a.1.mb_s().total_cmp(&b.1.mb_s()))
+            .expect("a TCP placement");
+        let mid = |v: &[Bw]| -> (f64, f64) {
+            let mut x: Vec<(f64, f64)> = v.iter().map(|b| (b.mb_s(), b.mmsg_s())).collect();
+            x.sort_by(|a, b| a.0.total_cmp(&b.0));
+            x[x.len() / 2]
+        };
+        let (mb, mmsg) = mid(&eng);
+        let (mem_mb, _) = mid(&mem);
+        self.header(Kind::Bw);
+        let ratio_memcpy = mb / mem_mb;
+        let ratio_tcp = mb / tcp.mb_s();
+        println!(
+            "{:<10} {:>7} {:<7} {:>10.0} {:>10.3}  | {:<24} {:.0} ({})",
+            name(t),
+            human(size),
+            self.mode,
+            mb,
+            mmsg,
+            format!("{mem_mb:.0} ({})", times(ratio_memcpy)),
+            tcp.mb_s(),
+            times(ratio_tcp),
+        );
+        if t == Test::SendBw && size >= 1 << 16 && ratio_memcpy < 0.5 {
+            self.note(
+                "send_bw below memcpy: the soft NIC copies a send in whichever thread posts \
+                 second (the send, or the receive it waited for), so both cores copy through \
+                 the same buffers and their cache lines move between cores",
+            );
+        }
+        match self.bw_points.iter_mut().find(|(l, _)| l == name(t)) {
+            Some((_, pts)) => pts.push((size as f64, mb)),
+            None => self
+                .bw_points
+                .push((name(t).to_string(), vec![(size as f64, mb)])),
+        }
+        let rounds: Vec<Value> = eng
+            .iter()
+            .zip(&mem)
+            .map(|(e, m)| json!({"mb_s": e.mb_s(), "msgs": e.msgs, "secs": e.secs, "memcpy_mb_s": m.mb_s()}))
+            .collect();
+        self.results.push(json!({
+            "test": name(t), "size": size, "mode": self.mode, "msgs": per_round * BW_ROUNDS,
+            "window": engine::WINDOW,
+            "mb_s": mb, "mmsg_s": mmsg, "memcpy_mb_s": mem_mb, "tcp_mb_s": tcp.mb_s(),
+            "tcp_placement": tcp_where,
+            "tcp_by_placement_mb_s": tcp_all.iter().map(|(w, b)| (w.to_string(), json!(b.mb_s()))).collect::<serde_json::Map<_, _>>(),
+            "ratio_memcpy": ratio_memcpy, "ratio_tcp": ratio_tcp, "rounds": rounds,
+        }));
+        Ok(())
+    }
+
+    fn note(&mut self, n: &'static str) {
+        if !self.notes.contains(&n) {
+            self.notes.push(n);
+        }
+    }
+}
+
+/// Runs a TCP baseline in each placement of its two threads: on the
+/// engine's two cores, both on the first of them, and unpinned (the
+/// scheduler often puts a blocking ping-pong on one core, which is faster
+/// than two on this VM). The table shows the best: the alternative a user
+/// could have.
+fn tcp_placements<T: Send>(cores: Cores, f: impl Fn(Cores) -> T + Sync) -> Vec<(&'static str, T)> {
+    let mut v = Vec::new();
+    if let Some((a, b)) = cores {
+        v.push(("same_cores", fresh(|| f(Some((a, b))))));
+        if a != b {
+            v.push(("one_core", fresh(|| f(Some((a, a))))));
+        }
+    }
+    v.push(("unpinned", fresh(|| f(None))));
+    v
+}
+
+/// Runs `f` on a new thread: benchmarks pin the thread they run on, and
+/// the main thread stays unpinned (threads inherit its affinity).
+fn fresh<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| s.spawn(f).join().expect("benchmark thread panicked"))
+}
+
 /// A one-line progress note on stderr, only when it is a terminal; the next
-/// table line overwrites it.
+/// table line overwrites it (an empty note clears it).
 fn progress(what: &str) {
     use std::io::IsTerminal;
     let mut err = std::io::stderr();
@@ -278,41 +624,24 @@ fn progress(what: &str) {
     }
 }
 
-fn print_lat(t: Test, size: usize, l: &Lat, floor: &Lat, tcp: &Lat) {
-    println!(
-        "{:<10} {:>8}  {:>9} {:>9} {:>9} {:>9} {:>9} {:>8}  | floor {} ({:.1}x)  tcp {} ({:.0}x below)",
-        name(t),
-        human(size),
-        us(l.min_ns()),
-        us(l.median_ns()),
-        us(l.p(99.0)),
-        us(l.p(99.9)),
-        us(l.max_ns()),
-        us(l.stdev_ns()),
-        us(floor.median_ns()),
-        l.median_ns() / floor.median_ns(),
-        us(tcp.median_ns()),
-        tcp.median_ns() / l.median_ns(),
-    );
-}
-
-fn print_bw(t: Test, size: usize, b: &Bw, memcpy: &Bw, tcp: &Bw) {
-    println!(
-        "{:<10} {:>8}  {:>9.0} MB/s {:>7.3} Mmsg/s {:>23}  | memcpy {:.0} MB/s ({:.2}x)  tcp {:.0} MB/s ({:.1}x)",
-        name(t),
-        human(size),
-        b.mb_s(),
-        b.mmsg_s(),
-        "",
-        memcpy.mb_s(),
-        b.mb_s() / memcpy.mb_s(),
-        tcp.mb_s(),
-        b.mb_s() / tcp.mb_s(),
-    );
-}
-
+/// Microseconds with about four significant digits.
 fn us(ns: f64) -> String {
-    format!("{:.3}us", ns / 1000.0)
+    let v = ns / 1000.0;
+    match v {
+        v if v < 10.0 => format!("{v:.3}"),
+        v if v < 100.0 => format!("{v:.2}"),
+        v if v < 1000.0 => format!("{v:.1}"),
+        v => format!("{v:.0}"),
+    }
+}
+
+/// A ratio as `2.2x` / `27x`.
+fn times(r: f64) -> String {
+    if r < 10.0 {
+        format!("{r:.2}x")
+    } else {
+        format!("{r:.0}x")
+    }
 }
 
 fn name(t: Test) -> &'static str {
@@ -330,18 +659,51 @@ fn name(t: Test) -> &'static str {
 
 fn human(n: usize) -> String {
     match n {
-        n if n >= 1 << 20 && n % (1 << 20) == 0 => format!("{} MiB", n >> 20),
-        n if n >= 1 << 10 && n % (1 << 10) == 0 => format!("{} KiB", n >> 10),
-        n => format!("{n} B"),
+        n if n >= 1 << 20 && n % (1 << 20) == 0 => format!("{}MiB", n >> 20),
+        n if n >= 1 << 10 && n % (1 << 10) == 0 => format!("{}KiB", n >> 10),
+        n => format!("{n}B"),
     }
 }
 
+/// `git rev-parse --short HEAD` of the source tree this was built from,
+/// `-dirty` when it has uncommitted changes; None without git.
 fn git_rev() -> Option<String> {
-    let out = std::process::Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let rev = git(&["rev-parse", "--short", "HEAD"])?;
+    let dirty =
+        git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+    Some(if dirty { format!("{rev}-dirty") } else { rev })
+}
+
+fn loadavg() -> Vec<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| {
+            s.split_whitespace()
+                .take(3)
+                .filter_map(|x| x.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn cpu_model() -> Option<String> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("model name"))?;
+    Some(line.split_once(':')?.1.trim().to_string())
+}
+
+fn kernel() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .ok()
+        .map(|s| s.trim().to_string())
 }

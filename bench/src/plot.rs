@@ -131,7 +131,7 @@ fn chart(
     out
 }
 
-/// Latency percentile curves: series of (percentile in [0,1], µs).
+/// Latency percentile curves up to p99.9: series of (percentile in [0,1], µs).
 pub fn latency(series: &[Series]) -> String {
     let mapped: Vec<Series> = series
         .iter()
@@ -139,7 +139,9 @@ pub fn latency(series: &[Series]) -> String {
             (
                 l.clone(),
                 pts.iter()
-                    .filter(|p| p.0 < 1.0)
+                    // Up to p99.9: beyond it, preemptions of a spinning
+                    // side (milliseconds) would flatten every curve.
+                    .filter(|p| p.0 <= 0.999)
                     .map(|&(q, v)| (1.0 / (1.0 - q), v))
                     .collect(),
             )

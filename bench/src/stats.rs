@@ -19,9 +19,24 @@ impl Lat {
         Lat { samples, hist }
     }
 
+    /// All samples of `parts` in one distribution.
+    pub fn merge(parts: &[Lat]) -> Lat {
+        Lat::new(
+            parts
+                .iter()
+                .flat_map(|l| l.samples.iter().copied())
+                .collect(),
+        )
+    }
+
     /// The same distribution times `k` (the floor of a full round trip).
     pub fn scaled(&self, k: f64) -> Lat {
         Lat::new(self.samples.iter().map(|s| s * k).collect())
+    }
+
+    /// The same distribution plus `ns` (a fixed cost added to every sample).
+    pub fn shifted(&self, ns: f64) -> Lat {
+        Lat::new(self.samples.iter().map(|s| s + ns).collect())
     }
 
     pub fn median_ns(&self) -> f64 {
