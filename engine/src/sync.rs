@@ -1,6 +1,6 @@
 //! The synchronisation primitives of the engine's hand-written concurrent
-//! structures (today: the completion [`ring`](crate::ring)), behind one
-//! facade so the same source runs both natively and under the [loom] model
+//! structures (the completion [`ring`](crate::ring), the op slab and the
+//! close gate of the SPI), behind one facade so the same source runs both natively and under the [loom] model
 //! checker.
 //!
 //! loom explores every interleaving (and every permitted reordering) of a
@@ -25,7 +25,7 @@ pub use loom::{
     cell::UnsafeCell,
     sync::{
         atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
-        Arc,
+        Arc, Mutex, MutexGuard,
     },
     thread,
 };
@@ -34,7 +34,7 @@ pub use loom::{
 pub use std::{
     sync::{
         atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
-        Arc,
+        Arc, Mutex, MutexGuard,
     },
     thread,
 };

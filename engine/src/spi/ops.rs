@@ -15,10 +15,9 @@
 use super::socket::Socket;
 use super::types::Overlapped;
 use crate::mem::table::RegRef;
-use crossbeam_utils::CachePadded;
+use crate::sync::{AtomicU32, AtomicU64, AtomicUsize, CachePadded, Mutex, MutexGuard, Ordering};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, PoisonError};
 
 /// Most buffers one op may name (the soft NIC's and the config's SGE limit).
 pub const MAX_SGE: usize = 16;
@@ -64,10 +63,11 @@ pub struct OpState {
     pub regs: [Option<RegRef>; MAX_SGE],
 }
 
-struct Slot {
+struct Slot<S> {
     /// Generation of the op currently (or last) in the slot. Written only by
-    /// the owner of the slot (the thread that popped it) before the op's work
-    /// request is posted; read by the completing thread.
+    /// the owner of the slot (the thread that popped it) before it fills the
+    /// state; read by the completing thread under the state's lock, which
+    /// orders it after that write.
     generation: AtomicU32,
     /// Next free slot while this one is on the free list; meaningless
     /// otherwise. Written by the pusher before the head CAS publishes it.
@@ -75,12 +75,13 @@ struct Slot {
     /// The op's private state while it is pending. Locked once by the
     /// starter (fill) and once by the completer (take); never contended in
     /// practice.
-    state: Mutex<Option<OpState>>,
+    state: Mutex<Option<S>>,
 }
 
-/// A fixed set of op slots.
-pub struct OpSlab {
-    slots: Box<[Slot]>,
+/// A fixed set of op slots, each holding the private state `S` of a pending
+/// op (the SPI's [`OpState`]; the loom models use plain numbers).
+pub struct OpSlab<S = OpState> {
+    slots: Box<[Slot<S>]>,
     /// Free-list heads: low 32 bits the top slot index (or `NIL`), high 32
     /// bits a tag incremented by every successful push or pop. List `l` holds
     /// only slots `i` with `i % heads.len() == l`.
@@ -104,12 +105,12 @@ impl Reserved {
     }
 }
 
-impl OpSlab {
+impl<S> OpSlab<S> {
     /// `size` slots spread over `lists` free lists.
-    pub fn new(size: usize, lists: usize) -> OpSlab {
+    pub fn new(size: usize, lists: usize) -> OpSlab<S> {
         assert!(size > 0 && size < NIL as usize, "op slab size out of range");
         let lists = lists.clamp(1, size);
-        let slots: Box<[Slot]> = (0..size)
+        let slots: Box<[Slot<S>]> = (0..size)
             .map(|i| Slot {
                 generation: AtomicU32::new(0),
                 next: AtomicU32::new(if i + lists < size {
@@ -167,12 +168,12 @@ impl OpSlab {
     }
 
     /// Stores the op's state in its reserved slot (before posting).
-    pub fn fill(&self, r: &Reserved, state: OpState) {
+    pub fn fill(&self, r: &Reserved, state: S) {
         *self.lock(r.index) = Some(state);
     }
 
     /// Returns a reserved slot whose op was never started.
-    pub fn cancel(&self, r: Reserved) -> Option<OpState> {
+    pub fn cancel(&self, r: Reserved) -> Option<S> {
         let state = self.lock(r.index).take();
         self.release(r.index);
         state
@@ -180,14 +181,21 @@ impl OpSlab {
 
     /// Takes the state of the op named by `wr_id` and frees its slot. `None`
     /// if the id is stale or unknown (never for a completion of a posted op).
-    pub fn complete(&self, wr_id: u64) -> Option<OpState> {
+    pub fn complete(&self, wr_id: u64) -> Option<S> {
         let index = wr_id as u32;
         let generation = (wr_id >> 32) as u32;
         let slot = self.slots.get(index as usize)?;
+        let mut guard = self.lock(index);
+        // Compared under the slot's lock: a state found here was stored by
+        // `fill` under the same lock, after its reserve wrote the
+        // generation, so a stale id can never take a later op's state (the
+        // loom model `stale_completion_never_takes_a_later_op` found that a
+        // check before locking could read the old generation).
         if slot.generation.load(Ordering::Relaxed) != generation {
             return None;
         }
-        let state = self.lock(index).take()?;
+        let state = guard.take()?;
+        drop(guard);
         self.release(index);
         Some(state)
     }
@@ -200,7 +208,7 @@ impl OpSlab {
             .sum::<usize>()
     }
 
-    fn lock(&self, index: u32) -> std::sync::MutexGuard<'_, Option<OpState>> {
+    fn lock(&self, index: u32) -> MutexGuard<'_, Option<S>> {
         // OpState has no invariant a panic could break half-way.
         self.slots[index as usize]
             .state
@@ -230,13 +238,13 @@ impl OpSlab {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
 
     #[test]
     fn reserve_all_then_exhausted_then_reuse_with_new_generation() {
-        let slab = OpSlab::new(3, 2);
+        let slab = OpSlab::<u32>::new(3, 2);
         let a = slab.reserve(0).unwrap();
         let b = slab.reserve(0).unwrap();
         let c = slab.reserve(1).unwrap();
@@ -255,7 +263,7 @@ mod tests {
 
     #[test]
     fn concurrent_reserve_release_never_hands_out_a_slot_twice() {
-        let slab = Arc::new(OpSlab::new(8, 2));
+        let slab = Arc::new(OpSlab::<u32>::new(8, 2));
         let owners: Arc<Vec<AtomicU32>> = Arc::new((0..8).map(|_| AtomicU32::new(0)).collect());
         let threads: Vec<_> = (0..4)
             .map(|_| {
@@ -277,5 +285,95 @@ mod tests {
             t.join().unwrap();
         }
         assert_eq!(slab.in_use(), 0);
+    }
+}
+
+/// loom models of the slab: slots are never handed out twice, and a
+/// completion takes its op's state exactly once, never a later op's.
+#[cfg(all(test, loom))]
+mod loom_models {
+    use super::*;
+    use loom::thread;
+
+    /// Explores `f` (preemptions bounded at 3) and prints the executions.
+    fn model(name: &str, f: impl Fn() + Sync + Send + 'static) {
+        let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = runs.clone();
+        let mut b = loom::model::Builder::new();
+        b.preemption_bound = Some(3);
+        b.check(move || {
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            f();
+        });
+        eprintln!(
+            "loom model {name}: {} executions",
+            runs.load(std::sync::atomic::Ordering::Relaxed)
+        );
+    }
+
+    /// Two threads reserve and release from one free list of two slots
+    /// (the ABA pattern: a pop whose `next` went stale must fail its CAS);
+    /// each checks it owns its slot alone while it holds it.
+    #[test]
+    fn loom_concurrent_reserve_release_never_shares_a_slot() {
+        model("concurrent_reserve_release_never_shares_a_slot", || {
+            let slab = loom::sync::Arc::new(OpSlab::<u32>::new(2, 1));
+            let worker = |slab: loom::sync::Arc<OpSlab<u32>>, me: u32| {
+                for _ in 0..2 {
+                    if let Some(r) = slab.reserve(0) {
+                        slab.fill(&r, me);
+                        assert_eq!(slab.cancel(r), Some(me), "slot shared");
+                    }
+                }
+            };
+            let other = slab.clone();
+            let t = thread::spawn(move || worker(other, 1));
+            worker(slab.clone(), 2);
+            t.join().unwrap();
+            assert_eq!(slab.in_use(), 0);
+            let a = slab.reserve(0).unwrap();
+            let b = slab.reserve(0).unwrap();
+            assert_ne!(a.index, b.index, "free list corrupted");
+            assert!(slab.reserve(0).is_none(), "a slot listed twice");
+        });
+    }
+
+    /// A completion (on a poller thread) races the reuse of its slot: an op
+    /// is started and completed, and a stale completion for it arrives while
+    /// another thread reserves the slot for a new op. The new op's state is
+    /// never taken by the stale id, and each state is taken once.
+    #[test]
+    fn loom_stale_completion_never_takes_a_later_op() {
+        model("stale_completion_never_takes_a_later_op", || {
+            let slab = loom::sync::Arc::new(OpSlab::<u32>::new(1, 1));
+            let first = slab.reserve(0).unwrap();
+            let old_id = first.wr_id();
+            slab.fill(&first, 1);
+            let poller = {
+                let slab = slab.clone();
+                thread::spawn(move || {
+                    let a = slab.complete(old_id);
+                    let b = slab.complete(old_id);
+                    (a, b)
+                })
+            };
+            let starter = {
+                let slab = slab.clone();
+                thread::spawn(move || {
+                    let r = slab.reserve(0)?;
+                    slab.fill(&r, 2);
+                    Some(r.wr_id())
+                })
+            };
+            let (a, b) = poller.join().unwrap();
+            let new_id = starter.join().unwrap();
+            assert_eq!(a, Some(1), "the completion takes its own op");
+            assert_eq!(b, None, "exactly once");
+            if let Some(id) = new_id {
+                assert_ne!(id, old_id);
+                assert_eq!(slab.complete(id), Some(2), "the new op is intact");
+            }
+            assert_eq!(slab.in_use(), 0);
+        });
     }
 }
