@@ -19,6 +19,7 @@
 //! and was completed with `WSA_OPERATION_ABORTED`, its memory freed first →
 //! release the registrations → `close_socket_handle`, the last upcall.
 
+mod gate;
 mod ops;
 mod socket;
 mod types;
@@ -266,7 +267,7 @@ impl Provider {
         // close still reports its ops as aborted, not reset (START-7).
         let sockets = self.inner.sockets.all();
         for s in &sockets {
-            s.closing.store(true, Ordering::SeqCst);
+            s.gate.shut();
         }
         for s in sockets {
             let _ = self.close_socket(s.desc);
@@ -528,7 +529,7 @@ impl Provider {
                 }
             }
         };
-        if listener.pending() > 0 && !sock.closing.load(Ordering::SeqCst) {
+        if listener.pending() > 0 && !sock.gate.is_closing() {
             let mut c = sock.ctl();
             c.record(FD_ACCEPT_BIT, 0);
         }
@@ -921,7 +922,7 @@ impl Provider {
     pub fn close_socket(&self, s: ProviderSocket) -> WsaResult<()> {
         let run = self.inner.running()?;
         let sock = self.inner.sockets.remove(s)?;
-        sock.closing.store(true, Ordering::SeqCst);
+        sock.gate.shut();
         let (listener, attempt) = {
             let mut c = sock.ctl();
             c.event = None;
@@ -953,10 +954,12 @@ impl Provider {
         if self
             .inner
             .wait_for(&run, Some(deadline), sock.cq_index(), || {
-                sock.inflight.load(Ordering::SeqCst) == 0
+                sock.gate.is_quiet()
             })
         {
-            self.inner.finalize(&sock);
+            if sock.gate.claim_finalize() {
+                self.inner.finalize(&sock);
+            }
         } else {
             self.inner.defer_finalize(&sock);
         }
@@ -976,7 +979,7 @@ fn connect_done(sock: &Socket, result: Result<Arc<dyn QueuePair>, ConnectError>)
     let mut c = sock.ctl();
     // Under the ctl lock: close either already marked the socket (we tear
     // the new connection down, signal nothing) or will find the queue pair.
-    if sock.closing.load(Ordering::SeqCst) {
+    if sock.gate.is_closing() {
         drop(c);
         if let Ok(qp) = result {
             qp.set_error();
@@ -1192,11 +1195,9 @@ impl Inner {
         if total > u64::from(max_total) {
             return Err(WsaError::WSAEMSGSIZE);
         }
-        // Close gate: either close sees this op in `inflight`, or we see
-        // `closing` (both SeqCst).
-        sock.inflight.fetch_add(1, Ordering::SeqCst);
-        if sock.closing.load(Ordering::SeqCst) {
-            self.op_finished(&sock);
+        // Either close counts this op, or we see it closing (gate.rs).
+        if let Err(left) = sock.gate.enter() {
+            self.finish_close(&sock, left.finalize);
             return Err(WsaError::WSAENOTSOCK);
         }
         let Some(slot) = self.ops.reserve(sock.cq_index().unwrap_or(0)) else {
@@ -1228,9 +1229,13 @@ impl Inner {
 
     /// An op of `sock` is over (completed, or never started).
     fn op_finished(&self, sock: &Arc<Socket>) {
-        if sock.inflight.fetch_sub(1, Ordering::SeqCst) == 1
-            && sock.defer_finalize.load(Ordering::SeqCst)
-        {
+        let left = sock.gate.leave();
+        self.finish_close(sock, left.finalize);
+    }
+
+    /// Finalizes `sock` if the gate handed this thread the finalization.
+    fn finish_close(&self, sock: &Arc<Socket>, finalize: bool) {
+        if finalize {
             self.finalize(sock);
         }
     }
@@ -1247,7 +1252,7 @@ impl Inner {
             overlapped,
             regs,
         } = op;
-        let (error, bytes) = if socket.closing.load(Ordering::SeqCst) {
+        let (error, bytes) = if socket.gate.is_closing() {
             (WsaError::WSA_OPERATION_ABORTED.code() as u32, 0)
         } else if wc.status == WcStatus::Success {
             (0, wc.byte_len)
@@ -1333,20 +1338,15 @@ impl Inner {
     }
 
     fn defer_finalize(&self, sock: &Arc<Socket>) {
-        sock.defer_finalize.store(true, Ordering::SeqCst);
-        if sock.inflight.load(Ordering::SeqCst) == 0 {
-            self.finalize(sock);
-        }
+        let now = sock.gate.defer();
+        self.finish_close(sock, now);
     }
 
     /// Last steps of close, once no op of `sock` is outstanding: release its
     /// registrations, then the final upcall (through the socket's own switch,
-    /// so it happens even when the provider was cleaned up meanwhile). Runs
-    /// exactly once.
+    /// so it happens even when the provider was cleaned up meanwhile). Called
+    /// exactly once per socket, by whoever claimed it from the gate.
     fn finalize(&self, sock: &Arc<Socket>) {
-        if sock.finalized.swap(true, Ordering::SeqCst) {
-            return;
-        }
         self.table.release_owner(&sock.regs);
         let _ = sock.run.switch.close_socket_handle(sock.handle);
         self.completed.notify();

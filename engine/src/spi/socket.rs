@@ -6,6 +6,7 @@
 //! its duration. Nothing of a socket is released before `close_socket`
 //! (spec §6.1 step 5): peer-detected failures only change `fail`.
 
+use super::gate::CloseGate;
 use super::types::{NetworkEvents, ProviderSocket, SwitchHandle, FD_ACCEPT, FD_CONNECT};
 use super::Running;
 use crate::error::{WsaError, WsaResult};
@@ -69,21 +70,13 @@ pub struct Socket {
     /// final upcall goes to it even if the provider was cleaned up before
     /// the socket's teardown ended), its progress serves `progress_socket`.
     pub run: Arc<Running>,
-    /// Set once by `close_socket`; ops started after it fail, completions
-    /// processed after it report `WSA_OPERATION_ABORTED`.
-    pub closing: AtomicBool,
-    /// Ops started and not yet completed. Incremented before `closing` is
-    /// checked and decremented after the op's completion was signalled;
-    /// close waits for 0 (SeqCst on both sides, Dekker style).
-    pub inflight: AtomicUsize,
+    /// Close against op start and completion: ops started after close fail,
+    /// completions processed after it report `WSA_OPERATION_ABORTED`, and
+    /// finalization runs once, after the last op (see [`CloseGate`]).
+    pub gate: CloseGate,
     /// First failure of the connection (Winsock code), 0 while healthy.
     /// Later calls fail with it (spec §7-5).
     pub fail: AtomicI32,
-    /// Close could not wait for `inflight` to drain: whoever brings it to 0
-    /// finalizes.
-    pub defer_finalize: AtomicBool,
-    /// Finalization (registrations released, close-handle upcall) happened.
-    pub finalized: AtomicBool,
     /// This socket's registrations (data-path lookups take only its lock).
     pub regs: Arc<OwnerRegs>,
     /// The connection's queue pair, set once when connected.
@@ -109,11 +102,8 @@ impl Socket {
             desc,
             handle,
             run,
-            closing: AtomicBool::new(false),
-            inflight: AtomicUsize::new(0),
+            gate: CloseGate::default(),
             fail: AtomicI32::new(0),
-            defer_finalize: AtomicBool::new(false),
-            finalized: AtomicBool::new(false),
             regs,
             qp: OnceLock::new(),
             ctl: Mutex::new(Control {
@@ -188,11 +178,11 @@ pub struct SocketListenerEvents(pub Weak<Socket>);
 impl ListenerEvents for SocketListenerEvents {
     fn request_arrived(&self) {
         if let Some(s) = self.0.upgrade() {
-            if s.closing.load(Ordering::SeqCst) {
+            if s.gate.is_closing() {
                 return;
             }
             let mut c = s.ctl();
-            if !s.closing.load(Ordering::SeqCst) {
+            if !s.gate.is_closing() {
                 c.record(super::types::FD_ACCEPT_BIT, 0);
             }
         }
