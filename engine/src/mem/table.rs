@@ -64,8 +64,12 @@ use crate::mem::region::check_mapped;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::num::NonZeroU64;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+// The refcount protocol (`LocalShared::in_use`, the locks, the shared NIC
+// registration) goes through the sync facade so that loom can check it; the
+// owner handles and the NIC stay plain `std::sync::Arc`s.
+use crate::sync::{self, AtomicUsize, Mutex, MutexGuard, Ordering};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, PoisonError};
 
 /// Names a socket for the table. Never reused within a table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -232,7 +236,7 @@ struct Entry {
     key: EntryKey,
     /// The NIC registration. Immutable; the entry's reference is dropped
     /// when the entry is removed from the table.
-    region: Arc<NicRegion>,
+    region: sync::Arc<NicRegion>,
     /// Sum of the counts of all associations naming this entry. Invariant:
     /// `total == 0` ⇔ `cached.is_some()` (an entry that reaches zero and is
     /// not cached is removed at once).
@@ -287,7 +291,7 @@ struct LocalShared {
     /// and none can start holding it before the lock is released.
     in_use: AtomicUsize,
     /// Keeps the NIC registration alive while any `RegRef` exists.
-    _region: Arc<NicRegion>,
+    _region: sync::Arc<NicRegion>,
 }
 
 /// A local association (`WSPRegisterMemory`) of one owner.
@@ -300,7 +304,7 @@ struct LocalAssoc {
     count: u64,
     /// Identity, in-use counter and NIC registration, shared with the
     /// association's `RegRef`s.
-    shared: Arc<LocalShared>,
+    shared: sync::Arc<LocalShared>,
 }
 
 /// An exposure (`WSPRegisterRdmaMemory`) of one owner.
@@ -386,7 +390,7 @@ impl fmt::Debug for OwnerRegs {
 /// A data operation's hold on a local registration: keeps the association
 /// "in use" (it cannot be deregistered) and the NIC registration alive until
 /// dropped. Cloning or dropping costs one atomic add plus an `Arc` count.
-pub struct RegRef(Arc<LocalShared>);
+pub struct RegRef(sync::Arc<LocalShared>);
 
 impl RegRef {
     /// The local key for scatter/gather entries.
@@ -515,7 +519,7 @@ impl TableState {
             id,
             Entry {
                 key,
-                region: Arc::new(NicRegion {
+                region: sync::Arc::new(NicRegion {
                     nic: nic.clone(),
                     lkey: keys.lkey,
                 }),
@@ -696,7 +700,7 @@ impl RegistrationTable {
             LocalAssoc {
                 entry: id,
                 count: 1,
-                shared: Arc::new(LocalShared {
+                shared: sync::Arc::new(LocalShared {
                     lkey: region.lkey,
                     addr,
                     len,
@@ -947,7 +951,7 @@ impl RegistrationTable {
 
 /// Marks the association in use and hands out a reference to it. Called
 /// with the owner lock held (see `LocalShared::in_use`).
-fn take_ref(s: &Arc<LocalShared>) -> RegRef {
+fn take_ref(s: &sync::Arc<LocalShared>) -> RegRef {
     s.in_use.fetch_add(1, Ordering::Relaxed);
     RegRef(s.clone())
 }
@@ -2355,6 +2359,89 @@ mod tests {
             fn table_matches_model(cfg in cfg(), ops in proptest::collection::vec(op(), 1..80)) {
                 run(cfg, ops)?;
             }
+        }
+    }
+
+    /// loom models of the registration refcount: two sockets sharing one
+    /// NIC registration, a transfer holding it, deregistrations and a cache
+    /// invalidation in every interleaving. The fake NIC panics on a double
+    /// deregistration or one with remote keys bound.
+    #[cfg(loom)]
+    mod loom_models {
+        use super::*;
+        use loom::thread;
+
+        /// Explores `f` (preemptions bounded at 3) and prints the executions.
+        fn model(name: &str, f: impl Fn() + Sync + Send + 'static) {
+            let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let counter = runs.clone();
+            let mut b = loom::model::Builder::new();
+            b.preemption_bound = Some(3);
+            b.check(move || {
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                f();
+            });
+            eprintln!(
+                "loom model {name}: {} executions",
+                runs.load(std::sync::atomic::Ordering::Relaxed)
+            );
+        }
+
+        /// Sockets A and B register the same buffer (one entry, total 2).
+        /// A's transfer holds the registration while A tries to deregister
+        /// (MEM-3: refused), B deregisters (MEM-2: the region stays, A
+        /// still counts) and the application invalidates the range
+        /// (CACHE-2) — concurrently. The NIC region stays registered while
+        /// the transfer holds it, and once everything settled it is
+        /// released exactly once, whether the invalidation found it live
+        /// (doomed) or cached.
+        fn shared_registration(cache: bool) {
+            let f = Arc::new(Fx::new(cache_cfg(cache)));
+            let (a, b) = (f.t.new_owner(OwnerId(1)), f.t.new_owner(OwnerId(2)));
+            let ha = f.reg(&a, 0, 4096, RW).unwrap();
+            let hb = f.reg(&b, 0, 4096, RW).unwrap();
+            let socket_a = {
+                let (f, a) = (f.clone(), a.clone());
+                thread::spawn(move || {
+                    let op = f.t.acquire_handle(&a, ha, f.at(0), 4096, ANY).unwrap();
+                    assert!(
+                        f.nic.region(op.lkey()).is_some(),
+                        "region released under a transfer"
+                    );
+                    assert_eq!(f.t.deregister_memory(&a, ha), Err(WSAEINVAL));
+                    assert!(f.nic.region(op.lkey()).is_some());
+                    drop(op);
+                    f.t.deregister_memory(&a, ha).unwrap();
+                })
+            };
+            let socket_b = {
+                let (f, b) = (f.clone(), b.clone());
+                thread::spawn(move || f.t.deregister_memory(&b, hb).unwrap())
+            };
+            // Ok if it found the entry cached (and dropped it), EINVAL if
+            // the entry was live (then it is doomed).
+            let _ = f.t.cache_callback(f.at(0), 4096);
+            socket_a.join().unwrap();
+            socket_b.join().unwrap();
+            let st = f.t.stats();
+            assert_eq!(st.live_entries, 0);
+            assert_eq!(st.cached_entries, 0, "an invalidated range stays cached");
+            assert_eq!(f.live(), 0, "the NIC region leaked");
+            assert_eq!(f.nic_regs(), 1, "one NIC registration for both sockets");
+        }
+
+        #[test]
+        fn loom_shared_registration_with_cache() {
+            model("shared_registration_with_cache", || {
+                shared_registration(true)
+            });
+        }
+
+        #[test]
+        fn loom_shared_registration_without_cache() {
+            model("shared_registration_without_cache", || {
+                shared_registration(false)
+            });
         }
     }
 }
