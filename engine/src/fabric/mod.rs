@@ -229,6 +229,14 @@ pub trait QpEvents: Send + Sync {
     /// The peer closed, or the connection failed. Posted work requests have
     /// completed (or will complete) with an error; later posts flush.
     fn disconnected(&self);
+
+    /// Like `disconnected`, when this queue pair itself broke the connection
+    /// (one of its requests failed: a local error, transport retries
+    /// exhausted, its CQ overran) rather than the peer. A backend that
+    /// cannot tell the two apart calls `disconnected`.
+    fn failed(&self) {
+        self.disconnected();
+    }
 }
 
 /// Events of a listener, delivered with no NIC lock held.

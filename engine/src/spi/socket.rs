@@ -165,9 +165,18 @@ impl Socket {
 pub struct SocketQpEvents(pub Weak<Socket>);
 
 impl QpEvents for SocketQpEvents {
+    /// The peer tore the connection down (spec §7-5: `WSAECONNRESET`).
     fn disconnected(&self) {
         if let Some(s) = self.0.upgrade() {
             s.record_failure(WsaError::WSAECONNRESET);
+        }
+    }
+
+    /// Our own queue pair failed: a local transport failure (§7-5:
+    /// `WSAECONNABORTED`), also for the ops it flushed.
+    fn failed(&self) {
+        if let Some(s) = self.0.upgrade() {
+            s.record_failure(WsaError::WSAECONNABORTED);
         }
     }
 }

@@ -241,3 +241,42 @@ fn xfer_9_peer_teardown_resets_pending_receives() {
         assert_eq!(wait_ov(&h, ov).0, CONNRESET);
     }
 }
+
+/// §7-5 with §7-9: a send beyond the receiver-not-ready bound is a local
+/// transport failure of the sender. The failing send and every other op
+/// pending on the sender complete `WSAECONNABORTED` (never the peer-reset
+/// code, whatever thread dispatches first), and later calls there fail with
+/// it; the receiver's side of the broken connection reports `WSAECONNRESET`.
+#[test]
+fn xfer_rnr_overflow_is_connaborted_at_the_sender_and_connreset_at_the_receiver() {
+    for _ in 0..20 {
+        let mut config = test_config(PollerMode::Threads);
+        config.qp.rnr_queue_max = 2;
+        let h = Host::with_config(config);
+        let (c, s) = pair(&h, 5508);
+        let bc = buf(&h, c, 4096, MEM_READWRITE);
+        let bs = buf(&h, s, 4096, MEM_READWRITE);
+        let r = Overlapped::new(0);
+        recv(&h, c, &bc, 0, 64, &r).unwrap();
+        let sends: Vec<Overlapped> = (0..3).map(|_| Overlapped::new(0)).collect();
+        for (i, ov) in sends.iter().enumerate() {
+            send(&h, c, &bc, 1024 + i * 64, 64, ov).unwrap();
+        }
+        const ABORTED_CONN: u32 = WsaError::WSAECONNABORTED.code() as u32;
+        for ov in sends.iter().chain([&r]) {
+            assert_eq!(wait_ov(&h, ov).0, ABORTED_CONN);
+            assert_eq!(h.sw.completions_of(ov), 1);
+        }
+        let later = Overlapped::new(0);
+        assert_eq!(
+            send(&h, c, &bc, 0, 8, &later).unwrap_err(),
+            WsaError::WSAECONNABORTED
+        );
+        assert_eq!(
+            recv(&h, s, &bs, 0, 8, &later).unwrap_err(),
+            WsaError::WSAECONNRESET
+        );
+        h.p.close_socket(c).unwrap();
+        h.p.close_socket(s).unwrap();
+    }
+}

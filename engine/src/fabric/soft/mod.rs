@@ -28,8 +28,8 @@
 //!   (the engine's flow control is meant to keep sends from waiting).
 //! - **Errors**: a failing request breaks the connection: it completes with
 //!   its own status, the other outstanding requests of its end `Flushed`,
-//!   the peer's `RemoteDisconnected`, and both ends are told `disconnected`
-//!   once. `set_error` (local close) flushes the closing end and disconnects
+//!   the peer's `RemoteDisconnected`, and each end is told once: the
+//!   failing one `failed`, the other `disconnected`. `set_error` (local close) flushes the closing end and disconnects
 //!   the peer, which alone is told. Later posts complete at once with the
 //!   end's error status (`Flushed` after a local `set_error`).
 //! - **Completion queues** (`cq`): bounded lock-free queues. Every post that

@@ -129,8 +129,10 @@ pub(super) struct Link {
 struct Effects {
     /// CQ of end i must be woken.
     wake: [bool; 2],
-    /// End i must be told `disconnected`.
+    /// End i must be told `disconnected` (or `failed`, see below).
     tell: [bool; 2],
+    /// End i broke the connection itself: it is told `failed` instead.
+    failed: [bool; 2],
 }
 
 /// How a send met a receive.
@@ -196,10 +198,14 @@ impl Link {
         true
     }
 
-    /// A request of end `failed` failed: break, and tell both ends.
-    fn fail(&self, st: &mut LinkState, failed: usize, fx: &mut Effects) {
+    /// A request of end `failed` failed with `status`: break, and tell both
+    /// ends. The failing end is told `failed` when it detected the error
+    /// itself, `disconnected` when the peer did (it rejected a remote key or
+    /// a message); the other end is told `disconnected`.
+    fn fail(&self, st: &mut LinkState, failed: usize, status: WcStatus, fx: &mut Effects) {
         if self.break_link(st, failed, fx) {
             fx.tell = [true, true];
+            fx.failed[failed] = detected_locally(status);
         }
     }
 
@@ -310,7 +316,12 @@ impl Link {
         }
         self.complete(to, recv_id, recv_status, WcOpcode::Recv, 0, fx);
         self.complete(from, send_id, send_status, WcOpcode::Send, 0, fx);
-        self.fail(st, failed, fx);
+        let status = if failed == from {
+            send_status
+        } else {
+            recv_status
+        };
+        self.fail(st, failed, status, fx);
     }
 
     /// Runs the effects once no lock is held.
@@ -321,11 +332,22 @@ impl Link {
             }
         }
         for end in 0..2 {
-            if fx.tell[end] {
+            if fx.tell[end] && fx.failed[end] {
+                self.events[end].failed();
+            } else if fx.tell[end] {
                 self.events[end].disconnected();
             }
         }
     }
+}
+
+/// Whether an end whose request failed with `status` found the error itself
+/// (a local transport failure) rather than being told by the peer.
+fn detected_locally(status: WcStatus) -> bool {
+    !matches!(
+        status,
+        WcStatus::RemoteAccessError | WcStatus::RemoteInvalidRequest | WcStatus::RemoteDisconnected
+    )
 }
 
 /// The region tables of one or two NICs, read-locked in NIC-id order.
@@ -418,11 +440,11 @@ impl SoftQp {
                 };
                 if let Some(status) = local_error {
                     link.complete(me, wr.wr_id, status, opcode, 0, fx);
-                    link.fail(st, me, fx);
+                    link.fail(st, me, status, fx);
                 } else if st.sides[peer].rnr.len() >= st.sides[peer].rnr_max {
                     let status = WcStatus::RnrRetryExceeded;
                     link.complete(me, wr.wr_id, status, opcode, 0, fx);
-                    link.fail(st, me, fx);
+                    link.fail(st, me, status, fx);
                 } else {
                     st.sides[peer].rnr.push_back(wr.wr_id, wr.sges);
                 }
@@ -439,7 +461,7 @@ impl SoftQp {
                 };
                 link.complete(me, wr.wr_id, status, opcode, len, fx);
                 if status != WcStatus::Success {
-                    link.fail(st, me, fx);
+                    link.fail(st, me, status, fx);
                 }
                 Ok(())
             }
@@ -534,7 +556,7 @@ impl SoftQp {
         } else {
             let status = WcStatus::LocalProtectionError;
             link.complete(me, wr.wr_id, status, WcOpcode::Recv, 0, fx);
-            link.fail(st, me, fx);
+            link.fail(st, me, status, fx);
         }
         Ok(())
     }
