@@ -328,13 +328,24 @@ pub(super) fn make_link(
         state: Mutex::new(LinkState {
             sides,
             broken: false,
+            #[cfg(feature = "fault-injection")]
+            faults: Default::default(),
         }),
         cqs: [ccq, acq],
         nics: [cnic.clone(), anic.clone()],
         nums,
         addrs: [from, to],
         events: [cparams.events.clone(), aparams.events.clone()],
+        #[cfg(feature = "fault-injection")]
+        fault_cv: std::sync::Condvar::new(),
     });
+    #[cfg(feature = "fault-injection")]
+    {
+        cnic.track_link(&link);
+        if !Arc::ptr_eq(cnic, anic) {
+            anic.track_link(&link);
+        }
+    }
     let end = |end: usize, p: &QpParams, reserved: usize| SoftQp {
         link: link.clone(),
         end,

@@ -71,6 +71,14 @@
 //! and admission are lock-free. Wakers, `QpEvents`, `ListenerEvents` and
 //! `done` callbacks run with no lock of this module held.
 //!
+//! # Fault injection
+//!
+//! With the cargo feature `fault-injection` (tests only), `fault` arms
+//! faults on one end of a connection ([`SoftNic::qp_faults`]): a failing
+//! work request, a remote-key error, an error mid-transfer, a peer that stops
+//! responding, a CQ overrun. Each ends in the error path above. Without an
+//! armed fault a post pays one branch; without the feature, nothing.
+//!
 //! # No allocation per work request
 //!
 //! Every queue of a link is a ring preallocated at queue-pair creation
@@ -82,12 +90,16 @@
 
 mod cm;
 mod cq;
+#[cfg(feature = "fault-injection")]
+mod fault;
 mod mr;
 mod network;
 mod qp;
 #[cfg(test)]
 mod tests;
 
+#[cfg(feature = "fault-injection")]
+pub use fault::{Fault, QpFaults, WorkQueue};
 pub use network::{default_network, SoftNetwork};
 
 use crate::fabric::*;
@@ -145,6 +157,10 @@ struct NicShared {
     cqs: Mutex<HashMap<u32, Weak<SoftCq>>>,
     /// Last CQ id handed out.
     last_cq: AtomicU32,
+    /// Every link with an end on this NIC (weak; dead entries are pruned at
+    /// each insertion), for tests to find a queue pair to arm faults on.
+    #[cfg(feature = "fault-injection")]
+    fault_links: Mutex<Vec<Weak<qp::Link>>>,
 }
 
 impl NicShared {
@@ -161,6 +177,8 @@ impl NicShared {
             last_qp: AtomicU32::new(0),
             cqs: Mutex::new(HashMap::new()),
             last_cq: AtomicU32::new(0),
+            #[cfg(feature = "fault-injection")]
+            fault_links: Mutex::new(Vec::new()),
         }
     }
 
@@ -177,6 +195,14 @@ impl NicShared {
                 return QpNum(n);
             }
         }
+    }
+
+    /// Records a new link for [`SoftNic::qp_faults`].
+    #[cfg(feature = "fault-injection")]
+    fn track_link(&self, link: &Arc<qp::Link>) {
+        let mut links = lock(&self.fault_links);
+        links.retain(|l| l.strong_count() > 0);
+        links.push(Arc::downgrade(link));
     }
 
     fn forget_qp(&self, num: QpNum) {

@@ -4,10 +4,14 @@
 //! CQ in execution order and both ends always agree on the state.
 
 use super::cq::SoftCq;
+#[cfg(feature = "fault-injection")]
+use super::fault::{EndFaults, Verdict};
 use super::mr::{self, check_local, check_remote, copy_lists, total_len};
 use super::{lock, NicShared};
 use crate::fabric::*;
 use std::net::SocketAddrV4;
+#[cfg(feature = "fault-injection")]
+use std::sync::Condvar;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// A FIFO of work requests with their scatter/gather lists, allocated once
@@ -58,7 +62,7 @@ impl WrRing {
 
     /// Appends a request. The caller checked `len < cap` and
     /// `sges.len() <= stride`.
-    fn push_back(&mut self, wr_id: WrId, sges: &[Sge]) {
+    pub(super) fn push_back(&mut self, wr_id: WrId, sges: &[Sge]) {
         assert!(self.len < self.cap() && sges.len() <= self.stride);
         let slot = (self.head + self.len) % self.cap();
         self.wr_ids[slot] = wr_id;
@@ -107,6 +111,9 @@ pub(super) struct LinkState {
     /// The connection broke or was closed; from then on no data moves, both
     /// `error`s are set and every ring is empty.
     pub(super) broken: bool,
+    /// Faults armed on each end (tests only; see `fault`).
+    #[cfg(feature = "fault-injection")]
+    pub(super) faults: [EndFaults; 2],
 }
 
 /// One connection: both ends' queues under one mutex, plus what never
@@ -122,11 +129,15 @@ pub(super) struct Link {
     /// Local address of each end.
     pub(super) addrs: [SocketAddrV4; 2],
     pub(super) events: [Arc<dyn QpEvents>; 2],
+    /// Paired with `state`: wakes a fault watchdog when a request stalls or
+    /// the link breaks (tests only; see `fault`).
+    #[cfg(feature = "fault-injection")]
+    pub(super) fault_cv: Condvar,
 }
 
 /// What to do once the link lock is released.
 #[derive(Default)]
-struct Effects {
+pub(super) struct Effects {
     /// CQ of end i must be woken.
     wake: [bool; 2],
     /// End i must be told `disconnected` (or `failed`, see below).
@@ -149,11 +160,11 @@ enum Transfer {
 }
 
 impl Link {
-    fn lock(&self) -> MutexGuard<'_, LinkState> {
+    pub(super) fn lock(&self) -> MutexGuard<'_, LinkState> {
         lock(&self.state)
     }
 
-    fn complete(
+    pub(super) fn complete(
         &self,
         end: usize,
         wr_id: WrId,
@@ -195,6 +206,8 @@ impl Link {
                 self.complete(end, id, status, WcOpcode::Send, 0, fx);
             }
         }
+        #[cfg(feature = "fault-injection")]
+        self.fault_broken(st, failed, fx);
         true
     }
 
@@ -202,7 +215,13 @@ impl Link {
     /// ends. The failing end is told `failed` when it detected the error
     /// itself, `disconnected` when the peer did (it rejected a remote key or
     /// a message); the other end is told `disconnected`.
-    fn fail(&self, st: &mut LinkState, failed: usize, status: WcStatus, fx: &mut Effects) {
+    pub(super) fn fail(
+        &self,
+        st: &mut LinkState,
+        failed: usize,
+        status: WcStatus,
+        fx: &mut Effects,
+    ) {
         if self.break_link(st, failed, fx) {
             fx.tell = [true, true];
             fx.failed[failed] = detected_locally(status);
@@ -325,7 +344,7 @@ impl Link {
     }
 
     /// Runs the effects once no lock is held.
-    fn apply(&self, fx: Effects) {
+    pub(super) fn apply(&self, fx: Effects) {
         for end in 0..2 {
             if fx.wake[end] {
                 self.cqs[end].wake();
@@ -416,6 +435,17 @@ impl SoftQp {
             link.complete(me, wr.wr_id, status, opcode, 0, fx);
             return Ok(());
         }
+        #[cfg(feature = "fault-injection")]
+        let mut rdma_fault = None;
+        #[cfg(feature = "fault-injection")]
+        if st.faults[me].armed {
+            let len = total_len(wr.sges);
+            match link.fault_send(st, me, wr.wr_id, opcode, len, fx) {
+                Verdict::Proceed => {}
+                Verdict::Done(r) => return r,
+                v => rdma_fault = Some(v),
+            }
+        }
         match wr.op {
             SendOp::Send => {
                 let parks = st.sides[peer].recvs.is_empty();
@@ -455,6 +485,13 @@ impl SoftQp {
                     return Err(PostError::QueueFull);
                 }
                 let write = matches!(wr.op, SendOp::RdmaWrite { .. });
+                #[cfg(feature = "fault-injection")]
+                if let Some(v) = rdma_fault {
+                    let (status, len) = self.rdma_fault(wr.sges, remote_addr, rkey, write, v);
+                    link.complete(me, wr.wr_id, status, opcode, len, fx);
+                    link.fail(st, me, status, fx);
+                    return Ok(());
+                }
                 let (status, len) = match self.rdma(wr.sges, remote_addr, rkey, write) {
                     Ok(len) => (WcStatus::Success, len),
                     Err(status) => (status, 0),
@@ -466,6 +503,44 @@ impl SoftQp {
                 Ok(())
             }
         }
+    }
+
+    /// Executes an RDMA request a fault cuts short: `Partial` moves the
+    /// first bytes of the local entries (up to the budget), `BadRkey` fails
+    /// the remote-key check. Returns the completion's status and length.
+    #[cfg(feature = "fault-injection")]
+    fn rdma_fault(
+        &self,
+        local: &[Sge],
+        remote_addr: u64,
+        rkey: u32,
+        write: bool,
+        v: Verdict,
+    ) -> (WcStatus, u32) {
+        let Verdict::Partial(budget, status) = v else {
+            return (WcStatus::RemoteAccessError, 0);
+        };
+        let mut cut = [Sge {
+            addr: 0,
+            len: 0,
+            lkey: 0,
+        }; super::cm::MAX_SGE_LIMIT as usize];
+        let (mut n, mut left) = (0, budget);
+        for s in local {
+            if left == 0 {
+                break;
+            }
+            cut[n] = Sge {
+                len: s.len.min(left),
+                ..*s
+            };
+            left -= cut[n].len;
+            n += 1;
+        }
+        // Whatever the prefix met (even its own error) the request fails
+        // with the armed status: the queue pair went to error mid-request.
+        let _ = self.rdma(&cut[..n], remote_addr, rkey, write);
+        (status, 0)
     }
 
     /// Executes an RDMA write or read between `local` and the peer's
@@ -534,6 +609,12 @@ impl SoftQp {
             }
             link.complete(me, wr.wr_id, status, WcOpcode::Recv, 0, fx);
             return Ok(());
+        }
+        #[cfg(feature = "fault-injection")]
+        if st.faults[me].armed {
+            if let Verdict::Done(r) = link.fault_recv(st, me, wr, fx) {
+                return r;
+            }
         }
         let parked = !st.sides[me].rnr.is_empty();
         if !parked && st.sides[me].recvs.len() >= st.sides[me].recv_depth {
