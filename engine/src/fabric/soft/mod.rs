@@ -74,7 +74,7 @@
 //! # Fault injection
 //!
 //! With the cargo feature `fault-injection` (tests only), `fault` arms
-//! faults on one end of a connection ([`SoftNic::qp_faults`]): a failing
+//! faults on one end of a connection (`SoftNic::qp_faults`): a failing
 //! work request, a remote-key error, an error mid-transfer, a peer that stops
 //! responding, a CQ overrun. Each ends in the error path above. Without an
 //! armed fault a post pays one branch; without the feature, nothing.
