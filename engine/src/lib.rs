@@ -21,6 +21,7 @@ pub mod mem;
 pub mod poller;
 pub mod ring;
 pub mod spi;
+pub mod switch;
 pub mod sync;
 pub mod testkit;
 

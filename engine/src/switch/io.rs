@@ -1,0 +1,203 @@
+//! The switch's only `unsafe`: the provider's data calls (which take memory
+//! the switch owns) and copies between the registered pools and application
+//! buffers. Every block rests on the same three invariants, kept by
+//! [`super::stream`]:
+//!
+//! 1. **Pools and overlapped records outlive their ops.** A connection's
+//!    receive/send pools and its `Overlapped` array live in [`Conn`], which
+//!    the runtime's handle table keeps alive until the provider's
+//!    `close_socket_handle` upcall — made only after every op of the socket
+//!    completed (spec §6.1, CLOSE-5). The protocol machine never posts a slot
+//!    or an RDMA record again before its previous op completed.
+//! 2. **Application buffers outlive their use.** An application buffer is
+//!    entered in the connection's table (as an [`AppBuf`]) by the call that
+//!    borrows it, which does not return before the machine completed or
+//!    withdrew the op (removing the entry under the same lock). The machine
+//!    completes an op only when no RDMA op and no exposure uses its buffer
+//!    any more; an exposure ends with `deregister_rdma_memory` or with
+//!    `close_socket`, after which the peer cannot reach it (CLOSE-10).
+//! 3. **No aliasing access.** A byte range is never at the same time the
+//!    target of a copy and of an RDMA op (the machine serialises them per
+//!    op), and the application thread does not touch its buffer while its
+//!    call is pending.
+
+use super::proto::{Desc, DESC_LEN};
+use super::stream::Conn;
+use crate::error::{WsaError, WsaResult};
+use crate::spi::{WsaBuf, WsaBufEx, MEM_READ, MEM_READWRITE, MEM_WRITE};
+
+/// An application buffer lent to a pending op: address and length of the
+/// slice the blocked call borrowed (`&[u8]` for sends, `&mut [u8]` for
+/// receives).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct AppBuf {
+    addr: usize,
+    len: usize,
+}
+
+impl AppBuf {
+    pub(super) fn of(buf: &[u8]) -> AppBuf {
+        AppBuf {
+            addr: buf.as_ptr() as usize,
+            len: buf.len(),
+        }
+    }
+
+    pub(super) fn of_mut(buf: &mut [u8]) -> AppBuf {
+        AppBuf {
+            addr: buf.as_mut_ptr() as usize,
+            len: buf.len(),
+        }
+    }
+
+    /// Address of `off..off+len`, checked against the buffer.
+    fn range(&self, off: u64, len: u32) -> WsaResult<*mut u8> {
+        let end = off.checked_add(u64::from(len)).ok_or(WsaError::WSAEFAULT)?;
+        if end > self.len as u64 {
+            return Err(WsaError::WSAEFAULT);
+        }
+        Ok((self.addr + off as usize) as *mut u8)
+    }
+}
+
+impl Conn {
+    /// Registers the receive and send pools on the connected socket (the
+    /// provider releases them when the socket closes).
+    pub(super) fn register_pools(&self) -> WsaResult<()> {
+        for r in [&self.recv_pool, &self.send_pool] {
+            // SAFETY: invariant 1 — the pools live in this connection, which
+            // outlives the socket's ops and its registrations (if this
+            // fails, the caller closes the socket before dropping them).
+            unsafe {
+                self.provider
+                    .register_memory(self.sock, r.as_ptr(), r.len() as u32, MEM_READWRITE)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Posts receive slot `slot` (the whole slot).
+    pub(super) fn post_recv(&self, slot: u16) -> WsaResult<()> {
+        let i = usize::from(slot);
+        let buf = WsaBuf {
+            len: self.slot_size as u32,
+            buf: self.recv_pool.as_ptr().wrapping_add(i * self.slot_size),
+        };
+        // SAFETY: invariant 1 — slot `i` of the receive pool and record `i`
+        // live until every op of the socket completed, and slot `i` is not
+        // posted again before this receive completes.
+        unsafe { self.provider.recv(self.sock, &[buf], &self.ovs[self.recv_ov(slot)]) }
+    }
+
+    /// Writes `head` and then `payload` (bytes of an application send
+    /// buffer) into send slot `slot` and posts one send of both.
+    pub(super) fn post_send(
+        &self,
+        slot: u16,
+        head: &[u8],
+        payload: Option<(AppBuf, u64, u32)>,
+    ) -> WsaResult<()> {
+        let base = usize::from(slot) * self.slot_size;
+        self.send_pool
+            .write_at(base, head)
+            .map_err(|_| WsaError::WSAEFAULT)?;
+        let mut len = head.len();
+        if let Some((app, off, n)) = payload {
+            let src = app.range(off, n)?;
+            // SAFETY: invariant 2 — the range lies in a send buffer whose
+            // call is blocked until this op completes (checked in bounds
+            // above); invariant 3 — nothing writes it meanwhile.
+            let bytes = unsafe { std::slice::from_raw_parts(src, n as usize) };
+            self.send_pool
+                .write_at(base + len, bytes)
+                .map_err(|_| WsaError::WSAEFAULT)?;
+            len += n as usize;
+        }
+        let buf = WsaBuf {
+            len: len as u32,
+            buf: self.send_pool.as_ptr().wrapping_add(base),
+        };
+        // SAFETY: invariant 1 for send slot `slot` and its record.
+        unsafe { self.provider.send(self.sock, &[buf], 0, &self.ovs[self.send_ov(slot)]) }
+    }
+
+    /// Copies `len` received bytes at `slot_off` of receive slot `slot` into
+    /// an application receive buffer at `off`.
+    pub(super) fn copy_out(
+        &self,
+        slot: u16,
+        slot_off: u32,
+        app: AppBuf,
+        off: u64,
+        len: u32,
+    ) -> WsaResult<()> {
+        let dst = app.range(off, len)?;
+        // SAFETY: invariant 2 — the range lies in a receive buffer whose
+        // call is blocked until this op completes; invariant 3 — no RDMA op
+        // targets it during a copy.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(dst, len as usize) };
+        self.recv_pool
+            .read_at(usize::from(slot) * self.slot_size + slot_off as usize, bytes)
+            .map_err(|_| WsaError::WSAEFAULT)
+    }
+
+    /// Exposes `len` bytes of an application buffer at `off` to the peer:
+    /// `MEM_READ` for a send buffer, `MEM_WRITE` for a receive buffer.
+    pub(super) fn expose(&self, app: AppBuf, off: u64, len: u32, write: bool) -> WsaResult<Desc> {
+        let addr = app.range(off, len)?;
+        let flags = if write { MEM_WRITE } else { MEM_READ };
+        let mut desc = [0u8; DESC_LEN];
+        // SAFETY: invariant 2 — the buffer stays valid until the exposure
+        // ended (deregistered, or the socket closed) and the op completed.
+        unsafe {
+            self.provider
+                .register_rdma_memory(self.sock, addr, len, flags, &mut desc)?;
+        }
+        Ok(desc)
+    }
+
+    /// Registers `len` bytes of an application buffer at `off` locally and
+    /// posts RDMA op `rdma` (a read into it, or a write from it) against the
+    /// peer's `desc` at `remote_off`. Returns the registration handle.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn post_rdma(
+        &self,
+        rdma: u16,
+        write: bool,
+        app: AppBuf,
+        off: u64,
+        len: u32,
+        desc: &Desc,
+        remote_off: u32,
+    ) -> WsaResult<u64> {
+        let addr = app.range(off, len)?;
+        let flags = if write { MEM_READ } else { MEM_WRITE };
+        // SAFETY: invariant 2 — the buffer outlives the registration, which
+        // is deregistered when the op completes (or released by close).
+        let handle = unsafe { self.provider.register_memory(self.sock, addr, len, flags)? };
+        let bufs = [WsaBufEx {
+            len,
+            buf: addr,
+            handle: handle as usize,
+        }];
+        let ov = &self.ovs[self.rdma_ov(rdma)];
+        // SAFETY: invariants 1 and 2 — record `rdma` and the buffer outlive
+        // the op; invariant 3 — nothing else touches the range meanwhile.
+        let posted = unsafe {
+            if write {
+                self.provider
+                    .rdma_write(self.sock, &bufs, desc, remote_off, 0, ov)
+            } else {
+                self.provider
+                    .rdma_read(self.sock, &bufs, desc, remote_off, 0, ov)
+            }
+        };
+        match posted {
+            Ok(()) => Ok(handle),
+            Err(e) => {
+                let _ = self.provider.deregister_memory(self.sock, handle);
+                Err(e)
+            }
+        }
+    }
+}

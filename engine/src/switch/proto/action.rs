@@ -1,0 +1,147 @@
+//! What the machine asks its driver to do.
+
+use super::error::Error;
+use super::wire::{Desc, Head};
+use super::OpId;
+
+/// Access an exposure grants the peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// The peer RDMA-reads it (a send buffer, read flow).
+    Read,
+    /// The peer RDMA-writes it (a receive buffer, write flow).
+    Write,
+}
+
+/// Bytes of an application send buffer that follow a header in one send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Payload {
+    /// The send op whose buffer holds them.
+    pub op: OpId,
+    /// Offset in that buffer.
+    pub offset: u64,
+    /// Bytes.
+    pub len: u32,
+}
+
+/// One instruction to the driver, from [`Connection::poll_action`]. The
+/// driver executes actions in the order given (the machine relies on it:
+/// a copy-out comes before the re-post of its receive, a send's payload is
+/// taken before its op completes) and reports the outcome of each posted
+/// operation through the matching `*_done` method (or [`exposed`] at once
+/// for an exposure).
+///
+/// [`Connection::poll_action`]: super::Connection::poll_action
+/// [`exposed`]: super::Connection::exposed
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Post receive buffer `slot` (all of it); report with `recv_done`.
+    PostRecv {
+        /// Receive buffer index, `< recv_slots`.
+        slot: u16,
+    },
+    /// Copy `head` and then `payload` into send buffer `slot` and post one
+    /// send of both; report with `send_done`.
+    Send {
+        /// Send buffer index, `< send_slots`.
+        slot: u16,
+        /// Encoded header and body.
+        head: Head,
+        /// DATA payload from an application buffer.
+        payload: Option<Payload>,
+    },
+    /// Copy `len` bytes at `slot_offset` of receive buffer `slot` into the
+    /// buffer of receive op `op` at `op_offset`.
+    CopyOut {
+        /// Receive buffer index.
+        slot: u16,
+        /// Offset in the receive buffer.
+        slot_offset: u32,
+        /// The receive op.
+        op: OpId,
+        /// Offset in its buffer.
+        op_offset: u64,
+        /// Bytes.
+        len: u32,
+    },
+    /// Register `len` bytes of `op`'s buffer at `offset` for the peer's
+    /// RDMA with `access`, then report the descriptor with `exposed(xfer,
+    /// ..)`.
+    Expose {
+        /// Names the exposure in `exposed` and `Unexpose`.
+        xfer: u64,
+        /// Whose buffer.
+        op: OpId,
+        /// Offset in the buffer.
+        offset: u64,
+        /// Bytes.
+        len: u32,
+        /// What the peer may do.
+        access: Access,
+    },
+    /// End exposure `xfer` (deregister `desc`): the peer can no longer
+    /// reach the buffer once this returns.
+    Unexpose {
+        /// The exposure.
+        xfer: u64,
+        /// Its descriptor.
+        desc: Desc,
+    },
+    /// RDMA-read `len` bytes at `remote_offset` of the peer's `desc` into
+    /// `op`'s buffer at `op_offset`; report with `rdma_done(rdma, ..)`.
+    RdmaRead {
+        /// RDMA op index, `< rdma_slots`.
+        rdma: u16,
+        /// The receive op whose buffer is the target.
+        op: OpId,
+        /// Offset in its buffer.
+        op_offset: u64,
+        /// Bytes.
+        len: u32,
+        /// The peer's exposure.
+        desc: Desc,
+        /// Offset in it.
+        remote_offset: u32,
+    },
+    /// RDMA-write `len` bytes of `op`'s buffer at `op_offset` to
+    /// `remote_offset` of the peer's `desc`; report with `rdma_done`.
+    RdmaWrite {
+        /// RDMA op index, `< rdma_slots`.
+        rdma: u16,
+        /// The send op whose buffer is the source.
+        op: OpId,
+        /// Offset in its buffer.
+        op_offset: u64,
+        /// Bytes.
+        len: u32,
+        /// The peer's exposure.
+        desc: Desc,
+        /// Offset in it.
+        remote_offset: u32,
+    },
+    /// Send op `op` ended: bytes sent, or why not. The machine no longer
+    /// refers to its buffer, and neither does the fabric.
+    SendComplete {
+        /// The op.
+        op: OpId,
+        /// Bytes sent, or the error.
+        result: Result<u64, Error>,
+    },
+    /// Receive op `op` ended: bytes received (0: end of stream), or why
+    /// not. The machine no longer refers to its buffer, and neither does
+    /// the fabric.
+    RecvComplete {
+        /// The op.
+        op: OpId,
+        /// Bytes received, or the error.
+        result: Result<u64, Error>,
+    },
+    /// Negotiation completed: the session is open.
+    Connected,
+    /// The connection failed: close the socket (abortively), then call
+    /// `closed`. Comes after the `Unexpose`s of every exposure.
+    Abort {
+        /// Why.
+        error: Error,
+    },
+}
