@@ -1,0 +1,752 @@
+//! The reference switch's streams (`sanpath::switch`) over the soft fabric:
+//! payloads from 1 byte to 64 MiB with checksums, both RDMA flows, many
+//! concurrent connections, shutdown and close semantics, peer reset in the
+//! middle of a transfer, cancellation of connects and transfers, a rogue
+//! peer. Every blocking call runs under a timeout that fails the test
+//! loudly; nothing waits on a sleep.
+
+use sanpath::config::MlockPolicy;
+use sanpath::fabric::soft::{SoftNetwork, SoftNicConfig};
+use sanpath::switch::{
+    CancelToken, Listener, RdmaFlow, Runtime, RuntimeConfig, Stream, SwitchOptions,
+};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Bound on anything that should happen promptly.
+const T: Duration = Duration::from_secs(20);
+
+/// The largest payload: 64 MiB in release builds; 16 MiB in debug builds,
+/// where generating and checking 64 MiB twice would take most of the time
+/// budget of the suite (`cargo test --release --test switch_stream` runs it).
+const BIG: usize = if cfg!(debug_assertions) {
+    16 << 20
+} else {
+    64 << 20
+};
+
+fn opts() -> SwitchOptions {
+    SwitchOptions {
+        read_timeout: Some(T),
+        write_timeout: Some(T),
+        accept_timeout: Some(T),
+        connect_timeout: T,
+        handshake_timeout: T,
+        ..SwitchOptions::default()
+    }
+}
+
+fn config(ip: Ipv4Addr, o: SwitchOptions) -> RuntimeConfig {
+    let mut c = RuntimeConfig::default();
+    c.engine.mem.mlock = MlockPolicy::Off;
+    c.engine.poller.spin_budget = 200;
+    c.engine.connect.timeout_ms = 5000;
+    c.engine.fabric.soft.addresses = vec![ip];
+    c.switch = o;
+    c
+}
+
+fn runtime_on(net: &Arc<SoftNetwork>, ip: Ipv4Addr, o: SwitchOptions) -> Arc<Runtime> {
+    let cfg = config(ip, o);
+    let nic = net
+        .attach(SoftNicConfig {
+            addresses: vec![ip],
+            prefix_len: 24,
+            connect_timeout: cfg.engine.connect_timeout(),
+            rnr_queue_max: cfg.engine.qp.rnr_queue_max,
+        })
+        .expect("attach");
+    Runtime::with_nic(cfg, nic).expect("runtime")
+}
+
+/// Client and server runtimes on a private network.
+fn two(client: SwitchOptions, server: SwitchOptions) -> (Arc<Runtime>, Arc<Runtime>) {
+    let net = SoftNetwork::new();
+    (
+        runtime_on(&net, Ipv4Addr::new(198, 18, 9, 1), client),
+        runtime_on(&net, Ipv4Addr::new(198, 18, 9, 2), server),
+    )
+}
+
+fn server_addr(port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::new(198, 18, 9, 2), port)
+}
+
+/// A connected (client, server) pair.
+fn pair(c: &Arc<Runtime>, s: &Arc<Runtime>, port: u16) -> (Stream, Stream) {
+    let l = Listener::bind(s, server_addr(port)).expect("bind");
+    let acceptor = thread::spawn(move || l.accept().expect("accept").0);
+    let client = Stream::connect(c, server_addr(port)).expect("connect");
+    (client, acceptor.join().unwrap())
+}
+
+/// Deterministic bytes (xorshift words).
+fn data(len: usize, seed: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(len + 8);
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// FNV-1a over 8-byte words (and the tail).
+fn checksum(b: &[u8]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    let mut words = b.chunks_exact(8);
+    for w in &mut words {
+        h = (h ^ u64::from_le_bytes(w.try_into().unwrap())).wrapping_mul(0x100_0000_01b3);
+    }
+    for &x in words.remainder() {
+        h = (h ^ u64::from(x)).wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+
+fn read_n(s: &Stream, n: usize, chunk: usize) -> Vec<u8> {
+    let mut out = vec![0u8; n];
+    let mut got = 0;
+    while got < n {
+        let end = (got + chunk).min(n);
+        let k = s.recv(&mut out[got..end]).expect("recv");
+        assert!(k > 0, "unexpected end of stream after {got} of {n} bytes");
+        got += k;
+    }
+    out
+}
+
+/// Sends `len` bytes one way and back, checking both copies.
+fn echo_round(client: &Stream, server: &Stream, len: usize, seed: u64, chunk: usize) {
+    let payload = data(len, seed);
+    let sum = checksum(&payload);
+    thread::scope(|sc| {
+        let srv = sc.spawn(|| {
+            let got = read_n(server, len, chunk);
+            assert_eq!(checksum(&got), sum, "server copy of {len} bytes");
+            let mut w = server;
+            w.write_all(&got).expect("echo back");
+        });
+        let mut w = client;
+        w.write_all(&payload).expect("send");
+        let back = read_n(client, len, chunk);
+        assert_eq!(checksum(&back), sum, "echoed copy of {len} bytes");
+        assert!(back == payload);
+        srv.join().unwrap();
+    });
+}
+
+// ----------------------------------------------------------------------
+// Payloads and flows
+// ----------------------------------------------------------------------
+
+#[test]
+fn payloads_from_one_byte_to_big_with_checksums() {
+    let (c, s) = two(opts(), opts());
+    let (client, server) = pair(&c, &s, 7001);
+    let threshold = client.rdma_threshold();
+    assert_eq!(threshold, 64 << 10, "from SO_RDMA_THRESHOLD_SIZE");
+    let sizes = [
+        1,
+        2,
+        100,
+        8192 - 16,
+        8192 - 15,
+        8192,
+        60_000,
+        threshold,
+        threshold + 1,
+        300_000,
+        1 << 20,
+        BIG,
+    ];
+    for (i, &len) in sizes.iter().enumerate() {
+        let chunk = if len > (1 << 20) { 4 << 20 } else { len.max(1) };
+        echo_round(&client, &server, len, i as u64 + 1, chunk);
+    }
+    let st = client.stats();
+    assert!(st.data_msgs > 0 && st.read_offers > 0, "{st:?}");
+    assert!(client.uses_read_flow());
+}
+
+#[test]
+fn small_reads_of_a_large_transfer_and_large_reads_of_small_messages() {
+    let (c, s) = two(opts(), opts());
+    let (client, server) = pair(&c, &s, 7002);
+    // A 1 MiB RDMA transfer read 4 KiB at a time (offsets into the offer).
+    echo_round(&client, &server, 1 << 20, 7, 4096);
+    // Many small messages gathered by large reads.
+    let msgs: Vec<Vec<u8>> = (0..200).map(|i| data(1 + i * 7 % 900, i as u64)).collect();
+    let all: Vec<u8> = msgs.concat();
+    thread::scope(|sc| {
+        sc.spawn(|| {
+            for m in &msgs {
+                client.send(m).unwrap();
+            }
+        });
+        let got = read_n(&server, all.len(), 1 << 20);
+        assert!(got == all);
+    });
+}
+
+#[test]
+fn both_rdma_flows_and_the_fallback() {
+    for (flow, server_reads, want_read) in [
+        (RdmaFlow::Read, true, true),
+        (RdmaFlow::Write, true, false),
+        (RdmaFlow::Read, false, false),
+    ] {
+        let co = SwitchOptions {
+            rdma_flow: flow,
+            ..opts()
+        };
+        let so = SwitchOptions {
+            rdma_flow: flow,
+            accept_rdma_read: server_reads,
+            ..opts()
+        };
+        let (c, s) = two(co, so);
+        let (client, server) = pair(&c, &s, 7003);
+        assert_eq!(client.uses_read_flow(), want_read, "{flow:?}/{server_reads}");
+        let payload = data(3 << 20, 11);
+        thread::scope(|sc| {
+            let r = sc.spawn(|| read_n(&server, payload.len(), 1 << 20));
+            client.send(&payload).unwrap();
+            assert!(r.join().unwrap() == payload);
+        });
+        let st = client.stats();
+        if want_read {
+            assert!(st.read_offers > 0 && st.write_requests == 0, "{st:?}");
+            assert!(server.stats().rdma_reads > 0);
+        } else {
+            assert!(st.write_requests > 0 && st.read_offers == 0, "{st:?}");
+            assert!(st.rdma_writes > 0);
+        }
+    }
+}
+
+#[test]
+fn threshold_override_moves_payloads_between_paths() {
+    let (c, s) = two(opts(), opts());
+    let (client, server) = pair(&c, &s, 7004);
+    client.set_rdma_threshold(1000);
+    echo_round(&client, &server, 5000, 3, 5000);
+    assert_eq!(client.stats().read_offers, 1);
+    client.set_rdma_threshold(1 << 20);
+    echo_round(&client, &server, 500_000, 4, 1 << 20);
+    assert_eq!(client.stats().read_offers, 1, "copy path below the threshold");
+}
+
+#[test]
+fn many_concurrent_connections() {
+    const CONNS: usize = 16;
+    const THREADS: usize = 4;
+    let (c, s) = two(opts(), opts());
+    let l = Listener::bind(&s, server_addr(7005)).unwrap();
+    let server = thread::spawn(move || {
+        let mut handlers = Vec::new();
+        for _ in 0..CONNS {
+            let (st, _) = l.accept().expect("accept");
+            handlers.push(thread::spawn(move || {
+                // Echo until end of stream.
+                let mut buf = vec![0u8; 256 << 10];
+                loop {
+                    let n = st.recv(&mut buf).expect("server recv");
+                    if n == 0 {
+                        break;
+                    }
+                    (&st).write_all(&buf[..n]).expect("server send");
+                }
+            }));
+        }
+        for h in handlers {
+            h.join().unwrap();
+        }
+    });
+    let clients: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let c = c.clone();
+            thread::spawn(move || {
+                let streams: Vec<Stream> = (0..CONNS / THREADS)
+                    .map(|_| Stream::connect(&c, server_addr(7005)).expect("connect"))
+                    .collect();
+                // Interleave the connections of this thread.
+                for round in 0..4 {
+                    for (k, st) in streams.iter().enumerate() {
+                        let len = [10, 5000, 70_000, 200_000][(round + k) % 4];
+                        let payload = data(len, (t * 100 + k * 10 + round) as u64);
+                        thread::scope(|sc| {
+                            let r = sc.spawn(|| read_n(st, len, 256 << 10));
+                            st.send(&payload).unwrap();
+                            assert!(r.join().unwrap() == payload);
+                        });
+                    }
+                }
+                for st in &streams {
+                    st.shutdown().unwrap();
+                }
+                for st in &streams {
+                    let mut b = [0u8; 8];
+                    assert_eq!(st.recv(&mut b).unwrap(), 0, "end of stream");
+                }
+            })
+        })
+        .collect();
+    for h in clients {
+        h.join().unwrap();
+    }
+    server.join().unwrap();
+}
+
+// ----------------------------------------------------------------------
+// Shutdown and close
+// ----------------------------------------------------------------------
+
+#[test]
+fn shutdown_delivers_everything_then_end_of_stream() {
+    let (c, s) = two(opts(), opts());
+    let (client, server) = pair(&c, &s, 7006);
+    let small = data(1000, 1);
+    let large = data(500_000, 2);
+    client.send(&small).unwrap();
+    thread::scope(|sc| {
+        let r = sc.spawn(|| {
+            let got = read_n(&server, small.len() + large.len(), 64 << 10);
+            let mut b = [0u8; 16];
+            assert_eq!(server.recv(&mut b).unwrap(), 0, "end of stream");
+            assert_eq!(server.recv(&mut b).unwrap(), 0, "end of stream stays");
+            got
+        });
+        client.send(&large).unwrap();
+        client.shutdown().unwrap();
+        assert!(r.join().unwrap() == [small.clone(), large.clone()].concat());
+    });
+    // Sending after shutdown fails; the other direction still works.
+    assert_eq!(client.send(b"x").unwrap_err().kind(), ErrorKind::BrokenPipe);
+    server.send(b"half-close").unwrap();
+    assert_eq!(read_n(&client, 10, 10), b"half-close");
+    // Graceful close of the server: the client reads end of stream.
+    server.close();
+    let mut b = [0u8; 4];
+    assert_eq!(client.recv(&mut b).unwrap(), 0);
+}
+
+#[test]
+fn close_with_data_pending_is_abortive() {
+    let (c, s) = two(opts(), opts());
+    let (client, server) = pair(&c, &s, 7007);
+    client.send(b"unread").unwrap();
+    // Make sure the message arrived before the server closes.
+    let mut one = [0u8; 1];
+    assert_eq!(server.recv(&mut one).unwrap(), 1);
+    server.close(); // 5 bytes unread: reset, not FIN
+    let mut b = [0u8; 8];
+    let e = client.recv(&mut b).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ConnectionReset, "{e}");
+    let e = client.send(b"more").unwrap_err();
+    assert!(
+        matches!(
+            e.kind(),
+            ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn data_sent_before_a_graceful_close_is_not_lost() {
+    let (c, s) = two(opts(), opts());
+    let (client, server) = pair(&c, &s, 7008);
+    let payload = data(200_000, 5);
+    client.set_rdma_threshold(1 << 20); // all by copy: the send returns at once
+    client.send(&payload).unwrap();
+    client.close();
+    let got = read_n(&server, payload.len(), 1 << 20);
+    assert!(got == payload);
+    let mut b = [0u8; 4];
+    assert_eq!(server.recv(&mut b).unwrap(), 0, "FIN, then the reset is not an error");
+}
+
+// ----------------------------------------------------------------------
+// Resets and cancellation
+// ----------------------------------------------------------------------
+
+#[test]
+fn peer_reset_in_the_middle_of_a_transfer() {
+    for flow in [RdmaFlow::Read, RdmaFlow::Write] {
+        let o = SwitchOptions {
+            rdma_flow: flow,
+            ..opts()
+        };
+        let (c, s) = two(o.clone(), o);
+        let (client, server) = pair(&c, &s, 7009);
+        let payload = data(8 << 20, 9);
+        let start = Instant::now();
+        thread::scope(|sc| {
+            let sender = sc.spawn(|| client.send(&payload));
+            // The server takes the first megabyte of the transfer, then
+            // resets the connection.
+            let got = read_n(&server, 1 << 20, 1 << 20);
+            assert!(got[..] == payload[..1 << 20]);
+            server.abort();
+            let e = sender.join().unwrap().unwrap_err();
+            assert!(
+                matches!(
+                    e.kind(),
+                    ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted
+                ),
+                "{flow:?}: {e}"
+            );
+        });
+        assert!(start.elapsed() < T, "{flow:?}: reset not noticed promptly");
+        assert_eq!(
+            client.recv(&mut [0u8; 4]).unwrap_err().kind(),
+            ErrorKind::ConnectionReset
+        );
+    }
+}
+
+#[test]
+fn cancelled_blocking_connect_closes_the_san_socket() {
+    let net = SoftNetwork::new();
+    let rt = runtime_on(&net, Ipv4Addr::new(198, 18, 9, 1), opts());
+    let tcp_only = Ipv4Addr::new(198, 18, 9, 77);
+    net.add_tcp_only_host(tcp_only);
+    let before = rt.provider().stats().sockets;
+    let token = CancelToken::new();
+    let start = Instant::now();
+    thread::scope(|sc| {
+        let t = token.clone();
+        let canceller = sc.spawn(move || {
+            // Cancels whether or not the connect has started waiting yet:
+            // either way it must return Interrupted.
+            thread::yield_now();
+            t.cancel();
+        });
+        let r = Stream::connect_with(
+            &rt,
+            SocketAddrV4::new(tcp_only, 80),
+            Some(Duration::from_secs(30)),
+            Some(&token),
+        );
+        canceller.join().unwrap();
+        assert_eq!(r.err().map(|e| e.kind()), Some(ErrorKind::Interrupted));
+    });
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "cancel took {:?}; the SAN connect times out only after 5 s",
+        start.elapsed()
+    );
+    assert_eq!(rt.provider().stats().sockets, before, "SAN socket closed");
+    // A connect that times out closes its socket too.
+    let start = Instant::now();
+    let r = Stream::connect_with(
+        &rt,
+        SocketAddrV4::new(tcp_only, 80),
+        Some(Duration::from_millis(200)),
+        None,
+    );
+    assert_eq!(r.err().map(|e| e.kind()), Some(ErrorKind::TimedOut));
+    assert!(start.elapsed() < Duration::from_secs(2));
+    assert_eq!(rt.provider().stats().sockets, before);
+}
+
+#[test]
+fn connect_failures_map_to_io_errors() {
+    let (c, _s) = two(opts(), opts());
+    let e = Stream::connect(&c, server_addr(7999)).err().unwrap();
+    assert_eq!(e.kind(), ErrorKind::ConnectionReset, "no listener: {e}");
+    let nowhere = SocketAddrV4::new(Ipv4Addr::new(198, 18, 9, 200), 1);
+    let e = Stream::connect(&c, nowhere).err().unwrap();
+    assert_eq!(e.kind(), ErrorKind::HostUnreachable, "{e}");
+}
+
+#[test]
+fn cancel_pending_withdraws_a_waiting_receive_and_the_stream_survives() {
+    let (c, s) = two(opts(), opts());
+    let (client, server) = pair(&c, &s, 7010);
+    thread::scope(|sc| {
+        let r = sc.spawn(|| client.recv(&mut [0u8; 100]));
+        // Keep cancelling until the receive gave up (it may not have started
+        // waiting at the first call).
+        while !r.is_finished() {
+            client.cancel_pending();
+            thread::yield_now();
+        }
+        assert_eq!(r.join().unwrap().unwrap_err().kind(), ErrorKind::Interrupted);
+    });
+    server.send(b"still fine").unwrap();
+    assert_eq!(read_n(&client, 10, 100), b"still fine");
+}
+
+#[test]
+fn receive_timeout_leaves_the_connection_usable() {
+    let (c, s) = two(opts(), opts());
+    let (client, server) = pair(&c, &s, 7011);
+    client.set_read_timeout(Some(Duration::from_millis(100)));
+    let start = Instant::now();
+    let e = client.recv(&mut [0u8; 10]).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::TimedOut);
+    assert!(start.elapsed() >= Duration::from_millis(100));
+    client.set_read_timeout(Some(T));
+    server.send(b"late").unwrap();
+    assert_eq!(read_n(&client, 4, 10), b"late");
+}
+
+#[test]
+fn send_whose_buffer_is_exposed_waits_then_aborts_the_connection() {
+    let o = SwitchOptions {
+        rdma_cancel_timeout: Duration::from_millis(200),
+        ..opts()
+    };
+    let (c, s) = two(o.clone(), o);
+    let (client, server) = pair(&c, &s, 7012);
+    client.set_write_timeout(Some(Duration::from_millis(100)));
+    let payload = data(1 << 20, 12);
+    // The server never reads: the offer stays outstanding, the buffer
+    // exposed. Timeout → wait for the RDMA → abort via close_socket.
+    let start = Instant::now();
+    let e = client.send(&payload).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::TimedOut, "{e}");
+    assert!(start.elapsed() >= Duration::from_millis(300));
+    assert!(start.elapsed() < Duration::from_secs(5));
+    // The connection was aborted: the server sees a reset after the offer.
+    let e = server.recv(&mut [0u8; 10]).unwrap_err();
+    assert!(
+        matches!(
+            e.kind(),
+            ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn cancelled_copy_send_reports_what_was_sent() {
+    let (c, s) = two(opts(), opts());
+    let (client, server) = pair(&c, &s, 7013);
+    client.set_rdma_threshold(usize::MAX);
+    // 2 MiB by copy: 30 credits × 8 KiB fit, the rest waits for the reader.
+    let payload = data(2 << 20, 13);
+    let n = client
+        .send_timeout(&payload, Some(Duration::from_millis(100)))
+        .unwrap();
+    assert!(n > 0 && n < payload.len(), "partial send of {n}");
+    let got = read_n(&server, n, 1 << 20);
+    assert!(got[..] == payload[..n]);
+    // The stream continues after the partial send.
+    client.send(&payload[n..]).unwrap();
+    let rest = read_n(&server, payload.len() - n, 1 << 20);
+    assert!(rest[..] == payload[n..]);
+}
+
+#[test]
+fn non_blocking_calls() {
+    let (c, s) = two(opts(), opts());
+    let (client, server) = pair(&c, &s, 7014);
+    assert_eq!(
+        server.try_recv(&mut [0u8; 10]).unwrap_err().kind(),
+        ErrorKind::WouldBlock
+    );
+    let big = data(1 << 20, 14);
+    let mut sent = 0;
+    loop {
+        match client.try_send(&big[sent..]) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(sent > 0 && sent < big.len(), "credits bound try_send: {sent}");
+    assert_eq!(client.stats().read_offers, 0, "try_send copies");
+    // try_recv drains what arrived (the messages are in flight on the soft
+    // fabric already: it executes sends at post time).
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    let deadline = Instant::now() + T;
+    while got.len() < sent {
+        match server.try_recv(&mut buf) {
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                assert!(Instant::now() < deadline, "data did not arrive");
+                thread::yield_now();
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(got[..] == big[..sent]);
+    // try_recv also pulls an RDMA transfer at the head of the stream.
+    client.set_rdma_threshold(1000);
+    thread::scope(|sc| {
+        sc.spawn(|| client.send(&big[..100_000]).unwrap());
+        let mut got = Vec::new();
+        let deadline = Instant::now() + T;
+        while got.len() < 100_000 {
+            match server.try_recv(&mut buf) {
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    assert!(Instant::now() < deadline, "offer did not arrive");
+                    thread::yield_now();
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(got[..] == big[..100_000]);
+    });
+}
+
+#[test]
+fn read_write_traits_and_addresses() {
+    let (c, s) = two(opts(), opts());
+    let (mut client, mut server) = pair(&c, &s, 7015);
+    assert_eq!(client.peer_addr(), server_addr(7015));
+    assert_eq!(server.local_addr(), server_addr(7015));
+    assert_eq!(*client.local_addr().ip(), Ipv4Addr::new(198, 18, 9, 1));
+    client.write_all(b"hello, san").unwrap();
+    client.flush().unwrap();
+    let mut b = [0u8; 10];
+    server.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"hello, san");
+    client.shutdown().unwrap();
+    let mut rest = Vec::new();
+    server.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+}
+
+// ----------------------------------------------------------------------
+// A rogue peer (raw provider calls, not the switch)
+// ----------------------------------------------------------------------
+
+mod rogue {
+    use super::*;
+    use sanpath::event::Event;
+    use sanpath::mem::region::Region;
+    use sanpath::spi::*;
+    use sanpath::switch::proto::{Body, Message, MAX_HEAD};
+    use sanpath::testkit::CompletingSwitch;
+    use sanpath::Config;
+
+    /// A raw SAN client on `net`: connects to `to`, registers a buffer and
+    /// sends each message in `msgs` (no credit discipline at all).
+    fn raw_send(net: &Arc<SoftNetwork>, to: SocketAddrV4, msgs: &[Vec<u8>]) -> Provider {
+        let ip = Ipv4Addr::new(198, 18, 9, 66);
+        let mut cfg = Config::default();
+        cfg.mem.mlock = MlockPolicy::Off;
+        cfg.poller.spin_budget = 200;
+        let nic = net
+            .attach(SoftNicConfig {
+                addresses: vec![ip],
+                prefix_len: 24,
+                connect_timeout: Duration::from_secs(5),
+                rnr_queue_max: 8,
+            })
+            .unwrap();
+        let p = Provider::with_nic(cfg, nic).unwrap();
+        p.startup(WSD_VERSION, Arc::new(CompletingSwitch), 1).unwrap();
+        let s = p
+            .socket(AF_INET, SOCK_STREAM, IPPROTO_TCP, 0, WSA_FLAG_OVERLAPPED, 0)
+            .unwrap();
+        let ev = Arc::new(Event::new());
+        p.event_select(s, Some(ev.clone()), FD_CONNECT).unwrap();
+        p.connect(s, to, &[]).unwrap();
+        assert!(ev.wait(T), "rogue connect");
+        let ne = p.enum_network_events(s, Some(&ev)).unwrap();
+        assert_eq!(ne.error_codes[FD_CONNECT_BIT], 0);
+        let region = Region::new(64 << 10, MlockPolicy::Off).unwrap();
+        // SAFETY: the region outlives the socket's ops (waited for below,
+        // and the region is leaked with the provider).
+        unsafe {
+            p.register_memory(s, region.as_ptr(), region.len() as u32, MEM_READWRITE)
+                .unwrap();
+        }
+        for (i, m) in msgs.iter().enumerate() {
+            let off = i * 512;
+            region.write_at(off, m).unwrap();
+            let ov = Box::leak(Box::new(Overlapped::new(0)));
+            let buf = WsaBuf {
+                len: m.len() as u32,
+                buf: region.as_ptr().wrapping_add(off),
+            };
+            // SAFETY: buffer and record are leaked: valid for ever.
+            unsafe { p.send(s, &[buf], 0, ov).unwrap() };
+        }
+        std::mem::forget(region);
+        p
+    }
+
+    fn encode(seq: u32, body: Body, payload: &[u8]) -> Vec<u8> {
+        let m = Message {
+            credits: 0,
+            seq,
+            body,
+        };
+        let mut head = [0u8; MAX_HEAD];
+        let n = m.encode(&mut head);
+        [&head[..n], payload].concat()
+    }
+
+    #[test]
+    fn garbage_instead_of_hello_fails_the_negotiation() {
+        let net = SoftNetwork::new();
+        let s = runtime_on(&net, Ipv4Addr::new(198, 18, 9, 2), opts());
+        let l = Listener::bind(&s, server_addr(7020)).unwrap();
+        let _p = raw_send(&net, server_addr(7020), &[vec![0xEE; 64]]);
+        let deadline = Instant::now() + T;
+        let e = loop {
+            match l.try_accept() {
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    assert!(Instant::now() < deadline, "request did not arrive");
+                    thread::yield_now();
+                }
+                Err(e) => break e,
+                Ok(_) => panic!("garbage was accepted"),
+            }
+        };
+        assert_eq!(e.kind(), ErrorKind::InvalidData, "{e}");
+        assert!(e.to_string().contains("malformed"), "{e}");
+    }
+
+    #[test]
+    fn flooding_beyond_credits_is_a_credit_violation() {
+        let net = SoftNetwork::new();
+        let o = SwitchOptions {
+            recv_slots: 8,
+            ..opts()
+        };
+        let s = runtime_on(&net, Ipv4Addr::new(198, 18, 9, 2), o);
+        let l = Listener::bind(&s, server_addr(7021)).unwrap();
+        // HELLO claiming 8 receives, then 12 DATA messages on 6 credits.
+        let mut msgs = vec![encode(
+            0,
+            Body::Hello {
+                recv_slots: 8,
+                slot_size: 8192,
+                caps: 0,
+            },
+            &[],
+        )];
+        for seq in 1..=12 {
+            msgs.push(encode(seq, Body::Data { len: 3 }, b"abc"));
+        }
+        let _p = raw_send(&net, server_addr(7021), &msgs);
+        let (server, _) = l.accept().expect("accept");
+        // The app reads: receives are re-posted but not announced, so the
+        // flood lands in them and the switch notices.
+        let mut got = 0;
+        let e = loop {
+            match server.recv(&mut [0u8; 3]) {
+                Ok(n) => got += n,
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(e.kind(), ErrorKind::InvalidData, "{e}");
+        assert!(e.to_string().contains("credit violation"), "{e}");
+        assert!(got <= 6 * 3 + 3, "read {got} bytes");
+    }
+}
