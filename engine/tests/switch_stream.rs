@@ -540,10 +540,13 @@ fn cancelled_copy_send_reports_what_was_sent() {
     assert!(n > 0 && n < payload.len(), "partial send of {n}");
     let got = read_n(&server, n, 1 << 20);
     assert!(got[..] == payload[..n]);
-    // The stream continues after the partial send.
-    client.send(&payload[n..]).unwrap();
-    let rest = read_n(&server, payload.len() - n, 1 << 20);
-    assert!(rest[..] == payload[n..]);
+    // The stream continues after the partial send (the rest, too, needs
+    // the reader: it is more than the receive buffers hold).
+    thread::scope(|sc| {
+        let r = sc.spawn(|| read_n(&server, payload.len() - n, 1 << 20));
+        assert_eq!(client.send(&payload[n..]).unwrap(), payload.len() - n);
+        assert!(r.join().unwrap()[..] == payload[n..]);
+    });
 }
 
 #[test]
@@ -631,10 +634,20 @@ mod rogue {
     use sanpath::switch::proto::{Body, Message, MAX_HEAD};
     use sanpath::testkit::CompletingSwitch;
     use sanpath::Config;
+    use std::sync::mpsc;
 
-    /// A raw SAN client on `net`: connects to `to`, registers a buffer and
-    /// sends each message in `msgs` (no credit discipline at all).
-    fn raw_send(net: &Arc<SoftNetwork>, to: SocketAddrV4, msgs: &[Vec<u8>]) -> Provider {
+    /// A raw SAN client on `net`: connects to `to` (which completes only
+    /// once the server accepts: call it beside the accepting thread),
+    /// registers a buffer and sends each message in `msgs` (no credit
+    /// discipline at all), the rest only once the first one landed in a
+    /// posted receive (so that the flood waits in posted receives, not in
+    /// the provider's bounded RNR queue) and, with `go`, once told to.
+    fn raw_send(
+        net: &Arc<SoftNetwork>,
+        to: SocketAddrV4,
+        msgs: &[Vec<u8>],
+        go: Option<mpsc::Receiver<()>>,
+    ) -> Provider {
         let ip = Ipv4Addr::new(198, 18, 9, 66);
         let mut cfg = Config::default();
         cfg.mem.mlock = MlockPolicy::Off;
@@ -675,6 +688,14 @@ mod rogue {
             };
             // SAFETY: buffer and record are leaked: valid for ever.
             unsafe { p.send(s, &[buf], 0, ov).unwrap() };
+            let deadline = Instant::now() + T;
+            while i == 0 && ov.is_pending() {
+                assert!(Instant::now() < deadline, "first message not received");
+                thread::yield_now();
+            }
+            if let (0, Some(go)) = (i, &go) {
+                go.recv_timeout(T).expect("go");
+            }
         }
         std::mem::forget(region);
         p
@@ -696,7 +717,7 @@ mod rogue {
         let net = SoftNetwork::new();
         let s = runtime_on(&net, Ipv4Addr::new(198, 18, 9, 2), opts());
         let l = Listener::bind(&s, server_addr(7020)).unwrap();
-        let _p = raw_send(&net, server_addr(7020), &[vec![0xEE; 64]]);
+        let rogue = thread::spawn(move || raw_send(&net, server_addr(7020), &[vec![0xEE; 64]], None));
         let deadline = Instant::now() + T;
         let e = loop {
             match l.try_accept() {
@@ -710,6 +731,7 @@ mod rogue {
         };
         assert_eq!(e.kind(), ErrorKind::InvalidData, "{e}");
         assert!(e.to_string().contains("malformed"), "{e}");
+        let _p = rogue.join().unwrap();
     }
 
     #[test]
@@ -734,8 +756,13 @@ mod rogue {
         for seq in 1..=12 {
             msgs.push(encode(seq, Body::Data { len: 3 }, b"abc"));
         }
-        let _p = raw_send(&net, server_addr(7021), &msgs);
+        // The flood follows once the server accepted (a connection that
+        // fails before its negotiation completed is not accepted).
+        let (go, gate) = mpsc::channel();
+        let rogue = thread::spawn(move || raw_send(&net, server_addr(7021), &msgs, Some(gate)));
         let (server, _) = l.accept().expect("accept");
+        go.send(()).unwrap();
+        let _p = rogue.join().unwrap();
         // The app reads: receives are re-posted but not announced, so the
         // flood lands in them and the switch notices.
         let mut got = 0;
