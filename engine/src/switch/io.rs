@@ -69,8 +69,12 @@ impl Conn {
             // outlives the socket's ops and its registrations (if this
             // fails, the caller closes the socket before dropping them).
             unsafe {
-                self.provider
-                    .register_memory(self.sock, r.as_ptr(), r.len() as u32, MEM_READWRITE)?;
+                self.provider.register_memory(
+                    self.sock,
+                    r.as_ptr(),
+                    r.len() as u32,
+                    MEM_READWRITE,
+                )?;
             }
         }
         Ok(())
@@ -86,7 +90,10 @@ impl Conn {
         // SAFETY: invariant 1 — slot `i` of the receive pool and record `i`
         // live until every op of the socket completed, and slot `i` is not
         // posted again before this receive completes.
-        unsafe { self.provider.recv(self.sock, &[buf], &self.ovs[self.recv_ov(slot)]) }
+        unsafe {
+            self.provider
+                .recv(self.sock, &[buf], &self.ovs[self.recv_ov(slot)])
+        }
     }
 
     /// Writes `head` and then `payload` (bytes of an application send
@@ -118,7 +125,10 @@ impl Conn {
             buf: self.send_pool.as_ptr().wrapping_add(base),
         };
         // SAFETY: invariant 1 for send slot `slot` and its record.
-        unsafe { self.provider.send(self.sock, &[buf], 0, &self.ovs[self.send_ov(slot)]) }
+        unsafe {
+            self.provider
+                .send(self.sock, &[buf], 0, &self.ovs[self.send_ov(slot)])
+        }
     }
 
     /// Copies `len` received bytes at `slot_off` of receive slot `slot` into
@@ -137,7 +147,10 @@ impl Conn {
         // targets it during a copy.
         let bytes = unsafe { std::slice::from_raw_parts_mut(dst, len as usize) };
         self.recv_pool
-            .read_at(usize::from(slot) * self.slot_size + slot_off as usize, bytes)
+            .read_at(
+                usize::from(slot) * self.slot_size + slot_off as usize,
+                bytes,
+            )
             .map_err(|_| WsaError::WSAEFAULT)
     }
 

@@ -30,8 +30,8 @@ use crate::fabric::Nic;
 use crate::mem::region::Region;
 use crate::spi::{
     Condition, Extension, Overlapped, Provider, ProviderSocket, Switch, SwitchHandle, AF_INET,
-    FD_ACCEPT, FD_CONNECT, FD_CONNECT_BIT, IPPROTO_TCP, SOCK_STREAM, SOL_SOCKET,
-    SO_MAX_MSG_SIZE, SO_MAX_RDMA_SIZE, SO_RDMA_THRESHOLD_SIZE, WSA_FLAG_OVERLAPPED, WSD_VERSION,
+    FD_ACCEPT, FD_CONNECT, FD_CONNECT_BIT, IPPROTO_TCP, SOCK_STREAM, SOL_SOCKET, SO_MAX_MSG_SIZE,
+    SO_MAX_RDMA_SIZE, SO_RDMA_THRESHOLD_SIZE, WSA_FLAG_OVERLAPPED, WSD_VERSION,
 };
 use std::collections::HashMap;
 use std::io;
@@ -163,6 +163,9 @@ impl CancelToken {
     }
 }
 
+/// Switch handle → (provider context, connection once it has one).
+type HandleTable = HashMap<usize, (usize, Option<Arc<Conn>>)>;
+
 /// The switch handle table: what the upcalls need, shared by the runtime and
 /// the provider (which holds it as its `Switch`).
 struct Upcalls {
@@ -170,7 +173,7 @@ struct Upcalls {
     /// Switch handle → (provider context, connection once it has one). An
     /// entry keeps its connection (pools, overlapped records) alive until
     /// `close_socket_handle`, the provider's last upcall for the socket.
-    table: Mutex<HashMap<usize, (usize, Option<Arc<Conn>>)>>,
+    table: Mutex<HandleTable>,
 }
 
 impl Upcalls {
@@ -298,7 +301,9 @@ impl Runtime {
 
     fn sockopt(&self, s: ProviderSocket, name: i32) -> Option<u32> {
         let mut v = [0u8; 4];
-        self.provider.get_sockopt(s, SOL_SOCKET, name, &mut v).ok()?;
+        self.provider
+            .get_sockopt(s, SOL_SOCKET, name, &mut v)
+            .ok()?;
         Some(u32::from_le_bytes(v))
     }
 }
@@ -322,7 +327,8 @@ impl Switch for Runtime {
         error: u32,
         bytes: u32,
     ) -> WsaResult<()> {
-        self.upcalls.complete_overlapped_request(h, ov, error, bytes)
+        self.upcalls
+            .complete_overlapped_request(h, ov, error, bytes)
     }
 }
 
@@ -346,8 +352,10 @@ fn wsa_io(e: WsaError) -> io::Error {
         WsaError::WSAETIMEDOUT => io::ErrorKind::TimedOut,
         WsaError::WSAEADDRINUSE => io::ErrorKind::AddrInUse,
         WsaError::WSAEADDRNOTAVAIL => io::ErrorKind::AddrNotAvailable,
-        WsaError::WSAEHOSTUNREACH => io::ErrorKind::HostUnreachable,
-        WsaError::WSAENETUNREACH => io::ErrorKind::NetworkUnreachable,
+        // `ErrorKind::{Host,Network}Unreachable` are named only from Rust
+        // 1.83 on (the MSRV is 1.80): take them from the OS error codes.
+        WsaError::WSAEHOSTUNREACH => io::Error::from_raw_os_error(libc::EHOSTUNREACH).kind(),
+        WsaError::WSAENETUNREACH => io::Error::from_raw_os_error(libc::ENETUNREACH).kind(),
         WsaError::WSAENOTCONN => io::ErrorKind::NotConnected,
         WsaError::WSAEWOULDBLOCK => io::ErrorKind::WouldBlock,
         WsaError::WSAENOBUFS => io::ErrorKind::OutOfMemory,
@@ -597,9 +605,8 @@ impl Conn {
                     head,
                     payload,
                 } => {
-                    let payload = payload.and_then(|p| {
-                        st.bufs.get(&p.op).map(|b| (*b, p.offset, p.len))
-                    });
+                    let payload =
+                        payload.and_then(|p| st.bufs.get(&p.op).map(|b| (*b, p.offset, p.len)));
                     if let Err(e) = self.post_send(slot, head.as_bytes(), payload) {
                         st.m.send_done(slot, Err(code(e)));
                     }
@@ -612,7 +619,10 @@ impl Conn {
                     len,
                 } => {
                     if let Some(b) = st.bufs.get(&op) {
-                        if self.copy_out(slot, slot_offset, *b, op_offset, len).is_err() {
+                        if self
+                            .copy_out(slot, slot_offset, *b, op_offset, len)
+                            .is_err()
+                        {
                             st.m.abort(proto::Error::Protocol("copy outside the receive buffer"));
                         }
                     }

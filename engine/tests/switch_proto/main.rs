@@ -80,7 +80,10 @@ fn acceptor_does_not_answer_before_the_hello() {
 fn data_before_connected_waits_for_the_hello() {
     let mut s = Sim::new(cfg(), cfg(), false);
     let op = s.app_send(0, 0, 10, false);
-    assert!(s.wires[0].len() == 1, "only the HELLO goes before negotiation");
+    assert!(
+        s.wires[0].len() == 1,
+        "only the HELLO goes before negotiation"
+    );
     s.start_acceptor();
     s.settle();
     assert_eq!(ok(&s, 0, op), 10);
@@ -139,11 +142,17 @@ fn large_payload_write_flow_writes_into_exposed_receive_buffers() {
     let mut s = connected(cfg_write(), cfg_write());
     let op = s.app_send(0, 0, 5000, false);
     s.settle();
-    assert!(s.sides[0].exposures.is_empty(), "write flow exposes nothing on the sender");
+    assert!(
+        s.sides[0].exposures.is_empty(),
+        "write flow exposes nothing on the sender"
+    );
     let r1 = s.app_recv(1, 4096, false);
     s.settle();
     assert_eq!(ok(&s, 1, r1), 4096);
-    assert!(s.sides[1].exposures.is_empty(), "receiver unexposed after WRITE_DONE");
+    assert!(
+        s.sides[1].exposures.is_empty(),
+        "receiver unexposed after WRITE_DONE"
+    );
     let r2 = s.app_recv(1, 4096, false);
     s.settle();
     assert_eq!(ok(&s, 1, r2), 904);
@@ -203,7 +212,11 @@ fn receive_stops_at_a_transfer_boundary() {
     s.settle();
     let r = s.app_recv(1, 5000, false);
     s.settle();
-    assert_eq!(ok(&s, 1, r), 100, "copied data is not merged with an RDMA transfer");
+    assert_eq!(
+        ok(&s, 1, r),
+        100,
+        "copied data is not merged with an RDMA transfer"
+    );
     let r = s.app_recv(1, 5000, false);
     s.settle();
     assert_eq!(ok(&s, 1, r), 2000);
@@ -260,7 +273,10 @@ fn a_reader_returns_credits_and_the_writer_never_overruns() {
         got += ok(&s, 1, r);
     }
     assert_eq!(ok(&s, 0, op), 50 * 496);
-    assert!(s.m(1).stats().credit_msgs > 0, "explicit CREDITs were needed");
+    assert!(
+        s.m(1).stats().credit_msgs > 0,
+        "explicit CREDITs were needed"
+    );
     no_violations(&s);
 }
 
@@ -387,7 +403,10 @@ fn malformed_message_fails_pending_ops_with_a_clear_error() {
     s.m(1).recv_done(slot, Ok((&garbage, 40)));
     s.drain(1);
     let e = s.sides[1].aborted.expect("aborted");
-    assert!(matches!(e, Error::Malformed(DecodeError::BadMagic(_))), "{e}");
+    assert!(
+        matches!(e, Error::Malformed(DecodeError::BadMagic(_))),
+        "{e}"
+    );
     assert!(e.to_string().contains("malformed"));
     assert_eq!(s.result(1, r), Some(Err(e)));
     s.settle();

@@ -393,7 +393,9 @@ impl Sim {
             self.sides[i].send_cq.push_back((w.send_slot, Err(ABORTED)));
         }
         for w in std::mem::take(&mut self.sides[i].held) {
-            self.sides[peer].send_cq.push_back((w.send_slot, Err(RESET)));
+            self.sides[peer]
+                .send_cq
+                .push_back((w.send_slot, Err(RESET)));
         }
         // The peer learns of the teardown.
         let p = &mut self.sides[peer];
@@ -406,7 +408,9 @@ impl Sim {
                 p.rdma_cq.push_back((j.rdma, Err(RESET)));
             }
             for w in std::mem::take(&mut self.wires[peer]) {
-                self.sides[peer].send_cq.push_back((w.send_slot, Err(RESET)));
+                self.sides[peer]
+                    .send_cq
+                    .push_back((w.send_slot, Err(RESET)));
             }
         }
         if let Some(m) = self.sides[i].m.as_mut() {
@@ -464,7 +468,9 @@ impl Sim {
         let to = 1 - from;
         let w = self.wires[from].pop_front().expect("caller checked");
         if self.sides[to].closed {
-            self.sides[from].send_cq.push_back((w.send_slot, Err(RESET)));
+            self.sides[from]
+                .send_cq
+                .push_back((w.send_slot, Err(RESET)));
             return;
         }
         if self.sides[to].posted.is_empty() {
@@ -604,14 +610,10 @@ impl Sim {
     /// Side `i` sends `len` bytes of its stream starting at `stream_off`.
     pub fn app_send(&mut self, i: usize, stream_off: u64, len: usize, nonblocking: bool) -> OpId {
         let op = self.new_op();
-        let buf = (0..len as u64).map(|k| pattern(i, stream_off + k)).collect();
-        self.sides[i].ops.insert(
-            op,
-            AppOp {
-                send: true,
-                buf,
-            },
-        );
+        let buf = (0..len as u64)
+            .map(|k| pattern(i, stream_off + k))
+            .collect();
+        self.sides[i].ops.insert(op, AppOp { send: true, buf });
         self.m(i).app_send(op, len as u64, nonblocking);
         self.drain(i);
         op

@@ -536,7 +536,9 @@ impl Connection {
     pub fn recv_done(&mut self, slot: u16, result: Result<(&[u8], usize), u32>) {
         let i = usize::from(slot);
         if self.recv_slots.get(i) != Some(&RecvSlot::Posted) {
-            self.fail(Error::Protocol("completion of a receive that was not posted"));
+            self.fail(Error::Protocol(
+                "completion of a receive that was not posted",
+            ));
             self.progress();
             return;
         }
@@ -581,7 +583,9 @@ impl Connection {
             .get_mut(usize::from(rdma))
             .and_then(Option::take)
         else {
-            self.fail(Error::Protocol("completion of an RDMA op that was not posted"));
+            self.fail(Error::Protocol(
+                "completion of an RDMA op that was not posted",
+            ));
             self.progress();
             return;
         };
@@ -609,7 +613,9 @@ impl Connection {
             .iter()
             .position(|e| e.xfer == xfer && matches!(e.state, ExpState::Pending))
         else {
-            self.fail(Error::Protocol("report of an exposure that was not asked for"));
+            self.fail(Error::Protocol(
+                "report of an exposure that was not asked for",
+            ));
             self.progress();
             return;
         };
@@ -822,7 +828,11 @@ impl Connection {
         let Some(item) = self.inbox.front_mut() else {
             return self.fail(Error::Protocol("unexpected WRITE_DONE"));
         };
-        let ItemKind::WriteReq { len: total, written } = &mut item.kind else {
+        let ItemKind::WriteReq {
+            len: total,
+            written,
+        } = &mut item.kind
+        else {
             return self.fail(Error::Protocol("unexpected WRITE_DONE"));
         };
         *written += len;
@@ -1194,7 +1204,8 @@ impl Connection {
                 return false;
             };
             let s = &self.sends[i];
-            let (op, at, rest, by_copy, prep) = (s.op, s.queued, s.len - s.queued, s.by_copy, s.prep);
+            let (op, at, rest, by_copy, prep) =
+                (s.op, s.queued, s.len - s.queued, s.by_copy, s.prep);
             let transfer = rest.min(u64::from(u32::MAX)) as u32;
             let body = if by_copy {
                 let max = (self.msg_max - HEADER_LEN) as u64;

@@ -397,10 +397,16 @@ impl Message {
             },
             K_DATA => Body::Data { len: n },
             K_CREDIT => Body::Credit,
-            K_READ_OFFER => Body::ReadOffer { len: n, desc: desc() },
+            K_READ_OFFER => Body::ReadOffer {
+                len: n,
+                desc: desc(),
+            },
             K_READ_DONE => Body::ReadDone { len: n },
             K_WRITE_REQUEST => Body::WriteRequest { len: n },
-            K_WRITE_TARGET => Body::WriteTarget { len: n, desc: desc() },
+            K_WRITE_TARGET => Body::WriteTarget {
+                len: n,
+                desc: desc(),
+            },
             K_WRITE_DONE => Body::WriteDone { len: n },
             K_FIN => Body::Fin,
             K_NEED => Body::Need,
