@@ -708,7 +708,11 @@ mod rogue {
                 buf: region.as_ptr().wrapping_add(off),
             };
             // SAFETY: buffer and record are leaked: valid for ever.
-            unsafe { p.send(s, &[buf], 0, ov).unwrap() };
+            let posted = unsafe { p.send(s, &[buf], 0, ov) };
+            if i > 0 && posted.is_err() {
+                break; // the server noticed the flood and reset the connection
+            }
+            posted.unwrap();
             let deadline = Instant::now() + T;
             while i == 0 && ov.is_pending() {
                 assert!(Instant::now() < deadline, "first message not received");
