@@ -139,7 +139,9 @@ pub enum Action {
     /// Negotiation completed: the session is open.
     Connected,
     /// The connection failed: close the socket (abortively), then call
-    /// `closed`. Comes after the `Unexpose`s of every exposure.
+    /// `closed`. Comes after the `Unexpose`s of every exposure; after a
+    /// transport error, only once every posted receive came back (one may
+    /// still hold data that arrived before the teardown).
     Abort {
         /// Why.
         error: Error,

@@ -545,8 +545,13 @@ impl Connection {
         self.recv_slots[i] = RecvSlot::Idle;
         match result {
             Err(code) => self.fail(Error::Transport(code)),
-            // After the end, arrivals are dropped (the stream may be cut).
-            Ok(_) if self.error.is_some() => {}
+            // A receive posted before a transport error may still complete
+            // with data: the stream up to there is kept (see `draining`).
+            Ok((head, n)) if self.error.is_some() => {
+                if self.draining() {
+                    self.on_late_message(slot, head, n);
+                }
+            }
             Ok((_, n)) if n > self.cfg.slot_size as usize => {
                 self.fail(Error::Protocol("message longer than the receive buffer"));
             }
@@ -740,6 +745,45 @@ impl Connection {
                 self.repost(slot, false);
             }
         }
+    }
+
+    /// A message that completed after a transport error: DATA and FIN in
+    /// sequence still join the incoming stream (they arrived before the
+    /// teardown); anything else is dropped.
+    fn on_late_message(&mut self, slot: u16, head: &[u8], n: usize) {
+        let Ok(m) = Message::decode(head, n) else {
+            return;
+        };
+        if self.phase != Phase::Open
+            || m.seq != self.recv_seq
+            || n > self.cfg.slot_size as usize
+            || self.fin_received
+        {
+            return;
+        }
+        let kind = match m.body {
+            Body::Data { len } => {
+                let at = HEADER_LEN as u32;
+                ItemKind::Data { at, end: at + len }
+            }
+            Body::Fin => {
+                self.fin_received = true;
+                ItemKind::Fin
+            }
+            _ => return,
+        };
+        self.recv_seq = self.recv_seq.wrapping_add(1);
+        self.stats.msgs_received += 1;
+        self.recv_slots[usize::from(slot)] = RecvSlot::Held;
+        self.inbox.push_back(Item { slot, kind });
+    }
+
+    /// After a transport error, receives posted before it are still to
+    /// come back (with data or flushed): the incoming stream may not have
+    /// ended yet.
+    fn draining(&self) -> bool {
+        matches!(self.error, Some(Error::Transport(_)))
+            && self.recv_slots.contains(&RecvSlot::Posted)
     }
 
     fn on_hello(&mut self, slot: u16, credits: u16, recv_slots: u32, slot_size: u32, caps: u32) {
@@ -1030,6 +1074,7 @@ impl Connection {
         self.serve_recvs();
         if self.error.is_some() {
             self.reap();
+            self.ask_abort();
             return;
         }
         self.start_writes();
@@ -1136,9 +1181,9 @@ impl Connection {
                 }
                 _ => {
                     let result = match failed {
-                        Some(e) => Err(e),
-                        None if nonblocking => Err(Error::WouldBlock),
-                        None => return,
+                        Some(e) if !self.draining() => Err(e),
+                        _ if nonblocking => Err(Error::WouldBlock),
+                        _ => return,
                     };
                     self.recvs.pop_front();
                     self.complete_recv(op, result);
@@ -1368,9 +1413,20 @@ impl Connection {
         }
         self.serve_recvs();
         self.reap();
-        if !self.socket_closed && !self.abort_sent {
+        self.ask_abort();
+    }
+
+    /// Queues `Action::Abort` once the connection failed, the socket is
+    /// open and, after a transport error, every posted receive came back:
+    /// closing the socket earlier could turn a completion with data not yet
+    /// reported into a flush.
+    fn ask_abort(&mut self) {
+        let Some(error) = self.error else {
+            return;
+        };
+        if !self.socket_closed && !self.abort_sent && !self.draining() {
             self.abort_sent = true;
-            self.actions.push_back(Action::Abort { error: e });
+            self.actions.push_back(Action::Abort { error });
         }
     }
 

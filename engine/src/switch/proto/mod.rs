@@ -47,7 +47,10 @@
 //!   an unexpected message) or a transport error ends the connection: the
 //!   machine unexposes its buffers, yields [`Action::Abort`], fails every op
 //!   whose buffer the fabric no longer uses (the rest when their RDMA
-//!   comes back), and keeps delivering data that arrived before.
+//!   comes back), and keeps delivering data that arrived before — after a
+//!   transport error including messages whose receives complete later,
+//!   and FIN, so that a peer's graceful close followed by its reset reads
+//!   as end of stream.
 //!
 //! Wire format: [`wire`](self::Message) (`wire.rs`).
 
