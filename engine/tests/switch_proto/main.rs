@@ -516,6 +516,74 @@ fn data_received_before_a_reset_is_still_delivered() {
 }
 
 #[test]
+fn fin_completing_after_a_transport_error_still_ends_the_stream() {
+    let mut s = connected(cfg(), cfg());
+    let a = s.app_send(0, 0, 100, false);
+    s.m(0).app_shutdown().unwrap();
+    s.drain(0);
+    // DATA and FIN land in side 1's receives; their completions wait.
+    while !s.wires[0].is_empty() {
+        s.step(Ev::Deliver(0));
+    }
+    // Side 1 learns of a reset first (a re-post failing at once, as the
+    // provider does once it saw the peer go).
+    let slot = s.sides[1].posted.pop_front().unwrap();
+    s.m(1).recv_done(slot, Err(RESET));
+    s.drain(1);
+    assert_eq!(
+        s.sides[1].aborted, None,
+        "abort waits for the posted receives"
+    );
+    let r = s.app_recv(1, 1000, false);
+    assert_eq!(s.result(1, r), None, "more may still arrive");
+    s.close(0);
+    s.settle();
+    assert_eq!(ok(&s, 1, r), 100);
+    let r = s.app_recv(1, 1000, false);
+    assert_eq!(ok(&s, 1, r), 0, "FIN arrived before the reset");
+    assert_eq!(s.sides[1].aborted, Some(Error::Transport(RESET)));
+    ok(&s, 0, a);
+    no_violations(&s);
+}
+
+#[test]
+fn credit_batch_returns_credits_unasked() {
+    let c = Config {
+        credit_batch: 3,
+        ..cfg_copy()
+    };
+    let mut s = connected(c.clone(), c.clone());
+    let op = s.app_send(0, 0, 30 * 496, false);
+    let mut got = 0;
+    while got < 30 * 496 {
+        let r = s.app_recv(1, 496, false);
+        s.settle();
+        got += ok(&s, 1, r);
+    }
+    assert_eq!(ok(&s, 0, op), 30 * 496);
+    assert_eq!(s.sides[1].received, s.expected(1, 30 * 496));
+    assert!(s.m(1).stats().credit_msgs > 0);
+    no_violations(&s);
+    // Random schedules with batched returns on one or both sides.
+    for seed in 0..40u64 {
+        let b = Config {
+            credit_batch: if seed % 2 == 0 { 2 } else { 0 },
+            ..cfg()
+        };
+        let script = Script {
+            sends: [
+                vec![(3000, false), (700, true), (1, false), (2500, false)],
+                vec![(496 * 9, false), (1200, false)],
+            ],
+            caps: [vec![100, 4000], vec![1, 496, 3000]],
+            write_then_read: seed % 3 == 0,
+            max_pending_sends: 2,
+        };
+        run_random(Sim::new(c.clone(), b, seed % 4 < 2), &script, seed);
+    }
+}
+
+#[test]
 fn cancel_paths() {
     let mut s = connected(cfg_copy(), cfg());
     // A receive waiting for data is withdrawn cleanly.

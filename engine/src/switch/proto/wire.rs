@@ -159,13 +159,6 @@ impl Body {
             Body::Hello { .. } | Body::Credit | Body::Fin | Body::Need | Body::CreditAck => 0,
         }
     }
-
-    /// Whether the message takes one of the peer's announced receives
-    /// (everything but the connector's HELLO, NEED and CREDIT_ACK; whether a
-    /// HELLO counts depends on who sends it, see the machine).
-    pub fn is_counted(&self) -> bool {
-        !matches!(self, Body::Need | Body::CreditAck)
-    }
 }
 
 /// Size of the body after the header, by kind; `None` for an unknown kind.
