@@ -113,15 +113,19 @@ enum ExpState {
 /// A buffer (part) exposed to the peer.
 #[derive(Clone, Copy, Debug)]
 struct Exposure {
+    /// Its id in `Expose`, `exposed` and `Unexpose`.
     xfer: u64,
     /// Whose buffer.
     op: OpId,
+    /// Pending until `exposed`, then live until unexposed or the socket
+    /// closed.
     state: ExpState,
 }
 
 /// One application send, from `app_send` until it completes.
 #[derive(Debug)]
 struct SendOp {
+    /// The application op.
     op: OpId,
     /// Bytes to send (> 0).
     len: u64,
@@ -148,7 +152,9 @@ enum Prep {
 /// A write target the peer gave for the oldest write request.
 #[derive(Debug)]
 struct Target {
+    /// Bytes the target takes.
     len: u32,
+    /// The peer's exposure.
     desc: Desc,
     /// Bytes handed to RDMA writes. Invariant: `done <= posted <= len`.
     posted: u32,
@@ -171,10 +177,13 @@ enum TransferKind {
 /// the peer serves them in stream order).
 #[derive(Debug)]
 struct Transfer {
+    /// The send op whose bytes it carries.
     op: OpId,
     /// Offset of the transfer in the op's buffer.
     op_offset: u64,
+    /// Bytes announced.
     len: u32,
+    /// Offer or write request, and its progress.
     kind: TransferKind,
 }
 
@@ -193,7 +202,9 @@ enum ItemKind {
 /// An item of the incoming stream, in the receive buffer that holds it.
 #[derive(Debug)]
 struct Item {
+    /// The receive buffer, `Held` until the item is consumed.
     slot: u16,
+    /// What it is, and how much of it was consumed.
     kind: ItemKind,
 }
 
@@ -211,6 +222,7 @@ enum Busy {
 /// One application receive, from `app_recv` until it completes.
 #[derive(Debug)]
 struct RecvOp {
+    /// The application op.
     op: OpId,
     /// Buffer bytes (> 0).
     cap: u64,
@@ -225,8 +237,11 @@ struct RecvOp {
 /// must do.
 #[derive(Debug)]
 pub struct Connection {
+    /// This side's settings (validated).
     cfg: Config,
+    /// Which end this is; fixes whether our HELLO is counted.
     role: Role,
+    /// Negotiation state; nothing but HELLO is sent before `Open`.
     phase: Phase,
     /// Why the connection ended; once set, never changes.
     error: Option<Error>,
@@ -237,6 +252,7 @@ pub struct Connection {
     abort_sent: bool,
     /// Actions for the driver, in order.
     actions: VecDeque<Action>,
+    /// Credits both ways (see `credit.rs`).
     credits: Credits,
     /// Sends of more bytes go by RDMA.
     threshold: u64,
@@ -267,6 +283,8 @@ pub struct Connection {
     /// Application sends in order; the first with `queued < len` is the
     /// one that sends next.
     sends: VecDeque<SendOp>,
+    /// Shutdown of the sending side; FIN is sent only once every op of
+    /// `sends` has `queued == len`.
     fin: Fin,
     /// Large transfers announced and not finished, oldest first.
     transfers: VecDeque<Transfer>,
@@ -282,6 +300,7 @@ pub struct Connection {
     fin_received: bool,
     /// Application receives, in order.
     recvs: VecDeque<RecvOp>,
+    /// Counters.
     stats: Stats,
 }
 

@@ -21,7 +21,7 @@
 //!   peer's initial credits), the buffer size and whether the side accepts
 //!   RDMA-read offers. The connector's HELLO is outside the credit count;
 //!   the acceptor's takes one credit.
-//! * **Credits** ([`credit`](self#credits) rules in `credit.rs`): a counted
+//! * **Credits** (the rules are spelled out in `credit.rs`): a counted
 //!   message needs a credit; payload keeps a reserve of [`RESERVE`] for
 //!   control answers; the last credit goes only to a message that returns
 //!   credits; every header returns the receives re-posted since the last
@@ -52,7 +52,7 @@
 //!   and FIN, so that a peer's graceful close followed by its reset reads
 //!   as end of stream.
 //!
-//! Wire format: [`wire`](self::Message) (`wire.rs`).
+//! Wire format: [`Message`] (`wire.rs` documents the layout).
 
 #![deny(missing_docs)]
 
