@@ -1,6 +1,9 @@
 //! Building blocks for tests and benchmarks that drive the engine directly:
 //! a switch that only completes overlapped records, a provider on a private
-//! soft network, and a connected socket pair on it.
+//! soft network, and a connected socket pair on it; and the bodies of the
+//! fuzz targets ([`fuzz`]).
+
+pub mod fuzz;
 
 use crate::config::Config;
 use crate::error::{WsaError, WsaResult};

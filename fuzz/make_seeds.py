@@ -1,0 +1,206 @@
+#!/usr/bin/env python3
+"""Writes the hand-made seed inputs of fuzz/corpus/. Rerun after a change
+of the input formats (engine/src/testkit/fuzz/); the encodings below follow
+`Call::decode` in spi_calls.rs and `Descriptor` in mem/descriptor.rs."""
+import os
+import struct
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def u16(v):
+    return struct.pack("<H", v)
+
+
+def u32(v):
+    return struct.pack("<I", v)
+
+
+# --- spi_calls ---------------------------------------------------------
+# Socket arguments: an index into every descriptor handed out (a Pair on a
+# fresh program makes 0 = listener (closed), 1 = client, 2 = server).
+RAW0, RAWINV = 0xF0, 0xF1
+OWN, ANY, TCPONLY, UNKNOWN, OTHERNET, BCAST = 0, 3, 4, 5, 6, 7
+READ, WRITE, RW = 0, 2, 4
+
+
+def socket():
+    return bytes([0, 0])
+
+
+def bind(s, ip, port):  # port: 1..5 -> 7001..7005, 0 -> ephemeral
+    return bytes([1, s, ip, port])
+
+
+def listen(s, backlog=1):
+    return bytes([2, s, backlog])
+
+
+def connect(s, ip, port):
+    return bytes([3, s, ip, port, 0])
+
+
+def accept(s, cond=0):  # 0 accept, 5 reject, 7 defer
+    return bytes([4, s, cond])
+
+
+def event_select(s, ev, mask):  # mask: 0 FD_ACCEPT, 1 FD_CONNECT, 3 none
+    return bytes([5, s, ev, mask])
+
+
+def enum_events(s, ev=0):
+    return bytes([6, s, ev])
+
+
+def rng(off, length, kind=0):
+    return bytes([kind]) + u16(off) + u16(length)
+
+
+def register(s, off, length, flags=RW):
+    return bytes([7, s]) + rng(off, length) + bytes([flags])
+
+
+def deregister(s, h):
+    return bytes([8, s, h])
+
+
+def register_rdma(s, off, length, flags=RW):
+    return bytes([9, s]) + rng(off, length) + bytes([flags, 0])
+
+
+def deregister_rdma(s, d):
+    return bytes([10, s, d, 0])
+
+
+def cache_callback(off, length):
+    return bytes([11]) + rng(off, length)
+
+
+def bufs(items, handles=False):
+    out = bytes([len(items)])
+    for off, length, h in items:
+        out += bytes([0]) + u16(off) + u16(length)
+        if handles:
+            out += bytes([h])
+    return out
+
+
+def send(s, items, poll=False):
+    return bytes([12, s]) + bufs(items) + bytes([1 if poll else 0])
+
+
+def recv(s, items, poll=False):
+    return bytes([14, s]) + bufs(items) + bytes([1 if poll else 0])
+
+
+def rdma(s, items, desc, offset, write=True, poll=False):
+    f = (0 if write else 2) | (1 if poll else 0)
+    return bytes([16, s]) + bufs(items, True) + bytes([desc, 0, f]) + u16(offset)
+
+
+def opt(level, name):  # level 3: a raw level byte follows; name 8, 9: a raw u16
+    out = bytes([level]) + (bytes([0x29]) if level == 3 else b"") + bytes([name])
+    return out + (u16(0x1234) if name in (8, 9) else b"")
+
+
+def getopt(s, level, name, length=4):
+    return bytes([17, s]) + opt(level, name) + bytes([length])
+
+
+def setopt(s, level, name, value, length=4):
+    return bytes([18, s]) + opt(level, name) + u32(value) + bytes([length])
+
+
+def result(op):
+    return bytes([19, op, 0])
+
+
+def progress():
+    return bytes([20, 0])
+
+
+def close(s):
+    return bytes([21, s])
+
+
+def query(s, what, guid=0):
+    return bytes([22, s, what, guid])
+
+
+def startup():
+    return bytes([23, 0])
+
+
+def cleanup():
+    return bytes([23, 1])
+
+
+def pair(p=2):
+    return bytes([23, p])
+
+
+SPI = {
+    "send_recv": bytes([0]) + pair() + register(1, 0, 4096) + register(2, 4096, 4096)
+    + recv(2, [(4096, 100, 0)]) + recv(2, [(4096 + 512, 64, 0), (4096 + 1024, 64, 0)], poll=True)
+    + send(1, [(0, 100, 0)]) + send(1, [(0, 10, 0), (200, 20, 0)], poll=True)
+    + progress() + result(0) + result(1) + result(3) + close(1) + close(2),
+    "rdma": bytes([0]) + pair() + register(1, 0, 4096) + register_rdma(2, 8192, 4096)
+    + rdma(1, [(0, 64, 0)], 0, 16) + rdma(1, [(128, 32, 0), (256, 32, 0)], 0, 100, write=False, poll=True)
+    + rdma(1, [(0, 64, 0)], 0, 4090) + progress() + deregister_rdma(2, 0) + deregister(1, 0)
+    + close(2) + close(1),
+    "close_pending": bytes([0]) + pair() + register(1, 0, 8192) + register(2, 8192, 8192)
+    + recv(1, [(0, 64, 0)]) + recv(1, [(64, 64, 0)], poll=True) + recv(2, [(8192, 64, 0)])
+    + register_rdma(1, 1024, 1024) + rdma(2, [(8192, 16, 1)], 0, 0) + close(1) + progress()
+    + recv(2, [(8192, 8, 0)]) + result(0) + close(2),
+    "listen_events": bytes([0]) + socket() + bind(0, OWN, 1) + listen(0, 2) + event_select(0, 0, 0)
+    + socket() + event_select(1, 1, 1) + connect(1, OWN, 1) + enum_events(0) + accept(0, 5)
+    + enum_events(1, 1) + connect(1, OWN, 1) + accept(0, 7) + accept(0, 0) + enum_events(1, 1)
+    + socket() + connect(3, ANY, 1) + connect(3, OWN, 2) + close(0) + close(1) + close(2) + close(3),
+    "connect_errors": bytes([0]) + socket() + connect(0, TCPONLY, 3) + connect(0, TCPONLY, 3)
+    + socket() + connect(1, UNKNOWN, 3) + connect(1, OTHERNET, 3) + connect(1, BCAST, 3)
+    + bind(1, TCPONLY, 1) + bind(1, ANY, 0) + bind(1, ANY, 0) + listen(1) + listen(1)
+    + connect(1, OWN, 4) + close(0) + socket() + connect(2, TCPONLY, 4),
+    "bad_args": bytes([0]) + bind(RAW0, OWN, 1) + close(RAWINV) + bytes([0, 0xE7, 1, 2, 3, 4])
+    + socket() + getopt(0, 0, 0) + getopt(0, 0, 2) + getopt(0, 2, 5, 2) + getopt(0, 3, 9)
+    + setopt(0, 0, 2, 7) + setopt(0, 2, 5, 1, 1) + setopt(0, 0, 6, 1) + setopt(0, 0, 4, 0, 0)
+    + query(0, 0, 0) + query(0, 0, 6) + query(0, 0, 8) + query(0, 1) + query(0, 2) + query(0, 3)
+    + query(0, 4) + query(0, 5) + register(0, 0, 64) + send(0, [(0, 8, 0)]) + close(0) + close(0)
+    + query(0, 4) + startup() + cleanup() + cleanup() + cleanup() + socket() + close(0) + startup()
+    + socket(),
+    "cache": bytes([1]) + pair() + register(1, 0, 4096) + deregister(1, 0) + register(1, 0, 4096)
+    + deregister(1, 1) + cache_callback(100, 1) + register(1, 0, 4096)
+    + register(2, 0, 4096, READ) + register_rdma(2, 4096, 4096) + deregister_rdma(2, 0)
+    + register_rdma(2, 4096, 4096) + cache_callback(0, 100) + cache_callback(12000, 10)
+    + deregister(2, 2) + close(1) + close(2),
+    "exhaustion": bytes([2]) + pair(3) + pair(4) + pair(5) + socket() * 6
+    + register(1, 0, 16384) + register(2, 0, 16384)
+    + b"".join(recv(2, [(i * 64, 64, 0)]) for i in range(6))
+    + b"".join(send(1, [(i * 64, 64, 0)]) for i in range(8)) + progress(),
+    "cleanup_pending": bytes([0]) + startup() + pair() + register(1, 0, 4096) + register(2, 4096, 4096)
+    + recv(1, [(0, 32, 0)]) + recv(2, [(4096, 32, 0)], poll=True) + cleanup() + send(1, [(0, 8, 0)])
+    + cleanup() + send(1, [(0, 8, 0)]) + startup() + pair(6) + register(4, 0, 64) + recv(4, [(0, 64, 0)]),
+}
+
+# --- descriptor ---------------------------------------------------------
+
+
+def desc(rkey, addr, length, gen, magic=0x53504401, reserved=0):
+    return u32(magic) + u32(rkey) + struct.pack("<QQ", addr, length) + u32(gen) + u32(reserved)
+
+
+DESC = {
+    "valid": desc(0x10001, 0x7F00_0000_1000, 4096, 1),
+    "valid_with_target": desc(7, 4096, 100, 3) + struct.pack("<QQ", 60, 40),
+    "target_overflow": desc(7, 2**64 - 10, 2**64 - 1, 3) + struct.pack("<QQ", 20, 0),
+    "short": desc(1, 2, 3, 4)[:31],
+    "bad_version": desc(1, 2, 3, 4, magic=0x53504402),
+    "reserved_set": desc(1, 2, 3, 4, reserved=1),
+    "empty": b"",
+}
+
+for target, seeds in (("spi_calls", SPI), ("descriptor", DESC)):
+    d = os.path.join(HERE, "corpus", target)
+    os.makedirs(d, exist_ok=True)
+    for name, data in seeds.items():
+        with open(os.path.join(d, name), "wb") as f:
+            f.write(data)
