@@ -1204,6 +1204,13 @@ impl Inner {
             self.op_finished(&sock);
             return Err(WsaError::WSAENOBUFS);
         };
+        // Marked started before the post, since the completion may be
+        // dispatched before `post` returns; a post that fails puts the
+        // record back as it was: the op never started (RDMA-3).
+        let before = (
+            ov.internal.load(Ordering::Relaxed),
+            ov.internal_high.load(Ordering::Relaxed),
+        );
         ov.start();
         self.ops.fill(
             &slot,
@@ -1218,6 +1225,8 @@ impl Inner {
             Ok(()) => Ok(()),
             Err(e) => {
                 drop(self.ops.cancel(slot));
+                ov.internal_high.store(before.1, Ordering::Relaxed);
+                ov.internal.store(before.0, Ordering::Release);
                 self.op_finished(&sock);
                 Err(match e {
                     PostError::QueueFull => WsaError::WSAENOBUFS,

@@ -19,6 +19,36 @@ fn xfer_1_data_calls_return_pending_without_waiting() {
     h.p.close_socket(c).unwrap();
 }
 
+/// A receive refused at post time (queue full, `WSAENOBUFS`) never started
+/// (RDMA-3): its record is not left marked in progress (`Internal` 0x103),
+/// which would make `WSPGetOverlappedResult` report it pending forever.
+/// Found by the `spi_calls` fuzz target.
+#[test]
+fn xfer_3_a_post_refused_for_a_full_queue_leaves_the_record_alone() {
+    let mut config = test_config(PollerMode::RunToCompletion);
+    config.qp.recv_depth = 2;
+    let h = Host::with_config(config);
+    let (c, s) = pair(&h, 5509);
+    let b = buf(&h, s, 4096, MEM_READWRITE);
+    let ovs: Vec<Overlapped> = (0..3).map(|_| Overlapped::new(0)).collect();
+    recv(&h, s, &b, 0, 64, &ovs[0]).unwrap();
+    recv(&h, s, &b, 64, 64, &ovs[1]).unwrap();
+    assert_eq!(
+        recv(&h, s, &b, 128, 64, &ovs[2]).unwrap_err(),
+        WsaError::WSAENOBUFS
+    );
+    assert!(!ovs[2].is_pending(), "a refused op is not in progress");
+    assert_eq!(
+        ovs[2].internal.load(std::sync::atomic::Ordering::Acquire),
+        0
+    );
+    h.p.close_socket(s).unwrap();
+    assert_eq!(wait_ov(&h, &ovs[0]).0, ABORTED);
+    assert_eq!(wait_ov(&h, &ovs[1]).0, ABORTED);
+    assert_eq!(h.sw.completions_of(&ovs[2]), 0);
+    h.p.close_socket(c).unwrap();
+}
+
 #[test]
 fn xfer_1_bad_input_gets_its_code_and_starts_nothing() {
     let h = Host::new();
