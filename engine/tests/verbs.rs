@@ -665,6 +665,104 @@ fn connect_errors() {
     );
 }
 
+/// Server and client queue pair of one connection.
+type QpPair = (Arc<dyn QueuePair>, Arc<dyn QueuePair>);
+
+/// A CQ never takes on more queue pairs than it has entries for (their
+/// send and receive depths added up): the accept that would over-commit it
+/// fails `NoResources` (a verbs CQ overrun would lose completions and break
+/// every queue pair on it), and destroying a queue pair gives its share
+/// back.
+#[test]
+fn cq_admission_refuses_queue_pairs_beyond_its_size() {
+    if !have("rxe0") {
+        return;
+    }
+    let (server, client) = (open("rxe0"), open("rxe0"));
+    let sig = Arc::new(Signal::default());
+    // 64 + 16 (bind slack) + 64 entries per queue pair below; the device
+    // gives at least the 200 + 64 (slack) asked for.
+    let small = server.create_cq(200, sig.clone()).expect("create_cq");
+    let sev = Arc::new(Signal::default());
+    // The client's CQ is roomy: only the server's is meant to fill.
+    let big = client.create_cq(8192, sig.clone()).expect("create_cq");
+    let cev = Arc::new(Signal::default());
+    let lsig = Arc::new(Signal::default());
+    let at = SocketAddrV4::new(server.addresses()[0], port());
+    let listener = server.listen(at, 8, lsig.clone()).expect("listen");
+    // Connects once; the server accepts onto `small`. Returns the server's
+    // queue pair, or the accept's error (the connector is then refused).
+    let connect_one = || -> Result<QpPair, ConnectError> {
+        let (tx, rx) = mpsc::channel();
+        let _attempt = client
+            .connect(
+                SocketAddrV4::new(client.addresses()[0], 0),
+                at,
+                QpParams {
+                    cq: big.id(),
+                    send_depth: 64,
+                    recv_depth: 64,
+                    max_sge: 4,
+                    events: cev.clone(),
+                },
+                Box::new(move |r| {
+                    let _ = tx.send(r);
+                }),
+            )
+            .expect("connect");
+        let end = Instant::now() + LIMIT;
+        let req = loop {
+            let seen = lsig.get();
+            if let Some(r) = listener.peek() {
+                break r;
+            }
+            assert!(Instant::now() < end, "no connection request");
+            lsig.wait_change(seen, Duration::from_millis(200));
+        };
+        let accepted = req.accept(QpParams {
+            cq: small.id(),
+            send_depth: 64,
+            recv_depth: 64,
+            max_sge: 4,
+            events: sev.clone(),
+        });
+        let done = rx.recv_timeout(LIMIT).expect("connect callback");
+        match accepted {
+            Ok(sqp) => Ok((sqp, done.expect("connected"))),
+            Err(e) => {
+                assert!(done.is_err(), "the connector of a failed accept is refused");
+                Err(e)
+            }
+        }
+    };
+    let mut live = Vec::new();
+    let refused = loop {
+        match connect_one() {
+            Ok(pair) => live.push(pair),
+            Err(e) => break e,
+        }
+        assert!(
+            live.len() < 64,
+            "the CQ of ~264 entries took 64 queue pairs of 144"
+        );
+    };
+    assert_eq!(refused, ConnectError::NoResources);
+    assert!(!live.is_empty(), "not even one queue pair fit");
+    // Give one share back: the next accept fits again.
+    let (sqp, cqp) = live.pop().unwrap();
+    for q in [&sqp, &cqp] {
+        q.set_error();
+    }
+    drop((sqp, cqp));
+    let (sqp, cqp) = connect_one().expect("accept after a queue pair was destroyed");
+    live.push((sqp, cqp));
+    for (s, c) in live {
+        s.set_error();
+        c.set_error();
+    }
+    listener.close();
+}
+
 // ---------------------------------------------------------------- faults --
 
 /// Takes `dev` down, then up again when dropped.

@@ -51,6 +51,9 @@ pub struct VerbsQp {
     peer: SocketAddrV4,
     max_inline: u32,
     max_sge: u32,
+    /// CQ entries reserved for this QP (`VerbsCq::reserve`), returned when
+    /// it is destroyed.
+    cq_entries: u32,
     events: Arc<dyn QpEvents>,
     /// The post lock: posts hold it shared, entering the error state holds
     /// it exclusively, so no post reaches the NIC after the QP left RTS.
@@ -71,8 +74,21 @@ impl VerbsQp {
             .ok_or(FabricError::Invalid("unknown completion queue"))?;
         let caps = shared.caps;
         let max_sge = params.max_sge.clamp(1, caps.max_sge.min(MAX_SGE as u32));
+        let max_send_wr = params
+            .send_depth
+            .max(1)
+            .saturating_add(BIND_SLACK)
+            .min(caps.max_qp_wr);
+        let max_recv_wr = params.recv_depth.max(1).min(caps.max_qp_wr);
+        // Every request of this QP may sit completed in the CQ at once.
+        let cq_entries = max_send_wr.saturating_add(max_recv_wr);
+        if !cq.reserve(cq_entries) {
+            return Err(FabricError::NoResources(
+                "completion queue full (its queue pairs' depths add up to its size)",
+            ));
+        }
         let mut inline = shared.cfg.max_inline;
-        let (qp, cap) = loop {
+        let created = loop {
             // SAFETY: ibv_qp_init_attr is plain data (null pointers valid).
             let mut attr: ibv_qp_init_attr = unsafe { std::mem::zeroed() };
             attr.send_cq = cq.raw();
@@ -80,12 +96,8 @@ impl VerbsQp {
             attr.qp_type = ibv_qp_type::IBV_QPT_RC;
             attr.sq_sig_all = 0;
             attr.cap = ibv_qp_cap {
-                max_send_wr: params
-                    .send_depth
-                    .max(1)
-                    .saturating_add(BIND_SLACK)
-                    .min(caps.max_qp_wr),
-                max_recv_wr: params.recv_depth.max(1).min(caps.max_qp_wr),
+                max_send_wr,
+                max_recv_wr,
                 max_send_sge: max_sge,
                 max_recv_sge: max_sge,
                 max_inline_data: inline,
@@ -96,18 +108,19 @@ impl VerbsQp {
             let rc = unsafe { rdma_create_qp(id.get(), shared.pd.get(), &mut attr) };
             if rc == 0 {
                 // SAFETY: on success rdma_create_qp stored the QP in the id.
-                break (unsafe { (*id.get()).qp }, attr.cap);
+                break Ok((unsafe { (*id.get()).qp }, attr.cap));
             }
             if inline > 0 {
                 inline = 0; // the device may not do inline data: retry without
                 continue;
             }
-            return Err(match errno() {
+            break Err(match errno() {
                 libc::ENOMEM => FabricError::NoResources("queue pair"),
                 libc::EINVAL => FabricError::Invalid("queue pair size"),
                 _ => FabricError::Unavailable(os_error("rdma_create_qp")),
             });
         };
+        let (qp, cap) = created.inspect_err(|_| cq.release(cq_entries))?;
         // SAFETY: the id is live; its route holds the resolved addresses.
         let (local, peer) = unsafe { id.addresses() };
         // SAFETY: valid QP.
@@ -123,6 +136,7 @@ impl VerbsQp {
             peer,
             max_inline: cap.max_inline_data.min(inline),
             max_sge,
+            cq_entries,
             events: params.events.clone(),
             state: RwLock::new(State::default()),
         });
@@ -404,6 +418,10 @@ impl Drop for VerbsQp {
         // post can race (we are the last reference). Completions already in
         // the CQ stay there and remain pollable.
         unsafe { rdma_destroy_qp(self.id.get()) };
+        // Its completions were all reaped by now: the engine drops a QP only
+        // after every op on it completed (its flushed binds use the CQ's
+        // own slack).
+        self.cq.release(self.cq_entries);
         // `id` is destroyed by its own drop, after this.
     }
 }
