@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Writes the hand-made seed inputs of fuzz/corpus/. Rerun after a change
 of the input formats (engine/src/testkit/fuzz/); the encodings below follow
-`Call::decode` in spi_calls.rs and `Descriptor` in mem/descriptor.rs."""
+`Call::decode` in spi_calls.rs, `Descriptor` in mem/descriptor.rs and
+`Message` in switch/proto/wire.rs."""
 import os
 import struct
 
@@ -198,7 +199,47 @@ DESC = {
     "empty": b"",
 }
 
-for target, seeds in (("spi_calls", SPI), ("descriptor", DESC)):
+# --- session_msg --------------------------------------------------------
+# Records: u16 received byte count, then the head (up to 48 bytes); see
+# session_msg.rs. Messages follow `Message::encode` in switch/proto/wire.rs.
+K_HELLO, K_DATA, K_CREDIT, K_READ_OFFER, K_READ_DONE = 1, 2, 3, 4, 5
+K_WRITE_REQUEST, K_WRITE_TARGET, K_WRITE_DONE, K_FIN, K_NEED, K_CREDIT_ACK = 6, 7, 8, 9, 10, 11
+
+
+def msg(kind, seq, credits=0, length=0, body=b"", magic=b"SW", version=1, reserved=0):
+    return magic + bytes([version, kind]) + u16(credits) + u16(reserved) + u32(seq) + u32(length) + body
+
+
+def rec(m, n=None, payload=b""):
+    whole = m + payload
+    n = len(whole) if n is None else n
+    return u16(n) + whole[:min(48, max(n, 1))]
+
+
+def hello(seq=0, slots=4, size=256, caps=1):
+    return rec(msg(K_HELLO, seq, body=u32(slots) + u32(size) + u32(caps)))
+
+
+DESC32 = desc(7, 4096, 4096, 3)
+SESSION = {
+    "hello_data_fin": hello() + rec(msg(K_DATA, 1, length=10), payload=b"0123456789")
+    + rec(msg(K_FIN, 2)),
+    "read_offer": hello() + rec(msg(K_READ_OFFER, 1, length=3000, body=DESC32)) + rec(msg(K_FIN, 2)),
+    "write_flow": hello(caps=0) + rec(msg(K_WRITE_REQUEST, 1, length=3000))
+    + rec(msg(K_WRITE_TARGET, 2, length=700, body=DESC32)) + rec(msg(K_WRITE_DONE, 3, length=700)),
+    "credits": hello(slots=1) + rec(msg(K_NEED, 1)) + rec(msg(K_CREDIT, 2, credits=3))
+    + rec(msg(K_CREDIT_ACK, 3, credits=60000)),
+    "out_of_sequence": hello() + rec(msg(K_DATA, 5, length=1), payload=b"x"),
+    "data_before_hello": rec(msg(K_DATA, 0, length=1), payload=b"x") + hello(),
+    "too_long": hello() + rec(msg(K_DATA, 1, length=4000), n=4016),
+    "length_mismatch": hello() + rec(msg(K_DATA, 1, length=10), n=20),
+    "bad_magic": rec(msg(K_HELLO, 0, magic=b"XX", body=u32(4) + u32(256) + u32(0))),
+    "reserved_set": rec(msg(K_FIN, 0, reserved=1)),
+    "truncated": u16(40) + b"SW\x01",
+    "empty": b"",
+}
+
+for target, seeds in (("spi_calls", SPI), ("descriptor", DESC), ("session_msg", SESSION)):
     d = os.path.join(HERE, "corpus", target)
     os.makedirs(d, exist_ok=True)
     for name, data in seeds.items():

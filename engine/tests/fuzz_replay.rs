@@ -43,7 +43,7 @@ fn every_target_has_a_replay_test() {
     let names: Vec<&str> = TARGETS.iter().map(|(n, _)| *n).collect();
     assert_eq!(
         names,
-        ["descriptor", "spi_calls"],
+        ["descriptor", "spi_calls", "session_msg"],
         "add a replay test below"
     );
 }
@@ -56,4 +56,9 @@ fn descriptor_corpus() {
 #[test]
 fn spi_calls_corpus() {
     replay("spi_calls");
+}
+
+#[test]
+fn session_msg_corpus() {
+    replay("session_msg");
 }

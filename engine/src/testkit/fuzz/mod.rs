@@ -11,20 +11,23 @@
 //! |---|---|---|
 //! | `descriptor` | [`descriptor`] | RDMA descriptor decoding ([`crate::mem::Descriptor::decode`]) |
 //! | `spi_calls` | [`spi_calls`] | a program of SPI calls against a provider on a private soft network |
-//!
-//! A third target, `session_msg` (the reference switch's session-message
-//! decoding), belongs here as `session_msg.rs` with a `pub fn session_msg`
-//! once that decoder exists; add it to [`TARGETS`] and `fuzz/Cargo.toml`.
+//! | `session_msg` | [`session_msg`] | the reference switch's session messages: decoding, and a protocol machine fed them |
 
 mod descriptor;
 mod input;
+mod session_msg;
 mod spi_calls;
 
 pub use descriptor::descriptor;
+pub use session_msg::session_msg;
 pub use spi_calls::spi_calls;
 
 /// A target's body: runs one input, panics if an invariant fails.
 pub type Target = fn(&[u8]);
 
 /// Every fuzz target by name, with its body: what `fuzz_replay` walks.
-pub const TARGETS: &[(&str, Target)] = &[("descriptor", descriptor), ("spi_calls", spi_calls)];
+pub const TARGETS: &[(&str, Target)] = &[
+    ("descriptor", descriptor),
+    ("spi_calls", spi_calls),
+    ("session_msg", session_msg),
+];
