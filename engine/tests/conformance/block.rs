@@ -3,7 +3,7 @@ use sanpath::config::PollerMode;
 use sanpath::event::Event;
 use sanpath::spi::*;
 use sanpath::WsaError;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::SocketAddrV4;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,8 +13,7 @@ fn block_2_close_during_connect_is_prompt_and_frees_it() {
     // A transport timeout far beyond anything the close may take.
     cfg.connect.timeout_ms = 60_000;
     let h = Host::with_config(cfg);
-    let ip = Ipv4Addr::new(198, 18, 0, 70);
-    h.net.add_tcp_only_host(ip);
+    let ip = h.silent_host();
     let c = h.socket();
     let hc = h.p.switch_handle(c).unwrap();
     let ev = Arc::new(Event::new());
@@ -38,6 +37,9 @@ fn block_3_no_half_accepted_socket_after_connector_closed() {
     h.p.connect(c, h.addr(5700), &[]).unwrap();
     assert!(lev.wait(TIMEOUT));
     h.p.close_socket(c).unwrap();
+    // On a real wire the connector's departure reaches the listener a
+    // moment later.
+    settle();
     let before = h.sw.upcalls().len();
     assert_eq!(
         h.p.accept(l, &mut |_| Condition::Accept).unwrap_err(),

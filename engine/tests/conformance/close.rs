@@ -3,7 +3,7 @@ use sanpath::config::PollerMode;
 use sanpath::event::Event;
 use sanpath::spi::*;
 use sanpath::WsaError;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::SocketAddrV4;
 use std::sync::Arc;
 
 #[test]
@@ -16,8 +16,7 @@ fn close_1_and_2_close_returns_zero_in_every_state() {
     h.p.close_socket(bound).unwrap();
     let (listening, _) = h.listener(5601, 4);
     h.p.close_socket(listening).unwrap();
-    let ip = Ipv4Addr::new(198, 18, 0, 60);
-    h.net.add_tcp_only_host(ip);
+    let ip = h.silent_host();
     let connecting = h.socket();
     h.p.connect(connecting, SocketAddrV4::new(ip, 1), &[])
         .unwrap();
@@ -238,8 +237,7 @@ fn close_11_no_fd_connect_after_close() {
     let mut cfg = test_config(PollerMode::Threads);
     cfg.connect.timeout_ms = 100;
     let h = Host::with_config(cfg);
-    let ip = Ipv4Addr::new(198, 18, 0, 61);
-    h.net.add_tcp_only_host(ip);
+    let ip = h.silent_host();
     let c = h.socket();
     let ev = Arc::new(Event::new());
     h.p.event_select(c, Some(ev.clone()), FD_CONNECT).unwrap();

@@ -1,6 +1,7 @@
 //! Test fixtures: a recording switch double that checks upcall rules as it
-//! records them, hosts on a private soft network, connected socket pairs and
-//! registered buffers. Every wait has a timeout that fails the test loudly.
+//! records them, hosts on a private soft network (or on real RDMA devices,
+//! see [`fabric`]), connected socket pairs and registered buffers. Every wait
+//! has a timeout that fails the test loudly.
 
 use sanpath::config::{MlockPolicy, PollerMode};
 use sanpath::event::Event;
@@ -16,6 +17,49 @@ use std::time::{Duration, Instant};
 
 /// How long any test waits for something that should happen promptly.
 pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The fabric the suite runs on, from `SANPATH_CONFORMANCE_FABRIC`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fabric {
+    /// The default: every host on a private soft network of its own.
+    Soft,
+    /// `verbs`: real RDMA devices (the Soft-RoCE VM of `tools/rxe-vm/test`):
+    /// [`Host::new`] is on the device owning 198.18.0.1, [`Host::peer`] on
+    /// the device owning the address it is given (rxe1 for 198.18.0.2).
+    Verbs,
+}
+
+/// The fabric of this run; an unknown value, or `verbs` in a binary built
+/// without the `verbs` feature, fails every test with the reason.
+pub fn fabric() -> Fabric {
+    static FABRIC: OnceLock<Fabric> = OnceLock::new();
+    *FABRIC.get_or_init(
+        || match std::env::var("SANPATH_CONFORMANCE_FABRIC").as_deref() {
+            Err(_) | Ok("") | Ok("soft") => Fabric::Soft,
+            Ok("verbs") if cfg!(feature = "verbs") => Fabric::Verbs,
+            Ok("verbs") => panic!(
+                "SANPATH_CONFORMANCE_FABRIC=verbs, but this conformance binary was built \
+                 without the `verbs` feature: build it with `cargo test -p sanpath \
+                 --features verbs --test conformance` (and run it where an RDMA device is, \
+                 e.g. through tools/rxe-vm/test)"
+            ),
+            Ok(other) => panic!("SANPATH_CONFORMANCE_FABRIC={other:?}: expected `soft` or `verbs`"),
+        },
+    )
+}
+
+pub fn on_verbs() -> bool {
+    fabric() == Fabric::Verbs
+}
+
+/// Lets connection events already on their way arrive. The soft network
+/// delivers them inside the call that causes them; on a real wire they take
+/// a moment (a reject crossing the link, the peer's CM thread).
+pub fn settle() {
+    if on_verbs() {
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Upcall {
@@ -192,9 +236,11 @@ impl Switch for RecordingSwitch {
     }
 }
 
-/// A provider on its own soft network, started with a recording switch.
+/// A provider started with a recording switch: on its own soft network, or
+/// on an RDMA device (see [`Fabric`]).
 pub struct Host {
-    pub net: Arc<SoftNetwork>,
+    /// The soft network (`None` on verbs).
+    net: Option<Arc<SoftNetwork>>,
     pub p: Provider,
     pub sw: Arc<RecordingSwitch>,
     pub ip: Ipv4Addr,
@@ -205,7 +251,8 @@ pub fn test_config(mode: PollerMode) -> Config {
     c.poller.mode = mode;
     c.poller.spin_budget = 200;
     c.mem.mlock = MlockPolicy::Off;
-    c.connect.timeout_ms = 200;
+    // Address and route resolution under QEMU's emulation need more room.
+    c.connect.timeout_ms = if on_verbs() { 1000 } else { 200 };
     c.close.quiesce_timeout_ms = 5000;
     c
 }
@@ -216,16 +263,36 @@ impl Host {
     }
 
     pub fn with_config(config: Config) -> Host {
-        Host::on(SoftNetwork::new(), Ipv4Addr::new(198, 18, 0, 1), config)
+        let ip = Ipv4Addr::new(198, 18, 0, 1);
+        match fabric() {
+            Fabric::Soft => Host::on(SoftNetwork::new(), ip, config),
+            Fabric::Verbs => Host::on_device(ip, config),
+        }
     }
 
-    /// Another host on the same network.
+    /// Another host on the same network (on verbs: on the device owning `ip`).
     pub fn peer(&self, ip: Ipv4Addr) -> Host {
-        Host::on(
-            self.net.clone(),
-            ip,
-            test_config(self.p.config().poller.mode),
-        )
+        let config = test_config(self.p.config().poller.mode);
+        match &self.net {
+            Some(net) => Host::on(net.clone(), ip, config),
+            None => Host::on_device(ip, config),
+        }
+    }
+
+    /// A provider with `fabric.kind = verbs` on the RDMA device owning `ip`.
+    #[cfg(feature = "verbs")]
+    fn on_device(ip: Ipv4Addr, mut config: Config) -> Host {
+        let device = verbs_device(ip);
+        config.fabric.kind = sanpath::config::FabricKind::Verbs;
+        config.fabric.verbs.device = device.clone();
+        let p = Provider::new(config)
+            .unwrap_or_else(|e| panic!("provider on RDMA device {device} ({ip}): {e}"));
+        Host::started(None, p, ip)
+    }
+
+    #[cfg(not(feature = "verbs"))]
+    fn on_device(_: Ipv4Addr, _: Config) -> Host {
+        unreachable!("fabric() refuses verbs without the feature")
     }
 
     pub fn on(net: Arc<SoftNetwork>, ip: Ipv4Addr, mut config: Config) -> Host {
@@ -239,10 +306,53 @@ impl Host {
             })
             .expect("attach soft NIC");
         let p = Provider::with_nic(config, nic).expect("provider");
+        Host::started(Some(net), p, ip)
+    }
+
+    fn started(net: Option<Arc<SoftNetwork>>, p: Provider, ip: Ipv4Addr) -> Host {
         let sw = RecordingSwitch::new();
         let _ = sw.provider.set(p.clone());
         p.startup(WSD_VERSION, sw.clone(), 1001).expect("startup");
         Host { net, p, sw, ip }
+    }
+
+    /// A host reachable only over TCP/IP (no SAN provider): connects to it
+    /// time out (CONN-6). On verbs: a permanent neighbour entry for `ip` on
+    /// this host's network device, so that address resolution succeeds at
+    /// once and the connection request goes out on the wire, where nothing
+    /// answers it, as with a host that runs no RDMA connection manager
+    /// (needs root: the VM).
+    pub fn add_tcp_only_host(&self, ip: Ipv4Addr) {
+        match &self.net {
+            Some(net) => net.add_tcp_only_host(ip),
+            None => {
+                let dev = netdev_of(self.ip);
+                let ip = ip.to_string();
+                ip_cmd(&[
+                    "neigh",
+                    "replace",
+                    &ip,
+                    "lladdr",
+                    "02:00:00:00:00:32",
+                    "dev",
+                    &dev,
+                    "nud",
+                    "permanent",
+                ]);
+            }
+        }
+    }
+
+    /// An address on the SAN subnet where a connect stays pending until the
+    /// connection-manager timeout (`connect.timeout_ms`): on the soft
+    /// network a TCP-only host; on verbs an address nobody owns, so that
+    /// address resolution waits for an answer that never comes.
+    pub fn silent_host(&self) -> Ipv4Addr {
+        let ip = Ipv4Addr::new(198, 18, 0, 60);
+        if self.net.is_some() {
+            self.add_tcp_only_host(ip);
+        }
+        ip
     }
 
     pub fn socket(&self) -> ProviderSocket {
@@ -276,6 +386,66 @@ impl Drop for Host {
             assert!(v.is_empty(), "switch rule violations: {v:?}");
         }
     }
+}
+
+/// Runs `ip ARGS`, returning its output; panics if it fails.
+fn ip_cmd(args: &[&str]) -> String {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("ip {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The network device that has `ip` (`rxe_veth0` for 198.18.0.1 in the VM).
+fn netdev_of(ip: Ipv4Addr) -> String {
+    let addrs = ip_cmd(&["-o", "-4", "addr", "show"]);
+    let needle = format!(" inet {ip}/");
+    let line = addrs
+        .lines()
+        .find(|l| l.contains(&needle))
+        .unwrap_or_else(|| panic!("no network device has {ip}:\n{addrs}"));
+    // "3: rxe_veth0@rxe_veth1    inet 198.18.0.1/24 ..."
+    let name = line.split_whitespace().nth(1).expect("device name");
+    name.split('@').next().unwrap_or(name).to_string()
+}
+
+/// The RDMA device whose port owns `ip` (an IPv4-mapped GID), looked up
+/// once per device.
+#[cfg(feature = "verbs")]
+fn verbs_device(ip: Ipv4Addr) -> String {
+    use sanpath::fabric::verbs::{device_names, VerbsConfig, VerbsNic};
+    use sanpath::fabric::Nic;
+    static OWNERS: OnceLock<Vec<(String, Vec<Ipv4Addr>)>> = OnceLock::new();
+    let owners = OWNERS.get_or_init(|| {
+        device_names()
+            .into_iter()
+            .filter_map(|d| {
+                let nic = VerbsNic::open(VerbsConfig {
+                    device: Some(d.clone()),
+                    ..VerbsConfig::default()
+                })
+                .map_err(|e| eprintln!("RDMA device {d}: {e}"))
+                .ok()?;
+                Some((d, nic.addresses()))
+            })
+            .collect()
+    });
+    owners
+        .iter()
+        .find(|(_, a)| a.contains(&ip))
+        .map(|(d, _)| d.clone())
+        .unwrap_or_else(|| {
+            panic!(
+                "SANPATH_CONFORMANCE_FABRIC=verbs: no RDMA device owns {ip} (devices and \
+                 addresses: {owners:?}); run in the Soft-RoCE VM (tools/rxe-vm/test)"
+            )
+        })
 }
 
 /// Starts a connect and returns its final result (immediate or through
