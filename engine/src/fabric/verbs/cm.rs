@@ -264,15 +264,33 @@ impl VerbsListener {
     fn unqueue(&self, r: &VerbsRequest) {
         lock(&self.queue).retain(|x| !std::ptr::eq(&**x, r));
     }
+
+    /// Forgets queued requests whose connector gave up (see
+    /// [`VerbsRequest::connector_waiting`]). Probes outside the queue lock:
+    /// the request's id lock comes first (as in `accept`).
+    fn prune(&self) {
+        let queued: Vec<_> = lock(&self.queue).iter().cloned().collect();
+        for r in queued {
+            if !r.connector_waiting() {
+                r.on_gone();
+            }
+        }
+    }
 }
 
 impl Listener for VerbsListener {
     fn peek(&self) -> Option<Arc<dyn ConnRequest>> {
-        let r: Arc<dyn ConnRequest> = lock(&self.queue).front()?.clone();
-        Some(r)
+        loop {
+            let r = lock(&self.queue).front()?.clone();
+            if r.connector_waiting() {
+                return Some(r);
+            }
+            r.on_gone();
+        }
     }
 
     fn pending(&self) -> usize {
+        self.prune();
         lock(&self.queue).len()
     }
 
@@ -321,6 +339,26 @@ impl VerbsRequest {
         self.shared.tokens.remove_pending(self.token);
     }
 
+    /// Whether the connector still waits for our answer. The kernel's ucma
+    /// drops every event of a connection request until userspace accepted
+    /// it (the accept "will just fail later"), so a connector that gave up
+    /// (destroyed its id: its CM sent a reject) is never reported. It shows
+    /// here: the request's CM state left REQ_RCVD, and the queue-pair
+    /// attributes for the connection can no longer be computed.
+    fn connector_waiting(&self) -> bool {
+        let slot = lock(&self.id);
+        let Some(id) = slot.as_ref() else {
+            return false;
+        };
+        // SAFETY: ibv_qp_attr is plain data; all-zero is valid.
+        let mut attr: ibv_qp_attr = unsafe { std::mem::zeroed() };
+        attr.qp_state = ibv_qp_state::IBV_QPS_INIT;
+        let mut mask = 0;
+        // SAFETY: live id of an unanswered request (held under its lock);
+        // attr and mask are written during the call only.
+        unsafe { rdma_init_qp_attr(id.get(), &mut attr, &mut mask) == 0 }
+    }
+
     /// The connector left before we answered.
     fn on_gone(&self) {
         let id = lock(&self.id).take();
@@ -339,6 +377,10 @@ impl ConnRequest for VerbsRequest {
     }
 
     fn accept(&self, params: QpParams) -> Result<Arc<dyn QueuePair>, ConnectError> {
+        if !self.connector_waiting() {
+            self.on_gone();
+            return Err(ConnectError::Cancelled);
+        }
         let mut slot = lock(&self.id);
         let Some(id) = slot.take() else {
             return Err(ConnectError::Cancelled);
