@@ -11,7 +11,7 @@
 
 use super::qp::VerbsQp;
 use super::sys::{errno, from_sockaddr, sockaddr_in, Raw};
-use super::{lock, wait_readable, Shared};
+use super::{lock, wait_readable_for, Shared};
 use crate::fabric::{
     ConnRequest, ConnectAttempt, ConnectDone, ConnectError, FabricError, Listener, ListenerEvents,
     QpParams, QueuePair,
@@ -22,6 +22,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 /// `RDMA_OPTION_ID` / `RDMA_OPTION_ID_ACK_TIMEOUT` of `<rdma/rdma_cma.h>`
 /// (anonymous enums the bindings do not carry).
@@ -172,6 +173,17 @@ impl Tokens {
         };
         drop(m);
         drop(old);
+    }
+
+    /// The outgoing attempts still registered.
+    fn attempts(&self) -> Vec<Arc<Attempt>> {
+        lock(&self.map)
+            .values()
+            .filter_map(|t| match t {
+                CmTarget::Attempt(a) => Some(a.clone()),
+                _ => None,
+            })
+            .collect()
     }
 
     /// NIC teardown: fails pending attempts with `Cancelled`, forgets the rest.
@@ -457,6 +469,11 @@ struct AttemptState {
     id: Option<OwnedId>,
     qp: Option<Arc<VerbsQp>>,
     done: Option<ConnectDone>,
+    /// Once the connection request is sent: when the attempt fails
+    /// `TimedOut` if the peer has not answered (the CM thread enforces it).
+    /// rdma_cm's own request retries last minutes; a host with no RDMA CM
+    /// (reachable only over TCP/IP) never answers.
+    deadline: Option<Instant>,
 }
 
 /// An outgoing connection attempt.
@@ -506,6 +523,7 @@ pub(crate) fn connect(
             id: Some(id),
             qp: None,
             done: Some(done),
+            deadline: None,
         }),
     });
     // Registered before resolution starts so that its first event finds it;
@@ -606,6 +624,7 @@ impl Attempt {
                         let rc = unsafe { rdma_connect(qp.id().get(), &mut p) };
                         st.qp = Some(qp);
                         if rc == 0 {
+                            st.deadline = Some(Instant::now() + shared.cfg.connect_timeout);
                             return;
                         }
                         connect_errno(errno())
@@ -684,12 +703,28 @@ struct Event {
     responder_resources: u8,
 }
 
+/// Fails the attempts whose connection request went unanswered past their
+/// deadline; returns the time until the next deadline, if any.
+fn expire_attempts(shared: &Shared) -> Option<Duration> {
+    let now = Instant::now();
+    let mut next: Option<Duration> = None;
+    for a in shared.tokens.attempts() {
+        let deadline = lock(&a.state).deadline;
+        match deadline {
+            Some(d) if d <= now => a.finish(Err(ConnectError::TimedOut)),
+            Some(d) => next = Some(next.map_or(d - now, |n| n.min(d - now))),
+            None => {}
+        }
+    }
+    next
+}
+
 /// The CM thread: see the module docs.
 pub(crate) fn run(shared: Arc<Shared>, stop: Arc<OwnedFd>) {
     let ch = shared.cm_channel.get();
     // SAFETY: the channel lives as long as `shared`.
     let fd = unsafe { (*ch).fd };
-    while wait_readable(fd, &stop) {
+    while wait_readable_for(fd, &stop, expire_attempts(&shared)) {
         loop {
             let mut ev: *mut rdma_cm_event = std::ptr::null_mut();
             // SAFETY: valid channel; non-blocking fd: -1/EAGAIN when empty.

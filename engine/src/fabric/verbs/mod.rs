@@ -22,7 +22,9 @@
 //!
 //! - the **CM thread** reads the rdma_cm event channel, acknowledges each
 //!   event at once (so `rdma_destroy_id` elsewhere never waits on it), and
-//!   drives connection set-up; every callback (`ConnectDone`,
+//!   drives connection set-up, failing a connection request the peer left
+//!   unanswered for `connect_timeout` (its poll then waits at most until the
+//!   next such deadline); every callback (`ConnectDone`,
 //!   `ListenerEvents`, `QpEvents`) runs on it with no lock held. Callbacks
 //!   must not block waiting for another connection event.
 //! - the **notify thread** reads the NIC's one completion channel, shared by
@@ -126,7 +128,9 @@ pub struct VerbsConfig {
     /// The NIC's IPv4 addresses; empty: the IPv4-mapped GIDs of the port
     /// (RoCE v2), i.e. the addresses of its network device.
     pub addresses: Vec<Ipv4Addr>,
-    /// rdma_cm address and route resolution timeout, each.
+    /// rdma_cm address and route resolution timeout, each, and how long a
+    /// connection request waits for the peer's answer (then the attempt
+    /// fails `TimedOut`: a host without an RDMA CM never answers).
     pub connect_timeout: Duration,
     /// Local ACK timeout exponent: 4.096 µs × 2^n per transport retry.
     /// 14 ≈ 67 ms, so a dead peer or link fails a request after about
@@ -403,6 +407,11 @@ fn set_nonblocking(fd: i32) -> Result<(), FabricError> {
 /// Waits until `fd` is readable or `stop` was signalled; returns `false` on
 /// stop.
 pub(crate) fn wait_readable(fd: i32, stop: &OwnedFd) -> bool {
+    wait_readable_for(fd, stop, None)
+}
+
+/// [`wait_readable`], also returning (`true`) once `timeout` passed.
+pub(crate) fn wait_readable_for(fd: i32, stop: &OwnedFd, timeout: Option<Duration>) -> bool {
     let mut fds = [
         libc::pollfd {
             fd,
@@ -416,8 +425,12 @@ pub(crate) fn wait_readable(fd: i32, stop: &OwnedFd) -> bool {
         },
     ];
     loop {
+        // Rounded up: a deadline is never reported early.
+        let ms = timeout.map_or(-1, |t| {
+            i32::try_from(t.as_nanos().div_ceil(1_000_000)).unwrap_or(i32::MAX)
+        });
         // SAFETY: fds is a valid array of 2 pollfd.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
         if n < 0 && errno() == libc::EINTR {
             continue;
         }
