@@ -220,13 +220,14 @@ impl VerbsQp {
 
     /// `RDMA_CM_EVENT_DISCONNECTED` (or another end of the connection seen
     /// by the CM thread).
+    ///
+    /// The owner hears of the peer's teardown *before* the QP enters the
+    /// error state: the requests that state flushes are then reported as
+    /// the peer's doing (`WSAECONNRESET`), not as a local failure, whichever
+    /// thread reaps them first.
     pub(crate) fn on_disconnected(&self) {
         let report = {
             let mut st = self.write_state();
-            self.enter_error(&mut st);
-            // Answers the peer's DREQ (DREP) whatever state we thought the
-            // connection was in.
-            self.send_disconnect(&mut st);
             let r = !st.local_close && !st.reported;
             st.reported = true;
             r
@@ -234,6 +235,11 @@ impl VerbsQp {
         if report {
             self.events.disconnected();
         }
+        let mut st = self.write_state();
+        self.enter_error(&mut st);
+        // Answers the peer's DREQ (DREP) whatever state we thought the
+        // connection was in.
+        self.send_disconnect(&mut st);
     }
 
     fn flush_soft(&self, wr_id: u64, opcode: WcOpcode) {
