@@ -6,6 +6,7 @@ mod baseline;
 mod engine;
 mod plot;
 mod stats;
+mod stream;
 
 use baseline::Cores;
 use clap::{Parser, ValueEnum};
@@ -48,12 +49,15 @@ pub enum Mode {
 #[derive(Parser, Debug)]
 #[command(name = "sanbench", version)]
 struct Cli {
-    /// Tests to run (default: send_lat write_lat read_lat send_bw write_bw read_bw).
+    /// Tests to run (default: send_lat write_lat read_lat send_bw write_bw
+    /// read_bw; stream_lat and stream_bw, over the reference switch's
+    /// streams, run when named).
     #[arg(value_enum)]
     tests: Vec<Test>,
-    /// Message size in bytes (default: 8 B for latency, 1 MiB for bandwidth).
-    #[arg(short = 's', long)]
-    size: Option<usize>,
+    /// Message size in bytes (default: 8 B for latency, 1 MiB for
+    /// bandwidth); a list runs each test at each size, e.g. `-s 8,4096`.
+    #[arg(short = 's', long, value_delimiter = ',')]
+    size: Vec<usize>,
     /// Sweep sizes 2 B .. 8 MiB (powers of two).
     #[arg(short = 'a', long, conflicts_with = "size")]
     all: bool,
@@ -111,6 +115,10 @@ const LAT_ROUNDS: usize = 5;
 struct Runner<'a> {
     cli: &'a Cli,
     bench: engine::Bench,
+    /// The stream pair (made at the first stream test) and the engine
+    /// config it is made from.
+    stream: Option<stream::StreamBench>,
+    stream_config: sanpath::Config,
     cores: Cores,
     mode: &'static str,
     lat_iters: usize,
@@ -151,6 +159,10 @@ fn run(cli: &Cli) -> Result<(), String> {
         }
         config.fabric.kind = sanpath::config::FabricKind::Verbs;
     }
+    // The reference switch is driven by completion upcalls: its streams
+    // run on poller threads whatever --mode says.
+    let mut stream_config = config.clone();
+    engine::tune(&mut stream_config, Mode::Threads);
     engine::tune(&mut config, cli.mode);
     let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cores: Cores = match cli.cores.as_slice() {
@@ -218,6 +230,8 @@ fn run(cli: &Cli) -> Result<(), String> {
     let mut r = Runner {
         cli,
         bench,
+        stream: None,
+        stream_config,
         cores,
         mode,
         lat_iters: cli
@@ -238,36 +252,47 @@ fn run(cli: &Cli) -> Result<(), String> {
     for t in suite {
         let sizes: Vec<usize> = if cli.all {
             (1..=23).map(|k| 1usize << k).collect()
+        } else if !cli.size.is_empty() {
+            cli.size.clone()
         } else {
-            vec![cli.size.unwrap_or(match t {
+            vec![match t {
                 Test::SendLat | Test::WriteLat | Test::ReadLat | Test::StreamLat => 8,
                 _ => 1 << 20,
-            })]
+            }]
         };
         for size in sizes {
             progress(&format!("running {} {} ...", name(t), human(size)));
-            match t {
-                Test::StreamLat | Test::StreamBw => {
-                    println!(
-                        "{:<10} {:>7}  not available yet: needs the reference switch (issue 3)",
-                        name(t),
-                        human(size)
+            if is_stream(t) && r.stream.is_none() {
+                r.stream = Some(stream::StreamBench::new(r.stream_config.clone(), cores)?);
+                if cli.mode != Mode::Threads {
+                    r.note(
+                        "stream_lat/stream_bw run in threads mode whatever --mode says: the \
+                         reference switch is driven by completion upcalls (poller threads)",
                     );
-                    r.last = None;
                 }
-                Test::SendLat | Test::WriteLat | Test::ReadLat => r.latency(t, size)?,
-                Test::SendBw | Test::WriteBw | Test::ReadBw => r.bandwidth(t, size)?,
+            }
+            match t {
+                Test::SendLat | Test::WriteLat | Test::ReadLat | Test::StreamLat => {
+                    r.latency(t, size)?
+                }
+                Test::SendBw | Test::WriteBw | Test::ReadBw | Test::StreamBw => {
+                    r.bandwidth(t, size)?
+                }
             }
         }
     }
     progress("");
     let elapsed = started.elapsed();
+    let stream_paths = r
+        .stream
+        .take()
+        .map(|s| (s.rdma_threshold(), s.path(usize::MAX)));
     drop(r.bench);
     if r.results.is_empty() {
         return Ok(());
     }
     println!();
-    println!("latency: half round trip for send/write, full for read (perftest); t_typ = median of raw samples (HdrHistogram).");
+    println!("latency: half round trip for send/write/stream, full for read (perftest); t_typ = median of raw samples (HdrHistogram).");
     println!("  floor = cache-line ping-pong between the same two cores (x2 for read) plus one memcpy of the message,");
     println!("  alternating with the test in {LAT_ROUNDS} rounds; tcp = the same ping-pong over 127.0.0.1 (TCP_NODELAY),");
     println!("  best of three placements (same two cores, one core, unpinned).");
@@ -276,6 +301,12 @@ fn run(cli: &Cli) -> Result<(), String> {
         engine::WINDOW
     );
     println!("  median of {BW_ROUNDS} alternating rounds; tcp = one-way stream over 127.0.0.1, best of the same placements.");
+    if let Some((threshold, rdma)) = stream_paths {
+        println!(
+            "stream: a connected pair of sanpath::switch::Stream (blocking write_all/read_exact; stream_bw reads up to 1 MiB,"
+        );
+        println!("  as tcp does), poller threads; copy path up to {threshold} B, {rdma} above.");
+    }
     for n in &r.notes {
         println!("note: {n}");
     }
@@ -388,12 +419,14 @@ impl Runner<'_> {
     fn latency(&mut self, t: Test, size: usize) -> Result<(), String> {
         let full = t == Test::ReadLat;
         let run = |n: usize| -> Result<Lat, String> {
+            let err = |e: &dyn std::fmt::Display| format!("{} {}: {e}", name(t), human(size));
             match t {
                 Test::SendLat => self.bench.send_lat(size, n),
                 Test::WriteLat => self.bench.write_lat(size, n),
+                Test::StreamLat => return self.stream().lat(size, n).map_err(|e| err(&e)),
                 _ => self.bench.read_lat(size, n),
             }
-            .map_err(|e| format!("{} {}: {e}", name(t), human(size)))
+            .map_err(|e| err(&e))
         };
         let n = fresh(|| self.lat_count(size, run))?;
         // The floor alternates with the engine in rounds on the same cores,
@@ -437,7 +470,7 @@ impl Runner<'_> {
             "{:<10} {:>7} {:<7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7}  | {:<18} {}",
             name(t),
             human(size),
-            self.mode,
+            self.mode_of(t),
             us(lat.min_ns()),
             us(lat.median_ns()),
             us(lat.p(99.0)),
@@ -480,8 +513,8 @@ impl Runner<'_> {
                 lat.percentile_curve(),
             ));
         }
-        self.results.push(json!({
-            "test": name(t), "size": size, "mode": self.mode, "iters": n,
+        self.push_result(t, size, json!({
+            "test": name(t), "size": size, "mode": self.mode_of(t), "iters": n,
             "round_trip": if full { "full" } else { "half" },
             "lat_ns": lat.json(), "floor_ns": floor.json(), "floor_copy_ns": copy_ns, "tcp_ns": tcp.json(),
             "tcp_placement": tcp_where,
@@ -493,12 +526,14 @@ impl Runner<'_> {
 
     fn bandwidth(&mut self, t: Test, size: usize) -> Result<(), String> {
         let run = |msgs: usize| -> Result<Bw, String> {
+            let err = |e: &dyn std::fmt::Display| format!("{} {}: {e}", name(t), human(size));
             match t {
                 Test::SendBw => self.bench.send_bw(size, msgs),
                 Test::WriteBw => self.bench.write_bw(size, msgs),
+                Test::StreamBw => return self.stream().bw(size, msgs).map_err(|e| err(&e)),
                 _ => self.bench.read_bw(size, msgs),
             }
-            .map_err(|e| format!("{} {}: {e}", name(t), human(size)))
+            .map_err(|e| err(&e))
         };
         let run = |msgs: usize| fresh(|| run(msgs));
         let msgs = match (self.cli.iters, self.cli.duration) {
@@ -547,7 +582,7 @@ impl Runner<'_> {
             "{:<10} {:>7} {:<7} {:>10.0} {:>10.3}  | {:<24} {:.0} ({})",
             name(t),
             human(size),
-            self.mode,
+            self.mode_of(t),
             mb,
             mmsg,
             format!("{mem_mb:.0} ({})", times(ratio_memcpy)),
@@ -572,8 +607,8 @@ impl Runner<'_> {
             .zip(&mem)
             .map(|(e, m)| json!({"mb_s": e.mb_s(), "msgs": e.msgs, "secs": e.secs, "memcpy_mb_s": m.mb_s()}))
             .collect();
-        self.results.push(json!({
-            "test": name(t), "size": size, "mode": self.mode, "msgs": per_round * BW_ROUNDS,
+        self.push_result(t, size, json!({
+            "test": name(t), "size": size, "mode": self.mode_of(t), "msgs": per_round * BW_ROUNDS,
             "window": engine::WINDOW,
             "mb_s": mb, "mmsg_s": mmsg, "memcpy_mb_s": mem_mb, "tcp_mb_s": tcp.mb_s(),
             "tcp_placement": tcp_where,
@@ -581,6 +616,32 @@ impl Runner<'_> {
             "ratio_memcpy": ratio_memcpy, "ratio_tcp": ratio_tcp, "rounds": rounds,
         }));
         Ok(())
+    }
+
+    /// The stream pair (made before the first stream test runs).
+    fn stream(&self) -> &stream::StreamBench {
+        self.stream
+            .as_ref()
+            .expect("stream pair made before its tests")
+    }
+
+    /// The poller mode test `t` runs in.
+    fn mode_of(&self, t: Test) -> &'static str {
+        if is_stream(t) {
+            "threads"
+        } else {
+            self.mode
+        }
+    }
+
+    /// Records a result; a stream test's with the path its sends took.
+    fn push_result(&mut self, t: Test, size: usize, mut v: Value) {
+        if is_stream(t) {
+            let s = self.stream();
+            v["path"] = json!(s.path(size));
+            v["rdma_threshold"] = json!(s.rdma_threshold());
+        }
+        self.results.push(v);
     }
 
     fn note(&mut self, n: &'static str) {
@@ -655,6 +716,11 @@ fn name(t: Test) -> &'static str {
         Test::StreamLat => "stream_lat",
         Test::StreamBw => "stream_bw",
     }
+}
+
+/// Whether `t` runs over the reference switch's streams.
+fn is_stream(t: Test) -> bool {
+    matches!(t, Test::StreamLat | Test::StreamBw)
 }
 
 fn human(n: usize) -> String {
