@@ -30,22 +30,28 @@ fn xfer_3_a_post_refused_for_a_full_queue_leaves_the_record_alone() {
     let h = Host::with_config(config);
     let (c, s) = pair(&h, 5509);
     let b = buf(&h, s, 4096, MEM_READWRITE);
-    let ovs: Vec<Overlapped> = (0..3).map(|_| Overlapped::new(0)).collect();
-    recv(&h, s, &b, 0, 64, &ovs[0]).unwrap();
-    recv(&h, s, &b, 64, 64, &ovs[1]).unwrap();
-    assert_eq!(
-        recv(&h, s, &b, 128, 64, &ovs[2]).unwrap_err(),
-        WsaError::WSAENOBUFS
-    );
-    assert!(!ovs[2].is_pending(), "a refused op is not in progress");
-    assert_eq!(
-        ovs[2].internal.load(std::sync::atomic::Ordering::Acquire),
-        0
-    );
+    // Receives until the queue refuses one: 2 on the soft NIC, whatever the
+    // device rounded the depth up to on verbs.
+    let ovs: Vec<Overlapped> = (0..64).map(|_| Overlapped::new(0)).collect();
+    let refused = ovs
+        .iter()
+        .position(|ov| match recv(&h, s, &b, 0, 64, ov) {
+            Ok(()) => false,
+            Err(e) => {
+                assert_eq!(e, WsaError::WSAENOBUFS);
+                true
+            }
+        })
+        .expect("a receive queue of depth 2 took 64 receives");
+    assert!(refused >= 2, "refused after {refused} receives");
+    let ov = &ovs[refused];
+    assert!(!ov.is_pending(), "a refused op is not in progress");
+    assert_eq!(ov.internal.load(std::sync::atomic::Ordering::Acquire), 0);
     h.p.close_socket(s).unwrap();
-    assert_eq!(wait_ov(&h, &ovs[0]).0, ABORTED);
-    assert_eq!(wait_ov(&h, &ovs[1]).0, ABORTED);
-    assert_eq!(h.sw.completions_of(&ovs[2]), 0);
+    for started in &ovs[..refused] {
+        assert_eq!(wait_ov(&h, started).0, ABORTED);
+    }
+    assert_eq!(h.sw.completions_of(ov), 0);
     h.p.close_socket(c).unwrap();
 }
 
@@ -279,6 +285,13 @@ fn xfer_9_peer_teardown_resets_pending_receives() {
 /// it; the receiver's side of the broken connection reports `WSAECONNRESET`.
 #[test]
 fn xfer_rnr_overflow_is_connaborted_at_the_sender_and_connreset_at_the_receiver() {
+    if on_verbs() {
+        // A verbs QP retries a receiver-not-ready peer for ever (rnr_retry
+        // 7, the WSD hold of §7-9); only the soft NIC bounds the hold by a
+        // queue length (`qp.rnr_queue_max`).
+        eprintln!("skipped on verbs: the RNR hold has no length bound there");
+        return;
+    }
     for _ in 0..20 {
         let mut config = test_config(PollerMode::Threads);
         config.qp.rnr_queue_max = 2;
