@@ -224,7 +224,9 @@ impl Switch for RecordingSwitch {
         bytes: u32,
     ) -> WsaResult<()> {
         let ops_in_use = self.provider.get().map_or(0, |p| p.stats().ops_in_use);
-        ov.complete(error, bytes);
+        // Logged before the record shows the op complete, so a test that saw
+        // it complete finds its upcall counted (a slow run under
+        // AddressSanitizer caught the other order).
         self.push(Upcall::Complete {
             handle,
             ov: ov as *const Overlapped as usize,
@@ -232,6 +234,7 @@ impl Switch for RecordingSwitch {
             bytes,
             ops_in_use,
         });
+        ov.complete(error, bytes);
         Ok(())
     }
 }
