@@ -86,6 +86,26 @@ impl<T: ?Sized> UnsafeCell<T> {
     }
 }
 
+/// Explores `f` with loom's scheduler, preemptions bounded at
+/// `preemption_bound`, and prints how many executions that took: the
+/// engine's loom models (`RUSTFLAGS="--cfg loom" cargo test --lib loom_`).
+#[cfg(all(test, loom))]
+pub(crate) fn model(name: &str, preemption_bound: usize, f: impl Fn() + Sync + Send + 'static) {
+    // A std atomic on purpose: loom must not model the counter itself.
+    let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = runs.clone();
+    let mut b = loom::model::Builder::new();
+    b.preemption_bound = Some(preemption_bound);
+    b.check(move || {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        f();
+    });
+    eprintln!(
+        "loom model {name}: {} executions",
+        runs.load(std::sync::atomic::Ordering::Relaxed)
+    );
+}
+
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;

@@ -2371,22 +2371,6 @@ mod tests {
         use super::*;
         use loom::thread;
 
-        /// Explores `f` (preemptions bounded at 3) and prints the executions.
-        fn model(name: &str, f: impl Fn() + Sync + Send + 'static) {
-            let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-            let counter = runs.clone();
-            let mut b = loom::model::Builder::new();
-            b.preemption_bound = Some(3);
-            b.check(move || {
-                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                f();
-            });
-            eprintln!(
-                "loom model {name}: {} executions",
-                runs.load(std::sync::atomic::Ordering::Relaxed)
-            );
-        }
-
         /// Sockets A and B register the same buffer (one entry, total 2).
         /// A's transfer holds the registration while A tries to deregister
         /// (MEM-3: refused), B deregisters (MEM-2: the region stays, A
@@ -2432,14 +2416,14 @@ mod tests {
 
         #[test]
         fn loom_shared_registration_with_cache() {
-            model("shared_registration_with_cache", || {
+            crate::sync::model("shared_registration_with_cache", 3, || {
                 shared_registration(true)
             });
         }
 
         #[test]
         fn loom_shared_registration_without_cache() {
-            model("shared_registration_without_cache", || {
+            crate::sync::model("shared_registration_without_cache", 3, || {
                 shared_registration(false)
             });
         }

@@ -254,29 +254,11 @@ mod loom_models {
         }
     }
 
-    /// Explores `f` with loom (preemptions bounded at 3) and prints how many
-    /// executions that took.
-    fn model(name: &str, f: impl Fn() + Sync + Send + 'static) {
-        // A std atomic on purpose: loom must not model the counter itself.
-        let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counter = runs.clone();
-        let mut b = loom::model::Builder::new();
-        b.preemption_bound = Some(3);
-        b.check(move || {
-            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            f();
-        });
-        eprintln!(
-            "loom model {name}: {} executions",
-            runs.load(std::sync::atomic::Ordering::Relaxed)
-        );
-    }
-
     /// An op starting and completing on one thread races a close that
     /// defers (it runs on the dispatching thread, or its wait timed out).
     #[test]
     fn loom_op_racing_a_deferring_close() {
-        model("op_racing_a_deferring_close", || {
+        crate::sync::model("op_racing_a_deferring_close", 3, || {
             let m = Arc::new(Model::default());
             let m2 = m.clone();
             let t = thread::spawn(move || {
@@ -294,7 +276,7 @@ mod loom_models {
     /// close that looks once and otherwise defers.
     #[test]
     fn loom_two_ops_dispatcher_and_close() {
-        model("two_ops_dispatcher_and_close", || {
+        crate::sync::model("two_ops_dispatcher_and_close", 3, || {
             let m = Arc::new(Model::default());
             let (a, b) = (m.clone(), m.clone());
             let ta = thread::spawn(move || a.start(1));

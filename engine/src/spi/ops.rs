@@ -295,28 +295,12 @@ mod loom_models {
     use super::*;
     use loom::thread;
 
-    /// Explores `f` (preemptions bounded at 3) and prints the executions.
-    fn model(name: &str, f: impl Fn() + Sync + Send + 'static) {
-        let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counter = runs.clone();
-        let mut b = loom::model::Builder::new();
-        b.preemption_bound = Some(3);
-        b.check(move || {
-            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            f();
-        });
-        eprintln!(
-            "loom model {name}: {} executions",
-            runs.load(std::sync::atomic::Ordering::Relaxed)
-        );
-    }
-
     /// Two threads reserve and release from one free list of two slots
     /// (the ABA pattern: a pop whose `next` went stale must fail its CAS);
     /// each checks it owns its slot alone while it holds it.
     #[test]
     fn loom_concurrent_reserve_release_never_shares_a_slot() {
-        model("concurrent_reserve_release_never_shares_a_slot", || {
+        crate::sync::model("concurrent_reserve_release_never_shares_a_slot", 3, || {
             let slab = loom::sync::Arc::new(OpSlab::<u32>::new(2, 1));
             let worker = |slab: loom::sync::Arc<OpSlab<u32>>, me: u32| {
                 for _ in 0..2 {
@@ -344,7 +328,7 @@ mod loom_models {
     /// never taken by the stale id, and each state is taken once.
     #[test]
     fn loom_stale_completion_never_takes_a_later_op() {
-        model("stale_completion_never_takes_a_later_op", || {
+        crate::sync::model("stale_completion_never_takes_a_later_op", 3, || {
             let slab = loom::sync::Arc::new(OpSlab::<u32>::new(1, 1));
             let first = slab.reserve(0).unwrap();
             let old_id = first.wr_id();
