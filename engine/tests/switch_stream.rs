@@ -385,6 +385,36 @@ fn data_sent_before_a_graceful_close_is_not_lost() {
     );
 }
 
+/// A client that connects, writes, shuts down and closes at once: the
+/// server's accept may find the connection already torn down by the time
+/// its negotiation wait returns. It still returns the stream, with the data
+/// and the end of stream (it used to drop such a connection and wait for
+/// another). Many rounds, since the window is a thread switch wide.
+#[test]
+fn a_connection_closed_right_after_negotiation_is_accepted_with_its_data() {
+    let (c, s) = two(opts(), opts());
+    let l = Listener::bind(&s, server_addr(7011)).expect("bind");
+    for round in 0..30u64 {
+        let c = c.clone();
+        let client = thread::spawn(move || {
+            let mut k = Stream::connect(&c, server_addr(7011)).expect("connect");
+            k.write_all(&round.to_le_bytes()).unwrap();
+            k.shutdown().unwrap();
+            k.close();
+        });
+        let (mut server, _) = l
+            .accept_timeout(Some(Duration::from_secs(10)))
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        let mut got = Vec::new();
+        server.set_read_timeout(Some(Duration::from_secs(10)));
+        server
+            .read_to_end(&mut got)
+            .expect("data, then end of stream");
+        assert_eq!(got, round.to_le_bytes(), "round {round}");
+        client.join().unwrap();
+    }
+}
+
 // ----------------------------------------------------------------------
 // Resets and cancellation
 // ----------------------------------------------------------------------

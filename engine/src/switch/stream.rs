@@ -937,8 +937,15 @@ fn handshake(conn: &Arc<Conn>, deadline: Instant, cancel: Option<&CancelToken>) 
         |st| st.connected || st.m.error().is_some(),
         |_| cancel.is_some_and(CancelToken::is_cancelled),
     );
+    let connected = st.connected;
     let error = st.m.error();
     drop(st);
+    if connected {
+        // Negotiated, even if the connection failed right after: the data
+        // and FIN it brought are the application's to read, then the error
+        // (as with a TCP connection reset after it was established).
+        return Ok(());
+    }
     match (done, error) {
         (true, None) => Ok(()),
         (_, e) => {
