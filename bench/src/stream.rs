@@ -6,7 +6,7 @@
 use crate::baseline::{pin, Cores};
 use crate::stats::{Bw, Lat};
 use sanpath::config::{FabricKind, PollerMode};
-use sanpath::fabric::soft::{SoftNetwork, SoftNicConfig};
+use sanpath::fabric::soft::SoftNetwork;
 use sanpath::switch::{Listener, Runtime, RuntimeConfig, Stream, SwitchOptions};
 use sanpath::Config;
 use std::io::{self, Read, Write};
@@ -47,12 +47,7 @@ impl StreamBench {
         let rt = match kind {
             FabricKind::Soft => {
                 let nic = SoftNetwork::new()
-                    .attach(SoftNicConfig {
-                        addresses: vec![ip],
-                        prefix_len: 24,
-                        connect_timeout: rc.engine.connect_timeout(),
-                        rnr_queue_max: rc.engine.qp.rnr_queue_max,
-                    })
+                    .attach(rc.engine.soft_nic(vec![ip]))
                     .map_err(|e| e.to_string())?;
                 Runtime::with_nic(rc, nic)
             }

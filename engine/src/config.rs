@@ -3,6 +3,7 @@
 //! defaults out (a test keeps it equal to [`Config::default`]). Nothing here
 //! reads environment variables.
 
+use crate::fabric::soft::SoftNicConfig;
 use serde::{Deserialize, Serialize};
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -356,6 +357,17 @@ impl Config {
 
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect.timeout_ms)
+    }
+
+    /// The settings of a soft NIC with `addresses` for an engine run with
+    /// this config (prefix length, connect timeout and RNR hold from it).
+    pub fn soft_nic(&self, addresses: Vec<Ipv4Addr>) -> SoftNicConfig {
+        SoftNicConfig {
+            addresses,
+            prefix_len: self.fabric.soft.prefix_len,
+            connect_timeout: self.connect_timeout(),
+            rnr_queue_max: self.qp.rnr_queue_max,
+        }
     }
 }
 

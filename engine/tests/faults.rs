@@ -11,7 +11,7 @@
 
 use sanpath::config::{MlockPolicy, PollerMode};
 use sanpath::event::Event;
-use sanpath::fabric::soft::{Fault, QpFaults, SoftNetwork, SoftNic, SoftNicConfig, WorkQueue};
+use sanpath::fabric::soft::{Fault, QpFaults, SoftNetwork, SoftNic, WorkQueue};
 use sanpath::fabric::WcStatus;
 use sanpath::mem::region::Region;
 use sanpath::spi::*;
@@ -139,14 +139,7 @@ impl Host {
     fn on(net: &Arc<SoftNetwork>, ip: Ipv4Addr) -> Host {
         let mut config = config();
         config.fabric.soft.addresses = vec![ip];
-        let nic = net
-            .attach(SoftNicConfig {
-                addresses: vec![ip],
-                prefix_len: 24,
-                connect_timeout: config.connect_timeout(),
-                rnr_queue_max: config.qp.rnr_queue_max,
-            })
-            .expect("attach");
+        let nic = net.attach(config.soft_nic(vec![ip])).expect("attach");
         let p = Provider::with_nic(config, nic.clone()).expect("provider");
         let sw = Arc::new(Recorder::default());
         p.startup(WSD_VERSION, sw.clone(), 1).expect("startup");

@@ -51,14 +51,7 @@ fn config(ip: Ipv4Addr, o: SwitchOptions) -> RuntimeConfig {
 
 fn runtime_on(net: &Arc<SoftNetwork>, ip: Ipv4Addr, o: SwitchOptions) -> Arc<Runtime> {
     let cfg = config(ip, o);
-    let nic = net
-        .attach(SoftNicConfig {
-            addresses: vec![ip],
-            prefix_len: 24,
-            connect_timeout: cfg.engine.connect_timeout(),
-            rnr_queue_max: cfg.engine.qp.rnr_queue_max,
-        })
-        .expect("attach");
+    let nic = net.attach(cfg.engine.soft_nic(vec![ip])).expect("attach");
     Runtime::with_nic(cfg, nic).expect("runtime")
 }
 

@@ -30,7 +30,7 @@ pub use types::*;
 use crate::config::{Config, FabricKind, PollerMode};
 use crate::error::{WsaError, WsaResult};
 use crate::event::Event;
-use crate::fabric::soft::{default_network, SoftNicConfig};
+use crate::fabric::soft::default_network;
 use crate::fabric::{
     ConnectError, FabricError, Nic, PostError, QpParams, QueuePair, RecvWr, SendOp, SendWr, Sge,
     Waker, WcStatus, WorkCompletion,
@@ -150,12 +150,9 @@ impl Provider {
     pub fn new(config: Config) -> Result<Provider, ProviderError> {
         config.validate()?;
         let nic: Arc<dyn Nic> = match config.fabric.kind {
-            FabricKind::Soft => default_network().attach(SoftNicConfig {
-                addresses: config.fabric.soft.addresses.clone(),
-                prefix_len: config.fabric.soft.prefix_len,
-                connect_timeout: config.connect_timeout(),
-                rnr_queue_max: config.qp.rnr_queue_max,
-            })?,
+            FabricKind::Soft => {
+                default_network().attach(config.soft_nic(config.fabric.soft.addresses.clone()))?
+            }
             #[cfg(feature = "verbs")]
             FabricKind::Verbs => {
                 use crate::fabric::verbs::{VerbsConfig, VerbsNic};
@@ -1400,12 +1397,7 @@ mod tests {
     fn version_below_2_2_is_refused() {
         let net = crate::fabric::soft::SoftNetwork::new();
         let nic = net
-            .attach(SoftNicConfig {
-                addresses: vec![Ipv4Addr::new(198, 18, 200, 1)],
-                prefix_len: 24,
-                connect_timeout: Duration::from_millis(100),
-                rnr_queue_max: 4,
-            })
+            .attach(Config::default().soft_nic(vec![Ipv4Addr::new(198, 18, 200, 1)]))
             .unwrap();
         let p = Provider::with_nic(Config::default(), nic).unwrap();
         struct Nop;

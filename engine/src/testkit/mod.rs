@@ -8,7 +8,7 @@ pub mod fuzz;
 use crate::config::Config;
 use crate::error::{WsaError, WsaResult};
 use crate::event::Event;
-use crate::fabric::soft::{SoftNetwork, SoftNic, SoftNicConfig};
+use crate::fabric::soft::{SoftNetwork, SoftNic};
 use crate::spi::{
     Condition, Overlapped, Provider, ProviderSocket, Switch, SwitchHandle, AF_INET, FD_ACCEPT,
     IPPROTO_TCP, SOCK_STREAM, WSA_FLAG_OVERLAPPED, WSD_VERSION,
@@ -54,12 +54,7 @@ pub fn soft_provider(
 ) -> Result<(Provider, Arc<SoftNic>, Arc<SoftNetwork>), String> {
     let net = SoftNetwork::new();
     let nic = net
-        .attach(SoftNicConfig {
-            addresses: vec![ip],
-            prefix_len: 24,
-            connect_timeout: config.connect_timeout(),
-            rnr_queue_max: config.qp.rnr_queue_max,
-        })
+        .attach(config.soft_nic(vec![ip]))
         .map_err(|e| e.to_string())?;
     let p = Provider::with_nic(config, nic.clone()).map_err(|e| e.to_string())?;
     p.startup(WSD_VERSION, switch, 1)

@@ -5,7 +5,7 @@
 
 use sanpath::config::{MlockPolicy, PollerMode};
 use sanpath::event::Event;
-use sanpath::fabric::soft::{SoftNetwork, SoftNicConfig};
+use sanpath::fabric::soft::SoftNetwork;
 use sanpath::mem::region::Region;
 use sanpath::spi::*;
 use sanpath::{Config, WsaError, WsaResult};
@@ -301,12 +301,7 @@ impl Host {
     pub fn on(net: Arc<SoftNetwork>, ip: Ipv4Addr, mut config: Config) -> Host {
         config.fabric.soft.addresses = vec![ip];
         let nic = net
-            .attach(SoftNicConfig {
-                addresses: vec![ip],
-                prefix_len: 24,
-                connect_timeout: config.connect_timeout(),
-                rnr_queue_max: config.qp.rnr_queue_max,
-            })
+            .attach(config.soft_nic(vec![ip]))
             .expect("attach soft NIC");
         let p = Provider::with_nic(config, nic).expect("provider");
         Host::started(Some(net), p, ip)

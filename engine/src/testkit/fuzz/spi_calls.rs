@@ -39,7 +39,7 @@ use super::input::Input;
 use crate::config::{Config, MlockPolicy, PollerMode};
 use crate::error::{WsaError, WsaResult};
 use crate::event::Event;
-use crate::fabric::soft::{SoftNetwork, SoftNic, SoftNicConfig};
+use crate::fabric::soft::{SoftNetwork, SoftNic};
 use crate::fabric::Nic;
 use crate::mem::region::Region;
 use crate::spi::*;
@@ -848,12 +848,7 @@ impl Driver {
         let net = SoftNetwork::new();
         net.add_tcp_only_host(TCP_ONLY_IP);
         let nic = net
-            .attach(SoftNicConfig {
-                addresses: vec![OWN_IP],
-                prefix_len: 24,
-                connect_timeout: config.connect_timeout(),
-                rnr_queue_max: config.qp.rnr_queue_max,
-            })
+            .attach(config.soft_nic(vec![OWN_IP]))
             .expect("attach a soft NIC");
         let p = Provider::with_nic(config, nic.clone()).expect("provider");
         let sw = Arc::new(BookSwitch::default());
