@@ -83,6 +83,26 @@ struct Conn {
     handle_c: u64,
     /// Started ops: (overlapped, is a receive into slot i of rs).
     ops: Vec<(Box<Overlapped>, Option<usize>)>,
+    /// Index in `ops` of the newest send from slot i of rc: its buffer
+    /// stays untouched until that send completed (the NIC may read it
+    /// until then).
+    send_from: [Option<usize>; SLOTS],
+}
+
+impl Conn {
+    /// Whether a send from slot `i` of rc may still read it.
+    fn sending_from(&self, i: usize) -> bool {
+        self.send_from[i].is_some_and(|j| self.ops[j].0.is_pending())
+    }
+}
+
+/// What `start_random` started.
+enum Started {
+    /// A receive into slot i of rs.
+    Recv(usize),
+    /// A send from slot i of rc.
+    Send(usize),
+    Rdma,
 }
 
 /// A message: 8-byte sequence, 8-byte FNV-1a checksum of the rest, payload.
@@ -147,6 +167,7 @@ fn open(p: &Provider, ip: Ipv4Addr, port: u16) -> Conn {
         desc,
         handle_c,
         ops: Vec::new(),
+        send_from: [None; SLOTS],
     }
 }
 
@@ -263,37 +284,42 @@ fn retire(
     q.admit(conn.rs);
 }
 
-/// Starts one random op on `conn`; `Ok(Some(i))` for a receive into slot i.
+/// Starts one random op on `conn`.
 fn start_random(
     p: &Provider,
     conn: &Conn,
     rng: &mut Rng,
     seq: &mut u64,
     ov: &Overlapped,
-) -> WsaResult<Option<usize>> {
+) -> WsaResult<Started> {
     let i = (rng.next() as usize) % SLOTS;
-    match rng.next() % 4 {
+    let mut kind = rng.next() % 4;
+    if kind == 1 && conn.sending_from(i) {
+        // The slot's last send may still be read: write it by RDMA instead.
+        kind = 2;
+    }
+    match kind {
         0 => {
             let b = [WsaBuf {
                 len: MSG as u32,
                 buf: conn.rs.as_ptr().wrapping_add(i * MSG),
             }];
             // SAFETY: rs outlives the op (drained before it is released).
-            unsafe { p.recv(conn.s, &b, ov) }.map(|_| Some(i))
+            unsafe { p.recv(conn.s, &b, ov) }.map(|_| Started::Recv(i))
         }
         1 => {
             let mut m = vec![0u8; MSG];
             fill(&mut m, *seq);
             *seq += 1;
-            // The soft NIC copies a send's data at post time or when a
-            // receive is posted, both on this thread: no concurrent reader.
+            // No send from this slot is pending (checked above): nothing
+            // reads it now.
             conn.rc.write_at(i * MSG, &m).unwrap();
             let b = [WsaBuf {
                 len: MSG as u32,
                 buf: conn.rc.as_ptr().wrapping_add(i * MSG),
             }];
             // SAFETY: rc outlives the op (drained before it is released).
-            unsafe { p.send(conn.c, &b, 0, ov) }.map(|_| None)
+            unsafe { p.send(conn.c, &b, 0, ov) }.map(|_| Started::Send(i))
         }
         k => {
             let sink = if k == 2 { 0 } else { SLOTS };
@@ -311,7 +337,7 @@ fn start_random(
                     p.rdma_read(conn.c, &b, &conn.desc, at, 0, ov)
                 }
             }
-            .map(|_| None)
+            .map(|_| Started::Rdma)
         }
     }
 }
@@ -369,7 +395,17 @@ fn worker(
         let started = start_random(&p, &conn, &mut rng, &mut seq, &ov);
         drop(live);
         match started {
-            Ok(slot) => conn.ops.push((ov, slot)),
+            Ok(started) => {
+                let slot = match started {
+                    Started::Recv(i) => Some(i),
+                    Started::Send(i) => {
+                        conn.send_from[i] = Some(conn.ops.len());
+                        None
+                    }
+                    Started::Rdma => None,
+                };
+                conn.ops.push((ov, slot));
+            }
             // Refused at the door: the connection broke (the closer closed
             // its other end) or the queue is full. Nothing may have started.
             Err(e) => assert!(

@@ -8,7 +8,8 @@
 //! reject, cancel, listener close) owns the connector's `done` callback and
 //! calls it — or, for cancel, drops it — after releasing every lock.
 
-use super::qp::{Link, LinkState, Side, SoftQp, WrRing};
+use super::link::{EndParams, Link};
+use super::qp::SoftQp;
 use super::{lock, NicShared};
 use crate::fabric::*;
 use std::collections::VecDeque;
@@ -299,46 +300,31 @@ pub(super) fn make_link(
     let acq = anic.cq(aparams.cq).ok_or(ConnectError::NoResources)?;
     let need = |p: &QpParams| p.send_depth as usize + p.recv_depth as usize;
     let (cneed, aneed) = (need(&cparams), need(&aparams));
-    if !ccq.reserve(cneed) {
+    if !ccq.shared().reserve(cneed) {
         return Err(ConnectError::NoResources);
     }
-    if !acq.reserve(aneed) {
-        ccq.release(cneed);
+    if !acq.shared().reserve(aneed) {
+        ccq.shared().release(cneed);
         return Err(ConnectError::NoResources);
     }
-    let side = |own: &QpParams, other: &QpParams, nic: &NicShared| {
-        // Sends of the other end wait here: at most its send depth, and one
-        // beyond `rnr_max` fails instead of waiting.
-        let rnr_cap = nic.rnr_max.min(other.send_depth as usize);
-        Side {
-            recvs: WrRing::new(own.recv_depth as usize, own.max_sge as usize),
-            rnr: WrRing::new(rnr_cap, other.max_sge as usize),
-            rnr_max: nic.rnr_max,
-            error: None,
-            send_depth: own.send_depth as usize,
-            recv_depth: own.recv_depth as usize,
-        }
+    let end = |p: &QpParams, nic: &NicShared, reserved: usize| EndParams {
+        send_depth: p.send_depth as usize,
+        recv_depth: p.recv_depth as usize,
+        max_sge: p.max_sge as usize,
+        rnr_max: nic.rnr_max as u64,
+        reserved,
     };
-    let sides = [
-        side(&cparams, &aparams, cnic),
-        side(&aparams, &cparams, anic),
-    ];
     let nums = [cnic.new_qp_num(), anic.new_qp_num()];
-    let link = Arc::new(Link {
-        state: Mutex::new(LinkState {
-            sides,
-            broken: false,
-            #[cfg(feature = "fault-injection")]
-            faults: Default::default(),
-        }),
-        cqs: [ccq, acq],
-        nics: [cnic.clone(), anic.clone()],
+    let link = Link::new(
+        [end(&cparams, cnic, cneed), end(&aparams, anic, aneed)],
+        [&ccq, &acq],
+        [cnic.clone(), anic.clone()],
         nums,
-        addrs: [from, to],
-        events: [cparams.events.clone(), aparams.events.clone()],
-        #[cfg(feature = "fault-injection")]
-        fault_cv: std::sync::Condvar::new(),
-    });
+        [from, to],
+        [cparams.events.clone(), aparams.events.clone()],
+    );
+    cnic.register_qp(nums[0], &link, 0);
+    anic.register_qp(nums[1], &link, 1);
     #[cfg(feature = "fault-injection")]
     {
         cnic.track_link(&link);
@@ -346,13 +332,10 @@ pub(super) fn make_link(
             anic.track_link(&link);
         }
     }
-    let end = |end: usize, p: &QpParams, reserved: usize| SoftQp {
+    let c: Arc<dyn QueuePair> = Arc::new(SoftQp {
         link: link.clone(),
-        end,
-        max_sge: p.max_sge as usize,
-        reserved,
-    };
-    let c: Arc<dyn QueuePair> = Arc::new(end(0, &cparams, cneed));
-    let a: Arc<dyn QueuePair> = Arc::new(end(1, &aparams, aneed));
+        end: 0,
+    });
+    let a: Arc<dyn QueuePair> = Arc::new(SoftQp { link, end: 1 });
     Ok((c, a))
 }

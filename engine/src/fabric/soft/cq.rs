@@ -1,56 +1,43 @@
-//! Completion queues: a bounded lock-free MPMC queue plus a one-shot arm flag.
+//! Completion queues. A soft CQ stores no completions: polling it reads
+//! them off the work queues of the ends attached to it, in posting order per
+//! queue (`Link::reap`), so the CQ is written by one thread only, its
+//! consumer. Whatever produces work for it publishes the work first and then
+//! wakes the CQ only if its consumer said it sleeps (`armed`, which only the
+//! consumer writes; see the wake-up rule in `link`).
 //!
-//! Capacity is enforced twice. Creating a queue pair reserves
-//! `send_depth + recv_depth` entries (`reserved`, an admission check), and
-//! every post that returns `Ok` first takes one unit of `inflight`, which
-//! `poll` gives back: each completion belongs to exactly one accepted post,
-//! so `queue.len() <= inflight <= depth` at all times and a push can never
-//! find the queue full, whatever the consumer does.
-//!
-//! Wake-up protocol (no lost wake-ups): `arm` sets `armed`, then looks at the
-//! queue; a producer pushes, then swaps `armed` to false and wakes if it was
-//! set. Both sides use `SeqCst`, so either the arming consumer sees the new
-//! entry or the producer sees the flag.
+//! Capacity: creating a queue pair reserves `send_depth + recv_depth`
+//! entries, and no queue pair holds more uncompleted requests than that, so
+//! the completions a CQ owes never exceed its depth (the admission a
+//! hardware CQ needs to not overflow).
 
+use super::link::{Link, Reaper};
+use super::lock;
 use crate::fabric::{CompletionQueue, CqId, Waker, WorkCompletion};
-use crossbeam_queue::ArrayQueue;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use crossbeam_utils::CachePadded;
+use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
-pub(super) struct SoftCq {
-    id: CqId,
-    /// Completions not yet polled, oldest first. Pushed by posting threads
-    /// (under the link lock of the queue pair the completion belongs to);
-    /// popped by the single consumer.
-    queue: ArrayQueue<WorkCompletion>,
-    /// Accepted posts on queue pairs of this CQ whose completion was not yet
-    /// polled. Incremented by `admit` (never above the capacity), decremented
-    /// by `poll` after popping. Always `>= queue.len()`.
-    inflight: AtomicUsize,
+/// The part of a CQ the links of its queue pairs hold.
+pub(super) struct CqShared {
+    capacity: usize,
     /// Entries reserved by live queue pairs of this CQ, `<=` the capacity.
     /// Changed by `reserve` (QP creation) and `release` (QP destruction).
     reserved: AtomicUsize,
-    /// Set by `arm`, cleared by the first push after it (which wakes).
-    armed: AtomicBool,
+    /// Set by `arm`, cleared by the next `poll`; written by the consumer
+    /// only, read by whoever publishes work for the CQ.
+    armed: CachePadded<AtomicBool>,
+    /// Set by the first producer that wakes an armed CQ, so one arm costs
+    /// one wake; cleared with `armed`. Only written while `armed` is set
+    /// (the sleeper's slow path).
+    woken: AtomicBool,
     waker: Arc<dyn Waker>,
 }
 
-impl SoftCq {
-    pub(super) fn new(id: CqId, depth: usize, waker: Arc<dyn Waker>) -> SoftCq {
-        SoftCq {
-            id,
-            queue: ArrayQueue::new(depth),
-            inflight: AtomicUsize::new(0),
-            reserved: AtomicUsize::new(0),
-            armed: AtomicBool::new(false),
-            waker,
-        }
-    }
-
+impl CqShared {
     /// Reserves `n` entries for a new queue pair; false if that would
     /// over-commit the queue.
     pub(super) fn reserve(&self, n: usize) -> bool {
-        let cap = self.queue.capacity();
+        let cap = self.capacity;
         self.reserved
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| {
                 r.checked_add(n).filter(|t| *t <= cap)
@@ -63,33 +50,78 @@ impl SoftCq {
         self.reserved.fetch_sub(n, Ordering::AcqRel);
     }
 
-    /// Takes room for the completion of one post; false if the queue holds
-    /// (or owes) as many completions as it can store.
-    pub(super) fn admit(&self) -> bool {
-        let cap = self.queue.capacity();
-        self.inflight
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < cap).then_some(n + 1)
-            })
-            .is_ok()
+    /// Whether the consumer sleeps (the caller fenced after publishing).
+    pub(super) fn is_armed(&self) -> bool {
+        self.armed.load(Ordering::Relaxed)
     }
 
-    /// Adds a completion admitted earlier; returns whether the waker must be
-    /// called (the caller does so once it holds no lock, see `wake`).
-    #[must_use]
-    pub(super) fn push(&self, wc: WorkCompletion) -> bool {
-        if self.queue.push(wc).is_err() {
-            // `queue.len() <= inflight <= capacity` (module docs) makes this
-            // unreachable; losing a completion silently would hang the
-            // engine, so fail loudly.
-            panic!("soft NIC: completion queue overflow despite admission");
-        }
-        self.armed.swap(false, Ordering::SeqCst)
-    }
-
+    /// Wakes the sleeping consumer, once per arm.
     pub(super) fn wake(&self) {
-        self.waker.wake();
+        if !self.woken.swap(true, Ordering::AcqRel) {
+            self.waker.wake();
+        }
     }
+}
+
+/// The ends a CQ's consumer polls.
+struct Consumer {
+    ends: Vec<(Arc<Link>, usize)>,
+    /// Where the next poll starts (round robin between ends).
+    cursor: usize,
+}
+
+pub(super) struct SoftCq {
+    id: CqId,
+    shared: Arc<CqShared>,
+    /// Held by `poll` and `arm`: one consumer at a time.
+    consumer: Mutex<Consumer>,
+    /// Ends attached since the consumer last looked.
+    incoming: Mutex<Vec<(Arc<Link>, usize)>>,
+    /// Set when `incoming` is not empty.
+    incoming_pending: AtomicBool,
+}
+
+impl SoftCq {
+    pub(super) fn new(id: CqId, depth: usize, waker: Arc<dyn Waker>) -> SoftCq {
+        SoftCq {
+            id,
+            shared: Arc::new(CqShared {
+                capacity: depth,
+                reserved: AtomicUsize::new(0),
+                armed: CachePadded::new(AtomicBool::new(false)),
+                woken: AtomicBool::new(false),
+                waker,
+            }),
+            consumer: Mutex::new(Consumer {
+                ends: Vec::new(),
+                cursor: 0,
+            }),
+            incoming: Mutex::new(Vec::new()),
+            incoming_pending: AtomicBool::new(false),
+        }
+    }
+
+    pub(super) fn shared(&self) -> &Arc<CqShared> {
+        &self.shared
+    }
+
+    /// Adds end `end` of `link` to the ends this CQ polls.
+    pub(super) fn attach(&self, link: &Arc<Link>, end: usize) {
+        lock(&self.incoming).push((link.clone(), end));
+        self.incoming_pending.store(true, Ordering::Release);
+    }
+
+    fn take_incoming(&self, c: &mut Consumer) {
+        if self.incoming_pending.load(Ordering::Acquire) {
+            let mut inc = lock(&self.incoming);
+            self.incoming_pending.store(false, Ordering::Relaxed);
+            c.ends.append(&mut inc);
+        }
+    }
+}
+
+fn reaper(link: &Link, end: usize) -> std::sync::MutexGuard<'_, Reaper> {
+    lock(&link.ends[end].reaper)
 }
 
 impl CompletionQueue for SoftCq {
@@ -98,20 +130,57 @@ impl CompletionQueue for SoftCq {
     }
 
     fn poll(&self, out: &mut [WorkCompletion]) -> usize {
+        let Ok(mut c) = self.consumer.try_lock() else {
+            return 0;
+        };
+        self.take_incoming(&mut c);
+        if self.shared.armed.load(Ordering::Relaxed) {
+            self.shared.armed.store(false, Ordering::Relaxed);
+            self.shared.woken.store(false, Ordering::Relaxed);
+        }
         let mut n = 0;
-        while n < out.len() {
-            let Some(wc) = self.queue.pop() else { break };
-            out[n] = wc;
-            n += 1;
+        let mut seal = None;
+        let mut drained = false;
+        let count = c.ends.len();
+        let start = c.cursor % count.max(1);
+        for visited in 0..count {
+            if n == out.len() {
+                break;
+            }
+            let (link, end) = &c.ends[(start + visited) % count];
+            let mut r = reaper(link, *end);
+            let (k, s) = link.reap(*end, &mut r, &mut out[n..]);
+            n += k;
+            if s {
+                seal = Some(link.clone());
+                break;
+            }
+            drained |= link.drained(*end, &r);
         }
-        if n > 0 {
-            self.inflight.fetch_sub(n, Ordering::AcqRel);
+        if drained {
+            c.ends
+                .retain(|(link, end)| !link.drained(*end, &reaper(link, *end)));
         }
-        n
+        c.cursor = start + 1;
+        drop(c);
+        match seal {
+            Some(link) => {
+                link.seal();
+                // The sealed link's flushed requests are due now.
+                n + self.poll(&mut out[n..])
+            }
+            None => n,
+        }
     }
 
     fn arm(&self) -> bool {
-        self.armed.store(true, Ordering::SeqCst);
-        !self.queue.is_empty()
+        let mut c = lock(&self.consumer);
+        self.take_incoming(&mut c);
+        self.shared.woken.store(false, Ordering::Relaxed);
+        self.shared.armed.store(true, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        c.ends
+            .iter()
+            .any(|(link, end)| link.has_work(*end, &mut reaper(link, *end)))
     }
 }

@@ -11,20 +11,23 @@
 //! or duplicates a completion, and no fault touches memory a request does not
 //! name (a request that fails moves at most a prefix of its own bytes).
 //!
-//! Faults live in the link state, under the link lock, next to the queues
-//! they act on. When none is armed on an end the post path of that end pays
-//! one branch on a `bool` it already holds the lock for
-//! ([`EndFaults::armed`]); without the feature the hooks are compiled out.
+//! Faults live in the link's control block, under its lock; a post of an
+//! end with faults armed takes that lock (the slow path). When none is armed
+//! the post path pays one relaxed load of a flag that only arming writes
+//! (`Link::faults_armed`); without the feature the hooks are compiled out.
 //!
 //! A test finds the end of a connection with [`SoftNic::qp_faults`] (by its
 //! local and peer address, which the SPI reports) and arms it with
 //! [`QpFaults::arm`] or overruns its completion queue with
 //! [`QpFaults::overrun_cq`].
 
-use super::qp::{Effects, Link, LinkState};
+use super::link::{Cause, Control, Link, Poster};
+use super::qp::{Posted, SoftQp};
+use super::wq::{SqEntry, SqKind};
 use super::{lock, SoftNic};
 use crate::fabric::*;
 use std::net::SocketAddrV4;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -72,13 +75,9 @@ pub enum Fault {
     StopResponding { timeout: Duration },
 }
 
-/// Faults armed on one end, in its [`LinkState`], under the link lock.
+/// Faults armed on one end, in the link's [`Control`], under its lock.
 #[derive(Default)]
 pub(super) struct EndFaults {
-    /// Whether any field below is set (or a stalled request waits). False
-    /// means the post path of this end takes its normal course after one
-    /// branch. Set by `arm`, cleared once every fault fired.
-    pub(super) armed: bool,
     /// `(posts left before the failing one, status)` per queue: 0 left means
     /// the next post fails. Cleared when it fires.
     fail_send: Option<(u32, WcStatus)>,
@@ -92,14 +91,13 @@ pub(super) struct EndFaults {
     /// This end answers nothing (`StopResponding` armed on it). Stays set
     /// until the link breaks.
     silent: bool,
-    /// The peer is silent: this end's send-queue requests stall in
-    /// `stalled`, and its oldest one fails after `timeout`.
+    /// The peer is silent: this end's send-queue requests stall (as
+    /// `SqKind::Stalled` entries), and its oldest one fails after `timeout`.
     peer_silent: Option<Duration>,
-    /// Send-queue requests of this end that wait for an answer that never
-    /// comes, oldest first: `(wr_id, opcode)`. Room for the end's send depth
-    /// is reserved when `StopResponding` is armed, so pushing never
-    /// allocates. Emptied (each completed once) when the link breaks.
-    stalled: Vec<(WrId, WcOpcode)>,
+    /// Send-queue indices of this end's stalled requests, oldest first.
+    /// Room for the end's send depth is reserved when `StopResponding` is
+    /// armed, so pushing never allocates.
+    stalled: Vec<u64>,
     /// When the oldest entry of `stalled` was posted, while the peer is
     /// silent and `stalled` is non-empty; the watchdog fires at
     /// `since + timeout`.
@@ -111,7 +109,7 @@ pub(super) enum Verdict {
     /// No fault applies: the post takes its normal course.
     Proceed,
     /// The fault handled the post (completed or stalled it).
-    Done(Result<(), PostError>),
+    Done(Posted),
     /// Only for RDMA: execute it with the local entries cut to this many
     /// bytes, then fail with the status (`ErrorAfterBytes`).
     Partial(u32, WcStatus),
@@ -119,156 +117,159 @@ pub(super) enum Verdict {
     BadRkey,
 }
 
+impl EndFaults {
+    /// Whether any fault is still armed.
+    fn any(&self) -> bool {
+        self.fail_send.is_some()
+            || self.fail_recv.is_some()
+            || self.rkey_error
+            || self.byte_budget.is_some()
+            || self.silent
+            || self.peer_silent.is_some()
+    }
+}
+
 impl Link {
-    /// Fault hook of a send-queue post of end `me`, which is not in the
-    /// error state. `len` is the request's length (None: too long, the
-    /// normal path fails it).
+    /// Recomputes the armed flag of `me` after a fault fired.
+    fn rearm(&self, c: &Control, me: usize) {
+        self.faults_armed[me].store(c.faults[me].any(), Ordering::Relaxed);
+    }
+
+    /// Fault hook of a send-queue post of end `me` (not in the error
+    /// state), under its post lock.
     pub(super) fn fault_send(
         &self,
-        st: &mut LinkState,
+        p: &mut Poster,
         me: usize,
-        wr_id: WrId,
+        wr: &SendWr<'_>,
         opcode: WcOpcode,
-        len: Option<u32>,
-        fx: &mut Effects,
     ) -> Verdict {
-        let f = &mut st.faults[me];
+        let mut c = lock(&self.control);
+        if c.broken {
+            return Verdict::Proceed;
+        }
+        let fail = |p: &mut Poster, status| {
+            p.sq.push(SqEntry {
+                wr_id: wr.wr_id,
+                opcode,
+                kind: SqKind::Done { status, len: 0 },
+            });
+            Verdict::Done(Posted {
+                fail: Some(status),
+                to_peer: false,
+            })
+        };
+        let f = &mut c.faults[me];
         if f.silent || f.peer_silent.is_some() {
-            return self.stall(st, me, wr_id, opcode, fx);
+            let index = p.sq.tail();
+            p.sq.push(SqEntry {
+                wr_id: wr.wr_id,
+                opcode,
+                kind: SqKind::Stalled,
+            });
+            f.stalled.push(index);
+            if f.peer_silent.is_some() && f.stall_since.is_none() {
+                f.stall_since = Some(Instant::now());
+                self.fault_cv.notify_all();
+            }
+            return Verdict::Done(Posted::default());
         }
         if let Some((left, status)) = f.fail_send {
             if left > 0 {
                 f.fail_send = Some((left - 1, status));
             } else {
                 f.fail_send = None;
-                f.rearm();
-                return self.fail_post(st, me, wr_id, opcode, status, fx);
+                self.rearm(&c, me);
+                return fail(p, status);
             }
         }
+        let f = &mut c.faults[me];
         let rdma = opcode != WcOpcode::Send;
         if rdma && f.rkey_error {
             f.rkey_error = false;
-            f.rearm();
+            self.rearm(&c, me);
             return Verdict::BadRkey;
         }
+        let len = super::mr::total_len(wr.sges);
         if let (Some((budget, status)), Some(len)) = (f.byte_budget, len) {
             if u64::from(len) <= budget {
                 f.byte_budget = Some((budget - u64::from(len), status));
             } else {
                 f.byte_budget = None;
-                f.rearm();
+                self.rearm(&c, me);
                 if rdma {
                     return Verdict::Partial(budget as u32, status);
                 }
-                return self.fail_post(st, me, wr_id, opcode, status, fx);
+                return fail(p, status);
             }
         }
         Verdict::Proceed
     }
 
-    /// Fault hook of a receive posted by end `me`, not in the error state.
-    pub(super) fn fault_recv(
-        &self,
-        st: &mut LinkState,
-        me: usize,
-        wr: &RecvWr<'_>,
-        fx: &mut Effects,
-    ) -> Verdict {
-        let f = &mut st.faults[me];
+    /// Fault hook of a receive posted by end `me` (not in the error
+    /// state), under its post lock.
+    pub(super) fn fault_recv(&self, p: &mut Poster, me: usize, wr: &RecvWr<'_>) -> Verdict {
+        let mut c = lock(&self.control);
+        if c.broken {
+            return Verdict::Proceed;
+        }
+        let f = &mut c.faults[me];
         if let Some((left, status)) = f.fail_recv {
             if left > 0 {
                 f.fail_recv = Some((left - 1, status));
             } else {
                 f.fail_recv = None;
-                f.rearm();
-                return self.fail_post(st, me, wr.wr_id, WcOpcode::Recv, status, fx);
+                self.rearm(&c, me);
+                p.rq.push(wr.wr_id, &[], Some(status));
+                return Verdict::Done(Posted {
+                    fail: Some(status),
+                    to_peer: false,
+                });
             }
         }
-        if f.silent {
-            // Queued but never filled: the peer's sends stall instead.
-            let side = &mut st.sides[me];
-            if side.recvs.len() >= side.recv_depth {
-                return Verdict::Done(Err(PostError::QueueFull));
-            }
-            if !self.cqs[me].admit() {
-                return Verdict::Done(Err(PostError::QueueFull));
-            }
-            side.recvs.push_back(wr.wr_id, wr.sges);
-            return Verdict::Done(Ok(()));
-        }
+        // A silent end's receives are queued as usual: the peer's sends
+        // stall instead of reaching them.
         Verdict::Proceed
-    }
-
-    /// Completes a post of `me` with `status` and breaks the link.
-    fn fail_post(
-        &self,
-        st: &mut LinkState,
-        me: usize,
-        wr_id: WrId,
-        opcode: WcOpcode,
-        status: WcStatus,
-        fx: &mut Effects,
-    ) -> Verdict {
-        if !self.cqs[me].admit() {
-            return Verdict::Done(Err(PostError::QueueFull));
-        }
-        self.complete(me, wr_id, status, opcode, 0, fx);
-        self.fail(st, me, status, fx);
-        Verdict::Done(Ok(()))
-    }
-
-    /// Holds a send-queue request of `me` that will never be answered.
-    fn stall(
-        &self,
-        st: &mut LinkState,
-        me: usize,
-        wr_id: WrId,
-        opcode: WcOpcode,
-        _fx: &mut Effects,
-    ) -> Verdict {
-        let f = &mut st.faults[me];
-        if f.stalled.len() >= st.sides[me].send_depth {
-            return Verdict::Done(Err(PostError::QueueFull));
-        }
-        if !self.cqs[me].admit() {
-            return Verdict::Done(Err(PostError::QueueFull));
-        }
-        f.stalled.push((wr_id, opcode));
-        if f.peer_silent.is_some() && f.stall_since.is_none() {
-            f.stall_since = Some(Instant::now());
-            self.fault_cv.notify_all();
-        }
-        Verdict::Done(Ok(()))
-    }
-
-    /// Called by `break_link` (link just broken by end `failed`): completes
-    /// every stalled request once and disarms everything.
-    pub(super) fn fault_broken(&self, st: &mut LinkState, failed: usize, fx: &mut Effects) {
-        for end in 0..2 {
-            let status = if end == failed {
-                WcStatus::Flushed
-            } else {
-                WcStatus::RemoteDisconnected
-            };
-            let stalled = std::mem::take(&mut st.faults[end].stalled);
-            for &(id, opcode) in &stalled {
-                self.complete(end, id, status, opcode, 0, fx);
-            }
-            st.faults[end] = EndFaults::default();
-        }
-        self.fault_cv.notify_all();
     }
 }
 
-impl EndFaults {
-    /// Recomputes `armed` after a fault fired.
-    fn rearm(&mut self) {
-        self.armed = self.fail_send.is_some()
-            || self.fail_recv.is_some()
-            || self.rkey_error
-            || self.byte_budget.is_some()
-            || self.silent
-            || self.peer_silent.is_some();
+impl SoftQp {
+    /// Executes an RDMA request a fault cuts short: `Partial` moves the
+    /// first bytes of the local entries (up to the budget), `BadRkey` fails
+    /// the remote-key check. Returns the completion's status.
+    pub(super) fn rdma_fault(
+        &self,
+        p: &mut Poster,
+        local: &[Sge],
+        remote_addr: u64,
+        rkey: u32,
+        write: bool,
+        v: Verdict,
+    ) -> WcStatus {
+        let Verdict::Partial(budget, status) = v else {
+            return WcStatus::RemoteAccessError;
+        };
+        let mut cut = [Sge {
+            addr: 0,
+            len: 0,
+            lkey: 0,
+        }; super::cm::MAX_SGE_LIMIT as usize];
+        let (mut n, mut left) = (0, budget);
+        for s in local {
+            if left == 0 {
+                break;
+            }
+            cut[n] = Sge {
+                len: s.len.min(left),
+                ..*s
+            };
+            left -= cut[n].len;
+            n += 1;
+        }
+        // Whatever the prefix met (even its own error) the request fails
+        // with the armed status: the queue pair went to error mid-request.
+        let _ = self.rdma(p, &cut[..n], remote_addr, rkey, write);
+        status
     }
 }
 
@@ -291,7 +292,7 @@ impl SoftNic {
             for end in 0..2 {
                 let mine = Arc::ptr_eq(&link.nics[end], &self.shared);
                 if mine && link.addrs[end] == local && link.addrs[1 - end] == peer {
-                    let intact = !link.lock().broken;
+                    let intact = link.is_intact();
                     let q = QpFaults {
                         link: link.clone(),
                         end,
@@ -317,8 +318,12 @@ impl QpFaults {
     /// `nth` (a test bug). Does nothing on a broken connection.
     pub fn arm(&self, fault: Fault) {
         let me = self.end;
-        let mut st = self.link.lock();
-        if st.broken {
+        let link = &self.link;
+        // Posts of this end check the flag under their post lock: take it
+        // so no post of this end is half-way through the normal path.
+        let _post = lock(&link.ends[me].post);
+        let mut c = lock(&link.control);
+        if c.broken {
             return;
         }
         match fault {
@@ -327,32 +332,32 @@ impl QpFaults {
                 assert_ne!(status, WcStatus::Success, "a failure needs an error status");
                 let f = Some((nth - 1, status));
                 match queue {
-                    WorkQueue::Send => st.faults[me].fail_send = f,
-                    WorkQueue::Recv => st.faults[me].fail_recv = f,
+                    WorkQueue::Send => c.faults[me].fail_send = f,
+                    WorkQueue::Recv => c.faults[me].fail_recv = f,
                 }
             }
-            Fault::RemoteKeyError => st.faults[me].rkey_error = true,
+            Fault::RemoteKeyError => c.faults[me].rkey_error = true,
             Fault::ErrorAfterBytes { bytes, status } => {
                 assert_ne!(status, WcStatus::Success, "a failure needs an error status");
-                st.faults[me].byte_budget = Some((bytes, status));
+                c.faults[me].byte_budget = Some((bytes, status));
             }
             Fault::StopResponding { timeout } => {
                 let peer = 1 - me;
                 for end in [me, peer] {
-                    let depth = st.sides[end].send_depth;
-                    st.faults[end].stalled.reserve_exact(depth);
+                    let depth = link.ends[end].send_depth;
+                    c.faults[end].stalled.reserve_exact(depth);
                 }
-                st.faults[me].silent = true;
-                st.faults[peer].peer_silent = Some(timeout);
-                st.faults[peer].armed = true;
-                let link = Arc::downgrade(&self.link);
+                c.faults[me].silent = true;
+                c.faults[peer].peer_silent = Some(timeout);
+                link.faults_armed[peer].store(true, Ordering::Relaxed);
+                let weak = Arc::downgrade(link);
                 std::thread::Builder::new()
                     .name("soft-fault-watchdog".into())
-                    .spawn(move || watchdog(link, peer))
+                    .spawn(move || watchdog(weak, peer))
                     .expect("spawn the fault watchdog");
             }
         }
-        st.faults[me].armed = true;
+        link.faults_armed[me].store(true, Ordering::Relaxed);
     }
 
     /// The completion queue of this end overflows now. A real NIC reports a
@@ -360,9 +365,9 @@ impl QpFaults {
     /// state; so does this one: every connection with an end on this CQ
     /// breaks with that end failing (its outstanding requests complete
     /// `Flushed`, the peers' `RemoteDisconnected`). Unlike hardware, the
-    /// soft CQ reserved room for every admitted request, so it still
-    /// delivers those completions instead of dropping them (what a driver
-    /// that re-creates the CQ would synthesise for its consumer).
+    /// soft CQ still delivers those completions instead of dropping them
+    /// (what a driver that re-creates the CQ would synthesise for its
+    /// consumer).
     pub fn overrun_cq(&self) {
         let cq = &self.link.cqs[self.end];
         let nic = &self.link.nics[self.end];
@@ -373,13 +378,8 @@ impl QpFaults {
         for link in links {
             for end in 0..2 {
                 if Arc::ptr_eq(&link.cqs[end], cq) {
-                    let mut fx = Effects::default();
-                    {
-                        let mut st = link.lock();
-                        // A local fault: this end failed, the peers were reset.
-                        link.fail(&mut st, end, WcStatus::Flushed, &mut fx);
-                    }
-                    link.apply(fx);
+                    // A local fault: this end failed, the peers were reset.
+                    link.fail(end, Cause::Failed(WcStatus::Flushed));
                 }
             }
         }
@@ -390,18 +390,17 @@ impl QpFaults {
 /// `timeout` after it was posted; exits once the link broke or is gone.
 fn watchdog(link: Weak<Link>, end: usize) {
     let Some(link) = link.upgrade() else { return };
-    let mut fx = Effects::default();
-    {
-        let mut st = link.lock();
+    let first = {
+        let mut c = lock(&link.control);
         loop {
-            if st.broken {
+            if c.broken {
                 return;
             }
-            let f = &st.faults[end];
+            let f = &c.faults[end];
             let (Some(timeout), Some(since)) = (f.peer_silent, f.stall_since) else {
-                st = link
+                c = link
                     .fault_cv
-                    .wait(st)
+                    .wait(c)
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
                 continue;
             };
@@ -409,15 +408,16 @@ fn watchdog(link: Weak<Link>, end: usize) {
             if now >= since + timeout {
                 break;
             }
-            st = link
+            c = link
                 .fault_cv
-                .wait_timeout(st, since + timeout - now)
+                .wait_timeout(c, since + timeout - now)
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .0;
         }
-        let (id, opcode) = st.faults[end].stalled.remove(0);
-        link.complete(end, id, WcStatus::RetryExceeded, opcode, 0, &mut fx);
-        link.fail(&mut st, end, WcStatus::RetryExceeded, &mut fx);
+        let index = c.faults[end].stalled[0];
+        link.fail_queued(end, index, WcStatus::RetryExceeded, &mut c)
+    };
+    if first {
+        link.seal();
     }
-    link.apply(fx);
 }

@@ -14,37 +14,50 @@
 //! - **Protection domain** (`mr`): regions registered with access rights and
 //!   named by lkeys; remote keys bound to one queue pair (like type-2 memory
 //!   windows). Keys are a slot index plus a generation and never alias.
-//! - **Queue pairs** (`qp`): a connection is one `Link` holding both ends'
-//!   queues under one mutex. A work request executes in the posting thread
-//!   at post time: the posting CPU is the DMA engine and makes the one copy a
-//!   NIC would make, after checking every scatter/gather entry against the
-//!   region tables, which stay read-locked across the copy. RC semantics: in
-//!   order, reliable, message-preserving. A send finding no posted receive
-//!   waits in the receiver's RNR queue (receiver-not-ready retry: nothing is
-//!   dropped, order is kept, the sender's buffer is untouched until the
-//!   message moves) up to `rnr_queue_max` sends; the next one fails
-//!   `RnrRetryExceeded`. One simplification of RC: an RDMA request posted
-//!   behind a waiting send executes at once instead of waiting behind it
-//!   (the engine's flow control is meant to keep sends from waiting).
-//! - **Errors**: a failing request breaks the connection: it completes with
-//!   its own status, the other outstanding requests of its end `Flushed`,
+//! - **Queue pairs** (`qp`, `link`, `wq`, `cell`): a connection is one
+//!   `Link`: per end a send queue and a receive queue, per direction a
+//!   single-producer/single-consumer ring of cells. A send of up to
+//!   `cell::INLINE_MAX` bytes is copied into its cell at post time; a longer
+//!   one travels as its gather list and the receiving side copies it
+//!   straight from the sender's registered memory (the one copy a NIC would
+//!   make). The *matcher* of a direction (normally the receiving end's CQ
+//!   consumer, the sending end's when the receiver is not polled) fills the
+//!   receiver's posted receives in order. RDMA writes and reads execute in
+//!   the posting thread at post time (the posting CPU is the DMA engine),
+//!   their remote key checked in the connection's window of keys the peer
+//!   bound to it. Every entry is checked against its NIC's regions when
+//!   posted. RC semantics: in order, reliable, message-preserving. A send
+//!   finding no posted receive waits in its cell (receiver-not-ready retry:
+//!   nothing is dropped, order is kept, the sender's buffer is untouched
+//!   until the message moves) up to `rnr_queue_max` sends; the next one
+//!   fails `RnrRetryExceeded`. One simplification of RC: an RDMA request
+//!   posted behind a waiting send executes and completes at once instead of
+//!   waiting behind it (the engine's flow control is meant to keep sends
+//!   from waiting).
+//! - **Errors**: a failing request breaks the connection (after the
+//!   messages posted before it that have receives were delivered): it
+//!   completes with its own status, the other outstanding requests of its
+//!   end `Flushed`,
 //!   the peer's `RemoteDisconnected`, and each end is told once: the
 //!   failing one `failed`, the other `disconnected`. `set_error` (local close) flushes the closing end and disconnects
 //!   the peer, which alone is told. Later posts complete at once with the
 //!   end's error status (`Flushed` after a local `set_error`).
-//! - **Completion queues** (`cq`): bounded lock-free queues. Every post that
-//!   returns `Ok` produces exactly one completion, and a CQ never overflows:
-//!   a QP reserves `send_depth + recv_depth` entries at creation, and every
-//!   accepted post holds one entry until its completion is polled (a post
-//!   finding the CQ owing `depth` completions fails `QueueFull`).
+//! - **Completion queues** (`cq`): a CQ stores nothing; polling reads the
+//!   completions off the queues of its ends (receive queue first, then the
+//!   requests done at post time, then the sends, each in posting order), so
+//!   each CQ is written by its consumer alone. Every post that returns `Ok`
+//!   produces exactly one completion, and a CQ never owes more than its
+//!   depth: a QP reserves `send_depth + recv_depth` entries at creation and
+//!   holds at most that many uncompleted requests (a post beyond its queue's
+//!   depth fails `QueueFull`).
 //! - **Connection management** (`cm`): listeners with a FIFO backlog;
 //!   requests accepted, rejected or cancelled exactly once.
 //!
 //! Guarantee: every post that returned `Ok` yields exactly one completion,
 //! and once `set_error` returned and its flushed completions were polled,
-//! the NIC never touches the memory those requests named (a request's
-//! entries are only accessed while it sits in a queue of the link, under the
-//! link lock, and `set_error` empties those queues under the same lock).
+//! the NIC never touches the memory those requests named (`link`, "Breaking
+//! and sealing": a broken connection flushes only once no matcher and no
+//! RDMA is running on it, and `set_error` returns only then).
 //!
 //! # Choices the trait leaves open
 //!
@@ -65,11 +78,14 @@
 //! # Lock order
 //!
 //! network state (alone) · NIC listener table → listener backlog → request
-//! state · link state → region tables (lower NIC id first) → the peer NIC's
-//! remote-key table · region table → remote-key table (register, bind,
-//! unbind, deregister) · NIC queue-pair set and CQ table (alone). CQ pushes
-//! and admission are lock-free. Wakers, `QpEvents`, `ListenerEvents` and
-//! `done` callbacks run with no lock of this module held.
+//! state · post lock of an end → region table (read, on a key-cache miss) →
+//! a connection's window · post lock → link control · CQ consumer → an
+//! end's reaper → a direction's matcher → link control · region table →
+//! remote-key table → a connection's window (register, bind, unbind,
+//! deregister) · NIC queue-pair map and CQ table (alone). A deregistration
+//! takes each end's post lock after releasing the tables. Wakers,
+//! `QpEvents`, `ListenerEvents` and `done` callbacks run with no lock of
+//! this module held.
 //!
 //! # Fault injection
 //!
@@ -82,21 +98,23 @@
 //! # No allocation per work request
 //!
 //! Every queue of a link is a ring preallocated at queue-pair creation
-//! (`recv_depth` receives and `min(rnr_queue_max, peer send_depth)` parked
-//! sends, each with room for `max_sge` entries); completions go into the
-//! CQ's preallocated `ArrayQueue`; the effects of a post (wakes, events) are
-//! a fixed-size value. Only connection set-up, registration, key binding and
-//! timers allocate.
+//! (`recv_depth` receives, `send_depth` requests and `send_depth` cells
+//! with room for `max_sge` gather entries each); completions are written
+//! straight into the poller's array. Only connection set-up, registration,
+//! key binding and timers allocate.
 
+mod cell;
 mod cm;
 mod cq;
 #[cfg(feature = "fault-injection")]
 mod fault;
+mod link;
 mod mr;
 mod network;
 mod qp;
 #[cfg(test)]
 mod tests;
+mod wq;
 
 #[cfg(feature = "fault-injection")]
 pub use fault::{Fault, QpFaults, WorkQueue};
@@ -106,7 +124,7 @@ use crate::fabric::*;
 use cq::SoftCq;
 use mr::Pd;
 use network::Route;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
@@ -147,9 +165,10 @@ struct NicShared {
     /// Listeners by address (IP `0.0.0.0` = wildcard). Written by listen and
     /// listener close; read by connect. Lock order: before backlogs.
     listeners: Mutex<HashMap<SocketAddrV4, Arc<cm::ListenerShared>>>,
-    /// Numbers of the live queue pairs; read by `bind_remote`, written at
-    /// queue-pair creation and drop.
-    qps: Mutex<HashSet<u32>>,
+    /// The live queue pairs by number: their connection and end. Read by
+    /// `bind_remote` and `deregister`, written at queue-pair creation and
+    /// drop.
+    qps: Mutex<HashMap<u32, (Weak<link::Link>, usize)>>,
     /// Last queue-pair number handed out.
     last_qp: AtomicU32,
     /// CQs by id (weak: the engine owns them). Written by `create_cq`, read
@@ -160,7 +179,7 @@ struct NicShared {
     /// Every link with an end on this NIC (weak; dead entries are pruned at
     /// each insertion), for tests to find a queue pair to arm faults on.
     #[cfg(feature = "fault-injection")]
-    fault_links: Mutex<Vec<Weak<qp::Link>>>,
+    fault_links: Mutex<Vec<Weak<link::Link>>>,
 }
 
 impl NicShared {
@@ -173,7 +192,7 @@ impl NicShared {
             rnr_max: cfg.rnr_queue_max as usize,
             pd: Pd::new(),
             listeners: Mutex::new(HashMap::new()),
-            qps: Mutex::new(HashSet::new()),
+            qps: Mutex::new(HashMap::new()),
             last_qp: AtomicU32::new(0),
             cqs: Mutex::new(HashMap::new()),
             last_cq: AtomicU32::new(0),
@@ -186,20 +205,39 @@ impl NicShared {
         lock(&self.cqs).get(&id.0).and_then(Weak::upgrade)
     }
 
-    /// A fresh number (not 0, not used by a live queue pair), now live.
+    /// A fresh number (not 0, not used by a live queue pair), now live;
+    /// [`NicShared::register_qp`] names its connection.
     fn new_qp_num(&self) -> QpNum {
         let mut qps = lock(&self.qps);
         loop {
             let n = self.last_qp.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
-            if n != 0 && qps.insert(n) {
+            if n != 0 && !qps.contains_key(&n) {
+                qps.insert(n, (Weak::new(), 0));
                 return QpNum(n);
             }
         }
     }
 
+    fn register_qp(&self, num: QpNum, link: &Arc<link::Link>, end: usize) {
+        lock(&self.qps).insert(num.0, (Arc::downgrade(link), end));
+    }
+
+    /// Waits until no post of a queue pair of this NIC that began before
+    /// this call is still running (each holds its end's post lock): a
+    /// region deregistered before the call is then in no post's hands.
+    fn quiesce_posts(&self) {
+        let ends: Vec<_> = lock(&self.qps)
+            .values()
+            .filter_map(|(l, end)| Some((l.upgrade()?, *end)))
+            .collect();
+        for (link, end) in ends {
+            drop(lock(&link.ends[end].post));
+        }
+    }
+
     /// Records a new link for [`SoftNic::qp_faults`].
     #[cfg(feature = "fault-injection")]
-    fn track_link(&self, link: &Arc<qp::Link>) {
+    fn track_link(&self, link: &Arc<link::Link>) {
         let mut links = lock(&self.fault_links);
         links.retain(|l| l.strong_count() > 0);
         links.push(Arc::downgrade(link));
@@ -285,13 +323,16 @@ impl Nic for SoftNic {
 
     fn deregister(&self, lkey: u32) {
         self.shared.pd.deregister(lkey);
+        self.shared.quiesce_posts();
     }
 
     fn bind_remote(&self, lkey: u32, qp: QpNum, access: Access) -> Result<u32, FabricError> {
-        if !lock(&self.shared.qps).contains(&qp.0) {
-            return Err(FabricError::Invalid("no such queue pair"));
-        }
-        self.shared.pd.bind(lkey, qp, access)
+        let found = lock(&self.shared.qps)
+            .get(&qp.0)
+            .and_then(|(l, end)| Some((l.upgrade()?, *end)));
+        let (link, end) = found.ok_or(FabricError::Invalid("no such queue pair"))?;
+        // The key is for the RDMA of the peer, the other end's direction.
+        self.shared.pd.bind(lkey, &link, 1 - end, access)
     }
 
     fn unbind_remote(&self, rkey: u32) {

@@ -6,10 +6,12 @@
 //! the maximum is retired instead of reused, so a stale key never names a
 //! newer entry; the first generation is 1, so key 0 is never valid.
 
-use crate::fabric::{Access, FabricError, QpNum, Sge};
+use super::link::Link;
+use super::lock;
+use crate::fabric::{Access, FabricError, Sge};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 
 const INDEX_BITS: u32 = 20;
 const INDEX_MASK: u32 = (1 << INDEX_BITS) - 1;
@@ -107,39 +109,104 @@ pub(super) struct Region {
     rkeys: Vec<u32>,
 }
 
-impl Region {
-    /// Whether `[addr, addr+len)` lies inside the region.
-    fn covers(&self, addr: usize, len: usize) -> bool {
-        addr >= self.addr
-            && addr
-                .checked_add(len)
+/// A remote key: exposes a region to the peer of one queue pair.
+pub(super) struct RemoteKey {
+    lkey: u32,
+    /// The connection whose window holds the key, and the direction (the
+    /// peer's end) whose RDMA may use it.
+    window: Weak<Link>,
+    dir: usize,
+}
+
+impl RemoteKey {
+    /// Takes the key out of its connection's window; waits for an RDMA
+    /// using the window to finish.
+    fn revoke(&self, rkey: u32) {
+        if let Some(link) = self.window.upgrade() {
+            lock(&link.dirs[self.dir].window).remove(rkey);
+        }
+    }
+}
+
+/// The remote keys one end of a connection exposed to the other, as its
+/// peer's RDMA checks them; its lock is held across each access.
+#[derive(Default)]
+pub(super) struct Window {
+    keys: Vec<WindowKey>,
+}
+
+struct WindowKey {
+    rkey: u32,
+    addr: usize,
+    len: usize,
+    access: Access,
+}
+
+impl Window {
+    fn remove(&mut self, rkey: u32) {
+        self.keys.retain(|k| k.rkey != rkey);
+    }
+
+    /// The local address of `[addr, addr+len)` if `rkey` allows `need` on
+    /// all of it.
+    pub(super) fn check(&self, rkey: u32, addr: u64, len: usize, need: Access) -> Option<usize> {
+        let k = self.keys.iter().find(|k| k.rkey == rkey)?;
+        let addr = usize::try_from(addr).ok()?;
+        let inside = addr >= k.addr && addr.checked_add(len).is_some_and(|e| e <= k.addr + k.len);
+        (k.access.contains(need) && inside).then_some(addr)
+    }
+}
+
+/// Regions one end looked up lately, valid while the protection domain's
+/// `epoch` is unchanged (every deregistration bumps it). Kept under the
+/// end's post lock, which a deregistration waits for (see
+/// `NicShared::quiesce_posts`), so a region in the cache stays registered
+/// until the post that found it there is over.
+#[derive(Default)]
+pub(super) struct LkeyCache {
+    epoch: u64,
+    entries: [Option<CachedRegion>; 4],
+    next: usize,
+}
+
+#[derive(Clone, Copy)]
+struct CachedRegion {
+    lkey: u32,
+    addr: usize,
+    len: usize,
+    access: Access,
+}
+
+impl CachedRegion {
+    fn allows(&self, s: &Sge, need: Access) -> bool {
+        self.access.contains(need)
+            && s.addr >= self.addr
+            && s.addr
+                .checked_add(s.len as usize)
                 .is_some_and(|end| end <= self.addr + self.len)
     }
 }
 
-/// A remote key: exposes a region to the peer of one queue pair.
-pub(super) struct RemoteKey {
-    lkey: u32,
-    qp: QpNum,
-    access: Access,
-}
-
 /// Regions and remote keys of one NIC.
 ///
-/// Lock order: `regions` before `rkeys`; across two NICs, the one with the
-/// lower id first (see `lock_two`). The data path only takes read locks and
-/// holds them across the checks and the copy, so a `deregister` or
-/// `unbind_remote` (write locks) either happens before a check or waits until
-/// the copy is over.
+/// Lock order: `regions` before `rkeys` before a connection's window. The
+/// data path takes none of them on a hit of its [`LkeyCache`] (a miss
+/// read-locks `regions` briefly); remote keys are checked in the window of
+/// the connection they are bound to, under that window's lock, which
+/// `unbind` and `deregister` take to revoke a key: revocation waits for an
+/// access in progress and no access starts after it.
 pub(super) struct Pd {
     /// Registered regions by lkey. Written by register, deregister,
     /// bind/unbind (the region's key list); read by the data path.
     regions: RwLock<Slab<Region>>,
-    /// Remote keys by rkey. Written by bind/unbind/deregister; read by the
-    /// peer's data path (RDMA).
+    /// Remote keys by rkey. Written by bind/unbind/deregister; read for
+    /// statistics.
     rkeys: RwLock<Slab<RemoteKey>>,
     /// Successful registrations since creation (statistics only).
     registrations: AtomicU64,
+    /// Deregistrations since creation: a change invalidates every
+    /// [`LkeyCache`]. Bumped under the `regions` write lock.
+    epoch: AtomicU64,
 }
 
 pub(super) type RegionsGuard<'a> = RwLockReadGuard<'a, Slab<Region>>;
@@ -151,6 +218,7 @@ impl Pd {
             regions: RwLock::new(Slab::new()),
             rkeys: RwLock::new(Slab::new()),
             registrations: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
         }
     }
 
@@ -203,21 +271,31 @@ impl Pd {
         Ok(lkey)
     }
 
-    /// Removes a region and every remote key bound to it. Unknown keys are
-    /// ignored.
+    /// Removes a region and every remote key bound to it (waiting for an
+    /// RDMA through one of them to finish). Unknown keys are ignored. The
+    /// caller then waits for the posts that may have the region cached.
     pub(super) fn deregister(&self, lkey: u32) {
         let mut regions = self.write_regions();
         if let Some(region) = regions.remove(lkey) {
+            self.epoch.fetch_add(1, Ordering::AcqRel);
             let mut rkeys = self.write_rkeys();
             for k in region.rkeys {
-                rkeys.remove(k);
+                if let Some(key) = rkeys.remove(k) {
+                    key.revoke(k);
+                }
             }
         }
     }
 
-    /// Binds a new remote key for `lkey` to `qp` (which the caller checked
-    /// is a live queue pair of this NIC).
-    pub(super) fn bind(&self, lkey: u32, qp: QpNum, access: Access) -> Result<u32, FabricError> {
+    /// Binds a new remote key for `lkey`, usable by RDMA of end `dir` of
+    /// `link` (whose other end is a live queue pair of this NIC).
+    pub(super) fn bind(
+        &self,
+        lkey: u32,
+        link: &std::sync::Arc<Link>,
+        dir: usize,
+        access: Access,
+    ) -> Result<u32, FabricError> {
         let remote = Access::REMOTE_READ | Access::REMOTE_WRITE;
         if access == Access::NONE || !remote.contains(access) {
             return Err(FabricError::Invalid(
@@ -238,56 +316,79 @@ impl Pd {
         }
         let rkey = self
             .write_rkeys()
-            .insert(RemoteKey { lkey, qp, access })
+            .insert(RemoteKey {
+                lkey,
+                window: std::sync::Arc::downgrade(link),
+                dir,
+            })
             .ok_or(FabricError::NoResources("remote keys"))?;
         region.rkeys.push(rkey);
+        lock(&link.dirs[dir].window).keys.push(WindowKey {
+            rkey,
+            addr: region.addr,
+            len: region.len,
+            access,
+        });
         Ok(rkey)
     }
 
-    /// Revokes a remote key. Unknown keys are ignored.
+    /// Revokes a remote key (waiting for an RDMA through it to finish).
+    /// Unknown keys are ignored.
     pub(super) fn unbind(&self, rkey: u32) {
         let mut regions = self.write_regions();
         if let Some(key) = self.write_rkeys().remove(rkey) {
             if let Some(region) = regions.get_mut(key.lkey) {
                 region.rkeys.retain(|k| *k != rkey);
             }
+            key.revoke(rkey);
         }
+    }
+
+    /// Whether every entry lies inside a region allowing `need`, looked up
+    /// in `cache` first (see [`LkeyCache`]; the caller holds the post lock
+    /// the cache belongs to).
+    pub(super) fn check_cached(&self, cache: &mut LkeyCache, sges: &[Sge], need: Access) -> bool {
+        let epoch = self.epoch.load(Ordering::Acquire);
+        if cache.epoch != epoch {
+            *cache = LkeyCache {
+                epoch,
+                ..LkeyCache::default()
+            };
+        }
+        for s in sges {
+            if s.len == 0 {
+                continue;
+            }
+            let hit = cache.entries.iter().flatten().find(|c| c.lkey == s.lkey);
+            let region = match hit {
+                Some(c) => *c,
+                None => {
+                    let regions = self.read_regions();
+                    let Some(r) = regions.get(s.lkey) else {
+                        return false;
+                    };
+                    let c = CachedRegion {
+                        lkey: s.lkey,
+                        addr: r.addr,
+                        len: r.len,
+                        access: r.access,
+                    };
+                    let slot = cache.next % cache.entries.len();
+                    cache.entries[slot] = Some(c);
+                    cache.next = cache.next.wrapping_add(1);
+                    c
+                }
+            };
+            if !region.allows(s, need) {
+                return false;
+            }
+        }
+        true
     }
 
     pub(super) fn registrations(&self) -> u64 {
         self.registrations.load(Ordering::Relaxed)
     }
-}
-
-/// Whether every entry lies inside a region of `regions` allowing `need`.
-/// Zero-length entries name no memory and always pass.
-pub(super) fn check_local(regions: &Slab<Region>, sges: &[Sge], need: Access) -> bool {
-    sges.iter().all(|s| {
-        s.len == 0
-            || regions
-                .get(s.lkey)
-                .is_some_and(|r| r.access.contains(need) && r.covers(s.addr, s.len as usize))
-    })
-}
-
-/// The local address of `[addr, addr+len)` if `rkey` lets the peer of `qp`
-/// access it with `need`.
-pub(super) fn check_remote(
-    regions: &Slab<Region>,
-    rkeys: &Slab<RemoteKey>,
-    rkey: u32,
-    qp: QpNum,
-    addr: u64,
-    len: usize,
-    need: Access,
-) -> Option<usize> {
-    let key = rkeys.get(rkey)?;
-    if key.qp != qp || !key.access.contains(need) {
-        return None;
-    }
-    let region = regions.get(key.lkey)?;
-    let addr = usize::try_from(addr).ok()?;
-    (region.access.contains(need) && region.covers(addr, len)).then_some(addr)
 }
 
 /// Total length of a list, if it fits a message (`u32`).
@@ -300,31 +401,38 @@ pub(super) fn total_len(sges: &[Sge]) -> Option<u32> {
 /// order, until either ends; one `ptr::copy` per contiguous piece.
 ///
 /// # Safety
-/// Every byte range of both lists lies inside a region registered in a table
-/// whose read lock the caller holds for the whole call (so each range is
-/// valid memory by `Nic::register`'s contract), and nothing else accesses the
-/// destination ranges meanwhile (same contract).
-pub(super) unsafe fn copy_lists(src: &[Sge], dst: &[Sge]) {
-    let (mut si, mut soff) = (0usize, 0usize);
-    let (mut di, mut doff) = (0usize, 0usize);
-    while si < src.len() && di < dst.len() {
-        let (s, d) = (&src[si], &dst[di]);
-        let n = (s.len as usize - soff).min(d.len as usize - doff);
+/// Every byte range of both lists is valid memory for the whole call
+/// (registered, and kept registered by the caller's protocol), and nothing
+/// else accesses the destination ranges meanwhile.
+pub(super) unsafe fn copy_lists(
+    mut src: impl Iterator<Item = Sge>,
+    mut dst: impl Iterator<Item = Sge>,
+) {
+    let (mut s, mut d) = (src.next(), dst.next());
+    let (mut soff, mut doff) = (0usize, 0usize);
+    while let (Some(sv), Some(dv)) = (s, d) {
+        let n = (sv.len as usize - soff).min(dv.len as usize - doff);
         if n > 0 {
-            // SAFETY: `[s.addr+soff, +n)` and `[d.addr+doff, +n)` lie inside
-            // registered regions that stay registered during the call
-            // (caller), hence valid memory. `copy` (memmove) because a
-            // program may register overlapping ranges and send between them.
-            unsafe { std::ptr::copy((s.addr + soff) as *const u8, (d.addr + doff) as *mut u8, n) };
+            // SAFETY: `[sv.addr+soff, +n)` and `[dv.addr+doff, +n)` lie
+            // inside the entries, valid memory for the call (caller).
+            // `copy` (memmove) because a program may register overlapping
+            // ranges and send between them.
+            unsafe {
+                std::ptr::copy(
+                    (sv.addr + soff) as *const u8,
+                    (dv.addr + doff) as *mut u8,
+                    n,
+                )
+            };
         }
         soff += n;
         doff += n;
-        if soff == s.len as usize {
-            si += 1;
+        if soff == sv.len as usize {
+            s = src.next();
             soff = 0;
         }
-        if doff == d.len as usize {
-            di += 1;
+        if doff == dv.len as usize {
+            d = dst.next();
             doff = 0;
         }
     }

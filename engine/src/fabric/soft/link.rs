@@ -1,0 +1,670 @@
+//! One soft connection: both ends' work queues, one cell ring per direction,
+//! the remote-access window of each direction, and the connection state.
+//!
+//! # Who does what
+//!
+//! - **Posting** (`qp`): a post runs in the posting thread under its end's
+//!   post lock (uncontended unless two threads post on one queue pair). A
+//!   send of up to [`cell::INLINE_MAX`] bytes is copied into the next cell
+//!   of its direction's ring; a longer one goes as its gather list. RDMA
+//!   writes and reads execute at once, in the posting thread (the posting
+//!   CPU is the DMA engine), under the direction's window lock, which holds
+//!   the remote keys the peer bound to this connection.
+//! - **Matching**: the *matcher* of a direction consumes its cells in order
+//!   and fills the receiving end's posted receives in order, copying the
+//!   payload (from the cell, or straight from the sender's registered
+//!   memory for a long message: the one copy). A message that finds no
+//!   posted receive stays in its cell: that is the receiver-not-ready hold,
+//!   bounded by the sender, which fails `RnrRetryExceeded` once more than
+//!   `rnr_queue_max` of its sends wait. The matcher is normally the
+//!   receiving end's reaper; when the receiving end is not reaped (no thread
+//!   polls its CQ) the sending end's reaper takes over after
+//!   [`HELP_AFTER`] polls, as a NIC moves data without the host's CPU.
+//! - **Reaping**: each CQ is written by one thread only, its consumer: the
+//!   completions of an end are not queued anywhere but read off its send and
+//!   receive queues in posting order when its CQ is polled (a send is done
+//!   once its cell was consumed; a receive once it was filled).
+//!
+//! # Breaking and sealing
+//!
+//! A failure or a local close breaks the connection: the state word goes
+//! `INTACT → BROKEN` under the control lock (which records who failed and
+//! any request that failed with its own status), so no matcher starts a copy
+//! and no RDMA starts. The breaker then takes and releases both matcher locks
+//! and both window locks, so none is still copying, and stores `SEALED`. Only
+//! a sealed connection's outstanding requests are flushed by the reapers:
+//! once `set_error` returned (it waits for the seal) and its flushed
+//! completions were polled, nothing touches the memory those requests named.
+//! Every request completes exactly once: each sits in exactly one queue
+//! slot, and a reaper pops a slot only when it emits its completion.
+//!
+//! # Wake-ups
+//!
+//! A CQ's `armed` word is written only by its consumer (arm sets it, poll
+//! clears it). Whoever makes work for a CQ (a cell, a consumed index, a
+//! receive, a post-time completion, a seal) publishes it, then issues a
+//! SeqCst fence and reads `armed`; the sleeper stores `armed`, fences, then
+//! looks for work. One of the two sees the other.
+
+use super::cell::{CellConsumer, CellProducer, CellRing};
+use super::cq::{CqShared, SoftCq};
+#[cfg(feature = "fault-injection")]
+use super::fault::EndFaults;
+use super::mr::{copy_lists, LkeyCache, Window};
+use super::wq::{RecvView, RqPoster, RqReaper, RqShared, SqKind, SqPoster, SqReaper};
+use super::{lock, NicShared};
+use crate::fabric::*;
+use crossbeam_utils::CachePadded;
+use std::net::SocketAddrV4;
+use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Polls during which a sending end's reaper waits for the receiving end to
+/// consume a message it could take, before it matches the message itself.
+pub(super) const HELP_AFTER: u32 = 256;
+
+const INTACT: u32 = 0;
+const BROKEN: u32 = 1;
+const SEALED: u32 = 2;
+
+/// What the posting threads of one end share (under the end's post lock).
+pub(super) struct Poster {
+    /// Send-queue requests done (or failed) at post time, and stalled ones.
+    pub(super) sq: SqPoster,
+    /// Sends travelling as messages of the outgoing ring.
+    pub(super) sends: SqPoster,
+    pub(super) rq: RqPoster,
+    /// The producer of this end's outgoing cell ring.
+    pub(super) cells: CellProducer,
+    /// Last count read of the peer's posted receives, `<=` the real one.
+    pub(super) peer_posted: u64,
+    /// Local keys this end checked lately.
+    pub(super) lkeys: LkeyCache,
+}
+
+impl Poster {
+    /// Whether one more send-queue request fits `depth`.
+    pub(super) fn sq_room(&mut self, depth: usize) -> bool {
+        let depth = depth as u64;
+        if self.sq.pending() + self.sends.pending() < depth {
+            return true;
+        }
+        self.sq.refresh();
+        self.sends.refresh();
+        self.sq.pending() + self.sends.pending() < depth
+    }
+}
+
+/// What the consumer of one end's CQ owns.
+pub(super) struct Reaper {
+    pub(super) sq: SqReaper,
+    pub(super) sends: SqReaper,
+    pub(super) rq: RqReaper,
+    /// Consecutive polls in which a message the peer could take stayed
+    /// unconsumed (see [`HELP_AFTER`]).
+    stalled_polls: u32,
+    /// Set by `arm`: match the stuck message at the next poll.
+    help_now: bool,
+}
+
+/// One end of the connection.
+pub(super) struct End {
+    pub(super) post: CachePadded<Mutex<Poster>>,
+    /// Owned by the consumer of this end's CQ (see [`SoftCq`]).
+    pub(super) reaper: Mutex<Reaper>,
+    /// This end's posted receives (read by the matcher of its incoming ring
+    /// and, for the receiver-not-ready bound, by the peer's posts).
+    pub(super) rq: Arc<RqShared>,
+    /// Most uncompleted send-queue requests.
+    pub(super) send_depth: usize,
+    pub(super) max_sge: usize,
+    /// Sends of the *other* end that may wait for a receive of this end
+    /// (this end's NIC `rnr_queue_max`).
+    pub(super) rnr_max: u64,
+    /// Completion entries this end reserved on its CQ.
+    pub(super) reserved: usize,
+    /// Set when the queue pair was destroyed: once drained, its CQ forgets
+    /// the end.
+    pub(super) dropped: AtomicBool,
+}
+
+/// One direction: messages of end `d` to end `1 - d`.
+pub(super) struct Dir {
+    /// The consumer of the ring, held by whoever matches (see module docs).
+    matcher: CachePadded<Mutex<CellConsumer>>,
+    pub(super) ring: Arc<CellRing>,
+    /// Keys end `1 - d` exposed to end `d`; held by RDMA of end `d` for the
+    /// duration of its access.
+    pub(super) window: CachePadded<Mutex<Window>>,
+}
+
+/// How the connection broke, and the requests that failed with their own
+/// status (everything else outstanding completes with `flush[end]`).
+#[derive(Default)]
+pub(super) struct Control {
+    pub(super) broken: bool,
+    /// Status of each end's requests outstanding at the break.
+    flush: [Option<WcStatus>; 2],
+    /// `(cell index, status)` of a send of end i that the peer refused.
+    cell_fail: [Option<(u64, WcStatus)>; 2],
+    /// `(receive index, status)` of a receive of end i that failed.
+    recv_fail: [Option<(u64, WcStatus)>; 2],
+    /// `(send-queue index, status)` of a request of end i that failed
+    /// after it was queued (a stalled request timing out).
+    sq_fail: [Option<(u64, WcStatus)>; 2],
+    /// Ends to tell `disconnected` / `failed` at the seal.
+    tell: [bool; 2],
+    failed: [bool; 2],
+    #[cfg(feature = "fault-injection")]
+    pub(super) faults: [EndFaults; 2],
+}
+
+/// The completion statuses of a sealed end, copied out of [`Control`].
+#[derive(Clone, Copy)]
+struct Flush {
+    status: WcStatus,
+    cell_fail: Option<(u64, WcStatus)>,
+    recv_fail: Option<(u64, WcStatus)>,
+    sq_fail: Option<(u64, WcStatus)>,
+}
+
+fn pick(over: Option<(u64, WcStatus)>, index: u64, default: WcStatus) -> WcStatus {
+    match over {
+        Some((i, s)) if i == index => s,
+        _ => default,
+    }
+}
+
+/// Why a connection breaks.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Cause {
+    /// `set_error`: the closing end flushes, the peer alone is told.
+    Close,
+    /// A request of the end failed with this status; both ends are told.
+    Failed(WcStatus),
+}
+
+pub(super) struct Link {
+    pub(super) ends: [End; 2],
+    /// `dirs[d]` carries end `d`'s messages.
+    pub(super) dirs: [Dir; 2],
+    /// `INTACT`, `BROKEN` or `SEALED`; only grows. Written under `control`.
+    state: CachePadded<AtomicU32>,
+    /// Status later posts of each end complete with (`status + 1`, 0 while
+    /// intact). Written under `control`.
+    post_status: [AtomicU8; 2],
+    pub(super) control: Mutex<Control>,
+    /// Whether faults are armed on each end (tests only).
+    #[cfg(feature = "fault-injection")]
+    pub(super) faults_armed: [AtomicBool; 2],
+    /// Paired with `control`: wakes a fault watchdog (tests only).
+    #[cfg(feature = "fault-injection")]
+    pub(super) fault_cv: std::sync::Condvar,
+    pub(super) cqs: [Arc<CqShared>; 2],
+    pub(super) nics: [Arc<NicShared>; 2],
+    pub(super) nums: [QpNum; 2],
+    /// Local address of each end.
+    pub(super) addrs: [SocketAddrV4; 2],
+    pub(super) events: [Arc<dyn QpEvents>; 2],
+}
+
+/// What one end asked for at connection set-up.
+pub(super) struct EndParams {
+    pub(super) send_depth: usize,
+    pub(super) recv_depth: usize,
+    pub(super) max_sge: usize,
+    pub(super) rnr_max: u64,
+    pub(super) reserved: usize,
+}
+
+/// The two elements of `v`, as an array.
+fn pair<T>(v: Vec<T>) -> [T; 2] {
+    let mut v = v.into_iter();
+    let a = v.next().expect("two elements");
+    let b = v.next().expect("two elements");
+    [a, b]
+}
+
+fn status_code(s: WcStatus) -> u8 {
+    s as u8 + 1
+}
+
+impl Link {
+    /// Builds a link and attaches its ends to their CQs.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        p: [EndParams; 2],
+        cqs: [&Arc<SoftCq>; 2],
+        nics: [Arc<NicShared>; 2],
+        nums: [QpNum; 2],
+        addrs: [SocketAddrV4; 2],
+        events: [Arc<dyn QpEvents>; 2],
+    ) -> Arc<Link> {
+        let mut producers = Vec::with_capacity(2);
+        let mut dirs = Vec::with_capacity(2);
+        for q in &p {
+            let (prod, cons) = super::cell::ring(q.send_depth, q.max_sge);
+            dirs.push(Dir {
+                ring: prod.ring().clone(),
+                matcher: CachePadded::new(Mutex::new(cons)),
+                window: CachePadded::new(Mutex::new(Window::default())),
+            });
+            producers.push(prod);
+        }
+        let mut ends = Vec::with_capacity(2);
+        for (q, cells) in p.iter().zip(producers) {
+            let (sqp, sqr) = super::wq::send_queue(q.send_depth);
+            let (sendp, sendr) = super::wq::send_queue(q.send_depth);
+            let (rqp, rq, rqr) = super::wq::recv_queue(q.recv_depth, q.max_sge);
+            ends.push(End {
+                post: CachePadded::new(Mutex::new(Poster {
+                    sq: sqp,
+                    sends: sendp,
+                    rq: rqp,
+                    cells,
+                    peer_posted: 0,
+                    lkeys: LkeyCache::default(),
+                })),
+                reaper: Mutex::new(Reaper {
+                    sq: sqr,
+                    sends: sendr,
+                    rq: rqr,
+                    stalled_polls: 0,
+                    help_now: false,
+                }),
+                rq,
+                send_depth: q.send_depth,
+                max_sge: q.max_sge,
+                rnr_max: q.rnr_max,
+                reserved: q.reserved,
+                dropped: AtomicBool::new(false),
+            });
+        }
+        let link = Arc::new(Link {
+            ends: pair(ends),
+            dirs: pair(dirs),
+            state: CachePadded::new(AtomicU32::new(INTACT)),
+            post_status: [AtomicU8::new(0), AtomicU8::new(0)],
+            control: Mutex::new(Control::default()),
+            #[cfg(feature = "fault-injection")]
+            faults_armed: [AtomicBool::new(false), AtomicBool::new(false)],
+            #[cfg(feature = "fault-injection")]
+            fault_cv: std::sync::Condvar::new(),
+            cqs: [cqs[0].shared().clone(), cqs[1].shared().clone()],
+            nics,
+            nums,
+            addrs,
+            events,
+        });
+        for (end, cq) in cqs.iter().enumerate() {
+            cq.attach(&link, end);
+        }
+        link
+    }
+
+    fn state(&self) -> u32 {
+        self.state.load(Ordering::Acquire)
+    }
+
+    pub(super) fn is_intact(&self) -> bool {
+        self.state() == INTACT
+    }
+
+    /// The status a post of `end` completes with at once, if the
+    /// connection is no longer intact.
+    pub(super) fn post_status(&self, end: usize) -> Option<WcStatus> {
+        match self.post_status[end].load(Ordering::Acquire) {
+            0 => None,
+            s => Some(super::wq::status_from(s - 1)),
+        }
+    }
+
+    /// Wakes the CQs of the ends in `which` that sleep (after the caller
+    /// published the work).
+    pub(super) fn wake(&self, which: [bool; 2]) {
+        fence(Ordering::SeqCst);
+        for (cq, wake) in self.cqs.iter().zip(which) {
+            if wake && cq.is_armed() {
+                cq.wake();
+            }
+        }
+    }
+
+    /// Breaks the connection (see module docs); `false` if it was broken
+    /// already (then a `Close` still makes the end's later posts flush).
+    /// The caller must then [`Link::seal`], holding no matcher or window
+    /// lock of this link.
+    pub(super) fn break_with(&self, end: usize, cause: Cause, c: &mut Control) -> bool {
+        if c.broken {
+            if matches!(cause, Cause::Close) {
+                self.post_status[end].store(status_code(WcStatus::Flushed), Ordering::Release);
+            }
+            return false;
+        }
+        c.broken = true;
+        let other = 1 - end;
+        c.flush[end] = Some(WcStatus::Flushed);
+        c.flush[other] = Some(WcStatus::RemoteDisconnected);
+        self.post_status[end].store(status_code(WcStatus::Flushed), Ordering::Release);
+        self.post_status[other].store(status_code(WcStatus::RemoteDisconnected), Ordering::Release);
+        match cause {
+            Cause::Close => c.tell[other] = true,
+            Cause::Failed(status) => {
+                c.tell = [true, true];
+                c.failed[end] = detected_locally(status);
+            }
+        }
+        #[cfg(feature = "fault-injection")]
+        {
+            c.faults = Default::default();
+            self.faults_armed[0].store(false, Ordering::Relaxed);
+            self.faults_armed[1].store(false, Ordering::Relaxed);
+            self.fault_cv.notify_all();
+        }
+        self.state.store(BROKEN, Ordering::Release);
+        true
+    }
+
+    /// Breaks because of `cause` and seals (no lock of this link held).
+    /// A request that fails does not take down the ones posted before it:
+    /// messages that have receives waiting are delivered first.
+    pub(super) fn fail(&self, end: usize, cause: Cause) {
+        let mut seal = false;
+        if matches!(cause, Cause::Failed(_)) {
+            seal |= self.run_matcher(0, true);
+            seal |= self.run_matcher(1, true);
+        }
+        let first = self.break_with(end, cause, &mut lock(&self.control));
+        if first || seal {
+            self.seal();
+        } else {
+            self.await_seal();
+        }
+    }
+
+    /// Finishes a break: waits until no matcher copies and no RDMA
+    /// accesses either end's memory, tells the ends (before any flushed
+    /// completion can be polled, so the engine knows why they flush), then
+    /// lets the reapers flush and wakes both CQs.
+    pub(super) fn seal(&self) {
+        debug_assert_eq!(self.state(), BROKEN);
+        for d in &self.dirs {
+            drop(lock(&d.matcher));
+            drop(lock(&d.window));
+        }
+        let (tell, failed) = {
+            let mut c = lock(&self.control);
+            (std::mem::take(&mut c.tell), c.failed)
+        };
+        for end in 0..2 {
+            if tell[end] && failed[end] {
+                self.events[end].failed();
+            } else if tell[end] {
+                self.events[end].disconnected();
+            }
+        }
+        self.state.store(SEALED, Ordering::Release);
+        self.wake([true, true]);
+    }
+
+    /// Waits for another thread's seal to finish.
+    fn await_seal(&self) {
+        while self.state() != SEALED {
+            std::thread::yield_now();
+        }
+    }
+
+    /// Local close of `end` (`QueuePair::set_error`).
+    pub(super) fn close(&self, end: usize) {
+        self.fail(end, Cause::Close);
+    }
+
+    fn flush_of(&self, end: usize) -> Flush {
+        let c = lock(&self.control);
+        Flush {
+            status: c.flush[end].unwrap_or(WcStatus::Flushed),
+            cell_fail: c.cell_fail[end],
+            recv_fail: c.recv_fail[end],
+            sq_fail: c.sq_fail[end],
+        }
+    }
+
+    /// Records that request `sq_index` of `end` failed with `status` after
+    /// it was queued (a fault's watchdog), and breaks.
+    #[cfg(feature = "fault-injection")]
+    pub(super) fn fail_queued(
+        &self,
+        end: usize,
+        sq_index: u64,
+        status: WcStatus,
+        c: &mut Control,
+    ) -> bool {
+        if c.broken {
+            return false;
+        }
+        c.sq_fail[end] = Some((sq_index, status));
+        self.break_with(end, Cause::Failed(status), c)
+    }
+
+    /// Consumes the messages of direction `d` that the receiving end has
+    /// receives for. Returns whether the caller must [`Link::seal`] (a
+    /// message was too long for its receive), once it holds no lock.
+    /// `wait`: take the matcher lock even if another thread holds it.
+    fn run_matcher(&self, d: usize, wait: bool) -> bool {
+        let mut m = match self.dirs[d].matcher.try_lock() {
+            Ok(m) => m,
+            Err(std::sync::TryLockError::WouldBlock) if wait => lock(&self.dirs[d].matcher),
+            Err(std::sync::TryLockError::WouldBlock) => return false,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+        };
+        let to = 1 - d;
+        let rq = &*self.ends[to].rq;
+        let mut seal = false;
+        while self.state() == INTACT {
+            let index = m.head();
+            let Some(msg) = m.peek() else { break };
+            let Some(recv) = rq.entry(index) else { break };
+            if recv.preset.is_some() {
+                break;
+            }
+            let len = msg.len();
+            if u64::from(len) > recv.room() {
+                let mut c = lock(&self.control);
+                if !c.broken {
+                    c.cell_fail[d] = Some((index, WcStatus::RemoteInvalidRequest));
+                    c.recv_fail[to] = Some((index, WcStatus::LocalLengthError));
+                }
+                seal = self.break_with(to, Cause::Failed(WcStatus::LocalLengthError), &mut c);
+                break;
+            }
+            fill(&msg, &recv);
+            rq.set_len(index, len);
+            m.pop();
+        }
+        let moved = m.publish();
+        drop(m);
+        if moved {
+            self.wake([true, true]);
+        }
+        seal
+    }
+
+    /// Whether direction `d` has a message its receiver has a receive for.
+    fn matchable(&self, d: usize) -> bool {
+        let ring = &self.dirs[d].ring;
+        let next = ring.consumed();
+        ring.has(next) && self.ends[1 - d].rq.posted() > next
+    }
+
+    /// Polls end `end` into `out`: its completions in posting order per
+    /// queue, the receive queue's first. `r` is the end's reaper state (the caller is its CQ's
+    /// consumer). Returns how many were written and whether the caller must
+    /// [`Link::seal`] this link once it holds no lock.
+    pub(super) fn reap(
+        &self,
+        end: usize,
+        r: &mut Reaper,
+        out: &mut [WorkCompletion],
+    ) -> (usize, bool) {
+        let mut seal = false;
+        let state = self.state();
+        let (incoming, outgoing) = (1 - end, end);
+        if state == INTACT && self.matchable(incoming) {
+            seal |= self.run_matcher(incoming, false);
+        }
+        if state == INTACT && !r.sends.is_empty() {
+            seal |= self.help(outgoing, r);
+        }
+        // Read the state before the indices: once sealed they are final.
+        let state = self.state();
+        let flush = (state == SEALED).then(|| self.flush_of(end));
+        let filled = self.dirs[incoming].ring.consumed();
+        let sent = self.dirs[outgoing].ring.consumed();
+        let mut n = 0;
+        while n < out.len() {
+            let Some(h) = r.rq.peek() else { break };
+            let (status, len) = match (h.preset, flush) {
+                (Some(status), _) => (status, 0),
+                (None, _) if h.index < filled => (WcStatus::Success, h.len),
+                (None, Some(f)) => (pick(f.recv_fail, h.index, f.status), 0),
+                (None, None) => break,
+            };
+            out[n] = WorkCompletion {
+                wr_id: h.wr_id,
+                status,
+                opcode: WcOpcode::Recv,
+                byte_len: len,
+            };
+            n += 1;
+            r.rq.pop();
+        }
+        while n < out.len() {
+            let Some(e) = r.sq.peek() else { break };
+            let (status, len) = match (e.kind, flush) {
+                (SqKind::Done { status, len }, _) => (status, len),
+                (SqKind::Stalled, Some(f)) => (pick(f.sq_fail, r.sq.head(), f.status), 0),
+                _ => break,
+            };
+            out[n] = WorkCompletion {
+                wr_id: e.wr_id,
+                status,
+                opcode: e.opcode,
+                byte_len: len,
+            };
+            n += 1;
+            r.sq.pop();
+        }
+        while n < out.len() {
+            let Some(e) = r.sends.peek() else { break };
+            let (status, len) = match (e.kind, flush) {
+                (SqKind::Cell { index, len }, _) if index < sent => (WcStatus::Success, len),
+                (SqKind::Cell { index, .. }, Some(f)) => (pick(f.cell_fail, index, f.status), 0),
+                _ => break,
+            };
+            out[n] = WorkCompletion {
+                wr_id: e.wr_id,
+                status,
+                opcode: e.opcode,
+                byte_len: len,
+            };
+            n += 1;
+            r.sends.pop();
+        }
+        (n, seal)
+    }
+
+    /// The sending end's part in matching: if its oldest unfinished send is
+    /// a message the peer could take but has not for [`HELP_AFTER`] polls
+    /// (or `arm` asked), match it here.
+    fn help(&self, d: usize, r: &mut Reaper) -> bool {
+        let stuck = matches!(
+            r.sends.peek().map(|e| e.kind),
+            Some(SqKind::Cell { index, .. }) if index >= self.dirs[d].ring.consumed()
+        ) && self.matchable(d);
+        if !stuck {
+            r.stalled_polls = 0;
+            r.help_now = false;
+            return false;
+        }
+        r.stalled_polls += 1;
+        if r.stalled_polls < HELP_AFTER && !r.help_now {
+            return false;
+        }
+        r.stalled_polls = 0;
+        r.help_now = false;
+        self.run_matcher(d, false)
+    }
+
+    /// Whether a poll of `end` would produce a completion (or make
+    /// progress another end waits for). Called by `arm`, with the end's
+    /// reaper state.
+    pub(super) fn has_work(&self, end: usize, r: &mut Reaper) -> bool {
+        // Flushes wait for the seal, which wakes the CQ.
+        let state = self.state();
+        let sealed = state == SEALED;
+        if let Some(e) = r.sq.peek() {
+            if matches!(e.kind, SqKind::Done { .. }) || sealed {
+                return true;
+            }
+        }
+        if let Some(e) = r.sends.peek() {
+            let sent = self.dirs[end].ring.consumed();
+            match e.kind {
+                SqKind::Cell { index, .. } if index < sent || sealed => return true,
+                _ if self.matchable(end) => {
+                    // The peer is not taking it: match it ourselves.
+                    r.help_now = true;
+                    return true;
+                }
+                _ => {}
+            }
+        }
+        if let Some(h) = r.rq.peek() {
+            let filled = self.dirs[1 - end].ring.consumed();
+            if h.preset.is_some() || h.index < filled || sealed {
+                return true;
+            }
+        }
+        state == INTACT && self.matchable(1 - end)
+    }
+
+    /// Whether the end is destroyed and every request of it completed.
+    pub(super) fn drained(&self, end: usize, r: &Reaper) -> bool {
+        self.ends[end].dropped.load(Ordering::Acquire)
+            && self.state() == SEALED
+            && r.sq.is_empty()
+            && r.sends.is_empty()
+            && r.rq.is_empty()
+    }
+}
+
+/// Copies a message into a receive.
+fn fill(msg: &super::cell::Message<'_>, recv: &RecvView<'_>) {
+    // SAFETY: the receive's entries were checked against its NIC's region
+    // table (LOCAL_WRITE) when it was posted, and a long message's gather
+    // entries against the sender's when the send was posted; both stay
+    // registered until their requests complete (`Nic::deregister`
+    // contract), which is after this copy: the receive completes once the
+    // matcher publishes it, the send once it is consumed, and a break waits
+    // for the matcher (seal) before anything is flushed. Nothing else
+    // writes the receive's memory meanwhile (`Nic::register` contract).
+    unsafe { msg.copy_to(recv.iter()) }
+}
+
+/// Copies `src` into `dst` (both checked).
+///
+/// # Safety
+/// As [`copy_lists`].
+pub(super) unsafe fn copy(src: &[Sge], dst: &[Sge]) {
+    // SAFETY: forwarded.
+    unsafe { copy_lists(src.iter().copied(), dst.iter().copied()) }
+}
+
+/// Whether an end whose request failed with `status` found the error itself
+/// (a local transport failure) rather than being told by the peer.
+fn detected_locally(status: WcStatus) -> bool {
+    !matches!(
+        status,
+        WcStatus::RemoteAccessError | WcStatus::RemoteInvalidRequest | WcStatus::RemoteDisconnected
+    )
+}

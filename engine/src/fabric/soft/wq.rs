@@ -1,0 +1,425 @@
+//! Work queues of one end of a soft connection: the send queue (every
+//! send-queue request, in posting order, until its completion is reaped)
+//! and the receive queue (posted receives, filled by the matcher, reaped in
+//! order).
+//!
+//! Both are single-producer rings of fixed slots made of atomics: the
+//! poster (under the end's post lock) writes a slot with Relaxed stores and
+//! publishes it by a Release store of its tail; readers Acquire-load the
+//! tail before reading a slot. The reaper (the consumer of the end's CQ)
+//! gives slots back by a Release store of its head, which the poster reads
+//! (cached) before it reuses one. No slot is plain memory, so nothing here
+//! needs `unsafe`.
+
+use crate::fabric::{Sge, WcOpcode, WcStatus, WrId};
+use crate::sync::{Arc, AtomicU64, CachePadded, Ordering};
+
+/// How a send-queue request completes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum SqKind {
+    /// Executed (or failed) at post time.
+    Done { status: WcStatus, len: u32 },
+    /// A send carried by message `index` of the end's outgoing cell ring:
+    /// done once the peer consumed it.
+    Cell { index: u64, len: u32 },
+    /// Held by an injected fault until the link breaks (tests only).
+    Stalled,
+}
+
+/// One send-queue request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct SqEntry {
+    pub(super) wr_id: WrId,
+    pub(super) opcode: WcOpcode,
+    pub(super) kind: SqKind,
+}
+
+/// Slot encoding: `meta` = kind (bits 0-7) | opcode (8-15) | status
+/// (16-23) | len (32-63); `index` the cell index of a `Cell`.
+#[derive(Default)]
+struct SqSlot {
+    wr_id: AtomicU64,
+    meta: AtomicU64,
+    index: AtomicU64,
+}
+
+const KIND_DONE: u64 = 0;
+const KIND_CELL: u64 = 1;
+const KIND_STALLED: u64 = 2;
+
+pub(super) fn status_from(v: u8) -> WcStatus {
+    use WcStatus::*;
+    [
+        Success,
+        Flushed,
+        RemoteDisconnected,
+        LocalLengthError,
+        LocalProtectionError,
+        RemoteAccessError,
+        RemoteInvalidRequest,
+        RnrRetryExceeded,
+        RetryExceeded,
+    ]
+    .get(usize::from(v))
+    .copied()
+    .unwrap_or(Flushed)
+}
+
+fn opcode_from(v: u8) -> WcOpcode {
+    match v {
+        0 => WcOpcode::Send,
+        1 => WcOpcode::RdmaWrite,
+        2 => WcOpcode::RdmaRead,
+        _ => WcOpcode::Recv,
+    }
+}
+
+/// Indices shared by a ring's producer and reaper.
+struct Ends {
+    /// Entries published (Release by the poster).
+    tail: CachePadded<AtomicU64>,
+    /// Entries reaped (Release by the reaper).
+    head: CachePadded<AtomicU64>,
+}
+
+impl Ends {
+    fn new() -> Ends {
+        Ends {
+            tail: CachePadded::new(AtomicU64::new(0)),
+            head: CachePadded::new(AtomicU64::new(0)),
+        }
+    }
+}
+
+pub(super) struct SqShared {
+    slots: Box<[SqSlot]>,
+    mask: u64,
+    ends: Ends,
+}
+
+/// Creates a send queue holding up to `depth` uncompleted requests.
+pub(super) fn send_queue(depth: usize) -> (SqPoster, SqReaper) {
+    let cap = depth.max(1).next_power_of_two();
+    let q = Arc::new(SqShared {
+        slots: (0..cap).map(|_| SqSlot::default()).collect(),
+        mask: cap as u64 - 1,
+        ends: Ends::new(),
+    });
+    (
+        SqPoster {
+            q: q.clone(),
+            tail: 0,
+            cached_head: 0,
+            depth: depth as u64,
+        },
+        SqReaper { q, head: 0 },
+    )
+}
+
+/// The posting side of a send queue (one per queue). A queue pair has two,
+/// requests done at post time and sends that travel as messages, which
+/// complete independently (see `Link`); the poster bounds their sum.
+pub(super) struct SqPoster {
+    q: Arc<SqShared>,
+    tail: u64,
+    cached_head: u64,
+    /// Most uncompleted requests, `<=` the slot count.
+    depth: u64,
+}
+
+impl SqPoster {
+    /// Index the next request gets (a fault records stalled requests).
+    #[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
+    pub(super) fn tail(&self) -> u64 {
+        self.tail
+    }
+
+    /// Requests not known to be reaped (an upper bound: the reaper's index
+    /// is reloaded by [`SqPoster::refresh`] only).
+    pub(super) fn pending(&self) -> u64 {
+        self.tail - self.cached_head
+    }
+
+    /// Reloads the reaper's index.
+    pub(super) fn refresh(&mut self) {
+        self.cached_head = self.q.ends.head.load(Ordering::Acquire);
+    }
+
+    /// Whether one more request fits.
+    fn room(&mut self) -> bool {
+        if self.pending() < self.depth {
+            return true;
+        }
+        self.refresh();
+        self.pending() < self.depth
+    }
+
+    /// Appends and publishes an entry; the caller checked `room`.
+    pub(super) fn push(&mut self, e: SqEntry) {
+        assert!(self.room(), "send queue overflow");
+        let slot = &self.q.slots[(self.tail & self.q.mask) as usize];
+        let (kind, status, len, index) = match e.kind {
+            SqKind::Done { status, len } => (KIND_DONE, status as u64, len, 0),
+            SqKind::Cell { index, len } => (KIND_CELL, 0, len, index),
+            SqKind::Stalled => (KIND_STALLED, 0, 0, 0),
+        };
+        slot.wr_id.store(e.wr_id, Ordering::Relaxed);
+        slot.index.store(index, Ordering::Relaxed);
+        let meta = kind | (e.opcode as u64) << 8 | status << 16 | u64::from(len) << 32;
+        slot.meta.store(meta, Ordering::Relaxed);
+        self.tail += 1;
+        self.q.ends.tail.store(self.tail, Ordering::Release);
+    }
+}
+
+/// The reaping side of a send queue (one per queue, owned by the consumer
+/// of the end's CQ).
+pub(super) struct SqReaper {
+    q: Arc<SqShared>,
+    head: u64,
+}
+
+impl SqReaper {
+    /// Index of the oldest uncompleted request.
+    pub(super) fn head(&self) -> u64 {
+        self.head
+    }
+
+    /// The oldest uncompleted request, if any.
+    pub(super) fn peek(&self) -> Option<SqEntry> {
+        if self.head >= self.q.ends.tail.load(Ordering::Acquire) {
+            return None;
+        }
+        let slot = &self.q.slots[(self.head & self.q.mask) as usize];
+        let meta = slot.meta.load(Ordering::Relaxed);
+        let len = (meta >> 32) as u32;
+        let kind = match meta & 0xff {
+            KIND_DONE => SqKind::Done {
+                status: status_from((meta >> 16) as u8),
+                len,
+            },
+            KIND_CELL => SqKind::Cell {
+                index: slot.index.load(Ordering::Relaxed),
+                len,
+            },
+            _ => SqKind::Stalled,
+        };
+        Some(SqEntry {
+            wr_id: slot.wr_id.load(Ordering::Relaxed),
+            opcode: opcode_from((meta >> 8) as u8),
+            kind,
+        })
+    }
+
+    /// Completes the oldest request (after `peek` returned it).
+    pub(super) fn pop(&mut self) {
+        self.head += 1;
+        self.q.ends.head.store(self.head, Ordering::Release);
+    }
+
+    /// Whether every published request was reaped.
+    pub(super) fn is_empty(&self) -> bool {
+        self.head >= self.q.ends.tail.load(Ordering::Acquire)
+    }
+}
+
+/// A receive slot: `meta` holds the number of entries (bits 0-15) and the
+/// preset status plus one (bits 16-23, 0 for none); `len` the filled length
+/// (written by the matcher before it publishes the receive as filled).
+#[derive(Default)]
+struct RqSlot {
+    wr_id: AtomicU64,
+    meta: AtomicU64,
+    len: AtomicU64,
+}
+
+/// An atomic scatter entry.
+#[derive(Default)]
+struct RqSge {
+    addr: AtomicU64,
+    len_lkey: AtomicU64,
+}
+
+pub(super) struct RqShared {
+    slots: Box<[RqSlot]>,
+    sges: Box<[RqSge]>,
+    stride: usize,
+    mask: u64,
+    ends: Ends,
+}
+
+/// Creates a receive queue of `depth` receives of up to `stride` entries.
+pub(super) fn recv_queue(depth: usize, stride: usize) -> (RqPoster, Arc<RqShared>, RqReaper) {
+    let cap = depth.max(1).next_power_of_two();
+    let q = Arc::new(RqShared {
+        slots: (0..cap).map(|_| RqSlot::default()).collect(),
+        sges: (0..cap * stride).map(|_| RqSge::default()).collect(),
+        stride,
+        mask: cap as u64 - 1,
+        ends: Ends::new(),
+    });
+    (
+        RqPoster {
+            q: q.clone(),
+            tail: 0,
+            cached_head: 0,
+            depth: depth as u64,
+        },
+        q.clone(),
+        RqReaper { q, head: 0 },
+    )
+}
+
+/// The posting side of a receive queue (one per queue).
+pub(super) struct RqPoster {
+    q: Arc<RqShared>,
+    tail: u64,
+    cached_head: u64,
+    depth: u64,
+}
+
+impl RqPoster {
+    pub(super) fn room(&mut self) -> bool {
+        if self.tail - self.cached_head < self.depth {
+            return true;
+        }
+        self.cached_head = self.q.ends.head.load(Ordering::Acquire);
+        self.tail - self.cached_head < self.depth
+    }
+
+    /// Appends and publishes a receive (`preset`: completed at once with
+    /// that status, never filled). The caller checked `room` and that
+    /// `sges` fits the stride.
+    pub(super) fn push(&mut self, wr_id: WrId, sges: &[Sge], preset: Option<WcStatus>) {
+        assert!(
+            self.room() && sges.len() <= self.q.stride,
+            "receive queue overflow"
+        );
+        let i = (self.tail & self.q.mask) as usize;
+        let slot = &self.q.slots[i];
+        for (d, s) in self.q.sges[i * self.q.stride..].iter().zip(sges) {
+            d.addr.store(s.addr as u64, Ordering::Relaxed);
+            let v = u64::from(s.len) | u64::from(s.lkey) << 32;
+            d.len_lkey.store(v, Ordering::Relaxed);
+        }
+        slot.wr_id.store(wr_id, Ordering::Relaxed);
+        let p = preset.map_or(0, |s| s as u64 + 1);
+        slot.meta
+            .store(sges.len() as u64 | p << 16, Ordering::Relaxed);
+        self.tail += 1;
+        self.q.ends.tail.store(self.tail, Ordering::Release);
+    }
+}
+
+/// A posted receive as the matcher sees it.
+pub(super) struct RecvView<'a> {
+    q: &'a RqShared,
+    slot: usize,
+    nsge: usize,
+    pub(super) preset: Option<WcStatus>,
+}
+
+impl RecvView<'_> {
+    /// The receive's scatter list.
+    pub(super) fn iter(&self) -> impl Iterator<Item = Sge> + '_ {
+        let base = self.slot * self.q.stride;
+        self.q.sges[base..base + self.nsge].iter().map(|s| {
+            let v = s.len_lkey.load(Ordering::Relaxed);
+            Sge {
+                addr: s.addr.load(Ordering::Relaxed) as usize,
+                len: v as u32,
+                lkey: (v >> 32) as u32,
+            }
+        })
+    }
+
+    /// Total room of the scatter list.
+    pub(super) fn room(&self) -> u64 {
+        let base = self.slot * self.q.stride;
+        self.q.sges[base..base + self.nsge]
+            .iter()
+            .map(|s| s.len_lkey.load(Ordering::Relaxed) & 0xffff_ffff)
+            .sum()
+    }
+}
+
+fn preset_of(meta: u64) -> Option<WcStatus> {
+    match (meta >> 16) as u8 {
+        0 => None,
+        p => Some(status_from(p - 1)),
+    }
+}
+
+impl RqShared {
+    /// Receives posted so far (Acquire: their slots are readable).
+    pub(super) fn posted(&self) -> u64 {
+        self.ends.tail.load(Ordering::Acquire)
+    }
+
+    /// Receive `index`, if posted. Only the matcher of the end's incoming
+    /// ring reads slots this way, and only slots not yet filled.
+    pub(super) fn entry(&self, index: u64) -> Option<RecvView<'_>> {
+        if index >= self.posted() {
+            return None;
+        }
+        let slot = (index & self.mask) as usize;
+        let meta = self.slots[slot].meta.load(Ordering::Relaxed);
+        Some(RecvView {
+            q: self,
+            slot,
+            nsge: (meta & 0xffff) as usize,
+            preset: preset_of(meta),
+        })
+    }
+
+    /// Records the filled length of receive `index`; the reaper reads it
+    /// once the matcher published the fill (Release on the ring's consumed
+    /// index).
+    pub(super) fn set_len(&self, index: u64, len: u32) {
+        let slot = (index & self.mask) as usize;
+        self.slots[slot]
+            .len
+            .store(u64::from(len), Ordering::Relaxed);
+    }
+}
+
+/// The reaping side of a receive queue (owned by the consumer of the end's
+/// CQ).
+pub(super) struct RqReaper {
+    q: Arc<RqShared>,
+    head: u64,
+}
+
+/// The oldest uncompleted receive.
+pub(super) struct RecvHead {
+    pub(super) index: u64,
+    pub(super) wr_id: WrId,
+    pub(super) preset: Option<WcStatus>,
+    /// Filled length (meaningful once the receive was filled).
+    pub(super) len: u32,
+}
+
+impl RqReaper {
+    pub(super) fn peek(&self) -> Option<RecvHead> {
+        if self.head >= self.q.posted() {
+            return None;
+        }
+        let slot = &self.q.slots[(self.head & self.q.mask) as usize];
+        let meta = slot.meta.load(Ordering::Relaxed);
+        Some(RecvHead {
+            index: self.head,
+            wr_id: slot.wr_id.load(Ordering::Relaxed),
+            preset: preset_of(meta),
+            len: slot.len.load(Ordering::Relaxed) as u32,
+        })
+    }
+
+    pub(super) fn pop(&mut self) {
+        self.head += 1;
+        self.q.ends.head.store(self.head, Ordering::Release);
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.head >= self.q.posted()
+    }
+}
