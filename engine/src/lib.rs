@@ -18,6 +18,8 @@ pub mod error;
 pub mod event;
 pub mod fabric;
 pub mod mem;
+#[cfg(feature = "perf-gate-slowdown")]
+pub mod perf_gate_slowdown;
 pub mod poller;
 pub mod ring;
 pub mod spi;

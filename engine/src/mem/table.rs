@@ -952,6 +952,8 @@ impl RegistrationTable {
 /// Marks the association in use and hands out a reference to it. Called
 /// with the owner lock held (see `LocalShared::in_use`).
 fn take_ref(s: &sync::Arc<LocalShared>) -> RegRef {
+    #[cfg(feature = "perf-gate-slowdown")]
+    crate::perf_gate_slowdown::burn();
     s.in_use.fetch_add(1, Ordering::Relaxed);
     RegRef(s.clone())
 }
