@@ -1,0 +1,252 @@
+//! icount: the engine's single-thread run-to-completion data path, one
+//! operation kind at a time, for counting instructions per op under
+//! valgrind (`tools/icount-gate` runs it under callgrind).
+//!
+//! One thread drives both ends of a connected socket pair on a private soft
+//! network, in run-to-completion mode, through the public SPI only (the
+//! soft NIC executes a work request in the posting thread, so nothing else
+//! runs while an op is in flight). After `--warmup` ops it runs `--ops` more
+//! inside `measure_OP`, a function of its own: callgrind, started with
+//! collection off and `--toggle-collect` on that function, counts exactly
+//! the instructions of those ops, all engine code they reach included.
+//!
+//! Operations (8-byte messages, completions through the switch upcall, as
+//! an overlapped record without `hEvent` bit 0 reports them):
+//! - `send_recv`: post a receive on one end, a send on the other, wait for
+//!   both completions (`get_overlapped_result` with `fWait`);
+//! - `rdma_write`, `rdma_read`: one RDMA op into / from the peer's exposed
+//!   buffer, wait for its completion.
+//!
+//! Usage: `icount OP [--ops N] [--warmup N]`; with the cargo feature
+//! `slowdown` also `[--slowdown K]` (the engine's test-only extra work, see
+//! `sanpath::perf_gate_slowdown`). Prints nothing on success; exits 1 with
+//! the reason on any error.
+
+use sanpath::config::{MlockPolicy, PollerMode};
+use sanpath::mem::region::Region;
+use sanpath::spi::*;
+use sanpath::testkit::{self, CompletingSwitch};
+use sanpath::Config;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::Arc;
+
+/// Bytes each op moves.
+const SIZE: u32 = 8;
+/// Bytes of each registered buffer.
+const BUF: usize = 1 << 16;
+/// `hEvent` 0: completion reported by the `complete_overlapped_request` upcall.
+const UPCALL: usize = 0;
+
+/// The operations this harness measures (the names `tools/icount-gate` uses).
+const OPS: [&str; 3] = ["send_recv", "rdma_write", "rdma_read"];
+
+/// A connected pair on a private soft network, with registered buffers.
+struct Pair {
+    p: Provider,
+    client: ProviderSocket,
+    server: ProviderSocket,
+    /// Client buffer: send and RDMA source/sink, registered as `handle`.
+    client_buf: Region,
+    handle: usize,
+    /// Server buffer: receive sink at 0, exposed for RDMA at `BUF / 2`.
+    server_buf: Region,
+    descriptor: Vec<u8>,
+}
+
+type Res<T> = Result<T, String>;
+
+fn wsa(what: &'static str) -> impl Fn(sanpath::WsaError) -> String {
+    move |e| format!("{what}: {e}")
+}
+
+impl Pair {
+    fn new() -> Res<Pair> {
+        let mut config = Config::default();
+        config.poller.mode = PollerMode::RunToCompletion;
+        // One CQ per socket, as sanbench's run-to-completion mode has it.
+        config.poller.count = 2;
+        config.mem.mlock = MlockPolicy::Off;
+        let ip = Ipv4Addr::new(198, 18, 253, 1);
+        let (p, _nic, _net) = testkit::soft_provider(config, ip, Arc::new(CompletingSwitch))?;
+        let (client, server) =
+            testkit::connected_pair(&p, SocketAddrV4::new(ip, 4791)).map_err(wsa("connect"))?;
+        let client_buf = Region::new(BUF, MlockPolicy::Off).map_err(|e| e.to_string())?;
+        let server_buf = Region::new(BUF, MlockPolicy::Off).map_err(|e| e.to_string())?;
+        let mut descriptor = vec![0u8; RDMA_DESCRIPTOR_LEN];
+        // SAFETY: both regions live in the Pair, whose Drop cleans the
+        // provider up (closing the sockets) before they are unmapped.
+        let handle = unsafe {
+            p.register_memory(server, server_buf.as_ptr(), BUF as u32 / 2, MEM_READWRITE)
+                .map_err(wsa("register the receive buffer"))?;
+            p.register_rdma_memory(
+                server,
+                server_buf.as_ptr().wrapping_add(BUF / 2),
+                BUF as u32 / 2,
+                MEM_READWRITE,
+                &mut descriptor,
+            )
+            .map_err(wsa("expose the RDMA buffer"))?;
+            p.register_memory(client, client_buf.as_ptr(), BUF as u32, MEM_READWRITE)
+                .map_err(wsa("register the client buffer"))?
+        };
+        Ok(Pair {
+            p,
+            client,
+            server,
+            client_buf,
+            handle: handle as usize,
+            server_buf,
+            descriptor,
+        })
+    }
+
+    /// Waits for `ov` as a switch does (`WSPGetOverlappedResult`, `fWait`);
+    /// checks it moved `SIZE` bytes.
+    fn wait(&self, s: ProviderSocket, ov: &Overlapped) -> Res<()> {
+        match self.p.get_overlapped_result(s, ov, true) {
+            Ok((SIZE, _)) => Ok(()),
+            Ok((n, _)) => Err(format!("an op moved {n} bytes, not {SIZE}")),
+            Err(e) => Err(format!("an op failed: {e}")),
+        }
+    }
+
+    fn send_recv(&self) -> Res<()> {
+        let (rov, sov) = (Overlapped::new(UPCALL), Overlapped::new(UPCALL));
+        let rb = [WsaBuf {
+            len: SIZE,
+            buf: self.server_buf.as_ptr(),
+        }];
+        let sb = [WsaBuf {
+            len: SIZE,
+            buf: self.client_buf.as_ptr(),
+        }];
+        // SAFETY: the buffers live in `self`; both records are waited for
+        // below before they go out of scope.
+        unsafe {
+            self.p.recv(self.server, &rb, &rov).map_err(wsa("recv"))?;
+            self.p
+                .send(self.client, &sb, 0, &sov)
+                .map_err(wsa("send"))?;
+        }
+        self.wait(self.client, &sov)?;
+        self.wait(self.server, &rov)
+    }
+
+    fn rdma(&self, write: bool) -> Res<()> {
+        let ov = Overlapped::new(UPCALL);
+        let b = [WsaBufEx {
+            len: SIZE,
+            buf: self.client_buf.as_ptr(),
+            handle: self.handle,
+        }];
+        let (p, d) = (&self.p, &self.descriptor);
+        // SAFETY: as in `send_recv`.
+        unsafe {
+            if write {
+                p.rdma_write(self.client, &b, d, 0, 0, &ov)
+                    .map_err(wsa("rdma_write"))?
+            } else {
+                p.rdma_read(self.client, &b, d, 0, 0, &ov)
+                    .map_err(wsa("rdma_read"))?
+            }
+        }
+        self.wait(self.client, &ov)
+    }
+
+    fn one(&self, op: &str) -> Res<()> {
+        match op {
+            "send_recv" => self.send_recv(),
+            "rdma_write" => self.rdma(true),
+            _ => self.rdma(false),
+        }
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        let _ = self.p.cleanup();
+    }
+}
+
+// The measured loops: one function per op, never inlined, so that
+// callgrind's `--toggle-collect=*measure_OP*` finds each by name.
+
+#[inline(never)]
+fn measure_send_recv(pair: &Pair, ops: usize) -> Res<()> {
+    (0..ops).try_for_each(|_| pair.send_recv())
+}
+
+#[inline(never)]
+fn measure_rdma_write(pair: &Pair, ops: usize) -> Res<()> {
+    (0..ops).try_for_each(|_| pair.rdma(true))
+}
+
+#[inline(never)]
+fn measure_rdma_read(pair: &Pair, ops: usize) -> Res<()> {
+    (0..ops).try_for_each(|_| pair.rdma(false))
+}
+
+struct Args {
+    op: String,
+    ops: usize,
+    warmup: usize,
+    #[cfg(feature = "slowdown")]
+    slowdown: u32,
+}
+
+fn parse() -> Res<Args> {
+    let usage = || {
+        let slow = if cfg!(feature = "slowdown") {
+            " [--slowdown K]"
+        } else {
+            ""
+        };
+        format!(
+            "usage: icount {{{}}} [--ops N] [--warmup N]{slow}",
+            OPS.join("|")
+        )
+    };
+    let mut it = std::env::args().skip(1);
+    let op = it.next().filter(|o| OPS.contains(&o.as_str()));
+    let mut a = Args {
+        op: op.ok_or_else(usage)?,
+        ops: 1000,
+        warmup: 100,
+        #[cfg(feature = "slowdown")]
+        slowdown: 0,
+    };
+    while let Some(flag) = it.next() {
+        let value = it.next().ok_or_else(usage)?;
+        let n = || value.parse::<usize>().map_err(|_| usage());
+        match flag.as_str() {
+            "--ops" => a.ops = n()?,
+            "--warmup" => a.warmup = n()?,
+            #[cfg(feature = "slowdown")]
+            "--slowdown" => a.slowdown = value.parse().map_err(|_| usage())?,
+            _ => return Err(usage()),
+        }
+    }
+    Ok(a)
+}
+
+fn run() -> Res<()> {
+    let a = parse()?;
+    let pair = Pair::new()?;
+    for _ in 0..a.warmup {
+        pair.one(&a.op)?;
+    }
+    #[cfg(feature = "slowdown")]
+    sanpath::perf_gate_slowdown::set_extra_work(a.slowdown);
+    match a.op.as_str() {
+        "send_recv" => measure_send_recv(&pair, a.ops),
+        "rdma_write" => measure_rdma_write(&pair, a.ops),
+        _ => measure_rdma_read(&pair, a.ops),
+    }
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("icount: {e}");
+        std::process::exit(1);
+    }
+}
