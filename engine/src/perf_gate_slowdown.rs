@@ -2,14 +2,14 @@
 //! extra work on the data path, so that the instruction-count gate
 //! (`tools/icount-gate --self-test`) can show it fails on a slower engine.
 //! Each registration lookup of a data call (one per buffer of every send,
-//! receive and RDMA op) runs [`burn`]; the work is 0 until a test sets it.
+//! receive and RDMA op) runs `burn`; the work is 0 until a test sets it.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-/// Iterations of [`burn`]'s loop; written by the test, read by the data path.
+/// Iterations of `burn`'s loop; written by the test, read by the data path.
 static EXTRA_WORK: AtomicU32 = AtomicU32::new(0);
 
-/// Makes every later [`burn`] loop `iterations` times.
+/// Makes every later `burn` loop `iterations` times.
 pub fn set_extra_work(iterations: u32) {
     EXTRA_WORK.store(iterations, Ordering::Relaxed);
 }
