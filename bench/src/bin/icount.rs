@@ -128,8 +128,11 @@ impl Pair {
                 .send(self.client, &sb, 0, &sov)
                 .map_err(wsa("send"))?;
         }
-        self.wait(self.client, &sov)?;
-        self.wait(self.server, &rov)
+        // The receive first: its CQ's consumer is who moves the message (a
+        // sender left waiting alone takes over only after a while, see the
+        // soft fabric's `link::HELP_AFTER`).
+        self.wait(self.server, &rov)?;
+        self.wait(self.client, &sov)
     }
 
     fn rdma(&self, write: bool) -> Res<()> {

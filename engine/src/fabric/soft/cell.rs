@@ -15,7 +15,11 @@
 //! (`consumed`, its own padded line, Release); the producer caches that
 //! value and reloads it only when the ring looks full (the rtrb / Lamport
 //! ring with cached indices, and the lap-tagged slot of Vyukov's bounded
-//! queue for publication).
+//! queue for publication). Each cell also carries an acknowledgement: how
+//! many messages of the opposite direction its sender had consumed when it
+//! wrote the cell, so that in a request/response exchange the sender of the
+//! request learns its send is done from the response's own line, without
+//! reading the peer's `consumed` (TCP's piggybacked ACK).
 //!
 //! Messages up to [`INLINE_MAX`] bytes travel in the cell. A longer one
 //! travels as the sender's gather list (stored beside the cells, one stride
@@ -31,7 +35,7 @@ use crate::sync::{Arc, AtomicU32, AtomicU64, CachePadded, Ordering, UnsafeCell};
 /// Bytes of one cell (three cache lines).
 pub(super) const CELL_BYTES: usize = 192;
 /// Header bytes before the inline payload.
-const HEADER_BYTES: usize = 16;
+const HEADER_BYTES: usize = 24;
 /// Longest message carried inside its cell.
 pub(super) const INLINE_MAX: usize = CELL_BYTES - HEADER_BYTES;
 
@@ -51,6 +55,9 @@ struct Cell {
     /// entries of this cell in [`CellRing::gathers`]. Written by the
     /// producer before `seq`.
     nsge: AtomicU32,
+    /// Messages of the opposite direction the producer's end had consumed
+    /// when it wrote the cell. Written by the producer before `seq`.
+    ack: AtomicU64,
     /// Inline payload (first `len` bytes meaningful when `nsge == 0`).
     payload: UnsafeCell<[u8; INLINE_MAX]>,
 }
@@ -135,6 +142,7 @@ pub(super) fn ring(capacity: usize, stride: usize) -> (CellProducer, CellConsume
             seq: AtomicU64::new(0),
             len: AtomicU32::new(0),
             nsge: AtomicU32::new(0),
+            ack: AtomicU64::new(0),
             payload: UnsafeCell::new([0; INLINE_MAX]),
         })
         .collect();
@@ -187,14 +195,15 @@ impl CellProducer {
     }
 
     /// Publishes a message of `len` bytes gathered from `src`: inline when
-    /// it fits a cell (copied now), else as the gather list itself. Returns
+    /// it fits a cell (copied now), else as the gather list itself, with the
+    /// acknowledgement `ack` (see the module docs). Returns
     /// the message's index, or `None` if the ring is full or `src` has more
     /// entries than the ring's stride (nothing is written then).
     ///
     /// # Safety
     /// When `len <= INLINE_MAX`, every entry of `src` names readable memory
     /// for the duration of the call, and `len` is their total length.
-    pub(super) unsafe fn push(&mut self, src: &[Sge], len: u32) -> Option<u64> {
+    pub(super) unsafe fn push(&mut self, src: &[Sge], len: u32, ack: u64) -> Option<u64> {
         if src.len() > self.ring.stride || !self.room() {
             return None;
         }
@@ -231,6 +240,7 @@ impl CellProducer {
             cell.nsge.store(src.len() as u32, Ordering::Relaxed);
         }
         cell.len.store(len, Ordering::Relaxed);
+        cell.ack.store(ack, Ordering::Relaxed);
         cell.seq.store(index + 1, Ordering::Release);
         self.tail += 1;
         Some(index)
@@ -291,6 +301,11 @@ impl Message<'_> {
     /// Message length in bytes.
     pub(super) fn len(&self) -> u32 {
         self.cell.len.load(Ordering::Relaxed)
+    }
+
+    /// The acknowledgement the message carries.
+    pub(super) fn ack(&self) -> u64 {
+        self.cell.ack.load(Ordering::Relaxed)
     }
 
     /// Copies the message into the scatter list `dst` (which the caller

@@ -56,12 +56,22 @@ use super::{lock, NicShared};
 use crate::fabric::*;
 use crossbeam_utils::CachePadded;
 use std::net::SocketAddrV4;
-use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Polls during which a sending end's reaper waits for the receiving end to
 /// consume a message it could take, before it matches the message itself.
 pub(super) const HELP_AFTER: u32 = 256;
+
+/// Polls during which a sending end's reaper waits for an acknowledgement
+/// carried by an incoming message before it reads the peer's `consumed`
+/// line itself (reading it on every poll would pull that line away from the
+/// peer each time the peer writes it)...
+const ACK_AFTER: u32 = 32;
+/// ...or this long, whichever comes first (a caller that polls rarely still
+/// learns at once).
+const ACK_AFTER_TIME: Duration = Duration::from_micros(2);
 
 const INTACT: u32 = 0;
 const BROKEN: u32 = 1;
@@ -100,9 +110,14 @@ pub(super) struct Reaper {
     pub(super) sq: SqReaper,
     pub(super) sends: SqReaper,
     pub(super) rq: RqReaper,
-    /// Consecutive polls in which a message the peer could take stayed
-    /// unconsumed (see [`HELP_AFTER`]).
+    /// Consecutive polls in which the oldest unfinished send stayed
+    /// unacknowledged (see [`ACK_AFTER`], [`HELP_AFTER`]).
     stalled_polls: u32,
+    /// Messages of this end known consumed by the peer, `<=` the peer's
+    /// `consumed`.
+    sent: u64,
+    /// When `sent` was last read from the peer's `consumed`.
+    sent_read: Instant,
     /// Set by `arm`: match the stuck message at the next poll.
     help_now: bool,
 }
@@ -136,6 +151,11 @@ pub(super) struct Dir {
     /// Keys end `1 - d` exposed to end `d`; held by RDMA of end `d` for the
     /// duration of its access.
     pub(super) window: CachePadded<Mutex<Window>>,
+    /// The highest acknowledgement of this direction's messages carried by
+    /// a message of the opposite direction. Written by the opposite
+    /// direction's matcher, read by end `d`'s reaper (both on end `d`'s
+    /// side).
+    peer_acked: CachePadded<AtomicU64>,
 }
 
 /// How the connection broke, and the requests that failed with their own
@@ -248,6 +268,7 @@ impl Link {
                 ring: prod.ring().clone(),
                 matcher: CachePadded::new(Mutex::new(cons)),
                 window: CachePadded::new(Mutex::new(Window::default())),
+                peer_acked: CachePadded::new(AtomicU64::new(0)),
             });
             producers.push(prod);
         }
@@ -270,6 +291,8 @@ impl Link {
                     sends: sendr,
                     rq: rqr,
                     stalled_polls: 0,
+                    sent: 0,
+                    sent_read: Instant::now(),
                     help_now: false,
                 }),
                 rq,
@@ -460,6 +483,7 @@ impl Link {
         let to = 1 - d;
         let rq = &*self.ends[to].rq;
         let mut seal = false;
+        let mut acked = 0;
         while self.state() == INTACT {
             let index = m.head();
             let Some(msg) = m.peek() else { break };
@@ -479,7 +503,14 @@ impl Link {
             }
             fill(&msg, &recv);
             rq.set_len(index, len);
+            acked = acked.max(msg.ack());
             m.pop();
+        }
+        // The acknowledgements are for the opposite direction, whose
+        // sender is the receiving end here.
+        let pa = &self.dirs[to].peer_acked;
+        if acked > pa.load(Ordering::Relaxed) {
+            pa.store(acked, Ordering::Release);
         }
         let moved = m.publish();
         drop(m);
@@ -512,14 +543,17 @@ impl Link {
         if state == INTACT && self.matchable(incoming) {
             seal |= self.run_matcher(incoming, false);
         }
-        if state == INTACT && !r.sends.is_empty() {
-            seal |= self.help(outgoing, r);
+        if state == INTACT {
+            seal |= self.track_sends(outgoing, r);
         }
         // Read the state before the indices: once sealed they are final.
         let state = self.state();
         let flush = (state == SEALED).then(|| self.flush_of(end));
+        if flush.is_some() {
+            r.sent = self.dirs[outgoing].ring.consumed();
+        }
         let filled = self.dirs[incoming].ring.consumed();
-        let sent = self.dirs[outgoing].ring.consumed();
+        let sent = r.sent;
         let mut n = 0;
         while n < out.len() {
             let Some(h) = r.rq.peek() else { break };
@@ -573,26 +607,54 @@ impl Link {
         (n, seal)
     }
 
-    /// The sending end's part in matching: if its oldest unfinished send is
-    /// a message the peer could take but has not for [`HELP_AFTER`] polls
-    /// (or `arm` asked), match it here.
-    fn help(&self, d: usize, r: &mut Reaper) -> bool {
-        let stuck = matches!(
-            r.sends.peek().map(|e| e.kind),
-            Some(SqKind::Cell { index, .. }) if index >= self.dirs[d].ring.consumed()
-        ) && self.matchable(d);
-        if !stuck {
+    /// Learns which sends of end `d` the peer consumed: from the
+    /// acknowledgements its messages carried, else from the peer's
+    /// `consumed`, read at the first poll that finds the oldest unfinished
+    /// send waiting, then every [`ACK_AFTER`] polls or [`ACK_AFTER_TIME`]. If that send is a message the peer could take but has
+    /// not for [`HELP_AFTER`] polls (or `arm` asked), matches it here: the
+    /// receiving end is not polled. Returns whether the caller must seal.
+    fn track_sends(&self, d: usize, r: &mut Reaper) -> bool {
+        let hint = self.dirs[d].peer_acked.load(Ordering::Acquire);
+        r.sent = r.sent.max(hint);
+        let waiting = |r: &Reaper| {
+            matches!(
+                r.sends.peek().map(|e| e.kind),
+                Some(SqKind::Cell { index, .. }) if index >= r.sent
+            )
+        };
+        if !waiting(r) {
             r.stalled_polls = 0;
             r.help_now = false;
             return false;
         }
         r.stalled_polls += 1;
+        // The first poll of a wait looks (a poll right after the peer took
+        // the message reports it), then every ACK_AFTER-th or ACK_AFTER_TIME.
+        let due = r.stalled_polls == 1
+            || r.stalled_polls % ACK_AFTER == 0
+            || r.help_now
+            || r.sent_read.elapsed() >= ACK_AFTER_TIME;
+        if !due {
+            return false;
+        }
+        r.sent = r.sent.max(self.dirs[d].ring.consumed());
+        r.sent_read = Instant::now();
+        if !waiting(r) {
+            r.stalled_polls = 0;
+            r.help_now = false;
+            return false;
+        }
         if r.stalled_polls < HELP_AFTER && !r.help_now {
             return false;
         }
         r.stalled_polls = 0;
         r.help_now = false;
-        self.run_matcher(d, false)
+        if !self.matchable(d) {
+            return false;
+        }
+        let seal = self.run_matcher(d, false);
+        r.sent = r.sent.max(self.dirs[d].ring.consumed());
+        seal
     }
 
     /// Whether a poll of `end` would produce a completion (or make
@@ -608,7 +670,8 @@ impl Link {
             }
         }
         if let Some(e) = r.sends.peek() {
-            let sent = self.dirs[end].ring.consumed();
+            r.sent = r.sent.max(self.dirs[end].ring.consumed());
+            let sent = r.sent;
             match e.kind {
                 SqKind::Cell { index, .. } if index < sent || sealed => return true,
                 _ if self.matchable(end) => {

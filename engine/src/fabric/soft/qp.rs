@@ -60,20 +60,24 @@ impl SoftQp {
         {
             return Err(Some(WcStatus::LocalProtectionError));
         }
-        // Receiver not ready: this send will wait if the peer has no
-        // receive left for it; more than its NIC's bound may wait.
+        // Receiver not ready: this send waits if the peer has no receive
+        // left for it, and fails if `rnr_max` sends wait already. The cached
+        // count of the peer's receives can only under-count, so the peer's
+        // line is read only when the cached one says the bound may be hit.
         let tail = p.cells.tail();
-        if tail >= p.peer_posted {
+        let rnr_max = link.ends[peer].rnr_max;
+        if tail >= p.peer_posted + rnr_max {
             p.peer_posted = link.ends[peer].rq.posted();
-            let waiting = tail.saturating_sub(p.peer_posted);
-            if tail >= p.peer_posted && waiting >= link.ends[peer].rnr_max {
+            if tail >= p.peer_posted + rnr_max {
                 return Err(Some(WcStatus::RnrRetryExceeded));
             }
         }
+        // Piggybacked: what this end consumed of the peer's messages.
+        let ack = link.dirs[peer].ring.consumed();
         // SAFETY: the entries were just checked against this NIC's regions
         // and stay registered for the call (the post lock is held, which a
         // deregistration waits for); `len` is their total.
-        let index = unsafe { p.cells.push(wr.sges, len) }.ok_or(None)?;
+        let index = unsafe { p.cells.push(wr.sges, len, ack) }.ok_or(None)?;
         Ok((index, len))
     }
 
