@@ -35,8 +35,11 @@ pub enum PollerMode {
     /// Dedicated poller threads reap CQs into completion rings; a dispatcher
     /// thread drains the rings and makes the upcalls.
     Threads,
-    /// No engine threads: a thread that waits for a completion (or calls
-    /// `Provider::progress`) polls the CQs itself and dispatches inline.
+    /// No polling threads: a thread that waits for a completion (or polls
+    /// `get_overlapped_result`, or calls `Provider::progress`) polls the CQs
+    /// itself and dispatches inline. The first op that wants an upcall
+    /// starts one helper thread that sleeps on the armed CQs and reports
+    /// what nobody polled for.
     RunToCompletion,
 }
 

@@ -7,10 +7,11 @@
 //!   to the front end, published in batches; when the ring is full the poller
 //!   stops reaping (completions wait in the CQ, nothing is dropped). Pollers
 //!   never make upcalls.
-//! - `run_to_completion` mode: no threads. A thread that needs progress calls
-//!   [`Progress::drain`], which polls the CQs directly (no handoff); while it
-//!   has nothing to do it may [`Progress::arm`] the CQs and wait on the
-//!   notifier they wake.
+//! - `run_to_completion` mode: no poller threads. A thread that needs
+//!   progress calls [`Progress::drain`], which polls the CQs directly (no
+//!   handoff); while it has nothing to do it may [`Progress::arm`] the CQs
+//!   and wait on the notifier they wake (the front end's upcall helper does
+//!   only that).
 //!
 //! Either way the front end gets completions from [`Progress::drain`].
 

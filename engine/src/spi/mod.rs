@@ -127,7 +127,12 @@ pub(crate) struct Running {
     dispatcher_waker: Arc<ParkWaker>,
     /// Run-to-completion mode: woken by armed CQs.
     rtc_notifier: Arc<Notifier>,
+    /// Threads mode: the dispatcher thread. Run-to-completion mode: the
+    /// upcall helper, once started.
     dispatcher: Mutex<Option<JoinHandle<()>>>,
+    /// Run-to-completion mode: set by the first op that wants an upcall,
+    /// which starts the upcall helper.
+    helper_started: std::sync::atomic::AtomicBool,
     stop: std::sync::atomic::AtomicBool,
 }
 
@@ -278,6 +283,7 @@ impl Provider {
         if let Some(run) = run {
             run.stop.store(true, Ordering::SeqCst);
             run.dispatcher_waker.unpark();
+            run.rtc_notifier.notify();
             if let Some(h) = lock(&run.dispatcher).take() {
                 let _ = h.join();
             }
@@ -872,6 +878,11 @@ impl Provider {
         wait: bool,
     ) -> WsaResult<(u32, u32)> {
         let sock = self.inner.socket(s)?;
+        if ov.is_pending() && self.inner.config.poller.mode == PollerMode::RunToCompletion {
+            // A polled op (hEvent bit 0 set) has no other thread to report
+            // it in this mode: the caller that polls makes the progress.
+            self.inner.progress(&sock.run, sock.cq_index());
+        }
         if ov.is_pending() {
             if !wait || DISPATCHING.with(Cell::get) {
                 return Err(WsaError::WSA_IO_INCOMPLETE);
@@ -1042,6 +1053,7 @@ impl Inner {
             dispatcher_waker,
             rtc_notifier,
             dispatcher: Mutex::new(None),
+            helper_started: std::sync::atomic::AtomicBool::new(false),
             stop: std::sync::atomic::AtomicBool::new(false),
         });
         if self.config.poller.mode == PollerMode::Threads {
@@ -1141,10 +1153,34 @@ impl Inner {
         }
     }
 
+    /// Run-to-completion mode: starts the upcall helper if it is not
+    /// running. An op that wants an upcall must get it even if the switch
+    /// never calls the provider again (it may just wait for the upcall).
+    fn ensure_upcall_helper(self: &Arc<Self>, run: &Arc<Running>) -> WsaResult<()> {
+        if self.config.poller.mode != PollerMode::RunToCompletion
+            || run.helper_started.load(Ordering::Acquire)
+        {
+            return Ok(());
+        }
+        let mut slot = lock(&run.dispatcher);
+        if run.helper_started.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let inner = self.clone();
+        let r = run.clone();
+        let h = std::thread::Builder::new()
+            .name("sanpath-upcalls".into())
+            .spawn(move || inner.upcall_helper_main(&r))
+            .map_err(|_| WsaError::WSAENOBUFS)?;
+        *slot = Some(h);
+        run.helper_started.store(true, Ordering::Release);
+        Ok(())
+    }
+
     /// Validates the buffers, reserves an op slot and posts.
     #[allow(clippy::too_many_arguments)]
     unsafe fn start_op(
-        &self,
+        self: &Arc<Self>,
         sock: Arc<Socket>,
         bufs: impl ExactSizeIterator<Item = (usize, u32, Option<usize>)>,
         need: MemFlags,
@@ -1153,6 +1189,9 @@ impl Inner {
         post: impl FnOnce(&dyn QueuePair, u64, &[Sge]) -> Result<(), PostError>,
     ) -> WsaResult<()> {
         let qp = sock.connected_qp()?.clone();
+        if ov.wants_upcall() {
+            self.ensure_upcall_helper(&sock.run)?;
+        }
         if bufs.len() > MAX_SGE || bufs.len() > self.config.qp.max_sge as usize {
             return Err(WsaError::WSAEINVAL);
         }
@@ -1386,6 +1425,28 @@ impl Inner {
         // Completions still queued at shutdown were already reported by the
         // closes that ran before; drain whatever is left.
         self.progress(run, None);
+    }
+
+    /// Run-to-completion mode's upcall helper: sleeps on the armed CQs and
+    /// reports what no waiting thread reported first. It never spins: a
+    /// thread that waits for its own op still polls, and usually wins.
+    fn upcall_helper_main(self: Arc<Self>, run: &Arc<Running>) {
+        while !run.stop.load(Ordering::SeqCst) {
+            if self.progress(run, None) > 0 {
+                continue;
+            }
+            let token = run.rtc_notifier.prepare();
+            if run.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            if run.progress.arm() {
+                // Completions wait in a CQ another thread is reaping.
+                drop(token);
+                std::thread::yield_now();
+                continue;
+            }
+            let _ = token.wait(None);
+        }
     }
 }
 
