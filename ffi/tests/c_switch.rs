@@ -58,15 +58,35 @@ fn compile(src: &Path, out: &Path) {
 
 #[test]
 fn switch_in_c_drives_the_provider() {
+    run_c_switch("sanpath-c-switch", None);
+}
+
+/// The same switch with the library in run-to-completion mode: no poller
+/// threads, so every completion the switch waits for (an upcall, or a
+/// `WSPGetOverlappedResult` poll) must come from the SPI calls it makes or
+/// from the provider's own upcall helper.
+#[test]
+fn switch_in_c_drives_the_provider_in_run_to_completion_mode() {
+    let config = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("sanpath-rtc.toml");
+    std::fs::write(&config, "[poller]\nmode = \"run_to_completion\"\n").unwrap();
+    run_c_switch("sanpath-c-switch-rtc", Some(&config));
+}
+
+/// Compiles the C switch as `name` and runs it against the library, with
+/// `SANPATH_CONFIG` naming `config` (or unset).
+fn run_c_switch(name: &str, config: Option<&Path>) {
     let lib = library();
-    let exe = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("sanpath-c-switch");
+    let exe = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
     compile(&crate_dir().join("tests/c/switch.c"), &exe);
 
     let out_path = exe.with_extension("out");
     let out_file = std::fs::File::create(&out_path).unwrap();
-    let mut child = Command::new(&exe)
-        .arg(&lib)
-        .env_remove("SANPATH_CONFIG")
+    let mut cmd = Command::new(&exe);
+    cmd.arg(&lib).env_remove("SANPATH_CONFIG");
+    if let Some(c) = config {
+        cmd.env("SANPATH_CONFIG", c);
+    }
+    let mut child = cmd
         .stdout(out_file.try_clone().unwrap())
         .stderr(out_file)
         .stdin(Stdio::null())

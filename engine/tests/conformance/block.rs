@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 #[test]
 fn block_2_close_during_connect_is_prompt_and_frees_it() {
-    let mut cfg = test_config(PollerMode::Threads);
+    let mut cfg = test_config(poller_mode());
     // A transport timeout far beyond anything the close may take.
     cfg.connect.timeout_ms = 60_000;
     let h = Host::with_config(cfg);
@@ -55,20 +55,20 @@ fn block_3_no_half_accepted_socket_after_connector_closed() {
 
 #[test]
 fn block_4_close_forces_rdma_completion_with_abort() {
-    // Run-to-completion with nobody making progress: the RDMA ops are
+    // Run-to-completion with polled ops nobody polled: the RDMA ops are
     // executed by the NIC but not yet reported, i.e. pending for the switch.
     let h = Host::with_config(test_config(PollerMode::RunToCompletion));
     let (c, s) = pair(&h, 5701);
     let target = region(1 << 20);
     let d = expose(&h, s, &target, MEM_READWRITE);
     let b = buf(&h, c, 1 << 20, MEM_READWRITE);
-    let (w, r) = (Overlapped::new(0), Overlapped::new(0));
+    let (w, r) = (Overlapped::new(1), Overlapped::new(1));
     rdma_write(&h, c, &b, 0, 1 << 19, &d, 0, &w).unwrap();
     rdma_read(&h, c, &b, 1 << 19, 1 << 19, &d, 0, &r).unwrap();
     assert!(w.is_pending() && r.is_pending());
     h.p.close_socket(c).unwrap();
-    assert_eq!(wait_ov(&h, &w), (ABORTED, 0));
-    assert_eq!(wait_ov(&h, &r), (ABORTED, 0));
+    assert_eq!(done_ov(&w), (ABORTED, 0));
+    assert_eq!(done_ov(&r), (ABORTED, 0));
     assert_eq!(h.p.stats().ops_in_use, 0);
 }
 

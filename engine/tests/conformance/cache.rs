@@ -1,10 +1,9 @@
 use crate::harness::*;
-use sanpath::config::PollerMode;
 use sanpath::spi::*;
 use sanpath::WsaError;
 
 fn caching_host() -> Host {
-    let mut c = test_config(PollerMode::Threads);
+    let mut c = test_config(poller_mode());
     c.mr_cache.enabled = true;
     Host::with_config(c)
 }

@@ -1,5 +1,4 @@
 use crate::harness::*;
-use sanpath::config::PollerMode;
 use sanpath::spi::*;
 use sanpath::WsaError;
 use std::net::Ipv4Addr;
@@ -36,7 +35,7 @@ fn ext_3_cache_callback_only_when_caching() {
     let h = Host::new();
     let g = Extension::MemoryRegistrationCacheCallback.guid();
     assert_eq!(h.p.extension(&g).unwrap_err(), WsaError::WSAEOPNOTSUPP);
-    let mut c = test_config(PollerMode::Threads);
+    let mut c = test_config(poller_mode());
     c.mr_cache.enabled = true;
     let h2 = Host::with_config(c);
     assert_eq!(

@@ -52,6 +52,20 @@ pub fn on_verbs() -> bool {
     fabric() == Fabric::Verbs
 }
 
+/// The environment variable that selects the poller mode of [`Host::new`].
+pub const POLLER_ENV: &str = "SANPATH_CONFORMANCE_POLLER";
+
+/// The poller mode of this run, from [`POLLER_ENV`]: `threads` (the
+/// default) or `run_to_completion`. `main.rs` runs the suite once more in
+/// the second mode.
+pub fn poller_mode() -> PollerMode {
+    match std::env::var(POLLER_ENV).as_deref() {
+        Err(_) | Ok("") | Ok("threads") => PollerMode::Threads,
+        Ok("run_to_completion") => PollerMode::RunToCompletion,
+        Ok(other) => panic!("{POLLER_ENV}={other:?}: expected `threads` or `run_to_completion`"),
+    }
+}
+
 /// Lets connection events already on their way arrive. The soft network
 /// delivers them inside the call that causes them; on a real wire they take
 /// a moment (a reject crossing the link, the peer's CM thread).
@@ -235,6 +249,10 @@ impl Switch for RecordingSwitch {
             ops_in_use,
         });
         ov.complete(error, bytes);
+        // Wakes `wait_ov`, which waits for the record to show the op
+        // complete; taking the lock orders this after its last check.
+        drop(self.log.lock().unwrap());
+        self.cond.notify_all();
         Ok(())
     }
 }
@@ -261,8 +279,9 @@ pub fn test_config(mode: PollerMode) -> Config {
 }
 
 impl Host {
+    /// A host in this run's poller mode ([`poller_mode`]).
     pub fn new() -> Host {
-        Host::with_config(test_config(PollerMode::Threads))
+        Host::with_config(test_config(poller_mode()))
     }
 
     pub fn with_config(config: Config) -> Host {
@@ -573,18 +592,48 @@ pub fn send(
     unsafe { h.p.send(s, &[b.wsabuf(off, len)], 0, ov) }
 }
 
-/// Waits for an op to complete (upcall or polled) and returns its result.
-pub fn wait_ov(h: &Host, ov: &Overlapped) -> (u32, u32) {
-    let deadline = Instant::now() + TIMEOUT;
-    while ov.is_pending() {
-        assert!(Instant::now() < deadline, "op did not complete");
-        h.p.progress();
-        std::thread::yield_now();
-    }
+/// `(error, bytes)` of a completed op's record.
+fn result_of(ov: &Overlapped) -> (u32, u32) {
     (
         ov.offset_high.load(Ordering::Acquire),
         ov.internal_high.load(Ordering::Acquire) as u32,
     )
+}
+
+/// Waits for the completion upcall of an op whose `hEvent` bit 0 is clear
+/// and returns its `(error, bytes)`. It makes no provider call: in every
+/// poller mode the provider must deliver the upcall by itself, to a switch
+/// that only waits for it.
+pub fn wait_ov(h: &Host, ov: &Overlapped) -> (u32, u32) {
+    assert!(
+        ov.wants_upcall(),
+        "hEvent bit 0 set: no upcall comes; use wait_polled or done_ov"
+    );
+    h.sw.wait_for("a completion upcall", |_| !ov.is_pending());
+    result_of(ov)
+}
+
+/// Polls a started op with `WSPGetOverlappedResult(fWait = FALSE)`, as a
+/// switch that set `hEvent` bit 0 does, until it completed; returns its
+/// `(error, bytes)`.
+pub fn wait_polled(h: &Host, s: ProviderSocket, ov: &Overlapped) -> (u32, u32) {
+    let deadline = Instant::now() + TIMEOUT;
+    while let Err(WsaError::WSA_IO_INCOMPLETE) = h.p.get_overlapped_result(s, ov, false) {
+        assert!(
+            Instant::now() < deadline,
+            "polling WSPGetOverlappedResult: the op never completed"
+        );
+        std::thread::yield_now();
+    }
+    assert!(!ov.is_pending(), "get_overlapped_result gave up early");
+    result_of(ov)
+}
+
+/// The result of an op that must already be complete (e.g. once close or
+/// cleanup returned).
+pub fn done_ov(ov: &Overlapped) -> (u32, u32) {
+    assert!(!ov.is_pending(), "the op is still in progress");
+    result_of(ov)
 }
 
 pub const OK: u32 = 0;

@@ -17,3 +17,45 @@ mod rdma;
 mod sock;
 mod start;
 mod xfer;
+
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+
+/// The whole suite once more with every [`harness::Host::new`] in the other
+/// poller mode (`run_to_completion`): this binary re-runs itself with
+/// [`harness::POLLER_ENV`] set, so `cargo test` covers both modes. The
+/// child's own tests are bounded by their timeouts; this bound only
+/// catches a child that hangs regardless.
+#[test]
+fn suite_in_run_to_completion_mode() {
+    const NAME: &str = "suite_in_run_to_completion_mode";
+    if std::env::var_os(harness::POLLER_ENV).is_some() {
+        return;
+    }
+    let child = Command::new(std::env::current_exe().expect("test binary"))
+        .args(["--skip", NAME, "--test-threads", "2"])
+        .env(harness::POLLER_ENV, "run_to_completion")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("re-running the suite");
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(std::time::Duration::from_secs(120)) {
+        Ok(out) => out.expect("waiting for the suite"),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            panic!("the run-to-completion suite did not finish within 120 s");
+        }
+    };
+    assert!(
+        out.status.success(),
+        "the suite failed in run-to-completion mode:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -127,16 +127,18 @@ fn rdma_5_sends_progress_while_rdma_is_pending() {
     let d = expose(&h, s, &target, MEM_WRITE);
     let src = buf(&h, c, 1 << 20, MEM_READWRITE);
     let bs = buf(&h, s, 4096, MEM_READWRITE);
-    let w = Overlapped::new(0);
+    let w = Overlapped::new(1);
     rdma_write(&h, c, &src, 0, 1 << 20, &d, 0, &w).unwrap();
-    // The write is not reported yet (nobody made progress): sends still go.
+    // The write is polled and not polled yet, so not reported: sends still go.
+    assert!(w.is_pending());
     let sends: Vec<Overlapped> = (0..4).map(|_| Overlapped::new(0)).collect();
     let recvs: Vec<Overlapped> = (0..4).map(|_| Overlapped::new(0)).collect();
     for (i, (sd, rv)) in sends.iter().zip(&recvs).enumerate() {
         recv(&h, s, &bs, i * 64, 64, rv).unwrap();
         send(&h, c, &src, 0, 64, sd).unwrap();
     }
-    for ov in sends.iter().chain(&recvs).chain([&w]) {
+    for ov in sends.iter().chain(&recvs) {
         assert_eq!(wait_ov(&h, ov).0, OK);
     }
+    assert_eq!(wait_polled(&h, c, &w), (OK, 1 << 20));
 }

@@ -256,6 +256,40 @@ fn xfer_7_bit0_set_means_no_upcall_but_pollable() {
     }
 }
 
+/// §4.4 in run-to-completion mode for a switch that only uses the SPI (the
+/// defect of issue 13): a polled op completes for a switch that polls with
+/// `fWait = FALSE` alone, and an op with an upcall gets it while the switch
+/// makes no provider call at all.
+#[test]
+fn xfer_6_and_7_run_to_completion_serves_a_switch_that_only_uses_the_spi() {
+    let h = Host::with_config(test_config(PollerMode::RunToCompletion));
+    let (c, s) = pair(&h, 5510);
+    let bc = buf(&h, c, 4096, MEM_READWRITE);
+    let bs = buf(&h, s, 4096, MEM_READWRITE);
+    let target = region(4096);
+    let d = expose(&h, s, &target, MEM_WRITE);
+    // Polled first, while no op has asked for an upcall yet.
+    let (r, w) = (Overlapped::new(0x41), Overlapped::new(0x81));
+    recv(&h, s, &bs, 0, 100, &r).unwrap();
+    send(&h, c, &bc, 0, 50, &w).unwrap();
+    assert_eq!(wait_polled(&h, c, &w), (OK, 50));
+    assert_eq!(wait_polled(&h, s, &r), (OK, 50));
+    let rw = Overlapped::new(1);
+    rdma_write(&h, c, &bc, 0, 64, &d, 0, &rw).unwrap();
+    assert_eq!(wait_polled(&h, c, &rw), (OK, 64));
+    // With upcalls: the switch only waits for them.
+    let (r, w, rw) = (Overlapped::new(0), Overlapped::new(0), Overlapped::new(0));
+    recv(&h, s, &bs, 0, 100, &r).unwrap();
+    send(&h, c, &bc, 0, 60, &w).unwrap();
+    rdma_write(&h, c, &bc, 0, 128, &d, 64, &rw).unwrap();
+    assert_eq!(wait_ov(&h, &r), (OK, 60));
+    assert_eq!(wait_ov(&h, &w), (OK, 60));
+    assert_eq!(wait_ov(&h, &rw), (OK, 128));
+    for ov in [&r, &w, &rw] {
+        assert_eq!(h.sw.completions_of(ov), 1);
+    }
+}
+
 #[test]
 fn xfer_9_peer_teardown_resets_pending_receives() {
     let h = Host::new();
@@ -293,7 +327,7 @@ fn xfer_rnr_overflow_is_connaborted_at_the_sender_and_connreset_at_the_receiver(
         return;
     }
     for _ in 0..20 {
-        let mut config = test_config(PollerMode::Threads);
+        let mut config = test_config(poller_mode());
         config.qp.rnr_queue_max = 2;
         let h = Host::with_config(config);
         let (c, s) = pair(&h, 5508);
