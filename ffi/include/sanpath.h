@@ -1182,8 +1182,9 @@ BOOL sanpath_event_reset(WSAEVENT h);
 // live. Does not reset the event.
 INT sanpath_event_wait(WSAEVENT h, DWORD timeout_ms);
 
-// How many times the event went from reset to set (for checks such as
-// "signalled exactly once"); 0 for a handle that is not live.
+// How many times the event was set, counting sets while it already was
+// (for checks such as "signalled exactly once"); 0 for a handle that is not
+// live.
 uint64_t sanpath_event_set_count(WSAEVENT h);
 
 // Closes the handle; the event itself lives on while the provider still

@@ -180,6 +180,24 @@ impl RecordingSwitch {
         });
     }
 
+    /// Waits up to `timeout` until every switch handle handed out was
+    /// closed.
+    pub fn wait_all_closed(&self, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        let mut log = self.log.lock().unwrap();
+        while !log.live.is_empty() {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(format!(
+                    "switch handles never closed: {:?}",
+                    log.live.iter().collect::<Vec<_>>()
+                ));
+            }
+            log = self.cond.wait_timeout(log, deadline - now).unwrap().0;
+        }
+        Ok(())
+    }
+
     fn push(&self, u: Upcall) {
         let mut log = self.log.lock().unwrap();
         match u {
@@ -238,6 +256,14 @@ impl Switch for RecordingSwitch {
         bytes: u32,
     ) -> WsaResult<()> {
         let ops_in_use = self.provider.get().map_or(0, |p| p.stats().ops_in_use);
+        if !ov.is_pending() {
+            // The record of an op in progress says so until this upcall
+            // completes it: a second upcall for one op finds it completed.
+            self.log.lock().unwrap().violations.push(format!(
+                "completion upcall for {:p}, which is not in progress (completed twice?)",
+                ov
+            ));
+        }
         // Logged before the record shows the op complete, so a test that saw
         // it complete finds its upcall counted (a slow run under
         // AddressSanitizer caught the other order).
@@ -398,6 +424,9 @@ impl Drop for Host {
         if !std::thread::panicking() {
             while self.p.is_started() {
                 self.p.cleanup().unwrap();
+            }
+            if let Err(e) = self.sw.wait_all_closed(TIMEOUT) {
+                self.sw.log.lock().unwrap().violations.push(e);
             }
             let v = self.sw.violations();
             assert!(v.is_empty(), "switch rule violations: {v:?}");

@@ -18,8 +18,30 @@ mod sock;
 mod start;
 mod xfer;
 
+use sanpath::spi::{Overlapped, Switch};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
+use std::time::Duration;
+
+/// The recording switch's own checks can fail: a second completion of one
+/// op and a switch handle never closed are both reported.
+#[test]
+fn harness_flags_a_double_completion_and_an_unclosed_handle() {
+    let sw = harness::RecordingSwitch::new();
+    let h = sw.create_socket_handle(1, 0).unwrap();
+    let ov = Overlapped::new(0);
+    ov.internal.store(
+        sanpath::spi::WSS_OPERATION_IN_PROGRESS,
+        std::sync::atomic::Ordering::Release,
+    );
+    sw.complete_overlapped_request(h, &ov, 0, 1).unwrap();
+    assert!(sw.violations().is_empty(), "{:?}", sw.violations());
+    sw.complete_overlapped_request(h, &ov, 0, 1).unwrap();
+    assert_eq!(sw.violations().len(), 1, "{:?}", sw.violations());
+    assert!(sw.wait_all_closed(Duration::ZERO).is_err());
+    sw.close_socket_handle(h).unwrap();
+    assert!(sw.wait_all_closed(Duration::ZERO).is_ok());
+}
 
 /// The whole suite once more with every [`harness::Host::new`] in the other
 /// poller mode (`run_to_completion`): this binary re-runs itself with
