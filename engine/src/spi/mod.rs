@@ -586,10 +586,10 @@ impl Provider {
                 _ => Err(WsaError::WSAEINVAL),
             };
         }
-        let v = match value.len() {
-            0 => return Err(WsaError::WSAEFAULT),
-            1..=3 => u32::from(value[0]),
-            _ => u32::from_le_bytes([value[0], value[1], value[2], value[3]]),
+        // Every option we keep is a 4-byte value: shorter is WSAEFAULT (SOCK-5).
+        let v = match value {
+            [a, b, c, d, ..] => u32::from_le_bytes([*a, *b, *c, *d]),
+            _ => return Err(WsaError::WSAEFAULT),
         };
         match (level, name) {
             (SOL_SOCKET, SO_DEBUG) => sock.opts.debug.store(v != 0, Ordering::Relaxed),

@@ -159,6 +159,42 @@ fn sock_5_unsupported_options_and_short_lengths() {
     );
 }
 
+/// A set value of 1 to 3 bytes is short of the 4-byte option: `WSAEFAULT`,
+/// and the option keeps its value.
+#[test]
+fn sock_5_short_set_value_is_efault() {
+    let h = Host::new();
+    let s = h.socket();
+    let mut before = [0u8; 4];
+    h.p.get_sockopt(s, SOL_SOCKET, SO_RDMA_THRESHOLD_SIZE, &mut before)
+        .unwrap();
+    for (level, name) in [
+        (SOL_SOCKET, SO_RDMA_THRESHOLD_SIZE),
+        (SOL_SOCKET, SO_DEBUG),
+        (IPPROTO_TCP, TCP_NODELAY),
+    ] {
+        for len in 1..=3 {
+            assert_eq!(
+                h.p.set_sockopt(s, level, name, &[1, 0, 0][..len])
+                    .unwrap_err(),
+                WsaError::WSAEFAULT,
+                "option {level}/{name} with {len} bytes"
+            );
+        }
+    }
+    let mut after = [0u8; 4];
+    h.p.get_sockopt(s, SOL_SOCKET, SO_RDMA_THRESHOLD_SIZE, &mut after)
+        .unwrap();
+    assert_eq!(after, before);
+    h.p.set_sockopt(
+        s,
+        SOL_SOCKET,
+        SO_RDMA_THRESHOLD_SIZE,
+        &4096u32.to_le_bytes(),
+    )
+    .unwrap();
+}
+
 /// Drives every call through wrong states and bad arguments.
 #[test]
 fn sock_6_no_call_returns_wsaeinprogress() {
