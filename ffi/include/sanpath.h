@@ -1192,7 +1192,9 @@ uint64_t sanpath_event_set_count(WSAEVENT h);
 BOOL sanpath_event_close(WSAEVENT h);
 
 // `WSPIoctl`. Synchronous codes only (non-NULL `lpOverlapped` or
-// completion routine → `WSAEOPNOTSUPP`); `s` is not checked for them.
+// completion routine → `WSAEOPNOTSUPP`). `s` must be a live socket
+// (else `WSAENOTSOCK`) for every code but
+// `SIO_GET_EXTENSION_FUNCTION_POINTER`, which does not look at it.
 //
 // - `SIO_GET_EXTENSION_FUNCTION_POINTER`: in = a 16-byte `GUID`
 //   (`cbInBuffer` must be 16), out = one function pointer (`cbOutBuffer` ≥ 8),

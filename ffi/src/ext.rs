@@ -44,7 +44,9 @@ fn sock(s: SOCKET) -> ProviderSocket {
 }
 
 /// `WSPIoctl`. Synchronous codes only (non-NULL `lpOverlapped` or
-/// completion routine → `WSAEOPNOTSUPP`); `s` is not checked for them.
+/// completion routine → `WSAEOPNOTSUPP`). `s` must be a live socket
+/// (else `WSAENOTSOCK`) for every code but
+/// `SIO_GET_EXTENSION_FUNCTION_POINTER`, which does not look at it.
 ///
 /// - `SIO_GET_EXTENSION_FUNCTION_POINTER`: in = a 16-byte `GUID`
 ///   (`cbInBuffer` must be 16), out = one function pointer (`cbOutBuffer` ≥ 8),
@@ -76,13 +78,7 @@ pub unsafe extern "system" fn WSPIoctl(
     lpErrno: *mut INT,
 ) -> INT {
     let r = catch(|| {
-        let known = matches!(
-            dwIoControlCode,
-            SIO_GET_EXTENSION_FUNCTION_POINTER | SIO_ADDRESS_LIST_QUERY
-        );
-        if !known {
-            return Err(WsaError::WSAEINVAL);
-        }
+        provider()?.ioctl_check(sock(s), dwIoControlCode)?;
         if !lpOverlapped.is_null() || lpCompletionRoutine.is_some() {
             return Err(WsaError::WSAEOPNOTSUPP);
         }

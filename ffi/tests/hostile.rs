@@ -506,6 +506,22 @@ fn all_socket_calls(s: SOCKET) -> Vec<(&'static str, INT)> {
         call!("duplicate", WSPDuplicateSocket(s, 1, &mut pi, &mut err));
         call!("qos", WSPGetQOSByName(s, null_mut(), null_mut(), &mut err));
         call!(
+            "ioctl",
+            WSPIoctl(
+                s,
+                SIO_ADDRESS_LIST_QUERY,
+                null_mut(),
+                0,
+                buf.as_mut_ptr().cast(),
+                64,
+                &mut n,
+                null_mut(),
+                None,
+                null_mut(),
+                &mut err
+            )
+        );
+        call!(
             "register",
             WSPRegisterMemory(s, buf.as_mut_ptr().cast(), 64, MEM_READ, &mut err)
         );
@@ -1435,8 +1451,24 @@ fn duplicate_and_qos_are_not_supported() {
 // WSPIoctl
 // ---------------------------------------------------------------------------
 
+/// `WSPIoctl` on a made-up socket (only the extension-pointer code works
+/// there, §7-12).
 #[allow(clippy::too_many_arguments)]
 fn ioctl(
+    code: DWORD,
+    input: *mut c_void,
+    cb_in: DWORD,
+    output: *mut c_void,
+    cb_out: DWORD,
+    ret: *mut DWORD,
+    ovp: *mut WSAOVERLAPPED,
+) -> (INT, INT) {
+    ioctl_on(0xBAD, code, input, cb_in, output, cb_out, ret, ovp)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn ioctl_on(
+    s: SOCKET,
     code: DWORD,
     input: *mut c_void,
     cb_in: DWORD,
@@ -1450,7 +1482,7 @@ fn ioctl(
     // claim, or NULL.
     let rc = unsafe {
         WSPIoctl(
-            0xBAD,
+            s,
             code,
             input,
             cb_in,
@@ -1555,7 +1587,9 @@ fn extension_pointer_ioctl_checks_sizes_and_guids() {
         (SOCKET_ERROR, WSAEOPNOTSUPP),
         "EXT-3"
     );
-    // Unknown codes.
+    // Unknown codes: on a live socket WSAEINVAL, on a made-up one
+    // WSAENOTSOCK (CLOSE-7).
+    let s = new_socket();
     for c in [
         0,
         1,
@@ -1566,8 +1600,13 @@ fn extension_pointer_ioctl_checks_sizes_and_guids() {
         u32::MAX,
     ] {
         assert_eq!(
-            ioctl(c, gp, 16, op, 8, &mut ret, null_mut()),
+            ioctl_on(s, c, gp, 16, op, 8, &mut ret, null_mut()),
             (SOCKET_ERROR, WSAEINVAL),
+            "{c:#x}"
+        );
+        assert_eq!(
+            ioctl(c, gp, 16, op, 8, &mut ret, null_mut()),
+            (SOCKET_ERROR, WSAENOTSOCK),
             "{c:#x}"
         );
     }
@@ -1626,7 +1665,11 @@ proptest! {
             prop_assert!(ret <= cb_out);
         } else {
             prop_assert_eq!(rc, SOCKET_ERROR);
-            prop_assert!([WSAEFAULT, WSAEINVAL, WSAEOPNOTSUPP].contains(&err), "{}", err);
+            prop_assert!(
+                [WSAEFAULT, WSAEINVAL, WSAEOPNOTSUPP, WSAENOTSOCK].contains(&err),
+                "{}",
+                err
+            );
         }
     }
 }
@@ -1634,6 +1677,10 @@ proptest! {
 #[test]
 fn address_list_query_sizes() {
     let _g = Started::new();
+    let s = new_socket();
+    let ioctl = |code, input, cb_in, output, cb_out, ret, ovp| {
+        ioctl_on(s, code, input, cb_in, output, cb_out, ret, ovp)
+    };
     let mut ret: DWORD = 0;
     let mut out = [0u64; 8];
     let op = out.as_mut_ptr().cast();

@@ -610,6 +610,21 @@ impl Provider {
         Ok(ext)
     }
 
+    /// `WSPIoctl`'s check of its socket: any code but
+    /// `SIO_GET_EXTENSION_FUNCTION_POINTER` (§7-12: not validated) on a
+    /// closed or unknown socket fails `WSAENOTSOCK` (CLOSE-7); codes other
+    /// than that one and `SIO_ADDRESS_LIST_QUERY` fail `WSAEINVAL`.
+    pub fn ioctl_check(&self, s: ProviderSocket, code: u32) -> WsaResult<()> {
+        if code == SIO_GET_EXTENSION_FUNCTION_POINTER {
+            return Ok(());
+        }
+        self.inner.socket(s)?;
+        match code {
+            SIO_ADDRESS_LIST_QUERY => Ok(()),
+            _ => Err(WsaError::WSAEINVAL),
+        }
+    }
+
     /// `SIO_ADDRESS_LIST_QUERY`: the IPv4 addresses of our NIC (EXT-4).
     pub fn address_list(&self) -> WsaResult<Vec<Ipv4Addr>> {
         self.inner.running()?;

@@ -171,6 +171,31 @@ fn close_7_calls_after_close_are_enotsock() {
     );
 }
 
+/// `WSPIoctl` looks at its socket for every code but the extension-pointer
+/// one (§7-12): on a closed or made-up socket it fails `WSAENOTSOCK`.
+#[test]
+fn close_7_ioctl_on_a_closed_or_unknown_socket_is_enotsock() {
+    let h = Host::new();
+    let s = h.socket();
+    h.p.ioctl_check(s, SIO_ADDRESS_LIST_QUERY).unwrap();
+    assert_eq!(
+        h.p.ioctl_check(s, 0x1234_5678).unwrap_err(),
+        WsaError::WSAEINVAL
+    );
+    h.p.close_socket(s).unwrap();
+    for sock in [s, ProviderSocket(12345)] {
+        for code in [SIO_ADDRESS_LIST_QUERY, 0x1234_5678] {
+            assert_eq!(
+                h.p.ioctl_check(sock, code).unwrap_err(),
+                WsaError::WSAENOTSOCK,
+                "{sock:?} code {code:#x}"
+            );
+        }
+        h.p.ioctl_check(sock, SIO_GET_EXTENSION_FUNCTION_POINTER)
+            .unwrap();
+    }
+}
+
 #[test]
 fn close_8_peer_teardown_keeps_the_socket_until_close() {
     let h = Host::new();
