@@ -793,10 +793,12 @@ impl RegistrationTable {
 
     /// `WSPDeregisterRdmaMemory`: the descriptor must be one this owner got
     /// and still holds (remote key, generation, range) → else `WSAEINVAL`;
-    /// decode errors as [`Descriptor::decode`]. When the exposure's count
-    /// reaches zero its remote key is unbound (MEM-6), whether or not the
-    /// entry stays cached. (Exposures are never "in use" locally: only the
-    /// peer's RDMA touches them, and the NIC checks that.)
+    /// decode errors as [`Descriptor::decode`]. The exposed memory in use by
+    /// a pending op of this owner (a local association overlapping it that
+    /// an op holds) → `WSAEINVAL`, nothing changes (spec §3.1, §7-13): the
+    /// peer's one-sided RDMA is invisible here, the owner's own ops are not.
+    /// When the exposure's count reaches zero its remote key is unbound
+    /// (MEM-6), whether or not the entry stays cached.
     pub fn deregister_rdma_memory(&self, regs: &OwnerRegs, descriptor: &[u8]) -> WsaResult<()> {
         let d = Descriptor::decode(descriptor)?;
         let (mut t, mut o) = self.lock_both(regs)?;
@@ -805,6 +807,19 @@ impl RegistrationTable {
             .iter()
             .position(|x| x.descriptor() == d)
             .ok_or(WsaError::WSAEINVAL)?;
+        let (start, end) = (
+            o.exposures[i].addr,
+            o.exposures[i].addr + o.exposures[i].len,
+        );
+        // Under the owner lock no op can start holding an association
+        // (see `LocalShared::in_use`).
+        let busy = o.locals.values().any(|a| {
+            let s = &a.shared;
+            s.in_use.load(Ordering::Acquire) != 0 && s.addr < end && start < s.addr + s.len
+        });
+        if busy {
+            return Err(WsaError::WSAEINVAL);
+        }
         let x = &mut o.exposures[i];
         let entry = x.entry;
         x.count -= 1;
@@ -2171,6 +2186,15 @@ mod tests {
                         }
                         match o.exps.iter().position(|x| x.d == d) {
                             None => prop_assert_eq!(got, Err(WSAEINVAL)),
+                            Some(_)
+                                if o.locals.values().any(|l| {
+                                    let (a, n) = (d.addr as usize, d.len as usize);
+                                    l.held > 0 && l.addr < a + n && a < l.addr + l.len
+                                }) =>
+                            {
+                                // Memory a held op uses stays exposed.
+                                prop_assert_eq!(got, Err(WSAEINVAL));
+                            }
                             Some(i) => {
                                 prop_assert_eq!(got, Ok(()));
                                 o.exps[i].count -= 1;

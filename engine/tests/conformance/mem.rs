@@ -118,6 +118,35 @@ fn mem_3_deregister_unknown_or_in_use_is_einval() {
     h.p.deregister_memory(s, b.handle).unwrap();
 }
 
+/// Spec §3.1: `WSPDeregisterRdmaMemory` while the exposed memory is used
+/// by a pending op of the socket ⇒ `WSAEINVAL`, and the exposure stays.
+#[test]
+fn mem_3_deregister_rdma_memory_in_use_is_einval() {
+    let h = Host::new();
+    let (c, s) = pair(&h, 5310);
+    let b = buf(&h, s, 8192, MEM_READWRITE);
+    let d = expose(&h, s, &b.region, MEM_WRITE);
+    let ov = Overlapped::new(0);
+    recv(&h, s, &b, 4096, 64, &ov).unwrap();
+    assert_eq!(
+        h.p.deregister_rdma_memory(s, &d).unwrap_err(),
+        WsaError::WSAEINVAL
+    );
+    // Still exposed: the peer's RDMA write lands.
+    let src = buf(&h, c, 4096, MEM_READWRITE);
+    src.fill(9);
+    let w = Overlapped::new(0);
+    rdma_write(&h, c, &src, 0, 64, &d, 0, &w).unwrap();
+    assert_eq!(wait_ov(&h, &w), (OK, 64));
+    assert_eq!(b.bytes(0, 64), src.bytes(0, 64));
+    // The receive done, the exposure can go.
+    let sd = Overlapped::new(0);
+    send(&h, c, &src, 0, 64, &sd).unwrap();
+    assert_eq!(wait_ov(&h, &ov), (OK, 64));
+    assert_eq!(wait_ov(&h, &sd), (OK, 64));
+    h.p.deregister_rdma_memory(s, &d).unwrap();
+}
+
 #[test]
 fn mem_4_small_descriptor_block_is_efault_then_retry_works() {
     let h = Host::new();
