@@ -5,7 +5,7 @@
 
 use sanpath::config::{MlockPolicy, PollerMode};
 use sanpath::event::Event;
-use sanpath::fabric::soft::SoftNetwork;
+use sanpath::fabric::soft::{Fault, SoftNetwork, SoftNic};
 use sanpath::mem::region::Region;
 use sanpath::spi::*;
 use sanpath::{Config, WsaError, WsaResult};
@@ -288,6 +288,8 @@ impl Switch for RecordingSwitch {
 pub struct Host {
     /// The soft network (`None` on verbs).
     net: Option<Arc<SoftNetwork>>,
+    /// This host's soft NIC, for fault injection (`None` on verbs).
+    nic: Option<Arc<SoftNic>>,
     pub p: Provider,
     pub sw: Arc<RecordingSwitch>,
     pub ip: Ipv4Addr,
@@ -335,7 +337,7 @@ impl Host {
         config.fabric.verbs.device = device.clone();
         let p = Provider::new(config)
             .unwrap_or_else(|e| panic!("provider on RDMA device {device} ({ip}): {e}"));
-        Host::started(None, p, ip)
+        Host::started(None, None, p, ip)
     }
 
     #[cfg(not(feature = "verbs"))]
@@ -348,15 +350,44 @@ impl Host {
         let nic = net
             .attach(config.soft_nic(vec![ip]))
             .expect("attach soft NIC");
-        let p = Provider::with_nic(config, nic).expect("provider");
-        Host::started(Some(net), p, ip)
+        let p = Provider::with_nic(config, nic.clone()).expect("provider");
+        Host::started(Some(net), Some(nic), p, ip)
     }
 
-    fn started(net: Option<Arc<SoftNetwork>>, p: Provider, ip: Ipv4Addr) -> Host {
+    fn started(
+        net: Option<Arc<SoftNetwork>>,
+        nic: Option<Arc<SoftNic>>,
+        p: Provider,
+        ip: Ipv4Addr,
+    ) -> Host {
         let sw = RecordingSwitch::new();
         let _ = sw.provider.set(p.clone());
         p.startup(WSD_VERSION, sw.clone(), 1001).expect("startup");
-        Host { net, p, sw, ip }
+        Host {
+            net,
+            nic,
+            p,
+            sw,
+            ip,
+        }
+    }
+
+    /// Soft fabric: `answering`'s end of the connection between two
+    /// sockets of this host stops answering, so every send and RDMA that
+    /// `requesting` posts from now on stays in flight until the link
+    /// breaks (a close). Returns false on verbs, where a real NIC cannot be
+    /// silenced.
+    pub fn stall(&self, requesting: ProviderSocket, answering: ProviderSocket) -> bool {
+        let Some(nic) = &self.nic else {
+            return false;
+        };
+        let local = |s| self.p.local_addr(s).unwrap().expect("connected socket");
+        nic.qp_faults(local(answering), local(requesting))
+            .expect("the connection of the two sockets")
+            .arm(Fault::StopResponding {
+                timeout: Duration::from_secs(3600),
+            });
+        true
     }
 
     /// A host reachable only over TCP/IP (no SAN provider): connects to it

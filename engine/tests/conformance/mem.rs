@@ -216,6 +216,58 @@ fn mem_6_deregistered_exposure_is_unreachable() {
     assert!(back.iter().all(|&b| b == 0));
 }
 
+/// MEM-6 with the registration cache on: a deregistered exposure stays
+/// registered in the cache, yet its descriptor reaches nothing: neither
+/// while it is cached, nor once the same buffer is exposed again from the
+/// cache under a new descriptor.
+#[test]
+fn mem_6_with_the_cache_on_a_cached_exposure_is_unreachable() {
+    let mut config = test_config(poller_mode());
+    config.mr_cache.enabled = true;
+    let h = Host::with_config(config);
+    let target = region(4096);
+    let untouched = |from: usize| {
+        let mut back = vec![1u8; 64];
+        target.read_at(from, &mut back).unwrap();
+        back.iter().all(|&b| b == 0)
+    };
+    // While cached.
+    let (c, s) = pair(&h, 5311);
+    let src = buf(&h, c, 4096, MEM_READWRITE);
+    src.fill(6);
+    let d = expose(&h, s, &target, MEM_WRITE);
+    let w = Overlapped::new(0);
+    rdma_write(&h, c, &src, 0, 64, &d, 0, &w).unwrap();
+    assert_eq!(wait_ov(&h, &w), (OK, 64), "exposed: the write lands");
+    h.p.deregister_rdma_memory(s, &d).unwrap();
+    assert_eq!(
+        h.p.registration_stats().cached_entries,
+        1,
+        "kept in the cache"
+    );
+    let stale = Overlapped::new(0);
+    rdma_write(&h, c, &src, 0, 64, &d, 64, &stale).unwrap();
+    assert_eq!(wait_ov(&h, &stale).0, CONNRESET);
+    assert!(untouched(64), "a cached exposure was written");
+    // Exposed again from the cache: the old descriptor stays dead.
+    let (c2, s2) = pair(&h, 5312);
+    let src2 = buf(&h, c2, 4096, MEM_READWRITE);
+    src2.fill(7);
+    let d2 = expose(&h, s2, &target, MEM_WRITE);
+    h.p.deregister_rdma_memory(s2, &d2).unwrap();
+    let hits = h.p.registration_stats().cache_hits;
+    let d3 = expose(&h, s2, &target, MEM_WRITE);
+    assert_eq!(h.p.registration_stats().cache_hits, hits + 1, "a cache hit");
+    assert_ne!(d3, d2);
+    let stale = Overlapped::new(0);
+    rdma_write(&h, c2, &src2, 0, 64, &d2, 128, &stale).unwrap();
+    assert_eq!(wait_ov(&h, &stale).0, CONNRESET);
+    assert!(
+        untouched(128),
+        "the old descriptor of a re-exposed buffer was used"
+    );
+}
+
 #[test]
 fn mem_7_descriptor_only_works_on_its_connection() {
     let h = Host::new();
