@@ -31,6 +31,42 @@ fn close_1_and_2_close_returns_zero_in_every_state() {
     h.p.close_socket(s).unwrap();
 }
 
+/// Close does not wait for unsent data: sends parked at a peer that posted
+/// no receive are aborted at once, and the data never arrives.
+#[test]
+fn close_2_close_does_not_wait_for_unsent_data() {
+    let h = Host::new();
+    let (c, s) = pair(&h, 5612);
+    let bc = buf(&h, c, 4096, MEM_READWRITE);
+    let bs = buf(&h, s, 4096, MEM_READWRITE);
+    bc.fill(3);
+    let sends: Vec<Overlapped> = (0..3).map(|_| Overlapped::new(0)).collect();
+    for (i, ov) in sends.iter().enumerate() {
+        send(&h, c, &bc, i * 64, 64, ov).unwrap();
+    }
+    assert!(sends.iter().all(Overlapped::is_pending));
+    let t = std::time::Instant::now();
+    h.p.close_socket(c).unwrap();
+    let took = t.elapsed();
+    assert!(
+        took < std::time::Duration::from_millis(500),
+        "close took {took:?}"
+    );
+    for ov in &sends {
+        assert_eq!(done_ov(ov), (ABORTED, 0));
+    }
+    // The peer's receive posted now gets the reset, not the data.
+    let r = Overlapped::new(0);
+    match recv(&h, s, &bs, 0, 64, &r) {
+        Ok(()) => assert_eq!(wait_ov(&h, &r), (CONNRESET, 0)),
+        Err(e) => assert_eq!(e, WsaError::WSAECONNRESET),
+    }
+    assert!(
+        bs.bytes(0, 64).iter().all(|&b| b == 0),
+        "unsent data arrived"
+    );
+}
+
 fn every_pending_op_aborted_once(mode: PollerMode) {
     let h = Host::with_config(test_config(mode));
     let (c, s) = pair(&h, 5603);
@@ -308,4 +344,19 @@ fn close_11_no_fd_connect_after_close() {
     h.p.close_socket(c2).unwrap();
     let _ = h.p.accept(l, &mut |_| Condition::Accept);
     assert!(!ev2.is_set());
+    // FD_ACCEPT: a listener closed while a request was queued (its event
+    // set) is signalled no more, whatever arrives afterwards.
+    let (l2, lev2) = h.listener(5611, 4);
+    let c3 = h.socket();
+    h.p.connect(c3, h.addr(5611), &[]).unwrap();
+    assert!(lev2.wait(TIMEOUT));
+    let signals = lev2.set_count();
+    h.p.close_socket(l2).unwrap();
+    let c4 = h.socket();
+    assert_eq!(
+        connect_result(&h, c4, h.addr(5611)),
+        Err(WsaError::WSAECONNRESET)
+    );
+    settle();
+    assert_eq!(lev2.set_count(), signals, "FD_ACCEPT after close");
 }

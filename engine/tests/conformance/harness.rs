@@ -172,14 +172,6 @@ impl RecordingSwitch {
         });
     }
 
-    /// Waits until `h` was closed.
-    pub fn wait_closed(&self, h: SwitchHandle) {
-        self.wait_for("close_socket_handle", |u| {
-            u.iter()
-                .any(|x| matches!(x, Upcall::Close { handle } if *handle == h))
-        });
-    }
-
     /// Waits up to `timeout` until every switch handle handed out was
     /// closed.
     pub fn wait_all_closed(&self, timeout: Duration) -> Result<(), String> {

@@ -283,7 +283,8 @@ fn mem_7_descriptor_only_works_on_its_connection() {
     let mut back = vec![1u8; 64];
     target.read_at(0, &mut back).unwrap();
     assert!(back.iter().all(|&b| b == 0));
-    // And not after its connection closed.
+    // And not after its connection closed: neither from its own peer nor
+    // from a live connection on the same NIC.
     let src1 = buf(&h, c1, 4096, MEM_READWRITE);
     h.p.close_socket(s1).unwrap();
     let ov = Overlapped::new(0);
@@ -291,6 +292,12 @@ fn mem_7_descriptor_only_works_on_its_connection() {
         Ok(()) => assert_ne!(wait_ov(&h, &ov).0, OK),
         Err(e) => assert_eq!(e, WsaError::WSAECONNRESET),
     }
+    let (c3, _s3) = pair(&h, 5314);
+    let src3 = buf(&h, c3, 4096, MEM_READWRITE);
+    src3.fill(5);
+    let ov = Overlapped::new(0);
+    rdma_write(&h, c3, &src3, 0, 64, &d, 0, &ov).unwrap();
+    assert_eq!(wait_ov(&h, &ov).0, CONNRESET);
     target.read_at(0, &mut back).unwrap();
     assert!(back.iter().all(|&b| b == 0));
 }

@@ -195,14 +195,11 @@ fn sock_5_short_set_value_is_efault() {
     .unwrap();
 }
 
-/// Drives every call through wrong states and bad arguments.
-#[test]
-fn sock_6_no_call_returns_wsaeinprogress() {
-    let h = Host::new();
+/// Every socket call on `s` with arguments that start nothing lasting
+/// (unregistered buffers, bad descriptors, caller data); the errors.
+fn every_call(h: &Host, s: ProviderSocket, r: &sanpath::mem::region::Region) -> Vec<WsaError> {
     let mut results = Vec::new();
-    let s = h.socket();
     let ov = Overlapped::new(0);
-    let r = region(4096);
     let wb = [WsaBuf {
         len: 16,
         buf: r.as_ptr(),
@@ -213,17 +210,19 @@ fn sock_6_no_call_returns_wsaeinprogress() {
         handle: 99,
     }];
     let mut v = [0u8; 4];
+    results.push(h.p.bind(s, h.addr(5)).err());
     results.push(h.p.listen(s, 5).err());
-    results.push(h.p.accept(s, &mut |_| Condition::Accept).err());
-    // SAFETY: nothing is started on an unconnected socket.
+    results.push(h.p.accept(s, &mut |_| Condition::Defer).err());
+    results.push(h.p.connect(s, h.addr(1), &[1]).err());
+    // SAFETY: the buffers are registered nowhere: nothing starts.
     unsafe {
         results.push(h.p.send(s, &wb, 0, &ov).err());
         results.push(h.p.recv(s, &wb, &ov).err());
         results.push(h.p.rdma_write(s, &wbx, &[0; 32], 0, 0, &ov).err());
         results.push(h.p.rdma_read(s, &wbx, &[0; 8], 0, 0, &ov).err());
-        results.push(h.p.register_memory(s, r.as_ptr(), 16, 3).err());
+        results.push(h.p.register_memory(s, r.as_ptr(), 16, 0).err());
         results.push(
-            h.p.register_rdma_memory(s, r.as_ptr(), 16, 3, &mut [0; 32])
+            h.p.register_rdma_memory(s, r.as_ptr(), 16, 3, &mut [0; 8])
                 .err(),
         );
     }
@@ -231,12 +230,51 @@ fn sock_6_no_call_returns_wsaeinprogress() {
     results.push(h.p.deregister_rdma_memory(s, &[0; 32]).err());
     results.push(h.p.get_overlapped_result(s, &ov, false).err());
     results.push(h.p.get_sockopt(s, SOL_SOCKET, 0, &mut v).err());
-    results.push(h.p.connect(s, h.addr(1), &[1]).err());
+    results.push(
+        h.p.get_sockopt(s, SOL_SOCKET, SO_MAX_MSG_SIZE, &mut v)
+            .err(),
+    );
+    results.push(h.p.set_sockopt(s, SOL_SOCKET, SO_DEBUG, &[1]).err());
+    results.push(h.p.event_select(s, None, FD_CONNECT).err());
+    results.push(h.p.enum_network_events(s, None).err());
+    results.push(h.p.ioctl_check(s, SIO_ADDRESS_LIST_QUERY).err());
+    results.push(h.p.get_qos_by_name(s).err());
     results.push(h.p.duplicate_socket(s, 1).err());
-    h.p.close_socket(s).unwrap();
-    results.push(h.p.close_socket(s).err());
-    results.push(h.p.bind(s, h.addr(5)).err());
-    for e in results.into_iter().flatten() {
-        assert_ne!(e, WsaError::WSAEINPROGRESS);
+    results.into_iter().flatten().collect()
+}
+
+/// Every call in every socket state (open, bound, listening, connecting,
+/// connected with ops pending, peer-reset, closed), and with bad
+/// arguments: never `WSAEINPROGRESS`.
+#[test]
+fn sock_6_no_call_returns_wsaeinprogress() {
+    let h = Host::new();
+    let r = region(4096);
+    let mut results = Vec::new();
+    let open = h.socket();
+    results.extend(every_call(&h, open, &r));
+    let bound = h.socket();
+    h.p.bind(bound, h.addr(5620)).unwrap();
+    results.extend(every_call(&h, bound, &r));
+    let (listening, _) = h.listener(5621, 4);
+    results.extend(every_call(&h, listening, &r));
+    let connecting = h.socket();
+    h.p.connect(connecting, SocketAddrV4::new(h.silent_host(), 1), &[])
+        .unwrap();
+    results.extend(every_call(&h, connecting, &r));
+    let (c, s) = pair(&h, 5622);
+    let b = buf(&h, s, 4096, MEM_READWRITE);
+    let pending = Overlapped::new(0);
+    recv(&h, s, &b, 0, 64, &pending).unwrap();
+    results.extend(every_call(&h, s, &r));
+    h.p.close_socket(c).unwrap();
+    assert_eq!(wait_ov(&h, &pending).0, CONNRESET);
+    results.extend(every_call(&h, s, &r));
+    for sock in [open, bound, listening, connecting, c, s] {
+        results.extend(h.p.close_socket(sock).err());
+        results.extend(every_call(&h, sock, &r));
+        results.extend(h.p.close_socket(sock).err());
     }
+    assert!(!results.is_empty());
+    assert!(!results.contains(&WsaError::WSAEINPROGRESS), "{results:?}");
 }
