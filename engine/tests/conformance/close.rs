@@ -276,6 +276,12 @@ fn close_8_peer_teardown_keeps_the_socket_until_close() {
             Err(e) => assert_eq!(e, WsaError::WSAECONNRESET),
             Ok(()) => assert_eq!(wait_ov(&h, &ov).0, CONNRESET),
         }
+        // A new receive after the teardown fails the same way.
+        let ov = Overlapped::new(0);
+        match recv(&h, s, &b, 64, 8, &ov) {
+            Err(e) => assert_eq!(e, WsaError::WSAECONNRESET),
+            Ok(()) => assert_eq!(wait_ov(&h, &ov).0, CONNRESET),
+        }
     }
     let mut v = [0u8; 4];
     h.p.get_sockopt(s, SOL_SOCKET, SO_MAX_RDMA_SIZE, &mut v)
@@ -297,6 +303,127 @@ fn close_9_closing_one_end_resets_the_other_promptly() {
     h.p.close_socket(c).unwrap();
     for ov in &ovs {
         assert_eq!(wait_ov(&h, ov).0, CONNRESET);
+    }
+}
+
+/// Seed §6.1 step 3 beyond receives: the peer's pending sends and RDMA
+/// (soft: really in flight, this end silenced) complete `WSAECONNRESET`
+/// when this end closes, each once.
+#[test]
+fn close_9_peer_pending_sends_and_rdma_reset_at_teardown() {
+    let h = Host::new();
+    let (c, s) = pair(&h, 5613);
+    let bs = buf(&h, s, 1 << 16, MEM_READWRITE);
+    let target = region(1 << 16);
+    let d = expose(&h, c, &target, MEM_READWRITE);
+    let stalled = h.stall(s, c);
+    let ovs: Vec<Overlapped> = (0..6).map(|_| Overlapped::new(0)).collect();
+    let mut started = Vec::new();
+    for (i, ov) in ovs.iter().enumerate() {
+        let off = i * 4096;
+        match i % 3 {
+            0 => send(&h, s, &bs, off, 64, ov).unwrap(),
+            1 if stalled => rdma_write(&h, s, &bs, off, 64, &d, off as u32, ov).unwrap(),
+            2 if stalled => rdma_read(&h, s, &bs, off, 64, &d, off as u32, ov).unwrap(),
+            _ => continue,
+        }
+        started.push(ov);
+    }
+    assert!(started.iter().all(|ov| ov.is_pending()));
+    h.p.close_socket(c).unwrap();
+    for ov in started {
+        assert_eq!(wait_ov(&h, ov), (CONNRESET, 0));
+        assert_eq!(h.sw.completions_of(ov), 1);
+    }
+}
+
+/// Both ends closed at the same moment from two threads: both return 0,
+/// every op of either end completes exactly once (aborted, or reset if the
+/// other end's teardown reached it first), both handles are closed once.
+#[test]
+fn close_3_both_ends_closing_at_the_same_moment() {
+    for round in 0..10u16 {
+        // A host per round: the recorder counts upcalls per address.
+        let h = Host::new();
+        let (c, s) = pair(&h, 5614 + round);
+        let bc = buf(&h, c, 4096, MEM_READWRITE);
+        let bs = buf(&h, s, 4096, MEM_READWRITE);
+        let ovs: Vec<Overlapped> = (0..4).map(|_| Overlapped::new(0)).collect();
+        recv(&h, c, &bc, 0, 64, &ovs[0]).unwrap();
+        recv(&h, s, &bs, 0, 64, &ovs[1]).unwrap();
+        send(&h, c, &bc, 64, 64, &ovs[2]).unwrap();
+        send(&h, s, &bs, 64, 64, &ovs[3]).unwrap();
+        let handles = [h.p.switch_handle(c).unwrap(), h.p.switch_handle(s).unwrap()];
+        let go = std::sync::Barrier::new(2);
+        std::thread::scope(|t| {
+            for sock in [c, s] {
+                let (h, go) = (&h, &go);
+                t.spawn(move || {
+                    go.wait();
+                    h.p.close_socket(sock).unwrap();
+                });
+            }
+        });
+        for ov in &ovs {
+            // The receive of one end may have taken the other's send first.
+            let (err, _) = done_ov(ov);
+            assert!(
+                [OK, ABORTED, CONNRESET].contains(&err),
+                "round {round}: completed with {err}"
+            );
+            assert_eq!(h.sw.completions_of(ov), 1, "round {round}");
+        }
+        for hd in handles {
+            assert!(h.sw.closed(hd), "round {round}");
+        }
+    }
+}
+
+/// A close racing other threads' calls on the same socket (§7-16): each
+/// call either wins (an op it started completes, aborted, exactly once) or
+/// fails `WSAENOTSOCK`; nothing else, nothing hangs.
+#[test]
+fn close_7_close_racing_calls_on_the_same_socket() {
+    for round in 0..10u16 {
+        // A host per round: the recorder counts upcalls per address.
+        let h = Host::new();
+        let (_c, s) = pair(&h, 5630 + round);
+        let b = buf(&h, s, 1 << 16, MEM_READWRITE);
+        let ovs: Vec<Overlapped> = (0..32).map(|_| Overlapped::new(0)).collect();
+        let go = std::sync::Barrier::new(2);
+        let started = std::thread::scope(|t| {
+            let (h, go, b, ovs) = (&h, &go, &b, &ovs);
+            let caller = t.spawn(move || {
+                let mut started = Vec::new();
+                go.wait();
+                for (i, ov) in ovs.iter().enumerate() {
+                    match recv(h, s, b, i * 64, 64, ov) {
+                        Ok(()) => started.push(ov),
+                        Err(e) => {
+                            assert_eq!(e, WsaError::WSAENOTSOCK, "round {round}");
+                            return started;
+                        }
+                    }
+                    let mut v = [0u8; 4];
+                    if let Err(e) = h.p.get_sockopt(s, SOL_SOCKET, SO_MAX_MSG_SIZE, &mut v) {
+                        assert_eq!(e, WsaError::WSAENOTSOCK, "round {round}");
+                        return started;
+                    }
+                }
+                started
+            });
+            go.wait();
+            h.p.close_socket(s).unwrap();
+            caller.join().unwrap()
+        });
+        for ov in started {
+            assert_eq!(done_ov(ov), (ABORTED, 0), "round {round}");
+            assert_eq!(h.sw.completions_of(ov), 1);
+        }
+        assert_eq!(
+            recv(&h, s, &b, 0, 64, &Overlapped::new(0)).unwrap_err(),
+            WsaError::WSAENOTSOCK
+        );
     }
 }
 
