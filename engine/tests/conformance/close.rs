@@ -427,6 +427,39 @@ fn close_7_close_racing_calls_on_the_same_socket() {
     }
 }
 
+/// The op-buffer half of CLOSE-10 (soft: the RDMA really in flight, the
+/// peer's end silenced): once the abort completions are reported, the
+/// buffers are the switch's again: what it writes there stays, and nothing
+/// of an aborted write reaches the peer, through the peer's own close too.
+#[test]
+fn close_10_aborted_ops_leave_their_buffers_alone() {
+    let h = Host::new();
+    let (c, s) = pair(&h, 5650);
+    let target = region(1 << 16);
+    let d = expose(&h, s, &target, MEM_READWRITE);
+    let b = buf(&h, c, 1 << 16, MEM_READWRITE);
+    b.fill(1);
+    if !h.stall(c, s) {
+        eprintln!("skipped on verbs: a real peer cannot be silenced");
+        return;
+    }
+    let ovs: Vec<Overlapped> = (0..3).map(|_| Overlapped::new(0)).collect();
+    rdma_write(&h, c, &b, 0, 4096, &d, 0, &ovs[0]).unwrap();
+    rdma_read(&h, c, &b, 4096, 4096, &d, 4096, &ovs[1]).unwrap();
+    recv(&h, c, &b, 8192, 4096, &ovs[2]).unwrap();
+    h.p.close_socket(c).unwrap();
+    for ov in &ovs {
+        assert_eq!(done_ov(ov), (ABORTED, 0));
+    }
+    b.fill(2);
+    let mine = b.bytes(0, 3 * 4096);
+    h.p.close_socket(s).unwrap();
+    assert_eq!(b.bytes(0, 3 * 4096), mine, "an aborted op's buffer changed");
+    let mut back = vec![1u8; 1 << 16];
+    target.read_at(0, &mut back).unwrap();
+    assert!(back.iter().all(|&x| x == 0), "an aborted write landed");
+}
+
 #[test]
 fn close_10_closed_socket_exposures_reject_peer_rdma() {
     let h = Host::new();
