@@ -29,6 +29,27 @@ fn close_1_and_2_close_returns_zero_in_every_state() {
     assert_eq!(wait_ov(&h, &ov).0, CONNRESET);
     // Peer-reset socket.
     h.p.close_socket(s).unwrap();
+    // NIC error (soft: a work-request error moves the queue pair to the
+    // error state, as a real NIC's would).
+    let (c, s) = pair(&h, 5651);
+    let fault = sanpath::fabric::soft::Fault::FailRequest {
+        queue: sanpath::fabric::soft::WorkQueue::Send,
+        nth: 1,
+        status: sanpath::fabric::WcStatus::LocalProtectionError,
+    };
+    if h.fault(c, s, fault) {
+        let bc = buf(&h, c, 4096, MEM_READWRITE);
+        let ov = Overlapped::new(0);
+        send(&h, c, &bc, 0, 8, &ov).unwrap();
+        let aborted = WsaError::WSAECONNABORTED.code() as u32;
+        assert_eq!(wait_ov(&h, &ov).0, aborted);
+        assert_eq!(
+            send(&h, c, &bc, 0, 8, &ov).unwrap_err(),
+            WsaError::WSAECONNABORTED
+        );
+    }
+    h.p.close_socket(c).unwrap();
+    h.p.close_socket(s).unwrap();
 }
 
 /// Close does not wait for unsent data: sends parked at a peer that posted

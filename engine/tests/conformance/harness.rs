@@ -370,15 +370,25 @@ impl Host {
     /// breaks (a close). Returns false on verbs, where a real NIC cannot be
     /// silenced.
     pub fn stall(&self, requesting: ProviderSocket, answering: ProviderSocket) -> bool {
+        self.fault(
+            answering,
+            requesting,
+            Fault::StopResponding {
+                timeout: Duration::from_secs(3600),
+            },
+        )
+    }
+
+    /// Soft fabric: arms `fault` on `on`'s end of its connection to `peer`
+    /// (both sockets of this host). Returns false on verbs.
+    pub fn fault(&self, on: ProviderSocket, peer: ProviderSocket, fault: Fault) -> bool {
         let Some(nic) = &self.nic else {
             return false;
         };
         let local = |s| self.p.local_addr(s).unwrap().expect("connected socket");
-        nic.qp_faults(local(answering), local(requesting))
+        nic.qp_faults(local(on), local(peer))
             .expect("the connection of the two sockets")
-            .arm(Fault::StopResponding {
-                timeout: Duration::from_secs(3600),
-            });
+            .arm(fault);
         true
     }
 

@@ -192,11 +192,16 @@ fn mem_5_exposure_rights_are_enforced() {
     // Write-only exposure: the peer's read fails.
     let (c, s) = pair(&h, 5306);
     let source = region(4096);
+    source.write_at(0, &[0x5A; 4096]).unwrap();
     let d = expose(&h, s, &source, MEM_WRITE);
     let dst = buf(&h, c, 4096, MEM_READWRITE);
     let ov = Overlapped::new(0);
     rdma_read(&h, c, &dst, 0, 512, &d, 0, &ov).unwrap();
     assert_eq!(wait_ov(&h, &ov).0, CONNRESET);
+    assert!(
+        dst.bytes(0, 512).iter().all(|&b| b == 0),
+        "write-only source was read"
+    );
 }
 
 #[test]
