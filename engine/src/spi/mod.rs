@@ -1448,6 +1448,9 @@ impl Inner {
     fn upcall_helper_main(self: Arc<Self>, run: &Arc<Running>) {
         while !run.stop.load(Ordering::SeqCst) {
             if self.progress(run, None) > 0 {
+                // A thread in `wait_for` may sleep on the CQs' notifier for
+                // an op this pass reported.
+                run.rtc_notifier.notify();
                 continue;
             }
             let token = run.rtc_notifier.prepare();
