@@ -47,6 +47,11 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+/// How long the run-to-completion upcall helper leaves a completion to the
+/// threads that poll before it reports it itself (see
+/// `Inner::upcall_helper_main`): the delay of an upcall nobody polled for.
+const HELPER_STEP_ASIDE: Duration = Duration::from_micros(200);
+
 /// Size of the RDMA descriptor `register_rdma_memory` writes (spec §7-1).
 pub const RDMA_DESCRIPTOR_LEN: usize = DESCRIPTOR_LEN;
 
@@ -133,6 +138,10 @@ pub(crate) struct Running {
     /// Run-to-completion mode: set by the first op that wants an upcall,
     /// which starts the upcall helper.
     helper_started: std::sync::atomic::AtomicBool,
+    /// Run-to-completion mode: bumped by every progress pass that reported
+    /// something, so the upcall helper sees another thread reaping. Its
+    /// own line: written per pass, read by the helper now and then.
+    reaped: crate::sync::CachePadded<AtomicU64>,
     stop: std::sync::atomic::AtomicBool,
 }
 
@@ -285,6 +294,7 @@ impl Provider {
             run.dispatcher_waker.unpark();
             run.rtc_notifier.notify();
             if let Some(h) = lock(&run.dispatcher).take() {
+                h.thread().unpark();
                 let _ = h.join();
             }
             run.progress.shutdown();
@@ -1069,6 +1079,7 @@ impl Inner {
             rtc_notifier,
             dispatcher: Mutex::new(None),
             helper_started: std::sync::atomic::AtomicBool::new(false),
+            reaped: crate::sync::CachePadded::new(AtomicU64::new(0)),
             stop: std::sync::atomic::AtomicBool::new(false),
         });
         if self.config.poller.mode == PollerMode::Threads {
@@ -1345,6 +1356,9 @@ impl Inner {
             run.progress.drain(only, &mut |wc| self.dispatch(run, wc))
         };
         if total > 0 {
+            if self.config.poller.mode == PollerMode::RunToCompletion {
+                run.reaped.fetch_add(1, Ordering::Relaxed);
+            }
             self.completed.notify();
         }
         total
@@ -1442,17 +1456,22 @@ impl Inner {
         self.progress(run, None);
     }
 
-    /// Run-to-completion mode's upcall helper: sleeps on the armed CQs and
-    /// reports what no waiting thread reported first. It never spins: a
-    /// thread that waits for its own op still polls, and usually wins.
+    /// Run-to-completion mode's upcall helper: reports what no other
+    /// thread reported, sleeping on the armed CQs meanwhile; it never
+    /// spins. Woken by a completion, it first gives the threads that poll a
+    /// [`HELPER_STEP_ASIDE`] to reap it, and stays aside while they keep
+    /// reaping: it arms the CQs again only after a whole step in which
+    /// nobody else reaped, since an armed CQ costs the thread that completes
+    /// a request a wake-up, which a thread polling for its own ops must not
+    /// pay per op.
     fn upcall_helper_main(self: Arc<Self>, run: &Arc<Running>) {
         while !run.stop.load(Ordering::SeqCst) {
             if self.progress(run, None) > 0 {
                 // A thread in `wait_for` may sleep on the CQs' notifier for
                 // an op this pass reported.
                 run.rtc_notifier.notify();
-                continue;
             }
+            let mut seen = run.reaped.load(Ordering::Relaxed);
             let token = run.rtc_notifier.prepare();
             if run.stop.load(Ordering::SeqCst) {
                 break;
@@ -1464,6 +1483,14 @@ impl Inner {
                 continue;
             }
             let _ = token.wait(None);
+            while !run.stop.load(Ordering::SeqCst) {
+                std::thread::park_timeout(HELPER_STEP_ASIDE);
+                let now = run.reaped.load(Ordering::Relaxed);
+                if now == seen {
+                    break;
+                }
+                seen = now;
+            }
         }
     }
 }
