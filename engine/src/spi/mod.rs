@@ -1477,7 +1477,8 @@ impl Inner {
                 break;
             }
             if run.progress.arm() {
-                // Completions wait in a CQ another thread is reaping.
+                // Completions came since, or wait in a CQ another thread
+                // is reaping: look again.
                 drop(token);
                 std::thread::yield_now();
                 continue;
