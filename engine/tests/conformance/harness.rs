@@ -18,6 +18,17 @@ use std::time::{Duration, Instant};
 /// How long any test waits for something that should happen promptly.
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The bound on a close that must be prompt (spec §6.2: far below any
+/// transport timeout): 500 ms, or 1.5 s on verbs under the Soft-RoCE VM's
+/// emulation.
+pub fn prompt() -> Duration {
+    if on_verbs() {
+        Duration::from_millis(1500)
+    } else {
+        Duration::from_millis(500)
+    }
+}
+
 /// The fabric the suite runs on, from `SANPATH_CONFORMANCE_FABRIC`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fabric {
