@@ -12,7 +12,8 @@
 //! needs `unsafe`.
 
 use crate::fabric::{Sge, WcOpcode, WcStatus, WrId};
-use crate::sync::{Arc, AtomicU64, CachePadded, Ordering};
+use crate::sync::{AtomicU64, CachePadded, Ordering};
+use std::sync::Arc;
 
 /// How a send-queue request completes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
