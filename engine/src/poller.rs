@@ -18,6 +18,8 @@
 use crate::config::{Config, PollerMode};
 use crate::fabric::{CompletionQueue, CqId, FabricError, Nic, Waker, WorkCompletion};
 use crate::ring::{self, Consumer, Producer};
+use crossbeam_utils::CachePadded;
+use std::cell::RefCell;
 use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
 use std::thread::{JoinHandle, Thread};
@@ -192,8 +194,9 @@ pub struct Progress {
     /// thread that drains them (normally the dispatcher) for pop + dispatch.
     consumers: Mutex<Vec<Consumer<WorkCompletion>>>,
     /// Run-to-completion mode: one reaper per CQ at a time (CQs are single
-    /// consumer).
-    rtc_reapers: Vec<Mutex<()>>,
+    /// consumer). Padded: the threads spinning on different CQs each
+    /// try-lock their own, and must not bounce one line between them.
+    rtc_reapers: Vec<CachePadded<Mutex<()>>>,
     stop: Arc<AtomicBool>,
     /// Next CQ to hand out (round robin).
     next_cq: AtomicUsize,
@@ -246,7 +249,9 @@ impl Progress {
                 }
             }
         }
-        let rtc_reapers = (0..cqs.len()).map(|_| Mutex::new(())).collect();
+        let rtc_reapers = (0..cqs.len())
+            .map(|_| CachePadded::new(Mutex::new(())))
+            .collect();
         Ok(Progress {
             mode: pc.mode,
             cqs,
@@ -276,8 +281,20 @@ impl Progress {
     /// many completions were handed out. `only` limits a run-to-completion
     /// drain to one CQ (the one a waiting thread's socket uses); threads
     /// mode drains the rings regardless.
+    /// A nested `drain` on the same thread hands out nothing and returns 0.
     pub fn drain(&self, only: Option<usize>, f: &mut dyn FnMut(&WorkCompletion)) -> usize {
-        let mut buf = [WorkCompletion::EMPTY; POLL_BATCH];
+        REAP_BUF.with(|buf| match buf.try_borrow_mut() {
+            Ok(mut buf) => self.drain_into(&mut buf, only, f),
+            Err(_) => 0,
+        })
+    }
+
+    fn drain_into(
+        &self,
+        buf: &mut [WorkCompletion; POLL_BATCH],
+        only: Option<usize>,
+        f: &mut dyn FnMut(&WorkCompletion),
+    ) -> usize {
         let mut total = 0;
         match self.mode {
             PollerMode::Threads => {
@@ -286,7 +303,7 @@ impl Progress {
                 };
                 for c in consumers.iter_mut() {
                     loop {
-                        let n = c.pop_into(&mut buf);
+                        let n = c.pop_into(buf);
                         buf[..n].iter().for_each(&mut *f);
                         total += n;
                         if n < buf.len() {
@@ -304,7 +321,7 @@ impl Progress {
                         continue;
                     };
                     loop {
-                        let n = cq.poll(&mut buf);
+                        let n = cq.poll(buf);
                         buf[..n].iter().for_each(&mut *f);
                         total += n;
                         if n < buf.len() {
@@ -356,8 +373,16 @@ impl Drop for Progress {
     }
 }
 
-/// Completions reaped per poll call at most (stack buffer size).
+/// Completions reaped per poll call at most (reap buffer size).
 const POLL_BATCH: usize = 64;
+
+thread_local! {
+    /// The buffer [`Progress::drain`] reaps into, one per thread and
+    /// initialized once: a drain that finds nothing (every spin of a waiting
+    /// thread) writes no memory for it.
+    static REAP_BUF: RefCell<[WorkCompletion; POLL_BATCH]> =
+        const { RefCell::new([WorkCompletion::EMPTY; POLL_BATCH]) };
+}
 
 struct PollerCtx {
     cq: Arc<dyn CompletionQueue>,
