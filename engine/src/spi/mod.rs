@@ -39,7 +39,9 @@ use crate::mem::descriptor::{Descriptor, DESCRIPTOR_LEN};
 use crate::mem::table::{MemFlags, OwnerId, RegRef, RegistrationTable};
 use crate::poller::{Notifier, ParkWaker, Progress};
 use ops::{OpSlab, OpState, OvPtr};
-use socket::{record_connect, Phase, Socket, SocketListenerEvents, SocketQpEvents, SocketTable};
+use socket::{
+    record_connect, Phase, Pinned, Socket, SocketListenerEvents, SocketQpEvents, SocketTable,
+};
 use std::cell::Cell;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
@@ -336,7 +338,7 @@ impl Provider {
             return Err(WsaError::WSAEINVAL);
         }
         let sock = self.inner.new_socket(&run)?;
-        self.inner.sockets.publish(sock.clone());
+        self.inner.sockets.publish(sock.desc, sock.clone());
         Ok(sock.desc)
     }
 
@@ -527,7 +529,7 @@ impl Provider {
                         c.phase = Phase::Connected;
                     }
                     let _ = new.qp.set(qp);
-                    self.inner.sockets.publish(new.clone());
+                    self.inner.sockets.publish(new.desc, new.clone());
                     break Ok((new.desc, info.caller));
                 }
                 Err(e) => {
@@ -763,7 +765,7 @@ impl Provider {
         flags: u32,
         ov: &Overlapped,
     ) -> WsaResult<()> {
-        let sock = self.inner.socket(s)?;
+        let sock = self.inner.pin(s)?;
         if flags != 0 {
             return Err(WsaError::WSAEOPNOTSUPP);
         }
@@ -792,7 +794,7 @@ impl Provider {
         bufs: &[WsaBuf],
         ov: &Overlapped,
     ) -> WsaResult<()> {
-        let sock = self.inner.socket(s)?;
+        let sock = self.inner.pin(s)?;
         let it = bufs.iter().map(|b| (b.buf as usize, b.len, None));
         // SAFETY: forwarded caller contract.
         unsafe {
@@ -851,7 +853,7 @@ impl Provider {
         ov: &Overlapped,
         dir: RdmaDir,
     ) -> WsaResult<()> {
-        let sock = self.inner.socket(s)?;
+        let sock = self.inner.pin(s)?;
         if flags != 0 {
             return Err(WsaError::WSAEOPNOTSUPP);
         }
@@ -902,7 +904,9 @@ impl Provider {
         ov: &Overlapped,
         wait: bool,
     ) -> WsaResult<(u32, u32)> {
-        let sock = self.inner.socket(s)?;
+        // A pin, not the provider's `running` lock: the socket's own
+        // reference to the engine serves the wait.
+        let sock = self.inner.pin(s)?;
         if ov.is_pending() && self.inner.config.poller.mode == PollerMode::RunToCompletion {
             // A polled op (hEvent bit 0 set) has no other thread to report
             // it in this mode: the caller that polls makes the progress.
@@ -912,9 +916,8 @@ impl Provider {
             if !wait || DISPATCHING.with(Cell::get) {
                 return Err(WsaError::WSA_IO_INCOMPLETE);
             }
-            let run = self.inner.running()?;
             self.inner
-                .wait_for(&run, None, sock.cq_index(), || !ov.is_pending());
+                .wait_for(&sock.run, None, sock.cq_index(), || !ov.is_pending());
         }
         let error = ov.offset_high.load(Ordering::Acquire);
         let bytes = ov.internal_high.load(Ordering::Acquire) as u32;
@@ -939,7 +942,7 @@ impl Provider {
     /// the completion queue of socket `s`: the thread that waits for `s`'s
     /// ops polls its own CQ, without touching other threads' CQs.
     pub fn progress_socket(&self, s: ProviderSocket) -> usize {
-        match self.inner.socket(s) {
+        match self.inner.pin(s) {
             // The socket's own reference to the engine: no provider-wide
             // lock is touched by a thread spinning on its socket.
             Ok(sock) => self.inner.progress(&sock.run, sock.cq_index()),
@@ -1107,6 +1110,12 @@ impl Inner {
         self.sockets.get(s)
     }
 
+    /// The data path's lookup: a pin on the socket's table slot, no lock
+    /// and no reference count.
+    fn pin(&self, s: ProviderSocket) -> WsaResult<Pinned<'_>> {
+        self.sockets.pin(s).ok_or(WsaError::WSAENOTSOCK)
+    }
+
     /// Creates a socket object with its switch handle (one
     /// `create_socket_handle` upcall, no lock held), not yet published.
     fn new_socket(&self, run: &Arc<Running>) -> WsaResult<Arc<Socket>> {
@@ -1207,14 +1216,14 @@ impl Inner {
     #[allow(clippy::too_many_arguments)]
     unsafe fn start_op(
         self: &Arc<Self>,
-        sock: Arc<Socket>,
+        sock: Pinned<'_>,
         bufs: impl ExactSizeIterator<Item = (usize, u32, Option<usize>)>,
         need: MemFlags,
         max_total: u32,
         ov: &Overlapped,
         post: impl FnOnce(&dyn QueuePair, u64, &[Sge]) -> Result<(), PostError>,
     ) -> WsaResult<()> {
-        let qp = sock.connected_qp()?.clone();
+        let qp = sock.connected_qp()?;
         if ov.wants_upcall() {
             self.ensure_upcall_helper(&sock.run)?;
         }
@@ -1277,14 +1286,19 @@ impl Inner {
         self.ops.fill(
             &slot,
             OpState {
-                socket: sock.clone(),
+                socket: sock.op_socket(),
                 // SAFETY: the caller guarantees `ov` outlives the op.
                 overlapped: unsafe { OvPtr::new(ov) },
                 regs,
             },
         );
-        match post(&*qp, slot.wr_id(), &sges[..n]) {
-            Ok(()) => Ok(()),
+        match post(&**qp, slot.wr_id(), &sges[..n]) {
+            Ok(()) => {
+                // The op owns the pin now; its completion (maybe already
+                // running) gives it back. `sock` is not touched again.
+                sock.hand_to_op();
+                Ok(())
+            }
             Err(e) => {
                 drop(self.ops.cancel(slot));
                 ov.internal_high.store(before.1, Ordering::Relaxed);
@@ -1299,13 +1313,13 @@ impl Inner {
     }
 
     /// An op of `sock` is over (completed, or never started).
-    fn op_finished(&self, sock: &Arc<Socket>) {
+    fn op_finished(&self, sock: &Socket) {
         let left = sock.gate.leave();
         self.finish_close(sock, left.finalize);
     }
 
     /// Finalizes `sock` if the gate handed this thread the finalization.
-    fn finish_close(&self, sock: &Arc<Socket>, finalize: bool) {
+    fn finish_close(&self, sock: &Socket, finalize: bool) {
         if finalize {
             self.finalize(sock);
         }
@@ -1319,16 +1333,18 @@ impl Inner {
             return;
         };
         let OpState {
-            socket,
+            socket: op_socket,
             overlapped,
             regs,
         } = op;
+        // SAFETY: the op's pin is held until `unpin_op` below.
+        let socket = unsafe { op_socket.get() };
         let (error, bytes) = if socket.gate.is_closing() {
             (WsaError::WSA_OPERATION_ABORTED.code() as u32, 0)
         } else if wc.status == WcStatus::Success {
             (0, wc.byte_len)
         } else {
-            (completion_error(wc.status, &socket).code() as u32, 0)
+            (completion_error(wc.status, socket).code() as u32, 0)
         };
         // The op's private memory goes first (CLOSE-4).
         drop(regs);
@@ -1342,7 +1358,8 @@ impl Inner {
         } else {
             ov.complete(error, bytes);
         }
-        self.op_finished(&socket);
+        self.op_finished(socket);
+        self.sockets.unpin_op(op_socket);
     }
 
     /// Reaps and dispatches on this thread (run-to-completion: only CQ
@@ -1411,7 +1428,7 @@ impl Inner {
         }
     }
 
-    fn defer_finalize(&self, sock: &Arc<Socket>) {
+    fn defer_finalize(&self, sock: &Socket) {
         let now = sock.gate.defer();
         self.finish_close(sock, now);
     }
@@ -1420,7 +1437,7 @@ impl Inner {
     /// registrations, then the final upcall (through the socket's own switch,
     /// so it happens even when the provider was cleaned up meanwhile). Called
     /// exactly once per socket, by whoever claimed it from the gate.
-    fn finalize(&self, sock: &Arc<Socket>) {
+    fn finalize(&self, sock: &Socket) {
         self.table.release_owner(&sock.regs);
         let _ = sock.run.switch.close_socket_handle(sock.handle);
         self.completed.notify();

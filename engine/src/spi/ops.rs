@@ -12,12 +12,12 @@
 //! slot that was popped and pushed back meanwhile fails its compare-exchange
 //! because the tag moved on.
 
-use super::socket::Socket;
+use super::socket::OpSocket;
 use super::types::Overlapped;
 use crate::mem::table::RegRef;
 use crate::sync::{AtomicU32, AtomicU64, AtomicUsize, CachePadded, Mutex, MutexGuard, Ordering};
 use std::ptr::NonNull;
-use std::sync::{Arc, PoisonError};
+use std::sync::PoisonError;
 
 /// Most buffers one op may name (the soft NIC's and the config's SGE limit).
 pub const MAX_SGE: usize = 16;
@@ -54,9 +54,9 @@ impl OvPtr {
 /// The provider's private state of one pending op — "the op's memory" of
 /// spec §6.1 step 2, released before the op's completion is signalled.
 pub struct OpState {
-    /// The socket the op belongs to; keeps the socket object alive until the
-    /// op completed.
-    pub socket: Arc<Socket>,
+    /// The socket the op belongs to, with the table pin that keeps it alive
+    /// until the op's completion gives it back.
+    pub socket: OpSocket,
     /// The switch's overlapped record.
     pub overlapped: OvPtr,
     /// Registrations the op uses; each holds its registration "in use".
@@ -241,6 +241,7 @@ impl<S> OpSlab<S> {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     #[test]
     fn reserve_all_then_exhausted_then_reuse_with_new_generation() {

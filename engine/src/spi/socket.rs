@@ -13,7 +13,11 @@ use crate::error::{WsaError, WsaResult};
 use crate::event::Event;
 use crate::fabric::{ConnectAttempt, Listener, ListenerEvents, QpEvents, QueuePair};
 use crate::mem::table::OwnerRegs;
+use crate::sync::{
+    AtomicU64, CachePadded, Mutex as ModelMutex, MutexGuard as ModelGuard, UnsafeCell,
+};
 use std::net::SocketAddrV4;
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 
@@ -221,110 +225,413 @@ pub fn record_connect(c: &mut Control, result: WsaResult<()>) {
 const _: () = assert!(FD_ACCEPT == 1 << super::types::FD_ACCEPT_BIT);
 const _: () = assert!(FD_CONNECT == 1 << super::types::FD_CONNECT_BIT);
 
-struct TableSlot {
-    /// Generation of the descriptor that owns (or last owned) the slot.
-    generation: AtomicU32,
-    /// The socket, from publication until close removes it.
-    socket: Mutex<Option<Arc<Socket>>>,
+/// The life of a descriptor table slot, in bits 30..32 of its word.
+const FREE: u64 = 0;
+/// Published: lookups with the slot's generation succeed.
+const LIVE: u64 = 1 << 30;
+/// Removed by close: lookups fail; the last unpin releases the slot.
+const REMOVED: u64 = 2 << 30;
+const STATE: u64 = 3 << 30;
+/// The low bits: pins held (calls inside, pending ops, stale lookups about
+/// to undo theirs).
+const PINS: u64 = LIVE - 1;
+
+fn word_state(word: u64) -> u64 {
+    word & STATE
+}
+
+fn word_generation(word: u64) -> u32 {
+    (word >> 32) as u32
+}
+
+struct TableSlot<T> {
+    /// `generation << 32 | state | pins`. The generation changes only in
+    /// `reserve` (state `FREE`); the state goes `FREE → LIVE` in `publish`,
+    /// `LIVE → REMOVED` in `remove`, and `REMOVED → FREE` by the one thread
+    /// that sees the pins at 0 after removal (`release`). Pins are added by
+    /// every lookup (a single `fetch_add`, whatever the state, which is why
+    /// the slot memory lives as long as the table) and taken away by its
+    /// unpin. While a pin taken on a `LIVE` slot of the right generation is
+    /// held, `socket` is `Some` and is not changed.
+    word: AtomicU64,
+    /// The table's reference to the socket, from `publish` until `release`.
+    /// Written only by the reserver of a `FREE` slot (publish) and by the
+    /// thread whose compare-exchange took it from `REMOVED` to `FREE`
+    /// (release); read by pin holders.
+    socket: UnsafeCell<Option<Arc<T>>>,
 }
 
 /// Descriptor → socket. A descriptor is `generation << 32 | (index + 1)`:
 /// never 0, never `INVALID_SOCKET`, and a closed descriptor's value does not
 /// come back until its slot's 32-bit generation wraps.
-pub struct SocketTable {
+///
+/// The data path looks a socket up with [`SocketTable::pin`]: one atomic
+/// add on the slot's word, no lock and no reference count. The pin keeps the
+/// socket object alive (the table's reference is dropped only once removal
+/// happened and every pin is gone); a pending op keeps the pin of the call
+/// that started it ([`Pinned::hand_to_op`]) until its completion was dispatched
+/// ([`SocketTable::unpin_op`]). Control calls take an `Arc` the same way
+/// ([`SocketTable::get`]).
+pub struct SocketTable<T = Socket> {
     /// Padded: threads spinning on different sockets never share a line.
-    slots: Box<[crossbeam_utils::CachePadded<TableSlot>]>,
-    /// Indices of unused slots.
-    free: Mutex<Vec<u32>>,
+    /// Never freed before the table: a lookup may add to any slot's word.
+    slots: Box<[CachePadded<TableSlot<T>>]>,
+    /// Indices of `FREE` slots nobody reserved. Allocated at full capacity
+    /// once, so a push (also from a dispatching thread) never allocates.
+    free: ModelMutex<Vec<u32>>,
 }
+
+// SAFETY: the cells hold `Arc<T>`s that are shared between threads only as
+// `&T` (T: Sync) and moved out by one thread at a time (the release
+// protocol on `word`), as with `Arc<T>` itself.
+unsafe impl<T: Send + Sync> Sync for SocketTable<T> {}
+// SAFETY: as above; the table owns the `Arc`s.
+unsafe impl<T: Send + Sync> Send for SocketTable<T> {}
 
 #[cfg(not(target_pointer_width = "64"))]
 compile_error!("sanpath's descriptor encoding assumes 64-bit pointers");
 
-impl SocketTable {
-    pub fn new(capacity: usize) -> SocketTable {
+/// A pinned socket: valid while this lives (see [`SocketTable`]).
+pub struct Pinned<'a, T = Socket> {
+    table: &'a SocketTable<T>,
+    op: OpSocket<T>,
+}
+
+impl<T> std::ops::Deref for Pinned<'_, T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        // SAFETY: the pin this guard holds keeps the object alive.
+        unsafe { self.op.ptr.as_ref() }
+    }
+}
+
+impl<T> Pinned<'_, T> {
+    /// The socket for the state of an op this call is starting. It is valid
+    /// as long as this pin is held; [`Pinned::hand_to_op`] makes the pin the
+    /// op's once the op started.
+    pub fn op_socket(&self) -> OpSocket<T> {
+        OpSocket {
+            index: self.op.index,
+            ptr: self.op.ptr,
+        }
+    }
+
+    /// Hands the pin to the op started with [`Pinned::op_socket`]: it stays
+    /// held until the op's completion calls [`SocketTable::unpin_op`].
+    pub fn hand_to_op(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl<T> Drop for Pinned<'_, T> {
+    fn drop(&mut self) {
+        self.table.unpin(self.op.index);
+    }
+}
+
+/// The socket of a pending op: a pin on its table slot that the op owns
+/// (see [`Pinned::hand_to_op`]). Plain data: dropping it does not unpin.
+pub struct OpSocket<T = Socket> {
+    index: u32,
+    ptr: NonNull<T>,
+}
+
+// SAFETY: shares only `&T` (T: Sync) between threads.
+unsafe impl<T: Sync> Send for OpSocket<T> {}
+// SAFETY: as above.
+unsafe impl<T: Sync> Sync for OpSocket<T> {}
+
+impl<T> OpSocket<T> {
+    /// The socket.
+    ///
+    /// # Safety
+    /// The pin this names must still be held: the op is pending, or this is
+    /// the completion that has not called [`SocketTable::unpin_op`] yet.
+    pub unsafe fn get(&self) -> &T {
+        // SAFETY: the caller guarantees the pin is held, which keeps the
+        // table's `Arc` (and so the object) alive.
+        unsafe { self.ptr.as_ref() }
+    }
+}
+
+impl<T> SocketTable<T> {
+    pub fn new(capacity: usize) -> SocketTable<T> {
+        assert!(capacity < PINS as usize, "socket table too large");
         SocketTable {
             slots: (0..capacity)
                 .map(|_| {
-                    crossbeam_utils::CachePadded::new(TableSlot {
-                        generation: AtomicU32::new(0),
-                        socket: Mutex::new(None),
+                    CachePadded::new(TableSlot {
+                        word: AtomicU64::new(FREE),
+                        socket: UnsafeCell::new(None),
                     })
                 })
                 .collect(),
-            free: Mutex::new((0..capacity as u32).rev().collect()),
+            free: ModelMutex::new((0..capacity as u32).rev().collect()),
         }
     }
 
     /// Reserves a slot and returns the descriptor it will have.
     pub fn reserve(&self) -> WsaResult<ProviderSocket> {
-        let index = self
-            .free
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop()
-            .ok_or(WsaError::WSAEMFILE)?;
+        let index = lock(&self.free).pop().ok_or(WsaError::WSAEMFILE)?;
         let slot = &self.slots[index as usize];
-        let generation = slot.generation.load(Ordering::Relaxed).wrapping_add(1);
-        slot.generation.store(generation, Ordering::Relaxed);
-        Ok(ProviderSocket(
-            ((generation as usize) << 32) | (index as usize + 1),
-        ))
+        // Stale lookups may add and undo pins meanwhile; the state stays
+        // FREE, which only this reserver changes.
+        let mut word = slot.word.load(Ordering::Relaxed);
+        loop {
+            debug_assert_eq!(word_state(word), FREE);
+            let next = (u64::from(word_generation(word).wrapping_add(1)) << 32) | (word & PINS);
+            match slot
+                .word
+                .compare_exchange_weak(word, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => {
+                    return Ok(ProviderSocket(
+                        ((word_generation(next) as usize) << 32) | (index as usize + 1),
+                    ))
+                }
+                Err(actual) => word = actual,
+            }
+        }
     }
 
     /// Returns a reserved slot that was never published.
     pub fn unreserve(&self, desc: ProviderSocket) {
-        if let Some(index) = self.index(desc) {
-            self.free
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(index);
+        if let Some((index, _)) = self.split(desc) {
+            lock(&self.free).push(index);
         }
     }
 
     /// Makes a reserved descriptor live.
-    pub fn publish(&self, socket: Arc<Socket>) {
-        if let Some(index) = self.index(socket.desc) {
-            *self.lock(index) = Some(socket);
+    pub fn publish(&self, desc: ProviderSocket, socket: Arc<T>) {
+        let Some((index, generation)) = self.split(desc) else {
+            return;
+        };
+        let slot = &self.slots[index as usize];
+        // SAFETY: the slot is FREE and reserved by the caller: no pin holder
+        // reads the cell and no release writes it (module docs of the word).
+        slot.socket.with_mut(|p| unsafe { *p = Some(socket) });
+        let mut word = slot.word.load(Ordering::Relaxed);
+        loop {
+            debug_assert_eq!(word_state(word), FREE);
+            debug_assert_eq!(word_generation(word), generation);
+            // Release: a pin that sees LIVE sees the socket.
+            match slot.word.compare_exchange_weak(
+                word,
+                word | LIVE,
+                Ordering::Release,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return,
+                Err(actual) => word = actual,
+            }
         }
     }
 
-    pub fn get(&self, desc: ProviderSocket) -> WsaResult<Arc<Socket>> {
-        let index = self.index(desc).ok_or(WsaError::WSAENOTSOCK)?;
-        self.lock(index).clone().ok_or(WsaError::WSAENOTSOCK)
+    /// Pins the live socket `desc` names: `None` if it is not (or no longer)
+    /// live. No lock, one atomic add (two on failure).
+    pub fn pin(&self, desc: ProviderSocket) -> Option<Pinned<'_, T>> {
+        let (index, generation) = self.split(desc)?;
+        let slot = &self.slots[index as usize];
+        // Acquire: pairs with publish's release, so the socket is visible.
+        let was = slot.word.fetch_add(1, Ordering::Acquire);
+        debug_assert!(was & PINS < PINS - 1, "socket slot pin overflow");
+        if word_state(was) == LIVE && word_generation(was) == generation {
+            // SAFETY: pinned on a LIVE slot of this generation: the cell
+            // holds the socket and keeps it until our unpin.
+            let ptr = slot
+                .socket
+                .with(|p| unsafe { (*p).as_deref().map(NonNull::from) });
+            debug_assert!(ptr.is_some(), "live slot without a socket");
+            if let Some(ptr) = ptr {
+                return Some(Pinned {
+                    table: self,
+                    op: OpSocket { index, ptr },
+                });
+            }
+        }
+        self.unpin(index);
+        None
     }
 
-    /// Removes a live socket: later lookups fail `WSAENOTSOCK`.
-    pub fn remove(&self, desc: ProviderSocket) -> WsaResult<Arc<Socket>> {
-        let index = self.index(desc).ok_or(WsaError::WSAENOTSOCK)?;
-        let socket = self.lock(index).take().ok_or(WsaError::WSAENOTSOCK)?;
-        self.free
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(index);
-        Ok(socket)
+    /// Takes back the pin a pending op held (its completion is done with
+    /// the socket).
+    pub fn unpin_op(&self, op: OpSocket<T>) {
+        self.unpin(op.index);
+    }
+
+    /// The socket as an `Arc` (control calls).
+    pub fn get(&self, desc: ProviderSocket) -> WsaResult<Arc<T>> {
+        let pinned = self.pin(desc).ok_or(WsaError::WSAENOTSOCK)?;
+        Ok(self.arc(&pinned))
+    }
+
+    /// Removes a live socket: later lookups fail `WSAENOTSOCK`. Exactly one
+    /// of concurrent removals succeeds.
+    pub fn remove(&self, desc: ProviderSocket) -> WsaResult<Arc<T>> {
+        // Our own pin keeps the slot from being released under us; when it
+        // drops, the last unpin releases the slot.
+        let pinned = self.pin(desc).ok_or(WsaError::WSAENOTSOCK)?;
+        let socket = self.arc(&pinned);
+        let slot = &self.slots[pinned.op.index as usize];
+        let mut word = slot.word.load(Ordering::Relaxed);
+        loop {
+            if word_state(word) != LIVE {
+                return Err(WsaError::WSAENOTSOCK);
+            }
+            match slot.word.compare_exchange_weak(
+                word,
+                (word & !STATE) | REMOVED,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Ok(socket),
+                Err(actual) => word = actual,
+            }
+        }
     }
 
     /// Every live socket.
-    pub fn all(&self) -> Vec<Arc<Socket>> {
+    pub fn all(&self) -> Vec<Arc<T>> {
         (0..self.slots.len())
-            .filter_map(|i| self.lock(i as u32).clone())
+            .filter_map(|i| {
+                let word = self.slots[i].word.load(Ordering::Relaxed);
+                let desc = ((word_generation(word) as usize) << 32) | (i + 1);
+                self.get(ProviderSocket(desc)).ok()
+            })
             .collect()
     }
 
-    /// The slot index of a descriptor whose generation is current.
-    fn index(&self, desc: ProviderSocket) -> Option<u32> {
+    fn arc(&self, pinned: &Pinned<'_, T>) -> Arc<T> {
+        let slot = &self.slots[pinned.op.index as usize];
+        // SAFETY: pinned, so the cell holds the socket and nobody writes it.
+        slot.socket
+            .with(|p| unsafe { (*p).clone() })
+            .expect("a pinned slot holds its socket")
+    }
+
+    fn unpin(&self, index: u32) {
+        let slot = &self.slots[index as usize];
+        // Release: this pin's use of the socket happens before its release.
+        let was = slot.word.fetch_sub(1, Ordering::Release);
+        debug_assert!(was & PINS > 0, "socket slot unpinned more than pinned");
+        if word_state(was) == REMOVED && was & PINS == 1 {
+            self.release(index, was - 1);
+        }
+    }
+
+    /// Frees a removed slot whose pins reached 0 (`word`), unless a lookup
+    /// pinned it again meanwhile (its unpin then comes here).
+    fn release(&self, index: u32, word: u64) {
+        let slot = &self.slots[index as usize];
+        // Acquire: every earlier unpin's release (the RMWs on the word form
+        // one release sequence) happens before the socket is dropped.
+        if slot
+            .word
+            .compare_exchange(word, word & !STATE, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            return;
+        }
+        // SAFETY: this thread moved the slot to FREE with no pin held: no
+        // reader of the cell is left, and none can come (a pin now sees
+        // FREE), nor can a reserve before the index is pushed below.
+        let socket = slot.socket.with_mut(|p| unsafe { (*p).take() });
+        lock(&self.free).push(index);
+        drop(socket);
+    }
+
+    /// The slot index and generation of a descriptor (not checked against
+    /// the slot).
+    fn split(&self, desc: ProviderSocket) -> Option<(u32, u32)> {
         let low = (desc.0 & 0xFFFF_FFFF) as u32;
         let generation = (desc.0 >> 32) as u32;
         let index = low.checked_sub(1)?;
-        let slot = self.slots.get(index as usize)?;
-        (slot.generation.load(Ordering::Relaxed) == generation).then_some(index)
+        ((index as usize) < self.slots.len()).then_some((index, generation))
+    }
+}
+
+fn lock<T>(m: &ModelMutex<T>) -> ModelGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// loom models of the descriptor table: a pin keeps the socket alive, the
+/// slot is released exactly once (by whoever drops the last pin after
+/// removal), and a stale descriptor never reaches the slot's next socket.
+#[cfg(all(test, loom))]
+mod loom_models {
+    use super::*;
+    use loom::thread;
+
+    /// A lookup races close and the reuse of the slot. While the lookup's
+    /// pin is held, the table still holds its reference (the probe `Arc`
+    /// counts it); the stale descriptor never finds the new socket; at the
+    /// end the table holds no reference to the first socket.
+    #[test]
+    fn loom_pin_racing_remove_and_reuse() {
+        crate::sync::model("pin_racing_remove_and_reuse", 3, || {
+            let table = loom::sync::Arc::new(SocketTable::<u32>::new(1));
+            let desc = table.reserve().unwrap();
+            let first = Arc::new(1u32);
+            table.publish(desc, first.clone());
+            let lookup = {
+                let table = table.clone();
+                let probe = first.clone();
+                thread::spawn(move || {
+                    if let Some(p) = table.pin(desc) {
+                        assert_eq!(*p, 1, "a stale descriptor reached a later socket");
+                        // Ours, the main thread's and the table's.
+                        assert!(Arc::strong_count(&probe) >= 3, "released while pinned");
+                    }
+                })
+            };
+            drop(table.remove(desc).unwrap());
+            assert!(table.remove(desc).is_err(), "removed twice");
+            // The slot comes back once the lookup's pin (if any) is gone.
+            if let Ok(next) = table.reserve() {
+                assert_ne!(next, desc);
+                table.publish(next, Arc::new(2));
+                assert!(table.pin(desc).is_none());
+                assert_eq!(table.pin(next).map(|p| *p), Some(2));
+            }
+            lookup.join().unwrap();
+            assert_eq!(Arc::strong_count(&first), 1, "the table kept its reference");
+        });
     }
 
-    fn lock(&self, index: u32) -> MutexGuard<'_, Option<Arc<Socket>>> {
-        self.slots[index as usize]
-            .socket
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+    /// Two closes race an op whose pin is given back by a completion on
+    /// another thread: one close wins, and the slot is released once, after
+    /// the completion.
+    #[test]
+    fn loom_op_pin_outlives_racing_closes() {
+        crate::sync::model("op_pin_outlives_racing_closes", 3, || {
+            let table = loom::sync::Arc::new(SocketTable::<u32>::new(1));
+            let desc = table.reserve().unwrap();
+            let first = Arc::new(1u32);
+            table.publish(desc, first.clone());
+            let pinned = table.pin(desc).unwrap();
+            let op = pinned.op_socket();
+            pinned.hand_to_op();
+            let completion = {
+                let table = table.clone();
+                let probe = first.clone();
+                thread::spawn(move || {
+                    // SAFETY: the op's pin is held until unpin_op.
+                    assert_eq!(unsafe { *op.get() }, 1);
+                    assert!(Arc::strong_count(&probe) >= 3, "released under an op");
+                    table.unpin_op(op);
+                })
+            };
+            let closer = {
+                let table = table.clone();
+                thread::spawn(move || table.remove(desc).is_ok())
+            };
+            let mine = table.remove(desc).is_ok();
+            let theirs = closer.join().unwrap();
+            assert!(mine ^ theirs, "exactly one close removes the socket");
+            completion.join().unwrap();
+            assert_eq!(Arc::strong_count(&first), 1, "the table kept its reference");
+            assert!(table.reserve().is_ok(), "the slot was not released");
+        });
     }
 }
