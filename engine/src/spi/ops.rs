@@ -7,7 +7,9 @@
 //! queue: slot `i` always returns to list `i % lists`, and an op takes from
 //! the list of its socket's CQ first, so the thread that starts and completes
 //! the ops of one CQ (run-to-completion) never shares a cache line with the
-//! thread of another. A head packs the top index with a tag that changes on
+//! thread of another (each slot is padded to its own line, too). A slot's
+//! state has no lock: its stamp hands it from the starter to the one
+//! completion that claims it (see `Slot::stamp`). A head packs the top index with a tag that changes on
 //! every successful update, which defeats ABA: a pop that read `next` of a
 //! slot that was popped and pushed back meanwhile fails its compare-exchange
 //! because the tag moved on.
@@ -15,9 +17,8 @@
 use super::socket::OpSocket;
 use super::types::Overlapped;
 use crate::mem::table::RegRef;
-use crate::sync::{AtomicU32, AtomicU64, AtomicUsize, CachePadded, Mutex, MutexGuard, Ordering};
+use crate::sync::{AtomicU32, AtomicU64, CachePadded, Ordering, UnsafeCell};
 use std::ptr::NonNull;
-use std::sync::PoisonError;
 
 /// Most buffers one op may name (the soft NIC's and the config's SGE limit).
 pub const MAX_SGE: usize = 16;
@@ -63,33 +64,49 @@ pub struct OpState {
     pub regs: [Option<RegRef>; MAX_SGE],
 }
 
+/// Phases of a slot, in the low bits of its stamp.
+const FREE: u64 = 0;
+/// Popped by a starter; its state is being filled.
+const RESERVED: u64 = 1;
+/// Filled: the op may be posted and completed.
+const PENDING: u64 = 2;
+/// Claimed by the completion (or the starter's cancel) taking the state.
+const TAKING: u64 = 3;
+
+/// One op slot, alone on its cache line(s): the slots of different threads
+/// never share a line.
 struct Slot<S> {
-    /// Generation of the op currently (or last) in the slot. Written only by
-    /// the owner of the slot (the thread that popped it) before it fills the
-    /// state; read by the completing thread under the state's lock, which
-    /// orders it after that write.
-    generation: AtomicU32,
+    /// `generation << 32 | phase`. The phase goes `FREE → RESERVED` (pop,
+    /// by the starter, which also bumps the generation), `RESERVED →
+    /// PENDING` (fill, by the starter, release: the state is visible to
+    /// whoever claims it), `PENDING → TAKING` (a compare-exchange by the
+    /// completer or the starter's cancel: exactly one claims the state of
+    /// one generation) and `TAKING → FREE` (the claimer, before pushing the
+    /// slot back). A completion whose generation or phase does not match
+    /// claims nothing.
+    stamp: AtomicU64,
     /// Next free slot while this one is on the free list; meaningless
     /// otherwise. Written by the pusher before the head CAS publishes it.
     next: AtomicU32,
-    /// The op's private state while it is pending. Locked once by the
-    /// starter (fill) and once by the completer (take); never contended in
-    /// practice.
-    state: Mutex<Option<S>>,
+    /// The op's private state: written only by the starter between its pop
+    /// and its `PENDING` store, read and taken only by the thread whose
+    /// compare-exchange claimed it. No lock: the stamp orders the two.
+    state: UnsafeCell<Option<S>>,
 }
 
 /// A fixed set of op slots, each holding the private state `S` of a pending
 /// op (the SPI's [`OpState`]; the loom models use plain numbers).
 pub struct OpSlab<S = OpState> {
-    slots: Box<[Slot<S>]>,
+    slots: Box<[CachePadded<Slot<S>>]>,
     /// Free-list heads: low 32 bits the top slot index (or `NIL`), high 32
     /// bits a tag incremented by every successful push or pop. List `l` holds
     /// only slots `i` with `i % heads.len() == l`.
     heads: Box<[CachePadded<AtomicU64>]>,
-    /// Slots currently allocated, per list (for tests and stats; padded so
-    /// the counting threads do not share a line).
-    in_use: Box<[CachePadded<AtomicUsize>]>,
 }
+
+// SAFETY: a slot's state is accessed by one thread at a time, handed over
+// through its stamp (see `Slot::state`); `S` crosses threads by value.
+unsafe impl<S: Send> Sync for OpSlab<S> {}
 
 /// A slot reserved for a new op, not yet holding state.
 #[derive(Debug)]
@@ -105,29 +122,32 @@ impl Reserved {
     }
 }
 
+fn stamp(generation: u32, phase: u64) -> u64 {
+    (u64::from(generation) << 32) | phase
+}
+
 impl<S> OpSlab<S> {
     /// `size` slots spread over `lists` free lists.
     pub fn new(size: usize, lists: usize) -> OpSlab<S> {
         assert!(size > 0 && size < NIL as usize, "op slab size out of range");
         let lists = lists.clamp(1, size);
-        let slots: Box<[Slot<S>]> = (0..size)
-            .map(|i| Slot {
-                generation: AtomicU32::new(0),
-                next: AtomicU32::new(if i + lists < size {
-                    (i + lists) as u32
-                } else {
-                    NIL
-                }),
-                state: Mutex::new(None),
+        let slots: Box<[CachePadded<Slot<S>>]> = (0..size)
+            .map(|i| {
+                CachePadded::new(Slot {
+                    stamp: AtomicU64::new(stamp(0, FREE)),
+                    next: AtomicU32::new(if i + lists < size {
+                        (i + lists) as u32
+                    } else {
+                        NIL
+                    }),
+                    state: UnsafeCell::new(None),
+                })
             })
             .collect();
         OpSlab {
             slots,
             heads: (0..lists)
                 .map(|l| CachePadded::new(AtomicU64::new(l as u64)))
-                .collect(),
-            in_use: (0..lists)
-                .map(|_| CachePadded::new(AtomicUsize::new(0)))
                 .collect(),
         }
     }
@@ -156,10 +176,12 @@ impl<S> OpSlab<S> {
                 Ordering::Acquire,
             ) {
                 Ok(_) => {
-                    self.in_use[list].fetch_add(1, Ordering::Relaxed);
                     let slot = &self.slots[index as usize];
-                    let generation = slot.generation.load(Ordering::Relaxed).wrapping_add(1);
-                    slot.generation.store(generation, Ordering::Relaxed);
+                    let was = slot.stamp.load(Ordering::Relaxed);
+                    debug_assert_eq!(was & 3, FREE, "a listed slot is in use");
+                    let generation = ((was >> 32) as u32).wrapping_add(1);
+                    slot.stamp
+                        .store(stamp(generation, RESERVED), Ordering::Relaxed);
                     return Some(Reserved { index, generation });
                 }
                 Err(actual) => head = actual,
@@ -169,13 +191,31 @@ impl<S> OpSlab<S> {
 
     /// Stores the op's state in its reserved slot (before posting).
     pub fn fill(&self, r: &Reserved, state: S) {
-        *self.lock(r.index) = Some(state);
+        let slot = &self.slots[r.index as usize];
+        debug_assert_eq!(
+            slot.stamp.load(Ordering::Relaxed),
+            stamp(r.generation, RESERVED)
+        );
+        // SAFETY: the slot is RESERVED by the caller (it popped it): no
+        // other thread reads or writes the state until the PENDING store.
+        slot.state.with_mut(|p| unsafe { *p = Some(state) });
+        slot.stamp
+            .store(stamp(r.generation, PENDING), Ordering::Release);
     }
 
     /// Returns a reserved slot whose op was never started.
     pub fn cancel(&self, r: Reserved) -> Option<S> {
-        let state = self.lock(r.index).take();
-        self.release(r.index);
+        let slot = &self.slots[r.index as usize];
+        let phase = slot.stamp.load(Ordering::Relaxed) & 3;
+        let state = if phase == PENDING {
+            let state = self.claim(r.index, r.generation);
+            debug_assert!(state.is_some(), "a never-posted op was completed");
+            state
+        } else {
+            debug_assert_eq!(phase, RESERVED);
+            None
+        };
+        self.release(r.index, r.generation);
         state
     }
 
@@ -184,47 +224,49 @@ impl<S> OpSlab<S> {
     pub fn complete(&self, wr_id: u64) -> Option<S> {
         let index = wr_id as u32;
         let generation = (wr_id >> 32) as u32;
-        let slot = self.slots.get(index as usize)?;
-        let mut guard = self.lock(index);
-        // Compared under the slot's lock: a state found here was stored by
-        // `fill` under the same lock, after its reserve wrote the
-        // generation, so a stale id can never take a later op's state (the
-        // loom model `stale_completion_never_takes_a_later_op` found that a
-        // check before locking could read the old generation).
-        if slot.generation.load(Ordering::Relaxed) != generation {
-            return None;
-        }
-        let state = guard.take()?;
-        drop(guard);
-        self.release(index);
+        self.slots.get(index as usize)?;
+        let state = self.claim(index, generation)?;
+        self.release(index, generation);
         Some(state)
     }
 
-    /// Slots currently allocated.
-    pub fn in_use(&self) -> usize {
-        self.in_use
-            .iter()
-            .map(|c| c.load(Ordering::Relaxed))
-            .sum::<usize>()
-    }
-
-    fn lock(&self, index: u32) -> MutexGuard<'_, Option<S>> {
-        // OpState has no invariant a panic could break half-way.
-        self.slots[index as usize]
-            .state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn release(&self, index: u32) {
-        let list = index as usize % self.heads.len();
-        self.in_use[list].fetch_sub(1, Ordering::Relaxed);
+    /// Claims the state of generation `generation` of slot `index` (one
+    /// compare-exchange; a stale id fails it and touches no state).
+    fn claim(&self, index: u32, generation: u32) -> Option<S> {
         let slot = &self.slots[index as usize];
+        // Acquire: pairs with fill's release, so the state is visible.
+        slot.stamp
+            .compare_exchange(
+                stamp(generation, PENDING),
+                stamp(generation, TAKING),
+                Ordering::Acquire,
+                Ordering::Relaxed,
+            )
+            .ok()?;
+        // SAFETY: our compare-exchange claimed the state of this generation
+        // alone; the starter no longer writes it (it stored PENDING after
+        // its write), and nobody else can claim it.
+        slot.state.with_mut(|p| unsafe { (*p).take() })
+    }
+
+    /// Slots currently allocated (a scan; for tests and stats).
+    pub fn in_use(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| s.stamp.load(Ordering::Relaxed) & 3 != FREE)
+            .count()
+    }
+
+    fn release(&self, index: u32, generation: u32) {
+        let list = index as usize % self.heads.len();
+        let slot = &self.slots[index as usize];
+        slot.stamp.store(stamp(generation, FREE), Ordering::Relaxed);
         let head_cell = &self.heads[list];
         let mut head = head_cell.load(Ordering::Relaxed);
         loop {
             slot.next.store(head as u32, Ordering::Relaxed);
             let tag = (head >> 32).wrapping_add(1);
+            // Release: the state was taken before the next popper fills it.
             match head_cell.compare_exchange_weak(
                 head,
                 (tag << 32) | u64::from(index),
