@@ -430,6 +430,7 @@ impl<T> SocketTable<T> {
 
     /// Pins the live socket `desc` names: `None` if it is not (or no longer)
     /// live. No lock, one atomic add (two on failure).
+    #[inline]
     pub fn pin(&self, desc: ProviderSocket) -> Option<Pinned<'_, T>> {
         let (index, generation) = self.split(desc)?;
         let slot = &self.slots[index as usize];
@@ -510,6 +511,7 @@ impl<T> SocketTable<T> {
             .expect("a pinned slot holds its socket")
     }
 
+    #[inline]
     fn unpin(&self, index: u32) {
         let slot = &self.slots[index as usize];
         // Release: this pin's use of the socket happens before its release.
@@ -522,6 +524,8 @@ impl<T> SocketTable<T> {
 
     /// Frees a removed slot whose pins reached 0 (`word`), unless a lookup
     /// pinned it again meanwhile (its unpin then comes here).
+    #[cold]
+    #[inline(never)]
     fn release(&self, index: u32, word: u64) {
         let slot = &self.slots[index as usize];
         // Acquire: every earlier unpin's release (the RMWs on the word form
