@@ -352,6 +352,22 @@ struct OwnerState {
     locals: BTreeMap<u64, LocalAssoc>,
     /// Exposures; few per socket, searched linearly.
     exposures: Vec<Exposure>,
+    /// The last successful `acquire_covering`: its query and the association
+    /// it found, so the next op on the same buffer skips the walk of
+    /// `locals`. Exact: the first covering association of a query changes
+    /// only when that association leaves `locals` (later registrations get
+    /// larger handles and come after it), and every removal from `locals`
+    /// clears this if it names the removed association.
+    last_hit: Option<LastHit>,
+}
+
+/// A cached covering lookup (see `OwnerState::last_hit`).
+struct LastHit {
+    addr: usize,
+    len: usize,
+    need: MemFlags,
+    /// The association found; in `locals` while cached.
+    shared: sync::Arc<LocalShared>,
 }
 
 /// One socket's registrations. Created by [`RegistrationTable::new_owner`]
@@ -647,6 +663,7 @@ impl RegistrationTable {
                 released: false,
                 locals: BTreeMap::new(),
                 exposures: Vec::new(),
+                last_hit: None,
             }),
         })
     }
@@ -724,7 +741,14 @@ impl RegistrationTable {
         let entry = a.entry;
         a.count -= 1;
         if a.count == 0 {
-            o.locals.remove(&handle);
+            if let Some(gone) = o.locals.remove(&handle) {
+                if o.last_hit
+                    .as_ref()
+                    .is_some_and(|h| sync::Arc::ptr_eq(&h.shared, &gone.shared))
+                {
+                    o.last_hit = None;
+                }
+            }
         }
         t.put(entry, 1, regs.owner, true, &self.cache);
         Ok(())
@@ -834,7 +858,8 @@ impl RegistrationTable {
     /// The data-path lookup for a plain `WSABUF` (spec §7-2): a local
     /// association of this owner whose range contains `[addr, addr+len)` and
     /// whose flags include `need` (first in registration order); none →
-    /// `WSAEFAULT`. Takes only the owner lock; allocates nothing.
+    /// `WSAEFAULT`. Takes only the owner lock; allocates nothing. A repeat of
+    /// the last successful query is answered from `OwnerState::last_hit`.
     pub fn acquire_covering(
         &self,
         regs: &OwnerRegs,
@@ -844,16 +869,30 @@ impl RegistrationTable {
     ) -> WsaResult<RegRef> {
         debug_assert_eq!(regs.table, self.id, "OwnerRegs of another table");
         let end = addr.checked_add(len).ok_or(WsaError::WSAEFAULT)?;
-        let o = regs.lock();
+        let mut o = regs.lock();
         if o.released {
             return Err(WsaError::WSAENOTSOCK);
         }
-        o.locals
+        if let Some(h) = &o.last_hit {
+            if h.addr == addr && h.len == len && h.need == need {
+                return Ok(take_ref(&h.shared));
+            }
+        }
+        let found = o
+            .locals
             .values()
             .map(|a| &a.shared)
             .find(|s| s.flags.contains(need) && s.addr <= addr && end <= s.addr + s.len)
-            .map(take_ref)
-            .ok_or(WsaError::WSAEFAULT)
+            .ok_or(WsaError::WSAEFAULT)?
+            .clone();
+        let r = take_ref(&found);
+        o.last_hit = Some(LastHit {
+            addr,
+            len,
+            need,
+            shared: found,
+        });
+        Ok(r)
     }
 
     /// The data-path lookup for a `WSABUFEX`: `handle` must be a local
@@ -900,6 +939,7 @@ impl RegistrationTable {
             self.nic.unbind_remote(x.rkey);
             t.put(x.entry, x.count, owner, false, &self.cache);
         }
+        o.last_hit = None;
         for (_, a) in std::mem::take(&mut o.locals) {
             t.put(a.entry, a.count, owner, false, &self.cache);
         }
@@ -1361,6 +1401,30 @@ mod tests {
         f.t.deregister_memory(&a, ha).unwrap();
         assert_eq!(f.live(), 0);
         assert_eq!(f.t.deregister_memory(&a, ha), Err(WSAEINVAL), "unknown now");
+    }
+
+    #[test]
+    fn last_hit_is_dropped_with_its_registration_and_keeps_the_first_match() {
+        let f = Fx::new(cache_cfg(false));
+        let o = f.t.new_owner(OwnerId(1));
+        let h1 = f.reg(&o, 0, 8192, RW).unwrap();
+        let get = || f.t.acquire_covering(&o, f.at(64), 64, MemFlags::READ);
+        assert_eq!(get().unwrap().len(), 8192);
+        // A later registration covering the same buffer comes after the
+        // cached one in registration order: the cached answer stays right.
+        let h2 = f.reg(&o, 0, 4096, R).unwrap();
+        assert_eq!(get().unwrap().len(), 8192, "still the first match");
+        f.t.deregister_memory(&o, h1).unwrap();
+        assert_eq!(get().unwrap().len(), 4096, "the cached one is gone");
+        f.t.deregister_memory(&o, h2).unwrap();
+        assert_eq!(get().unwrap_err(), WSAEFAULT, "nothing covers it");
+        assert_eq!(f.live(), 0, "the cache keeps no registration alive");
+        let h3 = f.reg(&o, 0, 4096, R).unwrap();
+        assert!(get().is_ok());
+        f.t.release_owner(&o);
+        assert_eq!(get().unwrap_err(), WSAENOTSOCK);
+        assert_eq!(f.t.deregister_memory(&o, h3), Err(WSAENOTSOCK));
+        assert_eq!(f.live(), 0);
     }
 
     #[test]
