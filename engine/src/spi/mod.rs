@@ -38,7 +38,7 @@ use crate::fabric::{
 use crate::mem::descriptor::{Descriptor, DESCRIPTOR_LEN};
 use crate::mem::table::{MemFlags, OwnerId, RegRef, RegistrationTable};
 use crate::poller::{Notifier, ParkWaker, Progress};
-use ops::{OpSlab, OpState, OvPtr};
+use ops::{release_regs, OpSlab, OpState, OvPtr};
 use socket::{
     record_connect, Phase, Pinned, Socket, SocketListenerEvents, SocketQpEvents, SocketTable,
 };
@@ -1347,7 +1347,7 @@ impl Inner {
             (completion_error(wc.status, socket).code() as u32, 0)
         };
         // The op's private memory goes first (CLOSE-4).
-        drop(regs);
+        release_regs(regs);
         let ov = overlapped.get();
         ov.offset.store(0, Ordering::Relaxed);
         ov.offset_high.store(error, Ordering::Release);

@@ -61,7 +61,24 @@ pub struct OpState {
     /// The switch's overlapped record.
     pub overlapped: OvPtr,
     /// Registrations the op uses; each holds its registration "in use".
+    /// Packed: the `Some`s come first (release them with [`release_regs`]).
     pub regs: [Option<RegRef>; MAX_SGE],
+}
+
+/// Drops an op's registration holds. They are packed from the front, so
+/// the first `None` ends them and the rest of the array needs no look.
+pub fn release_regs(mut regs: [Option<RegRef>; MAX_SGE]) {
+    for r in &mut regs {
+        if r.take().is_none() {
+            break;
+        }
+    }
+    debug_assert!(
+        regs.iter().all(Option::is_none),
+        "op registrations not packed"
+    );
+    // Every element is `None` now: forgetting the array drops nothing.
+    std::mem::forget(regs);
 }
 
 /// Phases of a slot, in the low bits of its stamp.
