@@ -1,10 +1,13 @@
 //! The SAN socket object and the descriptor table.
 //!
-//! A socket is reference counted: the table holds one reference until
-//! `close_socket` removes it (after which lookups fail `WSAENOTSOCK`), each
-//! pending op holds one, and a call that looked the socket up holds one for
-//! its duration. Nothing of a socket is released before `close_socket`
-//! (spec §6.1 step 5): peer-detected failures only change `fail`.
+//! A socket is an `Arc`. The descriptor table holds one reference from
+//! publication until close removed the socket (after which lookups fail
+//! `WSAENOTSOCK`) *and* the last pin on its slot is gone: a data call pins
+//! the slot for its duration, and a pending op keeps the pin of the call
+//! that started it until its completion was dispatched, so neither takes a
+//! reference of its own (see [`SocketTable`]). Control calls and close hold
+//! `Arc`s. Nothing of a socket is released before `close_socket` (spec §6.1
+//! step 5): peer-detected failures only change `fail`.
 
 use super::gate::CloseGate;
 use super::types::{NetworkEvents, ProviderSocket, SwitchHandle, FD_ACCEPT, FD_CONNECT};
