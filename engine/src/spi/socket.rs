@@ -562,6 +562,49 @@ fn lock<T>(m: &ModelMutex<T>) -> ModelGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_closed_descriptor_never_finds_the_slots_next_socket() {
+        let table = SocketTable::<u32>::new(1);
+        let a = table.reserve().unwrap();
+        assert!(table.pin(a).is_none(), "reserved, not yet published");
+        table.publish(a, Arc::new(1));
+        assert_eq!(table.pin(a).map(|p| *p), Some(1));
+        assert_eq!(table.reserve().unwrap_err(), WsaError::WSAEMFILE);
+        assert_eq!(*table.remove(a).unwrap(), 1);
+        assert_eq!(table.remove(a).unwrap_err(), WsaError::WSAENOTSOCK);
+        assert!(table.pin(a).is_none());
+        let b = table.reserve().unwrap();
+        assert_ne!(a, b);
+        table.publish(b, Arc::new(2));
+        assert!(table.pin(a).is_none(), "stale descriptor");
+        assert_eq!(table.get(b).map(|s| *s), Ok(2));
+        assert_eq!(table.all().len(), 1);
+    }
+
+    #[test]
+    fn an_op_pin_keeps_a_removed_socket_and_its_slot() {
+        let table = SocketTable::<u32>::new(1);
+        let a = table.reserve().unwrap();
+        let socket = Arc::new(7);
+        table.publish(a, socket.clone());
+        let pinned = table.pin(a).unwrap();
+        let op = pinned.op_socket();
+        pinned.hand_to_op();
+        drop(table.remove(a).unwrap());
+        assert_eq!(Arc::strong_count(&socket), 2, "the table still holds it");
+        assert_eq!(table.reserve().unwrap_err(), WsaError::WSAEMFILE);
+        // SAFETY: the op's pin is held until unpin_op.
+        assert_eq!(unsafe { *op.get() }, 7);
+        table.unpin_op(op);
+        assert_eq!(Arc::strong_count(&socket), 1, "released with the last pin");
+        assert!(table.reserve().is_ok());
+    }
+}
+
 /// loom models of the descriptor table: a pin keeps the socket alive, the
 /// slot is released exactly once (by whoever drops the last pin after
 /// removal), and a stale descriptor never reaches the slot's next socket.
