@@ -765,7 +765,7 @@ impl Provider {
         flags: u32,
         ov: &Overlapped,
     ) -> WsaResult<()> {
-        let sock = self.inner.pin(s)?;
+        let sock = self.inner.pin_for_op(s)?;
         if flags != 0 {
             return Err(WsaError::WSAEOPNOTSUPP);
         }
@@ -794,7 +794,7 @@ impl Provider {
         bufs: &[WsaBuf],
         ov: &Overlapped,
     ) -> WsaResult<()> {
-        let sock = self.inner.pin(s)?;
+        let sock = self.inner.pin_for_op(s)?;
         let it = bufs.iter().map(|b| (b.buf as usize, b.len, None));
         // SAFETY: forwarded caller contract.
         unsafe {
@@ -853,7 +853,7 @@ impl Provider {
         ov: &Overlapped,
         dir: RdmaDir,
     ) -> WsaResult<()> {
-        let sock = self.inner.pin(s)?;
+        let sock = self.inner.pin_for_op(s)?;
         if flags != 0 {
             return Err(WsaError::WSAEOPNOTSUPP);
         }
@@ -1116,6 +1116,11 @@ impl Inner {
         self.sockets.pin(s).ok_or(WsaError::WSAENOTSOCK)
     }
 
+    /// [`Inner::pin`] for a call that starts an op (`start_op`).
+    fn pin_for_op(&self, s: ProviderSocket) -> WsaResult<Pinned<'_>> {
+        self.sockets.pin_for_op(s).ok_or(WsaError::WSAENOTSOCK)
+    }
+
     /// Creates a socket object with its switch handle (one
     /// `create_socket_handle` upcall, no lock held), not yet published.
     fn new_socket(&self, run: &Arc<Running>) -> WsaResult<Arc<Socket>> {
@@ -1294,8 +1299,9 @@ impl Inner {
         );
         match post(&**qp, slot.wr_id(), &sges[..n]) {
             Ok(()) => {
-                // The op owns the pin now; its completion (maybe already
-                // running) gives it back. `sock` is not touched again.
+                // The op keeps its pin; its completion (maybe already
+                // dispatched) gives it back. Ours kept the queue pair alive
+                // through the post.
                 sock.hand_to_op();
                 Ok(())
             }

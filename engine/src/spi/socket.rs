@@ -271,8 +271,9 @@ struct TableSlot<T> {
 /// The data path looks a socket up with [`SocketTable::pin`]: one atomic
 /// add on the slot's word, no lock and no reference count. The pin keeps the
 /// socket object alive (the table's reference is dropped only once removal
-/// happened and every pin is gone); a pending op keeps the pin of the call
-/// that started it ([`Pinned::hand_to_op`]) until its completion was dispatched
+/// happened and every pin is gone). A call that starts an op takes two pins
+/// in that one add ([`SocketTable::pin_for_op`]): its own, given back when
+/// it returns, and the op's, kept until its completion was dispatched
 /// ([`SocketTable::unpin_op`]). Control calls take an `Arc` the same way
 /// ([`SocketTable::get`]).
 pub struct SocketTable<T = Socket> {
@@ -298,6 +299,9 @@ compile_error!("sanpath's descriptor encoding assumes 64-bit pointers");
 pub struct Pinned<'a, T = Socket> {
     table: &'a SocketTable<T>,
     op: OpSocket<T>,
+    /// Pins this guard gives back when dropped: 1, or 2 from
+    /// [`SocketTable::pin_for_op`] until [`Pinned::hand_to_op`].
+    pins: u64,
 }
 
 impl<T> std::ops::Deref for Pinned<'_, T> {
@@ -310,26 +314,32 @@ impl<T> std::ops::Deref for Pinned<'_, T> {
 }
 
 impl<T> Pinned<'_, T> {
-    /// The socket for the state of an op this call is starting. It is valid
-    /// as long as this pin is held; [`Pinned::hand_to_op`] makes the pin the
-    /// op's once the op started.
+    /// The socket for the state of an op this call is starting (a guard from
+    /// [`SocketTable::pin_for_op`]). It names the guard's second pin, which
+    /// becomes the op's with [`Pinned::hand_to_op`] once the op started.
     pub fn op_socket(&self) -> OpSocket<T> {
+        debug_assert_eq!(self.pins, 2, "not pinned for an op");
         OpSocket {
             index: self.op.index,
             ptr: self.op.ptr,
         }
     }
 
-    /// Hands the pin to the op started with [`Pinned::op_socket`]: it stays
-    /// held until the op's completion calls [`SocketTable::unpin_op`].
-    pub fn hand_to_op(self) {
-        std::mem::forget(self);
+    /// The op named by [`Pinned::op_socket`] started: its pin stays held
+    /// until the completion calls [`SocketTable::unpin_op`]; the call's own
+    /// is given back now. Called after the post returned, since the
+    /// completion may already have run and given the op's pin back: the
+    /// call's pin is what kept the socket (and its queue pair) alive through
+    /// the post.
+    pub fn hand_to_op(mut self) {
+        debug_assert_eq!(self.pins, 2, "not pinned for an op");
+        self.pins = 1;
     }
 }
 
 impl<T> Drop for Pinned<'_, T> {
     fn drop(&mut self) {
-        self.table.unpin(self.op.index);
+        self.table.unpin(self.op.index, self.pins);
     }
 }
 
@@ -435,11 +445,24 @@ impl<T> SocketTable<T> {
     /// live. No lock, one atomic add (two on failure).
     #[inline]
     pub fn pin(&self, desc: ProviderSocket) -> Option<Pinned<'_, T>> {
+        self.pin_n(desc, 1)
+    }
+
+    /// [`SocketTable::pin`] for a call that starts an op: two pins in one
+    /// atomic add, the call's and the one the op keeps if it starts (see
+    /// [`Pinned::op_socket`]).
+    #[inline]
+    pub fn pin_for_op(&self, desc: ProviderSocket) -> Option<Pinned<'_, T>> {
+        self.pin_n(desc, 2)
+    }
+
+    #[inline]
+    fn pin_n(&self, desc: ProviderSocket, pins: u64) -> Option<Pinned<'_, T>> {
         let (index, generation) = self.split(desc)?;
         let slot = &self.slots[index as usize];
         // Acquire: pairs with publish's release, so the socket is visible.
-        let was = slot.word.fetch_add(1, Ordering::Acquire);
-        debug_assert!(was & PINS < PINS - 1, "socket slot pin overflow");
+        let was = slot.word.fetch_add(pins, Ordering::Acquire);
+        debug_assert!(was & PINS < PINS - 2, "socket slot pin overflow");
         if word_state(was) == LIVE && word_generation(was) == generation {
             // SAFETY: pinned on a LIVE slot of this generation: the cell
             // holds the socket and keeps it until our unpin.
@@ -451,17 +474,18 @@ impl<T> SocketTable<T> {
                 return Some(Pinned {
                     table: self,
                     op: OpSocket { index, ptr },
+                    pins,
                 });
             }
         }
-        self.unpin(index);
+        self.unpin(index, pins);
         None
     }
 
     /// Takes back the pin a pending op held (its completion is done with
     /// the socket).
     pub fn unpin_op(&self, op: OpSocket<T>) {
-        self.unpin(op.index);
+        self.unpin(op.index, 1);
     }
 
     /// The socket as an `Arc` (control calls).
@@ -515,13 +539,13 @@ impl<T> SocketTable<T> {
     }
 
     #[inline]
-    fn unpin(&self, index: u32) {
+    fn unpin(&self, index: u32, pins: u64) {
         let slot = &self.slots[index as usize];
         // Release: this pin's use of the socket happens before its release.
-        let was = slot.word.fetch_sub(1, Ordering::Release);
-        debug_assert!(was & PINS > 0, "socket slot unpinned more than pinned");
-        if word_state(was) == REMOVED && was & PINS == 1 {
-            self.release(index, was - 1);
+        let was = slot.word.fetch_sub(pins, Ordering::Release);
+        debug_assert!(was & PINS >= pins, "socket slot unpinned more than pinned");
+        if word_state(was) == REMOVED && was & PINS == pins {
+            self.release(index, was - pins);
         }
     }
 
@@ -591,7 +615,7 @@ mod tests {
         let a = table.reserve().unwrap();
         let socket = Arc::new(7);
         table.publish(a, socket.clone());
-        let pinned = table.pin(a).unwrap();
+        let pinned = table.pin_for_op(a).unwrap();
         let op = pinned.op_socket();
         pinned.hand_to_op();
         drop(table.remove(a).unwrap());
@@ -649,9 +673,10 @@ mod loom_models {
         });
     }
 
-    /// Two closes race an op whose pin is given back by a completion on
-    /// another thread: one close wins, and the slot is released once, after
-    /// the completion.
+    /// Two closes race an op whose completion (on another thread) gives its
+    /// pin back, possibly before the starting call returned from its post:
+    /// the call's own pin keeps the socket alive until it hands over; one
+    /// close wins; the slot is released once, after both pins are gone.
     #[test]
     fn loom_op_pin_outlives_racing_closes() {
         crate::sync::model("op_pin_outlives_racing_closes", 3, || {
@@ -659,9 +684,8 @@ mod loom_models {
             let desc = table.reserve().unwrap();
             let first = Arc::new(1u32);
             table.publish(desc, first.clone());
-            let pinned = table.pin(desc).unwrap();
+            let pinned = table.pin_for_op(desc).unwrap();
             let op = pinned.op_socket();
-            pinned.hand_to_op();
             let completion = {
                 let table = table.clone();
                 let probe = first.clone();
@@ -677,6 +701,10 @@ mod loom_models {
                 thread::spawn(move || table.remove(desc).is_ok())
             };
             let mine = table.remove(desc).is_ok();
+            // Still inside the post: the call's pin keeps the socket.
+            assert_eq!(*pinned, 1);
+            assert!(Arc::strong_count(&first) >= 2, "released under the call");
+            pinned.hand_to_op();
             let theirs = closer.join().unwrap();
             assert!(mine ^ theirs, "exactly one close removes the socket");
             completion.join().unwrap();
