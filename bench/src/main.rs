@@ -159,11 +159,8 @@ fn run(cli: &Cli) -> Result<(), String> {
         }
         config.fabric.kind = sanpath::config::FabricKind::Verbs;
     }
-    // The reference switch is driven by completion upcalls: its streams
-    // run on poller threads whatever --mode says.
-    let mut stream_config = config.clone();
-    engine::tune(&mut stream_config, Mode::Threads);
     engine::tune(&mut config, cli.mode);
+    let stream_config = config.clone();
     let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cores: Cores = match cli.cores.as_slice() {
         [] if ncpu >= 2 => Some((0, 1)),
@@ -264,12 +261,6 @@ fn run(cli: &Cli) -> Result<(), String> {
             progress(&format!("running {} {} ...", name(t), human(size)));
             if is_stream(t) && r.stream.is_none() {
                 r.stream = Some(stream::StreamBench::new(r.stream_config.clone(), cores)?);
-                if cli.mode != Mode::Threads {
-                    r.note(
-                        "stream_lat/stream_bw run in threads mode whatever --mode says: the \
-                         reference switch is driven by completion upcalls (poller threads)",
-                    );
-                }
             }
             match t {
                 Test::SendLat | Test::WriteLat | Test::ReadLat | Test::StreamLat => {
@@ -305,7 +296,7 @@ fn run(cli: &Cli) -> Result<(), String> {
         println!(
             "stream: a connected pair of sanpath::switch::Stream (blocking write_all/read_exact; stream_bw reads up to 1 MiB,"
         );
-        println!("  as tcp does), poller threads; copy path up to {threshold} B, {rdma} above.");
+        println!("  as tcp does), in the mode above; copy path up to {threshold} B, {rdma} above.");
     }
     for n in &r.notes {
         println!("note: {n}");
@@ -470,7 +461,7 @@ impl Runner<'_> {
             "{:<10} {:>7} {:<7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7}  | {:<18} {}",
             name(t),
             human(size),
-            self.mode_of(t),
+            self.mode,
             us(lat.min_ns()),
             us(lat.median_ns()),
             us(lat.p(99.0)),
@@ -514,7 +505,7 @@ impl Runner<'_> {
             ));
         }
         self.push_result(t, size, json!({
-            "test": name(t), "size": size, "mode": self.mode_of(t), "iters": n,
+            "test": name(t), "size": size, "mode": self.mode, "iters": n,
             "round_trip": if full { "full" } else { "half" },
             "lat_ns": lat.json(), "floor_ns": floor.json(), "floor_copy_ns": copy_ns, "tcp_ns": tcp.json(),
             "tcp_placement": tcp_where,
@@ -582,7 +573,7 @@ impl Runner<'_> {
             "{:<10} {:>7} {:<7} {:>10.0} {:>10.3}  | {:<24} {:.0} ({})",
             name(t),
             human(size),
-            self.mode_of(t),
+            self.mode,
             mb,
             mmsg,
             format!("{mem_mb:.0} ({})", times(ratio_memcpy)),
@@ -608,7 +599,7 @@ impl Runner<'_> {
             .map(|(e, m)| json!({"mb_s": e.mb_s(), "msgs": e.msgs, "secs": e.secs, "memcpy_mb_s": m.mb_s()}))
             .collect();
         self.push_result(t, size, json!({
-            "test": name(t), "size": size, "mode": self.mode_of(t), "msgs": per_round * BW_ROUNDS,
+            "test": name(t), "size": size, "mode": self.mode, "msgs": per_round * BW_ROUNDS,
             "window": engine::WINDOW,
             "mb_s": mb, "mmsg_s": mmsg, "memcpy_mb_s": mem_mb, "tcp_mb_s": tcp.mb_s(),
             "tcp_placement": tcp_where,
@@ -623,15 +614,6 @@ impl Runner<'_> {
         self.stream
             .as_ref()
             .expect("stream pair made before its tests")
-    }
-
-    /// The poller mode test `t` runs in.
-    fn mode_of(&self, t: Test) -> &'static str {
-        if is_stream(t) {
-            "threads"
-        } else {
-            self.mode
-        }
     }
 
     /// Records a result; a stream test's with the path its sends took.

@@ -5,7 +5,7 @@
 
 use crate::baseline::{pin, Cores};
 use crate::stats::{Bw, Lat};
-use sanpath::config::{FabricKind, PollerMode};
+use sanpath::config::FabricKind;
 use sanpath::fabric::soft::SoftNetwork;
 use sanpath::switch::{Listener, Runtime, RuntimeConfig, Stream, SwitchOptions};
 use sanpath::Config;
@@ -26,10 +26,10 @@ pub struct StreamBench {
 
 impl StreamBench {
     /// A runtime on its own NIC (a private soft network, or the verbs
-    /// device) and a connected pair through it. `config` must select the
-    /// threads poller mode: the switch is driven by completion upcalls.
+    /// device) and a connected pair through it, in the poller mode `config`
+    /// selects (run to completion: each stream's thread polls its own
+    /// connection's completion queue).
     pub fn new(config: Config, cores: Cores) -> Result<StreamBench, String> {
-        assert_eq!(config.poller.mode, PollerMode::Threads);
         let e = |what: &'static str| move |e: io::Error| format!("stream pair: {what}: {e}");
         let kind = config.fabric.kind;
         let ip = config.fabric.soft.addresses[0];

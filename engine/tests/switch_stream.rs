@@ -3,9 +3,11 @@
 //! concurrent connections, shutdown and close semantics, peer reset in the
 //! middle of a transfer, cancellation of connects and transfers, a rogue
 //! peer. Every blocking call runs under a timeout that fails the test
-//! loudly; nothing waits on a sleep.
+//! loudly; nothing waits on a sleep. The provider runs to completion (the
+//! streams' own threads make the progress); `switch_stream_threads.rs` runs
+//! the same tests with poller threads and a dispatcher.
 
-use sanpath::config::MlockPolicy;
+use sanpath::config::{MlockPolicy, PollerMode};
 use sanpath::fabric::soft::{SoftNetwork, SoftNicConfig};
 use sanpath::switch::{
     CancelToken, Listener, RdmaFlow, Runtime, RuntimeConfig, Stream, SwitchOptions,
@@ -39,10 +41,20 @@ fn opts() -> SwitchOptions {
     }
 }
 
+/// Run to completion, except in the `switch_stream_threads` test crate.
+fn poller_mode() -> PollerMode {
+    if env!("CARGO_CRATE_NAME") == "switch_stream_threads" {
+        PollerMode::Threads
+    } else {
+        PollerMode::RunToCompletion
+    }
+}
+
 fn config(ip: Ipv4Addr, o: SwitchOptions) -> RuntimeConfig {
     let mut c = RuntimeConfig::default();
     c.engine.mem.mlock = MlockPolicy::Off;
     c.engine.poller.spin_budget = 200;
+    c.engine.poller.mode = poller_mode();
     c.engine.connect.timeout_ms = 5000;
     c.engine.fabric.soft.addresses = vec![ip];
     c.switch = o;

@@ -20,11 +20,29 @@
 //!    target of a copy and of an RDMA op (the machine serialises them per
 //!    op), and the application thread does not touch its buffer while its
 //!    call is pending.
+//! 4. **The NIC is done with a pool slot the switch copies.** A receive slot
+//!    is read only between its receive's completion and its re-post (the
+//!    machine yields a slot's copy-outs before its `PostRecv`); a send slot
+//!    is written only while no send of it is posted (the machine hands a
+//!    slot out again only after its previous send completed). The NIC's
+//!    writes into a receive slot happen before the completion is published,
+//!    and the provider hands the completion to the upcall through the CQ (or
+//!    its ring) with release/acquire ordering, so a plain `memcpy` is not a
+//!    data race: nothing writes the bytes while they are copied.
 
 use super::proto::{Desc, DESC_LEN};
 use super::stream::Conn;
 use crate::error::{WsaError, WsaResult};
+use crate::mem::region::Region;
 use crate::spi::{WsaBuf, WsaBufEx, MEM_READ, MEM_READWRITE, MEM_WRITE};
+
+/// Address of `len` bytes at `at` of `pool`, checked against it.
+fn pool_range(pool: &Region, at: usize, len: usize) -> WsaResult<*mut u8> {
+    match at.checked_add(len) {
+        Some(end) if end <= pool.len() => Ok(pool.as_ptr().wrapping_add(at)),
+        _ => Err(WsaError::WSAEFAULT),
+    }
+}
 
 /// An application buffer lent to a pending op: address and length of the
 /// slice the blocked call borrowed (`&[u8]` for sends, `&mut [u8]` for
@@ -105,21 +123,26 @@ impl Conn {
         payload: Option<(AppBuf, u64, u32)>,
     ) -> WsaResult<()> {
         let base = usize::from(slot) * self.slot_size;
-        self.send_pool
-            .write_at(base, head)
-            .map_err(|_| WsaError::WSAEFAULT)?;
-        let mut len = head.len();
+        let n = payload.map_or(0, |p| p.2 as usize);
+        if head.len() + n > self.slot_size {
+            return Err(WsaError::WSAEFAULT);
+        }
+        let dst = pool_range(&self.send_pool, base, head.len() + n)?;
+        // SAFETY: `dst..dst+head.len()+n` lies in the send pool (checked),
+        // which lives as long as `self`; invariant 4 — no send of this slot
+        // is posted, so nothing else reads or writes it.
+        unsafe { std::ptr::copy_nonoverlapping(head.as_ptr(), dst, head.len()) };
         if let Some((app, off, n)) = payload {
             let src = app.range(off, n)?;
-            // SAFETY: invariant 2 — the range lies in a send buffer whose
-            // call is blocked until this op completes (checked in bounds
-            // above); invariant 3 — nothing writes it meanwhile.
-            let bytes = unsafe { std::slice::from_raw_parts(src, n as usize) };
-            self.send_pool
-                .write_at(base + len, bytes)
-                .map_err(|_| WsaError::WSAEFAULT)?;
-            len += n as usize;
+            // SAFETY: invariant 2 — the source lies in a send buffer whose
+            // call is blocked until this op completes (checked in bounds);
+            // invariant 3 — nothing writes it meanwhile; the destination is
+            // the rest of the checked slot range (invariant 4).
+            unsafe {
+                std::ptr::copy_nonoverlapping(src, dst.add(head.len()), n as usize);
+            }
         }
+        let len = head.len() + n;
         let buf = WsaBuf {
             len: len as u32,
             buf: self.send_pool.as_ptr().wrapping_add(base),
@@ -142,16 +165,35 @@ impl Conn {
         len: u32,
     ) -> WsaResult<()> {
         let dst = app.range(off, len)?;
-        // SAFETY: invariant 2 — the range lies in a receive buffer whose
-        // call is blocked until this op completes; invariant 3 — no RDMA op
-        // targets it during a copy.
-        let bytes = unsafe { std::slice::from_raw_parts_mut(dst, len as usize) };
-        self.recv_pool
-            .read_at(
-                usize::from(slot) * self.slot_size + slot_off as usize,
-                bytes,
-            )
-            .map_err(|_| WsaError::WSAEFAULT)
+        let at = usize::from(slot) * self.slot_size + slot_off as usize;
+        if slot_off as usize + len as usize > self.slot_size {
+            return Err(WsaError::WSAEFAULT);
+        }
+        let src = pool_range(&self.recv_pool, at, len as usize)?;
+        // SAFETY: invariant 2 — the destination lies in a receive buffer
+        // whose call is blocked until this op completes; invariant 3 — no
+        // RDMA op targets it during a copy; the source is inside receive
+        // slot `slot` (checked), which the NIC is done with (invariant 4).
+        unsafe { std::ptr::copy_nonoverlapping(src, dst, len as usize) };
+        Ok(())
+    }
+
+    /// Copies the first `head.len()` bytes of receive slot `slot` (a
+    /// message that just arrived) into `head`.
+    pub(super) fn read_head(&self, slot: u16, head: &mut [u8]) -> WsaResult<()> {
+        if head.len() > self.slot_size {
+            return Err(WsaError::WSAEFAULT);
+        }
+        let src = pool_range(
+            &self.recv_pool,
+            usize::from(slot) * self.slot_size,
+            head.len(),
+        )?;
+        // SAFETY: the source is inside receive slot `slot` (checked), whose
+        // receive completed and which is not re-posted before this returns
+        // (invariant 4); `head` is a distinct local buffer.
+        unsafe { std::ptr::copy_nonoverlapping(src, head.as_mut_ptr(), head.len()) };
+        Ok(())
     }
 
     /// Exposes `len` bytes of an application buffer at `off` to the peer:

@@ -2,16 +2,25 @@
 //! protocol ([`super::proto`]), using only the public SPI ([`Provider`]).
 //!
 //! A [`Runtime`] owns a started provider and is its [`Switch`]: the upcalls
-//! hand out switch handles, and each completion is fed to the protocol
-//! machine of its connection on the thread that dispatched it (the provider's
-//! dispatcher), which executes the machine's actions at once — posting
-//! receives and sends, copying, exposing, RDMA — and wakes the application
-//! threads waiting on that connection. Application calls lock the
-//! connection, feed the machine, execute its actions and wait (with a
-//! deadline) for their op's completion. So the protocol progresses whether or
-//! not the application is inside a call, and no lock of ours is held across
-//! a provider call that could wait for an upcall (`close_socket` is always
-//! made with the connection unlocked).
+//! hand out switch handles, which index a slot table (no table-wide lock per
+//! upcall), and each completion upcall leaves its completion in its
+//! connection's inbox and feeds it to the connection's protocol machine
+//! unless another thread holds the machine, which then feeds it before it
+//! lets go; executing the machine's actions (posting receives and sends,
+//! copying, exposing, RDMA) happens there and then.
+//!
+//! The thread that waits makes the progress: a blocked call polls its own
+//! connection's completion queue (`Provider::progress_socket`, which makes
+//! the upcalls on that thread), spins up to `poller.spin_budget` empty
+//! polls, then sleeps on the connection's wait word. Sleepers are woken only
+//! when something they wait for happened (an op of theirs completed, the
+//! session opened or failed, a cancellation); a send completion wakes no
+//! one. In run-to-completion mode this is the whole data path, with no
+//! engine thread; in threads mode the provider's dispatcher also makes the
+//! upcalls for connections whose threads sleep. No lock of ours is held
+//! across a provider call that could wait for an upcall (`close_socket` is
+//! always made with the connection unlocked), and an upcall never waits for
+//! a lock of ours.
 //!
 //! Cancellation (spec §6.2): a cancelled or timed-out blocking connect closes
 //! the SAN socket. A send or receive that times out or is cancelled with
@@ -28,16 +37,17 @@ use crate::error::{WsaError, WsaResult};
 use crate::event::Event;
 use crate::fabric::Nic;
 use crate::mem::region::Region;
+use crate::poller::Notifier;
 use crate::spi::{
     Condition, Extension, Overlapped, Provider, ProviderSocket, Switch, SwitchHandle, AF_INET,
     FD_ACCEPT, FD_CONNECT, FD_CONNECT_BIT, IPPROTO_TCP, SOCK_STREAM, SOL_SOCKET, SO_MAX_MSG_SIZE,
     SO_MAX_RDMA_SIZE, SO_RDMA_THRESHOLD_SIZE, WSA_FLAG_OVERLAPPED, WSD_VERSION,
 };
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddrV4;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, TryLockError, Weak};
 use std::time::{Duration, Instant};
 
 /// Catalog entry id the runtime starts its provider with.
@@ -45,6 +55,12 @@ const CATALOG_ENTRY_ID: u32 = 0x5357;
 
 /// RDMA ops a connection may have in flight.
 const RDMA_SLOTS: u16 = 4;
+
+/// First nap of a waiting thread in run-to-completion mode.
+const NAP_MIN: Duration = Duration::from_micros(20);
+/// Longest nap of a waiting thread in run-to-completion mode: the most a
+/// sleeping thread adds to the latency of a completion nobody else polls.
+const NAP_MAX: Duration = Duration::from_millis(1);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -153,8 +169,7 @@ impl CancelToken {
             e.set();
         }
         for c in lock(&self.0.conns).iter().filter_map(Weak::upgrade) {
-            let _st = c.lock();
-            c.cond.notify_all();
+            c.with_state(|st| st.wake = true);
         }
     }
 
@@ -163,42 +178,121 @@ impl CancelToken {
     }
 }
 
-/// Switch handle → (provider context, connection once it has one).
-type HandleTable = HashMap<usize, (usize, Option<Arc<Conn>>)>;
+/// Switch handles per chunk of the handle table.
+const CHUNK: usize = 64;
+/// Chunks: at most `CHUNK * CHUNKS` sockets of one runtime at once.
+const CHUNKS: usize = 1024;
 
-/// The switch handle table: what the upcalls need, shared by the runtime and
-/// the provider (which holds it as its `Switch`).
+/// `CHUNK` slots of the handle table.
+type Chunk = Box<[Mutex<Entry>]>;
+
+/// One switch handle's entry: what the upcalls need.
+#[derive(Default)]
+struct Entry {
+    /// The handle this entry belongs to (0: free); a stale handle (the
+    /// slot was reused) does not match.
+    handle: usize,
+    /// The provider's context for `query_socket_handle_context`.
+    context: usize,
+    /// The connection, once the socket has one. The entry keeps it (pools,
+    /// overlapped records) alive until `close_socket_handle`, the
+    /// provider's last upcall for the socket.
+    conn: Option<Arc<Conn>>,
+}
+
+/// The switch handle table, shared by the runtime and the provider (which
+/// holds it as its `Switch`). A handle names its slot (low 32 bits: the
+/// index plus one; high bits: a generation), so an upcall finds its
+/// connection without a table-wide lock: it locks only its own slot, which
+/// no other connection touches. Chunks are allocated on first use and never
+/// freed; free slots are kept in a list touched only by socket creation
+/// and the final close.
 struct Upcalls {
-    next: AtomicUsize,
-    /// Switch handle → (provider context, connection once it has one). An
-    /// entry keeps its connection (pools, overlapped records) alive until
-    /// `close_socket_handle`, the provider's last upcall for the socket.
-    table: Mutex<HandleTable>,
+    chunks: Box<[OnceLock<Chunk>]>,
+    /// Slots never used yet start here.
+    fresh: AtomicUsize,
+    /// Slots whose socket was closed, for reuse.
+    free: Mutex<Vec<usize>>,
+    /// Generation of the next handle (bumped per creation).
+    generation: AtomicUsize,
 }
 
 impl Upcalls {
+    fn new() -> Upcalls {
+        Upcalls {
+            chunks: (0..CHUNKS).map(|_| OnceLock::new()).collect(),
+            fresh: AtomicUsize::new(0),
+            free: Mutex::new(Vec::new()),
+            generation: AtomicUsize::new(1),
+        }
+    }
+
+    fn slot(&self, index: usize) -> Option<&Mutex<Entry>> {
+        let chunk = self.chunks.get(index / CHUNK)?;
+        let chunk = chunk.get_or_init(|| (0..CHUNK).map(|_| Mutex::default()).collect());
+        chunk.get(index % CHUNK)
+    }
+
+    /// The live entry of handle `h`, locked.
+    fn entry(&self, h: SwitchHandle) -> Option<MutexGuard<'_, Entry>> {
+        let index = (h.0 & 0xffff_ffff).checked_sub(1)?;
+        let e = lock(self.slot(index)?);
+        (e.handle == h.0 && h.0 != 0).then_some(e)
+    }
+
     fn conn(&self, h: SwitchHandle) -> Option<Arc<Conn>> {
-        lock(&self.table).get(&h.0).and_then(|(_, c)| c.clone())
+        self.entry(h).and_then(|e| e.conn.clone())
+    }
+
+    /// Enters `conn` as the connection of handle `h`.
+    fn attach(&self, h: SwitchHandle, conn: Arc<Conn>) -> WsaResult<()> {
+        let mut e = self.entry(h).ok_or(WsaError::WSAENOTSOCK)?;
+        e.conn = Some(conn);
+        Ok(())
     }
 }
 
 impl Switch for Upcalls {
     fn create_socket_handle(&self, _: u32, context: usize) -> WsaResult<SwitchHandle> {
-        let h = self.next.fetch_add(1, Ordering::Relaxed);
-        lock(&self.table).insert(h, (context, None));
+        let reused = lock(&self.free).pop();
+        let index = match reused {
+            Some(i) => i,
+            None => {
+                let i = self.fresh.fetch_add(1, Ordering::Relaxed);
+                if i >= CHUNK * CHUNKS {
+                    self.fresh.fetch_sub(1, Ordering::Relaxed);
+                    return Err(WsaError::WSAENOBUFS);
+                }
+                i
+            }
+        };
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) & 0x7fff_ffff;
+        let h = (generation << 32) | (index + 1);
+        let slot = self.slot(index).ok_or(WsaError::WSAENOBUFS)?;
+        *lock(slot) = Entry {
+            handle: h,
+            context,
+            conn: None,
+        };
         Ok(SwitchHandle(h))
     }
 
     fn close_socket_handle(&self, h: SwitchHandle) -> WsaResult<()> {
-        let entry = lock(&self.table).remove(&h.0);
-        drop(entry);
+        let conn = {
+            let mut e = self.entry(h).ok_or(WsaError::WSAENOTSOCK)?;
+            let conn = e.conn.take();
+            *e = Entry::default();
+            conn
+        };
+        lock(&self.free).push((h.0 & 0xffff_ffff) - 1);
+        // The connection goes after the slot is unlocked.
+        drop(conn);
         Ok(())
     }
 
     fn query_socket_handle_context(&self, h: SwitchHandle) -> WsaResult<usize> {
-        lock(&self.table)
-            .get(&h.0)
-            .map(|(c, _)| *c)
+        self.entry(h)
+            .map(|e| e.context)
             .ok_or(WsaError::WSAENOTSOCK)
     }
 
@@ -245,9 +339,6 @@ impl Runtime {
 
     fn check(config: &RuntimeConfig) -> io::Result<()> {
         let invalid = |m: String| Err(io::Error::new(io::ErrorKind::InvalidInput, m));
-        if config.engine.poller.mode != PollerMode::Threads {
-            return invalid("the reference switch needs poller.mode = \"threads\"".into());
-        }
         let o = &config.switch;
         let q = &config.engine.qp;
         if q.recv_depth < u32::from(o.recv_slots)
@@ -269,10 +360,7 @@ impl Runtime {
     }
 
     fn start_with(provider: Provider, opts: SwitchOptions) -> io::Result<Arc<Runtime>> {
-        let upcalls = Arc::new(Upcalls {
-            next: AtomicUsize::new(0x5357_0001),
-            table: Mutex::new(HashMap::new()),
-        });
+        let upcalls = Arc::new(Upcalls::new());
         provider
             .startup(WSD_VERSION, upcalls.clone(), CATALOG_ENTRY_ID)
             .map_err(wsa_io)?;
@@ -400,7 +488,24 @@ pub(super) struct Conn {
     /// Receive slots, then send slots, then RDMA ops.
     pub(super) ovs: Box<[Overlapped]>,
     state: Mutex<State>,
-    cond: Condvar,
+    /// Completions the upcalls delivered, in dispatch order, not yet fed to
+    /// the machine: an upcall that finds the state locked (by an
+    /// application thread, possibly its own caller further up the stack)
+    /// leaves its completion here for the holder, which feeds it before it
+    /// unlocks, and looks again after (see [`Conn::with_state`]). At most one
+    /// entry per overlapped record, so it never grows past `ovs.len()`.
+    inbox: Mutex<VecDeque<Done>>,
+    /// Threads sleeping for this connection (a blocked call, a close). A
+    /// notify costs one load when nobody sleeps; it is made only when an op
+    /// result, the session state or a cancellation changed (never for a
+    /// send completion, unless a close waits for quiescence).
+    sleepers: Notifier,
+    /// Empty polls of the connection's completion queue before a waiting
+    /// thread sleeps (`poller.spin_budget`).
+    spin_budget: u32,
+    /// The provider runs to completion: nothing dispatches while every
+    /// thread sleeps, so sleeps are bounded naps (see [`Conn::wait_until`]).
+    rtc: bool,
     local: SocketAddrV4,
     peer: SocketAddrV4,
 }
@@ -418,8 +523,23 @@ struct State {
     socket_closed: bool,
     /// Bumped by `cancel_pending`: blocking calls started before give up.
     cancel_gen: u64,
+    /// Something a sleeping thread may wait for changed: notify after
+    /// unlocking.
+    wake: bool,
+    /// A close waits for quiescence: every completion is worth a wake.
+    watch_all: bool,
 }
 
+/// One completion an upcall delivered: the index of its overlapped record
+/// and the result.
+#[derive(Clone, Copy)]
+struct Done {
+    index: usize,
+    error: u32,
+    bytes: u32,
+}
+
+#[derive(Clone, Copy)]
 enum OvKind {
     Recv(u16),
     Send(u16),
@@ -488,8 +608,13 @@ impl Conn {
                 connected: false,
                 socket_closed: false,
                 cancel_gen: 0,
+                wake: false,
+                watch_all: false,
             }),
-            cond: Condvar::new(),
+            inbox: Mutex::new(VecDeque::with_capacity(n_ov)),
+            sleepers: Notifier::default(),
+            spin_budget: p.config().poller.spin_budget,
+            rtc: p.config().poller.mode == PollerMode::RunToCompletion,
             local,
             peer,
         });
@@ -499,10 +624,7 @@ impl Conn {
             return Err(wsa_io(e));
         }
         let h = p.switch_handle(sock).map_err(wsa_io)?;
-        match lock(&rt.upcalls.table).get_mut(&h.0) {
-            Some(entry) => entry.1 = Some(conn.clone()),
-            None => return Err(wsa_io(WsaError::WSAENOTSOCK)),
-        }
+        rt.upcalls.attach(h, conn.clone()).map_err(wsa_io)?;
         conn.with_state(|_| ());
         Ok(conn)
     }
@@ -523,53 +645,113 @@ impl Conn {
         self.n_recv + self.n_send + usize::from(rdma)
     }
 
-    fn ov_kind(&self, ov: &Overlapped) -> Option<OvKind> {
+    /// Index of `ov` in `ovs`, if it is one of ours.
+    fn ov_index(&self, ov: &Overlapped) -> Option<usize> {
         let base = self.ovs.as_ptr() as usize;
         let at = ov as *const Overlapped as usize;
         let size = std::mem::size_of::<Overlapped>();
         if at < base || at >= base + self.ovs.len() * size {
             return None;
         }
-        let i = (at - base) / size;
-        Some(if i < self.n_recv {
+        Some((at - base) / size)
+    }
+
+    fn ov_kind(&self, i: usize) -> OvKind {
+        if i < self.n_recv {
             OvKind::Recv(i as u16)
         } else if i < self.n_recv + self.n_send {
             OvKind::Send((i - self.n_recv) as u16)
         } else {
             OvKind::Rdma((i - self.n_recv - self.n_send) as u16)
-        })
+        }
     }
 
-    /// Runs `f` on the state, executes the machine's actions, wakes the
-    /// waiters, then (unlocked) closes the socket if the machine aborted.
+    /// Runs `f` on the state, executes the machine's actions and unlocks
+    /// ([`Conn::settle`]).
     fn with_state<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
-        let (r, abort) = {
-            let mut st = self.lock();
-            let r = f(&mut st);
-            let abort = self.run(&mut st);
-            (r, abort)
-        };
-        self.cond.notify_all();
-        if abort {
-            self.close_socket();
-        }
+        let mut st = self.lock();
+        let r = f(&mut st);
+        self.settle(st);
         r
+    }
+
+    /// Executes the machine's actions and feeds it the completions waiting
+    /// in the inbox until both are exhausted, then unlocks; wakes sleepers if
+    /// something they wait for changed and closes the socket if the machine
+    /// aborted. Once unlocked, takes the state again if a completion arrived
+    /// meanwhile and nobody else holds it: an upcall that found the state
+    /// locked left its completion in the inbox before this thread's last look
+    /// or before this unlock, so either this loop or the upcall's own
+    /// `try_lock` feeds it.
+    fn settle<'a>(&'a self, mut st: MutexGuard<'a, State>) {
+        loop {
+            let mut abort = false;
+            loop {
+                abort |= self.run(&mut st);
+                let Some(d) = lock(&self.inbox).pop_front() else {
+                    break;
+                };
+                self.feed(&mut st, d);
+            }
+            let wake = std::mem::take(&mut st.wake);
+            drop(st);
+            if wake {
+                self.sleepers.notify();
+            }
+            if abort {
+                self.close_socket();
+            }
+            st = match self.try_state() {
+                Some(st) => st,
+                None => return,
+            };
+        }
+    }
+
+    /// The state, if a completion waits in the inbox and no other thread
+    /// holds the state (that thread feeds it before it unlocks).
+    fn try_state(&self) -> Option<MutexGuard<'_, State>> {
+        if lock(&self.inbox).is_empty() {
+            return None;
+        }
+        match self.state.try_lock() {
+            Ok(st) => Some(st),
+            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
     }
 
     /// A completion upcall for one of our records.
     fn on_completion(&self, ov: &Overlapped, error: u32, bytes: u32) {
-        let Some(kind) = self.ov_kind(ov) else {
+        let Some(index) = self.ov_index(ov) else {
             return;
         };
-        let result = if error == 0 { Ok(()) } else { Err(error) };
-        self.with_state(|st| match kind {
+        lock(&self.inbox).push_back(Done {
+            index,
+            error,
+            bytes,
+        });
+        // Never waits for the state inside an upcall: whoever holds it
+        // (perhaps this thread's own caller) feeds the completion.
+        if let Some(st) = self.try_state() {
+            self.settle(st);
+        }
+    }
+
+    /// Feeds one delivered completion to the machine (state locked).
+    fn feed(&self, st: &mut State, d: Done) {
+        let result = if d.error == 0 { Ok(()) } else { Err(d.error) };
+        let kind = self.ov_kind(d.index);
+        if st.watch_all {
+            st.wake = true;
+        }
+        match kind {
             OvKind::Recv(slot) => match result {
                 Ok(()) => {
-                    let n = bytes as usize;
+                    let n = d.bytes as usize;
                     let mut head = [0u8; proto::MAX_HEAD];
                     let k = n.min(proto::MAX_HEAD).min(self.slot_size);
-                    let at = usize::from(slot) * self.slot_size;
-                    if self.recv_pool.read_at(at, &mut head[..k]).is_ok() {
+                    if self.read_head(slot, &mut head[..k]).is_ok() {
                         st.m.recv_done(slot, Ok((&head[..k], n)));
                     } else {
                         st.m.recv_done(slot, Err(WsaError::WSAEFAULT.code() as u32));
@@ -584,7 +766,7 @@ impl Conn {
                 }
                 st.m.rdma_done(rdma, result);
             }
-        });
+        }
     }
 
     /// Executes the machine's pending actions (state locked). Returns
@@ -674,9 +856,16 @@ impl Conn {
                 Action::SendComplete { op, result } | Action::RecvComplete { op, result } => {
                     st.bufs.remove(&op);
                     st.results.insert(op, result);
+                    st.wake = true;
                 }
-                Action::Connected => st.connected = true,
-                Action::Abort { .. } => abort = !st.socket_closed,
+                Action::Connected => {
+                    st.connected = true;
+                    st.wake = true;
+                }
+                Action::Abort { .. } => {
+                    abort = !st.socket_closed;
+                    st.wake = true;
+                }
             }
         }
         abort
@@ -686,44 +875,79 @@ impl Conn {
     /// be called with the state unlocked: outside an upcall `close_socket`
     /// waits until the provider dispatched the flushed completions.
     fn close_socket(&self) {
-        {
-            let mut st = self.lock();
-            if st.socket_closed {
-                return;
-            }
-            st.socket_closed = true;
+        let first = self.with_state(|st| !std::mem::replace(&mut st.socket_closed, true));
+        if !first {
+            return;
         }
         let _ = self.provider.close_socket(self.sock);
         self.with_state(|st| st.m.closed());
     }
 
-    /// Waits until `done(state)` or `deadline`; `wake` tells whether to give
-    /// up early (cancellation). Returns the guard and whether `done` holds.
-    fn wait_until<'a>(
-        &'a self,
-        mut st: MutexGuard<'a, State>,
+    /// Dispatches the completions waiting in this connection's completion
+    /// queue on the calling thread (never with the state locked).
+    fn progress(&self) -> usize {
+        self.provider.progress_socket(self.sock)
+    }
+
+    /// Waits until `done(state)` or `deadline`, or until `give_up(state)`
+    /// (cancellation); returns whether `done` holds. The waiting thread
+    /// makes the progress: it polls the connection's completion queue itself
+    /// (the provider dispatches the completions to the upcalls on this
+    /// thread), up to `spin_budget` empty polls, then registers as a sleeper
+    /// and sleeps until a completion it waits for is delivered (by another
+    /// thread's progress or the provider's dispatcher) or the deadline.
+    ///
+    /// In run-to-completion mode nothing dispatches while every thread
+    /// sleeps, and the public SPI has no call that sleeps until a socket's
+    /// completion queue has work with a deadline; so there the sleep is a
+    /// nap of [`NAP_MIN`] doubling up to [`NAP_MAX`], after which the thread
+    /// polls again.
+    fn wait_until(
+        &self,
         deadline: Option<Instant>,
         mut done: impl FnMut(&mut State) -> bool,
         mut give_up: impl FnMut(&State) -> bool,
-    ) -> (MutexGuard<'a, State>, bool) {
+    ) -> bool {
+        let mut idle = 0u32;
+        let mut nap = NAP_MIN;
         loop {
-            if done(&mut st) {
-                return (st, true);
+            let (ok, stop) = self.with_state(|st| (done(st), give_up(st)));
+            if ok {
+                return true;
             }
-            if give_up(&st) {
-                return (st, false);
+            if stop {
+                return false;
             }
             let now = Instant::now();
-            let wait = match deadline {
-                Some(d) if d <= now => return (st, false),
-                Some(d) => d - now,
-                None => Duration::from_secs(3600),
+            if deadline.is_some_and(|d| d <= now) {
+                return false;
+            }
+            if self.progress() > 0 {
+                idle = 0;
+                nap = NAP_MIN;
+                continue;
+            }
+            if idle < self.spin_budget {
+                idle += 1;
+                std::hint::spin_loop();
+                continue;
+            }
+            let token = self.sleepers.prepare();
+            // Registered: a completion delivered from here on notifies.
+            if self.progress() > 0 || self.with_state(|st| done(st) || give_up(st)) {
+                drop(token);
+                idle = 0;
+                continue;
+            }
+            let until = if self.rtc {
+                let n = now + nap;
+                nap = (nap * 2).min(NAP_MAX);
+                Some(deadline.map_or(n, |d| d.min(n)))
+            } else {
+                deadline
             };
-            st = self
-                .cond
-                .wait_timeout(st, wait)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
+            token.wait(until);
+            idle = 0;
         }
     }
 
@@ -741,16 +965,15 @@ impl Conn {
             start(st);
             st.cancel_gen
         });
-        let st = self.lock();
-        let (mut st, done) = self.wait_until(
-            st,
+        let done = self.wait_until(
             deadline,
             |st| st.results.contains_key(&op),
             |st| st.cancel_gen != gen,
         );
         if done {
-            return take_result(&mut st, op);
+            return self.with_state(|st| take_result(st, op));
         }
+        let mut st = self.lock();
         let kind = if st.cancel_gen != gen {
             io::ErrorKind::Interrupted
         } else {
@@ -758,15 +981,14 @@ impl Conn {
         };
         let outcome = st.m.app_cancel(op);
         match outcome {
-            CancelOutcome::NotFound => take_result(&mut st, op),
+            CancelOutcome::NotFound => {
+                let r = take_result(&mut st, op);
+                self.settle(st);
+                r
+            }
             CancelOutcome::Cancelled { done } => {
                 st.bufs.remove(&op);
-                let abort = self.run(&mut st);
-                drop(st);
-                self.cond.notify_all();
-                if abort {
-                    self.close_socket();
-                }
+                self.settle(st);
                 if done > 0 {
                     Ok(done)
                 } else {
@@ -774,29 +996,20 @@ impl Conn {
                 }
             }
             CancelOutcome::InFlight => {
+                self.settle(st);
                 // The buffer is in an RDMA op or exposed: wait for it, then
                 // abort the connection, which forces its completion.
                 let until = Instant::now() + rdma_cancel;
-                let (st, done) = self.wait_until(
-                    st,
-                    Some(until),
-                    |st| st.results.contains_key(&op),
-                    |_| false,
-                );
-                if done {
-                    let mut st = st;
-                    return take_result(&mut st, op);
+                if self.wait_until(Some(until), |st| st.results.contains_key(&op), |_| false) {
+                    return self.with_state(|st| take_result(st, op));
                 }
-                drop(st);
                 self.with_state(|st| st.m.abort(proto::Error::TimedOut));
                 // After close_socket the fabric no longer touches the buffer
                 // and the machine completes the op once its RDMA came back
                 // flushed (CLOSE-3): the wait below ends (no deadline, since
                 // returning earlier would free a buffer the NIC may use).
-                let st = self.lock();
-                let (mut st, _) =
-                    self.wait_until(st, None, |st| st.results.contains_key(&op), |_| false);
-                let _ = st.results.remove(&op);
+                self.wait_until(None, |st| st.results.contains_key(&op), |_| false);
+                self.with_state(|st| st.results.remove(&op));
                 Err(io::Error::new(
                     kind,
                     "transfer cancelled while its buffer was in an RDMA op; connection aborted",
@@ -930,16 +1143,12 @@ fn handshake(conn: &Arc<Conn>, deadline: Instant, cancel: Option<&CancelToken>) 
     if let Some(c) = cancel {
         lock(&c.0.conns).push(Arc::downgrade(conn));
     }
-    let st = conn.lock();
-    let (st, done) = conn.wait_until(
-        st,
+    let done = conn.wait_until(
         Some(deadline),
         |st| st.connected || st.m.error().is_some(),
         |_| cancel.is_some_and(CancelToken::is_cancelled),
     );
-    let connected = st.connected;
-    let error = st.m.error();
-    drop(st);
+    let (connected, error) = conn.with_state(|st| (st.connected, st.m.error()));
     if connected {
         // Negotiated, even if the connection failed right after: the data
         // and FIN it brought are the application's to read, then the error
@@ -1084,22 +1293,23 @@ impl Stream {
 
     /// Sends above this many bytes go by RDMA.
     pub fn rdma_threshold(&self) -> usize {
-        self.conn.lock().m.rdma_threshold() as usize
+        self.conn.with_state(|st| st.m.rdma_threshold() as usize)
     }
 
     /// Overrides the threshold taken from `SO_RDMA_THRESHOLD_SIZE`.
     pub fn set_rdma_threshold(&self, bytes: usize) {
-        self.conn.lock().m.set_rdma_threshold(bytes as u64);
+        self.conn
+            .with_state(|st| st.m.set_rdma_threshold(bytes as u64));
     }
 
     /// Whether large sends use the RDMA-read flow (else RDMA write).
     pub fn uses_read_flow(&self) -> bool {
-        self.conn.lock().m.uses_read_flow()
+        self.conn.with_state(|st| st.m.uses_read_flow())
     }
 
     /// Protocol counters.
     pub fn stats(&self) -> Stats {
-        self.conn.lock().m.stats()
+        self.conn.with_state(|st| st.m.stats())
     }
 
     /// Sends all of `buf` (blocking, bounded by the write timeout). Small
@@ -1135,6 +1345,8 @@ impl Stream {
             return Ok(0);
         }
         let _g = lock(&self.send_lock);
+        // Credits returned by the peer may wait in the completion queue.
+        self.conn.progress();
         let op = new_op();
         let app = AppBuf::of(buf);
         self.conn.with_state(|st| {
@@ -1142,9 +1354,12 @@ impl Stream {
             st.m.app_send(op, buf.len() as u64, true);
             // A non-blocking send completes within `app_send`.
         });
-        let mut st = self.conn.lock();
-        st.bufs.remove(&op);
-        take_result(&mut st, op).map(|n| n as usize)
+        self.conn
+            .with_state(|st| {
+                st.bufs.remove(&op);
+                take_result(st, op)
+            })
+            .map(|n| n as usize)
     }
 
     /// Receives at least one byte (blocking, bounded by the read timeout);
@@ -1178,6 +1393,8 @@ impl Stream {
             return Ok(0);
         }
         let _g = lock(&self.recv_lock);
+        // What arrived may wait in the completion queue.
+        self.conn.progress();
         let op = new_op();
         let len = buf.len() as u64;
         let app = AppBuf::of_mut(buf);
@@ -1204,10 +1421,10 @@ impl Stream {
     /// buffers, else after the RDMA in flight (or an abort of the
     /// connection past `rdma_cancel_timeout`).
     pub fn cancel_pending(&self) {
-        let mut st = self.conn.lock();
-        st.cancel_gen += 1;
-        drop(st);
-        self.conn.cond.notify_all();
+        self.conn.with_state(|st| {
+            st.cancel_gen += 1;
+            st.wake = true;
+        });
     }
 
     /// Closes the stream. Graceful when nothing is pending (FIN, then the
@@ -1237,14 +1454,12 @@ impl Stream {
             });
         if graceful {
             let deadline = Instant::now() + self.rt.opts.close_timeout;
-            let st = self.conn.lock();
-            let (st, _) = self.conn.wait_until(
-                st,
+            self.conn.with_state(|st| st.watch_all = true);
+            self.conn.wait_until(
                 Some(deadline),
                 |st| st.m.error().is_some() || (st.m.fin_delivered() && st.m.is_quiescent()),
                 |_| false,
             );
-            drop(st);
         }
         self.conn.with_state(|st| {
             if st.m.error().is_none() {
