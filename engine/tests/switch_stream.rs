@@ -374,10 +374,15 @@ fn close_with_data_pending_is_abortive() {
 
 #[test]
 fn data_sent_before_a_graceful_close_is_not_lost() {
-    let (c, s) = two(opts(), opts());
+    // Receive buffers for the whole payload: the send returns at once.
+    let roomy = SwitchOptions {
+        recv_slots: 32,
+        ..opts()
+    };
+    let (c, s) = two(opts(), roomy);
     let (client, server) = pair(&c, &s, 7008);
     let payload = data(200_000, 5);
-    client.set_rdma_threshold(1 << 20); // all by copy: the send returns at once
+    client.set_rdma_threshold(1 << 20); // all by copy
     client.send(&payload).unwrap();
     client.close();
     let got = read_n(&server, payload.len(), 1 << 20);

@@ -69,7 +69,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Settings of the reference switch.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SwitchOptions {
-    /// Receive buffers per connection (the credits the peer gets).
+    /// Receive buffers per connection (the credits the peer gets); the
+    /// peer gets credits back unasked once half of them were re-posted.
     pub recv_slots: u16,
     /// Send buffers per connection.
     pub send_slots: u16,
@@ -105,8 +106,8 @@ pub struct SwitchOptions {
 impl Default for SwitchOptions {
     fn default() -> Self {
         SwitchOptions {
-            recv_slots: 32,
-            send_slots: 32,
+            recv_slots: 16,
+            send_slots: 16,
             slot_size: 8192,
             rdma_threshold: None,
             rdma_flow: RdmaFlow::Read,
@@ -132,9 +133,11 @@ pub struct RuntimeConfig {
 
 impl Default for RuntimeConfig {
     /// The engine's defaults with queue pairs sized for the switch (so that
-    /// more connections share one completion queue).
+    /// more connections share one completion queue), run to completion: the
+    /// streams' own threads make the progress.
     fn default() -> Self {
         let mut engine = Config::default();
+        engine.poller.mode = PollerMode::RunToCompletion;
         engine.qp.recv_depth = 64;
         engine.qp.send_depth = 64;
         RuntimeConfig {
@@ -580,7 +583,7 @@ impl Conn {
             max_rdma_op: max_rdma,
             rdma_flow: o.rdma_flow,
             can_rdma_read: rt.can_rdma_read && o.accept_rdma_read,
-            credit_batch: 0,
+            credit_batch: (o.recv_slots / 2).max(2),
             rdma_slots: RDMA_SLOTS,
         };
         let m = Connection::new(cfg, role)
