@@ -1,10 +1,11 @@
-//! The switch's only `unsafe`: the provider's data calls (which take memory
+//! The switch's only `unsafe`: a connection's [`Wire`] (its socket, pools
+//! and overlapped records) with the provider's data calls (which take memory
 //! the switch owns) and copies between the registered pools and application
-//! buffers. Every block rests on the same three invariants, kept by
-//! [`super::stream`]:
+//! buffers. Every block rests on the same invariants, kept by
+//! [`super::connection`] and the protocol machine:
 //!
 //! 1. **Pools and overlapped records outlive their ops.** A connection's
-//!    receive/send pools and its `Overlapped` array live in [`Conn`], which
+//!    receive/send pools and its `Overlapped` array live in its [`Wire`], which
 //!    the runtime's handle table keeps alive until the provider's
 //!    `close_socket_handle` upcall — made only after every op of the socket
 //!    completed (spec §6.1, CLOSE-5). The protocol machine never posts a slot
@@ -31,10 +32,12 @@
 //!    data race: nothing writes the bytes while they are copied.
 
 use super::proto::{Desc, DESC_LEN};
-use super::stream::Conn;
 use crate::error::{WsaError, WsaResult};
 use crate::mem::region::Region;
-use crate::spi::{WsaBuf, WsaBufEx, MEM_READ, MEM_READWRITE, MEM_WRITE};
+use crate::spi::{
+    Overlapped, Provider, ProviderSocket, WsaBuf, WsaBufEx, MEM_READ, MEM_READWRITE, MEM_WRITE,
+};
+use std::io;
 
 /// Address of `len` bytes at `at` of `pool`, checked against it.
 fn pool_range(pool: &Region, at: usize, len: usize) -> WsaResult<*mut u8> {
@@ -78,7 +81,95 @@ impl AppBuf {
     }
 }
 
-impl Conn {
+/// What an overlapped record is for.
+#[derive(Clone, Copy)]
+pub(super) enum OvKind {
+    Recv(u16),
+    Send(u16),
+    Rdma(u16),
+}
+
+/// A connection's socket, its registered pools and its overlapped records:
+/// receive slots, then send slots, then RDMA ops.
+pub(super) struct Wire {
+    pub(super) provider: Provider,
+    pub(super) sock: ProviderSocket,
+    /// Bytes of each pool slot.
+    pub(super) slot_size: usize,
+    n_recv: usize,
+    n_send: usize,
+    recv_pool: Region,
+    send_pool: Region,
+    ovs: Box<[Overlapped]>,
+}
+
+impl Wire {
+    /// Pools for `n_recv` receive and `n_send` send slots of `slot_size`
+    /// bytes, and records for them and `n_rdma` RDMA ops (not registered
+    /// yet).
+    pub(super) fn new(
+        provider: &Provider,
+        sock: ProviderSocket,
+        slot_size: usize,
+        n_recv: usize,
+        n_send: usize,
+        n_rdma: usize,
+    ) -> io::Result<Wire> {
+        let policy = provider.config().mem.mlock;
+        let pool = |n: usize| Region::new(n * slot_size, policy).map_err(io::Error::other);
+        Ok(Wire {
+            provider: provider.clone(),
+            sock,
+            slot_size,
+            n_recv,
+            n_send,
+            recv_pool: pool(n_recv)?,
+            send_pool: pool(n_send)?,
+            ovs: (0..n_recv + n_send + n_rdma)
+                .map(|_| Overlapped::new(0))
+                .collect(),
+        })
+    }
+
+    /// How many overlapped records there are.
+    pub(super) fn records(&self) -> usize {
+        self.ovs.len()
+    }
+
+    fn recv_ov(&self, slot: u16) -> usize {
+        usize::from(slot)
+    }
+
+    fn send_ov(&self, slot: u16) -> usize {
+        self.n_recv + usize::from(slot)
+    }
+
+    fn rdma_ov(&self, rdma: u16) -> usize {
+        self.n_recv + self.n_send + usize::from(rdma)
+    }
+
+    /// Index of `ov` among the records, if it is one of them.
+    pub(super) fn ov_index(&self, ov: &Overlapped) -> Option<usize> {
+        let base = self.ovs.as_ptr() as usize;
+        let at = ov as *const Overlapped as usize;
+        let size = std::mem::size_of::<Overlapped>();
+        if at < base || at >= base + self.ovs.len() * size {
+            return None;
+        }
+        Some((at - base) / size)
+    }
+
+    /// What record `i` is for.
+    pub(super) fn ov_kind(&self, i: usize) -> OvKind {
+        if i < self.n_recv {
+            OvKind::Recv(i as u16)
+        } else if i < self.n_recv + self.n_send {
+            OvKind::Send((i - self.n_recv) as u16)
+        } else {
+            OvKind::Rdma((i - self.n_recv - self.n_send) as u16)
+        }
+    }
+
     /// Registers the receive and send pools on the connected socket (the
     /// provider releases them when the socket closes).
     pub(super) fn register_pools(&self) -> WsaResult<()> {

@@ -8,9 +8,13 @@
 //! - [`proto`]: the session protocol as a deterministic state machine
 //!   (credits, small data in control messages, large data by RDMA read or
 //!   write with descriptor exchange, graceful shutdown, error handling).
-//! - [`stream`]: the driver: [`Runtime`] (a provider and its switch),
-//!   [`Listener`], [`Stream`] (blocking with timeouts, non-blocking `try_*`,
-//!   `Read`/`Write`, graceful shutdown, abortive close, cancellation).
+//! - `runtime`: [`Runtime`] (a provider and its switch: the upcalls, whose
+//!   switch handles index a slot table).
+//! - `connection` (with `io`, the switch's unsafe): one socket's protocol
+//!   machine, driven by the thread that waits for it.
+//! - [`stream`]: [`Listener`], [`Stream`] (blocking with timeouts,
+//!   non-blocking `try_*`, `Read`/`Write`, graceful shutdown, abortive
+//!   close, cancellation).
 //!
 //! ```no_run
 //! use sanpath::switch::{Listener, Runtime, RuntimeConfig, Stream};
@@ -34,9 +38,12 @@
 //! # Ok::<(), std::io::Error>(())
 //! ```
 
+mod connection;
 mod io;
 pub mod proto;
+mod runtime;
 pub mod stream;
 
 pub use proto::RdmaFlow;
-pub use stream::{CancelToken, Listener, Runtime, RuntimeConfig, Stream, SwitchOptions};
+pub use runtime::{Runtime, RuntimeConfig, SwitchOptions};
+pub use stream::{CancelToken, Listener, Stream};

@@ -1,6 +1,6 @@
 //! The reference switch's session protocol as a deterministic state machine
 //! (spec §4.1 step 5, §4.2 step 5, §4.3, §4.5, §6.2): no threads, no clocks,
-//! no I/O. A driver ([`super::stream`], or a test's simulated fabric) feeds
+//! no I/O. A driver (the switch's connections, or a test's simulated fabric) feeds
 //! a [`Connection`] events — a receive, send or RDMA op completed, an
 //! exposure was registered, the application sends, receives, shuts down,
 //! cancels or aborts — and executes the [`Action`]s it yields, in order.

@@ -1,0 +1,591 @@
+//! A connection of the reference switch: the protocol machine of one
+//! socket ([`super::proto::Connection`]) driven by whichever thread has a
+//! completion or an application call for it, and the threads waiting on it.
+//!
+//! Upcalls leave each completion in the connection's inbox and feed it to
+//! the machine unless another thread holds the machine, which then feeds it
+//! before it lets go: an upcall never waits for a lock of ours (also when an
+//! SPI call made under that lock dispatches completions inline). Executing
+//! the machine's actions (posting receives and sends, copying, exposing,
+//! RDMA) happens there and then, through [`Wire`] (`io.rs`, the switch's
+//! unsafe).
+//!
+//! The thread that waits makes the progress: a blocked call polls its own
+//! connection's completion queue (`Provider::progress_socket`, which makes
+//! the upcalls on that thread), spins up to `poller.spin_budget` empty
+//! polls, then sleeps on the connection's notifier. Sleepers are woken only
+//! when something they wait for happened (an op of theirs completed, the
+//! session opened or failed, a cancellation); a send completion wakes no
+//! one. In run-to-completion mode this is the whole data path, with no
+//! engine thread; in threads mode the provider's dispatcher also makes the
+//! upcalls for connections whose threads sleep. No lock of ours is held
+//! across a provider call that could wait for an upcall (`close_socket` is
+//! always made with the connection unlocked).
+
+use super::io::{AppBuf, OvKind, Wire};
+use super::proto::{self, Action, CancelOutcome, Connection, OpId, Role};
+use crate::config::PollerMode;
+use crate::error::WsaError;
+use crate::poller::Notifier;
+use crate::spi::{Overlapped, Provider, ProviderSocket};
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::SocketAddrV4;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
+use std::time::{Duration, Instant};
+
+/// RDMA ops a connection may have in flight.
+pub(super) const RDMA_SLOTS: u16 = 4;
+
+/// First nap of a waiting thread in run-to-completion mode.
+const NAP_MIN: Duration = Duration::from_micros(20);
+/// Longest nap of a waiting thread in run-to-completion mode: the most a
+/// sleeping thread adds to the latency of a completion nobody else polls.
+const NAP_MAX: Duration = Duration::from_millis(1);
+
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+pub(super) fn wsa_io(e: WsaError) -> io::Error {
+    let kind = match e {
+        WsaError::WSAECONNREFUSED => io::ErrorKind::ConnectionRefused,
+        WsaError::WSAECONNRESET => io::ErrorKind::ConnectionReset,
+        WsaError::WSAECONNABORTED | WsaError::WSA_OPERATION_ABORTED => {
+            io::ErrorKind::ConnectionAborted
+        }
+        WsaError::WSAETIMEDOUT => io::ErrorKind::TimedOut,
+        WsaError::WSAEADDRINUSE => io::ErrorKind::AddrInUse,
+        WsaError::WSAEADDRNOTAVAIL => io::ErrorKind::AddrNotAvailable,
+        // `ErrorKind::{Host,Network}Unreachable` are named only from Rust
+        // 1.83 on (the MSRV is 1.80): take them from the OS error codes.
+        WsaError::WSAEHOSTUNREACH => io::Error::from_raw_os_error(libc::EHOSTUNREACH).kind(),
+        WsaError::WSAENETUNREACH => io::Error::from_raw_os_error(libc::ENETUNREACH).kind(),
+        WsaError::WSAENOTCONN => io::ErrorKind::NotConnected,
+        WsaError::WSAEWOULDBLOCK => io::ErrorKind::WouldBlock,
+        WsaError::WSAENOBUFS => io::ErrorKind::OutOfMemory,
+        WsaError::WSAEINVAL | WsaError::WSAEFAULT => io::ErrorKind::InvalidInput,
+        _ => io::ErrorKind::Other,
+    };
+    io::Error::new(kind, format!("{} ({})", e.name(), e.code()))
+}
+
+pub(super) fn proto_io(e: proto::Error) -> io::Error {
+    let kind = match e {
+        proto::Error::WouldBlock => io::ErrorKind::WouldBlock,
+        proto::Error::Shutdown => io::ErrorKind::BrokenPipe,
+        proto::Error::TimedOut => io::ErrorKind::TimedOut,
+        proto::Error::Aborted => io::ErrorKind::ConnectionAborted,
+        proto::Error::NoBuffers => io::ErrorKind::OutOfMemory,
+        proto::Error::Transport(c) if c == WsaError::WSAECONNRESET.code() as u32 => {
+            io::ErrorKind::ConnectionReset
+        }
+        proto::Error::Transport(_) => io::ErrorKind::ConnectionAborted,
+        proto::Error::Malformed(_)
+        | proto::Error::Protocol(_)
+        | proto::Error::CreditViolation { .. }
+        | proto::Error::CreditOverflow => io::ErrorKind::InvalidData,
+    };
+    io::Error::new(kind, e)
+}
+
+/// One connection: its wire (socket, pools, records), the machine and the
+/// waiting threads.
+pub(super) struct Conn {
+    /// The socket, its pools and overlapped records, and the unsafe calls
+    /// that use them.
+    wire: Wire,
+    state: Mutex<State>,
+    /// Completions the upcalls delivered, in dispatch order, not yet fed to
+    /// the machine: an upcall that finds the state locked (by an
+    /// application thread, possibly its own caller further up the stack)
+    /// leaves its completion here for the holder, which feeds it before it
+    /// unlocks, and looks again after (see [`Conn::with_state`]). At most one
+    /// entry per overlapped record, so it never grows past `ovs.len()`.
+    inbox: Mutex<VecDeque<Done>>,
+    /// Threads sleeping for this connection (a blocked call, a close). A
+    /// notify costs one load when nobody sleeps; it is made only when an op
+    /// result, the session state or a cancellation changed (never for a
+    /// send completion, unless a close waits for quiescence).
+    sleepers: Notifier,
+    /// Empty polls of the connection's completion queue before a waiting
+    /// thread sleeps (`poller.spin_budget`).
+    spin_budget: u32,
+    /// The provider runs to completion: nothing dispatches while every
+    /// thread sleeps, so sleeps are bounded naps (see [`Conn::wait_until`]).
+    rtc: bool,
+    pub(super) local: SocketAddrV4,
+    pub(super) peer: SocketAddrV4,
+}
+
+pub(super) struct State {
+    pub(super) m: Connection,
+    /// Application buffers of pending ops.
+    pub(super) bufs: HashMap<OpId, AppBuf>,
+    /// Results of completed ops not yet collected.
+    pub(super) results: HashMap<OpId, Result<u64, proto::Error>>,
+    /// Local registration of each RDMA op's buffer.
+    pub(super) rdma_regs: Vec<Option<u64>>,
+    pub(super) connected: bool,
+    /// `close_socket` was called (or is being called).
+    pub(super) socket_closed: bool,
+    /// Bumped by `cancel_pending`: blocking calls started before give up.
+    pub(super) cancel_gen: u64,
+    /// Something a sleeping thread may wait for changed: notify after
+    /// unlocking.
+    pub(super) wake: bool,
+    /// A close waits for quiescence: every completion is worth a wake.
+    pub(super) watch_all: bool,
+}
+
+/// One completion an upcall delivered: the index of its overlapped record
+/// and the result.
+#[derive(Clone, Copy)]
+struct Done {
+    index: usize,
+    error: u32,
+    bytes: u32,
+}
+
+static NEXT_OP: AtomicU64 = AtomicU64::new(1);
+
+pub(super) fn new_op() -> OpId {
+    OpId(NEXT_OP.fetch_add(1, Ordering::Relaxed))
+}
+
+impl Conn {
+    /// A connection on connected socket `sock`, not started: its pools are
+    /// registered, nothing is posted yet (the caller enters it in the
+    /// handle table first, then calls [`Conn::start`]).
+    pub(super) fn new(
+        provider: &Provider,
+        sock: ProviderSocket,
+        cfg: proto::Config,
+        role: Role,
+        local: SocketAddrV4,
+        peer: SocketAddrV4,
+    ) -> io::Result<Arc<Conn>> {
+        let (n_recv, n_send) = (usize::from(cfg.recv_slots), usize::from(cfg.send_slots));
+        let wire = Wire::new(
+            provider,
+            sock,
+            cfg.slot_size as usize,
+            n_recv,
+            n_send,
+            usize::from(cfg.rdma_slots),
+        )?;
+        let n_ov = wire.records();
+        let rdma_slots = usize::from(cfg.rdma_slots);
+        let m = Connection::new(cfg, role)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let conn = Arc::new(Conn {
+            wire,
+            state: Mutex::new(State {
+                m,
+                bufs: HashMap::new(),
+                results: HashMap::new(),
+                rdma_regs: vec![None; rdma_slots],
+                connected: false,
+                socket_closed: false,
+                cancel_gen: 0,
+                wake: false,
+                watch_all: false,
+            }),
+            inbox: Mutex::new(VecDeque::with_capacity(n_ov)),
+            sleepers: Notifier::default(),
+            spin_budget: provider.config().poller.spin_budget,
+            rtc: provider.config().poller.mode == PollerMode::RunToCompletion,
+            local,
+            peer,
+        });
+        if let Err(e) = conn.wire.register_pools() {
+            // Closed before the pools are dropped: nothing stays registered.
+            let _ = provider.close_socket(sock);
+            return Err(wsa_io(e));
+        }
+        Ok(conn)
+    }
+
+    /// Starts the protocol: receives posted, HELLO sent by the connector.
+    pub(super) fn start(&self) {
+        self.with_state(|_| ());
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    /// Runs `f` on the state, executes the machine's actions and unlocks
+    /// ([`Conn::settle`]).
+    pub(super) fn with_state<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        let mut st = self.lock();
+        let r = f(&mut st);
+        self.settle(st);
+        r
+    }
+
+    /// Executes the machine's actions and feeds it the completions waiting
+    /// in the inbox until both are exhausted, then unlocks; wakes sleepers if
+    /// something they wait for changed and closes the socket if the machine
+    /// aborted. Once unlocked, takes the state again if a completion arrived
+    /// meanwhile and nobody else holds it: an upcall that found the state
+    /// locked left its completion in the inbox before this thread's last look
+    /// or before this unlock, so either this loop or the upcall's own
+    /// `try_lock` feeds it.
+    fn settle<'a>(&'a self, mut st: MutexGuard<'a, State>) {
+        loop {
+            let mut abort = false;
+            loop {
+                abort |= self.run(&mut st);
+                let Some(d) = lock(&self.inbox).pop_front() else {
+                    break;
+                };
+                self.feed(&mut st, d);
+            }
+            let wake = std::mem::take(&mut st.wake);
+            drop(st);
+            if wake {
+                self.sleepers.notify();
+            }
+            if abort {
+                self.close_socket();
+            }
+            st = match self.try_state() {
+                Some(st) => st,
+                None => return,
+            };
+        }
+    }
+
+    /// The state, if a completion waits in the inbox and no other thread
+    /// holds the state (that thread feeds it before it unlocks).
+    fn try_state(&self) -> Option<MutexGuard<'_, State>> {
+        if lock(&self.inbox).is_empty() {
+            return None;
+        }
+        match self.state.try_lock() {
+            Ok(st) => Some(st),
+            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
+    }
+
+    /// A completion upcall for one of our records.
+    pub(super) fn on_completion(&self, ov: &Overlapped, error: u32, bytes: u32) {
+        let Some(index) = self.wire.ov_index(ov) else {
+            return;
+        };
+        lock(&self.inbox).push_back(Done {
+            index,
+            error,
+            bytes,
+        });
+        // Never waits for the state inside an upcall: whoever holds it
+        // (perhaps this thread's own caller) feeds the completion.
+        if let Some(st) = self.try_state() {
+            self.settle(st);
+        }
+    }
+
+    /// Feeds one delivered completion to the machine (state locked).
+    fn feed(&self, st: &mut State, d: Done) {
+        let result = if d.error == 0 { Ok(()) } else { Err(d.error) };
+        let kind = self.wire.ov_kind(d.index);
+        if st.watch_all {
+            st.wake = true;
+        }
+        match kind {
+            OvKind::Recv(slot) => match result {
+                Ok(()) => {
+                    let n = d.bytes as usize;
+                    let mut head = [0u8; proto::MAX_HEAD];
+                    let k = n.min(proto::MAX_HEAD).min(self.wire.slot_size);
+                    if self.wire.read_head(slot, &mut head[..k]).is_ok() {
+                        st.m.recv_done(slot, Ok((&head[..k], n)));
+                    } else {
+                        st.m.recv_done(slot, Err(WsaError::WSAEFAULT.code() as u32));
+                    }
+                }
+                Err(e) => st.m.recv_done(slot, Err(e)),
+            },
+            OvKind::Send(slot) => st.m.send_done(slot, result),
+            OvKind::Rdma(rdma) => {
+                if let Some(h) = st.rdma_regs[usize::from(rdma)].take() {
+                    let _ = self.wire.provider.deregister_memory(self.wire.sock, h);
+                }
+                st.m.rdma_done(rdma, result);
+            }
+        }
+    }
+
+    /// Executes the machine's pending actions (state locked). Returns
+    /// whether the connection must now be aborted (`close_socket`, to be
+    /// called unlocked).
+    fn run(&self, st: &mut State) -> bool {
+        let mut abort = false;
+        while let Some(a) = st.m.poll_action() {
+            let code = |e: WsaError| e.code() as u32;
+            match a {
+                Action::PostRecv { slot } => {
+                    if let Err(e) = self.wire.post_recv(slot) {
+                        st.m.recv_done(slot, Err(code(e)));
+                    }
+                }
+                Action::Send {
+                    slot,
+                    head,
+                    payload,
+                } => {
+                    let payload =
+                        payload.and_then(|p| st.bufs.get(&p.op).map(|b| (*b, p.offset, p.len)));
+                    if let Err(e) = self.wire.post_send(slot, head.as_bytes(), payload) {
+                        st.m.send_done(slot, Err(code(e)));
+                    }
+                }
+                Action::CopyOut {
+                    slot,
+                    slot_offset,
+                    op,
+                    op_offset,
+                    len,
+                } => {
+                    if let Some(b) = st.bufs.get(&op) {
+                        if self
+                            .wire
+                            .copy_out(slot, slot_offset, *b, op_offset, len)
+                            .is_err()
+                        {
+                            st.m.abort(proto::Error::Protocol("copy outside the receive buffer"));
+                        }
+                    }
+                }
+                Action::Expose {
+                    xfer,
+                    op,
+                    offset,
+                    len,
+                    access,
+                } => {
+                    let r = match st.bufs.get(&op) {
+                        Some(b) => {
+                            self.wire
+                                .expose(*b, offset, len, access == proto::Access::Write)
+                        }
+                        None => Err(WsaError::WSAEFAULT),
+                    };
+                    st.m.exposed(xfer, r.map_err(code));
+                }
+                Action::Unexpose { desc, .. } => {
+                    let _ = self
+                        .wire
+                        .provider
+                        .deregister_rdma_memory(self.wire.sock, &desc);
+                }
+                Action::RdmaRead {
+                    rdma,
+                    op,
+                    op_offset,
+                    len,
+                    desc,
+                    remote_offset,
+                }
+                | Action::RdmaWrite {
+                    rdma,
+                    op,
+                    op_offset,
+                    len,
+                    desc,
+                    remote_offset,
+                } => {
+                    let write = matches!(a, Action::RdmaWrite { .. });
+                    let r = match st.bufs.get(&op) {
+                        Some(b) => self.wire.post_rdma(
+                            rdma,
+                            write,
+                            *b,
+                            op_offset,
+                            len,
+                            &desc,
+                            remote_offset,
+                        ),
+                        None => Err(WsaError::WSAEFAULT),
+                    };
+                    match r {
+                        Ok(h) => st.rdma_regs[usize::from(rdma)] = Some(h),
+                        Err(e) => st.m.rdma_done(rdma, Err(code(e))),
+                    }
+                }
+                Action::SendComplete { op, result } | Action::RecvComplete { op, result } => {
+                    st.bufs.remove(&op);
+                    st.results.insert(op, result);
+                    st.wake = true;
+                }
+                Action::Connected => {
+                    st.connected = true;
+                    st.wake = true;
+                }
+                Action::Abort { .. } => {
+                    abort = !st.socket_closed;
+                    st.wake = true;
+                }
+            }
+        }
+        abort
+    }
+
+    /// Closes the SAN socket (abortive, once), then tells the machine. Must
+    /// be called with the state unlocked: outside an upcall `close_socket`
+    /// waits until the provider dispatched the flushed completions.
+    pub(super) fn close_socket(&self) {
+        let first = self.with_state(|st| !std::mem::replace(&mut st.socket_closed, true));
+        if !first {
+            return;
+        }
+        let _ = self.wire.provider.close_socket(self.wire.sock);
+        self.with_state(|st| st.m.closed());
+    }
+
+    /// Dispatches the completions waiting in this connection's completion
+    /// queue on the calling thread (never with the state locked).
+    pub(super) fn progress(&self) -> usize {
+        self.wire.provider.progress_socket(self.wire.sock)
+    }
+
+    /// Waits until `done(state)` or `deadline`, or until `give_up(state)`
+    /// (cancellation); returns whether `done` holds. The waiting thread
+    /// makes the progress: it polls the connection's completion queue itself
+    /// (the provider dispatches the completions to the upcalls on this
+    /// thread), up to `spin_budget` empty polls, then registers as a sleeper
+    /// and sleeps until a completion it waits for is delivered (by another
+    /// thread's progress or the provider's dispatcher) or the deadline.
+    ///
+    /// In run-to-completion mode nothing dispatches while every thread
+    /// sleeps, and the public SPI has no call that sleeps until a socket's
+    /// completion queue has work with a deadline; so there the sleep is a
+    /// nap of [`NAP_MIN`] doubling up to [`NAP_MAX`], after which the thread
+    /// polls again.
+    pub(super) fn wait_until(
+        &self,
+        deadline: Option<Instant>,
+        mut done: impl FnMut(&mut State) -> bool,
+        mut give_up: impl FnMut(&State) -> bool,
+    ) -> bool {
+        let mut idle = 0u32;
+        let mut nap = NAP_MIN;
+        loop {
+            let (ok, stop) = self.with_state(|st| (done(st), give_up(st)));
+            if ok {
+                return true;
+            }
+            if stop {
+                return false;
+            }
+            let now = Instant::now();
+            if deadline.is_some_and(|d| d <= now) {
+                return false;
+            }
+            if self.progress() > 0 {
+                idle = 0;
+                nap = NAP_MIN;
+                continue;
+            }
+            if idle < self.spin_budget {
+                idle += 1;
+                std::hint::spin_loop();
+                continue;
+            }
+            let token = self.sleepers.prepare();
+            // Registered: a completion delivered from here on notifies.
+            if self.progress() > 0 || self.with_state(|st| done(st) || give_up(st)) {
+                drop(token);
+                idle = 0;
+                continue;
+            }
+            let until = if self.rtc {
+                let n = now + nap;
+                nap = (nap * 2).min(NAP_MAX);
+                Some(deadline.map_or(n, |d| d.min(n)))
+            } else {
+                deadline
+            };
+            token.wait(until);
+            idle = 0;
+        }
+    }
+
+    /// Starts an op with `start` and waits for its result; on timeout or
+    /// cancellation takes the cancel path (spec §6.2).
+    pub(super) fn blocking(
+        &self,
+        op: OpId,
+        timeout: Option<Duration>,
+        rdma_cancel: Duration,
+        start: impl FnOnce(&mut State),
+    ) -> io::Result<u64> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let gen = self.with_state(|st| {
+            start(st);
+            st.cancel_gen
+        });
+        let done = self.wait_until(
+            deadline,
+            |st| st.results.contains_key(&op),
+            |st| st.cancel_gen != gen,
+        );
+        if done {
+            return self.with_state(|st| take_result(st, op));
+        }
+        let mut st = self.lock();
+        let kind = if st.cancel_gen != gen {
+            io::ErrorKind::Interrupted
+        } else {
+            io::ErrorKind::TimedOut
+        };
+        let outcome = st.m.app_cancel(op);
+        match outcome {
+            CancelOutcome::NotFound => {
+                let r = take_result(&mut st, op);
+                self.settle(st);
+                r
+            }
+            CancelOutcome::Cancelled { done } => {
+                st.bufs.remove(&op);
+                self.settle(st);
+                if done > 0 {
+                    Ok(done)
+                } else {
+                    Err(io::Error::new(kind, "transfer cancelled"))
+                }
+            }
+            CancelOutcome::InFlight => {
+                self.settle(st);
+                // The buffer is in an RDMA op or exposed: wait for it, then
+                // abort the connection, which forces its completion.
+                let until = Instant::now() + rdma_cancel;
+                if self.wait_until(Some(until), |st| st.results.contains_key(&op), |_| false) {
+                    return self.with_state(|st| take_result(st, op));
+                }
+                self.with_state(|st| st.m.abort(proto::Error::TimedOut));
+                // After close_socket the fabric no longer touches the buffer
+                // and the machine completes the op once its RDMA came back
+                // flushed (CLOSE-3): the wait below ends (no deadline, since
+                // returning earlier would free a buffer the NIC may use).
+                self.wait_until(None, |st| st.results.contains_key(&op), |_| false);
+                self.with_state(|st| st.results.remove(&op));
+                Err(io::Error::new(
+                    kind,
+                    "transfer cancelled while its buffer was in an RDMA op; connection aborted",
+                ))
+            }
+        }
+    }
+}
+
+pub(super) fn take_result(st: &mut State, op: OpId) -> io::Result<u64> {
+    match st.results.remove(&op) {
+        Some(Ok(n)) => Ok(n),
+        Some(Err(e)) => Err(proto_io(e)),
+        None => Err(io::Error::other("op result missing")),
+    }
+}

@@ -1,0 +1,395 @@
+//! The runtime: a started provider with the reference switch on top, the
+//! factory of [`super::Listener`]s and [`super::Stream`]s, and the switch's
+//! side of the SPI. The upcalls find their connection through the switch
+//! handle, which indexes a slot table: an upcall locks only its own slot,
+//! never a table-wide lock.
+
+use super::connection::{lock, wsa_io, Conn, RDMA_SLOTS};
+use super::proto::{self, RdmaFlow, Role};
+use crate::config::Config;
+use crate::config::PollerMode;
+use crate::error::{WsaError, WsaResult};
+use crate::fabric::Nic;
+use crate::spi::{
+    Extension, Overlapped, Provider, ProviderSocket, Switch, SwitchHandle, AF_INET, IPPROTO_TCP,
+    SOCK_STREAM, SOL_SOCKET, SO_MAX_MSG_SIZE, SO_MAX_RDMA_SIZE, SO_RDMA_THRESHOLD_SIZE,
+    WSA_FLAG_OVERLAPPED, WSD_VERSION,
+};
+use std::io;
+use std::net::SocketAddrV4;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+/// Catalog entry id the runtime starts its provider with.
+const CATALOG_ENTRY_ID: u32 = 0x5357;
+
+/// Settings of the reference switch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SwitchOptions {
+    /// Receive buffers per connection (the credits the peer gets); the
+    /// peer gets credits back unasked once half of them were re-posted.
+    pub recv_slots: u16,
+    /// Send buffers per connection.
+    pub send_slots: u16,
+    /// Bytes per control buffer (the largest message), clamped to
+    /// `SO_MAX_MSG_SIZE`.
+    pub slot_size: u32,
+    /// Sends above this many bytes go by RDMA; `None`: the provider's
+    /// `SO_RDMA_THRESHOLD_SIZE`. Per stream: [`super::Stream::set_rdma_threshold`].
+    pub rdma_threshold: Option<u32>,
+    /// The flow this side uses for large sends.
+    pub rdma_flow: RdmaFlow,
+    /// Accept RDMA-read offers (when the provider supports RDMA read).
+    pub accept_rdma_read: bool,
+    /// Listen backlog.
+    pub backlog: i32,
+    /// Bound on a blocking connect (connection manager and negotiation).
+    pub connect_timeout: Duration,
+    /// Bound on the negotiation of an accepted connection.
+    pub handshake_timeout: Duration,
+    /// Default bound on `accept`; `None` waits for ever.
+    pub accept_timeout: Option<Duration>,
+    /// Default bound on a blocking receive; `None` waits for ever.
+    pub read_timeout: Option<Duration>,
+    /// Default bound on a blocking send; `None` waits for ever.
+    pub write_timeout: Option<Duration>,
+    /// How long a cancelled transfer whose buffer is in an RDMA in flight
+    /// waits for it before the connection is aborted.
+    pub rdma_cancel_timeout: Duration,
+    /// How long a graceful close waits for FIN and queued messages to leave.
+    pub close_timeout: Duration,
+}
+
+impl Default for SwitchOptions {
+    fn default() -> Self {
+        SwitchOptions {
+            recv_slots: 16,
+            send_slots: 16,
+            slot_size: 8192,
+            rdma_threshold: None,
+            rdma_flow: RdmaFlow::Read,
+            accept_rdma_read: true,
+            backlog: 128,
+            connect_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+            accept_timeout: None,
+            read_timeout: None,
+            write_timeout: None,
+            rdma_cancel_timeout: Duration::from_secs(2),
+            close_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Engine and switch settings of a [`Runtime`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct RuntimeConfig {
+    pub engine: Config,
+    pub switch: SwitchOptions,
+}
+
+impl Default for RuntimeConfig {
+    /// The engine's defaults with queue pairs sized for the switch (so that
+    /// more connections share one completion queue), run to completion: the
+    /// streams' own threads make the progress.
+    fn default() -> Self {
+        let mut engine = Config::default();
+        engine.poller.mode = PollerMode::RunToCompletion;
+        engine.qp.recv_depth = 64;
+        engine.qp.send_depth = 64;
+        RuntimeConfig {
+            engine,
+            switch: SwitchOptions::default(),
+        }
+    }
+}
+
+/// Switch handles per chunk of the handle table.
+const CHUNK: usize = 64;
+/// Chunks: at most `CHUNK * CHUNKS` sockets of one runtime at once.
+const CHUNKS: usize = 1024;
+
+/// `CHUNK` slots of the handle table.
+type Chunk = Box<[Mutex<Entry>]>;
+
+/// One switch handle's entry: what the upcalls need.
+#[derive(Default)]
+struct Entry {
+    /// The handle this entry belongs to (0: free); a stale handle (the
+    /// slot was reused) does not match.
+    handle: usize,
+    /// The provider's context for `query_socket_handle_context`.
+    context: usize,
+    /// The connection, once the socket has one. The entry keeps it (pools,
+    /// overlapped records) alive until `close_socket_handle`, the
+    /// provider's last upcall for the socket.
+    conn: Option<Arc<Conn>>,
+}
+
+/// The switch handle table, shared by the runtime and the provider (which
+/// holds it as its `Switch`). A handle names its slot (low 32 bits: the
+/// index plus one; high bits: a generation), so an upcall finds its
+/// connection without a table-wide lock: it locks only its own slot, which
+/// no other connection touches. Chunks are allocated on first use and never
+/// freed; free slots are kept in a list touched only by socket creation
+/// and the final close.
+struct Upcalls {
+    chunks: Box<[OnceLock<Chunk>]>,
+    /// Slots never used yet start here.
+    fresh: AtomicUsize,
+    /// Slots whose socket was closed, for reuse.
+    free: Mutex<Vec<usize>>,
+    /// Generation of the next handle (bumped per creation).
+    generation: AtomicUsize,
+}
+
+impl Upcalls {
+    fn new() -> Upcalls {
+        Upcalls {
+            chunks: (0..CHUNKS).map(|_| OnceLock::new()).collect(),
+            fresh: AtomicUsize::new(0),
+            free: Mutex::new(Vec::new()),
+            generation: AtomicUsize::new(1),
+        }
+    }
+
+    fn slot(&self, index: usize) -> Option<&Mutex<Entry>> {
+        let chunk = self.chunks.get(index / CHUNK)?;
+        let chunk = chunk.get_or_init(|| (0..CHUNK).map(|_| Mutex::default()).collect());
+        chunk.get(index % CHUNK)
+    }
+
+    /// The live entry of handle `h`, locked.
+    fn entry(&self, h: SwitchHandle) -> Option<MutexGuard<'_, Entry>> {
+        let index = (h.0 & 0xffff_ffff).checked_sub(1)?;
+        let e = lock(self.slot(index)?);
+        (e.handle == h.0 && h.0 != 0).then_some(e)
+    }
+
+    fn conn(&self, h: SwitchHandle) -> Option<Arc<Conn>> {
+        self.entry(h).and_then(|e| e.conn.clone())
+    }
+
+    /// Enters `conn` as the connection of handle `h`.
+    fn attach(&self, h: SwitchHandle, conn: Arc<Conn>) -> WsaResult<()> {
+        let mut e = self.entry(h).ok_or(WsaError::WSAENOTSOCK)?;
+        e.conn = Some(conn);
+        Ok(())
+    }
+}
+
+impl Switch for Upcalls {
+    fn create_socket_handle(&self, _: u32, context: usize) -> WsaResult<SwitchHandle> {
+        let reused = lock(&self.free).pop();
+        let index = match reused {
+            Some(i) => i,
+            None => {
+                let i = self.fresh.fetch_add(1, Ordering::Relaxed);
+                if i >= CHUNK * CHUNKS {
+                    self.fresh.fetch_sub(1, Ordering::Relaxed);
+                    return Err(WsaError::WSAENOBUFS);
+                }
+                i
+            }
+        };
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) & 0x7fff_ffff;
+        let h = (generation << 32) | (index + 1);
+        let slot = self.slot(index).ok_or(WsaError::WSAENOBUFS)?;
+        *lock(slot) = Entry {
+            handle: h,
+            context,
+            conn: None,
+        };
+        Ok(SwitchHandle(h))
+    }
+
+    fn close_socket_handle(&self, h: SwitchHandle) -> WsaResult<()> {
+        let conn = {
+            let mut e = self.entry(h).ok_or(WsaError::WSAENOTSOCK)?;
+            let conn = e.conn.take();
+            *e = Entry::default();
+            conn
+        };
+        lock(&self.free).push((h.0 & 0xffff_ffff) - 1);
+        // The connection goes after the slot is unlocked.
+        drop(conn);
+        Ok(())
+    }
+
+    fn query_socket_handle_context(&self, h: SwitchHandle) -> WsaResult<usize> {
+        self.entry(h)
+            .map(|e| e.context)
+            .ok_or(WsaError::WSAENOTSOCK)
+    }
+
+    fn complete_overlapped_request(
+        &self,
+        h: SwitchHandle,
+        ov: &Overlapped,
+        error: u32,
+        bytes: u32,
+    ) -> WsaResult<()> {
+        ov.complete(error, bytes);
+        if let Some(c) = self.conn(h) {
+            c.on_completion(ov, error, bytes);
+        }
+        Ok(())
+    }
+}
+
+/// A started provider with the reference switch on top: the factory of
+/// [`super::Listener`]s and [`super::Stream`]s. The provider is cleaned up when the last
+/// `Arc<Runtime>` (streams and listeners hold one) goes.
+pub struct Runtime {
+    pub(super) provider: Provider,
+    upcalls: Arc<Upcalls>,
+    pub(super) opts: SwitchOptions,
+    can_rdma_read: bool,
+}
+
+impl Runtime {
+    /// A runtime on the NIC `config.engine` selects (the soft fabric's
+    /// process-wide network by default).
+    pub fn start(config: RuntimeConfig) -> io::Result<Arc<Runtime>> {
+        Self::check(&config)?;
+        let p = Provider::new(config.engine.clone()).map_err(io::Error::other)?;
+        Self::start_with(p, config.switch)
+    }
+
+    /// A runtime on a given NIC (e.g. one of a private soft network).
+    pub fn with_nic(config: RuntimeConfig, nic: Arc<dyn Nic>) -> io::Result<Arc<Runtime>> {
+        Self::check(&config)?;
+        let p = Provider::with_nic(config.engine.clone(), nic).map_err(io::Error::other)?;
+        Self::start_with(p, config.switch)
+    }
+
+    fn check(config: &RuntimeConfig) -> io::Result<()> {
+        let invalid = |m: String| Err(io::Error::new(io::ErrorKind::InvalidInput, m));
+        let o = &config.switch;
+        let q = &config.engine.qp;
+        if q.recv_depth < u32::from(o.recv_slots)
+            || q.send_depth < u32::from(o.send_slots) + u32::from(RDMA_SLOTS)
+        {
+            return invalid(format!(
+                "queue pairs too shallow for {} receives and {} sends",
+                o.recv_slots, o.send_slots
+            ));
+        }
+        proto::Config {
+            recv_slots: o.recv_slots,
+            send_slots: o.send_slots,
+            slot_size: o.slot_size,
+            ..proto::Config::default()
+        }
+        .validate()
+        .or_else(invalid)
+    }
+
+    fn start_with(provider: Provider, opts: SwitchOptions) -> io::Result<Arc<Runtime>> {
+        let upcalls = Arc::new(Upcalls::new());
+        provider
+            .startup(WSD_VERSION, upcalls.clone(), CATALOG_ENTRY_ID)
+            .map_err(wsa_io)?;
+        let can_rdma_read = provider.extension(&Extension::RdmaRead.guid()).is_ok();
+        Ok(Arc::new(Runtime {
+            provider,
+            upcalls,
+            opts,
+            can_rdma_read,
+        }))
+    }
+
+    pub fn provider(&self) -> &Provider {
+        &self.provider
+    }
+
+    pub fn options(&self) -> &SwitchOptions {
+        &self.opts
+    }
+
+    /// Sets up the protocol on connected socket `sock`: a connection with
+    /// its pools registered, entered in the handle table, started.
+    pub(super) fn open(
+        &self,
+        sock: ProviderSocket,
+        role: Role,
+        local: SocketAddrV4,
+        peer: SocketAddrV4,
+    ) -> io::Result<Arc<Conn>> {
+        let o = &self.opts;
+        let max_msg = self.sockopt(sock, SO_MAX_MSG_SIZE).unwrap_or(u32::MAX);
+        let threshold = o
+            .rdma_threshold
+            .or_else(|| self.sockopt(sock, SO_RDMA_THRESHOLD_SIZE))
+            .unwrap_or(64 << 10);
+        let max_rdma = self
+            .sockopt(sock, SO_MAX_RDMA_SIZE)
+            .unwrap_or(1 << 30)
+            .max(1);
+        let cfg = proto::Config {
+            recv_slots: o.recv_slots,
+            send_slots: o.send_slots,
+            slot_size: o.slot_size.min(max_msg),
+            rdma_threshold: u64::from(threshold),
+            max_rdma_op: max_rdma,
+            rdma_flow: o.rdma_flow,
+            can_rdma_read: self.can_rdma_read && o.accept_rdma_read,
+            credit_batch: (o.recv_slots / 2).max(2),
+            rdma_slots: RDMA_SLOTS,
+        };
+        let conn = Conn::new(&self.provider, sock, cfg, role, local, peer)?;
+        let h = self.provider.switch_handle(sock).map_err(wsa_io)?;
+        self.upcalls.attach(h, conn.clone()).map_err(wsa_io)?;
+        conn.start();
+        Ok(conn)
+    }
+
+    pub(super) fn socket(&self) -> io::Result<ProviderSocket> {
+        self.provider
+            .socket(AF_INET, SOCK_STREAM, IPPROTO_TCP, 0, WSA_FLAG_OVERLAPPED, 0)
+            .map_err(wsa_io)
+    }
+
+    fn sockopt(&self, s: ProviderSocket, name: i32) -> Option<u32> {
+        let mut v = [0u8; 4];
+        self.provider
+            .get_sockopt(s, SOL_SOCKET, name, &mut v)
+            .ok()?;
+        Some(u32::from_le_bytes(v))
+    }
+}
+
+/// The runtime is the switch of its provider; the provider itself holds the
+/// handle table (not the runtime, which owns the provider).
+impl Switch for Runtime {
+    fn create_socket_handle(&self, id: u32, context: usize) -> WsaResult<SwitchHandle> {
+        self.upcalls.create_socket_handle(id, context)
+    }
+    fn close_socket_handle(&self, h: SwitchHandle) -> WsaResult<()> {
+        self.upcalls.close_socket_handle(h)
+    }
+    fn query_socket_handle_context(&self, h: SwitchHandle) -> WsaResult<usize> {
+        self.upcalls.query_socket_handle_context(h)
+    }
+    fn complete_overlapped_request(
+        &self,
+        h: SwitchHandle,
+        ov: &Overlapped,
+        error: u32,
+        bytes: u32,
+    ) -> WsaResult<()> {
+        self.upcalls
+            .complete_overlapped_request(h, ov, error, bytes)
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        while self.provider.is_started() {
+            if self.provider.cleanup().is_err() {
+                break;
+            }
+        }
+    }
+}
