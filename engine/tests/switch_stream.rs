@@ -805,6 +805,7 @@ mod rogue {
         let net = SoftNetwork::new();
         let o = SwitchOptions {
             recv_slots: 8,
+            credit_batch: Some(0),
             ..opts()
         };
         let s = runtime_on(&net, Ipv4Addr::new(198, 18, 9, 2), o);
@@ -829,8 +830,8 @@ mod rogue {
         let (server, _) = l.accept().expect("accept");
         go.send(()).unwrap();
         let _p = rogue.join().unwrap();
-        // The app reads: receives are re-posted but not announced, so the
-        // flood lands in them and the switch notices.
+        // The app reads: receives are re-posted but not announced (no
+        // credit batch), so the flood lands in them and the switch notices.
         let mut got = 0;
         let e = loop {
             match server.recv(&mut [0u8; 3]) {

@@ -27,9 +27,12 @@ const CATALOG_ENTRY_ID: u32 = 0x5357;
 /// Settings of the reference switch.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SwitchOptions {
-    /// Receive buffers per connection (the credits the peer gets); the
-    /// peer gets credits back unasked once half of them were re-posted.
+    /// Receive buffers per connection (the credits the peer gets).
     pub recv_slots: u16,
+    /// Credits go back to the peer unasked once this many receives were
+    /// re-posted; `None`: half of `recv_slots`; `Some(0)`: only in the
+    /// headers of other messages and in answers to the peer's NEED.
+    pub credit_batch: Option<u16>,
     /// Send buffers per connection.
     pub send_slots: u16,
     /// Bytes per control buffer (the largest message), clamped to
@@ -65,6 +68,7 @@ impl Default for SwitchOptions {
     fn default() -> Self {
         SwitchOptions {
             recv_slots: 16,
+            credit_batch: None,
             send_slots: 16,
             slot_size: 8192,
             rdma_threshold: None,
@@ -280,6 +284,7 @@ impl Runtime {
             recv_slots: o.recv_slots,
             send_slots: o.send_slots,
             slot_size: o.slot_size,
+            credit_batch: o.credit_batch.unwrap_or(0),
             ..proto::Config::default()
         }
         .validate()
@@ -335,7 +340,7 @@ impl Runtime {
             max_rdma_op: max_rdma,
             rdma_flow: o.rdma_flow,
             can_rdma_read: self.can_rdma_read && o.accept_rdma_read,
-            credit_batch: (o.recv_slots / 2).max(2),
+            credit_batch: o.credit_batch.unwrap_or((o.recv_slots / 2).max(2)),
             rdma_slots: RDMA_SLOTS,
         };
         let conn = Conn::new(&self.provider, sock, cfg, role, local, peer)?;
