@@ -398,3 +398,49 @@ impl Drop for Runtime {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn switch_handles_name_their_slot_and_go_stale_when_closed() {
+        let u = Upcalls::new();
+        let a = u.create_socket_handle(1, 10).unwrap();
+        let b = u.create_socket_handle(1, 20).unwrap();
+        assert_ne!(a, b);
+        assert_eq!(u.query_socket_handle_context(a), Ok(10));
+        assert_eq!(u.query_socket_handle_context(b), Ok(20));
+        u.close_socket_handle(a).unwrap();
+        assert_eq!(u.query_socket_handle_context(a), Err(WsaError::WSAENOTSOCK));
+        assert_eq!(u.close_socket_handle(a), Err(WsaError::WSAENOTSOCK));
+        // The slot is reused under a new generation: the old handle stays
+        // stale, the new one works.
+        let c = u.create_socket_handle(1, 30).unwrap();
+        assert_eq!(c.0 & 0xffff_ffff, a.0 & 0xffff_ffff);
+        assert_ne!(c, a);
+        assert_eq!(u.query_socket_handle_context(a), Err(WsaError::WSAENOTSOCK));
+        assert_eq!(u.query_socket_handle_context(c), Ok(30));
+        for bogus in [0, 1 << 32, usize::MAX, (1 << 32) | (CHUNK * CHUNKS + 1)] {
+            assert_eq!(
+                u.query_socket_handle_context(SwitchHandle(bogus)),
+                Err(WsaError::WSAENOTSOCK),
+                "{bogus:#x}"
+            );
+        }
+    }
+
+    #[test]
+    fn handles_span_chunks() {
+        let u = Upcalls::new();
+        let hs: Vec<_> = (0..3 * CHUNK)
+            .map(|i| u.create_socket_handle(1, i).unwrap())
+            .collect();
+        for (i, h) in hs.iter().enumerate() {
+            assert_eq!(u.query_socket_handle_context(*h), Ok(i));
+        }
+        for h in hs {
+            u.close_socket_handle(h).unwrap();
+        }
+    }
+}
