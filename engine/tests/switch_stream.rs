@@ -800,6 +800,46 @@ mod rogue {
         let _p = rogue.join().unwrap();
     }
 
+    /// A DATA header announcing more bytes than the message holds (here
+    /// far more than a receive buffer) fails the connection as malformed;
+    /// the data before it is delivered first, nothing after.
+    #[test]
+    fn an_oversize_length_is_malformed() {
+        let net = SoftNetwork::new();
+        let s = runtime_on(&net, Ipv4Addr::new(198, 18, 9, 2), opts());
+        let l = Listener::bind(&s, server_addr(7022)).unwrap();
+        let msgs = vec![
+            encode(
+                0,
+                Body::Hello {
+                    recv_slots: 8,
+                    slot_size: 8192,
+                    caps: 0,
+                },
+                &[],
+            ),
+            encode(1, Body::Data { len: 3 }, b"abc"),
+            encode(2, Body::Data { len: u32::MAX }, b"def"),
+            encode(3, Body::Data { len: 3 }, b"ghi"),
+        ];
+        let (go, gate) = mpsc::channel();
+        let rogue = thread::spawn(move || raw_send(&net, server_addr(7022), &msgs, Some(gate)));
+        let (server, _) = l.accept().expect("accept");
+        go.send(()).unwrap();
+        let _p = rogue.join().unwrap();
+        let mut got = Vec::new();
+        let e = loop {
+            let mut b = [0u8; 16];
+            match server.recv(&mut b) {
+                Ok(n) => got.extend_from_slice(&b[..n]),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(e.kind(), ErrorKind::InvalidData, "{e}");
+        assert!(e.to_string().contains("malformed"), "{e}");
+        assert!(got.len() <= 3 && b"abc".starts_with(&got), "read {got:?}");
+    }
+
     #[test]
     fn flooding_beyond_credits_is_a_credit_violation() {
         let net = SoftNetwork::new();
