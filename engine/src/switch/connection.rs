@@ -16,9 +16,10 @@
 //! polls, then sleeps on the connection's notifier. Sleepers are woken only
 //! when something they wait for happened (an op of theirs completed, the
 //! session opened or failed, a cancellation); a send completion wakes no
-//! one. In run-to-completion mode this is the whole data path, with no
-//! engine thread; in threads mode the provider's dispatcher also makes the
-//! upcalls for connections whose threads sleep. No lock of ours is held
+//! one. In run-to-completion mode this is the whole data path while the
+//! threads poll (sleepers nap, see [`Conn::wait_until`]); in threads mode the
+//! provider's dispatcher makes the upcalls for connections whose threads
+//! sleep. No lock of ours is held
 //! across a provider call that could wait for an upcall (`close_socket` is
 //! always made with the connection unlocked).
 
@@ -112,8 +113,8 @@ pub(super) struct Conn {
     /// Empty polls of the connection's completion queue before a waiting
     /// thread sleeps (`poller.spin_budget`).
     spin_budget: u32,
-    /// The provider runs to completion: nothing dispatches while every
-    /// thread sleeps, so sleeps are bounded naps (see [`Conn::wait_until`]).
+    /// The provider runs to completion: a sleeper may not be woken by a
+    /// completion, so sleeps are bounded naps (see [`Conn::wait_until`]).
     rtc: bool,
     pub(super) local: SocketAddrV4,
     pub(super) peer: SocketAddrV4,
@@ -460,11 +461,13 @@ impl Conn {
     /// and sleeps until a completion it waits for is delivered (by another
     /// thread's progress or the provider's dispatcher) or the deadline.
     ///
-    /// In run-to-completion mode nothing dispatches while every thread
-    /// sleeps, and the public SPI has no call that sleeps until a socket's
-    /// completion queue has work with a deadline; so there the sleep is a
-    /// nap of [`NAP_MIN`] doubling up to [`NAP_MAX`], after which the thread
-    /// polls again.
+    /// In run-to-completion mode the provider's upcall helper sleeps on the
+    /// armed CQs, but polling a CQ disarms it and only the helper (once
+    /// woken) or a provider-internal wait re-arms it: after this thread's
+    /// own polls the helper may sleep through the completion this thread
+    /// waits for. The public SPI has no call that arms a socket's CQ and
+    /// sleeps with a deadline, so there the sleep is a nap of [`NAP_MIN`]
+    /// doubling up to [`NAP_MAX`], after which the thread polls again.
     pub(super) fn wait_until(
         &self,
         deadline: Option<Instant>,
