@@ -220,9 +220,7 @@ pub trait CompletionQueue: Send + Sync {
     fn poll(&self, out: &mut [WorkCompletion]) -> usize;
     /// Requests one wake-up: the next completion added after this call wakes
     /// the CQ's waker. Returns `true` if completions are already waiting (the
-    /// caller should poll rather than sleep). The request ends with the wake
-    /// or with the next `poll`, whichever comes first (a backend may keep it
-    /// longer): a consumer arms again each time before it sleeps.
+    /// caller should poll rather than sleep; the request stays armed).
     fn arm(&self) -> bool;
 }
 

@@ -461,13 +461,12 @@ impl Conn {
     /// and sleeps until a completion it waits for is delivered (by another
     /// thread's progress or the provider's dispatcher) or the deadline.
     ///
-    /// In run-to-completion mode the provider's upcall helper sleeps on the
-    /// armed CQs, but polling a CQ disarms it and only the helper (once
-    /// woken) or a provider-internal wait re-arms it: after this thread's
-    /// own polls the helper may sleep through the completion this thread
-    /// waits for. The public SPI has no call that arms a socket's CQ and
-    /// sleeps with a deadline, so there the sleep is a nap of [`NAP_MIN`]
-    /// doubling up to [`NAP_MAX`], after which the thread polls again.
+    /// In run-to-completion mode a completion nobody polls for reaches
+    /// this thread through the provider's upcall helper, which first leaves
+    /// it to the polling threads for a while (200 us), and the public SPI
+    /// has no call that sleeps on one socket's CQ with a deadline; so there
+    /// the sleep is a nap of [`NAP_MIN`] doubling up to [`NAP_MAX`], after
+    /// which the thread polls again.
     pub(super) fn wait_until(
         &self,
         deadline: Option<Instant>,

@@ -2,8 +2,11 @@
 //! them off the work queues of the ends attached to it, in posting order per
 //! queue (`Link::reap`), so the CQ is written by one thread only, its
 //! consumer. Whatever produces work for it publishes the work first and then
-//! wakes the CQ only if its consumer said it sleeps (`armed`, which only the
-//! consumer writes; see the wake-up rule in `link`).
+//! wakes the CQ only if a sleeper asked for it (`armed`; see the wake-up
+//! rule in `link`). As with verbs' notification request, an arm lasts until
+//! the wake it asked for, whoever polls meanwhile: the sleeper sets `armed`,
+//! the first waker after it clears it (one write per sleep, none per
+//! message), every other producer only reads it.
 //!
 //! Capacity: creating a queue pair reserves `send_depth + recv_depth`
 //! entries, and no queue pair holds more uncompleted requests than that, so
@@ -23,13 +26,10 @@ pub(super) struct CqShared {
     /// Entries reserved by live queue pairs of this CQ, `<=` the capacity.
     /// Changed by `reserve` (QP creation) and `release` (QP destruction).
     reserved: AtomicUsize,
-    /// Set by `arm`, cleared by the next `poll`; written by the consumer
-    /// only, read by whoever publishes work for the CQ.
+    /// A sleeper asked for a wake that was not sent yet. Set by `arm`;
+    /// cleared by the one producer that sends the wake; read by every
+    /// producer after it published work.
     armed: CachePadded<AtomicBool>,
-    /// Set by the first producer that wakes an armed CQ, so one arm costs
-    /// one wake; cleared with `armed`. Only written while `armed` is set
-    /// (the sleeper's slow path).
-    woken: AtomicBool,
     waker: Arc<dyn Waker>,
 }
 
@@ -55,9 +55,9 @@ impl CqShared {
         self.armed.load(Ordering::Relaxed)
     }
 
-    /// Wakes the sleeping consumer, once per arm.
+    /// Wakes the sleeper, once per arm (the caller saw `is_armed`).
     pub(super) fn wake(&self) {
-        if !self.woken.swap(true, Ordering::AcqRel) {
+        if self.armed.swap(false, Ordering::AcqRel) {
             self.waker.wake();
         }
     }
@@ -89,7 +89,6 @@ impl SoftCq {
                 capacity: depth,
                 reserved: AtomicUsize::new(0),
                 armed: CachePadded::new(AtomicBool::new(false)),
-                woken: AtomicBool::new(false),
                 waker,
             }),
             consumer: Mutex::new(Consumer {
@@ -134,10 +133,6 @@ impl CompletionQueue for SoftCq {
             return 0;
         };
         self.take_incoming(&mut c);
-        if self.shared.armed.load(Ordering::Relaxed) {
-            self.shared.armed.store(false, Ordering::Relaxed);
-            self.shared.woken.store(false, Ordering::Relaxed);
-        }
         let mut n = 0;
         let mut seal = None;
         let mut drained = false;
@@ -176,7 +171,6 @@ impl CompletionQueue for SoftCq {
     fn arm(&self) -> bool {
         let mut c = lock(&self.consumer);
         self.take_incoming(&mut c);
-        self.shared.woken.store(false, Ordering::Relaxed);
         self.shared.armed.store(true, Ordering::Relaxed);
         fence(Ordering::SeqCst);
         c.ends

@@ -40,11 +40,12 @@
 //!
 //! # Wake-ups
 //!
-//! A CQ's `armed` word is written only by its consumer (arm sets it, poll
-//! clears it). Whoever makes work for a CQ (a cell, a consumed index, a
-//! receive, a post-time completion, a seal) publishes it, then issues a
-//! SeqCst fence and reads `armed`; the sleeper stores `armed`, fences, then
-//! looks for work. One of the two sees the other.
+//! A CQ's `armed` word is set by a sleeper (`arm`) and cleared by the one
+//! waker that wakes it; on the data path it is only read. Whoever makes work
+//! for a CQ (a cell, a consumed index, a receive, a post-time completion, a
+//! seal) publishes it, then issues a SeqCst fence and reads `armed`; the
+//! sleeper stores `armed`, fences, then looks for work. One of the two sees
+//! the other.
 
 use super::cell::{CellConsumer, CellProducer, CellRing};
 use super::cq::{CqShared, SoftCq};
