@@ -15,6 +15,7 @@
 
 use super::link::{Link, Reaper};
 use super::lock;
+use super::spin::SpinLock;
 use crate::fabric::{CompletionQueue, CqId, Waker, WorkCompletion};
 use crossbeam_utils::CachePadded;
 use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
@@ -63,9 +64,12 @@ impl CqShared {
     }
 }
 
+/// An end attached to a CQ: its link, which end, and its reaper state.
+type Attached = (Arc<Link>, usize, Reaper);
+
 /// The ends a CQ's consumer polls.
 struct Consumer {
-    ends: Vec<(Arc<Link>, usize)>,
+    ends: Vec<Attached>,
     /// Where the next poll starts (round robin between ends).
     cursor: usize,
 }
@@ -74,9 +78,9 @@ pub(super) struct SoftCq {
     id: CqId,
     shared: Arc<CqShared>,
     /// Held by `poll` and `arm`: one consumer at a time.
-    consumer: Mutex<Consumer>,
+    consumer: SpinLock<Consumer>,
     /// Ends attached since the consumer last looked.
-    incoming: Mutex<Vec<(Arc<Link>, usize)>>,
+    incoming: Mutex<Vec<Attached>>,
     /// Set when `incoming` is not empty.
     incoming_pending: AtomicBool,
 }
@@ -91,7 +95,7 @@ impl SoftCq {
                 armed: CachePadded::new(AtomicBool::new(false)),
                 waker,
             }),
-            consumer: Mutex::new(Consumer {
+            consumer: SpinLock::new(Consumer {
                 ends: Vec::new(),
                 cursor: 0,
             }),
@@ -104,9 +108,10 @@ impl SoftCq {
         &self.shared
     }
 
-    /// Adds end `end` of `link` to the ends this CQ polls.
-    pub(super) fn attach(&self, link: &Arc<Link>, end: usize) {
-        lock(&self.incoming).push((link.clone(), end));
+    /// Adds end `end` of `link`, with its reaper state, to the ends this
+    /// CQ polls.
+    pub(super) fn attach(&self, link: &Arc<Link>, end: usize, r: Reaper) {
+        lock(&self.incoming).push((link.clone(), end, r));
         self.incoming_pending.store(true, Ordering::Release);
     }
 
@@ -119,45 +124,41 @@ impl SoftCq {
     }
 }
 
-fn reaper(link: &Link, end: usize) -> std::sync::MutexGuard<'_, Reaper> {
-    lock(&link.ends[end].reaper)
-}
-
 impl CompletionQueue for SoftCq {
     fn id(&self) -> CqId {
         self.id
     }
 
     fn poll(&self, out: &mut [WorkCompletion]) -> usize {
-        let Ok(mut c) = self.consumer.try_lock() else {
+        let Some(mut guard) = self.consumer.try_lock() else {
             return 0;
         };
-        self.take_incoming(&mut c);
+        let c = &mut *guard;
+        self.take_incoming(c);
         let mut n = 0;
         let mut seal = None;
         let mut drained = false;
         let count = c.ends.len();
-        let start = c.cursor % count.max(1);
+        let start = if c.cursor < count { c.cursor } else { 0 };
         for visited in 0..count {
             if n == out.len() {
                 break;
             }
-            let (link, end) = &c.ends[(start + visited) % count];
-            let mut r = reaper(link, *end);
-            let (k, s) = link.reap(*end, &mut r, &mut out[n..]);
+            let at = start + visited;
+            let (link, end, r) = &mut c.ends[if at < count { at } else { at - count }];
+            let (k, s) = link.reap(*end, r, &mut out[n..]);
             n += k;
             if s {
                 seal = Some(link.clone());
                 break;
             }
-            drained |= link.drained(*end, &r);
+            drained |= link.drained(*end, r);
         }
         if drained {
-            c.ends
-                .retain(|(link, end)| !link.drained(*end, &reaper(link, *end)));
+            c.ends.retain(|(link, end, r)| !link.drained(*end, r));
         }
         c.cursor = start + 1;
-        drop(c);
+        drop(guard);
         match seal {
             Some(link) => {
                 link.seal();
@@ -169,12 +170,13 @@ impl CompletionQueue for SoftCq {
     }
 
     fn arm(&self) -> bool {
-        let mut c = lock(&self.consumer);
-        self.take_incoming(&mut c);
+        let mut guard = self.consumer.lock();
+        let c = &mut *guard;
+        self.take_incoming(c);
         self.shared.armed.store(true, Ordering::Relaxed);
         fence(Ordering::SeqCst);
         c.ends
-            .iter()
-            .any(|(link, end)| link.has_work(*end, &mut reaper(link, *end)))
+            .iter_mut()
+            .any(|(link, end, r)| link.has_work(*end, r))
     }
 }

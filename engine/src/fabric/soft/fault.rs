@@ -321,7 +321,7 @@ impl QpFaults {
         let link = &self.link;
         // Posts of this end check the flag under their post lock: take it
         // so no post of this end is half-way through the normal path.
-        let _post = lock(&link.ends[me].post);
+        let _post = link.ends[me].post.lock();
         let mut c = lock(&link.control);
         if c.broken {
             return;

@@ -52,6 +52,7 @@ use super::cq::{CqShared, SoftCq};
 #[cfg(feature = "fault-injection")]
 use super::fault::EndFaults;
 use super::mr::{copy_lists, LkeyCache, Window};
+use super::spin::SpinLock;
 use super::wq::{RecvView, RqPoster, RqReaper, RqShared, SqKind, SqPoster, SqReaper};
 use super::{lock, NicShared};
 use crate::fabric::*;
@@ -59,7 +60,8 @@ use crossbeam_utils::CachePadded;
 use std::net::SocketAddrV4;
 use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+#[cfg(not(target_arch = "x86_64"))]
+use std::time::Instant;
 
 /// Polls during which a sending end's reaper waits for the receiving end to
 /// consume a message it could take, before it matches the message itself.
@@ -70,9 +72,26 @@ pub(super) const HELP_AFTER: u32 = 256;
 /// line itself (reading it on every poll would pull that line away from the
 /// peer each time the peer writes it)...
 const ACK_AFTER: u32 = 32;
-/// ...or this long, whichever comes first (a caller that polls rarely still
-/// learns at once).
-const ACK_AFTER_TIME: Duration = Duration::from_micros(2);
+/// ...or this many ticks of [`ticks`] (about 1-4 us), whichever comes
+/// first: a caller that polls rarely still learns at once.
+const ACK_AFTER_TICKS: u64 = 4096;
+
+/// A cheap monotonic tick count: the time-stamp counter where there is one
+/// (a few cycles, where a clock read costs tens of nanoseconds, which a
+/// spinning poll pays on every pass), else nanoseconds of a process clock.
+fn ticks() -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: RDTSC exists on every x86-64 processor and has no
+        // memory effects.
+        unsafe { std::arch::x86_64::_rdtsc() }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+    }
+}
 
 const INTACT: u32 = 0;
 const BROKEN: u32 = 1;
@@ -106,7 +125,8 @@ impl Poster {
     }
 }
 
-/// What the consumer of one end's CQ owns.
+/// What the consumer of one end's CQ owns (kept in the CQ's list of
+/// ends, under its consumer lock).
 pub(super) struct Reaper {
     pub(super) sq: SqReaper,
     pub(super) sends: SqReaper,
@@ -117,17 +137,15 @@ pub(super) struct Reaper {
     /// Messages of this end known consumed by the peer, `<=` the peer's
     /// `consumed`.
     sent: u64,
-    /// When `sent` was last read from the peer's `consumed`.
-    sent_read: Instant,
+    /// When (in [`ticks`]) `sent` was last read from the peer's `consumed`.
+    sent_read: u64,
     /// Set by `arm`: match the stuck message at the next poll.
     help_now: bool,
 }
 
 /// One end of the connection.
 pub(super) struct End {
-    pub(super) post: CachePadded<Mutex<Poster>>,
-    /// Owned by the consumer of this end's CQ (see [`SoftCq`]).
-    pub(super) reaper: Mutex<Reaper>,
+    pub(super) post: CachePadded<SpinLock<Poster>>,
     /// This end's posted receives (read by the matcher of its incoming ring
     /// and, for the receiver-not-ready bound, by the peer's posts).
     pub(super) rq: Arc<RqShared>,
@@ -147,7 +165,7 @@ pub(super) struct End {
 /// One direction: messages of end `d` to end `1 - d`.
 pub(super) struct Dir {
     /// The consumer of the ring, held by whoever matches (see module docs).
-    matcher: CachePadded<Mutex<CellConsumer>>,
+    matcher: CachePadded<SpinLock<CellConsumer>>,
     pub(super) ring: Arc<CellRing>,
     /// Keys end `1 - d` exposed to end `d`; held by RDMA of end `d` for the
     /// duration of its access.
@@ -267,19 +285,20 @@ impl Link {
             let (prod, cons) = super::cell::ring(q.send_depth, q.max_sge);
             dirs.push(Dir {
                 ring: prod.ring().clone(),
-                matcher: CachePadded::new(Mutex::new(cons)),
+                matcher: CachePadded::new(SpinLock::new(cons)),
                 window: CachePadded::new(Mutex::new(Window::default())),
                 peer_acked: CachePadded::new(AtomicU64::new(0)),
             });
             producers.push(prod);
         }
         let mut ends = Vec::with_capacity(2);
+        let mut reapers = Vec::with_capacity(2);
         for (q, cells) in p.iter().zip(producers) {
             let (sqp, sqr) = super::wq::send_queue(q.send_depth);
             let (sendp, sendr) = super::wq::send_queue(q.send_depth);
             let (rqp, rq, rqr) = super::wq::recv_queue(q.recv_depth, q.max_sge);
             ends.push(End {
-                post: CachePadded::new(Mutex::new(Poster {
+                post: CachePadded::new(SpinLock::new(Poster {
                     sq: sqp,
                     sends: sendp,
                     rq: rqp,
@@ -287,21 +306,21 @@ impl Link {
                     peer_posted: 0,
                     lkeys: LkeyCache::default(),
                 })),
-                reaper: Mutex::new(Reaper {
-                    sq: sqr,
-                    sends: sendr,
-                    rq: rqr,
-                    stalled_polls: 0,
-                    sent: 0,
-                    sent_read: Instant::now(),
-                    help_now: false,
-                }),
                 rq,
                 send_depth: q.send_depth,
                 max_sge: q.max_sge,
                 rnr_max: q.rnr_max,
                 reserved: q.reserved,
                 dropped: AtomicBool::new(false),
+            });
+            reapers.push(Reaper {
+                sq: sqr,
+                sends: sendr,
+                rq: rqr,
+                stalled_polls: 0,
+                sent: 0,
+                sent_read: 0,
+                help_now: false,
             });
         }
         let link = Arc::new(Link {
@@ -320,8 +339,8 @@ impl Link {
             addrs,
             events,
         });
-        for (end, cq) in cqs.iter().enumerate() {
-            cq.attach(&link, end);
+        for (end, (cq, r)) in cqs.iter().zip(reapers).enumerate() {
+            cq.attach(&link, end, r);
         }
         link
     }
@@ -413,7 +432,7 @@ impl Link {
     pub(super) fn seal(&self) {
         debug_assert_eq!(self.state(), BROKEN);
         for d in &self.dirs {
-            drop(lock(&d.matcher));
+            drop(d.matcher.lock());
             drop(lock(&d.window));
         }
         let (tell, failed) = {
@@ -475,11 +494,11 @@ impl Link {
     /// message was too long for its receive), once it holds no lock.
     /// `wait`: take the matcher lock even if another thread holds it.
     fn run_matcher(&self, d: usize, wait: bool) -> bool {
-        let mut m = match self.dirs[d].matcher.try_lock() {
-            Ok(m) => m,
-            Err(std::sync::TryLockError::WouldBlock) if wait => lock(&self.dirs[d].matcher),
-            Err(std::sync::TryLockError::WouldBlock) => return false,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+        let matcher = &self.dirs[d].matcher;
+        let mut m = match matcher.try_lock() {
+            Some(m) => m,
+            None if wait => matcher.lock(),
+            None => return false,
         };
         let to = 1 - d;
         let rq = &*self.ends[to].rq;
@@ -611,7 +630,7 @@ impl Link {
     /// Learns which sends of end `d` the peer consumed: from the
     /// acknowledgements its messages carried, else from the peer's
     /// `consumed`, read at the first poll that finds the oldest unfinished
-    /// send waiting, then every [`ACK_AFTER`] polls or [`ACK_AFTER_TIME`]. If that send is a message the peer could take but has
+    /// send waiting, then every [`ACK_AFTER`] polls or [`ACK_AFTER_TICKS`]. If that send is a message the peer could take but has
     /// not for [`HELP_AFTER`] polls (or `arm` asked), matches it here: the
     /// receiving end is not polled. Returns whether the caller must seal.
     fn track_sends(&self, d: usize, r: &mut Reaper) -> bool {
@@ -630,16 +649,16 @@ impl Link {
         }
         r.stalled_polls += 1;
         // The first poll of a wait looks (a poll right after the peer took
-        // the message reports it), then every ACK_AFTER-th or ACK_AFTER_TIME.
+        // the message reports it), then every ACK_AFTER-th or ACK_AFTER_TICKS.
         let due = r.stalled_polls == 1
             || r.stalled_polls % ACK_AFTER == 0
             || r.help_now
-            || r.sent_read.elapsed() >= ACK_AFTER_TIME;
+            || ticks().wrapping_sub(r.sent_read) >= ACK_AFTER_TICKS;
         if !due {
             return false;
         }
         r.sent = r.sent.max(self.dirs[d].ring.consumed());
-        r.sent_read = Instant::now();
+        r.sent_read = ticks();
         if !waiting(r) {
             r.stalled_polls = 0;
             r.help_now = false;

@@ -112,6 +112,7 @@ mod link;
 mod mr;
 mod network;
 mod qp;
+mod spin;
 #[cfg(test)]
 mod tests;
 mod wq;
@@ -231,7 +232,7 @@ impl NicShared {
             .filter_map(|(l, end)| Some((l.upgrade()?, *end)))
             .collect();
         for (link, end) in ends {
-            drop(lock(&link.ends[end].post));
+            drop(link.ends[end].post.lock());
         }
     }
 

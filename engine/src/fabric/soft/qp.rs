@@ -269,7 +269,7 @@ impl QueuePair for SoftQp {
         if wr.sges.len() > self.link.ends[self.end].max_sge {
             return Err(PostError::TooManySge);
         }
-        let r = self.post_send_locked(&mut lock(&self.link.ends[self.end].post), wr);
+        let r = self.post_send_locked(&mut self.link.ends[self.end].post.lock(), wr);
         self.finish(r)
     }
 
@@ -277,7 +277,7 @@ impl QueuePair for SoftQp {
         if wr.sges.len() > self.link.ends[self.end].max_sge {
             return Err(PostError::TooManySge);
         }
-        let r = self.post_recv_locked(&mut lock(&self.link.ends[self.end].post), wr);
+        let r = self.post_recv_locked(&mut self.link.ends[self.end].post.lock(), wr);
         self.finish(r)
     }
 
