@@ -67,6 +67,22 @@ struct Cell {
 #[cfg(not(loom))]
 const _: () = assert!(std::mem::size_of::<Cell>() == CELL_BYTES);
 
+impl Default for Cell {
+    fn default() -> Cell {
+        Cell {
+            seq: AtomicU64::new(0),
+            len: AtomicU32::new(0),
+            nsge: AtomicU32::new(0),
+            ack: AtomicU64::new(0),
+            payload: UnsafeCell::new([0; INLINE_MAX]),
+        }
+    }
+}
+
+// SAFETY: every field is an atomic or plain bytes, valid as zero bytes,
+// which is what `default` makes (natively; loom builds never zero).
+unsafe impl super::zeroed::Zeroable for Cell {}
+
 /// A gather entry stored with atomics (written by the producer before the
 /// cell's `seq`, read by the consumer after it).
 #[derive(Default)]
@@ -75,6 +91,9 @@ struct AtomicSge {
     /// `len` in the low 32 bits, `lkey` in the high.
     len_lkey: AtomicU64,
 }
+
+// SAFETY: two atomics, zero as zero bytes, as `default` makes them.
+unsafe impl super::zeroed::Zeroable for AtomicSge {}
 
 impl AtomicSge {
     fn store(&self, s: &Sge) {
@@ -140,16 +159,8 @@ impl CellRing {
 /// two) for messages of up to `stride` gather entries.
 pub(super) fn ring(capacity: usize, stride: usize) -> (CellProducer, CellConsumer) {
     let cap = capacity.max(1).next_power_of_two();
-    let cells = (0..cap)
-        .map(|_| Cell {
-            seq: AtomicU64::new(0),
-            len: AtomicU32::new(0),
-            nsge: AtomicU32::new(0),
-            ack: AtomicU64::new(0),
-            payload: UnsafeCell::new([0; INLINE_MAX]),
-        })
-        .collect();
-    let gathers = (0..cap * stride).map(|_| AtomicSge::default()).collect();
+    let cells = super::zeroed::slice(cap);
+    let gathers = super::zeroed::slice(cap * stride);
     let ring = Arc::new(CellRing {
         cells,
         mask: cap as u64 - 1,

@@ -116,6 +116,7 @@ mod spin;
 #[cfg(test)]
 mod tests;
 mod wq;
+mod zeroed;
 
 #[cfg(feature = "fault-injection")]
 pub use fault::{Fault, QpFaults, WorkQueue};

@@ -44,6 +44,13 @@ struct SqSlot {
     index: AtomicU64,
 }
 
+// SAFETY: a struct of atomics, zero as zero bytes, as `default` makes it.
+unsafe impl super::zeroed::Zeroable for SqSlot {}
+// SAFETY: as above.
+unsafe impl super::zeroed::Zeroable for RqSlot {}
+// SAFETY: as above.
+unsafe impl super::zeroed::Zeroable for RqSge {}
+
 const KIND_DONE: u64 = 0;
 const KIND_CELL: u64 = 1;
 const KIND_STALLED: u64 = 2;
@@ -102,7 +109,7 @@ pub(super) struct SqShared {
 pub(super) fn send_queue(depth: usize) -> (SqPoster, SqReaper) {
     let cap = depth.max(1).next_power_of_two();
     let q = Arc::new(SqShared {
-        slots: (0..cap).map(|_| SqSlot::default()).collect(),
+        slots: super::zeroed::slice(cap),
         mask: cap as u64 - 1,
         ends: Ends::new(),
     });
@@ -253,8 +260,8 @@ pub(super) struct RqShared {
 pub(super) fn recv_queue(depth: usize, stride: usize) -> (RqPoster, Arc<RqShared>, RqReaper) {
     let cap = depth.max(1).next_power_of_two();
     let q = Arc::new(RqShared {
-        slots: (0..cap).map(|_| RqSlot::default()).collect(),
-        sges: (0..cap * stride).map(|_| RqSge::default()).collect(),
+        slots: super::zeroed::slice(cap),
+        sges: super::zeroed::slice(cap * stride),
         stride,
         mask: cap as u64 - 1,
         ends: Ends::new(),
