@@ -122,6 +122,28 @@ pub enum WcStatus {
     RetryExceeded,
 }
 
+impl WcStatus {
+    /// Every status, in the order of their `u8` values.
+    const ALL: [WcStatus; 9] = [
+        WcStatus::Success,
+        WcStatus::Flushed,
+        WcStatus::RemoteDisconnected,
+        WcStatus::LocalLengthError,
+        WcStatus::LocalProtectionError,
+        WcStatus::RemoteAccessError,
+        WcStatus::RemoteInvalidRequest,
+        WcStatus::RnrRetryExceeded,
+        WcStatus::RetryExceeded,
+    ];
+
+    /// The status whose `u8` value is `v` (`status as u8` undone).
+    pub fn from_u8(v: u8) -> Option<WcStatus> {
+        let s = *Self::ALL.get(usize::from(v))?;
+        debug_assert_eq!(s as u8, v);
+        Some(s)
+    }
+}
+
 /// The kind of request a completion belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
@@ -386,4 +408,17 @@ pub struct NicStats {
     pub live_remote_keys: u64,
     /// Queue pairs currently not destroyed.
     pub live_qps: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_status_round_trips_through_its_u8() {
+        for s in WcStatus::ALL {
+            assert_eq!(WcStatus::from_u8(s as u8), Some(s));
+        }
+        assert_eq!(WcStatus::from_u8(WcStatus::ALL.len() as u8), None);
+    }
 }

@@ -55,22 +55,10 @@ const KIND_DONE: u64 = 0;
 const KIND_CELL: u64 = 1;
 const KIND_STALLED: u64 = 2;
 
+/// A status stored as its `u8` value (written from a `WcStatus`, so always
+/// valid; `Flushed` stands in should a slot ever hold another byte).
 pub(super) fn status_from(v: u8) -> WcStatus {
-    use WcStatus::*;
-    [
-        Success,
-        Flushed,
-        RemoteDisconnected,
-        LocalLengthError,
-        LocalProtectionError,
-        RemoteAccessError,
-        RemoteInvalidRequest,
-        RnrRetryExceeded,
-        RetryExceeded,
-    ]
-    .get(usize::from(v))
-    .copied()
-    .unwrap_or(Flushed)
+    WcStatus::from_u8(v).unwrap_or(WcStatus::Flushed)
 }
 
 fn opcode_from(v: u8) -> WcOpcode {
