@@ -21,8 +21,7 @@
 //! [`QpFaults::arm`] or overruns its completion queue with
 //! [`QpFaults::overrun_cq`].
 
-use super::link::{Cause, Control, Link, Poster};
-use super::qp::{Posted, SoftQp};
+use super::link::{Cause, Control, Link, Posted, Poster};
 use super::wq::{SqEntry, SqKind};
 use super::{lock, SoftNic};
 use crate::fabric::*;
@@ -230,46 +229,6 @@ impl Link {
         // A silent end's receives are queued as usual: the peer's sends
         // stall instead of reaching them.
         Verdict::Proceed
-    }
-}
-
-impl SoftQp {
-    /// Executes an RDMA request a fault cuts short: `Partial` moves the
-    /// first bytes of the local entries (up to the budget), `BadRkey` fails
-    /// the remote-key check. Returns the completion's status.
-    pub(super) fn rdma_fault(
-        &self,
-        p: &mut Poster,
-        local: &[Sge],
-        remote_addr: u64,
-        rkey: u32,
-        write: bool,
-        v: Verdict,
-    ) -> WcStatus {
-        let Verdict::Partial(budget, status) = v else {
-            return WcStatus::RemoteAccessError;
-        };
-        let mut cut = [Sge {
-            addr: 0,
-            len: 0,
-            lkey: 0,
-        }; super::cm::MAX_SGE_LIMIT as usize];
-        let (mut n, mut left) = (0, budget);
-        for s in local {
-            if left == 0 {
-                break;
-            }
-            cut[n] = Sge {
-                len: s.len.min(left),
-                ..*s
-            };
-            left -= cut[n].len;
-            n += 1;
-        }
-        // Whatever the prefix met (even its own error) the request fails
-        // with the armed status: the queue pair went to error mid-request.
-        let _ = self.rdma(p, &cut[..n], remote_addr, rkey, write);
-        status
     }
 }
 

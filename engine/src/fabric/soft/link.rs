@@ -143,6 +143,15 @@ pub(super) struct Reaper {
     help_now: bool,
 }
 
+/// What a post did, for the work to do once the post lock is released.
+#[derive(Default)]
+pub(super) struct Posted {
+    /// The connection must break: this end failed with that status.
+    pub(super) fail: Option<WcStatus>,
+    /// A message went to the peer.
+    pub(super) to_peer: bool,
+}
+
 /// One end of the connection.
 pub(super) struct End {
     pub(super) post: CachePadded<SpinLock<Poster>>,

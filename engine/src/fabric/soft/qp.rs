@@ -9,7 +9,7 @@
 
 #[cfg(feature = "fault-injection")]
 use super::fault::Verdict;
-use super::link::{copy, Cause, Link, Poster};
+use super::link::{copy, Cause, Link, Posted, Poster};
 use super::lock;
 use super::mr::total_len;
 use super::wq::{SqEntry, SqKind};
@@ -31,15 +31,6 @@ pub(super) fn opcode_of(op: &SendOp) -> WcOpcode {
         SendOp::RdmaWrite { .. } => WcOpcode::RdmaWrite,
         SendOp::RdmaRead { .. } => WcOpcode::RdmaRead,
     }
-}
-
-/// What a post did, for the work to do once the post lock is released.
-#[derive(Default)]
-pub(super) struct Posted {
-    /// The connection must break: this end failed with that status.
-    pub(super) fail: Option<WcStatus>,
-    /// A message went to the peer.
-    pub(super) to_peer: bool,
 }
 
 impl SoftQp {
@@ -84,7 +75,7 @@ impl SoftQp {
     /// Executes an RDMA write or read between `local` and the peer's
     /// `[remote_addr, +len)` named by `rkey`; the length moved or the
     /// status it failed with.
-    pub(super) fn rdma(
+    fn rdma(
         &self,
         p: &mut Poster,
         local: &[Sge],
@@ -132,6 +123,45 @@ impl SoftQp {
         }
         drop(window);
         Ok(len)
+    }
+
+    /// Executes an RDMA request a fault cuts short: `Partial` moves the
+    /// first bytes of the local entries (up to the budget), `BadRkey` fails
+    /// the remote-key check. Returns the completion's status.
+    #[cfg(feature = "fault-injection")]
+    fn rdma_fault(
+        &self,
+        p: &mut Poster,
+        local: &[Sge],
+        remote_addr: u64,
+        rkey: u32,
+        write: bool,
+        v: Verdict,
+    ) -> WcStatus {
+        let Verdict::Partial(budget, status) = v else {
+            return WcStatus::RemoteAccessError;
+        };
+        let mut cut = [Sge {
+            addr: 0,
+            len: 0,
+            lkey: 0,
+        }; super::cm::MAX_SGE_LIMIT as usize];
+        let (mut n, mut left) = (0, budget);
+        for s in local {
+            if left == 0 {
+                break;
+            }
+            cut[n] = Sge {
+                len: s.len.min(left),
+                ..*s
+            };
+            left -= cut[n].len;
+            n += 1;
+        }
+        // Whatever the prefix met (even its own error) the request fails
+        // with the armed status: the queue pair went to error mid-request.
+        let _ = self.rdma(p, &cut[..n], remote_addr, rkey, write);
+        status
     }
 
     fn post_send_locked(&self, p: &mut Poster, wr: &SendWr<'_>) -> Result<Posted, PostError> {
