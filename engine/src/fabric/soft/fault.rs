@@ -1,15 +1,17 @@
 //! Fault injection (cargo feature `fault-injection`, for tests only): faults
 //! armed on one end of a soft connection, which then fails the way an RC
-//! queue pair of mlx5 or rxe fails.
+//! queue pair of mlx5 or rxe fails, or (`StallRdma`) keeps its RDMA
+//! requests in flight, as on a slow wire, until the test releases them.
 //!
-//! What every fault ends in is the soft NIC's ordinary error path (module
-//! docs of [`super`], "Errors"): the request that fails completes with its
-//! own status, every other outstanding request of its end completes
-//! `Flushed`, the peer's complete `RemoteDisconnected`, the failing end is
-//! told [`QpEvents::failed`] and the peer [`QpEvents::disconnected`], and
-//! later posts complete at once with the end's error status. No fault loses
-//! or duplicates a completion, and no fault touches memory a request does not
-//! name (a request that fails moves at most a prefix of its own bytes).
+//! What every other fault ends in is the soft NIC's ordinary error path
+//! (module docs of [`super`], "Errors"): the request that fails completes
+//! with its own status, every other outstanding request of its end
+//! completes `Flushed`, the peer's complete `RemoteDisconnected`, the
+//! failing end is told [`QpEvents::failed`] and the peer
+//! [`QpEvents::disconnected`], and later posts complete at once with the
+//! end's error status. No fault loses or duplicates a completion, and no
+//! fault touches memory a request does not name (a request that fails
+//! moves at most a prefix of its own bytes).
 //!
 //! Faults live in the link's control block, under its lock; a post of an
 //! end with faults armed takes that lock (the slow path). When none is armed
@@ -19,9 +21,11 @@
 //! A test finds the end of a connection with [`SoftNic::qp_faults`] (by its
 //! local and peer address, which the SPI reports) and arms it with
 //! [`QpFaults::arm`] or overruns its completion queue with
-//! [`QpFaults::overrun_cq`].
+//! [`QpFaults::overrun_cq`]; [`QpFaults::release_rdma`] lets the RDMA
+//! requests held by [`Fault::StallRdma`] go.
 
 use super::link::{Cause, Control, Link, Posted, Poster};
+use super::qp::rdma;
 use super::wq::{SqEntry, SqKind};
 use super::{lock, SoftNic};
 use crate::fabric::*;
@@ -72,6 +76,15 @@ pub enum Fault {
     /// fails, this end sees a disconnect. A peer that posts no send-queue
     /// request never notices, as on a real fabric without keep-alives.
     StopResponding { timeout: Duration },
+    /// This end's RDMA writes and reads are held unexecuted (they touch no
+    /// memory and stay pending) while everything else, its sends in
+    /// particular, keeps flowing: an RDMA in flight on the wire. Until
+    /// [`QpFaults::release_rdma`] executes them in posting order (checking
+    /// their keys then, as the NIC would) and completes them with their
+    /// real status, or the link breaks and they complete with the flush
+    /// status. Held requests bypass the other faults of the send queue,
+    /// except a silence (`StopResponding`), which stalls them first.
+    StallRdma,
 }
 
 /// Faults armed on one end, in the link's [`Control`], under its lock.
@@ -101,6 +114,27 @@ pub(super) struct EndFaults {
     /// silent and `stalled` is non-empty; the watchdog fires at
     /// `since + timeout`.
     stall_since: Option<Instant>,
+    /// `StallRdma` armed: this end's RDMA requests are held.
+    hold_rdma: bool,
+    /// The held requests, oldest first, and their local entries (each
+    /// request's in a range of `held_sges`). Room for the end's send depth
+    /// of requests with its most entries each is reserved when `StallRdma`
+    /// is armed, so holding never allocates.
+    held: Vec<HeldRdma>,
+    held_sges: Vec<Sge>,
+}
+
+/// An RDMA request held by `StallRdma`: what it needs to execute later.
+struct HeldRdma {
+    /// Its send-queue index (a `SqKind::Stalled` entry).
+    index: u64,
+    /// Its local entries, `held_sges[sges]`. They stay registered until
+    /// the request completes (`Nic::deregister` contract); they are checked
+    /// again at release.
+    sges: std::ops::Range<usize>,
+    remote_addr: u64,
+    rkey: u32,
+    write: bool,
 }
 
 /// What a fault hook decided about one post.
@@ -125,6 +159,7 @@ impl EndFaults {
             || self.byte_budget.is_some()
             || self.silent
             || self.peer_silent.is_some()
+            || self.hold_rdma
     }
 }
 
@@ -171,6 +206,29 @@ impl Link {
                 f.stall_since = Some(Instant::now());
                 self.fault_cv.notify_all();
             }
+            return Verdict::Done(Posted::default());
+        }
+        let held = match wr.op {
+            SendOp::RdmaWrite { remote_addr, rkey } => Some((remote_addr, rkey, true)),
+            SendOp::RdmaRead { remote_addr, rkey } => Some((remote_addr, rkey, false)),
+            SendOp::Send => None,
+        };
+        if let (true, Some((remote_addr, rkey, write))) = (f.hold_rdma, held) {
+            let index = p.sq.tail();
+            p.sq.push(SqEntry {
+                wr_id: wr.wr_id,
+                opcode,
+                kind: SqKind::Stalled,
+            });
+            let start = f.held_sges.len();
+            f.held_sges.extend_from_slice(wr.sges);
+            f.held.push(HeldRdma {
+                index,
+                sges: start..f.held_sges.len(),
+                remote_addr,
+                rkey,
+                write,
+            });
             return Verdict::Done(Posted::default());
         }
         if let Some((left, status)) = f.fail_send {
@@ -315,8 +373,60 @@ impl QpFaults {
                     .spawn(move || watchdog(weak, peer))
                     .expect("spawn the fault watchdog");
             }
+            Fault::StallRdma => {
+                let end = &link.ends[me];
+                let f = &mut c.faults[me];
+                f.held
+                    .reserve_exact(end.send_depth.saturating_sub(f.held.len()));
+                let room = end.send_depth * end.max_sge;
+                f.held_sges
+                    .reserve_exact(room.saturating_sub(f.held_sges.len()));
+                f.hold_rdma = true;
+            }
         }
         link.faults_armed[me].store(true, Ordering::Relaxed);
+    }
+
+    /// Stops holding this end's RDMA requests (`Fault::StallRdma`) and
+    /// executes the held ones in posting order, each completing with its
+    /// real status. The first that fails (a key no longer valid, say) fails
+    /// as at post time: the connection breaks and the requests after it
+    /// complete with the flush status. Does nothing on a broken connection
+    /// (its held requests were flushed).
+    pub fn release_rdma(&self) {
+        let me = self.end;
+        let link = &*self.link;
+        let seal = {
+            // As a post: the post lock keeps the local entries registered
+            // for the copies; the control lock keeps the link intact, so no
+            // close seals it (and flushes the held requests) meanwhile.
+            let mut p = link.ends[me].post.lock();
+            let mut c = lock(&link.control);
+            if c.broken {
+                return;
+            }
+            let f = &mut c.faults[me];
+            f.hold_rdma = false;
+            let held = std::mem::take(&mut f.held);
+            let sges = std::mem::take(&mut f.held_sges);
+            let mut seal = false;
+            for h in &held {
+                let local = &sges[h.sges.clone()];
+                match rdma(link, me, &mut p, local, h.remote_addr, h.rkey, h.write) {
+                    Ok(len) => p.sq.complete(h.index, WcStatus::Success, len),
+                    Err(status) => {
+                        seal = link.fail_queued(me, h.index, status, &mut c);
+                        break;
+                    }
+                }
+            }
+            link.rearm(&c, me);
+            seal
+        };
+        if seal {
+            link.seal();
+        }
+        link.wake([me == 0, me == 1]);
     }
 
     /// The completion queue of this end overflows now. A real NIC reports a

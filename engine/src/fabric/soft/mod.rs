@@ -92,7 +92,8 @@
 //! With the cargo feature `fault-injection` (tests only), `fault` arms
 //! faults on one end of a connection (`SoftNic::qp_faults`): a failing
 //! work request, a remote-key error, an error mid-transfer, a peer that stops
-//! responding, a CQ overrun. Each ends in the error path above. Without an
+//! responding, a CQ overrun: each ends in the error path above. And RDMA
+//! requests held in flight until the test releases them. Without an
 //! armed fault a post pays one branch; without the feature, nothing.
 //!
 //! # No allocation per work request

@@ -23,7 +23,8 @@ pub(super) enum SqKind {
     /// A send carried by message `index` of the end's outgoing cell ring:
     /// done once the peer consumed it.
     Cell { index: u64, len: u32 },
-    /// Held by an injected fault until the link breaks (tests only).
+    /// Held by an injected fault (tests only) until the link breaks, or,
+    /// for a held RDMA, until the fault releases it and it turns `Done`.
     Stalled,
 }
 
@@ -166,6 +167,20 @@ impl SqPoster {
         self.tail += 1;
         self.q.ends.tail.store(self.tail, Ordering::Release);
     }
+
+    /// Turns the `Stalled` entry `index` (published, not reaped: a reaper
+    /// pops a stalled entry only once the link is sealed, and the caller
+    /// saw it intact under its control lock) into `Done`. Release: whatever
+    /// the request wrote is visible to the reaper that sees it done.
+    #[cfg(feature = "fault-injection")]
+    pub(super) fn complete(&mut self, index: u64, status: WcStatus, len: u32) {
+        let slot = &self.q.slots[(index & self.q.mask) as usize];
+        let meta = slot.meta.load(Ordering::Relaxed);
+        debug_assert_eq!(meta & 0xff, KIND_STALLED, "only a stalled entry completes");
+        let kept = meta & 0xff00;
+        let meta = KIND_DONE | kept | (status as u64) << 16 | u64::from(len) << 32;
+        slot.meta.store(meta, Ordering::Release);
+    }
 }
 
 /// The reaping side of a send queue (one per queue, owned by the consumer
@@ -187,7 +202,9 @@ impl SqReaper {
             return None;
         }
         let slot = &self.q.slots[(self.head & self.q.mask) as usize];
-        let meta = slot.meta.load(Ordering::Relaxed);
+        // Acquire: a stalled entry may turn `Done` after it was published
+        // (`SqPoster::complete`).
+        let meta = slot.meta.load(Ordering::Acquire);
         let len = (meta >> 32) as u32;
         let kind = match meta & 0xff {
             KIND_DONE => SqKind::Done {
