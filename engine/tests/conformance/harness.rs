@@ -5,7 +5,7 @@
 
 use sanpath::config::{MlockPolicy, PollerMode};
 use sanpath::event::Event;
-use sanpath::fabric::soft::{Fault, SoftNetwork, SoftNic};
+use sanpath::fabric::soft::{Fault, QpFaults, SoftNetwork, SoftNic};
 use sanpath::mem::region::Region;
 use sanpath::spi::*;
 use sanpath::{Config, WsaError, WsaResult};
@@ -393,14 +393,26 @@ impl Host {
     /// Soft fabric: arms `fault` on `on`'s end of its connection to `peer`
     /// (both sockets of this host). Returns false on verbs.
     pub fn fault(&self, on: ProviderSocket, peer: ProviderSocket, fault: Fault) -> bool {
-        let Some(nic) = &self.nic else {
-            return false;
-        };
+        self.hold(on, peer, fault).is_some()
+    }
+
+    /// Soft fabric: the RDMA writes and reads `on` posts from now on to
+    /// `peer` (a socket of this host) stay in flight, unexecuted, while its
+    /// sends go on, until `release_rdma` on the handle returned. `None` on
+    /// verbs, where a real NIC cannot be held.
+    pub fn hold_rdma(&self, on: ProviderSocket, peer: ProviderSocket) -> Option<QpFaults> {
+        self.hold(on, peer, Fault::StallRdma)
+    }
+
+    /// Arms `fault` as `fault` does; the end it was armed on, on soft.
+    fn hold(&self, on: ProviderSocket, peer: ProviderSocket, fault: Fault) -> Option<QpFaults> {
+        let nic = self.nic.as_ref()?;
         let local = |s| self.p.local_addr(s).unwrap().expect("connected socket");
-        nic.qp_faults(local(on), local(peer))
-            .expect("the connection of the two sockets")
-            .arm(fault);
-        true
+        let q = nic
+            .qp_faults(local(on), local(peer))
+            .expect("the connection of the two sockets");
+        q.arm(fault);
+        Some(q)
     }
 
     /// A host reachable only over TCP/IP (no SAN provider): connects to it
