@@ -679,3 +679,116 @@ fn wr_error_while_closing_the_other_end_still_completes_every_op_once() {
         drop((bc, bs, rs));
     }
 }
+
+#[test]
+fn held_rdma_lets_sends_pass_then_runs_in_order_at_release_with_its_keys_checked_then() {
+    let (a, b) = hosts();
+    let (c, s) = connect(&a, &b, 7009);
+    let bc = Buf::new(&a, c, 1 << 16, 15);
+    let bs = Buf::new(&b, s, 1 << 16, 16);
+    let (rs, d) = expose(&b, s, 1 << 16);
+    let (gone, dg) = expose(&b, s, 4096);
+    let held = a.faults(c, addr(&b, s));
+    held.arm(Fault::StallRdma);
+    let [w, x, s1, sr, w2, after] = ovs();
+    write(&a, c, &bc, 0, 4096, &d, 0, &w);
+    read(&a, c, &bc, 4096, 4096, &d, 0, &x); // what the write writes
+    recv(&b, s, &bs, 0, 64, &sr);
+    send(&a, c, &bc, 100, 64, &s1);
+    assert_eq!(a.sw.wait(&s1), (OK, 64));
+    assert_eq!(b.sw.wait(&sr), (OK, 64));
+    assert_eq!(bs.snapshot()[..64], bc.snapshot()[100..164]);
+    let (rs_before, bc_before) = (snapshot(&rs), bc.snapshot());
+    assert!(
+        rs_before[..4096].iter().all(|&v| v == 0),
+        "a held write ran"
+    );
+    assert!(w.is_pending() && x.is_pending());
+    // Executed in order at release: the write, then the read.
+    held.release_rdma();
+    assert_eq!(a.sw.wait(&w), (OK, 4096));
+    assert_eq!(a.sw.wait(&x), (OK, 4096));
+    assert_eq!(snapshot(&rs)[..4096], bc_before[..4096]);
+    assert_eq!(bc.snapshot()[4096..8192], bc_before[..4096]);
+    // Held again, its key revoked before the release: the NIC checks it
+    // then, so the write fails the remote-key check (§7-8: reset) and
+    // writes nothing.
+    held.arm(Fault::StallRdma);
+    write(&a, c, &bc, 0, 4096, &dg, 0, &w2);
+    b.p.deregister_rdma_memory(s, &dg).unwrap();
+    held.release_rdma();
+    assert_eq!(a.sw.wait(&w2), (CONNRESET, 0));
+    assert!(
+        snapshot(&gone).iter().all(|&v| v == 0),
+        "a refused write ran"
+    );
+    // SAFETY: see `send`; the call fails without starting.
+    let e = unsafe { a.p.send(c, &bc.wsabuf(0, 8), 0, &after) }.unwrap_err();
+    assert_eq!(e, WsaError::WSAECONNRESET);
+    close_both(
+        &a,
+        c,
+        &[&w, &x, &s1, &w2],
+        &b,
+        s,
+        &[&sr],
+        &[&bc.r, &bs.r, &rs, &gone],
+    );
+}
+
+#[test]
+fn held_rdma_released_while_closing_completes_once_whole_or_not_at_all_and_not_after_close() {
+    // The release races the close: each held op completes once, OK with
+    // its bytes in place, or aborted (CLOSE-3: the engine aborts every op
+    // pending at close, even one the NIC ran just before it broke the
+    // link); it ran whole or not at all, and nothing changes once close
+    // returned.
+    for round in 0..20 {
+        let (a, b) = hosts();
+        let (c, s) = connect(&a, &b, 7200 + round);
+        let bc = Buf::new(&a, c, 1 << 16, 17);
+        let (rs, d) = expose(&b, s, 1 << 16);
+        rs.write_at(8192, &[0x33; 4096]).unwrap();
+        let held = a.faults(c, addr(&b, s));
+        held.arm(Fault::StallRdma);
+        let [w, x] = ovs();
+        write(&a, c, &bc, 0, 4096, &d, 0, &w);
+        read(&a, c, &bc, 4096, 4096, &d, 8192, &x);
+        let before = bc.snapshot();
+        let (rs_now, bc_now) = std::thread::scope(|t| {
+            t.spawn(|| held.release_rdma());
+            a.close(c, &[&w, &x]);
+            (snapshot(&rs), bc.snapshot())
+        });
+        let wrote = rs_now[..4096] == before[..4096];
+        assert!(
+            wrote || rs_now[..4096].iter().all(|&v| v == 0),
+            "part of the write ran"
+        );
+        match a.sw.wait(&w) {
+            (OK, 4096) => assert!(wrote, "the write completed OK without its bytes"),
+            (ABORTED, 0) => {}
+            r => panic!("write: {r:?}"),
+        }
+        let read_ = bc_now[4096..8192].iter().all(|&v| v == 0x33);
+        assert!(
+            read_ || bc_now[4096..8192] == before[4096..8192],
+            "part of the read ran"
+        );
+        match a.sw.wait(&x) {
+            (OK, 4096) => assert!(read_, "the read completed OK without its bytes"),
+            (ABORTED, 0) => {}
+            r => panic!("read: {r:?}"),
+        }
+        // Released again after the close: nothing left to run.
+        held.release_rdma();
+        a.p.progress();
+        assert!(
+            snapshot(&rs) == rs_now,
+            "the peer's memory changed after close"
+        );
+        assert!(bc.snapshot() == bc_now, "the buffer changed after close");
+        b.close(s, &[]);
+        drop((bc, rs));
+    }
+}
