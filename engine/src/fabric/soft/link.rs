@@ -198,7 +198,8 @@ pub(super) struct Control {
     /// `(receive index, status)` of a receive of end i that failed.
     recv_fail: [Option<(u64, WcStatus)>; 2],
     /// `(send-queue index, status)` of a request of end i that failed
-    /// after it was queued (a stalled request timing out).
+    /// after it was queued (a stalled request timing out, or a held RDMA
+    /// failing at its release).
     sq_fail: [Option<(u64, WcStatus)>; 2],
     /// Ends to tell `disconnected` / `failed` at the seal.
     tell: [bool; 2],
