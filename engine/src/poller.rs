@@ -14,10 +14,16 @@
 //!   only that).
 //!
 //! Either way the front end gets completions from [`Progress::drain`].
+//!
+//! Every thread that polls for work (the pollers, the front end's
+//! dispatcher, its run-to-completion waits and upcall helper) idles the same
+//! way, with an [`IdleLoop`]: spin a budget, announce the sleep, re-check,
+//! sleep.
 
 use crate::config::{Config, PollerMode};
 use crate::fabric::{CompletionQueue, CqId, FabricError, Nic, Waker, WorkCompletion};
 use crate::ring::{self, Consumer, Producer};
+use crate::sync;
 use crossbeam_utils::CachePadded;
 use std::cell::RefCell;
 use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
@@ -25,41 +31,159 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
 use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
+/// The spin-then-sleep rule every thread that polls for work follows:
+/// spin up to `spin_budget` empty polls, then announce the sleep, re-check
+/// for work, and sleep only if the re-check found none; progress starts a
+/// new budget. The poller threads, the dispatcher and the run-to-completion
+/// waits use it with a budget, the upcall helper with none.
+///
+/// No wake-up is lost as long as the waker publishes its work before it
+/// wakes (and the [`Sleep`] keeps a wake-up given after `announce`): either
+/// the re-check sees the work, or the waker sees the announcement.
+#[derive(Debug)]
+pub struct IdleLoop {
+    spin_budget: u32,
+    /// The longest one sleep may last, if bounded.
+    guard: Option<Duration>,
+    /// Empty polls since the last progress or sleep.
+    empty: u32,
+}
+
+/// What one [`IdleLoop::idle`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Idled {
+    /// Within the spin budget: spun once.
+    Spun,
+    /// The re-check after announcing the sleep found work.
+    Rechecked,
+    /// Slept, until woken or the deadline.
+    Slept,
+}
+
+impl IdleLoop {
+    pub fn new(spin_budget: u32) -> IdleLoop {
+        IdleLoop {
+            spin_budget,
+            guard: None,
+            empty: 0,
+        }
+    }
+
+    /// Bounds every sleep to `guard`, whatever the deadline: for sleepers
+    /// that must look at something no wake-up announces.
+    pub fn with_guard(mut self, guard: Duration) -> IdleLoop {
+        self.guard = Some(guard);
+        self
+    }
+
+    /// Progress was made: the next empty poll starts a new spin budget.
+    pub fn progress(&mut self) {
+        self.empty = 0;
+    }
+
+    /// Counts one empty poll; true while it is within the spin budget.
+    pub fn within_budget(&mut self) -> bool {
+        self.empty = self.empty.saturating_add(1);
+        self.empty < self.spin_budget
+    }
+
+    /// After an empty poll: spins while within the budget; past it,
+    /// announces the sleep on `sleeper`, runs `recheck` (true: work, or a
+    /// reason to stop, is there) and sleeps until a wake-up or `deadline`
+    /// unless it found some (or the guard, if any, passes first). Either
+    /// way past the budget, the next empty poll starts a new one.
+    pub fn idle<S: Sleep + ?Sized>(
+        &mut self,
+        sleeper: &S,
+        deadline: Option<Instant>,
+        recheck: impl FnOnce() -> bool,
+    ) -> Idled {
+        if self.within_budget() {
+            std::hint::spin_loop();
+            return Idled::Spun;
+        }
+        self.empty = 0;
+        let ticket = sleeper.announce();
+        if recheck() {
+            sleeper.cancel(ticket);
+            Idled::Rechecked
+        } else {
+            let until = match (self.guard, deadline) {
+                (Some(g), d) => {
+                    let g = Instant::now() + g;
+                    Some(d.map_or(g, |d| d.min(g)))
+                }
+                (None, d) => d,
+            };
+            sleeper.sleep(ticket, until);
+            Idled::Slept
+        }
+    }
+}
+
+/// A way for an [`IdleLoop`] to sleep: after [`Sleep::announce`], a
+/// wake-up is not lost, even one that comes before [`Sleep::sleep`].
+pub trait Sleep {
+    /// An announced sleep, ended by `cancel` or `sleep`.
+    type Ticket<'a>
+    where
+        Self: 'a;
+    /// Announces that the caller is about to sleep. The caller re-checks
+    /// for work after this, and wakers must see either that work or the
+    /// announcement.
+    fn announce(&self) -> Self::Ticket<'_>;
+    /// Abandons the announced sleep: the re-check found work.
+    fn cancel(&self, ticket: Self::Ticket<'_>);
+    /// Sleeps until a wake-up since `announce` (returns at once if one
+    /// came already) or `deadline`.
+    fn sleep(&self, ticket: Self::Ticket<'_>, deadline: Option<Instant>);
+}
+
+/// The flag a sleeper raises to say "wake me", read by wakers: the
+/// sleeper's half of the no-lost-wake-up handshake of [`ParkWaker`].
+/// Built on [`crate::sync`], so loom checks it.
+#[derive(Debug, Default)]
+pub struct SleepFlag {
+    raised: sync::AtomicBool,
+}
+
+impl SleepFlag {
+    /// The sleeper, before it re-checks for work. The SeqCst store and
+    /// fence pair with the fence in [`SleepFlag::is_raised`]: a waker that
+    /// published work before it looks either is seen by the re-check, or
+    /// sees the flag.
+    pub fn raise(&self) {
+        self.raised.store(true, sync::Ordering::SeqCst);
+        sync::fence(sync::Ordering::SeqCst);
+    }
+
+    /// The sleeper, once it found work or woke.
+    pub fn lower(&self) {
+        self.raised.store(false, sync::Ordering::Relaxed);
+    }
+
+    /// The waker, after publishing its work: true if the sleeper may be
+    /// asleep (or about to be) and must be woken.
+    pub fn is_raised(&self) -> bool {
+        sync::fence(sync::Ordering::SeqCst);
+        self.raised.load(sync::Ordering::SeqCst)
+    }
+}
+
 /// Wakes one parked thread, cheaply when it is not asleep.
 #[derive(Default)]
 pub struct ParkWaker {
     /// The thread to unpark; set once by that thread before it first sleeps.
     thread: OnceLock<Thread>,
-    /// True from just before the thread re-checks for work and parks until it
-    /// runs again. Read by wakers (SeqCst, paired with the sleeper's fence).
-    sleeping: AtomicBool,
+    /// Raised from just before the thread re-checks for work until it runs
+    /// again.
+    sleeping: SleepFlag,
 }
 
 impl ParkWaker {
     /// Registers the calling thread as the one to wake.
     pub fn register_current(&self) {
         let _ = self.thread.set(std::thread::current());
-    }
-
-    /// Announces an intent to sleep. The caller must re-check for work after
-    /// this and before [`ParkWaker::sleep`].
-    pub fn prepare_sleep(&self) {
-        self.sleeping.store(true, Ordering::SeqCst);
-        fence(Ordering::SeqCst);
-    }
-
-    /// Parks (or returns at once if woken since `prepare_sleep`).
-    pub fn sleep(&self, timeout: Option<Duration>) {
-        match timeout {
-            Some(t) => std::thread::park_timeout(t),
-            None => std::thread::park(),
-        }
-        self.sleeping.store(false, Ordering::Relaxed);
-    }
-
-    /// Abandons a `prepare_sleep` because work was found.
-    pub fn cancel_sleep(&self) {
-        self.sleeping.store(false, Ordering::Relaxed);
     }
 
     /// Unparks the thread unconditionally (shutdown).
@@ -70,13 +194,31 @@ impl ParkWaker {
     }
 }
 
+/// Sleeps by parking the registered thread (the one that calls `sleep`).
+impl Sleep for ParkWaker {
+    type Ticket<'a> = ();
+
+    fn announce(&self) {
+        self.sleeping.raise();
+    }
+
+    fn cancel(&self, (): ()) {
+        self.sleeping.lower();
+    }
+
+    fn sleep(&self, (): (), deadline: Option<Instant>) {
+        // An unpark since `announce` makes the park return at once.
+        match deadline {
+            Some(d) => std::thread::park_timeout(d.saturating_duration_since(Instant::now())),
+            None => std::thread::park(),
+        }
+        self.sleeping.lower();
+    }
+}
+
 impl Waker for ParkWaker {
     fn wake(&self) {
-        // Pairs with the fence in `prepare_sleep`: either the sleeper sees
-        // the new work in its re-check, or we see `sleeping` and unpark it
-        // (an unpark before park makes the park return at once).
-        fence(Ordering::SeqCst);
-        if self.sleeping.load(Ordering::SeqCst) {
+        if self.sleeping.is_raised() {
             self.unpark();
         }
     }
@@ -176,6 +318,23 @@ impl Drop for WaitToken<'_> {
 impl Waker for Notifier {
     fn wake(&self) {
         self.notify();
+    }
+}
+
+/// Sleeps on a wait token: any number of threads at once.
+impl Sleep for Notifier {
+    type Ticket<'a> = WaitToken<'a>;
+
+    fn announce(&self) -> WaitToken<'_> {
+        self.prepare()
+    }
+
+    fn cancel(&self, ticket: WaitToken<'_>) {
+        drop(ticket);
+    }
+
+    fn sleep(&self, ticket: WaitToken<'_>, deadline: Option<Instant>) {
+        let _ = ticket.wait(deadline);
     }
 }
 
@@ -404,15 +563,15 @@ impl PollerCtx {
         }
         self.waker.register_current();
         let mut buf = [WorkCompletion::EMPTY; POLL_BATCH];
-        let mut idle: u32 = 0;
+        let mut idle = IdleLoop::new(self.spin_budget);
         while !self.stop.load(Ordering::Relaxed) {
             let free = self.producer.free();
             if free == 0 {
                 // Ring full: leave completions in the CQ until the front end
-                // catches up. Back off rather than spin.
+                // catches up. Back off rather than spin; the front end wakes
+                // nobody when it makes room, so no arming here.
                 self.front.wake();
-                idle = idle.saturating_add(1);
-                if idle < self.spin_budget {
+                if idle.within_budget() {
                     std::thread::yield_now();
                 } else {
                     std::thread::park_timeout(Duration::from_micros(200));
@@ -424,21 +583,12 @@ impl PollerCtx {
                 let pushed = self.producer.push_slice(&buf[..n]);
                 debug_assert_eq!(pushed, n, "ring had room for what was reaped");
                 self.front.wake();
-                idle = 0;
+                idle.progress();
                 continue;
             }
-            idle = idle.saturating_add(1);
-            if idle < self.spin_budget {
-                std::hint::spin_loop();
-                continue;
-            }
-            self.waker.prepare_sleep();
-            if self.cq.arm() || self.stop.load(Ordering::SeqCst) {
-                self.waker.cancel_sleep();
-            } else {
-                self.waker.sleep(None);
-            }
-            idle = 0;
+            idle.idle(&*self.waker, None, || {
+                self.cq.arm() || self.stop.load(Ordering::SeqCst)
+            });
         }
     }
 }

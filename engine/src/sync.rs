@@ -1,6 +1,6 @@
 //! The synchronisation primitives of the engine's hand-written concurrent
 //! structures (the completion [`ring`](crate::ring), the op slab and the
-//! close gate of the SPI), behind one facade so the same source runs both natively and under the [loom] model
+//! close gate of the SPI, the idle loop's sleep flag), behind one facade so the same source runs both natively and under the [loom] model
 //! checker.
 //!
 //! loom explores every interleaving (and every permitted reordering) of a
@@ -24,7 +24,7 @@
 pub use loom::{
     cell::UnsafeCell,
     sync::{
-        atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
+        atomic::{fence, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex, MutexGuard,
     },
     thread,
@@ -33,7 +33,7 @@ pub use loom::{
 #[cfg(not(loom))]
 pub use std::{
     sync::{
-        atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
+        atomic::{fence, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex, MutexGuard,
     },
     thread,

@@ -37,7 +37,7 @@ use crate::fabric::{
 };
 use crate::mem::descriptor::{Descriptor, DESCRIPTOR_LEN};
 use crate::mem::table::{MemFlags, OwnerId, RegRef, RegistrationTable};
-use crate::poller::{Notifier, ParkWaker, Progress};
+use crate::poller::{IdleLoop, Idled, Notifier, ParkWaker, Progress};
 use ops::{release_regs, OpSlab, OpState, OvPtr};
 use socket::{
     record_connect, Phase, Pinned, Socket, SocketListenerEvents, SocketQpEvents, SocketTable,
@@ -1399,8 +1399,8 @@ impl Inner {
         match self.config.poller.mode {
             PollerMode::Threads => self.completed.wait_until(deadline, done),
             PollerMode::RunToCompletion => {
-                let budget = self.config.poller.spin_budget;
-                let mut idle = 0u32;
+                let mut idle = IdleLoop::new(self.config.poller.spin_budget)
+                    .with_guard(Duration::from_millis(50));
                 loop {
                     if done() {
                         return true;
@@ -1409,26 +1409,14 @@ impl Inner {
                         return done();
                     }
                     if self.progress(run, only) > 0 {
-                        idle = 0;
-                        continue;
-                    }
-                    idle = idle.saturating_add(1);
-                    if idle < budget {
-                        std::hint::spin_loop();
+                        idle.progress();
                         continue;
                     }
                     // Sleep until an armed CQ gets a completion (or another
                     // thread's dispatch notifies), bounded by the deadline.
-                    let token = run.rtc_notifier.prepare();
-                    if run.progress.arm() || done() {
-                        drop(token);
-                        continue;
-                    }
-                    let until = deadline.map_or(Instant::now() + Duration::from_millis(50), |d| {
-                        d.min(Instant::now() + Duration::from_millis(50))
+                    idle.idle(&*run.rtc_notifier, deadline, || {
+                        run.progress.arm() || done()
                     });
-                    let _ = token.wait(Some(until));
-                    idle = 0;
                 }
             }
         }
@@ -1454,25 +1442,15 @@ impl Inner {
             core_affinity::set_for_current(core_affinity::CoreId { id });
         }
         run.dispatcher_waker.register_current();
-        let budget = self.config.poller.spin_budget;
-        let mut idle = 0u32;
+        let mut idle = IdleLoop::new(self.config.poller.spin_budget);
         while !run.stop.load(Ordering::SeqCst) {
             if self.progress(run, None) > 0 {
-                idle = 0;
+                idle.progress();
                 continue;
             }
-            idle = idle.saturating_add(1);
-            if idle < budget {
-                std::hint::spin_loop();
-                continue;
-            }
-            run.dispatcher_waker.prepare_sleep();
-            if run.progress.arm() || run.stop.load(Ordering::SeqCst) {
-                run.dispatcher_waker.cancel_sleep();
-            } else {
-                run.dispatcher_waker.sleep(None);
-            }
-            idle = 0;
+            idle.idle(&*run.dispatcher_waker, None, || {
+                run.progress.arm() || run.stop.load(Ordering::SeqCst)
+            });
         }
         // Completions still queued at shutdown were already reported by the
         // closes that ran before; drain whatever is left.
@@ -1488,6 +1466,7 @@ impl Inner {
     /// a request a wake-up, which a thread polling for its own ops must not
     /// pay per op.
     fn upcall_helper_main(self: Arc<Self>, run: &Arc<Running>) {
+        let mut idle = IdleLoop::new(0);
         while !run.stop.load(Ordering::SeqCst) {
             if self.progress(run, None) > 0 {
                 // A thread in `wait_for` may sleep on the CQs' notifier for
@@ -1495,18 +1474,16 @@ impl Inner {
                 run.rtc_notifier.notify();
             }
             let mut seen = run.reaped.load(Ordering::Relaxed);
-            let token = run.rtc_notifier.prepare();
-            if run.stop.load(Ordering::SeqCst) {
-                break;
-            }
-            if run.progress.arm() {
-                // Completions came since, or wait in a CQ another thread
-                // is reaping: look again.
-                drop(token);
+            // No spin budget: the helper only ever sleeps. A re-check that
+            // finds completions (or ones waiting in a CQ another thread is
+            // reaping) looks again; stop ends the loop.
+            let slept = idle.idle(&*run.rtc_notifier, None, || {
+                run.stop.load(Ordering::SeqCst) || run.progress.arm()
+            });
+            if slept == Idled::Rechecked {
                 std::thread::yield_now();
                 continue;
             }
-            let _ = token.wait(None);
             while !run.stop.load(Ordering::SeqCst) {
                 std::thread::park_timeout(HELPER_STEP_ASIDE);
                 let now = run.reaped.load(Ordering::Relaxed);
