@@ -39,7 +39,8 @@ use std::time::{Duration, Instant};
 ///
 /// No wake-up is lost as long as the waker publishes its work before it
 /// wakes (and the [`Sleep`] keeps a wake-up given after `announce`): either
-/// the re-check sees the work, or the waker sees the announcement.
+/// the re-check sees the work, or the waker sees the announcement. The loom
+/// model at the bottom checks that for [`ParkWaker`]'s [`SleepFlag`].
 #[derive(Debug)]
 pub struct IdleLoop {
     spin_budget: u32,
@@ -590,5 +591,107 @@ impl PollerCtx {
                 self.cq.arm() || self.stop.load(Ordering::SeqCst)
             });
         }
+    }
+}
+
+/// loom models of the idle loop's no-lost-wake-up rule: a sleeper in an
+/// [`IdleLoop`] on a "work published" word, against wakers that publish,
+/// then wake. A lost wake-up leaves the sleeper parked for good, which loom
+/// reports as a deadlock.
+#[cfg(all(test, loom))]
+mod loom_models {
+    use super::*;
+    use crate::sync::{thread, Arc, AtomicUsize, Ordering};
+
+    /// [`ParkWaker`] with the modelled thread's park: the same
+    /// [`SleepFlag`], and a park that has no timeout.
+    #[derive(Default)]
+    struct LoomPark {
+        sleeping: SleepFlag,
+        /// Set by the sleeper before it first announces a sleep.
+        thread: OnceLock<thread::Thread>,
+    }
+
+    impl Sleep for LoomPark {
+        type Ticket<'a> = ();
+
+        fn announce(&self) {
+            self.sleeping.raise();
+        }
+
+        fn cancel(&self, (): ()) {
+            self.sleeping.lower();
+        }
+
+        fn sleep(&self, (): (), deadline: Option<Instant>) {
+            assert!(deadline.is_none(), "loom models no timed park");
+            thread::park();
+            self.sleeping.lower();
+        }
+    }
+
+    impl LoomPark {
+        /// As [`ParkWaker`]'s `Waker::wake`.
+        fn wake(&self) {
+            if self.sleeping.is_raised() {
+                self.thread.get().expect("registered").unpark();
+            }
+        }
+    }
+
+    /// A sleeper thread idles until `work` reaches `wakers`; as many
+    /// threads each publish one unit of work, then wake it. (The sleeper
+    /// is a spawned thread, not the model's main one, because loom's `join`
+    /// on a thread that parked trips an assertion of loom's own:
+    /// tokio-rs/loom#249.)
+    fn sleeper_against(wakers: usize, spin_budget: u32) {
+        let park = Arc::new(LoomPark::default());
+        let work = Arc::new(AtomicUsize::new(0));
+        let sleeper = {
+            let (park, work) = (park.clone(), work.clone());
+            thread::spawn(move || {
+                let _ = park.thread.set(thread::current());
+                let mut idle = IdleLoop::new(spin_budget);
+                let mut seen = 0;
+                while seen < wakers {
+                    let now = work.load(Ordering::Acquire);
+                    if now > seen {
+                        seen = now;
+                        idle.progress();
+                        continue;
+                    }
+                    let rechecked = || work.load(Ordering::Acquire) > seen;
+                    if idle.idle(&*park, None, rechecked) == Idled::Spun {
+                        thread::yield_now();
+                    }
+                }
+            })
+        };
+        let handles: Vec<_> = (0..wakers)
+            .map(|_| {
+                let (park, work) = (park.clone(), work.clone());
+                thread::spawn(move || {
+                    work.fetch_add(1, Ordering::Release);
+                    park.wake();
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        sleeper.join().unwrap();
+    }
+
+    /// One waker; the sleeper goes straight to sleep (the upcall helper).
+    #[test]
+    fn loom_idle_one_waker() {
+        crate::sync::model("idle_one_waker", 3, || sleeper_against(1, 0));
+    }
+
+    /// Two wakers, one spin before each sleep: the sleeper may wake
+    /// for the first unit of work and must sleep again for the second.
+    #[test]
+    fn loom_idle_two_wakers_after_a_spin() {
+        crate::sync::model("idle_two_wakers_after_a_spin", 3, || sleeper_against(2, 2));
     }
 }
