@@ -1078,9 +1078,10 @@ impl Driver {
     }
 
     /// After `s` was closed (by close_socket or the last cleanup): its
-    /// pending ops are complete with `WSA_OPERATION_ABORTED`, its handle
+    /// pending ops are complete with `WSA_OPERATION_ABORTED` (or, where
+    /// `raced`, possibly with their own result: see the callers), its handle
     /// closed.
-    fn closed(&mut self, s: ProviderSocket, pending: &[usize]) {
+    fn closed(&mut self, s: ProviderSocket, pending: &[usize], raced: bool) {
         for &i in pending {
             let ov = &self.keep.ovs[self.ops[i].ov];
             let kind = self.ops[i].kind;
@@ -1089,10 +1090,7 @@ impl Driver {
             });
             let status = ov.internal.load(Ordering::Acquire);
             let aborted = WsaError::WSA_OPERATION_ABORTED.code() as usize;
-            // The upcall helper may have reported the op's own completion
-            // between our last look and the close marking the socket (the
-            // completion was there first): its own result, once.
-            self.check(status == aborted || self.upcall_helper, || {
+            self.check(status == aborted || raced, || {
                 format!("{kind:?} op pending at close of {s:?} completed with {status}")
             });
         }
@@ -1408,7 +1406,11 @@ impl Driver {
                 self.result(Some(s), &r);
                 if self.live.contains(&s) {
                     self.check(r.is_ok(), || format!("close_socket of live {s:?}: {r:?}"));
-                    self.closed(s, &pending);
+                    // The upcall helper may have reported an op's own
+                    // completion between our last look and the close marking
+                    // the socket (the completion was there first).
+                    let raced = self.upcall_helper;
+                    self.closed(s, &pending, raced);
                 }
             }
             Call::Query { s, what, guid } => {
@@ -1481,7 +1483,10 @@ impl Driver {
         let live: Vec<ProviderSocket> = self.live.iter().copied().collect();
         for s in live {
             let pending = self.pending_of(s);
-            self.closed(s, &pending);
+            // The cleanup closes the sockets one after another: a completion
+            // reaped while an earlier one closes is reported with its own
+            // result if its socket was not closing yet.
+            self.closed(s, &pending, true);
         }
         let stats = self.p.stats();
         self.check(stats == ProviderStats::default(), || {
