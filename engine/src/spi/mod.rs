@@ -8,17 +8,16 @@
 //!
 //! Data flow of an op: validate → reserve an op slot (no allocation) → post a
 //! work request whose id names the slot → `Ok` (the C ABI reports
-//! `WSA_IO_PENDING`). The completion comes back through [`crate::poller`];
-//! the front end takes the op's state out of its slot (freeing it), writes the
-//! overlapped result, and makes the one `complete_overlapped_request` upcall
-//! (unless `hEvent` bit 0 is set).
+//! `WSA_IO_PENDING`). The completion comes back through [`crate::poller`] and
+//! `dispatch.rs`, which takes the op's state out of its slot (freeing it),
+//! writes the overlapped result, and makes the one
+//! `complete_overlapped_request` upcall (unless `hEvent` bit 0 is set).
 //!
-//! Close (spec §6.1): remove the descriptor → mark closing → cancel a pending
-//! connect, close a listener, move the queue pair to error so the fabric
-//! flushes every posted request → wait (bounded) until every op came back
-//! and was completed with `WSA_OPERATION_ABORTED`, its memory freed first →
-//! release the registrations → `close_socket_handle`, the last upcall.
+//! Close (spec §6.1) lives in `close.rs`, beside the close gate (`gate.rs`)
+//! that orders it against ops starting and completing.
 
+mod close;
+mod dispatch;
 mod gate;
 mod ops;
 mod socket;
@@ -33,55 +32,25 @@ use crate::event::Event;
 use crate::fabric::soft::default_network;
 use crate::fabric::{
     ConnectError, FabricError, Nic, PostError, QpParams, QueuePair, RecvWr, SendOp, SendWr, Sge,
-    Waker, WcStatus, WorkCompletion,
+    Waker,
 };
 use crate::mem::descriptor::{Descriptor, DESCRIPTOR_LEN};
 use crate::mem::table::{MemFlags, OwnerId, RegRef, RegistrationTable};
-use crate::poller::{IdleLoop, Idled, Notifier, ParkWaker, Progress};
-use ops::{release_regs, OpSlab, OpState, OvPtr};
+use crate::poller::{Notifier, ParkWaker, Progress};
+use ops::{OpSlab, OpState, OvPtr};
 use socket::{
     record_connect, Phase, Pinned, Socket, SocketListenerEvents, SocketQpEvents, SocketTable,
 };
-use std::cell::Cell;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
-
-/// How long the run-to-completion upcall helper leaves a completion to the
-/// threads that poll before it reports it itself (see
-/// `Inner::upcall_helper_main`): the delay of an upcall nobody polled for.
-const HELPER_STEP_ASIDE: Duration = Duration::from_micros(200);
 
 /// Size of the RDMA descriptor `register_rdma_memory` writes (spec §7-1).
 pub const RDMA_DESCRIPTOR_LEN: usize = DESCRIPTOR_LEN;
 
 /// Description reported in `WSPDATA`.
 pub const DESCRIPTION: &str = "sanpath WSD SAN provider";
-
-thread_local! {
-    /// True while this thread dispatches completions (and so may be inside
-    /// an upcall): nested progress is refused so per-socket completion order
-    /// holds, and waits that only this thread could satisfy do not block.
-    static DISPATCHING: Cell<bool> = const { Cell::new(false) };
-}
-
-/// Sets [`DISPATCHING`] for its lifetime (cleared even if an upcall panics).
-struct DispatchingFlag;
-
-impl DispatchingFlag {
-    fn set() -> DispatchingFlag {
-        DISPATCHING.with(|d| d.set(true));
-        DispatchingFlag
-    }
-}
-
-impl Drop for DispatchingFlag {
-    fn drop(&mut self) {
-        DISPATCHING.with(|d| d.set(false));
-    }
-}
 
 /// Provider counters (tests, benchmarks).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -893,114 +862,6 @@ impl Provider {
                 })
         }
     }
-
-    /// `WSPGetOverlappedResult`: `(bytes, flags)` of a completed op, the op's
-    /// error if it failed, `WSA_IO_INCOMPLETE` if pending and `!wait`. With
-    /// `wait` it waits for the op itself, not for `hEvent` (§7-7); called
-    /// from inside an upcall it does not wait (nothing could complete).
-    pub fn get_overlapped_result(
-        &self,
-        s: ProviderSocket,
-        ov: &Overlapped,
-        wait: bool,
-    ) -> WsaResult<(u32, u32)> {
-        // A pin, not the provider's `running` lock: the socket's own
-        // reference to the engine serves the wait.
-        let sock = self.inner.pin(s)?;
-        if ov.is_pending() && self.inner.config.poller.mode == PollerMode::RunToCompletion {
-            // A polled op (hEvent bit 0 set) has no other thread to report
-            // it in this mode: the caller that polls makes the progress.
-            self.inner.progress(&sock.run, sock.cq_index());
-        }
-        if ov.is_pending() {
-            if !wait || DISPATCHING.with(Cell::get) {
-                return Err(WsaError::WSA_IO_INCOMPLETE);
-            }
-            self.inner
-                .wait_for(&sock.run, None, sock.cq_index(), || !ov.is_pending());
-        }
-        let error = ov.offset_high.load(Ordering::Acquire);
-        let bytes = ov.internal_high.load(Ordering::Acquire) as u32;
-        let flags = ov.offset.load(Ordering::Acquire);
-        match error {
-            0 => Ok((bytes, flags)),
-            e => Err(WsaError::from_code(e as i32).unwrap_or(WsaError::WSAECONNABORTED)),
-        }
-    }
-
-    /// Reaps and dispatches available completions on the calling thread
-    /// (run-to-completion mode; harmless in threads mode). Returns how many
-    /// were dispatched; 0 when called from inside an upcall.
-    pub fn progress(&self) -> usize {
-        match self.inner.running() {
-            Ok(run) => self.inner.progress(&run, None),
-            Err(_) => 0,
-        }
-    }
-
-    /// Like [`Provider::progress`], but in run-to-completion mode polls only
-    /// the completion queue of socket `s`: the thread that waits for `s`'s
-    /// ops polls its own CQ, without touching other threads' CQs.
-    pub fn progress_socket(&self, s: ProviderSocket) -> usize {
-        match self.inner.pin(s) {
-            // The socket's own reference to the engine: no provider-wide
-            // lock is touched by a thread spinning on its socket.
-            Ok(sock) => self.inner.progress(&sock.run, sock.cq_index()),
-            Err(_) => 0,
-        }
-    }
-
-    // ------------------------------------------------------------------
-    // Close (§6.1)
-    // ------------------------------------------------------------------
-
-    /// `WSPCloseSocket`: abortive, never lingers, returns 0 in every state.
-    pub fn close_socket(&self, s: ProviderSocket) -> WsaResult<()> {
-        let run = self.inner.running()?;
-        let sock = self.inner.sockets.remove(s)?;
-        sock.gate.shut();
-        let (listener, attempt) = {
-            let mut c = sock.ctl();
-            c.event = None;
-            (c.listener.take(), c.attempt.take())
-        };
-        if let Some(a) = attempt {
-            // If the attempt completed meanwhile, connect_done sees `closing`
-            // and tears the new queue pair down itself.
-            a.cancel();
-        }
-        if let Some(l) = listener {
-            l.close();
-        }
-        // The ctl lock orders this read after a concurrent connect_done.
-        let qp = {
-            let _c = sock.ctl();
-            sock.qp.get().cloned()
-        };
-        if let Some(qp) = qp {
-            qp.set_error();
-        }
-        if DISPATCHING.with(Cell::get) {
-            // Called from an upcall on the thread that dispatches: the
-            // flushed completions can only be processed after we return.
-            self.inner.defer_finalize(&sock);
-            return Ok(());
-        }
-        let deadline = Instant::now() + self.inner.config.close_quiesce_timeout();
-        if self
-            .inner
-            .wait_for(&run, Some(deadline), sock.cq_index(), || {
-                sock.gate.is_quiet()
-            })
-        {
-            if sock.gate.claim_finalize() {
-                self.inner.finalize(&sock);
-            }
-        } else {
-            self.inner.defer_finalize(&sock);
-        }
-        Ok(())
-    }
 }
 
 #[derive(Clone, Copy)]
@@ -1040,24 +901,6 @@ fn connect_error(e: ConnectError) -> WsaError {
         ConnectError::NoResources => WsaError::WSAENOBUFS,
         ConnectError::Cancelled => WsaError::WSAECONNABORTED,
     }
-}
-
-/// Work-completion status → the op's Winsock error (§7-5, §7-8), for a
-/// socket that is not being closed.
-fn completion_error(status: WcStatus, sock: &Socket) -> WsaError {
-    let code = match status {
-        WcStatus::Success => unreachable!("success has no error"),
-        WcStatus::Flushed => return sock.failure().unwrap_or(WsaError::WSAECONNABORTED),
-        WcStatus::RemoteDisconnected
-        | WcStatus::RemoteAccessError
-        | WcStatus::RemoteInvalidRequest => WsaError::WSAECONNRESET,
-        WcStatus::LocalLengthError
-        | WcStatus::LocalProtectionError
-        | WcStatus::RnrRetryExceeded
-        | WcStatus::RetryExceeded => WsaError::WSAECONNABORTED,
-    };
-    sock.record_failure(code);
-    sock.failure().unwrap_or(code)
 }
 
 impl Inner {
@@ -1193,30 +1036,6 @@ impl Inner {
         }
     }
 
-    /// Run-to-completion mode: starts the upcall helper if it is not
-    /// running. An op that wants an upcall must get it even if the switch
-    /// never calls the provider again (it may just wait for the upcall).
-    fn ensure_upcall_helper(self: &Arc<Self>, run: &Arc<Running>) -> WsaResult<()> {
-        if self.config.poller.mode != PollerMode::RunToCompletion
-            || run.helper_started.load(Ordering::Acquire)
-        {
-            return Ok(());
-        }
-        let mut slot = lock(&run.dispatcher);
-        if run.helper_started.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        let inner = self.clone();
-        let r = run.clone();
-        let h = std::thread::Builder::new()
-            .name("sanpath-upcalls".into())
-            .spawn(move || inner.upcall_helper_main(&r))
-            .map_err(|_| WsaError::WSAENOBUFS)?;
-        *slot = Some(h);
-        run.helper_started.store(true, Ordering::Release);
-        Ok(())
-    }
-
     /// Validates the buffers, reserves an op slot and posts.
     #[allow(clippy::too_many_arguments)]
     unsafe fn start_op(
@@ -1314,183 +1133,6 @@ impl Inner {
                     PostError::QueueFull => WsaError::WSAENOBUFS,
                     PostError::TooManySge => WsaError::WSAEINVAL,
                 })
-            }
-        }
-    }
-
-    /// An op of `sock` is over (completed, or never started).
-    fn op_finished(&self, sock: &Socket) {
-        let left = sock.gate.leave();
-        self.finish_close(sock, left.finalize);
-    }
-
-    /// Finalizes `sock` if the gate handed this thread the finalization.
-    fn finish_close(&self, sock: &Socket, finalize: bool) {
-        if finalize {
-            self.finalize(sock);
-        }
-    }
-
-    /// Applies one completion: frees the op's state, writes the result, makes
-    /// the upcall (or stores the result for polling), then lets close proceed.
-    fn dispatch(&self, run: &Running, wc: &WorkCompletion) {
-        let Some(op) = self.ops.complete(wc.wr_id) else {
-            debug_assert!(false, "completion for an unknown op {:#x}", wc.wr_id);
-            return;
-        };
-        let OpState {
-            socket: op_socket,
-            overlapped,
-            regs,
-        } = op;
-        // SAFETY: the op's pin is held until `unpin_op` below.
-        let socket = unsafe { op_socket.get() };
-        let (error, bytes) = if socket.gate.is_closing() {
-            (WsaError::WSA_OPERATION_ABORTED.code() as u32, 0)
-        } else if wc.status == WcStatus::Success {
-            (0, wc.byte_len)
-        } else {
-            (completion_error(wc.status, socket).code() as u32, 0)
-        };
-        // The op's private memory goes first (CLOSE-4).
-        release_regs(regs);
-        let ov = overlapped.get();
-        ov.offset.store(0, Ordering::Relaxed);
-        ov.offset_high.store(error, Ordering::Release);
-        if ov.wants_upcall() {
-            let _ = run
-                .switch
-                .complete_overlapped_request(socket.handle, ov, error, bytes);
-        } else {
-            ov.complete(error, bytes);
-        }
-        self.op_finished(socket);
-        self.sockets.unpin_op(op_socket);
-    }
-
-    /// Reaps and dispatches on this thread (run-to-completion: only CQ
-    /// `only` if given); 0 if already dispatching.
-    fn progress(&self, run: &Running, only: Option<usize>) -> usize {
-        if DISPATCHING.with(Cell::get) {
-            return 0;
-        }
-        let total = {
-            let _flag = DispatchingFlag::set();
-            run.progress.drain(only, &mut |wc| self.dispatch(run, wc))
-        };
-        if total > 0 {
-            if self.config.poller.mode == PollerMode::RunToCompletion {
-                run.reaped.fetch_add(1, Ordering::Relaxed);
-            }
-            self.completed.notify();
-        }
-        total
-    }
-
-    /// Waits until `done()` or `deadline`, making progress itself in
-    /// run-to-completion mode (on CQ `only` if given). Returns `done()`.
-    fn wait_for(
-        &self,
-        run: &Running,
-        deadline: Option<Instant>,
-        only: Option<usize>,
-        mut done: impl FnMut() -> bool,
-    ) -> bool {
-        match self.config.poller.mode {
-            PollerMode::Threads => self.completed.wait_until(deadline, done),
-            PollerMode::RunToCompletion => {
-                let mut idle = IdleLoop::new(self.config.poller.spin_budget)
-                    .with_guard(Duration::from_millis(50));
-                loop {
-                    if done() {
-                        return true;
-                    }
-                    if deadline.is_some_and(|d| Instant::now() >= d) {
-                        return done();
-                    }
-                    if self.progress(run, only) > 0 {
-                        idle.progress();
-                        continue;
-                    }
-                    // Sleep until an armed CQ gets a completion (or another
-                    // thread's dispatch notifies), bounded by the deadline.
-                    idle.idle(&*run.rtc_notifier, deadline, || {
-                        run.progress.arm() || done()
-                    });
-                }
-            }
-        }
-    }
-
-    fn defer_finalize(&self, sock: &Socket) {
-        let now = sock.gate.defer();
-        self.finish_close(sock, now);
-    }
-
-    /// Last steps of close, once no op of `sock` is outstanding: release its
-    /// registrations, then the final upcall (through the socket's own switch,
-    /// so it happens even when the provider was cleaned up meanwhile). Called
-    /// exactly once per socket, by whoever claimed it from the gate.
-    fn finalize(&self, sock: &Socket) {
-        self.table.release_owner(&sock.regs);
-        let _ = sock.run.switch.close_socket_handle(sock.handle);
-        self.completed.notify();
-    }
-
-    fn dispatcher_main(self: Arc<Self>, run: &Arc<Running>, core: Option<usize>) {
-        if let Some(id) = core {
-            core_affinity::set_for_current(core_affinity::CoreId { id });
-        }
-        run.dispatcher_waker.register_current();
-        let mut idle = IdleLoop::new(self.config.poller.spin_budget);
-        while !run.stop.load(Ordering::SeqCst) {
-            if self.progress(run, None) > 0 {
-                idle.progress();
-                continue;
-            }
-            idle.idle(&*run.dispatcher_waker, None, || {
-                run.progress.arm() || run.stop.load(Ordering::SeqCst)
-            });
-        }
-        // Completions still queued at shutdown were already reported by the
-        // closes that ran before; drain whatever is left.
-        self.progress(run, None);
-    }
-
-    /// Run-to-completion mode's upcall helper: reports what no other
-    /// thread reported, sleeping on the armed CQs meanwhile; it never
-    /// spins. Woken by a completion, it first gives the threads that poll a
-    /// [`HELPER_STEP_ASIDE`] to reap it, and stays aside while they keep
-    /// reaping: it arms the CQs again only after a whole step in which
-    /// nobody else reaped, since an armed CQ costs the thread that completes
-    /// a request a wake-up, which a thread polling for its own ops must not
-    /// pay per op.
-    fn upcall_helper_main(self: Arc<Self>, run: &Arc<Running>) {
-        let mut idle = IdleLoop::new(0);
-        while !run.stop.load(Ordering::SeqCst) {
-            if self.progress(run, None) > 0 {
-                // A thread in `wait_for` may sleep on the CQs' notifier for
-                // an op this pass reported.
-                run.rtc_notifier.notify();
-            }
-            let mut seen = run.reaped.load(Ordering::Relaxed);
-            // No spin budget: the helper only ever sleeps. A re-check that
-            // finds completions (or ones waiting in a CQ another thread is
-            // reaping) looks again; stop ends the loop.
-            let slept = idle.idle(&*run.rtc_notifier, None, || {
-                run.stop.load(Ordering::SeqCst) || run.progress.arm()
-            });
-            if slept == Idled::Rechecked {
-                std::thread::yield_now();
-                continue;
-            }
-            while !run.stop.load(Ordering::SeqCst) {
-                std::thread::park_timeout(HELPER_STEP_ASIDE);
-                let now = run.reaped.load(Ordering::Relaxed);
-                if now == seen {
-                    break;
-                }
-                seen = now;
             }
         }
     }

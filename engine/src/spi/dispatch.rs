@@ -1,0 +1,303 @@
+//! Completion dispatch: how a work completion becomes the op's result.
+//!
+//! One receive's way out: a CQ is drained by [`Inner::progress`] (on a
+//! thread that waits in run-to-completion mode, or on the dispatcher thread
+//! in threads mode) → [`Inner::dispatch`] takes the op's state out of its
+//! slot, frees its registrations, writes the overlapped result and makes the
+//! one `complete_overlapped_request` upcall (or stores the result for a
+//! polled op) → the op leaves the socket's close gate (`close.rs`).
+//!
+//! A thread that dispatches may be inside an upcall: [`DISPATCHING`] refuses
+//! nested progress on it, so per-socket completion order holds, and waits
+//! only it could satisfy do not block.
+
+use super::ops::{release_regs, OpState};
+use super::socket::Socket;
+use super::{lock, Inner, Overlapped, Provider, ProviderSocket, Running};
+use crate::config::PollerMode;
+use crate::error::{WsaError, WsaResult};
+use crate::fabric::{WcStatus, WorkCompletion};
+use crate::poller::{IdleLoop, Idled};
+use std::cell::Cell;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long the run-to-completion upcall helper leaves a completion to the
+/// threads that poll before it reports it itself (see
+/// `Inner::upcall_helper_main`): the delay of an upcall nobody polled for.
+const HELPER_STEP_ASIDE: Duration = Duration::from_micros(200);
+
+thread_local! {
+    /// True while this thread dispatches completions (and so may be inside
+    /// an upcall): nested progress is refused so per-socket completion order
+    /// holds, and waits that only this thread could satisfy do not block.
+    pub(super) static DISPATCHING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Sets [`DISPATCHING`] for its lifetime (cleared even if an upcall panics).
+struct DispatchingFlag;
+
+impl DispatchingFlag {
+    fn set() -> DispatchingFlag {
+        DISPATCHING.with(|d| d.set(true));
+        DispatchingFlag
+    }
+}
+
+impl Drop for DispatchingFlag {
+    fn drop(&mut self) {
+        DISPATCHING.with(|d| d.set(false));
+    }
+}
+
+impl Provider {
+    /// `WSPGetOverlappedResult`: `(bytes, flags)` of a completed op, the op's
+    /// error if it failed, `WSA_IO_INCOMPLETE` if pending and `!wait`. With
+    /// `wait` it waits for the op itself, not for `hEvent` (§7-7); called
+    /// from inside an upcall it does not wait (nothing could complete).
+    pub fn get_overlapped_result(
+        &self,
+        s: ProviderSocket,
+        ov: &Overlapped,
+        wait: bool,
+    ) -> WsaResult<(u32, u32)> {
+        // A pin, not the provider's `running` lock: the socket's own
+        // reference to the engine serves the wait.
+        let sock = self.inner.pin(s)?;
+        if ov.is_pending() && self.inner.config.poller.mode == PollerMode::RunToCompletion {
+            // A polled op (hEvent bit 0 set) has no other thread to report
+            // it in this mode: the caller that polls makes the progress.
+            self.inner.progress(&sock.run, sock.cq_index());
+        }
+        if ov.is_pending() {
+            if !wait || DISPATCHING.with(Cell::get) {
+                return Err(WsaError::WSA_IO_INCOMPLETE);
+            }
+            self.inner
+                .wait_for(&sock.run, None, sock.cq_index(), || !ov.is_pending());
+        }
+        let error = ov.offset_high.load(Ordering::Acquire);
+        let bytes = ov.internal_high.load(Ordering::Acquire) as u32;
+        let flags = ov.offset.load(Ordering::Acquire);
+        match error {
+            0 => Ok((bytes, flags)),
+            e => Err(WsaError::from_code(e as i32).unwrap_or(WsaError::WSAECONNABORTED)),
+        }
+    }
+
+    /// Reaps and dispatches available completions on the calling thread
+    /// (run-to-completion mode; harmless in threads mode). Returns how many
+    /// were dispatched; 0 when called from inside an upcall.
+    pub fn progress(&self) -> usize {
+        match self.inner.running() {
+            Ok(run) => self.inner.progress(&run, None),
+            Err(_) => 0,
+        }
+    }
+
+    /// Like [`Provider::progress`], but in run-to-completion mode polls only
+    /// the completion queue of socket `s`: the thread that waits for `s`'s
+    /// ops polls its own CQ, without touching other threads' CQs.
+    pub fn progress_socket(&self, s: ProviderSocket) -> usize {
+        match self.inner.pin(s) {
+            // The socket's own reference to the engine: no provider-wide
+            // lock is touched by a thread spinning on its socket.
+            Ok(sock) => self.inner.progress(&sock.run, sock.cq_index()),
+            Err(_) => 0,
+        }
+    }
+}
+
+/// Work-completion status → the op's Winsock error (§7-5, §7-8), for a
+/// socket that is not being closed.
+fn completion_error(status: WcStatus, sock: &Socket) -> WsaError {
+    let code = match status {
+        WcStatus::Success => unreachable!("success has no error"),
+        WcStatus::Flushed => return sock.failure().unwrap_or(WsaError::WSAECONNABORTED),
+        WcStatus::RemoteDisconnected
+        | WcStatus::RemoteAccessError
+        | WcStatus::RemoteInvalidRequest => WsaError::WSAECONNRESET,
+        WcStatus::LocalLengthError
+        | WcStatus::LocalProtectionError
+        | WcStatus::RnrRetryExceeded
+        | WcStatus::RetryExceeded => WsaError::WSAECONNABORTED,
+    };
+    sock.record_failure(code);
+    sock.failure().unwrap_or(code)
+}
+
+impl Inner {
+    /// Run-to-completion mode: starts the upcall helper if it is not
+    /// running. An op that wants an upcall must get it even if the switch
+    /// never calls the provider again (it may just wait for the upcall).
+    pub(super) fn ensure_upcall_helper(self: &Arc<Self>, run: &Arc<Running>) -> WsaResult<()> {
+        if self.config.poller.mode != PollerMode::RunToCompletion
+            || run.helper_started.load(Ordering::Acquire)
+        {
+            return Ok(());
+        }
+        let mut slot = lock(&run.dispatcher);
+        if run.helper_started.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let inner = self.clone();
+        let r = run.clone();
+        let h = std::thread::Builder::new()
+            .name("sanpath-upcalls".into())
+            .spawn(move || inner.upcall_helper_main(&r))
+            .map_err(|_| WsaError::WSAENOBUFS)?;
+        *slot = Some(h);
+        run.helper_started.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Applies one completion: frees the op's state, writes the result, makes
+    /// the upcall (or stores the result for polling), then lets close proceed.
+    pub(super) fn dispatch(&self, run: &Running, wc: &WorkCompletion) {
+        let Some(op) = self.ops.complete(wc.wr_id) else {
+            debug_assert!(false, "completion for an unknown op {:#x}", wc.wr_id);
+            return;
+        };
+        let OpState {
+            socket: op_socket,
+            overlapped,
+            regs,
+        } = op;
+        // SAFETY: the op's pin is held until `unpin_op` below.
+        let socket = unsafe { op_socket.get() };
+        let (error, bytes) = if socket.gate.is_closing() {
+            (WsaError::WSA_OPERATION_ABORTED.code() as u32, 0)
+        } else if wc.status == WcStatus::Success {
+            (0, wc.byte_len)
+        } else {
+            (completion_error(wc.status, socket).code() as u32, 0)
+        };
+        // The op's private memory goes first (CLOSE-4).
+        release_regs(regs);
+        let ov = overlapped.get();
+        ov.offset.store(0, Ordering::Relaxed);
+        ov.offset_high.store(error, Ordering::Release);
+        if ov.wants_upcall() {
+            let _ = run
+                .switch
+                .complete_overlapped_request(socket.handle, ov, error, bytes);
+        } else {
+            ov.complete(error, bytes);
+        }
+        self.op_finished(socket);
+        self.sockets.unpin_op(op_socket);
+    }
+
+    /// Reaps and dispatches on this thread (run-to-completion: only CQ
+    /// `only` if given); 0 if already dispatching.
+    pub(super) fn progress(&self, run: &Running, only: Option<usize>) -> usize {
+        if DISPATCHING.with(Cell::get) {
+            return 0;
+        }
+        let total = {
+            let _flag = DispatchingFlag::set();
+            run.progress.drain(only, &mut |wc| self.dispatch(run, wc))
+        };
+        if total > 0 {
+            if self.config.poller.mode == PollerMode::RunToCompletion {
+                run.reaped.fetch_add(1, Ordering::Relaxed);
+            }
+            self.completed.notify();
+        }
+        total
+    }
+
+    /// Waits until `done()` or `deadline`, making progress itself in
+    /// run-to-completion mode (on CQ `only` if given). Returns `done()`.
+    pub(super) fn wait_for(
+        &self,
+        run: &Running,
+        deadline: Option<Instant>,
+        only: Option<usize>,
+        mut done: impl FnMut() -> bool,
+    ) -> bool {
+        match self.config.poller.mode {
+            PollerMode::Threads => self.completed.wait_until(deadline, done),
+            PollerMode::RunToCompletion => {
+                let mut idle = IdleLoop::new(self.config.poller.spin_budget)
+                    .with_guard(Duration::from_millis(50));
+                loop {
+                    if done() {
+                        return true;
+                    }
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return done();
+                    }
+                    if self.progress(run, only) > 0 {
+                        idle.progress();
+                        continue;
+                    }
+                    // Sleep until an armed CQ gets a completion (or another
+                    // thread's dispatch notifies), bounded by the deadline.
+                    idle.idle(&*run.rtc_notifier, deadline, || {
+                        run.progress.arm() || done()
+                    });
+                }
+            }
+        }
+    }
+
+    pub(super) fn dispatcher_main(self: Arc<Self>, run: &Arc<Running>, core: Option<usize>) {
+        if let Some(id) = core {
+            core_affinity::set_for_current(core_affinity::CoreId { id });
+        }
+        run.dispatcher_waker.register_current();
+        let mut idle = IdleLoop::new(self.config.poller.spin_budget);
+        while !run.stop.load(Ordering::SeqCst) {
+            if self.progress(run, None) > 0 {
+                idle.progress();
+                continue;
+            }
+            idle.idle(&*run.dispatcher_waker, None, || {
+                run.progress.arm() || run.stop.load(Ordering::SeqCst)
+            });
+        }
+        // Completions still queued at shutdown were already reported by the
+        // closes that ran before; drain whatever is left.
+        self.progress(run, None);
+    }
+
+    /// Run-to-completion mode's upcall helper: reports what no other
+    /// thread reported, sleeping on the armed CQs meanwhile; it never
+    /// spins. Woken by a completion, it first gives the threads that poll a
+    /// [`HELPER_STEP_ASIDE`] to reap it, and stays aside while they keep
+    /// reaping: it arms the CQs again only after a whole step in which
+    /// nobody else reaped, since an armed CQ costs the thread that completes
+    /// a request a wake-up, which a thread polling for its own ops must not
+    /// pay per op.
+    pub(super) fn upcall_helper_main(self: Arc<Self>, run: &Arc<Running>) {
+        let mut idle = IdleLoop::new(0);
+        while !run.stop.load(Ordering::SeqCst) {
+            if self.progress(run, None) > 0 {
+                // A thread in `wait_for` may sleep on the CQs' notifier for
+                // an op this pass reported.
+                run.rtc_notifier.notify();
+            }
+            let mut seen = run.reaped.load(Ordering::Relaxed);
+            // No spin budget: the helper only ever sleeps. A re-check that
+            // finds completions (or ones waiting in a CQ another thread is
+            // reaping) looks again; stop ends the loop.
+            let slept = idle.idle(&*run.rtc_notifier, None, || {
+                run.stop.load(Ordering::SeqCst) || run.progress.arm()
+            });
+            if slept == Idled::Rechecked {
+                std::thread::yield_now();
+                continue;
+            }
+            while !run.stop.load(Ordering::SeqCst) {
+                std::thread::park_timeout(HELPER_STEP_ASIDE);
+                let now = run.reaped.load(Ordering::Relaxed);
+                if now == seen {
+                    break;
+                }
+                seen = now;
+            }
+        }
+    }
+}
