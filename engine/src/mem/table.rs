@@ -21,7 +21,8 @@
 //!   Exposures unbind their remote key as soon as their own count reaches
 //!   zero, so a cached entry is never reachable by a peer (MEM-6).
 //! * Data operations borrow local associations as [`RegRef`]s: a clone of an
-//!   `Arc`, no allocation. While a `RegRef` of an association lives, that
+//!   `Arc`, no allocation, one atomic add (the `Arc`'s count is also the
+//!   in-use count, see `OwnerState::op_refs`). While a `RegRef` of an association lives, that
 //!   association is *in use* and cannot be deregistered (MEM-3). In-use is
 //!   tracked **per association** (socket + entry + flags), so another
 //!   socket's transfers never block this socket's deregistration. A `RegRef`
@@ -64,10 +65,10 @@ use crate::mem::region::check_mapped;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::num::NonZeroU64;
-// The refcount protocol (`LocalShared::in_use`, the locks, the shared NIC
+// The refcount protocol (`OwnerState::op_refs`, the locks, the shared NIC
 // registration) goes through the sync facade so that loom can check it; the
 // owner handles and the NIC stay plain `std::sync::Arc`s.
-use crate::sync::{self, AtomicUsize, Mutex, MutexGuard, Ordering};
+use crate::sync::{self, Mutex, MutexGuard, Ordering};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, PoisonError};
 
@@ -284,12 +285,6 @@ struct LocalShared {
     addr: usize,
     len: usize,
     flags: MemFlags,
-    /// Live `RegRef`s of this association. Incremented only under the
-    /// owner lock (in `acquire_*`) or by cloning an existing `RegRef`;
-    /// decremented by `RegRef::drop` without any lock. Deregistration reads
-    /// it under the owner lock: zero there means no op holds the association
-    /// and none can start holding it before the lock is released.
-    in_use: AtomicUsize,
     /// Keeps the NIC registration alive while any `RegRef` exists.
     _region: sync::Arc<NicRegion>,
 }
@@ -361,6 +356,29 @@ struct OwnerState {
     last_hit: Option<LastHit>,
 }
 
+impl OwnerState {
+    /// How many [`RegRef`]s hold `s` (one of this owner's associations):
+    /// the association is *in use* iff this is not zero. The `Arc` count is
+    /// the one counter: besides `RegRef`s only this state holds `s`, once in
+    /// its association and once more if it is the last hit. Called with the
+    /// owner lock held, under which no op starts holding an association, so
+    /// a zero stays zero until the lock is released.
+    fn op_refs(&self, s: &sync::Arc<LocalShared>) -> usize {
+        let last_hit = self
+            .last_hit
+            .as_ref()
+            .is_some_and(|h| sync::Arc::ptr_eq(&h.shared, s));
+        let held = sync::Arc::strong_count(s);
+        // Acquire: an op's use of the buffer happens before a
+        // deregistration that sees its `RegRef` dropped (the `Arc`'s
+        // decrement is a release).
+        sync::fence(Ordering::Acquire);
+        let own = 1 + usize::from(last_hit);
+        debug_assert!(held >= own, "association held less than its owner holds it");
+        held - own
+    }
+}
+
 /// A cached covering lookup (see `OwnerState::last_hit`).
 struct LastHit {
     addr: usize,
@@ -405,7 +423,11 @@ impl fmt::Debug for OwnerRegs {
 
 /// A data operation's hold on a local registration: keeps the association
 /// "in use" (it cannot be deregistered) and the NIC registration alive until
-/// dropped. Cloning or dropping costs one atomic add plus an `Arc` count.
+/// dropped. Cloning or dropping costs one atomic add: the `Arc`'s count is
+/// the in-use count (`OwnerState::op_refs`). A clone of an existing
+/// `RegRef` never makes an association in use behind a deregistration's
+/// back, since the original already does.
+#[derive(Clone)]
 pub struct RegRef(sync::Arc<LocalShared>);
 
 impl RegRef {
@@ -432,23 +454,6 @@ impl RegRef {
     /// Flags of the registration.
     pub fn flags(&self) -> MemFlags {
         self.0.flags
-    }
-}
-
-impl Clone for RegRef {
-    fn clone(&self) -> RegRef {
-        // An existing RegRef keeps in_use ≥ 1, so this never moves it from
-        // 0 to 1 behind a deregistration's back.
-        self.0.in_use.fetch_add(1, Ordering::Relaxed);
-        RegRef(self.0.clone())
-    }
-}
-
-impl Drop for RegRef {
-    fn drop(&mut self) {
-        // Release: the op's use of the buffer happens before a
-        // deregistration that observes the decrement (Acquire load).
-        self.0.in_use.fetch_sub(1, Ordering::Release);
     }
 }
 
@@ -722,7 +727,6 @@ impl RegistrationTable {
                     addr,
                     len,
                     flags,
-                    in_use: AtomicUsize::new(0),
                     _region: region,
                 }),
             },
@@ -734,10 +738,11 @@ impl RegistrationTable {
     /// association in use by a transfer → `WSAEINVAL` (nothing changes).
     pub fn deregister_memory(&self, regs: &OwnerRegs, handle: u64) -> WsaResult<()> {
         let (mut t, mut o) = self.lock_both(regs)?;
-        let a = o.locals.get_mut(&handle).ok_or(WsaError::WSAEINVAL)?;
-        if a.shared.in_use.load(Ordering::Acquire) != 0 {
+        let a = o.locals.get(&handle).ok_or(WsaError::WSAEINVAL)?;
+        if o.op_refs(&a.shared) != 0 {
             return Err(WsaError::WSAEINVAL);
         }
+        let a = o.locals.get_mut(&handle).ok_or(WsaError::WSAEINVAL)?;
         let entry = a.entry;
         a.count -= 1;
         if a.count == 0 {
@@ -836,10 +841,10 @@ impl RegistrationTable {
             o.exposures[i].addr + o.exposures[i].len,
         );
         // Under the owner lock no op can start holding an association
-        // (see `LocalShared::in_use`).
+        // (see `OwnerState::op_refs`).
         let busy = o.locals.values().any(|a| {
             let s = &a.shared;
-            s.in_use.load(Ordering::Acquire) != 0 && s.addr < end && start < s.addr + s.len
+            s.addr < end && start < s.addr + s.len && o.op_refs(s) != 0
         });
         if busy {
             return Err(WsaError::WSAEINVAL);
@@ -1005,11 +1010,10 @@ impl RegistrationTable {
 }
 
 /// Marks the association in use and hands out a reference to it. Called
-/// with the owner lock held (see `LocalShared::in_use`).
+/// with the owner lock held (see `OwnerState::op_refs`).
 fn take_ref(s: &sync::Arc<LocalShared>) -> RegRef {
     #[cfg(feature = "perf-gate-slowdown")]
     crate::perf_gate_slowdown::burn();
-    s.in_use.fetch_add(1, Ordering::Relaxed);
     RegRef(s.clone())
 }
 
