@@ -200,10 +200,18 @@ impl Inner {
             run.progress.drain(only, &mut |wc| self.dispatch(run, wc))
         };
         if total > 0 {
-            if self.config.poller.mode == PollerMode::RunToCompletion {
-                run.reaped.fetch_add(1, Ordering::Relaxed);
+            match self.config.poller.mode {
+                // Only the upcall helper reads `reaped`, and only whether it
+                // moved: a lost update of two racing passes still moves it,
+                // so a load and a store do, without a locked instruction.
+                PollerMode::RunToCompletion => {
+                    if run.helper_started.load(Ordering::Relaxed) {
+                        let r = run.reaped.load(Ordering::Relaxed);
+                        run.reaped.store(r.wrapping_add(1), Ordering::Relaxed);
+                    }
+                }
+                PollerMode::Threads => self.completed.notify(),
             }
-            self.completed.notify();
         }
         total
     }

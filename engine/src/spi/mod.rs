@@ -86,7 +86,10 @@ struct Inner {
     next_owner: AtomicU64,
     /// Next ephemeral port.
     next_port: AtomicU16,
-    /// Notified after every dispatched batch: op completions, close drains.
+    /// Threads mode: notified after every dispatched batch (op completions,
+    /// close drains), for the threads waiting in `wait_for`. Run-to-
+    /// completion waits sleep on the CQs' notifier instead, so a batch
+    /// reaped in that mode notifies nothing here.
     completed: Notifier,
 }
 
