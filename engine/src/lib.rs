@@ -23,6 +23,7 @@ pub mod perf_gate_slowdown;
 pub mod poller;
 pub mod ring;
 pub mod spi;
+mod spin;
 pub mod switch;
 pub mod sync;
 pub mod testkit;

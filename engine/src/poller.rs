@@ -23,6 +23,7 @@
 use crate::config::{Config, PollerMode};
 use crate::fabric::{CompletionQueue, CqId, FabricError, Nic, Waker, WorkCompletion};
 use crate::ring::{self, Consumer, Producer};
+use crate::spin::SpinLock;
 use crate::sync;
 use crossbeam_utils::CachePadded;
 use std::cell::RefCell;
@@ -356,44 +357,10 @@ pub struct Progress {
     /// Run-to-completion mode: one reaper per CQ at a time (CQs are single
     /// consumer). Padded: the threads spinning on different CQs each
     /// try-lock their own, and must not bounce one line between them.
-    rtc_reapers: Vec<CachePadded<ReaperLock>>,
+    rtc_reapers: Vec<CachePadded<SpinLock<()>>>,
     stop: Arc<AtomicBool>,
     /// Next CQ to hand out (round robin).
     next_cq: AtomicUsize,
-}
-
-/// The right to reap one CQ in run-to-completion mode. A thread that finds
-/// it taken skips that CQ (its holder is reaping it now) and never waits for
-/// it, so a try-lock is all it needs: one atomic swap to take, a plain
-/// release store to give back (a `Mutex` also swaps to give back, to find
-/// sleepers that cannot exist here).
-#[derive(Default)]
-struct ReaperLock {
-    /// True while a thread holds the guard. Set only by the swap in
-    /// `try_take` that found it false; cleared only by that guard's drop.
-    taken: AtomicBool,
-}
-
-impl ReaperLock {
-    fn try_take(&self) -> Option<ReaperGuard<'_>> {
-        // Test before the swap: a thread spinning on a CQ that another
-        // thread reaps reads its line instead of writing it.
-        if self.taken.load(Ordering::Relaxed) || self.taken.swap(true, Ordering::Acquire) {
-            return None;
-        }
-        Some(ReaperGuard(self))
-    }
-}
-
-/// Held while reaping; gives the [`ReaperLock`] back on drop.
-struct ReaperGuard<'a>(&'a ReaperLock);
-
-impl Drop for ReaperGuard<'_> {
-    fn drop(&mut self) {
-        debug_assert!(self.0.taken.load(Ordering::Relaxed), "reaper lock not held");
-        // Release: this reaper's pops happen before the next reaper's.
-        self.0.taken.store(false, Ordering::Release);
-    }
 }
 
 impl Progress {
@@ -444,7 +411,7 @@ impl Progress {
             }
         }
         let rtc_reapers = (0..cqs.len())
-            .map(|_| CachePadded::new(ReaperLock::default()))
+            .map(|_| CachePadded::new(SpinLock::new(())))
             .collect();
         Ok(Progress {
             mode: pc.mode,
@@ -511,7 +478,7 @@ impl Progress {
                     if only.is_some_and(|o| o != i) {
                         continue;
                     }
-                    let Some(_guard) = lock.try_take() else {
+                    let Some(_guard) = lock.try_lock() else {
                         continue;
                     };
                     loop {

@@ -15,8 +15,8 @@
 
 use super::link::{Link, Reaper};
 use super::lock;
-use super::spin::SpinLock;
 use crate::fabric::{CompletionQueue, CqId, Waker, WorkCompletion};
+use crate::spin::SpinLock;
 use crossbeam_utils::CachePadded;
 use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

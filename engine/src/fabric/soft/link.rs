@@ -52,10 +52,10 @@ use super::cq::{CqShared, SoftCq};
 #[cfg(feature = "fault-injection")]
 use super::fault::EndFaults;
 use super::mr::{copy_lists, LkeyCache, Window};
-use super::spin::SpinLock;
 use super::wq::{RecvView, RqPoster, RqReaper, RqShared, SqKind, SqPoster, SqReaper};
 use super::{lock, NicShared};
 use crate::fabric::*;
+use crate::spin::SpinLock;
 use crossbeam_utils::CachePadded;
 use std::net::SocketAddrV4;
 use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};

@@ -113,7 +113,6 @@ mod link;
 mod mr;
 mod network;
 mod qp;
-mod spin;
 #[cfg(test)]
 mod tests;
 mod wq;

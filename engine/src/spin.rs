@@ -1,6 +1,7 @@
 //! `SpinLock`: a lock for state one thread at a time works on, where the
 //! holder never blocks and contention is the exception (a CQ's consumer
-//! side, a direction's matcher, an end's posting side). Taking it is one
+//! side, a direction's matcher, an end's posting side, the right to
+//! reap a CQ in run-to-completion mode). Taking it is one
 //! atomic swap, releasing it one plain store (a `std::sync::Mutex` pays a
 //! second locked instruction to release, to find sleepers to wake); a
 //! thread that finds it taken spins briefly, then yields.
@@ -9,7 +10,7 @@ use std::cell::UnsafeCell;
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-pub(super) struct SpinLock<T> {
+pub(crate) struct SpinLock<T> {
     /// Whether a guard exists. Set by the Acquire swap that creates the
     /// guard, cleared by the Release store that drops it.
     locked: AtomicBool,
@@ -23,12 +24,12 @@ unsafe impl<T: Send> Sync for SpinLock<T> {}
 unsafe impl<T: Send> Send for SpinLock<T> {}
 
 /// Exclusive access to the value of a [`SpinLock`].
-pub(super) struct SpinGuard<'a, T> {
+pub(crate) struct SpinGuard<'a, T> {
     lock: &'a SpinLock<T>,
 }
 
 impl<T> SpinLock<T> {
-    pub(super) fn new(value: T) -> SpinLock<T> {
+    pub(crate) fn new(value: T) -> SpinLock<T> {
         SpinLock {
             locked: AtomicBool::new(false),
             value: UnsafeCell::new(value),
@@ -37,7 +38,7 @@ impl<T> SpinLock<T> {
 
     /// The guard, if nobody holds one. A taken lock is only read, not
     /// written (test and test-and-set).
-    pub(super) fn try_lock(&self) -> Option<SpinGuard<'_, T>> {
+    pub(crate) fn try_lock(&self) -> Option<SpinGuard<'_, T>> {
         if self.locked.load(Ordering::Relaxed) || self.locked.swap(true, Ordering::Acquire) {
             return None;
         }
@@ -46,7 +47,7 @@ impl<T> SpinLock<T> {
 
     /// The guard, waiting for the holder (spinning a little, then yielding
     /// the core: on two cores the holder may need it).
-    pub(super) fn lock(&self) -> SpinGuard<'_, T> {
+    pub(crate) fn lock(&self) -> SpinGuard<'_, T> {
         let mut spins = 0u32;
         loop {
             if let Some(g) = self.try_lock() {
