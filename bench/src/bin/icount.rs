@@ -18,7 +18,8 @@
 //!   buffer, wait for its completion.
 //!
 //! Usage: `icount OP [--ops N] [--warmup N]`; with the cargo feature
-//! `slowdown` also `[--slowdown K]` (the engine's test-only extra work, see
+//! `slowdown` also `[--slowdown K] [--slowdown-locks L]` (the engine's
+//! test-only extra work and extra locked instructions, see
 //! `sanpath::perf_gate_slowdown`). Prints nothing on success; exits 1 with
 //! the reason on any error.
 
@@ -195,12 +196,14 @@ struct Args {
     warmup: usize,
     #[cfg(feature = "slowdown")]
     slowdown: u32,
+    #[cfg(feature = "slowdown")]
+    slowdown_locks: u32,
 }
 
 fn parse() -> Res<Args> {
     let usage = || {
         let slow = if cfg!(feature = "slowdown") {
-            " [--slowdown K]"
+            " [--slowdown K] [--slowdown-locks L]"
         } else {
             ""
         };
@@ -217,6 +220,8 @@ fn parse() -> Res<Args> {
         warmup: 100,
         #[cfg(feature = "slowdown")]
         slowdown: 0,
+        #[cfg(feature = "slowdown")]
+        slowdown_locks: 0,
     };
     while let Some(flag) = it.next() {
         let value = it.next().ok_or_else(usage)?;
@@ -226,6 +231,8 @@ fn parse() -> Res<Args> {
             "--warmup" => a.warmup = n()?,
             #[cfg(feature = "slowdown")]
             "--slowdown" => a.slowdown = value.parse().map_err(|_| usage())?,
+            #[cfg(feature = "slowdown")]
+            "--slowdown-locks" => a.slowdown_locks = value.parse().map_err(|_| usage())?,
             _ => return Err(usage()),
         }
     }
@@ -239,7 +246,10 @@ fn run() -> Res<()> {
         pair.one(&a.op)?;
     }
     #[cfg(feature = "slowdown")]
-    sanpath::perf_gate_slowdown::set_extra_work(a.slowdown);
+    {
+        sanpath::perf_gate_slowdown::set_extra_work(a.slowdown);
+        sanpath::perf_gate_slowdown::set_extra_locks(a.slowdown_locks);
+    }
     match a.op.as_str() {
         "send_recv" => measure_send_recv(&pair, a.ops),
         "rdma_write" => measure_rdma_write(&pair, a.ops),
