@@ -10,15 +10,13 @@
 
 use super::link::{EndParams, Link};
 use super::qp::SoftQp;
-use super::{lock, NicShared};
+use super::{lock, NicShared, MAX_SGE_LIMIT};
 use crate::fabric::*;
 use std::collections::VecDeque;
 use std::net::SocketAddrV4;
 use std::sync::{Arc, Condvar, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
-/// Most scatter/gather entries per work request a soft queue pair accepts.
-pub(super) const MAX_SGE_LIMIT: u32 = 256;
 /// Most scatter/gather entries preallocated for one queue of one end.
 const MAX_RING_SGES: usize = 1 << 22;
 

@@ -25,7 +25,6 @@
 //! requests held by [`Fault::StallRdma`] go.
 
 use super::link::{Cause, Control, Link, Posted, Poster};
-use super::qp::rdma;
 use super::wq::{SqEntry, SqKind};
 use super::{lock, SoftNic};
 use crate::fabric::*;
@@ -412,7 +411,7 @@ impl QpFaults {
             let mut seal = false;
             for h in &held {
                 let local = &sges[h.sges.clone()];
-                match rdma(link, me, &mut p, local, h.remote_addr, h.rkey, h.write) {
+                match link.rdma(me, &mut p, local, h.remote_addr, h.rkey, h.write) {
                     Ok(len) => p.sq.complete(h.index, WcStatus::Success, len),
                     Err(status) => {
                         seal = link.fail_queued(me, h.index, status, &mut c);

@@ -51,7 +51,7 @@ use super::cell::{CellConsumer, CellProducer, CellRing};
 use super::cq::{CqShared, SoftCq};
 #[cfg(feature = "fault-injection")]
 use super::fault::EndFaults;
-use super::mr::{copy_lists, LkeyCache, Window};
+use super::mr::{copy_lists, total_len, LkeyCache, Window};
 use super::wq::{RecvView, RqPoster, RqReaper, RqShared, SqKind, SqPoster, SqReaper};
 use super::{lock, NicShared};
 use crate::fabric::*;
@@ -279,6 +279,58 @@ fn status_code(s: WcStatus) -> u8 {
 }
 
 impl Link {
+    /// Executes an RDMA write or read of end `me` between `local` and the peer's
+    /// `[remote_addr, +len)` named by `rkey`; the length moved or the
+    /// status it failed with. The caller holds the end's post lock.
+    pub(super) fn rdma(
+        &self,
+        me: usize,
+        p: &mut Poster,
+        local: &[Sge],
+        remote_addr: u64,
+        rkey: u32,
+        write: bool,
+    ) -> Result<u32, WcStatus> {
+        let len = total_len(local).ok_or(WcStatus::LocalLengthError)?;
+        let (local_need, remote_need) = if write {
+            (Access::NONE, Access::REMOTE_WRITE)
+        } else {
+            (Access::LOCAL_WRITE, Access::REMOTE_READ)
+        };
+        if !self.nics[me]
+            .pd
+            .check_cached(&mut p.lkeys, local, local_need)
+        {
+            return Err(WcStatus::LocalProtectionError);
+        }
+        let window = lock(&self.dirs[me].window);
+        if !self.is_intact() {
+            return Err(self.post_status(me).unwrap_or(WcStatus::Flushed));
+        }
+        let remote = window
+            .check(rkey, remote_addr, len as usize, remote_need)
+            .ok_or(WcStatus::RemoteAccessError)?;
+        let flat = [Sge {
+            addr: remote,
+            len,
+            lkey: 0,
+        }];
+        // SAFETY: `local` was checked against our regions and stays
+        // registered for the call (post lock, see `send`); `flat` lies in a
+        // region the peer exposed to this connection with the needed right,
+        // and `window` stays locked until after the copy, so the key cannot
+        // be revoked (nor its region deregistered) meanwhile.
+        unsafe {
+            if write {
+                copy(local, &flat);
+            } else {
+                copy(&flat, local);
+            }
+        }
+        drop(window);
+        Ok(len)
+    }
+
     /// Builds a link and attaches its ends to their CQs.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn new(

@@ -132,6 +132,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
+/// Most scatter/gather entries per work request a soft queue pair accepts.
+const MAX_SGE_LIMIT: u32 = 256;
 /// Largest CQ a soft NIC creates.
 const MAX_CQ_DEPTH: u32 = 1 << 24;
 

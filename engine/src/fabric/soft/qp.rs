@@ -9,8 +9,7 @@
 
 #[cfg(feature = "fault-injection")]
 use super::fault::Verdict;
-use super::link::{copy, Cause, Link, Posted, Poster};
-use super::lock;
+use super::link::{Cause, Link, Posted, Poster};
 use super::mr::total_len;
 use super::wq::{SqEntry, SqKind};
 use crate::fabric::*;
@@ -31,58 +30,6 @@ pub(super) fn opcode_of(op: &SendOp) -> WcOpcode {
         SendOp::RdmaWrite { .. } => WcOpcode::RdmaWrite,
         SendOp::RdmaRead { .. } => WcOpcode::RdmaRead,
     }
-}
-
-/// Executes an RDMA write or read of end `me` between `local` and the peer's
-/// `[remote_addr, +len)` named by `rkey`; the length moved or the
-/// status it failed with. The caller holds the end's post lock.
-pub(super) fn rdma(
-    link: &Link,
-    me: usize,
-    p: &mut Poster,
-    local: &[Sge],
-    remote_addr: u64,
-    rkey: u32,
-    write: bool,
-) -> Result<u32, WcStatus> {
-    let len = total_len(local).ok_or(WcStatus::LocalLengthError)?;
-    let (local_need, remote_need) = if write {
-        (Access::NONE, Access::REMOTE_WRITE)
-    } else {
-        (Access::LOCAL_WRITE, Access::REMOTE_READ)
-    };
-    if !link.nics[me]
-        .pd
-        .check_cached(&mut p.lkeys, local, local_need)
-    {
-        return Err(WcStatus::LocalProtectionError);
-    }
-    let window = lock(&link.dirs[me].window);
-    if !link.is_intact() {
-        return Err(link.post_status(me).unwrap_or(WcStatus::Flushed));
-    }
-    let remote = window
-        .check(rkey, remote_addr, len as usize, remote_need)
-        .ok_or(WcStatus::RemoteAccessError)?;
-    let flat = [Sge {
-        addr: remote,
-        len,
-        lkey: 0,
-    }];
-    // SAFETY: `local` was checked against our regions and stays
-    // registered for the call (post lock, see `send`); `flat` lies in a
-    // region the peer exposed to this connection with the needed right,
-    // and `window` stays locked until after the copy, so the key cannot
-    // be revoked (nor its region deregistered) meanwhile.
-    unsafe {
-        if write {
-            copy(local, &flat);
-        } else {
-            copy(&flat, local);
-        }
-    }
-    drop(window);
-    Ok(len)
 }
 
 impl SoftQp {
@@ -144,7 +91,7 @@ impl SoftQp {
             addr: 0,
             len: 0,
             lkey: 0,
-        }; super::cm::MAX_SGE_LIMIT as usize];
+        }; super::MAX_SGE_LIMIT as usize];
         let (mut n, mut left) = (0, budget);
         for s in local {
             if left == 0 {
@@ -159,15 +106,9 @@ impl SoftQp {
         }
         // Whatever the prefix met (even its own error) the request fails
         // with the armed status: the queue pair went to error mid-request.
-        let _ = rdma(
-            &self.link,
-            self.me(),
-            p,
-            &cut[..n],
-            remote_addr,
-            rkey,
-            write,
-        );
+        let _ = self
+            .link
+            .rdma(self.me(), p, &cut[..n], remote_addr, rkey, write);
         status
     }
 
@@ -225,7 +166,7 @@ impl SoftQp {
                     posted.fail = Some(status);
                     return Ok(posted);
                 }
-                match rdma(link, me, p, wr.sges, remote_addr, rkey, write) {
+                match link.rdma(me, p, wr.sges, remote_addr, rkey, write) {
                     Ok(len) => done(p, WcStatus::Success, len),
                     Err(status) => {
                         done(p, status, 0);
