@@ -62,6 +62,14 @@ impl Provider {
         ov: &Overlapped,
         wait: bool,
     ) -> WsaResult<(u32, u32)> {
+        if !ov.is_pending() {
+            // Reported already: only the descriptor needs checking (CLOSE-7),
+            // and a load does that; a pin would cost two locked instructions.
+            if !self.inner.sockets.is_live(s) {
+                return Err(WsaError::WSAENOTSOCK);
+            }
+            return overlapped_result(ov);
+        }
         // A pin, not the provider's `running` lock: the socket's own
         // reference to the engine serves the wait.
         let sock = self.inner.pin(s)?;
@@ -77,13 +85,7 @@ impl Provider {
             self.inner
                 .wait_for(&sock.run, None, sock.cq_index(), || !ov.is_pending());
         }
-        let error = ov.offset_high.load(Ordering::Acquire);
-        let bytes = ov.internal_high.load(Ordering::Acquire) as u32;
-        let flags = ov.offset.load(Ordering::Acquire);
-        match error {
-            0 => Ok((bytes, flags)),
-            e => Err(WsaError::from_code(e as i32).unwrap_or(WsaError::WSAECONNABORTED)),
-        }
+        overlapped_result(ov)
     }
 
     /// Reaps and dispatches available completions on the calling thread
@@ -106,6 +108,18 @@ impl Provider {
             Ok(sock) => self.inner.progress(&sock.run, sock.cq_index()),
             Err(_) => 0,
         }
+    }
+}
+
+/// The result `dispatch` wrote into a reported op's overlapped record:
+/// `(bytes, flags)`, or the op's error.
+fn overlapped_result(ov: &Overlapped) -> WsaResult<(u32, u32)> {
+    let error = ov.offset_high.load(Ordering::Acquire);
+    let bytes = ov.internal_high.load(Ordering::Acquire) as u32;
+    let flags = ov.offset.load(Ordering::Acquire);
+    match error {
+        0 => Ok((bytes, flags)),
+        e => Err(WsaError::from_code(e as i32).unwrap_or(WsaError::WSAECONNABORTED)),
     }
 }
 

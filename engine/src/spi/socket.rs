@@ -441,6 +441,15 @@ impl<T> SocketTable<T> {
         }
     }
 
+    /// Whether `desc` names a live socket now: one load, no pin, for a call
+    /// that must validate its descriptor but reaches nothing of the socket.
+    pub fn is_live(&self, desc: ProviderSocket) -> bool {
+        self.split(desc).is_some_and(|(index, generation)| {
+            let word = self.slots[index as usize].word.load(Ordering::Acquire);
+            word_state(word) == LIVE && word_generation(word) == generation
+        })
+    }
+
     /// Pins the live socket `desc` names: `None` if it is not (or no longer)
     /// live. No lock, one atomic add (two on failure).
     #[inline]
@@ -595,8 +604,10 @@ mod tests {
         let table = SocketTable::<u32>::new(1);
         let a = table.reserve().unwrap();
         assert!(table.pin(a).is_none(), "reserved, not yet published");
+        assert!(!table.is_live(a), "reserved, not yet published");
         table.publish(a, Arc::new(1));
         assert_eq!(table.pin(a).map(|p| *p), Some(1));
+        assert!(table.is_live(a));
         assert_eq!(table.reserve().unwrap_err(), WsaError::WSAEMFILE);
         assert_eq!(*table.remove(a).unwrap(), 1);
         assert_eq!(table.remove(a).unwrap_err(), WsaError::WSAENOTSOCK);
@@ -605,6 +616,8 @@ mod tests {
         assert_ne!(a, b);
         table.publish(b, Arc::new(2));
         assert!(table.pin(a).is_none(), "stale descriptor");
+        assert!(!table.is_live(a), "stale descriptor live");
+        assert!(table.is_live(b));
         assert_eq!(table.get(b).map(|s| *s), Ok(2));
         assert_eq!(table.all().len(), 1);
     }
