@@ -1,6 +1,9 @@
-//! The engine benchmarks: one connected socket pair on the soft fabric,
-//! driven through the public SPI exactly as a switch would (registered
-//! buffers, overlapped ops with `hEvent` bit 0 set, i.e. polled).
+//! The engine benchmarks: one connected socket pair, driven through the
+//! public SPI exactly as a switch would (registered buffers, overlapped ops
+//! with `hEvent` bit 0 set, i.e. polled). Each test is two halves on two
+//! [`Side`]s: the measuring one (client) and the echoing or receiving one
+//! (server); [`Bench`] runs both as threads of this process, `remote.rs`
+//! one in each of two processes.
 
 use crate::stats::{Bw, Lat};
 use crate::Mode;
@@ -14,7 +17,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 /// Largest message (the -a sweep goes to 8 MiB).
-const MAX: usize = 8 << 20;
+pub const MAX: usize = 8 << 20;
 /// Outstanding ops in bandwidth tests (perftest's default tx depth is 128
 /// on hardware; 64 keeps the soft NIC's receiver-not-ready hold small).
 pub const WINDOW: usize = 64;
@@ -47,8 +50,11 @@ pub fn tune(c: &mut Config, mode: Mode) {
     }
 }
 
-/// One side of the connection: its socket and buffers.
-struct Side {
+/// One side of a connection: its socket, buffers and the peer's exposed
+/// buffer. The same code drives a side whether its peer is a thread of this
+/// process (`Bench`) or another process (`sanbench --server` / `HOST`).
+pub struct Side {
+    p: Arc<Provider>,
     sock: ProviderSocket,
     /// Local buffer (2 × MAX): send/RDMA source at 0, receive sink at MAX.
     local: Region,
@@ -56,14 +62,17 @@ struct Side {
     /// Buffer exposed to the peer for its RDMA (MAX), and its descriptor.
     exposed: Region,
     desc: Vec<u8>,
-}
-
-pub struct Bench {
-    p: Provider,
-    /// Cores of the client and server threads (`None`: not pinned).
-    cores: Option<(usize, usize)>,
+    /// The peer's exposed buffer: the target of this side's RDMA.
+    peer: Vec<u8>,
+    /// The core this side's thread runs on (`None`: not pinned).
+    core: Option<usize>,
     /// Whether memory polling must yield (more threads than cores).
     yielding: bool,
+}
+
+/// The two sides of a connection in one process, on one provider.
+pub struct Bench {
+    p: Arc<Provider>,
     c: Side,
     s: Side,
 }
@@ -88,255 +97,370 @@ fn spin_until(yielding: bool, mut done: impl FnMut() -> bool) {
     }
 }
 
-type Res<T> = Result<T, WsaError>;
+pub type Res<T> = Result<T, WsaError>;
+
+/// A started provider on the NIC `config` selects. The one-process run's
+/// soft NIC sits on a network of its own; every other provider (a remote
+/// side: any fabric kind, the soft one on the process-wide network) comes
+/// from `Provider::new`, so a new fabric kind needs nothing here.
+pub fn provider(config: Config, private_soft: bool) -> Result<Arc<Provider>, String> {
+    let p = if private_soft && config.fabric.kind == FabricKind::Soft {
+        let ip = config.fabric.soft.addresses[0];
+        testkit::soft_provider(config, ip, Arc::new(CompletingSwitch))?.0
+    } else {
+        let p = Provider::new(config).map_err(|e| e.to_string())?;
+        p.startup(WSD_VERSION, Arc::new(CompletingSwitch), 1)
+            .map_err(|e| e.to_string())?;
+        p
+    };
+    Ok(Arc::new(p))
+}
+
+/// The first IPv4 address of the provider's NIC.
+pub fn address(p: &Provider) -> Result<Ipv4Addr, String> {
+    p.address_list()
+        .map_err(|e| e.to_string())?
+        .first()
+        .copied()
+        .ok_or_else(|| "the NIC has no IPv4 address".into())
+}
+
+/// Warm-up iterations before `iters` measured ones (both sides agree).
+fn warmup(iters: usize) -> usize {
+    iters / 10
+}
 
 impl Bench {
     pub fn new(config: Config, cores: Option<(usize, usize)>) -> Result<Bench, String> {
         let yielding = config.poller.mode == PollerMode::Threads;
-        let p = match config.fabric.kind {
-            FabricKind::Soft => {
-                let ip = config.fabric.soft.addresses[0];
-                testkit::soft_provider(config, ip, Arc::new(CompletingSwitch))?.0
-            }
-            FabricKind::Verbs => {
-                let p = Provider::new(config).map_err(|e| e.to_string())?;
-                p.startup(WSD_VERSION, Arc::new(CompletingSwitch), 1)
-                    .map_err(|e| e.to_string())?;
-                p
-            }
-        };
-        let ip = *p
-            .address_list()
-            .map_err(|e| e.to_string())?
-            .first()
-            .ok_or("the NIC has no IPv4 address")?;
+        let p = provider(config, true)?;
+        let ip = address(&p)?;
         let (c, s) = testkit::connected_pair(&p, SocketAddrV4::new(ip, 18515))
             .map_err(|e| format!("connecting the benchmark pair: {e}"))?;
-        let c = side(&p, c)?;
-        let s = side(&p, s)?;
-        Ok(Bench {
-            p,
-            cores,
-            yielding,
-            c,
-            s,
-        })
-    }
-
-    /// Waits for an op of `side` the way a switch would: with
-    /// `WSPGetOverlappedResult(fWait = TRUE)`. In run-to-completion mode
-    /// that polls only the socket's own CQ, spinning up to the configured
-    /// budget before it sleeps; in threads mode it blocks until the
-    /// dispatcher completed the op.
-    fn wait(&self, side: &Side, ov: &Overlapped) -> Res<u32> {
-        self.p
-            .get_overlapped_result(side.sock, ov, true)
-            .map(|(bytes, _)| bytes)
-    }
-
-    fn send(&self, side: &Side, len: usize, ov: &Overlapped) -> Res<()> {
-        let b = [WsaBuf {
-            len: len as u32,
-            buf: side.local.as_ptr(),
-        }];
-        // SAFETY: the buffer lives in `self` and `ov` outlives the op (every
-        // op is waited for before its record goes out of scope).
-        unsafe { self.p.send(side.sock, &b, 0, ov) }
-    }
-
-    fn recv(&self, side: &Side, len: usize, ov: &Overlapped) -> Res<()> {
-        let b = [WsaBuf {
-            len: len as u32,
-            buf: side.local.as_ptr().wrapping_add(MAX),
-        }];
-        // SAFETY: as in `send`.
-        unsafe { self.p.recv(side.sock, &b, ov) }
-    }
-
-    fn rdma(&self, from: &Side, to: &Side, len: usize, write: bool, ov: &Overlapped) -> Res<()> {
-        let off = if write { 0 } else { MAX };
-        let b = [WsaBufEx {
-            len: len as u32,
-            buf: from.local.as_ptr().wrapping_add(off),
-            handle: from.handle as usize,
-        }];
-        // SAFETY: as in `send`.
-        unsafe {
-            if write {
-                self.p.rdma_write(from.sock, &b, &to.desc, 0, 0, ov)
-            } else {
-                self.p.rdma_read(from.sock, &b, &to.desc, 0, 0, ov)
-            }
-        }
+        let mut c = Side::new(p.clone(), c, cores.map(|c| c.0), yielding)?;
+        let mut s = Side::new(p.clone(), s, cores.map(|c| c.1), yielding)?;
+        c.set_peer(s.desc().to_vec());
+        s.set_peer(c.desc().to_vec());
+        Ok(Bench { p, c, s })
     }
 
     /// Two-sided ping-pong; half round trip per sample.
     pub fn send_lat(&self, size: usize, iters: usize) -> Res<Lat> {
-        let warm = iters / 10;
         std::thread::scope(|sc| {
-            let server = sc.spawn(|| -> Res<()> {
-                pin(self.cores.map(|c| c.1));
-                let rov = [Overlapped::new(POLLED), Overlapped::new(POLLED)];
-                let sov = Overlapped::new(POLLED);
-                self.recv(&self.s, size, &rov[0])?;
-                for i in 0..warm + iters {
-                    self.wait(&self.s, &rov[i % 2])?;
-                    // No receive outlives the loop (its record is on this
-                    // stack): the last round posts none.
-                    if i + 1 < warm + iters {
-                        self.recv(&self.s, size, &rov[(i + 1) % 2])?;
-                    }
-                    self.send(&self.s, size, &sov)?;
-                    self.wait(&self.s, &sov)?;
-                }
-                Ok(())
-            });
-            pin(self.cores.map(|c| c.0));
-            let (rov, sov) = (Overlapped::new(POLLED), Overlapped::new(POLLED));
-            let mut samples = Vec::with_capacity(iters);
-            self.recv(&self.c, size, &rov)?;
-            for i in 0..warm + iters {
-                let t0 = Instant::now();
-                self.send(&self.c, size, &sov)?;
-                self.wait(&self.c, &rov)?;
-                let ns = t0.elapsed().as_nanos() as f64 / 2.0;
-                if i + 1 < warm + iters {
-                    self.recv(&self.c, size, &rov)?;
-                }
-                self.wait(&self.c, &sov)?;
-                if i >= warm {
-                    samples.push(ns);
-                }
-            }
+            let server = sc.spawn(|| self.s.serve_send_lat(size, iters, || {}));
+            let lat = self.c.send_lat(size, iters);
             server.join().expect("server thread")?;
-            Ok(Lat::new(samples))
+            lat
         })
     }
 
-    /// perftest-style write ping-pong: each side RDMA-writes the peer's
-    /// exposed buffer and polls the last byte of its own; half round trip.
+    /// perftest-style write ping-pong; half round trip.
     pub fn write_lat(&self, size: usize, iters: usize) -> Res<Lat> {
-        let size = size.max(1);
-        let warm = iters / 10;
-        let mark = |side: &Side, v: u8| {
-            // SAFETY: in bounds of the local region; no op reads it now.
-            unsafe { side.local.as_ptr().add(size - 1).write_volatile(v) }
-        };
-        let seen = |side: &Side| {
-            // SAFETY: in bounds of the exposed region. The peer's NIC writes
-            // it concurrently: this polls DMA-written memory, byte-sized.
-            unsafe { side.exposed.as_ptr().add(size - 1).read_volatile() }
-        };
+        self.c.clear_mark(size);
+        self.s.clear_mark(size);
         std::thread::scope(|sc| {
-            let server = sc.spawn(|| -> Res<()> {
-                pin(self.cores.map(|c| c.1));
-                let wov = Overlapped::new(POLLED);
-                for i in 0..warm + iters {
-                    let v = (i % 255) as u8 + 1;
-                    spin_until(self.yielding, || seen(&self.s) == v);
-                    mark(&self.s, v);
-                    self.rdma(&self.s, &self.c, size, true, &wov)?;
-                    self.wait(&self.s, &wov)?;
-                }
-                Ok(())
-            });
-            pin(self.cores.map(|c| c.0));
-            let wov = Overlapped::new(POLLED);
-            let mut samples = Vec::with_capacity(iters);
-            for i in 0..warm + iters {
-                let v = (i % 255) as u8 + 1;
-                let t0 = Instant::now();
-                mark(&self.c, v);
-                self.rdma(&self.c, &self.s, size, true, &wov)?;
-                // Memory only, as perftest: the write's own completion is
-                // reaped after the sample.
-                spin_until(self.yielding, || seen(&self.c) == v);
-                let ns = t0.elapsed().as_nanos() as f64 / 2.0;
-                self.wait(&self.c, &wov)?;
-                if i >= warm {
-                    samples.push(ns);
-                }
-            }
+            let server = sc.spawn(|| self.s.serve_write_lat(size, iters, || {}));
+            let lat = self.c.write_lat(size, iters);
             server.join().expect("server thread")?;
-            Ok(Lat::new(samples))
+            lat
         })
     }
 
     /// RDMA read of the peer's buffer; full round trip per sample.
     pub fn read_lat(&self, size: usize, iters: usize) -> Res<Lat> {
-        pin(self.cores.map(|c| c.0));
-        let ov = Overlapped::new(POLLED);
-        let warm = iters / 10;
-        let mut samples = Vec::with_capacity(iters);
-        for i in 0..warm + iters {
+        self.c.read_lat(size, iters)
+    }
+
+    /// Streaming sends with a window; the receiver keeps a window posted.
+    /// Timed until the receiver has every message.
+    pub fn send_bw(&self, size: usize, msgs: usize) -> Res<Bw> {
+        std::thread::scope(|sc| {
+            let server = sc.spawn(|| self.s.serve_send_bw(size, msgs, || {}));
+            pin(self.c.core);
             let t0 = Instant::now();
-            self.rdma(&self.c, &self.s, size, false, &ov)?;
-            self.wait(&self.c, &ov)?;
-            if i >= warm {
+            self.c.send_window(size, msgs)?;
+            server.join().expect("server thread")?;
+            Ok(bw(size, msgs, t0))
+        })
+    }
+
+    pub fn write_bw(&self, size: usize, msgs: usize) -> Res<Bw> {
+        self.c.rdma_bw(size, msgs, true)
+    }
+
+    pub fn read_bw(&self, size: usize, msgs: usize) -> Res<Bw> {
+        self.c.rdma_bw(size, msgs, false)
+    }
+}
+
+fn bw(size: usize, msgs: usize, t0: Instant) -> Bw {
+    Bw {
+        bytes: (size * msgs) as u64,
+        msgs: msgs as u64,
+        secs: t0.elapsed().as_secs_f64(),
+    }
+}
+
+impl Side {
+    /// Registers the side's buffers on `sock`, a connected socket of `p`.
+    /// The regions live as long as the side; its owner cleans the provider
+    /// up (closing the socket) before dropping it.
+    pub fn new(
+        p: Arc<Provider>,
+        sock: ProviderSocket,
+        core: Option<usize>,
+        yielding: bool,
+    ) -> Result<Side, String> {
+        let e = |e: WsaError| e.to_string();
+        let local = Region::new(2 * MAX, MlockPolicy::Off).map_err(|e| e.to_string())?;
+        let exposed = Region::new(MAX, MlockPolicy::Off).map_err(|e| e.to_string())?;
+        let mut desc = vec![0u8; RDMA_DESCRIPTOR_LEN];
+        // SAFETY: both regions live in the Side, whose owner cleans the
+        // provider up (closing the socket, deregistering) before dropping it.
+        let handle = unsafe {
+            let h = p
+                .register_memory(sock, local.as_ptr(), (2 * MAX) as u32, MEM_READWRITE)
+                .map_err(e)?;
+            p.register_rdma_memory(sock, exposed.as_ptr(), MAX as u32, MEM_READWRITE, &mut desc)
+                .map_err(e)?;
+            h
+        };
+        Ok(Side {
+            p,
+            sock,
+            local,
+            handle,
+            exposed,
+            desc,
+            peer: Vec::new(),
+            core,
+            yielding,
+        })
+    }
+
+    /// The descriptor of this side's exposed buffer (for the peer).
+    pub fn desc(&self) -> &[u8] {
+        &self.desc
+    }
+
+    /// Sets the peer's exposed-buffer descriptor, the target of RDMA.
+    pub fn set_peer(&mut self, desc: Vec<u8>) {
+        self.peer = desc;
+    }
+
+    /// Zeroes the byte of the exposed buffer a write ping-pong of `size`
+    /// polls; before either side of the test starts (a previous run may
+    /// have left the value the next run waits for).
+    pub fn clear_mark(&self, size: usize) {
+        // SAFETY: in bounds of the exposed region; no test runs, so the
+        // peer writes no part of it now.
+        unsafe {
+            self.exposed
+                .as_ptr()
+                .add(size.clamp(1, MAX) - 1)
+                .write_volatile(0)
+        }
+    }
+
+    /// Waits for an op the way a switch would: with
+    /// `WSPGetOverlappedResult(fWait = TRUE)`. In run-to-completion mode
+    /// that polls only the socket's own CQ, spinning up to the configured
+    /// budget before it sleeps; in threads mode it blocks until the
+    /// dispatcher completed the op.
+    fn wait(&self, ov: &Overlapped) -> Res<u32> {
+        self.p
+            .get_overlapped_result(self.sock, ov, true)
+            .map(|(bytes, _)| bytes)
+    }
+
+    fn send(&self, len: usize, ov: &Overlapped) -> Res<()> {
+        let b = [WsaBuf {
+            len: len as u32,
+            buf: self.local.as_ptr(),
+        }];
+        // SAFETY: the buffer lives in `self` and `ov` outlives the op (every
+        // op is waited for before its record goes out of scope).
+        unsafe { self.p.send(self.sock, &b, 0, ov) }
+    }
+
+    fn recv(&self, len: usize, ov: &Overlapped) -> Res<()> {
+        let b = [WsaBuf {
+            len: len as u32,
+            buf: self.local.as_ptr().wrapping_add(MAX),
+        }];
+        // SAFETY: as in `send`.
+        unsafe { self.p.recv(self.sock, &b, ov) }
+    }
+
+    fn rdma(&self, len: usize, write: bool, ov: &Overlapped) -> Res<()> {
+        let off = if write { 0 } else { MAX };
+        let b = [WsaBufEx {
+            len: len as u32,
+            buf: self.local.as_ptr().wrapping_add(off),
+            handle: self.handle as usize,
+        }];
+        // SAFETY: as in `send`.
+        unsafe {
+            if write {
+                self.p.rdma_write(self.sock, &b, &self.peer, 0, 0, ov)
+            } else {
+                self.p.rdma_read(self.sock, &b, &self.peer, 0, 0, ov)
+            }
+        }
+    }
+
+    /// The measuring half of the send ping-pong; half round trip per sample.
+    pub fn send_lat(&self, size: usize, iters: usize) -> Res<Lat> {
+        pin(self.core);
+        let total = warmup(iters) + iters;
+        let (rov, sov) = (Overlapped::new(POLLED), Overlapped::new(POLLED));
+        let mut samples = Vec::with_capacity(iters);
+        self.recv(size, &rov)?;
+        for i in 0..total {
+            let t0 = Instant::now();
+            self.send(size, &sov)?;
+            self.wait(&rov)?;
+            let ns = t0.elapsed().as_nanos() as f64 / 2.0;
+            if i + 1 < total {
+                self.recv(size, &rov)?;
+            }
+            self.wait(&sov)?;
+            if i >= warmup(iters) {
+                samples.push(ns);
+            }
+        }
+        Ok(Lat::new(samples))
+    }
+
+    /// The echoing half of the send ping-pong; `ready` runs once the first
+    /// receive is posted.
+    pub fn serve_send_lat(&self, size: usize, iters: usize, ready: impl FnOnce()) -> Res<()> {
+        pin(self.core);
+        let total = warmup(iters) + iters;
+        let rov = [Overlapped::new(POLLED), Overlapped::new(POLLED)];
+        let sov = Overlapped::new(POLLED);
+        self.recv(size, &rov[0])?;
+        ready();
+        for i in 0..total {
+            self.wait(&rov[i % 2])?;
+            // No receive outlives the loop (its record is on this stack):
+            // the last round posts none.
+            if i + 1 < total {
+                self.recv(size, &rov[(i + 1) % 2])?;
+            }
+            self.send(size, &sov)?;
+            self.wait(&sov)?;
+        }
+        Ok(())
+    }
+
+    fn mark(&self, size: usize, v: u8) {
+        // SAFETY: in bounds of the local region; no op reads it now.
+        unsafe { self.local.as_ptr().add(size - 1).write_volatile(v) }
+    }
+
+    fn seen(&self, size: usize) -> u8 {
+        // SAFETY: in bounds of the exposed region. The peer's NIC writes
+        // it concurrently: this polls DMA-written memory, byte-sized.
+        unsafe { self.exposed.as_ptr().add(size - 1).read_volatile() }
+    }
+
+    /// The measuring half of the write ping-pong: RDMA-writes the peer's
+    /// exposed buffer and polls the last byte of its own; half round trip.
+    pub fn write_lat(&self, size: usize, iters: usize) -> Res<Lat> {
+        pin(self.core);
+        let size = size.max(1);
+        let wov = Overlapped::new(POLLED);
+        let mut samples = Vec::with_capacity(iters);
+        for i in 0..warmup(iters) + iters {
+            let v = (i % 255) as u8 + 1;
+            let t0 = Instant::now();
+            self.mark(size, v);
+            self.rdma(size, true, &wov)?;
+            // Memory only, as perftest: the write's own completion is
+            // reaped after the sample.
+            spin_until(self.yielding, || self.seen(size) == v);
+            let ns = t0.elapsed().as_nanos() as f64 / 2.0;
+            self.wait(&wov)?;
+            if i >= warmup(iters) {
+                samples.push(ns);
+            }
+        }
+        Ok(Lat::new(samples))
+    }
+
+    /// The echoing half of the write ping-pong.
+    pub fn serve_write_lat(&self, size: usize, iters: usize, ready: impl FnOnce()) -> Res<()> {
+        pin(self.core);
+        let size = size.max(1);
+        let wov = Overlapped::new(POLLED);
+        ready();
+        for i in 0..warmup(iters) + iters {
+            let v = (i % 255) as u8 + 1;
+            spin_until(self.yielding, || self.seen(size) == v);
+            self.mark(size, v);
+            self.rdma(size, true, &wov)?;
+            self.wait(&wov)?;
+        }
+        Ok(())
+    }
+
+    /// RDMA read of the peer's buffer; full round trip per sample.
+    pub fn read_lat(&self, size: usize, iters: usize) -> Res<Lat> {
+        pin(self.core);
+        let ov = Overlapped::new(POLLED);
+        let mut samples = Vec::with_capacity(iters);
+        for i in 0..warmup(iters) + iters {
+            let t0 = Instant::now();
+            self.rdma(size, false, &ov)?;
+            self.wait(&ov)?;
+            if i >= warmup(iters) {
                 samples.push(t0.elapsed().as_nanos() as f64);
             }
         }
         Ok(Lat::new(samples))
     }
 
-    /// Streaming sends with a window; the receiver keeps a window posted.
-    pub fn send_bw(&self, size: usize, msgs: usize) -> Res<Bw> {
-        std::thread::scope(|sc| {
-            let server = sc.spawn(|| -> Res<()> {
-                pin(self.cores.map(|c| c.1));
-                let ovs: Vec<Overlapped> = (0..WINDOW).map(|_| Overlapped::new(POLLED)).collect();
-                let mut posted = 0;
-                for ov in &ovs {
-                    if posted < msgs {
-                        self.recv(&self.s, size, ov)?;
-                        posted += 1;
-                    }
-                }
-                for i in 0..msgs {
-                    let ov = &ovs[i % WINDOW];
-                    self.wait(&self.s, ov)?;
-                    if posted < msgs {
-                        self.recv(&self.s, size, ov)?;
-                        posted += 1;
-                    }
-                }
-                Ok(())
-            });
-            pin(self.cores.map(|c| c.0));
-            let t0 = Instant::now();
-            self.window(msgs, |ov| self.send(&self.c, size, ov))?;
-            server.join().expect("server thread")?;
-            Ok(Bw {
-                bytes: (size * msgs) as u64,
-                msgs: msgs as u64,
-                secs: t0.elapsed().as_secs_f64(),
-            })
-        })
+    /// The receiving half of send_bw: keeps a window of receives posted
+    /// until `msgs` arrived; `ready` runs once the first window is posted.
+    pub fn serve_send_bw(&self, size: usize, msgs: usize, ready: impl FnOnce()) -> Res<()> {
+        pin(self.core);
+        let ovs: Vec<Overlapped> = (0..WINDOW).map(|_| Overlapped::new(POLLED)).collect();
+        let mut posted = 0;
+        for ov in &ovs {
+            if posted < msgs {
+                self.recv(size, ov)?;
+                posted += 1;
+            }
+        }
+        ready();
+        for i in 0..msgs {
+            let ov = &ovs[i % WINDOW];
+            self.wait(ov)?;
+            if posted < msgs {
+                self.recv(size, ov)?;
+                posted += 1;
+            }
+        }
+        Ok(())
     }
 
-    pub fn write_bw(&self, size: usize, msgs: usize) -> Res<Bw> {
-        pin(self.cores.map(|c| c.0));
+    /// Sends `msgs` messages with `WINDOW` outstanding (pinned by the
+    /// caller).
+    pub fn send_window(&self, size: usize, msgs: usize) -> Res<()> {
+        self.window(msgs, |ov| self.send(size, ov))
+    }
+
+    /// RDMA writes (or reads) of the peer's buffer with `WINDOW`
+    /// outstanding; timed until the last completed.
+    pub fn rdma_bw(&self, size: usize, msgs: usize, write: bool) -> Res<Bw> {
+        pin(self.core);
         let t0 = Instant::now();
-        self.window(msgs, |ov| self.rdma(&self.c, &self.s, size, true, ov))?;
-        Ok(Bw {
-            bytes: (size * msgs) as u64,
-            msgs: msgs as u64,
-            secs: t0.elapsed().as_secs_f64(),
-        })
+        self.window(msgs, |ov| self.rdma(size, write, ov))?;
+        Ok(bw(size, msgs, t0))
     }
 
-    pub fn read_bw(&self, size: usize, msgs: usize) -> Res<Bw> {
-        pin(self.cores.map(|c| c.0));
-        let t0 = Instant::now();
-        self.window(msgs, |ov| self.rdma(&self.c, &self.s, size, false, ov))?;
-        Ok(Bw {
-            bytes: (size * msgs) as u64,
-            msgs: msgs as u64,
-            secs: t0.elapsed().as_secs_f64(),
-        })
-    }
-
-    /// Keeps `WINDOW` ops of the client outstanding until `msgs` completed.
+    /// Keeps `WINDOW` ops outstanding until `msgs` completed.
     fn window(&self, msgs: usize, post: impl Fn(&Overlapped) -> Res<()>) -> Res<()> {
         let ovs: Vec<Overlapped> = (0..WINDOW).map(|_| Overlapped::new(POLLED)).collect();
         let mut posted = 0;
@@ -348,7 +472,7 @@ impl Bench {
         }
         for i in 0..msgs {
             let ov = &ovs[i % WINDOW];
-            self.wait(&self.c, ov)?;
+            self.wait(ov)?;
             if posted < msgs {
                 post(ov)?;
                 posted += 1;
@@ -356,30 +480,6 @@ impl Bench {
         }
         Ok(())
     }
-}
-
-fn side(p: &Provider, sock: ProviderSocket) -> Result<Side, String> {
-    let e = |e: WsaError| e.to_string();
-    let local = Region::new(2 * MAX, MlockPolicy::Off).map_err(|e| e.to_string())?;
-    let exposed = Region::new(MAX, MlockPolicy::Off).map_err(|e| e.to_string())?;
-    let mut desc = vec![0u8; RDMA_DESCRIPTOR_LEN];
-    // SAFETY: both regions live in the Bench until the provider is cleaned
-    // up (Drop), which closes the sockets first.
-    let handle = unsafe {
-        let h = p
-            .register_memory(sock, local.as_ptr(), (2 * MAX) as u32, MEM_READWRITE)
-            .map_err(e)?;
-        p.register_rdma_memory(sock, exposed.as_ptr(), MAX as u32, MEM_READWRITE, &mut desc)
-            .map_err(e)?;
-        h
-    };
-    Ok(Side {
-        sock,
-        local,
-        handle,
-        exposed,
-        desc,
-    })
 }
 
 impl Drop for Bench {

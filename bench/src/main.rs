@@ -1,15 +1,18 @@
 //! sanbench: perftest-style benchmarks of the sanpath engine on the embedded
 //! soft fabric, each printed beside the baselines measured in the same run
-//! (cache-line ping-pong, memcpy, TCP loopback) as ratios.
+//! (cache-line ping-pong, memcpy, TCP loopback) as ratios; or, as perftest,
+//! between two processes (`sanbench --server`, `sanbench HOST`).
 
 mod baseline;
 mod engine;
 mod plot;
+mod remote;
 mod stats;
 mod stream;
 
 use baseline::Cores;
 use clap::{Parser, ValueEnum};
+use sanpath::config::FabricKind;
 use serde_json::{json, Value};
 use stats::{Bw, Lat};
 use std::io::Write;
@@ -18,7 +21,7 @@ use std::time::{Duration, Instant};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 #[value(rename_all = "snake_case")]
-enum Test {
+pub enum Test {
     SendLat,
     WriteLat,
     ReadLat,
@@ -27,12 +30,6 @@ enum Test {
     ReadBw,
     StreamLat,
     StreamBw,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum Fabric {
-    Soft,
-    Verbs,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -49,11 +46,21 @@ pub enum Mode {
 #[derive(Parser, Debug)]
 #[command(name = "sanbench", version)]
 struct Cli {
-    /// Tests to run (default: send_lat write_lat read_lat send_bw write_bw
-    /// read_bw; stream_lat and stream_bw, over the reference switch's
-    /// streams, run when named).
-    #[arg(value_enum)]
-    tests: Vec<Test>,
+    /// Tests to run: send_lat write_lat read_lat send_bw write_bw read_bw
+    /// (the default), stream_lat stream_bw (over the reference switch's
+    /// streams, when named); and a HOST: run them against `sanbench
+    /// --server` there (the data over --fabric, which must not be soft).
+    #[arg(value_name = "TEST|HOST")]
+    args: Vec<String>,
+    /// Serve the tests a `sanbench HOST` client asks for, then exit.
+    #[arg(long)]
+    server: bool,
+    /// With --server: serve client after client until killed.
+    #[arg(long, requires = "server")]
+    persistent: bool,
+    /// Control port (TCP) of the server.
+    #[arg(short = 'p', long, default_value_t = remote::DEFAULT_PORT)]
+    port: u16,
     /// Message size in bytes (default: 8 B for latency, 1 MiB for
     /// bandwidth); a list runs each test at each size, e.g. `-s 8,4096`.
     #[arg(short = 's', long, value_delimiter = ',')]
@@ -67,9 +74,17 @@ struct Cli {
     /// Run each test for about this many seconds instead of a fixed count.
     #[arg(short = 'D', long)]
     duration: Option<f64>,
-    /// Fabric (verbs needs the `verbs` cargo feature).
-    #[arg(long, value_enum, default_value = "soft")]
-    fabric: Fabric,
+    /// Fabric, as the engine config's `fabric.kind` names it: soft
+    /// (in-process), verbs (needs the `verbs` cargo feature).
+    #[arg(long, default_value = "soft", value_parser = parse_fabric)]
+    fabric: FabricKind,
+    /// RDMA device for --fabric verbs (`rxe0`, `mlx5_0`; default: the first
+    /// with an active port).
+    #[arg(short = 'd', long = "ib-dev")]
+    ib_dev: Option<String>,
+    /// Port of the RDMA device (default 1).
+    #[arg(short = 'i', long = "ib-port")]
+    ib_port: Option<u8>,
     /// Progress mode (engine `poller.mode`): rtc = run_to_completion.
     #[arg(long, value_enum, default_value = "rtc")]
     mode: Mode,
@@ -95,6 +110,11 @@ struct Cli {
     quick: bool,
 }
 
+/// A fabric kind by its config name: every kind the engine knows.
+fn parse_fabric(s: &str) -> Result<FabricKind, String> {
+    serde_json::from_value(Value::String(s.into())).map_err(|_| format!("unknown fabric {s:?}"))
+}
+
 fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(&cli) {
@@ -111,14 +131,22 @@ const BW_ROUNDS: usize = 3;
 /// all rounds make each distribution.
 const LAT_ROUNDS: usize = 5;
 
+/// Where the tests run: both sides in this process, or against a server.
+enum Target {
+    Local {
+        bench: engine::Bench,
+        /// The stream pair (made at the first stream test) and the engine
+        /// config it is made from.
+        stream: Option<stream::StreamBench>,
+        stream_config: sanpath::Config,
+    },
+    Remote(remote::Client),
+}
+
 /// What the run measures and where it goes.
 struct Runner<'a> {
     cli: &'a Cli,
-    bench: engine::Bench,
-    /// The stream pair (made at the first stream test) and the engine
-    /// config it is made from.
-    stream: Option<stream::StreamBench>,
-    stream_config: sanpath::Config,
+    target: Target,
     cores: Cores,
     mode: &'static str,
     lat_iters: usize,
@@ -148,7 +176,7 @@ fn run(cli: &Cli) -> Result<(), String> {
         Some(p) => sanpath::Config::load(p).map_err(|e| format!("{}: {e}", p.display()))?,
         None => sanpath::Config::default(),
     };
-    if cli.fabric == Fabric::Verbs {
+    if cli.fabric == FabricKind::Verbs {
         if !cfg!(feature = "verbs") {
             return Err(
                 "--fabric verbs: not built in: this sanbench was built without the \
@@ -157,10 +185,15 @@ fn run(cli: &Cli) -> Result<(), String> {
                     .into(),
             );
         }
-        config.fabric.kind = sanpath::config::FabricKind::Verbs;
+    }
+    config.fabric.kind = cli.fabric;
+    if let Some(d) = &cli.ib_dev {
+        config.fabric.verbs.device = d.clone();
+    }
+    if let Some(p) = cli.ib_port {
+        config.fabric.verbs.port = p;
     }
     engine::tune(&mut config, cli.mode);
-    let stream_config = config.clone();
     let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cores: Cores = match cli.cores.as_slice() {
         [] if ncpu >= 2 => Some((0, 1)),
@@ -181,7 +214,28 @@ fn run(cli: &Cli) -> Result<(), String> {
             ));
         }
     }
-    let suite: Vec<Test> = if cli.tests.is_empty() {
+    let mut tests = Vec::new();
+    let mut host = None;
+    for a in &cli.args {
+        match Test::from_str(a, false) {
+            Ok(t) => tests.push(t),
+            Err(_) if host.is_none() && !cli.server => host = Some(a.as_str()),
+            Err(_) => {
+                return Err(format!(
+                    "{a:?} is not a test ({})",
+                    Test::value_variants()
+                        .iter()
+                        .map(|t| name(*t))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                ))
+            }
+        }
+    }
+    if cli.server {
+        return serve(cli, config, cores);
+    }
+    let suite: Vec<Test> = if tests.is_empty() {
         vec![
             Test::SendLat,
             Test::WriteLat,
@@ -191,19 +245,21 @@ fn run(cli: &Cli) -> Result<(), String> {
             Test::ReadBw,
         ]
     } else {
-        cli.tests.clone()
+        tests
     };
     let mode = match cli.mode {
         Mode::Rtc => "rtc",
         Mode::Threads => "threads",
     };
     let load = loadavg();
+    let fabric = remote::fabric_name(cli.fabric);
     println!(
-        "sanbench {}: {} fabric, poller mode {} ({}), {} cpus, sides on {}{}",
+        "sanbench {}: {} fabric{}, poller mode {} ({}), {} cpus, sides on {}{}",
         env!("CARGO_PKG_VERSION"),
-        match cli.fabric {
-            Fabric::Soft => "soft",
-            Fabric::Verbs => "verbs",
+        fabric,
+        match host {
+            Some(h) => format!(" to the server at {h}:{}", cli.port),
+            None => String::new(),
         },
         mode,
         match cli.mode {
@@ -211,9 +267,10 @@ fn run(cli: &Cli) -> Result<(), String> {
             Mode::Threads => "threads",
         },
         ncpu,
-        match cores {
-            Some((a, b)) => format!("cores {a},{b}"),
-            None => "no pinned cores".into(),
+        match (cores, host) {
+            (Some((a, _)), Some(_)) => format!("core {a} (client)"),
+            (Some((a, b)), None) => format!("cores {a},{b}"),
+            (None, _) => "no pinned cores".into(),
         },
         if cli.quick { ", quick" } else { "" }
     );
@@ -223,12 +280,17 @@ fn run(cli: &Cli) -> Result<(), String> {
              absolute figures are noisy, the same-run ratios less so"
         );
     }
-    let bench = engine::Bench::new(config.clone(), cores)?;
+    let target = match host {
+        Some(h) => Target::Remote(remote::Client::connect(h, cli.port, &config, cores)?),
+        None => Target::Local {
+            bench: engine::Bench::new(config.clone(), cores)?,
+            stream: None,
+            stream_config: config.clone(),
+        },
+    };
     let mut r = Runner {
         cli,
-        bench,
-        stream: None,
-        stream_config,
+        target,
         cores,
         mode,
         lat_iters: cli
@@ -259,8 +321,16 @@ fn run(cli: &Cli) -> Result<(), String> {
         };
         for size in sizes {
             progress(&format!("running {} {} ...", name(t), human(size)));
-            if is_stream(t) && r.stream.is_none() {
-                r.stream = Some(stream::StreamBench::new(r.stream_config.clone(), cores)?);
+            if is_stream(t) {
+                match &mut r.target {
+                    Target::Local {
+                        stream: s @ None,
+                        stream_config,
+                        ..
+                    } => *s = Some(stream::StreamBench::new(stream_config.clone(), cores)?),
+                    Target::Local { .. } => {}
+                    Target::Remote(c) => c.open_stream()?,
+                }
             }
             match t {
                 Test::SendLat | Test::WriteLat | Test::ReadLat | Test::StreamLat => {
@@ -274,24 +344,35 @@ fn run(cli: &Cli) -> Result<(), String> {
     }
     progress("");
     let elapsed = started.elapsed();
-    let stream_paths = r
-        .stream
-        .take()
-        .map(|s| (s.rdma_threshold(), s.path(usize::MAX)));
-    drop(r.bench);
+    let stream_paths = match &r.target {
+        Target::Local { stream, .. } => stream
+            .as_ref()
+            .map(|s| (s.rdma_threshold(), s.path(usize::MAX))),
+        Target::Remote(c) => c.stream_path(usize::MAX),
+    };
+    let remote = matches!(r.target, Target::Remote(_));
+    drop(r.target);
     if r.results.is_empty() {
         return Ok(());
     }
     println!();
     println!("latency: half round trip for send/write/stream, full for read (perftest); t_typ = median of raw samples (HdrHistogram).");
-    println!("  floor = cache-line ping-pong between the same two cores (x2 for read) plus one memcpy of the message,");
-    println!("  alternating with the test in {LAT_ROUNDS} rounds; tcp = the same ping-pong over 127.0.0.1 (TCP_NODELAY),");
-    println!("  best of three placements (same two cores, one core, unpinned).");
-    println!(
-        "bandwidth: MB/s = 10^6 B/s, window {} ops; memcpy = one copy between buffers of the message size;",
-        engine::WINDOW
-    );
-    println!("  median of {BW_ROUNDS} alternating rounds; tcp = one-way stream over 127.0.0.1, best of the same placements.");
+    if remote {
+        println!("  measured on the client, {LAT_ROUNDS} rounds; no floor or tcp baselines: they describe one host, not two.");
+        println!(
+            "bandwidth: MB/s = 10^6 B/s, window {} ops, median of {BW_ROUNDS} rounds, timed on the client.",
+            engine::WINDOW
+        );
+    } else {
+        println!("  floor = cache-line ping-pong between the same two cores (x2 for read) plus one memcpy of the message,");
+        println!("  alternating with the test in {LAT_ROUNDS} rounds; tcp = the same ping-pong over 127.0.0.1 (TCP_NODELAY),");
+        println!("  best of three placements (same two cores, one core, unpinned).");
+        println!(
+            "bandwidth: MB/s = 10^6 B/s, window {} ops; memcpy = one copy between buffers of the message size;",
+            engine::WINDOW
+        );
+        println!("  median of {BW_ROUNDS} alternating rounds; tcp = one-way stream over 127.0.0.1, best of the same placements.");
+    }
     if let Some((threshold, rdma)) = stream_paths {
         println!(
             "stream: a connected pair of sanpath::switch::Stream (blocking write_all/read_exact; stream_bw reads up to 1 MiB,"
@@ -337,7 +418,8 @@ fn run(cli: &Cli) -> Result<(), String> {
                 "loadavg_start": load,
                 "loadavg_end": loadavg(),
                 "sides_on_cores": cores.map(|(a, b)| [a, b]),
-                "fabric": match cli.fabric { Fabric::Soft => "soft", Fabric::Verbs => "verbs" },
+                "fabric": fabric,
+                "server": host.map(|h| format!("{h}:{}", cli.port)),
                 "mode": mode,
                 "quick": cli.quick,
                 "args": std::env::args().skip(1).collect::<Vec<_>>(),
@@ -411,11 +493,15 @@ impl Runner<'_> {
         let full = t == Test::ReadLat;
         let run = |n: usize| -> Result<Lat, String> {
             let err = |e: &dyn std::fmt::Display| format!("{} {}: {e}", name(t), human(size));
+            let bench = match &self.target {
+                Target::Remote(c) => return c.lat(t, size, n).map_err(|e| err(&e)),
+                Target::Local { bench, .. } => bench,
+            };
             match t {
-                Test::SendLat => self.bench.send_lat(size, n),
-                Test::WriteLat => self.bench.write_lat(size, n),
+                Test::SendLat => bench.send_lat(size, n),
+                Test::WriteLat => bench.write_lat(size, n),
                 Test::StreamLat => return self.stream().lat(size, n).map_err(|e| err(&e)),
-                _ => self.bench.read_lat(size, n),
+                _ => bench.read_lat(size, n),
             }
             .map_err(|e| err(&e))
         };
@@ -426,12 +512,69 @@ impl Runner<'_> {
         let cores = self.cores;
         let per = n.div_ceil(LAT_ROUNDS);
         let floor_per = per.min(40_000);
+        let remote = self.remote();
         let (mut lats, mut floors) = (Vec::new(), Vec::new());
         for _ in 0..LAT_ROUNDS {
-            floors.push(fresh(|| baseline::pingpong(cores, floor_per)));
+            if !remote {
+                floors.push(fresh(|| baseline::pingpong(cores, floor_per)));
+            }
             lats.push(fresh(|| run(per))?);
         }
         let lat = Lat::merge(&lats);
+        self.header(Kind::Lat);
+        let row = format!(
+            "{:<10} {:>7} {:<7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7}",
+            name(t),
+            human(size),
+            self.mode,
+            us(lat.min_ns()),
+            us(lat.median_ns()),
+            us(lat.p(99.0)),
+            us(lat.p(99.9)),
+            us(lat.max_ns()),
+            us(lat.stdev_ns()),
+        );
+        let mut result = json!({
+            "test": name(t), "size": size, "mode": self.mode, "iters": n,
+            "round_trip": if full { "full" } else { "half" },
+            "lat_ns": lat.json(),
+        });
+        if remote {
+            // Baselines of this host say nothing about a path to another.
+            println!("{row}  | {:<18} -", "-");
+        } else {
+            self.lat_baselines(t, size, &lat, &floors, &row, &mut result);
+        }
+        self.lat_notes(&lat);
+        if let Some(dir) = &self.cli.hgrm {
+            let path = dir.join(format!("{}_{}.hgrm", name(t), size));
+            std::fs::write(&path, lat.hgrm()).map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        // One curve per test and size; in a sweep (-a) only the smallest
+        // size's, or the chart would be unreadable.
+        if !self.cli.all || size == 2 {
+            self.curves.push((
+                format!("{} {}", name(t), human(size)),
+                lat.percentile_curve(),
+            ));
+        }
+        self.push_result(t, size, result);
+        Ok(())
+    }
+
+    /// The latency row's baselines (floor, TCP loopback) measured beside
+    /// the engine's rounds `lat`, printed after `row` and added to `result`.
+    fn lat_baselines(
+        &mut self,
+        t: Test,
+        size: usize,
+        lat: &Lat,
+        floors: &[Lat],
+        row: &str,
+        result: &mut Value,
+    ) {
+        let full = t == Test::ReadLat;
+        let cores = self.cores;
         // A one-copy transfer between two cores takes at least the line
         // handoff(s) plus one copy of the message: the copy is timed here
         // (memcpy between buffers of `size`), negligible for small messages.
@@ -444,7 +587,7 @@ impl Runner<'_> {
             });
             m.secs * 1e9 / m.msgs as f64
         };
-        let floor = Lat::merge(&floors)
+        let floor = Lat::merge(floors)
             .scaled(if full { 2.0 } else { 1.0 })
             .shifted(copy_ns);
         let tcp_iters = (self.lat_bytes / 16 / size.max(1)).clamp(100, self.lat_iters / 10);
@@ -454,20 +597,10 @@ impl Runner<'_> {
             .min_by(|a, b| a.1.median_ns().total_cmp(&b.1.median_ns()))
             .cloned()
             .expect("a TCP placement");
-        self.header(Kind::Lat);
         let ratio_floor = lat.median_ns() / floor.median_ns();
         let ratio_tcp = tcp.median_ns() / lat.median_ns();
         println!(
-            "{:<10} {:>7} {:<7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7}  | {:<18} {}",
-            name(t),
-            human(size),
-            self.mode,
-            us(lat.min_ns()),
-            us(lat.median_ns()),
-            us(lat.p(99.0)),
-            us(lat.p(99.9)),
-            us(lat.max_ns()),
-            us(lat.stdev_ns()),
+            "{row}  | {:<18} {}",
             format!("{} ({})", us(floor.median_ns()), times(ratio_floor)),
             if ratio_tcp >= 1.0 {
                 format!("{} ({} below)", us(tcp.median_ns()), times(ratio_tcp))
@@ -486,43 +619,38 @@ impl Runner<'_> {
                  read round trip can be cheaper than the cache-line floor of two core crossings",
             );
         }
+        let more = json!({
+            "floor_ns": floor.json(), "floor_copy_ns": copy_ns, "tcp_ns": tcp.json(),
+            "tcp_placement": tcp_where,
+            "tcp_by_placement_ns": tcp_all.iter().map(|(w, l)| (w.to_string(), l.json())).collect::<serde_json::Map<_, _>>(),
+            "ratio_floor": ratio_floor, "ratio_tcp": ratio_tcp,
+        });
+        if let (Some(r), Value::Object(more)) = (result.as_object_mut(), more) {
+            r.extend(more);
+        }
+    }
+
+    fn lat_notes(&mut self, lat: &Lat) {
         if lat.p(99.9) > 100.0 * lat.median_ns() {
             self.note(
                 "t_p99.9/t_max of milliseconds are scheduler preemptions of a spinning side \
                  (2 shared vCPUs), not engine stalls; compare t_typ",
             );
         }
-        if let Some(dir) = &self.cli.hgrm {
-            let path = dir.join(format!("{}_{}.hgrm", name(t), size));
-            std::fs::write(&path, lat.hgrm()).map_err(|e| format!("{}: {e}", path.display()))?;
-        }
-        // One curve per test and size; in a sweep (-a) only the smallest
-        // size's, or the chart would be unreadable.
-        if !self.cli.all || size == 2 {
-            self.curves.push((
-                format!("{} {}", name(t), human(size)),
-                lat.percentile_curve(),
-            ));
-        }
-        self.push_result(t, size, json!({
-            "test": name(t), "size": size, "mode": self.mode, "iters": n,
-            "round_trip": if full { "full" } else { "half" },
-            "lat_ns": lat.json(), "floor_ns": floor.json(), "floor_copy_ns": copy_ns, "tcp_ns": tcp.json(),
-            "tcp_placement": tcp_where,
-            "tcp_by_placement_ns": tcp_all.iter().map(|(w, l)| (w.to_string(), l.json())).collect::<serde_json::Map<_, _>>(),
-            "ratio_floor": ratio_floor, "ratio_tcp": ratio_tcp,
-        }));
-        Ok(())
     }
 
     fn bandwidth(&mut self, t: Test, size: usize) -> Result<(), String> {
         let run = |msgs: usize| -> Result<Bw, String> {
             let err = |e: &dyn std::fmt::Display| format!("{} {}: {e}", name(t), human(size));
+            let bench = match &self.target {
+                Target::Remote(c) => return c.bw(t, size, msgs).map_err(|e| err(&e)),
+                Target::Local { bench, .. } => bench,
+            };
             match t {
-                Test::SendBw => self.bench.send_bw(size, msgs),
-                Test::WriteBw => self.bench.write_bw(size, msgs),
+                Test::SendBw => bench.send_bw(size, msgs),
+                Test::WriteBw => bench.write_bw(size, msgs),
                 Test::StreamBw => return self.stream().bw(size, msgs).map_err(|e| err(&e)),
-                _ => self.bench.read_bw(size, msgs),
+                _ => bench.read_bw(size, msgs),
             }
             .map_err(|e| err(&e))
         };
@@ -540,15 +668,67 @@ impl Runner<'_> {
         let mut mem = Vec::new();
         for _ in 0..BW_ROUNDS {
             let b = run(per_round)?;
-            // memcpy for as long as the engine round took (at least 20 ms).
-            let cores = self.cores;
-            let m = fresh(|| {
-                baseline::pin(cores.map(|c| c.0));
-                baseline::memcpy_bw(size, Duration::from_secs_f64(b.secs.max(0.02)))
-            });
+            if !self.remote() {
+                // memcpy for as long as the engine round took (at least 20 ms).
+                let cores = self.cores;
+                mem.push(fresh(|| {
+                    baseline::pin(cores.map(|c| c.0));
+                    baseline::memcpy_bw(size, Duration::from_secs_f64(b.secs.max(0.02)))
+                }));
+            }
             eng.push(b);
-            mem.push(m);
         }
+        let mid = |v: &[Bw]| -> (f64, f64) {
+            let mut x: Vec<(f64, f64)> = v.iter().map(|b| (b.mb_s(), b.mmsg_s())).collect();
+            x.sort_by(|a, b| a.0.total_cmp(&b.0));
+            x[x.len() / 2]
+        };
+        let (mb, mmsg) = mid(&eng);
+        self.header(Kind::Bw);
+        let row = format!(
+            "{:<10} {:>7} {:<7} {:>10.0} {:>10.3}",
+            name(t),
+            human(size),
+            self.mode,
+            mb,
+            mmsg
+        );
+        let mut result = json!({
+            "test": name(t), "size": size, "mode": self.mode, "msgs": per_round * BW_ROUNDS,
+            "window": engine::WINDOW, "mb_s": mb, "mmsg_s": mmsg,
+        });
+        if self.remote() {
+            println!("{row}  | {:<24} -", "-");
+            result["rounds"] = eng
+                .iter()
+                .map(|e| json!({"mb_s": e.mb_s(), "msgs": e.msgs, "secs": e.secs}))
+                .collect();
+        } else {
+            self.bw_baselines(t, size, mb, &eng, &mem, &row, &mut result);
+        }
+        match self.bw_points.iter_mut().find(|(l, _)| l == name(t)) {
+            Some((_, pts)) => pts.push((size as f64, mb)),
+            None => self
+                .bw_points
+                .push((name(t).to_string(), vec![(size as f64, mb)])),
+        }
+        self.push_result(t, size, result);
+        Ok(())
+    }
+
+    /// The bandwidth row's baselines (memcpy in rounds `mem` beside the
+    /// engine's `eng`, TCP loopback), printed after `row`, added to `result`.
+    #[allow(clippy::too_many_arguments)]
+    fn bw_baselines(
+        &mut self,
+        t: Test,
+        size: usize,
+        mb: f64,
+        eng: &[Bw],
+        mem: &[Bw],
+        row: &str,
+        result: &mut Value,
+    ) {
         let tcp_time = Duration::from_millis(match (self.cli.quick, self.cli.all) {
             (true, _) => 100,
             (false, true) => 150,
@@ -559,23 +739,13 @@ impl Runner<'_> {
             .iter()
             .max_by(|a, b| a.1.mb_s().total_cmp(&b.1.mb_s()))
             .expect("a TCP placement");
-        let mid = |v: &[Bw]| -> (f64, f64) {
-            let mut x: Vec<(f64, f64)> = v.iter().map(|b| (b.mb_s(), b.mmsg_s())).collect();
-            x.sort_by(|a, b| a.0.total_cmp(&b.0));
-            x[x.len() / 2]
-        };
-        let (mb, mmsg) = mid(&eng);
-        let (mem_mb, _) = mid(&mem);
-        self.header(Kind::Bw);
+        let mut x: Vec<f64> = mem.iter().map(Bw::mb_s).collect();
+        x.sort_by(f64::total_cmp);
+        let mem_mb = x[x.len() / 2];
         let ratio_memcpy = mb / mem_mb;
         let ratio_tcp = mb / tcp.mb_s();
         println!(
-            "{:<10} {:>7} {:<7} {:>10.0} {:>10.3}  | {:<24} {:.0} ({})",
-            name(t),
-            human(size),
-            self.mode,
-            mb,
-            mmsg,
+            "{row}  | {:<24} {:.0} ({})",
             format!("{mem_mb:.0} ({})", times(ratio_memcpy)),
             tcp.mb_s(),
             times(ratio_tcp),
@@ -587,41 +757,45 @@ impl Runner<'_> {
                  the same buffers and their cache lines move between cores",
             );
         }
-        match self.bw_points.iter_mut().find(|(l, _)| l == name(t)) {
-            Some((_, pts)) => pts.push((size as f64, mb)),
-            None => self
-                .bw_points
-                .push((name(t).to_string(), vec![(size as f64, mb)])),
-        }
         let rounds: Vec<Value> = eng
             .iter()
-            .zip(&mem)
+            .zip(mem)
             .map(|(e, m)| json!({"mb_s": e.mb_s(), "msgs": e.msgs, "secs": e.secs, "memcpy_mb_s": m.mb_s()}))
             .collect();
-        self.push_result(t, size, json!({
-            "test": name(t), "size": size, "mode": self.mode, "msgs": per_round * BW_ROUNDS,
-            "window": engine::WINDOW,
-            "mb_s": mb, "mmsg_s": mmsg, "memcpy_mb_s": mem_mb, "tcp_mb_s": tcp.mb_s(),
+        let more = json!({
+            "memcpy_mb_s": mem_mb, "tcp_mb_s": tcp.mb_s(),
             "tcp_placement": tcp_where,
             "tcp_by_placement_mb_s": tcp_all.iter().map(|(w, b)| (w.to_string(), json!(b.mb_s()))).collect::<serde_json::Map<_, _>>(),
             "ratio_memcpy": ratio_memcpy, "ratio_tcp": ratio_tcp, "rounds": rounds,
-        }));
-        Ok(())
+        });
+        if let (Some(r), Value::Object(more)) = (result.as_object_mut(), more) {
+            r.extend(more);
+        }
     }
 
-    /// The stream pair (made before the first stream test runs).
+    /// The stream pair of a one-process run (made before its tests run).
     fn stream(&self) -> &stream::StreamBench {
-        self.stream
-            .as_ref()
-            .expect("stream pair made before its tests")
+        match &self.target {
+            Target::Local {
+                stream: Some(s), ..
+            } => s,
+            _ => unreachable!("a one-process stream test runs on its pair"),
+        }
+    }
+
+    fn remote(&self) -> bool {
+        matches!(self.target, Target::Remote(_))
     }
 
     /// Records a result; a stream test's with the path its sends took.
     fn push_result(&mut self, t: Test, size: usize, mut v: Value) {
         if is_stream(t) {
-            let s = self.stream();
-            v["path"] = json!(s.path(size));
-            v["rdma_threshold"] = json!(s.rdma_threshold());
+            let (threshold, path) = match &self.target {
+                Target::Local { .. } => (self.stream().rdma_threshold(), self.stream().path(size)),
+                Target::Remote(c) => c.stream_path(size).expect("stream opened before its tests"),
+            };
+            v["path"] = json!(path);
+            v["rdma_threshold"] = json!(threshold);
         }
         self.results.push(v);
     }
@@ -754,4 +928,23 @@ fn kernel() -> Option<String> {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .ok()
         .map(|s| s.trim().to_string())
+}
+
+/// `sanbench --server`: serves clients on the control port.
+fn serve(cli: &Cli, config: sanpath::Config, cores: Cores) -> Result<(), String> {
+    let listener = std::net::TcpListener::bind(("0.0.0.0", cli.port))
+        .map_err(|e| format!("control port {}: {e}", cli.port))?;
+    println!(
+        "sanbench {} server: {} fabric, control port {}{}",
+        env!("CARGO_PKG_VERSION"),
+        remote::fabric_name(config.fabric.kind),
+        cli.port,
+        if cli.persistent { ", persistent" } else { "" }
+    );
+    let opts = remote::ServerOpts {
+        config,
+        core: cores.map(|c| c.1),
+        hello_timeout: remote::HELLO_TIMEOUT,
+    };
+    remote::serve(&listener, &opts, cli.persistent)
 }

@@ -19,6 +19,12 @@ impl Lat {
         Lat { samples, hist }
     }
 
+    /// How many samples there are.
+    #[cfg(test)]
+    pub fn count(&self) -> usize {
+        self.samples.len()
+    }
+
     /// All samples of `parts` in one distribution.
     pub fn merge(parts: &[Lat]) -> Lat {
         Lat::new(
