@@ -932,6 +932,7 @@ fn kernel() -> Option<String> {
 
 /// `sanbench --server`: serves clients on the control port.
 fn serve(cli: &Cli, config: sanpath::Config, cores: Cores) -> Result<(), String> {
+    remote::check_fabric(&config)?;
     let listener = std::net::TcpListener::bind(("0.0.0.0", cli.port))
         .map_err(|e| format!("control port {}: {e}", cli.port))?;
     println!(

@@ -11,8 +11,9 @@
 //! the client asking (`op`) and the server answering `{"ok": true, ...}` or
 //! `{"ok": false, "error": "..."}` (after which it closes):
 //! - `{"op":"setup","fabric":F,"pid":P}`: the server starts a provider on
-//!   fabric F (which must be its own) and listens on its NIC; answers
-//!   `{"addr":"IP:PORT","pid":P}`, then accepts the client's data connection
+//!   fabric F (which must be its own; the soft fabric only when P, the
+//!   client's process id, is the server's) and listens on its NIC; answers
+//!   `{"addr":"IP:PORT"}`, then accepts the client's data connection
 //!   (within [`ACCEPT_TIMEOUT`]).
 //! - `{"op":"peer","desc":HEX}`: the client's exposed-buffer descriptor;
 //!   answered with the server's (`"desc":HEX`). Both sides can then RDMA.
@@ -119,6 +120,10 @@ impl Control {
                     self.peer,
                     timeout.as_secs()
                 ),
+                io::ErrorKind::ConnectionReset => format!(
+                    "{} closed the control connection (waiting for {what})",
+                    self.peer
+                ),
                 _ => format!("control connection to {}: {e}", self.peer),
             })?;
         if n == 0 {
@@ -217,6 +222,15 @@ pub struct ServerOpts {
     pub core: Option<usize>,
     /// How long to wait for a new client's greeting.
     pub hello_timeout: Duration,
+}
+
+/// Fails at once, with the engine's reason, when a provider on the
+/// server's fabric cannot start (no such device, no `verbs` feature):
+/// not only when the first client comes.
+pub fn check_fabric(config: &Config) -> Result<(), String> {
+    let p = engine::provider(side_config(config), false)?;
+    drop(Data { p, side: None });
+    Ok(())
 }
 
 /// Serves clients on `listener`: one session, or (`persistent`) every
@@ -358,6 +372,14 @@ impl Served<'_> {
         if self.data.is_some() {
             return Err("setup twice in one session".into());
         }
+        let me = u64::from(std::process::id());
+        if self.opts.config.fabric.kind == FabricKind::Soft && req["pid"].as_u64() != Some(me) {
+            return Err(
+                "--fabric soft connects only the providers of one process, and this server \
+                 is another process than the client (use --fabric verbs across processes)"
+                    .into(),
+            );
+        }
         let p = engine::provider(side_config(&self.opts.config), false)?;
         let data = self.data.insert(Data { p, side: None });
         let p = data.p.clone();
@@ -377,7 +399,7 @@ impl Served<'_> {
             .local_addr(l)
             .map_err(e("local address"))?
             .ok_or("data connection: the listener has no address")?;
-        ctl.send(json!({"ok": true, "addr": addr.to_string(), "pid": std::process::id()}))?;
+        ctl.send(json!({"ok": true, "addr": addr.to_string()}))?;
         if !ev.wait(ACCEPT_TIMEOUT) {
             return Err(format!(
                 "data connection: the client did not connect to {addr} within {} s",
@@ -515,15 +537,6 @@ impl Client {
         let fabric = fabric_name(config.fabric.kind);
         ctl.send(json!({"op": "setup", "fabric": fabric, "pid": std::process::id()}))?;
         let a = ctl.answer(IDLE_TIMEOUT, "setup answer")?;
-        if config.fabric.kind == FabricKind::Soft
-            && a["pid"].as_u64() != Some(std::process::id().into())
-        {
-            return Err(
-                "--fabric soft: the server is another process, and the soft fabric connects \
-                 only the providers of one process (use --fabric verbs across processes)"
-                    .into(),
-            );
-        }
         let addr: SocketAddrV4 = a["addr"]
             .as_str()
             .and_then(|s| s.parse().ok())
