@@ -175,7 +175,7 @@ impl Provider {
                 life: Mutex::new(Life::default()),
                 running: RwLock::new(None),
                 next_owner: AtomicU64::new(1),
-                next_port: AtomicU16::new(0),
+                next_port: AtomicU16::new(first_ephemeral()),
                 completed: Notifier::default(),
                 nic,
                 config,
@@ -890,6 +890,16 @@ fn connect_done(sock: &Socket, result: Result<Arc<dyn QueuePair>, ConnectError>)
         let _ = sock.qp.set(qp);
     });
     record_connect(&mut c, result.map_err(connect_error));
+}
+
+/// Where a new provider's ephemeral ports start (an offset into the
+/// dynamic range): spread by process and by provider, so that providers on
+/// one RDMA device (rdma_cm's port space is the host's), in two processes or
+/// in one, do not all bind 49152 for their first connect.
+fn first_ephemeral() -> u16 {
+    static PROVIDERS: AtomicU16 = AtomicU16::new(0);
+    let process = std::process::id().wrapping_mul(0x9E37_79B9) >> 18;
+    (process as u16).wrapping_add(PROVIDERS.fetch_add(1021, Ordering::Relaxed))
 }
 
 /// Connection-manager failure → the `FD_CONNECT` / `WSPConnect` code whose
