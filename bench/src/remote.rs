@@ -60,6 +60,9 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long either side waits for the other's next control line (a test
 /// runs between a request and its answer).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a client whose half of a test failed waits for the server's
+/// reason.
+const FAILED_PEER_WAIT: Duration = Duration::from_secs(5);
 /// How long the server waits for the data connection it announced.
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -645,12 +648,21 @@ impl Client {
             ctl.send(json!({"op": "run", "test": name(t), "size": size, "count": count}))?;
             ctl.answer(IDLE_TIMEOUT, "ready")?;
         }
-        let r = f(self);
-        // Our half failed: the server's fails too (the connection broke),
-        // and says why, or it is still waiting: the first error is ours.
-        let end = self.ctl().answer(IDLE_TIMEOUT, "end of the test");
-        let v = r?;
-        end?;
+        let v = match f(self) {
+            Ok(v) => v,
+            // Our half failed: either the server's failed first (it says
+            // why at once), or it is still waiting for us (it fails once
+            // this client drops the connection): do not wait long.
+            Err(e) => {
+                return Err(
+                    match self.ctl().answer(FAILED_PEER_WAIT, "end of the test") {
+                        Err(s) if s.starts_with("the server: ") => format!("{e} ({s})"),
+                        _ => e,
+                    },
+                )
+            }
+        };
+        self.ctl().answer(IDLE_TIMEOUT, "end of the test")?;
         Ok(v)
     }
 
@@ -827,6 +839,40 @@ mod tests {
         c.open_stream().expect("stream");
         drop(c);
         ended(&rx).expect("the real session ended well");
+    }
+
+    /// A setup the server cannot honour (another fabric; the soft fabric
+    /// from another process) is answered with a clear error.
+    #[test]
+    fn a_setup_on_another_fabric_or_process_is_refused() {
+        let me = std::process::id();
+        for (setup, expect) in [
+            (
+                json!({"op": "setup", "fabric": "verbs", "pid": me}),
+                "the client asks for fabric \"verbs\"; this server runs --fabric soft",
+            ),
+            (
+                json!({"op": "setup", "fabric": "soft", "pid": me + 1}),
+                "--fabric soft connects only the providers of one process",
+            ),
+        ] {
+            let (port, rx) = server(HELLO_TIMEOUT);
+            let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+            s.set_read_timeout(Some(BOUND)).expect("timeout");
+            s.write_all(format!("{GREETING} {VERSION}\n{setup}\n").as_bytes())
+                .expect("write");
+            let mut r = BufReader::new(s);
+            let mut hello = String::new();
+            r.read_line(&mut hello).expect("greeting");
+            assert_eq!(hello, format!("{GREETING} {VERSION} ok\n"));
+            let mut answer = String::new();
+            r.read_line(&mut answer).expect("answer");
+            let v: Value = serde_json::from_str(&answer).expect("JSON");
+            assert_eq!(v["ok"], json!(false), "{answer}");
+            let e = v["error"].as_str().expect("an error");
+            assert!(e.contains(expect), "{e}");
+            assert!(ended(&rx).expect_err("the session failed").contains(expect));
+        }
     }
 
     /// A client refuses a server of another version, or something that is
