@@ -89,7 +89,8 @@ struct Cli {
     #[arg(long, value_enum, default_value = "rtc")]
     mode: Mode,
     /// The cores of the two sides, e.g. `0,1` (default: 0,1 when there are
-    /// two or more; not pinned on one core).
+    /// two or more; not pinned on one core, nor in two processes, where the
+    /// client takes the first and the server the last).
     #[arg(long, value_delimiter = ',')]
     cores: Vec<usize>,
     /// Engine config file (TOML), applied before the benchmark's own settings.
@@ -176,15 +177,13 @@ fn run(cli: &Cli) -> Result<(), String> {
         Some(p) => sanpath::Config::load(p).map_err(|e| format!("{}: {e}", p.display()))?,
         None => sanpath::Config::default(),
     };
-    if cli.fabric == FabricKind::Verbs {
-        if !cfg!(feature = "verbs") {
-            return Err(
-                "--fabric verbs: not built in: this sanbench was built without the \
-                        `verbs` cargo feature (cargo run --release -p sanpath-bench --features \
-                        verbs; needs libibverbs-dev librdmacm-dev libclang-dev and an RDMA device)"
-                    .into(),
-            );
-        }
+    if cli.fabric == FabricKind::Verbs && !cfg!(feature = "verbs") {
+        return Err(
+            "--fabric verbs: not built in: this sanbench was built without the \
+                    `verbs` cargo feature (cargo run --release -p sanpath-bench --features \
+                    verbs; needs libibverbs-dev librdmacm-dev libclang-dev and an RDMA device)"
+                .into(),
+        );
     }
     config.fabric.kind = cli.fabric;
     if let Some(d) = &cli.ib_dev {
@@ -195,8 +194,11 @@ fn run(cli: &Cli) -> Result<(), String> {
     }
     engine::tune(&mut config, cli.mode);
     let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Two processes: each pins its side only when told (as perftest; the
+    // client takes the first core given, the server the last).
+    let two_processes = cli.server || cli.args.iter().any(|a| Test::from_str(a, false).is_err());
     let cores: Cores = match cli.cores.as_slice() {
-        [] if ncpu >= 2 => Some((0, 1)),
+        [] if ncpu >= 2 && !two_processes => Some((0, 1)),
         [] => None,
         [a] => Some((*a, *a)),
         [a, b] => Some((*a, *b)),

@@ -66,13 +66,15 @@ const FAILED_PEER_WAIT: Duration = Duration::from_secs(5);
 /// How long the server waits for the data connection it announced.
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A soft NIC address of its own for each provider of this process: the
-/// soft fabric's process-wide network joins a server and a client that run
-/// as threads of one process (tests).
-fn next_soft_ip() -> Ipv4Addr {
+/// A NIC address for a provider of a soft-network fabric (the soft one's
+/// process-wide network, which joins a server and a client that run as
+/// threads of one process, as the tests do; or a host-wide one, whose
+/// processes each own their addresses): servers take 198.18.251.1-127,
+/// clients .128-254, spread by process and distinct within one.
+fn next_soft_ip(server: bool) -> Ipv4Addr {
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed) % 254;
-    Ipv4Addr::new(198, 18, 251, 1 + n as u8)
+    let n = (std::process::id() + NEXT.fetch_add(1, Ordering::Relaxed)) % 127;
+    Ipv4Addr::new(198, 18, 251, if server { 1 } else { 128 } + n as u8)
 }
 
 /// The fabric's name as the config spells it (`soft`, `verbs`, ...).
@@ -85,9 +87,9 @@ pub fn fabric_name(kind: FabricKind) -> String {
 
 /// One side's engine config: the process's, with a soft NIC address of its
 /// own.
-fn side_config(config: &Config) -> Config {
+fn side_config(config: &Config, server: bool) -> Config {
     let mut c = config.clone();
-    c.fabric.soft.addresses = vec![next_soft_ip()];
+    c.fabric.soft.addresses = vec![next_soft_ip(server)];
     c
 }
 
@@ -231,7 +233,7 @@ pub struct ServerOpts {
 /// server's fabric cannot start (no such device, no `verbs` feature):
 /// not only when the first client comes.
 pub fn check_fabric(config: &Config) -> Result<(), String> {
-    let p = engine::provider(side_config(config), false)?;
+    let p = engine::provider(side_config(config, true), false)?;
     drop(Data { p, side: None });
     Ok(())
 }
@@ -383,7 +385,7 @@ impl Served<'_> {
                     .into(),
             );
         }
-        let p = engine::provider(side_config(&self.opts.config), false)?;
+        let p = engine::provider(side_config(&self.opts.config, true), false)?;
         let data = self.data.insert(Data { p, side: None });
         let p = data.p.clone();
         let ip = Self::listen_ip(&p, ctl)?;
@@ -422,7 +424,7 @@ impl Served<'_> {
         if self.streams.is_some() {
             return Err("a second stream pair in one session".into());
         }
-        let rt = stream::runtime(side_config(&self.opts.config), false)?;
+        let rt = stream::runtime(side_config(&self.opts.config, true), false)?;
         let ip = Self::listen_ip(rt.provider(), ctl)?;
         let l = Listener::bind(&rt, SocketAddrV4::new(ip, 0))
             .map_err(|e| format!("stream listener: {e}"))?;
@@ -544,7 +546,7 @@ impl Client {
             .as_str()
             .and_then(|s| s.parse().ok())
             .ok_or("the server: a malformed data address")?;
-        let p = engine::provider(side_config(config), false)?;
+        let p = engine::provider(side_config(config, false), false)?;
         let mut data = Data { p, side: None };
         let p = data.p.clone();
         let e = |what: &'static str| {
@@ -603,7 +605,7 @@ impl Client {
         if self.stream.is_some() {
             return Ok(());
         }
-        let rt = stream::runtime(side_config(&self.config), false)?;
+        let rt = stream::runtime(side_config(&self.config, false), false)?;
         let mut ctl = self.ctl();
         ctl.send(json!({"op": "stream"}))?;
         let a = ctl.answer(IDLE_TIMEOUT, "stream answer")?;
@@ -744,6 +746,18 @@ mod tests {
         (port, rx)
     }
 
+    /// Runs `f` in a thread and fails the test if it takes longer than
+    /// `BOUND` (a data-path wait has no timeout of its own: a server that
+    /// did not serve its half would block the client forever).
+    fn bounded<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(BOUND)
+            .expect("the client finished within its bound")
+    }
+
     fn ended(rx: &mpsc::Receiver<Result<(), String>>) -> Result<(), String> {
         rx.recv_timeout(BOUND)
             .expect("the server thread ended within its bound")
@@ -768,6 +782,11 @@ mod tests {
     #[test]
     fn two_sides_run_every_test_over_the_soft_fabric() {
         let (port, rx) = server(HELLO_TIMEOUT);
+        bounded(move || every_test(port));
+        ended(&rx).expect("the server's session ended well");
+    }
+
+    fn every_test(port: u16) {
         let mut c = Client::connect("127.0.0.1", port, &config(), None).expect("client");
         for t in [Test::SendLat, Test::WriteLat, Test::ReadLat] {
             for size in [8, 4096] {
@@ -791,8 +810,6 @@ mod tests {
         let bw = c.bw(Test::StreamBw, 100_000, 20).expect("stream_bw");
         assert_eq!(bw.bytes, 2_000_000);
         assert!(c.stream_path(64).is_some());
-        drop(c);
-        ended(&rx).expect("the server's session ended well");
     }
 
     /// A request the server cannot serve (an oversized message) gets a
@@ -834,10 +851,11 @@ mod tests {
         let a = raw(port, b"");
         assert_eq!(a, "", "a silent client: closed");
         assert!(t0.elapsed() >= hello && t0.elapsed() < BOUND);
-        let mut c = Client::connect("127.0.0.1", port, &config(), None).expect("client");
-        assert_eq!(c.lat(Test::SendLat, 8, 10).expect("send_lat").count(), 10);
-        c.open_stream().expect("stream");
-        drop(c);
+        bounded(move || {
+            let mut c = Client::connect("127.0.0.1", port, &config(), None).expect("client");
+            assert_eq!(c.lat(Test::SendLat, 8, 10).expect("send_lat").count(), 10);
+            c.open_stream().expect("stream");
+        });
         ended(&rx).expect("the real session ended well");
     }
 
