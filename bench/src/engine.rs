@@ -14,7 +14,7 @@ use sanpath::testkit::{self, CompletingSwitch};
 use sanpath::{Config, WsaError};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Largest message (the -a sweep goes to 8 MiB).
 pub const MAX: usize = 8 << 20;
@@ -83,18 +83,31 @@ fn pin(core: Option<usize>) {
     }
 }
 
+/// How long a side polling memory waits for its peer's write before it
+/// gives up: a peer that died or stopped makes no completion to fail on.
+const PEER_SILENCE: Duration = Duration::from_secs(10);
+
 /// Spins on a condition; if `yielding`, gives the core away after a short
-/// spin (threads mode: a poller thread needs the core too).
-fn spin_until(yielding: bool, mut done: impl FnMut() -> bool) {
+/// spin (threads mode: a poller thread needs the core too). Fails with
+/// `WSAETIMEDOUT` after `PEER_SILENCE` (the clock is read every 4096 spins).
+fn spin_until(yielding: bool, mut done: impl FnMut() -> bool) -> Res<()> {
     let mut n = 0u32;
+    let mut since: Option<Instant> = None;
     while !done() {
         n = n.wrapping_add(1);
+        if n % 4096 == 0 {
+            let t0 = *since.get_or_insert_with(Instant::now);
+            if t0.elapsed() > PEER_SILENCE {
+                return Err(WsaError::WSAETIMEDOUT);
+            }
+        }
         if yielding && n > 256 {
             std::thread::yield_now();
         } else {
             std::hint::spin_loop();
         }
     }
+    Ok(())
 }
 
 pub type Res<T> = Result<T, WsaError>;
@@ -379,7 +392,7 @@ impl Side {
             self.rdma(size, true, &wov)?;
             // Memory only, as perftest: the write's own completion is
             // reaped after the sample.
-            spin_until(self.yielding, || self.seen(size) == v);
+            spin_until(self.yielding, || self.seen(size) == v)?;
             let ns = t0.elapsed().as_nanos() as f64 / 2.0;
             self.wait(&wov)?;
             if i >= warmup(iters) {
@@ -397,7 +410,7 @@ impl Side {
         ready();
         for i in 0..warmup(iters) + iters {
             let v = (i % 255) as u8 + 1;
-            spin_until(self.yielding, || self.seen(size) == v);
+            spin_until(self.yielding, || self.seen(size) == v)?;
             self.mark(size, v);
             self.rdma(size, true, &wov)?;
             self.wait(&wov)?;

@@ -827,6 +827,25 @@ mod tests {
         assert!(e.contains("size"), "{e}");
     }
 
+    /// A client that asks for a write ping-pong and then does not write
+    /// (it died, or hangs): the server's memory poll gives up after its
+    /// bound instead of spinning forever, and says so.
+    #[test]
+    fn a_silent_peer_in_a_write_ping_pong_fails_the_server_in_bounded_time() {
+        let (port, rx) = server(HELLO_TIMEOUT);
+        let e = bounded(move || {
+            let c = Client::connect("127.0.0.1", port, &config(), None).expect("client");
+            c.run(Test::WriteLat, 8, 100, |_| Ok(()))
+                .expect_err("the server's half fails")
+        });
+        assert!(
+            e.contains("write_lat 8 B") && e.contains("WSAETIMEDOUT"),
+            "{e}"
+        );
+        let e = ended(&rx).expect_err("the session failed");
+        assert!(e.contains("WSAETIMEDOUT"), "{e}");
+    }
+
     /// Garbage, another protocol version, an endless line and a silent
     /// client each get a clear error (or are dropped in time); the server
     /// neither crashes nor hangs, and serves the real client after them.
