@@ -1,7 +1,8 @@
 //! `WSAEVENT` on Linux: a manual-reset event (spec §0). Set stays set until
 //! reset; `wait` returns at once while it is set.
 
-use std::sync::{Condvar, Mutex, PoisonError};
+use crate::fabric::Waker;
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 /// A manual-reset event, shared as `Arc<Event>`.
@@ -12,6 +13,18 @@ pub struct Event {
     state: Mutex<EventState>,
     /// Notified (all waiters) on every `set`.
     cond: Condvar,
+    /// Also woken by every `set`, after the waiters, if one was given
+    /// (`Event::wake_on_set`): a readiness fd that mirrors the event.
+    also: OnceLock<Also>,
+}
+
+/// The waker an event also wakes.
+struct Also(Arc<dyn Waker>);
+
+impl std::fmt::Debug for Also {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Also(..)")
+    }
 }
 
 #[derive(Debug, Default)]
@@ -33,6 +46,16 @@ impl Event {
         s.set_count += 1;
         drop(s);
         self.cond.notify_all();
+        if let Some(Also(w)) = self.also.get() {
+            w.wake();
+        }
+    }
+
+    /// Makes every later `set` also wake `waker` (once per `set`, on the
+    /// thread that sets, with no lock held). Only the first call counts;
+    /// returns whether it did.
+    pub fn wake_on_set(&self, waker: Arc<dyn Waker>) -> bool {
+        self.also.set(Also(waker)).is_ok()
     }
 
     /// Returns the event to the non-signalled state.

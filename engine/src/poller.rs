@@ -340,6 +340,37 @@ impl Sleep for Notifier {
     }
 }
 
+/// The waker of a run-to-completion CQ: the front end's (the upcall helper
+/// and the threads waiting in the front end), and the one-shot waker of
+/// [`Progress::arm_once`], if one was asked for.
+struct CqWake {
+    front: Arc<dyn Waker>,
+    /// Taken by the next wake; set by `arm_once`.
+    once: Mutex<Option<Arc<dyn Waker>>>,
+    /// Set by `arm_once` before it arms the CQ, cleared by the wake that
+    /// takes `once`: while set, the CQ is armed or its wake is under way,
+    /// so `arm_once` need not arm it again. A wake takes the lock of
+    /// `once` only when it is set: nothing is added to wakes nobody asked a
+    /// one-shot waker for.
+    armed_once: AtomicBool,
+}
+
+impl Waker for CqWake {
+    fn wake(&self) {
+        self.front.wake();
+        if self.armed_once.swap(false, Ordering::SeqCst) {
+            let once = self
+                .once
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
+            if let Some(w) = once {
+                w.wake();
+            }
+        }
+    }
+}
+
 struct PollerThread {
     waker: Arc<ParkWaker>,
     handle: Option<JoinHandle<()>>,
@@ -358,6 +389,8 @@ pub struct Progress {
     /// consumer). Padded: the threads spinning on different CQs each
     /// try-lock their own, and must not bounce one line between them.
     rtc_reapers: Vec<CachePadded<SpinLock<()>>>,
+    /// Run-to-completion mode: each CQ's waker (empty in threads mode).
+    wakes: Vec<Arc<CqWake>>,
     stop: Arc<AtomicBool>,
     /// Next CQ to hand out (round robin).
     next_cq: AtomicUsize,
@@ -378,10 +411,17 @@ impl Progress {
         let mut cqs = Vec::with_capacity(pc.count);
         let mut pollers = Vec::new();
         let mut consumers = Vec::new();
+        let mut wakes = Vec::new();
         for i in 0..pc.count {
             match pc.mode {
                 PollerMode::RunToCompletion => {
-                    cqs.push(nic.create_cq(config.qp.cq_depth, front.clone())?);
+                    let wake = Arc::new(CqWake {
+                        front: front.clone(),
+                        once: Mutex::new(None),
+                        armed_once: AtomicBool::new(false),
+                    });
+                    cqs.push(nic.create_cq(config.qp.cq_depth, wake.clone())?);
+                    wakes.push(wake);
                 }
                 PollerMode::Threads => {
                     let waker = Arc::new(ParkWaker::default());
@@ -419,6 +459,7 @@ impl Progress {
             pollers: Mutex::new(pollers),
             consumers: Mutex::new(consumers),
             rtc_reapers,
+            wakes,
             stop,
             next_cq: AtomicUsize::new(0),
         })
@@ -512,6 +553,24 @@ impl Progress {
                 ready
             }
         }
+    }
+
+    /// Run-to-completion mode: asks for one wake of `waker` by the next
+    /// completion of CQ `index` (whichever queue pair it is for), beside the
+    /// front end's; one such waker per CQ, a later one replaces it. Returns
+    /// true if completions are waiting already (poll rather than sleep; the
+    /// request stays). While an earlier request has not been woken yet, the
+    /// CQ is still armed and this only swaps the waker. Threads mode: the
+    /// pollers reap every completion, there is nothing to arm: false.
+    pub fn arm_once(&self, index: usize, waker: &Arc<dyn Waker>) -> bool {
+        let (Some(wake), Some(cq)) = (self.wakes.get(index), self.cqs.get(index)) else {
+            return false;
+        };
+        *wake.once.lock().unwrap_or_else(PoisonError::into_inner) = Some(waker.clone());
+        if wake.armed_once.swap(true, Ordering::SeqCst) {
+            return false;
+        }
+        cq.arm()
     }
 
     /// Stops and joins the poller threads. Idempotent.

@@ -16,7 +16,7 @@ use super::socket::Socket;
 use super::{lock, Inner, Overlapped, Provider, ProviderSocket, Running};
 use crate::config::PollerMode;
 use crate::error::{WsaError, WsaResult};
-use crate::fabric::{WcStatus, WorkCompletion};
+use crate::fabric::{Waker, WcStatus, WorkCompletion};
 use crate::poller::{IdleLoop, Idled};
 use std::cell::Cell;
 use std::sync::atomic::Ordering;
@@ -108,6 +108,24 @@ impl Provider {
             Ok(sock) => self.inner.progress(&sock.run, sock.cq_index()),
             Err(_) => 0,
         }
+    }
+
+    /// Run-to-completion mode: asks for one wake of `waker` by the next
+    /// completion queued on socket `s`'s completion queue, so that a
+    /// program that waits for several sockets outside the provider (epoll)
+    /// learns when to make progress with [`Provider::progress_socket`]. The
+    /// CQ may serve other sockets too: any of their completions wakes it.
+    /// One such waker per CQ (a later call replaces it); the waker runs on
+    /// the thread that completes the request, must not call the provider,
+    /// and is woken once per arm. Returns true if completions are waiting
+    /// already (poll them instead; the arm stays). Threads mode: `false`,
+    /// nothing to arm (the dispatcher reports every completion).
+    pub fn arm_socket(&self, s: ProviderSocket, waker: &Arc<dyn Waker>) -> WsaResult<bool> {
+        let sock = self.inner.pin(s)?;
+        Ok(match sock.cq_index() {
+            Some(i) => sock.run.progress.arm_once(i, waker),
+            None => false,
+        })
     }
 }
 

@@ -25,6 +25,7 @@
 
 use super::io::{AppBuf, OvKind, Wire};
 use super::proto::{self, Action, CancelOutcome, Connection, OpId, Role};
+use super::ready::{self, Readiness};
 use crate::config::PollerMode;
 use crate::error::WsaError;
 use crate::poller::Notifier;
@@ -33,7 +34,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddrV4;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, TryLockError};
 use std::time::{Duration, Instant};
 
 /// RDMA ops a connection may have in flight.
@@ -116,6 +117,9 @@ pub(super) struct Conn {
     /// The provider runs to completion: a sleeper may not be woken by a
     /// completion, so sleeps are bounded naps (see [`Conn::wait_until`]).
     rtc: bool,
+    /// The stream's readiness fd, once asked for (`super::ready`): written
+    /// by whoever feeds an event to an operation that waits for it.
+    pub(super) ready: OnceLock<Arc<Readiness>>,
     pub(super) local: SocketAddrV4,
     pub(super) peer: SocketAddrV4,
 }
@@ -138,6 +142,15 @@ pub(super) struct State {
     pub(super) wake: bool,
     /// A close waits for quiescence: every completion is worth a wake.
     pub(super) watch_all: bool,
+    /// Readiness: the operations (`ready::READ`, `ready::WRITE`) whose last
+    /// non-blocking try failed with `WouldBlock`; set by the try (before the
+    /// machine looks), cleared when one succeeds. 0 unless the stream's fd
+    /// was asked for.
+    pub(super) want: u8,
+    /// Readiness: operations that events fed since the last unlock may let
+    /// go on; taken by [`Conn::settle`], which writes the fd for those in
+    /// `want`.
+    pub(super) events: u8,
 }
 
 /// One completion an upcall delivered: the index of its overlapped record
@@ -192,11 +205,14 @@ impl Conn {
                 cancel_gen: 0,
                 wake: false,
                 watch_all: false,
+                want: 0,
+                events: 0,
             }),
             inbox: Mutex::new(VecDeque::with_capacity(n_ov)),
             sleepers: Notifier::default(),
             spin_budget: provider.config().poller.spin_budget,
             rtc: provider.config().poller.mode == PollerMode::RunToCompletion,
+            ready: OnceLock::new(),
             local,
             peer,
         });
@@ -245,9 +261,15 @@ impl Conn {
                 self.feed(&mut st, d);
             }
             let wake = std::mem::take(&mut st.wake);
+            let fire = std::mem::take(&mut st.events) & st.want;
             drop(st);
             if wake {
                 self.sleepers.notify();
+            }
+            if fire != 0 {
+                if let Some(r) = self.ready.get() {
+                    r.raise(fire);
+                }
             }
             if abort {
                 self.close_socket();
@@ -296,6 +318,12 @@ impl Conn {
         if st.watch_all {
             st.wake = true;
         }
+        // A receive may bring data, credits or the end; a send completion
+        // frees a send buffer; an RDMA op ends a transfer either way.
+        st.events |= match kind {
+            OvKind::Recv(_) | OvKind::Rdma(_) => ready::READ | ready::WRITE,
+            OvKind::Send(_) => ready::WRITE,
+        };
         match kind {
             OvKind::Recv(slot) => match result {
                 Ok(()) => {
@@ -425,10 +453,12 @@ impl Conn {
                 Action::Connected => {
                     st.connected = true;
                     st.wake = true;
+                    st.events |= ready::ALL;
                 }
                 Action::Abort { .. } => {
                     abort = !st.socket_closed;
                     st.wake = true;
+                    st.events |= ready::ALL;
                 }
             }
         }
@@ -444,13 +474,26 @@ impl Conn {
             return;
         }
         let _ = self.wire.provider.close_socket(self.wire.sock);
-        self.with_state(|st| st.m.closed());
+        self.with_state(|st| {
+            st.m.closed();
+            st.events |= ready::ALL;
+        });
     }
 
     /// Dispatches the completions waiting in this connection's completion
     /// queue on the calling thread (never with the state locked).
     pub(super) fn progress(&self) -> usize {
         self.wire.provider.progress_socket(self.wire.sock)
+    }
+
+    /// Arms this connection's completion queue for `waker`
+    /// (`Provider::arm_socket`); returns whether completions wait there
+    /// already.
+    pub(super) fn arm(&self, waker: &Arc<dyn crate::fabric::Waker>) -> bool {
+        self.wire
+            .provider
+            .arm_socket(self.wire.sock, waker)
+            .unwrap_or(false)
     }
 
     /// Waits until `done(state)` or `deadline`, or until `give_up(state)`

@@ -1,4 +1,5 @@
-//! The switch's only `unsafe`: a connection's [`Wire`] (its socket, pools
+//! The switch's `unsafe` (but for creating `ready`'s eventfd): a
+//! connection's [`Wire`] (its socket, pools
 //! and overlapped records) with the provider's data calls (which take memory
 //! the switch owns) and copies between the registered pools and application
 //! buffers. Every block rests on the same invariants, kept by

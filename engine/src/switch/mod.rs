@@ -41,6 +41,7 @@
 mod connection;
 mod io;
 pub mod proto;
+mod ready;
 mod runtime;
 pub mod stream;
 

@@ -6,10 +6,11 @@
 
 use super::connection::{lock, wsa_io, Conn, RDMA_SLOTS};
 use super::proto::{self, RdmaFlow, Role};
+use super::ready::{Hub, Readiness};
 use crate::config::Config;
 use crate::config::PollerMode;
 use crate::error::{WsaError, WsaResult};
-use crate::fabric::Nic;
+use crate::fabric::{Nic, Waker};
 use crate::spi::{
     Extension, Overlapped, Provider, ProviderSocket, Switch, SwitchHandle, AF_INET, IPPROTO_TCP,
     SOCK_STREAM, SOL_SOCKET, SO_MAX_MSG_SIZE, SO_MAX_RDMA_SIZE, SO_RDMA_THRESHOLD_SIZE,
@@ -250,6 +251,12 @@ pub struct Runtime {
     upcalls: Arc<Upcalls>,
     pub(super) opts: SwitchOptions,
     can_rdma_read: bool,
+    /// The provider runs to completion: readiness needs the [`Hub`].
+    rtc: bool,
+    /// The streams waiting for completions through their readiness fd.
+    pub(super) hub: Arc<Hub>,
+    /// `hub`, as the waker completion queues are armed with.
+    hub_waker: Arc<dyn Waker>,
 }
 
 impl Runtime {
@@ -297,11 +304,16 @@ impl Runtime {
             .startup(WSD_VERSION, upcalls.clone(), CATALOG_ENTRY_ID)
             .map_err(wsa_io)?;
         let can_rdma_read = provider.extension(&Extension::RdmaRead.guid()).is_ok();
+        let rtc = provider.config().poller.mode == PollerMode::RunToCompletion;
+        let hub = Arc::new(Hub::default());
         Ok(Arc::new(Runtime {
             provider,
             upcalls,
             opts,
             can_rdma_read,
+            rtc,
+            hub_waker: hub.clone(),
+            hub,
         }))
     }
 
@@ -348,6 +360,24 @@ impl Runtime {
         self.upcalls.attach(h, conn.clone()).map_err(wsa_io)?;
         conn.start();
         Ok(conn)
+    }
+
+    /// Readiness, after a non-blocking call of `conn`'s stream (whose fd
+    /// is `ready`; `waits`: it failed with `WouldBlock`). Run to completion,
+    /// a waiting stream enlists in the hub, and while any stream is
+    /// enlisted, its completion queue stays armed for the hub; completions
+    /// found waiting are reaped now. Threads mode: nothing (the dispatcher
+    /// delivers every completion).
+    pub(super) fn keep_armed(&self, conn: &Conn, ready: &Arc<Readiness>, waits: bool) {
+        if !self.rtc {
+            return;
+        }
+        if waits {
+            self.hub.enlist(ready);
+        }
+        if self.hub.has_waiters() && conn.arm(&self.hub_waker) {
+            conn.progress();
+        }
     }
 
     pub(super) fn socket(&self) -> io::Result<ProviderSocket> {

@@ -14,14 +14,16 @@
 use super::connection::{lock, new_op, proto_io, take_result, wsa_io, Conn};
 use super::io::AppBuf;
 use super::proto::{self, Role, Stats};
+use super::ready::{self, Readiness};
 use super::runtime::Runtime;
 use crate::error::{WsaError, WsaResult};
 use crate::event::Event;
 use crate::spi::{Condition, ProviderSocket, FD_ACCEPT, FD_CONNECT, FD_CONNECT_BIT};
 use std::io;
 use std::net::SocketAddrV4;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 /// Cancels blocking connects it was given to (from any thread).
@@ -58,12 +60,18 @@ impl CancelToken {
     }
 }
 
-/// A listening SAN socket.
+/// A listening SAN socket. Its readiness fd (`AsRawFd`, see
+/// [`Stream`]'s) is readable when a `try_accept` that failed with
+/// `WouldBlock` would find a request.
 pub struct Listener {
     rt: Arc<Runtime>,
     sock: ProviderSocket,
     event: Arc<Event>,
     local: SocketAddrV4,
+    /// The readiness fd, once asked for; the listen event wakes it.
+    ready: OnceLock<Arc<Readiness>>,
+    /// `accept` does not wait (`set_nonblocking`).
+    nonblocking: AtomicBool,
 }
 
 impl Listener {
@@ -85,6 +93,8 @@ impl Listener {
                 sock: s,
                 event,
                 local,
+                ready: OnceLock::new(),
+                nonblocking: AtomicBool::new(false),
             }),
             Err(e) => {
                 let _ = p.close_socket(s);
@@ -97,9 +107,36 @@ impl Listener {
         self.local
     }
 
-    /// Accepts the next connection (bounded by `accept_timeout`).
+    /// Accepts the next connection (bounded by `accept_timeout`), or fails
+    /// with `WouldBlock` at once if there is none and the listener is
+    /// non-blocking.
     pub fn accept(&self) -> io::Result<(Stream, SocketAddrV4)> {
+        if self.nonblocking.load(Ordering::Relaxed) {
+            return self.try_accept();
+        }
         self.accept_timeout(self.rt.opts.accept_timeout)
+    }
+
+    /// Makes `accept` non-blocking (as `try_accept`). Turning it on creates
+    /// the readiness fd, so the error of that, if any, comes here.
+    pub fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
+        if nonblocking {
+            self.readiness()?;
+        }
+        self.nonblocking.store(nonblocking, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The readiness fd, created on first use and woken by the listen
+    /// event from then on.
+    fn readiness(&self) -> io::Result<&Arc<Readiness>> {
+        if let Some(r) = self.ready.get() {
+            return Ok(r);
+        }
+        let fresh = Readiness::new()?;
+        let r = self.ready.get_or_init(|| fresh);
+        self.event.wake_on_set(r.clone());
+        Ok(r)
     }
 
     /// Accepts the next connection that completes negotiation, waiting at
@@ -139,8 +176,24 @@ impl Listener {
     }
 
     /// Accepts a queued request if there is one (`WouldBlock` otherwise)
-    /// and negotiates (bounded by `handshake_timeout`).
+    /// and negotiates (waiting for the peer's HELLO, bounded by
+    /// `handshake_timeout`).
     pub fn try_accept(&self) -> io::Result<(Stream, SocketAddrV4)> {
+        let Some(ready) = self.ready.get() else {
+            return self.accept_now();
+        };
+        ready.begin(ready::ACCEPT);
+        // Before the look: a request queued after it wakes the fd.
+        ready.want_accept(true);
+        let r = self.accept_now();
+        match &r {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready.would_block(),
+            _ => ready.want_accept(false),
+        }
+        r
+    }
+
+    fn accept_now(&self) -> io::Result<(Stream, SocketAddrV4)> {
         let p = &self.rt.provider;
         let (s, peer) = p
             .accept(self.sock, &mut |_| Condition::Accept)
@@ -162,6 +215,28 @@ impl Listener {
 impl Drop for Listener {
     fn drop(&mut self) {
         let _ = self.rt.provider.close_socket(self.sock);
+    }
+}
+
+/// The readiness fd (see [`Stream`]'s), created on first use; it stays
+/// the same until the listener is dropped.
+///
+/// # Panics
+/// If the eventfd cannot be created (out of file descriptors): call
+/// [`Listener::set_nonblocking`] first, which reports that as an error.
+impl AsFd for Listener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self.readiness() {
+            Ok(r) => r.as_fd(),
+            Err(e) => panic!("listener readiness eventfd: {e}"),
+        }
+    }
+}
+
+/// [`AsFd`]'s descriptor.
+impl AsRawFd for Listener {
+    fn as_raw_fd(&self) -> RawFd {
+        self.as_fd().as_raw_fd()
     }
 }
 
@@ -198,8 +273,18 @@ fn handshake(conn: &Arc<Conn>, deadline: Instant, cancel: Option<&CancelToken>) 
 }
 
 /// A connected stream socket over the SAN (`Read`/`Write`, blocking with
-/// timeouts, or non-blocking `try_*`). `Sync`: one thread may send while
-/// another receives; concurrent sends (or receives) are serialised.
+/// timeouts, or non-blocking `try_*` and `set_nonblocking`). `Sync`: one
+/// thread may send while another receives; concurrent sends (or receives)
+/// are serialised.
+///
+/// `AsRawFd` gives its readiness fd, an eventfd that is readable when a
+/// `try_recv`/`try_send` (or non-blocking `read`/`write`) that failed with
+/// `WouldBlock` may now go on, for epoll, mio or tokio's `AsyncFd`
+/// (register it for reading only). It is armed per operation by
+/// `WouldBlock`, written by whichever thread processes the event, and
+/// cleared by the next `WouldBlock`; serve a readable stream until its
+/// calls return `WouldBlock`. The full rules: the `switch::ready` module
+/// docs. A stream whose fd nobody asked for pays nothing for it.
 pub struct Stream {
     rt: Arc<Runtime>,
     conn: Arc<Conn>,
@@ -207,6 +292,8 @@ pub struct Stream {
     recv_lock: Mutex<()>,
     /// (read, write) timeouts.
     timeouts: Mutex<(Option<Duration>, Option<Duration>)>,
+    /// `recv`/`send` (and `Read`/`Write`) do not wait (`set_nonblocking`).
+    nonblocking: AtomicBool,
     closed: AtomicBool,
 }
 
@@ -219,6 +306,7 @@ impl Stream {
             send_lock: Mutex::new(()),
             recv_lock: Mutex::new(()),
             timeouts: Mutex::new(t),
+            nonblocking: AtomicBool::new(false),
             closed: AtomicBool::new(false),
         }
     }
@@ -314,6 +402,48 @@ impl Stream {
         lock(&self.timeouts).1 = t;
     }
 
+    /// Makes `recv`/`send` and `Read`/`Write` non-blocking (as
+    /// `try_recv`/`try_send`: `WouldBlock` instead of waiting). Turning it
+    /// on creates the readiness fd, so the error of that, if any, comes
+    /// here.
+    pub fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
+        if nonblocking {
+            self.readiness()?;
+        }
+        self.nonblocking.store(nonblocking, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The readiness fd, created on first use.
+    fn readiness(&self) -> io::Result<&Arc<Readiness>> {
+        if let Some(r) = self.conn.ready.get() {
+            return Ok(r);
+        }
+        let fresh = Readiness::new()?;
+        Ok(self.conn.ready.get_or_init(|| fresh))
+    }
+
+    /// Before a non-blocking call for `op`: makes progress on the stream's
+    /// completion queue, or on every one if the hub picked this stream to
+    /// reap (`super::ready`).
+    fn reap(&self, ready: Option<&Arc<Readiness>>, op: u8) {
+        match ready {
+            Some(r) if r.begin(op) => self.rt.provider.progress(),
+            _ => self.conn.progress(),
+        };
+    }
+
+    /// After a non-blocking call of a stream with a readiness fd: a
+    /// `WouldBlock` arms the fd; the completion queue stays armed while
+    /// streams wait.
+    fn after(&self, ready: &Arc<Readiness>, r: &io::Result<usize>) {
+        let waits = is_would_block(r);
+        if waits {
+            ready.would_block();
+        }
+        self.rt.keep_armed(&self.conn, ready, waits);
+    }
+
     /// Sends above this many bytes go by RDMA.
     pub fn rdma_threshold(&self) -> usize {
         self.conn.with_state(|st| st.m.rdma_threshold() as usize)
@@ -342,6 +472,9 @@ impl Stream {
     /// the bytes already sent are reported (`Ok(n)`, `n < buf.len()`), or
     /// `TimedOut` if none.
     pub fn send(&self, buf: &[u8]) -> io::Result<usize> {
+        if self.nonblocking.load(Ordering::Relaxed) {
+            return self.try_send(buf);
+        }
         let t = lock(&self.timeouts).1;
         self.send_timeout(buf, t)
     }
@@ -368,26 +501,44 @@ impl Stream {
             return Ok(0);
         }
         let _g = lock(&self.send_lock);
+        let ready = self.conn.ready.get();
         // Credits returned by the peer may wait in the completion queue.
-        self.conn.progress();
+        self.reap(ready, ready::WRITE);
         let op = new_op();
         let app = AppBuf::of(buf);
         self.conn.with_state(|st| {
+            if ready.is_some() {
+                // Before the machine looks: an event fed after it wakes
+                // the fd.
+                st.want |= ready::WRITE;
+            }
             st.bufs.insert(op, app);
             st.m.app_send(op, buf.len() as u64, true);
             // A non-blocking send completes within `app_send`.
         });
-        self.conn
+        let r = self
+            .conn
             .with_state(|st| {
                 st.bufs.remove(&op);
-                take_result(st, op)
+                let r = take_result(st, op);
+                if !is_would_block(&r) {
+                    st.want &= !ready::WRITE;
+                }
+                r
             })
-            .map(|n| n as usize)
+            .map(|n| n as usize);
+        if let Some(ready) = ready {
+            self.after(ready, &r);
+        }
+        r
     }
 
     /// Receives at least one byte (blocking, bounded by the read timeout);
     /// 0 at end of stream.
     pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.nonblocking.load(Ordering::Relaxed) {
+            return self.try_recv(buf);
+        }
         let t = lock(&self.timeouts).0;
         self.recv_timeout(buf, t)
     }
@@ -416,18 +567,32 @@ impl Stream {
             return Ok(0);
         }
         let _g = lock(&self.recv_lock);
+        let ready = self.conn.ready.get();
         // What arrived may wait in the completion queue.
-        self.conn.progress();
+        self.reap(ready, ready::READ);
         let op = new_op();
         let len = buf.len() as u64;
         let app = AppBuf::of_mut(buf);
         let bound = self.rt.opts.rdma_cancel_timeout;
-        self.conn
+        let r = self
+            .conn
             .blocking(op, Some(bound), bound, |st| {
+                if ready.is_some() {
+                    // Before the machine looks: an event fed after it
+                    // wakes the fd.
+                    st.want |= ready::READ;
+                }
                 st.bufs.insert(op, app);
                 st.m.app_recv(op, len, true);
             })
-            .map(|n| n as usize)
+            .map(|n| n as usize);
+        if let Some(ready) = ready {
+            if !is_would_block(&r) {
+                self.conn.with_state(|st| st.want &= !ready::READ);
+            }
+            self.after(ready, &r);
+        }
+        r
     }
 
     /// Graceful shutdown of the sending side: FIN goes after all data sent
@@ -467,6 +632,10 @@ impl Stream {
         if self.closed.swap(true, Ordering::SeqCst) {
             return;
         }
+        if self.conn.ready.get().is_some_and(|r| r.retire()) {
+            // Picked to reap and gone before it did: the next one reaps.
+            crate::fabric::Waker::wake(&*self.rt.hub);
+        }
         let graceful = !abortive
             && self.conn.with_state(|st| {
                 let ok = !st.m.has_pending_data() && st.m.error().is_none();
@@ -496,6 +665,32 @@ impl Stream {
 impl Drop for Stream {
     fn drop(&mut self) {
         self.close_inner(false);
+    }
+}
+
+fn is_would_block<T>(r: &io::Result<T>) -> bool {
+    matches!(r, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+}
+
+/// The readiness fd, created on first use (see [`Stream`]); it stays the
+/// same until the stream is dropped.
+///
+/// # Panics
+/// If the eventfd cannot be created (out of file descriptors): call
+/// [`Stream::set_nonblocking`] first, which reports that as an error.
+impl AsFd for Stream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self.readiness() {
+            Ok(r) => r.as_fd(),
+            Err(e) => panic!("stream readiness eventfd: {e}"),
+        }
+    }
+}
+
+/// [`AsFd`]'s descriptor.
+impl AsRawFd for Stream {
+    fn as_raw_fd(&self) -> RawFd {
+        self.as_fd().as_raw_fd()
     }
 }
 
