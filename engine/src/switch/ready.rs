@@ -306,12 +306,22 @@ mod tests {
         assert!(!readable(&r) && !r.is_raised(), "nothing pending: cleared");
         r.would_block();
         assert!(!readable(&r), "nothing pending: no new edge");
+        // A WouldBlock of a read while a send is pending writes the fd
+        // again: a fresh edge for an edge-triggered poller.
+        r.raise(WRITE);
+        assert!(!r.begin(READ));
+        r.would_block();
+        let mut counter = [0u8; 8];
+        assert_eq!((&r.fd).read(&mut counter).unwrap(), 8);
+        assert_eq!(u64::from_ne_bytes(counter), 2, "one write per edge");
     }
 
     #[test]
     fn the_hub_picks_the_oldest_live_stream_once() {
         let hub = Hub::default();
         let (a, b) = (Readiness::new().unwrap(), Readiness::new().unwrap());
+        // Both tried a read: their fds are clear.
+        a.begin(READ);
         b.begin(READ);
         hub.enlist(&a);
         hub.enlist(&a);
