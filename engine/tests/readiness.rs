@@ -186,6 +186,7 @@ fn writable_after_credits_return(mode: PollerMode) {
     let fd = server.as_raw_fd();
     let chunk = vec![7u8; 4096];
     let mut sent = 0usize;
+    let mut woken = 0;
     loop {
         match server.try_send(&chunk) {
             Ok(n) => sent += n,
@@ -196,6 +197,11 @@ fn writable_after_credits_return(mode: PollerMode) {
                 if !readable(fd, Duration::from_millis(200)) {
                     break;
                 }
+                woken += 1;
+                assert!(
+                    woken < 1000,
+                    "the fd stays readable while nothing can go on"
+                );
             }
             Err(e) => panic!("try_send: {e}"),
         }

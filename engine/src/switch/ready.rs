@@ -176,12 +176,18 @@ impl Readiness {
         reap
     }
 
-    /// The `try_*` call failed with `WouldBlock`: if another operation is
-    /// still pending, writes the fd again for a fresh edge (an
+    /// The `try_*` call for `op` ended. If it failed with `WouldBlock` and
+    /// an operation is pending (another one, or this one again: an event
+    /// came after it looked), writes the fd again for a fresh edge (an
     /// edge-triggered poller clears its readiness after this `WouldBlock`).
-    pub(super) fn would_block(&self) {
+    /// If it went on, `op` is no longer pending: an event raised for it
+    /// while it ran must not keep the fd readable for the other operations
+    /// (which would make their every `WouldBlock` a new edge: a busy loop).
+    pub(super) fn end(&self, op: u8, would_block: bool) {
         let mut s = self.lock();
-        if s.pending != 0 {
+        if !would_block {
+            s.pending &= !op;
+        } else if s.pending != 0 {
             self.write();
             s.raised = true;
         }
@@ -304,16 +310,77 @@ mod tests {
         assert!(readable(&r), "the send was not tried yet");
         assert!(!r.begin(WRITE));
         assert!(!readable(&r) && !r.is_raised(), "nothing pending: cleared");
-        r.would_block();
+        r.end(WRITE, true);
         assert!(!readable(&r), "nothing pending: no new edge");
         // A WouldBlock of a read while a send is pending writes the fd
         // again: a fresh edge for an edge-triggered poller.
         r.raise(WRITE);
         assert!(!r.begin(READ));
-        r.would_block();
+        r.end(READ, true);
         let mut counter = [0u8; 8];
         assert_eq!((&r.fd).read(&mut counter).unwrap(), 8);
         assert_eq!(u64::from_ne_bytes(counter), 2, "one write per edge");
+    }
+
+    /// Run to completion, a stream that waits enlists, and the peer's send
+    /// (whose completion lands on the armed queue) picks it through the
+    /// hub, on the peer's thread: the fd is readable when the send returns,
+    /// and no helper thread was needed.
+    #[test]
+    fn a_waiting_stream_is_picked_by_the_completion_that_concerns_it() {
+        use crate::config::MlockPolicy;
+        use crate::fabric::soft::SoftNetwork;
+        use crate::switch::{Listener, Runtime, RuntimeConfig, Stream};
+        use std::net::{Ipv4Addr, SocketAddrV4};
+
+        let net = SoftNetwork::new();
+        let rt = |ip: Ipv4Addr| {
+            let mut c = RuntimeConfig::default();
+            c.engine.mem.mlock = MlockPolicy::Off;
+            c.engine.fabric.soft.addresses = vec![ip];
+            let nic = net.attach(c.engine.soft_nic(vec![ip])).unwrap();
+            Runtime::with_nic(c, nic).unwrap()
+        };
+        let (crt, srt) = (
+            rt(Ipv4Addr::new(198, 18, 6, 1)),
+            rt(Ipv4Addr::new(198, 18, 6, 2)),
+        );
+        let addr = SocketAddrV4::new(Ipv4Addr::new(198, 18, 6, 2), 7200);
+        let l = Listener::bind(&srt, addr).unwrap();
+        let acceptor = std::thread::spawn(move || l.accept().unwrap().0);
+        let client = Stream::connect(&crt, addr).unwrap();
+        let server = acceptor.join().unwrap();
+        server.set_nonblocking(true).unwrap();
+        let fd = server.as_raw_fd();
+        let mut buf = [0u8; 8];
+        assert_eq!(
+            server.try_recv(&mut buf).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+        assert!(srt.hub.has_waiters(), "the waiting stream enlisted");
+        client.send(b"hi").unwrap();
+        assert!(!srt.hub.has_waiters(), "picked by the hub");
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; no wait.
+        assert_eq!(unsafe { libc::poll(&mut p, 1, 0) }, 1, "readable at once");
+        assert_eq!(server.try_recv(&mut buf).unwrap(), 2);
+    }
+
+    #[test]
+    fn an_event_for_an_operation_that_went_on_is_forgotten() {
+        let r = Readiness::new().unwrap();
+        assert!(!r.begin(WRITE));
+        // Raised while the send ran, which then went on.
+        r.raise(WRITE);
+        r.end(WRITE, false);
+        assert!(!r.begin(READ));
+        assert!(!readable(&r), "the send is not pending: cleared");
+        r.end(READ, true);
+        assert!(!readable(&r), "no edge for a send that is not pending");
     }
 
     #[test]

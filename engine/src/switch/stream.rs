@@ -186,10 +186,11 @@ impl Listener {
         // Before the look: a request queued after it wakes the fd.
         ready.want_accept(true);
         let r = self.accept_now();
-        match &r {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready.would_block(),
-            _ => ready.want_accept(false),
+        let waits = is_would_block(&r);
+        if !waits {
+            ready.want_accept(false);
         }
+        ready.end(ready::ACCEPT, waits);
         r
     }
 
@@ -433,14 +434,12 @@ impl Stream {
         };
     }
 
-    /// After a non-blocking call of a stream with a readiness fd: a
-    /// `WouldBlock` arms the fd; the completion queue stays armed while
+    /// After a non-blocking call for `op` of a stream with a readiness fd:
+    /// the fd learns how it ended; the completion queue stays armed while
     /// streams wait.
-    fn after(&self, ready: &Arc<Readiness>, r: &io::Result<usize>) {
+    fn after(&self, ready: &Arc<Readiness>, op: u8, r: &io::Result<usize>) {
         let waits = is_would_block(r);
-        if waits {
-            ready.would_block();
-        }
+        ready.end(op, waits);
         self.rt.keep_armed(&self.conn, ready, waits);
     }
 
@@ -528,7 +527,7 @@ impl Stream {
             })
             .map(|n| n as usize);
         if let Some(ready) = ready {
-            self.after(ready, &r);
+            self.after(ready, ready::WRITE, &r);
         }
         r
     }
@@ -590,7 +589,7 @@ impl Stream {
             if !is_would_block(&r) {
                 self.conn.with_state(|st| st.want &= !ready::READ);
             }
-            self.after(ready, &r);
+            self.after(ready, ready::READ, &r);
         }
         r
     }
