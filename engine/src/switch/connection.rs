@@ -19,7 +19,10 @@
 //! one. In run-to-completion mode this is the whole data path while the
 //! threads poll (sleepers nap, see [`Conn::wait_until`]); in threads mode the
 //! provider's dispatcher makes the upcalls for connections whose threads
-//! sleep. No lock of ours is held
+//! sleep. A stream with a readiness fd (`super::ready`) also has its fd
+//! written, after the unlock, when an event was fed that may let one of
+//! its waiting non-blocking operations go on (`State::want`,
+//! `State::events`). No lock of ours is held
 //! across a provider call that could wait for an upcall (`close_socket` is
 //! always made with the connection unlocked).
 

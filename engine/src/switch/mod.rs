@@ -15,6 +15,9 @@
 //! - [`stream`]: [`Listener`], [`Stream`] (blocking with timeouts,
 //!   non-blocking `try_*`, `Read`/`Write`, graceful shutdown, abortive
 //!   close, cancellation).
+//! - `ready`: their readiness fd (`AsRawFd`, for epoll, mio or tokio's
+//!   `AsyncFd`) and the runtime's hub, which gets the completion queues
+//!   reaped while no thread is inside a call.
 //!
 //! ```no_run
 //! use sanpath::switch::{Listener, Runtime, RuntimeConfig, Stream};

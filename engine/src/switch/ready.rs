@@ -32,16 +32,25 @@
 //!   readable and, after the `WouldBlock`, is written once more, so an
 //!   edge-triggered poller sees a fresh edge). A successful call does not
 //!   clear it: the fd may stay readable until the next `WouldBlock` (one
-//!   spurious wake-up for level-triggered epoll).
+//!   spurious wake-up for level-triggered epoll); it only forgets the
+//!   events of its own operation.
 //!
 //! So: try an operation first and wait for the fd only after it failed with
-//! `WouldBlock` (one task per stream that loops "wait for the fd, try"
-//! does that: the fd starts readable, and only a `WouldBlock` clears it);
-//! level-triggered epoll works (readable until a `try_*` hits
-//! `WouldBlock` with nothing else pending), and edge-triggered pollers
-//! (mio, tokio) get an edge for every event that arrives after the
-//! `WouldBlock` they saw; as with edge-triggered sockets, serve a readable
-//! stream until its calls return `WouldBlock`. The user never reads the fd.
+//! `WouldBlock`, and serve a readable stream until its calls return
+//! `WouldBlock`, as with edge-triggered sockets. One task per stream that
+//! loops "wait for the fd, try" does that (the fd starts readable, and only
+//! a `WouldBlock` clears it); separate reading and writing tasks on one
+//! stream must try before they wait, since one's `WouldBlock` may clear
+//! what the other's success left. Level-triggered epoll works (readable
+//! until a `try_*` hits `WouldBlock` with nothing else pending), and
+//! edge-triggered pollers (mio, tokio) get an edge for every event that
+//! arrives after the `WouldBlock` they saw. The user never reads the fd.
+//!
+//! Not non-blocking: `try_accept` negotiates the accepted connection (it
+//! waits for the peer's HELLO, bounded by `handshake_timeout`), a
+//! `try_recv` that meets a large transfer waits for its RDMA read (bounded
+//! by `rdma_cancel_timeout`), and dropping a stream waits for its FIN to
+//! leave (bounded by `close_timeout`).
 //!
 //! # Who makes the progress
 //!
@@ -57,9 +66,14 @@
 //! completion queue of the provider, which writes the fds of the streams
 //! those completions were for, and arms the queue again while streams are
 //! enlisted. One fd write and one wake-up per wake, whatever the number of
-//! waiting streams; nothing else is added: a stream that never asked for
-//! its fd writes none, and arms nothing. A stream dropped while marked to
-//! reap passes the mark on.
+//! waiting streams (though the completion may be for another stream, or a
+//! send completion nobody waits for: a spurious wake-up of the picked one);
+//! nothing else is added: a stream that never asked for its fd writes
+//! none, and arms nothing. A stream dropped while marked to reap passes
+//! the mark on. The picked stream's owner is expected to serve it (that is
+//! what its fd asks); if it does not, the provider's upcall helper reaps
+//! the queue after its step aside (200 us) and the other streams' fds are
+//! written then.
 
 use crate::fabric::Waker;
 use std::collections::VecDeque;
