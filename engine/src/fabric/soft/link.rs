@@ -613,6 +613,7 @@ impl Link {
     /// queue, the receive queue's first. `r` is the end's reaper state (the caller is its CQ's
     /// consumer). Returns how many were written and whether the caller must
     /// [`Link::seal`] this link once it holds no lock.
+    #[inline]
     pub(super) fn reap(
         &self,
         end: usize,
