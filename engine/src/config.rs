@@ -153,6 +153,8 @@ pub struct LimitsConfig {
 pub enum FabricKind {
     Soft,
     Verbs,
+    /// Shared memory between processes of one host (`fabric::shm`).
+    Shm,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -161,6 +163,19 @@ pub struct FabricConfig {
     pub kind: FabricKind,
     pub soft: SoftFabricConfig,
     pub verbs: VerbsFabricConfig,
+    pub shm: ShmFabricConfig,
+}
+
+/// The `shm` fabric: this process's addresses (each a socket in the
+/// runtime directory); the prefix length is `fabric.soft.prefix_len`'s.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShmFabricConfig {
+    /// IPv4 addresses this process owns; empty: `fabric.soft.addresses`.
+    pub addresses: Vec<Ipv4Addr>,
+    /// The runtime directory; empty: `$XDG_RUNTIME_DIR/sanpath`, else a
+    /// private directory under the temp dir.
+    pub runtime_dir: String,
 }
 
 /// The RDMA device the `verbs` fabric uses (engine feature `verbs`).
@@ -272,6 +287,7 @@ impl Default for FabricConfig {
         FabricConfig {
             kind: FabricKind::Soft,
             soft: SoftFabricConfig::default(),
+            shm: ShmFabricConfig::default(),
             verbs: VerbsFabricConfig {
                 device: String::new(),
                 port: 1,
@@ -360,6 +376,21 @@ impl Config {
 
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect.timeout_ms)
+    }
+
+    /// The settings of this engine's shm NIC (`fabric.shm`).
+    pub fn shm_nic(&self) -> crate::fabric::shm::ShmNicConfig {
+        let s = &self.fabric.shm;
+        crate::fabric::shm::ShmNicConfig {
+            addresses: if s.addresses.is_empty() {
+                self.fabric.soft.addresses.clone()
+            } else {
+                s.addresses.clone()
+            },
+            prefix_len: self.fabric.soft.prefix_len,
+            connect_timeout: self.connect_timeout(),
+            runtime_dir: (!s.runtime_dir.is_empty()).then(|| s.runtime_dir.clone().into()),
+        }
     }
 
     /// The settings of a soft NIC with `addresses` for an engine run with

@@ -141,6 +141,7 @@ impl Provider {
             FabricKind::Soft => {
                 default_network().attach(config.soft_nic(config.fabric.soft.addresses.clone()))?
             }
+            FabricKind::Shm => Arc::new(crate::fabric::shm::ShmNic::new(config.shm_nic())?),
             #[cfg(feature = "verbs")]
             FabricKind::Verbs => {
                 use crate::fabric::verbs::{VerbsConfig, VerbsNic};

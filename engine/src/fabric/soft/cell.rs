@@ -31,14 +31,15 @@
 
 use crate::fabric::Sge;
 use crate::sync::{AtomicU32, AtomicU64, CachePadded, Ordering, UnsafeCell};
+use std::ptr::NonNull;
 use std::sync::Arc;
 
 /// Bytes of one cell (three cache lines).
-pub(super) const CELL_BYTES: usize = 192;
+pub(crate) const CELL_BYTES: usize = 192;
 /// Header bytes before the inline payload.
 const HEADER_BYTES: usize = 24;
 /// Longest message carried inside its cell.
-pub(super) const INLINE_MAX: usize = CELL_BYTES - HEADER_BYTES;
+pub(crate) const INLINE_MAX: usize = CELL_BYTES - HEADER_BYTES;
 
 /// One message slot. Only `payload` is plain memory; its accesses are
 /// ordered by `seq` (producer writes, then Release-stores `seq`; consumer
@@ -86,6 +87,7 @@ unsafe impl super::zeroed::Zeroable for Cell {}
 /// A gather entry stored with atomics (written by the producer before the
 /// cell's `seq`, read by the consumer after it).
 #[derive(Default)]
+#[repr(C)]
 struct AtomicSge {
     addr: AtomicU64,
     /// `len` in the low 32 bits, `lkey` in the high.
@@ -112,46 +114,117 @@ impl AtomicSge {
     }
 }
 
+/// Where a ring's cells, gather entries and consumed index live.
+enum Memory {
+    /// Allocated by [`ring`] (`Box`es turned into the raw pointers of the
+    /// ring; `padded` holds the consumed index), freed when the ring drops.
+    Heap { padded: *mut CachePadded<AtomicU64> },
+    /// Inside memory that this value keeps mapped (a segment shared with
+    /// another process, see [`external`]).
+    #[cfg(not(loom))]
+    External(#[allow(dead_code)] Arc<dyn Send + Sync>),
+}
+
 /// The shared part of a ring.
-pub(super) struct CellRing {
-    cells: Box<[Cell]>,
-    /// `cells.len() - 1` (the length is a power of two).
-    mask: u64,
+pub(crate) struct CellRing {
+    /// `mask + 1` cells.
+    cells: NonNull<Cell>,
     /// Gather entries of long messages: cell `i` owns
     /// `[i * stride, (i + 1) * stride)`.
-    gathers: Box<[AtomicSge]>,
-    /// Gather entries per cell (the sender's `max_sge`).
-    stride: usize,
+    gathers: NonNull<AtomicSge>,
     /// Cells consumed since creation. Written by the consumer only
     /// (Release, after it finished reading those cells); read by the
     /// producer (room) and by the sending end's reaper (its sends are done).
-    consumed: CachePadded<AtomicU64>,
+    consumed: NonNull<AtomicU64>,
+    /// Cells minus one (the count is a power of two). Never read from the
+    /// cells' memory, so a slot index is always in bounds.
+    mask: u64,
+    /// Gather entries per cell (the sender's `max_sge`).
+    stride: usize,
+    memory: Memory,
 }
 
 // SAFETY: the only non-atomic state is each cell's payload, accessed under
 // the publication protocol of the module docs by the one producer and the
-// one consumer (each a unique handle).
+// one consumer (each a unique handle); the pointers name memory the ring
+// owns or keeps mapped (`memory`).
 unsafe impl Sync for CellRing {}
 // SAFETY: as above; the ring owns plain bytes and atomics.
 unsafe impl Send for CellRing {}
 
+impl Drop for CellRing {
+    fn drop(&mut self) {
+        if let Memory::Heap { padded } = self.memory {
+            let cap = self.mask as usize + 1;
+            // SAFETY: `ring` made these pointers with `Box::into_raw` of a
+            // `[Cell; cap]`, a `[AtomicSge; cap * stride]` and a padded
+            // word, and nothing uses them after the ring.
+            unsafe {
+                drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(
+                    self.cells.as_ptr(),
+                    cap,
+                )));
+                drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(
+                    self.gathers.as_ptr(),
+                    cap * self.stride,
+                )));
+                drop(Box::from_raw(padded));
+            }
+        }
+    }
+}
+
 impl CellRing {
+    /// The cell of message `index`.
+    fn cell(&self, index: u64) -> &Cell {
+        // SAFETY: `index & mask` is below the cell count; the cells live as
+        // long as the ring.
+        unsafe { &*self.cells.as_ptr().add((index & self.mask) as usize) }
+    }
+
+    /// The gather entries of cell `slot` (`slot <= mask`).
+    fn gathers(&self, slot: usize) -> &[AtomicSge] {
+        debug_assert!(slot as u64 <= self.mask);
+        // SAFETY: cell `slot` owns `stride` entries from `slot * stride`,
+        // inside the `(mask + 1) * stride` entries that live as long as the
+        // ring.
+        unsafe {
+            std::slice::from_raw_parts(self.gathers.as_ptr().add(slot * self.stride), self.stride)
+        }
+    }
+
+    fn consumed_word(&self) -> &AtomicU64 {
+        // SAFETY: the word lives as long as the ring.
+        unsafe { self.consumed.as_ref() }
+    }
+
     /// Cells consumed so far (Acquire: the consumer's reads of them, and
     /// whatever it wrote before publishing, happen before).
-    pub(super) fn consumed(&self) -> u64 {
-        self.consumed.load(Ordering::Acquire)
+    pub(crate) fn consumed(&self) -> u64 {
+        self.consumed_word().load(Ordering::Acquire)
     }
 
     /// Whether message `index` is published (it may be consumed already).
-    pub(super) fn has(&self, index: u64) -> bool {
+    pub(crate) fn has(&self, index: u64) -> bool {
         self.ready(index).is_some()
     }
 
     /// The message at `index`, if published (whoever holds the consumer
     /// handle is the only one to read it: see [`CellConsumer::peek`]).
     fn ready(&self, index: u64) -> Option<&Cell> {
-        let cell = &self.cells[(index & self.mask) as usize];
+        let cell = self.cell(index);
         (cell.seq.load(Ordering::Acquire) == index + 1).then_some(cell)
+    }
+
+    fn handles(ring: Arc<CellRing>) -> (CellProducer, CellConsumer) {
+        (
+            CellProducer {
+                ring: ring.clone(),
+                tail: 0,
+                cached_consumed: 0,
+            },
+            CellConsumer { ring, head: 0 },
+        )
     }
 }
 
@@ -159,27 +232,128 @@ impl CellRing {
 /// two) for messages of up to `stride` gather entries.
 pub(super) fn ring(capacity: usize, stride: usize) -> (CellProducer, CellConsumer) {
     let cap = capacity.max(1).next_power_of_two();
-    let cells = super::zeroed::slice(cap);
-    let gathers = super::zeroed::slice(cap * stride);
+    let cells: Box<[Cell]> = super::zeroed::slice(cap);
+    let gathers: Box<[AtomicSge]> = super::zeroed::slice(cap * stride);
+    let padded = Box::into_raw(Box::new(CachePadded::new(AtomicU64::new(0))));
+    // SAFETY: `padded` is a live allocation until the ring drops it.
+    let consumed = NonNull::from(unsafe { &**padded });
     let ring = Arc::new(CellRing {
-        cells,
+        cells: NonNull::new(Box::into_raw(cells) as *mut Cell).expect("a Box is never null"),
+        gathers: NonNull::new(Box::into_raw(gathers) as *mut AtomicSge)
+            .expect("a Box is never null"),
+        consumed,
         mask: cap as u64 - 1,
-        gathers,
         stride,
-        consumed: CachePadded::new(AtomicU64::new(0)),
+        memory: Memory::Heap { padded },
     });
-    (
-        CellProducer {
-            ring: ring.clone(),
-            tail: 0,
-            cached_consumed: 0,
-        },
-        CellConsumer { ring, head: 0 },
-    )
+    CellRing::handles(ring)
 }
 
+/// Byte layout of a ring laid in memory of its own ([`external`]): the
+/// cells, then the gather entries, then the consumed index on a line of its
+/// own; every part [`RING_ALIGN`]-aligned.
+#[cfg(not(loom))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct RingLayout {
+    /// Cells (a power of two).
+    pub(crate) cells: usize,
+    /// Gather entries per cell.
+    pub(crate) stride: usize,
+}
+
+/// Alignment of an external ring and of each of its parts.
+#[cfg(not(loom))]
+pub(crate) const RING_ALIGN: usize = 128;
+
+#[cfg(not(loom))]
+impl RingLayout {
+    /// At least `capacity` cells (rounded up to a power of two); `None` if
+    /// the ring would not fit the address space.
+    pub(crate) fn new(capacity: usize, stride: usize) -> Option<RingLayout> {
+        let l = RingLayout {
+            cells: capacity.max(1).checked_next_power_of_two()?,
+            stride,
+        };
+        l.try_bytes().map(|_| l)
+    }
+
+    fn gathers_at(&self) -> usize {
+        self.cells * CELL_BYTES
+    }
+
+    fn consumed_at(&self) -> usize {
+        let g = self.gathers_at() + self.cells * self.stride * std::mem::size_of::<AtomicSge>();
+        g.next_multiple_of(RING_ALIGN)
+    }
+
+    fn try_bytes(&self) -> Option<usize> {
+        let g = self.cells.checked_mul(CELL_BYTES)?;
+        let s = self
+            .cells
+            .checked_mul(self.stride)?
+            .checked_mul(std::mem::size_of::<AtomicSge>())?;
+        g.checked_add(s)?
+            .checked_next_multiple_of(RING_ALIGN)?
+            .checked_add(RING_ALIGN)
+    }
+
+    /// Bytes the ring takes (a multiple of [`RING_ALIGN`]).
+    pub(crate) fn bytes(&self) -> usize {
+        self.consumed_at() + RING_ALIGN
+    }
+}
+
+/// A ring in the `layout.bytes()` bytes at `base`, which `keep` keeps
+/// mapped; the producer and consumer handles start at message 0. Used
+/// across processes, one handle in each: the atomics work on shared
+/// mappings, and whatever the other process writes there is read only
+/// through [`Message::decode`] and checked.
+///
+/// # Safety
+/// `base` is [`RING_ALIGN`]-aligned and names `layout.bytes()` bytes of
+/// readable and writable memory, zero when the ring is first used, that stay
+/// mapped while `keep` lives and that nothing in this process accesses but
+/// rings made by this function (with the same layout).
+#[cfg(not(loom))]
+pub(crate) unsafe fn external(
+    base: NonNull<u8>,
+    layout: RingLayout,
+    keep: Arc<dyn Send + Sync>,
+) -> (CellProducer, CellConsumer) {
+    debug_assert_eq!(base.as_ptr() as usize % RING_ALIGN, 0);
+    // SAFETY: the offsets are inside `layout.bytes()` (caller), each part
+    // aligned for its type; zero bytes are valid cells, entries and words.
+    let at = |off: usize| unsafe { NonNull::new_unchecked(base.as_ptr().add(off)) };
+    let ring = Arc::new(CellRing {
+        cells: at(0).cast(),
+        gathers: at(layout.gathers_at()).cast(),
+        consumed: at(layout.consumed_at()).cast(),
+        mask: layout.cells as u64 - 1,
+        stride: layout.stride,
+        memory: Memory::External(keep),
+    });
+    CellRing::handles(ring)
+}
+
+/// What a message asks of its receiver: the cell's operation tag (bits
+/// 24-31 of its `nsge` word; the soft fabric only sends, tag 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum CellOp {
+    /// A two-sided send into the receiver's next posted receive.
+    Send,
+    /// Write the sender's gather list to `[remote_addr, +len)` of the
+    /// receiver's region named by `rkey`.
+    Write { remote_addr: u64, rkey: u32 },
+    /// Read `[remote_addr, +len)` of the receiver's region named by `rkey`
+    /// into the sender's scatter list (carried as the gather list).
+    Read { remote_addr: u64, rkey: u32 },
+}
+
+const TAG_SHIFT: u32 = 24;
+const COUNT_MASK: u32 = (1 << TAG_SHIFT) - 1;
+
 /// The producer handle (one per ring; its owner serialises the sends).
-pub(super) struct CellProducer {
+pub(crate) struct CellProducer {
     ring: Arc<CellRing>,
     /// Messages published so far (the next message's index).
     tail: u64,
@@ -188,24 +362,25 @@ pub(super) struct CellProducer {
 }
 
 impl CellProducer {
-    pub(super) fn ring(&self) -> &Arc<CellRing> {
+    pub(crate) fn ring(&self) -> &Arc<CellRing> {
         &self.ring
     }
 
     /// Index the next message gets.
-    pub(super) fn tail(&self) -> u64 {
+    pub(crate) fn tail(&self) -> u64 {
         self.tail
     }
 
     /// Whether a cell is free, reloading the consumer's index only when the
-    /// cached one says full.
+    /// cached one says full. A consumer index beyond the tail (only a
+    /// corrupt peer writes one) wraps around and reads as full.
     fn room(&mut self) -> bool {
         let cap = self.ring.mask + 1;
-        if self.tail - self.cached_consumed < cap {
+        if self.tail.wrapping_sub(self.cached_consumed) < cap {
             return true;
         }
         self.cached_consumed = self.ring.consumed();
-        self.tail - self.cached_consumed < cap
+        self.tail.wrapping_sub(self.cached_consumed) < cap
     }
 
     /// Publishes a message of `len` bytes gathered from `src`: inline when
@@ -217,13 +392,13 @@ impl CellProducer {
     /// # Safety
     /// When `len <= INLINE_MAX`, every entry of `src` names readable memory
     /// for the duration of the call, and `len` is their total length.
-    pub(super) unsafe fn push(&mut self, src: &[Sge], len: u32, ack: u64) -> Option<u64> {
+    pub(crate) unsafe fn push(&mut self, src: &[Sge], len: u32, ack: u64) -> Option<u64> {
         if src.len() > self.ring.stride || !self.room() {
             return None;
         }
         let index = self.tail;
         let slot = (index & self.ring.mask) as usize;
-        let cell = &self.ring.cells[slot];
+        let cell = self.ring.cell(index);
         if len as usize <= INLINE_MAX {
             cell.payload.with_mut(|p| {
                 let mut at = 0usize;
@@ -247,8 +422,7 @@ impl CellProducer {
             });
             cell.nsge.store(0, Ordering::Relaxed);
         } else {
-            let base = slot * self.ring.stride;
-            for (g, s) in self.ring.gathers[base..].iter().zip(src) {
+            for (g, s) in self.ring.gathers(slot).iter().zip(src) {
                 g.store(s);
             }
             cell.nsge.store(src.len() as u32, Ordering::Relaxed);
@@ -259,10 +433,46 @@ impl CellProducer {
         self.tail += 1;
         Some(index)
     }
+
+    /// Publishes an RDMA request: `op`'s remote address and key in the
+    /// payload, the local list `local` (`len` bytes in all) as the gather
+    /// list, never copied. `None` as for [`CellProducer::push`].
+    #[cfg(not(loom))]
+    pub(crate) fn push_rdma(&mut self, op: CellOp, local: &[Sge], len: u32) -> Option<u64> {
+        let (tag, remote_addr, rkey) = match op {
+            CellOp::Send => return None,
+            CellOp::Write { remote_addr, rkey } => (1u32, remote_addr, rkey),
+            CellOp::Read { remote_addr, rkey } => (2u32, remote_addr, rkey),
+        };
+        if local.len() > self.ring.stride || !self.room() {
+            return None;
+        }
+        let index = self.tail;
+        let slot = (index & self.ring.mask) as usize;
+        let cell = self.ring.cell(index);
+        let mut header = [0u8; 12];
+        header[..8].copy_from_slice(&remote_addr.to_le_bytes());
+        header[8..].copy_from_slice(&rkey.to_le_bytes());
+        cell.payload.with_mut(|p| {
+            // SAFETY: 12 bytes fit the payload, which no one else accesses
+            // (as in `push`).
+            unsafe { std::ptr::copy_nonoverlapping(header.as_ptr(), p as *mut u8, 12) }
+        });
+        for (g, s) in self.ring.gathers(slot).iter().zip(local) {
+            g.store(s);
+        }
+        cell.nsge
+            .store(local.len() as u32 | tag << TAG_SHIFT, Ordering::Relaxed);
+        cell.len.store(len, Ordering::Relaxed);
+        cell.ack.store(0, Ordering::Relaxed);
+        cell.seq.store(index + 1, Ordering::Release);
+        self.tail += 1;
+        Some(index)
+    }
 }
 
 /// The consumer handle (one per ring; its owner serialises the matching).
-pub(super) struct CellConsumer {
+pub(crate) struct CellConsumer {
     ring: Arc<CellRing>,
     /// Messages consumed so far (the next one's index); published to
     /// `consumed` by [`CellConsumer::publish`].
@@ -270,7 +480,7 @@ pub(super) struct CellConsumer {
 }
 
 /// A published message at the consumer's head.
-pub(super) struct Message<'a> {
+pub(crate) struct Message<'a> {
     ring: &'a CellRing,
     cell: &'a Cell,
     slot: usize,
@@ -278,12 +488,12 @@ pub(super) struct Message<'a> {
 
 impl CellConsumer {
     /// Index of the next message to consume.
-    pub(super) fn head(&self) -> u64 {
+    pub(crate) fn head(&self) -> u64 {
         self.head
     }
 
     /// The next message, if the producer published it.
-    pub(super) fn peek(&self) -> Option<Message<'_>> {
+    pub(crate) fn peek(&self) -> Option<Message<'_>> {
         let cell = self.ring.ready(self.head)?;
         Some(Message {
             ring: &self.ring,
@@ -294,15 +504,15 @@ impl CellConsumer {
 
     /// Consumes the message at the head (after `peek` showed it). The
     /// producer learns of it at the next [`CellConsumer::publish`].
-    pub(super) fn pop(&mut self) {
+    pub(crate) fn pop(&mut self) {
         debug_assert!(self.ring.ready(self.head).is_some(), "pop of an empty ring");
         self.head += 1;
     }
 
     /// Makes every `pop` so far visible to the producer and to the sending
     /// end's reaper; returns whether that moved the published index.
-    pub(super) fn publish(&self) -> bool {
-        let r = &self.ring.consumed;
+    pub(crate) fn publish(&self) -> bool {
+        let r = self.ring.consumed_word();
         if r.load(Ordering::Relaxed) == self.head {
             return false;
         }
@@ -311,15 +521,98 @@ impl CellConsumer {
     }
 }
 
+/// A message as [`Message::decode`] found it: every field within bounds.
+#[cfg(not(loom))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Decoded {
+    pub(crate) op: CellOp,
+    /// Bytes the message moves.
+    pub(crate) len: u32,
+    /// Gather entries (0: a send whose payload is inline).
+    pub(crate) nsge: usize,
+}
+
 impl Message<'_> {
     /// Message length in bytes.
-    pub(super) fn len(&self) -> u32 {
+    pub(crate) fn len(&self) -> u32 {
         self.cell.len.load(Ordering::Relaxed)
     }
 
     /// The acknowledgement the message carries.
-    pub(super) fn ack(&self) -> u64 {
+    pub(crate) fn ack(&self) -> u64 {
         self.cell.ack.load(Ordering::Relaxed)
+    }
+
+    /// Reads the header of a message another process wrote, checking every
+    /// field against the ring's own bounds: `None` for a tag that names no
+    /// operation, more gather entries than the stride, or an inline length
+    /// above [`INLINE_MAX`]. The gather entries themselves are checked by
+    /// [`Message::gather_into`].
+    #[cfg(not(loom))]
+    pub(crate) fn decode(&self) -> Option<Decoded> {
+        let word = self.cell.nsge.load(Ordering::Relaxed);
+        let len = self.len();
+        let nsge = (word & COUNT_MASK) as usize;
+        if nsge > self.ring.stride {
+            return None;
+        }
+        let header = || {
+            let mut h = [0u8; 12];
+            self.cell.payload.with(|p| {
+                // SAFETY: 12 bytes inside the payload; the bytes may change
+                // under a corrupt peer, but they are copied as plain bytes
+                // and any value is valid.
+                unsafe { std::ptr::copy_nonoverlapping(p as *const u8, h.as_mut_ptr(), 12) }
+            });
+            let addr = u64::from_le_bytes(h[..8].try_into().expect("8 bytes"));
+            let rkey = u32::from_le_bytes(h[8..].try_into().expect("4 bytes"));
+            (addr, rkey)
+        };
+        let op = match word >> TAG_SHIFT {
+            0 => {
+                if nsge == 0 && len as usize > INLINE_MAX {
+                    return None;
+                }
+                CellOp::Send
+            }
+            1 => {
+                let (remote_addr, rkey) = header();
+                CellOp::Write { remote_addr, rkey }
+            }
+            2 => {
+                let (remote_addr, rkey) = header();
+                CellOp::Read { remote_addr, rkey }
+            }
+            _ => return None,
+        };
+        Some(Decoded { op, len, nsge })
+    }
+
+    /// Copies the first `d.nsge` gather entries of the message `d` decoded
+    /// into `out` and returns them, if they fit `out` and add up to
+    /// exactly `d.len` bytes (read once: what is returned is what was
+    /// checked).
+    #[cfg(not(loom))]
+    pub(crate) fn gather_into<'o>(&self, d: &Decoded, out: &'o mut [Sge]) -> Option<&'o [Sge]> {
+        let out = out.get_mut(..d.nsge)?;
+        let mut total = 0u64;
+        for (o, g) in out.iter_mut().zip(self.ring.gathers(self.slot)) {
+            *o = g.load();
+            total += u64::from(o.len);
+        }
+        (total == u64::from(d.len)).then_some(&*out)
+    }
+
+    /// Copies the inline payload of the send `d` decoded (`d.nsge == 0`,
+    /// so `d.len <= INLINE_MAX`) into `out[..d.len]`.
+    #[cfg(not(loom))]
+    pub(crate) fn copy_inline(&self, d: &Decoded, out: &mut [u8; INLINE_MAX]) {
+        let n = (d.len as usize).min(INLINE_MAX);
+        self.cell.payload.with(|p| {
+            // SAFETY: `n <= INLINE_MAX` bytes of the payload into `out`; the
+            // bytes are plain data whatever a corrupt peer wrote.
+            unsafe { std::ptr::copy_nonoverlapping(p as *const u8, out.as_mut_ptr(), n) }
+        });
     }
 
     /// Copies the message into the scatter list `dst` (which the caller
@@ -345,8 +638,7 @@ impl Message<'_> {
                 unsafe { super::mr::copy_lists([src].into_iter(), dst) }
             });
         } else {
-            let base = self.slot * self.ring.stride;
-            let src = self.ring.gathers[base..base + nsge]
+            let src = self.ring.gathers(self.slot)[..nsge]
                 .iter()
                 .map(AtomicSge::load);
             // SAFETY: the caller guarantees both lists.

@@ -104,7 +104,7 @@
 //! straight into the poller's array. Only connection set-up, registration,
 //! key binding and timers allocate.
 
-mod cell;
+pub(in crate::fabric) mod cell;
 mod cm;
 mod cq;
 #[cfg(feature = "fault-injection")]

@@ -1,0 +1,98 @@
+//! Completion queues of the shared-memory fabric. As in the soft fabric a
+//! CQ stores nothing: polling it runs each attached connection end (which
+//! executes what arrived from the peer) and reads the completions off its
+//! queues. `arm` marks every attached end as sleeping in its own segment,
+//! so the peer signals that end's eventfd for new work; the NIC's event
+//! thread turns the signal into this CQ's wake.
+
+use super::conn::Conn;
+use crate::fabric::{CompletionQueue, CqId, Waker, WorkCompletion};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+pub(super) struct CqInner {
+    pub(super) id: CqId,
+    capacity: usize,
+    /// Entries reserved by live queue pairs, `<=` the capacity.
+    reserved: AtomicUsize,
+    /// A sleeper asked for a wake-up not sent yet: set by `arm`, cleared
+    /// by the one waker that sends it.
+    armed: AtomicBool,
+    waker: Arc<dyn Waker>,
+    /// Attached connection ends; the one consumer polls them (its lock).
+    ends: Mutex<Vec<Arc<Conn>>>,
+}
+
+impl CqInner {
+    pub(super) fn reserve(&self, n: usize) -> bool {
+        let cap = self.capacity;
+        self.reserved
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| {
+                r.checked_add(n).filter(|t| *t <= cap)
+            })
+            .is_ok()
+    }
+
+    pub(super) fn release(&self, n: usize) {
+        self.reserved.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    pub(super) fn attach(&self, c: Arc<Conn>) {
+        lock(&self.ends).push(c);
+    }
+
+    /// Wakes the sleeper, once per arm.
+    pub(super) fn wake(&self) {
+        if self.armed.load(Ordering::SeqCst) && self.armed.swap(false, Ordering::AcqRel) {
+            self.waker.wake();
+        }
+    }
+}
+
+pub(super) struct ShmCq(pub(super) Arc<CqInner>);
+
+impl ShmCq {
+    pub(super) fn new(id: CqId, depth: usize, waker: Arc<dyn Waker>) -> ShmCq {
+        ShmCq(Arc::new(CqInner {
+            id,
+            capacity: depth,
+            reserved: AtomicUsize::new(0),
+            armed: AtomicBool::new(false),
+            waker,
+            ends: Mutex::new(Vec::new()),
+        }))
+    }
+}
+
+impl CompletionQueue for ShmCq {
+    fn id(&self) -> CqId {
+        self.0.id
+    }
+
+    fn poll(&self, out: &mut [WorkCompletion]) -> usize {
+        let mut ends = lock(&self.0.ends);
+        let mut n = 0;
+        for c in ends.iter() {
+            if n == out.len() {
+                break;
+            }
+            n += c.poll(&mut out[n..]);
+        }
+        ends.retain(|c| !(c.dropped.load(Ordering::Acquire) && c.drained()));
+        n
+    }
+
+    fn arm(&self) -> bool {
+        self.0.armed.store(true, Ordering::SeqCst);
+        let ends = lock(&self.0.ends);
+        let mut ready = false;
+        for c in ends.iter() {
+            ready |= c.arm();
+        }
+        ready
+    }
+}

@@ -1,0 +1,163 @@
+//! The segment one end of a connection shares with its peer: a `memfd`
+//! holding that end's outgoing cell ring and its control words, created by
+//! the end and mapped by both (each end owns the segment it sends through).
+//!
+//! Layout (`repr(C)`, little-endian, 128-byte aligned parts): a
+//! [`Header`] of two 128-byte lines — identity and geometry, written once
+//! by the owner before the segment is sent, then the [`Control`] words —
+//! then the ring ([`RingLayout`]). The receiver checks the magic, version,
+//! geometry and size once at mapping time and keeps its own copy of the
+//! geometry: later writes to the header cannot move its accesses out of
+//! bounds.
+
+use super::sys::{sealed_memfd, sealed_size, Mapping};
+use crate::fabric::soft::cell::{self, CellConsumer, CellProducer, RingLayout, RING_ALIGN};
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU32, AtomicU64};
+use std::sync::Arc;
+
+/// "SANPSHM1".
+const MAGIC: u64 = 0x314d_4853_504e_4153;
+/// Layout version; a peer with another one is refused.
+pub(super) const VERSION: u32 = 1;
+/// Largest ring a peer may ask us to map.
+const MAX_CELLS: usize = 1 << 20;
+/// Largest gather stride (the soft fabric's `max_sge` limit).
+pub(super) const MAX_STRIDE: usize = super::sys::MAX_IOV;
+
+/// The segment's first line: identity and ring geometry.
+#[repr(C, align(128))]
+struct Header {
+    magic: AtomicU64,
+    version: AtomicU32,
+    /// Cells of the ring (a power of two).
+    cells: AtomicU32,
+    /// Gather entries per cell.
+    stride: AtomicU32,
+}
+
+/// The owner's state, as its peer sees it. Each word is written by one
+/// side only, as noted; the other side only reads it.
+#[repr(C, align(128))]
+pub(super) struct Control {
+    /// 1 while the owner sleeps and wants an `eventfd` wake-up for new work.
+    /// Set by the owner (`arm`); cleared by the one waker (peer, swap) or by
+    /// the owner when it wakes.
+    pub(super) armed: AtomicU32,
+    /// The owner's view of the connection (`STATE_*`). Written by the owner
+    /// only; grows.
+    pub(super) state: AtomicU32,
+    /// Non-zero while the owner copies to or from the peer's memory; set
+    /// before and cleared after each pass, so a closing peer can wait for
+    /// it (the seal). Written by the owner only.
+    pub(super) busy: AtomicU32,
+    /// `(index + 1) << 8 | status` of the peer's message the owner refused
+    /// (0: none). Written by the owner before `state`.
+    pub(super) refused: AtomicU64,
+}
+
+/// The connection is intact.
+pub(super) const STATE_INTACT: u32 = 0;
+/// The owner closed (`set_error`) or lost the connection.
+pub(super) const STATE_CLOSED: u32 = 1;
+/// The owner refused a request of the peer (`refused`): the peer failed.
+pub(super) const STATE_PEER_FAILED: u32 = 2;
+/// A request of the owner failed at the peer's side... as seen by the
+/// owner (its receive could not take the message): the owner failed.
+pub(super) const STATE_OWNER_FAILED: u32 = 3;
+
+const HEADER_BYTES: usize = 2 * RING_ALIGN;
+const _: () = assert!(std::mem::size_of::<Header>() == RING_ALIGN);
+const _: () = assert!(std::mem::size_of::<Control>() == RING_ALIGN);
+
+/// A mapped segment: the control words and the ring's handles.
+pub(super) struct Segment {
+    map: Arc<Mapping>,
+    pub(super) layout: RingLayout,
+}
+
+impl Segment {
+    /// Creates a segment for a ring of `capacity` cells of `stride` entries;
+    /// the descriptor to send to the peer, and the mapped segment.
+    pub(super) fn create(capacity: usize, stride: usize) -> std::io::Result<(OwnedFd, Segment)> {
+        let bad = || std::io::Error::from_raw_os_error(libc::EINVAL);
+        let layout = RingLayout::new(capacity, stride).ok_or_else(bad)?;
+        if layout.cells > MAX_CELLS || stride > MAX_STRIDE {
+            return Err(bad());
+        }
+        let len = HEADER_BYTES + layout.bytes();
+        let fd = sealed_memfd(len)?;
+        let map = Arc::new(Mapping::new(&fd, len)?);
+        let seg = Segment { map, layout };
+        let h = seg.header();
+        h.magic.store(MAGIC, std::sync::atomic::Ordering::Relaxed);
+        h.version.store(VERSION, std::sync::atomic::Ordering::Relaxed);
+        h.cells
+            .store(layout.cells as u32, std::sync::atomic::Ordering::Relaxed);
+        h.stride
+            .store(stride as u32, std::sync::atomic::Ordering::Relaxed);
+        Ok((fd, seg))
+    }
+
+    /// Maps a segment a peer sent, checking it (sealed size, magic,
+    /// version, geometry within limits and within the size).
+    pub(super) fn open(fd: &OwnedFd) -> std::io::Result<Segment> {
+        let bad = || std::io::Error::from_raw_os_error(libc::EINVAL);
+        let len = sealed_size(fd)?;
+        if len < HEADER_BYTES {
+            return Err(bad());
+        }
+        let map = Arc::new(Mapping::new(fd, len)?);
+        let probe = Segment {
+            map,
+            layout: RingLayout::new(1, 0).ok_or_else(bad)?,
+        };
+        let h = probe.header();
+        let o = std::sync::atomic::Ordering::Relaxed;
+        let (cells, stride) = (h.cells.load(o) as usize, h.stride.load(o) as usize);
+        if h.magic.load(o) != MAGIC || h.version.load(o) != VERSION {
+            return Err(bad());
+        }
+        let layout = RingLayout::new(cells, stride).ok_or_else(bad)?;
+        if layout.cells != cells || cells > MAX_CELLS || stride > MAX_STRIDE {
+            return Err(bad());
+        }
+        if HEADER_BYTES + layout.bytes() > len {
+            return Err(bad());
+        }
+        Ok(Segment {
+            map: probe.map,
+            layout,
+        })
+    }
+
+    fn header(&self) -> &Header {
+        // SAFETY: the mapping is at least `HEADER_BYTES` long (checked at
+        // creation and opening), page aligned, and a header of atomics is
+        // valid for any bytes.
+        unsafe { self.map.base().cast::<Header>().as_ref() }
+    }
+
+    /// The owner's control words.
+    pub(super) fn control(&self) -> &Control {
+        debug_assert!(self.map.len() >= HEADER_BYTES);
+        // SAFETY: as in `header`, at offset `RING_ALIGN`, aligned for it.
+        unsafe {
+            &*(self.map.base().as_ptr().add(RING_ALIGN) as *const Control)
+        }
+    }
+
+    /// The ring's handles (the caller uses one: the producer if it owns
+    /// the segment, the consumer otherwise).
+    pub(super) fn ring(&self) -> (CellProducer, CellConsumer) {
+        // SAFETY: the ring's bytes follow the header inside the mapping
+        // (checked: `HEADER_BYTES + layout.bytes() <= len`), aligned to
+        // `RING_ALIGN`; the mapping stays alive with the ring (`keep`);
+        // this process touches them only through this ring, made once per
+        // segment.
+        unsafe {
+            let base = std::ptr::NonNull::new_unchecked(self.map.base().as_ptr().add(HEADER_BYTES));
+            cell::external(base, self.layout, self.map.clone())
+        }
+    }
+}
