@@ -36,7 +36,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
@@ -48,6 +48,9 @@ const ACCEPT: u8 = 3;
 const REJECT: u8 = 4;
 const WHY_REFUSED: u8 = 1;
 const WHY_NO_LISTENER: u8 = 2;
+/// How long the event thread waits for a peer that hung up to finish
+/// exiting before it looks for its stale socket file.
+const EXIT_WAIT_MS: i32 = 50;
 
 /// A handshake message.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -91,8 +94,7 @@ impl Msg {
 
     fn decode(b: &[u8]) -> Option<Msg> {
         let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
-        if b.len() != MSG_BYTES || u32_at(0) != MAGIC || b[4..6] != (VERSION as u16).to_le_bytes()
-        {
+        if b.len() != MSG_BYTES || u32_at(0) != MAGIC || b[4..6] != (VERSION as u16).to_le_bytes() {
             return None;
         }
         Some(Msg {
@@ -141,8 +143,9 @@ enum Watch {
     ConnSock(Weak<Conn>),
     /// A connection's eventfd (the peer woke us).
     ConnEvent(Weak<Conn>),
-    /// The NIC is going away.
-    Stop(OwnedFd),
+    /// Signalled to make the thread look again (a new deadline) or, with
+    /// `stopping` set, return.
+    Kick(OwnedFd),
 }
 
 /// The event thread's registry.
@@ -150,7 +153,8 @@ pub(super) struct Events {
     epoll: Epoll,
     watches: Mutex<HashMap<u64, Watch>>,
     next: AtomicU64,
-    stop_fd: Mutex<Option<i32>>,
+    kick_fd: Mutex<Option<i32>>,
+    stopping: AtomicBool,
 }
 
 impl Events {
@@ -159,7 +163,8 @@ impl Events {
             epoll: Epoll::new()?,
             watches: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
-            stop_fd: Mutex::new(None),
+            kick_fd: Mutex::new(None),
+            stopping: AtomicBool::new(false),
         })
     }
 
@@ -176,17 +181,21 @@ impl Events {
     fn remove(&self, token: u64) -> Option<Watch> {
         let w = lock(&self.watches).remove(&token)?;
         let fd = match &w {
-            Watch::Address(f) | Watch::Incoming(f) | Watch::Stop(f) => f.as_raw_fd(),
+            Watch::Address(f) | Watch::Incoming(f) | Watch::Kick(f) => f.as_raw_fd(),
             Watch::Queued(r) => r.raw,
             Watch::Attempt(a) => a.raw,
-            Watch::ConnSock(c) => return c.upgrade().map(|c| {
-                self.epoll.remove(c.sock.as_raw_fd());
-                w
-            }),
-            Watch::ConnEvent(c) => return c.upgrade().map(|c| {
-                self.epoll.remove(c.my_event.as_raw_fd());
-                w
-            }),
+            Watch::ConnSock(c) => {
+                return c.upgrade().map(|c| {
+                    self.epoll.remove(c.sock.as_raw_fd());
+                    w
+                })
+            }
+            Watch::ConnEvent(c) => {
+                return c.upgrade().map(|c| {
+                    self.epoll.remove(c.my_event.as_raw_fd());
+                    w
+                })
+            }
         };
         self.epoll.remove(fd);
         Some(w)
@@ -211,20 +220,26 @@ impl Events {
 
     /// Starts the event thread; `stop` makes it return.
     pub(super) fn start(nic: &Arc<NicInner>) -> std::io::Result<std::thread::JoinHandle<()>> {
-        let stop = sys::eventfd()?;
-        *lock(&nic.events.stop_fd) = Some(stop.as_raw_fd());
-        let raw = stop.as_raw_fd();
-        nic.events.add(raw, Watch::Stop(stop))?;
+        let kick = sys::eventfd()?;
+        *lock(&nic.events.kick_fd) = Some(kick.as_raw_fd());
+        let raw = kick.as_raw_fd();
+        nic.events.add(raw, Watch::Kick(kick))?;
         let weak = Arc::downgrade(nic);
         std::thread::Builder::new()
             .name("sanpath-shm".into())
             .spawn(move || run(weak))
     }
 
-    pub(super) fn stop(&self) {
-        if let Some(fd) = *lock(&self.stop_fd) {
+    /// Makes the thread recompute its deadline.
+    fn kick(&self) {
+        if let Some(fd) = *lock(&self.kick_fd) {
             sys::signal(fd);
         }
+    }
+
+    pub(super) fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.kick();
     }
 }
 
@@ -348,8 +363,9 @@ impl ConnRequest for Request {
         let nic = self.nic.upgrade().ok_or(ConnectError::Cancelled)?;
         let (seg_fd, ev_fd) = lock(&self.fds).take().ok_or(ConnectError::Cancelled)?;
         let theirs = Segment::open(&seg_fd).map_err(|_| ConnectError::NoResources)?;
-        let (my_seg_fd, mine) = Segment::create(params.send_depth as usize, params.max_sge as usize)
-            .map_err(|_| ConnectError::NoResources)?;
+        let (my_seg_fd, mine) =
+            Segment::create(params.send_depth as usize, params.max_sge as usize)
+                .map_err(|_| ConnectError::NoResources)?;
         let my_event = sys::eventfd().map_err(|_| ConnectError::NoResources)?;
         let sock = lock(&self.sock).take().ok_or(ConnectError::Cancelled)?;
         let m = Msg {
@@ -454,9 +470,7 @@ impl NicInner {
                 remove_if_stale(&path);
                 return Err(unknown());
             }
-            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
-                return Err(ConnectError::TimedOut)
-            }
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => return Err(ConnectError::TimedOut),
             Err(_) => return Err(unknown()),
         };
         let (seg_fd, seg) = Segment::create(params.send_depth as usize, params.max_sge as usize)
@@ -493,6 +507,7 @@ impl NicInner {
             .add(a.raw, Watch::Attempt(a.clone()))
             .map_err(|_| ConnectError::NoResources)?;
         *lock(&a.token) = token;
+        self.events.kick();
         Ok(a)
     }
 
@@ -537,7 +552,7 @@ impl NicInner {
             Attempt(Arc<Attempt>),
             Sock(Weak<Conn>),
             Event(Weak<Conn>),
-            Stop,
+            Kick(i32),
         }
         let what = match lock(&self.events.watches).get(&token) {
             None => return true,
@@ -547,10 +562,15 @@ impl NicInner {
             Some(Watch::Attempt(a)) => Do::Attempt(a.clone()),
             Some(Watch::ConnSock(c)) => Do::Sock(c.clone()),
             Some(Watch::ConnEvent(c)) => Do::Event(c.clone()),
-            Some(Watch::Stop(_)) => Do::Stop,
+            Some(Watch::Kick(f)) => Do::Kick(f.as_raw_fd()),
         };
         match what {
-            Do::Stop => return false,
+            Do::Kick(fd) => {
+                sys::drain(fd);
+                if self.events.stopping.load(Ordering::SeqCst) {
+                    return false;
+                }
+            }
             Do::Accept(fd) => {
                 while let Some(s) = sys::accept(fd) {
                     let raw = s.as_raw_fd();
@@ -580,9 +600,21 @@ impl NicInner {
             Do::Sock(c) => {
                 if let Some(c) = c.upgrade() {
                     self.events.remove(token);
+                    // A peer that hung up without closing died: its
+                    // process closes its descriptors (this socket, then
+                    // its address sockets) before it becomes a zombie.
+                    // Once it is one, its socket file is stale: removed
+                    // first, so that whoever sees the flushed completions
+                    // finds it gone.
+                    if c.peer_died() {
+                        if let Some(p) = &c.peer_proc {
+                            if sys::readable_within(p.as_raw_fd(), EXIT_WAIT_MS) {
+                                remove_if_stale(&socket_path(&self.dir, *c.peer.ip()));
+                            }
+                        }
+                    }
                     c.peer_gone.store(true, Ordering::Release);
                     c.cq.wake();
-                    remove_if_stale(&socket_path(&self.dir, *c.peer.ip()));
                 } else {
                     lock(&self.events.watches).remove(&token);
                 }
@@ -679,7 +711,9 @@ impl NicInner {
             Some(m) if m.kind == ACCEPT => {
                 self.connected(a, p.params.clone(), p.seg, p.event, m, fds)
             }
-            Some(m) if m.kind == REJECT && m.why == WHY_NO_LISTENER => Err(ConnectError::NoListener),
+            Some(m) if m.kind == REJECT && m.why == WHY_NO_LISTENER => {
+                Err(ConnectError::NoListener)
+            }
             Some(m) if m.kind == REJECT => Err(ConnectError::Refused),
             // The acceptor's process died or sent garbage.
             _ => Err(ConnectError::HostUnreachable),
@@ -703,7 +737,9 @@ impl NicInner {
         };
         let theirs = Segment::open(&seg).map_err(|_| ConnectError::Refused)?;
         let sock = lock(&a.sock).take().ok_or(ConnectError::Cancelled)?;
-        let conn = self.make_conn(a.from, a.to, mine, theirs, m.pid, my_event, ev, sock, params)?;
+        let conn = self.make_conn(
+            a.from, a.to, mine, theirs, m.pid, my_event, ev, sock, params,
+        )?;
         Ok(Arc::new(super::ShmQp(conn)))
     }
 }

@@ -27,9 +27,7 @@
 //! touches none of this end's memory, and the outstanding requests are
 //! flushed. A peer that died (its socket hung up) copies nothing more.
 
-use super::seg::{
-    Segment, STATE_CLOSED, STATE_INTACT, STATE_OWNER_FAILED, STATE_PEER_FAILED,
-};
+use super::seg::{Segment, STATE_CLOSED, STATE_INTACT, STATE_OWNER_FAILED, STATE_PEER_FAILED};
 use super::sys::{self, Cma};
 use super::NicInner;
 use crate::fabric::soft::cell::{CellConsumer, CellOp, CellProducer, INLINE_MAX};
@@ -116,6 +114,9 @@ pub(super) struct Conn {
     peer_event: OwnedFd,
     /// The connection's socket: the peer's death hangs it up.
     pub(super) sock: OwnedFd,
+    /// The peer process (readable once it exited), if the kernel has
+    /// pidfds.
+    pub(super) peer_proc: Option<OwnedFd>,
     /// The event thread's tokens of `sock` and `my_event`.
     pub(super) tokens: Mutex<Vec<u64>>,
     /// Set by the NIC's event thread when the socket hung up.
@@ -174,6 +175,7 @@ impl Conn {
             my_event: p.my_event,
             peer_event: p.peer_event,
             sock: p.sock,
+            peer_proc: sys::pidfd(p.peer_pid).ok(),
             tokens: Mutex::new(Vec::new()),
             peer_gone: AtomicBool::new(false),
             cq: p.cq,
@@ -395,11 +397,13 @@ impl Conn {
             return;
         }
         let refused = theirs.refused.load(Ordering::Relaxed);
-        let own = (refused != 0)
-            .then(|| ((refused >> 8) - 1, super::status_from(refused as u8)));
+        let own = (refused != 0).then(|| ((refused >> 8) - 1, super::status_from(refused as u8)));
         // The peer refused a request of ours: we failed.
         let failed = peer_state == STATE_PEER_FAILED;
-        self.mine.control().state.store(STATE_CLOSED, Ordering::SeqCst);
+        self.mine
+            .control()
+            .state
+            .store(STATE_CLOSED, Ordering::SeqCst);
         st.broken = Some(Broken {
             status: if failed {
                 WcStatus::Flushed
@@ -478,9 +482,20 @@ impl Conn {
         let index = inc.head();
         let msg = inc.peek()?;
         let Some(d) = msg.decode() else {
-            return Some(Err((index, WcStatus::RemoteInvalidRequest, STATE_PEER_FAILED)));
+            return Some(Err((
+                index,
+                WcStatus::RemoteInvalidRequest,
+                STATE_PEER_FAILED,
+            )));
         };
-        gather.resize(sys::MAX_IOV, Sge { addr: 0, len: 0, lkey: 0 });
+        gather.resize(
+            sys::MAX_IOV,
+            Sge {
+                addr: 0,
+                len: 0,
+                lkey: 0,
+            },
+        );
         let r = match d.op {
             CellOp::Send => {
                 let recv = rq.get_mut(*filled)?;
@@ -507,7 +522,11 @@ impl Conn {
                     Ok(())
                 } else {
                     let Some(src) = msg.gather_into(&d, gather) else {
-                        return Some(Err((index, WcStatus::RemoteInvalidRequest, STATE_PEER_FAILED)));
+                        return Some(Err((
+                            index,
+                            WcStatus::RemoteInvalidRequest,
+                            STATE_PEER_FAILED,
+                        )));
                     };
                     let dst = trim(&recv.sges, d.len);
                     match sys::cma(Cma::Read, self.peer_pid, &dst.0[..dst.1], src) {
@@ -523,7 +542,11 @@ impl Conn {
             CellOp::Write { remote_addr, rkey } | CellOp::Read { remote_addr, rkey } => {
                 let write = matches!(d.op, CellOp::Write { .. });
                 let Some(remote) = msg.gather_into(&d, gather) else {
-                    return Some(Err((index, WcStatus::RemoteInvalidRequest, STATE_PEER_FAILED)));
+                    return Some(Err((
+                        index,
+                        WcStatus::RemoteInvalidRequest,
+                        STATE_PEER_FAILED,
+                    )));
                 };
                 let need = if write {
                     Access::REMOTE_WRITE
@@ -600,6 +623,12 @@ impl Conn {
             st.sq.pop_front();
         }
         n
+    }
+
+    /// Whether the peer hung up without closing first: it died (or its
+    /// process is exiting).
+    pub(super) fn peer_died(&self) -> bool {
+        self.theirs.control().state.load(Ordering::Acquire) == STATE_INTACT
     }
 
     /// Whether nothing is outstanding (a dropped end can be forgotten).

@@ -127,7 +127,10 @@ struct Pd {
 impl Pd {
     fn new_key(&self) -> u32 {
         loop {
-            let k = self.last_key.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+            let k = self
+                .last_key
+                .fetch_add(1, Ordering::Relaxed)
+                .wrapping_add(1);
             if k != 0 {
                 return k;
             }
@@ -316,7 +319,11 @@ impl Nic for ShmNic {
         let mut cqs = lock(&self.inner.cqs);
         cqs.retain(|_, cq| cq.strong_count() > 0);
         let id = loop {
-            let n = self.inner.last_cq.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+            let n = self
+                .inner
+                .last_cq
+                .fetch_add(1, Ordering::Relaxed)
+                .wrapping_add(1);
             if !cqs.contains_key(&n) {
                 break n;
             }
@@ -379,7 +386,9 @@ impl Nic for ShmNic {
             .get(&lkey)
             .ok_or(FabricError::Invalid("no such region"))?;
         if !r.access.contains(access) {
-            return Err(FabricError::Invalid("the region does not allow that access"));
+            return Err(FabricError::Invalid(
+                "the region does not allow that access",
+            ));
         }
         if access.contains(Access::REMOTE_WRITE) && !r.access.contains(Access::LOCAL_WRITE) {
             return Err(FabricError::Invalid("remote write needs local write"));
@@ -459,7 +468,11 @@ impl Nic for ShmNic {
             .count();
         NicStats {
             registrations: pd.registrations.load(Ordering::Relaxed),
-            live_regions: pd.regions.read().unwrap_or_else(PoisonError::into_inner).len() as u64,
+            live_regions: pd
+                .regions
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .len() as u64,
             live_remote_keys: lock(&pd.rkeys)
                 .values()
                 .filter(|k| k.conn.strong_count() > 0)
@@ -535,9 +548,7 @@ unsafe fn copy_local(src: &[Sge], dst: &[Sge]) {
         let (s, d) = (src[si], dst[di]);
         let n = (s.len as usize - so).min(d.len as usize - doff);
         // SAFETY: both ranges lie inside their entries (caller).
-        unsafe {
-            std::ptr::copy((s.addr + so) as *const u8, (d.addr + doff) as *mut u8, n)
-        };
+        unsafe { std::ptr::copy((s.addr + so) as *const u8, (d.addr + doff) as *mut u8, n) };
         so += n;
         doff += n;
         if so == s.len as usize {

@@ -91,7 +91,8 @@ impl Segment {
         let seg = Segment { map, layout };
         let h = seg.header();
         h.magic.store(MAGIC, std::sync::atomic::Ordering::Relaxed);
-        h.version.store(VERSION, std::sync::atomic::Ordering::Relaxed);
+        h.version
+            .store(VERSION, std::sync::atomic::Ordering::Relaxed);
         h.cells
             .store(layout.cells as u32, std::sync::atomic::Ordering::Relaxed);
         h.stride
@@ -142,9 +143,7 @@ impl Segment {
     pub(super) fn control(&self) -> &Control {
         debug_assert!(self.map.len() >= HEADER_BYTES);
         // SAFETY: as in `header`, at offset `RING_ALIGN`, aligned for it.
-        unsafe {
-            &*(self.map.base().as_ptr().add(RING_ALIGN) as *const Control)
-        }
+        unsafe { &*(self.map.base().as_ptr().add(RING_ALIGN) as *const Control) }
     }
 
     /// The ring's handles (the caller uses one: the producer if it owns

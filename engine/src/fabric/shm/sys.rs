@@ -154,7 +154,11 @@ pub(super) fn send_msg(sock: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<()
             (*c).cmsg_level = libc::SOL_SOCKET;
             (*c).cmsg_type = libc::SCM_RIGHTS;
             (*c).cmsg_len = libc::CMSG_LEN((fds.len() * 4) as u32) as _;
-            std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(c) as *mut RawFd, fds.len());
+            std::ptr::copy_nonoverlapping(
+                fds.as_ptr(),
+                libc::CMSG_DATA(c) as *mut RawFd,
+                fds.len(),
+            );
         }
     }
     // SAFETY: `msg` names live buffers for the call.
@@ -263,8 +267,22 @@ pub(super) fn cma(
         // spaces; the local ranges are ours to write (caller, see above).
         let n = unsafe {
             match dir {
-                Cma::Read => libc::process_vm_readv(pid, lv.as_ptr(), lv.len() as _, rv.as_ptr(), rv.len() as _, 0),
-                Cma::Write => libc::process_vm_writev(pid, lv.as_ptr(), lv.len() as _, rv.as_ptr(), rv.len() as _, 0),
+                Cma::Read => libc::process_vm_readv(
+                    pid,
+                    lv.as_ptr(),
+                    lv.len() as _,
+                    rv.as_ptr(),
+                    rv.len() as _,
+                    0,
+                ),
+                Cma::Write => libc::process_vm_writev(
+                    pid,
+                    lv.as_ptr(),
+                    lv.len() as _,
+                    rv.as_ptr(),
+                    rv.len() as _,
+                    0,
+                ),
             }
         };
         if n <= 0 {
@@ -316,7 +334,12 @@ impl Epoll {
     pub(super) fn remove(&self, fd: RawFd) {
         // SAFETY: no event pointer is needed for a removal.
         unsafe {
-            libc::epoll_ctl(self.0.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut())
+            libc::epoll_ctl(
+                self.0.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                fd,
+                std::ptr::null_mut(),
+            )
         };
     }
 
@@ -352,7 +375,10 @@ fn sockaddr(path: &std::path::Path) -> io::Result<(libc::sockaddr_un, libc::sock
     for (d, s) in a.sun_path.iter_mut().zip(b) {
         *d = *s as libc::c_char;
     }
-    Ok((a, std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t))
+    Ok((
+        a,
+        std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+    ))
 }
 
 fn seqpacket() -> io::Result<OwnedFd> {
@@ -372,7 +398,11 @@ pub(super) fn listen_at(path: &std::path::Path) -> io::Result<OwnedFd> {
     let (a, len) = sockaddr(path)?;
     // SAFETY: `a` is a live sockaddr_un of `len` bytes.
     unsafe {
-        check(libc::bind(fd.as_raw_fd(), (&a as *const libc::sockaddr_un).cast(), len))?;
+        check(libc::bind(
+            fd.as_raw_fd(),
+            (&a as *const libc::sockaddr_un).cast(),
+            len,
+        ))?;
         check(libc::listen(fd.as_raw_fd(), 128))?;
     }
     Ok(fd)
@@ -399,4 +429,22 @@ pub(super) fn accept(fd: RawFd) -> Option<OwnedFd> {
         )
     })
     .ok()
+}
+
+/// A pidfd of process `pid` (readable once it exited).
+pub(super) fn pidfd(pid: libc::pid_t) -> io::Result<OwnedFd> {
+    // SAFETY: no pointers involved; the result is a fresh descriptor.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    owned(fd as libc::c_int)
+}
+
+/// Waits up to `ms` for `fd` to be readable; whether it is.
+pub(super) fn readable_within(fd: RawFd, ms: i32) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one live pollfd.
+    unsafe { libc::poll(&mut p, 1, ms) == 1 }
 }
