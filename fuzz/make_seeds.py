@@ -239,7 +239,68 @@ SESSION = {
     "empty": b"",
 }
 
-for target, seeds in (("spi_calls", SPI), ("descriptor", DESC), ("session_msg", SESSION)):
+# --- shm_cell -----------------------------------------------------------
+# A whole segment (engine/src/fabric/shm/seg.rs): a 128-byte header line
+# (magic "SANPSHM1", version, cells, stride), a 128-byte control line, then
+# the ring (engine/src/fabric/soft/cell.rs, RingLayout): `cells` cells of
+# 192 bytes (seq u64, len u32, nsge u32 = count | tag << 24, ack u64,
+# 168 payload bytes), `cells * stride` gather entries of 16 bytes (addr
+# u64, len u32, lkey u32), padded to 128, then a 128-byte consumed line.
+
+
+def u64(v):
+    return struct.pack("<Q", v)
+
+
+def seg_header(cells, stride, magic=b"SANPSHM1", version=1):
+    line = magic + u32(version) + u32(cells) + u32(stride)
+    return line.ljust(128, b"\0") + bytes(128)
+
+
+def cell(seq, length, nsge=0, tag=0, payload=b""):
+    head = u64(seq) + u32(length) + u32(nsge | tag << 24) + u64(0)
+    return head + payload.ljust(168, b"\0")
+
+
+def gather(addr, length, lkey=1):
+    return u64(addr) + u32(length) + u32(lkey)
+
+
+def segment(cells, stride, cell_list, gathers, **hdr):
+    ring = b"".join(cell_list).ljust(cells * 192, b"\0")
+    g = b"".join(gathers).ljust(cells * stride * 16, b"\0")
+    body = ring + g
+    body = body.ljust((len(body) + 127) // 128 * 128, b"\0") + bytes(128)
+    return seg_header(cells, stride, **hdr) + body
+
+
+RDMA = u64(0x7000_0000) + u32(0x12345)
+SHM = {
+    "inline_then_gathered": segment(
+        4, 2,
+        [cell(1, 8, payload=b"pingpong"), cell(2, 300, nsge=2)],
+        [bytes(32) * 1, gather(0x1000, 100), gather(0x2000, 200)],
+    ),
+    "rdma_write_read": segment(
+        4, 1,
+        [cell(1, 64, nsge=1, tag=1, payload=RDMA), cell(2, 64, nsge=1, tag=2, payload=RDMA)],
+        [gather(0x3000, 64), gather(0x4000, 64)],
+    ),
+    "wrapped_lap": segment(2, 1, [cell(3, 1, payload=b"x"), cell(2, 1, payload=b"y")], []),
+    "inline_too_long": segment(2, 1, [cell(1, 169)], []),
+    "too_many_entries": segment(2, 1, [cell(1, 10, nsge=2)], []),
+    "gather_total_mismatch": segment(2, 1, [cell(1, 300, nsge=1)], [gather(0x1000, 299)]),
+    "bad_tag": segment(2, 1, [cell(1, 8, tag=9)], []),
+    "bad_magic": segment(2, 1, [cell(1, 8)], [], magic=b"SANPSHM0"),
+    "bad_version": segment(2, 1, [cell(1, 8)], [], version=2),
+    "not_power_of_two": segment(3, 1, [cell(1, 8)], []),
+    "huge_geometry": seg_header(1 << 30, 255),
+    "truncated": segment(4, 2, [cell(1, 8)], [])[:600],
+    "empty": b"",
+}
+
+for target, seeds in (("spi_calls", SPI), ("descriptor", DESC), ("session_msg", SESSION),
+                      ("shm_cell", SHM)):
     d = os.path.join(HERE, "corpus", target)
     os.makedirs(d, exist_ok=True)
     for name, data in seeds.items():

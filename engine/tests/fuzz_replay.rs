@@ -43,7 +43,7 @@ fn every_target_has_a_replay_test() {
     let names: Vec<&str> = TARGETS.iter().map(|(n, _)| *n).collect();
     assert_eq!(
         names,
-        ["descriptor", "spi_calls", "session_msg"],
+        ["descriptor", "spi_calls", "session_msg", "shm_cell"],
         "add a replay test below"
     );
 }
@@ -61,4 +61,9 @@ fn spi_calls_corpus() {
 #[test]
 fn session_msg_corpus() {
     replay("session_msg");
+}
+
+#[test]
+fn shm_cell_corpus() {
+    replay("shm_cell");
 }

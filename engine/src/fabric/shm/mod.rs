@@ -52,6 +52,7 @@ mod sys;
 use crate::fabric::*;
 use conn::Conn;
 use cq::{CqInner, ShmCq};
+pub(crate) use seg::fuzz_segment;
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;

@@ -12,14 +12,17 @@
 //! | `descriptor` | [`descriptor`] | RDMA descriptor decoding ([`crate::mem::Descriptor::decode`]) |
 //! | `spi_calls` | [`spi_calls`] | a program of SPI calls against a provider on a private soft network |
 //! | `session_msg` | [`session_msg`] | the reference switch's session messages: decoding, and a protocol machine fed them |
+//! | `shm_cell` | [`shm_cell`] | a shared-memory segment a peer wrote: the receiver's checks and cell decoder (`fabric::shm`) |
 
 mod descriptor;
 mod input;
 mod session_msg;
+mod shm_cell;
 mod spi_calls;
 
 pub use descriptor::descriptor;
 pub use session_msg::session_msg;
+pub use shm_cell::shm_cell;
 pub use spi_calls::spi_calls;
 
 /// A target's body: runs one input, panics if an invariant fails.
@@ -30,4 +33,5 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("descriptor", descriptor),
     ("spi_calls", spi_calls),
     ("session_msg", session_msg),
+    ("shm_cell", shm_cell),
 ];
