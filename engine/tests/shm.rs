@@ -693,3 +693,105 @@ fn silent_listener(path: &Path) -> std::os::fd::OwnedFd {
         std::os::fd::OwnedFd::from_raw_fd(fd)
     }
 }
+
+/// The engine on the shm fabric, chosen by a TOML config: a connection of
+/// the provider to its own address (through its own socket and segments),
+/// a send and receive beyond the inline size (moved by CMA), an RDMA write
+/// through a descriptor, and a close with a receive pending.
+#[test]
+fn provider_over_shm_from_a_toml_config() {
+    use sanpath::mem::region::Region;
+    use sanpath::spi::*;
+    use sanpath::testkit::{connected_pair, CompletingSwitch};
+    let dir = private_dir("provider");
+    let toml = format!(
+        "[fabric]\nkind = \"shm\"\n[fabric.shm]\naddresses = [\"10.77.1.1\"]\nruntime_dir = \"{}\"\n\
+         [poller]\nmode = \"run_to_completion\"\n[mem]\nmlock = \"off\"\n",
+        dir.display()
+    );
+    let config = sanpath::Config::from_toml(&toml).expect("config");
+    let p = Provider::new(config).expect("provider on shm");
+    p.startup(WSD_VERSION, Arc::new(CompletingSwitch), 1)
+        .unwrap();
+    let ip = p.address_list().unwrap()[0];
+    assert_eq!(ip, Ipv4Addr::new(10, 77, 1, 1));
+    assert_eq!(entries(&dir), vec!["10.77.1.1.sock".to_string()]);
+    let (c, s) = connected_pair(&p, SocketAddrV4::new(ip, 7000)).expect("connected pair");
+    let off = sanpath::config::MlockPolicy::Off;
+    let (rc, rs, target) = (
+        Region::new(1 << 16, off).unwrap(),
+        Region::new(1 << 16, off).unwrap(),
+        Region::new(1 << 16, off).unwrap(),
+    );
+    let pattern: Vec<u8> = (0..4096u32).map(|i| (i * 13 % 251) as u8).collect();
+    rc.write_at(0, &pattern).unwrap();
+    let mut desc = [0u8; RDMA_DESCRIPTOR_LEN];
+    let wait = |ov: &Overlapped| {
+        let deadline = Instant::now() + WAIT;
+        while ov.is_pending() {
+            assert!(Instant::now() < deadline, "op did not complete");
+            p.progress();
+        }
+        ov.offset_high.load(Ordering::Acquire)
+    };
+    // SAFETY: the regions outlive the sockets (closed below, before drop).
+    let hc = unsafe {
+        p.register_memory(s, rs.as_ptr(), 1 << 16, MEM_READWRITE)
+            .unwrap();
+        p.register_rdma_memory(s, target.as_ptr(), 1 << 16, MEM_WRITE, &mut desc)
+            .unwrap();
+        p.register_memory(c, rc.as_ptr(), 1 << 16, MEM_READWRITE)
+            .unwrap()
+    };
+    let (r, w, x) = (Overlapped::new(1), Overlapped::new(1), Overlapped::new(1));
+    // SAFETY: buffers and records outlive the ops (waited for).
+    unsafe {
+        let rb = [WsaBuf {
+            len: 8192,
+            buf: rs.as_ptr(),
+        }];
+        p.recv(s, &rb, &r).unwrap();
+        let wb = [WsaBuf {
+            len: 4096,
+            buf: rc.as_ptr(),
+        }];
+        p.send(c, &wb, 0, &w).unwrap();
+    }
+    assert_eq!((wait(&r), wait(&w)), (0, 0));
+    assert_eq!(r.internal_high.load(Ordering::Acquire), 4096);
+    let mut got = vec![0u8; 4096];
+    rs.read_at(0, &mut got).unwrap();
+    assert_eq!(got, pattern, "received bytes");
+    // SAFETY: as above.
+    unsafe {
+        let b = [WsaBufEx {
+            len: 4096,
+            buf: rc.as_ptr(),
+            handle: hc as usize,
+        }];
+        p.rdma_write(c, &b, &desc, 1000, 0, &x).unwrap();
+    }
+    assert_eq!(wait(&x), 0);
+    target.read_at(1000, &mut got).unwrap();
+    assert_eq!(got, pattern, "RDMA-written bytes at offset 1000");
+    let pending = Overlapped::new(1);
+    // SAFETY: as above.
+    unsafe {
+        let rb = [WsaBuf {
+            len: 64,
+            buf: rs.as_ptr(),
+        }];
+        p.recv(s, &rb, &pending).unwrap()
+    };
+    p.close_socket(s).unwrap();
+    assert_eq!(wait(&pending), 995, "pending receive aborted by close");
+    p.close_socket(c).unwrap();
+    assert_eq!(p.stats().ops_in_use, 0);
+    p.cleanup().unwrap();
+    drop(p);
+    assert_eq!(
+        entries(&dir),
+        Vec::<String>::new(),
+        "left in the runtime dir"
+    );
+}

@@ -32,6 +32,10 @@
 //!   once at mapping time); the segments are sealed against resizing.
 //!   (A peer can always write our memory through CMA itself: the checks
 //!   keep a faulty peer from crashing us, not a hostile one out.)
+//! - **Permissions**: CMA needs the right to ptrace the peer: both
+//!   processes run as the same user, and a NIC lifts the Yama restriction
+//!   to descendants (`PR_SET_PTRACER_ANY`), so that sibling processes can
+//!   be peers (Yama scope 2 or 3 forbids the fabric).
 //! - **Runtime directory**: `fabric.shm.runtime_dir`, else
 //!   `$XDG_RUNTIME_DIR/sanpath`, else `sanpath-<uid>` (mode 0700) under
 //!   the temp dir. It holds only the address sockets: removed by a NIC's
@@ -245,6 +249,7 @@ impl ShmNic {
             None => runtime_dir().map_err(unavailable)?,
         };
         let events = cm::Events::new().map_err(unavailable)?;
+        sys::allow_peer_access();
         let inner = Arc::new(NicInner {
             addresses: cfg.addresses.clone(),
             prefix_len: cfg.prefix_len,
