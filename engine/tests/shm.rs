@@ -795,3 +795,60 @@ fn provider_over_shm_from_a_toml_config() {
         "left in the runtime dir"
     );
 }
+
+/// A send that waits for a receive does not keep the receiver's CQ awake
+/// (an armed poller would spin on it); posting the receive wakes it, and
+/// the message lands. One process, connected to itself.
+#[test]
+fn a_send_waiting_for_a_receive_lets_the_receiver_sleep() {
+    let dir = private_dir("held");
+    let nic = nic(&dir, SERVER);
+    let (mut ccq, mut scq) = (Cq::new(&nic, 64), Cq::new(&nic, 64));
+    let lflag = Arc::new(Flag::default());
+    let me = SocketAddrV4::new(SERVER, PORT);
+    let l = nic.listen(me, 1, lflag.clone()).unwrap();
+    let (tx, rx) = mpsc::channel();
+    let _a = nic
+        .connect(
+            SocketAddrV4::new(SERVER, 0),
+            me,
+            params(&ccq, 4, Arc::new(Events::default())),
+            Box::new(move |r| tx.send(r).unwrap()),
+        )
+        .unwrap();
+    let until = Instant::now() + WAIT;
+    let req = loop {
+        if let Some(r) = l.peek() {
+            break r;
+        }
+        assert!(Instant::now() < until, "no request");
+        lflag.sleep(until);
+    };
+    let server = req
+        .accept(params(&scq, 4, Arc::new(Events::default())))
+        .unwrap();
+    let client = rx.recv_timeout(WAIT).unwrap().unwrap();
+    let buf = Buf::new(&nic, 64, Access::LOCAL_WRITE);
+    let s = [buf.sge(0, 8)];
+    client
+        .post_send(&SendWr {
+            wr_id: 1,
+            op: SendOp::Send,
+            sges: &s,
+        })
+        .unwrap();
+    // The message is in the server's ring, with no receive for it.
+    let mut none = [WorkCompletion::EMPTY; 4];
+    assert_eq!(scq.cq.poll(&mut none), 0);
+    assert!(!scq.cq.arm(), "a held send kept the receiver awake");
+    *scq.flag.set.lock().unwrap() = false;
+    let r = [buf.sge(32, 32)];
+    server.post_recv(&RecvWr { wr_id: 2, sges: &r }).unwrap();
+    assert!(
+        *scq.flag.set.lock().unwrap(),
+        "the receive's post woke the CQ"
+    );
+    let c = scq.expect(2);
+    assert_eq!((c.status, c.byte_len), (WcStatus::Success, 8));
+    assert_eq!(ccq.expect(1).status, WcStatus::Success);
+}

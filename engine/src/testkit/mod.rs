@@ -11,7 +11,7 @@ use crate::event::Event;
 use crate::fabric::soft::{SoftNetwork, SoftNic};
 use crate::spi::{
     Condition, Overlapped, Provider, ProviderSocket, Switch, SwitchHandle, AF_INET, FD_ACCEPT,
-    IPPROTO_TCP, SOCK_STREAM, WSA_FLAG_OVERLAPPED, WSD_VERSION,
+    FD_CONNECT, IPPROTO_TCP, SOCK_STREAM, WSA_FLAG_OVERLAPPED, WSD_VERSION,
 };
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
@@ -75,11 +75,19 @@ pub fn connected_pair(
     let ev = Arc::new(Event::new());
     p.event_select(l, Some(ev.clone()), FD_ACCEPT)?;
     let c = socket()?;
+    // On a fabric whose connector learns of the accept later (shm, verbs),
+    // the client is connected only once FD_CONNECT says so.
+    let connected = Arc::new(Event::new());
+    p.event_select(c, Some(connected.clone()), FD_CONNECT)?;
     p.connect(c, addr, &[])?;
     if !ev.wait(Duration::from_secs(10)) {
         return Err(WsaError::WSAETIMEDOUT);
     }
     let (s, _) = p.accept(l, &mut |_| Condition::Accept)?;
     p.close_socket(l)?;
+    if !connected.wait(Duration::from_secs(10)) {
+        return Err(WsaError::WSAETIMEDOUT);
+    }
+    p.event_select(c, None, 0)?;
     Ok((c, s))
 }

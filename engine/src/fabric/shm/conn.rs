@@ -216,21 +216,31 @@ impl Conn {
         self.has_work()
     }
 
-    /// Whether a poll would find something to do.
+    /// Whether a poll would find something to do. A send waiting for a
+    /// receive is not work (a poller would spin on it): the receive's post
+    /// wakes the CQ.
     fn has_work(&self) -> bool {
+        let st = lock(&self.st);
+        if st.broken.is_some() {
+            return !st.told || !st.sq.is_empty() || !st.rq.is_empty();
+        }
         if self.peer_gone.load(Ordering::Acquire)
             || self.theirs.control().state.load(Ordering::Acquire) != STATE_INTACT
+            || st.rq.front().is_some_and(|r| r.done.is_some())
         {
             return true;
         }
-        let st = lock(&self.st);
-        if st.broken.is_some() || st.filled > 0 || st.inc.peek().is_some() {
-            return true;
-        }
+        let can_match = st.rq.len() > st.filled;
+        let arrived = st
+            .inc
+            .peek()
+            .is_some_and(|m| m.decode().is_none_or(|d| d.op != CellOp::Send || can_match));
         let consumed = st.out.ring().consumed();
-        st.sq
-            .front()
-            .is_some_and(|e| e.kind.map_or(true, |i| i < consumed))
+        arrived
+            || st
+                .sq
+                .front()
+                .is_some_and(|e| e.kind.map_or(true, |i| i < consumed))
     }
 
     fn check_local(&self, sges: &[Sge], need: Access) -> bool {

@@ -222,8 +222,9 @@ impl NicInner {
     }
 }
 
-/// A shared-memory NIC; dropping it stops its event thread and removes its
-/// address sockets (existing connections keep working until closed).
+/// A shared-memory NIC; dropping it stops its event thread (its queue pairs
+/// get no more wake-ups nor news of a peer's death: drop them first) and
+/// removes its address sockets.
 pub struct ShmNic {
     inner: Arc<NicInner>,
     thread: Option<std::thread::JoinHandle<()>>,
