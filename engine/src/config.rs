@@ -379,6 +379,7 @@ impl Config {
     }
 
     /// The settings of this engine's shm NIC (`fabric.shm`).
+    #[cfg(not(loom))]
     pub fn shm_nic(&self) -> crate::fabric::shm::ShmNicConfig {
         let s = &self.fabric.shm;
         crate::fabric::shm::ShmNicConfig {

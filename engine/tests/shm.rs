@@ -2,6 +2,7 @@
 //! as the peer (`SANPATH_SHM_CHILD` names its role, `SANPATH_SHM_DIR` the
 //! runtime directory). The child reports on stdout lines starting `SHM:`;
 //! a watchdog kills it should a test hang, so every wait fails loudly.
+#![cfg(not(loom))]
 
 use sanpath::fabric::shm::{ShmNic, ShmNicConfig};
 use sanpath::fabric::*;

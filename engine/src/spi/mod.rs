@@ -141,7 +141,12 @@ impl Provider {
             FabricKind::Soft => {
                 default_network().attach(config.soft_nic(config.fabric.soft.addresses.clone()))?
             }
+            #[cfg(not(loom))]
             FabricKind::Shm => Arc::new(crate::fabric::shm::ShmNic::new(config.shm_nic())?),
+            #[cfg(loom)]
+            FabricKind::Shm => {
+                return Err(FabricError::Unavailable("no shm fabric in loom builds".into()).into())
+            }
             #[cfg(feature = "verbs")]
             FabricKind::Verbs => {
                 use crate::fabric::verbs::{VerbsConfig, VerbsNic};

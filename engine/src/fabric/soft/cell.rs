@@ -154,22 +154,25 @@ unsafe impl Send for CellRing {}
 
 impl Drop for CellRing {
     fn drop(&mut self) {
-        if let Memory::Heap { padded } = self.memory {
-            let cap = self.mask as usize + 1;
-            // SAFETY: `ring` made these pointers with `Box::into_raw` of a
-            // `[Cell; cap]`, a `[AtomicSge; cap * stride]` and a padded
-            // word, and nothing uses them after the ring.
-            unsafe {
-                drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(
-                    self.cells.as_ptr(),
-                    cap,
-                )));
-                drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(
-                    self.gathers.as_ptr(),
-                    cap * self.stride,
-                )));
-                drop(Box::from_raw(padded));
-            }
+        let padded = match self.memory {
+            Memory::Heap { padded } => padded,
+            #[cfg(not(loom))]
+            Memory::External(_) => return,
+        };
+        let cap = self.mask as usize + 1;
+        // SAFETY: `ring` made these pointers with `Box::into_raw` of a
+        // `[Cell; cap]`, a `[AtomicSge; cap * stride]` and a padded word,
+        // and nothing uses them after the ring.
+        unsafe {
+            drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(
+                self.cells.as_ptr(),
+                cap,
+            )));
+            drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(
+                self.gathers.as_ptr(),
+                cap * self.stride,
+            )));
+            drop(Box::from_raw(padded));
         }
     }
 }
@@ -337,6 +340,7 @@ pub(crate) unsafe fn external(
 
 /// What a message asks of its receiver: the cell's operation tag (bits
 /// 24-31 of its `nsge` word; the soft fabric only sends, tag 0).
+#[cfg(not(loom))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum CellOp {
     /// A two-sided send into the receiver's next posted receive.
@@ -349,7 +353,9 @@ pub(crate) enum CellOp {
     Read { remote_addr: u64, rkey: u32 },
 }
 
+#[cfg(not(loom))]
 const TAG_SHIFT: u32 = 24;
+#[cfg(not(loom))]
 const COUNT_MASK: u32 = (1 << TAG_SHIFT) - 1;
 
 /// The producer handle (one per ring; its owner serialises the sends).
