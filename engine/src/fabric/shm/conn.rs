@@ -231,10 +231,10 @@ impl Conn {
             return true;
         }
         let can_match = st.rq.len() > st.filled;
-        let arrived = st
-            .inc
-            .peek()
-            .is_some_and(|m| m.decode().is_none_or(|d| d.op != CellOp::Send || can_match));
+        let arrived = st.inc.peek().is_some_and(|m| {
+            m.decode()
+                .map_or(true, |d| d.op != CellOp::Send || can_match)
+        });
         let consumed = st.out.ring().consumed();
         arrived
             || st
