@@ -152,6 +152,7 @@ impl Socket {
     }
 
     /// The first failure, if any.
+    #[inline]
     pub fn failure(&self) -> Option<WsaError> {
         match self.fail.load(Ordering::Acquire) {
             0 => None,

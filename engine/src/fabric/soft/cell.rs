@@ -398,6 +398,7 @@ impl CellProducer {
     /// # Safety
     /// When `len <= INLINE_MAX`, every entry of `src` names readable memory
     /// for the duration of the call, and `len` is their total length.
+    #[inline]
     pub(crate) unsafe fn push(&mut self, src: &[Sge], len: u32, ack: u64) -> Option<u64> {
         if src.len() > self.ring.stride || !self.room() {
             return None;
@@ -628,6 +629,7 @@ impl Message<'_> {
     /// Every entry of `dst` names writable memory nobody else accesses
     /// during the call; for a message carried as a gather list, its entries
     /// name readable memory (the sender's registered, posted buffers).
+    #[inline]
     pub(super) unsafe fn copy_to(&self, dst: impl Iterator<Item = Sge>) {
         let nsge = self.cell.nsge.load(Ordering::Relaxed) as usize;
         if nsge == 0 {

@@ -152,6 +152,7 @@ impl SqPoster {
     }
 
     /// Appends and publishes an entry; the caller checked `room`.
+    #[inline]
     pub(super) fn push(&mut self, e: SqEntry) {
         assert!(self.room(), "send queue overflow");
         let slot = &self.q.slots[(self.tail & self.q.mask) as usize];
