@@ -301,10 +301,19 @@ pub trait QueuePair: Send + Sync {
     fn set_error(&self);
 }
 
+/// Most bytes of private data a connection request carries (what rdma_cm
+/// guarantees for a reliable-connected request over InfiniBand).
+pub const MAX_PRIVATE_DATA: usize = 56;
+
 /// A pending incoming connection request.
 pub trait ConnRequest: Send + Sync {
     fn peer_addr(&self) -> SocketAddrV4;
     fn local_addr(&self) -> SocketAddrV4;
+    /// The private data the connector sent with the request (empty if none;
+    /// a backend may pad it with zeros up to its transport's unit).
+    fn private_data(&self) -> &[u8] {
+        &[]
+    }
     /// Accepts: creates the local queue pair, removes the request from the
     /// backlog and completes the connector's attempt successfully.
     /// `Err(Cancelled)` if the connector gave up meanwhile (the request is
@@ -394,6 +403,24 @@ pub trait Nic: Send + Sync {
         params: QpParams,
         done: ConnectDone,
     ) -> Result<Arc<dyn ConnectAttempt>, ConnectError>;
+
+    /// [`Nic::connect`] with up to [`MAX_PRIVATE_DATA`] bytes of private
+    /// data, which the listener side reads in
+    /// [`ConnRequest::private_data`]. A backend without private data
+    /// refuses non-empty data with `NoResources`.
+    fn connect_with_data(
+        &self,
+        local: SocketAddrV4,
+        remote: SocketAddrV4,
+        params: QpParams,
+        private_data: &[u8],
+        done: ConnectDone,
+    ) -> Result<Arc<dyn ConnectAttempt>, ConnectError> {
+        if !private_data.is_empty() {
+            return Err(ConnectError::NoResources);
+        }
+        self.connect(local, remote, params, done)
+    }
 
     /// NIC counters (for tests and benchmarks).
     fn stats(&self) -> NicStats;

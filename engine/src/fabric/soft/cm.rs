@@ -102,6 +102,8 @@ pub(super) struct Request {
     listener: Weak<ListenerShared>,
     from: SocketAddrV4,
     to: SocketAddrV4,
+    /// The connector's private data.
+    private_data: Vec<u8>,
     /// Written only by `leave_pending`, under the backlog lock.
     state: Mutex<ReqState>,
 }
@@ -143,6 +145,10 @@ impl ConnRequest for Request {
         self.to
     }
 
+    fn private_data(&self) -> &[u8] {
+        &self.private_data
+    }
+
     /// `Err(Cancelled)` also when the request was already accepted, rejected
     /// or refused: it is gone either way.
     fn accept(&self, params: QpParams) -> Result<Arc<dyn QueuePair>, ConnectError> {
@@ -179,6 +185,7 @@ impl ConnectAttempt for Request {
 
 /// Queues a request from `from` at listener `l` of NIC `acceptor`; the
 /// request is also the connector's attempt.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn queue_request(
     connector: &Arc<NicShared>,
     acceptor: &Arc<NicShared>,
@@ -186,6 +193,7 @@ pub(super) fn queue_request(
     from: SocketAddrV4,
     to: SocketAddrV4,
     params: QpParams,
+    private_data: &[u8],
     done: ConnectDone,
 ) -> Result<Arc<dyn ConnectAttempt>, ConnectError> {
     let req = Arc::new(Request {
@@ -194,6 +202,7 @@ pub(super) fn queue_request(
         listener: Arc::downgrade(l),
         from,
         to,
+        private_data: private_data.to_vec(),
         state: Mutex::new(ReqState::Pending { params, done }),
     });
     {

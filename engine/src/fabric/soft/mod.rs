@@ -382,6 +382,20 @@ impl Nic for SoftNic {
         params: QpParams,
         done: ConnectDone,
     ) -> Result<Arc<dyn ConnectAttempt>, ConnectError> {
+        self.connect_with_data(local, remote, params, &[], done)
+    }
+
+    fn connect_with_data(
+        &self,
+        local: SocketAddrV4,
+        remote: SocketAddrV4,
+        params: QpParams,
+        private_data: &[u8],
+        done: ConnectDone,
+    ) -> Result<Arc<dyn ConnectAttempt>, ConnectError> {
+        if private_data.len() > MAX_PRIVATE_DATA {
+            return Err(ConnectError::NoResources);
+        }
         match self.network.route(*remote.ip()) {
             Route::NoNet => Err(ConnectError::NetUnreachable),
             Route::NoHost => Err(ConnectError::HostUnreachable),
@@ -390,7 +404,16 @@ impl Nic for SoftNic {
                 let l = target
                     .listener_for(remote)
                     .ok_or(ConnectError::NoListener)?;
-                cm::queue_request(&self.shared, &target, &l, local, remote, params, done)
+                cm::queue_request(
+                    &self.shared,
+                    &target,
+                    &l,
+                    local,
+                    remote,
+                    params,
+                    private_data,
+                    done,
+                )
             }
         }
     }

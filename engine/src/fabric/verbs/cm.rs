@@ -14,7 +14,7 @@ use super::sys::{errno, from_sockaddr, sockaddr_in, Raw};
 use super::{lock, wait_readable_for, Shared};
 use crate::fabric::{
     ConnRequest, ConnectAttempt, ConnectDone, ConnectError, FabricError, Listener, ListenerEvents,
-    QpParams, QueuePair,
+    QpParams, QueuePair, MAX_PRIVATE_DATA,
 };
 use rdma_sys::*;
 use std::collections::{HashMap, VecDeque};
@@ -341,6 +341,9 @@ pub struct VerbsRequest {
     /// From the request: the connector's RDMA read depths.
     initiator_depth: u8,
     responder_resources: u8,
+    /// From the request: the connector's private data (as the CM delivered
+    /// it, zero-padded to its unit).
+    private_data: Vec<u8>,
 }
 
 impl VerbsRequest {
@@ -386,6 +389,10 @@ impl ConnRequest for VerbsRequest {
 
     fn local_addr(&self) -> SocketAddrV4 {
         self.local
+    }
+
+    fn private_data(&self) -> &[u8] {
+        &self.private_data
     }
 
     fn accept(&self, params: QpParams) -> Result<Arc<dyn QueuePair>, ConnectError> {
@@ -481,6 +488,8 @@ pub(crate) struct Attempt {
     shared: Arc<Shared>,
     token: u64,
     params: QpParams,
+    /// Sent with the connection request (at most `MAX_PRIVATE_DATA` bytes).
+    private_data: Vec<u8>,
     /// Serialises the CM thread's steps with `cancel`.
     state: Mutex<AttemptState>,
 }
@@ -500,9 +509,10 @@ pub(crate) fn connect(
     local: SocketAddrV4,
     remote: SocketAddrV4,
     params: QpParams,
+    private_data: &[u8],
     done: ConnectDone,
 ) -> Result<Arc<dyn ConnectAttempt>, ConnectError> {
-    if shared.cq(params.cq).is_none() {
+    if shared.cq(params.cq).is_none() || private_data.len() > MAX_PRIVATE_DATA {
         return Err(ConnectError::NoResources);
     }
     if !local.ip().is_unspecified() && !shared.owns(*local.ip()) {
@@ -518,6 +528,7 @@ pub(crate) fn connect(
         shared: shared.clone(),
         token,
         params,
+        private_data: private_data.to_vec(),
         state: Mutex::new(AttemptState {
             phase: Phase::Running,
             id: Some(id),
@@ -620,7 +631,14 @@ impl Attempt {
                         p.initiator_depth = rd;
                         p.retry_count = shared.cfg.retry_count.min(7);
                         p.rnr_retry_count = shared.cfg.rnr_retry.min(7);
-                        // SAFETY: live id with its QP; p read during the call.
+                        if !self.private_data.is_empty() {
+                            p.private_data = self.private_data.as_ptr().cast();
+                            // At most MAX_PRIVATE_DATA (checked in connect).
+                            p.private_data_len = self.private_data.len() as u8;
+                        }
+                        // SAFETY: live id with its QP; p (and the private
+                        // data it points to, owned by self) read during the
+                        // call.
                         let rc = unsafe { rdma_connect(qp.id().get(), &mut p) };
                         st.qp = Some(qp);
                         if rc == 0 {
@@ -701,6 +719,8 @@ struct Event {
     token: u64,
     initiator_depth: u8,
     responder_resources: u8,
+    /// A connect request's private data (empty for other events).
+    private_data: Vec<u8>,
 }
 
 /// Fails the attempts whose connection request went unanswered past their
@@ -732,7 +752,9 @@ pub(crate) fn run(shared: Arc<Shared>, stop: Arc<OwnedFd>) {
                 break;
             }
             // SAFETY: a reported event and its id are valid until acked; the
-            // conn parameters are plain data read for connect requests only.
+            // conn parameters are plain data read for connect requests only,
+            // whose private data (`private_data_len` bytes) librdmacm keeps
+            // with the event until it is acked.
             let e = unsafe {
                 let r = &*ev;
                 Event {
@@ -742,6 +764,17 @@ pub(crate) fn run(shared: Arc<Shared>, stop: Arc<OwnedFd>) {
                     token: (*r.id).context as usize as u64,
                     initiator_depth: r.param.conn.initiator_depth,
                     responder_resources: r.param.conn.responder_resources,
+                    private_data: if r.event == rdma_cm_event_type::RDMA_CM_EVENT_CONNECT_REQUEST
+                        && !r.param.conn.private_data.is_null()
+                    {
+                        std::slice::from_raw_parts(
+                            r.param.conn.private_data.cast::<u8>(),
+                            usize::from(r.param.conn.private_data_len),
+                        )
+                        .to_vec()
+                    } else {
+                        Vec::new()
+                    },
                 }
             };
             // SAFETY: acknowledges the event we got, once.
@@ -836,6 +869,7 @@ fn on_request(shared: &Arc<Shared>, e: Event) {
         peer,
         initiator_depth: e.initiator_depth,
         responder_resources: e.responder_resources,
+        private_data: e.private_data,
     });
     shared
         .tokens

@@ -709,7 +709,18 @@ impl Nic for VerbsNic {
         params: QpParams,
         done: ConnectDone,
     ) -> Result<Arc<dyn ConnectAttempt>, ConnectError> {
-        cm::connect(&self.shared, local, remote, params, done)
+        cm::connect(&self.shared, local, remote, params, &[], done)
+    }
+
+    fn connect_with_data(
+        &self,
+        local: SocketAddrV4,
+        remote: SocketAddrV4,
+        params: QpParams,
+        private_data: &[u8],
+        done: ConnectDone,
+    ) -> Result<Arc<dyn ConnectAttempt>, ConnectError> {
+        cm::connect(&self.shared, local, remote, params, private_data, done)
     }
 
     fn stats(&self) -> NicStats {
