@@ -135,6 +135,13 @@ pub struct ConnectConfig {
     pub timeout_ms: u64,
     /// `SOMAXCONN` and larger backlogs are clamped to this (spec §7-17).
     pub backlog_max: u32,
+    /// Port of the rejoin service (socket duplication, spec §4.8) on every
+    /// address of the NIC; 0 turns the service off (connections to us then
+    /// cannot be duplicated by their peers). Outside the ephemeral range.
+    pub dup_port: u16,
+    /// How long a duplicated connection waits for its target process to
+    /// claim it before the peer's receives complete `WSAECONNRESET`.
+    pub dup_timeout_ms: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -268,6 +275,8 @@ impl Default for ConnectConfig {
         ConnectConfig {
             timeout_ms: 3000,
             backlog_max: 128,
+            dup_port: 65535,
+            dup_timeout_ms: 10_000,
         }
     }
 }
@@ -392,6 +401,10 @@ impl Config {
             connect_timeout: self.connect_timeout(),
             runtime_dir: (!s.runtime_dir.is_empty()).then(|| s.runtime_dir.clone().into()),
         }
+    }
+
+    pub fn dup_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect.dup_timeout_ms)
     }
 
     /// The settings of a soft NIC with `addresses` for an engine run with

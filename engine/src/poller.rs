@@ -469,6 +469,11 @@ impl Progress {
         self.mode
     }
 
+    /// The id of CQ `index` (as [`Progress::assign_cq`] numbers them).
+    pub fn cq_id(&self, index: usize) -> CqId {
+        self.cqs[index % self.cqs.len()].id()
+    }
+
     /// The CQ for a new queue pair (round robin): its index and id.
     pub fn assign_cq(&self) -> (usize, CqId) {
         let i = self.next_cq.fetch_add(1, Ordering::Relaxed) % self.cqs.len();

@@ -42,6 +42,9 @@ impl Provider {
         if let Some(qp) = qp {
             qp.set_error();
         }
+        // A connection its peer is moving (dup.rs): parked receives are
+        // aborted here, since no queue pair will flush them.
+        self.inner.dup_abort(&sock);
         if DISPATCHING.with(Cell::get) {
             // Called from an upcall on the thread that dispatches: the
             // flushed completions can only be processed after we return.

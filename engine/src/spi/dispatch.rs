@@ -11,6 +11,7 @@
 //! nested progress on it, so per-socket completion order holds, and waits
 //! only it could satisfy do not block.
 
+use super::dup::DupCompletion;
 use super::ops::{release_regs, OpState};
 use super::socket::Socket;
 use super::{lock, Inner, Overlapped, Provider, ProviderSocket, Running};
@@ -141,6 +142,15 @@ fn overlapped_result(ov: &Overlapped) -> WsaResult<(u32, u32)> {
     }
 }
 
+/// A completion's `(error, bytes)` for a socket that is not being closed.
+fn completion_result(wc: &WorkCompletion, sock: &Socket) -> (u32, u32) {
+    if wc.status == WcStatus::Success {
+        (0, wc.byte_len)
+    } else {
+        (completion_error(wc.status, sock).code() as u32, 0)
+    }
+}
+
 /// Work-completion status → the op's Winsock error (§7-5, §7-8), for a
 /// socket that is not being closed.
 fn completion_error(status: WcStatus, sock: &Socket) -> WsaError {
@@ -191,20 +201,60 @@ impl Inner {
             debug_assert!(false, "completion for an unknown op {:#x}", wc.wr_id);
             return;
         };
+        // SAFETY: the op's pin keeps the socket alive while the op is in
+        // hand: until `report` gives it back (the last use of `socket`
+        // here), or for as long as the op stays parked. The reference is
+        // detached from `op` only so that `op` can move on.
+        let socket: &Socket = unsafe { &*(op.socket.get() as *const Socket) };
+        if socket.dup.engaged() && !socket.gate.is_closing() {
+            let (op, error, bytes) = match self.dup_completion(socket, wc, op) {
+                DupCompletion::Parked => return,
+                DupCompletion::Report(op, error, bytes) => (op, error, bytes),
+                DupCompletion::Normal(op) if socket.gate.is_closing() => {
+                    (op, WsaError::WSA_OPERATION_ABORTED.code() as u32, 0)
+                }
+                DupCompletion::Normal(op) => {
+                    let (error, bytes) = completion_result(wc, socket);
+                    (op, error, bytes)
+                }
+            };
+            return self.report_and(run, op, error, bytes, |s| self.dup_settled(s));
+        }
+        let (error, bytes) = if socket.gate.is_closing() {
+            (WsaError::WSA_OPERATION_ABORTED.code() as u32, 0)
+        } else {
+            completion_result(wc, socket)
+        };
+        self.report(run, op, error, bytes);
+    }
+
+    /// Reports a finished op with `error` (a Winsock code, 0 for success)
+    /// and `bytes`: frees its state, writes the overlapped result, makes the
+    /// upcall (or stores the result for polling), then lets close proceed.
+    pub(super) fn report(&self, run: &Running, op: OpState, error: u32, bytes: u32) {
+        self.report_and(run, op, error, bytes, |_| {});
+    }
+
+    /// [`Inner::report`], running `then` on the socket after the op left
+    /// its close gate and before the op's pin on it is given back.
+    #[inline]
+    fn report_and(
+        &self,
+        run: &Running,
+        op: OpState,
+        error: u32,
+        bytes: u32,
+        then: impl FnOnce(&Socket),
+    ) {
         let OpState {
             socket: op_socket,
             overlapped,
             regs,
+            sges: _,
+            recv: _,
         } = op;
         // SAFETY: the op's pin is held until `unpin_op` below.
         let socket = unsafe { op_socket.get() };
-        let (error, bytes) = if socket.gate.is_closing() {
-            (WsaError::WSA_OPERATION_ABORTED.code() as u32, 0)
-        } else if wc.status == WcStatus::Success {
-            (0, wc.byte_len)
-        } else {
-            (completion_error(wc.status, socket).code() as u32, 0)
-        };
         // The op's private memory goes first (CLOSE-4).
         release_regs(regs);
         let ov = overlapped.get();
@@ -218,6 +268,7 @@ impl Inner {
             ov.complete(error, bytes);
         }
         self.op_finished(socket);
+        then(socket);
         self.sockets.unpin_op(op_socket);
     }
 

@@ -88,6 +88,11 @@ impl CloseGate {
         self.state.load(Ordering::Acquire) & CLOSING != 0
     }
 
+    /// Ops entered and not yet left.
+    pub fn in_flight(&self) -> usize {
+        self.state.load(Ordering::Acquire) & COUNT
+    }
+
     /// No op is in flight.
     pub fn is_quiet(&self) -> bool {
         self.state.load(Ordering::Acquire) & COUNT == 0

@@ -18,8 +18,10 @@
 
 mod close;
 mod dispatch;
+mod dup;
 mod gate;
 mod ops;
+mod qp_cell;
 mod socket;
 mod types;
 
@@ -117,6 +119,9 @@ pub(crate) struct Running {
     /// own line: written per pass, read by the helper now and then.
     reaped: crate::sync::CachePadded<AtomicU64>,
     stop: std::sync::atomic::AtomicBool,
+    /// The rejoin service of socket duplication (`dup.rs`), if it runs;
+    /// closed by the last cleanup.
+    dup_service: Mutex<Option<Arc<dyn crate::fabric::Listener>>>,
 }
 
 /// Why a provider could not be created.
@@ -233,7 +238,8 @@ impl Provider {
                 .inner
                 .running
                 .write()
-                .unwrap_or_else(PoisonError::into_inner) = Some(run);
+                .unwrap_or_else(PoisonError::into_inner) = Some(run.clone());
+            *lock(&run.dup_service) = self.inner.start_dup_service();
         }
         life.refcount += 1;
         Ok(WspData {
@@ -270,6 +276,9 @@ impl Provider {
             .unwrap_or_else(PoisonError::into_inner)
             .take();
         if let Some(run) = run {
+            if let Some(l) = lock(&run.dup_service).take() {
+                l.close();
+            }
             run.stop.store(true, Ordering::SeqCst);
             run.dispatcher_waker.unpark();
             run.rtc_notifier.notify();
@@ -291,8 +300,9 @@ impl Provider {
     // Sockets (§3)
     // ------------------------------------------------------------------
 
-    /// `WSPSocket`. `dup_reserved` is `WSAPROTOCOL_INFOW::dwProviderReserved`
-    /// (non-zero = re-creation of a duplicated socket, not supported).
+    /// `WSPSocket`. `dup_reserved` is `WSAPROTOCOL_INFOW::dwProviderReserved`:
+    /// non-zero re-creates a socket duplicated for this process (§4.8,
+    /// `dup.rs`); an unknown, expired or foreign value fails `WSAEINVAL`.
     pub fn socket(
         &self,
         af: i32,
@@ -312,8 +322,11 @@ impl Provider {
         if protocol != 0 && protocol != IPPROTO_TCP {
             return Err(WsaError::WSAEPROTONOSUPPORT);
         }
-        if group != 0 || flags & !WSA_FLAG_OVERLAPPED != 0 || dup_reserved != 0 {
+        if group != 0 || flags & !WSA_FLAG_OVERLAPPED != 0 {
             return Err(WsaError::WSAEINVAL);
+        }
+        if dup_reserved != 0 {
+            return self.recreate(&run, dup_reserved);
         }
         let sock = self.inner.new_socket(&run)?;
         self.inner.sockets.publish(sock.desc, sock.clone());
@@ -627,12 +640,6 @@ impl Provider {
         Err(WsaError::WSAEOPNOTSUPP)
     }
 
-    /// `WSPDuplicateSocket`: socket duplication is not supported yet.
-    pub fn duplicate_socket(&self, s: ProviderSocket, _process_id: u32) -> WsaResult<u64> {
-        self.inner.socket(s)?;
-        Err(WsaError::WSAEOPNOTSUPP)
-    }
-
     /// The local address a socket is bound or connected to.
     pub fn local_addr(&self, s: ProviderSocket) -> WsaResult<Option<SocketAddrV4>> {
         Ok(self.inner.socket(s)?.ctl().local)
@@ -752,7 +759,7 @@ impl Provider {
         // SAFETY: forwarded caller contract.
         unsafe {
             self.inner
-                .start_op(sock, it, MemFlags::READ, max, ov, |qp, id, sges| {
+                .start_op(sock, it, MemFlags::READ, max, ov, false, |qp, id, sges| {
                     qp.post_send(&SendWr {
                         wr_id: id,
                         op: SendOp::Send,
@@ -776,10 +783,15 @@ impl Provider {
         let it = bufs.iter().map(|b| (b.buf as usize, b.len, None));
         // SAFETY: forwarded caller contract.
         unsafe {
-            self.inner
-                .start_op(sock, it, MemFlags::WRITE, u32::MAX, ov, |qp, id, sges| {
-                    qp.post_recv(&RecvWr { wr_id: id, sges })
-                })
+            self.inner.start_op(
+                sock,
+                it,
+                MemFlags::WRITE,
+                u32::MAX,
+                ov,
+                true,
+                |qp, id, sges| qp.post_recv(&RecvWr { wr_id: id, sges }),
+            )
         }
     }
 
@@ -862,7 +874,7 @@ impl Provider {
         // SAFETY: forwarded caller contract.
         unsafe {
             self.inner
-                .start_op(sock, it, need, max, ov, |qp, id, sges| {
+                .start_op(sock, it, need, max, ov, false, |qp, id, sges| {
                     qp.post_send(&SendWr {
                         wr_id: id,
                         op,
@@ -946,6 +958,7 @@ impl Inner {
             helper_started: std::sync::atomic::AtomicBool::new(false),
             reaped: crate::sync::CachePadded::new(AtomicU64::new(0)),
             stop: std::sync::atomic::AtomicBool::new(false),
+            dup_service: Mutex::new(None),
         });
         if self.config.poller.mode == PollerMode::Threads {
             let inner = self.clone();
@@ -1017,13 +1030,17 @@ impl Inner {
             send_depth: q.send_depth,
             recv_depth: q.recv_depth,
             max_sge: q.max_sge.min(MAX_SGE as u32),
-            events: Arc::new(SocketQpEvents(Arc::downgrade(sock))),
+            events: Arc::new(SocketQpEvents {
+                socket: Arc::downgrade(sock),
+                epoch: sock.dup.epoch(),
+            }),
         }
     }
 
     fn ephemeral_port(&self) -> u16 {
-        // 49152..=65535, the IANA dynamic range.
-        49152 + self.next_port.fetch_add(1, Ordering::Relaxed) % 16384
+        // 49152..=65534, the IANA dynamic range less 65535 (the default
+        // `connect.dup_port`).
+        49152 + self.next_port.fetch_add(1, Ordering::Relaxed) % 16383
     }
 
     /// The local address for a connect: the bound one (a wildcard IP becomes
@@ -1064,6 +1081,7 @@ impl Inner {
         need: MemFlags,
         max_total: u32,
         ov: &Overlapped,
+        recv: bool,
         post: impl FnOnce(&dyn QueuePair, u64, &[Sge]) -> Result<(), PostError>,
     ) -> WsaResult<()> {
         let qp = sock.connected_qp()?;
@@ -1133,6 +1151,8 @@ impl Inner {
                 // SAFETY: the caller guarantees `ov` outlives the op.
                 overlapped: unsafe { OvPtr::new(ov) },
                 regs,
+                sges,
+                recv,
             },
         );
         match post(&**qp, slot.wr_id(), &sges[..n]) {

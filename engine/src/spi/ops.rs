@@ -16,6 +16,7 @@
 
 use super::socket::OpSocket;
 use super::types::Overlapped;
+use crate::fabric::Sge;
 use crate::mem::table::RegRef;
 use crate::sync::{AtomicU32, AtomicU64, CachePadded, Ordering, UnsafeCell};
 use std::ptr::NonNull;
@@ -63,6 +64,12 @@ pub struct OpState {
     /// Registrations the op uses; each holds its registration "in use".
     /// Packed: the `Some`s come first (release them with [`release_regs`]).
     pub regs: [Option<RegRef>; MAX_SGE],
+    /// The entries the op was posted with: as many as `regs` holds, each
+    /// covered by the registration at its index. A receive parked while its
+    /// connection is re-established is posted again with them (`dup.rs`).
+    pub sges: [Sge; MAX_SGE],
+    /// A receive (its completion's opcode is not reliable on error).
+    pub recv: bool,
 }
 
 /// Drops an op's registration holds. They are packed from the front, so

@@ -9,7 +9,9 @@
 //! `Arc`s. Nothing of a socket is released before `close_socket` (spec §6.1
 //! step 5): peer-detected failures only change `fail`.
 
+use super::dup::DupState;
 use super::gate::CloseGate;
+use super::qp_cell::QpCell;
 use super::types::{NetworkEvents, ProviderSocket, SwitchHandle, FD_ACCEPT, FD_CONNECT};
 use super::Running;
 use crate::error::{WsaError, WsaResult};
@@ -22,7 +24,7 @@ use crate::sync::{
 use std::net::SocketAddrV4;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 /// Where a socket is in its life (control path only).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,8 +88,11 @@ pub struct Socket {
     pub fail: AtomicI32,
     /// This socket's registrations (data-path lookups take only its lock).
     pub regs: Arc<OwnerRegs>,
-    /// The connection's queue pair, set once when connected.
-    pub qp: OnceLock<Arc<dyn QueuePair>>,
+    /// The connection's queue pair, set when connected (replaced only when
+    /// the peer of a duplicated connection re-establishes it, `dup.rs`).
+    pub qp: QpCell,
+    /// Socket duplication (spec §4.8) this socket takes part in.
+    pub dup: DupState,
     pub ctl: Mutex<Control>,
     pub opts: Options,
     /// Socket-level `SO_RDMA_THRESHOLD_SIZE` (settable by the switch).
@@ -112,7 +117,8 @@ impl Socket {
             gate: CloseGate::default(),
             fail: AtomicI32::new(0),
             regs,
-            qp: OnceLock::new(),
+            qp: QpCell::default(),
+            dup: DupState::default(),
             ctl: Mutex::new(Control {
                 phase: Phase::Open,
                 local: None,
@@ -169,13 +175,26 @@ impl Socket {
     }
 }
 
-/// Connection events of a socket's queue pair.
-pub struct SocketQpEvents(pub Weak<Socket>);
+/// Connection events of a socket's queue pair: the socket, and which of
+/// its queue pairs this is (see [`DupState::ignores_events_of`]).
+pub struct SocketQpEvents {
+    pub socket: Weak<Socket>,
+    pub epoch: u32,
+}
+
+impl SocketQpEvents {
+    /// The socket's live queue pair, if the event is about it.
+    fn socket(&self) -> Option<Arc<Socket>> {
+        self.socket
+            .upgrade()
+            .filter(|s| !s.dup.ignores_events_of(self.epoch))
+    }
+}
 
 impl QpEvents for SocketQpEvents {
     /// The peer tore the connection down (spec §7-5: `WSAECONNRESET`).
     fn disconnected(&self) {
-        if let Some(s) = self.0.upgrade() {
+        if let Some(s) = self.socket() {
             s.record_failure(WsaError::WSAECONNRESET);
         }
     }
@@ -183,7 +202,7 @@ impl QpEvents for SocketQpEvents {
     /// Our own queue pair failed: a local transport failure (§7-5:
     /// `WSAECONNABORTED`), also for the ops it flushed.
     fn failed(&self) {
-        if let Some(s) = self.0.upgrade() {
+        if let Some(s) = self.socket() {
             s.record_failure(WsaError::WSAECONNABORTED);
         }
     }
