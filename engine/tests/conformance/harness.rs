@@ -325,7 +325,11 @@ impl Host {
 
     /// Another host on the same network (on verbs: on the device owning `ip`).
     pub fn peer(&self, ip: Ipv4Addr) -> Host {
-        let config = test_config(self.p.config().poller.mode);
+        self.peer_with(ip, test_config(self.p.config().poller.mode))
+    }
+
+    /// [`Host::peer`] with its own config.
+    pub fn peer_with(&self, ip: Ipv4Addr, config: Config) -> Host {
         match &self.net {
             Some(net) => Host::on(net.clone(), ip, config),
             None => Host::on_device(ip, config),
@@ -346,6 +350,23 @@ impl Host {
     #[cfg(not(feature = "verbs"))]
     fn on_device(_: Ipv4Addr, _: Config) -> Host {
         unreachable!("fabric() refuses verbs without the feature")
+    }
+
+    /// A second provider on this host's NIC, with its own switch: another
+    /// process on the same machine (socket duplication, DUP-*). On verbs:
+    /// another provider on the same device.
+    pub fn sibling(&self) -> Host {
+        let config = test_config(self.p.config().poller.mode);
+        match &self.nic {
+            Some(nic) => {
+                let nic: Arc<dyn sanpath::fabric::Nic> = nic.clone();
+                let mut config = config;
+                config.fabric.soft.addresses = vec![self.ip];
+                let p = Provider::with_nic(config, nic).expect("provider");
+                Host::started(self.net.clone(), self.nic.clone(), p, self.ip)
+            }
+            None => Host::on_device(self.ip, config),
+        }
     }
 
     pub fn on(net: Arc<SoftNetwork>, ip: Ipv4Addr, mut config: Config) -> Host {

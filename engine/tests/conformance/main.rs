@@ -11,6 +11,7 @@ mod block;
 mod cache;
 mod close;
 mod conn;
+mod dup;
 mod ext;
 mod mem;
 mod rdma;
