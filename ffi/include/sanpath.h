@@ -1351,8 +1351,9 @@ INT WSPCleanup(INT *lpErrno);
 
 // `WSPSocket`: a new SAN socket (one `WPUCreateSocketHandle` upcall); our
 // descriptor, distinct from the switch handle. `lpProtocolInfo` may be
-// NULL; a non-zero `dwProviderReserved` asks for a duplicated socket (not
-// supported: `WSAEINVAL`).
+// NULL; a non-zero `dwProviderReserved` re-creates a socket duplicated for
+// this process by `WSPDuplicateSocket` (an unknown, foreign or expired
+// value: `WSAEINVAL`).
 //
 // # Safety
 // Non-NULL pointers point to valid objects (any alignment).
@@ -1495,8 +1496,10 @@ INT WSPGetSockOpt(SOCKET s, INT level, INT optname, CHAR *optval, INT *optlen, I
 // `optval` NULL or `optlen` readable bytes.
 INT WSPSetSockOpt(SOCKET s, INT level, INT optname, const CHAR *optval, INT optlen, INT *lpErrno);
 
-// `WSPDuplicateSocket`: not supported by the engine yet (`WSAEOPNOTSUPP`);
-// when it is, the value is stored in `lpProtocolInfo->dwProviderReserved`.
+// `WSPDuplicateSocket` (spec §4.8): completes the socket's pending
+// receives with success and 0 bytes and stores the token that only process
+// `dwProcessId` can pass to `WSPSocket` in
+// `lpProtocolInfo->dwProviderReserved` (see the engine's `spi::dup`).
 // NULL `lpProtocolInfo` → `WSAEFAULT`.
 //
 // # Safety

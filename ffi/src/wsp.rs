@@ -189,8 +189,9 @@ pub unsafe extern "system" fn WSPCleanup(lpErrno: *mut INT) -> INT {
 
 /// `WSPSocket`: a new SAN socket (one `WPUCreateSocketHandle` upcall); our
 /// descriptor, distinct from the switch handle. `lpProtocolInfo` may be
-/// NULL; a non-zero `dwProviderReserved` asks for a duplicated socket (not
-/// supported: `WSAEINVAL`).
+/// NULL; a non-zero `dwProviderReserved` re-creates a socket duplicated for
+/// this process by `WSPDuplicateSocket` (an unknown, foreign or expired
+/// value: `WSAEINVAL`).
 ///
 /// # Safety
 /// Non-NULL pointers point to valid objects (any alignment).
@@ -624,8 +625,10 @@ pub unsafe extern "system" fn WSPSetSockOpt(
     unsafe { ret_int(lpErrno, r) }
 }
 
-/// `WSPDuplicateSocket`: not supported by the engine yet (`WSAEOPNOTSUPP`);
-/// when it is, the value is stored in `lpProtocolInfo->dwProviderReserved`.
+/// `WSPDuplicateSocket` (spec §4.8): completes the socket's pending
+/// receives with success and 0 bytes and stores the token that only process
+/// `dwProcessId` can pass to `WSPSocket` in
+/// `lpProtocolInfo->dwProviderReserved` (see the engine's `spi::dup`).
 /// NULL `lpProtocolInfo` → `WSAEFAULT`.
 ///
 /// # Safety

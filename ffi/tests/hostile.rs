@@ -1378,7 +1378,7 @@ fn registration_and_rdma_check_their_arguments() {
 }
 
 #[test]
-fn duplicate_and_qos_are_not_supported() {
+fn duplication_values_of_others_are_refused_and_qos_is_not_supported() {
     let _g = Started::new();
     let s = new_socket();
     let mut err = 0;
@@ -1387,12 +1387,23 @@ fn duplicate_and_qos_are_not_supported() {
         let mut pi: WSAPROTOCOL_INFOW = std::mem::zeroed();
         assert_eq!(WSPDuplicateSocket(s, 1, null_mut(), &mut err), SOCKET_ERROR);
         assert_eq!(err, WSAEFAULT);
-        assert_eq!(WSPDuplicateSocket(s, 1, &mut pi, &mut err), SOCKET_ERROR);
-        assert_eq!(err, WSAEOPNOTSUPP);
-        assert_eq!(pi.dwProviderReserved, 0);
+        // Duplicated for process 1: only process 1 may claim it.
+        assert_eq!(WSPDuplicateSocket(s, 1, &mut pi, &mut err), 0);
+        assert_ne!(pi.dwProviderReserved, 0);
+        let d = WSPSocket(
+            AF_INET,
+            SOCK_STREAM,
+            IPPROTO_TCP,
+            &mut pi,
+            0,
+            WSA_FLAG_OVERLAPPED,
+            &mut err,
+        );
+        assert_eq!(d, INVALID_SOCKET);
+        assert_eq!(err, WSAEINVAL, "a value for another process");
         assert_eq!(WSPGetQOSByName(s, null_mut(), null_mut(), &mut err), FALSE);
         assert_eq!(err, WSAEOPNOTSUPP, "START-8");
-        // WSPSocket with a duplication value is refused.
+        // WSPSocket with a value nobody wrote is refused.
         pi.dwProviderReserved = 77;
         let d = WSPSocket(
             AF_INET,

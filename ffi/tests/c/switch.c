@@ -8,7 +8,7 @@
  * 198.18.0.1) runs listen / connect / accept (with a condition function), memory registration,
  * send / recv, RDMA write and read, and close, checking the spec's checklist items from the
  * switch's side: START-1,2,4,5,6,7,8; EXT-1,3,4; SOCK-1,2,3,4,5; CONN-1,2,7,9,10,11,12,13;
- * MEM-1,4; RDMA-1,2,3,4; XFER-1..9; CLOSE-1,3..9. Upcalls are recorded in a log so that their
+ * MEM-1,4; RDMA-1,2,3,4; XFER-1..9; CLOSE-1,3..9; DUP-1..3 within this one process. Upcalls are recorded in a log so that their
  * order and count can be checked. Every wait is bounded.
  *
  * Prints "N passed, M failed" and exits non-zero on any failure.
@@ -25,6 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "sanpath.h"
 
@@ -867,6 +868,58 @@ int main(int argc, char **argv) {
         CHECK(P.lpWSPCloseSocket(C, &err) == 0, "CLOSE-1 peer-reset socket %d", err);
         WAIT_UNTIL(ok, count_upcalls(mark, UP_CLOSE, hC, NULL) == 1, WAIT_SECS);
         CHECK(ok && closed_last(hC), "CLOSE-5 for C");
+    }
+
+    /* ---- DUP-1..3 (one process: the source is also the target, which spec 4.8 step 3 allows;
+     * the peer is the accepted socket, served by this provider's own rejoin service) ---- */
+    {
+        WSAEVENT ev4 = ev_create();
+        SOCKET C4, A4;
+        connect_pair(L, evL, 5000, &C4, &A4, ev4);
+        HANDLE m4 = RegisterMemory(C4, cbuf, REGION, MEM_READWRITE, &err);
+        CHECK(m4 != NULL, "register %d", err);
+        HANDLE mp = RegisterMemory(A4, abuf, REGION, MEM_READWRITE, &err);
+        CHECK(mp != NULL, "register %d", err);
+        DWORD flags = 0, n = 0;
+        WSAOVERLAPPED ovD = fresh_ov(0), ovP = fresh_ov(0);
+        WSABUF bd = {64, cbuf}, bp = {64, abuf};
+        memset(abuf, 0, 64);
+        CHECK(P.lpWSPRecv(C4, &bd, 1, &n, &flags, &ovD, NULL, NULL, &err) == SOCKET_ERROR && err == WSA_IO_PENDING, "recv C4");
+        CHECK(P.lpWSPRecv(A4, &bp, 1, &n, &flags, &ovP, NULL, NULL, &err) == SOCKET_ERROR && err == WSA_IO_PENDING, "recv A4");
+        WSAPROTOCOL_INFOW pi = tcp_info();
+        CHECK(P.lpWSPDuplicateSocket(C4, (DWORD)getpid(), NULL, &err) == SOCKET_ERROR && err == WSAEFAULT, "NULL info %d", err);
+        mark = log_len();
+        REQUIRE(P.lpWSPDuplicateSocket(C4, (DWORD)getpid(), &pi, &err) == 0, "WSPDuplicateSocket %d", err);
+        CHECK(pi.dwProviderReserved != 0, "DUP-1 dwProviderReserved is 0");
+        struct upcall u;
+        CHECK(find_completion(mark, &ovD, &u) && u.error == 0 && u.bytes == 0, "DUP-1 pending receive: %d/%u", u.error, u.bytes);
+        CHECK(count_upcalls(mark, UP_COMPLETE, 0, &ovD) == 1, "DUP-1 one completion");
+        int creates = count_upcalls(0, UP_CREATE, 0, NULL);
+        SOCKET D = P.lpWSPSocket(AF_INET, SOCK_STREAM, IPPROTO_TCP, &pi, 0, WSA_FLAG_OVERLAPPED, &err);
+        REQUIRE(D != INVALID_SOCKET, "DUP-2 WSPSocket with dwProviderReserved %d", err);
+        CHECK(count_upcalls(0, UP_CREATE, 0, NULL) == creates + 1 && D != C4, "DUP-2 a new socket");
+        CHECK(P.lpWSPSocket(AF_INET, SOCK_STREAM, IPPROTO_TCP, &pi, 0, WSA_FLAG_OVERLAPPED, &err) == INVALID_SOCKET &&
+                  err == WSAEINVAL,
+              "DUP-2 claimed twice %d", err);
+        /* DUP-3: the old descriptor is still ours (not WSAENOTSOCK) until closed. */
+        CHECK(P.lpWSPSend(C4, &bd, 1, &n, 0, &ovD, NULL, NULL, &err) == SOCKET_ERROR && err != WSAENOTSOCK &&
+                  err != WSA_IO_PENDING,
+              "DUP-3 old descriptor %d", err);
+        CHECK(P.lpWSPCloseSocket(C4, &err) == 0, "DUP-3 close the old descriptor %d", err);
+        /* DUP-2: the peer's receive, posted before, gets the new socket's message. */
+        HANDLE md = RegisterMemory(D, cbuf, REGION, MEM_READWRITE, &err);
+        CHECK(md != NULL, "register on the duplicate %d", err);
+        memcpy(cbuf, "dup!", 4);
+        WSAOVERLAPPED ovS = fresh_ov(0);
+        WSABUF bs = {4, cbuf};
+        CHECK(P.lpWSPSend(D, &bs, 1, &n, 0, &ovS, NULL, NULL, &err) == SOCKET_ERROR && err == WSA_IO_PENDING, "send D %d", err);
+        u = wait_completion(mark, &ovS, "DUP-2 send");
+        CHECK(u.error == 0 && u.bytes == 4, "DUP-2 send %d/%u", u.error, u.bytes);
+        u = wait_completion(mark, &ovP, "DUP-2 peer receive");
+        CHECK(u.error == 0 && u.bytes == 4 && memcmp(abuf, "dup!", 4) == 0, "DUP-2 peer receive %d/%u", u.error, u.bytes);
+        CHECK(P.lpWSPCloseSocket(D, &err) == 0, "close %d", err);
+        CHECK(P.lpWSPCloseSocket(A4, &err) == 0, "close %d", err);
+        ev_close(ev4);
     }
 
     /* ---- START-7: the final cleanup aborts pending ops and closes every socket ---- */
