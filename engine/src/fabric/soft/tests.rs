@@ -1384,3 +1384,31 @@ fn set_error_racing_posts_completes_every_post_exactly_once() {
     assert_eq!(seen, expected, "one completion per accepted post");
     assert_eq!((a.events.count(), b.events.count()), (0, 1));
 }
+
+#[test]
+fn private_data_reaches_the_listener_and_is_bounded() {
+    let net = SoftNetwork::new();
+    let n = nic_on(&net, ip(198, 18, 17, 1), 4);
+    let (lev, lrx) = Probe::new();
+    let to = sa(ip(198, 18, 17, 1), 1);
+    let l = n.listen(to, 4, lev.clone()).unwrap();
+    let cq = n.create_cq(64, Probe::new().0).unwrap();
+    let ev = Probe::new().0;
+    let from = sa(ip(198, 18, 17, 1), 2);
+    let data: Vec<u8> = (0..MAX_PRIVATE_DATA as u8).collect();
+    n.connect_with_data(from, to, params(&cq, &ev, 4), &data, Box::new(|_| {}))
+        .unwrap();
+    lrx.recv_timeout(WAIT).unwrap();
+    assert_eq!(l.peek().unwrap().private_data(), &data[..]);
+    l.peek().unwrap().reject();
+    // None without it; more than the limit is refused up front.
+    n.connect(from, to, params(&cq, &ev, 4), Box::new(|_| {}))
+        .unwrap();
+    lrx.recv_timeout(WAIT).unwrap();
+    assert!(l.peek().unwrap().private_data().is_empty());
+    l.peek().unwrap().reject();
+    let long = vec![0u8; MAX_PRIVATE_DATA + 1];
+    let refused = n.connect_with_data(from, to, params(&cq, &ev, 4), &long, Box::new(|_| {}));
+    assert_eq!(refused.err(), Some(ConnectError::NoResources));
+    assert_eq!(l.pending(), 0);
+}
