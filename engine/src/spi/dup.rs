@@ -701,25 +701,32 @@ impl ListenerEvents for Service {
 }
 
 impl Inner {
-    /// Starts the rejoin service on `connect.dup_port` of every address;
-    /// `None` if it is off or the port is taken (by another provider on a
-    /// NIC this one shares).
-    pub(super) fn start_dup_service(self: &Arc<Self>) -> Option<Arc<dyn Listener>> {
+    /// Starts the rejoin service on `connect.dup_port` of each address of
+    /// the NIC (not the wildcard: on rdma_cm that port space is the host's,
+    /// shared by every device); an address whose port is taken (by another
+    /// provider on a NIC this one shares) is skipped.
+    pub(super) fn start_dup_service(self: &Arc<Self>) -> Vec<Arc<dyn Listener>> {
         let port = self.config.connect.dup_port;
         if port == 0 {
-            return None;
+            return Vec::new();
         }
-        let service = Arc::new(Service {
-            inner: Arc::downgrade(self),
-            listener: OnceLock::new(),
-            serial: Mutex::new(()),
-        });
-        let addr = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port);
-        let l = self.nic.listen(addr, 64, service.clone()).ok()?;
-        let _ = service.listener.set(Arc::downgrade(&l));
-        // Requests that arrived before the listener was known.
-        service.request_arrived();
-        Some(l)
+        let mut listeners = Vec::new();
+        for ip in self.nic.addresses() {
+            let service = Arc::new(Service {
+                inner: Arc::downgrade(self),
+                listener: OnceLock::new(),
+                serial: Mutex::new(()),
+            });
+            let addr = SocketAddrV4::new(ip, port);
+            let Ok(l) = self.nic.listen(addr, 64, service.clone()) else {
+                continue;
+            };
+            let _ = service.listener.set(Arc::downgrade(&l));
+            // Requests that arrived before the listener was known.
+            service.request_arrived();
+            listeners.push(l);
+        }
+        listeners
     }
 
     /// Answers one request of the rejoin service.

@@ -119,9 +119,9 @@ pub(crate) struct Running {
     /// own line: written per pass, read by the helper now and then.
     reaped: crate::sync::CachePadded<AtomicU64>,
     stop: std::sync::atomic::AtomicBool,
-    /// The rejoin service of socket duplication (`dup.rs`), if it runs;
-    /// closed by the last cleanup.
-    dup_service: Mutex<Option<Arc<dyn crate::fabric::Listener>>>,
+    /// The rejoin service of socket duplication (`dup.rs`), one listener
+    /// per address it runs on; closed by the last cleanup.
+    dup_service: Mutex<Vec<Arc<dyn crate::fabric::Listener>>>,
 }
 
 /// Why a provider could not be created.
@@ -276,7 +276,7 @@ impl Provider {
             .unwrap_or_else(PoisonError::into_inner)
             .take();
         if let Some(run) = run {
-            if let Some(l) = lock(&run.dup_service).take() {
+            for l in std::mem::take(&mut *lock(&run.dup_service)) {
                 l.close();
             }
             run.stop.store(true, Ordering::SeqCst);
@@ -958,7 +958,7 @@ impl Inner {
             helper_started: std::sync::atomic::AtomicBool::new(false),
             reaped: crate::sync::CachePadded::new(AtomicU64::new(0)),
             stop: std::sync::atomic::AtomicBool::new(false),
-            dup_service: Mutex::new(None),
+            dup_service: Mutex::new(Vec::new()),
         });
         if self.config.poller.mode == PollerMode::Threads {
             let inner = self.clone();
