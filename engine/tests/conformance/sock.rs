@@ -239,7 +239,6 @@ fn every_call(h: &Host, s: ProviderSocket, r: &sanpath::mem::region::Region) -> 
     results.push(h.p.enum_network_events(s, None).err());
     results.push(h.p.ioctl_check(s, SIO_ADDRESS_LIST_QUERY).err());
     results.push(h.p.get_qos_by_name(s).err());
-    results.push(h.p.duplicate_socket(s, 1).err());
     results.into_iter().flatten().collect()
 }
 
@@ -270,9 +269,12 @@ fn sock_6_no_call_returns_wsaeinprogress() {
     h.p.close_socket(c).unwrap();
     assert_eq!(wait_ov(&h, &pending).0, CONNRESET);
     results.extend(every_call(&h, s, &r));
+    // Duplication changes the socket: last before close, in each state.
     for sock in [open, bound, listening, connecting, c, s] {
+        results.extend(h.p.duplicate_socket(sock, 1).err());
         results.extend(h.p.close_socket(sock).err());
         results.extend(every_call(&h, sock, &r));
+        results.extend(h.p.duplicate_socket(sock, 1).err());
         results.extend(h.p.close_socket(sock).err());
     }
     assert!(!results.is_empty());
