@@ -29,7 +29,8 @@
 //! 1. Source, `WSPDuplicateSocket`: writes the record, then sends SUSPEND to
 //!    the peer's service and waits for the answer. The peer marks its
 //!    socket suspended and accepts (the accepted connection is only the
-//!    acknowledgement and is dropped at once); a refusal or no answer fails
+//!    acknowledgement: the source breaks it once connected, the peer drops
+//!    its end when the suspension ends); a refusal or no answer fails
 //!    the duplication with `WSAENETDOWN`, the record removed, nothing else
 //!    changed. Acknowledged, the source marks its socket duplicated and
 //!    moves its queue pair to the error state: every receive still posted
@@ -127,6 +128,10 @@ struct Suspension {
     parked: Vec<OpState>,
     /// The accepted REJOIN's queue pair, until it is swapped in.
     rejoined: Option<Arc<dyn QueuePair>>,
+    /// The SUSPEND's acknowledgement, kept until the suspension ends: the
+    /// source tears it down once connected; ours breaking it at once could
+    /// fail the source's connect before it is established (rdma_cm).
+    ack: Option<Arc<dyn QueuePair>>,
 }
 
 impl DupState {
@@ -743,7 +748,12 @@ impl Inner {
                     return req.reject();
                 };
                 if let Ok(ack) = req.accept(ack_params(run)) {
-                    ack.set_error();
+                    let mut st = sock.dup.lock();
+                    if st.round == round {
+                        st.ack = Some(ack);
+                    } else {
+                        ack.set_error();
+                    }
                 }
                 // Even if the source went away before our answer: it then
                 // fails the duplication, and the watcher resets this socket
@@ -888,6 +898,9 @@ impl Inner {
         if let Some(old) = old {
             old.set_error();
         }
+        if let Some(ack) = st.ack.take() {
+            ack.set_error();
+        }
         failed
     }
 
@@ -987,6 +1000,9 @@ impl Inner {
             sock.dup.flags.fetch_and(!SUSPENDED, Ordering::Release);
             st.round += 1;
             sock.dup.ended.notify_all();
+            if let Some(ack) = st.ack.take() {
+                ack.set_error();
+            }
             (std::mem::take(&mut st.parked), st.rejoined.take())
         };
         if error == WsaError::WSAECONNRESET {

@@ -42,6 +42,9 @@ fn send_msg(h: &Host, s: ProviderSocket, msg: &[u8]) {
     let ov = Overlapped::new(0);
     send(h, s, &b, 0, msg.len() as u32, &ov).unwrap();
     assert_eq!(wait_ov(h, &ov), (OK, msg.len() as u32), "send");
+    // Before the memory goes: a later buffer at the same address must not
+    // find this registration (on verbs its pages are pinned).
+    h.p.deregister_memory(s, b.handle).unwrap();
 }
 
 /// DUP-1: every receive pending on the duplicated socket completes, once,
