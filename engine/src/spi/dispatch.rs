@@ -201,12 +201,56 @@ impl Inner {
             debug_assert!(false, "completion for an unknown op {:#x}", wc.wr_id);
             return;
         };
-        // SAFETY: the op's pin keeps the socket alive while the op is in
-        // hand: until `report` gives it back (the last use of `socket`
-        // here), or for as long as the op stays parked. The reference is
-        // detached from `op` only so that `op` can move on.
-        let socket: &Socket = unsafe { &*(op.socket.get() as *const Socket) };
+        let OpState {
+            socket: op_socket,
+            overlapped,
+            regs,
+            sges,
+            recv,
+        } = op;
+        // SAFETY: the op's pin keeps the socket alive until `unpin_op`
+        // below (or, on the duplication path, until the op is reported or
+        // for as long as it stays parked). Detached from `op_socket` only so
+        // that the op can be put back together on that path.
+        let socket: &Socket = unsafe { &*(op_socket.get() as *const Socket) };
         if socket.dup.engaged() && !socket.gate.is_closing() {
+            let op = OpState {
+                socket: op_socket,
+                overlapped,
+                regs,
+                sges,
+                recv,
+            };
+            return self.dispatch_engaged(run, wc, socket, op);
+        }
+        let (error, bytes) = if socket.gate.is_closing() {
+            (WsaError::WSA_OPERATION_ABORTED.code() as u32, 0)
+        } else if wc.status == WcStatus::Success {
+            (0, wc.byte_len)
+        } else {
+            (completion_error(wc.status, socket).code() as u32, 0)
+        };
+        // The op's private memory goes first (CLOSE-4).
+        release_regs(regs);
+        let ov = overlapped.get();
+        ov.offset.store(0, Ordering::Relaxed);
+        ov.offset_high.store(error, Ordering::Release);
+        if ov.wants_upcall() {
+            let _ = run
+                .switch
+                .complete_overlapped_request(socket.handle, ov, error, bytes);
+        } else {
+            ov.complete(error, bytes);
+        }
+        self.op_finished(socket);
+        self.sockets.unpin_op(op_socket);
+    }
+
+    /// [`Inner::dispatch`] for a socket taking part in a duplication.
+    #[cold]
+    #[inline(never)]
+    fn dispatch_engaged(&self, run: &Running, wc: &WorkCompletion, socket: &Socket, op: OpState) {
+        {
             let (op, error, bytes) = match self.dup_completion(socket, wc, op) {
                 DupCompletion::Parked => return,
                 DupCompletion::Report(op, error, bytes) => (op, error, bytes),
@@ -218,14 +262,8 @@ impl Inner {
                     (op, error, bytes)
                 }
             };
-            return self.report_and(run, op, error, bytes, |s| self.dup_settled(s));
+            self.report_and(run, op, error, bytes, |s| self.dup_settled(s));
         }
-        let (error, bytes) = if socket.gate.is_closing() {
-            (WsaError::WSA_OPERATION_ABORTED.code() as u32, 0)
-        } else {
-            completion_result(wc, socket)
-        };
-        self.report(run, op, error, bytes);
     }
 
     /// Reports a finished op with `error` (a Winsock code, 0 for success)
@@ -237,7 +275,6 @@ impl Inner {
 
     /// [`Inner::report`], running `then` on the socket after the op left
     /// its close gate and before the op's pin on it is given back.
-    #[inline]
     fn report_and(
         &self,
         run: &Running,

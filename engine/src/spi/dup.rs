@@ -79,7 +79,7 @@
 //! The fabric must carry connection private data (`Nic::connect_with_data`).
 
 use super::dispatch::DISPATCHING;
-use super::ops::{OpState, MAX_SGE};
+use super::ops::{OpState, KEPT_SGE, MAX_SGE};
 use super::socket::{Phase, Socket, SocketQpEvents};
 use super::{lock, Inner, Provider, ProviderSocket, Running};
 use crate::error::{WsaError, WsaResult};
@@ -906,9 +906,13 @@ impl Inner {
 
     /// Posts a parked receive on `qp` under a fresh op slot (its pin, gate
     /// entry, overlapped record and registrations carry over).
-    /// Gives the op back if it could not be posted.
+    /// Gives the op back if it could not be posted (also a receive of more
+    /// than [`KEPT_SGE`] buffers, whose other entries were not kept).
     fn repost(&self, sock: &Socket, qp: &dyn QueuePair, op: OpState) -> Option<OpState> {
         let n = op.regs.iter().take_while(|r| r.is_some()).count();
+        if n > KEPT_SGE {
+            return Some(op);
+        }
         let sges = op.sges;
         let Some(slot) = self.ops.reserve(sock.cq_index().unwrap_or(0)) else {
             return Some(op);
@@ -925,7 +929,7 @@ impl Inner {
 
     fn report_failed_reposts(&self, sock: &Socket, failed: Vec<OpState>) {
         for op in failed {
-            self.report(&sock.run, op, WsaError::WSAENOBUFS.code() as u32, 0);
+            self.report(&sock.run, op, WsaError::WSAECONNRESET.code() as u32, 0);
         }
     }
 

@@ -1151,7 +1151,7 @@ impl Inner {
                 // SAFETY: the caller guarantees `ov` outlives the op.
                 overlapped: unsafe { OvPtr::new(ov) },
                 regs,
-                sges,
+                sges: std::array::from_fn(|i| sges[i]),
                 recv,
             },
         );

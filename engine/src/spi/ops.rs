@@ -24,6 +24,10 @@ use std::ptr::NonNull;
 /// Most buffers one op may name (the soft NIC's and the config's SGE limit).
 pub const MAX_SGE: usize = 16;
 
+/// Entries an op keeps for being posted again (see [`OpState::sges`]); the
+/// switch receives into one buffer at a time.
+pub const KEPT_SGE: usize = 2;
+
 const NIL: u32 = u32::MAX;
 
 /// The address of the switch's overlapped record of a pending op.
@@ -64,10 +68,11 @@ pub struct OpState {
     /// Registrations the op uses; each holds its registration "in use".
     /// Packed: the `Some`s come first (release them with [`release_regs`]).
     pub regs: [Option<RegRef>; MAX_SGE],
-    /// The entries the op was posted with: as many as `regs` holds, each
-    /// covered by the registration at its index. A receive parked while its
-    /// connection is re-established is posted again with them (`dup.rs`).
-    pub sges: [Sge; MAX_SGE],
+    /// The first [`KEPT_SGE`] entries the op was posted with (as many as
+    /// `regs` holds, each covered by the registration at its index): a
+    /// receive parked while its connection is re-established is posted
+    /// again with them (`dup.rs`). Not all: every op pays for the copy.
+    pub sges: [Sge; KEPT_SGE],
     /// A receive (its completion's opcode is not reliable on error).
     pub recv: bool,
 }
