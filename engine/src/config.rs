@@ -121,9 +121,15 @@ pub struct MrCacheConfig {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct CloseConfig {
-    /// How long `close_socket` waits for in-flight work requests to come back
-    /// before it returns and leaves the rest of the teardown to the
-    /// dispatcher (nothing is released while the fabric may touch it).
+    /// How long `close_socket` itself waits for the socket's in-flight work
+    /// requests to come back (flushed) before it returns and leaves the rest
+    /// of the teardown to the engine: the bound of a close.
+    pub wait_ms: u64,
+    /// How long after a close the engine waits for the NIC to flush the
+    /// socket's work requests. Past it the engine abandons the queue pair
+    /// (the NIC then touches none of their memory, `QueuePair::abandon`) and
+    /// completes the ops still outstanding itself, `WSA_OPERATION_ABORTED`.
+    /// The last `WSPCleanup` waits at most this long for the closes it ends.
     pub quiesce_timeout_ms: u64,
 }
 
@@ -258,6 +264,7 @@ impl Default for MrCacheConfig {
 impl Default for CloseConfig {
     fn default() -> Self {
         CloseConfig {
+            wait_ms: 100,
             quiesce_timeout_ms: 2000,
         }
     }
@@ -372,6 +379,10 @@ impl Config {
 
     pub fn close_quiesce_timeout(&self) -> Duration {
         Duration::from_millis(self.close.quiesce_timeout_ms)
+    }
+
+    pub fn close_wait(&self) -> Duration {
+        Duration::from_millis(self.close.wait_ms)
     }
 
     pub fn connect_timeout(&self) -> Duration {

@@ -299,6 +299,15 @@ pub trait QueuePair: Send + Sync {
     /// this returned and all the flushed completions were polled, the NIC
     /// touches none of the memory those requests named.
     fn set_error(&self);
+    /// Ends the queue pair's use of memory for good, whether or not its
+    /// requests were flushed (a NIC that does not flush, or takes too
+    /// long): implies `set_error`, and once this returned the NIC touches
+    /// none of the memory any request posted to it named, nor ever will.
+    /// The completions of requests not yet completed may still come, or
+    /// never: the caller completes those requests itself. Later posts
+    /// complete `Flushed` without touching memory. Idempotent; may block
+    /// while the NIC finishes an access already under way.
+    fn abandon(&self);
 }
 
 /// A pending incoming connection request.

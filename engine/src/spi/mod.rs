@@ -116,6 +116,8 @@ pub(crate) struct Running {
     /// something, so the upcall helper sees another thread reaping. Its
     /// own line: written per pass, read by the helper now and then.
     reaped: crate::sync::CachePadded<AtomicU64>,
+    /// Closes that returned before their teardown ended (`close.rs`).
+    closer: close::Closer,
     stop: std::sync::atomic::AtomicBool,
 }
 
@@ -244,7 +246,9 @@ impl Provider {
     }
 
     /// `WSPCleanup`. The last call closes every socket (pending ops complete
-    /// `WSA_OPERATION_ABORTED`) and stops the engine threads.
+    /// `WSA_OPERATION_ABORTED`), ends every close still under way, its own
+    /// and earlier ones (each socket gets its `close_socket_handle`), within
+    /// `close.quiesce_timeout_ms`, and stops the engine threads.
     pub fn cleanup(&self) -> WsaResult<()> {
         let mut life = lock(&self.inner.life);
         if life.refcount == 0 {
@@ -260,8 +264,9 @@ impl Provider {
         for s in &sockets {
             s.gate.shut();
         }
+        // None waits here: the closes end together below.
         for s in sockets {
-            let _ = self.close_socket(s.desc);
+            let _ = self.close_with(s.desc, std::time::Duration::ZERO);
         }
         let run = self
             .inner
@@ -270,6 +275,7 @@ impl Provider {
             .unwrap_or_else(PoisonError::into_inner)
             .take();
         if let Some(run) = run {
+            self.inner.end_deferred_closes(&run);
             run.stop.store(true, Ordering::SeqCst);
             run.dispatcher_waker.unpark();
             run.rtc_notifier.notify();
@@ -277,6 +283,7 @@ impl Provider {
                 h.thread().unpark();
                 let _ = h.join();
             }
+            self.inner.stop_closer(&run);
             run.progress.shutdown();
         }
         Ok(())
@@ -945,6 +952,7 @@ impl Inner {
             dispatcher: Mutex::new(None),
             helper_started: std::sync::atomic::AtomicBool::new(false),
             reaped: crate::sync::CachePadded::new(AtomicU64::new(0)),
+            closer: close::Closer::default(),
             stop: std::sync::atomic::AtomicBool::new(false),
         });
         if self.config.poller.mode == PollerMode::Threads {
@@ -1128,6 +1136,7 @@ impl Inner {
         ov.start();
         self.ops.fill(
             &slot,
+            close::owner_tag(&sock),
             OpState {
                 socket: sock.op_socket(),
                 // SAFETY: the caller guarantees `ov` outlives the op.
@@ -1144,7 +1153,13 @@ impl Inner {
                 Ok(())
             }
             Err(e) => {
-                drop(self.ops.cancel(slot));
+                let Some(state) = self.ops.cancel(slot) else {
+                    // A close that abandoned the queue pair completed the op
+                    // meanwhile (`close.rs`): it started, and is over.
+                    sock.hand_to_op();
+                    return Ok(());
+                };
+                drop(state);
                 ov.internal_high.store(before.1, Ordering::Relaxed);
                 ov.internal.store(before.0, Ordering::Release);
                 self.op_finished(&sock);

@@ -17,7 +17,7 @@
 use super::socket::OpSocket;
 use super::types::Overlapped;
 use crate::mem::table::RegRef;
-use crate::sync::{AtomicU32, AtomicU64, CachePadded, Ordering, UnsafeCell};
+use crate::sync::{AtomicU32, AtomicU64, AtomicUsize, CachePadded, Ordering, UnsafeCell};
 use std::ptr::NonNull;
 
 /// Most buffers one op may name (the soft NIC's and the config's SGE limit).
@@ -105,6 +105,11 @@ struct Slot<S> {
     /// Next free slot while this one is on the free list; meaningless
     /// otherwise. Written by the pusher before the head CAS publishes it.
     next: AtomicU32,
+    /// Who the pending op belongs to (the SPI: its socket's address), so
+    /// that a close can find its ops ([`OpSlab::take_owned`]). Written by
+    /// the starter before its `PENDING` store (which publishes it), read by
+    /// that scan after it saw `PENDING`.
+    owner: AtomicUsize,
     /// The op's private state: written only by the starter between its pop
     /// and its `PENDING` store, read and taken only by the thread whose
     /// compare-exchange claimed it. No lock: the stamp orders the two.
@@ -157,6 +162,7 @@ impl<S> OpSlab<S> {
                     } else {
                         NIL
                     }),
+                    owner: AtomicUsize::new(0),
                     state: UnsafeCell::new(None),
                 })
             })
@@ -206,13 +212,15 @@ impl<S> OpSlab<S> {
         }
     }
 
-    /// Stores the op's state in its reserved slot (before posting).
-    pub fn fill(&self, r: &Reserved, state: S) {
+    /// Stores the op's state in its reserved slot (before posting), with
+    /// the `owner` [`OpSlab::take_owned`] finds it by.
+    pub fn fill(&self, r: &Reserved, owner: usize, state: S) {
         let slot = &self.slots[r.index as usize];
         debug_assert_eq!(
             slot.stamp.load(Ordering::Relaxed),
             stamp(r.generation, RESERVED)
         );
+        slot.owner.store(owner, Ordering::Relaxed);
         // SAFETY: the slot is RESERVED by the caller (it popped it): no
         // other thread reads or writes the state until the PENDING store.
         slot.state.with_mut(|p| unsafe { *p = Some(state) });
@@ -220,20 +228,20 @@ impl<S> OpSlab<S> {
             .store(stamp(r.generation, PENDING), Ordering::Release);
     }
 
-    /// Returns a reserved slot whose op was never started.
+    /// Returns a reserved slot whose op was never started, with the state
+    /// it was filled with. `None` for a filled slot means a close's
+    /// [`OpSlab::take_owned`] took the op first (and freed the slot): it
+    /// completed the op, which therefore counts as started.
     pub fn cancel(&self, r: Reserved) -> Option<S> {
         let slot = &self.slots[r.index as usize];
-        let phase = slot.stamp.load(Ordering::Relaxed) & 3;
-        let state = if phase == PENDING {
-            let state = self.claim(r.index, r.generation);
-            debug_assert!(state.is_some(), "a never-posted op was completed");
-            state
-        } else {
-            debug_assert_eq!(phase, RESERVED);
-            None
-        };
+        let now = slot.stamp.load(Ordering::Relaxed);
+        if now == stamp(r.generation, RESERVED) {
+            self.release(r.index, r.generation);
+            return None;
+        }
+        let state = self.claim(r.index, r.generation)?;
         self.release(r.index, r.generation);
-        state
+        Some(state)
     }
 
     /// Takes the state of the op named by `wr_id` and frees its slot. `None`
@@ -264,6 +272,31 @@ impl<S> OpSlab<S> {
         // alone; the starter no longer writes it (it stored PENDING after
         // its write), and nobody else can claim it.
         slot.state.with_mut(|p| unsafe { (*p).take() })
+    }
+
+    /// Takes the state of every pending op filled with `owner`, frees its
+    /// slot and hands the state to `f`; returns how many. A scan of the
+    /// whole slab, for a close whose NIC did not flush (`spi/close.rs`).
+    /// Each op is taken once, by this or by its completion, whichever
+    /// claims it first; an op filled after the scan passed its slot is not
+    /// seen.
+    pub fn take_owned(&self, owner: usize, f: &mut dyn FnMut(S)) -> usize {
+        let mut n = 0;
+        for (index, slot) in self.slots.iter().enumerate() {
+            // Acquire: pairs with fill's release, so `owner` is the op's.
+            let now = slot.stamp.load(Ordering::Acquire);
+            if now & 3 != PENDING || slot.owner.load(Ordering::Relaxed) != owner {
+                continue;
+            }
+            let generation = (now >> 32) as u32;
+            // A claim fails if the op completed (or the slot moved on) since.
+            if let Some(state) = self.claim(index as u32, generation) {
+                self.release(index as u32, generation);
+                f(state);
+                n += 1;
+            }
+        }
+        n
     }
 
     /// Slots currently allocated (a scan; for tests and stats).
@@ -365,7 +398,7 @@ mod loom_models {
             let worker = |slab: loom::sync::Arc<OpSlab<u32>>, me: u32| {
                 for _ in 0..2 {
                     if let Some(r) = slab.reserve(0) {
-                        slab.fill(&r, me);
+                        slab.fill(&r, 0, me);
                         assert_eq!(slab.cancel(r), Some(me), "slot shared");
                     }
                 }
@@ -392,7 +425,7 @@ mod loom_models {
             let slab = loom::sync::Arc::new(OpSlab::<u32>::new(1, 1));
             let first = slab.reserve(0).unwrap();
             let old_id = first.wr_id();
-            slab.fill(&first, 1);
+            slab.fill(&first, 0, 1);
             let poller = {
                 let slab = slab.clone();
                 thread::spawn(move || {
@@ -405,7 +438,7 @@ mod loom_models {
                 let slab = slab.clone();
                 thread::spawn(move || {
                     let r = slab.reserve(0)?;
-                    slab.fill(&r, 2);
+                    slab.fill(&r, 0, 2);
                     Some(r.wr_id())
                 })
             };
