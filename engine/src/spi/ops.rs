@@ -355,6 +355,28 @@ mod tests {
     }
 
     #[test]
+    fn take_owned_takes_only_the_owners_pending_ops_once() {
+        let slab = OpSlab::<u32>::new(4, 1);
+        let a = slab.reserve(0).unwrap();
+        slab.fill(&a, 7, 1);
+        let b = slab.reserve(0).unwrap();
+        slab.fill(&b, 8, 2);
+        let c = slab.reserve(0).unwrap();
+        slab.fill(&c, 7, 3);
+        let unfilled = slab.reserve(0).unwrap();
+        let mut taken = Vec::new();
+        assert_eq!(slab.take_owned(7, &mut |s| taken.push(s)), 2);
+        taken.sort_unstable();
+        assert_eq!(taken, [1, 3]);
+        assert!(slab.complete(a.wr_id()).is_none(), "taken once");
+        assert_eq!(slab.cancel(c), None, "the starter sees its op taken");
+        assert_eq!(slab.take_owned(7, &mut |_| panic!("taken twice")), 0);
+        assert_eq!(slab.complete(b.wr_id()), Some(2), "another owner's op");
+        assert_eq!(slab.cancel(unfilled), None);
+        assert_eq!(slab.in_use(), 0);
+    }
+
+    #[test]
     fn concurrent_reserve_release_never_hands_out_a_slot_twice() {
         let slab = Arc::new(OpSlab::<u32>::new(8, 2));
         let owners: Arc<Vec<AtomicU32>> = Arc::new((0..8).map(|_| AtomicU32::new(0)).collect());

@@ -439,6 +439,15 @@ impl QpFaults {
         link.wake([me == 0, me == 1]);
     }
 
+    /// Requests posted on this end whose completion its CQ has not
+    /// produced yet (completions polled and dropped count as produced).
+    pub fn outstanding(&self) -> u64 {
+        let mut p = self.link.ends[self.end].post.lock();
+        p.sq.refresh();
+        p.sends.refresh();
+        p.sq.pending() + p.sends.pending() + p.rq.pending()
+    }
+
     /// Ends `Fault::NoFlush`: a sealed end's outstanding requests complete
     /// with the flush status now.
     pub fn release_flush(&self) {
