@@ -192,6 +192,30 @@ pub struct VerbsFabricConfig {
     pub device: String,
     /// Port number (1-based); 0 means 1.
     pub port: u8,
+    /// How remote keys of exposed memory are made.
+    pub memory_windows: MemoryWindows,
+}
+
+/// How the `verbs` fabric makes the remote key of an exposed region. Only a
+/// type-2 memory window, bound through one queue pair, limits the key to the
+/// peer of that connection (spec §5, MEM-7); a second registration with
+/// remote rights gives a key that works through every queue pair of the
+/// protection domain.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum MemoryWindows {
+    /// Type-2 windows when the device has them; without, exposing memory
+    /// to the peer fails (`WSAEOPNOTSUPP`).
+    #[default]
+    Auto,
+    /// Type-2 windows, or the NIC does not open.
+    Required,
+    /// No windows: exposing memory to the peer fails (`WSAEOPNOTSUPP`).
+    Off,
+    /// No windows: a second registration with remote rights. Its key works
+    /// through every connection of the NIC until it is revoked (at the
+    /// deregistration or the close): MEM-7 is not enforced. Opt-in.
+    SharedKeys,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -298,6 +322,7 @@ impl Default for FabricConfig {
             verbs: VerbsFabricConfig {
                 device: String::new(),
                 port: 1,
+                memory_windows: MemoryWindows::Auto,
             },
         }
     }

@@ -198,6 +198,9 @@ pub enum FabricError {
     AddressInUse,
     #[error("{0}")]
     Unavailable(String),
+    /// The NIC cannot do this with the guarantees the engine needs.
+    #[error("not supported: {0}")]
+    Unsupported(&'static str),
 }
 
 /// Result of an outgoing connection attempt.
@@ -377,7 +380,8 @@ pub trait Nic: Send + Sync {
 
     /// Exposes a registered region to the peer of `qp` only, with `access`
     /// (`REMOTE_READ` and/or `REMOTE_WRITE`, which the region must allow);
-    /// returns the remote key. Like a type-2 memory window.
+    /// returns the remote key. Like a type-2 memory window. A NIC that cannot
+    /// limit the key to `qp` fails `Unsupported` (unless configured to).
     fn bind_remote(&self, lkey: u32, qp: QpNum, access: Access) -> Result<u32, FabricError>;
 
     /// Revokes a remote key: later peer accesses with it fail with a remote

@@ -487,6 +487,7 @@ fn register_error(e: FabricError) -> WsaError {
         FabricError::NoResources(_) => WsaError::WSAENOBUFS,
         FabricError::Invalid(_) => WsaError::WSAEFAULT,
         FabricError::Unavailable(_) => WsaError::WSAENETDOWN,
+        FabricError::Unsupported(_) => WsaError::WSAEOPNOTSUPP,
         FabricError::AddressNotAvailable | FabricError::AddressInUse => WsaError::WSAENOBUFS,
     }
 }
@@ -495,6 +496,7 @@ fn bind_error(e: FabricError) -> WsaError {
     match e {
         FabricError::NoResources(_) => WsaError::WSAENOBUFS,
         FabricError::Unavailable(_) => WsaError::WSAENETDOWN,
+        FabricError::Unsupported(_) => WsaError::WSAEOPNOTSUPP,
         FabricError::Invalid(_) | FabricError::AddressNotAvailable | FabricError::AddressInUse => {
             WsaError::WSAEINVAL
         }

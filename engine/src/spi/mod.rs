@@ -156,6 +156,7 @@ impl Provider {
                 VerbsNic::open(VerbsConfig {
                     device: (!v.device.is_empty()).then(|| v.device.clone()),
                     port: v.port.max(1),
+                    memory_windows: v.memory_windows,
                     connect_timeout: config.connect_timeout(),
                     ..VerbsConfig::default()
                 })?
