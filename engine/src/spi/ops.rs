@@ -437,6 +437,46 @@ mod loom_models {
         });
     }
 
+    /// A close's scan (`take_owned`) races the op's own completion and the
+    /// starter's cancel of a failed post: each op's state is taken exactly
+    /// once, another owner's op is never taken, and a cancel that finds its
+    /// op taken frees nothing (the slot goes back once).
+    #[test]
+    fn loom_take_owned_racing_completion_and_cancel() {
+        crate::sync::model("take_owned_racing_completion_and_cancel", 3, || {
+            let slab = loom::sync::Arc::new(OpSlab::<u32>::new(3, 1));
+            let a = slab.reserve(0).unwrap();
+            slab.fill(&a, 7, 1);
+            let b = slab.reserve(0).unwrap();
+            slab.fill(&b, 7, 2);
+            let other = slab.reserve(0).unwrap();
+            slab.fill(&other, 8, 3);
+            let a_id = a.wr_id();
+            let completer = {
+                let slab = slab.clone();
+                thread::spawn(move || slab.complete(a_id))
+            };
+            let starter = {
+                let slab = slab.clone();
+                thread::spawn(move || slab.cancel(b))
+            };
+            let mut taken = Vec::new();
+            slab.take_owned(7, &mut |s| taken.push(s));
+            let by_completion = completer.join().unwrap();
+            let by_cancel = starter.join().unwrap();
+            let mut all: Vec<u32> = taken
+                .into_iter()
+                .chain(by_completion)
+                .chain(by_cancel)
+                .collect();
+            all.sort_unstable();
+            assert_eq!(all, [1, 2], "each op taken exactly once");
+            assert_eq!(slab.in_use(), 1, "only the other owner's op is left");
+            assert_eq!(slab.cancel(other), Some(3));
+            assert_eq!(slab.in_use(), 0);
+        });
+    }
+
     /// A completion (on a poller thread) races the reuse of its slot: an op
     /// is started and completed, and a stale completion for it arrives while
     /// another thread reserves the slot for a new op. The new op's state is

@@ -22,7 +22,8 @@
 //! local and peer address, which the SPI reports) and arms it with
 //! [`QpFaults::arm`] or overruns its completion queue with
 //! [`QpFaults::overrun_cq`]; [`QpFaults::release_rdma`] lets the RDMA
-//! requests held by [`Fault::StallRdma`] go.
+//! requests held by [`Fault::StallRdma`] go, [`QpFaults::release_flush`]
+//! the flushes withheld by [`Fault::NoFlush`].
 
 use super::link::{Cause, Control, Link, Posted, Poster};
 use super::wq::{SqEntry, SqKind};

@@ -13,6 +13,7 @@
 //! | `listen`, `connect`, `accept`, `reject` | `rdma_listen`, `rdma_resolve_addr` → `rdma_resolve_route` → `rdma_connect`, `rdma_accept`, `rdma_reject` (RC, `RDMA_PS_TCP`, by IPv4 address) |
 //! | `post_send`, `post_recv` | `ibv_post_send` (signaled; inline when the payload fits `max_inline_data`), `ibv_post_recv` |
 //! | `set_error` | QP → `IBV_QPS_ERR` (the NIC flushes every posted request) + `rdma_disconnect` |
+//! | `abandon` | `set_error`, its windows deallocated, then `rdma_destroy_qp` (no DMA after it returned) |
 //! | `QpEvents::disconnected` | `RDMA_CM_EVENT_DISCONNECTED` (peer closed or its process died) |
 //!
 //! # Threads
@@ -68,7 +69,12 @@
 //! Linux 6.1 does not flush receives posted to a QP already in error).
 //! Dropping the last reference to a QP destroys it and its rdma_cm id; the
 //! engine does that after the flushes were polled and the registrations
-//! released: error → flushed → disconnect → deregister → destroy.
+//! released: error → flushed → disconnect → deregister → destroy. When the
+//! flushes do not come within `close.quiesce_timeout_ms`, the engine calls
+//! `abandon` instead, which destroys the QP at once (under the post lock,
+//! so no post is inside it): once `ibv_destroy_qp` returned the device does
+//! no DMA for it, and the engine completes the ops itself; completions of
+//! the destroyed QP still in the CQ are dropped by the engine.
 
 mod cm;
 mod cq;
