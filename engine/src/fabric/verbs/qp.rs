@@ -454,7 +454,12 @@ impl Drop for VerbsQp {
         }
         // Its completions were all reaped by now: the engine drops a QP only
         // after every op on it completed (its flushed binds use the CQ's
-        // own slack).
+        // own slack). After an `abandon` the engine completed some ops
+        // itself, and completions the device wrote before the destroy may
+        // still wait in the CQ (polled and dropped later): they briefly
+        // hold entries released here, a rare case (a NIC that did not
+        // flush within the close's quiesce time) the CQ's slack covers
+        // only in part.
         self.cq.release(self.cq_entries);
         // `id` is destroyed by its own drop, after this.
     }
