@@ -214,6 +214,9 @@ impl<S> OpSlab<S> {
 
     /// Stores the op's state in its reserved slot (before posting), with
     /// the `owner` [`OpSlab::take_owned`] finds it by.
+    /// Always inlined: `state` is moved straight into the slot, not copied
+    /// into the call first (it is large: the op's registrations).
+    #[inline(always)]
     pub fn fill(&self, r: &Reserved, owner: usize, state: S) {
         let slot = &self.slots[r.index as usize];
         debug_assert_eq!(
