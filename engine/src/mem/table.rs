@@ -184,6 +184,9 @@ pub struct TableStats {
     pub cache_hits: u64,
     /// NIC registrations this table made.
     pub nic_registrations: u64,
+    /// Bytes of the entries with at least one registration (each NIC
+    /// registration counted once, however many sockets share it).
+    pub registered_bytes: u64,
 }
 
 /// One NIC registration; dropping the last reference deregisters it.
@@ -1007,6 +1010,12 @@ impl RegistrationTable {
             cached_bytes: t.cached_bytes,
             cache_hits: t.cache_hits,
             nic_registrations: t.nic_registrations,
+            registered_bytes: t
+                .entries
+                .values()
+                .filter(|e| e.cached.is_none())
+                .map(|e| e.key.len as u64)
+                .sum(),
         }
     }
 }
