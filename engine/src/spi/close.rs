@@ -161,6 +161,7 @@ impl Inner {
     /// Close returns before `sock`'s ops are over: the last op to leave
     /// finalizes, and the closer forces the rest at `force_at`.
     fn defer_close(self: &Arc<Self>, sock: &Arc<Socket>, force_at: Instant) {
+        self.counters.deferred();
         if sock.gate.defer() {
             self.finalize(sock);
             return;
@@ -274,6 +275,8 @@ impl Inner {
     /// released by close; what its ops held went with their completions.
     pub(super) fn finalize(&self, sock: &Socket) {
         let _ = sock.run.switch.close_socket_handle(sock.handle);
+        self.counters.finalized();
+        tracing::debug!(socket = sock.desc.0, "closed");
         self.completed.notify();
     }
 }

@@ -215,6 +215,9 @@ impl Inner {
         } else {
             (completion_error(status, socket).code() as u32, 0)
         };
+        if error != 0 {
+            self.counters.failed(error);
+        }
         // The op's private memory goes first (CLOSE-4).
         release_regs(regs);
         let ov = overlapped.get();

@@ -21,9 +21,11 @@ mod dispatch;
 mod gate;
 mod ops;
 mod socket;
+mod stats;
 mod types;
 
 pub use ops::MAX_SGE;
+pub use stats::ProviderStats;
 pub use types::*;
 
 use crate::config::{Config, FabricKind, PollerMode};
@@ -51,15 +53,6 @@ pub const RDMA_DESCRIPTOR_LEN: usize = DESCRIPTOR_LEN;
 
 /// Description reported in `WSPDATA`.
 pub const DESCRIPTION: &str = "sanpath WSD SAN provider";
-
-/// Provider counters (tests, benchmarks).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ProviderStats {
-    /// Op slots in use (pending ops).
-    pub ops_in_use: usize,
-    /// Live (not closed) sockets.
-    pub sockets: usize,
-}
 
 /// The SAN provider. Cheap to clone; all clones are the same provider.
 ///
@@ -91,6 +84,8 @@ struct Inner {
     /// completion waits sleep on the CQs' notifier instead, so a batch
     /// reaped in that mode notifies nothing here.
     completed: Notifier,
+    /// Cold-path counters behind [`Provider::stats`].
+    counters: stats::Counters,
 }
 
 #[derive(Default)]
@@ -186,6 +181,7 @@ impl Provider {
                 next_owner: AtomicU64::new(1),
                 next_port: AtomicU16::new(first_ephemeral()),
                 completed: Notifier::default(),
+                counters: stats::Counters::default(),
                 nic,
                 config,
             }),
@@ -198,13 +194,6 @@ impl Provider {
 
     pub fn nic(&self) -> &Arc<dyn Nic> {
         &self.inner.nic
-    }
-
-    pub fn stats(&self) -> ProviderStats {
-        ProviderStats {
-            ops_in_use: self.inner.ops.in_use(),
-            sockets: self.inner.sockets.all().len(),
-        }
     }
 
     /// Statistics of the registration table.
@@ -325,6 +314,7 @@ impl Provider {
         }
         let sock = self.inner.new_socket(&run)?;
         self.inner.sockets.publish(sock.desc, sock.clone());
+        self.inner.counters.published();
         Ok(sock.desc)
     }
 
@@ -516,6 +506,8 @@ impl Provider {
                     }
                     let _ = new.qp.set(qp);
                     self.inner.sockets.publish(new.desc, new.clone());
+                    self.inner.counters.published();
+                    tracing::debug!(socket = new.desc.0, peer = %info.caller, "accepted");
                     break Ok((new.desc, info.caller));
                 }
                 Err(e) => {
@@ -524,6 +516,7 @@ impl Provider {
                     self.inner.sockets.unreserve(new.desc);
                     self.inner.table.release_owner(&new.regs);
                     let _ = run.switch.close_socket_handle(new.handle);
+                    tracing::debug!(peer = %info.caller, error = ?e, "accept failed");
                     if e != ConnectError::Cancelled {
                         break Err(connect_error(e));
                     }
@@ -903,6 +896,12 @@ fn connect_done(sock: &Socket, result: Result<Arc<dyn QueuePair>, ConnectError>)
     let result = result.map(|qp| {
         let _ = sock.qp.set(qp);
     });
+    match &result {
+        Ok(()) => tracing::debug!(socket = sock.desc.0, peer = ?c.peer, "connected"),
+        Err(e) => {
+            tracing::debug!(socket = sock.desc.0, peer = ?c.peer, error = ?e, "connect failed")
+        }
+    }
     record_connect(&mut c, result.map_err(connect_error));
 }
 
@@ -1161,6 +1160,7 @@ impl Inner {
                     return Ok(());
                 };
                 drop(state);
+                self.counters.refused();
                 ov.internal_high.store(before.1, Ordering::Relaxed);
                 ov.internal.store(before.0, Ordering::Release);
                 self.op_finished(&sock);

@@ -310,6 +310,16 @@ impl<S> OpSlab<S> {
             .count()
     }
 
+    /// Reservations made since the slab was created: each takes its slot
+    /// to the next generation. Reads every slot (statistics, not the data
+    /// path); counts modulo 2^32 per slot.
+    pub fn reserved_total(&self) -> u64 {
+        self.slots
+            .iter()
+            .map(|s| s.stamp.load(Ordering::Relaxed) >> 32)
+            .sum()
+    }
+
     fn release(&self, index: u32, generation: u32) {
         let list = index as usize % self.heads.len();
         let slot = &self.slots[index as usize];
@@ -355,6 +365,7 @@ mod tests {
             slab.cancel(r);
         }
         assert_eq!(slab.in_use(), 0);
+        assert_eq!(slab.reserved_total(), 4, "every reservation counted once");
     }
 
     #[test]

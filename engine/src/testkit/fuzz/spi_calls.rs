@@ -1490,7 +1490,7 @@ impl Driver {
             self.closed(s, &pending, true);
         }
         let stats = self.p.stats();
-        self.check(stats == ProviderStats::default(), || {
+        self.check(stats.holds_nothing(), || {
             format!("after the last cleanup: {stats:?}")
         });
     }
