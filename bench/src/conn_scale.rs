@@ -44,6 +44,9 @@ pub struct Scale {
     pub reg_bytes_per_conn: f64,
     pub connect_s: f64,
     pub close_s: f64,
+    /// The provider's counters with every pair connected and a receive
+    /// pending on each socket (`--stats`).
+    pub peak: Option<ProviderStats>,
 }
 
 impl Scale {
@@ -52,7 +55,7 @@ impl Scale {
             "test": "conn_scale", "api": "spi_send", "mode": mode, "conns": self.conns,
             "size": MSG, "lat_ns": self.lat.json(), "bytes_per_conn": self.bytes_per_conn,
             "reg_bytes_per_conn": self.reg_bytes_per_conn, "connect_s": self.connect_s,
-            "close_s": self.close_s,
+            "close_s": self.close_s, "stats": self.peak,
         })
     }
 }
@@ -282,12 +285,13 @@ fn close_all(pairs: &Pairs) -> Res<f64> {
 }
 
 /// Measures one connection count.
-pub fn run(base: &Config, mode: Mode, conns: usize, iters: usize) -> Res<Scale> {
+pub fn run(base: &Config, mode: Mode, conns: usize, iters: usize, stats: bool) -> Res<Scale> {
     let config = config(base, mode, conns);
     let rss0 = rss()?;
     let (pairs, connect_s) = connect(config, conns)?;
     let reg = pairs.p.registration_stats();
     let bytes_per_conn = rss()?.saturating_sub(rss0) as f64 / conns as f64;
+    let peak = stats.then(|| pairs.p.stats());
     let lat = ping_pong(&pairs, iters)?;
     let close_s = close_all(&pairs)?;
     let _ = pairs.p.cleanup();
@@ -298,6 +302,7 @@ pub fn run(base: &Config, mode: Mode, conns: usize, iters: usize) -> Res<Scale> 
         reg_bytes_per_conn: reg.registered_bytes as f64 / conns as f64,
         connect_s,
         close_s,
+        peak,
     })
 }
 
@@ -309,6 +314,7 @@ pub fn suite(
     conns: &[usize],
     iters: Option<usize>,
     quick: bool,
+    stats: bool,
 ) -> Res<Vec<Value>> {
     let mode_name = match mode {
         Mode::Rtc => "rtc",
@@ -328,7 +334,7 @@ pub fn suite(
             return Err("conn_scale: --conns takes counts of at least 1".into());
         }
         let iters = iters.unwrap_or(if quick { 2_000 } else { 20_000 }).max(1);
-        let s = run(base, mode, n, iters)?;
+        let s = run(base, mode, n, iters, stats)?;
         let median = s.lat.median_ns();
         let base_lat = *first.get_or_insert(median);
         println!(
@@ -342,6 +348,9 @@ pub fn suite(
             s.connect_s,
             s.close_s
         );
+        if let Some(p) = &s.peak {
+            println!("        stats with all {n} pairs connected: {p:?}");
+        }
         out.push(s.json(mode_name));
     }
     Ok(out)

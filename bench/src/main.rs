@@ -111,6 +111,11 @@ struct Cli {
     /// Small iteration counts (CI smoke run, a few seconds).
     #[arg(long)]
     quick: bool,
+    /// Print the engine's counters (sockets by state, ops, completions by
+    /// status, registrations) after the tests (conn_scale: with all pairs
+    /// connected).
+    #[arg(long)]
+    stats: bool,
     /// conn_scale: the connection counts to measure.
     #[arg(long, value_delimiter = ',', default_values_t = [1, 100, 1_000, 10_000])]
     conns: Vec<usize>,
@@ -349,16 +354,15 @@ fn run(cli: &Cli) -> Result<(), String> {
                     r.bandwidth(t, size)?
                 }
                 Test::ConnScale => r.results.extend(conn_scale::suite(
-                    &config,
-                    cli.mode,
-                    &cli.conns,
-                    cli.iters,
-                    cli.quick,
+                    &config, cli.mode, &cli.conns, cli.iters, cli.quick, cli.stats,
                 )?),
             }
         }
     }
     progress("");
+    if let (true, Target::Local { bench, .. }) = (cli.stats, &r.target) {
+        println!("engine stats (benchmark pair): {:?}", bench.stats());
+    }
     let elapsed = started.elapsed();
     let stream_paths = match &r.target {
         Target::Local { stream, .. } => stream

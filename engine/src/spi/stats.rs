@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// --stats`, the C function `sanpath_provider_stats`). Read without
 /// stopping the provider: fields taken while ops complete may disagree by
 /// the ops completing meanwhile.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ProviderStats {
     /// Op slots in use (pending ops).
     pub ops_in_use: usize,
