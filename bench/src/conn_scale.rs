@@ -19,8 +19,10 @@ use crate::engine::tune;
 use crate::stats::Lat;
 use crate::Mode;
 use sanpath::config::MlockPolicy;
+use sanpath::fabric::soft::SoftNetwork;
 use sanpath::mem::region::Region;
 use sanpath::spi::*;
+use sanpath::switch::{Listener, Runtime, RuntimeConfig, Stream, SwitchOptions};
 use sanpath::testkit::{self, CompletingSwitch};
 use sanpath::{Config, WsaError};
 use serde_json::{json, Value};
@@ -38,6 +40,8 @@ pub const MSG: usize = 8;
 
 /// One connection count's figures.
 pub struct Scale {
+    /// `spi_send` (raw SPI sockets) or `stream` (the reference switch).
+    pub api: &'static str,
     pub conns: usize,
     pub lat: Lat,
     pub bytes_per_conn: f64,
@@ -52,7 +56,7 @@ pub struct Scale {
 impl Scale {
     pub fn json(&self, mode: &str) -> Value {
         json!({
-            "test": "conn_scale", "api": "spi_send", "mode": mode, "conns": self.conns,
+            "test": "conn_scale", "api": self.api, "mode": mode, "conns": self.conns,
             "size": MSG, "lat_ns": self.lat.json(), "bytes_per_conn": self.bytes_per_conn,
             "reg_bytes_per_conn": self.reg_bytes_per_conn, "connect_s": self.connect_s,
             "close_s": self.close_s, "stats": self.peak,
@@ -296,6 +300,7 @@ pub fn run(base: &Config, mode: Mode, conns: usize, iters: usize, stats: bool) -
     let close_s = close_all(&pairs)?;
     let _ = pairs.p.cleanup();
     Ok(Scale {
+        api: "spi_send",
         conns,
         lat,
         bytes_per_conn,
@@ -303,6 +308,136 @@ pub fn run(base: &Config, mode: Mode, conns: usize, iters: usize, stats: bool) -
         connect_s,
         close_s,
         peak,
+    })
+}
+
+/// Bound on every blocking stream call: a broken run fails, never hangs.
+const STREAM_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The same for N pairs of the reference switch's streams (whatever
+/// buffers a stream connection has by default): connect, round-robin 8 B
+/// ping-pong (blocking `send` / `recv`), then abort all 2N streams, each
+/// with its receive buffers posted, and wait until the provider holds no
+/// socket and no op.
+pub fn run_streams(
+    base: &Config,
+    mode: Mode,
+    conns: usize,
+    iters: usize,
+    stats: bool,
+) -> Res<Scale> {
+    let mut engine = config(base, mode, conns);
+    engine.fabric.soft.addresses = vec![Ipv4Addr::new(198, 18, 252, 1)];
+    let ip = engine.fabric.soft.addresses[0];
+    let e =
+        |what: &'static str| move |e: std::io::Error| format!("conn_scale streams: {what}: {e}");
+    let rss0 = rss()?;
+    let nic = SoftNetwork::new()
+        .attach(engine.soft_nic(vec![ip]))
+        .map_err(|e| e.to_string())?;
+    let rc = RuntimeConfig {
+        switch: SwitchOptions {
+            connect_timeout: STREAM_TIMEOUT,
+            handshake_timeout: STREAM_TIMEOUT,
+            accept_timeout: Some(STREAM_TIMEOUT),
+            read_timeout: Some(STREAM_TIMEOUT),
+            write_timeout: Some(STREAM_TIMEOUT),
+            ..SwitchOptions::default()
+        },
+        engine,
+    };
+    let rt = Runtime::with_nic(rc, nic).map_err(e("runtime"))?;
+    let t0 = Instant::now();
+    let listener = Listener::bind(&rt, SocketAddrV4::new(ip, 18601)).map_err(e("listen"))?;
+    let addr = listener.local_addr();
+    let (clients, servers) = std::thread::scope(|sc| -> Res<(Vec<Stream>, Vec<Stream>)> {
+        let acceptor = sc.spawn(|| -> Res<Vec<Stream>> {
+            (0..conns)
+                .map(|_| listener.accept().map(|(s, _)| s).map_err(e("accept")))
+                .collect()
+        });
+        let clients: Res<Vec<Stream>> = (0..conns)
+            .map(|_| Stream::connect(&rt, addr).map_err(e("connect")))
+            .collect();
+        let servers = acceptor.join().expect("accepting thread")?;
+        Ok((clients?, servers))
+    })?;
+    drop(listener);
+    let connect_s = t0.elapsed().as_secs_f64();
+    let peak = rt.provider().stats();
+    let bytes_per_conn = rss()?.saturating_sub(rss0) as f64 / conns as f64;
+    let exchange = |s: &Stream, out: bool| -> Res<()> {
+        let mut buf = [0u8; MSG];
+        if out {
+            let sent = s.send(&buf).map_err(e("send"))?;
+            if sent != MSG {
+                return Err(format!("conn_scale streams: sent {sent} of {MSG} bytes"));
+            }
+        } else {
+            let mut got = 0;
+            while got < MSG {
+                match s.recv(&mut buf[got..]).map_err(e("recv"))? {
+                    0 => return Err("conn_scale streams: end of stream".into()),
+                    n => got += n,
+                }
+            }
+        }
+        Ok(())
+    };
+    let warm = conns.max(iters / 10);
+    let total = warm + iters;
+    let lat = std::thread::scope(|sc| -> Res<Lat> {
+        let server = sc.spawn(|| -> Res<()> {
+            crate::baseline::pin(Some(1));
+            for i in 0..total {
+                let s = &servers[i % conns];
+                exchange(s, false)?;
+                exchange(s, true)?;
+            }
+            Ok(())
+        });
+        crate::baseline::pin(Some(0));
+        let mut samples = Vec::with_capacity(iters);
+        for i in 0..total {
+            let s = &clients[i % conns];
+            let t = Instant::now();
+            exchange(s, true)?;
+            exchange(s, false)?;
+            if i >= warm {
+                samples.push(t.elapsed().as_nanos() as f64 / 2.0);
+            }
+        }
+        server.join().expect("server thread")?;
+        Ok(Lat::new(samples))
+    })?;
+    let t1 = Instant::now();
+    for s in clients.into_iter().chain(servers) {
+        s.abort();
+    }
+    let deadline = Instant::now() + STREAM_TIMEOUT;
+    loop {
+        let st = rt.provider().stats();
+        if st.sockets == 0 && st.ops_in_use == 0 && st.sockets_closing == 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "conn_scale streams: left after aborting all: {st:?}"
+            ));
+        }
+        rt.provider().progress();
+        std::thread::yield_now();
+    }
+    let close_s = t1.elapsed().as_secs_f64();
+    Ok(Scale {
+        api: "stream",
+        conns,
+        lat,
+        bytes_per_conn,
+        reg_bytes_per_conn: peak.registered_bytes as f64 / conns as f64,
+        connect_s,
+        close_s,
+        peak: stats.then_some(peak),
     })
 }
 
@@ -321,37 +456,51 @@ pub fn suite(
         Mode::Threads => "threads",
     };
     println!(
-        "conn_scale: {MSG} B send ping-pong, active connection round robin over N pairs in one provider"
+        "conn_scale: {MSG} B ping-pong, active connection round robin over N pairs in one provider \
+         (spi_send: raw SPI sockets; stream: the reference switch's streams)"
     );
     println!(
-        "{:>7} {:>10} {:>10} {:>10} {:>12} {:>12} {:>10} {:>10}",
-        "conns", "t_typ ns", "p99 ns", "x N=1", "B/conn rss", "B/conn reg", "connect s", "close s"
+        "{:<8} {:>7} {:>10} {:>10} {:>10} {:>12} {:>12} {:>10} {:>10}",
+        "api",
+        "conns",
+        "t_typ ns",
+        "p99 ns",
+        "x N=1",
+        "B/conn rss",
+        "B/conn reg",
+        "connect s",
+        "close s"
     );
     let mut out = Vec::new();
-    let mut first: Option<f64> = None;
+    let mut first = std::collections::HashMap::new();
     for &n in conns {
         if n == 0 {
             return Err("conn_scale: --conns takes counts of at least 1".into());
         }
         let iters = iters.unwrap_or(if quick { 2_000 } else { 20_000 }).max(1);
-        let s = run(base, mode, n, iters, stats)?;
-        let median = s.lat.median_ns();
-        let base_lat = *first.get_or_insert(median);
-        println!(
-            "{:>7} {:>10.0} {:>10.0} {:>10.2} {:>12.0} {:>12.0} {:>10.3} {:>10.3}",
-            n,
-            median,
-            s.lat.p(99.0),
-            median / base_lat,
-            s.bytes_per_conn,
-            s.reg_bytes_per_conn,
-            s.connect_s,
-            s.close_s
-        );
-        if let Some(p) = &s.peak {
-            println!("        stats with all {n} pairs connected: {p:?}");
+        for s in [
+            run(base, mode, n, iters, stats)?,
+            run_streams(base, mode, n, iters, stats)?,
+        ] {
+            let median = s.lat.median_ns();
+            let base_lat = *first.entry(s.api).or_insert(median);
+            println!(
+                "{:<8} {:>7} {:>10.0} {:>10.0} {:>10.2} {:>12.0} {:>12.0} {:>10.3} {:>10.3}",
+                s.api,
+                n,
+                median,
+                s.lat.p(99.0),
+                median / base_lat,
+                s.bytes_per_conn,
+                s.reg_bytes_per_conn,
+                s.connect_s,
+                s.close_s
+            );
+            if let Some(p) = &s.peak {
+                println!("         stats with all {n} pairs connected: {p:?}");
+            }
+            out.push(s.json(mode_name));
         }
-        out.push(s.json(mode_name));
     }
     Ok(out)
 }
