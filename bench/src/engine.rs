@@ -157,6 +157,11 @@ impl Bench {
         Ok(Bench { p, c, s })
     }
 
+    /// The provider's counters (`sanbench --stats`).
+    pub fn stats(&self) -> ProviderStats {
+        self.p.stats()
+    }
+
     /// Two-sided ping-pong; half round trip per sample.
     pub fn send_lat(&self, size: usize, iters: usize) -> Res<Lat> {
         std::thread::scope(|sc| {

@@ -4,6 +4,7 @@
 //! between two processes (`sanbench --server`, `sanbench HOST`).
 
 mod baseline;
+mod conn_scale;
 mod engine;
 mod plot;
 mod remote;
@@ -30,6 +31,7 @@ pub enum Test {
     ReadBw,
     StreamLat,
     StreamBw,
+    ConnScale,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -109,6 +111,14 @@ struct Cli {
     /// Small iteration counts (CI smoke run, a few seconds).
     #[arg(long)]
     quick: bool,
+    /// Print the engine's counters (sockets by state, ops, completions by
+    /// status, registrations) after the tests (conn_scale: with all pairs
+    /// connected).
+    #[arg(long)]
+    stats: bool,
+    /// conn_scale: the connection counts to measure.
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 100, 1_000, 10_000])]
+    conns: Vec<usize>,
 }
 
 /// A fabric kind by its config name: every kind the engine knows.
@@ -311,7 +321,9 @@ fn run(cli: &Cli) -> Result<(), String> {
     }
     let started = Instant::now();
     for t in suite {
-        let sizes: Vec<usize> = if cli.all {
+        let sizes: Vec<usize> = if t == Test::ConnScale {
+            vec![conn_scale::MSG]
+        } else if cli.all {
             (1..=23).map(|k| 1usize << k).collect()
         } else if !cli.size.is_empty() {
             cli.size.clone()
@@ -341,10 +353,16 @@ fn run(cli: &Cli) -> Result<(), String> {
                 Test::SendBw | Test::WriteBw | Test::ReadBw | Test::StreamBw => {
                     r.bandwidth(t, size)?
                 }
+                Test::ConnScale => r.results.extend(conn_scale::suite(
+                    &config, cli.mode, &cli.conns, cli.iters, cli.quick, cli.stats,
+                )?),
             }
         }
     }
     progress("");
+    if let (true, Target::Local { bench, .. }) = (cli.stats, &r.target) {
+        println!("engine stats (benchmark pair): {:?}", bench.stats());
+    }
     let elapsed = started.elapsed();
     let stream_paths = match &r.target {
         Target::Local { stream, .. } => stream
@@ -873,6 +891,7 @@ fn name(t: Test) -> &'static str {
         Test::ReadBw => "read_bw",
         Test::StreamLat => "stream_lat",
         Test::StreamBw => "stream_bw",
+        Test::ConnScale => "conn_scale",
     }
 }
 

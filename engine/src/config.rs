@@ -121,9 +121,15 @@ pub struct MrCacheConfig {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct CloseConfig {
-    /// How long `close_socket` waits for in-flight work requests to come back
-    /// before it returns and leaves the rest of the teardown to the
-    /// dispatcher (nothing is released while the fabric may touch it).
+    /// How long `close_socket` itself waits for the socket's in-flight work
+    /// requests to come back (flushed) before it returns and leaves the rest
+    /// of the teardown to the engine: the bound of a close.
+    pub wait_ms: u64,
+    /// How long after a close the engine waits for the NIC to flush the
+    /// socket's work requests. Past it the engine abandons the queue pair
+    /// (the NIC then touches none of their memory, `QueuePair::abandon`) and
+    /// completes the ops still outstanding itself, `WSA_OPERATION_ABORTED`.
+    /// The last `WSPCleanup` waits at most this long for the closes it ends.
     pub quiesce_timeout_ms: u64,
 }
 
@@ -193,6 +199,30 @@ pub struct VerbsFabricConfig {
     pub device: String,
     /// Port number (1-based); 0 means 1.
     pub port: u8,
+    /// How remote keys of exposed memory are made.
+    pub memory_windows: MemoryWindows,
+}
+
+/// How the `verbs` fabric makes the remote key of an exposed region. Only a
+/// type-2 memory window, bound through one queue pair, limits the key to the
+/// peer of that connection (spec §5, MEM-7); a second registration with
+/// remote rights gives a key that works through every queue pair of the
+/// protection domain.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum MemoryWindows {
+    /// Type-2 windows when the device has them; without, exposing memory
+    /// to the peer fails (`WSAEOPNOTSUPP`).
+    #[default]
+    Auto,
+    /// Type-2 windows, or the NIC does not open.
+    Required,
+    /// No windows: exposing memory to the peer fails (`WSAEOPNOTSUPP`).
+    Off,
+    /// No windows: a second registration with remote rights. Its key works
+    /// through every connection of the NIC until it is revoked (at the
+    /// deregistration or the close): MEM-7 is not enforced. Opt-in.
+    SharedKeys,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -265,6 +295,7 @@ impl Default for MrCacheConfig {
 impl Default for CloseConfig {
     fn default() -> Self {
         CloseConfig {
+            wait_ms: 100,
             quiesce_timeout_ms: 2000,
         }
     }
@@ -300,6 +331,7 @@ impl Default for FabricConfig {
             verbs: VerbsFabricConfig {
                 device: String::new(),
                 port: 1,
+                memory_windows: MemoryWindows::Auto,
             },
         }
     }
@@ -381,6 +413,10 @@ impl Config {
 
     pub fn close_quiesce_timeout(&self) -> Duration {
         Duration::from_millis(self.close.quiesce_timeout_ms)
+    }
+
+    pub fn close_wait(&self) -> Duration {
+        Duration::from_millis(self.close.wait_ms)
     }
 
     pub fn connect_timeout(&self) -> Duration {

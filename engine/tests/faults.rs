@@ -131,6 +131,7 @@ fn config() -> Config {
     c.poller.count = 1;
     c.poller.spin_budget = 200;
     c.mem.mlock = MlockPolicy::Off;
+    c.close.wait_ms = 5000;
     c.close.quiesce_timeout_ms = 5000;
     c
 }

@@ -500,6 +500,71 @@ fn remote_key_rejected_after_unbind() {
     src.free(&client);
 }
 
+/// MEM-7 without type-2 windows: `off` refuses to make a remote key at all
+/// (`Unsupported`, naming the reason); `shared_keys` makes one that works
+/// through another connection too (why it is opt-in), and revoking it
+/// still works.
+#[test]
+fn without_memory_windows_remote_keys_are_refused_unless_shared_keys() {
+    use sanpath::fabric::verbs::MemoryWindows;
+    use sanpath::fabric::FabricError;
+    if !have("rxe0") {
+        return;
+    }
+    let open_with = |mw| {
+        VerbsNic::open(VerbsConfig {
+            device: Some("rxe0".into()),
+            memory_windows: mw,
+            ..VerbsConfig::default()
+        })
+        .unwrap()
+    };
+    let client = open("rxe0");
+    let server = open_with(MemoryWindows::Off);
+    assert!(!server.uses_memory_windows());
+    let (s1, c1) = pair(&server, &client);
+    let target = Buf::new(&server, 4096, Access::LOCAL_WRITE | Access::REMOTE_WRITE);
+    match server.bind_remote(target.lkey, s1.qp.num(), Access::REMOTE_WRITE) {
+        Err(FabricError::Unsupported(why)) => assert!(why.contains("MEM-7"), "{why}"),
+        other => panic!("a shared remote key was made: {other:?}"),
+    }
+    assert_eq!(server.stats().live_remote_keys, 0);
+    for side in [c1, s1] {
+        close(side);
+    }
+    target.free(&server);
+
+    let server = open_with(MemoryWindows::SharedKeys);
+    let (s1, c1) = pair(&server, &client);
+    let (s2, c2) = pair(&server, &client);
+    let target = Buf::new(&server, 4096, Access::LOCAL_WRITE | Access::REMOTE_WRITE);
+    let src = Buf::new(&client, 4096, Access::NONE);
+    let rkey = server
+        .bind_remote(target.lkey, s1.qp.num(), Access::REMOTE_WRITE)
+        .unwrap();
+    let write = |c: &Side, id: u64| {
+        c.qp.post_send(&SendWr {
+            wr_id: id,
+            op: SendOp::RdmaWrite {
+                remote_addr: target.addr(),
+                rkey,
+            },
+            sges: &[src.sge(0, 64)],
+        })
+        .unwrap();
+    };
+    write(&c2, 1);
+    expect_ok(c2.cq.next(LIMIT), 1, WcOpcode::RdmaWrite, 64);
+    server.unbind_remote(rkey);
+    write(&c1, 2);
+    assert_eq!(c1.cq.next(LIMIT).status, WcStatus::RemoteAccessError);
+    for side in [c1, c2, s1, s2] {
+        close(side);
+    }
+    target.free(&server);
+    src.free(&client);
+}
+
 #[test]
 fn remote_key_works_only_on_its_queue_pair() {
     if !have("rxe0") {

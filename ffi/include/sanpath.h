@@ -166,6 +166,42 @@ typedef struct {
 typedef ULONG_PTR SIZE_T;
 #endif
 
+// What `sanpath_provider_stats` fills: a snapshot of the process's
+// provider (see the engine's `ProviderStats`; fields read while ops
+// complete may disagree by the ops completing meanwhile). Every field is
+// 64 bits, so the layout is the same on every 64-bit target.
+typedef struct {
+    // Live (not closed) sockets: the sum of the five states below.
+    uint64_t sockets;
+    // Created, not bound.
+    uint64_t sockets_open;
+    // Bound, not listening or connecting.
+    uint64_t sockets_bound;
+    uint64_t sockets_listening;
+    uint64_t sockets_connecting;
+    uint64_t sockets_connected;
+    // Closed by the switch, `WPUCloseSocketHandle` not called yet.
+    uint64_t sockets_closing;
+    // Overlapped ops pending.
+    uint64_t ops_in_flight;
+    // Overlapped ops started.
+    uint64_t ops_started;
+    // Ops completed with success.
+    uint64_t completed_ok;
+    // Ops completed `WSA_OPERATION_ABORTED` (local close).
+    uint64_t completed_aborted;
+    // Ops completed `WSAECONNRESET` (the peer's teardown).
+    uint64_t completed_reset;
+    // Ops completed with another error.
+    uint64_t completed_failed;
+    // Closes finished later, by the completion of their last op.
+    uint64_t deferred_closes;
+    // Memory registrations live.
+    uint64_t registrations;
+    // Bytes those registrations cover.
+    uint64_t registered_bytes;
+} SanpathStats;
+
 #if !defined(SANPATH_USE_WINSOCK_HEADERS)
 typedef uint16_t WORD;
 #endif
@@ -1320,6 +1356,17 @@ INT WSPRdmaRead(SOCKET s,
 // # Safety
 // `lpErrno` is NULL or writable; the range is only used as numbers.
 INT WSPMemoryRegistrationCacheCallback(void *lpvAddress, SIZE_T Size, INT *lpErrno);
+
+// Fills `*out` with the provider's counters and returns 0. Fails
+// `SOCKET_ERROR` with `*lpErrno` = `WSANOTINITIALISED` before the first
+// `WSPStartupEx`, `WSAEFAULT` if `out` is NULL. Works after the last
+// `WSPCleanup` too (then every socket and op count is 0). Walks the
+// provider's socket table: for monitoring, not for every op.
+//
+// # Safety
+// `out` is NULL or points to a writable `SanpathStats` (any alignment);
+// `lp_errno` as `lpErrno` of the `WSP*` functions.
+INT sanpath_provider_stats(SanpathStats *out, INT *lp_errno);
 
 // The provider's entry point (spec §2.1). Returns 0 or the error code
 // itself (no `lpErrno`): `WSAVERNOTSUPPORTED` for a version below 2.2,

@@ -7,6 +7,7 @@
 //!   and fills `WSPPROC_TABLE` with the 30 `WSP*` functions (module `wsp`).
 //! - `WSPIoctl` hands out the SAN extension functions (module `ext`).
 //! - `sanpath_event_*`: `WSAEVENT` objects for Linux (module `event`).
+//! - `sanpath_provider_stats`: the provider's counters (module `stats`).
 //! - [`win`]: the Windows x64 structures and types, `#[repr(C)]`.
 //!
 //! Header: `include/sanpath.h`, generated from these definitions by cbindgen
@@ -21,6 +22,7 @@ mod abi;
 mod event;
 mod ext;
 mod global;
+mod stats;
 mod switch;
 #[cfg(not(sanpath_winsock_headers))]
 pub mod win;
@@ -38,4 +40,5 @@ pub use ext::{
     WSPRegisterRdmaMemory, SANPATH_MAX_DESCRIPTOR_LEN, SANPATH_RDMA_DESCRIPTOR_LEN,
 };
 pub use global::CONFIG_ENV;
+pub use stats::{sanpath_provider_stats, SanpathStats};
 pub use wsp::*;

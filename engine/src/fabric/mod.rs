@@ -198,6 +198,9 @@ pub enum FabricError {
     AddressInUse,
     #[error("{0}")]
     Unavailable(String),
+    /// The NIC cannot do this with the guarantees the engine needs.
+    #[error("not supported: {0}")]
+    Unsupported(&'static str),
 }
 
 /// Result of an outgoing connection attempt.
@@ -299,6 +302,15 @@ pub trait QueuePair: Send + Sync {
     /// this returned and all the flushed completions were polled, the NIC
     /// touches none of the memory those requests named.
     fn set_error(&self);
+    /// Ends the queue pair's use of memory for good, whether or not its
+    /// requests were flushed (a NIC that does not flush, or takes too
+    /// long): implies `set_error`, and once this returned the NIC touches
+    /// none of the memory any request posted to it named, nor ever will.
+    /// The completions of requests not yet completed may still come, or
+    /// never: the caller completes those requests itself. Later posts
+    /// complete `Flushed` without touching memory. Idempotent; may block
+    /// while the NIC finishes an access already under way.
+    fn abandon(&self);
 }
 
 /// Most bytes of private data a connection request carries (what rdma_cm
@@ -377,7 +389,8 @@ pub trait Nic: Send + Sync {
 
     /// Exposes a registered region to the peer of `qp` only, with `access`
     /// (`REMOTE_READ` and/or `REMOTE_WRITE`, which the region must allow);
-    /// returns the remote key. Like a type-2 memory window.
+    /// returns the remote key. Like a type-2 memory window. A NIC that cannot
+    /// limit the key to `qp` fails `Unsupported` (unless configured to).
     fn bind_remote(&self, lkey: u32, qp: QpNum, access: Access) -> Result<u32, FabricError>;
 
     /// Revokes a remote key: later peer accesses with it fail with a remote

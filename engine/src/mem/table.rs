@@ -184,6 +184,9 @@ pub struct TableStats {
     pub cache_hits: u64,
     /// NIC registrations this table made.
     pub nic_registrations: u64,
+    /// Bytes of the entries with at least one registration (each NIC
+    /// registration counted once, however many sockets share it).
+    pub registered_bytes: u64,
 }
 
 /// One NIC registration; dropping the last reference deregisters it.
@@ -487,6 +490,7 @@ fn register_error(e: FabricError) -> WsaError {
         FabricError::NoResources(_) => WsaError::WSAENOBUFS,
         FabricError::Invalid(_) => WsaError::WSAEFAULT,
         FabricError::Unavailable(_) => WsaError::WSAENETDOWN,
+        FabricError::Unsupported(_) => WsaError::WSAEOPNOTSUPP,
         FabricError::AddressNotAvailable | FabricError::AddressInUse => WsaError::WSAENOBUFS,
     }
 }
@@ -495,6 +499,7 @@ fn bind_error(e: FabricError) -> WsaError {
     match e {
         FabricError::NoResources(_) => WsaError::WSAENOBUFS,
         FabricError::Unavailable(_) => WsaError::WSAENETDOWN,
+        FabricError::Unsupported(_) => WsaError::WSAEOPNOTSUPP,
         FabricError::Invalid(_) | FabricError::AddressNotAvailable | FabricError::AddressInUse => {
             WsaError::WSAEINVAL
         }
@@ -1005,6 +1010,12 @@ impl RegistrationTable {
             cached_bytes: t.cached_bytes,
             cache_hits: t.cache_hits,
             nic_registrations: t.nic_registrations,
+            registered_bytes: t
+                .entries
+                .values()
+                .filter(|e| e.cached.is_none())
+                .map(|e| e.key.len as u64)
+                .sum(),
         }
     }
 }

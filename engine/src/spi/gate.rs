@@ -11,11 +11,13 @@
 //!   work requests to complete (queue pair to error).
 //! - An op **leaves** after its completion was signalled to the switch.
 //! - Close then waits (bounded) until no op is in flight and **finalizes**
-//!   (releases the socket's registrations, makes the close-handle upcall).
+//!   (makes the close-handle upcall).
 //!   If it cannot wait — the bound passed, or it runs on the thread that
 //!   must dispatch the completions — it **defers**: whoever brings the
 //!   count to 0 with the deferral set finalizes, be it the last op leaving
-//!   or close itself when nothing is in flight.
+//!   or close itself when nothing is in flight. An op the front end
+//!   completes itself after a NIC did not flush (`close.rs`) leaves like
+//!   any other.
 //!
 //! # One word
 //!
@@ -96,6 +98,12 @@ impl CloseGate {
     /// No op is in flight.
     pub fn is_quiet(&self) -> bool {
         self.state.load(Ordering::Acquire) & COUNT == 0
+    }
+
+    /// Finalization was claimed (the socket's teardown is done or being
+    /// done by its claimer).
+    pub fn is_finalized(&self) -> bool {
+        self.state.load(Ordering::Acquire) & FINALIZED != 0
     }
 
     /// Close gives up waiting: the last op to leave finalizes. Returns

@@ -23,9 +23,11 @@ mod gate;
 mod ops;
 mod qp_cell;
 mod socket;
+mod stats;
 mod types;
 
 pub use ops::MAX_SGE;
+pub use stats::ProviderStats;
 pub use types::*;
 
 use crate::config::{Config, FabricKind, PollerMode};
@@ -53,15 +55,6 @@ pub const RDMA_DESCRIPTOR_LEN: usize = DESCRIPTOR_LEN;
 
 /// Description reported in `WSPDATA`.
 pub const DESCRIPTION: &str = "sanpath WSD SAN provider";
-
-/// Provider counters (tests, benchmarks).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ProviderStats {
-    /// Op slots in use (pending ops).
-    pub ops_in_use: usize,
-    /// Live (not closed) sockets.
-    pub sockets: usize,
-}
 
 /// The SAN provider. Cheap to clone; all clones are the same provider.
 ///
@@ -93,6 +86,8 @@ struct Inner {
     /// completion waits sleep on the CQs' notifier instead, so a batch
     /// reaped in that mode notifies nothing here.
     completed: Notifier,
+    /// Cold-path counters behind [`Provider::stats`].
+    counters: stats::Counters,
 }
 
 #[derive(Default)]
@@ -118,6 +113,8 @@ pub(crate) struct Running {
     /// something, so the upcall helper sees another thread reaping. Its
     /// own line: written per pass, read by the helper now and then.
     reaped: crate::sync::CachePadded<AtomicU64>,
+    /// Closes that returned before their teardown ended (`close.rs`).
+    closer: close::Closer,
     stop: std::sync::atomic::AtomicBool,
     /// The rejoin service of socket duplication (`dup.rs`), one listener
     /// per address it runs on; closed by the last cleanup.
@@ -159,6 +156,7 @@ impl Provider {
                 VerbsNic::open(VerbsConfig {
                     device: (!v.device.is_empty()).then(|| v.device.clone()),
                     port: v.port.max(1),
+                    memory_windows: v.memory_windows,
                     connect_timeout: config.connect_timeout(),
                     ..VerbsConfig::default()
                 })?
@@ -188,6 +186,7 @@ impl Provider {
                 next_owner: AtomicU64::new(1),
                 next_port: AtomicU16::new(first_ephemeral()),
                 completed: Notifier::default(),
+                counters: stats::Counters::default(),
                 nic,
                 config,
             }),
@@ -200,13 +199,6 @@ impl Provider {
 
     pub fn nic(&self) -> &Arc<dyn Nic> {
         &self.inner.nic
-    }
-
-    pub fn stats(&self) -> ProviderStats {
-        ProviderStats {
-            ops_in_use: self.inner.ops.in_use(),
-            sockets: self.inner.sockets.all().len(),
-        }
     }
 
     /// Statistics of the registration table.
@@ -250,7 +242,9 @@ impl Provider {
     }
 
     /// `WSPCleanup`. The last call closes every socket (pending ops complete
-    /// `WSA_OPERATION_ABORTED`) and stops the engine threads.
+    /// `WSA_OPERATION_ABORTED`), ends every close still under way, its own
+    /// and earlier ones (each socket gets its `close_socket_handle`), within
+    /// `close.quiesce_timeout_ms`, and stops the engine threads.
     pub fn cleanup(&self) -> WsaResult<()> {
         let mut life = lock(&self.inner.life);
         if life.refcount == 0 {
@@ -266,8 +260,9 @@ impl Provider {
         for s in &sockets {
             s.gate.shut();
         }
+        // None waits here: the closes end together below.
         for s in sockets {
-            let _ = self.close_socket(s.desc);
+            let _ = self.close_with(s.desc, std::time::Duration::ZERO);
         }
         let run = self
             .inner
@@ -279,6 +274,7 @@ impl Provider {
             for l in std::mem::take(&mut *lock(&run.dup_service)) {
                 l.close();
             }
+            self.inner.end_deferred_closes(&run);
             run.stop.store(true, Ordering::SeqCst);
             run.dispatcher_waker.unpark();
             run.rtc_notifier.notify();
@@ -286,6 +282,7 @@ impl Provider {
                 h.thread().unpark();
                 let _ = h.join();
             }
+            self.inner.stop_closer(&run);
             run.progress.shutdown();
         }
         Ok(())
@@ -330,6 +327,7 @@ impl Provider {
         }
         let sock = self.inner.new_socket(&run)?;
         self.inner.sockets.publish(sock.desc, sock.clone());
+        self.inner.counters.published();
         Ok(sock.desc)
     }
 
@@ -521,6 +519,8 @@ impl Provider {
                     }
                     let _ = new.qp.set(qp);
                     self.inner.sockets.publish(new.desc, new.clone());
+                    self.inner.counters.published();
+                    tracing::debug!(socket = new.desc.0, peer = %info.caller, "accepted");
                     break Ok((new.desc, info.caller));
                 }
                 Err(e) => {
@@ -529,6 +529,7 @@ impl Provider {
                     self.inner.sockets.unreserve(new.desc);
                     self.inner.table.release_owner(&new.regs);
                     let _ = run.switch.close_socket_handle(new.handle);
+                    tracing::debug!(peer = %info.caller, error = ?e, "accept failed");
                     if e != ConnectError::Cancelled {
                         break Err(connect_error(e));
                     }
@@ -907,6 +908,12 @@ fn connect_done(sock: &Socket, result: Result<Arc<dyn QueuePair>, ConnectError>)
     let result = result.map(|qp| {
         let _ = sock.qp.set(qp);
     });
+    match &result {
+        Ok(()) => tracing::debug!(socket = sock.desc.0, peer = ?c.peer, "connected"),
+        Err(e) => {
+            tracing::debug!(socket = sock.desc.0, peer = ?c.peer, error = ?e, "connect failed")
+        }
+    }
     record_connect(&mut c, result.map_err(connect_error));
 }
 
@@ -957,6 +964,7 @@ impl Inner {
             dispatcher: Mutex::new(None),
             helper_started: std::sync::atomic::AtomicBool::new(false),
             reaped: crate::sync::CachePadded::new(AtomicU64::new(0)),
+            closer: close::Closer::default(),
             stop: std::sync::atomic::AtomicBool::new(false),
             dup_service: Mutex::new(Vec::new()),
         });
@@ -1146,6 +1154,7 @@ impl Inner {
         ov.start();
         self.ops.fill(
             &slot,
+            close::owner_tag(&sock),
             OpState {
                 socket: sock.op_socket(),
                 // SAFETY: the caller guarantees `ov` outlives the op.
@@ -1164,7 +1173,14 @@ impl Inner {
                 Ok(())
             }
             Err(e) => {
-                drop(self.ops.cancel(slot));
+                let Some(state) = self.ops.cancel(slot) else {
+                    // A close that abandoned the queue pair completed the op
+                    // meanwhile (`close.rs`): it started, and is over.
+                    sock.hand_to_op();
+                    return Ok(());
+                };
+                drop(state);
+                self.counters.refused();
                 ov.internal_high.store(before.1, Ordering::Relaxed);
                 ov.internal.store(before.0, Ordering::Release);
                 self.op_finished(&sock);

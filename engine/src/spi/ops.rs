@@ -18,7 +18,7 @@ use super::socket::OpSocket;
 use super::types::Overlapped;
 use crate::fabric::Sge;
 use crate::mem::table::RegRef;
-use crate::sync::{AtomicU32, AtomicU64, CachePadded, Ordering, UnsafeCell};
+use crate::sync::{AtomicU32, AtomicU64, AtomicUsize, CachePadded, Ordering, UnsafeCell};
 use std::ptr::NonNull;
 
 /// Most buffers one op may name (the soft NIC's and the config's SGE limit).
@@ -117,6 +117,11 @@ struct Slot<S> {
     /// Next free slot while this one is on the free list; meaningless
     /// otherwise. Written by the pusher before the head CAS publishes it.
     next: AtomicU32,
+    /// Who the pending op belongs to (the SPI: its socket's address), so
+    /// that a close can find its ops ([`OpSlab::take_owned`]). Written by
+    /// the starter before its `PENDING` store (which publishes it), read by
+    /// that scan after it saw `PENDING`.
+    owner: AtomicUsize,
     /// The op's private state: written only by the starter between its pop
     /// and its `PENDING` store, read and taken only by the thread whose
     /// compare-exchange claimed it. No lock: the stamp orders the two.
@@ -169,6 +174,7 @@ impl<S> OpSlab<S> {
                     } else {
                         NIL
                     }),
+                    owner: AtomicUsize::new(0),
                     state: UnsafeCell::new(None),
                 })
             })
@@ -218,13 +224,18 @@ impl<S> OpSlab<S> {
         }
     }
 
-    /// Stores the op's state in its reserved slot (before posting).
-    pub fn fill(&self, r: &Reserved, state: S) {
+    /// Stores the op's state in its reserved slot (before posting), with
+    /// the `owner` [`OpSlab::take_owned`] finds it by.
+    /// Always inlined: `state` is moved straight into the slot, not copied
+    /// into the call first (it is large: the op's registrations).
+    #[inline(always)]
+    pub fn fill(&self, r: &Reserved, owner: usize, state: S) {
         let slot = &self.slots[r.index as usize];
         debug_assert_eq!(
             slot.stamp.load(Ordering::Relaxed),
             stamp(r.generation, RESERVED)
         );
+        slot.owner.store(owner, Ordering::Relaxed);
         // SAFETY: the slot is RESERVED by the caller (it popped it): no
         // other thread reads or writes the state until the PENDING store.
         slot.state.with_mut(|p| unsafe { *p = Some(state) });
@@ -232,20 +243,20 @@ impl<S> OpSlab<S> {
             .store(stamp(r.generation, PENDING), Ordering::Release);
     }
 
-    /// Returns a reserved slot whose op was never started.
+    /// Returns a reserved slot whose op was never started, with the state
+    /// it was filled with. `None` for a filled slot means a close's
+    /// [`OpSlab::take_owned`] took the op first (and freed the slot): it
+    /// completed the op, which therefore counts as started.
     pub fn cancel(&self, r: Reserved) -> Option<S> {
         let slot = &self.slots[r.index as usize];
-        let phase = slot.stamp.load(Ordering::Relaxed) & 3;
-        let state = if phase == PENDING {
-            let state = self.claim(r.index, r.generation);
-            debug_assert!(state.is_some(), "a never-posted op was completed");
-            state
-        } else {
-            debug_assert_eq!(phase, RESERVED);
-            None
-        };
+        let now = slot.stamp.load(Ordering::Relaxed);
+        if now == stamp(r.generation, RESERVED) {
+            self.release(r.index, r.generation);
+            return None;
+        }
+        let state = self.claim(r.index, r.generation)?;
         self.release(r.index, r.generation);
-        state
+        Some(state)
     }
 
     /// Takes the state of the op named by `wr_id` and frees its slot. `None`
@@ -278,12 +289,47 @@ impl<S> OpSlab<S> {
         slot.state.with_mut(|p| unsafe { (*p).take() })
     }
 
+    /// Takes the state of every pending op filled with `owner`, frees its
+    /// slot and hands the state to `f`; returns how many. A scan of the
+    /// whole slab, for a close whose NIC did not flush (`spi/close.rs`).
+    /// Each op is taken once, by this or by its completion, whichever
+    /// claims it first; an op filled after the scan passed its slot is not
+    /// seen.
+    pub fn take_owned(&self, owner: usize, f: &mut dyn FnMut(S)) -> usize {
+        let mut n = 0;
+        for (index, slot) in self.slots.iter().enumerate() {
+            // Acquire: pairs with fill's release, so `owner` is the op's.
+            let now = slot.stamp.load(Ordering::Acquire);
+            if now & 3 != PENDING || slot.owner.load(Ordering::Relaxed) != owner {
+                continue;
+            }
+            let generation = (now >> 32) as u32;
+            // A claim fails if the op completed (or the slot moved on) since.
+            if let Some(state) = self.claim(index as u32, generation) {
+                self.release(index as u32, generation);
+                f(state);
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// Slots currently allocated (a scan; for tests and stats).
     pub fn in_use(&self) -> usize {
         self.slots
             .iter()
             .filter(|s| s.stamp.load(Ordering::Relaxed) & 3 != FREE)
             .count()
+    }
+
+    /// Reservations made since the slab was created: each takes its slot
+    /// to the next generation. Reads every slot (statistics, not the data
+    /// path); counts modulo 2^32 per slot.
+    pub fn reserved_total(&self) -> u64 {
+        self.slots
+            .iter()
+            .map(|s| s.stamp.load(Ordering::Relaxed) >> 32)
+            .sum()
     }
 
     fn release(&self, index: u32, generation: u32) {
@@ -331,6 +377,29 @@ mod tests {
             slab.cancel(r);
         }
         assert_eq!(slab.in_use(), 0);
+        assert_eq!(slab.reserved_total(), 4, "every reservation counted once");
+    }
+
+    #[test]
+    fn take_owned_takes_only_the_owners_pending_ops_once() {
+        let slab = OpSlab::<u32>::new(4, 1);
+        let a = slab.reserve(0).unwrap();
+        slab.fill(&a, 7, 1);
+        let b = slab.reserve(0).unwrap();
+        slab.fill(&b, 8, 2);
+        let c = slab.reserve(0).unwrap();
+        slab.fill(&c, 7, 3);
+        let unfilled = slab.reserve(0).unwrap();
+        let mut taken = Vec::new();
+        assert_eq!(slab.take_owned(7, &mut |s| taken.push(s)), 2);
+        taken.sort_unstable();
+        assert_eq!(taken, [1, 3]);
+        assert!(slab.complete(a.wr_id()).is_none(), "taken once");
+        assert_eq!(slab.cancel(c), None, "the starter sees its op taken");
+        assert_eq!(slab.take_owned(7, &mut |_| panic!("taken twice")), 0);
+        assert_eq!(slab.complete(b.wr_id()), Some(2), "another owner's op");
+        assert_eq!(slab.cancel(unfilled), None);
+        assert_eq!(slab.in_use(), 0);
     }
 
     #[test]
@@ -377,7 +446,7 @@ mod loom_models {
             let worker = |slab: loom::sync::Arc<OpSlab<u32>>, me: u32| {
                 for _ in 0..2 {
                     if let Some(r) = slab.reserve(0) {
-                        slab.fill(&r, me);
+                        slab.fill(&r, 0, me);
                         assert_eq!(slab.cancel(r), Some(me), "slot shared");
                     }
                 }
@@ -394,6 +463,46 @@ mod loom_models {
         });
     }
 
+    /// A close's scan (`take_owned`) races the op's own completion and the
+    /// starter's cancel of a failed post: each op's state is taken exactly
+    /// once, another owner's op is never taken, and a cancel that finds its
+    /// op taken frees nothing (the slot goes back once).
+    #[test]
+    fn loom_take_owned_racing_completion_and_cancel() {
+        crate::sync::model("take_owned_racing_completion_and_cancel", 3, || {
+            let slab = loom::sync::Arc::new(OpSlab::<u32>::new(3, 1));
+            let a = slab.reserve(0).unwrap();
+            slab.fill(&a, 7, 1);
+            let b = slab.reserve(0).unwrap();
+            slab.fill(&b, 7, 2);
+            let other = slab.reserve(0).unwrap();
+            slab.fill(&other, 8, 3);
+            let a_id = a.wr_id();
+            let completer = {
+                let slab = slab.clone();
+                thread::spawn(move || slab.complete(a_id))
+            };
+            let starter = {
+                let slab = slab.clone();
+                thread::spawn(move || slab.cancel(b))
+            };
+            let mut taken = Vec::new();
+            slab.take_owned(7, &mut |s| taken.push(s));
+            let by_completion = completer.join().unwrap();
+            let by_cancel = starter.join().unwrap();
+            let mut all: Vec<u32> = taken
+                .into_iter()
+                .chain(by_completion)
+                .chain(by_cancel)
+                .collect();
+            all.sort_unstable();
+            assert_eq!(all, [1, 2], "each op taken exactly once");
+            assert_eq!(slab.in_use(), 1, "only the other owner's op is left");
+            assert_eq!(slab.cancel(other), Some(3));
+            assert_eq!(slab.in_use(), 0);
+        });
+    }
+
     /// A completion (on a poller thread) races the reuse of its slot: an op
     /// is started and completed, and a stale completion for it arrives while
     /// another thread reserves the slot for a new op. The new op's state is
@@ -404,7 +513,7 @@ mod loom_models {
             let slab = loom::sync::Arc::new(OpSlab::<u32>::new(1, 1));
             let first = slab.reserve(0).unwrap();
             let old_id = first.wr_id();
-            slab.fill(&first, 1);
+            slab.fill(&first, 0, 1);
             let poller = {
                 let slab = slab.clone();
                 thread::spawn(move || {
@@ -417,7 +526,7 @@ mod loom_models {
                 let slab = slab.clone();
                 thread::spawn(move || {
                     let r = slab.reserve(0)?;
-                    slab.fill(&r, 2);
+                    slab.fill(&r, 0, 2);
                     Some(r.wr_id())
                 })
             };

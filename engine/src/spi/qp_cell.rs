@@ -89,6 +89,7 @@ mod tests {
             Ok(())
         }
         fn set_error(&self) {}
+        fn abandon(&self) {}
     }
 
     #[test]

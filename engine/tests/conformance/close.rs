@@ -538,3 +538,169 @@ fn close_11_no_fd_connect_after_close() {
     settle();
     assert_eq!(lev2.set_count(), signals, "FD_ACCEPT after close");
 }
+
+/// A connection whose NIC never flushes `c`'s end (soft: `NoFlush`, its
+/// RDMA held in flight by `StallRdma`) with, pending on `c`, an RDMA write
+/// into `target`, an RDMA read, a send the peer has no receive for, a
+/// notified and a polled receive. `None` on verbs: a real NIC flushes.
+struct NeverFlushed {
+    c: ProviderSocket,
+    s: ProviderSocket,
+    q: sanpath::fabric::soft::QpFaults,
+    target: sanpath::mem::region::Region,
+    b: Buf,
+    ovs: Vec<Overlapped>,
+}
+
+fn never_flushed(h: &Host, port: u16) -> Option<NeverFlushed> {
+    let (c, s) = pair(h, port);
+    let target = region(1 << 16);
+    let d = expose(h, s, &target, MEM_READWRITE);
+    let b = buf(h, c, 1 << 16, MEM_READWRITE);
+    b.fill(1);
+    let q = h.hold_rdma(c, s)?;
+    q.arm(sanpath::fabric::soft::Fault::NoFlush);
+    let ovs: Vec<Overlapped> = [0, 0, 0, 0, 1].map(Overlapped::new).into();
+    rdma_write(h, c, &b, 0, 4096, &d, 0, &ovs[0]).unwrap();
+    rdma_read(h, c, &b, 4096, 4096, &d, 4096, &ovs[1]).unwrap();
+    send(h, c, &b, 8192, 64, &ovs[2]).unwrap();
+    recv(h, c, &b, 12288, 4096, &ovs[3]).unwrap();
+    recv(h, c, &b, 16384, 4096, &ovs[4]).unwrap();
+    Some(NeverFlushed {
+        c,
+        s,
+        q,
+        target,
+        b,
+        ovs,
+    })
+}
+
+impl NeverFlushed {
+    /// Each op completed exactly once, `WSA_OPERATION_ABORTED`: notified
+    /// ones by one upcall, the polled one in its record.
+    fn assert_aborted_once(&self, h: &Host) {
+        for ov in &self.ovs {
+            assert_eq!(done_ov(ov), (ABORTED, 0));
+            assert_eq!(h.sw.completions_of(ov), u32::from(ov.wants_upcall()));
+        }
+    }
+
+    /// The NIC lets go: held RDMA and withheld flushes. Waits until its CQ
+    /// produced every completion of `c`'s end.
+    fn release_nic(&self) {
+        self.q.release_rdma();
+        self.q.release_flush();
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        while self.q.outstanding() > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the released NIC's completions were never reaped"
+            );
+            std::thread::yield_now();
+        }
+    }
+
+    /// Nothing an aborted op named moved: the switch's bytes
+    /// (`Buf::fill(seed)`) in its buffers, the peer's target untouched.
+    fn assert_untouched(&self, seed: u8) {
+        let mine: Vec<u8> = (0..5 * 4096).map(|i| seed.wrapping_add(i as u8)).collect();
+        assert!(
+            self.b.bytes(0, 5 * 4096) == mine,
+            "an aborted op's buffer changed"
+        );
+        let mut back = vec![1u8; 1 << 16];
+        self.target.read_at(0, &mut back).unwrap();
+        assert!(back.iter().all(|&x| x == 0), "an aborted write landed");
+    }
+}
+
+/// CLOSE-2 and BLOCK-4 against a NIC that never flushes: close returns
+/// while the NIC still holds every op (a logical bound: the engine does
+/// not force anything within this test's hour), the socket is gone
+/// (CLOSE-7), and when the flushes come at last each op is aborted once
+/// and the close-handle upcall follows; the write held in flight at the
+/// close never lands.
+#[test]
+fn close_2_close_returns_while_the_nic_still_holds_its_ops() {
+    let mut cfg = test_config(poller_mode());
+    cfg.close.wait_ms = 20;
+    cfg.close.quiesce_timeout_ms = 3_600_000;
+    let h = Host::with_config(cfg);
+    let Some(n) = never_flushed(&h, 5660) else {
+        eprintln!("skipped on verbs: a real NIC flushes");
+        return;
+    };
+    let hc = h.p.switch_handle(n.c).unwrap();
+    let (p, c) = (h.p.clone(), n.c);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(p.close_socket(c)));
+    rx.recv_timeout(TIMEOUT)
+        .expect("close waited for the NIC")
+        .unwrap();
+    assert!(
+        n.ovs.iter().all(Overlapped::is_pending),
+        "close waited for ops the NIC never flushed"
+    );
+    assert!(!h.sw.closed(hc), "close-handle upcall before the ops");
+    assert_eq!(h.p.close_socket(n.c).unwrap_err(), WsaError::WSAENOTSOCK);
+    n.q.release_rdma();
+    n.q.release_flush();
+    h.sw.wait_for("the close-handle upcall", |u| {
+        u.contains(&Upcall::Close { handle: hc })
+    });
+    n.assert_aborted_once(&h);
+    n.release_nic();
+    n.assert_untouched(1);
+    h.p.close_socket(n.s).unwrap();
+}
+
+/// CLOSE-3, CLOSE-4 and CLOSE-10 when the NIC never flushes: past
+/// `close.quiesce_timeout_ms` the engine abandons the queue pair and aborts
+/// every op itself, each once, its slot freed before its upcall (the slots
+/// in use, sampled inside each upcall, count down to 0), then the
+/// close-handle upcall. After that nothing moves: the switch's bytes stay
+/// in the buffers when the NIC lets go, the held write never lands, and
+/// the completions the NIC delivers late are dropped (no op completes
+/// twice: the recording switch flags it).
+#[test]
+fn close_3_4_and_10_ops_a_nic_never_flushed_are_aborted_by_the_engine() {
+    let mut cfg = test_config(poller_mode());
+    cfg.close.wait_ms = 0;
+    cfg.close.quiesce_timeout_ms = 50;
+    let h = Host::with_config(cfg);
+    let Some(n) = never_flushed(&h, 5661) else {
+        eprintln!("skipped on verbs: a real NIC flushes");
+        return;
+    };
+    let hc = h.p.switch_handle(n.c).unwrap();
+    let before = h.p.stats().ops_in_use;
+    assert_eq!(before, n.ovs.len(), "only c's ops are pending");
+    h.p.close_socket(n.c).unwrap();
+    h.sw.wait_for("the close-handle upcall", |u| {
+        u.contains(&Upcall::Close { handle: hc })
+    });
+    n.assert_aborted_once(&h);
+    let left: Vec<usize> =
+        h.sw.upcalls()
+            .iter()
+            .filter_map(|u| match u {
+                Upcall::Complete {
+                    handle, ops_in_use, ..
+                } if *handle == hc => Some(*ops_in_use),
+                _ => None,
+            })
+            .collect();
+    let notified = n.ovs.iter().filter(|ov| ov.wants_upcall()).count();
+    assert_eq!(left.len(), notified);
+    assert!(
+        left.windows(2).all(|w| w[0] > w[1]) && left.iter().all(|&k| k < before),
+        "an op's slot was still in use at its upcall: {left:?}"
+    );
+    assert_eq!(h.p.stats().ops_in_use, 0);
+    n.b.fill(2);
+    n.release_nic();
+    n.assert_untouched(2);
+    n.assert_aborted_once(&h);
+    h.p.close_socket(n.s).unwrap();
+}

@@ -305,6 +305,9 @@ pub fn test_config(mode: PollerMode) -> Config {
     c.mem.mlock = MlockPolicy::Off;
     // Address and route resolution under QEMU's emulation need more room.
     c.connect.timeout_ms = if on_verbs() { 1000 } else { 200 };
+    // Close waits for the flushes that come (tests check ops complete by
+    // the time it returned); tests of a NIC that never flushes lower it.
+    c.close.wait_ms = 5000;
     c.close.quiesce_timeout_ms = 5000;
     c
 }

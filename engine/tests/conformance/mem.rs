@@ -306,3 +306,43 @@ fn mem_7_descriptor_only_works_on_its_connection() {
     target.read_at(0, &mut back).unwrap();
     assert!(back.iter().all(|&b| b == 0));
 }
+
+/// MEM-7 on a NIC without type-2 memory windows (verbs with
+/// `memory_windows = "off"`: in the VM, rxe with its windows forced off):
+/// a remote key would work through every connection of the NIC, so
+/// exposing memory fails `WSAEOPNOTSUPP` and leaves nothing on the NIC;
+/// the connection itself keeps working. The soft NIC binds every key to
+/// one queue pair, whatever the setting: nothing to refuse there.
+#[test]
+fn mem_7_without_memory_windows_exposure_is_refused() {
+    if !on_verbs() {
+        eprintln!("skipped on soft: its remote keys are bound to one queue pair");
+        return;
+    }
+    let mut cfg = test_config(poller_mode());
+    cfg.fabric.verbs.memory_windows = sanpath::config::MemoryWindows::Off;
+    let h = Host::with_config(cfg);
+    let (c, s) = pair(&h, 5315);
+    let before = h.p.nic().stats();
+    let target = region(4096);
+    let mut d = [0u8; RDMA_DESCRIPTOR_LEN];
+    // SAFETY: the region outlives the (failed) exposure.
+    let r = unsafe {
+        h.p.register_rdma_memory(s, target.as_ptr(), 4096, MEM_WRITE, &mut d)
+    };
+    assert_eq!(r.unwrap_err(), WsaError::WSAEOPNOTSUPP);
+    let after = h.p.nic().stats();
+    assert_eq!(after.live_remote_keys, 0);
+    assert_eq!(after.live_regions, before.live_regions, "a region leaked");
+    let (bc, bs) = (
+        buf(&h, c, 4096, MEM_READWRITE),
+        buf(&h, s, 4096, MEM_READWRITE),
+    );
+    bc.fill(9);
+    let (r, w) = (Overlapped::new(0), Overlapped::new(0));
+    recv(&h, s, &bs, 0, 64, &r).unwrap();
+    send(&h, c, &bc, 0, 64, &w).unwrap();
+    assert_eq!(wait_ov(&h, &r), (OK, 64));
+    assert_eq!(wait_ov(&h, &w), (OK, 64));
+    assert_eq!(bs.bytes(0, 64), bc.bytes(0, 64));
+}

@@ -137,14 +137,15 @@ fn rdma_5_sends_progress_while_rdma_is_pending() {
     };
     let w = Overlapped::new(1);
     rdma_write(&h, c, &src, 0, 1 << 20, &d, 0, &w).unwrap();
+    // On verbs the NIC may have finished the write already.
     if held.is_some() {
         assert!(untouched(), "a held write touched the target");
         assert_eq!(
             h.p.get_overlapped_result(c, &w, false),
             Err(WsaError::WSA_IO_INCOMPLETE)
         );
+        assert!(w.is_pending());
     }
-    assert!(w.is_pending());
     let sends: Vec<Overlapped> = (0..4).map(|_| Overlapped::new(0)).collect();
     let recvs: Vec<Overlapped> = (0..4).map(|_| Overlapped::new(0)).collect();
     for (i, (sd, rv)) in sends.iter().zip(&recvs).enumerate() {

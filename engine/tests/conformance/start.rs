@@ -96,3 +96,61 @@ fn start_14_repeated_startup_keeps_the_first_switch() {
     assert!(other.upcalls().is_empty());
     h.p.cleanup().unwrap();
 }
+
+/// START-7 and CLOSE-5 when the NIC never flushes: the last cleanup ends
+/// both a close that returned before its ops were over and the close of a
+/// socket still open, within `close.quiesce_timeout_ms` (not the test's
+/// hour): every op is aborted once and every socket gets its close-handle
+/// upcall by the time cleanup returned.
+#[test]
+fn start_7_final_cleanup_ends_closes_whose_nic_never_flushed() {
+    use sanpath::fabric::soft::Fault;
+    let mut cfg = test_config(poller_mode());
+    cfg.close.wait_ms = 0;
+    cfg.close.quiesce_timeout_ms = 100;
+    let h = Host::with_config(cfg);
+    let (c1, s1) = pair(&h, 5062);
+    let (c2, s2) = pair(&h, 5063);
+    let mut faults = Vec::new();
+    let mut bufs = Vec::new();
+    // A notified and a polled receive on each of c1 and c2.
+    let ovs: Vec<Overlapped> = [0, 1, 0, 1].map(Overlapped::new).into();
+    for (k, (c, s)) in [(c1, s1), (c2, s2)].into_iter().enumerate() {
+        let Some(q) = h.hold_rdma(c, s) else {
+            eprintln!("skipped on verbs: a real NIC flushes");
+            return;
+        };
+        q.arm(Fault::NoFlush);
+        let b = buf(&h, c, 4096, MEM_READWRITE);
+        for (i, ov) in ovs[2 * k..2 * k + 2].iter().enumerate() {
+            recv(&h, c, &b, i * 1024, 1024, ov).unwrap();
+        }
+        faults.push(q);
+        bufs.push(b);
+    }
+    let handles: Vec<SwitchHandle> = [c1, s1, c2, s2]
+        .iter()
+        .map(|&s| h.p.switch_handle(s).unwrap())
+        .collect();
+    h.p.close_socket(c1).unwrap();
+    let p = h.p.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(p.cleanup()));
+    rx.recv_timeout(TIMEOUT)
+        .expect("the last cleanup did not return")
+        .unwrap();
+    for (i, ov) in ovs.iter().enumerate() {
+        assert!(
+            !ov.is_pending(),
+            "op {i} still pending after the last cleanup"
+        );
+        assert_eq!(done_ov(ov).0, ABORTED);
+        assert_eq!(h.sw.completions_of(ov), u32::from(ov.wants_upcall()));
+    }
+    for hd in handles {
+        assert!(h.sw.closed(hd), "a socket lost its close-handle upcall");
+    }
+    for q in faults {
+        q.release_flush();
+    }
+}

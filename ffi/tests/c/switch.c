@@ -342,6 +342,7 @@ typedef WSAEVENT (*event_create_fn)(void);
 typedef BOOL (*event_op_fn)(WSAEVENT);
 typedef INT (*event_wait_fn)(WSAEVENT, DWORD);
 typedef uint64_t (*event_count_fn)(WSAEVENT);
+typedef INT (*stats_fn)(SanpathStats *, INT *);
 
 static LPWSPSTARTUPEX startup;
 static LPWSPCLEANUP cleanup_symbol;
@@ -349,6 +350,7 @@ static event_create_fn ev_create;
 static event_op_fn ev_close;
 static event_wait_fn ev_wait;
 static event_count_fn ev_count;
+static stats_fn provider_stats;
 static WSPPROC_TABLE P;
 
 static void *symbol(void *lib, const char *name) {
@@ -524,6 +526,7 @@ int main(int argc, char **argv) {
     LOAD(ev_close, lib, "sanpath_event_close");
     LOAD(ev_wait, lib, "sanpath_event_wait");
     LOAD(ev_count, lib, "sanpath_event_set_count");
+    LOAD(provider_stats, lib, "sanpath_provider_stats");
 
     INT err = 0;
     WSPDATA data;
@@ -532,6 +535,10 @@ int main(int argc, char **argv) {
 
     /* START-6: cleanup without startup. */
     CHECK(cleanup_symbol(&err) == SOCKET_ERROR && err == WSANOTINITIALISED, "START-6: %d", err);
+    {
+        SanpathStats st;
+        CHECK(provider_stats(&st, &err) == SOCKET_ERROR && err == WSANOTINITIALISED, "stats before startup %d", err);
+    }
 
     /* START-1: version below 2.2, NULL lpWSPData / lpProcTable. */
     CHECK(startup(0x0101, &data, &pi, &up, &P) == WSAVERNOTSUPPORTED, "START-1 version");
@@ -934,11 +941,31 @@ int main(int argc, char **argv) {
         WSABUF b3 = {512, abuf};
         DWORD flags = 0, n = 0;
         CHECK(P.lpWSPRecv(A3, &b3, 1, &n, &flags, &ov3, NULL, NULL, &err) == SOCKET_ERROR && err == WSA_IO_PENDING, "recv A3");
+        /* The counters see the pair, the listener, the pending receive and the ops the close
+           above aborted and reset. */
+        SanpathStats st;
+        memset(&st, 0xA5, sizeof st);
+        CHECK(provider_stats(&st, &err) == 0, "sanpath_provider_stats %d", err);
+        CHECK(st.sockets_connected == 2 && st.sockets_listening == 1, "stats: %llu connected, %llu listening",
+              (unsigned long long)st.sockets_connected, (unsigned long long)st.sockets_listening);
+        CHECK(st.sockets == st.sockets_open + st.sockets_bound + st.sockets_listening + st.sockets_connecting +
+                               st.sockets_connected, "stats: sockets by state add up");
+        CHECK(st.ops_in_flight == 1, "stats: %llu ops in flight", (unsigned long long)st.ops_in_flight);
+        CHECK(st.completed_aborted >= 2 && st.completed_reset >= 1, "stats: %llu aborted, %llu reset",
+              (unsigned long long)st.completed_aborted, (unsigned long long)st.completed_reset);
+        CHECK(st.registrations >= 1 && st.registered_bytes >= REGION, "stats: %llu registrations, %llu bytes",
+              (unsigned long long)st.registrations, (unsigned long long)st.registered_bytes);
+        CHECK(provider_stats(NULL, &err) == SOCKET_ERROR && err == WSAEFAULT, "stats NULL %d", err);
         mark = log_len();
         CHECK(P.lpWSPCleanup(&err) == 0, "final WSPCleanup %d", err);
         struct upcall u;
         CHECK(find_completion(mark, &ov3, &u) && u.error == WSA_OPERATION_ABORTED && u.handle == hA3, "START-7");
         CHECK(closed_last(hA3), "cleanup closed A3");
+        CHECK(provider_stats(&st, &err) == 0 && st.sockets == 0 && st.sockets_closing == 0 && st.ops_in_flight == 0 &&
+                  st.registrations == 0,
+              "stats after the last cleanup: %llu sockets, %llu closing, %llu ops, %llu registrations",
+              (unsigned long long)st.sockets, (unsigned long long)st.sockets_closing,
+              (unsigned long long)st.ops_in_flight, (unsigned long long)st.registrations);
         CHECK(P.lpWSPCleanup(&err) == SOCKET_ERROR && err == WSANOTINITIALISED, "START-6 after the last cleanup %d", err);
         CHECK(P.lpWSPSocket(AF_INET, SOCK_STREAM, IPPROTO_TCP, NULL, 0, WSA_FLAG_OVERLAPPED, &err) == INVALID_SOCKET,
               "no sockets after cleanup");

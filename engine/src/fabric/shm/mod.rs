@@ -516,6 +516,16 @@ impl QueuePair for ShmQp {
     fn set_error(&self) {
         self.0.break_conn(seg::STATE_CLOSED, false);
     }
+
+    /// Breaking the connection is the seal already: it waits until no copy
+    /// of the peer's into or out of our memory runs (the peer's `busy` word),
+    /// and the peer starts none once it sees the broken state; our own
+    /// copies run only on a connection that is not broken. The one gap is
+    /// a peer that stays busy past `SEAL_WAIT` without dying (stopped, not
+    /// killed): the seal gives up on it after that bound.
+    fn abandon(&self) {
+        self.set_error();
+    }
 }
 
 impl Drop for ShmQp {

@@ -22,7 +22,8 @@
 //! local and peer address, which the SPI reports) and arms it with
 //! [`QpFaults::arm`] or overruns its completion queue with
 //! [`QpFaults::overrun_cq`]; [`QpFaults::release_rdma`] lets the RDMA
-//! requests held by [`Fault::StallRdma`] go.
+//! requests held by [`Fault::StallRdma`] go, [`QpFaults::release_flush`]
+//! the flushes withheld by [`Fault::NoFlush`].
 
 use super::link::{Cause, Control, Link, Posted, Poster};
 use super::wq::{SqEntry, SqKind};
@@ -84,6 +85,12 @@ pub enum Fault {
     /// status. Held requests bypass the other faults of the send queue,
     /// except a silence (`StopResponding`), which stalls them first.
     StallRdma,
+    /// The NIC does not flush this end: once its connection broke (a local
+    /// close included), its outstanding requests neither execute nor
+    /// complete, as with a NIC whose flush never comes, until
+    /// [`QpFaults::release_flush`]. Combined with `StallRdma`, an RDMA in
+    /// flight at the close stays pending. Stays armed across the break.
+    NoFlush,
 }
 
 /// Faults armed on one end, in the link's [`Control`], under its lock.
@@ -342,6 +349,10 @@ impl QpFaults {
         if c.broken {
             return;
         }
+        if fault == Fault::NoFlush {
+            link.withhold_flush[me].store(true, Ordering::Release);
+            return;
+        }
         match fault {
             Fault::FailRequest { queue, nth, status } => {
                 assert!(nth > 0, "nth counts from 1");
@@ -382,6 +393,7 @@ impl QpFaults {
                     .reserve_exact(room.saturating_sub(f.held_sges.len()));
                 f.hold_rdma = true;
             }
+            Fault::NoFlush => unreachable!("armed above"),
         }
         link.faults_armed[me].store(true, Ordering::Relaxed);
     }
@@ -426,6 +438,22 @@ impl QpFaults {
             link.seal();
         }
         link.wake([me == 0, me == 1]);
+    }
+
+    /// Requests posted on this end whose completion its CQ has not
+    /// produced yet (completions polled and dropped count as produced).
+    pub fn outstanding(&self) -> u64 {
+        let mut p = self.link.ends[self.end].post.lock();
+        p.sq.refresh();
+        p.sends.refresh();
+        p.sq.pending() + p.sends.pending() + p.rq.pending()
+    }
+
+    /// Ends `Fault::NoFlush`: a sealed end's outstanding requests complete
+    /// with the flush status now.
+    pub fn release_flush(&self) {
+        self.link.withhold_flush[self.end].store(false, Ordering::Release);
+        self.link.wake([self.end == 0, self.end == 1]);
     }
 
     /// The completion queue of this end overflows now. A real NIC reports a

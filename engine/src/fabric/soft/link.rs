@@ -249,6 +249,12 @@ pub(super) struct Link {
     /// Paired with `control`: wakes a fault watchdog (tests only).
     #[cfg(feature = "fault-injection")]
     pub(super) fault_cv: std::sync::Condvar,
+    /// `Fault::NoFlush` on each end: a sealed end's outstanding requests
+    /// are not flushed (tests only). Set by arming, cleared by
+    /// `QpFaults::release_flush`; read by the end's reaper. Not part of
+    /// `Control::faults`, which a break clears.
+    #[cfg(feature = "fault-injection")]
+    pub(super) withhold_flush: [AtomicBool; 2],
     pub(super) cqs: [Arc<CqShared>; 2],
     pub(super) nics: [Arc<NicShared>; 2],
     pub(super) nums: [QpNum; 2],
@@ -395,6 +401,8 @@ impl Link {
             faults_armed: [AtomicBool::new(false), AtomicBool::new(false)],
             #[cfg(feature = "fault-injection")]
             fault_cv: std::sync::Condvar::new(),
+            #[cfg(feature = "fault-injection")]
+            withhold_flush: [AtomicBool::new(false), AtomicBool::new(false)],
             cqs: [cqs[0].shared().clone(), cqs[1].shared().clone()],
             nics,
             nums,
@@ -413,6 +421,17 @@ impl Link {
 
     pub(super) fn is_intact(&self) -> bool {
         self.state() == INTACT
+    }
+
+    /// Whether `end`'s requests are flushed once the link is sealed (not
+    /// while `Fault::NoFlush` withholds them).
+    fn flushes(&self, end: usize) -> bool {
+        #[cfg(feature = "fault-injection")]
+        if self.withhold_flush[end].load(Ordering::Acquire) {
+            return false;
+        }
+        let _ = end;
+        true
     }
 
     /// The status a post of `end` completes with at once, if the
@@ -631,7 +650,7 @@ impl Link {
         }
         // Read the state before the indices: once sealed they are final.
         let state = self.state();
-        let flush = (state == SEALED).then(|| self.flush_of(end));
+        let flush = (state == SEALED && self.flushes(end)).then(|| self.flush_of(end));
         if flush.is_some() {
             r.sent = self.dirs[outgoing].ring.consumed();
         }
@@ -746,7 +765,7 @@ impl Link {
     pub(super) fn has_work(&self, end: usize, r: &mut Reaper) -> bool {
         // Flushes wait for the seal, which wakes the CQ.
         let state = self.state();
-        let sealed = state == SEALED;
+        let sealed = state == SEALED && self.flushes(end);
         if let Some(e) = r.sq.peek() {
             if matches!(e.kind, SqKind::Done { .. }) || sealed {
                 return true;

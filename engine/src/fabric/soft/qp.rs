@@ -262,6 +262,13 @@ impl QueuePair for SoftQp {
     fn set_error(&self) {
         self.link.close(self.end);
     }
+
+    /// The seal that `set_error` waits for already stops this NIC for
+    /// good: no RDMA or copy starts on a broken link, and a post completes
+    /// at once with the end's error status.
+    fn abandon(&self) {
+        self.set_error();
+    }
 }
 
 impl Drop for SoftQp {

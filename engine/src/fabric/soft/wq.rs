@@ -293,6 +293,13 @@ pub(super) struct RqPoster {
 }
 
 impl RqPoster {
+    /// Receives not reaped yet (reloads the reaper's index).
+    #[cfg(feature = "fault-injection")]
+    pub(super) fn pending(&mut self) -> u64 {
+        self.cached_head = self.q.ends.head.load(Ordering::Acquire);
+        self.tail - self.cached_head
+    }
+
     pub(super) fn room(&mut self) -> bool {
         if self.tail - self.cached_head < self.depth {
             return true;

@@ -13,6 +13,7 @@
 //! | `listen`, `connect`, `accept`, `reject` | `rdma_listen`, `rdma_resolve_addr` → `rdma_resolve_route` → `rdma_connect`, `rdma_accept`, `rdma_reject` (RC, `RDMA_PS_TCP`, by IPv4 address) |
 //! | `post_send`, `post_recv` | `ibv_post_send` (signaled; inline when the payload fits `max_inline_data`), `ibv_post_recv` |
 //! | `set_error` | QP → `IBV_QPS_ERR` (the NIC flushes every posted request) + `rdma_disconnect` |
+//! | `abandon` | `set_error`, its windows deallocated, then `rdma_destroy_qp` (no DMA after it returned) |
 //! | `QpEvents::disconnected` | `RDMA_CM_EVENT_DISCONNECTED` (peer closed or its process died) |
 //!
 //! # Threads
@@ -51,11 +52,14 @@
 //! by [`CompletionQueue::poll`](super::CompletionQueue::poll). Each QP's send
 //! queue has [`BIND_SLACK`] extra entries for these.
 //!
-//! Without window support (or with [`MemoryWindows::Off`]) a bind registers
-//! the region a second time with the remote rights and returns that MR's
-//! rkey; unbinding deregisters it, so revocation still works, but the key is
-//! valid through *every* queue pair of the protection domain: MEM-7 (a key
-//! usable only by the peer it was given to) is then not enforced by the NIC.
+//! Without window support (or with [`MemoryWindows::Off`]) `bind_remote`
+//! fails [`FabricError::Unsupported`]: the only other way to make a remote
+//! key, a second registration with the remote rights, gives a key valid
+//! through *every* queue pair of the protection domain, so MEM-7 (a key
+//! usable only by the peer it was given to) would not hold. With
+//! [`MemoryWindows::SharedKeys`] (opt-in) it does that anyway; unbinding
+//! deregisters the second MR, so revocation (deregistration, close) still
+//! works.
 //!
 //! # Close
 //!
@@ -65,7 +69,12 @@
 //! Linux 6.1 does not flush receives posted to a QP already in error).
 //! Dropping the last reference to a QP destroys it and its rdma_cm id; the
 //! engine does that after the flushes were polled and the registrations
-//! released: error → flushed → disconnect → deregister → destroy.
+//! released: error → flushed → disconnect → deregister → destroy. When the
+//! flushes do not come within `close.quiesce_timeout_ms`, the engine calls
+//! `abandon` instead, which destroys the QP at once (under the post lock,
+//! so no post is inside it): once `ibv_destroy_qp` returned the device does
+//! no DMA for it, and the engine completes the ops itself; completions of
+//! the destroyed QP still in the CQ are dropped by the engine.
 
 mod cm;
 mod cq;
@@ -105,17 +114,7 @@ pub const BIND_SLACK: u32 = 16;
 /// Extra CQ entries beyond the requested depth (flushed binds).
 const CQ_SLACK: u32 = 64;
 
-/// Whether remote keys are memory windows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum MemoryWindows {
-    /// Type-2 windows when the device supports them, else re-registration.
-    #[default]
-    Auto,
-    /// Type-2 windows or `open` fails.
-    Required,
-    /// Always re-registration (MEM-7 not enforced by the NIC).
-    Off,
-}
+pub use crate::config::MemoryWindows;
 
 /// Settings of a verbs NIC.
 #[derive(Clone, Debug)]
@@ -179,6 +178,10 @@ pub(crate) struct Caps {
     pub rd_atom: u8,
     /// Type-2 memory windows in use.
     pub windows: bool,
+    /// Without windows: remote keys are second registrations valid through
+    /// every QP of the PD (`MemoryWindows::SharedKeys`); else exposure is
+    /// refused.
+    pub shared_keys: bool,
 }
 
 /// What every object of a NIC shares; freed when the last of them is gone.
@@ -513,7 +516,7 @@ impl VerbsNic {
             | ibv_device_cap_flags::IBV_DEVICE_MEM_WINDOW_TYPE_2B.0;
         let has_mw = dev.max_mw > 0 && dev.device_cap_flags & mw_caps != 0;
         let windows = match cfg.memory_windows {
-            MemoryWindows::Off => false,
+            MemoryWindows::Off | MemoryWindows::SharedKeys => false,
             MemoryWindows::Auto => has_mw,
             MemoryWindows::Required if has_mw => true,
             MemoryWindows::Required => {
@@ -543,6 +546,7 @@ impl VerbsNic {
             rd_atom: u8::try_from(dev.max_qp_rd_atom.min(dev.max_qp_init_rd_atom).clamp(0, 16))
                 .unwrap_or(1),
             windows,
+            shared_keys: cfg.memory_windows == MemoryWindows::SharedKeys,
         };
         // SAFETY: valid context; the PD is released in Shared::drop or below.
         let pd = unsafe { ibv_alloc_pd(ctx) };

@@ -218,6 +218,11 @@ pub(crate) fn bind_remote(
                 qp: qp_num,
             },
         )
+    } else if !shared.caps.shared_keys {
+        return Err(FabricError::Unsupported(
+            "no type-2 memory windows: a remote key would work through every connection \
+             of the NIC (MEM-7); set fabric.verbs.memory_windows = \"shared_keys\" to allow it",
+        ));
     } else {
         let flags = ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0 | remote_flags(access);
         // SAFETY: the range is the registered region's, valid until it is

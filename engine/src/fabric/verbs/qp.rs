@@ -32,6 +32,9 @@ struct State {
     local_close: bool,
     /// `QpEvents::disconnected` was called (at most once).
     reported: bool,
+    /// The ibv QP was destroyed by `abandon` (implies `error`): nothing may
+    /// name it any more, and `drop` does not destroy it again.
+    destroyed: bool,
 }
 
 /// A connected RC queue pair of a [`VerbsNic`](super::VerbsNic).
@@ -407,6 +410,28 @@ impl QueuePair for VerbsQp {
         st.local_close = true;
         self.enter_error(&mut st);
     }
+
+    /// Error state, then the QP destroyed: once `ibv_destroy_qp` returned
+    /// the device does no more DMA for it (rxe, for one, waits for its
+    /// requester, responder and completer tasks). Its windows go first
+    /// (a window keeps its QP referenced). The rdma_cm id lives on until
+    /// `drop`; later posts are completed `Flushed` in software, and
+    /// completions already in the CQ stay there.
+    fn abandon(&self) {
+        lock(&self.shared.regs).revoke_qp(self.num);
+        let mut st = self.write_state();
+        st.local_close = true;
+        self.enter_error(&mut st);
+        if !st.destroyed {
+            st.destroyed = true;
+            // SAFETY: the QP was created on this id and is destroyed once
+            // (`destroyed`); the post lock is held exclusively, so no post
+            // is inside it, and every later one sees `error` and does not
+            // name it; `tune` runs only while connecting, before a socket
+            // has ops to abandon.
+            unsafe { rdma_destroy_qp(self.id.get()) };
+        }
+    }
 }
 
 impl Drop for VerbsQp {
@@ -420,13 +445,21 @@ impl Drop for VerbsQp {
         lock(&self.shared.regs).revoke_qp(self.num);
         self.shared.tokens.remove(self.token);
         self.shared.live_qps.fetch_sub(1, Ordering::Relaxed);
-        // SAFETY: the QP was created on this id and is destroyed once; no
-        // post can race (we are the last reference). Completions already in
-        // the CQ stay there and remain pollable.
-        unsafe { rdma_destroy_qp(self.id.get()) };
+        if !self.write_state().destroyed {
+            // SAFETY: the QP was created on this id and is destroyed once
+            // (`abandon` did not); no post can race (we are the last
+            // reference). Completions already in the CQ stay there and
+            // remain pollable.
+            unsafe { rdma_destroy_qp(self.id.get()) };
+        }
         // Its completions were all reaped by now: the engine drops a QP only
         // after every op on it completed (its flushed binds use the CQ's
-        // own slack).
+        // own slack). After an `abandon` the engine completed some ops
+        // itself, and completions the device wrote before the destroy may
+        // still wait in the CQ (polled and dropped later): they briefly
+        // hold entries released here, a rare case (a NIC that did not
+        // flush within the close's quiesce time) the CQ's slack covers
+        // only in part.
         self.cq.release(self.cq_entries);
         // `id` is destroyed by its own drop, after this.
     }

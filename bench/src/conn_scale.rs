@@ -1,0 +1,506 @@
+//! `conn_scale`: what N connected socket pairs cost one provider on the soft
+//! fabric, and whether the data path stays flat as N grows.
+//!
+//! For each N: connect N pairs (client and accepted server socket, both in
+//! one provider, one CQ per side), each socket with its own registered
+//! 64-byte buffer and one receive always pending; then an 8 B send
+//! ping-pong whose active connection goes round robin over all N (so every
+//! round touches a connection that was idle for N - 1 rounds); then close
+//! all 2N sockets while each still has its receive pending, and check that
+//! every one of those receives completed exactly once (aborted or reset,
+//! never still pending, the op slab empty afterwards).
+//!
+//! `bytes_per_conn` is the growth of the process's resident set over the
+//! set-up of the N pairs, divided by N (one connection = both its sockets
+//! and everything the engine keeps for them); `reg_bytes_per_conn` the
+//! memory registered for them, over N.
+
+use crate::engine::tune;
+use crate::stats::Lat;
+use crate::Mode;
+use sanpath::config::MlockPolicy;
+use sanpath::fabric::soft::SoftNetwork;
+use sanpath::mem::region::Region;
+use sanpath::spi::*;
+use sanpath::switch::{Listener, Runtime, RuntimeConfig, Stream, SwitchOptions};
+use sanpath::testkit::{self, CompletingSwitch};
+use sanpath::{Config, WsaError};
+use serde_json::{json, Value};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// hEvent with bit 0 set: no upcall, the benchmark polls.
+const POLLED: usize = 1;
+/// Each socket's slice of the shared buffer: send source at 0, receive
+/// sink at `SLICE / 2`.
+const SLICE: usize = 64;
+/// Message size of the ping-pong.
+pub const MSG: usize = 8;
+
+/// One connection count's figures.
+pub struct Scale {
+    /// `spi_send` (raw SPI sockets) or `stream` (the reference switch).
+    pub api: &'static str,
+    pub conns: usize,
+    pub lat: Lat,
+    pub bytes_per_conn: f64,
+    pub reg_bytes_per_conn: f64,
+    pub connect_s: f64,
+    pub close_s: f64,
+    /// The provider's counters with every pair connected and a receive
+    /// pending on each socket (`--stats`).
+    pub peak: Option<ProviderStats>,
+}
+
+impl Scale {
+    pub fn json(&self, mode: &str) -> Value {
+        json!({
+            "test": "conn_scale", "api": self.api, "mode": mode, "conns": self.conns,
+            "size": MSG, "lat_ns": self.lat.json(), "bytes_per_conn": self.bytes_per_conn,
+            "reg_bytes_per_conn": self.reg_bytes_per_conn, "connect_s": self.connect_s,
+            "close_s": self.close_s, "stats": self.peak,
+        })
+    }
+}
+
+/// The engine settings N pairs need on top of the benchmark's: table, op
+/// slab and CQ room for every socket, one receive pending on each.
+pub fn config(base: &Config, mode: Mode, conns: usize) -> Config {
+    let mut c = base.clone();
+    tune(&mut c, mode);
+    let sockets = 2 * conns + 2;
+    c.ops.max_sockets = c.ops.max_sockets.max(sockets);
+    c.ops.slab_size = c.ops.slab_size.max(2 * sockets);
+    let per_qp = u64::from(c.qp.send_depth) + u64::from(c.qp.recv_depth);
+    let need = per_qp * (conns as u64 + 1);
+    c.qp.cq_depth = c.qp.cq_depth.max(u32::try_from(need).unwrap_or(u32::MAX));
+    c.connect.backlog_max = c.connect.backlog_max.max(16);
+    c.fabric.soft.addresses = vec![Ipv4Addr::new(198, 18, 251, 1)];
+    c
+}
+
+/// Resident set size of this process in bytes (Linux `/proc/self/status`).
+fn rss() -> Result<u64, String> {
+    let s = std::fs::read_to_string("/proc/self/status").map_err(|e| format!("status: {e}"))?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|kib| kib * 1024)
+        .ok_or_else(|| "/proc/self/status: no VmRSS".into())
+}
+
+/// One side of a connection: socket, receive record, send record.
+struct End {
+    sock: ProviderSocket,
+    rov: Overlapped,
+    sov: Overlapped,
+}
+
+struct Pairs {
+    p: Provider,
+    /// Kept alive with the provider: its NIC's network.
+    _net: Arc<sanpath::fabric::soft::SoftNetwork>,
+    buf: Region,
+    clients: Vec<End>,
+    servers: Vec<End>,
+}
+
+type Res<T> = Result<T, String>;
+
+fn wsa(what: &'static str) -> impl Fn(WsaError) -> String {
+    move |e| format!("conn_scale: {what}: {e}")
+}
+
+impl Pairs {
+    fn slice(&self, conn: usize, server: bool) -> *mut u8 {
+        self.buf
+            .as_ptr()
+            .wrapping_add((2 * conn + usize::from(server)) * SLICE)
+    }
+
+    /// Registers the socket's slice and posts its first receive.
+    fn arm(&self, end: &End, at: *mut u8) -> Res<()> {
+        // SAFETY: the slice lives in `self.buf`, which outlives every socket
+        // (the sockets are closed before `Pairs` drops).
+        unsafe {
+            self.p
+                .register_memory(end.sock, at, SLICE as u32, MEM_READWRITE)
+                .map_err(wsa("register"))?;
+        }
+        self.recv(end, at)
+    }
+
+    fn recv(&self, end: &End, at: *mut u8) -> Res<()> {
+        let b = [WsaBuf {
+            len: MSG as u32,
+            buf: at.wrapping_add(SLICE / 2),
+        }];
+        // SAFETY: registered slice (see `arm`); `end.rov` lives in the
+        // `Vec` that is never resized while ops are pending.
+        unsafe { self.p.recv(end.sock, &b, &end.rov) }.map_err(wsa("recv"))
+    }
+
+    fn send(&self, end: &End, at: *mut u8) -> Res<()> {
+        let b = [WsaBuf {
+            len: MSG as u32,
+            buf: at,
+        }];
+        // SAFETY: as in `recv`.
+        unsafe { self.p.send(end.sock, &b, 0, &end.sov) }.map_err(wsa("send"))
+    }
+
+    fn wait(&self, end: &End, ov: &Overlapped) -> Res<()> {
+        self.p
+            .get_overlapped_result(end.sock, ov, true)
+            .map(|_| ())
+            .map_err(wsa("completion"))
+    }
+}
+
+/// Connects `n` pairs; returns them and the seconds it took.
+fn connect(config: Config, n: usize) -> Res<(Pairs, f64)> {
+    let ip = config.fabric.soft.addresses[0];
+    let (p, _nic, net) = testkit::soft_provider(config, ip, Arc::new(CompletingSwitch))?;
+    let buf = Region::new(2 * n * SLICE, MlockPolicy::Off).map_err(|e| e.to_string())?;
+    let addr = SocketAddrV4::new(ip, 18600);
+    let socket = || {
+        p.socket(AF_INET, SOCK_STREAM, IPPROTO_TCP, 0, WSA_FLAG_OVERLAPPED, 0)
+            .map_err(wsa("socket"))
+    };
+    let t0 = Instant::now();
+    let l = socket()?;
+    p.bind(l, addr).map_err(wsa("bind"))?;
+    p.listen(l, 16).map_err(wsa("listen"))?;
+    let ev = Arc::new(sanpath::event::Event::new());
+    p.event_select(l, Some(ev.clone()), FD_ACCEPT)
+        .map_err(wsa("event_select"))?;
+    let mut clients = Vec::with_capacity(n);
+    let mut servers = Vec::with_capacity(n);
+    for _ in 0..n {
+        let c = socket()?;
+        p.connect(c, addr, &[]).map_err(wsa("connect"))?;
+        let s = loop {
+            match p.accept(l, &mut |_| Condition::Accept) {
+                Ok((s, _)) => break s,
+                Err(WsaError::WSAEWOULDBLOCK) => {
+                    if !ev.wait(Duration::from_secs(10)) {
+                        return Err("conn_scale: no connect request within 10 s".into());
+                    }
+                }
+                Err(e) => return Err(wsa("accept")(e)),
+            }
+        };
+        let end = |sock| End {
+            sock,
+            rov: Overlapped::new(POLLED),
+            sov: Overlapped::new(POLLED),
+        };
+        clients.push(end(c));
+        servers.push(end(s));
+    }
+    p.close_socket(l).map_err(wsa("close listener"))?;
+    let connect_s = t0.elapsed().as_secs_f64();
+    let pairs = Pairs {
+        p,
+        _net: net,
+        buf,
+        clients,
+        servers,
+    };
+    for k in 0..n {
+        pairs.arm(&pairs.clients[k], pairs.slice(k, false))?;
+        pairs.arm(&pairs.servers[k], pairs.slice(k, true))?;
+    }
+    Ok((pairs, connect_s))
+}
+
+/// Round-robin ping-pong over all pairs, `iters` samples after a warm-up
+/// round over every pair; half round trip per sample.
+fn ping_pong(pairs: &Pairs, iters: usize) -> Res<Lat> {
+    let n = pairs.clients.len();
+    let warm = n.max(iters / 10);
+    let total = warm + iters;
+    std::thread::scope(|sc| {
+        let server = sc.spawn(|| -> Res<()> {
+            crate::baseline::pin(Some(1));
+            for i in 0..total {
+                let k = i % n;
+                let (end, at) = (&pairs.servers[k], pairs.slice(k, true));
+                pairs.wait(end, &end.rov)?;
+                pairs.recv(end, at)?;
+                pairs.send(end, at)?;
+                pairs.wait(end, &end.sov)?;
+            }
+            Ok(())
+        });
+        crate::baseline::pin(Some(0));
+        let mut samples = Vec::with_capacity(iters);
+        for i in 0..total {
+            let k = i % n;
+            let (end, at) = (&pairs.clients[k], pairs.slice(k, false));
+            let t0 = Instant::now();
+            pairs.send(end, at)?;
+            pairs.wait(end, &end.rov)?;
+            let ns = t0.elapsed().as_nanos() as f64 / 2.0;
+            pairs.recv(end, at)?;
+            pairs.wait(end, &end.sov)?;
+            if i >= warm {
+                samples.push(ns);
+            }
+        }
+        server.join().expect("server thread")?;
+        Ok(Lat::new(samples))
+    })
+}
+
+/// Closes every socket while its receive is pending; checks each receive
+/// completed once, as aborted (our close) or reset (the peer's), and that
+/// no op and no socket is left. Returns the seconds the closes took.
+fn close_all(pairs: &Pairs) -> Res<f64> {
+    let ends = || pairs.clients.iter().chain(&pairs.servers);
+    if let Some(e) = ends().find(|e| !e.rov.is_pending()) {
+        return Err(format!(
+            "conn_scale: socket {:?} has no receive pending before close",
+            e.sock
+        ));
+    }
+    let t0 = Instant::now();
+    for e in ends() {
+        pairs.p.close_socket(e.sock).map_err(wsa("close"))?;
+    }
+    let close_s = t0.elapsed().as_secs_f64();
+    let aborted = WsaError::WSA_OPERATION_ABORTED.code() as usize;
+    let reset = WsaError::WSAECONNRESET.code() as usize;
+    for e in ends() {
+        let status = e.rov.internal.load(std::sync::atomic::Ordering::Acquire);
+        if status != aborted && status != reset {
+            return Err(format!(
+                "conn_scale: a receive pending at close ended with status {status:#x}"
+            ));
+        }
+    }
+    let stats = pairs.p.stats();
+    if stats.ops_in_use != 0 || stats.sockets != 0 {
+        return Err(format!("conn_scale: left after closing all: {stats:?}"));
+    }
+    Ok(close_s)
+}
+
+/// Measures one connection count.
+pub fn run(base: &Config, mode: Mode, conns: usize, iters: usize, stats: bool) -> Res<Scale> {
+    let config = config(base, mode, conns);
+    let rss0 = rss()?;
+    let (pairs, connect_s) = connect(config, conns)?;
+    let reg = pairs.p.registration_stats();
+    let bytes_per_conn = rss()?.saturating_sub(rss0) as f64 / conns as f64;
+    let peak = stats.then(|| pairs.p.stats());
+    let lat = ping_pong(&pairs, iters)?;
+    let close_s = close_all(&pairs)?;
+    let _ = pairs.p.cleanup();
+    Ok(Scale {
+        api: "spi_send",
+        conns,
+        lat,
+        bytes_per_conn,
+        reg_bytes_per_conn: reg.registered_bytes as f64 / conns as f64,
+        connect_s,
+        close_s,
+        peak,
+    })
+}
+
+/// Bound on every blocking stream call: a broken run fails, never hangs.
+const STREAM_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The same for N pairs of the reference switch's streams (whatever
+/// buffers a stream connection has by default): connect, round-robin 8 B
+/// ping-pong (blocking `send` / `recv`), then abort all 2N streams, each
+/// with its receive buffers posted, and wait until the provider holds no
+/// socket and no op.
+pub fn run_streams(
+    base: &Config,
+    mode: Mode,
+    conns: usize,
+    iters: usize,
+    stats: bool,
+) -> Res<Scale> {
+    let mut engine = config(base, mode, conns);
+    engine.fabric.soft.addresses = vec![Ipv4Addr::new(198, 18, 252, 1)];
+    let ip = engine.fabric.soft.addresses[0];
+    let e =
+        |what: &'static str| move |e: std::io::Error| format!("conn_scale streams: {what}: {e}");
+    let rss0 = rss()?;
+    let nic = SoftNetwork::new()
+        .attach(engine.soft_nic(vec![ip]))
+        .map_err(|e| e.to_string())?;
+    let rc = RuntimeConfig {
+        switch: SwitchOptions {
+            connect_timeout: STREAM_TIMEOUT,
+            handshake_timeout: STREAM_TIMEOUT,
+            accept_timeout: Some(STREAM_TIMEOUT),
+            read_timeout: Some(STREAM_TIMEOUT),
+            write_timeout: Some(STREAM_TIMEOUT),
+            ..SwitchOptions::default()
+        },
+        engine,
+    };
+    let rt = Runtime::with_nic(rc, nic).map_err(e("runtime"))?;
+    let t0 = Instant::now();
+    let listener = Listener::bind(&rt, SocketAddrV4::new(ip, 18601)).map_err(e("listen"))?;
+    let addr = listener.local_addr();
+    let (clients, servers) = std::thread::scope(|sc| -> Res<(Vec<Stream>, Vec<Stream>)> {
+        let acceptor = sc.spawn(|| -> Res<Vec<Stream>> {
+            (0..conns)
+                .map(|_| listener.accept().map(|(s, _)| s).map_err(e("accept")))
+                .collect()
+        });
+        let clients: Res<Vec<Stream>> = (0..conns)
+            .map(|_| Stream::connect(&rt, addr).map_err(e("connect")))
+            .collect();
+        let servers = acceptor.join().expect("accepting thread")?;
+        Ok((clients?, servers))
+    })?;
+    drop(listener);
+    let connect_s = t0.elapsed().as_secs_f64();
+    let peak = rt.provider().stats();
+    let bytes_per_conn = rss()?.saturating_sub(rss0) as f64 / conns as f64;
+    let exchange = |s: &Stream, out: bool| -> Res<()> {
+        let mut buf = [0u8; MSG];
+        if out {
+            let sent = s.send(&buf).map_err(e("send"))?;
+            if sent != MSG {
+                return Err(format!("conn_scale streams: sent {sent} of {MSG} bytes"));
+            }
+        } else {
+            let mut got = 0;
+            while got < MSG {
+                match s.recv(&mut buf[got..]).map_err(e("recv"))? {
+                    0 => return Err("conn_scale streams: end of stream".into()),
+                    n => got += n,
+                }
+            }
+        }
+        Ok(())
+    };
+    let warm = conns.max(iters / 10);
+    let total = warm + iters;
+    let lat = std::thread::scope(|sc| -> Res<Lat> {
+        let server = sc.spawn(|| -> Res<()> {
+            crate::baseline::pin(Some(1));
+            for i in 0..total {
+                let s = &servers[i % conns];
+                exchange(s, false)?;
+                exchange(s, true)?;
+            }
+            Ok(())
+        });
+        crate::baseline::pin(Some(0));
+        let mut samples = Vec::with_capacity(iters);
+        for i in 0..total {
+            let s = &clients[i % conns];
+            let t = Instant::now();
+            exchange(s, true)?;
+            exchange(s, false)?;
+            if i >= warm {
+                samples.push(t.elapsed().as_nanos() as f64 / 2.0);
+            }
+        }
+        server.join().expect("server thread")?;
+        Ok(Lat::new(samples))
+    })?;
+    let t1 = Instant::now();
+    for s in clients.into_iter().chain(servers) {
+        s.abort();
+    }
+    let deadline = Instant::now() + STREAM_TIMEOUT;
+    loop {
+        let st = rt.provider().stats();
+        if st.sockets == 0 && st.ops_in_use == 0 && st.sockets_closing == 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "conn_scale streams: left after aborting all: {st:?}"
+            ));
+        }
+        rt.provider().progress();
+        std::thread::yield_now();
+    }
+    let close_s = t1.elapsed().as_secs_f64();
+    Ok(Scale {
+        api: "stream",
+        conns,
+        lat,
+        bytes_per_conn,
+        reg_bytes_per_conn: peak.registered_bytes as f64 / conns as f64,
+        connect_s,
+        close_s,
+        peak: stats.then_some(peak),
+    })
+}
+
+/// Runs every connection count of `conns`, prints a table and returns one
+/// JSON result per count.
+pub fn suite(
+    base: &Config,
+    mode: Mode,
+    conns: &[usize],
+    iters: Option<usize>,
+    quick: bool,
+    stats: bool,
+) -> Res<Vec<Value>> {
+    let mode_name = match mode {
+        Mode::Rtc => "rtc",
+        Mode::Threads => "threads",
+    };
+    println!(
+        "conn_scale: {MSG} B ping-pong, active connection round robin over N pairs in one provider \
+         (spi_send: raw SPI sockets; stream: the reference switch's streams)"
+    );
+    println!(
+        "{:<8} {:>7} {:>10} {:>10} {:>10} {:>12} {:>12} {:>10} {:>10}",
+        "api",
+        "conns",
+        "t_typ ns",
+        "p99 ns",
+        "x N=1",
+        "B/conn rss",
+        "B/conn reg",
+        "connect s",
+        "close s"
+    );
+    let mut out = Vec::new();
+    let mut first = std::collections::HashMap::new();
+    for &n in conns {
+        if n == 0 {
+            return Err("conn_scale: --conns takes counts of at least 1".into());
+        }
+        let iters = iters.unwrap_or(if quick { 2_000 } else { 20_000 }).max(1);
+        for s in [
+            run(base, mode, n, iters, stats)?,
+            run_streams(base, mode, n, iters, stats)?,
+        ] {
+            let median = s.lat.median_ns();
+            let base_lat = *first.entry(s.api).or_insert(median);
+            println!(
+                "{:<8} {:>7} {:>10.0} {:>10.0} {:>10.2} {:>12.0} {:>12.0} {:>10.3} {:>10.3}",
+                s.api,
+                n,
+                median,
+                s.lat.p(99.0),
+                median / base_lat,
+                s.bytes_per_conn,
+                s.reg_bytes_per_conn,
+                s.connect_s,
+                s.close_s
+            );
+            if let Some(p) = &s.peak {
+                println!("         stats with all {n} pairs connected: {p:?}");
+            }
+            out.push(s.json(mode_name));
+        }
+    }
+    Ok(out)
+}
