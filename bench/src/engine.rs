@@ -68,6 +68,12 @@ pub struct Side {
     core: Option<usize>,
     /// Whether memory polling must yield (more threads than cores).
     yielding: bool,
+    /// Whether the peer's RDMA into this side's memory needs this side's
+    /// progress: on the shared-memory fabric the owner of the target memory
+    /// checks the key and makes the copy when it polls its completion queue
+    /// (a process cannot be written by its peer behind its back), so a side
+    /// polling memory for a write must also poll its socket.
+    target_progress: bool,
 }
 
 /// The two sides of a connection in one process, on one provider.
@@ -243,6 +249,7 @@ impl Side {
                 .map_err(e)?;
             h
         };
+        let target_progress = p.config().fabric.kind == FabricKind::Shm;
         Ok(Side {
             p,
             sock,
@@ -253,6 +260,7 @@ impl Side {
             peer: Vec::new(),
             core,
             yielding,
+            target_progress,
         })
     }
 
@@ -377,6 +385,27 @@ impl Side {
         unsafe { self.local.as_ptr().add(size - 1).write_volatile(v) }
     }
 
+    /// Whether the peer's RDMA on this side's memory needs this side to
+    /// poll (see `target_progress`).
+    pub fn needs_target_progress(&self) -> bool {
+        self.target_progress
+    }
+
+    /// Polls this side's socket once, so that the peer's RDMA on this
+    /// side's memory makes progress (see `target_progress`).
+    pub fn make_target_progress(&self) {
+        self.p.progress_socket(self.sock);
+    }
+
+    /// Whether the peer's write of `v` into the last byte of the exposed
+    /// buffer landed (making the progress it needs, see `target_progress`).
+    fn landed(&self, size: usize, v: u8) -> bool {
+        if self.target_progress {
+            self.make_target_progress();
+        }
+        self.seen(size) == v
+    }
+
     fn seen(&self, size: usize) -> u8 {
         // SAFETY: in bounds of the exposed region. The peer's NIC writes
         // it concurrently: this polls DMA-written memory, byte-sized.
@@ -397,7 +426,7 @@ impl Side {
             self.rdma(size, true, &wov)?;
             // Memory only, as perftest: the write's own completion is
             // reaped after the sample.
-            spin_until(self.yielding, || self.seen(size) == v)?;
+            spin_until(self.yielding, || self.landed(size, v))?;
             let ns = t0.elapsed().as_nanos() as f64 / 2.0;
             self.wait(&wov)?;
             if i >= warmup(iters) {
@@ -415,7 +444,7 @@ impl Side {
         ready();
         for i in 0..warmup(iters) + iters {
             let v = (i % 255) as u8 + 1;
-            spin_until(self.yielding, || self.seen(size) == v)?;
+            spin_until(self.yielding, || self.landed(size, v))?;
             self.mark(size, v);
             self.rdma(size, true, &wov)?;
             self.wait(&wov)?;

@@ -45,7 +45,7 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The control protocol's version; a peer speaking another is refused.
 pub const VERSION: u32 = 1;
@@ -152,6 +152,32 @@ impl Control {
             buf.pop();
         }
         String::from_utf8(buf).map_err(|_| format!("{what} from {}: not UTF-8 text", self.peer))
+    }
+
+    /// Runs `progress` until the peer's next line starts to arrive (or the
+    /// connection ends, or `timeout` passes: the read that follows reports
+    /// either), for a side whose fabric needs it to make progress while it
+    /// waits (see `engine::Side::make_target_progress`).
+    fn wait_making_progress(&mut self, timeout: Duration, mut progress: impl FnMut()) {
+        if !self.r.buffer().is_empty() {
+            return;
+        }
+        let s = self.r.get_ref();
+        if s.set_nonblocking(true).is_err() {
+            return;
+        }
+        let until = Instant::now() + timeout;
+        let mut byte = [0u8; 1];
+        while Instant::now() < until {
+            match s.peek(&mut byte) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    progress();
+                    std::thread::yield_now();
+                }
+                _ => break,
+            }
+        }
+        let _ = s.set_nonblocking(false);
     }
 
     fn send_line(&mut self, line: &str) -> Result<(), String> {
@@ -331,6 +357,12 @@ struct Served<'a> {
 impl Served<'_> {
     fn requests(&mut self, ctl: &mut Control) -> Result<(), String> {
         loop {
+            // A one-sided test of the client's runs while we wait here.
+            if let Some(side) = self.data.as_ref().and_then(|d| d.side.as_ref()) {
+                if side.needs_target_progress() {
+                    ctl.wait_making_progress(IDLE_TIMEOUT, || side.make_target_progress());
+                }
+            }
             let req = ctl.recv(IDLE_TIMEOUT, "request")?;
             match req["op"].as_str() {
                 Some("setup") => self.setup(ctl, &req)?,
