@@ -87,7 +87,8 @@ pub(super) fn proto_io(e: proto::Error) -> io::Error {
             io::ErrorKind::ConnectionReset
         }
         proto::Error::Transport(_) => io::ErrorKind::ConnectionAborted,
-        proto::Error::Malformed(_)
+        proto::Error::VersionMismatch { .. }
+        | proto::Error::Malformed(_)
         | proto::Error::Protocol(_)
         | proto::Error::CreditViolation { .. }
         | proto::Error::CreditOverflow => io::ErrorKind::InvalidData,

@@ -69,6 +69,35 @@ fn hello_before_the_acceptor_posted_is_held_and_lands_later() {
 }
 
 #[test]
+fn a_peer_speaking_another_version_gets_a_clear_error() {
+    let mut s = Sim::new(cfg(), cfg(), true);
+    let r0 = s.app_recv(0, 10, false);
+    // The connector's HELLO, as a peer of protocol version 9 would send it.
+    let hello = s.wires[0].front_mut().expect("the connector's HELLO");
+    assert_eq!(hello.bytes[2], VERSION);
+    hello.bytes[2] = 9;
+    s.settle();
+    let e = s.sides[1]
+        .aborted
+        .expect("the acceptor refuses the session");
+    assert_eq!(
+        e,
+        Error::VersionMismatch {
+            ours: VERSION,
+            theirs: 9
+        }
+    );
+    let text = e.to_string();
+    assert!(
+        text.contains("version 9") && text.contains(&format!("version {VERSION}")),
+        "{text}"
+    );
+    assert!(!s.sides[1].connected && !s.sides[0].connected);
+    // The connector's pending receive ends with the reset, not a hang.
+    assert_eq!(s.result(0, r0), Some(Err(Error::Transport(RESET))));
+}
+
+#[test]
 fn acceptor_does_not_answer_before_the_hello() {
     let mut s = Sim::new(cfg(), cfg(), true);
     assert!(s.wires[1].is_empty(), "acceptor replies only to a HELLO");

@@ -22,6 +22,14 @@ pub enum Error {
     /// The fabric failed an op of the connection (the provider's error
     /// code, e.g. `WSAECONNRESET` when the peer reset it).
     Transport(u32),
+    /// The peer speaks another version of the session protocol (the
+    /// version byte of its HELLO, or of any later message, is not ours).
+    VersionMismatch {
+        /// The version this side speaks ([`super::VERSION`]).
+        ours: u8,
+        /// The version the peer's message carries.
+        theirs: u8,
+    },
     /// The peer sent bytes that are not a message.
     Malformed(DecodeError),
     /// The peer broke the protocol.
@@ -47,6 +55,11 @@ impl fmt::Display for Error {
             Error::Aborted => f.write_str("connection aborted locally"),
             Error::NoBuffers => f.write_str("no buffer space: registration failed"),
             Error::Transport(code) => write!(f, "transport error {code}"),
+            Error::VersionMismatch { ours, theirs } => write!(
+                f,
+                "the peer speaks session protocol version {theirs}, this side speaks version \
+                 {ours}: upgrade one of them"
+            ),
             Error::Malformed(e) => write!(f, "malformed message from the peer: {e}"),
             Error::Protocol(what) => write!(f, "protocol error by the peer: {what}"),
             Error::CreditViolation {

@@ -12,7 +12,9 @@ use super::action::{Access, Action, Payload};
 use super::config::{Config, RdmaFlow};
 use super::credit::{Class, Credits, RESERVE, SLACK};
 use super::error::Error;
-use super::wire::{Body, Desc, Head, Message, CAP_RDMA_READ, HEADER_LEN, MAX_HEAD};
+use super::wire::{
+    Body, DecodeError, Desc, Head, Message, CAP_RDMA_READ, HEADER_LEN, MAX_HEAD, VERSION,
+};
 use super::{OpId, Role};
 use std::collections::VecDeque;
 
@@ -576,6 +578,10 @@ impl Connection {
             }
             Ok((head, n)) => match Message::decode(head, n) {
                 Ok(m) => self.on_message(slot, m),
+                Err(DecodeError::BadVersion(theirs)) => self.fail(Error::VersionMismatch {
+                    ours: VERSION,
+                    theirs,
+                }),
                 Err(e) => self.fail(Error::Malformed(e)),
             },
         }
