@@ -200,43 +200,62 @@ DESC = {
 }
 
 # --- session_msg --------------------------------------------------------
-# Records: u16 received byte count, then the head (up to 48 bytes); see
-# session_msg.rs. Messages follow `Message::encode` in switch/proto/wire.rs.
+# Records: u16 received byte count, then the head (up to 68 bytes); see
+# session_msg.rs. Messages follow `Message::encode` in switch/proto/wire.rs
+# (protocol version 2: 20-byte header ending in the ring ack; HELLO
+# announces the receive ring; DATA names a ring offset, no payload).
 K_HELLO, K_DATA, K_CREDIT, K_READ_OFFER, K_READ_DONE = 1, 2, 3, 4, 5
 K_WRITE_REQUEST, K_WRITE_TARGET, K_WRITE_DONE, K_FIN, K_NEED, K_CREDIT_ACK = 6, 7, 8, 9, 10, 11
+MAX_HEAD = 68
+MIN_RING = 4096
 
 
-def msg(kind, seq, credits=0, length=0, body=b"", magic=b"SW", version=1, reserved=0):
-    return magic + bytes([version, kind]) + u16(credits) + u16(reserved) + u32(seq) + u32(length) + body
+def msg(kind, seq, credits=0, length=0, body=b"", magic=b"SW", version=2, reserved=0, ack=0):
+    return (magic + bytes([version, kind]) + u16(credits) + u16(reserved) + u32(seq)
+            + u32(length) + u32(ack) + body)
 
 
-def rec(m, n=None, payload=b""):
-    whole = m + payload
-    n = len(whole) if n is None else n
-    return u16(n) + whole[:min(48, max(n, 1))]
+def rec(m, n=None):
+    n = len(m) if n is None else n
+    return u16(n) + m[:min(MAX_HEAD, max(n, 1))]
 
 
-def hello(seq=0, slots=4, size=256, caps=1):
-    return rec(msg(K_HELLO, seq, body=u32(slots) + u32(size) + u32(caps)))
+def hello(seq=0, slots=4, size=256, caps=1, ring=MIN_RING, version=2):
+    body = u32(slots) + u32(size) + u32(caps) + u32(ring) + bytes(range(32))
+    return rec(msg(K_HELLO, seq, body=body, version=version))
+
+
+def data(seq, offset, length, ack=0):
+    return rec(msg(K_DATA, seq, length=length, body=u32(offset), ack=ack))
 
 
 DESC32 = desc(7, 4096, 4096, 3)
 SESSION = {
-    "hello_data_fin": hello() + rec(msg(K_DATA, 1, length=10), payload=b"0123456789")
-    + rec(msg(K_FIN, 2)),
+    "hello_data_fin": hello() + data(1, 0, 10) + data(2, 10, 5) + rec(msg(K_FIN, 3)),
     "read_offer": hello() + rec(msg(K_READ_OFFER, 1, length=3000, body=DESC32)) + rec(msg(K_FIN, 2)),
     "write_flow": hello(caps=0) + rec(msg(K_WRITE_REQUEST, 1, length=3000))
     + rec(msg(K_WRITE_TARGET, 2, length=700, body=DESC32)) + rec(msg(K_WRITE_DONE, 3, length=700)),
     "credits": hello(slots=1) + rec(msg(K_NEED, 1)) + rec(msg(K_CREDIT, 2, credits=3))
     + rec(msg(K_CREDIT_ACK, 3, credits=60000)),
-    "out_of_sequence": hello() + rec(msg(K_DATA, 5, length=1), payload=b"x"),
-    "data_before_hello": rec(msg(K_DATA, 0, length=1), payload=b"x") + hello(),
-    "too_long": hello() + rec(msg(K_DATA, 1, length=4000), n=4016),
-    "length_mismatch": hello() + rec(msg(K_DATA, 1, length=10), n=20),
+    "out_of_sequence": hello() + data(5, 0, 1),
+    "data_before_hello": data(0, 0, 1) + hello(),
+    "too_long": hello() + data(1, 0, 10) + rec(msg(K_DATA, 2, length=10, body=u32(10)), n=4016),
+    "length_mismatch": hello() + rec(msg(K_DATA, 1, length=10, body=u32(0)), n=20),
     "bad_magic": rec(msg(K_HELLO, 0, magic=b"XX", body=u32(4) + u32(256) + u32(0))),
     "reserved_set": rec(msg(K_FIN, 0, reserved=1)),
-    "truncated": u16(40) + b"SW\x01",
+    "truncated": u16(40) + b"SW\x02",
     "empty": b"",
+    # Version 1 (16-byte header, no ring) and an unknown future version.
+    "other_version": hello(version=1) + hello(version=3),
+    # Ring indices: the wrong offset, past the free space, across the end,
+    # an ack of bytes never written, a ring below the minimum.
+    "bogus_ring_offset": hello() + data(1, 0, 100) + data(2, 7, 100),
+    "ring_overflow": hello() + data(1, 0, 4000) + data(2, 4000, 96) + data(3, 0, 1),
+    "ring_across_end": hello() + data(1, 0, 4000) + data(2, 4000, 200),
+    "ring_ack_beyond": hello() + rec(msg(K_CREDIT, 1, ack=5000)),
+    "small_ring": hello(ring=MIN_RING - 1) + data(1, 0, 1),
+    "ring_wraps": hello() + data(1, 0, 4000) + data(2, 4000, 96) + rec(msg(K_CREDIT, 3, credits=1))
+    + data(4, 0, 50),
 }
 
 # --- shm_cell -----------------------------------------------------------

@@ -374,16 +374,17 @@ fn close_with_data_pending_is_abortive() {
 
 #[test]
 fn data_sent_before_a_graceful_close_is_not_lost() {
-    // Receive buffers for the whole payload: the send returns at once.
+    // Rings for the whole payload (the session uses the smaller of both
+    // sides' sizes): the send returns at once.
     let roomy = SwitchOptions {
-        recv_slots: 32,
+        ring_size: 256 << 10,
         ..opts()
     };
-    let (c, s) = two(opts(), roomy);
+    let (c, s) = two(roomy.clone(), roomy);
     let (client, server) = pair(&c, &s, 7008);
     let payload = data(200_000, 5);
     client.set_rdma_threshold(1 << 20); // all by copy
-    client.send(&payload).unwrap();
+    assert_eq!(client.send(&payload).unwrap(), payload.len());
     client.close();
     let got = read_n(&server, payload.len(), 1 << 20);
     assert!(got == payload);
@@ -393,6 +394,31 @@ fn data_sent_before_a_graceful_close_is_not_lost() {
         0,
         "FIN, then the reset is not an error"
     );
+}
+
+/// A connection's buffers by default: 2 rings of 124 KiB and 16 + 16
+/// control slots of 128 B (a page for each pool), 256 KiB in all (README);
+/// configurable.
+#[test]
+fn default_buffers_fit_in_256_kib_and_follow_the_options() {
+    let (c, s) = two(opts(), opts());
+    let (client, server) = pair(&c, &s, 7012);
+    let page = 4096;
+    let want = 2 * (124 << 10) + 2 * page;
+    assert_eq!(client.buffer_bytes(), want);
+    assert_eq!(server.buffer_bytes(), want);
+    assert!(want <= 256 << 10);
+    let small = SwitchOptions {
+        ring_size: 8 << 10,
+        recv_slots: 8,
+        send_slots: 4,
+        ..opts()
+    };
+    let (c, s) = two(small.clone(), opts());
+    let (client, server) = pair(&c, &s, 7013);
+    assert_eq!(client.buffer_bytes(), 2 * (8 << 10) + 2 * page);
+    // The session runs on the smaller ring: data still flows both ways.
+    echo_round(&client, &server, 100_000, 9, 4096);
 }
 
 /// A client that connects, writes, shuts down and closes at once: the
@@ -691,7 +717,7 @@ mod rogue {
     use sanpath::event::Event;
     use sanpath::mem::region::Region;
     use sanpath::spi::*;
-    use sanpath::switch::proto::{Body, Message, MAX_HEAD};
+    use sanpath::switch::proto::{Body, Message, DESC_LEN, MAX_HEAD, MIN_RING, VERSION};
     use sanpath::testkit::CompletingSwitch;
     use sanpath::Config;
     use std::sync::mpsc;
@@ -766,15 +792,121 @@ mod rogue {
         p
     }
 
-    fn encode(seq: u32, body: Body, payload: &[u8]) -> Vec<u8> {
+    fn encode(seq: u32, body: Body) -> Vec<u8> {
         let m = Message {
             credits: 0,
             seq,
+            ack: 0,
             body,
         };
         let mut head = [0u8; MAX_HEAD];
         let n = m.encode(&mut head);
-        [&head[..n], payload].concat()
+        head[..n].to_vec()
+    }
+
+    /// The rogue's HELLO: 8 receives, a ring the server never writes to
+    /// (it only reads in these tests).
+    fn rogue_hello() -> Vec<u8> {
+        encode(
+            0,
+            Body::Hello {
+                recv_slots: 8,
+                slot_size: 8192,
+                caps: 0,
+                ring_size: MIN_RING,
+                ring: [0; DESC_LEN],
+            },
+        )
+    }
+
+    /// Accepts the rogue's connection, lets its messages go and reads until
+    /// the error; returns the error and the bytes read.
+    fn read_until_error(
+        l: &Listener,
+        net: Arc<SoftNetwork>,
+        port: u16,
+        msgs: Vec<Vec<u8>>,
+    ) -> (std::io::Error, usize) {
+        let (go, gate) = mpsc::channel();
+        let rogue = thread::spawn(move || raw_send(&net, server_addr(port), &msgs, Some(gate)));
+        let (server, _) = l.accept().expect("accept");
+        go.send(()).unwrap();
+        let _p = rogue.join().unwrap();
+        let mut got = 0;
+        let e = loop {
+            match server.recv(&mut [0u8; 16]) {
+                Ok(n) => got += n,
+                Err(e) => break e,
+            }
+        };
+        (e, got)
+    }
+
+    #[test]
+    fn a_peer_of_another_protocol_version_is_refused_with_a_clear_error() {
+        let net = SoftNetwork::new();
+        let s = runtime_on(&net, Ipv4Addr::new(198, 18, 9, 2), opts());
+        let l = Listener::bind(&s, server_addr(7023)).unwrap();
+        let mut hello = rogue_hello();
+        hello[2] = 1;
+        let rogue = thread::spawn(move || raw_send(&net, server_addr(7023), &[hello], None));
+        let deadline = Instant::now() + T;
+        let e = loop {
+            match l.try_accept() {
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    assert!(Instant::now() < deadline, "request did not arrive");
+                    thread::yield_now();
+                }
+                Err(e) => break e,
+                Ok(_) => panic!("a version-1 peer was accepted"),
+            }
+        };
+        assert_eq!(e.kind(), ErrorKind::InvalidData, "{e}");
+        let text = e.to_string();
+        assert!(
+            text.contains("version 1") && text.contains(&format!("version {VERSION}")),
+            "{text}"
+        );
+        let _p = rogue.join().unwrap();
+    }
+
+    /// DATA at another ring offset than the next free byte (a peer that
+    /// lies about where it wrote) ends the connection; the data before it
+    /// is delivered first.
+    #[test]
+    fn a_bogus_ring_offset_is_refused() {
+        let net = SoftNetwork::new();
+        let s = runtime_on(&net, Ipv4Addr::new(198, 18, 9, 2), opts());
+        let l = Listener::bind(&s, server_addr(7024)).unwrap();
+        let msgs = vec![
+            rogue_hello(),
+            encode(1, Body::Data { offset: 0, len: 3 }),
+            encode(
+                2,
+                Body::Data {
+                    offset: 100,
+                    len: 3,
+                },
+            ),
+        ];
+        let (e, got) = read_until_error(&l, net, 7024, msgs);
+        assert_eq!(e.kind(), ErrorKind::InvalidData, "{e}");
+        assert!(e.to_string().contains("ring offset"), "{e}");
+        assert!(got <= 3, "read {got} bytes");
+    }
+
+    /// A peer that acks more ring bytes than this side wrote ends the
+    /// connection.
+    #[test]
+    fn a_ring_ack_beyond_what_was_written_is_refused() {
+        let net = SoftNetwork::new();
+        let s = runtime_on(&net, Ipv4Addr::new(198, 18, 9, 2), opts());
+        let l = Listener::bind(&s, server_addr(7025)).unwrap();
+        let mut credit = encode(1, Body::Credit);
+        credit[16..20].copy_from_slice(&4096u32.to_le_bytes());
+        let (e, _) = read_until_error(&l, net, 7025, vec![rogue_hello(), credit]);
+        assert_eq!(e.kind(), ErrorKind::InvalidData, "{e}");
+        assert!(e.to_string().contains("ring ack"), "{e}");
     }
 
     #[test]
@@ -800,44 +932,29 @@ mod rogue {
         let _p = rogue.join().unwrap();
     }
 
-    /// A DATA header announcing more bytes than the message holds (here
-    /// far more than a receive buffer) fails the connection as malformed;
-    /// the data before it is delivered first, nothing after.
+    /// A DATA announcing more bytes than the ring holds fails the
+    /// connection; the data before it is delivered first, nothing after.
     #[test]
-    fn an_oversize_length_is_malformed() {
+    fn an_oversize_length_is_refused() {
         let net = SoftNetwork::new();
         let s = runtime_on(&net, Ipv4Addr::new(198, 18, 9, 2), opts());
         let l = Listener::bind(&s, server_addr(7022)).unwrap();
         let msgs = vec![
+            rogue_hello(),
+            encode(1, Body::Data { offset: 0, len: 3 }),
             encode(
-                0,
-                Body::Hello {
-                    recv_slots: 8,
-                    slot_size: 8192,
-                    caps: 0,
+                2,
+                Body::Data {
+                    offset: 3,
+                    len: u32::MAX,
                 },
-                &[],
             ),
-            encode(1, Body::Data { len: 3 }, b"abc"),
-            encode(2, Body::Data { len: u32::MAX }, b"def"),
-            encode(3, Body::Data { len: 3 }, b"ghi"),
+            encode(3, Body::Data { offset: 3, len: 3 }),
         ];
-        let (go, gate) = mpsc::channel();
-        let rogue = thread::spawn(move || raw_send(&net, server_addr(7022), &msgs, Some(gate)));
-        let (server, _) = l.accept().expect("accept");
-        go.send(()).unwrap();
-        let _p = rogue.join().unwrap();
-        let mut got = Vec::new();
-        let e = loop {
-            let mut b = [0u8; 16];
-            match server.recv(&mut b) {
-                Ok(n) => got.extend_from_slice(&b[..n]),
-                Err(e) => break e,
-            }
-        };
+        let (e, got) = read_until_error(&l, net, 7022, msgs);
         assert_eq!(e.kind(), ErrorKind::InvalidData, "{e}");
-        assert!(e.to_string().contains("malformed"), "{e}");
-        assert!(got.len() <= 3 && b"abc".starts_with(&got), "read {got:?}");
+        assert!(e.to_string().contains("end of the ring"), "{e}");
+        assert!(got <= 3, "read {got} bytes");
     }
 
     #[test]
@@ -851,17 +968,10 @@ mod rogue {
         let s = runtime_on(&net, Ipv4Addr::new(198, 18, 9, 2), o);
         let l = Listener::bind(&s, server_addr(7021)).unwrap();
         // HELLO claiming 8 receives, then 12 DATA messages on 6 credits.
-        let mut msgs = vec![encode(
-            0,
-            Body::Hello {
-                recv_slots: 8,
-                slot_size: 8192,
-                caps: 0,
-            },
-            &[],
-        )];
+        let mut msgs = vec![rogue_hello()];
         for seq in 1..=12 {
-            msgs.push(encode(seq, Body::Data { len: 3 }, b"abc"));
+            let offset = (seq - 1) * 3;
+            msgs.push(encode(seq, Body::Data { offset, len: 3 }));
         }
         // The flood follows once the server accepted (a connection that
         // fails before its negotiation completed is not accepted).

@@ -185,17 +185,27 @@ impl Conn {
         peer: SocketAddrV4,
     ) -> io::Result<Arc<Conn>> {
         let (n_recv, n_send) = (usize::from(cfg.recv_slots), usize::from(cfg.send_slots));
-        let wire = Wire::new(
+        let mut wire = Wire::new(
             provider,
             sock,
             cfg.slot_size as usize,
             n_recv,
             n_send,
             usize::from(cfg.rdma_slots),
+            cfg.ring_size as usize,
         )?;
+        let ring = match wire.register() {
+            Ok(desc) => desc,
+            Err(e) => {
+                // Closed before the pools are dropped: nothing stays
+                // registered.
+                let _ = provider.close_socket(sock);
+                return Err(wsa_io(e));
+            }
+        };
         let n_ov = wire.records();
         let rdma_slots = usize::from(cfg.rdma_slots);
-        let m = Connection::new(cfg, role)
+        let m = Connection::new(cfg, role, ring)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let conn = Arc::new(Conn {
             wire,
@@ -220,12 +230,13 @@ impl Conn {
             local,
             peer,
         });
-        if let Err(e) = conn.wire.register_pools() {
-            // Closed before the pools are dropped: nothing stays registered.
-            let _ = provider.close_socket(sock);
-            return Err(wsa_io(e));
-        }
         Ok(conn)
+    }
+
+    /// Bytes of the connection's buffers (control pools and both rings),
+    /// all allocated and registered when it was set up.
+    pub(super) fn buffer_bytes(&self) -> usize {
+        self.wire.buffer_bytes()
     }
 
     /// Starts the protocol: receives posted, HELLO sent by the connector.
@@ -322,11 +333,12 @@ impl Conn {
         if st.watch_all {
             st.wake = true;
         }
-        // A receive may bring data, credits or the end; a send completion
-        // frees a send buffer; an RDMA op ends a transfer either way.
+        // A receive may bring data, credits or the end; a send or ring
+        // write completion frees a send buffer; an RDMA op ends a transfer
+        // either way.
         st.events |= match kind {
             OvKind::Recv(_) | OvKind::Rdma(_) => ready::READ | ready::WRITE,
-            OvKind::Send(_) => ready::WRITE,
+            OvKind::Send(_) | OvKind::RingWrite(_) => ready::WRITE,
         };
         match kind {
             OvKind::Recv(slot) => match result {
@@ -343,6 +355,7 @@ impl Conn {
                 Err(e) => st.m.recv_done(slot, Err(e)),
             },
             OvKind::Send(slot) => st.m.send_done(slot, result),
+            OvKind::RingWrite(slot) => st.m.ring_write_done(slot, result),
             OvKind::Rdma(rdma) => {
                 if let Some(h) = st.rdma_regs[usize::from(rdma)].take() {
                     let _ = self.wire.provider.deregister_memory(self.wire.sock, h);
@@ -365,30 +378,40 @@ impl Conn {
                         st.m.recv_done(slot, Err(code(e)));
                     }
                 }
-                Action::Send {
-                    slot,
-                    head,
-                    payload,
-                } => {
-                    let payload =
-                        payload.and_then(|p| st.bufs.get(&p.op).map(|b| (*b, p.offset, p.len)));
-                    if let Err(e) = self.wire.post_send(slot, head.as_bytes(), payload) {
+                Action::Send { slot, head } => {
+                    if let Err(e) = self.wire.post_send(slot, head.as_bytes()) {
                         st.m.send_done(slot, Err(code(e)));
                     }
                 }
-                Action::CopyOut {
+                Action::RingWrite {
                     slot,
-                    slot_offset,
+                    payload,
+                    ring_offset,
+                    desc,
+                } => {
+                    let r = match st.bufs.get(&payload.op) {
+                        Some(b) => self.wire.post_ring_write(
+                            slot,
+                            *b,
+                            payload.offset,
+                            payload.len,
+                            ring_offset,
+                            &desc,
+                        ),
+                        None => Err(WsaError::WSAEFAULT),
+                    };
+                    if let Err(e) = r {
+                        st.m.ring_write_done(slot, Err(code(e)));
+                    }
+                }
+                Action::CopyOut {
+                    ring_offset,
                     op,
                     op_offset,
                     len,
                 } => {
                     if let Some(b) = st.bufs.get(&op) {
-                        if self
-                            .wire
-                            .copy_out(slot, slot_offset, *b, op_offset, len)
-                            .is_err()
-                        {
+                        if self.wire.copy_out(ring_offset, *b, op_offset, len).is_err() {
                             st.m.abort(proto::Error::Protocol("copy outside the receive buffer"));
                         }
                     }

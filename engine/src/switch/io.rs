@@ -1,12 +1,13 @@
 //! The switch's `unsafe` (but for creating `ready`'s eventfd): a
-//! connection's [`Wire`] (its socket, pools
-//! and overlapped records) with the provider's data calls (which take memory
+//! connection's [`Wire`] (its socket, pools, rings and overlapped records)
+//! with the provider's data calls (which take memory
 //! the switch owns) and copies between the registered pools and application
 //! buffers. Every block rests on the same invariants, kept by
 //! [`super::connection`] and the protocol machine:
 //!
 //! 1. **Pools and overlapped records outlive their ops.** A connection's
-//!    receive/send pools and its `Overlapped` array live in its [`Wire`], which
+//!    receive/send pools, its rings and its `Overlapped` array live in its
+//!    [`Wire`], which
 //!    the runtime's handle table keeps alive until the provider's
 //!    `close_socket_handle` upcall — made only after every op of the socket
 //!    completed (spec §6.1, CLOSE-5). The protocol machine never posts a slot
@@ -31,6 +32,16 @@
 //!    and the provider hands the completion to the upcall through the CQ (or
 //!    its ring) with release/acquire ordering, so a plain `memcpy` is not a
 //!    data race: nothing writes the bytes while they are copied.
+//! 5. **The rings.** The receive ring's bytes `at..end` are copied out only
+//!    after the DATA announcing them completed; the peer RDMA-wrote them
+//!    before it sent that DATA, and the provider delivers a connection's
+//!    messages after its earlier RDMA writes (RC ordering), so they are in
+//!    place. The peer does not write them again before this side's ack said
+//!    they were consumed (a peer that does only garbles the bytes of its own
+//!    stream: the copy reads plain bytes, never pointers or lengths). A send
+//!    ring range is written by the CPU only when the machine hands it out
+//!    for a new DATA, which it does once the peer acked the range: the RDMA
+//!    write that read it before was delivered.
 
 use super::proto::{Desc, DESC_LEN};
 use crate::error::{WsaError, WsaResult};
@@ -87,11 +98,13 @@ impl AppBuf {
 pub(super) enum OvKind {
     Recv(u16),
     Send(u16),
+    RingWrite(u16),
     Rdma(u16),
 }
 
-/// A connection's socket, its registered pools and its overlapped records:
-/// receive slots, then send slots, then RDMA ops.
+/// A connection's socket, its registered pools and rings, and its
+/// overlapped records: receive slots, then send slots, then the ring write
+/// of each send slot, then RDMA ops.
 pub(super) struct Wire {
     pub(super) provider: Provider,
     pub(super) sock: ProviderSocket,
@@ -101,13 +114,20 @@ pub(super) struct Wire {
     n_send: usize,
     recv_pool: Region,
     send_pool: Region,
+    /// The receive ring: the peer RDMA-writes stream bytes into it.
+    recv_ring: Region,
+    /// The send ring: stream bytes are copied into it and RDMA-written from
+    /// it to the same offset of the peer's ring.
+    send_ring: Region,
+    /// The send ring's local registration (set by [`Wire::register`]).
+    send_ring_handle: u64,
     ovs: Box<[Overlapped]>,
 }
 
 impl Wire {
     /// Pools for `n_recv` receive and `n_send` send slots of `slot_size`
-    /// bytes, and records for them and `n_rdma` RDMA ops (not registered
-    /// yet).
+    /// bytes, two rings of `ring_size` bytes, and records for the slots,
+    /// their ring writes and `n_rdma` RDMA ops (not registered yet).
     pub(super) fn new(
         provider: &Provider,
         sock: ProviderSocket,
@@ -115,21 +135,38 @@ impl Wire {
         n_recv: usize,
         n_send: usize,
         n_rdma: usize,
+        ring_size: usize,
     ) -> io::Result<Wire> {
         let policy = provider.config().mem.mlock;
-        let pool = |n: usize| Region::new(n * slot_size, policy).map_err(io::Error::other);
+        let region = |n: usize| Region::new(n, policy).map_err(io::Error::other);
         Ok(Wire {
             provider: provider.clone(),
             sock,
             slot_size,
             n_recv,
             n_send,
-            recv_pool: pool(n_recv)?,
-            send_pool: pool(n_send)?,
-            ovs: (0..n_recv + n_send + n_rdma)
+            recv_pool: region(n_recv * slot_size)?,
+            send_pool: region(n_send * slot_size)?,
+            recv_ring: region(ring_size)?,
+            send_ring: region(ring_size)?,
+            send_ring_handle: 0,
+            ovs: (0..n_recv + 2 * n_send + n_rdma)
                 .map(|_| Overlapped::new(0))
                 .collect(),
         })
+    }
+
+    /// Bytes of the connection's buffers: pools and rings.
+    pub(super) fn buffer_bytes(&self) -> usize {
+        [
+            &self.recv_pool,
+            &self.send_pool,
+            &self.recv_ring,
+            &self.send_ring,
+        ]
+        .iter()
+        .map(|r| r.len())
+        .sum()
     }
 
     /// How many overlapped records there are.
@@ -145,8 +182,12 @@ impl Wire {
         self.n_recv + usize::from(slot)
     }
 
+    fn ring_ov(&self, slot: u16) -> usize {
+        self.n_recv + self.n_send + usize::from(slot)
+    }
+
     fn rdma_ov(&self, rdma: u16) -> usize {
-        self.n_recv + self.n_send + usize::from(rdma)
+        self.n_recv + 2 * self.n_send + usize::from(rdma)
     }
 
     /// Index of `ov` among the records, if it is one of them.
@@ -166,14 +207,18 @@ impl Wire {
             OvKind::Recv(i as u16)
         } else if i < self.n_recv + self.n_send {
             OvKind::Send((i - self.n_recv) as u16)
+        } else if i < self.n_recv + 2 * self.n_send {
+            OvKind::RingWrite((i - self.n_recv - self.n_send) as u16)
         } else {
-            OvKind::Rdma((i - self.n_recv - self.n_send) as u16)
+            OvKind::Rdma((i - self.n_recv - 2 * self.n_send) as u16)
         }
     }
 
-    /// Registers the receive and send pools on the connected socket (the
-    /// provider releases them when the socket closes).
-    pub(super) fn register_pools(&self) -> WsaResult<()> {
+    /// Registers the pools and the send ring on the connected socket and
+    /// exposes the receive ring to the peer's RDMA writes (the provider
+    /// releases all of it when the socket closes); returns the receive
+    /// ring's descriptor.
+    pub(super) fn register(&mut self) -> WsaResult<Desc> {
         for r in [&self.recv_pool, &self.send_pool] {
             // SAFETY: invariant 1 — the pools live in this connection, which
             // outlives the socket's ops and its registrations (if this
@@ -187,7 +232,25 @@ impl Wire {
                 )?;
             }
         }
-        Ok(())
+        let ring_len = u32::try_from(self.send_ring.len()).map_err(|_| WsaError::WSAENOBUFS)?;
+        // SAFETY: invariant 1, for the send ring.
+        self.send_ring_handle = unsafe {
+            self.provider
+                .register_memory(self.sock, self.send_ring.as_ptr(), ring_len, MEM_READ)?
+        };
+        let mut desc = [0u8; DESC_LEN];
+        // SAFETY: invariant 1 — the receive ring lives as long as the socket
+        // and its exposure; invariant 5 for the peer's writes into it.
+        unsafe {
+            self.provider.register_rdma_memory(
+                self.sock,
+                self.recv_ring.as_ptr(),
+                ring_len,
+                MEM_WRITE,
+                &mut desc,
+            )?;
+        }
+        Ok(desc)
     }
 
     /// Posts receive slot `slot` (the whole slot).
@@ -206,38 +269,20 @@ impl Wire {
         }
     }
 
-    /// Writes `head` and then `payload` (bytes of an application send
-    /// buffer) into send slot `slot` and posts one send of both.
-    pub(super) fn post_send(
-        &self,
-        slot: u16,
-        head: &[u8],
-        payload: Option<(AppBuf, u64, u32)>,
-    ) -> WsaResult<()> {
+    /// Writes `head` into send slot `slot` and posts one send of it.
+    pub(super) fn post_send(&self, slot: u16, head: &[u8]) -> WsaResult<()> {
         let base = usize::from(slot) * self.slot_size;
-        let n = payload.map_or(0, |p| p.2 as usize);
-        if head.len() + n > self.slot_size {
+        if head.len() > self.slot_size {
             return Err(WsaError::WSAEFAULT);
         }
-        let dst = pool_range(&self.send_pool, base, head.len() + n)?;
-        // SAFETY: `dst..dst+head.len()+n` lies in the send pool (checked),
+        let dst = pool_range(&self.send_pool, base, head.len())?;
+        // SAFETY: `dst..dst+head.len()` lies in the send pool (checked),
         // which lives as long as `self`; invariant 4 — no send of this slot
         // is posted, so nothing else reads or writes it.
         unsafe { std::ptr::copy_nonoverlapping(head.as_ptr(), dst, head.len()) };
-        if let Some((app, off, n)) = payload {
-            let src = app.range(off, n)?;
-            // SAFETY: invariant 2 — the source lies in a send buffer whose
-            // call is blocked until this op completes (checked in bounds);
-            // invariant 3 — nothing writes it meanwhile; the destination is
-            // the rest of the checked slot range (invariant 4).
-            unsafe {
-                std::ptr::copy_nonoverlapping(src, dst.add(head.len()), n as usize);
-            }
-        }
-        let len = head.len() + n;
         let buf = WsaBuf {
-            len: len as u32,
-            buf: self.send_pool.as_ptr().wrapping_add(base),
+            len: head.len() as u32,
+            buf: dst,
         };
         // SAFETY: invariant 1 for send slot `slot` and its record.
         unsafe {
@@ -246,26 +291,54 @@ impl Wire {
         }
     }
 
-    /// Copies `len` received bytes at `slot_off` of receive slot `slot` into
-    /// an application receive buffer at `off`.
-    pub(super) fn copy_out(
+    /// Copies `len` bytes at `off` of an application send buffer into the
+    /// send ring at `ring_off` and posts an RDMA write of them to the same
+    /// offset of the peer's receive ring `desc`, on send slot `slot`'s ring
+    /// write record.
+    pub(super) fn post_ring_write(
         &self,
         slot: u16,
-        slot_off: u32,
         app: AppBuf,
         off: u64,
         len: u32,
+        ring_off: u32,
+        desc: &Desc,
     ) -> WsaResult<()> {
-        let dst = app.range(off, len)?;
-        let at = usize::from(slot) * self.slot_size + slot_off as usize;
-        if slot_off as usize + len as usize > self.slot_size {
-            return Err(WsaError::WSAEFAULT);
+        let src = app.range(off, len)?;
+        let dst = pool_range(&self.send_ring, ring_off as usize, len as usize)?;
+        // SAFETY: invariant 2 — the source lies in a send buffer whose call
+        // is blocked until this op completes (checked in bounds); invariant
+        // 5 — nothing reads or writes this send ring range (checked in
+        // bounds) until the write posted below.
+        unsafe { std::ptr::copy_nonoverlapping(src, dst, len as usize) };
+        let bufs = [WsaBufEx {
+            len,
+            buf: dst,
+            handle: self.send_ring_handle as usize,
+        }];
+        // SAFETY: invariant 1 for the send ring and slot `slot`'s ring write
+        // record, which is not posted again before this op completes.
+        unsafe {
+            self.provider.rdma_write(
+                self.sock,
+                &bufs,
+                desc,
+                ring_off,
+                0,
+                &self.ovs[self.ring_ov(slot)],
+            )
         }
-        let src = pool_range(&self.recv_pool, at, len as usize)?;
+    }
+
+    /// Copies `len` bytes at `ring_off` of the receive ring into an
+    /// application receive buffer at `off`.
+    pub(super) fn copy_out(&self, ring_off: u32, app: AppBuf, off: u64, len: u32) -> WsaResult<()> {
+        let dst = app.range(off, len)?;
+        let src = pool_range(&self.recv_ring, ring_off as usize, len as usize)?;
         // SAFETY: invariant 2 — the destination lies in a receive buffer
         // whose call is blocked until this op completes; invariant 3 — no
-        // RDMA op targets it during a copy; the source is inside receive
-        // slot `slot` (checked), which the NIC is done with (invariant 4).
+        // RDMA op targets it during a copy; the source is inside the
+        // receive ring (checked), and its bytes are in place (invariant 5).
         unsafe { std::ptr::copy_nonoverlapping(src, dst, len as usize) };
         Ok(())
     }

@@ -36,9 +36,12 @@ pub struct SwitchOptions {
     pub credit_batch: Option<u16>,
     /// Send buffers per connection.
     pub send_slots: u16,
-    /// Bytes per control buffer (the largest message), clamped to
-    /// `SO_MAX_MSG_SIZE`.
+    /// Bytes per control buffer (the largest message; messages carry no
+    /// payload), clamped to `SO_MAX_MSG_SIZE`.
     pub slot_size: u32,
+    /// Bytes of each of a connection's two rings (copied stream bytes in
+    /// flight); the session uses the smaller of both sides'.
+    pub ring_size: u32,
     /// Sends above this many bytes go by RDMA; `None`: the provider's
     /// `SO_RDMA_THRESHOLD_SIZE`. Per stream: [`super::Stream::set_rdma_threshold`].
     pub rdma_threshold: Option<u32>,
@@ -71,7 +74,8 @@ impl Default for SwitchOptions {
             recv_slots: 16,
             credit_batch: None,
             send_slots: 16,
-            slot_size: 8192,
+            slot_size: 128,
+            ring_size: 124 << 10,
             rdma_threshold: None,
             rdma_flow: RdmaFlow::Read,
             accept_rdma_read: true,
@@ -279,8 +283,9 @@ impl Runtime {
         let invalid = |m: String| Err(io::Error::new(io::ErrorKind::InvalidInput, m));
         let o = &config.switch;
         let q = &config.engine.qp;
+        // Each send slot may have a send and its DATA's ring write posted.
         if q.recv_depth < u32::from(o.recv_slots)
-            || q.send_depth < u32::from(o.send_slots) + u32::from(RDMA_SLOTS)
+            || q.send_depth < 2 * u32::from(o.send_slots) + u32::from(RDMA_SLOTS)
         {
             return invalid(format!(
                 "queue pairs too shallow for {} receives and {} sends",
@@ -291,6 +296,7 @@ impl Runtime {
             recv_slots: o.recv_slots,
             send_slots: o.send_slots,
             slot_size: o.slot_size,
+            ring_size: o.ring_size,
             credit_batch: o.credit_batch.unwrap_or(0),
             ..proto::Config::default()
         }
@@ -348,6 +354,7 @@ impl Runtime {
             recv_slots: o.recv_slots,
             send_slots: o.send_slots,
             slot_size: o.slot_size.min(max_msg),
+            ring_size: o.ring_size,
             rdma_threshold: u64::from(threshold),
             max_rdma_op: max_rdma,
             rdma_flow: o.rdma_flow,

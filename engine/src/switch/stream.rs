@@ -443,6 +443,12 @@ impl Stream {
         self.rt.keep_armed(&self.conn, ready, waits);
     }
 
+    /// Bytes of this stream's buffers: its control pools and its two rings
+    /// (`SwitchOptions::{recv_slots, send_slots, slot_size, ring_size}`).
+    pub fn buffer_bytes(&self) -> usize {
+        self.conn.buffer_bytes()
+    }
+
     /// Sends above this many bytes go by RDMA.
     pub fn rdma_threshold(&self) -> usize {
         self.conn.with_state(|st| st.m.rdma_threshold() as usize)

@@ -14,6 +14,7 @@ fn cfg() -> Config {
         recv_slots: 8,
         send_slots: 8,
         slot_size: 512,
+        ring_size: MIN_RING,
         rdma_threshold: 1000,
         max_rdma_op: 1 << 20,
         ..Config::default()
@@ -139,7 +140,33 @@ fn small_payload_goes_in_data_messages_and_is_copied_out() {
     }
     assert_eq!(s.sides[1].received, s.expected(1, 1000));
     let st = s.m(0).stats();
-    assert_eq!(st.data_msgs, 3, "1000 bytes in payloads of 512 - 16");
+    assert_eq!(st.data_msgs, 1, "1000 bytes are one DATA through the ring");
+    assert_eq!(st.msgs_sent, 1 + 1, "HELLO and the DATA");
+    no_violations(&s);
+}
+
+#[test]
+fn a_send_reaching_the_end_of_the_ring_continues_at_its_start() {
+    let mut s = connected(cfg_copy(), cfg_copy());
+    let ring = MIN_RING as usize;
+    let a = s.app_send(0, 0, ring - 100, false);
+    s.settle();
+    ok(&s, 0, a);
+    let r = s.app_recv(1, ring, false);
+    s.settle();
+    assert_eq!(ok(&s, 1, r), (ring - 100) as u64);
+    // 100 bytes to the end, the other 200 at the start: two DATAs.
+    let b = s.app_send(0, (ring - 100) as u64, 300, false);
+    s.settle();
+    ok(&s, 0, b);
+    assert_eq!(s.m(0).stats().data_msgs, 3);
+    let mut got = 0;
+    while got < 300 {
+        let r = s.app_recv(1, 1000, false);
+        s.settle();
+        got += ok(&s, 1, r);
+    }
+    assert_eq!(s.sides[1].received, s.expected(1, ring + 200));
     no_violations(&s);
 }
 
@@ -255,10 +282,10 @@ fn receive_stops_at_a_transfer_boundary() {
 }
 
 #[test]
-fn try_send_copies_what_credits_allow() {
+fn try_send_copies_what_the_ring_takes() {
     let mut s = connected(cfg(), cfg());
-    // Credits above the reserve, × 496-byte payloads.
-    let room = (s.m(0).credits() - RESERVE) as u64 * 496;
+    // The peer's ring is empty: all of it.
+    let room = u64::from(MIN_RING);
     let op = s.app_send(0, 0, 10_000, true);
     assert_eq!(ok(&s, 0, op), room);
     let op = s.app_send(0, room, 10, true);
@@ -289,12 +316,16 @@ fn cfg_copy() -> Config {
 }
 
 #[test]
-fn a_reader_returns_credits_and_the_writer_never_overruns() {
+fn a_reader_returns_ring_space_and_the_writer_never_overruns() {
     let mut s = connected(cfg_copy(), cfg_copy());
     let op = s.app_send(0, 0, 50 * 496, false);
     s.settle();
-    assert_eq!(s.result(0, op), None, "blocked on credits");
-    assert!(s.m(0).credits() <= RESERVE);
+    assert_eq!(s.result(0, op), None, "blocked on ring space");
+    assert_eq!(
+        s.m(0).stats().bytes_copied_in,
+        u64::from(MIN_RING),
+        "exactly the ring is in flight"
+    );
     let mut got = 0;
     while got < 50 * 496 {
         let r = s.app_recv(1, 496, false);
@@ -302,9 +333,10 @@ fn a_reader_returns_credits_and_the_writer_never_overruns() {
         got += ok(&s, 1, r);
     }
     assert_eq!(ok(&s, 0, op), 50 * 496);
+    assert_eq!(s.sides[1].received, s.expected(1, 50 * 496));
     assert!(
         s.m(1).stats().credit_msgs > 0,
-        "explicit CREDITs were needed"
+        "explicit CREDITs gave ring space back"
     );
     no_violations(&s);
 }
@@ -314,11 +346,12 @@ fn control_answers_are_not_starved_by_unread_data() {
     // Side 0 fills side 1 with DATA that side 1 does not read while it sends
     // a large RDMA-read payload that side 0 reads: READ_DONE must still go.
     let mut s = connected(cfg_copy(), cfg());
-    let room = (s.m(0).credits() - RESERVE) as usize * 496;
-    let small = s.app_send(0, 0, room, false);
+    let small = s.app_send(0, 0, MIN_RING as usize, false);
     s.settle();
     ok(&s, 0, small);
-    assert!(s.m(0).credits() <= RESERVE);
+    let stuck = s.app_send(0, MIN_RING.into(), 10, false);
+    s.settle();
+    assert_eq!(s.result(0, stuck), None, "side 1's ring is full");
     let big = s.app_send(1, 0, 4000, false);
     s.settle();
     let r = s.app_recv(0, 4000, false);
@@ -340,12 +373,15 @@ fn credit_violation_ends_the_connection() {
         let m = Message {
             credits: 0,
             seq,
-            body: Body::Data { len: 1 },
+            ack: 0,
+            body: Body::Data {
+                offset: seq - 1,
+                len: 1,
+            },
         };
         let mut head = [0u8; MAX_HEAD];
         let n = m.encode(&mut head);
-        let mut bytes = head[..n].to_vec();
-        bytes.push(0xAB);
+        let bytes = head[..n].to_vec();
         let slot = s.sides[1].posted.pop_front().expect("posted");
         let len = bytes.len();
         s.m(1).recv_done(slot, Ok((&bytes, len)));
@@ -372,6 +408,7 @@ fn peer_returning_too_many_credits_is_a_violation() {
     let m = Message {
         credits: 50,
         seq: 1,
+        ack: 0,
         body: Body::Credit,
     };
     let mut head = [0u8; MAX_HEAD];
@@ -451,6 +488,7 @@ fn out_of_sequence_message_is_rejected() {
     let m = Message {
         credits: 0,
         seq: 7,
+        ack: 0,
         body: Body::Fin,
     };
     let mut head = [0u8; MAX_HEAD];
@@ -477,6 +515,8 @@ fn unexpected_messages_are_protocol_errors() {
             recv_slots: 8,
             slot_size: 512,
             caps: 0,
+            ring_size: MIN_RING,
+            ring: [0; 32],
         },
     ];
     for body in bodies {
@@ -484,6 +524,7 @@ fn unexpected_messages_are_protocol_errors() {
         let m = Message {
             credits: 0,
             seq: 1,
+            ack: 0,
             body,
         };
         let mut head = [0u8; MAX_HEAD];
@@ -618,8 +659,8 @@ fn cancel_paths() {
     // A receive waiting for data is withdrawn cleanly.
     let r = s.app_recv(1, 100, false);
     assert_eq!(s.m(1).app_cancel(r), CancelOutcome::Cancelled { done: 0 });
-    // A copied send blocked on credits keeps what it sent.
-    let room = (s.m(0).credits() - RESERVE) as u64 * 496;
+    // A copied send blocked on ring space keeps what it sent.
+    let room = u64::from(MIN_RING);
     let op = s.app_send(0, 0, 20 * 496, false);
     assert_eq!(
         s.m(0).app_cancel(op),
@@ -680,11 +721,13 @@ fn script_strategy() -> impl Strategy<Value = (Config, Config, Script, u64)> {
         prop_oneof![Just(RdmaFlow::Read), Just(RdmaFlow::Write)],
         any::<bool>(),
         prop_oneof![Just(100_000u32), Just(333)],
+        prop_oneof![Just(MIN_RING), Just(5000), Just(1 << 16)],
     )
-        .prop_map(|(n, sends, slot, flow, read, max_op)| Config {
+        .prop_map(|(n, sends, slot, flow, read, max_op, ring)| Config {
             recv_slots: n,
             send_slots: sends,
             slot_size: slot,
+            ring_size: ring,
             rdma_threshold: 600,
             max_rdma_op: max_op,
             rdma_flow: flow,
@@ -748,10 +791,11 @@ proptest! {
     /// byte of the header either still decodes or fails cleanly.
     #[test]
     fn encode_decode_round_trip(kind in 0u8..9, credits in any::<u16>(), seq in any::<u32>(),
-                                len in 1u32..100_000, desc in any::<[u8; 32]>(), flip in 0usize..16, bits in 1u8..=255) {
+                                len in 1u32..100_000, desc in any::<[u8; 32]>(), flip in 0usize..20, bits in 1u8..=255,
+                                ack in any::<u32>()) {
         let body = match kind {
-            0 => Body::Hello { recv_slots: len, slot_size: len, caps: u32::from(credits) },
-            1 => Body::Data { len },
+            0 => Body::Hello { recv_slots: len, slot_size: len, caps: u32::from(credits), ring_size: seq, ring: desc },
+            1 => Body::Data { offset: seq, len },
             2 => Body::Credit,
             3 => Body::ReadOffer { len, desc },
             4 => Body::ReadDone { len },
@@ -760,13 +804,12 @@ proptest! {
             7 => Body::WriteDone { len },
             _ => Body::Fin,
         };
-        let m = Message { credits, seq, body };
+        let m = Message { credits, seq, ack, body };
         let mut head = [0u8; MAX_HEAD];
         let n = m.encode(&mut head);
-        let total = if let Body::Data { len } = body { n + len as usize } else { n };
-        prop_assert_eq!(Message::decode(&head[..n], total), Ok(m));
+        prop_assert_eq!(Message::decode(&head[..n], n), Ok(m));
         head[flip] ^= bits;
-        let _ = Message::decode(&head[..n], total);
+        let _ = Message::decode(&head[..n], n);
     }
 
     /// A machine fed arbitrary bytes as messages fails cleanly (an Abort

@@ -4,8 +4,10 @@
 //! tests choose the delivery order (scripted, FIFO or seeded random). The
 //! simulator checks the rules the real provider enforces or relies on:
 //! a message after negotiation must find a posted receive (the provider
-//! holds only the connector's HELLO), messages fit the receive buffer, RDMA
-//! uses a live exposure with the right access and bounds, an application
+//! holds only the connector's HELLO), messages fit the receive buffer, a
+//! ring write targets the peer's ring within its bounds and lands before
+//! the DATA sent after it (same wire, in order), RDMA uses a live exposure
+//! with the right access and bounds, an application
 //! buffer is not released while an RDMA op or exposure still uses it, and
 //! (independently of the machines' own counts) no side sends without credit
 //! or spends its last credit on a message that returns none.
@@ -45,6 +47,8 @@ pub fn pattern(side: usize, off: u64) -> u8 {
 pub struct Wire {
     pub bytes: Vec<u8>,
     pub send_slot: u16,
+    /// A ring write to this offset of the peer's ring (not a message).
+    pub ring: Option<u32>,
 }
 
 #[derive(Debug)]
@@ -76,11 +80,14 @@ pub struct Side {
     pub m: Option<Connection>,
     pub cfg: Config,
     pub recv_mem: Vec<Vec<u8>>,
+    /// The receive ring the peer writes into.
+    pub ring_mem: Vec<u8>,
     pub posted: VecDeque<u16>,
     /// Messages that found no posted receive (the provider holds them).
     pub held: VecDeque<Wire>,
     pub recv_cq: VecDeque<(u16, Result<Vec<u8>, u32>)>,
     pub send_cq: VecDeque<(u16, Result<(), u32>)>,
+    pub ring_cq: VecDeque<(u16, Result<(), u32>)>,
     pub rdma_jobs: VecDeque<RdmaJob>,
     pub rdma_cq: VecDeque<(u16, Result<(), u32>)>,
     pub exposures: HashMap<u64, Exp>,
@@ -132,12 +139,18 @@ fn desc_parse(d: &Desc) -> Option<(usize, u64)> {
     })
 }
 
+/// The descriptor of side `side`'s receive ring.
+pub fn ring_desc(side: usize) -> Desc {
+    desc_for(side, 0)
+}
+
 /// Events a scheduler may pick.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ev {
     Deliver(usize),
     RecvCq(usize),
     SendCq(usize),
+    RingCq(usize),
     RdmaExec(usize),
     RdmaCq(usize),
     StartAcceptor,
@@ -155,9 +168,11 @@ impl Sim {
         };
         for (i, cfg) in [a, b].into_iter().enumerate() {
             sim.sides[i].recv_mem = vec![vec![0; cfg.slot_size as usize]; cfg.recv_slots.into()];
+            sim.sides[i].ring_mem = vec![0; cfg.ring_size as usize];
             sim.sides[i].cfg = cfg;
         }
-        sim.sides[0].m = Some(Connection::new(sim.sides[0].cfg.clone(), Role::Connector).unwrap());
+        sim.sides[0].m =
+            Some(Connection::new(sim.sides[0].cfg.clone(), Role::Connector, ring_desc(0)).unwrap());
         sim.drain(0);
         if accept_now {
             sim.start_acceptor();
@@ -167,7 +182,8 @@ impl Sim {
 
     pub fn start_acceptor(&mut self) {
         assert!(self.sides[1].m.is_none());
-        self.sides[1].m = Some(Connection::new(self.sides[1].cfg.clone(), Role::Acceptor).unwrap());
+        self.sides[1].m =
+            Some(Connection::new(self.sides[1].cfg.clone(), Role::Acceptor, ring_desc(1)).unwrap());
         self.drain(1);
     }
 
@@ -213,28 +229,47 @@ impl Sim {
                     }
                 }
             }
-            Action::Send {
+            Action::RingWrite {
                 slot,
-                head,
-                payload,
+                payload: p,
+                ring_offset,
+                desc,
             } => {
-                let mut bytes = head.as_bytes().to_vec();
-                if let Some(p) = payload {
-                    match self.sides[i].ops.get(&p.op) {
-                        Some(op) if op.send => {
-                            let end = p.offset as usize + p.len as usize;
-                            if end > op.buf.len() {
-                                self.violation(i, format!("payload beyond op buffer {p:?}"));
-                                return;
-                            }
-                            bytes.extend_from_slice(&op.buf[p.offset as usize..end]);
-                        }
-                        _ => {
-                            self.violation(i, format!("payload of a dead op {p:?}"));
+                let bytes = match self.sides[i].ops.get(&p.op) {
+                    Some(op) if op.send => {
+                        let end = p.offset as usize + p.len as usize;
+                        if end > op.buf.len() {
+                            self.violation(i, format!("payload beyond op buffer {p:?}"));
                             return;
                         }
+                        op.buf[p.offset as usize..end].to_vec()
                     }
+                    _ => {
+                        self.violation(i, format!("payload of a dead op {p:?}"));
+                        return;
+                    }
+                };
+                if desc != ring_desc(peer) {
+                    self.violation(
+                        i,
+                        "ring write to another buffer than the peer's ring".into(),
+                    );
                 }
+                let s = &mut self.sides[i];
+                if s.closed {
+                    s.m().ring_write_done(slot, Err(NOTSOCK));
+                } else if s.disconnected {
+                    s.ring_cq.push_back((slot, Err(RESET)));
+                } else {
+                    self.wires[i].push_back(Wire {
+                        bytes,
+                        send_slot: slot,
+                        ring: Some(ring_offset),
+                    });
+                }
+            }
+            Action::Send { slot, head } => {
+                let bytes = head.as_bytes().to_vec();
                 self.check_credit_rule(i, &bytes);
                 let s = &mut self.sides[i];
                 if bytes.len() > s.cfg.slot_size as usize {
@@ -249,19 +284,22 @@ impl Sim {
                     self.wires[i].push_back(Wire {
                         bytes,
                         send_slot: slot,
+                        ring: None,
                     });
                 }
             }
             Action::CopyOut {
-                slot,
-                slot_offset,
+                ring_offset,
                 op,
                 op_offset,
                 len,
             } => {
-                let src = self.sides[i].recv_mem[usize::from(slot)]
-                    [slot_offset as usize..slot_offset as usize + len as usize]
-                    .to_vec();
+                let end = ring_offset as usize + len as usize;
+                if end > self.sides[i].ring_mem.len() {
+                    self.violation(i, format!("copy-out beyond the ring: {ring_offset}+{len}"));
+                    return;
+                }
+                let src = self.sides[i].ring_mem[ring_offset as usize..end].to_vec();
                 match self.sides[i].ops.get_mut(&op) {
                     Some(o) if !o.send => {
                         o.buf[op_offset as usize..op_offset as usize + len as usize]
@@ -390,7 +428,13 @@ impl Sim {
         }
         s.exposures.clear();
         for w in std::mem::take(&mut self.wires[i]) {
-            self.sides[i].send_cq.push_back((w.send_slot, Err(ABORTED)));
+            let s = &mut self.sides[i];
+            let cq = if w.ring.is_some() {
+                &mut s.ring_cq
+            } else {
+                &mut s.send_cq
+            };
+            cq.push_back((w.send_slot, Err(ABORTED)));
         }
         for w in std::mem::take(&mut self.sides[i].held) {
             self.sides[peer]
@@ -408,9 +452,13 @@ impl Sim {
                 p.rdma_cq.push_back((j.rdma, Err(RESET)));
             }
             for w in std::mem::take(&mut self.wires[peer]) {
-                self.sides[peer]
-                    .send_cq
-                    .push_back((w.send_slot, Err(RESET)));
+                let p = &mut self.sides[peer];
+                let cq = if w.ring.is_some() {
+                    &mut p.ring_cq
+                } else {
+                    &mut p.send_cq
+                };
+                cq.push_back((w.send_slot, Err(RESET)));
             }
         }
         if let Some(m) = self.sides[i].m.as_mut() {
@@ -467,6 +515,23 @@ impl Sim {
     fn deliver(&mut self, from: usize) {
         let to = 1 - from;
         let w = self.wires[from].pop_front().expect("caller checked");
+        if let Some(at) = w.ring {
+            let result = if self.sides[to].closed {
+                Err(RESET)
+            } else {
+                let end = at as usize + w.bytes.len();
+                let ring = &mut self.sides[to].ring_mem;
+                if end > ring.len() {
+                    self.violation(from, format!("ring write beyond the peer's ring: {end}"));
+                    Err(RESET)
+                } else {
+                    ring[at as usize..end].copy_from_slice(&w.bytes);
+                    Ok(())
+                }
+            };
+            self.sides[from].ring_cq.push_back((w.send_slot, result));
+            return;
+        }
         if self.sides[to].closed {
             self.sides[from]
                 .send_cq
@@ -550,6 +615,9 @@ impl Sim {
             if !s.send_cq.is_empty() {
                 v.push(Ev::SendCq(i));
             }
+            if !s.ring_cq.is_empty() {
+                v.push(Ev::RingCq(i));
+            }
             if !s.rdma_jobs.is_empty() {
                 v.push(Ev::RdmaExec(i));
             }
@@ -580,6 +648,11 @@ impl Sim {
             Ev::SendCq(i) => {
                 let (slot, r) = self.sides[i].send_cq.pop_front().unwrap();
                 self.m(i).send_done(slot, r);
+                self.drain(i);
+            }
+            Ev::RingCq(i) => {
+                let (slot, r) = self.sides[i].ring_cq.pop_front().unwrap();
+                self.m(i).ring_write_done(slot, r);
                 self.drain(i);
             }
             Ev::RdmaCq(i) => {

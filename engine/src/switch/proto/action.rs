@@ -13,7 +13,7 @@ pub enum Access {
     Write,
 }
 
-/// Bytes of an application send buffer that follow a header in one send.
+/// Bytes of an application send buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Payload {
     /// The send op whose buffer holds them.
@@ -26,8 +26,8 @@ pub struct Payload {
 
 /// One instruction to the driver, from [`Connection::poll_action`]. The
 /// driver executes actions in the order given (the machine relies on it:
-/// a copy-out comes before the re-post of its receive, a send's payload is
-/// taken before its op completes) and reports the outcome of each posted
+/// a ring write is posted before the DATA that announces it, a send's
+/// payload is copied into the ring before its op completes) and reports the outcome of each posted
 /// operation through the matching `*_done` method (or [`exposed`] at once
 /// for an exposure).
 ///
@@ -40,23 +40,35 @@ pub enum Action {
         /// Receive buffer index, `< recv_slots`.
         slot: u16,
     },
-    /// Copy `head` and then `payload` into send buffer `slot` and post one
-    /// send of both; report with `send_done`.
+    /// Copy `head` into send buffer `slot` and post one send of it; report
+    /// with `send_done`.
     Send {
         /// Send buffer index, `< send_slots`.
         slot: u16,
         /// Encoded header and body.
         head: Head,
-        /// DATA payload from an application buffer.
-        payload: Option<Payload>,
     },
-    /// Copy `len` bytes at `slot_offset` of receive buffer `slot` into the
+    /// Copy `payload` into the local send ring at `ring_offset` and post an
+    /// RDMA write of those bytes to the same offset of the peer's receive
+    /// ring `desc`; report with `ring_write_done(slot, ..)`. The `Send` of
+    /// the DATA that announces the bytes follows on the same send buffer
+    /// `slot` (the fabric delivers it after the write).
+    RingWrite {
+        /// The send buffer whose DATA announces the bytes (names the
+        /// write's completion).
+        slot: u16,
+        /// Bytes of an application send buffer.
+        payload: Payload,
+        /// Offset in both rings.
+        ring_offset: u32,
+        /// The peer's receive ring.
+        desc: Desc,
+    },
+    /// Copy `len` bytes at `ring_offset` of the receive ring into the
     /// buffer of receive op `op` at `op_offset`.
     CopyOut {
-        /// Receive buffer index.
-        slot: u16,
-        /// Offset in the receive buffer.
-        slot_offset: u32,
+        /// Offset in the receive ring.
+        ring_offset: u32,
         /// The receive op.
         op: OpId,
         /// Offset in its buffer.

@@ -1,7 +1,8 @@
 //! Settings of one side of a session.
 
 use super::credit::{RESERVE, SLACK};
-use super::wire::{HEADER_LEN, MAX_HEAD};
+use super::ring::MIN_RING;
+use super::wire::MAX_HEAD;
 
 /// How a side moves a large send (above [`Config::rdma_threshold`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -27,10 +28,17 @@ pub struct Config {
     pub recv_slots: u16,
     /// Send buffers: messages in flight at once.
     pub send_slots: u16,
-    /// Bytes of each send and receive buffer; a message is at most the
-    /// smaller of this and the peer's size.
+    /// Bytes of each send and receive buffer (messages carry no payload:
+    /// at least [`MAX_HEAD`]).
     pub slot_size: u32,
-    /// Sends of more bytes than this go by RDMA (unless non-blocking).
+    /// Bytes of the receive ring the peer RDMA-writes copied stream bytes
+    /// into (and of the local ring they are written from): at most this
+    /// many bytes are in flight. The session uses the smaller of the two
+    /// sides' sizes; at least [`MIN_RING`].
+    pub ring_size: u32,
+    /// Sends of more bytes than this go by RDMA from the application's
+    /// buffer (unless non-blocking); smaller ones are copied through the
+    /// ring.
     pub rdma_threshold: u64,
     /// Largest single RDMA op this side posts or targets
     /// (`SO_MAX_RDMA_SIZE`).
@@ -51,9 +59,10 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            recv_slots: 32,
-            send_slots: 32,
-            slot_size: 8192,
+            recv_slots: 16,
+            send_slots: 16,
+            slot_size: 128,
+            ring_size: 124 << 10,
             rdma_threshold: 64 << 10,
             max_rdma_op: 1 << 30,
             rdma_flow: RdmaFlow::Read,
@@ -82,11 +91,17 @@ impl Config {
         if self.send_slots == 0 {
             return Err("send_slots must be at least 1".into());
         }
-        if (self.slot_size as usize) < MAX_HEAD || self.slot_size as usize <= HEADER_LEN {
+        if (self.slot_size as usize) < MAX_HEAD {
             return Err(format!(
                 "slot_size must be at least {MAX_HEAD} bytes (the largest control message), \
                  not {}",
                 self.slot_size
+            ));
+        }
+        if self.ring_size < MIN_RING {
+            return Err(format!(
+                "ring_size must be at least {MIN_RING} bytes, not {}",
+                self.ring_size
             ));
         }
         if self.max_rdma_op == 0 {
@@ -128,6 +143,10 @@ mod tests {
             },
             Config {
                 rdma_slots: 0,
+                ..Config::default()
+            },
+            Config {
+                ring_size: MIN_RING - 1,
                 ..Config::default()
             },
         ] {

@@ -5,16 +5,16 @@
 //! queues [`Action`]s, which the driver takes with [`Connection::poll_action`]
 //! and executes in order. Every event ends with one `progress` pass: serve
 //! the pending receives from the incoming stream, post RDMA writes for a
-//! write target, then send what credits and send buffers allow (CREDIT_ACK,
-//! control answers, payload in application order and FIN, CREDIT, NEED).
+//! write target, then send what credits, send buffers and ring space allow
+//! (CREDIT_ACK, control answers, payload in application order and FIN,
+//! CREDIT, NEED).
 
 use super::action::{Access, Action, Payload};
 use super::config::{Config, RdmaFlow};
 use super::credit::{Class, Credits, RESERVE, SLACK};
 use super::error::Error;
-use super::wire::{
-    Body, DecodeError, Desc, Head, Message, CAP_RDMA_READ, HEADER_LEN, MAX_HEAD, VERSION,
-};
+use super::ring::{RingRx, RingTx, MIN_RING};
+use super::wire::{Body, DecodeError, Desc, Head, Message, CAP_RDMA_READ, MAX_HEAD, VERSION};
 use super::{OpId, Role};
 use std::collections::VecDeque;
 
@@ -191,7 +191,7 @@ struct Transfer {
 
 #[derive(Debug)]
 enum ItemKind {
-    /// Unread payload bytes `at..end` of the receive buffer.
+    /// Unread stream bytes `at..end` of the receive ring.
     Data { at: u32, end: u32 },
     /// An offer; `read` bytes read so far.
     Offer { len: u32, desc: Desc, read: u32 },
@@ -201,11 +201,12 @@ enum ItemKind {
     Fin,
 }
 
-/// An item of the incoming stream, in the receive buffer that holds it.
+/// An item of the incoming stream.
 #[derive(Debug)]
 struct Item {
-    /// The receive buffer, `Held` until the item is consumed.
-    slot: u16,
+    /// The receive buffer that holds it, `Held` until the item is consumed
+    /// (none for DATA: its bytes are in the ring, its receive re-posted).
+    slot: Option<u16>,
     /// What it is, and how much of it was consumed.
     kind: ItemKind,
 }
@@ -258,9 +259,14 @@ pub struct Connection {
     credits: Credits,
     /// Sends of more bytes go by RDMA.
     threshold: u64,
-    /// Largest message: the smaller buffer size of the two sides (own until
-    /// the peer's HELLO).
-    msg_max: usize,
+    /// This side's receive ring, exposed to the peer (announced in HELLO).
+    ring: Desc,
+    /// The peer's receive ring (from its HELLO).
+    peer_ring: Desc,
+    /// Space in the peer's ring.
+    ring_tx: RingTx,
+    /// Unread bytes of this side's ring.
+    ring_rx: RingRx,
     /// The peer's HELLO said it accepts READ_OFFERs.
     peer_reads: bool,
     /// Sequence number of the next message sent.
@@ -268,10 +274,13 @@ pub struct Connection {
     /// Sequence number the next message received must carry.
     recv_seq: u32,
     /// Free send buffers. Invariant: exactly the indices with
-    /// `send_busy[i] == false`.
+    /// neither `send_busy[i]` nor `ring_busy[i]`.
     free_send: Vec<u16>,
     /// Send buffers with a send in flight.
     send_busy: Vec<bool>,
+    /// Send buffers whose DATA's ring write is in flight. Invariant: a
+    /// buffer is free when neither its send nor its ring write is.
+    ring_busy: Vec<bool>,
     /// State of each receive buffer.
     recv_slots: Vec<RecvSlot>,
     /// Free RDMA op slots. Invariant: exactly the `None`s of `rdma_use`.
@@ -307,9 +316,11 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// A machine for one side of a connected socket: posts every receive
-    /// and, as the connector, sends HELLO. Fails if `cfg` is invalid.
-    pub fn new(cfg: Config, role: Role) -> Result<Connection, String> {
+    /// A machine for one side of a connected socket whose receive ring (of
+    /// `cfg.ring_size` bytes) the driver exposed for the peer's RDMA writes
+    /// as `ring`: posts every receive and, as the connector, sends HELLO.
+    /// Fails if `cfg` is invalid.
+    pub fn new(cfg: Config, role: Role, ring: Desc) -> Result<Connection, String> {
         cfg.validate()?;
         let n_recv = usize::from(cfg.recv_slots);
         let n_send = cfg.send_slots;
@@ -323,12 +334,16 @@ impl Connection {
             actions: VecDeque::with_capacity(n_recv + 8),
             credits: Credits::default(),
             threshold: cfg.rdma_threshold,
-            msg_max: cfg.slot_size as usize,
+            ring,
+            peer_ring: [0; super::DESC_LEN],
+            ring_tx: RingTx::default(),
+            ring_rx: RingRx::default(),
             peer_reads: false,
             send_seq: 0,
             recv_seq: 0,
             free_send: (0..n_send).rev().collect(),
             send_busy: vec![false; usize::from(n_send)],
+            ring_busy: vec![false; usize::from(n_send)],
             recv_slots: vec![RecvSlot::Posted; n_recv],
             free_rdma: (0..n_rdma).rev().collect(),
             rdma_use: vec![None; usize::from(n_rdma)],
@@ -424,6 +439,7 @@ impl Connection {
             && self.transfers.is_empty()
             && self.fin != Fin::Queued
             && self.send_busy.iter().all(|b| !b)
+            && self.ring_busy.iter().all(|b| !b)
             && self.rdma_use.iter().all(Option::is_none)
             && self.exposures.is_empty()
     }
@@ -597,11 +613,34 @@ impl Connection {
             return;
         }
         self.send_busy[i] = false;
-        self.free_send.push(slot);
+        if !self.ring_busy[i] {
+            self.free_send.push(slot);
+        }
         match result {
             Ok(()) if self.fin == Fin::Sent(slot) => self.fin = Fin::Delivered,
             Ok(()) => {}
             Err(code) => self.fail(Error::Transport(code)),
+        }
+        self.progress();
+    }
+
+    /// The ring write of send buffer `slot`'s DATA completed (`Err`: the
+    /// fabric's error code).
+    pub fn ring_write_done(&mut self, slot: u16, result: Result<(), u32>) {
+        let i = usize::from(slot);
+        if !self.ring_busy.get(i).copied().unwrap_or(false) {
+            self.fail(Error::Protocol(
+                "completion of a ring write that was not posted",
+            ));
+            self.progress();
+            return;
+        }
+        self.ring_busy[i] = false;
+        if !self.send_busy[i] {
+            self.free_send.push(slot);
+        }
+        if let Err(code) = result {
+            self.fail(Error::Transport(code));
         }
         self.progress();
     }
@@ -700,7 +739,11 @@ impl Connection {
                     recv_slots,
                     slot_size,
                     caps,
-                } => self.on_hello(slot, m.credits, recv_slots, slot_size, caps),
+                    ring_size,
+                    ring,
+                } => self.on_hello(
+                    slot, m.credits, recv_slots, slot_size, caps, ring_size, ring,
+                ),
                 _ => self.fail(Error::Protocol("expected HELLO")),
             };
         }
@@ -713,18 +756,38 @@ impl Connection {
         if let Err(e) = self.credits.on_returned(m.credits) {
             return self.fail(e);
         }
+        let in_flight = self.ring_tx.in_flight();
+        if let Err(e) = self.ring_tx.on_ack(m.ack) {
+            return self.fail(e);
+        }
+        let ring_returned = self.ring_tx.in_flight() < in_flight;
         let hold = |c: &mut Connection, kind: ItemKind| {
             if c.fin_received {
                 return c.fail(Error::Protocol("payload after FIN"));
             }
             c.recv_slots[usize::from(slot)] = RecvSlot::Held;
-            c.inbox.push_back(Item { slot, kind });
+            c.inbox.push_back(Item {
+                slot: Some(slot),
+                kind,
+            });
         };
         match m.body {
             Body::Hello { .. } => self.fail(Error::Protocol("HELLO after negotiation")),
-            Body::Data { len } => {
-                let at = HEADER_LEN as u32;
-                hold(self, ItemKind::Data { at, end: at + len });
+            Body::Data { offset, len } => {
+                if self.fin_received {
+                    return self.fail(Error::Protocol("payload after FIN"));
+                }
+                if let Err(e) = self.ring_rx.on_data(offset, len) {
+                    return self.fail(e);
+                }
+                self.inbox.push_back(Item {
+                    slot: None,
+                    kind: ItemKind::Data {
+                        at: offset,
+                        end: offset + len,
+                    },
+                });
+                self.repost(slot, true);
             }
             Body::ReadOffer { len, desc } => {
                 if !self.cfg.can_rdma_read {
@@ -738,8 +801,10 @@ impl Connection {
                 self.fin_received = true;
             }
             Body::Credit => {
-                if m.credits == 0 {
-                    return self.fail(Error::Protocol("CREDIT returning no credit"));
+                if m.credits == 0 && !ring_returned {
+                    return self.fail(Error::Protocol(
+                        "CREDIT returning neither credit nor ring space",
+                    ));
                 }
                 self.repost(slot, true);
             }
@@ -786,20 +851,23 @@ impl Connection {
         {
             return;
         }
-        let kind = match m.body {
-            Body::Data { len } => {
-                let at = HEADER_LEN as u32;
-                ItemKind::Data { at, end: at + len }
+        let (slot, kind) = match m.body {
+            Body::Data { offset, len } => {
+                if self.ring_rx.on_data(offset, len).is_err() {
+                    return;
+                }
+                let end = offset + len;
+                (None, ItemKind::Data { at: offset, end })
             }
             Body::Fin => {
                 self.fin_received = true;
-                ItemKind::Fin
+                self.recv_slots[usize::from(slot)] = RecvSlot::Held;
+                (Some(slot), ItemKind::Fin)
             }
             _ => return,
         };
         self.recv_seq = self.recv_seq.wrapping_add(1);
         self.stats.msgs_received += 1;
-        self.recv_slots[usize::from(slot)] = RecvSlot::Held;
         self.inbox.push_back(Item { slot, kind });
     }
 
@@ -811,15 +879,31 @@ impl Connection {
             && self.recv_slots.contains(&RecvSlot::Posted)
     }
 
-    fn on_hello(&mut self, slot: u16, credits: u16, recv_slots: u32, slot_size: u32, caps: u32) {
+    #[allow(clippy::too_many_arguments)]
+    fn on_hello(
+        &mut self,
+        slot: u16,
+        credits: u16,
+        recv_slots: u32,
+        slot_size: u32,
+        caps: u32,
+        ring_size: u32,
+        ring: Desc,
+    ) {
         if (slot_size as usize) < MAX_HEAD {
             return self.fail(Error::Protocol("the peer's receive buffers are too small"));
         }
         if recv_slots <= RESERVE {
             return self.fail(Error::Protocol("the peer announced too few receives"));
         }
+        if ring_size < MIN_RING {
+            return self.fail(Error::Protocol("the peer's receive ring is too small"));
+        }
         self.peer_reads = caps & CAP_RDMA_READ != 0;
-        self.msg_max = self.cfg.slot_size.min(slot_size) as usize;
+        let size = self.cfg.ring_size.min(ring_size);
+        self.ring_tx.open(size);
+        self.ring_rx.open(size);
+        self.peer_ring = ring;
         self.credits.peer_hello(u64::from(recv_slots));
         // The acceptor's HELLO took one of our announced receives; the
         // connector's took a slack one.
@@ -917,7 +1001,9 @@ impl Connection {
         }
         if finished {
             self.inbox.pop_front();
-            self.repost(slot, true);
+            if let Some(slot) = slot {
+                self.repost(slot, true);
+            }
         }
     }
 
@@ -948,7 +1034,9 @@ impl Connection {
             if self.error.is_none() {
                 self.control.push_back(Body::ReadDone { len: total });
             }
-            self.repost(slot, true);
+            if let Some(slot) = slot {
+                self.repost(slot, true);
+            }
         }
     }
 
@@ -1117,16 +1205,15 @@ impl Connection {
             let mut n: u64 = 0;
             while n < cap {
                 let Some(Item {
-                    slot,
                     kind: ItemKind::Data { at, end },
+                    ..
                 }) = self.inbox.front_mut()
                 else {
                     break;
                 };
                 let k = u64::from(*end - *at).min(cap - n) as u32;
                 self.actions.push_back(Action::CopyOut {
-                    slot: *slot,
-                    slot_offset: *at,
+                    ring_offset: *at,
                     op,
                     op_offset: n,
                     len: k,
@@ -1134,10 +1221,9 @@ impl Connection {
                 *at += k;
                 n += u64::from(k);
                 self.stats.bytes_copied_out += u64::from(k);
+                self.ring_rx.consumed(k);
                 if *at == *end {
-                    let slot = *slot;
                     self.inbox.pop_front();
-                    self.repost(slot, true);
                 }
             }
             if n > 0 {
@@ -1251,6 +1337,16 @@ impl Connection {
             self.stats.credit_msgs += 1;
             self.emit(Body::Credit, None);
         }
+        if self.ring_rx.ack_due() && !self.free_send.is_empty() {
+            // Half the ring is read: give the space back without waiting
+            // for a message to carry it.
+            if self.credits.may_send(Class::Control) {
+                self.stats.credit_msgs += 1;
+                self.emit(Body::Credit, None);
+            } else {
+                short_of_credit = true;
+            }
+        }
         if short_of_credit && !self.need_outstanding && !self.free_send.is_empty() {
             self.need_outstanding = true;
             self.stats.need_msgs += 1;
@@ -1278,10 +1374,12 @@ impl Connection {
                 (s.op, s.queued, s.len - s.queued, s.by_copy, s.prep);
             let transfer = rest.min(u64::from(u32::MAX)) as u32;
             let body = if by_copy {
-                let max = (self.msg_max - HEADER_LEN) as u64;
-                Body::Data {
-                    len: rest.min(max) as u32,
-                }
+                let Some((offset, len)) = self.ring_tx.next(rest) else {
+                    // The peer's ring is full: its ack resumes the send.
+                    self.stop_nonblocking(i);
+                    return false;
+                };
+                Body::Data { offset, len }
             } else if !self.uses_read_flow() {
                 Body::WriteRequest { len: transfer }
             } else {
@@ -1314,12 +1412,13 @@ impl Connection {
                 return true;
             }
             match body {
-                Body::Data { len } => {
+                Body::Data { len, .. } => {
                     let payload = Payload {
                         op,
                         offset: at,
                         len,
                     };
+                    self.ring_tx.wrote(len);
                     self.emit(body, Some(payload));
                     self.stats.data_msgs += 1;
                     self.stats.bytes_copied_in += u64::from(len);
@@ -1473,6 +1572,8 @@ impl Connection {
             } else {
                 0
             },
+            ring_size: self.cfg.ring_size,
+            ring: self.ring,
         }
     }
 
@@ -1503,7 +1604,8 @@ impl Connection {
     }
 
     /// Queues one message in a free send buffer (the caller checked there
-    /// is one, and the credits); returns the buffer.
+    /// is one, and the credits; for DATA, the ring space), after the ring
+    /// write of a DATA's `payload`; returns the buffer.
     fn emit(&mut self, body: Body, payload: Option<Payload>) -> u16 {
         let slot = self
             .free_send
@@ -1518,9 +1620,25 @@ impl Connection {
         if counted {
             self.credits.spend();
         }
+        if let (Some(payload), Body::Data { offset, .. }) = (payload, body) {
+            self.ring_busy[usize::from(slot)] = true;
+            self.actions.push_back(Action::RingWrite {
+                slot,
+                payload,
+                ring_offset: offset,
+                desc: self.peer_ring,
+            });
+        }
+        // The HELLO is sent before the ring is open: its ack is 0.
+        let ack = if self.phase == Phase::Open {
+            self.ring_rx.take_ack()
+        } else {
+            0
+        };
         let m = Message {
             credits,
             seq: self.send_seq,
+            ack,
             body,
         };
         self.send_seq = self.send_seq.wrapping_add(1);
@@ -1529,7 +1647,6 @@ impl Connection {
         self.actions.push_back(Action::Send {
             slot,
             head: Head::of(&m),
-            payload,
         });
         slot
     }

@@ -8,19 +8,29 @@
 //! # The protocol
 //!
 //! * **Buffers.** Each side posts `recv_slots` receive buffers and owns
-//!   `send_slots` send buffers of `slot_size` bytes ([`Config`]). Every
-//!   message is one send into one posted receive, at most the smaller of
-//!   the two sides' buffer sizes. A receive is re-posted once what it holds
-//!   was consumed: control messages at once, DATA when the application
-//!   copied all of it out, an offer or write request when it was
-//!   transferred.
+//!   `send_slots` send buffers of `slot_size` bytes ([`Config`]) for
+//!   messages, which carry no payload (at most [`MAX_HEAD`] bytes), and a
+//!   receive ring of `ring_size` bytes that the peer RDMA-writes copied
+//!   stream bytes into (with a local ring of the same size they are written
+//!   from). Every message is one send into one posted receive. A receive is
+//!   re-posted once what it holds was consumed: control messages and DATA
+//!   at once (DATA's bytes stay in the ring), an offer or write request
+//!   when it was transferred, FIN never.
+//! * **The ring** (`ring.rs`): a DATA says where in the receiver's ring the
+//!   sender wrote its bytes (the next free byte, never across the ring's
+//!   end); every header's `ack` returns the ring bytes the sender consumed
+//!   so far; a side sends a CREDIT of its own once half the ring is read
+//!   and unannounced. So 64 KiB is one DATA, and a sender waits only when
+//!   the peer's ring is full of unread bytes.
 //! * **Negotiation.** The connector posts its receives and sends HELLO at
 //!   once (the provider holds it until the acceptor posts). The acceptor
 //!   posts its receives, waits for that HELLO and answers with its own.
 //!   HELLO carries the receives announced (`recv_slots - SLACK`, the
-//!   peer's initial credits), the buffer size and whether the side accepts
-//!   RDMA-read offers. The connector's HELLO is outside the credit count;
-//!   the acceptor's takes one credit.
+//!   peer's initial credits), the buffer size, whether the side accepts
+//!   RDMA-read offers, and the receive ring (size and RDMA descriptor; the
+//!   session uses the smaller size). The connector's HELLO is outside the
+//!   credit count; the acceptor's takes one credit. A HELLO of another
+//!   protocol [`VERSION`] ends the session with [`Error::VersionMismatch`].
 //! * **Credits** (the rules are spelled out in `credit.rs`): a counted
 //!   message needs a credit; payload keeps a reserve of [`RESERVE`] for
 //!   control answers; the last credit goes only to a message that returns
@@ -30,8 +40,10 @@
 //!   count, in [`SLACK`] receives). With `credit_batch > 0` a CREDIT also
 //!   goes unasked once that many are owed.
 //! * **Small sends** (at most `rdma_threshold` bytes, and every
-//!   non-blocking send) are copied into DATA messages; the send completes
-//!   when its last DATA is handed to the driver.
+//!   non-blocking send) are copied through the ring: the driver copies the
+//!   bytes into its local ring and RDMA-writes them to the peer's, then
+//!   sends the DATA; the send completes when its last DATA is handed to
+//!   the driver.
 //! * **Large sends**, read flow: the sender exposes its buffer and sends
 //!   READ_OFFER; the receiver RDMA-reads into its application buffers (one
 //!   read per receive, at most `max_rdma_op`), then answers READ_DONE; the
@@ -61,6 +73,7 @@ mod config;
 mod credit;
 mod error;
 mod machine;
+mod ring;
 mod wire;
 
 pub use action::{Access, Action, Payload};
@@ -68,6 +81,7 @@ pub use config::{Config, RdmaFlow};
 pub use credit::{RESERVE, SLACK};
 pub use error::Error;
 pub use machine::{CancelOutcome, Connection, Stats};
+pub use ring::MIN_RING;
 pub use wire::{
     Body, DecodeError, Desc, Head, Message, CAP_RDMA_READ, DESC_LEN, HEADER_LEN, MAGIC, MAX_HEAD,
     VERSION,

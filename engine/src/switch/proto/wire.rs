@@ -1,6 +1,8 @@
 //! The session protocol's wire format: every message is one fixed
 //! [`HEADER_LEN`]-byte little-endian header, then a body whose size the
-//! message kind fixes, then (DATA only) the payload.
+//! message kind fixes. Messages carry no payload: copied stream bytes go
+//! into the peer's receive ring by RDMA write before the DATA message that
+//! announces them.
 //!
 //! Header:
 //!
@@ -13,14 +15,15 @@
 //! | 6..8   | reserved, 0 |
 //! | 8..12  | sequence number: 0 for HELLO, then +1 per message (wrapping) |
 //! | 12..16 | length: the kind's byte count (payload bytes, transfer bytes); 0 for kinds without one |
+//! | 16..20 | ring ack: bytes the sender consumed from its receive ring so far (wrapping count; 0 in HELLO) |
 //!
 //! Bodies after the header:
 //!
 //! | kind | body |
 //! |------|------|
-//! | HELLO | `recv_slots` u32, `slot_size` u32, `caps` u32 |
+//! | HELLO | `recv_slots` u32, `slot_size` u32, `caps` u32, `ring_size` u32, the receive ring's [`DESC_LEN`]-byte RDMA descriptor |
 //! | READ_OFFER, WRITE_TARGET | the provider's [`DESC_LEN`]-byte RDMA descriptor |
-//! | DATA | `length` payload bytes |
+//! | DATA | `offset` u32: where in the receiver's ring the `length` bytes start |
 //! | others | none |
 //!
 //! [`Message::decode`] checks every field and every length against the
@@ -31,11 +34,12 @@ use std::fmt;
 /// First two header bytes (little-endian `"SW"`).
 pub const MAGIC: u16 = u16::from_le_bytes(*b"SW");
 
-/// The protocol version this module speaks (header byte 2).
-pub const VERSION: u8 = 1;
+/// The protocol version this module speaks (header byte 2). Version 1 had
+/// 16-byte headers, DATA payload inside the message and no receive ring.
+pub const VERSION: u8 = 2;
 
 /// Bytes of the fixed header every message starts with.
-pub const HEADER_LEN: usize = 16;
+pub const HEADER_LEN: usize = 20;
 
 /// Bytes of an RDMA descriptor as the provider produces it
 /// (`register_rdma_memory`); opaque to the protocol.
@@ -47,13 +51,14 @@ pub type Desc = [u8; DESC_LEN];
 /// The longest encoded message without payload (header and the largest
 /// body): the buffer [`Message::encode`] writes to, and enough bytes of a
 /// received message to decode it.
-pub const MAX_HEAD: usize = HEADER_LEN + DESC_LEN;
+pub const MAX_HEAD: usize = HEADER_LEN + HELLO_BODY;
 
 /// HELLO capability bit: the sender accepts READ_OFFERs (it RDMA-reads
 /// large payloads from the offering side's buffer).
 pub const CAP_RDMA_READ: u32 = 1;
 
-const HELLO_BODY: usize = 12;
+const HELLO_BODY: usize = 16 + DESC_LEN;
+const DATA_BODY: usize = 4;
 
 const K_HELLO: u8 = 1;
 const K_DATA: u8 = 2;
@@ -72,7 +77,8 @@ const K_CREDIT_ACK: u8 = 11;
 pub enum Body {
     /// Opens the session (sequence 0): the receives announced to the peer
     /// (its initial credits), the size of each (the largest message the
-    /// peer may send) and capability bits ([`CAP_RDMA_READ`]).
+    /// peer may send), capability bits ([`CAP_RDMA_READ`]) and the receive
+    /// ring the peer RDMA-writes copied stream bytes into.
     Hello {
         /// Receives announced: the peer's initial credits.
         recv_slots: u32,
@@ -80,13 +86,20 @@ pub enum Body {
         slot_size: u32,
         /// Capability bits.
         caps: u32,
+        /// Bytes of the receive ring.
+        ring_size: u32,
+        /// The receive ring, exposed for the peer's RDMA writes.
+        ring: Desc,
     },
-    /// `len` payload bytes follow the header (copied stream data).
+    /// The next `len` stream bytes are in the receiver's ring at `offset`
+    /// (written by RDMA before this message was sent).
     Data {
-        /// Payload bytes (at least 1).
+        /// Offset in the receiver's ring.
+        offset: u32,
+        /// Bytes (at least 1).
         len: u32,
     },
-    /// Returns credits only (those in the header).
+    /// Returns credits and ring space only (those in the header).
     Credit,
     /// The next `len` stream bytes are in the sender's buffer that `desc`
     /// exposes for RDMA read; answered by READ_DONE once all were read.
@@ -150,7 +163,7 @@ impl Body {
     /// The header's length field.
     fn len_field(&self) -> u32 {
         match *self {
-            Body::Data { len }
+            Body::Data { len, .. }
             | Body::ReadOffer { len, .. }
             | Body::ReadDone { len }
             | Body::WriteRequest { len }
@@ -166,8 +179,10 @@ fn body_len(kind: u8) -> Option<usize> {
     match kind {
         K_HELLO => Some(HELLO_BODY),
         K_READ_OFFER | K_WRITE_TARGET => Some(DESC_LEN),
-        K_DATA | K_CREDIT | K_READ_DONE | K_WRITE_REQUEST | K_WRITE_DONE | K_FIN | K_NEED
-        | K_CREDIT_ACK => Some(0),
+        K_DATA => Some(DATA_BODY),
+        K_CREDIT | K_READ_DONE | K_WRITE_REQUEST | K_WRITE_DONE | K_FIN | K_NEED | K_CREDIT_ACK => {
+            Some(0)
+        }
         _ => None,
     }
 }
@@ -179,6 +194,8 @@ pub struct Message {
     pub credits: u16,
     /// Sequence number: 0 for HELLO, then +1 per message (wrapping).
     pub seq: u32,
+    /// Bytes the sender consumed from its receive ring so far (wrapping).
+    pub ack: u32,
     /// Kind and fields.
     pub body: Body,
 }
@@ -272,7 +289,6 @@ impl fmt::Debug for Head {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match Message::decode(self.as_bytes(), self.as_bytes().len()) {
             Ok(m) => write!(f, "Head({m:?})"),
-            // A DATA head decodes only with its payload length.
             Err(_) => write!(f, "Head({:02x?})", self.as_bytes()),
         }
     }
@@ -298,17 +314,26 @@ impl Message {
         out[6..8].copy_from_slice(&0u16.to_le_bytes());
         out[8..12].copy_from_slice(&self.seq.to_le_bytes());
         out[12..16].copy_from_slice(&self.body.len_field().to_le_bytes());
+        out[16..20].copy_from_slice(&self.ack.to_le_bytes());
         let body = &mut out[HEADER_LEN..];
         match self.body {
             Body::Hello {
                 recv_slots,
                 slot_size,
                 caps,
+                ring_size,
+                ring,
             } => {
                 body[0..4].copy_from_slice(&recv_slots.to_le_bytes());
                 body[4..8].copy_from_slice(&slot_size.to_le_bytes());
                 body[8..12].copy_from_slice(&caps.to_le_bytes());
+                body[12..16].copy_from_slice(&ring_size.to_le_bytes());
+                body[16..16 + DESC_LEN].copy_from_slice(&ring);
                 HEADER_LEN + HELLO_BODY
+            }
+            Body::Data { offset, .. } => {
+                body[0..4].copy_from_slice(&offset.to_le_bytes());
+                HEADER_LEN + DATA_BODY
             }
             Body::ReadOffer { desc, .. } | Body::WriteTarget { desc, .. } => {
                 body[..DESC_LEN].copy_from_slice(&desc);
@@ -319,8 +344,8 @@ impl Message {
     }
 
     /// Decodes a received message of `len` bytes in all, of which `bytes`
-    /// holds the first ones (at least header and body; a DATA payload may
-    /// be absent or partial). Bytes of `bytes` beyond `len` are ignored.
+    /// holds the first ones (at least header and body). Bytes of `bytes`
+    /// beyond `len` are ignored.
     pub fn decode(bytes: &[u8], len: usize) -> Result<Message, DecodeError> {
         let b = &bytes[..bytes.len().min(len)];
         if b.len() < HEADER_LEN {
@@ -347,6 +372,7 @@ impl Message {
         let credits = u16_at(b, 4);
         let seq = u32_at(b, 8);
         let n = u32_at(b, 12);
+        let ack = u32_at(b, 16);
         let need = HEADER_LEN + body_len;
         if b.len() < need {
             return Err(DecodeError::Truncated {
@@ -354,7 +380,7 @@ impl Message {
                 need,
             });
         }
-        let expected = need as u64 + if kind == K_DATA { u64::from(n) } else { 0 };
+        let expected = need as u64;
         if expected != len as u64 {
             return Err(DecodeError::LengthMismatch {
                 kind,
@@ -377,18 +403,24 @@ impl Message {
             });
         }
         let body = &b[HEADER_LEN..need];
-        let desc = || {
+        let desc_at = |at: usize| {
             let mut d = [0u8; DESC_LEN];
-            d.copy_from_slice(&body[..DESC_LEN]);
+            d.copy_from_slice(&body[at..at + DESC_LEN]);
             d
         };
+        let desc = || desc_at(0);
         let body = match kind {
             K_HELLO => Body::Hello {
                 recv_slots: u32_at(body, 0),
                 slot_size: u32_at(body, 4),
                 caps: u32_at(body, 8),
+                ring_size: u32_at(body, 12),
+                ring: desc_at(16),
             },
-            K_DATA => Body::Data { len: n },
+            K_DATA => Body::Data {
+                offset: u32_at(body, 0),
+                len: n,
+            },
             K_CREDIT => Body::Credit,
             K_READ_OFFER => Body::ReadOffer {
                 len: n,
@@ -405,7 +437,12 @@ impl Message {
             K_NEED => Body::Need,
             _ => Body::CreditAck,
         };
-        Ok(Message { credits, seq, body })
+        Ok(Message {
+            credits,
+            seq,
+            ack,
+            body,
+        })
     }
 }
 
@@ -414,19 +451,45 @@ mod tests {
     use super::*;
 
     #[test]
-    fn data_header_is_sixteen_bytes_and_needs_its_payload_length() {
+    fn data_is_a_header_and_a_ring_offset_without_payload() {
         let m = Message {
             credits: 3,
             seq: 9,
-            body: Body::Data { len: 100 },
+            ack: 77,
+            body: Body::Data {
+                offset: 4096,
+                len: 100,
+            },
         };
         let mut out = [0u8; MAX_HEAD];
-        assert_eq!(m.encode(&mut out), HEADER_LEN);
-        assert_eq!(Message::decode(&out[..HEADER_LEN], HEADER_LEN + 100), Ok(m));
+        let n = m.encode(&mut out);
+        assert_eq!(n, HEADER_LEN + 4);
+        assert_eq!(Message::decode(&out[..n], n), Ok(m));
         assert!(matches!(
-            Message::decode(&out[..HEADER_LEN], HEADER_LEN + 99),
+            Message::decode(&out[..n], n + 100),
             Err(DecodeError::LengthMismatch { .. })
         ));
+    }
+
+    #[test]
+    fn hello_carries_the_ring() {
+        let m = Message {
+            credits: 0,
+            seq: 0,
+            ack: 0,
+            body: Body::Hello {
+                recv_slots: 14,
+                slot_size: 128,
+                caps: CAP_RDMA_READ,
+                ring_size: 1 << 17,
+                ring: [7; DESC_LEN],
+            },
+        };
+        let mut out = [0u8; MAX_HEAD];
+        let n = m.encode(&mut out);
+        assert_eq!(n, MAX_HEAD);
+        assert_eq!(out[2], VERSION);
+        assert_eq!(Message::decode(&out[..n], n), Ok(m));
     }
 
     #[test]
@@ -434,6 +497,7 @@ mod tests {
         let m = Message {
             credits: 0,
             seq: 0,
+            ack: 5,
             body: Body::ReadOffer {
                 len: 7,
                 desc: [5; DESC_LEN],

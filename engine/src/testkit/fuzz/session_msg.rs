@@ -12,12 +12,19 @@
 //!    itself;
 //! 2. delivered, in order, to a protocol machine (acceptor, then connector
 //!    on the same input) as the completion of its oldest posted receive,
-//!    with a minimal driver completing every send, exposure and RDMA it
-//!    asks for. The machine never panics, never asks for a send, receive or
-//!    RDMA slot it does not have or completes an op it was not given, never
-//!    loops, and once it reports an error it has asked for the abort.
+//!    with a minimal driver completing every send, ring write, exposure and
+//!    RDMA it asks for. The machine never panics, never asks for a send,
+//!    receive or RDMA slot it does not have, never copies outside its ring
+//!    or writes outside the peer's, never completes an op it was not given,
+//!    never loops, and once it reports an error it has asked for the abort.
+//!
+//! A record's head is a session message (protocol version 2: 20-byte
+//! header with the ring ack; HELLO announces the ring; DATA names a ring
+//! offset and carries no payload).
 
-use crate::switch::proto::{Action, Config, Connection, Message, OpId, Role, DESC_LEN, MAX_HEAD};
+use crate::switch::proto::{
+    Action, Config, Connection, Message, OpId, Role, DESC_LEN, MAX_HEAD, MIN_RING,
+};
 use std::collections::VecDeque;
 
 /// The code a flushed receive completes with after a close.
@@ -70,6 +77,7 @@ fn config() -> Config {
         recv_slots: 6,
         send_slots: 4,
         slot_size: 256,
+        ring_size: MIN_RING,
         rdma_threshold: 512,
         max_rdma_op: 4096,
         rdma_slots: 2,
@@ -81,7 +89,7 @@ fn config() -> Config {
 /// returns the machine.
 fn drive(role: Role, records: &[(usize, &[u8])]) -> Connection {
     let cfg = config();
-    let mut m = Connection::new(cfg.clone(), role).expect("a valid config");
+    let mut m = Connection::new(cfg.clone(), role, [0xa5; DESC_LEN]).expect("a valid config");
     // The application wants to read and to write, so that data, offers and
     // write requests from the peer have somewhere to go.
     m.app_recv(OpId(1), 1 << 20, false);
@@ -128,6 +136,27 @@ impl Driver {
                     assert!(slot < cfg.send_slots, "send slot {slot} out of range");
                     m.send_done(slot, Ok(()));
                 }
+                Action::RingWrite {
+                    slot,
+                    payload,
+                    ring_offset,
+                    ..
+                } => {
+                    assert!(slot < cfg.send_slots, "send slot {slot} out of range");
+                    assert_eq!(payload.op, OpId(2), "ring write of unknown {payload:?}");
+                    let end = u64::from(ring_offset) + u64::from(payload.len);
+                    assert!(
+                        end <= u64::from(MIN_RING),
+                        "ring write beyond the peer's ring"
+                    );
+                    m.ring_write_done(slot, Ok(()));
+                }
+                Action::CopyOut {
+                    ring_offset, len, ..
+                } => {
+                    let end = u64::from(ring_offset) + u64::from(len);
+                    assert!(end <= u64::from(cfg.ring_size), "copy beyond the ring");
+                }
                 Action::Expose { xfer, .. } => m.exposed(xfer, Ok([0x5a; DESC_LEN])),
                 Action::RdmaRead { rdma, .. } | Action::RdmaWrite { rdma, .. } => {
                     assert!(rdma < cfg.rdma_slots, "rdma slot {rdma} out of range");
@@ -148,7 +177,7 @@ impl Driver {
                         m.recv_done(slot, Err(WSA_OPERATION_ABORTED));
                     }
                 }
-                Action::CopyOut { .. } | Action::Unexpose { .. } | Action::Connected => {}
+                Action::Unexpose { .. } | Action::Connected => {}
             }
         }
         panic!("the machine asked for more than 10000 actions in a row");
@@ -160,12 +189,11 @@ mod tests {
     use super::*;
     use crate::switch::proto::{Body, Message};
 
-    fn record(m: Message, payload: &[u8]) -> Vec<u8> {
+    fn record(m: Message) -> Vec<u8> {
         let mut head = [0u8; MAX_HEAD];
         let n = m.encode(&mut head);
-        let whole = [&head[..n], payload].concat();
-        let mut out = (whole.len() as u16).to_le_bytes().to_vec();
-        out.extend_from_slice(&whole[..whole.len().min(MAX_HEAD)]);
+        let mut out = (n as u16).to_le_bytes().to_vec();
+        out.extend_from_slice(&head[..n]);
         out
     }
 
@@ -176,26 +204,38 @@ mod tests {
         let hello = Message {
             credits: 0,
             seq: 0,
+            ack: 0,
             body: Body::Hello {
                 recv_slots: 4,
                 slot_size: 256,
                 caps: 1,
+                ring_size: MIN_RING,
+                ring: [1; DESC_LEN],
             },
         };
         let data = Message {
             credits: 0,
             seq: 1,
-            body: Body::Data { len: 5 },
+            ack: 0,
+            body: Body::Data { offset: 0, len: 5 },
         };
-        let input = [record(hello, &[]), record(data, b"hello")].concat();
+        let input = [record(hello), record(data)].concat();
         let records = split(&input);
         assert_eq!(records.len(), 2);
         let m = drive(Role::Acceptor, &records);
         assert_eq!(m.error(), None);
         assert_eq!(m.stats().msgs_received, 2);
+        assert_eq!(m.stats().bytes_copied_out, 5);
         let bad = Message { seq: 7, ..data };
-        let input = [record(hello, &[]), record(bad, b"hello")].concat();
+        let input = [record(hello), record(bad)].concat();
         let m = drive(Role::Acceptor, &split(&input));
         assert!(m.error().is_some(), "an out-of-sequence message was taken");
+        let elsewhere = Message {
+            body: Body::Data { offset: 9, len: 5 },
+            ..data
+        };
+        let input = [record(hello), record(elsewhere)].concat();
+        let m = drive(Role::Acceptor, &split(&input));
+        assert!(m.error().is_some(), "DATA at a bogus ring offset was taken");
     }
 }
