@@ -379,7 +379,23 @@ impl Conn {
                     }
                 }
                 Action::Send { slot, head } => {
-                    if let Err(e) = self.wire.post_send(slot, head.as_bytes()) {
+                    if let Err(e) = self.wire.post_send(slot, head.as_bytes(), None) {
+                        st.m.send_done(slot, Err(code(e)));
+                    }
+                }
+                Action::SendInline {
+                    slot,
+                    head,
+                    payload: p,
+                } => {
+                    let r = match st.bufs.get(&p.op) {
+                        Some(b) => {
+                            self.wire
+                                .post_send(slot, head.as_bytes(), Some((*b, p.offset, p.len)))
+                        }
+                        None => Err(WsaError::WSAEFAULT),
+                    };
+                    if let Err(e) = r {
                         st.m.send_done(slot, Err(code(e)));
                     }
                 }
@@ -412,6 +428,23 @@ impl Conn {
                 } => {
                     if let Some(b) = st.bufs.get(&op) {
                         if self.wire.copy_out(ring_offset, *b, op_offset, len).is_err() {
+                            st.m.abort(proto::Error::Protocol("copy outside the receive buffer"));
+                        }
+                    }
+                }
+                Action::CopyInline {
+                    slot,
+                    slot_offset,
+                    op,
+                    op_offset,
+                    len,
+                } => {
+                    if let Some(b) = st.bufs.get(&op) {
+                        if self
+                            .wire
+                            .copy_inline(slot, slot_offset, *b, op_offset, len)
+                            .is_err()
+                        {
                             st.m.abort(proto::Error::Protocol("copy outside the receive buffer"));
                         }
                     }

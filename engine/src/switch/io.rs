@@ -269,19 +269,35 @@ impl Wire {
         }
     }
 
-    /// Writes `head` into send slot `slot` and posts one send of it.
-    pub(super) fn post_send(&self, slot: u16, head: &[u8]) -> WsaResult<()> {
+    /// Writes `head` into send slot `slot`, then (an INLINE's payload)
+    /// `len` bytes at `off` of an application send buffer, and posts one
+    /// send of both.
+    pub(super) fn post_send(
+        &self,
+        slot: u16,
+        head: &[u8],
+        payload: Option<(AppBuf, u64, u32)>,
+    ) -> WsaResult<()> {
         let base = usize::from(slot) * self.slot_size;
-        if head.len() > self.slot_size {
+        let len = head.len() + payload.map_or(0, |p| p.2 as usize);
+        if len > self.slot_size {
             return Err(WsaError::WSAEFAULT);
         }
-        let dst = pool_range(&self.send_pool, base, head.len())?;
+        let dst = pool_range(&self.send_pool, base, len)?;
+        if let Some((app, off, n)) = payload {
+            let src = app.range(off, n)?;
+            // SAFETY: invariant 2 — the source lies in a send buffer whose
+            // call is blocked until this op completes (checked in bounds);
+            // the destination is the slot range checked above, after the
+            // header (invariant 4: no send of this slot is posted).
+            unsafe { std::ptr::copy_nonoverlapping(src, dst.add(head.len()), n as usize) };
+        }
         // SAFETY: `dst..dst+head.len()` lies in the send pool (checked),
         // which lives as long as `self`; invariant 4 — no send of this slot
         // is posted, so nothing else reads or writes it.
         unsafe { std::ptr::copy_nonoverlapping(head.as_ptr(), dst, head.len()) };
         let buf = WsaBuf {
-            len: head.len() as u32,
+            len: len as u32,
             buf: dst,
         };
         // SAFETY: invariant 1 for send slot `slot` and its record.
@@ -339,6 +355,30 @@ impl Wire {
         // whose call is blocked until this op completes; invariant 3 — no
         // RDMA op targets it during a copy; the source is inside the
         // receive ring (checked), and its bytes are in place (invariant 5).
+        unsafe { std::ptr::copy_nonoverlapping(src, dst, len as usize) };
+        Ok(())
+    }
+
+    /// Copies `len` bytes at `slot_off` of receive slot `slot` (an INLINE's
+    /// payload) into an application receive buffer at `off`.
+    pub(super) fn copy_inline(
+        &self,
+        slot: u16,
+        slot_off: u32,
+        app: AppBuf,
+        off: u64,
+        len: u32,
+    ) -> WsaResult<()> {
+        let dst = app.range(off, len)?;
+        if slot_off as usize + len as usize > self.slot_size {
+            return Err(WsaError::WSAEFAULT);
+        }
+        let at = usize::from(slot) * self.slot_size + slot_off as usize;
+        let src = pool_range(&self.recv_pool, at, len as usize)?;
+        // SAFETY: invariant 2 — the destination lies in a receive buffer
+        // whose call is blocked until this op completes; invariant 3 — no
+        // RDMA op targets it during a copy; the source is inside receive
+        // slot `slot` (checked), which the NIC is done with (invariant 4).
         unsafe { std::ptr::copy_nonoverlapping(src, dst, len as usize) };
         Ok(())
     }

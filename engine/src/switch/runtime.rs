@@ -36,8 +36,9 @@ pub struct SwitchOptions {
     pub credit_batch: Option<u16>,
     /// Send buffers per connection.
     pub send_slots: u16,
-    /// Bytes per control buffer (the largest message; messages carry no
-    /// payload), clamped to `SO_MAX_MSG_SIZE`.
+    /// Bytes per message buffer (the largest message), clamped to
+    /// `SO_MAX_MSG_SIZE`: copied sends that fit with the header travel
+    /// inline, longer ones through the rings.
     pub slot_size: u32,
     /// Bytes of each of a connection's two rings (copied stream bytes in
     /// flight); the session uses the smaller of both sides'.
@@ -74,8 +75,8 @@ impl Default for SwitchOptions {
             recv_slots: 16,
             credit_batch: None,
             send_slots: 16,
-            slot_size: 128,
-            ring_size: 124 << 10,
+            slot_size: 1024,
+            ring_size: 112 << 10,
             rdma_threshold: None,
             rdma_flow: RdmaFlow::Read,
             accept_rdma_read: true,

@@ -145,6 +145,119 @@ fn small_payload_goes_in_data_messages_and_is_copied_out() {
     no_violations(&s);
 }
 
+/// The largest INLINE payload of two sides with `cfg()` buffers.
+const INLINE_MAX: usize = 512 - HEADER_LEN;
+
+#[test]
+fn a_small_send_is_one_inline_message_held_in_its_receive_until_read() {
+    let mut s = connected(cfg(), cfg());
+    let op = s.app_send(0, 0, INLINE_MAX, false);
+    assert_eq!(ok(&s, 0, op), INLINE_MAX as u64, "completes once copied");
+    s.settle();
+    let st = s.m(0).stats();
+    assert_eq!((st.inline_msgs, st.data_msgs), (1, 1));
+    assert_eq!(st.msgs_sent, 2, "HELLO and the INLINE: no ring write");
+    let posted = s.sides[1].posted.len();
+    // Read in pieces: the payload is copied out of the receive buffer,
+    // which is re-posted only after its last byte.
+    let mut got = 0;
+    while got < INLINE_MAX as u64 {
+        assert_eq!(s.sides[1].posted.len(), posted, "held while unread");
+        let r = s.app_recv(1, 100, false);
+        s.settle();
+        got += ok(&s, 1, r);
+    }
+    assert_eq!(s.sides[1].posted.len(), posted + 1, "re-posted once read");
+    assert_eq!(s.sides[1].received, s.expected(1, INLINE_MAX));
+    no_violations(&s);
+}
+
+#[test]
+fn one_byte_more_than_fits_inline_goes_through_the_ring() {
+    let mut s = connected(cfg(), cfg());
+    let op = s.app_send(0, 0, INLINE_MAX + 1, false);
+    ok(&s, 0, op);
+    s.settle();
+    let st = s.m(0).stats();
+    assert_eq!((st.inline_msgs, st.data_msgs), (0, 1));
+    let r = s.app_recv(1, 1000, false);
+    s.settle();
+    assert_eq!(ok(&s, 1, r), INLINE_MAX as u64 + 1);
+    assert_eq!(s.sides[1].received, s.expected(1, INLINE_MAX + 1));
+    no_violations(&s);
+}
+
+#[test]
+fn inline_size_is_the_smaller_buffer_of_both_sides() {
+    let small = Config {
+        slot_size: 256,
+        ..cfg()
+    };
+    let mut s = connected(cfg(), small);
+    // Side 0's buffers take 492 bytes, side 1's only 236.
+    let op = s.app_send(0, 0, 256 - HEADER_LEN + 1, false);
+    ok(&s, 0, op);
+    s.settle();
+    assert_eq!(s.m(0).stats().inline_msgs, 0, "too long for side 1");
+    let op = s.app_send(1, 0, 256 - HEADER_LEN, false);
+    ok(&s, 1, op);
+    s.settle();
+    assert_eq!(s.m(1).stats().inline_msgs, 1);
+    let r = s.app_recv(1, 1000, false);
+    let r0 = s.app_recv(0, 1000, false);
+    s.settle();
+    assert_eq!(ok(&s, 1, r), 256 - HEADER_LEN as u64 + 1);
+    assert_eq!(ok(&s, 0, r0), 256 - HEADER_LEN as u64);
+    no_violations(&s);
+}
+
+#[test]
+fn inline_and_ring_data_keep_stream_order_in_one_receive() {
+    let mut s = connected(cfg_copy(), cfg_copy());
+    let mut off = 0u64;
+    for len in [100, 700, 1, 3000, 50] {
+        let op = s.app_send(0, off, len, false);
+        off += len as u64;
+        s.settle();
+        ok(&s, 0, op);
+    }
+    let st = s.m(0).stats();
+    assert_eq!((st.inline_msgs, st.data_msgs), (3, 5));
+    let r = s.app_recv(1, 10_000, false);
+    s.settle();
+    assert_eq!(ok(&s, 1, r), off, "one receive takes both kinds");
+    assert_eq!(s.sides[1].received, s.expected(1, off as usize));
+    no_violations(&s);
+}
+
+#[test]
+fn an_inline_longer_than_the_receive_buffer_ends_the_connection() {
+    for (len, received) in [(512 - HEADER_LEN as u32 + 1, 513), (10, 29)] {
+        let mut s = connected(cfg(), cfg());
+        let m = Message {
+            credits: 0,
+            seq: 1,
+            ack: 0,
+            body: Body::Inline { len },
+        };
+        let mut head = [0u8; MAX_HEAD];
+        let n = m.encode(&mut head);
+        let slot = s.sides[1].posted.pop_front().unwrap();
+        // `received` bytes arrived: more than a buffer, or fewer than the
+        // header says.
+        s.m(1).recv_done(slot, Ok((&head[..n], received)));
+        s.drain(1);
+        assert!(
+            matches!(
+                s.sides[1].aborted,
+                Some(Error::Protocol(_)) | Some(Error::Malformed(_))
+            ),
+            "{len} in {received}: {:?}",
+            s.sides[1].aborted
+        );
+    }
+}
+
 #[test]
 fn a_send_reaching_the_end_of_the_ring_continues_at_its_start() {
     let mut s = connected(cfg_copy(), cfg_copy());
@@ -155,18 +268,20 @@ fn a_send_reaching_the_end_of_the_ring_continues_at_its_start() {
     let r = s.app_recv(1, ring, false);
     s.settle();
     assert_eq!(ok(&s, 1, r), (ring - 100) as u64);
-    // 100 bytes to the end, the other 200 at the start: two DATAs.
-    let b = s.app_send(0, (ring - 100) as u64, 300, false);
+    // 100 bytes to the end, the other 600 (too many for an INLINE) at the
+    // start: two DATAs.
+    let b = s.app_send(0, (ring - 100) as u64, 700, false);
     s.settle();
     ok(&s, 0, b);
     assert_eq!(s.m(0).stats().data_msgs, 3);
+    assert_eq!(s.m(0).stats().inline_msgs, 0);
     let mut got = 0;
-    while got < 300 {
+    while got < 700 {
         let r = s.app_recv(1, 1000, false);
         s.settle();
         got += ok(&s, 1, r);
     }
-    assert_eq!(s.sides[1].received, s.expected(1, ring + 200));
+    assert_eq!(s.sides[1].received, s.expected(1, ring + 600));
     no_violations(&s);
 }
 
@@ -288,7 +403,8 @@ fn try_send_copies_what_the_ring_takes() {
     let room = u64::from(MIN_RING);
     let op = s.app_send(0, 0, 10_000, true);
     assert_eq!(ok(&s, 0, op), room);
-    let op = s.app_send(0, room, 10, true);
+    // Too long for an INLINE: it needs ring space.
+    let op = s.app_send(0, room, 600, true);
     assert_eq!(s.result(0, op), Some(Err(Error::WouldBlock)));
     s.settle();
     let r = s.app_recv(1, 100_000, true);
@@ -349,7 +465,7 @@ fn control_answers_are_not_starved_by_unread_data() {
     let small = s.app_send(0, 0, MIN_RING as usize, false);
     s.settle();
     ok(&s, 0, small);
-    let stuck = s.app_send(0, MIN_RING.into(), 10, false);
+    let stuck = s.app_send(0, MIN_RING.into(), 600, false);
     s.settle();
     assert_eq!(s.result(0, stuck), None, "side 1's ring is full");
     let big = s.app_send(1, 0, 4000, false);

@@ -268,8 +268,31 @@ impl Sim {
                     });
                 }
             }
-            Action::Send { slot, head } => {
-                let bytes = head.as_bytes().to_vec();
+            Action::Send { .. } | Action::SendInline { .. } => {
+                let (slot, head, payload) = match a {
+                    Action::Send { slot, head } => (slot, head, None),
+                    Action::SendInline {
+                        slot,
+                        head,
+                        payload,
+                    } => (slot, head, Some(payload)),
+                    _ => unreachable!(),
+                };
+                let mut bytes = head.as_bytes().to_vec();
+                if let Some(p) = payload {
+                    match self.sides[i].ops.get(&p.op) {
+                        Some(op)
+                            if op.send && p.offset + u64::from(p.len) <= op.buf.len() as u64 =>
+                        {
+                            let at = p.offset as usize;
+                            bytes.extend_from_slice(&op.buf[at..at + p.len as usize]);
+                        }
+                        _ => {
+                            self.violation(i, format!("inline payload of a bad op {p:?}"));
+                            return;
+                        }
+                    }
+                }
                 self.check_credit_rule(i, &bytes);
                 let s = &mut self.sides[i];
                 if bytes.len() > s.cfg.slot_size as usize {
@@ -300,6 +323,32 @@ impl Sim {
                     return;
                 }
                 let src = self.sides[i].ring_mem[ring_offset as usize..end].to_vec();
+                match self.sides[i].ops.get_mut(&op) {
+                    Some(o) if !o.send => {
+                        o.buf[op_offset as usize..op_offset as usize + len as usize]
+                            .copy_from_slice(&src);
+                    }
+                    _ => self.violation(i, format!("copy into a dead op {op:?}")),
+                }
+            }
+            Action::CopyInline {
+                slot,
+                slot_offset,
+                op,
+                op_offset,
+                len,
+            } => {
+                let s = &self.sides[i];
+                if s.posted.contains(&slot) {
+                    self.violation(i, format!("copy-out of posted receive {slot}"));
+                    return;
+                }
+                let end = slot_offset as usize + len as usize;
+                let Some(mem) = s.recv_mem.get(usize::from(slot)).filter(|m| end <= m.len()) else {
+                    self.violation(i, format!("copy-out beyond receive {slot}: {end}"));
+                    return;
+                };
+                let src = mem[slot_offset as usize..end].to_vec();
                 match self.sides[i].ops.get_mut(&op) {
                     Some(o) if !o.send => {
                         o.buf[op_offset as usize..op_offset as usize + len as usize]

@@ -27,7 +27,9 @@ pub struct Payload {
 /// One instruction to the driver, from [`Connection::poll_action`]. The
 /// driver executes actions in the order given (the machine relies on it:
 /// a ring write is posted before the DATA that announces it, a send's
-/// payload is copied into the ring before its op completes) and reports the outcome of each posted
+/// payload is copied into the ring or its send buffer before its op
+/// completes, an INLINE's bytes are copied out before its receive buffer
+/// is re-posted) and reports the outcome of each posted
 /// operation through the matching `*_done` method (or [`exposed`] at once
 /// for an exposure).
 ///
@@ -47,6 +49,16 @@ pub enum Action {
         slot: u16,
         /// Encoded header and body.
         head: Head,
+    },
+    /// Copy `head` and then `payload` (an INLINE's bytes) into send buffer
+    /// `slot` and post one send of both; report with `send_done`.
+    SendInline {
+        /// Send buffer index, `< send_slots`.
+        slot: u16,
+        /// Encoded header.
+        head: Head,
+        /// Bytes of an application send buffer.
+        payload: Payload,
     },
     /// Copy `payload` into the local send ring at `ring_offset` and post an
     /// RDMA write of those bytes to the same offset of the peer's receive
@@ -69,6 +81,20 @@ pub enum Action {
     CopyOut {
         /// Offset in the receive ring.
         ring_offset: u32,
+        /// The receive op.
+        op: OpId,
+        /// Offset in its buffer.
+        op_offset: u64,
+        /// Bytes.
+        len: u32,
+    },
+    /// Copy `len` bytes at `slot_offset` of receive buffer `slot` (an
+    /// INLINE's payload) into the buffer of receive op `op` at `op_offset`.
+    CopyInline {
+        /// Receive buffer index (its receive completed, not re-posted yet).
+        slot: u16,
+        /// Offset in that buffer.
+        slot_offset: u32,
         /// The receive op.
         op: OpId,
         /// Offset in its buffer.

@@ -28,8 +28,10 @@ pub struct Config {
     pub recv_slots: u16,
     /// Send buffers: messages in flight at once.
     pub send_slots: u16,
-    /// Bytes of each send and receive buffer (messages carry no payload:
-    /// at least [`MAX_HEAD`]).
+    /// Bytes of each send and receive buffer: at least [`MAX_HEAD`]. A
+    /// copied send of at most the smaller of both sides' sizes less the
+    /// header travels as one INLINE message; longer ones go through the
+    /// ring.
     pub slot_size: u32,
     /// Bytes of the receive ring the peer RDMA-writes copied stream bytes
     /// into (and of the local ring they are written from): at most this
@@ -61,8 +63,8 @@ impl Default for Config {
         Config {
             recv_slots: 16,
             send_slots: 16,
-            slot_size: 128,
-            ring_size: 124 << 10,
+            slot_size: 1024,
+            ring_size: 112 << 10,
             rdma_threshold: 64 << 10,
             max_rdma_op: 1 << 30,
             rdma_flow: RdmaFlow::Read,

@@ -14,7 +14,9 @@ use super::config::{Config, RdmaFlow};
 use super::credit::{Class, Credits, RESERVE, SLACK};
 use super::error::Error;
 use super::ring::{RingRx, RingTx, MIN_RING};
-use super::wire::{Body, DecodeError, Desc, Head, Message, CAP_RDMA_READ, MAX_HEAD, VERSION};
+use super::wire::{
+    Body, DecodeError, Desc, Head, Message, CAP_RDMA_READ, HEADER_LEN, MAX_HEAD, VERSION,
+};
 use super::{OpId, Role};
 use std::collections::VecDeque;
 
@@ -43,11 +45,14 @@ pub struct Stats {
     pub msgs_sent: u64,
     /// Messages received and decoded.
     pub msgs_received: u64,
-    /// DATA messages sent.
+    /// DATA and INLINE messages sent.
     pub data_msgs: u64,
-    /// Payload bytes sent in DATA messages.
+    /// INLINE messages sent (of `data_msgs`).
+    pub inline_msgs: u64,
+    /// Payload bytes sent in DATA and INLINE messages.
     pub bytes_copied_in: u64,
-    /// Payload bytes copied from receive buffers to application buffers.
+    /// Payload bytes copied from the receive ring and receive buffers to
+    /// application buffers.
     pub bytes_copied_out: u64,
     /// READ_OFFERs sent.
     pub read_offers: u64,
@@ -193,6 +198,9 @@ struct Transfer {
 enum ItemKind {
     /// Unread stream bytes `at..end` of the receive ring.
     Data { at: u32, end: u32 },
+    /// Unread stream bytes `at..end` of the item's receive buffer (an
+    /// INLINE's payload).
+    Inline { at: u32, end: u32 },
     /// An offer; `read` bytes read so far.
     Offer { len: u32, desc: Desc, read: u32 },
     /// A write request; `written` bytes received so far.
@@ -206,6 +214,7 @@ enum ItemKind {
 struct Item {
     /// The receive buffer that holds it, `Held` until the item is consumed
     /// (none for DATA: its bytes are in the ring, its receive re-posted).
+    /// Invariant: `Some` for every kind but DATA.
     slot: Option<u16>,
     /// What it is, and how much of it was consumed.
     kind: ItemKind,
@@ -267,6 +276,10 @@ pub struct Connection {
     ring_tx: RingTx,
     /// Unread bytes of this side's ring.
     ring_rx: RingRx,
+    /// The largest INLINE payload: the smaller buffer of both sides less
+    /// the header (0 until the peer's HELLO). Longer copied sends go
+    /// through the ring.
+    inline_max: u32,
     /// The peer's HELLO said it accepts READ_OFFERs.
     peer_reads: bool,
     /// Sequence number of the next message sent.
@@ -338,6 +351,7 @@ impl Connection {
             peer_ring: [0; super::DESC_LEN],
             ring_tx: RingTx::default(),
             ring_rx: RingRx::default(),
+            inline_max: 0,
             peer_reads: false,
             send_seq: 0,
             recv_seq: 0,
@@ -789,6 +803,9 @@ impl Connection {
                 });
                 self.repost(slot, true);
             }
+            // The receive check bounds the payload: `HEADER_LEN + len`
+            // bytes arrived in a buffer of `slot_size`.
+            Body::Inline { len } => hold(self, Self::inline_item(len)),
             Body::ReadOffer { len, desc } => {
                 if !self.cfg.can_rdma_read {
                     return self.fail(Error::Protocol("READ_OFFER to a side that does not read"));
@@ -859,6 +876,10 @@ impl Connection {
                 let end = offset + len;
                 (None, ItemKind::Data { at: offset, end })
             }
+            Body::Inline { len } => {
+                self.recv_slots[usize::from(slot)] = RecvSlot::Held;
+                (Some(slot), Self::inline_item(len))
+            }
             Body::Fin => {
                 self.fin_received = true;
                 self.recv_slots[usize::from(slot)] = RecvSlot::Held;
@@ -869,6 +890,13 @@ impl Connection {
         self.recv_seq = self.recv_seq.wrapping_add(1);
         self.stats.msgs_received += 1;
         self.inbox.push_back(Item { slot, kind });
+    }
+
+    /// The unread payload of an INLINE of `len` bytes, in its receive
+    /// buffer after the header.
+    fn inline_item(len: u32) -> ItemKind {
+        let at = HEADER_LEN as u32;
+        ItemKind::Inline { at, end: at + len }
     }
 
     /// After a transport error, receives posted before it are still to
@@ -900,6 +928,7 @@ impl Connection {
             return self.fail(Error::Protocol("the peer's receive ring is too small"));
         }
         self.peer_reads = caps & CAP_RDMA_READ != 0;
+        self.inline_max = self.cfg.slot_size.min(slot_size) - HEADER_LEN as u32;
         let size = self.cfg.ring_size.min(ring_size);
         self.ring_tx.open(size);
         self.ring_rx.open(size);
@@ -1201,29 +1230,48 @@ impl Connection {
                 return;
             }
             let (op, cap, nonblocking) = (r.op, r.cap, r.nonblocking);
-            // Copied bytes, across DATA items, up to a transfer boundary.
+            // Copied bytes, across DATA and INLINE items, up to a transfer
+            // boundary.
             let mut n: u64 = 0;
             while n < cap {
-                let Some(Item {
-                    kind: ItemKind::Data { at, end },
-                    ..
-                }) = self.inbox.front_mut()
-                else {
-                    break;
+                let (from, slot, k, done) = match self.inbox.front_mut() {
+                    Some(Item {
+                        slot,
+                        kind: ItemKind::Data { at, end } | ItemKind::Inline { at, end },
+                    }) => {
+                        let k = u64::from(*end - *at).min(cap - n) as u32;
+                        let from = *at;
+                        *at += k;
+                        (from, *slot, k, *at == *end)
+                    }
+                    _ => break,
                 };
-                let k = u64::from(*end - *at).min(cap - n) as u32;
-                self.actions.push_back(Action::CopyOut {
-                    ring_offset: *at,
-                    op,
-                    op_offset: n,
-                    len: k,
+                self.actions.push_back(match slot {
+                    None => Action::CopyOut {
+                        ring_offset: from,
+                        op,
+                        op_offset: n,
+                        len: k,
+                    },
+                    Some(slot) => Action::CopyInline {
+                        slot,
+                        slot_offset: from,
+                        op,
+                        op_offset: n,
+                        len: k,
+                    },
                 });
-                *at += k;
                 n += u64::from(k);
                 self.stats.bytes_copied_out += u64::from(k);
-                self.ring_rx.consumed(k);
-                if *at == *end {
+                if slot.is_none() {
+                    self.ring_rx.consumed(k);
+                }
+                if done {
                     self.inbox.pop_front();
+                    if let Some(slot) = slot {
+                        // After its copy-outs: the fabric may fill it again.
+                        self.repost(slot, true);
+                    }
                 }
             }
             if n > 0 {
@@ -1373,7 +1421,9 @@ impl Connection {
             let (op, at, rest, by_copy, prep) =
                 (s.op, s.queued, s.len - s.queued, s.by_copy, s.prep);
             let transfer = rest.min(u64::from(u32::MAX)) as u32;
-            let body = if by_copy {
+            let body = if by_copy && rest <= u64::from(self.inline_max) {
+                Body::Inline { len: rest as u32 }
+            } else if by_copy {
                 let Some((offset, len)) = self.ring_tx.next(rest) else {
                     // The peer's ring is full: its ack resumes the send.
                     self.stop_nonblocking(i);
@@ -1412,13 +1462,17 @@ impl Connection {
                 return true;
             }
             match body {
-                Body::Data { len, .. } => {
+                Body::Data { len, .. } | Body::Inline { len } => {
                     let payload = Payload {
                         op,
                         offset: at,
                         len,
                     };
-                    self.ring_tx.wrote(len);
+                    if let Body::Data { .. } = body {
+                        self.ring_tx.wrote(len);
+                    } else {
+                        self.stats.inline_msgs += 1;
+                    }
                     self.emit(body, Some(payload));
                     self.stats.data_msgs += 1;
                     self.stats.bytes_copied_in += u64::from(len);
@@ -1604,8 +1658,9 @@ impl Connection {
     }
 
     /// Queues one message in a free send buffer (the caller checked there
-    /// is one, and the credits; for DATA, the ring space), after the ring
-    /// write of a DATA's `payload`; returns the buffer.
+    /// is one, and the credits; for DATA, the ring space): after the ring
+    /// write of a DATA's `payload`, or with an INLINE's `payload` behind
+    /// its header; returns the buffer.
     fn emit(&mut self, body: Body, payload: Option<Payload>) -> u16 {
         let slot = self
             .free_send
@@ -1644,9 +1699,14 @@ impl Connection {
         self.send_seq = self.send_seq.wrapping_add(1);
         self.send_busy[usize::from(slot)] = true;
         self.stats.msgs_sent += 1;
-        self.actions.push_back(Action::Send {
-            slot,
-            head: Head::of(&m),
+        let head = Head::of(&m);
+        self.actions.push_back(match (payload, body) {
+            (Some(payload), Body::Inline { .. }) => Action::SendInline {
+                slot,
+                head,
+                payload,
+            },
+            _ => Action::Send { slot, head },
         });
         slot
     }

@@ -1,6 +1,7 @@
 //! The session protocol's wire format: every message is one fixed
 //! [`HEADER_LEN`]-byte little-endian header, then a body whose size the
-//! message kind fixes. Messages carry no payload: copied stream bytes go
+//! message kind fixes, then (INLINE only) the payload. Small copied sends
+//! travel as INLINE, their bytes right after the header; larger ones go
 //! into the peer's receive ring by RDMA write before the DATA message that
 //! announces them.
 //!
@@ -24,6 +25,7 @@
 //! | HELLO | `recv_slots` u32, `slot_size` u32, `caps` u32, `ring_size` u32, the receive ring's [`DESC_LEN`]-byte RDMA descriptor |
 //! | READ_OFFER, WRITE_TARGET | the provider's [`DESC_LEN`]-byte RDMA descriptor |
 //! | DATA | `offset` u32: where in the receiver's ring the `length` bytes start |
+//! | INLINE | `length` payload bytes |
 //! | others | none |
 //!
 //! [`Message::decode`] checks every field and every length against the
@@ -35,7 +37,8 @@ use std::fmt;
 pub const MAGIC: u16 = u16::from_le_bytes(*b"SW");
 
 /// The protocol version this module speaks (header byte 2). Version 1 had
-/// 16-byte headers, DATA payload inside the message and no receive ring.
+/// 16-byte headers, all copied payload inside DATA messages and no receive
+/// ring.
 pub const VERSION: u8 = 2;
 
 /// Bytes of the fixed header every message starts with.
@@ -50,7 +53,8 @@ pub type Desc = [u8; DESC_LEN];
 
 /// The longest encoded message without payload (header and the largest
 /// body): the buffer [`Message::encode`] writes to, and enough bytes of a
-/// received message to decode it.
+/// received message to decode it (an INLINE's payload follows its
+/// [`HEADER_LEN`]-byte header).
 pub const MAX_HEAD: usize = HEADER_LEN + HELLO_BODY;
 
 /// HELLO capability bit: the sender accepts READ_OFFERs (it RDMA-reads
@@ -71,6 +75,7 @@ const K_WRITE_DONE: u8 = 8;
 const K_FIN: u8 = 9;
 const K_NEED: u8 = 10;
 const K_CREDIT_ACK: u8 = 11;
+const K_INLINE: u8 = 12;
 
 /// What a message says (its kind and the kind's fields).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,6 +102,12 @@ pub enum Body {
         /// Offset in the receiver's ring.
         offset: u32,
         /// Bytes (at least 1).
+        len: u32,
+    },
+    /// The next `len` stream bytes follow the header (a small copied send:
+    /// one message, no ring write).
+    Inline {
+        /// Payload bytes (at least 1).
         len: u32,
     },
     /// Returns credits and ring space only (those in the header).
@@ -148,6 +159,7 @@ impl Body {
         match self {
             Body::Hello { .. } => K_HELLO,
             Body::Data { .. } => K_DATA,
+            Body::Inline { .. } => K_INLINE,
             Body::Credit => K_CREDIT,
             Body::ReadOffer { .. } => K_READ_OFFER,
             Body::ReadDone { .. } => K_READ_DONE,
@@ -164,6 +176,7 @@ impl Body {
     fn len_field(&self) -> u32 {
         match *self {
             Body::Data { len, .. }
+            | Body::Inline { len }
             | Body::ReadOffer { len, .. }
             | Body::ReadDone { len }
             | Body::WriteRequest { len }
@@ -180,9 +193,8 @@ fn body_len(kind: u8) -> Option<usize> {
         K_HELLO => Some(HELLO_BODY),
         K_READ_OFFER | K_WRITE_TARGET => Some(DESC_LEN),
         K_DATA => Some(DATA_BODY),
-        K_CREDIT | K_READ_DONE | K_WRITE_REQUEST | K_WRITE_DONE | K_FIN | K_NEED | K_CREDIT_ACK => {
-            Some(0)
-        }
+        K_INLINE | K_CREDIT | K_READ_DONE | K_WRITE_REQUEST | K_WRITE_DONE | K_FIN | K_NEED
+        | K_CREDIT_ACK => Some(0),
         _ => None,
     }
 }
@@ -289,6 +301,7 @@ impl fmt::Debug for Head {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match Message::decode(self.as_bytes(), self.as_bytes().len()) {
             Ok(m) => write!(f, "Head({m:?})"),
+            // An INLINE head decodes only with its payload length.
             Err(_) => write!(f, "Head({:02x?})", self.as_bytes()),
         }
     }
@@ -303,7 +316,7 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
 }
 
 impl Message {
-    /// Writes header and body (not a DATA payload) to `out`; returns the
+    /// Writes header and body (not an INLINE payload) to `out`; returns the
     /// bytes written (`HEADER_LEN` plus the kind's body).
     pub fn encode(&self, out: &mut [u8; MAX_HEAD]) -> usize {
         let kind = self.body.kind();
@@ -344,8 +357,9 @@ impl Message {
     }
 
     /// Decodes a received message of `len` bytes in all, of which `bytes`
-    /// holds the first ones (at least header and body). Bytes of `bytes`
-    /// beyond `len` are ignored.
+    /// holds the first ones (at least header and body; an INLINE payload
+    /// may be absent or partial). Bytes of `bytes` beyond `len` are
+    /// ignored.
     pub fn decode(bytes: &[u8], len: usize) -> Result<Message, DecodeError> {
         let b = &bytes[..bytes.len().min(len)];
         if b.len() < HEADER_LEN {
@@ -380,7 +394,7 @@ impl Message {
                 need,
             });
         }
-        let expected = need as u64;
+        let expected = need as u64 + if kind == K_INLINE { u64::from(n) } else { 0 };
         if expected != len as u64 {
             return Err(DecodeError::LengthMismatch {
                 kind,
@@ -390,7 +404,13 @@ impl Message {
         }
         let with_len = matches!(
             kind,
-            K_DATA | K_READ_OFFER | K_READ_DONE | K_WRITE_REQUEST | K_WRITE_TARGET | K_WRITE_DONE
+            K_DATA
+                | K_INLINE
+                | K_READ_OFFER
+                | K_READ_DONE
+                | K_WRITE_REQUEST
+                | K_WRITE_TARGET
+                | K_WRITE_DONE
         );
         if with_len && n == 0 {
             return Err(DecodeError::ZeroLength(kind));
@@ -421,6 +441,7 @@ impl Message {
                 offset: u32_at(body, 0),
                 len: n,
             },
+            K_INLINE => Body::Inline { len: n },
             K_CREDIT => Body::Credit,
             K_READ_OFFER => Body::ReadOffer {
                 len: n,
@@ -449,6 +470,34 @@ impl Message {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn inline_is_a_header_and_needs_its_payload_length() {
+        let m = Message {
+            credits: 1,
+            seq: 4,
+            ack: 9,
+            body: Body::Inline { len: 8 },
+        };
+        let mut out = [0u8; MAX_HEAD];
+        assert_eq!(m.encode(&mut out), HEADER_LEN);
+        assert_eq!(Message::decode(&out[..HEADER_LEN], HEADER_LEN + 8), Ok(m));
+        for wrong in [HEADER_LEN, HEADER_LEN + 7, HEADER_LEN + 9] {
+            assert!(matches!(
+                Message::decode(&out[..HEADER_LEN], wrong),
+                Err(DecodeError::LengthMismatch { .. })
+            ));
+        }
+        let empty = Message {
+            body: Body::Inline { len: 0 },
+            ..m
+        };
+        assert_eq!(empty.encode(&mut out), HEADER_LEN);
+        assert_eq!(
+            Message::decode(&out[..HEADER_LEN], HEADER_LEN),
+            Err(DecodeError::ZeroLength(K_INLINE))
+        );
+    }
 
     #[test]
     fn data_is_a_header_and_a_ring_offset_without_payload() {

@@ -14,16 +14,19 @@
 //!    on the same input) as the completion of its oldest posted receive,
 //!    with a minimal driver completing every send, ring write, exposure and
 //!    RDMA it asks for. The machine never panics, never asks for a send,
-//!    receive or RDMA slot it does not have, never copies outside its ring
-//!    or writes outside the peer's, never completes an op it was not given,
-//!    never loops, and once it reports an error it has asked for the abort.
+//!    receive or RDMA slot it does not have, never copies outside its ring,
+//!    outside a receive buffer or from one that is posted, never writes
+//!    outside the peer's ring or sends more than a buffer holds, never
+//!    completes an op it was not given, never loops, and once it reports an
+//!    error it has asked for the abort.
 //!
 //! A record's head is a session message (protocol version 2: 20-byte
 //! header with the ring ack; HELLO announces the ring; DATA names a ring
-//! offset and carries no payload).
+//! offset and carries no payload; INLINE's payload follows the header, and
+//! only its length matters here).
 
 use crate::switch::proto::{
-    Action, Config, Connection, Message, OpId, Role, DESC_LEN, MAX_HEAD, MIN_RING,
+    Action, Config, Connection, Message, OpId, Role, DESC_LEN, HEADER_LEN, MAX_HEAD, MIN_RING,
 };
 use std::collections::VecDeque;
 
@@ -90,10 +93,12 @@ fn config() -> Config {
 fn drive(role: Role, records: &[(usize, &[u8])]) -> Connection {
     let cfg = config();
     let mut m = Connection::new(cfg.clone(), role, [0xa5; DESC_LEN]).expect("a valid config");
-    // The application wants to read and to write, so that data, offers and
-    // write requests from the peer have somewhere to go.
+    // The application wants to read and to write (through the ring, then
+    // inline), so that data, offers and write requests from the peer have
+    // somewhere to go.
     m.app_recv(OpId(1), 1 << 20, false);
     m.app_send(OpId(2), 1000, false);
+    m.app_send(OpId(3), 100, false);
     let mut d = Driver::default();
     d.run(&mut m, &cfg);
     for (n, head) in records {
@@ -136,6 +141,18 @@ impl Driver {
                     assert!(slot < cfg.send_slots, "send slot {slot} out of range");
                     m.send_done(slot, Ok(()));
                 }
+                Action::SendInline { slot, payload, .. } => {
+                    assert!(slot < cfg.send_slots, "send slot {slot} out of range");
+                    assert!(
+                        payload.op == OpId(2) || payload.op == OpId(3),
+                        "inline send of unknown {payload:?}"
+                    );
+                    assert!(
+                        HEADER_LEN + payload.len as usize <= cfg.slot_size as usize,
+                        "INLINE larger than a buffer"
+                    );
+                    m.send_done(slot, Ok(()));
+                }
                 Action::RingWrite {
                     slot,
                     payload,
@@ -143,7 +160,10 @@ impl Driver {
                     ..
                 } => {
                     assert!(slot < cfg.send_slots, "send slot {slot} out of range");
-                    assert_eq!(payload.op, OpId(2), "ring write of unknown {payload:?}");
+                    assert!(
+                        payload.op == OpId(2) || payload.op == OpId(3),
+                        "ring write of unknown {payload:?}"
+                    );
                     let end = u64::from(ring_offset) + u64::from(payload.len);
                     assert!(
                         end <= u64::from(MIN_RING),
@@ -157,16 +177,24 @@ impl Driver {
                     let end = u64::from(ring_offset) + u64::from(len);
                     assert!(end <= u64::from(cfg.ring_size), "copy beyond the ring");
                 }
+                Action::CopyInline {
+                    slot,
+                    slot_offset,
+                    len,
+                    ..
+                } => {
+                    assert!(slot < cfg.recv_slots, "receive slot {slot} out of range");
+                    assert!(!self.posted.contains(&slot), "copy from a posted receive");
+                    let end = u64::from(slot_offset) + u64::from(len);
+                    assert!(end <= u64::from(cfg.slot_size), "copy beyond the buffer");
+                }
                 Action::Expose { xfer, .. } => m.exposed(xfer, Ok([0x5a; DESC_LEN])),
                 Action::RdmaRead { rdma, .. } | Action::RdmaWrite { rdma, .. } => {
                     assert!(rdma < cfg.rdma_slots, "rdma slot {rdma} out of range");
                     m.rdma_done(rdma, Ok(()));
                 }
                 Action::SendComplete { op, .. } | Action::RecvComplete { op, .. } => {
-                    assert!(
-                        op == OpId(1) || op == OpId(2),
-                        "completion of unknown {op:?}"
-                    );
+                    assert!((1..=3).contains(&op.0), "completion of unknown {op:?}");
                 }
                 Action::Abort { .. } => {
                     // The driver closes the socket; the receives it had
