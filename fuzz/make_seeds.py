@@ -203,9 +203,12 @@ DESC = {
 # Records: u16 received byte count, then the head (up to 68 bytes); see
 # session_msg.rs. Messages follow `Message::encode` in switch/proto/wire.rs
 # (protocol version 2: 20-byte header ending in the ring ack; HELLO
-# announces the receive ring; DATA names a ring offset, no payload).
+# announces the receive ring; DATA names a ring offset, no payload; INLINE's
+# payload follows the header).
 K_HELLO, K_DATA, K_CREDIT, K_READ_OFFER, K_READ_DONE = 1, 2, 3, 4, 5
 K_WRITE_REQUEST, K_WRITE_TARGET, K_WRITE_DONE, K_FIN, K_NEED, K_CREDIT_ACK = 6, 7, 8, 9, 10, 11
+K_INLINE = 12
+HEADER_LEN = 20
 MAX_HEAD = 68
 MIN_RING = 4096
 
@@ -227,6 +230,11 @@ def hello(seq=0, slots=4, size=256, caps=1, ring=MIN_RING, version=2):
 
 def data(seq, offset, length, ack=0):
     return rec(msg(K_DATA, seq, length=length, body=u32(offset), ack=ack))
+
+
+def inline(seq, length, n=None):
+    m = msg(K_INLINE, seq, length=length) + bytes(i & 0xFF for i in range(length))
+    return rec(m, n)
 
 
 DESC32 = desc(7, 4096, 4096, 3)
@@ -256,6 +264,14 @@ SESSION = {
     "small_ring": hello(ring=MIN_RING - 1) + data(1, 0, 1),
     "ring_wraps": hello() + data(1, 0, 4000) + data(2, 4000, 96) + rec(msg(K_CREDIT, 3, credits=1))
     + data(4, 0, 50),
+    # INLINE: mixed with ring DATA in order, the largest a 256-byte buffer
+    # takes, one byte more, a length the byte count disagrees with, after
+    # FIN.
+    "inline_mixed": hello() + inline(1, 10) + data(2, 0, 300) + inline(3, 256 - HEADER_LEN)
+    + rec(msg(K_FIN, 4)),
+    "inline_too_long": hello() + inline(1, 256 - HEADER_LEN + 1),
+    "inline_length_mismatch": hello() + inline(1, 10, n=HEADER_LEN + 9),
+    "inline_after_fin": hello() + rec(msg(K_FIN, 1)) + inline(2, 5),
 }
 
 # --- shm_cell -----------------------------------------------------------

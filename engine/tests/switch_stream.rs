@@ -9,6 +9,7 @@
 
 use sanpath::config::{MlockPolicy, PollerMode};
 use sanpath::fabric::soft::{SoftNetwork, SoftNicConfig};
+use sanpath::switch::proto::HEADER_LEN;
 use sanpath::switch::{
     CancelToken, Listener, RdmaFlow, Runtime, RuntimeConfig, Stream, SwitchOptions,
 };
@@ -161,6 +162,9 @@ fn payloads_from_one_byte_to_big_with_checksums() {
         1,
         2,
         100,
+        // The largest INLINE (a 1 KiB buffer less the header), one more.
+        1024 - HEADER_LEN,
+        1024 - HEADER_LEN + 1,
         8192 - 16,
         8192 - 15,
         8192,
@@ -176,7 +180,10 @@ fn payloads_from_one_byte_to_big_with_checksums() {
         echo_round(&client, &server, len, i as u64 + 1, chunk);
     }
     let st = client.stats();
-    assert!(st.data_msgs > 0 && st.read_offers > 0, "{st:?}");
+    assert!(
+        st.inline_msgs > 0 && st.data_msgs > st.inline_msgs && st.read_offers > 0,
+        "{st:?}"
+    );
     assert!(client.uses_read_flow());
 }
 
@@ -396,18 +403,16 @@ fn data_sent_before_a_graceful_close_is_not_lost() {
     );
 }
 
-/// A connection's buffers by default: 2 rings of 124 KiB and 16 + 16
-/// control slots of 128 B (a page for each pool), 256 KiB in all (README);
-/// configurable.
+/// A connection's buffers by default: 2 rings of 112 KiB and 16 + 16
+/// message buffers of 1 KiB, 256 KiB in all (README); configurable.
 #[test]
 fn default_buffers_fit_in_256_kib_and_follow_the_options() {
     let (c, s) = two(opts(), opts());
     let (client, server) = pair(&c, &s, 7012);
-    let page = 4096;
-    let want = 2 * (124 << 10) + 2 * page;
+    let want = 2 * (112 << 10) + 2 * 16 * 1024;
     assert_eq!(client.buffer_bytes(), want);
     assert_eq!(server.buffer_bytes(), want);
-    assert!(want <= 256 << 10);
+    assert_eq!(want, 256 << 10);
     let small = SwitchOptions {
         ring_size: 8 << 10,
         recv_slots: 8,
@@ -416,7 +421,7 @@ fn default_buffers_fit_in_256_kib_and_follow_the_options() {
     };
     let (c, s) = two(small.clone(), opts());
     let (client, server) = pair(&c, &s, 7013);
-    assert_eq!(client.buffer_bytes(), 2 * (8 << 10) + 2 * page);
+    assert_eq!(client.buffer_bytes(), 2 * (8 << 10) + (8 + 4) * 1024);
     // The session runs on the smaller ring: data still flows both ways.
     echo_round(&client, &server, 100_000, 9, 4096);
 }
@@ -892,6 +897,24 @@ mod rogue {
         let (e, got) = read_until_error(&l, net, 7024, msgs);
         assert_eq!(e.kind(), ErrorKind::InvalidData, "{e}");
         assert!(e.to_string().contains("ring offset"), "{e}");
+        assert!(got <= 3, "read {got} bytes");
+    }
+
+    /// An INLINE whose header claims more payload than arrived ends the
+    /// connection; the INLINE before it is delivered first.
+    #[test]
+    fn an_inline_shorter_than_its_length_is_refused() {
+        let net = SoftNetwork::new();
+        let s = runtime_on(&net, Ipv4Addr::new(198, 18, 9, 2), opts());
+        let l = Listener::bind(&s, server_addr(7026)).unwrap();
+        let mut good = encode(1, Body::Inline { len: 3 });
+        good.extend_from_slice(b"abc");
+        let mut short = encode(2, Body::Inline { len: 100 });
+        short.extend_from_slice(&[7; 50]);
+        let msgs = vec![rogue_hello(), good, short];
+        let (e, got) = read_until_error(&l, net, 7026, msgs);
+        assert_eq!(e.kind(), ErrorKind::InvalidData, "{e}");
+        assert!(e.to_string().contains("malformed"), "{e}");
         assert!(got <= 3, "read {got} bytes");
     }
 

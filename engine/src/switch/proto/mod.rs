@@ -9,13 +9,14 @@
 //!
 //! * **Buffers.** Each side posts `recv_slots` receive buffers and owns
 //!   `send_slots` send buffers of `slot_size` bytes ([`Config`]) for
-//!   messages, which carry no payload (at most [`MAX_HEAD`] bytes), and a
-//!   receive ring of `ring_size` bytes that the peer RDMA-writes copied
-//!   stream bytes into (with a local ring of the same size they are written
-//!   from). Every message is one send into one posted receive. A receive is
-//!   re-posted once what it holds was consumed: control messages and DATA
-//!   at once (DATA's bytes stay in the ring), an offer or write request
-//!   when it was transferred, FIN never.
+//!   messages (at most [`MAX_HEAD`] bytes, or an INLINE's header and
+//!   payload), and a receive ring of `ring_size` bytes that the peer
+//!   RDMA-writes longer copied sends into (with a local ring of the same
+//!   size they are written from). Every message is one send into one
+//!   posted receive. A receive is re-posted once what it holds was
+//!   consumed: control messages and DATA at once (DATA's bytes stay in the
+//!   ring), INLINE once its payload was copied out, an offer or write
+//!   request when it was transferred, FIN never.
 //! * **The ring** (`ring.rs`): a DATA says where in the receiver's ring the
 //!   sender wrote its bytes (the next free byte, never across the ring's
 //!   end); every header's `ack` returns the ring bytes the sender consumed
@@ -40,10 +41,13 @@
 //!   count, in [`SLACK`] receives). With `credit_batch > 0` a CREDIT also
 //!   goes unasked once that many are owed.
 //! * **Small sends** (at most `rdma_threshold` bytes, and every
-//!   non-blocking send) are copied through the ring: the driver copies the
-//!   bytes into its local ring and RDMA-writes them to the peer's, then
-//!   sends the DATA; the send completes when its last DATA is handed to
-//!   the driver.
+//!   non-blocking send) are copied. What is left of one, if it fits the
+//!   smaller `slot_size` of both sides with the header, goes as one INLINE
+//!   (the payload right after the header: one send, no ring write); a
+//!   longer one through the ring: the driver copies the bytes into its
+//!   local ring and RDMA-writes them to the peer's, then sends the DATA.
+//!   The send completes when its last DATA or INLINE is handed to the
+//!   driver.
 //! * **Large sends**, read flow: the sender exposes its buffer and sends
 //!   READ_OFFER; the receiver RDMA-reads into its application buffers (one
 //!   read per receive, at most `max_rdma_op`), then answers READ_DONE; the

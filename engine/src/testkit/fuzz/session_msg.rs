@@ -247,13 +247,37 @@ mod tests {
             ack: 0,
             body: Body::Data { offset: 0, len: 5 },
         };
-        let input = [record(hello), record(data)].concat();
+        // An INLINE's head, without its 7 payload bytes.
+        let inline = Message {
+            credits: 0,
+            seq: 2,
+            ack: 0,
+            body: Body::Inline { len: 7 },
+        };
+        let mut inline = record(inline);
+        inline[..2].copy_from_slice(&(HEADER_LEN as u16 + 7).to_le_bytes());
+        let input = [record(hello), record(data), inline].concat();
         let records = split(&input);
-        assert_eq!(records.len(), 2);
-        let m = drive(Role::Acceptor, &records);
+        assert_eq!(records.len(), 3);
+        let mut m = drive(Role::Acceptor, &records);
         assert_eq!(m.error(), None);
-        assert_eq!(m.stats().msgs_received, 2);
-        assert_eq!(m.stats().bytes_copied_out, 5);
+        assert_eq!(m.stats().msgs_received, 3);
+        // The first read took the DATA; the next takes the INLINE from its
+        // receive buffer, after the header.
+        m.app_recv(OpId(9), 100, false);
+        let actions: Vec<Action> = std::iter::from_fn(|| m.poll_action()).collect();
+        assert!(
+            actions.iter().any(|a| matches!(
+                a,
+                Action::CopyInline {
+                    slot_offset,
+                    len: 7,
+                    ..
+                } if *slot_offset as usize == HEADER_LEN
+            )),
+            "{actions:?}"
+        );
+        assert_eq!(m.stats().bytes_copied_out, 5 + 7);
         let bad = Message { seq: 7, ..data };
         let input = [record(hello), record(bad)].concat();
         let m = drive(Role::Acceptor, &split(&input));
