@@ -837,6 +837,8 @@ mod rogue {
         let (server, _) = l.accept().expect("accept");
         go.send(()).unwrap();
         let _p = rogue.join().unwrap();
+        // A switch that misses the error fails with TimedOut, not a hang.
+        server.set_read_timeout(Some(T));
         let mut got = 0;
         let e = loop {
             match server.recv(&mut [0u8; 16]) {
