@@ -76,7 +76,9 @@ fn runtime(net: &Arc<SoftNetwork>, ip: Ipv4Addr, mode: PollerMode) -> io::Result
     c.engine.mem.mlock = MlockPolicy::Off;
     c.engine.fabric.soft.addresses = vec![ip];
     c.engine.qp.recv_depth = 8;
-    c.engine.qp.send_depth = 12;
+    // Each send slot may have a send and its DATA's ring write posted,
+    // plus 4 RDMA ops.
+    c.engine.qp.send_depth = 20;
     c.engine.qp.cq_depth = 1 << 16;
     // Every connection keeps its receives posted: 8 op slots each.
     c.engine.ops.slab_size = 1 << 15;
@@ -87,6 +89,9 @@ fn runtime(net: &Arc<SoftNetwork>, ip: Ipv4Addr, mode: PollerMode) -> io::Result
         recv_slots: 8,
         send_slots: 8,
         slot_size: 4096,
+        // Echoes of at most 5000 bytes: small rings keep a thousand
+        // connections' buffers small.
+        ring_size: 8 << 10,
         backlog: 1024,
         connect_timeout: TIMEOUT,
         handshake_timeout: TIMEOUT,
