@@ -234,6 +234,19 @@ pub enum ConnectError {
 pub struct CqId(pub u32);
 
 /// Something a completion queue or connection event wakes.
+/// Whether a listener on `addr` clashes with one of `listening` (the rule
+/// of the in-host fabrics): the same address, a wildcard on its port, or,
+/// for a wildcard, any address on its port.
+pub(crate) fn listen_clash<V>(
+    listening: &std::collections::HashMap<std::net::SocketAddrV4, V>,
+    addr: std::net::SocketAddrV4,
+) -> bool {
+    let wildcard = std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, addr.port());
+    listening.contains_key(&addr)
+        || listening.contains_key(&wildcard)
+        || (addr.ip().is_unspecified() && listening.keys().any(|k| k.port() == addr.port()))
+}
+
 pub trait Waker: Send + Sync {
     fn wake(&self);
 }

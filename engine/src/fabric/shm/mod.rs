@@ -436,11 +436,7 @@ impl Nic for ShmNic {
             return Err(FabricError::AddressNotAvailable);
         }
         let mut ls = lock(&self.inner.listeners);
-        let wildcard = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, addr.port());
-        let clash = ls.contains_key(&addr)
-            || ls.contains_key(&wildcard)
-            || (ip.is_unspecified() && ls.keys().any(|k| k.port() == addr.port()));
-        if clash {
+        if crate::fabric::listen_clash(&ls, addr) {
             return Err(FabricError::AddressInUse);
         }
         let l = Arc::new(cm::ListenerShared {
