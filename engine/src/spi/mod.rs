@@ -455,15 +455,33 @@ impl Provider {
             let Some(sock) = weak.upgrade() else { return };
             connect_done(&sock, result);
         });
-        match self.inner.nic.connect(local, addr, params, done) {
-            Ok(attempt) => {
-                c.local = Some(local);
-                c.peer = Some(addr);
-                c.phase = Phase::Connecting;
-                c.attempt = Some(attempt);
+        // Not under the ctl lock: a NIC may answer inside `connect` (the soft
+        // NIC's in-process services do), and `done` takes that lock.
+        let before = (c.phase, c.local);
+        c.local = Some(local);
+        c.peer = Some(addr);
+        c.phase = Phase::Connecting;
+        drop(c);
+        let started = self.inner.nic.connect(local, addr, params, done);
+        let mut c = sock.ctl();
+        match started {
+            // Close ran meanwhile and found no attempt to cancel.
+            Ok(attempt) if sock.gate.is_closing() => {
+                attempt.cancel();
                 Ok(())
             }
-            Err(e) => Err(connect_error(e)),
+            Ok(attempt) => {
+                // Unless `done` has already run.
+                if c.phase == Phase::Connecting && c.attempt.is_none() {
+                    c.attempt = Some(attempt);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                (c.phase, c.local) = before;
+                c.peer = None;
+                Err(connect_error(e))
+            }
         }
     }
 
