@@ -837,8 +837,8 @@ struct Driver {
     pending: Vec<usize>,
     /// A connect toward the TCP-only host started a timer thread.
     timers: bool,
-    /// An op that wants an upcall started, so (run-to-completion mode) the
-    /// provider's upcall helper thread runs: it reports completions on its
+    /// An op that wants an upcall was asked for, so (run-to-completion
+    /// mode) the provider's upcall helper thread may run: it reports completions on its
     /// own schedule, also while a close begins.
     upcall_helper: bool,
     /// Calls run so far, for the failure report.
@@ -1019,8 +1019,10 @@ impl Driver {
         });
         if started {
             self.pending.push(self.ops.len() - 1);
-            self.upcall_helper |= self.keep.ovs[ov].wants_upcall();
         }
+        // The provider starts its helper before it validates the buffers,
+        // so an op that failed may have started it too.
+        self.upcall_helper |= self.keep.ovs[ov].wants_upcall();
     }
 
     /// Checks every op that completed since the last look.
