@@ -9,6 +9,7 @@
 //! completion queue — success, an error, or `Flushed` once the queue pair is
 //! in the error state. Nothing here knows about sockets or Winsock.
 
+mod lkey_cache;
 #[cfg(not(loom))]
 pub mod shm;
 pub mod soft;

@@ -30,6 +30,7 @@
 use super::seg::{Segment, STATE_CLOSED, STATE_INTACT, STATE_OWNER_FAILED, STATE_PEER_FAILED};
 use super::sys::{self, Cma};
 use super::NicInner;
+use crate::fabric::lkey_cache::LkeyCache;
 use crate::fabric::soft::cell::{CellConsumer, CellOp, CellProducer, INLINE_MAX};
 use crate::fabric::*;
 use std::collections::VecDeque;
@@ -96,6 +97,8 @@ struct State {
     /// Whether `QpEvents` was told.
     told: bool,
     gather: Vec<Sge>,
+    /// The regions this end's posts named lately.
+    lkeys: LkeyCache,
 }
 
 pub(super) struct Conn {
@@ -194,6 +197,7 @@ impl Conn {
                 broken: None,
                 told: false,
                 gather: Vec::with_capacity(sys::MAX_IOV),
+                lkeys: LkeyCache::default(),
             }),
             window: Mutex::new(Vec::new()),
         })
@@ -243,8 +247,8 @@ impl Conn {
                 .is_some_and(|e| e.kind.map_or(true, |i| i < consumed))
     }
 
-    fn check_local(&self, sges: &[Sge], need: Access) -> bool {
-        self.nic.pd.check(sges, need)
+    fn check_local(&self, st: &mut State, sges: &[Sge], need: Access) -> bool {
+        self.nic.pd.check(&mut st.lkeys, sges, need)
     }
 
     pub(super) fn post_send(&self, wr: &SendWr<'_>) -> Result<(), PostError> {
@@ -281,7 +285,7 @@ impl Conn {
             SendOp::RdmaRead { .. } => Access::LOCAL_WRITE,
             _ => Access::NONE,
         };
-        if !self.check_local(wr.sges, need) {
+        if !self.check_local(&mut st, wr.sges, need) {
             done(&mut st, WcStatus::LocalProtectionError);
             drop(st);
             self.break_conn(STATE_CLOSED, true);
@@ -326,7 +330,7 @@ impl Conn {
         slot.sges.clear();
         slot.sges.extend_from_slice(wr.sges);
         slot.done = None;
-        let bad = !self.check_local(wr.sges, Access::LOCAL_WRITE);
+        let bad = !self.check_local(&mut st, wr.sges, Access::LOCAL_WRITE);
         if let Some(b) = st.broken {
             slot.done = Some((b.status, 0));
         } else if bad {

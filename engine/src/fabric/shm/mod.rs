@@ -53,6 +53,7 @@ mod cq;
 mod seg;
 mod sys;
 
+use crate::fabric::lkey_cache::{CachedRegion, LkeyCache};
 use crate::fabric::*;
 use conn::Conn;
 use cq::{CqInner, ShmCq};
@@ -127,6 +128,10 @@ struct Pd {
     /// Last key handed out (lkeys and rkeys alike; 0 is never one).
     last_key: AtomicU32,
     registrations: AtomicU64,
+    /// Deregistrations since creation: a change invalidates every end's
+    /// [`LkeyCache`](crate::fabric::lkey_cache::LkeyCache). Bumped under the
+    /// `regions` write lock.
+    epoch: AtomicU64,
 }
 
 impl Pd {
@@ -142,16 +147,19 @@ impl Pd {
         }
     }
 
-    /// Whether every non-empty entry lies in a region allowing `need`.
-    fn check(&self, sges: &[Sge], need: Access) -> bool {
-        let regions = self.regions.read().unwrap_or_else(PoisonError::into_inner);
-        sges.iter().filter(|s| s.len > 0).all(|s| {
-            regions.get(&s.lkey).is_some_and(|r| {
-                r.access.contains(need)
-                    && s.addr >= r.addr
-                    && s.addr
-                        .checked_add(s.len as usize)
-                        .is_some_and(|e| e <= r.addr + r.len)
+    /// Whether every non-empty entry lies in a region allowing `need`,
+    /// looked up in `cache` first (the caller holds the post lock the cache
+    /// belongs to). The region need not stay registered after: a request
+    /// is only executed (by the peer, later) while the engine keeps what it
+    /// names registered (`Nic::deregister` contract).
+    fn check(&self, cache: &mut LkeyCache, sges: &[Sge], need: Access) -> bool {
+        cache.check(self.epoch.load(Ordering::Acquire), sges, need, |lkey| {
+            let regions = self.regions.read().unwrap_or_else(PoisonError::into_inner);
+            regions.get(&lkey).map(|r| CachedRegion {
+                lkey,
+                addr: r.addr,
+                len: r.len,
+                access: r.access,
             })
         })
     }
@@ -261,6 +269,7 @@ impl ShmNic {
                 rkeys: Mutex::new(HashMap::new()),
                 last_key: AtomicU32::new(0),
                 registrations: AtomicU64::new(0),
+                epoch: AtomicU64::new(0),
             },
             listeners: Mutex::new(HashMap::new()),
             conns: Mutex::new(HashMap::new()),
@@ -365,6 +374,7 @@ impl Nic for ShmNic {
         let pd = &self.inner.pd;
         let mut regions = pd.regions.write().unwrap_or_else(PoisonError::into_inner);
         if regions.remove(&lkey).is_some() {
+            pd.epoch.fetch_add(1, Ordering::AcqRel);
             let mut rkeys = lock(&pd.rkeys);
             rkeys.retain(|rkey, k| {
                 let mine = k.lkey == lkey;

@@ -51,9 +51,10 @@ use super::cell::{CellConsumer, CellProducer, CellRing};
 use super::cq::{CqShared, SoftCq};
 #[cfg(feature = "fault-injection")]
 use super::fault::EndFaults;
-use super::mr::{copy_lists, total_len, LkeyCache, Window};
+use super::mr::{copy_lists, total_len, Window};
 use super::wq::{RecvView, RqPoster, RqReaper, RqShared, SqKind, SqPoster, SqReaper};
 use super::{lock, NicShared};
+use crate::fabric::lkey_cache::LkeyCache;
 use crate::fabric::*;
 use crate::spin::SpinLock;
 use crossbeam_utils::CachePadded;

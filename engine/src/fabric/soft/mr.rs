@@ -8,6 +8,7 @@
 
 use super::link::Link;
 use super::lock;
+use crate::fabric::lkey_cache::{CachedRegion, LkeyCache};
 use crate::fabric::{Access, FabricError, Sge};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -154,36 +155,6 @@ impl Window {
         let addr = usize::try_from(addr).ok()?;
         let inside = addr >= k.addr && addr.checked_add(len).is_some_and(|e| e <= k.addr + k.len);
         (k.access.contains(need) && inside).then_some(addr)
-    }
-}
-
-/// Regions one end looked up lately, valid while the protection domain's
-/// `epoch` is unchanged (every deregistration bumps it). Kept under the
-/// end's post lock, which a deregistration waits for (see
-/// `NicShared::quiesce_posts`), so a region in the cache stays registered
-/// until the post that found it there is over.
-#[derive(Default)]
-pub(super) struct LkeyCache {
-    epoch: u64,
-    entries: [Option<CachedRegion>; 4],
-    next: usize,
-}
-
-#[derive(Clone, Copy)]
-struct CachedRegion {
-    lkey: u32,
-    addr: usize,
-    len: usize,
-    access: Access,
-}
-
-impl CachedRegion {
-    fn allows(&self, s: &Sge, need: Access) -> bool {
-        self.access.contains(need)
-            && s.addr >= self.addr
-            && s.addr
-                .checked_add(s.len as usize)
-                .is_some_and(|end| end <= self.addr + self.len)
     }
 }
 
@@ -345,45 +316,21 @@ impl Pd {
     }
 
     /// Whether every entry lies inside a region allowing `need`, looked up
-    /// in `cache` first (see [`LkeyCache`]; the caller holds the post lock
-    /// the cache belongs to).
+    /// in `cache` first (the caller holds the post lock the cache belongs
+    /// to, which a deregistration waits for: see `NicShared::quiesce_posts`,
+    /// so a region found in the cache stays registered until the post that
+    /// found it there is over).
+    #[inline]
     pub(super) fn check_cached(&self, cache: &mut LkeyCache, sges: &[Sge], need: Access) -> bool {
-        let epoch = self.epoch.load(Ordering::Acquire);
-        if cache.epoch != epoch {
-            *cache = LkeyCache {
-                epoch,
-                ..LkeyCache::default()
-            };
-        }
-        for s in sges {
-            if s.len == 0 {
-                continue;
-            }
-            let hit = cache.entries.iter().flatten().find(|c| c.lkey == s.lkey);
-            let region = match hit {
-                Some(c) => *c,
-                None => {
-                    let regions = self.read_regions();
-                    let Some(r) = regions.get(s.lkey) else {
-                        return false;
-                    };
-                    let c = CachedRegion {
-                        lkey: s.lkey,
-                        addr: r.addr,
-                        len: r.len,
-                        access: r.access,
-                    };
-                    let slot = cache.next % cache.entries.len();
-                    cache.entries[slot] = Some(c);
-                    cache.next = cache.next.wrapping_add(1);
-                    c
-                }
-            };
-            if !region.allows(s, need) {
-                return false;
-            }
-        }
-        true
+        cache.check(self.epoch.load(Ordering::Acquire), sges, need, |lkey| {
+            let regions = self.read_regions();
+            regions.get(lkey).map(|r| CachedRegion {
+                lkey,
+                addr: r.addr,
+                len: r.len,
+                access: r.access,
+            })
+        })
     }
 
     pub(super) fn registrations(&self) -> u64 {

@@ -5,7 +5,7 @@
 //! once; every accepted post takes one slot of the send or receive queue,
 //! where its completion is found when the end's CQ is polled.
 //!
-//! [`LkeyCache`]: super::mr::LkeyCache
+//! [`LkeyCache`]: crate::fabric::lkey_cache::LkeyCache
 
 #[cfg(feature = "fault-injection")]
 use super::fault::Verdict;

@@ -1,0 +1,143 @@
+//! The local regions one queue pair end named lately, so that checking a
+//! post's gather list takes no NIC-wide lock and no map lookup on a hit.
+//!
+//! A software NIC (soft, shm) checks every entry of a work request against
+//! its registered regions. Each end keeps this cache under its own post
+//! lock; it is valid while the NIC's deregistration `epoch` is unchanged
+//! (every deregistration bumps it before returning, so a post that starts
+//! after a deregistration returned misses and looks the key up again). A key
+//! is reused only after its deregistration, which moves the epoch, so a
+//! cached key names the region it was found for.
+
+use super::{Access, Sge};
+
+/// What a check needs of a registered region.
+#[derive(Clone, Copy)]
+pub(crate) struct CachedRegion {
+    pub(crate) lkey: u32,
+    pub(crate) addr: usize,
+    pub(crate) len: usize,
+    pub(crate) access: Access,
+}
+
+impl CachedRegion {
+    fn allows(&self, s: &Sge, need: Access) -> bool {
+        self.access.contains(need)
+            && s.addr >= self.addr
+            && s.addr
+                .checked_add(s.len as usize)
+                .is_some_and(|end| end <= self.addr + self.len)
+    }
+}
+
+/// See the module docs. Owned by one queue pair end, used under its post
+/// lock.
+#[derive(Default)]
+pub(crate) struct LkeyCache {
+    /// The NIC's deregistration count the entries were found under.
+    epoch: u64,
+    entries: [Option<CachedRegion>; 4],
+    /// Where the next miss goes (round robin).
+    next: usize,
+}
+
+impl LkeyCache {
+    /// Whether every non-empty entry of `sges` lies inside a region allowing
+    /// `need`: looked up here first, else through `lookup` (the NIC's
+    /// table, under whatever lock it needs), whose answer is kept. `epoch`
+    /// is the NIC's deregistration count, read by the caller now.
+    #[inline]
+    pub(crate) fn check(
+        &mut self,
+        epoch: u64,
+        sges: &[Sge],
+        need: Access,
+        mut lookup: impl FnMut(u32) -> Option<CachedRegion>,
+    ) -> bool {
+        if self.epoch != epoch {
+            *self = LkeyCache {
+                epoch,
+                ..LkeyCache::default()
+            };
+        }
+        for s in sges {
+            if s.len == 0 {
+                continue;
+            }
+            let hit = self.entries.iter().flatten().find(|c| c.lkey == s.lkey);
+            let region = match hit {
+                Some(c) => *c,
+                None => {
+                    let Some(c) = lookup(s.lkey) else {
+                        return false;
+                    };
+                    debug_assert_eq!(c.lkey, s.lkey, "lookup answered another key");
+                    let slot = self.next % self.entries.len();
+                    self.entries[slot] = Some(c);
+                    self.next = self.next.wrapping_add(1);
+                    c
+                }
+            };
+            if !region.allows(s, need) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn region(lkey: u32) -> CachedRegion {
+        CachedRegion {
+            lkey,
+            addr: 0x1000 * lkey as usize,
+            len: 0x100,
+            access: Access::LOCAL_WRITE,
+        }
+    }
+
+    fn sge(lkey: u32, off: usize, len: u32) -> Sge {
+        Sge {
+            addr: 0x1000 * lkey as usize + off,
+            len,
+            lkey,
+        }
+    }
+
+    #[test]
+    fn a_hit_asks_nothing_and_a_new_epoch_asks_again() {
+        let mut c = LkeyCache::default();
+        let mut asked = 0;
+        let mut look = |k| {
+            asked += 1;
+            Some(region(k))
+        };
+        assert!(c.check(0, &[sge(1, 0, 8)], Access::LOCAL_WRITE, &mut look));
+        assert!(c.check(0, &[sge(1, 8, 8)], Access::NONE, &mut look));
+        assert!(c.check(1, &[sge(1, 0, 8)], Access::NONE, &mut look));
+        assert_eq!(asked, 2, "one lookup per key per epoch");
+    }
+
+    #[test]
+    fn bounds_rights_and_unknown_keys_fail() {
+        let mut c = LkeyCache::default();
+        let look = |k| (k != 9).then(|| region(k));
+        assert!(!c.check(0, &[sge(1, 0xf8, 9)], Access::NONE, look));
+        assert!(!c.check(0, &[sge(1, 0, 8)], Access::REMOTE_READ, look));
+        assert!(!c.check(0, &[sge(2, 0, 8), sge(9, 0, 8)], Access::NONE, look));
+        assert!(c.check(0, &[sge(9, 0, 0), sge(1, 0xf8, 8)], Access::NONE, look));
+    }
+
+    #[test]
+    fn more_keys_than_entries_still_check_right() {
+        let mut c = LkeyCache::default();
+        let look = |k| Some(region(k));
+        for k in 1..=12 {
+            assert!(c.check(0, &[sge(k, 0, 8)], Access::NONE, look));
+            assert!(!c.check(0, &[sge(k, 0x100, 1)], Access::NONE, look));
+        }
+    }
+}
