@@ -5,6 +5,7 @@
 //! Every `unsafe` block of the fabric outside the cell ring is here.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
 
@@ -239,27 +240,13 @@ pub(super) fn cma(
     remote: &[crate::fabric::Sge],
 ) -> io::Result<()> {
     let total: usize = local.iter().map(|s| s.len as usize).sum();
-    let iov = |s: &crate::fabric::Sge| libc::iovec {
-        iov_base: s.addr as *mut libc::c_void,
-        iov_len: s.len as usize,
-    };
-    let empty = libc::iovec {
-        iov_base: std::ptr::null_mut(),
-        iov_len: 0,
-    };
-    let (mut l, mut r) = ([empty; MAX_IOV], [empty; MAX_IOV]);
-    let fill = |v: &mut [libc::iovec; MAX_IOV], list: &[crate::fabric::Sge]| {
-        let mut n = 0;
-        for s in list.iter().filter(|s| s.len > 0) {
-            *v.get_mut(n)? = iov(s);
-            n += 1;
-        }
-        Some(n)
-    };
     let too_many = || io::Error::from_raw_os_error(libc::EINVAL);
-    let ln = fill(&mut l, local).ok_or_else(too_many)?;
-    let rn = fill(&mut r, remote).ok_or_else(too_many)?;
-    let (l, r) = (&mut l[..ln], &mut r[..rn]);
+    let (mut lbuf, mut rbuf) = (
+        [MaybeUninit::uninit(); MAX_IOV],
+        [MaybeUninit::uninit(); MAX_IOV],
+    );
+    let l = iovecs(&mut lbuf, local).ok_or_else(too_many)?;
+    let r = iovecs(&mut rbuf, remote).ok_or_else(too_many)?;
     let mut done = 0usize;
     while done < total {
         let (lv, rv) = (skip(l, done), skip(r, done));
@@ -295,6 +282,27 @@ pub(super) fn cma(
         done += n as usize;
     }
     Ok(())
+}
+
+/// Writes an iovec for each non-empty entry of `list` to the front of
+/// `buf`, and returns them; `None` if there are more than [`MAX_IOV`]. The
+/// rest of `buf` stays uninitialised: zeroing two lists of [`MAX_IOV`]
+/// would cost more than the copy of a small message.
+fn iovecs<'a>(
+    buf: &'a mut [MaybeUninit<libc::iovec>; MAX_IOV],
+    list: &[crate::fabric::Sge],
+) -> Option<&'a mut [libc::iovec]> {
+    let mut n = 0;
+    for s in list.iter().filter(|s| s.len > 0) {
+        buf.get_mut(n)?.write(libc::iovec {
+            iov_base: s.addr as *mut libc::c_void,
+            iov_len: s.len as usize,
+        });
+        n += 1;
+    }
+    // SAFETY: the first `n` entries were written just above, and
+    // `MaybeUninit<T>` has the layout of `T`.
+    Some(unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<libc::iovec>(), n) })
 }
 
 /// The part of `v` after its first `n` bytes (entries trimmed in place).
