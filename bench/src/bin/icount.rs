@@ -17,13 +17,18 @@
 //! - `rdma_write`, `rdma_read`: one RDMA op into / from the peer's exposed
 //!   buffer, wait for its completion.
 //!
-//! Usage: `icount OP [--ops N] [--warmup N]`; with the cargo feature
+//! `--fabric shm` runs the same pair over the shared-memory fabric (one
+//! NIC of this process connected to itself through its Unix socket, in a
+//! private runtime directory): its cell rings, key checks and completions,
+//! without a second process (the receive side's copies are the same code).
+//!
+//! Usage: `icount OP [--ops N] [--warmup N] [--fabric soft|shm]`; with the cargo feature
 //! `slowdown` also `[--slowdown K] [--slowdown-locks L]` (the engine's
 //! test-only extra work and extra locked instructions, see
 //! `sanpath::perf_gate_slowdown`). Prints nothing on success; exits 1 with
 //! the reason on any error.
 
-use sanpath::config::{MlockPolicy, PollerMode};
+use sanpath::config::{FabricKind, MlockPolicy, PollerMode};
 use sanpath::mem::region::Region;
 use sanpath::spi::*;
 use sanpath::testkit::{self, CompletingSwitch};
@@ -52,6 +57,9 @@ struct Pair {
     /// Server buffer: receive sink at 0, exposed for RDMA at `BUF / 2`.
     server_buf: Region,
     descriptor: Vec<u8>,
+    /// The target of an RDMA op must poll for it to happen (shm: the owner
+    /// of the memory makes the copy when it polls).
+    target_polls: bool,
 }
 
 type Res<T> = Result<T, String>;
@@ -61,14 +69,29 @@ fn wsa(what: &'static str) -> impl Fn(sanpath::WsaError) -> String {
 }
 
 impl Pair {
-    fn new() -> Res<Pair> {
+    fn new(fabric: &Fabric) -> Res<Pair> {
         let mut config = Config::default();
         config.poller.mode = PollerMode::RunToCompletion;
         // One CQ per socket, as sanbench's run-to-completion mode has it.
         config.poller.count = 2;
         config.mem.mlock = MlockPolicy::Off;
         let ip = Ipv4Addr::new(198, 18, 253, 1);
-        let (p, _nic, _net) = testkit::soft_provider(config, ip, Arc::new(CompletingSwitch))?;
+        let p = match fabric {
+            Fabric::Soft => {
+                let (p, _nic, _net) =
+                    testkit::soft_provider(config, ip, Arc::new(CompletingSwitch))?;
+                p
+            }
+            Fabric::Shm(dir) => {
+                config.fabric.kind = FabricKind::Shm;
+                config.fabric.shm.addresses = vec![ip];
+                config.fabric.shm.runtime_dir = dir.path.display().to_string();
+                let p = Provider::new(config).map_err(|e| e.to_string())?;
+                p.startup(WSD_VERSION, Arc::new(CompletingSwitch), 1)
+                    .map_err(wsa("startup"))?;
+                p
+            }
+        };
         let (client, server) =
             testkit::connected_pair(&p, SocketAddrV4::new(ip, 4791)).map_err(wsa("connect"))?;
         let client_buf = Region::new(BUF, MlockPolicy::Off).map_err(|e| e.to_string())?;
@@ -98,6 +121,7 @@ impl Pair {
             handle: handle as usize,
             server_buf,
             descriptor,
+            target_polls: matches!(fabric, Fabric::Shm(_)),
         })
     }
 
@@ -154,6 +178,9 @@ impl Pair {
                     .map_err(wsa("rdma_read"))?
             }
         }
+        if self.target_polls {
+            p.progress_socket(self.server);
+        }
         self.wait(self.client, &ov)
     }
 
@@ -190,8 +217,25 @@ fn measure_rdma_read(pair: &Pair, ops: usize) -> Res<()> {
     (0..ops).try_for_each(|_| pair.rdma(false))
 }
 
+/// A runtime directory of this process's own, removed at exit.
+struct RuntimeDir {
+    path: std::path::PathBuf,
+}
+
+impl Drop for RuntimeDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+enum Fabric {
+    Soft,
+    Shm(RuntimeDir),
+}
+
 struct Args {
     op: String,
+    fabric: Fabric,
     ops: usize,
     warmup: usize,
     #[cfg(feature = "slowdown")]
@@ -208,7 +252,7 @@ fn parse() -> Res<Args> {
             ""
         };
         format!(
-            "usage: icount {{{}}} [--ops N] [--warmup N]{slow}",
+            "usage: icount {{{}}} [--ops N] [--warmup N] [--fabric soft|shm]{slow}",
             OPS.join("|")
         )
     };
@@ -216,6 +260,7 @@ fn parse() -> Res<Args> {
     let op = it.next().filter(|o| OPS.contains(&o.as_str()));
     let mut a = Args {
         op: op.ok_or_else(usage)?,
+        fabric: Fabric::Soft,
         ops: 1000,
         warmup: 100,
         #[cfg(feature = "slowdown")]
@@ -229,6 +274,12 @@ fn parse() -> Res<Args> {
         match flag.as_str() {
             "--ops" => a.ops = n()?,
             "--warmup" => a.warmup = n()?,
+            "--fabric" if value == "soft" => a.fabric = Fabric::Soft,
+            "--fabric" if value == "shm" => {
+                let path = std::env::temp_dir().join(format!("icount-{}", std::process::id()));
+                std::fs::create_dir(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+                a.fabric = Fabric::Shm(RuntimeDir { path });
+            }
             #[cfg(feature = "slowdown")]
             "--slowdown" => a.slowdown = value.parse().map_err(|_| usage())?,
             #[cfg(feature = "slowdown")]
@@ -241,7 +292,8 @@ fn parse() -> Res<Args> {
 
 fn run() -> Res<()> {
     let a = parse()?;
-    let pair = Pair::new()?;
+    // Dropped before `a`, whose runtime directory it uses.
+    let pair = Pair::new(&a.fabric)?;
     for _ in 0..a.warmup {
         pair.one(&a.op)?;
     }
