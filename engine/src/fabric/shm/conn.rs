@@ -434,11 +434,9 @@ impl Conn {
     pub(super) fn poll(&self, out: &mut [WorkCompletion]) -> usize {
         let mut st = lock(&self.st);
         self.follow_peer(&mut st);
-        if st.broken.is_none() && self.progress(&mut st) {
+        let consumed = st.broken.is_none() && self.progress(&mut st);
+        if consumed {
             st.inc.publish();
-            drop(st);
-            self.wake_peer();
-            st = lock(&self.st);
         }
         let n = self.reap(&mut st, out);
         let tell = match st.broken {
@@ -449,6 +447,10 @@ impl Conn {
             _ => None,
         };
         drop(st);
+        // Not under the lock: a wake may be a syscall.
+        if consumed {
+            self.wake_peer();
+        }
         match tell {
             Some(true) => self.events.failed(),
             Some(false) => self.events.disconnected(),
@@ -460,8 +462,13 @@ impl Conn {
     /// Matches incoming messages while receives (or RDMA) let it; whether
     /// any was consumed.
     fn progress(&self, st: &mut State) -> bool {
+        // Nothing arrived: nothing to copy, so no need to say we copy.
+        if st.inc.peek().is_none() {
+            return false;
+        }
         let busy = &self.mine.control().busy;
-        busy.store(1, Ordering::SeqCst);
+        // Store, then full fence, then the peer's state load (the seal).
+        busy.store(1, Ordering::Relaxed);
         fence(Ordering::SeqCst);
         let mut moved = false;
         if self.theirs.control().state.load(Ordering::SeqCst) == STATE_INTACT {

@@ -25,6 +25,9 @@ pub(super) struct CqInner {
     waker: Arc<dyn Waker>,
     /// Attached connection ends; the one consumer polls them (its lock).
     ends: Mutex<Vec<Arc<Conn>>>,
+    /// Set after an end's handle dropped (its `dropped` store first): the
+    /// poll looks for ends to forget only then.
+    sweep: AtomicBool,
 }
 
 impl CqInner {
@@ -43,6 +46,11 @@ impl CqInner {
 
     pub(super) fn attach(&self, c: Arc<Conn>) {
         lock(&self.ends).push(c);
+    }
+
+    /// An attached end's handle dropped: forget it once it is drained.
+    pub(super) fn end_dropped(&self) {
+        self.sweep.store(true, Ordering::Release);
     }
 
     /// Wakes the sleeper, once per arm.
@@ -64,6 +72,7 @@ impl ShmCq {
             armed: AtomicBool::new(false),
             waker,
             ends: Mutex::new(Vec::new()),
+            sweep: AtomicBool::new(false),
         }))
     }
 }
@@ -82,7 +91,14 @@ impl CompletionQueue for ShmCq {
             }
             n += c.poll(&mut out[n..]);
         }
-        ends.retain(|c| !(c.dropped.load(Ordering::Acquire) && c.drained()));
+        let sweep = &self.0.sweep;
+        if sweep.load(Ordering::Relaxed) && sweep.swap(false, Ordering::Acquire) {
+            ends.retain(|c| !(c.dropped.load(Ordering::Acquire) && c.drained()));
+            if ends.iter().any(|c| c.dropped.load(Ordering::Relaxed)) {
+                // Not drained yet: look again at the next poll.
+                sweep.store(true, Ordering::Relaxed);
+            }
+        }
         n
     }
 

@@ -544,6 +544,7 @@ impl Drop for ShmQp {
         nic.events.forget(&lock(&c.tokens));
         c.cq.release(c.reserved);
         c.dropped.store(true, Ordering::Release);
+        c.cq.end_dropped();
         c.cq.wake();
     }
 }
