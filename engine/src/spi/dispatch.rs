@@ -173,12 +173,19 @@ impl Inner {
     /// Run-to-completion mode: starts the upcall helper if it is not
     /// running. An op that wants an upcall must get it even if the switch
     /// never calls the provider again (it may just wait for the upcall).
+    #[inline]
     pub(super) fn ensure_upcall_helper(self: &Arc<Self>, run: &Arc<Running>) -> WsaResult<()> {
         if self.config.poller.mode != PollerMode::RunToCompletion
             || run.helper_started.load(Ordering::Acquire)
         {
             return Ok(());
         }
+        self.start_upcall_helper(run)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn start_upcall_helper(self: &Arc<Self>, run: &Arc<Running>) -> WsaResult<()> {
         let mut slot = lock(&run.dispatcher);
         if run.helper_started.load(Ordering::Acquire) {
             return Ok(());
