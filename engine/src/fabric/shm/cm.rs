@@ -6,7 +6,8 @@
 //!
 //! The connector creates its segment and eventfd, connects to
 //! `<dir>/<ip>.sock` of the destination address and sends `REQUEST`
-//! (addresses, its pid, its queue sizes) with both descriptors. The
+//! (addresses, its pid, its queue sizes, up to `MAX_PRIVATE_DATA` bytes
+//! of private data after the fixed part) with both descriptors. The
 //! acceptor's event thread answers `REJECT` (no listener at that port,
 //! backlog full) or queues the request and answers `QUEUED`; an accept
 //! creates the acceptor's segment and eventfd and sends them with `ACCEPT`;
@@ -41,7 +42,11 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
 const MAGIC: u32 = 0x5350_4e53;
+/// The fixed part of a handshake message; a `REQUEST`'s private data
+/// follows it (its length in byte 36).
 const MSG_BYTES: usize = 40;
+/// The largest handshake message.
+const MSG_MAX: usize = MSG_BYTES + MAX_PRIVATE_DATA;
 const REQUEST: u8 = 1;
 const QUEUED: u8 = 2;
 const ACCEPT: u8 = 3;
@@ -53,7 +58,7 @@ const WHY_NO_LISTENER: u8 = 2;
 const EXIT_WAIT_MS: i32 = 50;
 
 /// A handshake message.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Msg {
     kind: u8,
     why: u8,
@@ -63,6 +68,26 @@ pub(super) struct Msg {
     send_depth: u32,
     recv_depth: u32,
     max_sge: u32,
+    /// `REQUEST` only: the connector's private data, `data_len` bytes.
+    data: [u8; MAX_PRIVATE_DATA],
+    data_len: u8,
+}
+
+impl Default for Msg {
+    fn default() -> Msg {
+        Msg {
+            kind: 0,
+            why: 0,
+            from: None,
+            to: None,
+            pid: 0,
+            send_depth: 0,
+            recv_depth: 0,
+            max_sge: 0,
+            data: [0; MAX_PRIVATE_DATA],
+            data_len: 0,
+        }
+    }
 }
 
 fn put_addr(b: &mut [u8], a: Option<SocketAddrV4>) {
@@ -77,8 +102,13 @@ fn get_addr(b: &[u8]) -> SocketAddrV4 {
 }
 
 impl Msg {
-    fn encode(&self) -> [u8; MSG_BYTES] {
-        let mut b = [0u8; MSG_BYTES];
+    /// The connector's private data.
+    fn private_data(&self) -> &[u8] {
+        &self.data[..self.data_len as usize]
+    }
+
+    /// Writes the message into `b`; returns its length.
+    fn encode(&self, b: &mut [u8; MSG_MAX]) -> usize {
         b[..4].copy_from_slice(&MAGIC.to_le_bytes());
         b[4..6].copy_from_slice(&(VERSION as u16).to_le_bytes());
         b[6] = self.kind;
@@ -89,14 +119,27 @@ impl Msg {
         b[24..28].copy_from_slice(&self.send_depth.to_le_bytes());
         b[28..32].copy_from_slice(&self.recv_depth.to_le_bytes());
         b[32..36].copy_from_slice(&self.max_sge.to_le_bytes());
-        b
+        let data = self.private_data();
+        b[36] = data.len() as u8;
+        b[37..MSG_BYTES].fill(0);
+        b[MSG_BYTES..MSG_BYTES + data.len()].copy_from_slice(data);
+        MSG_BYTES + data.len()
     }
 
     fn decode(b: &[u8]) -> Option<Msg> {
         let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
-        if b.len() != MSG_BYTES || u32_at(0) != MAGIC || b[4..6] != (VERSION as u16).to_le_bytes() {
+        if b.len() < MSG_BYTES || u32_at(0) != MAGIC || b[4..6] != (VERSION as u16).to_le_bytes() {
             return None;
         }
+        let data_len = b[36];
+        if data_len as usize > MAX_PRIVATE_DATA
+            || b.len() != MSG_BYTES + data_len as usize
+            || (data_len > 0 && b[6] != REQUEST)
+        {
+            return None;
+        }
+        let mut data = [0; MAX_PRIVATE_DATA];
+        data[..data_len as usize].copy_from_slice(&b[MSG_BYTES..]);
         Some(Msg {
             kind: b[6],
             why: b[7],
@@ -106,13 +149,17 @@ impl Msg {
             send_depth: u32_at(24),
             recv_depth: u32_at(28),
             max_sge: u32_at(32),
+            data,
+            data_len,
         })
     }
 }
 
 fn send(sock: &OwnedFd, m: Msg, fds: &[&OwnedFd]) -> std::io::Result<()> {
     let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
-    sys::send_msg(sock.as_raw_fd(), &m.encode(), &raw)
+    let mut b = [0u8; MSG_MAX];
+    let n = m.encode(&mut b);
+    sys::send_msg(sock.as_raw_fd(), &b[..n], &raw)
 }
 
 /// The socket file of `ip` in `dir`.
@@ -311,6 +358,8 @@ pub(super) struct Request {
     from: SocketAddrV4,
     to: SocketAddrV4,
     pid: i32,
+    /// The `REQUEST` as it came (for its private data).
+    msg: Msg,
     /// The connector's segment and eventfd, until accepted or refused.
     fds: Mutex<Option<(OwnedFd, OwnedFd)>>,
 }
@@ -354,6 +403,10 @@ impl ConnRequest for Request {
 
     fn local_addr(&self) -> SocketAddrV4 {
         self.to
+    }
+
+    fn private_data(&self) -> &[u8] {
+        self.msg.private_data()
     }
 
     fn accept(&self, params: QpParams) -> Result<Arc<dyn QueuePair>, ConnectError> {
@@ -454,8 +507,12 @@ impl NicInner {
         from: SocketAddrV4,
         to: SocketAddrV4,
         params: QpParams,
+        private_data: &[u8],
         done: ConnectDone,
     ) -> Result<Arc<dyn ConnectAttempt>, ConnectError> {
+        if private_data.len() > MAX_PRIVATE_DATA {
+            return Err(ConnectError::NoResources);
+        }
         let path = socket_path(&self.dir, *to.ip());
         let unknown = || {
             if self.on_subnet(*to.ip()) {
@@ -476,7 +533,7 @@ impl NicInner {
         let (seg_fd, seg) = Segment::create(params.send_depth as usize, params.max_sge as usize)
             .map_err(|_| ConnectError::NoResources)?;
         let event = sys::eventfd().map_err(|_| ConnectError::NoResources)?;
-        let m = Msg {
+        let mut m = Msg {
             kind: REQUEST,
             from: Some(from),
             to: Some(to),
@@ -486,6 +543,8 @@ impl NicInner {
             max_sge: params.max_sge,
             ..Msg::default()
         };
+        m.data[..private_data.len()].copy_from_slice(private_data);
+        m.data_len = private_data.len() as u8;
         send(&sock, m, &[&seg_fd, &event]).map_err(|_| unknown())?;
         let a = Arc::new(Attempt {
             nic: Arc::downgrade(self),
@@ -578,7 +637,7 @@ impl NicInner {
                 }
             }
             Do::Incoming(fd) => {
-                let mut buf = [0u8; MSG_BYTES + 1];
+                let mut buf = [0u8; MSG_MAX + 1];
                 let got = sys::recv_msg(fd, &mut buf);
                 if matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock) && !hup {
                     return true;
@@ -664,6 +723,7 @@ impl NicInner {
             from,
             to,
             pid: m.pid,
+            msg: m,
             fds: Mutex::new(Some((seg, ev))),
         });
         {
@@ -692,7 +752,7 @@ impl NicInner {
 
     /// A reply (or hang-up) on an attempt's socket.
     fn attempt_reply(self: &Arc<Self>, token: u64, a: &Arc<Attempt>, hup: bool) {
-        let mut buf = [0u8; MSG_BYTES + 1];
+        let mut buf = [0u8; MSG_MAX + 1];
         let (n, fds) = match sys::recv_msg(a.raw, &mut buf) {
             Ok(x) => x,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && !hup => return,
@@ -794,5 +854,56 @@ impl NicInner {
         lock(&self.conns).insert(num.0, Arc::downgrade(&conn));
         cq.attach(conn.clone());
         Ok(conn)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(data: &[u8]) -> Msg {
+        let mut m = Msg {
+            kind: REQUEST,
+            from: Some(SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), 7)),
+            to: Some(SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 2), 9)),
+            pid: 42,
+            send_depth: 3,
+            recv_depth: 4,
+            max_sge: 2,
+            ..Msg::default()
+        };
+        m.data[..data.len()].copy_from_slice(data);
+        m.data_len = data.len() as u8;
+        m
+    }
+
+    #[test]
+    fn a_request_carries_its_private_data() {
+        for len in [0, 1, MAX_PRIVATE_DATA] {
+            let data: Vec<u8> = (1..=len as u8).collect();
+            let m = request(&data);
+            let mut b = [0u8; MSG_MAX];
+            let n = m.encode(&mut b);
+            assert_eq!(n, MSG_BYTES + len);
+            let back = Msg::decode(&b[..n]).expect("decodes");
+            assert_eq!(back, m);
+            assert_eq!(back.private_data(), &data[..]);
+        }
+    }
+
+    #[test]
+    fn a_malformed_length_or_stray_data_is_refused() {
+        let mut b = [0u8; MSG_MAX + 1];
+        let n = request(&[7; 8]).encode((&mut b[..MSG_MAX]).try_into().unwrap());
+        // Cut short, or longer than it says.
+        assert_eq!(Msg::decode(&b[..n - 1]), None);
+        assert_eq!(Msg::decode(&b[..n + 1]), None);
+        // A length beyond the bound, with as many bytes as it claims.
+        b[36] = MAX_PRIVATE_DATA as u8 + 1;
+        assert_eq!(Msg::decode(&b[..MSG_MAX + 1]), None);
+        // Data on a message that is not a request.
+        b[36] = 8;
+        b[6] = ACCEPT;
+        assert_eq!(Msg::decode(&b[..n]), None);
     }
 }

@@ -470,7 +470,19 @@ impl Nic for ShmNic {
         params: QpParams,
         done: ConnectDone,
     ) -> Result<Arc<dyn ConnectAttempt>, ConnectError> {
-        self.inner.connect(local, remote, params, done)
+        self.inner.connect(local, remote, params, &[], done)
+    }
+
+    fn connect_with_data(
+        &self,
+        local: SocketAddrV4,
+        remote: SocketAddrV4,
+        params: QpParams,
+        private_data: &[u8],
+        done: ConnectDone,
+    ) -> Result<Arc<dyn ConnectAttempt>, ConnectError> {
+        self.inner
+            .connect(local, remote, params, private_data, done)
     }
 
     fn stats(&self) -> NicStats {
