@@ -44,16 +44,25 @@ fn ext_3_cache_callback_only_when_caching() {
     );
 }
 
+/// EXT-4: each provider lists exactly its own NIC's addresses; the second
+/// host is another process on shm ([`crate::xproc`]).
 #[test]
 fn ext_4_address_list_is_exactly_our_nic_addresses() {
-    let h = Host::new();
-    assert_eq!(
-        h.p.address_list().unwrap(),
-        vec![Ipv4Addr::new(198, 18, 0, 1)]
-    );
-    let other = h.peer(Ipv4Addr::new(198, 18, 0, 2));
-    assert_eq!(
-        other.p.address_list().unwrap(),
-        vec![Ipv4Addr::new(198, 18, 0, 2)]
+    let other = Ipv4Addr::new(198, 18, 0, 2);
+    crate::xproc::two_hosts(
+        "ext::ext_4_address_list_is_exactly_our_nic_addresses",
+        other,
+        |h, link| {
+            assert_eq!(
+                h.p.address_list().unwrap(),
+                vec![Ipv4Addr::new(198, 18, 0, 1)]
+            );
+            assert_eq!(link.recv(), other.to_string());
+        },
+        |peer, link| {
+            let list = peer.p.address_list().unwrap();
+            assert_eq!(list.len(), 1, "{list:?}");
+            link.send(&list[0].to_string());
+        },
     );
 }

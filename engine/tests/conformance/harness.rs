@@ -11,6 +11,8 @@ use sanpath::spi::*;
 use sanpath::{Config, WsaError, WsaResult};
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -38,6 +40,12 @@ pub enum Fabric {
     /// [`Host::new`] is on the device owning 198.18.0.1, [`Host::peer`] on
     /// the device owning the address it is given (rxe1 for 198.18.0.2).
     Verbs,
+    /// `shm`: every host a provider with `fabric.kind = shm`, in a private
+    /// runtime directory per [`Host::new`]. The second host of the tests
+    /// written with [`crate::xproc`] is another process (this binary
+    /// re-executed); [`Host::peer`] and [`Host::sibling`] stay in this
+    /// process, on addresses of their own.
+    Shm,
 }
 
 /// The fabric of this run; an unknown value, or `verbs` in a binary built
@@ -48,19 +56,121 @@ pub fn fabric() -> Fabric {
         || match std::env::var("SANPATH_CONFORMANCE_FABRIC").as_deref() {
             Err(_) | Ok("") | Ok("soft") => Fabric::Soft,
             Ok("verbs") if cfg!(feature = "verbs") => Fabric::Verbs,
+            Ok("shm") => Fabric::Shm,
             Ok("verbs") => panic!(
                 "SANPATH_CONFORMANCE_FABRIC=verbs, but this conformance binary was built \
                  without the `verbs` feature: build it with `cargo test -p sanpath \
                  --features verbs --test conformance` (and run it where an RDMA device is, \
                  e.g. through tools/rxe-vm/test)"
             ),
-            Ok(other) => panic!("SANPATH_CONFORMANCE_FABRIC={other:?}: expected `soft` or `verbs`"),
+            Ok(other) => {
+                panic!("SANPATH_CONFORMANCE_FABRIC={other:?}: expected `soft`, `verbs` or `shm`")
+            }
         },
     )
 }
 
 pub fn on_verbs() -> bool {
     fabric() == Fabric::Verbs
+}
+
+pub fn on_shm() -> bool {
+    fabric() == Fabric::Shm
+}
+
+/// The runtime directory of one [`Host::new`] on shm and the hosts made
+/// from it (peers, siblings, a peer process): removed with what is left in
+/// it when the last of them is dropped.
+pub struct ShmDir {
+    pub path: PathBuf,
+    /// Unix sockets that take connection requests and never answer them
+    /// ([`Host::add_tcp_only_host`]); open while the directory lives.
+    holes: Mutex<Vec<OwnedFd>>,
+    /// Whether this process made the directory (a peer process borrows it).
+    owned: bool,
+}
+
+impl ShmDir {
+    /// A fresh private directory (mode 0700) under the temp dir.
+    fn create() -> Arc<ShmDir> {
+        use std::os::unix::fs::DirBuilderExt;
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "sanpath-conformance-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .unwrap_or_else(|e| panic!("runtime directory {}: {e}", path.display()));
+        Arc::new(ShmDir {
+            path,
+            holes: Mutex::new(Vec::new()),
+            owned: true,
+        })
+    }
+
+    /// The directory another process made (a peer process's view).
+    pub fn borrowed(path: PathBuf) -> Arc<ShmDir> {
+        Arc::new(ShmDir {
+            path,
+            holes: Mutex::new(Vec::new()),
+            owned: false,
+        })
+    }
+
+    /// A `SOCK_SEQPACKET` socket listening at `ip`'s address socket path
+    /// that nobody ever reads: a connect to `ip` gets through to it and
+    /// waits for an answer until `connect.timeout_ms`.
+    fn add_hole(&self, ip: Ipv4Addr) {
+        let path = self.path.join(format!("{ip}.sock"));
+        if path.exists() {
+            return;
+        }
+        let bytes = path.as_os_str().as_encoded_bytes();
+        // SAFETY: zero is a valid sockaddr_un.
+        let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        sa.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        assert!(bytes.len() < sa.sun_path.len(), "socket path too long");
+        for (d, b) in sa.sun_path.iter_mut().zip(bytes) {
+            *d = *b as libc::c_char;
+        }
+        // SAFETY: plain socket(2) call; the descriptor is owned at once.
+        let fd =
+            unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) };
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: `sa` is a valid sockaddr_un of the size passed.
+        let r = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&sa as *const libc::sockaddr_un).cast(),
+                std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(
+            r,
+            0,
+            "bind {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: `fd` is a bound socket.
+        let r = unsafe { libc::listen(fd.as_raw_fd(), 16) };
+        assert_eq!(r, 0, "listen: {}", std::io::Error::last_os_error());
+        self.holes.lock().unwrap().push(fd);
+    }
+}
+
+impl Drop for ShmDir {
+    fn drop(&mut self) {
+        if self.owned {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
 }
 
 /// The environment variable that selects the poller mode of [`Host::new`].
@@ -79,9 +189,10 @@ pub fn poller_mode() -> PollerMode {
 
 /// Lets connection events already on their way arrive. The soft network
 /// delivers them inside the call that causes them; on a real wire they take
-/// a moment (a reject crossing the link, the peer's CM thread).
+/// a moment (a reject crossing the link, the peer's CM thread), on shm the
+/// NIC's event thread.
 pub fn settle() {
-    if on_verbs() {
+    if on_verbs() || on_shm() {
         std::thread::sleep(Duration::from_millis(300));
     }
 }
@@ -291,8 +402,10 @@ impl Switch for RecordingSwitch {
 pub struct Host {
     /// The soft network (`None` on verbs).
     net: Option<Arc<SoftNetwork>>,
-    /// This host's soft NIC, for fault injection (`None` on verbs).
+    /// This host's soft NIC, for fault injection (`None` on verbs and shm).
     nic: Option<Arc<SoftNic>>,
+    /// The runtime directory on shm.
+    pub shm: Option<Arc<ShmDir>>,
     pub p: Provider,
     pub sw: Arc<RecordingSwitch>,
     pub ip: Ipv4Addr,
@@ -323,7 +436,19 @@ impl Host {
         match fabric() {
             Fabric::Soft => Host::on(SoftNetwork::new(), ip, config),
             Fabric::Verbs => Host::on_device(ip, config),
+            Fabric::Shm => Host::on_shm(ShmDir::create(), ip, config),
         }
+    }
+
+    /// A provider with `fabric.kind = shm` owning `ip` in `dir`.
+    pub fn on_shm(dir: Arc<ShmDir>, ip: Ipv4Addr, mut config: Config) -> Host {
+        config.fabric.kind = sanpath::config::FabricKind::Shm;
+        config.fabric.soft.addresses = vec![ip];
+        config.fabric.shm.runtime_dir = dir.path.to_string_lossy().into_owned();
+        let p = Provider::new(config).unwrap_or_else(|e| panic!("shm provider on {ip}: {e}"));
+        let mut h = Host::started(None, None, p, ip);
+        h.shm = Some(dir);
+        h
     }
 
     /// Another host on the same network (on verbs: on the device owning `ip`).
@@ -333,9 +458,10 @@ impl Host {
 
     /// [`Host::peer`] with its own config.
     pub fn peer_with(&self, ip: Ipv4Addr, config: Config) -> Host {
-        match &self.net {
-            Some(net) => Host::on(net.clone(), ip, config),
-            None => Host::on_device(ip, config),
+        match (&self.net, &self.shm) {
+            (Some(net), _) => Host::on(net.clone(), ip, config),
+            (None, Some(dir)) => Host::on_shm(dir.clone(), ip, config),
+            (None, None) => Host::on_device(ip, config),
         }
     }
 
@@ -357,9 +483,13 @@ impl Host {
 
     /// A second provider on this host's NIC, with its own switch: another
     /// process on the same machine (socket duplication, DUP-*). On verbs:
-    /// another provider on the same device.
+    /// another provider on the same device; on shm, where each address
+    /// belongs to one process, one on 198.18.0.3.
     pub fn sibling(&self) -> Host {
         let config = test_config(self.p.config().poller.mode);
+        if let Some(dir) = &self.shm {
+            return Host::on_shm(dir.clone(), Ipv4Addr::new(198, 18, 0, 3), config);
+        }
         match &self.nic {
             Some(nic) => {
                 let nic: Arc<dyn sanpath::fabric::Nic> = nic.clone();
@@ -393,6 +523,7 @@ impl Host {
         Host {
             net,
             nic,
+            shm: None,
             p,
             sw,
             ip,
@@ -444,11 +575,13 @@ impl Host {
     /// this host's network device, so that address resolution succeeds at
     /// once and the connection request goes out on the wire, where nothing
     /// answers it, as with a host that runs no RDMA connection manager
-    /// (needs root: the VM).
+    /// (needs root: the VM). On shm: a socket at the address's path that
+    /// takes the request and never answers.
     pub fn add_tcp_only_host(&self, ip: Ipv4Addr) {
-        match &self.net {
-            Some(net) => net.add_tcp_only_host(ip),
-            None => {
+        match (&self.net, &self.shm) {
+            (Some(net), _) => net.add_tcp_only_host(ip),
+            (None, Some(dir)) => dir.add_hole(ip),
+            (None, None) => {
                 let dev = netdev_of(self.ip);
                 let ip = ip.to_string();
                 ip_cmd(&[
@@ -472,7 +605,7 @@ impl Host {
     /// address resolution waits for an answer that never comes.
     pub fn silent_host(&self) -> Ipv4Addr {
         let ip = Ipv4Addr::new(198, 18, 0, 60);
-        if self.net.is_some() {
+        if self.net.is_some() || self.shm.is_some() {
             self.add_tcp_only_host(ip);
         }
         ip

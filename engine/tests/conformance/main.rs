@@ -18,6 +18,7 @@ mod rdma;
 mod sock;
 mod start;
 mod xfer;
+mod xproc;
 
 use sanpath::spi::{Overlapped, Switch};
 use std::process::{Command, Stdio};

@@ -290,26 +290,50 @@ fn xfer_6_and_7_run_to_completion_serves_a_switch_that_only_uses_the_spi() {
     }
 }
 
+/// XFER-9: the peer closing its socket completes the receives pending
+/// here with `WSAECONNRESET`. The peer is another process on shm
+/// ([`crate::xproc`]).
 #[test]
 fn xfer_9_peer_teardown_resets_pending_receives() {
-    let h = Host::new();
-    let peer = h.peer(std::net::Ipv4Addr::new(198, 18, 0, 2));
-    let (l, lev) = peer.listener(5507, 4);
-    let c = h.socket();
-    let cev = Arc::new(Event::new());
-    h.p.event_select(c, Some(cev.clone()), FD_CONNECT).unwrap();
-    h.p.connect(c, peer.addr(5507), &[]).unwrap();
-    let s = accept_one(&peer, l, &lev);
-    assert!(cev.wait(TIMEOUT));
-    let b = buf(&h, c, 4096, MEM_READWRITE);
-    let ovs: Vec<Overlapped> = (0..3).map(|_| Overlapped::new(0)).collect();
-    for (i, ov) in ovs.iter().enumerate() {
-        recv(&h, c, &b, i * 64, 64, ov).unwrap();
-    }
-    peer.p.close_socket(s).unwrap();
-    for ov in &ovs {
-        assert_eq!(wait_ov(&h, ov).0, CONNRESET);
-    }
+    let peer_ip = std::net::Ipv4Addr::new(198, 18, 0, 2);
+    crate::xproc::two_hosts(
+        "xfer::xfer_9_peer_teardown_resets_pending_receives",
+        peer_ip,
+        |h, link| {
+            link.expect("listening");
+            let c = h.socket();
+            let cev = Arc::new(Event::new());
+            h.p.event_select(c, Some(cev.clone()), FD_CONNECT).unwrap();
+            h.p.connect(c, std::net::SocketAddrV4::new(peer_ip, 5507), &[])
+                .unwrap();
+            assert!(cev.wait(TIMEOUT), "FD_CONNECT not signalled");
+            let ne = h.p.enum_network_events(c, Some(&cev)).unwrap();
+            assert_eq!(ne.error_codes[FD_CONNECT_BIT], 0, "connect failed");
+            let b = buf(h, c, 4096, MEM_READWRITE);
+            let ovs: Vec<Overlapped> = (0..3).map(|_| Overlapped::new(0)).collect();
+            for (i, ov) in ovs.iter().enumerate() {
+                recv(h, c, &b, i * 64, 64, ov).unwrap();
+            }
+            link.send("posted");
+            for ov in &ovs {
+                assert_eq!(wait_ov(h, ov).0, CONNRESET);
+                assert_eq!(h.sw.completions_of(ov), 1);
+            }
+            link.send("done");
+            h.p.close_socket(c).unwrap();
+        },
+        |peer, link| {
+            let (l, lev) = peer.listener(5507, 4);
+            link.send("listening");
+            let s = accept_one(peer, l, &lev);
+            link.expect("posted");
+            peer.p.close_socket(s).unwrap();
+            // Alive until the other side saw the reset: it comes from the
+            // close, not from this process's exit.
+            link.expect("done");
+            peer.p.close_socket(l).unwrap();
+        },
+    );
 }
 
 /// §7-5 with §7-9: a send beyond the receiver-not-ready bound is a local
