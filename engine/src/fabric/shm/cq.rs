@@ -44,8 +44,12 @@ impl CqInner {
         self.reserved.fetch_sub(n, Ordering::AcqRel);
     }
 
+    /// Adds a new end. A sleeper that armed before it came did not mark it
+    /// (`Conn::arm`), so the peer's work on it would wake nobody: the
+    /// sleeper is woken to poll and arm again, the new end included.
     pub(super) fn attach(&self, c: Arc<Conn>) {
         lock(&self.ends).push(c);
+        self.wake();
     }
 
     /// An attached end's handle dropped: forget it once it is drained.
