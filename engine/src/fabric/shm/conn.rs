@@ -412,14 +412,25 @@ impl Conn {
         }
         let refused = theirs.refused.load(Ordering::Relaxed);
         let own = (refused != 0).then(|| ((refused >> 8) - 1, super::status_from(refused as u8)));
-        // The peer refused a request of ours: we failed.
-        let failed = peer_state == STATE_PEER_FAILED;
+        // The peer refused a request of ours: we failed. A failure is ours
+        // to report (`failed`) only if it is one a NIC finds locally (our
+        // gather list); a key or access check the owner of the memory
+        // refused is the remote side's answer (`disconnected`), as on the
+        // soft fabric (spec §7-5: `WSAECONNRESET`, not `WSAECONNABORTED`).
+        let remote = |s: WcStatus| {
+            matches!(
+                s,
+                WcStatus::RemoteAccessError | WcStatus::RemoteInvalidRequest
+            )
+        };
+        let refused_ours = peer_state == STATE_PEER_FAILED;
+        let failed = refused_ours && !own.is_some_and(|(_, s)| remote(s));
         self.mine
             .control()
             .state
             .store(STATE_CLOSED, Ordering::SeqCst);
         st.broken = Some(Broken {
-            status: if failed {
+            status: if refused_ours {
                 WcStatus::Flushed
             } else {
                 WcStatus::RemoteDisconnected
