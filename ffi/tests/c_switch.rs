@@ -111,3 +111,162 @@ fn run_c_switch(name: &str, config: Option<&Path>) {
         None => panic!("the C switch did not finish within {RUN_LIMIT:?}:\n{output}"),
     }
 }
+
+/// Socket duplication across processes (DUP-1..3) through the C ABI:
+/// `tests/c/dup_xproc.c` run three times, as the peer (198.18.0.2), the
+/// source (198.18.0.1) and the target (198.18.0.3), each a provider on the
+/// shm fabric in a private runtime directory. This test passes the lines
+/// between them: the target's pid to the source, the source's
+/// `dwProviderReserved` to the target. Every process is killed if the test
+/// fails; each also ends itself after a minute (`alarm`).
+#[test]
+fn duplication_moves_a_connection_to_another_process_over_shm() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::fs::DirBuilderExt;
+    use std::process::Child;
+    use std::sync::mpsc;
+
+    struct Role {
+        name: &'static str,
+        child: Child,
+        lines: mpsc::Receiver<String>,
+    }
+    impl Role {
+        fn expect(&mut self, word: &str) -> String {
+            let line = self
+                .lines
+                .recv_timeout(Duration::from_secs(20))
+                .unwrap_or_else(|_| panic!("{}: no {word} line (it failed or hung)", self.name));
+            assert!(
+                line.starts_with(word),
+                "{}: expected {word}, got {line:?}",
+                self.name
+            );
+            line
+        }
+        fn tell(&mut self, line: &str) {
+            let stdin = self.child.stdin.as_mut().expect("stdin");
+            writeln!(stdin, "{line}").expect("writing to a role");
+        }
+    }
+    /// Kills whatever still runs when the test ends early.
+    struct Roles(Vec<Role>);
+    impl Drop for Roles {
+        fn drop(&mut self) {
+            for r in &mut self.0 {
+                let _ = r.child.kill();
+                let _ = r.child.wait();
+            }
+        }
+    }
+
+    let lib = library();
+    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let exe = tmp.join("sanpath-dup-xproc");
+    compile(&crate_dir().join("tests/c/dup_xproc.c"), &exe);
+    let dir = tmp.join(format!("dup-xproc-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::DirBuilder::new().mode(0o700).create(&dir).unwrap();
+    let logs = dir.join("logs");
+    std::fs::create_dir(&logs).unwrap();
+    let spawn = |name: &'static str, ip: &str| -> Role {
+        let config = dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[fabric]\nkind = \"shm\"\n[fabric.shm]\naddresses = [\"{ip}\"]\n\
+                 runtime_dir = \"{}\"\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new(&exe)
+            .arg(&lib)
+            .arg(name)
+            .env("SANPATH_CONFIG", &config)
+            // The duplication records of this test alone.
+            .env("XDG_RUNTIME_DIR", &dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(logs.join(name)).unwrap())
+            .spawn()
+            .expect("starting the C program");
+        let (tx, rx) = mpsc::channel();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        std::thread::spawn(move || {
+            for line in out.lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Role {
+            name,
+            child,
+            lines: rx,
+        }
+    };
+    let stderr_of = |name: &str| std::fs::read_to_string(logs.join(name)).unwrap_or_default();
+
+    let mut roles = Roles(Vec::new());
+    roles.0.push(spawn("peer", "198.18.0.2"));
+    roles.0[0].expect("READY");
+    roles.0.push(spawn("target", "198.18.0.3"));
+    let pid = roles.0[1].expect("PID");
+    roles.0.push(spawn("source", "198.18.0.1"));
+    roles.0[2].expect("CONNECTED");
+    roles.0[0].expect("ACCEPTED");
+    roles.0[2].tell(&pid);
+    let token = roles.0[2].expect("TOKEN");
+    roles.0[1].tell(&token);
+    roles.0[0].expect("ANSWERED");
+    roles.0[1].expect("DONE");
+    for r in &mut roles.0 {
+        r.tell("EXIT");
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for r in &mut roles.0 {
+        let status = loop {
+            if let Some(s) = r.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit:\n{}",
+                r.name,
+                stderr_of(r.name)
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(
+            status.success(),
+            "{} failed ({status}):\n{}",
+            r.name,
+            stderr_of(r.name)
+        );
+        println!("{}", stderr_of(r.name).trim_end());
+    }
+    // No duplication record is left. The address sockets are: the C ABI's
+    // provider lives as long as its process, so the NIC that would remove
+    // them is never dropped; they must at least be stale (nobody listens),
+    // which the next NIC or connector to find one removes.
+    let dups = dir.join("sanpath-dup");
+    if dups.exists() {
+        let records = std::fs::read_dir(&dups).unwrap().count();
+        assert_eq!(records, 0, "duplication records left behind");
+    }
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let path = e.unwrap().path();
+        if path.extension().is_some_and(|x| x == "sock") {
+            let err = std::os::unix::net::UnixStream::connect(&path)
+                .expect_err("an address socket still listened after its process exited");
+            assert_eq!(
+                err.kind(),
+                std::io::ErrorKind::ConnectionRefused,
+                "{path:?}"
+            );
+        }
+    }
+    drop(roles);
+    let _ = std::fs::remove_dir_all(&dir);
+}
