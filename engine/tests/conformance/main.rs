@@ -1,9 +1,10 @@
 //! Conformance tests for spec §8 (WSD-SAN-SPI.md), one test per checklist ID
 //! (or a few for IDs with several clauses), named after the ID. They run on
-//! the soft fabric through a recording switch double, or on real RDMA devices
+//! the soft fabric through a recording switch double, on real RDMA devices
 //! with `SANPATH_CONFORMANCE_FABRIC=verbs` (feature `verbs`; see
-//! `harness::fabric` and `tools/rxe-vm/test`); COVERAGE.md maps every ID to
-//! its test(s).
+//! `harness::fabric` and `tools/rxe-vm/test`), or on the shared-memory fabric
+//! with `SANPATH_CONFORMANCE_FABRIC=shm`, the second host of two-host tests in
+//! a child process (`xproc`); COVERAGE.md maps every ID to its test(s).
 
 mod harness;
 
