@@ -120,75 +120,102 @@ fn dup_1_unclaimed_duplication_resets_the_peers_receives() {
 /// DUP-2: in the target, `WSPSocket` with the value yields a socket
 /// connected to the same peer; the peer's socket is the same descriptor,
 /// its receives posted before the duplication get the target's messages
-/// in order, exactly once; data flows both ways.
+/// in order, exactly once; data flows both ways. On shm the peer is
+/// another process ([`crate::xproc`]): the suspension and the rejoin cross
+/// to its provider's service.
 #[test]
 fn dup_2_the_target_socket_is_in_the_same_connection_state() {
-    let h = Host::new();
-    let peer = h.peer(PEER);
-    let target = h.sibling();
-    let (a, p) = connect_to(&h, &peer, 6120);
-    let pb = buf(&peer, p, 4096, MEM_READWRITE);
-    let povs: Vec<Overlapped> = (0..2).map(|_| Overlapped::new(0)).collect();
-    for (i, ov) in povs.iter().enumerate() {
-        recv(&peer, p, &pb, i * 1024, 1024, ov).unwrap();
-    }
-    let token = h.p.duplicate_socket(a, me()).unwrap();
-    let t = target
-        .p
-        .socket(
-            AF_INET,
-            SOCK_STREAM,
-            IPPROTO_TCP,
-            0,
-            WSA_FLAG_OVERLAPPED,
-            token,
-        )
-        .unwrap();
-    assert!(target.p.local_addr(t).unwrap().is_some(), "connected");
-    assert_eq!(
-        target
-            .p
-            .socket(
-                AF_INET,
-                SOCK_STREAM,
-                IPPROTO_TCP,
-                0,
-                WSA_FLAG_OVERLAPPED,
-                token
-            )
-            .unwrap_err(),
-        WsaError::WSAEINVAL,
-        "claimed twice"
+    crate::xproc::two_hosts(
+        "dup::dup_2_the_target_socket_is_in_the_same_connection_state",
+        PEER,
+        |h, link| {
+            let target = h.sibling();
+            let to = std::net::SocketAddrV4::new(PEER, 6120);
+            link.expect("listening");
+            let a = h.socket();
+            assert_eq!(connect_result(h, a, to), Ok(()));
+            h.p.event_select(a, None, 0).unwrap();
+            link.expect("posted");
+            let token = h.p.duplicate_socket(a, me()).unwrap();
+            let t = target
+                .p
+                .socket(
+                    AF_INET,
+                    SOCK_STREAM,
+                    IPPROTO_TCP,
+                    0,
+                    WSA_FLAG_OVERLAPPED,
+                    token,
+                )
+                .unwrap();
+            assert!(target.p.local_addr(t).unwrap().is_some(), "connected");
+            assert_eq!(
+                target
+                    .p
+                    .socket(
+                        AF_INET,
+                        SOCK_STREAM,
+                        IPPROTO_TCP,
+                        0,
+                        WSA_FLAG_OVERLAPPED,
+                        token
+                    )
+                    .unwrap_err(),
+                WsaError::WSAEINVAL,
+                "claimed twice"
+            );
+            assert_eq!(
+                target.p.connect(t, to, &[]).unwrap_err(),
+                WsaError::WSAEISCONN
+            );
+            // The peer's receives were kept: the target's messages land in
+            // them, in posting order (checked there).
+            send_msg(&target, t, b"first");
+            send_msg(&target, t, b"second");
+            link.expect("received");
+            // And the other way.
+            let tb = buf(&target, t, 4096, MEM_READWRITE);
+            let tov = Overlapped::new(0);
+            recv(&target, t, &tb, 0, 1024, &tov).unwrap();
+            link.send("send back");
+            assert_eq!(wait_ov(&target, &tov), (OK, 4));
+            assert_eq!(tb.bytes(0, 4), b"back");
+            // The connection closes as any other: the peer sees the
+            // target's close.
+            link.expect("posted again");
+            target.p.close_socket(t).unwrap();
+            link.expect("reset");
+            h.p.close_socket(a).unwrap();
+        },
+        |peer, link| {
+            let (l, lev) = peer.listener(6120, 4);
+            link.send("listening");
+            let p = accept_one(peer, l, &lev);
+            peer.p.close_socket(l).unwrap();
+            let pb = buf(peer, p, 4096, MEM_READWRITE);
+            let povs: Vec<Overlapped> = (0..2).map(|_| Overlapped::new(0)).collect();
+            for (i, ov) in povs.iter().enumerate() {
+                recv(peer, p, &pb, i * 1024, 1024, ov).unwrap();
+            }
+            link.send("posted");
+            assert_eq!(wait_ov(peer, &povs[0]), (OK, 5));
+            assert_eq!(wait_ov(peer, &povs[1]), (OK, 6));
+            assert_eq!(pb.bytes(0, 5), b"first");
+            assert_eq!(pb.bytes(1024, 6), b"second");
+            for ov in &povs {
+                assert_eq!(peer.sw.completions_of(ov), 1);
+            }
+            link.send("received");
+            link.expect("send back");
+            send_msg(peer, p, b"back");
+            let pov = Overlapped::new(0);
+            recv(peer, p, &pb, 0, 64, &pov).unwrap();
+            link.send("posted again");
+            assert_eq!(wait_ov(peer, &pov).0, CONNRESET);
+            link.send("reset");
+            peer.p.close_socket(p).unwrap();
+        },
     );
-    assert_eq!(
-        target.p.connect(t, peer.addr(6120), &[]).unwrap_err(),
-        WsaError::WSAEISCONN
-    );
-    // The peer's receives were kept: the target's messages land in them,
-    // in posting order.
-    send_msg(&target, t, b"first");
-    send_msg(&target, t, b"second");
-    assert_eq!(wait_ov(&peer, &povs[0]), (OK, 5));
-    assert_eq!(wait_ov(&peer, &povs[1]), (OK, 6));
-    assert_eq!(pb.bytes(0, 5), b"first");
-    assert_eq!(pb.bytes(1024, 6), b"second");
-    for ov in &povs {
-        assert_eq!(peer.sw.completions_of(ov), 1);
-    }
-    // And the other way.
-    let tb = buf(&target, t, 4096, MEM_READWRITE);
-    let tov = Overlapped::new(0);
-    recv(&target, t, &tb, 0, 1024, &tov).unwrap();
-    send_msg(&peer, p, b"back");
-    assert_eq!(wait_ov(&target, &tov), (OK, 4));
-    assert_eq!(tb.bytes(0, 4), b"back");
-    // The connection closes as any other: the peer sees the target's close.
-    let pov = Overlapped::new(0);
-    recv(&peer, p, &pb, 0, 64, &pov).unwrap();
-    target.p.close_socket(t).unwrap();
-    assert_eq!(wait_ov(&peer, &pov).0, CONNRESET);
-    h.p.close_socket(a).unwrap();
-    peer.p.close_socket(p).unwrap();
 }
 
 /// DUP-2 for a listener (§4.8 step 4): the target's socket listens on the
