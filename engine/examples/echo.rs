@@ -13,12 +13,23 @@
 //! uses the RDMA-write flow and the server's the RDMA-read flow, so the echo
 //! crosses both. Every blocking call has a timeout. Exits non-zero if
 //! anything comes back wrong.
+//!
+//! With `--shm` the two hosts are two processes on the shared-memory fabric
+//! (`fabric.kind = "shm"`, a private runtime directory): this program runs
+//! itself again as the server, which owns 198.18.0.1 and echoes one
+//! connection; the server is killed if it does not finish in time.
+//!
+//! ```sh
+//! cargo run --release --example echo -- --shm
+//! ```
 
+use sanpath::config::FabricKind;
 use sanpath::switch::{Listener, RdmaFlow, Runtime, RuntimeConfig, Stream, SwitchOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::process::ExitCode;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -31,6 +42,9 @@ const SIZES: [usize; 7] = [1, 100, 8 << 10, 64 << 10, (64 << 10) + 1, 1 << 20, 1
 
 const SERVER: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 1), 7007);
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+
+/// Set in the server process of `--shm`: the runtime directory.
+const SERVER_ENV: &str = "SANPATH_ECHO_SERVER_DIR";
 
 fn main() -> ExitCode {
     match run() {
@@ -47,10 +61,15 @@ fn main() -> ExitCode {
 }
 
 /// A runtime (a provider with the reference switch on top) owning `ip` on
-/// the process-wide soft network, whose large sends use `rdma_flow`.
-fn runtime(ip: Ipv4Addr, rdma_flow: RdmaFlow) -> io::Result<Arc<Runtime>> {
+/// the process-wide soft network, or with `shm` on the shm fabric in that
+/// runtime directory, whose large sends use `rdma_flow`.
+fn runtime(ip: Ipv4Addr, rdma_flow: RdmaFlow, shm: Option<&Path>) -> io::Result<Arc<Runtime>> {
     let mut config = RuntimeConfig::default();
     config.engine.fabric.soft.addresses = vec![ip];
+    if let Some(dir) = shm {
+        config.engine.fabric.kind = FabricKind::Shm;
+        config.engine.fabric.shm.runtime_dir = dir.to_string_lossy().into_owned();
+    }
     config.switch = SwitchOptions {
         rdma_flow,
         connect_timeout: TIMEOUT,
@@ -99,18 +118,131 @@ fn echo(stream: &Stream, payload: &[u8]) -> io::Result<Vec<u8>> {
     Ok(back)
 }
 
+/// The server: a thread of this process, or (`--shm`) another process.
+enum Server {
+    /// Taken by `join`.
+    Thread(Option<thread::JoinHandle<io::Result<u64>>>),
+    Process {
+        child: Child,
+        lines: mpsc::Receiver<String>,
+        dir: PathBuf,
+    },
+}
+
+impl Server {
+    /// The server process on shm: this program again, with [`SERVER_ENV`];
+    /// returns once it listens.
+    fn spawn(dir: PathBuf) -> io::Result<Server> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .env(SERVER_ENV, &dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let out = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let (tx, lines) = mpsc::channel();
+        thread::spawn(move || {
+            for line in out.lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut s = Server::Process { child, lines, dir };
+        s.expect("LISTENING")?;
+        Ok(s)
+    }
+
+    /// The server process's next line, which must start with `word`.
+    fn expect(&mut self, word: &str) -> io::Result<String> {
+        let Server::Process { lines, .. } = self else {
+            unreachable!("only a server process talks")
+        };
+        match lines.recv_timeout(TIMEOUT) {
+            Ok(l) if l.starts_with(word) => Ok(l),
+            Ok(l) => Err(io::Error::other(format!(
+                "server process: {l:?}, not {word}"
+            ))),
+            Err(_) => Err(io::Error::other(format!(
+                "the server process said no {word} within {TIMEOUT:?}"
+            ))),
+        }
+    }
+
+    /// The bytes the server echoed, once it finished (bounded).
+    fn join(mut self) -> io::Result<u64> {
+        if let Server::Thread(t) = &mut self {
+            let t = t.take().expect("joined once");
+            return t.join().expect("server thread panicked");
+        }
+        let line = self.expect("ECHOED")?;
+        let Server::Process { child, .. } = &mut self else {
+            unreachable!()
+        };
+        let deadline = Instant::now() + TIMEOUT;
+        while child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                return Err(io::Error::other("the server process did not exit"));
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        line["ECHOED".len()..]
+            .trim()
+            .parse()
+            .map_err(|_| io::Error::other(format!("server process: {line:?}")))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Server::Process { child, dir, .. } = self {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// The server process of `--shm`: listens, says so, echoes one connection.
+fn server_process(dir: &Path) -> io::Result<bool> {
+    let rt = runtime(*SERVER.ip(), RdmaFlow::Read, Some(dir))?;
+    let listener = Listener::bind(&rt, SERVER)?;
+    println!("LISTENING");
+    let echoed = serve(listener)?;
+    println!("ECHOED {echoed}");
+    Ok(true)
+}
+
+/// A private runtime directory (mode 0700) for `--shm`.
+fn private_dir() -> io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = std::env::temp_dir().join(format!("sanpath-echo-{}", std::process::id()));
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    Ok(dir)
+}
+
 fn run() -> io::Result<bool> {
-    let server_rt = runtime(*SERVER.ip(), RdmaFlow::Read)?;
-    let client_rt = runtime(CLIENT_IP, RdmaFlow::Write)?;
-    let listener = Listener::bind(&server_rt, SERVER)?;
-    let server = thread::spawn(move || serve(listener));
+    if let Some(dir) = std::env::var_os(SERVER_ENV) {
+        return server_process(Path::new(&dir));
+    }
+    let shm = std::env::args().skip(1).any(|a| a == "--shm");
+    let (client_rt, server) = if shm {
+        let dir = private_dir()?;
+        let server = Server::spawn(dir.clone())?;
+        (runtime(CLIENT_IP, RdmaFlow::Write, Some(&dir))?, server)
+    } else {
+        let server_rt = runtime(*SERVER.ip(), RdmaFlow::Read, None)?;
+        let listener = Listener::bind(&server_rt, SERVER)?;
+        let server = Server::Thread(Some(thread::spawn(move || serve(listener))));
+        (runtime(CLIENT_IP, RdmaFlow::Write, None)?, server)
+    };
 
     let client = Stream::connect(&client_rt, SERVER)?;
     let threshold = client.rdma_threshold();
     println!(
-        "echo: {} -> {}, RDMA above {threshold} bytes",
+        "echo: {} -> {}{}, RDMA above {threshold} bytes",
         client.local_addr(),
-        client.peer_addr()
+        client.peer_addr(),
+        if shm { " (another process, shm)" } else { "" }
     );
     println!(
         "{:>10}  {:<4}  {:>9}  {:>8}  {:<16}  check",
@@ -140,7 +272,7 @@ fn run() -> io::Result<bool> {
     // read end of stream in turn.
     client.shutdown()?;
     let end = client.recv(&mut [0u8; 1])?;
-    let echoed = server.join().expect("server thread panicked")?;
+    let echoed = server.join()?;
     let stats = client.stats();
     client.close();
     let elapsed = started.elapsed();
