@@ -37,9 +37,10 @@
  * embedded defaults, or from the TOML file named by the environment variable SANPATH_CONFIG
  * (read when the provider is created; keys as in configs/default.toml).
  *
- * Not supported: socket duplication (WSPDuplicateSocket and WSPSocket with a non-zero
- * dwProviderReserved fail), QoS, overlapped WSPIoctl, and the procedure-table functions a SAN
- * provider need not implement (they fail WSAEOPNOTSUPP).
+ * Socket duplication (WSPDuplicateSocket, WSPSocket with a non-zero dwProviderReserved) works
+ * between processes of one host on the shm and verbs fabrics (within one process on soft).
+ * Not supported: QoS, overlapped WSPIoctl, and the procedure-table functions a SAN provider
+ * need not implement (they fail WSAEOPNOTSUPP).
  *
  * Compiling on top of the real Windows headers: define SANPATH_USE_WINSOCK_HEADERS after
  * including <winsock2.h>, <ws2spi.h> and <ddk/ws2san.h>; this header then declares only the
