@@ -832,8 +832,9 @@ fn cq_admission_refuses_queue_pairs_beyond_its_size() {
 
 /// Takes `dev` down, then up again when dropped. Not all comes back: after
 /// a link went down mid-transfer, rdma_cm between rxe1 and rxe0 stays
-/// broken for the rest of the boot (rping's REQ reaches rxe0, whose REP goes
-/// unanswered), which is why tools/rxe-vm/test runs the fault tests last.
+/// broken for the rest of the boot: rxe1 receives nothing more (its
+/// `rcvd_pkts` counter stops; re-creating rxe1 repairs it), which is why
+/// tools/rxe-vm/test runs the fault tests last.
 struct LinkDown(&'static str);
 
 impl LinkDown {
