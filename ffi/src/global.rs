@@ -2,7 +2,9 @@
 //!
 //! Created by the first `WSPStartupEx` (and kept for the life of the
 //! process: the engine's own startup/cleanup refcount starts and stops its
-//! threads). Its configuration is the embedded default, or the TOML file
+//! threads; at exit its NIC removes its files, see [`Nic::process_exiting`]).
+//!
+//! [`Nic::process_exiting`]: sanpath::fabric::Nic::process_exiting Its configuration is the embedded default, or the TOML file
 //! named by the environment variable [`CONFIG_ENV`], read once, when the
 //! provider is created. If creation fails (unreadable or invalid file, the
 //! fabric cannot start), `WSPStartupEx` returns `WSASYSNOTREADY` and the next
@@ -37,7 +39,24 @@ pub fn provider_or_create() -> WsaResult<&'static Provider> {
     }
     let config = load_config().ok_or(WsaError::WSASYSNOTREADY)?;
     let provider = Provider::new(config).map_err(|_| WsaError::WSASYSNOTREADY)?;
-    Ok(PROVIDER.get_or_init(|| provider))
+    let p = PROVIDER.get_or_init(|| provider);
+    // SAFETY: `at_exit` is a plain function that stays valid for the life
+    // of the process. If registration fails, the files it would remove stay
+    // (stale: the next NIC to bind the address removes them).
+    unsafe { atexit(at_exit) };
+    Ok(p)
+}
+
+extern "C" {
+    fn atexit(f: extern "C" fn()) -> std::ffi::c_int;
+}
+
+/// At a normal exit the static provider is never dropped: its NIC removes
+/// what would outlive the process (the shm fabric's address sockets).
+extern "C" fn at_exit() {
+    if let Some(p) = PROVIDER.get() {
+        p.nic().process_exiting();
+    }
 }
 
 fn load_config() -> Option<Config> {

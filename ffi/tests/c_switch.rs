@@ -246,27 +246,19 @@ fn duplication_moves_a_connection_to_another_process_over_shm() {
         );
         println!("{}", stderr_of(r.name).trim_end());
     }
-    // No duplication record is left. The address sockets are: the C ABI's
-    // provider lives as long as its process, so the NIC that would remove
-    // them is never dropped; they must at least be stale (nobody listens),
-    // which the next NIC or connector to find one removes.
+    // Nothing is left: no duplication record, and no address socket (the
+    // C ABI's provider is never dropped; its NIC removes them at exit).
     let dups = dir.join("sanpath-dup");
     if dups.exists() {
         let records = std::fs::read_dir(&dups).unwrap().count();
         assert_eq!(records, 0, "duplication records left behind");
     }
-    for e in std::fs::read_dir(&dir).unwrap() {
-        let path = e.unwrap().path();
-        if path.extension().is_some_and(|x| x == "sock") {
-            let err = std::os::unix::net::UnixStream::connect(&path)
-                .expect_err("an address socket still listened after its process exited");
-            assert_eq!(
-                err.kind(),
-                std::io::ErrorKind::ConnectionRefused,
-                "{path:?}"
-            );
-        }
-    }
+    let socks: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "sock"))
+        .collect();
+    assert!(socks.is_empty(), "address sockets left behind: {socks:?}");
     drop(roles);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -376,6 +376,12 @@ pub trait Nic: Send + Sync {
     /// The IPv4 addresses of this NIC (what `SIO_ADDRESS_LIST_QUERY` reports).
     fn addresses(&self) -> Vec<Ipv4Addr>;
 
+    /// The process is exiting without dropping this NIC (an embedder that
+    /// keeps its provider in a static, as the C ABI does): removes what
+    /// would outlive the process outside it (the shm NIC's address sockets).
+    /// Nothing else may be used after; the default does nothing.
+    fn process_exiting(&self) {}
+
     /// Creates a completion queue holding up to `depth` completions; `waker`
     /// is woken when it is armed and a completion arrives.
     fn create_cq(

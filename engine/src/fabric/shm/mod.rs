@@ -307,11 +307,17 @@ impl ShmNic {
     }
 }
 
-impl Drop for ShmNic {
-    fn drop(&mut self) {
+impl ShmNic {
+    fn remove_address_sockets(&self) {
         for ip in &self.inner.addresses {
             let _ = std::fs::remove_file(cm::socket_path(&self.inner.dir, *ip));
         }
+    }
+}
+
+impl Drop for ShmNic {
+    fn drop(&mut self) {
+        self.remove_address_sockets();
         self.inner.events.stop();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -322,6 +328,10 @@ impl Drop for ShmNic {
 impl Nic for ShmNic {
     fn addresses(&self) -> Vec<Ipv4Addr> {
         self.inner.addresses.clone()
+    }
+
+    fn process_exiting(&self) {
+        self.remove_address_sockets();
     }
 
     fn create_cq(
