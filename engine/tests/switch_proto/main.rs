@@ -458,6 +458,45 @@ fn a_reader_returns_ring_space_and_the_writer_never_overruns() {
 }
 
 #[test]
+fn a_receive_draining_the_ring_gives_half_of_it_back_before_copying_the_rest() {
+    let ring = MIN_RING as usize;
+    let mut s = connected(cfg_copy(), cfg_copy());
+    let full = s.app_send(0, 0, ring, false);
+    let more = s.app_send(0, ring as u64, 600, false);
+    s.settle();
+    ok(&s, 0, full);
+    assert_eq!(s.result(0, more), None, "side 1's ring is full");
+    let (r, actions) = s.app_recv_actions(1, 2 * ring, false);
+    let copies: Vec<usize> = (0..actions.len())
+        .filter(|&k| matches!(actions[k], Action::CopyOut { .. }))
+        .collect();
+    let credit = actions
+        .iter()
+        .position(|a| matches!(a, Action::Send { .. }))
+        .expect("a CREDIT gives the ring space back");
+    assert!(
+        copies.len() > 1,
+        "the ring is copied out in steps: {actions:?}"
+    );
+    assert!(
+        credit < *copies.last().unwrap(),
+        "half the ring goes back before the last copy-out: {actions:?}"
+    );
+    s.settle();
+    assert_eq!(ok(&s, 1, r), ring as u64);
+    assert_eq!(
+        ok(&s, 0, more),
+        600,
+        "the writer refilled the space given back"
+    );
+    let r = s.app_recv(1, ring, false);
+    s.settle();
+    assert_eq!(ok(&s, 1, r), 600);
+    assert_eq!(s.sides[1].received, s.expected(1, ring + 600));
+    no_violations(&s);
+}
+
+#[test]
 fn control_answers_are_not_starved_by_unread_data() {
     // Side 0 fills side 1 with DATA that side 1 does not read while it sends
     // a large RDMA-read payload that side 0 reads: READ_DONE must still go.

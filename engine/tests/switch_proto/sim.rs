@@ -742,6 +742,17 @@ impl Sim {
     }
 
     pub fn app_recv(&mut self, i: usize, cap: usize, nonblocking: bool) -> OpId {
+        self.app_recv_actions(i, cap, nonblocking).0
+    }
+
+    /// [`Sim::app_recv`], also returning the actions side `i` yielded for
+    /// it, in order (each executed before the next is polled).
+    pub fn app_recv_actions(
+        &mut self,
+        i: usize,
+        cap: usize,
+        nonblocking: bool,
+    ) -> (OpId, Vec<Action>) {
         let op = self.new_op();
         self.sides[i].ops.insert(
             op,
@@ -751,8 +762,12 @@ impl Sim {
             },
         );
         self.m(i).app_recv(op, cap as u64, nonblocking);
-        self.drain(i);
-        op
+        let mut seen = Vec::new();
+        while let Some(a) = self.sides[i].m.as_mut().and_then(Connection::poll_action) {
+            seen.push(a);
+            self.exec(i, a);
+        }
+        (op, seen)
     }
 
     pub fn result(&self, i: usize, op: OpId) -> Option<Result<u64, Error>> {

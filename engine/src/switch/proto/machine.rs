@@ -1223,6 +1223,21 @@ impl Connection {
         self.flush_out();
     }
 
+    /// Sends a CREDIT carrying the ring ack if half the ring was read and
+    /// not announced, and a send buffer and a credit are at hand (else
+    /// `flush_out` sends it, or asks for credits, later).
+    fn ack_ring_early(&mut self) {
+        if self.ring_rx.ack_due()
+            && self.error.is_none()
+            && self.phase == Phase::Open
+            && !self.free_send.is_empty()
+            && self.credits.may_send(Class::Control)
+        {
+            self.stats.credit_msgs += 1;
+            self.emit(Body::Credit, None);
+        }
+    }
+
     /// Serves the pending receives from the incoming stream.
     fn serve_recvs(&mut self) {
         while let Some(r) = self.recvs.front() {
@@ -1234,12 +1249,16 @@ impl Connection {
             // boundary.
             let mut n: u64 = 0;
             while n < cap {
+                let step = self.ring_rx.copy_step();
                 let (from, slot, k, done) = match self.inbox.front_mut() {
                     Some(Item {
                         slot,
                         kind: ItemKind::Data { at, end } | ItemKind::Inline { at, end },
                     }) => {
-                        let k = u64::from(*end - *at).min(cap - n) as u32;
+                        let mut k = u64::from(*end - *at).min(cap - n) as u32;
+                        if slot.is_none() {
+                            k = k.min(step);
+                        }
                         let from = *at;
                         *at += k;
                         (from, *slot, k, *at == *end)
@@ -1265,6 +1284,10 @@ impl Connection {
                 self.stats.bytes_copied_out += u64::from(k);
                 if slot.is_none() {
                     self.ring_rx.consumed(k);
+                    // Give half a ring back as soon as it is copied (the
+                    // CREDIT is posted after this copy, before the next):
+                    // the sender refills it while this receive copies on.
+                    self.ack_ring_early();
                 }
                 if done {
                     self.inbox.pop_front();

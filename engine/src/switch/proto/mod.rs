@@ -21,8 +21,10 @@
 //!   sender wrote its bytes (the next free byte, never across the ring's
 //!   end); every header's `ack` returns the ring bytes the sender consumed
 //!   so far; a side sends a CREDIT of its own once half the ring is read
-//!   and unannounced. So 64 KiB is one DATA, and a sender waits only when
-//!   the peer's ring is full of unread bytes.
+//!   and unannounced, also in the middle of a receive (which copies the
+//!   ring out a quarter of it at a time), so the sender refills that half
+//!   while the reader copies the rest. So 64 KiB is one DATA, and a sender
+//!   waits only when the peer's ring is full of unread bytes.
 //! * **Negotiation.** The connector posts its receives and sends HELLO at
 //!   once (the provider holds it until the acceptor posts). The acceptor
 //!   posts its receives, waits for that HELLO and answers with its own.

@@ -132,6 +132,14 @@ impl RingRx {
     pub(super) fn ack_due(&self) -> bool {
         self.size > 0 && self.consumed - self.published >= u64::from(self.size / 2)
     }
+
+    /// The most bytes one copy-out takes from the ring: a quarter of it, so
+    /// that a receive that drains a full ring gives half of it back (after
+    /// two copies) while it copies the rest, and the sender refills that
+    /// half meanwhile.
+    pub(super) fn copy_step(&self) -> u32 {
+        (self.size / 4).max(1)
+    }
 }
 
 #[cfg(test)]
