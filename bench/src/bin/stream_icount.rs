@@ -1,0 +1,156 @@
+//! stream_icount: one thread moves a stream of `--size`-byte writes through
+//! a connected pair of the reference switch's streams (`sanpath::switch`)
+//! on a private soft network, in run-to-completion mode, for counting what
+//! a message costs under valgrind: instructions and locked instructions
+//! (callgrind, as `tools/icount-gate` counts the engine's ops), bytes
+//! copied (`memcpy`/`memmove` calls and their instructions), syscalls
+//! (`strace -c`). Only the non-blocking calls can run on one thread, so
+//! this is the copied path (INLINE up to the message buffer, the ring
+//! above), whatever the size.
+//!
+//! Each message: `try_send` on the client until all of it is taken, each
+//! attempt followed by `try_recv` on the server until it would block, so
+//! the reader frees ring space as a second thread would. After `--warmup`
+//! messages it sends `--msgs` more inside `measure_stream` (callgrind:
+//! `--collect-atstart=no --toggle-collect='*measure_stream*'`), then prints
+//! the reader's and writer's protocol counters (`Stream::stats`) per
+//! message.
+//!
+//! Usage: `stream_icount [--size B] [--msgs N] [--warmup N]`.
+
+use sanpath::config::{MlockPolicy, PollerMode};
+use sanpath::fabric::soft::SoftNetwork;
+use sanpath::switch::{Listener, Runtime, RuntimeConfig, Stream, SwitchOptions};
+use sanpath::Config;
+use std::io::{self, ErrorKind};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::Arc;
+use std::time::Duration;
+
+type Res<T> = Result<T, String>;
+
+struct Pair {
+    client: Stream,
+    server: Stream,
+    /// Keeps the provider up while the streams live.
+    _rt: Arc<Runtime>,
+}
+
+fn pair() -> Res<Pair> {
+    let e = |what: &'static str| move |e: io::Error| format!("{what}: {e}");
+    let mut engine = Config::default();
+    engine.poller.mode = PollerMode::RunToCompletion;
+    engine.mem.mlock = MlockPolicy::Off;
+    let ip = Ipv4Addr::new(198, 18, 252, 1);
+    let t = Duration::from_secs(10);
+    let rc = RuntimeConfig {
+        switch: SwitchOptions {
+            connect_timeout: t,
+            handshake_timeout: t,
+            accept_timeout: Some(t),
+            read_timeout: Some(t),
+            write_timeout: Some(t),
+            ..SwitchOptions::default()
+        },
+        engine,
+    };
+    let nic = SoftNetwork::new()
+        .attach(rc.engine.soft_nic(vec![ip]))
+        .map_err(|e| e.to_string())?;
+    let rt = Runtime::with_nic(rc, nic).map_err(e("runtime"))?;
+    let listener = Listener::bind(&rt, SocketAddrV4::new(ip, 4792)).map_err(e("listen"))?;
+    let addr = listener.local_addr();
+    let (client, server) = std::thread::scope(|s| {
+        let server = s.spawn(|| listener.accept().map(|(s, _)| s));
+        let client = Stream::connect(&rt, addr);
+        (client, server.join().expect("accepting thread"))
+    });
+    Ok(Pair {
+        client: client.map_err(e("connect"))?,
+        server: server.map_err(e("accept"))?,
+        _rt: rt,
+    })
+}
+
+/// Reads on the server until it would block; returns the bytes read.
+fn drain(s: &Stream, buf: &mut [u8]) -> Res<usize> {
+    let mut got = 0;
+    loop {
+        match s.try_recv(buf) {
+            Ok(0) => return Err("end of stream".into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(got),
+            Err(e) => return Err(format!("try_recv: {e}")),
+        }
+    }
+}
+
+/// Moves one message of `msg.len()` bytes from client to server.
+fn one(p: &Pair, msg: &[u8], sink: &mut [u8]) -> Res<()> {
+    let (mut sent, mut got) = (0, 0);
+    let mut tries = 0;
+    while got < msg.len() {
+        if sent < msg.len() {
+            match p.client.try_send(&msg[sent..]) {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) => return Err(format!("try_send: {e}")),
+            }
+        }
+        got += drain(&p.server, sink)?;
+        tries += 1;
+        if tries > 1_000_000 {
+            return Err(format!("stuck: {sent} sent, {got} read"));
+        }
+    }
+    Ok(())
+}
+
+#[inline(never)]
+fn measure_stream(p: &Pair, msgs: usize, msg: &[u8], sink: &mut [u8]) -> Res<()> {
+    (0..msgs).try_for_each(|_| one(p, msg, sink))
+}
+
+fn run() -> Res<()> {
+    let usage = || "usage: stream_icount [--size B] [--msgs N] [--warmup N]".to_string();
+    let (mut size, mut msgs, mut warmup) = (65536usize, 100usize, 20usize);
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let v: usize = it.next().and_then(|v| v.parse().ok()).ok_or_else(usage)?;
+        match flag.as_str() {
+            "--size" => size = v.max(1),
+            "--msgs" => msgs = v,
+            "--warmup" => warmup = v,
+            _ => return Err(usage()),
+        }
+    }
+    let p = pair()?;
+    let msg = vec![5u8; size];
+    let mut sink = vec![0u8; 1 << 20];
+    for _ in 0..warmup {
+        one(&p, &msg, &mut sink)?;
+    }
+    let (c0, s0) = (p.client.stats(), p.server.stats());
+    measure_stream(&p, msgs, &msg, &mut sink)?;
+    let (c1, s1) = (p.client.stats(), p.server.stats());
+    let per = |a: u64, b: u64| (b - a) as f64 / msgs.max(1) as f64;
+    println!(
+        "per {size} B message: writer sent {:.2} messages ({:.2} DATA/INLINE, {:.2} CREDIT, {:.2} NEED), \
+         reader sent {:.2} ({:.2} CREDIT, {:.2} NEED)",
+        per(c0.msgs_sent, c1.msgs_sent),
+        per(c0.data_msgs, c1.data_msgs),
+        per(c0.credit_msgs, c1.credit_msgs),
+        per(c0.need_msgs, c1.need_msgs),
+        per(s0.msgs_sent, s1.msgs_sent),
+        per(s0.credit_msgs, s1.credit_msgs),
+        per(s0.need_msgs, s1.need_msgs),
+    );
+    Ok(())
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("stream_icount: {e}");
+        std::process::exit(1);
+    }
+}
