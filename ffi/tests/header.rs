@@ -33,8 +33,10 @@ fn copy_for_cbindgen(src: &Path, dst: &Path) {
             copy_for_cbindgen(&path, &to);
         } else if path.extension().is_some_and(|e| e == "rs") {
             let text = fs::read_to_string(&path).unwrap();
+            // Private callbacks for C (`atexit`) are `extern "C"`.
             assert!(
-                !text.contains("extern \"C\" fn"),
+                !text.contains("pub extern \"C\" fn")
+                    && !text.contains("pub unsafe extern \"C\" fn"),
                 "{}: exported functions use extern \"system\" (WSPAPI)",
                 path.display()
             );
