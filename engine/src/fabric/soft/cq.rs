@@ -8,6 +8,33 @@
 //! the first waker after it clears it (one write per sleep, none per
 //! message), every other producer only reads it.
 //!
+//! # Polling only the ends that have work
+//!
+//! A poll visits the CQ's *hot* ends, not every end attached, so its cost
+//! does not grow with the connections that share the CQ. An end is in
+//! exactly one of three places:
+//!
+//! - **hot**: in the consumer's list, visited by every poll;
+//! - **announced**: in `CqShared::ready`, put there by a producer;
+//! - **idle**: its [`Presence`] says so; visited by no poll.
+//!
+//! An end starts hot. After [`IDLE_POLLS`] visits in a row that found
+//! nothing, the consumer stores `idle`, issues a SeqCst fence and looks
+//! for work once more (the `arm` protocol, per end): if it finds none the
+//! end leaves the hot list. A producer, after publishing work and the
+//! fence it issues anyway for `armed` (`Link::wake`), reads `idle`; only if
+//! it is set does it swap it back (one of possibly several producers wins)
+//! and push the end's slot on `ready`. The next poll moves announced ends
+//! to the hot list. One of the two sides sees the other, so no work is
+//! left on an idle end; and while an end stays busy a producer pays one
+//! plain load for this, no locked instruction (the dirty-list idea of
+//! epoll's ready list and of a NIC's doorbell coalescing, with the
+//! arm/re-check of a sleeping poller).
+//!
+//! An end whose oldest send waits for a peer that does not poll (see
+//! `HELP_AFTER` in `link`) stays hot: it matches that send itself after
+//! enough polls.
+//!
 //! Capacity: creating a queue pair reserves `send_depth + recv_depth`
 //! entries, and no queue pair holds more uncompleted requests than that, so
 //! the completions a CQ owes never exceed its depth (the admission a
@@ -18,8 +45,50 @@ use super::lock;
 use crate::fabric::{CompletionQueue, CqId, Waker, WorkCompletion};
 use crate::spin::SpinLock;
 use crossbeam_utils::CachePadded;
-use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+
+/// Visits in a row that find nothing before an end leaves the hot list. A
+/// waiting thread polls many times per round trip, so an end in use never
+/// goes idle; one that does costs its next producer one announcement.
+pub(super) const IDLE_POLLS: u32 = 64;
+
+/// How an idle end gets its CQ to poll it again (kept in `link::End`).
+pub(super) struct Presence {
+    /// The end is idle (see module docs). Set by the consumer as the end
+    /// leaves its hot list; cleared by the one swap that announces it (a
+    /// producer) or keeps it hot (the consumer, finding work at the
+    /// re-check). Read by every producer after its fence.
+    idle: AtomicBool,
+    /// The end's slot in its CQ's consumer. Written by the consumer when it
+    /// takes the end in, before `idle` is first set; read by the producer
+    /// whose swap cleared `idle`.
+    slot: AtomicU32,
+}
+
+impl Presence {
+    pub(super) fn new() -> Presence {
+        Presence {
+            idle: AtomicBool::new(false),
+            slot: AtomicU32::new(u32::MAX),
+        }
+    }
+
+    /// Whether the end is idle (the caller fenced after publishing work).
+    #[inline]
+    pub(super) fn is_idle(&self) -> bool {
+        self.idle.load(Ordering::Relaxed)
+    }
+}
+
+/// Slots of ends announced since the consumer last looked.
+struct Ready {
+    /// Set (under `slots`) by an announcement, cleared (under `slots`) by
+    /// the consumer that takes them; the consumer reads it without the lock
+    /// on every poll, so the lock is taken only when there is something.
+    pending: AtomicBool,
+    slots: SpinLock<Vec<u32>>,
+}
 
 /// The part of a CQ the links of its queue pairs hold.
 pub(super) struct CqShared {
@@ -31,6 +100,9 @@ pub(super) struct CqShared {
     /// cleared by the one producer that sends the wake; read by every
     /// producer after it published work.
     armed: CachePadded<AtomicBool>,
+    /// Idle ends with work (module docs). Written by producers only when an
+    /// end was idle, read by the consumer at each poll.
+    ready: CachePadded<Ready>,
     waker: Arc<dyn Waker>,
 }
 
@@ -62,16 +134,118 @@ impl CqShared {
             self.waker.wake();
         }
     }
+
+    /// Puts an idle end (the caller saw [`Presence::is_idle`] after
+    /// publishing work for it and fencing) on the ready list, unless
+    /// another producer or the consumer took it back first.
+    #[cold]
+    pub(super) fn announce(&self, p: &Presence) {
+        if !p.idle.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let slot = p.slot.load(Ordering::Relaxed);
+        let mut slots = self.ready.slots.lock();
+        slots.push(slot);
+        self.ready.pending.store(true, Ordering::Relaxed);
+        drop(slots);
+        // Orders `pending` before the caller's read of `armed` (an `arm`
+        // stores `armed`, fences, then reads `pending`).
+        fence(Ordering::SeqCst);
+    }
 }
 
-/// An end attached to a CQ: its link, which end, and its reaper state.
-type Attached = (Arc<Link>, usize, Reaper);
+/// An end attached to a CQ.
+struct Attached {
+    link: Arc<Link>,
+    /// Which end of `link`.
+    end: usize,
+    r: Reaper,
+    /// Visits in a row that found nothing, up to [`IDLE_POLLS`].
+    quiet: u32,
+}
 
-/// The ends a CQ's consumer polls.
+/// What the consumer owns.
 struct Consumer {
-    ends: Vec<Attached>,
-    /// Where the next poll starts (round robin between ends).
+    /// Every attached end by slot (`None`: a free slot, listed in `free`).
+    slots: Vec<Option<Attached>>,
+    free: Vec<u32>,
+    /// Slots of the hot ends, each listed once; the rest are idle or
+    /// announced.
+    hot: Vec<u32>,
+    /// Where the next poll starts in `hot` (round robin between ends).
     cursor: usize,
+    /// The buffer swapped with `Ready::slots` when taking them (no
+    /// allocation once both have grown).
+    taken: Vec<u32>,
+    /// Ends visited by polls so far (tests check that idle ones are not).
+    #[cfg(test)]
+    visits: u64,
+}
+
+impl Consumer {
+    fn attached(&mut self, slot: u32) -> &mut Attached {
+        self.slots[slot as usize]
+            .as_mut()
+            .expect("a listed slot holds an end")
+    }
+
+    /// Takes in a newly attached end; it starts hot.
+    fn add(&mut self, a: Attached) {
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                self.slots.push(None);
+                u32::try_from(self.slots.len() - 1).expect("fewer than 2^32 ends per CQ")
+            }
+        };
+        a.link.ends[a.end]
+            .presence
+            .slot
+            .store(slot, Ordering::Relaxed);
+        self.slots[slot as usize] = Some(a);
+        self.hot.push(slot);
+    }
+
+    /// After a poll that saw an end drained or long quiet: forgets drained
+    /// ends and idles quiet ones that still have nothing.
+    fn settle(&mut self) {
+        let mut i = 0;
+        while i < self.hot.len() {
+            let slot = self.hot[i];
+            let a = self.attached(slot);
+            let leave = if a.link.drained(a.end, &a.r) {
+                self.slots[slot as usize] = None;
+                self.free.push(slot);
+                true
+            } else if a.quiet >= IDLE_POLLS {
+                a.quiet = 0;
+                a.idle()
+            } else {
+                false
+            };
+            if leave {
+                self.hot.swap_remove(i);
+            } else {
+                i += 1;
+            }
+        }
+    }
+}
+
+impl Attached {
+    /// Marks the end idle unless it has work; whether it left the hot list
+    /// (idle, or announced by a producer meanwhile).
+    fn idle(&mut self) -> bool {
+        let p = &self.link.ends[self.end].presence;
+        p.idle.store(true, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        if !self.link.has_work(self.end, &mut self.r, false) {
+            return true;
+        }
+        // Work came: keep the end hot, unless a producer's announcement
+        // took it already (it is on the ready list then).
+        !p.idle.swap(false, Ordering::AcqRel)
+    }
 }
 
 pub(super) struct SoftCq {
@@ -93,11 +267,20 @@ impl SoftCq {
                 capacity: depth,
                 reserved: AtomicUsize::new(0),
                 armed: CachePadded::new(AtomicBool::new(false)),
+                ready: CachePadded::new(Ready {
+                    pending: AtomicBool::new(false),
+                    slots: SpinLock::new(Vec::new()),
+                }),
                 waker,
             }),
             consumer: SpinLock::new(Consumer {
-                ends: Vec::new(),
+                slots: Vec::new(),
+                free: Vec::new(),
+                hot: Vec::new(),
                 cursor: 0,
+                taken: Vec::new(),
+                #[cfg(test)]
+                visits: 0,
             }),
             incoming: Mutex::new(Vec::new()),
             incoming_pending: AtomicBool::new(false),
@@ -111,15 +294,49 @@ impl SoftCq {
     /// Adds end `end` of `link`, with its reaper state, to the ends this
     /// CQ polls.
     pub(super) fn attach(&self, link: &Arc<Link>, end: usize, r: Reaper) {
-        lock(&self.incoming).push((link.clone(), end, r));
+        lock(&self.incoming).push(Attached {
+            link: link.clone(),
+            end,
+            r,
+            quiet: 0,
+        });
         self.incoming_pending.store(true, Ordering::Release);
     }
 
-    fn take_incoming(&self, c: &mut Consumer) {
+    /// Ends visited by polls so far.
+    #[cfg(test)]
+    pub(super) fn visits(&self) -> u64 {
+        self.consumer.lock().visits
+    }
+
+    /// Ends attached and not yet forgotten, and how many of them are hot.
+    #[cfg(test)]
+    pub(super) fn ends(&self) -> (usize, usize) {
+        let c = self.consumer.lock();
+        (c.slots.len() - c.free.len(), c.hot.len())
+    }
+
+    /// Moves newly attached and announced ends to the hot list.
+    fn take_in(&self, c: &mut Consumer) {
         if self.incoming_pending.load(Ordering::Acquire) {
             let mut inc = lock(&self.incoming);
             self.incoming_pending.store(false, Ordering::Relaxed);
-            c.ends.append(&mut inc);
+            for a in inc.drain(..) {
+                c.add(a);
+            }
+        }
+        let ready = &self.shared.ready;
+        if ready.pending.load(Ordering::Relaxed) {
+            let mut slots = ready.slots.lock();
+            ready.pending.store(false, Ordering::Relaxed);
+            std::mem::swap(&mut *slots, &mut c.taken);
+            drop(slots);
+            for i in 0..c.taken.len() {
+                let slot = c.taken[i];
+                c.attached(slot).quiet = 0;
+                c.hot.push(slot);
+            }
+            c.taken.clear();
         }
     }
 }
@@ -134,28 +351,39 @@ impl CompletionQueue for SoftCq {
             return 0;
         };
         let c = &mut *guard;
-        self.take_incoming(c);
+        self.take_in(c);
         let mut n = 0;
         let mut seal = None;
-        let mut drained = false;
-        let count = c.ends.len();
+        let mut settle = false;
+        let count = c.hot.len();
         let start = if c.cursor < count { c.cursor } else { 0 };
         for visited in 0..count {
             if n == out.len() {
                 break;
             }
             let at = start + visited;
-            let (link, end, r) = &mut c.ends[if at < count { at } else { at - count }];
-            let (k, s) = link.reap(*end, r, &mut out[n..]);
+            let slot = c.hot[if at < count { at } else { at - count }];
+            #[cfg(test)]
+            {
+                c.visits += 1;
+            }
+            let a = c.attached(slot);
+            let (k, s) = a.link.reap(a.end, &mut a.r, &mut out[n..]);
             n += k;
             if s {
-                seal = Some(link.clone());
+                seal = Some(a.link.clone());
                 break;
             }
-            drained |= link.drained(*end, r);
+            if k == 0 {
+                a.quiet += 1;
+                settle |= a.quiet >= IDLE_POLLS;
+            } else {
+                a.quiet = 0;
+            }
+            settle |= a.link.drained(a.end, &a.r);
         }
-        if drained {
-            c.ends.retain(|(link, end, r)| !link.drained(*end, r));
+        if settle {
+            c.settle();
         }
         c.cursor = start + 1;
         drop(guard);
@@ -172,11 +400,16 @@ impl CompletionQueue for SoftCq {
     fn arm(&self) -> bool {
         let mut guard = self.consumer.lock();
         let c = &mut *guard;
-        self.take_incoming(c);
+        self.take_in(c);
         self.shared.armed.store(true, Ordering::Relaxed);
         fence(Ordering::SeqCst);
-        c.ends
-            .iter_mut()
-            .any(|(link, end, r)| link.has_work(*end, r))
+        if self.shared.ready.pending.load(Ordering::Relaxed) {
+            return true;
+        }
+        let Consumer { slots, hot, .. } = c;
+        hot.iter().any(|&s| {
+            let a = slots[s as usize].as_mut().expect("a listed slot holds an end");
+            a.link.has_work(a.end, &mut a.r, true)
+        })
     }
 }

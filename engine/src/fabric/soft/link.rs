@@ -45,10 +45,12 @@
 //! for a CQ (a cell, a consumed index, a receive, a post-time completion, a
 //! seal) publishes it, then issues a SeqCst fence and reads `armed`; the
 //! sleeper stores `armed`, fences, then looks for work. One of the two sees
-//! the other.
+//! the other. Between the fence and `armed` the producer reads the end's
+//! `idle` flag and announces an idle end to its CQ, which visits only the
+//! ends that have work (`cq`, the same re-check per end).
 
 use super::cell::{CellConsumer, CellProducer, CellRing};
-use super::cq::{CqShared, SoftCq};
+use super::cq::{CqShared, Presence, SoftCq};
 #[cfg(feature = "fault-injection")]
 use super::fault::EndFaults;
 use super::mr::{copy_lists, total_len, Window};
@@ -170,6 +172,8 @@ pub(super) struct End {
     /// Set when the queue pair was destroyed: once drained, its CQ forgets
     /// the end.
     pub(super) dropped: AtomicBool,
+    /// Whether the end's CQ polls it, and how to make it (see `cq`).
+    pub(super) presence: Presence,
 }
 
 /// One direction: messages of end `d` to end `1 - d`.
@@ -381,6 +385,7 @@ impl Link {
                 rnr_max: q.rnr_max,
                 reserved: q.reserved,
                 dropped: AtomicBool::new(false),
+                presence: Presence::new(),
             });
             reapers.push(Reaper {
                 sq: sqr,
@@ -446,10 +451,17 @@ impl Link {
 
     /// Wakes the CQs of the ends in `which` that sleep (after the caller
     /// published the work).
+    /// An idle end is announced to its CQ first (see `cq`).
     pub(super) fn wake(&self, which: [bool; 2]) {
         fence(Ordering::SeqCst);
-        for (cq, wake) in self.cqs.iter().zip(which) {
-            if wake && cq.is_armed() {
+        for ((cq, end), wake) in self.cqs.iter().zip(&self.ends).zip(which) {
+            if !wake {
+                continue;
+            }
+            if end.presence.is_idle() {
+                cq.announce(&end.presence);
+            }
+            if cq.is_armed() {
                 cq.wake();
             }
         }
@@ -761,9 +773,11 @@ impl Link {
     }
 
     /// Whether a poll of `end` would produce a completion (or make
-    /// progress another end waits for). Called by `arm`, with the end's
-    /// reaper state.
-    pub(super) fn has_work(&self, end: usize, r: &mut Reaper) -> bool {
+    /// progress another end waits for). Called by `arm` and before the end
+    /// goes idle, with the end's reaper state. `help`: a send the peer
+    /// could take but has not is matched at the next poll, without waiting
+    /// [`HELP_AFTER`] polls (`arm`: the caller is about to sleep).
+    pub(super) fn has_work(&self, end: usize, r: &mut Reaper, help: bool) -> bool {
         // Flushes wait for the seal, which wakes the CQ.
         let state = self.state();
         let sealed = state == SEALED && self.flushes(end);
@@ -779,7 +793,7 @@ impl Link {
                 SqKind::Cell { index, .. } if index < sent || sealed => return true,
                 _ if self.matchable(end) => {
                     // The peer is not taking it: match it ourselves.
-                    r.help_now = true;
+                    r.help_now |= help;
                     return true;
                 }
                 _ => {}

@@ -1412,3 +1412,195 @@ fn private_data_reaches_the_listener_and_is_bounded() {
     assert_eq!(refused.err(), Some(ConnectError::NoResources));
     assert_eq!(l.pending(), 0);
 }
+
+/// `m` connections from `a` to `b`, the connector ends on one CQ of `a`,
+/// the acceptor ends on one CQ of `b`: (connector QPs, acceptor QPs, the
+/// two CQs and their wakers' probes and channels).
+#[allow(clippy::type_complexity)]
+fn pairs_on_shared_cqs(
+    a: &SoftNic,
+    b: &SoftNic,
+    to: SocketAddrV4,
+    m: usize,
+) -> (
+    Vec<Arc<dyn QueuePair>>,
+    Vec<Arc<dyn QueuePair>>,
+    [(Arc<dyn CompletionQueue>, Arc<Probe>, Receiver<()>); 2],
+) {
+    let (lev, lrx) = Probe::new();
+    let l = b.listen(to, 4, lev).unwrap();
+    let (aw, arx) = Probe::new();
+    let (bw, brx) = Probe::new();
+    let depth = 16 * m as u32;
+    let acq = a.create_cq(depth, aw.clone()).unwrap();
+    let bcq = b.create_cq(depth, bw.clone()).unwrap();
+    let ev = Probe::new().0;
+    let (mut qa, mut qb) = (Vec::new(), Vec::new());
+    for i in 0..m {
+        let (tx, rx) = mpsc::channel();
+        let from = sa(a.addresses()[0], 20000 + i as u16);
+        a.connect(
+            from,
+            to,
+            params(&acq, &ev, 8),
+            Box::new(move |r| tx.send(r).unwrap()),
+        )
+        .unwrap();
+        lrx.recv_timeout(WAIT).expect("request_arrived");
+        qb.push(l.peek().unwrap().accept(params(&bcq, &ev, 8)).unwrap());
+        qa.push(rx.recv_timeout(WAIT).expect("done").unwrap());
+    }
+    (qa, qb, [(acq, aw, arx), (bcq, bw, brx)])
+}
+
+/// The soft CQ behind a `dyn` one of `nic`.
+fn soft_cq(nic: &SoftNic, cq: &Arc<dyn CompletionQueue>) -> Arc<SoftCq> {
+    nic.shared.cq(cq.id()).expect("a live CQ of this NIC")
+}
+
+#[test]
+fn a_poll_visits_only_the_ends_with_work() {
+    const M: usize = 200;
+    let net = SoftNetwork::new();
+    let (n1, n2) = (
+        nic_on(&net, ip(198, 18, 22, 1), 8),
+        nic_on(&net, ip(198, 18, 22, 2), 8),
+    );
+    let (qa, qb, [(acq, ..), (bcq, ..)]) =
+        pairs_on_shared_cqs(&n1, &n2, sa(ip(198, 18, 22, 2), 1), M);
+    let (sa_cq, sb_cq) = (soft_cq(&n1, &acq), soft_cq(&n2, &bcq));
+    let src = Buf::new(&n1, 8, Access::NONE);
+    let dst = Buf::new(&n2, 8 * M, Access::LOCAL_WRITE);
+    // A receive pending on every acceptor end, as a server holds them.
+    for (k, qp) in qb.iter().enumerate() {
+        recv(qp, k as u64, &[dst.sge(8 * k, 8)]);
+    }
+    let mut out = [WorkCompletion::EMPTY; 16];
+    // Every end starts hot; polls that find nothing idle them all.
+    assert_eq!(bcq.poll(&mut out), 0);
+    assert_eq!(sb_cq.ends(), (M, M));
+    for _ in 0..=cq::IDLE_POLLS {
+        assert_eq!(acq.poll(&mut out), 0);
+        assert_eq!(bcq.poll(&mut out), 0);
+    }
+    assert_eq!(sa_cq.ends(), (M, 0), "quiet ends leave the hot list");
+    assert_eq!(sb_cq.ends(), (M, 0));
+    // Idle, they cost a poll nothing.
+    let (va, vb) = (sa_cq.visits(), sb_cq.visits());
+    for _ in 0..100 {
+        assert_eq!(acq.poll(&mut out), 0);
+        assert_eq!(bcq.poll(&mut out), 0);
+    }
+    assert_eq!((sa_cq.visits(), sb_cq.visits()), (va, vb));
+    // One message on connection k: each side's polls visit that end only.
+    for k in [7, M - 1, 0] {
+        let (va, vb) = (sa_cq.visits(), sb_cq.visits());
+        send(&qa[k], 1000 + k as u64, &[src.sge(0, 8)]);
+        let (mut polls, mut got) = (0u64, Vec::new());
+        while got.len() < 2 {
+            assert!(polls < 10_000, "completions of connection {k} lost");
+            polls += 1;
+            let n = bcq.poll(&mut out);
+            got.extend(statuses(&out[..n]));
+            let n = acq.poll(&mut out);
+            got.extend(statuses(&out[..n]));
+        }
+        got.sort_by_key(|(id, _)| *id);
+        assert_eq!(
+            got,
+            [(k as u64, WcStatus::Success), (1000 + k as u64, WcStatus::Success)]
+        );
+        assert!(sa_cq.visits() - va <= polls, "a polls one end at most");
+        assert!(sb_cq.visits() - vb <= polls, "b polls one end at most");
+        for _ in 0..=cq::IDLE_POLLS {
+            acq.poll(&mut out);
+            bcq.poll(&mut out);
+        }
+        assert_eq!((sa_cq.ends().1, sb_cq.ends().1), (0, 0));
+    }
+    // Destroyed queue pairs flush their receives and are forgotten.
+    drop(qa);
+    drop(qb);
+    let mut flushed = 0;
+    for _ in 0..=cq::IDLE_POLLS {
+        flushed += bcq.poll(&mut out);
+        acq.poll(&mut out);
+    }
+    assert_eq!(flushed, M - 3);
+    assert_eq!(sa_cq.ends(), (0, 0));
+    assert_eq!(sb_cq.ends(), (0, 0));
+}
+
+#[test]
+fn ends_idle_and_announced_across_threads_lose_no_wake_up() {
+    const M: usize = 48;
+    const ROUNDS: usize = 40;
+    let net = SoftNetwork::new();
+    let (n1, n2) = (
+        nic_on(&net, ip(198, 18, 23, 1), 8),
+        nic_on(&net, ip(198, 18, 23, 2), 8),
+    );
+    let (qa, qb, [(acq, _, arx), (bcq, _, brx)]) =
+        pairs_on_shared_cqs(&n1, &n2, sa(ip(198, 18, 23, 2), 1), M);
+    let abuf = Buf::new(&n1, 16 * M, Access::LOCAL_WRITE);
+    let bbuf = Buf::new(&n2, 16 * M, Access::LOCAL_WRITE);
+    for k in 0..M {
+        recv(&qa[k], k as u64, &[abuf.sge(16 * k, 8)]);
+        recv(&qb[k], k as u64, &[bbuf.sge(16 * k, 8)]);
+    }
+    const SENT: u64 = 1 << 32;
+
+    /// The next completion: poll, else arm and sleep on the waker's
+    /// channel (deadline: fail).
+    fn next(cq: &Arc<dyn CompletionQueue>, woken: &Receiver<()>) -> WorkCompletion {
+        let deadline = std::time::Instant::now() + WAIT;
+        let mut out = [WorkCompletion::EMPTY; 1];
+        loop {
+            if cq.poll(&mut out) == 1 {
+                assert_eq!(out[0].status, WcStatus::Success);
+                return out[0];
+            }
+            if !cq.arm() {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                woken.recv_timeout(left).expect("a completion was lost");
+            }
+        }
+    }
+
+    std::thread::scope(|s| {
+        let (qa, qb, abuf, bbuf) = (&qa, &qb, &abuf, &bbuf);
+        // Echo side: every message comes back on its connection.
+        s.spawn(move || {
+            let mut sends_due = 0;
+            for _ in 0..M * ROUNDS {
+                let wc = loop {
+                    let wc = next(&bcq, &brx);
+                    if wc.wr_id & SENT == 0 {
+                        break wc;
+                    }
+                    sends_due -= 1;
+                };
+                let k = wc.wr_id as usize;
+                recv(&qb[k], k as u64, &[bbuf.sge(16 * k, 8)]);
+                send(&qb[k], SENT | k as u64, &[bbuf.sge(16 * k, 8)]);
+                sends_due += 1;
+            }
+            while sends_due > 0 {
+                assert_ne!(next(&bcq, &brx).wr_id & SENT, 0);
+                sends_due -= 1;
+            }
+        });
+        // Round robin: each connection is idle for M - 1 round trips.
+        for i in 0..M * ROUNDS {
+            let k = i % M;
+            send(&qa[k], SENT | k as u64, &[abuf.sge(16 * k + 8, 8)]);
+            let mut got = [false; 2];
+            while got != [true, true] {
+                let wc = next(&acq, &arx);
+                assert_eq!(wc.wr_id & !SENT, k as u64, "round {i}");
+                got[usize::from(wc.wr_id & SENT != 0)] = true;
+            }
+            recv(&qa[k], k as u64, &[abuf.sge(16 * k, 8)]);
+        }
+    });
+}
