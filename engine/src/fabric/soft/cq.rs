@@ -81,13 +81,16 @@ impl Presence {
     }
 }
 
-/// Slots of ends announced since the consumer last looked.
+/// Ends announced, and ends attached, since the consumer last looked.
 struct Ready {
-    /// Set (under `slots`) by an announcement, cleared (under `slots`) by
-    /// the consumer that takes them; the consumer reads it without the lock
-    /// on every poll, so the lock is taken only when there is something.
+    /// Set by an announcement (under `slots`) and by an attachment (after
+    /// it pushed on `incoming`); cleared by the consumer (under `slots`)
+    /// before it takes both lists. The consumer reads it without a lock on
+    /// every poll, so a lock is taken only when there is something.
     pending: AtomicBool,
     slots: SpinLock<Vec<u32>>,
+    /// Ends attached since the consumer last looked.
+    incoming: Mutex<Vec<Attached>>,
 }
 
 /// The part of a CQ the links of its queue pairs hold.
@@ -162,16 +165,18 @@ struct Attached {
     r: Reaper,
     /// Visits in a row that found nothing, up to [`IDLE_POLLS`].
     quiet: u32,
+    /// The end's slot in `Consumer::parked`, its own until it is forgotten.
+    slot: u32,
 }
 
 /// What the consumer owns.
 struct Consumer {
-    /// Every attached end by slot (`None`: a free slot, listed in `free`).
-    slots: Vec<Option<Attached>>,
+    /// The hot ends, visited by every poll.
+    hot: Vec<Attached>,
+    /// The idle and announced ends by slot; `None` at the slot of a hot
+    /// end and at a free slot (listed in `free`).
+    parked: Vec<Option<Attached>>,
     free: Vec<u32>,
-    /// Slots of the hot ends, each listed once; the rest are idle or
-    /// announced.
-    hot: Vec<u32>,
     /// Where the next poll starts in `hot` (round robin between ends).
     cursor: usize,
     /// The buffer swapped with `Ready::slots` when taking them (no
@@ -183,48 +188,36 @@ struct Consumer {
 }
 
 impl Consumer {
-    fn attached(&mut self, slot: u32) -> &mut Attached {
-        self.slots[slot as usize]
-            .as_mut()
-            .expect("a listed slot holds an end")
-    }
-
     /// Takes in a newly attached end; it starts hot.
-    fn add(&mut self, a: Attached) {
-        let slot = match self.free.pop() {
+    fn add(&mut self, mut a: Attached) {
+        a.slot = match self.free.pop() {
             Some(s) => s,
             None => {
-                self.slots.push(None);
-                u32::try_from(self.slots.len() - 1).expect("fewer than 2^32 ends per CQ")
+                self.parked.push(None);
+                u32::try_from(self.parked.len() - 1).expect("fewer than 2^32 ends per CQ")
             }
         };
         a.link.ends[a.end]
             .presence
             .slot
-            .store(slot, Ordering::Relaxed);
-        self.slots[slot as usize] = Some(a);
-        self.hot.push(slot);
+            .store(a.slot, Ordering::Relaxed);
+        self.hot.push(a);
     }
 
     /// After a poll that saw an end drained or long quiet: forgets drained
-    /// ends and idles quiet ones that still have nothing.
+    /// ends and parks quiet ones that still have nothing.
     fn settle(&mut self) {
         let mut i = 0;
         while i < self.hot.len() {
-            let slot = self.hot[i];
-            let a = self.attached(slot);
-            let leave = if a.link.drained(a.end, &a.r) {
-                self.slots[slot as usize] = None;
-                self.free.push(slot);
-                true
-            } else if a.quiet >= IDLE_POLLS {
-                a.quiet = 0;
-                a.idle()
-            } else {
-                false
-            };
-            if leave {
+            let a = &mut self.hot[i];
+            if a.link.drained(a.end, &a.r) {
+                self.free.push(a.slot);
                 self.hot.swap_remove(i);
+            } else if a.quiet >= IDLE_POLLS && a.idle() {
+                let a = self.hot.swap_remove(i);
+                let slot = a.slot as usize;
+                debug_assert!(self.parked[slot].is_none());
+                self.parked[slot] = Some(a);
             } else {
                 i += 1;
             }
@@ -236,6 +229,7 @@ impl Attached {
     /// Marks the end idle unless it has work; whether it left the hot list
     /// (idle, or announced by a producer meanwhile).
     fn idle(&mut self) -> bool {
+        self.quiet = 0;
         let p = &self.link.ends[self.end].presence;
         p.idle.store(true, Ordering::Relaxed);
         fence(Ordering::SeqCst);
@@ -253,10 +247,6 @@ pub(super) struct SoftCq {
     shared: Arc<CqShared>,
     /// Held by `poll` and `arm`: one consumer at a time.
     consumer: SpinLock<Consumer>,
-    /// Ends attached since the consumer last looked.
-    incoming: Mutex<Vec<Attached>>,
-    /// Set when `incoming` is not empty.
-    incoming_pending: AtomicBool,
 }
 
 impl SoftCq {
@@ -270,20 +260,19 @@ impl SoftCq {
                 ready: CachePadded::new(Ready {
                     pending: AtomicBool::new(false),
                     slots: SpinLock::new(Vec::new()),
+                    incoming: Mutex::new(Vec::new()),
                 }),
                 waker,
             }),
             consumer: SpinLock::new(Consumer {
-                slots: Vec::new(),
-                free: Vec::new(),
                 hot: Vec::new(),
+                parked: Vec::new(),
+                free: Vec::new(),
                 cursor: 0,
                 taken: Vec::new(),
                 #[cfg(test)]
                 visits: 0,
             }),
-            incoming: Mutex::new(Vec::new()),
-            incoming_pending: AtomicBool::new(false),
         }
     }
 
@@ -294,13 +283,15 @@ impl SoftCq {
     /// Adds end `end` of `link`, with its reaper state, to the ends this
     /// CQ polls.
     pub(super) fn attach(&self, link: &Arc<Link>, end: usize, r: Reaper) {
-        lock(&self.incoming).push(Attached {
+        let ready = &self.shared.ready;
+        lock(&ready.incoming).push(Attached {
             link: link.clone(),
             end,
             r,
             quiet: 0,
+            slot: u32::MAX,
         });
-        self.incoming_pending.store(true, Ordering::Release);
+        ready.pending.store(true, Ordering::Release);
     }
 
     /// Ends visited by polls so far.
@@ -313,30 +304,33 @@ impl SoftCq {
     #[cfg(test)]
     pub(super) fn ends(&self) -> (usize, usize) {
         let c = self.consumer.lock();
-        (c.slots.len() - c.free.len(), c.hot.len())
+        (c.parked.len() - c.free.len(), c.hot.len())
     }
 
     /// Moves newly attached and announced ends to the hot list.
+    #[inline]
     fn take_in(&self, c: &mut Consumer) {
-        if self.incoming_pending.load(Ordering::Acquire) {
-            let mut inc = lock(&self.incoming);
-            self.incoming_pending.store(false, Ordering::Relaxed);
-            for a in inc.drain(..) {
-                c.add(a);
-            }
+        if self.shared.ready.pending.load(Ordering::Acquire) {
+            self.take_ready(c);
         }
+    }
+
+    #[cold]
+    fn take_ready(&self, c: &mut Consumer) {
         let ready = &self.shared.ready;
-        if ready.pending.load(Ordering::Relaxed) {
-            let mut slots = ready.slots.lock();
-            ready.pending.store(false, Ordering::Relaxed);
-            std::mem::swap(&mut *slots, &mut c.taken);
-            drop(slots);
-            for i in 0..c.taken.len() {
-                let slot = c.taken[i];
-                c.attached(slot).quiet = 0;
-                c.hot.push(slot);
-            }
-            c.taken.clear();
+        let mut slots = ready.slots.lock();
+        ready.pending.store(false, Ordering::Relaxed);
+        std::mem::swap(&mut *slots, &mut c.taken);
+        drop(slots);
+        // After clearing `pending`: an end attached later sets it again.
+        for a in lock(&ready.incoming).drain(..) {
+            c.add(a);
+        }
+        for slot in c.taken.drain(..) {
+            let a = c.parked[slot as usize]
+                .take()
+                .expect("an announced end is parked");
+            c.hot.push(a);
         }
     }
 }
@@ -362,12 +356,11 @@ impl CompletionQueue for SoftCq {
                 break;
             }
             let at = start + visited;
-            let slot = c.hot[if at < count { at } else { at - count }];
             #[cfg(test)]
             {
                 c.visits += 1;
             }
-            let a = c.attached(slot);
+            let a = &mut c.hot[if at < count { at } else { at - count }];
             let (k, s) = a.link.reap(a.end, &mut a.r, &mut out[n..]);
             n += k;
             if s {
@@ -406,10 +399,8 @@ impl CompletionQueue for SoftCq {
         if self.shared.ready.pending.load(Ordering::Relaxed) {
             return true;
         }
-        let Consumer { slots, hot, .. } = c;
-        hot.iter().any(|&s| {
-            let a = slots[s as usize].as_mut().expect("a listed slot holds an end");
-            a.link.has_work(a.end, &mut a.r, true)
-        })
+        c.hot
+            .iter_mut()
+            .any(|a| a.link.has_work(a.end, &mut a.r, true))
     }
 }

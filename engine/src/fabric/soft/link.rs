@@ -452,6 +452,7 @@ impl Link {
     /// Wakes the CQs of the ends in `which` that sleep (after the caller
     /// published the work).
     /// An idle end is announced to its CQ first (see `cq`).
+    #[inline]
     pub(super) fn wake(&self, which: [bool; 2]) {
         fence(Ordering::SeqCst);
         for ((cq, end), wake) in self.cqs.iter().zip(&self.ends).zip(which) {
