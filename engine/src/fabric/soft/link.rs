@@ -310,7 +310,7 @@ impl Link {
         };
         if !self.nics[me]
             .pd
-            .check_cached(&mut p.lkeys, local, local_need)
+            .check_cached(&mut p.lkeys, self.nums[me], local, local_need)
         {
             return Err(WcStatus::LocalProtectionError);
         }

@@ -226,14 +226,23 @@ impl NicShared {
         lock(&self.qps).insert(num.0, (Arc::downgrade(link), end));
     }
 
-    /// Waits until no post of a queue pair of this NIC that began before
+    /// Waits until no post of the queue pairs `q` names that began before
     /// this call is still running (each holds its end's post lock): a
-    /// region deregistered before the call is then in no post's hands.
-    fn quiesce_posts(&self) {
-        let ends: Vec<_> = lock(&self.qps)
-            .values()
-            .filter_map(|(l, end)| Some((l.upgrade()?, *end)))
-            .collect();
+    /// region deregistered before the call, which only those queue pairs
+    /// looked up, is then in no post's hands.
+    fn quiesce_posts(&self, q: mr::Quiesce) {
+        let ends: Vec<_> = {
+            let qps = lock(&self.qps);
+            let live = |(l, end): &(Weak<link::Link>, usize)| Some((l.upgrade()?, *end));
+            match q {
+                mr::Quiesce::All => qps.values().filter_map(live).collect(),
+                mr::Quiesce::Qps(nums) => nums
+                    .iter()
+                    .filter_map(|n| qps.get(n))
+                    .filter_map(live)
+                    .collect(),
+            }
+        };
         for (link, end) in ends {
             drop(link.ends[end].post.lock());
         }
@@ -326,8 +335,8 @@ impl Nic for SoftNic {
     }
 
     fn deregister(&self, lkey: u32) {
-        self.shared.pd.deregister(lkey);
-        self.shared.quiesce_posts();
+        let users = self.shared.pd.deregister(lkey);
+        self.shared.quiesce_posts(users);
     }
 
     fn bind_remote(&self, lkey: u32, qp: QpNum, access: Access) -> Result<u32, FabricError> {

@@ -9,10 +9,10 @@
 use super::link::Link;
 use super::lock;
 use crate::fabric::lkey_cache::{CachedRegion, LkeyCache};
-use crate::fabric::{Access, FabricError, Sge};
+use crate::fabric::{Access, FabricError, QpNum, Sge};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
+use std::sync::{Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 
 const INDEX_BITS: u32 = 20;
 const INDEX_MASK: u32 = (1 << INDEX_BITS) - 1;
@@ -108,6 +108,48 @@ pub(super) struct Region {
     pub(super) access: Access,
     /// Remote keys bound to this region (removed with it).
     rkeys: Vec<u32>,
+    /// The queue pairs whose posts may have the region in their
+    /// [`LkeyCache`]: those a deregistration waits for.
+    users: Mutex<Users>,
+}
+
+/// Queue pairs that looked a region up (see [`Region::users`]). Written by
+/// a post's cache miss (under the region table's read lock); read by the
+/// deregistration (under its write lock, so no miss is in progress).
+#[derive(Default)]
+struct Users {
+    /// Queue-pair numbers, each once, at most [`MAX_USERS`].
+    qps: Vec<u32>,
+    /// More than [`MAX_USERS`] queue pairs used the region: a
+    /// deregistration waits for the posts of every queue pair.
+    all: bool,
+}
+
+/// Queue pairs a region remembers by number before its deregistration
+/// waits for all of them instead.
+const MAX_USERS: usize = 64;
+
+impl Region {
+    fn note_user(&self, qp: u32) {
+        let mut u = lock(&self.users);
+        if u.all || u.qps.contains(&qp) {
+            return;
+        }
+        if u.qps.len() == MAX_USERS {
+            u.all = true;
+            u.qps = Vec::new();
+        } else {
+            u.qps.push(qp);
+        }
+    }
+}
+
+/// The posts a deregistration waits for.
+pub(super) enum Quiesce {
+    /// The posts of these queue pairs (by number).
+    Qps(Vec<u32>),
+    /// The posts of every queue pair of the NIC.
+    All,
 }
 
 /// A remote key: exposes a region to the peer of one queue pair.
@@ -236,6 +278,7 @@ impl Pd {
                 len,
                 access,
                 rkeys: Vec::new(),
+                users: Mutex::default(),
             })
             .ok_or(FabricError::NoResources("memory region keys"))?;
         self.registrations.fetch_add(1, Ordering::Relaxed);
@@ -243,18 +286,29 @@ impl Pd {
     }
 
     /// Removes a region and every remote key bound to it (waiting for an
-    /// RDMA through one of them to finish). Unknown keys are ignored. The
-    /// caller then waits for the posts that may have the region cached.
-    pub(super) fn deregister(&self, lkey: u32) {
+    /// RDMA through one of them to finish). Unknown keys are ignored.
+    /// Returns the posts that may have the region cached, which the caller
+    /// then waits for.
+    pub(super) fn deregister(&self, lkey: u32) -> Quiesce {
         let mut regions = self.write_regions();
-        if let Some(region) = regions.remove(lkey) {
-            self.epoch.fetch_add(1, Ordering::AcqRel);
-            let mut rkeys = self.write_rkeys();
-            for k in region.rkeys {
-                if let Some(key) = rkeys.remove(k) {
-                    key.revoke(k);
-                }
+        let Some(region) = regions.remove(lkey) else {
+            return Quiesce::Qps(Vec::new());
+        };
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        let mut rkeys = self.write_rkeys();
+        for k in region.rkeys {
+            if let Some(key) = rkeys.remove(k) {
+                key.revoke(k);
             }
+        }
+        let users = region
+            .users
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner);
+        if users.all {
+            Quiesce::All
+        } else {
+            Quiesce::Qps(users.qps)
         }
     }
 
@@ -319,12 +373,21 @@ impl Pd {
     /// in `cache` first (the caller holds the post lock the cache belongs
     /// to, which a deregistration waits for: see `NicShared::quiesce_posts`,
     /// so a region found in the cache stays registered until the post that
-    /// found it there is over).
+    /// found it there is over). A miss records queue pair `qp`, the
+    /// cache's owner, among the region's users.
     #[inline]
-    pub(super) fn check_cached(&self, cache: &mut LkeyCache, sges: &[Sge], need: Access) -> bool {
+    pub(super) fn check_cached(
+        &self,
+        cache: &mut LkeyCache,
+        qp: QpNum,
+        sges: &[Sge],
+        need: Access,
+    ) -> bool {
         cache.check(self.epoch.load(Ordering::Acquire), sges, need, |lkey| {
             let regions = self.read_regions();
-            regions.get(lkey).map(|r| CachedRegion {
+            let r = regions.get(lkey)?;
+            r.note_user(qp.0);
+            Some(CachedRegion {
                 lkey,
                 addr: r.addr,
                 len: r.len,

@@ -46,7 +46,7 @@ impl SoftQp {
         let len = total_len(wr.sges).ok_or(Some(WcStatus::LocalLengthError))?;
         if !link.nics[me]
             .pd
-            .check_cached(&mut p.lkeys, wr.sges, Access::NONE)
+            .check_cached(&mut p.lkeys, link.nums[me], wr.sges, Access::NONE)
         {
             return Err(Some(WcStatus::LocalProtectionError));
         }
@@ -198,7 +198,7 @@ impl SoftQp {
         }
         if !link.nics[me]
             .pd
-            .check_cached(&mut p.lkeys, wr.sges, Access::LOCAL_WRITE)
+            .check_cached(&mut p.lkeys, link.nums[me], wr.sges, Access::LOCAL_WRITE)
         {
             let status = WcStatus::LocalProtectionError;
             p.rq.push(wr.wr_id, &[], Some(status));

@@ -1508,7 +1508,10 @@ fn a_poll_visits_only_the_ends_with_work() {
         got.sort_by_key(|(id, _)| *id);
         assert_eq!(
             got,
-            [(k as u64, WcStatus::Success), (1000 + k as u64, WcStatus::Success)]
+            [
+                (k as u64, WcStatus::Success),
+                (1000 + k as u64, WcStatus::Success)
+            ]
         );
         assert!(sa_cq.visits() - va <= polls, "a polls one end at most");
         assert!(sb_cq.visits() - vb <= polls, "b polls one end at most");
@@ -1603,4 +1606,45 @@ fn ends_idle_and_announced_across_threads_lose_no_wake_up() {
             recv(&qa[k], k as u64, &[abuf.sge(16 * k, 8)]);
         }
     });
+}
+
+#[test]
+fn deregistration_waits_only_for_the_queue_pairs_that_used_the_region() {
+    let net = SoftNetwork::new();
+    let n = nic_on(&net, ip(198, 18, 24, 1), 4);
+    let (a, _a2) = pair(&n, &n, sa(ip(198, 18, 24, 1), 1));
+    let (b, _b2) = pair(&n, &n, sa(ip(198, 18, 24, 1), 2));
+    let buf = Buf::new(&n, 64, Access::LOCAL_WRITE);
+    recv(&a.qp, 1, &[buf.sge(0, 8)]);
+    // A post on b's queue pair in progress (its post lock held): the
+    // region only a's posts looked up does not wait for it.
+    let (link, end) = lock(&n.shared.qps)[&b.qp.num().0].clone();
+    let link = link.upgrade().expect("b is live");
+    let posting = link.ends[end].post.lock();
+    let (tx, rx) = mpsc::channel();
+    let nic = n.clone();
+    let lkey = buf.lkey;
+    let t = std::thread::spawn(move || {
+        nic.deregister(lkey);
+        tx.send(()).unwrap();
+    });
+    rx.recv_timeout(WAIT)
+        .expect("deregistration waited for a queue pair that never used the region");
+    drop(posting);
+    t.join().unwrap();
+    // a's receive still completes (flushed at close) once; the key is gone.
+    let err = a.qp.post_recv(&RecvWr {
+        wr_id: 2,
+        sges: &[buf.sge(0, 8)],
+    });
+    assert!(err.is_ok());
+    a.qp.set_error();
+    let mut got = Vec::new();
+    for _ in 0..10 {
+        got.extend(statuses(&a.poll()));
+    }
+    assert_eq!(
+        got,
+        [(1, WcStatus::Flushed), (2, WcStatus::LocalProtectionError)]
+    );
 }
