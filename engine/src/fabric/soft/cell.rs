@@ -114,15 +114,21 @@ impl AtomicSge {
     }
 }
 
-/// Where a ring's cells, gather entries and consumed index live.
+/// Where a ring's cells, gather entries and consumed index live (held
+/// for its drop only).
+#[allow(dead_code)]
 enum Memory {
-    /// Allocated by [`ring`] (`Box`es turned into the raw pointers of the
-    /// ring; `padded` holds the consumed index), freed when the ring drops.
-    Heap { padded: *mut CachePadded<AtomicU64> },
+    /// Allocated by [`ring`]: the owners of the memory the ring's pointers
+    /// name (which does not move with them), freed when the ring drops.
+    Heap(
+        super::zeroed::Zeroed<Cell>,
+        super::zeroed::Zeroed<AtomicSge>,
+        Box<CachePadded<AtomicU64>>,
+    ),
     /// Inside memory that this value keeps mapped (a segment shared with
     /// another process, see [`external`]).
     #[cfg(not(loom))]
-    External(#[allow(dead_code)] Arc<dyn Send + Sync>),
+    External(Arc<dyn Send + Sync>),
 }
 
 /// The shared part of a ring.
@@ -141,6 +147,8 @@ pub(crate) struct CellRing {
     mask: u64,
     /// Gather entries per cell (the sender's `max_sge`).
     stride: usize,
+    /// Owns or keeps mapped what the pointers name (only dropped).
+    #[allow(dead_code)]
     memory: Memory,
 }
 
@@ -151,31 +159,6 @@ pub(crate) struct CellRing {
 unsafe impl Sync for CellRing {}
 // SAFETY: as above; the ring owns plain bytes and atomics.
 unsafe impl Send for CellRing {}
-
-impl Drop for CellRing {
-    fn drop(&mut self) {
-        let padded = match self.memory {
-            Memory::Heap { padded } => padded,
-            #[cfg(not(loom))]
-            Memory::External(_) => return,
-        };
-        let cap = self.mask as usize + 1;
-        // SAFETY: `ring` made these pointers with `Box::into_raw` of a
-        // `[Cell; cap]`, a `[AtomicSge; cap * stride]` and a padded word,
-        // and nothing uses them after the ring.
-        unsafe {
-            drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(
-                self.cells.as_ptr(),
-                cap,
-            )));
-            drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(
-                self.gathers.as_ptr(),
-                cap * self.stride,
-            )));
-            drop(Box::from_raw(padded));
-        }
-    }
-}
 
 impl CellRing {
     /// The cell of message `index`.
@@ -235,19 +218,16 @@ impl CellRing {
 /// two) for messages of up to `stride` gather entries.
 pub(super) fn ring(capacity: usize, stride: usize) -> (CellProducer, CellConsumer) {
     let cap = capacity.max(1).next_power_of_two();
-    let cells: Box<[Cell]> = super::zeroed::slice(cap);
-    let gathers: Box<[AtomicSge]> = super::zeroed::slice(cap * stride);
-    let padded = Box::into_raw(Box::new(CachePadded::new(AtomicU64::new(0))));
-    // SAFETY: `padded` is a live allocation until the ring drops it.
-    let consumed = NonNull::from(unsafe { &**padded });
+    let cells = super::zeroed::slice::<Cell>(cap);
+    let gathers = super::zeroed::slice::<AtomicSge>(cap * stride);
+    let padded = Box::new(CachePadded::new(AtomicU64::new(0)));
     let ring = Arc::new(CellRing {
-        cells: NonNull::new(Box::into_raw(cells) as *mut Cell).expect("a Box is never null"),
-        gathers: NonNull::new(Box::into_raw(gathers) as *mut AtomicSge)
-            .expect("a Box is never null"),
-        consumed,
+        cells: NonNull::from(&*cells).cast(),
+        gathers: NonNull::from(&*gathers).cast(),
+        consumed: NonNull::from(&**padded),
         mask: cap as u64 - 1,
         stride,
-        memory: Memory::Heap { padded },
+        memory: Memory::Heap(cells, gathers, padded),
     });
     CellRing::handles(ring)
 }

@@ -89,7 +89,7 @@ impl Ends {
 }
 
 pub(super) struct SqShared {
-    slots: Box<[SqSlot]>,
+    slots: super::zeroed::Zeroed<SqSlot>,
     mask: u64,
     ends: Ends,
 }
@@ -255,8 +255,8 @@ struct RqSge {
 }
 
 pub(super) struct RqShared {
-    slots: Box<[RqSlot]>,
-    sges: Box<[RqSge]>,
+    slots: super::zeroed::Zeroed<RqSlot>,
+    sges: super::zeroed::Zeroed<RqSge>,
     stride: usize,
     mask: u64,
     ends: Ends,

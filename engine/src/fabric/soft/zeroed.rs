@@ -1,43 +1,91 @@
-//! Arrays allocated zeroed. A connection's rings and queues are allocated
-//! at once with `alloc_zeroed`, so the OS maps their pages only when traffic
-//! first touches them: a connection costs memory as it is used, and setting
-//! one up writes nothing.
+//! Arrays of zero values whose memory costs only what is touched. A
+//! connection's rings and queues are sized for its full depth, but an idle
+//! connection uses their first entries only: an array of a page or more is
+//! its own anonymous mapping, whose pages the OS maps (zeroed) at first
+//! touch, so a connection costs resident memory as traffic reaches deeper
+//! into its queues, and setting one up writes nothing. (The allocator's
+//! `alloc_zeroed` would clear reused heap memory, and memory aligned beyond
+//! 16 bytes, by writing it: every page resident at once.)
 
-#[cfg(not(loom))]
-use std::alloc::{alloc_zeroed, handle_alloc_error, Layout};
+use std::ops::Deref;
+use std::ptr::NonNull;
 
 /// Types whose all-zero bytes are a valid value equal to their `Default`.
 ///
 /// # Safety
 /// Implement only for types for which all-zero bytes are a valid value
-/// equal to `T::default()` (integers, std atomics, and structs of such
-/// fields).
+/// equal to `T::default()` and that need no drop (integers, std atomics,
+/// and structs of such fields).
 pub(super) unsafe trait Zeroable: Default {}
 
-/// A boxed slice of `n` default (zero) values, its pages untouched. Under
-/// loom, whose atomics are not plain memory, the values are made one by one.
-pub(super) fn slice<T: Zeroable>(n: usize) -> Box<[T]> {
-    if cfg!(loom) || n == 0 || std::mem::size_of::<T>() == 0 {
-        return (0..n).map(|_| T::default()).collect();
-    }
-    zeroed(n)
-}
-
-#[cfg(loom)]
-fn zeroed<T: Zeroable>(_: usize) -> Box<[T]> {
-    unreachable!("loom builds make their values one by one")
-}
-
+/// Arrays from this size on get their own mapping.
 #[cfg(not(loom))]
-fn zeroed<T: Zeroable>(n: usize) -> Box<[T]> {
-    let layout = Layout::array::<T>(n).expect("array size overflows");
-    // SAFETY: `layout` has a non-zero size (n > 0, T not zero-sized).
-    let p = unsafe { alloc_zeroed(layout) } as *mut T;
-    if p.is_null() {
-        handle_alloc_error(layout);
+const MAP_FROM: usize = 4096;
+
+/// `n` default (zero) values, their pages untouched (see module docs).
+pub(super) struct Zeroed<T> {
+    /// The first value; `len` values from here live as long as `_owner`.
+    ptr: NonNull<T>,
+    len: usize,
+    /// Held for its drop only.
+    _owner: Owner<T>,
+}
+
+/// What holds a [`Zeroed`]'s memory (the values do not move with it).
+enum Owner<T> {
+    /// Small arrays, and every array under loom (whose atomics are not
+    /// plain memory): values made one by one.
+    Boxed(#[allow(dead_code)] Box<[T]>),
+    /// An anonymous private mapping of the values, page-aligned.
+    #[cfg(not(loom))]
+    Mapped(#[allow(dead_code)] memmap2::MmapMut),
+}
+
+// SAFETY: a `Zeroed<T>` owns its values like a `Box<[T]>` (the pointer
+// names memory `_owner` holds), so it moves and shares between threads as
+// one does.
+unsafe impl<T: Send> Send for Zeroed<T> {}
+// SAFETY: as above.
+unsafe impl<T: Sync> Sync for Zeroed<T> {}
+
+/// `n` default (zero) values.
+pub(super) fn slice<T: Zeroable>(n: usize) -> Zeroed<T> {
+    #[cfg(not(loom))]
+    {
+        let bytes = n
+            .checked_mul(std::mem::size_of::<T>())
+            .expect("array size overflows");
+        debug_assert!(std::mem::align_of::<T>() <= 4096);
+        if bytes >= MAP_FROM {
+            let mut map = memmap2::MmapMut::map_anon(bytes)
+                .unwrap_or_else(|e| panic!("mapping {bytes} bytes for a queue: {e}"));
+            // The mapping is page-aligned (at least `T`'s alignment), holds
+            // `n` values' bytes and starts as zero bytes, a valid `T` each
+            // (`Zeroable`).
+            let ptr = NonNull::new(map.as_mut_ptr().cast::<T>()).expect("a mapping is not null");
+            return Zeroed {
+                ptr,
+                len: n,
+                _owner: Owner::Mapped(map),
+            };
+        }
     }
-    // SAFETY: `p` is a fresh allocation of `layout` (the global allocator,
-    // size and alignment of `[T; n]`, as `Box<[T]>` frees it), and its `n`
-    // elements of zero bytes are valid values (`T: Zeroable`).
-    unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(p, n)) }
+    let mut b: Box<[T]> = (0..n).map(|_| T::default()).collect();
+    Zeroed {
+        ptr: NonNull::new(b.as_mut_ptr()).expect("a Box is not null"),
+        len: n,
+        _owner: Owner::Boxed(b),
+    }
+}
+
+impl<T> Deref for Zeroed<T> {
+    type Target = [T];
+
+    #[inline]
+    fn deref(&self) -> &[T] {
+        // SAFETY: `ptr` names `len` valid values that live as long as
+        // `_owner`, hence `self`; they are only written through `&T`
+        // (atomics, cells), so they always hold valid values.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
 }
