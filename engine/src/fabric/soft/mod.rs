@@ -43,7 +43,9 @@
 //!   the peer, which alone is told. Later posts complete at once with the
 //!   end's error status (`Flushed` after a local `set_error`).
 //! - **Completion queues** (`cq`): a CQ stores nothing; polling reads the
-//!   completions off the queues of its ends (receive queue first, then the
+//!   completions off the queues of its ends that have work (a ready list:
+//!   an idle end is announced by whoever makes work for it), so a poll
+//!   costs the same however many ends share the CQ (receive queue first, then the
 //!   requests done at post time, then the sends, each in posting order), so
 //!   each CQ is written by its consumer alone. Every post that returns `Ok`
 //!   produces exactly one completion, and a CQ never owes more than its
@@ -82,7 +84,9 @@
 //! a connection's window · post lock → link control · CQ consumer → an
 //! end's reaper → a direction's matcher → link control · region table →
 //! remote-key table → a connection's window (register, bind, unbind,
-//! deregister) · NIC queue-pair map and CQ table (alone). A deregistration
+//! deregister) · region table (read) → a region's users (a key-cache miss)
+//! · a CQ's ready list (alone: an announcement; or under the CQ consumer) ·
+//! NIC queue-pair map and CQ table (alone). A deregistration
 //! takes each end's post lock after releasing the tables. Wakers,
 //! `QpEvents`, `ListenerEvents` and `done` callbacks run with no lock of
 //! this module held.
@@ -100,8 +104,9 @@
 //!
 //! Every queue of a link is a ring preallocated at queue-pair creation
 //! (`recv_depth` receives, `send_depth` requests and `send_depth` cells
-//! with room for `max_sge` gather entries each); completions are written
-//! straight into the poller's array. Only connection set-up, registration,
+//! with room for `max_sge` gather entries each), each of a page or more an
+//! anonymous mapping resident only as traffic touches it (`zeroed`);
+//! completions are written straight into the poller's array. Only connection set-up, registration,
 //! key binding and timers allocate.
 
 pub(in crate::fabric) mod cell;
