@@ -89,3 +89,54 @@ impl<T> Deref for Zeroed<T> {
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    #[derive(Default)]
+    struct Word(AtomicU64);
+
+    // SAFETY: one atomic, zero as zero bytes, as `default` makes it.
+    unsafe impl Zeroable for Word {}
+
+    /// Pages of `[addr, addr + len)` resident (`mincore`).
+    fn resident(addr: *const u8, len: usize) -> usize {
+        let page = 4096;
+        let mut vec = vec![0u8; len.div_ceil(page)];
+        // SAFETY: `addr` is page-aligned and `[addr, addr + len)` is one
+        // live mapping; `vec` has a byte per page of it.
+        let rc = unsafe { libc::mincore(addr as *mut libc::c_void, len, vec.as_mut_ptr()) };
+        assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
+        vec.iter().filter(|b| *b & 1 == 1).count()
+    }
+
+    #[test]
+    fn a_large_array_is_resident_only_where_touched() {
+        let n = 64 * 4096 / 8;
+        let a = slice::<Word>(n);
+        let base = a.as_ptr().cast::<u8>();
+        assert_eq!(resident(base, n * 8), 0, "nothing written at creation");
+        assert_eq!(a[0].0.load(Ordering::Relaxed), 0);
+        a[0].0.store(7, Ordering::Relaxed);
+        a[n - 1].0.store(9, Ordering::Relaxed);
+        assert_eq!(resident(base, n * 8), 2, "the two pages written");
+        assert!(a
+            .iter()
+            .skip(1)
+            .take(n - 2)
+            .all(|w| w.0.load(Ordering::Relaxed) == 0));
+    }
+
+    #[test]
+    fn a_small_array_is_plain_values() {
+        let a = slice::<Word>(4);
+        assert_eq!(a.len(), 4);
+        a[3].0.store(1, Ordering::Relaxed);
+        assert_eq!(
+            a.iter().map(|w| w.0.load(Ordering::Relaxed)).sum::<u64>(),
+            1
+        );
+    }
+}
