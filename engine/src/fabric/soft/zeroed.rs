@@ -56,9 +56,11 @@ pub(super) fn slice<T: Zeroable>(n: usize) -> Zeroed<T> {
             .checked_mul(std::mem::size_of::<T>())
             .expect("array size overflows");
         debug_assert!(std::mem::align_of::<T>() <= 4096);
-        if bytes >= MAP_FROM {
-            let mut map = memmap2::MmapMut::map_anon(bytes)
-                .unwrap_or_else(|e| panic!("mapping {bytes} bytes for a queue: {e}"));
+        // Out of mappings (`vm.max_map_count`): the heap, resident at once.
+        if let Some(mut map) = (bytes >= MAP_FROM)
+            .then(|| memmap2::MmapMut::map_anon(bytes).ok())
+            .flatten()
+        {
             // The mapping is page-aligned (at least `T`'s alignment), holds
             // `n` values' bytes and starts as zero bytes, a valid `T` each
             // (`Zeroable`).
