@@ -32,32 +32,7 @@
 
 #include "sanpath.h"
 
-static int passed, failed;
-
-#define CHECK(cond, ...)                                                                        \
-    do {                                                                                        \
-        if (cond) {                                                                             \
-            passed++;                                                                           \
-        } else {                                                                                \
-            failed++;                                                                           \
-            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);                     \
-            fprintf(stderr, __VA_ARGS__);                                                       \
-            fputc('\n', stderr);                                                                \
-        }                                                                                       \
-    } while (0)
-
-#define REQUIRE(cond, ...)                                                                      \
-    do {                                                                                        \
-        if (cond) {                                                                             \
-            passed++;                                                                           \
-        } else {                                                                                \
-            failed++;                                                                           \
-            fprintf(stderr, "FATAL %s:%d: %s: ", __FILE__, __LINE__, #cond);                    \
-            fprintf(stderr, __VA_ARGS__);                                                       \
-            fprintf(stderr, "\n%d passed, %d failed\n", passed, failed);                        \
-            exit(2);                                                                            \
-        }                                                                                       \
-    } while (0)
+#include "check.h"
 
 #define WAIT_SECS 10.0
 #define CATALOG_ID 1234u
@@ -67,17 +42,6 @@ static int passed, failed;
 #define PORT 7000
 #define IP(a, b, c, d) (((uint32_t)(a) << 24) | ((uint32_t)(b) << 16) | ((uint32_t)(c) << 8) | (uint32_t)(d))
 #define PEER_IP IP(198, 18, 0, 2)
-
-static double now(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
-}
-
-static void sleep_ms(long ms) {
-    struct timespec t = {ms / 1000, (ms % 1000) * 1000000L};
-    nanosleep(&t, NULL);
-}
 
 /* ---- The switch: handles and completion upcalls ---- */
 
