@@ -35,6 +35,18 @@ fn connect_to(h: &Host, peer: &Host, port: u16) -> (ProviderSocket, ProviderSock
 }
 
 /// Sends `msg` from `s` on `h` and waits for the send.
+/// `WSPSocket` with a duplication value (`dwProviderReserved`) on `h`.
+fn claim(h: &Host, value: u64) -> sanpath::WsaResult<ProviderSocket> {
+    h.p.socket(
+        AF_INET,
+        SOCK_STREAM,
+        IPPROTO_TCP,
+        0,
+        WSA_FLAG_OVERLAPPED,
+        value,
+    )
+}
+
 fn send_msg(h: &Host, s: ProviderSocket, msg: &[u8]) {
     let b = buf(h, s, 4096, MEM_READWRITE);
     // SAFETY: the buffer is ours and outlives the send (waited for).
@@ -71,17 +83,7 @@ fn dup_1_duplicate_completes_pending_receives_with_success_and_zero_bytes() {
     }
     assert_eq!(b.bytes(0, 192), before, "nothing was written");
     // The target takes it, so the peer's socket goes on (DUP-2 checks it).
-    let t = target
-        .p
-        .socket(
-            AF_INET,
-            SOCK_STREAM,
-            IPPROTO_TCP,
-            0,
-            WSA_FLAG_OVERLAPPED,
-            token,
-        )
-        .unwrap();
+    let t = claim(&target, token).unwrap();
     target.p.close_socket(t).unwrap();
     h.p.close_socket(a).unwrap();
     peer.p.close_socket(p).unwrap();
@@ -137,30 +139,10 @@ fn dup_2_the_target_socket_is_in_the_same_connection_state() {
             h.p.event_select(a, None, 0).unwrap();
             link.expect("posted");
             let token = h.p.duplicate_socket(a, me()).unwrap();
-            let t = target
-                .p
-                .socket(
-                    AF_INET,
-                    SOCK_STREAM,
-                    IPPROTO_TCP,
-                    0,
-                    WSA_FLAG_OVERLAPPED,
-                    token,
-                )
-                .unwrap();
+            let t = claim(&target, token).unwrap();
             assert!(target.p.local_addr(t).unwrap().is_some(), "connected");
             assert_eq!(
-                target
-                    .p
-                    .socket(
-                        AF_INET,
-                        SOCK_STREAM,
-                        IPPROTO_TCP,
-                        0,
-                        WSA_FLAG_OVERLAPPED,
-                        token
-                    )
-                    .unwrap_err(),
+                claim(&target, token).unwrap_err(),
                 WsaError::WSAEINVAL,
                 "claimed twice"
             );
@@ -232,32 +214,12 @@ fn dup_2_a_duplicated_listener_listens_on_the_same_address() {
         // On shm an address belongs to one process (its socket in the
         // runtime directory): a listener moves only to a process that owns
         // its address. The target (198.18.0.3) gets the bind error.
-        let e = target
-            .p
-            .socket(
-                AF_INET,
-                SOCK_STREAM,
-                IPPROTO_TCP,
-                0,
-                WSA_FLAG_OVERLAPPED,
-                token,
-            )
-            .unwrap_err();
+        let e = claim(&target, token).unwrap_err();
         assert_eq!(e, WsaError::WSAEADDRNOTAVAIL);
         h.p.close_socket(l).unwrap();
         return;
     }
-    let tl = target
-        .p
-        .socket(
-            AF_INET,
-            SOCK_STREAM,
-            IPPROTO_TCP,
-            0,
-            WSA_FLAG_OVERLAPPED,
-            token,
-        )
-        .unwrap();
+    let tl = claim(&target, token).unwrap();
     assert_eq!(target.p.local_addr(tl).unwrap(), Some(h.addr(6130)));
     let ev = std::sync::Arc::new(sanpath::event::Event::new());
     target
@@ -285,11 +247,7 @@ fn dup_2_a_value_for_another_process_is_refused() {
     let s = h.socket();
     h.p.bind(s, h.addr(6140)).unwrap();
     let token = h.p.duplicate_socket(s, me().wrapping_add(1)).unwrap();
-    let create = |v| {
-        target
-            .p
-            .socket(AF_INET, SOCK_STREAM, IPPROTO_TCP, 0, WSA_FLAG_OVERLAPPED, v)
-    };
+    let create = |v| claim(&target, v);
     assert_eq!(create(token).unwrap_err(), WsaError::WSAEINVAL);
     assert_eq!(
         create(token ^ 0x5a5a_5a5a).unwrap_err(),
@@ -313,17 +271,7 @@ fn dup_3_the_old_descriptor_stays_valid_until_closed() {
     let target = h.sibling();
     let (a, p) = connect_to(&h, &peer, 6150);
     let token = h.p.duplicate_socket(a, me()).unwrap();
-    let t = target
-        .p
-        .socket(
-            AF_INET,
-            SOCK_STREAM,
-            IPPROTO_TCP,
-            0,
-            WSA_FLAG_OVERLAPPED,
-            token,
-        )
-        .unwrap();
+    let t = claim(&target, token).unwrap();
     assert!(h.p.local_addr(a).is_ok(), "the old descriptor is gone");
     let fresh: Vec<_> = (0..4).map(|_| h.socket()).collect();
     assert!(!fresh.contains(&a), "the old descriptor was reused");
