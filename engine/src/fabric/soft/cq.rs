@@ -335,6 +335,14 @@ impl SoftCq {
     }
 }
 
+impl Drop for SoftCq {
+    fn drop(&mut self) {
+        // Ends attached but never taken in by a poll hold their link, whose
+        // ends hold this CQ's shared part: a cycle, once no poll will come.
+        lock(&self.shared.ready.incoming).clear();
+    }
+}
+
 impl CompletionQueue for SoftCq {
     fn id(&self) -> CqId {
         self.id

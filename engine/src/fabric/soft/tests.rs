@@ -1459,6 +1459,29 @@ fn soft_cq(nic: &SoftNic, cq: &Arc<dyn CompletionQueue>) -> Arc<SoftCq> {
 }
 
 #[test]
+fn a_cq_dropped_before_any_poll_frees_its_connections() {
+    let net = SoftNetwork::new();
+    let (n1, n2) = (
+        nic_on(&net, ip(198, 18, 23, 1), 8),
+        nic_on(&net, ip(198, 18, 23, 2), 8),
+    );
+    let (qa, qb, [(acq, aw, _), (bcq, bw, _)]) =
+        pairs_on_shared_cqs(&n1, &n2, sa(ip(198, 18, 23, 2), 1), 2);
+    // Attached, never polled: the CQs hold the ends, the ends the CQs.
+    drop((qa, qb, acq, bcq));
+    assert_eq!(
+        Arc::strong_count(&aw),
+        1,
+        "the first CQ's shared part leaked"
+    );
+    assert_eq!(
+        Arc::strong_count(&bw),
+        1,
+        "the second CQ's shared part leaked"
+    );
+}
+
+#[test]
 fn a_poll_visits_only_the_ends_with_work() {
     const M: usize = 200;
     let net = SoftNetwork::new();
