@@ -81,6 +81,14 @@ impl ShmCq {
     }
 }
 
+impl Drop for ShmCq {
+    fn drop(&mut self) {
+        // Each attached end holds this CQ's shared part: without a poll to
+        // forget them, a cycle.
+        lock(&self.0.ends).clear();
+    }
+}
+
 impl CompletionQueue for ShmCq {
     fn id(&self) -> CqId {
         self.0.id
