@@ -359,8 +359,11 @@ pub fn run_streams(
         let clients: Res<Vec<Stream>> = (0..conns)
             .map(|_| Stream::connect(&rt, addr).map_err(e("connect")))
             .collect();
-        let servers = acceptor.join().expect("accepting thread")?;
-        Ok((clients?, servers))
+        let servers = acceptor.join().expect("accepting thread");
+        // A failed connect leaves the acceptor waiting for it: its error
+        // is the cause, the acceptor's timeout only a consequence.
+        let clients = clients?;
+        Ok((clients, servers?))
     })?;
     drop(listener);
     let connect_s = t0.elapsed().as_secs_f64();
