@@ -73,7 +73,9 @@ pub fn config(base: &Config, mode: Mode, conns: usize) -> Config {
     c.ops.max_sockets = c.ops.max_sockets.max(sockets);
     c.ops.slab_size = c.ops.slab_size.max(2 * sockets);
     let per_qp = u64::from(c.qp.send_depth) + u64::from(c.qp.recv_depth);
-    let need = per_qp * (conns as u64 + 1);
+    // Both ends of every pair are this provider's, on its CQs (all on one,
+    // at worst).
+    let need = per_qp * sockets as u64;
     c.qp.cq_depth = c.qp.cq_depth.max(u32::try_from(need).unwrap_or(u32::MAX));
     c.connect.backlog_max = c.connect.backlog_max.max(16);
     c.fabric.soft.addresses = vec![Ipv4Addr::new(198, 18, 251, 1)];
@@ -328,6 +330,11 @@ pub fn run_streams(
 ) -> Res<Scale> {
     let mut engine = config(base, mode, conns);
     engine.fabric.soft.addresses = vec![Ipv4Addr::new(198, 18, 252, 1)];
+    // An op slot per receive a stream keeps posted and per send in flight
+    // (the default slab, 4,096, holds 128 pairs: then WSAENOBUFS).
+    let o = SwitchOptions::default();
+    let per_stream = usize::from(o.recv_slots) + usize::from(o.send_slots);
+    engine.ops.slab_size = engine.ops.slab_size.max(2 * (conns + 1) * per_stream);
     let ip = engine.fabric.soft.addresses[0];
     let e =
         |what: &'static str| move |e: std::io::Error| format!("conn_scale streams: {what}: {e}");
