@@ -33,9 +33,9 @@
 #include "sanpath.h"
 
 #include "check.h"
+#include "provider.h"
 
 #define WAIT_SECS 10.0
-#define CATALOG_ID 1234u
 #define HANDLE_BASE ((SOCKET)0x5B000000u)
 #define MAX_HANDLES 64
 #define MAX_DONE 256
@@ -162,35 +162,11 @@ static struct done wait_done(WSAOVERLAPPED *ov, const char *what) {
 
 /* ---- The library ---- */
 
-typedef WSAEVENT (*event_create_fn)(void);
-typedef BOOL (*event_op_fn)(WSAEVENT);
-typedef INT (*event_wait_fn)(WSAEVENT, DWORD);
-
 static WSPPROC_TABLE P;
 static event_create_fn ev_create;
 static event_op_fn ev_close;
 static event_wait_fn ev_wait;
 static LPFN_WSPREGISTERMEMORY RegisterMemory;
-
-static void *symbol(void *lib, const char *name) {
-    void *p = dlsym(lib, name);
-    REQUIRE(p != NULL, "dlsym(%s): %s", name, dlerror());
-    return p;
-}
-
-#define LOAD(var, lib, name) memcpy(&(var), &(void *){symbol((lib), (name))}, sizeof(var))
-
-static WSAPROTOCOL_INFOW tcp_info(void) {
-    WSAPROTOCOL_INFOW pi;
-    memset(&pi, 0, sizeof pi);
-    pi.dwCatalogEntryId = CATALOG_ID;
-    pi.iAddressFamily = AF_INET;
-    pi.iSocketType = SOCK_STREAM;
-    pi.iProtocol = IPPROTO_TCP;
-    pi.iVersion = 2;
-    pi.ProtocolChain.ChainLen = 1;
-    return pi;
-}
 
 static void start(const char *path) {
     void *lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);

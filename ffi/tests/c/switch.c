@@ -34,6 +34,7 @@
 /* ------------------------------------------------------------------------------------------ */
 
 #include "check.h"
+#include "provider.h"
 
 #define WAIT_SECS 10.0
 
@@ -60,7 +61,6 @@ struct handle_rec {
 #define MAX_LOG 4096
 #define MAX_HANDLES 256
 #define HANDLE_BASE ((SOCKET)0x5A000000u)
-#define CATALOG_ID 1234u
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static struct upcall up_log[MAX_LOG];
@@ -284,9 +284,6 @@ static SOCKET last_created(void) {
 /* The library                                                                                  */
 /* ------------------------------------------------------------------------------------------ */
 
-typedef WSAEVENT (*event_create_fn)(void);
-typedef BOOL (*event_op_fn)(WSAEVENT);
-typedef INT (*event_wait_fn)(WSAEVENT, DWORD);
 typedef uint64_t (*event_count_fn)(WSAEVENT);
 typedef INT (*stats_fn)(SanpathStats *, INT *);
 
@@ -298,14 +295,6 @@ static event_wait_fn ev_wait;
 static event_count_fn ev_count;
 static stats_fn provider_stats;
 static WSPPROC_TABLE P;
-
-static void *symbol(void *lib, const char *name) {
-    void *p = dlsym(lib, name);
-    REQUIRE(p != NULL, "dlsym(%s): %s", name, dlerror());
-    return p;
-}
-
-#define LOAD(var, lib, name) memcpy(&(var), &(void *){symbol((lib), (name))}, sizeof(var))
 
 static void *extension(SOCKET s, GUID g, INT *err) {
     void *fn = NULL;
@@ -343,18 +332,6 @@ static SOCKADDR_IN sin_of(uint32_t ip, uint16_t port) {
     a.sin_port = be16(port);
     a.sin_addr.s_addr = be32(ip);
     return a;
-}
-
-static WSAPROTOCOL_INFOW tcp_info(void) {
-    WSAPROTOCOL_INFOW pi;
-    memset(&pi, 0, sizeof pi);
-    pi.dwCatalogEntryId = CATALOG_ID;
-    pi.iAddressFamily = AF_INET;
-    pi.iSocketType = SOCK_STREAM;
-    pi.iProtocol = IPPROTO_TCP;
-    pi.iVersion = 2;
-    pi.ProtocolChain.ChainLen = 1;
-    return pi;
 }
 
 static SOCKET new_socket(void) {
