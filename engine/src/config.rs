@@ -72,7 +72,9 @@ pub struct RingConfig {
 pub struct OpsConfig {
     /// Overlapped op slots preallocated per provider (in-flight limit).
     pub slab_size: usize,
-    /// Socket table capacity.
+    /// Socket table capacity: sockets live or closing at once. The table
+    /// grows with use (a segment of 32 slots, then doubling), so a large
+    /// limit costs nothing until sockets fill it.
     pub max_sockets: usize,
 }
 
@@ -257,7 +259,7 @@ impl Default for OpsConfig {
     fn default() -> Self {
         OpsConfig {
             slab_size: 4096,
-            max_sockets: 1024,
+            max_sockets: 65536,
         }
     }
 }

@@ -266,3 +266,27 @@ fn many_connections_run_to_completion() {
 fn many_connections_threads() {
     many_connections(PollerMode::Threads);
 }
+
+/// The default config holds tens of thousands of sockets (the table grows
+/// with use): every one of `ops.max_sockets` opens, the next fails
+/// `WSAEMFILE`, and a closed one makes room again.
+#[test]
+fn the_default_socket_table_opens_its_whole_capacity() {
+    let c = Config::default();
+    let max = c.ops.max_sockets;
+    assert!(max >= 10_000, "the default allows {max} sockets");
+    let sw = Arc::new(CountingSwitch::default());
+    let (p, _nic, _net) =
+        testkit::soft_provider(c, Ipv4Addr::new(198, 18, 16, 2), sw.clone()).unwrap();
+    let mut socks: Vec<_> = (0..max).map(|_| socket(&p).unwrap()).collect();
+    assert_eq!(p.stats().sockets, max);
+    assert_eq!(socket(&p).unwrap_err(), WsaError::WSAEMFILE);
+    p.close_socket(socks.swap_remove(max / 2)).unwrap();
+    socks.push(socket(&p).unwrap());
+    assert_eq!(socket(&p).unwrap_err(), WsaError::WSAEMFILE);
+    for s in socks {
+        p.close_socket(s).unwrap();
+    }
+    assert!(p.stats().holds_nothing(), "{:?}", p.stats());
+    assert_eq!(sw.closed.lock().unwrap().len(), max + 1);
+}

@@ -22,6 +22,7 @@ mod dup;
 mod gate;
 mod ops;
 mod qp_cell;
+mod slots;
 mod socket;
 mod stats;
 mod types;

@@ -12,6 +12,7 @@
 use super::dup::DupState;
 use super::gate::CloseGate;
 use super::qp_cell::QpCell;
+use super::slots::Slots;
 use super::types::{NetworkEvents, ProviderSocket, SwitchHandle, FD_ACCEPT, FD_CONNECT};
 use super::Running;
 use crate::error::{WsaError, WsaResult};
@@ -277,11 +278,31 @@ struct TableSlot<T> {
     /// unpin. While a pin taken on a `LIVE` slot of the right generation is
     /// held, `socket` is `Some` and is not changed.
     word: AtomicU64,
-    /// The table's reference to the socket, from `publish` until `release`.
-    /// Written only by the reserver of a `FREE` slot (publish) and by the
-    /// thread whose compare-exchange took it from `REMOVED` to `FREE`
-    /// (release); read by pin holders.
-    socket: UnsafeCell<Option<Arc<T>>>,
+    /// The table's reference to the socket (`Arc::into_raw`), from
+    /// `publish` until `release`. Written only by the reserver of a `FREE`
+    /// slot (publish) and by the thread whose compare-exchange took it from
+    /// `REMOVED` to `FREE` (release, or the table's drop); read by pin
+    /// holders.
+    socket: UnsafeCell<Option<NonNull<T>>>,
+}
+
+impl<T> TableSlot<T> {
+    /// A `FREE` slot of generation 0: all zero bits (see `Zeroed`).
+    fn new() -> CachePadded<TableSlot<T>> {
+        CachePadded::new(TableSlot {
+            word: AtomicU64::new(FREE),
+            socket: UnsafeCell::new(None),
+        })
+    }
+}
+
+/// Free slots, under `SocketTable::free`.
+struct Free {
+    /// Slots released and not reserved again.
+    indices: Vec<u32>,
+    /// Slots `fresh..` were never reserved. Its capacity is kept at least
+    /// `fresh`, so a push (also from a dispatching thread) never allocates.
+    fresh: u32,
 }
 
 /// Descriptor → socket. A descriptor is `generation << 32 | (index + 1)`:
@@ -298,11 +319,10 @@ struct TableSlot<T> {
 /// ([`SocketTable::get`]).
 pub struct SocketTable<T = Socket> {
     /// Padded: threads spinning on different sockets never share a line.
-    /// Never freed before the table: a lookup may add to any slot's word.
-    slots: Box<[CachePadded<TableSlot<T>>]>,
-    /// Indices of `FREE` slots nobody reserved. Allocated at full capacity
-    /// once, so a push (also from a dispatching thread) never allocates.
-    free: ModelMutex<Vec<u32>>,
+    /// Resident as used (see `Slots`), never freed before the table: a
+    /// lookup may add to any slot's word.
+    slots: Slots<CachePadded<TableSlot<T>>>,
+    free: ModelMutex<Free>,
 }
 
 // SAFETY: the cells hold `Arc<T>`s that are shared between threads only as
@@ -318,6 +338,8 @@ compile_error!("sanpath's descriptor encoding assumes 64-bit pointers");
 /// A pinned socket: valid while this lives (see [`SocketTable`]).
 pub struct Pinned<'a, T = Socket> {
     table: &'a SocketTable<T>,
+    /// The slot `op.index` names, so that the drop needs no lookup.
+    slot: &'a TableSlot<T>,
     op: OpSocket<T>,
     /// Pins this guard gives back when dropped: 1, or 2 from
     /// [`SocketTable::pin_for_op`] until [`Pinned::hand_to_op`].
@@ -359,7 +381,7 @@ impl<T> Pinned<'_, T> {
 
 impl<T> Drop for Pinned<'_, T> {
     fn drop(&mut self) {
-        self.table.unpin(self.op.index, self.pins);
+        self.table.unpin(self.slot, self.op.index, self.pins);
     }
 }
 
@@ -389,25 +411,40 @@ impl<T> OpSocket<T> {
 }
 
 impl<T> SocketTable<T> {
+    /// A table of up to `capacity` sockets; the memory of their slots
+    /// becomes resident as they are first used.
     pub fn new(capacity: usize) -> SocketTable<T> {
         assert!(capacity < PINS as usize, "socket table too large");
         SocketTable {
-            slots: (0..capacity)
-                .map(|_| {
-                    CachePadded::new(TableSlot {
-                        word: AtomicU64::new(FREE),
-                        socket: UnsafeCell::new(None),
-                    })
-                })
-                .collect(),
-            free: ModelMutex::new((0..capacity as u32).rev().collect()),
+            // SAFETY: `TableSlot::new` is all zero bits: FREE is 0, `None`
+            // of a `NonNull` is the null pointer, the padding is padding.
+            slots: unsafe { Slots::new(capacity, TableSlot::new) },
+            free: ModelMutex::new(Free {
+                indices: Vec::new(),
+                fresh: 0,
+            }),
         }
     }
 
-    /// Reserves a slot and returns the descriptor it will have.
+    /// Reserves a slot and returns the descriptor it will have:
+    /// `WSAEMFILE` when `capacity` sockets are live or closing.
     pub fn reserve(&self) -> WsaResult<ProviderSocket> {
-        let index = lock(&self.free).pop().ok_or(WsaError::WSAEMFILE)?;
-        let slot = &self.slots[index as usize];
+        let index = {
+            let mut free = lock(&self.free);
+            match free.indices.pop() {
+                Some(index) => index,
+                None if (free.fresh as usize) < self.slots.len() => {
+                    let index = free.fresh;
+                    free.fresh += 1;
+                    // Every slot reserved so far may come back at once.
+                    let room = free.fresh as usize - free.indices.len();
+                    free.indices.reserve(room);
+                    index
+                }
+                None => return Err(WsaError::WSAEMFILE),
+            }
+        };
+        let slot = self.slot(index);
         // Stale lookups may add and undo pins meanwhile; the state stays
         // FREE, which only this reserver changes.
         let mut word = slot.word.load(Ordering::Relaxed);
@@ -430,20 +467,20 @@ impl<T> SocketTable<T> {
 
     /// Returns a reserved slot that was never published.
     pub fn unreserve(&self, desc: ProviderSocket) {
-        if let Some((index, _)) = self.split(desc) {
-            lock(&self.free).push(index);
+        if let Some((index, _, _)) = self.locate(desc) {
+            lock(&self.free).indices.push(index);
         }
     }
 
     /// Makes a reserved descriptor live.
     pub fn publish(&self, desc: ProviderSocket, socket: Arc<T>) {
-        let Some((index, generation)) = self.split(desc) else {
+        let Some((_, generation, slot)) = self.locate(desc) else {
             return;
         };
-        let slot = &self.slots[index as usize];
         // SAFETY: the slot is FREE and reserved by the caller: no pin holder
         // reads the cell and no release writes it (module docs of the word).
-        slot.socket.with_mut(|p| unsafe { *p = Some(socket) });
+        slot.socket
+            .with_mut(|p| unsafe { *p = NonNull::new(Arc::into_raw(socket).cast_mut()) });
         let mut word = slot.word.load(Ordering::Relaxed);
         loop {
             debug_assert_eq!(word_state(word), FREE);
@@ -464,8 +501,8 @@ impl<T> SocketTable<T> {
     /// Whether `desc` names a live socket now: one load, no pin, for a call
     /// that must validate its descriptor but reaches nothing of the socket.
     pub fn is_live(&self, desc: ProviderSocket) -> bool {
-        self.split(desc).is_some_and(|(index, generation)| {
-            let word = self.slots[index as usize].word.load(Ordering::Acquire);
+        self.locate(desc).is_some_and(|(_, generation, slot)| {
+            let word = slot.word.load(Ordering::Acquire);
             word_state(word) == LIVE && word_generation(word) == generation
         })
     }
@@ -487,34 +524,32 @@ impl<T> SocketTable<T> {
 
     #[inline]
     fn pin_n(&self, desc: ProviderSocket, pins: u64) -> Option<Pinned<'_, T>> {
-        let (index, generation) = self.split(desc)?;
-        let slot = &self.slots[index as usize];
+        let (index, generation, slot) = self.locate(desc)?;
         // Acquire: pairs with publish's release, so the socket is visible.
         let was = slot.word.fetch_add(pins, Ordering::Acquire);
         debug_assert!(was & PINS < PINS - 2, "socket slot pin overflow");
         if word_state(was) == LIVE && word_generation(was) == generation {
             // SAFETY: pinned on a LIVE slot of this generation: the cell
             // holds the socket and keeps it until our unpin.
-            let ptr = slot
-                .socket
-                .with(|p| unsafe { (*p).as_deref().map(NonNull::from) });
+            let ptr = slot.socket.with(|p| unsafe { *p });
             debug_assert!(ptr.is_some(), "live slot without a socket");
             if let Some(ptr) = ptr {
                 return Some(Pinned {
                     table: self,
+                    slot,
                     op: OpSocket { index, ptr },
                     pins,
                 });
             }
         }
-        self.unpin(index, pins);
+        self.unpin(slot, index, pins);
         None
     }
 
     /// Takes back the pin a pending op held (its completion is done with
     /// the socket).
     pub fn unpin_op(&self, op: OpSocket<T>) {
-        self.unpin(op.index, 1);
+        self.unpin(self.slot(op.index), op.index, 1);
     }
 
     /// The socket as an `Arc` (control calls).
@@ -530,7 +565,7 @@ impl<T> SocketTable<T> {
         // drops, the last unpin releases the slot.
         let pinned = self.pin(desc).ok_or(WsaError::WSAENOTSOCK)?;
         let socket = self.arc(&pinned);
-        let slot = &self.slots[pinned.op.index as usize];
+        let slot = pinned.slot;
         let mut word = slot.word.load(Ordering::Relaxed);
         loop {
             if word_state(word) != LIVE {
@@ -550,9 +585,10 @@ impl<T> SocketTable<T> {
 
     /// Every live socket.
     pub fn all(&self) -> Vec<Arc<T>> {
-        (0..self.slots.len())
+        let fresh = lock(&self.free).fresh as usize;
+        (0..fresh)
             .filter_map(|i| {
-                let word = self.slots[i].word.load(Ordering::Relaxed);
+                let word = self.slots.get(i)?.word.load(Ordering::Relaxed);
                 let desc = ((word_generation(word) as usize) << 32) | (i + 1);
                 self.get(ProviderSocket(desc)).ok()
             })
@@ -560,21 +596,23 @@ impl<T> SocketTable<T> {
     }
 
     fn arc(&self, pinned: &Pinned<'_, T>) -> Arc<T> {
-        let slot = &self.slots[pinned.op.index as usize];
-        // SAFETY: pinned, so the cell holds the socket and nobody writes it.
-        slot.socket
-            .with(|p| unsafe { (*p).clone() })
-            .expect("a pinned slot holds its socket")
+        let ptr = pinned.op.ptr.as_ptr().cast_const();
+        // SAFETY: pinned, so the cell still holds the table's reference, an
+        // `Arc::into_raw` of this pointer: taking one more is sound.
+        unsafe {
+            Arc::increment_strong_count(ptr);
+            Arc::from_raw(ptr)
+        }
     }
 
+    /// Gives back `pins` pins on slot `index` (`slot`).
     #[inline]
-    fn unpin(&self, index: u32, pins: u64) {
-        let slot = &self.slots[index as usize];
+    fn unpin(&self, slot: &TableSlot<T>, index: u32, pins: u64) {
         // Release: this pin's use of the socket happens before its release.
         let was = slot.word.fetch_sub(pins, Ordering::Release);
         debug_assert!(was & PINS >= pins, "socket slot unpinned more than pinned");
         if word_state(was) == REMOVED && was & PINS == pins {
-            self.release(index, was - pins);
+            self.release(slot, index, was - pins);
         }
     }
 
@@ -582,8 +620,7 @@ impl<T> SocketTable<T> {
     /// pinned it again meanwhile (its unpin then comes here).
     #[cold]
     #[inline(never)]
-    fn release(&self, index: u32, word: u64) {
-        let slot = &self.slots[index as usize];
+    fn release(&self, slot: &TableSlot<T>, index: u32, word: u64) {
         // Acquire: every earlier unpin's release (the RMWs on the word form
         // one release sequence) happens before the socket is dropped.
         if slot
@@ -597,17 +634,47 @@ impl<T> SocketTable<T> {
         // reader of the cell is left, and none can come (a pin now sees
         // FREE), nor can a reserve before the index is pushed below.
         let socket = slot.socket.with_mut(|p| unsafe { (*p).take() });
-        lock(&self.free).push(index);
-        drop(socket);
+        lock(&self.free).indices.push(index);
+        // SAFETY: the table's reference, made by `Arc::into_raw` in publish
+        // and taken out of the cell above, so given back once.
+        drop(socket.map(|p| unsafe { Arc::from_raw(p.as_ptr().cast_const()) }));
     }
 
-    /// The slot index and generation of a descriptor (not checked against
-    /// the slot).
-    fn split(&self, desc: ProviderSocket) -> Option<(u32, u32)> {
+    /// The slot index, generation and slot a descriptor names (the
+    /// generation not checked against the slot's): `None` if the table
+    /// never grew that far.
+    #[inline]
+    fn locate(&self, desc: ProviderSocket) -> Option<(u32, u32, &TableSlot<T>)> {
         let low = (desc.0 & 0xFFFF_FFFF) as u32;
         let generation = (desc.0 >> 32) as u32;
         let index = low.checked_sub(1)?;
-        ((index as usize) < self.slots.len()).then_some((index, generation))
+        let slot = self.slots.get(index as usize)?;
+        Some((index, generation, slot))
+    }
+
+    /// A slot the caller knows was grown (it holds a pin on it, or
+    /// reserved it).
+    fn slot(&self, index: u32) -> &TableSlot<T> {
+        self.slots
+            .get(index as usize)
+            .expect("a pinned or reserved slot exists")
+    }
+}
+
+impl<T> Drop for SocketTable<T> {
+    /// Gives back the references the table still holds (sockets never
+    /// closed, or closed with a pin that was never given back).
+    fn drop(&mut self) {
+        let fresh = lock(&self.free).fresh as usize;
+        for i in 0..fresh {
+            let Some(slot) = self.slots.get(i) else { break };
+            // SAFETY: `&mut self`: no pin holder or releaser is left.
+            if let Some(p) = slot.socket.with_mut(|p| unsafe { (*p).take() }) {
+                // SAFETY: the table's reference (`Arc::into_raw` in publish),
+                // taken out of its cell, so given back once.
+                drop(unsafe { Arc::from_raw(p.as_ptr().cast_const()) });
+            }
+        }
     }
 }
 
@@ -640,6 +707,58 @@ mod tests {
         assert!(table.is_live(b));
         assert_eq!(table.get(b).map(|s| *s), Ok(2));
         assert_eq!(table.all().len(), 1);
+    }
+
+    #[test]
+    fn the_table_grows_with_use_up_to_its_capacity() {
+        let cap = 100;
+        let table = SocketTable::<usize>::new(cap);
+        // A descriptor naming a slot the table has not grown yet is no
+        // socket (and no crash).
+        let far = ProviderSocket((1 << 32) | (cap - 1 + 1));
+        assert!(table.pin(far).is_none() && !table.is_live(far));
+        assert_eq!(table.remove(far).unwrap_err(), WsaError::WSAENOTSOCK);
+        let descs: Vec<_> = (0..cap)
+            .map(|k| {
+                let d = table.reserve().unwrap();
+                table.publish(d, Arc::new(k));
+                d
+            })
+            .collect();
+        assert_eq!(table.reserve().unwrap_err(), WsaError::WSAEMFILE);
+        for (k, &d) in descs.iter().enumerate() {
+            assert_eq!(table.pin(d).map(|p| *p), Some(k));
+        }
+        assert_eq!(table.all().len(), cap);
+        // Every slot comes back, and the free list holds them all.
+        for &d in &descs {
+            drop(table.remove(d).unwrap());
+        }
+        assert!(table.all().is_empty());
+        assert_eq!(lock(&table.free).indices.len(), cap);
+        assert!(table.reserve().is_ok());
+    }
+
+    #[test]
+    fn a_dropped_table_gives_back_every_socket_it_held() {
+        let socket = Arc::new(5);
+        let table = SocketTable::<u32>::new(4);
+        for _ in 0..3 {
+            let d = table.reserve().unwrap();
+            table.publish(d, socket.clone());
+        }
+        let closed = table.reserve().unwrap();
+        table.publish(closed, socket.clone());
+        let pinned = table.pin_for_op(closed).unwrap();
+        pinned.hand_to_op();
+        drop(table.remove(closed).unwrap());
+        assert_eq!(
+            Arc::strong_count(&socket),
+            5,
+            "three live, one closed but pinned"
+        );
+        drop(table);
+        assert_eq!(Arc::strong_count(&socket), 1);
     }
 
     #[test]
