@@ -85,7 +85,10 @@ pub struct QpConfig {
     pub recv_depth: u32,
     /// Scatter/gather entries per work request (WSABUF count limit).
     pub max_sge: u32,
-    /// Depth of each completion queue.
+    /// Completions each completion queue can owe: it admits a queue pair
+    /// only while their `send_depth + recv_depth` fit. 0 (the default) is
+    /// the fabric's choice: no bound on soft and shm, whose CQs hold no
+    /// completions of their own, 16,384 on verbs (`fabric::DEFAULT_CQ_DEPTH`).
     pub cq_depth: u32,
     /// Messages the soft NIC holds for a receiver with no posted receive
     /// before it fails the sender with "RNR retry exceeded" (spec §7-9).
@@ -270,7 +273,7 @@ impl Default for QpConfig {
             send_depth: 256,
             recv_depth: 256,
             max_sge: 16,
-            cq_depth: 16384,
+            cq_depth: 0,
             rnr_queue_max: 8,
         }
     }
@@ -401,8 +404,13 @@ impl Config {
         if q.send_depth == 0 || q.recv_depth == 0 || q.max_sge == 0 {
             return bad("qp.send_depth, qp.recv_depth and qp.max_sge must be at least 1");
         }
-        if u64::from(q.cq_depth) < u64::from(q.send_depth) + u64::from(q.recv_depth) {
-            return bad("qp.cq_depth must hold at least one queue pair (send_depth + recv_depth)");
+        if q.cq_depth != 0
+            && u64::from(q.cq_depth) < u64::from(q.send_depth) + u64::from(q.recv_depth)
+        {
+            return bad(
+                "qp.cq_depth must be 0 (the fabric's choice) or hold at least one queue pair \
+                 (send_depth + recv_depth)",
+            );
         }
         if self.limits.max_msg_size == 0 || self.limits.max_rdma_size == 0 {
             return bad("limits.max_msg_size and limits.max_rdma_size must be positive");
@@ -487,5 +495,13 @@ mod tests {
             Config::from_toml("[qp]\ncq_depth = 4\n"),
             Err(ConfigError::Invalid(_))
         ));
+        // 0: the fabric's choice.
+        assert_eq!(
+            Config::from_toml("[qp]\ncq_depth = 0\n")
+                .unwrap()
+                .qp
+                .cq_depth,
+            0
+        );
     }
 }

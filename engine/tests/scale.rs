@@ -290,3 +290,67 @@ fn the_default_socket_table_opens_its_whole_capacity() {
     assert!(p.stats().holds_nothing(), "{:?}", p.stats());
     assert_eq!(sw.closed.lock().unwrap().len(), max + 1);
 }
+
+/// With the default config a soft provider's one completion queue takes
+/// far more than the 32 queue pairs a 16,384-entry CQ would (`cq_depth`
+/// 0: no bound where a CQ holds no completions of its own): 300 pairs
+/// connect, each carries a message, and all close clean.
+#[test]
+fn the_default_completion_queue_takes_hundreds_of_queue_pairs() {
+    const PAIRS: usize = 300;
+    let c = Config::default();
+    assert_eq!((c.qp.cq_depth, c.poller.count), (0, 1));
+    let sw = Arc::new(CountingSwitch::default());
+    let ip = Ipv4Addr::new(198, 18, 16, 3);
+    let (p, _nic, _net) = testkit::soft_provider(c, ip, sw.clone()).unwrap();
+    let addr = SocketAddrV4::new(ip, 16001);
+    let l = socket(&p).unwrap();
+    p.bind(l, addr).unwrap();
+    p.listen(l, 8).unwrap();
+    let lev = Arc::new(Event::new());
+    p.event_select(l, Some(lev.clone()), FD_ACCEPT).unwrap();
+    let mut pairs = Vec::with_capacity(PAIRS);
+    for _ in 0..PAIRS {
+        let c = socket(&p).unwrap();
+        let s = connect_one(&p, c, addr, l, &lev).expect("a pair with the defaults");
+        pairs.push((c, s));
+    }
+    assert_eq!(p.stats().sockets_connected, 2 * PAIRS);
+    // One message over each pair, the last connected first.
+    let buf = Region::new(2 * SLICE, MlockPolicy::Off).unwrap();
+    let (tx, rx) = (buf.as_ptr(), buf.as_ptr().wrapping_add(SLICE));
+    for &(c, s) in pairs.iter().rev() {
+        let (send_ov, recv_ov) = (Overlapped::new(0), Overlapped::new(0));
+        // SAFETY: both halves of `buf` and both records outlive the ops,
+        // which complete before the next round.
+        unsafe {
+            p.register_memory(c, tx, SLICE as u32, MEM_READWRITE)
+                .unwrap();
+            p.register_memory(s, rx, SLICE as u32, MEM_READWRITE)
+                .unwrap();
+            let b = |at| [WsaBuf { len: 8, buf: at }];
+            p.recv(s, &b(rx), &recv_ov).unwrap();
+            p.send(c, &b(tx), 0, &send_ov).unwrap();
+        }
+        for (sock, ov) in [(c, &send_ov), (s, &recv_ov)] {
+            let deadline = Instant::now() + TIMEOUT;
+            let done = loop {
+                match p.get_overlapped_result(sock, ov, false) {
+                    Ok(r) => break r,
+                    Err(WsaError::WSA_IO_INCOMPLETE) => {
+                        assert!(Instant::now() < deadline, "a message was lost");
+                        std::thread::yield_now();
+                    }
+                    Err(e) => panic!("op failed: {e:?}"),
+                }
+            };
+            assert_eq!(done.0, 8);
+        }
+    }
+    for (c, s) in pairs {
+        p.close_socket(c).unwrap();
+        p.close_socket(s).unwrap();
+    }
+    p.close_socket(l).unwrap();
+    assert!(p.stats().holds_nothing(), "{:?}", p.stats());
+}

@@ -372,6 +372,10 @@ pub trait ConnectAttempt: Send + Sync {
 pub type ConnectDone = Box<dyn FnOnce(Result<Arc<dyn QueuePair>, ConnectError>) + Send>;
 
 /// One RDMA NIC: protection domain, CQs, connection management.
+/// The depth of a CQ created with depth 0 where the fabric must fix one
+/// (verbs: the device's array of completion entries).
+pub const DEFAULT_CQ_DEPTH: u32 = 16384;
+
 pub trait Nic: Send + Sync {
     /// The IPv4 addresses of this NIC (what `SIO_ADDRESS_LIST_QUERY` reports).
     fn addresses(&self) -> Vec<Ipv4Addr>;
@@ -382,8 +386,13 @@ pub trait Nic: Send + Sync {
     /// Nothing else may be used after; the default does nothing.
     fn process_exiting(&self) {}
 
-    /// Creates a completion queue holding up to `depth` completions; `waker`
-    /// is woken when it is armed and a completion arrives.
+    /// Creates a completion queue that admits queue pairs while the
+    /// completions they can owe (their send and receive depths) fit in
+    /// `depth`; `waker` is woken when it is armed and a completion arrives.
+    /// `depth` 0 is the fabric's choice: no bound on the soft and shm
+    /// fabrics, whose CQs hold no completions of their own (each queue
+    /// pair's are in its own queues), [`DEFAULT_CQ_DEPTH`] on verbs, where
+    /// the CQ is an array the device writes.
     fn create_cq(
         &self,
         depth: u32,

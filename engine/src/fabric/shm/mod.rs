@@ -339,9 +339,6 @@ impl Nic for ShmNic {
         depth: u32,
         waker: Arc<dyn Waker>,
     ) -> Result<Arc<dyn CompletionQueue>, FabricError> {
-        if depth == 0 {
-            return Err(FabricError::Invalid("CQ depth 0"));
-        }
         let mut cqs = lock(&self.inner.cqs);
         cqs.retain(|_, cq| cq.strong_count() > 0);
         let id = loop {
@@ -354,7 +351,11 @@ impl Nic for ShmNic {
                 break n;
             }
         };
-        let cq = ShmCq::new(CqId(id), depth as usize, waker);
+        let capacity = match depth {
+            0 => usize::MAX,
+            d => d as usize,
+        };
+        let cq = ShmCq::new(CqId(id), capacity, waker);
         cqs.insert(id, Arc::downgrade(&cq.0));
         Ok(Arc::new(cq))
     }

@@ -305,9 +305,6 @@ impl Nic for SoftNic {
         depth: u32,
         waker: Arc<dyn Waker>,
     ) -> Result<Arc<dyn CompletionQueue>, FabricError> {
-        if depth == 0 {
-            return Err(FabricError::Invalid("CQ depth 0"));
-        }
         if depth > MAX_CQ_DEPTH {
             return Err(FabricError::NoResources("CQ depth"));
         }
@@ -320,7 +317,11 @@ impl Nic for SoftNic {
                 break n;
             }
         };
-        let cq = Arc::new(SoftCq::new(CqId(id), depth as usize, waker));
+        let capacity = match depth {
+            0 => usize::MAX,
+            d => d as usize,
+        };
+        let cq = Arc::new(SoftCq::new(CqId(id), capacity, waker));
         cqs.insert(id, Arc::downgrade(&cq));
         Ok(cq)
     }

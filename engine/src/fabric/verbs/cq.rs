@@ -46,6 +46,10 @@ impl VerbsCq {
         depth: u32,
         waker: Arc<dyn Waker>,
     ) -> Result<Arc<VerbsCq>, FabricError> {
+        let depth = match depth {
+            0 => crate::fabric::DEFAULT_CQ_DEPTH,
+            d => d,
+        };
         let want = depth
             .saturating_add(CQ_SLACK)
             .min(shared.caps.max_cqe.max(1));
