@@ -96,6 +96,16 @@ fn socket(p: &Provider) -> WsaResult<ProviderSocket> {
     p.socket(AF_INET, SOCK_STREAM, IPPROTO_TCP, 0, WSA_FLAG_OVERLAPPED, 0)
 }
 
+/// A listener on `addr` and the event its `FD_ACCEPT` signals.
+fn listen(p: &Provider, addr: SocketAddrV4) -> (ProviderSocket, Arc<Event>) {
+    let l = socket(p).unwrap();
+    p.bind(l, addr).unwrap();
+    p.listen(l, 8).unwrap();
+    let lev = Arc::new(Event::new());
+    p.event_select(l, Some(lev.clone()), FD_ACCEPT).unwrap();
+    (l, lev)
+}
+
 /// Connects `s` to `addr` and accepts it on `l`: the accepted socket, or
 /// the code the connect failed with (directly or through `FD_CONNECT`).
 fn connect_one(
@@ -139,11 +149,7 @@ fn many_connections(mode: PollerMode) {
     let ip = Ipv4Addr::new(198, 18, 16, 1);
     let (p, _nic, _net) = testkit::soft_provider(config(mode, n, 2), ip, sw.clone()).unwrap();
     let addr = SocketAddrV4::new(ip, 16000);
-    let l = socket(&p).unwrap();
-    p.bind(l, addr).unwrap();
-    p.listen(l, 8).unwrap();
-    let lev = Arc::new(Event::new());
-    p.event_select(l, Some(lev.clone()), FD_ACCEPT).unwrap();
+    let (l, lev) = listen(&p, addr);
 
     let mut socks = Vec::with_capacity(2 * n);
     for _ in 0..n {
@@ -304,11 +310,7 @@ fn the_default_completion_queue_takes_hundreds_of_queue_pairs() {
     let ip = Ipv4Addr::new(198, 18, 16, 3);
     let (p, _nic, _net) = testkit::soft_provider(c, ip, sw.clone()).unwrap();
     let addr = SocketAddrV4::new(ip, 16001);
-    let l = socket(&p).unwrap();
-    p.bind(l, addr).unwrap();
-    p.listen(l, 8).unwrap();
-    let lev = Arc::new(Event::new());
-    p.event_select(l, Some(lev.clone()), FD_ACCEPT).unwrap();
+    let (l, lev) = listen(&p, addr);
     let mut pairs = Vec::with_capacity(PAIRS);
     for _ in 0..PAIRS {
         let c = socket(&p).unwrap();
