@@ -5,6 +5,7 @@ use super::{lock, wait_readable, Shared, CQ_SLACK, RESERVED_WR_ID};
 use crate::fabric::{CompletionQueue, CqId, FabricError, Waker, WorkCompletion};
 use rdma_sys::*;
 use std::collections::VecDeque;
+use std::mem::MaybeUninit;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -128,15 +129,20 @@ impl VerbsCq {
     /// backend's own (reserved id).
     fn poll_hw(&self, out: &mut [WorkCompletion]) -> usize {
         let mut n = 0;
+        // Not zeroed: this runs on every empty poll of a spinning waiter,
+        // and the device writes every entry it returns.
+        let mut wcs: [MaybeUninit<ibv_wc>; POLL_BATCH] =
+            [const { MaybeUninit::uninit() }; POLL_BATCH];
         while n < out.len() {
-            // SAFETY: ibv_wc is plain data (an all-zero value is valid).
-            let mut wcs: [ibv_wc; POLL_BATCH] = unsafe { std::mem::zeroed() };
             let want = (out.len() - n).min(POLL_BATCH);
-            // SAFETY: the CQ is valid; wcs has room for `want` entries; the
+            // SAFETY: the CQ is valid; wcs has room for `want` entries (an
+            // ibv_wc array, MaybeUninit being layout-transparent); the
             // engine guarantees a single consumer per CQ.
-            let got = unsafe { ibv_poll_cq(self.cq.get(), want as i32, wcs.as_mut_ptr()) };
-            let got = usize::try_from(got).unwrap_or(0);
+            let got = unsafe { ibv_poll_cq(self.cq.get(), want as i32, wcs.as_mut_ptr().cast()) };
+            let got = usize::try_from(got).unwrap_or(0).min(want);
             for wc in &wcs[..got] {
+                // SAFETY: ibv_poll_cq wrote the first `got` entries.
+                let wc = unsafe { wc.assume_init_ref() };
                 if wc.wr_id == RESERVED_WR_ID {
                     continue;
                 }

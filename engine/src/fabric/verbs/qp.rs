@@ -9,6 +9,7 @@ use crate::fabric::{
     WcStatus, WorkCompletion,
 };
 use rdma_sys::*;
+use std::mem::MaybeUninit;
 use std::net::SocketAddrV4;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
@@ -290,18 +291,23 @@ impl VerbsQp {
     }
 }
 
-/// Fills `out` with the entries; returns their number and total length.
-fn fill_sges(sges: &[crate::fabric::Sge], out: &mut [ibv_sge; MAX_SGE]) -> (usize, u64) {
+/// Scatter/gather entries as the device reads them: only the first
+/// `num_sge` are written (no zeroing of the rest on every post).
+type SgeBuf = [MaybeUninit<ibv_sge>; MAX_SGE];
+
+/// Fills the first entries of `out` (at most [`MAX_SGE`]; the caller
+/// checked `max_sge`); returns their number and total length.
+fn fill_sges(sges: &[crate::fabric::Sge], out: &mut SgeBuf) -> (usize, u64) {
     let mut total = 0u64;
     for (o, s) in out.iter_mut().zip(sges) {
-        *o = ibv_sge {
+        o.write(ibv_sge {
             addr: s.addr as u64,
             length: s.len,
             lkey: s.lkey,
-        };
+        });
         total += u64::from(s.len);
     }
-    (sges.len(), total)
+    (sges.len().min(MAX_SGE), total)
 }
 
 impl QueuePair for VerbsQp {
@@ -339,13 +345,12 @@ impl QueuePair for VerbsQp {
             self.flush_soft(wr.wr_id, wc_op);
             return Ok(());
         }
-        // SAFETY: ibv_sge is plain data.
-        let mut sg: [ibv_sge; MAX_SGE] = unsafe { std::mem::zeroed() };
+        let mut sg: SgeBuf = [const { MaybeUninit::uninit() }; MAX_SGE];
         let (n, total) = fill_sges(wr.sges, &mut sg);
         // SAFETY: ibv_send_wr is plain data (null pointers, zero unions).
         let mut w: ibv_send_wr = unsafe { std::mem::zeroed() };
         w.wr_id = wr.wr_id;
-        w.sg_list = sg.as_mut_ptr();
+        w.sg_list = sg.as_mut_ptr().cast();
         w.num_sge = n as i32;
         w.opcode = opcode;
         w.send_flags = ibv_send_flags::IBV_SEND_SIGNALED.0;
@@ -357,7 +362,8 @@ impl QueuePair for VerbsQp {
         }
         let mut bad = std::ptr::null_mut();
         // SAFETY: valid QP, not in error (checked under the post lock); the
-        // WR and its entries are read during the call only (inline data is
+        // WR and its first `n` entries (written by fill_sges; the device
+        // reads no more) are read during the call only (inline data is
         // copied); the memory they name is the caller's to keep valid.
         let rc = unsafe { ibv_post_send(self.qp.get(), &mut w, &mut bad) };
         drop(st);
@@ -382,17 +388,16 @@ impl QueuePair for VerbsQp {
             self.flush_soft(wr.wr_id, WcOpcode::Recv);
             return Ok(());
         }
-        // SAFETY: ibv_sge is plain data.
-        let mut sg: [ibv_sge; MAX_SGE] = unsafe { std::mem::zeroed() };
+        let mut sg: SgeBuf = [const { MaybeUninit::uninit() }; MAX_SGE];
         let (n, _) = fill_sges(wr.sges, &mut sg);
         let mut w = ibv_recv_wr {
             wr_id: wr.wr_id,
             next: std::ptr::null_mut(),
-            sg_list: sg.as_mut_ptr(),
+            sg_list: sg.as_mut_ptr().cast(),
             num_sge: n as i32,
         };
         let mut bad = std::ptr::null_mut();
-        // SAFETY: as in post_send.
+        // SAFETY: as in post_send (the first `n` entries are written).
         let rc = unsafe { ibv_post_recv(self.qp.get(), &mut w, &mut bad) };
         drop(st);
         match rc {
