@@ -45,6 +45,8 @@ use std::time::{Duration, Instant};
 #[derive(Debug)]
 pub struct IdleLoop {
     spin_budget: u32,
+    /// Whether a spin executes a pause (`poller.spin_pause`).
+    pause: bool,
     /// The longest one sleep may last, if bounded.
     guard: Option<Duration>,
     /// Empty polls since the last progress or sleep.
@@ -66,9 +68,17 @@ impl IdleLoop {
     pub fn new(spin_budget: u32) -> IdleLoop {
         IdleLoop {
             spin_budget,
+            pause: true,
             guard: None,
             empty: 0,
         }
+    }
+
+    /// Spins back to back, without a pause, unless `pause`
+    /// (`poller.spin_pause`).
+    pub fn with_pause(mut self, pause: bool) -> IdleLoop {
+        self.pause = pause;
+        self
     }
 
     /// Bounds every sleep to `guard`, whatever the deadline: for sleepers
@@ -101,7 +111,9 @@ impl IdleLoop {
         recheck: impl FnOnce() -> bool,
     ) -> Idled {
         if self.within_budget() {
-            std::hint::spin_loop();
+            if self.pause {
+                std::hint::spin_loop();
+            }
             return Idled::Spun;
         }
         self.empty = 0;
@@ -435,6 +447,7 @@ impl Progress {
                         front: front.clone(),
                         stop: stop.clone(),
                         spin_budget: pc.spin_budget,
+                        spin_pause: pc.spin_pause,
                         batch: pc.batch.min(POLL_BATCH),
                         core: pc.cores.get(i).copied(),
                     };
@@ -616,6 +629,7 @@ struct PollerCtx {
     front: Arc<dyn Waker>,
     stop: Arc<AtomicBool>,
     spin_budget: u32,
+    spin_pause: bool,
     batch: usize,
     core: Option<usize>,
 }
@@ -629,7 +643,7 @@ impl PollerCtx {
         }
         self.waker.register_current();
         let mut buf = [WorkCompletion::EMPTY; POLL_BATCH];
-        let mut idle = IdleLoop::new(self.spin_budget);
+        let mut idle = IdleLoop::new(self.spin_budget).with_pause(self.spin_pause);
         while !self.stop.load(Ordering::Relaxed) {
             let free = self.producer.free();
             if free == 0 {

@@ -374,6 +374,7 @@ impl Inner {
             PollerMode::Threads => self.completed.wait_until(deadline, done),
             PollerMode::RunToCompletion => {
                 let mut idle = IdleLoop::new(self.config.poller.spin_budget)
+                    .with_pause(self.config.poller.spin_pause)
                     .with_guard(Duration::from_millis(50));
                 loop {
                     if done() {
@@ -401,7 +402,8 @@ impl Inner {
             core_affinity::set_for_current(core_affinity::CoreId { id });
         }
         run.dispatcher_waker.register_current();
-        let mut idle = IdleLoop::new(self.config.poller.spin_budget);
+        let mut idle =
+            IdleLoop::new(self.config.poller.spin_budget).with_pause(self.config.poller.spin_pause);
         while !run.stop.load(Ordering::SeqCst) {
             if self.progress(run, None) > 0 {
                 idle.progress();
