@@ -5,6 +5,7 @@
 //! (server); [`Bench`] runs both as threads of this process, `remote.rs`
 //! one in each of two processes.
 
+use crate::clock::Clock;
 use crate::stats::{Bw, Lat};
 use crate::Mode;
 use sanpath::config::{FabricKind, MlockPolicy, PollerMode};
@@ -96,6 +97,12 @@ const PEER_SILENCE: Duration = Duration::from_secs(10);
 /// Spins on a condition; if `yielding`, gives the core away after a short
 /// spin (threads mode: a poller thread needs the core too). Fails with
 /// `WSAETIMEDOUT` after `PEER_SILENCE` (the clock is read every 4096 spins).
+///
+/// Not yielding, it spins without a pause instruction, as perftest's
+/// memory polling does: a pause delays seeing the peer's write (by up to
+/// ~140 cycles on recent x86 cores), and under emulation (QEMU TCG, the
+/// Soft-RoCE VM) every pause leaves the vCPU's translated code for QEMU's
+/// main loop and its global lock.
 fn spin_until(yielding: bool, mut done: impl FnMut() -> bool) -> Res<()> {
     let mut n = 0u32;
     let mut since: Option<Instant> = None;
@@ -107,10 +114,12 @@ fn spin_until(yielding: bool, mut done: impl FnMut() -> bool) -> Res<()> {
                 return Err(WsaError::WSAETIMEDOUT);
             }
         }
-        if yielding && n > 256 {
-            std::thread::yield_now();
-        } else {
-            std::hint::spin_loop();
+        if yielding {
+            if n > 256 {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
         }
     }
     Ok(())
@@ -340,22 +349,23 @@ impl Side {
         pin(self.core);
         let total = warmup(iters) + iters;
         let (rov, sov) = (Overlapped::new(POLLED), Overlapped::new(POLLED));
-        let mut samples = Vec::with_capacity(iters);
+        let clock = Clock::start();
+        let mut ticks = Vec::with_capacity(iters);
         self.recv(size, &rov)?;
         for i in 0..total {
-            let t0 = Instant::now();
+            let t0 = clock.now();
             self.send(size, &sov)?;
             self.wait(&rov)?;
-            let ns = t0.elapsed().as_nanos() as f64 / 2.0;
+            let t = clock.now().saturating_sub(t0);
             if i + 1 < total {
                 self.recv(size, &rov)?;
             }
             self.wait(&sov)?;
             if i >= warmup(iters) {
-                samples.push(ns);
+                ticks.push(t);
             }
         }
-        Ok(Lat::new(samples))
+        Ok(clock.lat(&ticks, 0.5))
     }
 
     /// The echoing half of the send ping-pong; `ready` runs once the first
@@ -418,22 +428,23 @@ impl Side {
         pin(self.core);
         let size = size.max(1);
         let wov = Overlapped::new(POLLED);
-        let mut samples = Vec::with_capacity(iters);
+        let clock = Clock::start();
+        let mut ticks = Vec::with_capacity(iters);
         for i in 0..warmup(iters) + iters {
             let v = (i % 255) as u8 + 1;
-            let t0 = Instant::now();
+            let t0 = clock.now();
             self.mark(size, v);
             self.rdma(size, true, &wov)?;
             // Memory only, as perftest: the write's own completion is
             // reaped after the sample.
             spin_until(self.yielding, || self.landed(size, v))?;
-            let ns = t0.elapsed().as_nanos() as f64 / 2.0;
+            let t = clock.now().saturating_sub(t0);
             self.wait(&wov)?;
             if i >= warmup(iters) {
-                samples.push(ns);
+                ticks.push(t);
             }
         }
-        Ok(Lat::new(samples))
+        Ok(clock.lat(&ticks, 0.5))
     }
 
     /// The echoing half of the write ping-pong.
@@ -456,16 +467,17 @@ impl Side {
     pub fn read_lat(&self, size: usize, iters: usize) -> Res<Lat> {
         pin(self.core);
         let ov = Overlapped::new(POLLED);
-        let mut samples = Vec::with_capacity(iters);
+        let clock = Clock::start();
+        let mut ticks = Vec::with_capacity(iters);
         for i in 0..warmup(iters) + iters {
-            let t0 = Instant::now();
+            let t0 = clock.now();
             self.rdma(size, false, &ov)?;
             self.wait(&ov)?;
             if i >= warmup(iters) {
-                samples.push(t0.elapsed().as_nanos() as f64);
+                ticks.push(clock.now().saturating_sub(t0));
             }
         }
-        Ok(Lat::new(samples))
+        Ok(clock.lat(&ticks, 1.0))
     }
 
     /// The receiving half of send_bw: keeps a window of receives posted

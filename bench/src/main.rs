@@ -4,6 +4,7 @@
 //! between two processes (`sanbench --server`, `sanbench HOST`).
 
 mod baseline;
+mod clock;
 mod conn_scale;
 mod engine;
 mod plot;
@@ -377,6 +378,13 @@ fn run(cli: &Cli) -> Result<(), String> {
     }
     println!();
     println!("latency: half round trip for send/write/stream, full for read (perftest); t_typ = median of raw samples (HdrHistogram).");
+    let stamps = clock::Clock::start().source();
+    if stamps == "tsc" {
+        println!(
+            "  send/write/read_lat stamped with the TSC (as perftest): reading the OS clock here costs more than {} ns.",
+            clock::SLOW_OS_CLOCK_NS
+        );
+    }
     if remote {
         println!("  measured on the client, {LAT_ROUNDS} rounds; no floor or tcp baselines: they describe one host, not two.");
         println!(
@@ -438,6 +446,7 @@ fn run(cli: &Cli) -> Result<(), String> {
                 "loadavg_start": load,
                 "loadavg_end": loadavg(),
                 "sides_on_cores": cores.map(|(a, b)| [a, b]),
+                "lat_stamps": stamps,
                 "fabric": fabric,
                 "server": host.map(|h| format!("{h}:{}", cli.port)),
                 "mode": mode,
