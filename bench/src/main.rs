@@ -117,6 +117,10 @@ struct Cli {
     /// connected).
     #[arg(long)]
     stats: bool,
+    /// conn_scale on verbs: the RDMA device of the connecting sockets (the
+    /// accepted ones are on -d); default: the -d device (loopback).
+    #[arg(long)]
+    peer_dev: Option<String>,
     /// conn_scale: the connection counts to measure.
     #[arg(long, value_delimiter = ',', default_values_t = [1, 100, 1_000, 10_000])]
     conns: Vec<usize>,
@@ -355,7 +359,13 @@ fn run(cli: &Cli) -> Result<(), String> {
                     r.bandwidth(t, size)?
                 }
                 Test::ConnScale => r.results.extend(conn_scale::suite(
-                    &config, cli.mode, &cli.conns, cli.iters, cli.quick, cli.stats,
+                    &config,
+                    cli.mode,
+                    cli.peer_dev.as_deref(),
+                    &cli.conns,
+                    cli.iters,
+                    cli.quick,
+                    cli.stats,
                 )?),
             }
         }
@@ -381,7 +391,7 @@ fn run(cli: &Cli) -> Result<(), String> {
     let stamps = clock::Clock::start().source();
     if stamps == "tsc" {
         println!(
-            "  send/write/read_lat stamped with the TSC (as perftest): reading the OS clock here costs more than {} ns.",
+            "  send/write/read_lat and conn_scale stamped with the TSC (as perftest): reading the OS clock here costs more than {} ns.",
             clock::SLOW_OS_CLOCK_NS
         );
     }
