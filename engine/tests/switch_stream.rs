@@ -187,6 +187,91 @@ fn payloads_from_one_byte_to_big_with_checksums() {
     assert!(client.uses_read_flow());
 }
 
+/// An anonymous private mapping of `len` bytes at `hint` exactly (`None`:
+/// anywhere), or `None` if that address is taken.
+fn map_at(hint: Option<*mut u8>, len: usize) -> Option<*mut u8> {
+    let flags = libc::MAP_PRIVATE
+        | libc::MAP_ANONYMOUS
+        | if hint.is_some() {
+            libc::MAP_FIXED_NOREPLACE
+        } else {
+            0
+        };
+    let want = hint.unwrap_or(std::ptr::null_mut());
+    // SAFETY: a fresh anonymous mapping (never over an existing one: no
+    // MAP_FIXED), owned by the test until it unmaps it.
+    let p = unsafe {
+        libc::mmap(
+            want.cast(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED || (hint.is_some() && p.cast() != want) {
+        return None;
+    }
+    Some(p.cast())
+}
+
+/// Sends `len` bytes of `p` (filled with `data(len, seed)`) with one
+/// blocking write and checks what the server reads.
+fn send_from(client: &Stream, server: &Stream, p: *mut u8, len: usize, seed: u64) {
+    // SAFETY: `p` is a live mapping of `len` bytes that only this thread
+    // touches until the write returned.
+    let buf = unsafe { std::slice::from_raw_parts_mut(p, len) };
+    buf.copy_from_slice(&data(len, seed));
+    thread::scope(|sc| {
+        let rd = sc.spawn(|| read_n(server, len, len));
+        let mut w = client;
+        w.write_all(buf).expect("send");
+        assert!(rd.join().unwrap() == data(len, seed), "seed {seed}");
+    });
+}
+
+#[test]
+fn a_released_buffer_leaves_the_registration_cache_and_is_registered_again() {
+    let (c, s) = two(opts(), opts());
+    let (client, server) = pair(&c, &s, 7016);
+    let len = 64 << 10;
+    let p = map_at(None, len).expect("mmap");
+    let base = c.provider().stats();
+    send_from(&client, &server, p, len, 1);
+    assert!(
+        client.stats().bytes_direct >= len as u64,
+        "written straight from the application's buffer"
+    );
+    let cached = c.provider().stats();
+    assert_eq!(
+        cached.registrations,
+        base.registrations + 1,
+        "one cached registration"
+    );
+    assert_eq!(cached.registered_bytes, base.registered_bytes + len as u64);
+    // Sending from the same buffer again reuses it.
+    send_from(&client, &server, p, len, 2);
+    assert_eq!(c.provider().stats().registrations, cached.registrations);
+    // The program releases the memory before unmapping it: the registration
+    // goes at once, none is left naming those pages.
+    c.release_memory(p, len);
+    let released = c.provider().stats();
+    assert_eq!(released.registrations, base.registrations);
+    assert_eq!(released.registered_bytes, base.registered_bytes);
+    // SAFETY: the test's own mapping; no call lends it any more.
+    assert_eq!(unsafe { libc::munmap(p.cast(), len) }, 0);
+    // New memory at the same address (when no other thread took it) with
+    // other bytes: registered afresh, and those bytes are what arrives.
+    let q = map_at(Some(p), len)
+        .or_else(|| map_at(None, len))
+        .expect("mmap");
+    send_from(&client, &server, q, len, 3);
+    assert_eq!(c.provider().stats().registrations, cached.registrations);
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::munmap(q.cast(), len) }, 0);
+}
+
 #[test]
 fn small_reads_of_a_large_transfer_and_large_reads_of_small_messages() {
     let (c, s) = two(opts(), opts());

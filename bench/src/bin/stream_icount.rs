@@ -16,13 +16,27 @@
 //! the reader's and writer's protocol counters (`Stream::stats`) per
 //! message.
 //!
-//! Usage: `stream_icount [--size B] [--msgs N] [--warmup N]`.
+//! With `--blocking 1`, a second thread reads (blocking `recv` of up to 1
+//! MiB) while the first writes with blocking `write_all`, as `sanbench
+//! stream_bw` does: the paths only blocking sends take (the direct ring
+//! write from the application's buffer, and RDMA above the threshold), for
+//! counting copies and syscalls per message (`strace -c -f`: `mincore` is
+//! a registration; callgrind's memcpy instructions over the bytes moved,
+//! since `rep movsb` counts one instruction per byte). Instruction counts
+//! of this mode include the reader's polling, which depends on scheduling.
+//!
+//! `--reg-cache N` sets `SwitchOptions::reg_cache` (0: every transfer
+//! registers its buffer and every DATA is staged in the send ring, the
+//! switch before the cache).
+//!
+//! Usage: `stream_icount [--size B] [--msgs N] [--warmup N] [--blocking 0|1]
+//! [--reg-cache N]`.
 
 use sanpath::config::{MlockPolicy, PollerMode};
 use sanpath::fabric::soft::SoftNetwork;
 use sanpath::switch::{Listener, Runtime, RuntimeConfig, Stream, SwitchOptions};
 use sanpath::Config;
-use std::io::{self, ErrorKind};
+use std::io::{self, ErrorKind, Write};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,7 +50,7 @@ struct Pair {
     _rt: Arc<Runtime>,
 }
 
-fn pair() -> Res<Pair> {
+fn pair(reg_cache: Option<u16>) -> Res<Pair> {
     let e = |what: &'static str| move |e: io::Error| format!("{what}: {e}");
     let mut engine = Config::default();
     engine.poller.mode = PollerMode::RunToCompletion;
@@ -50,6 +64,7 @@ fn pair() -> Res<Pair> {
             accept_timeout: Some(t),
             read_timeout: Some(t),
             write_timeout: Some(t),
+            reg_cache,
             ..SwitchOptions::default()
         },
         engine,
@@ -111,9 +126,39 @@ fn measure_stream(p: &Pair, msgs: usize, msg: &[u8], sink: &mut [u8]) -> Res<()>
     (0..msgs).try_for_each(|_| one(p, msg, sink))
 }
 
+/// Reads `total` bytes on the server with blocking receives.
+fn read_all(s: &Stream, total: usize, sink: &mut [u8]) -> Res<()> {
+    let mut got = 0;
+    while got < total {
+        match s.recv(sink) {
+            Ok(0) => return Err("end of stream".into()),
+            Ok(n) => got += n,
+            Err(e) => return Err(format!("recv: {e}")),
+        }
+    }
+    Ok(())
+}
+
+/// `msgs` blocking writes of `msg` while another thread reads them.
+#[inline(never)]
+fn measure_stream_blocking(p: &Pair, msgs: usize, msg: &[u8], sink: &mut [u8]) -> Res<()> {
+    let mut c = &p.client;
+    std::thread::scope(|sc| {
+        let reader = sc.spawn(|| read_all(&p.server, msgs * msg.len(), sink));
+        for _ in 0..msgs {
+            c.write_all(msg).map_err(|e| format!("write_all: {e}"))?;
+        }
+        reader.join().map_err(|_| "reader panicked".to_string())?
+    })
+}
+
 fn run() -> Res<()> {
-    let usage = || "usage: stream_icount [--size B] [--msgs N] [--warmup N]".to_string();
-    let (mut size, mut msgs, mut warmup) = (65536usize, 100usize, 20usize);
+    let usage = || {
+        "usage: stream_icount [--size B] [--msgs N] [--warmup N] [--blocking 0|1] [--reg-cache N]"
+            .to_string()
+    };
+    let (mut size, mut msgs, mut warmup, mut blocking) = (65536usize, 100usize, 20usize, false);
+    let mut reg_cache = None;
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let v: usize = it.next().and_then(|v| v.parse().ok()).ok_or_else(usage)?;
@@ -121,19 +166,42 @@ fn run() -> Res<()> {
             "--size" => size = v.max(1),
             "--msgs" => msgs = v,
             "--warmup" => warmup = v,
+            "--blocking" => blocking = v != 0,
+            "--reg-cache" => reg_cache = Some(u16::try_from(v).map_err(|_| usage())?),
             _ => return Err(usage()),
         }
     }
-    let p = pair()?;
+    let p = pair(reg_cache)?;
     let msg = vec![5u8; size];
     let mut sink = vec![0u8; 1 << 20];
-    for _ in 0..warmup {
-        one(&p, &msg, &mut sink)?;
+    if blocking {
+        measure_stream_blocking(&p, warmup, &msg, &mut sink)?;
+    } else {
+        for _ in 0..warmup {
+            one(&p, &msg, &mut sink)?;
+        }
     }
     let (c0, s0) = (p.client.stats(), p.server.stats());
-    measure_stream(&p, msgs, &msg, &mut sink)?;
+    if blocking {
+        measure_stream_blocking(&p, msgs, &msg, &mut sink)?;
+    } else {
+        measure_stream(&p, msgs, &msg, &mut sink)?;
+    }
     let (c1, s1) = (p.client.stats(), p.server.stats());
     let per = |a: u64, b: u64| (b - a) as f64 / msgs.max(1) as f64;
+    println!(
+        "per {size} B message: writer copied {:.0} B into its rings, wrote {:.0} B straight from \
+         the application's buffer, moved {:.0} B by RDMA ({:.2} reads, {:.2} offers); reader \
+         copied {:.0} B out, moved {:.0} B by RDMA ({:.2} reads)",
+        per(c0.bytes_copied_in, c1.bytes_copied_in),
+        per(c0.bytes_direct, c1.bytes_direct),
+        per(c0.bytes_rdma, c1.bytes_rdma),
+        per(c0.rdma_reads, c1.rdma_reads),
+        per(c0.read_offers, c1.read_offers),
+        per(s0.bytes_copied_out, s1.bytes_copied_out),
+        per(s0.bytes_rdma, s1.bytes_rdma),
+        per(s0.rdma_reads, s1.rdma_reads),
+    );
     println!(
         "per {size} B message: writer sent {:.2} messages ({:.2} DATA/INLINE, {:.2} CREDIT, {:.2} NEED), \
          reader sent {:.2} ({:.2} CREDIT, {:.2} NEED)",

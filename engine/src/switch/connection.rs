@@ -29,6 +29,7 @@
 use super::io::{AppBuf, OvKind, Wire};
 use super::proto::{self, Action, CancelOutcome, Connection, OpId, Role};
 use super::ready::{self, Readiness};
+use super::regcache::{RegCache, RegUse};
 use crate::config::PollerMode;
 use crate::error::WsaError;
 use crate::poller::Notifier;
@@ -138,7 +139,12 @@ pub(super) struct State {
     /// Results of completed ops not yet collected.
     pub(super) results: HashMap<OpId, Result<u64, proto::Error>>,
     /// Local registration of each RDMA op's buffer.
-    pub(super) rdma_regs: Vec<Option<u64>>,
+    pub(super) rdma_regs: Vec<Option<RegUse>>,
+    /// Registration of the application buffer a send slot's direct ring
+    /// write reads (none for a staged one).
+    pub(super) ring_regs: Vec<Option<RegUse>>,
+    /// Cached registrations of application buffers (`regcache.rs`).
+    pub(super) cache: RegCache,
     pub(super) connected: bool,
     /// `close_socket` was called (or is being called).
     pub(super) socket_closed: bool,
@@ -179,10 +185,13 @@ impl Conn {
     /// A connection on connected socket `sock`, not started: its pools are
     /// registered, nothing is posted yet (the caller enters it in the
     /// handle table first, then calls [`Conn::start`]).
+    /// `cache_entries`: registrations of application buffers it keeps (0:
+    /// none, every transfer registers its own).
     pub(super) fn new(
         provider: &Provider,
         sock: ProviderSocket,
         cfg: proto::Config,
+        cache_entries: usize,
         role: Role,
         local: SocketAddrV4,
         peer: SocketAddrV4,
@@ -208,6 +217,7 @@ impl Conn {
         };
         let n_ov = wire.records();
         let rdma_slots = usize::from(cfg.rdma_slots);
+        let send_slots = usize::from(cfg.send_slots);
         let m = Connection::new(cfg, role, ring)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let conn = Arc::new(Conn {
@@ -217,6 +227,8 @@ impl Conn {
                 bufs: HashMap::new(),
                 results: HashMap::new(),
                 rdma_regs: vec![None; rdma_slots],
+                ring_regs: vec![None; send_slots],
+                cache: RegCache::new(cache_entries),
                 connected: false,
                 socket_closed: false,
                 cancel_gen: 0,
@@ -358,10 +370,15 @@ impl Conn {
                 Err(e) => st.m.recv_done(slot, Err(e)),
             },
             OvKind::Send(slot) => st.m.send_done(slot, result),
-            OvKind::RingWrite(slot) => st.m.ring_write_done(slot, result),
+            OvKind::RingWrite(slot) => {
+                if let Some(r) = st.ring_regs[usize::from(slot)].take() {
+                    self.drop_reg(st, r);
+                }
+                st.m.ring_write_done(slot, result);
+            }
             OvKind::Rdma(rdma) => {
-                if let Some(h) = st.rdma_regs[usize::from(rdma)].take() {
-                    let _ = self.wire.provider.deregister_memory(self.wire.sock, h);
+                if let Some(r) = st.rdma_regs[usize::from(rdma)].take() {
+                    self.drop_reg(st, r);
                 }
                 st.m.rdma_done(rdma, result);
             }
@@ -404,19 +421,46 @@ impl Conn {
                 }
                 Action::RingWrite {
                     slot,
-                    payload,
+                    payload: p,
                     ring_offset,
                     desc,
+                    direct,
                 } => {
-                    let r = match st.bufs.get(&payload.op) {
-                        Some(b) => self.wire.post_ring_write(
-                            slot,
-                            *b,
-                            payload.offset,
-                            payload.len,
-                            ring_offset,
-                            &desc,
-                        ),
+                    let r = match st.bufs.get(&p.op).copied() {
+                        // Straight from the application's buffer when its
+                        // registration is cached; else staged in the ring.
+                        Some(b) if direct && st.cache.enabled() => {
+                            match self.app_reg(st, b, p.offset, p.len, false) {
+                                Ok(reg) => {
+                                    let r = self.wire.post_ring_write_direct(
+                                        slot,
+                                        b,
+                                        p.offset,
+                                        p.len,
+                                        reg.handle,
+                                        ring_offset,
+                                        &desc,
+                                    );
+                                    match r {
+                                        Ok(()) => st.ring_regs[usize::from(slot)] = Some(reg),
+                                        Err(_) => self.drop_reg(st, reg),
+                                    }
+                                    r
+                                }
+                                Err(_) => self.wire.post_ring_write(
+                                    slot,
+                                    b,
+                                    p.offset,
+                                    p.len,
+                                    ring_offset,
+                                    &desc,
+                                ),
+                            }
+                        }
+                        Some(b) => {
+                            self.wire
+                                .post_ring_write(slot, b, p.offset, p.len, ring_offset, &desc)
+                        }
                         None => Err(WsaError::WSAEFAULT),
                     };
                     if let Err(e) = r {
@@ -491,20 +535,29 @@ impl Conn {
                     remote_offset,
                 } => {
                     let write = matches!(a, Action::RdmaWrite { .. });
-                    let r = match st.bufs.get(&op) {
-                        Some(b) => self.wire.post_rdma(
-                            rdma,
-                            write,
-                            *b,
-                            op_offset,
-                            len,
-                            &desc,
-                            remote_offset,
-                        ),
+                    // The local side of the transfer: the application's
+                    // buffer, read by a write or written by a read.
+                    let r = match st.bufs.get(&op).copied() {
+                        Some(b) => self.app_reg(st, b, op_offset, len, !write).and_then(|reg| {
+                            let r = self.wire.post_rdma(
+                                rdma,
+                                write,
+                                b,
+                                op_offset,
+                                len,
+                                reg.handle,
+                                &desc,
+                                remote_offset,
+                            );
+                            if r.is_err() {
+                                self.drop_reg(st, reg);
+                            }
+                            r.map(|()| reg)
+                        }),
                         None => Err(WsaError::WSAEFAULT),
                     };
                     match r {
-                        Ok(h) => st.rdma_regs[usize::from(rdma)] = Some(h),
+                        Ok(reg) => st.rdma_regs[usize::from(rdma)] = Some(reg),
                         Err(e) => st.m.rdma_done(rdma, Err(code(e))),
                     }
                 }
@@ -538,8 +591,77 @@ impl Conn {
         }
         let _ = self.wire.provider.close_socket(self.wire.sock);
         self.with_state(|st| {
+            // The provider released the socket's registrations.
+            st.cache.clear();
             st.m.closed();
             st.events |= ready::ALL;
+        });
+    }
+
+    /// A registration of `len` bytes at `off` of application buffer `app`
+    /// for one op (`write`: the op writes into it): a pinned cache entry
+    /// covering its pages, a fresh one entered in the cache, or (cache
+    /// off) a registration of exactly that range for this op alone.
+    fn app_reg(
+        &self,
+        st: &mut State,
+        app: AppBuf,
+        off: u64,
+        len: u32,
+        write: bool,
+    ) -> Result<RegUse, WsaError> {
+        let addr = self.wire.app_addr(app, off, len)?;
+        if !st.cache.enabled() {
+            let handle = self.wire.register_app(addr, addr + len as usize, write)?;
+            return Ok(RegUse {
+                handle,
+                cached: false,
+            });
+        }
+        let (start, end) = st
+            .cache
+            .span(addr, len as usize)
+            .ok_or(WsaError::WSAEFAULT)?;
+        if let Some(handle) = st.cache.pin(start, end, write) {
+            return Ok(RegUse {
+                handle,
+                cached: true,
+            });
+        }
+        let handle = self.wire.register_app(start, end, write)?;
+        for old in st.cache.insert(start, end, write, handle) {
+            let _ = self.wire.provider.deregister_memory(self.wire.sock, old);
+        }
+        Ok(RegUse {
+            handle,
+            cached: true,
+        })
+    }
+
+    /// The op that used registration `r` completed (or was not posted).
+    fn drop_reg(&self, st: &mut State, r: RegUse) {
+        let gone = if r.cached {
+            st.cache.unpin(r.handle)
+        } else {
+            Some(r.handle)
+        };
+        if let Some(h) = gone {
+            let _ = self.wire.provider.deregister_memory(self.wire.sock, h);
+        }
+    }
+
+    /// The application releases `[addr, addr+len)`: cached registrations
+    /// overlapping it are deregistered now, or when the op using them
+    /// completes (a release while a call lends that memory is the
+    /// application's bug; the op still completes first).
+    pub(super) fn release_memory(&self, addr: usize, len: usize) {
+        self.with_state(|st| {
+            if st.socket_closed {
+                return;
+            }
+            for h in st.cache.forget(addr, len) {
+                let _ = self.wire.provider.deregister_memory(self.wire.sock, h);
+            }
         });
     }
 

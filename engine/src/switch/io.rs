@@ -42,6 +42,21 @@
 //!    ring range is written by the CPU only when the machine hands it out
 //!    for a new DATA, which it does once the peer acked the range: the RDMA
 //!    write that read it before was delivered.
+//! 6. **Cached registrations of application memory** (`regcache.rs`). A
+//!    local registration of the pages of an application buffer outlives the
+//!    call that lent the buffer: the connection's cache keeps it until the
+//!    application releases the memory (`Runtime::release_memory`), the
+//!    entry is evicted, or the socket closes. That is sound because the
+//!    fabric touches registered memory only for an op that names it, and
+//!    every op names a range of a buffer lent by a pending call (invariant
+//!    2); the registration itself gives nobody access (it is local: the
+//!    peer reaches memory only through an exposure, which ends with its
+//!    transfer). The cache is on by default only on the fabrics whose NIC
+//!    reaches registered memory by virtual address at the time of the op
+//!    (soft, shm); on verbs a registration pins the pages it found, so a
+//!    buffer unmapped and mapped again at the same address would be read
+//!    from the old pages: there it is off unless the application releases
+//!    memory before unmapping it.
 
 use super::proto::{Desc, DESC_LEN};
 use crate::error::{WsaError, WsaResult};
@@ -416,9 +431,32 @@ impl Wire {
         Ok(desc)
     }
 
-    /// Registers `len` bytes of an application buffer at `off` locally and
-    /// posts RDMA op `rdma` (a read into it, or a write from it) against the
-    /// peer's `desc` at `remote_off`. Returns the registration handle.
+    /// Address of `len` bytes at `off` of an application buffer, checked
+    /// against it.
+    pub(super) fn app_addr(&self, app: AppBuf, off: u64, len: u32) -> WsaResult<usize> {
+        app.range(off, len).map(|p| p as usize)
+    }
+
+    /// Registers `[start, end)` locally: `MEM_WRITE` (the sink of RDMA
+    /// reads) if `write`, else `MEM_READ` (the source of RDMA writes).
+    /// The range is, or covers the pages of, a range of an application
+    /// buffer lent by a pending call.
+    pub(super) fn register_app(&self, start: usize, end: usize, write: bool) -> WsaResult<u64> {
+        let len = u32::try_from(end - start).map_err(|_| WsaError::WSAENOBUFS)?;
+        let flags = if write { MEM_WRITE } else { MEM_READ };
+        // SAFETY: invariant 2 — the range lies in (the pages of) a buffer
+        // lent by a pending call, so it is mapped now; invariant 6 — the
+        // registration may outlive the call (cached), and no op touches the
+        // range but while a call lends it.
+        unsafe {
+            self.provider
+                .register_memory(self.sock, start as *mut u8, len, flags)
+        }
+    }
+
+    /// Posts RDMA op `rdma` (a read into, or a write from, `len` bytes at
+    /// `off` of an application buffer, registered as `handle`) against the
+    /// peer's `desc` at `remote_off`.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn post_rdma(
         &self,
@@ -427,14 +465,11 @@ impl Wire {
         app: AppBuf,
         off: u64,
         len: u32,
+        handle: u64,
         desc: &Desc,
         remote_off: u32,
-    ) -> WsaResult<u64> {
+    ) -> WsaResult<()> {
         let addr = app.range(off, len)?;
-        let flags = if write { MEM_READ } else { MEM_WRITE };
-        // SAFETY: invariant 2 — the buffer outlives the registration, which
-        // is deregistered when the op completes (or released by close).
-        let handle = unsafe { self.provider.register_memory(self.sock, addr, len, flags)? };
         let bufs = [WsaBufEx {
             len,
             buf: addr,
@@ -442,8 +477,9 @@ impl Wire {
         }];
         let ov = &self.ovs[self.rdma_ov(rdma)];
         // SAFETY: invariants 1 and 2 — record `rdma` and the buffer outlive
-        // the op; invariant 3 — nothing else touches the range meanwhile.
-        let posted = unsafe {
+        // the op (`handle` covers it, invariant 6); invariant 3 — nothing
+        // else touches the range meanwhile.
+        unsafe {
             if write {
                 self.provider
                     .rdma_write(self.sock, &bufs, desc, remote_off, 0, ov)
@@ -451,13 +487,43 @@ impl Wire {
                 self.provider
                     .rdma_read(self.sock, &bufs, desc, remote_off, 0, ov)
             }
-        };
-        match posted {
-            Ok(()) => Ok(handle),
-            Err(e) => {
-                let _ = self.provider.deregister_memory(self.sock, handle);
-                Err(e)
-            }
+        }
+    }
+
+    /// Posts an RDMA write of `len` bytes at `off` of an application send
+    /// buffer, registered as `handle`, to `ring_off` of the peer's receive
+    /// ring `desc`, on send slot `slot`'s ring write record: the ring write
+    /// without the copy into the send ring.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn post_ring_write_direct(
+        &self,
+        slot: u16,
+        app: AppBuf,
+        off: u64,
+        len: u32,
+        handle: u64,
+        ring_off: u32,
+        desc: &Desc,
+    ) -> WsaResult<()> {
+        let src = app.range(off, len)?;
+        let bufs = [WsaBufEx {
+            len,
+            buf: src,
+            handle: handle as usize,
+        }];
+        // SAFETY: invariant 1 for slot `slot`'s ring write record; invariant
+        // 2 — the send op stays pending until this write completed (the
+        // machine settles a direct write's bytes at its completion), and
+        // `handle` covers the range (invariant 6).
+        unsafe {
+            self.provider.rdma_write(
+                self.sock,
+                &bufs,
+                desc,
+                ring_off,
+                0,
+                &self.ovs[self.ring_ov(slot)],
+            )
         }
     }
 }

@@ -45,6 +45,7 @@ mod connection;
 mod io;
 pub mod proto;
 mod ready;
+mod regcache;
 mod runtime;
 pub mod stream;
 

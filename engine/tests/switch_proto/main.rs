@@ -413,6 +413,62 @@ fn try_send_copies_what_the_ring_takes() {
 }
 
 #[test]
+fn a_direct_send_completes_when_its_ring_write_did_and_is_in_flight_until_then() {
+    let direct = Config {
+        direct_min: 600,
+        ..cfg_copy()
+    };
+    let mut s = connected(direct, cfg_copy());
+    let op = s.app_send(0, 0, 2000, false);
+    assert_eq!(
+        s.result(0, op),
+        None,
+        "the ring write reads the application's buffer until it completes"
+    );
+    assert_eq!(s.m(0).stats().bytes_direct, 2000);
+    assert_eq!(s.m(0).stats().bytes_copied_in, 0);
+    assert_eq!(s.m(0).app_cancel(op), CancelOutcome::InFlight);
+    s.settle();
+    assert_eq!(ok(&s, 0, op), 2000);
+    // Below `direct_min`, and non-blocking sends, stay staged.
+    let small = s.app_send(0, 2000, 599, false);
+    assert_eq!(ok(&s, 0, small), 599);
+    let mut got = 0;
+    while got < 2599 {
+        let r = s.app_recv(1, 10_000, false);
+        s.settle();
+        got += ok(&s, 1, r);
+    }
+    assert_eq!(s.sides[1].received, s.expected(1, 2599));
+    // A staged send of the same size completes as soon as it is queued.
+    let mut t = connected(cfg_copy(), cfg_copy());
+    let op = t.app_send(0, 0, 2000, false);
+    assert_eq!(ok(&t, 0, op), 2000);
+    no_violations(&s);
+    no_violations(&t);
+}
+
+#[test]
+fn a_direct_send_outlives_a_failure_until_its_ring_write_came_back() {
+    let direct = Config {
+        direct_min: 600,
+        ..cfg_copy()
+    };
+    let mut s = connected(direct, cfg_copy());
+    let op = s.app_send(0, 0, 2000, false);
+    // The connection fails while the write is in flight: the op completes
+    // only once the write came back (the simulator flags a completion
+    // while `direct_ring` still names the op).
+    assert!(s.sides[0].direct_ring.values().any(|o| *o == op));
+    s.m(0).abort(Error::Aborted);
+    assert_eq!(s.result(0, op), None);
+    s.settle();
+    // The write itself had left: its bytes count as sent.
+    assert_eq!(s.result(0, op), Some(Ok(2000)));
+    no_violations(&s);
+}
+
+#[test]
 fn try_recv_would_block_without_data() {
     let mut s = connected(cfg(), cfg());
     let r = s.app_recv(1, 100, true);
@@ -877,19 +933,23 @@ fn script_strategy() -> impl Strategy<Value = (Config, Config, Script, u64)> {
         any::<bool>(),
         prop_oneof![Just(100_000u32), Just(333)],
         prop_oneof![Just(MIN_RING), Just(5000), Just(1 << 16)],
+        prop_oneof![Just(u64::MAX), Just(300u64)],
     )
-        .prop_map(|(n, sends, slot, flow, read, max_op, ring)| Config {
-            recv_slots: n,
-            send_slots: sends,
-            slot_size: slot,
-            ring_size: ring,
-            rdma_threshold: 600,
-            max_rdma_op: max_op,
-            rdma_flow: flow,
-            can_rdma_read: read,
-            credit_batch: 0,
-            rdma_slots: 2,
-        });
+        .prop_map(
+            |(n, sends, slot, flow, read, max_op, ring, direct)| Config {
+                recv_slots: n,
+                send_slots: sends,
+                slot_size: slot,
+                ring_size: ring,
+                rdma_threshold: 600,
+                max_rdma_op: max_op,
+                rdma_flow: flow,
+                can_rdma_read: read,
+                credit_batch: 0,
+                rdma_slots: 2,
+                direct_min: direct,
+            },
+        );
     let sends = prop::collection::vec(
         (
             prop_oneof![1usize..300, 300usize..1200, 1usize..4000],

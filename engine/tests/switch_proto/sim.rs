@@ -88,6 +88,9 @@ pub struct Side {
     pub recv_cq: VecDeque<(u16, Result<Vec<u8>, u32>)>,
     pub send_cq: VecDeque<(u16, Result<(), u32>)>,
     pub ring_cq: VecDeque<(u16, Result<(), u32>)>,
+    /// Ring writes in flight that read their send op's buffer itself
+    /// (`direct`), by send buffer: the op may not complete before them.
+    pub direct_ring: HashMap<u16, OpId>,
     pub rdma_jobs: VecDeque<RdmaJob>,
     pub rdma_cq: VecDeque<(u16, Result<(), u32>)>,
     pub exposures: HashMap<u64, Exp>,
@@ -234,7 +237,11 @@ impl Sim {
                 payload: p,
                 ring_offset,
                 desc,
+                direct,
             } => {
+                if direct {
+                    self.sides[i].direct_ring.insert(slot, p.op);
+                }
                 let bytes = match self.sides[i].ops.get(&p.op) {
                     Some(op) if op.send => {
                         let end = p.offset as usize + p.len as usize;
@@ -257,6 +264,7 @@ impl Sim {
                 }
                 let s = &mut self.sides[i];
                 if s.closed {
+                    s.direct_ring.remove(&slot);
                     s.m().ring_write_done(slot, Err(NOTSOCK));
                 } else if s.disconnected {
                     s.ring_cq.push_back((slot, Err(RESET)));
@@ -427,7 +435,8 @@ impl Sim {
             Action::SendComplete { op, result } | Action::RecvComplete { op, result } => {
                 let send = matches!(a, Action::SendComplete { .. });
                 let in_use = self.sides[i].exposures.values().any(|e| e.op == op)
-                    || self.sides[i].rdma_jobs.iter().any(|j| j.op == op);
+                    || self.sides[i].rdma_jobs.iter().any(|j| j.op == op)
+                    || self.sides[i].direct_ring.values().any(|o| *o == op);
                 if in_use {
                     self.violation(i, format!("{op:?} completed while the fabric uses it"));
                 }
@@ -701,6 +710,7 @@ impl Sim {
             }
             Ev::RingCq(i) => {
                 let (slot, r) = self.sides[i].ring_cq.pop_front().unwrap();
+                self.sides[i].direct_ring.remove(&slot);
                 self.m(i).ring_write_done(slot, r);
                 self.drain(i);
             }

@@ -60,11 +60,15 @@ pub enum Action {
         /// Bytes of an application send buffer.
         payload: Payload,
     },
-    /// Copy `payload` into the local send ring at `ring_offset` and post an
-    /// RDMA write of those bytes to the same offset of the peer's receive
-    /// ring `desc`; report with `ring_write_done(slot, ..)`. The `Send` of
-    /// the DATA that announces the bytes follows on the same send buffer
-    /// `slot` (the fabric delivers it after the write).
+    /// Post an RDMA write of `payload` to `ring_offset` of the peer's
+    /// receive ring `desc`: from the application's buffer itself if
+    /// `direct` and the driver can (a registration of it), else copied into
+    /// the local send ring at the same offset and written from there;
+    /// report with `ring_write_done(slot, ..)`. The `Send` of the DATA that
+    /// announces the bytes follows on the same send buffer `slot` (the
+    /// fabric delivers it after the write). A `direct` write's send op
+    /// completes only after this report; a staged one's may complete
+    /// before (its bytes are in the send ring).
     RingWrite {
         /// The send buffer whose DATA announces the bytes (names the
         /// write's completion).
@@ -75,6 +79,9 @@ pub enum Action {
         ring_offset: u32,
         /// The peer's receive ring.
         desc: Desc,
+        /// The send op's buffer stays lent until the report: the write may
+        /// read it there.
+        direct: bool,
     },
     /// Copy `len` bytes at `ring_offset` of the receive ring into the
     /// buffer of receive op `op` at `op_offset`.

@@ -56,6 +56,14 @@ pub struct Config {
     pub credit_batch: u16,
     /// RDMA ops this side may have in flight at once.
     pub rdma_slots: u16,
+    /// Blocking copied sends of at least this many bytes have their DATA
+    /// written into the peer's ring straight from the application's buffer
+    /// ([`Action::RingWrite`]'s `direct`) and settle when that write
+    /// completed; `u64::MAX`: never (every DATA is staged in the send
+    /// ring). Local only: the peer sees the same DATA either way.
+    ///
+    /// [`Action::RingWrite`]: super::Action::RingWrite
+    pub direct_min: u64,
 }
 
 impl Default for Config {
@@ -71,6 +79,7 @@ impl Default for Config {
             can_rdma_read: true,
             credit_batch: 0,
             rdma_slots: 4,
+            direct_min: u64::MAX,
         }
     }
 }

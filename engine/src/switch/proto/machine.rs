@@ -49,8 +49,12 @@ pub struct Stats {
     pub data_msgs: u64,
     /// INLINE messages sent (of `data_msgs`).
     pub inline_msgs: u64,
-    /// Payload bytes sent in DATA and INLINE messages.
+    /// Payload bytes sent in DATA and INLINE messages copied into a send
+    /// ring or message buffer.
     pub bytes_copied_in: u64,
+    /// Payload bytes sent in DATA whose ring write read the application's
+    /// buffer itself (no copy on the sending side).
+    pub bytes_direct: u64,
     /// Payload bytes copied from the receive ring and receive buffers to
     /// application buffers.
     pub bytes_copied_out: u64,
@@ -100,6 +104,16 @@ enum Fin {
     Delivered,
 }
 
+/// A ring write in flight on a send buffer (see `Connection::ring_busy`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RingUse {
+    /// From the local send ring: its bytes settled when it was queued.
+    Staged,
+    /// Straight from send op `op`'s buffer: `len` bytes settle when it
+    /// completes.
+    Direct { op: OpId, len: u32 },
+}
+
 /// Who uses an RDMA op slot.
 #[derive(Clone, Copy, Debug)]
 enum RdmaUse {
@@ -144,6 +158,10 @@ struct SendOp {
     settled: u64,
     /// Sent by copy (small, non-blocking, or its exposure failed).
     by_copy: bool,
+    /// Copied through the ring straight from the application's buffer
+    /// (blocking, at least `direct_min` bytes): its DATA bytes settle when
+    /// their ring write completed, not when they are handed to the driver.
+    direct: bool,
     /// A `try_send`: completes within `app_send` with what fit.
     nonblocking: bool,
     /// Read flow: the exposure of the next transfer, before its offer.
@@ -291,9 +309,10 @@ pub struct Connection {
     free_send: Vec<u16>,
     /// Send buffers with a send in flight.
     send_busy: Vec<bool>,
-    /// Send buffers whose DATA's ring write is in flight. Invariant: a
-    /// buffer is free when neither its send nor its ring write is.
-    ring_busy: Vec<bool>,
+    /// Send buffers whose DATA's ring write is in flight, and where it
+    /// reads from. Invariant: a buffer is free when neither its send nor
+    /// its ring write is.
+    ring_busy: Vec<Option<RingUse>>,
     /// State of each receive buffer.
     recv_slots: Vec<RecvSlot>,
     /// Free RDMA op slots. Invariant: exactly the `None`s of `rdma_use`.
@@ -357,7 +376,7 @@ impl Connection {
             recv_seq: 0,
             free_send: (0..n_send).rev().collect(),
             send_busy: vec![false; usize::from(n_send)],
-            ring_busy: vec![false; usize::from(n_send)],
+            ring_busy: vec![None; usize::from(n_send)],
             recv_slots: vec![RecvSlot::Posted; n_recv],
             free_rdma: (0..n_rdma).rev().collect(),
             rdma_use: vec![None; usize::from(n_rdma)],
@@ -453,7 +472,7 @@ impl Connection {
             && self.transfers.is_empty()
             && self.fin != Fin::Queued
             && self.send_busy.iter().all(|b| !b)
-            && self.ring_busy.iter().all(|b| !b)
+            && self.ring_busy.iter().all(Option::is_none)
             && self.rdma_use.iter().all(Option::is_none)
             && self.exposures.is_empty()
     }
@@ -488,6 +507,7 @@ impl Connection {
             queued: 0,
             settled: 0,
             by_copy: nonblocking || len <= self.threshold,
+            direct: !nonblocking && len <= self.threshold && len >= self.cfg.direct_min,
             nonblocking,
             prep: None,
         });
@@ -627,7 +647,7 @@ impl Connection {
             return;
         }
         self.send_busy[i] = false;
-        if !self.ring_busy[i] {
+        if self.ring_busy[i].is_none() {
             self.free_send.push(slot);
         }
         match result {
@@ -642,19 +662,20 @@ impl Connection {
     /// fabric's error code).
     pub fn ring_write_done(&mut self, slot: u16, result: Result<(), u32>) {
         let i = usize::from(slot);
-        if !self.ring_busy.get(i).copied().unwrap_or(false) {
+        let Some(used) = self.ring_busy.get_mut(i).and_then(Option::take) else {
             self.fail(Error::Protocol(
                 "completion of a ring write that was not posted",
             ));
             self.progress();
             return;
-        }
-        self.ring_busy[i] = false;
+        };
         if !self.send_busy[i] {
             self.free_send.push(slot);
         }
-        if let Err(code) = result {
-            self.fail(Error::Transport(code));
+        match (used, result) {
+            (_, Err(code)) => self.fail(Error::Transport(code)),
+            (RingUse::Direct { op, len }, Ok(())) => self.settle(op, u64::from(len)),
+            (RingUse::Staged, Ok(())) => {}
         }
         self.progress();
     }
@@ -1197,10 +1218,15 @@ impl Connection {
         }
     }
 
+    /// Whether an RDMA op, or a ring write straight from its buffer, uses
+    /// `op`'s buffer.
     fn in_use_by_rdma(&self, op: OpId) -> bool {
         self.rdma_use.iter().flatten().any(|u| match *u {
             RdmaUse::Read { op: o, .. } | RdmaUse::Write { op: o, .. } => o == op,
-        })
+        }) || self
+            .ring_busy
+            .iter()
+            .any(|u| matches!(*u, Some(RingUse::Direct { op: o, .. }) if o == op))
     }
 
     /// Whether the fabric may still touch `op`'s buffer.
@@ -1441,8 +1467,14 @@ impl Connection {
                 return false;
             };
             let s = &self.sends[i];
-            let (op, at, rest, by_copy, prep) =
-                (s.op, s.queued, s.len - s.queued, s.by_copy, s.prep);
+            let (op, at, rest, by_copy, direct, prep) = (
+                s.op,
+                s.queued,
+                s.len - s.queued,
+                s.by_copy,
+                s.direct,
+                s.prep,
+            );
             let transfer = rest.min(u64::from(u32::MAX)) as u32;
             let body = if by_copy && rest <= u64::from(self.inline_max) {
                 Body::Inline { len: rest as u32 }
@@ -1491,16 +1523,25 @@ impl Connection {
                         offset: at,
                         len,
                     };
+                    let direct = direct && matches!(body, Body::Data { .. });
                     if let Body::Data { .. } = body {
                         self.ring_tx.wrote(len);
                     } else {
                         self.stats.inline_msgs += 1;
                     }
-                    self.emit(body, Some(payload));
+                    self.emit_data(body, payload, direct);
                     self.stats.data_msgs += 1;
-                    self.stats.bytes_copied_in += u64::from(len);
+                    if direct {
+                        self.stats.bytes_direct += u64::from(len);
+                    } else {
+                        self.stats.bytes_copied_in += u64::from(len);
+                    }
                     let s = &mut self.sends[i];
                     s.queued += u64::from(len);
+                    if direct {
+                        // Settles when its ring write completed.
+                        continue;
+                    }
                     s.settled += u64::from(len);
                     if s.settled == s.len {
                         let n = s.len;
@@ -1681,10 +1722,22 @@ impl Connection {
     }
 
     /// Queues one message in a free send buffer (the caller checked there
-    /// is one, and the credits; for DATA, the ring space): after the ring
-    /// write of a DATA's `payload`, or with an INLINE's `payload` behind
-    /// its header; returns the buffer.
+    /// is one, and the credits): see [`Connection::emit_data`].
     fn emit(&mut self, body: Body, payload: Option<Payload>) -> u16 {
+        self.emit_payload(body, payload, false)
+    }
+
+    /// Queues a DATA or INLINE carrying `payload` (the caller checked the
+    /// send buffer, the credits and, for DATA, the ring space); `direct`:
+    /// the DATA's ring write reads the application's buffer itself.
+    fn emit_data(&mut self, body: Body, payload: Payload, direct: bool) -> u16 {
+        self.emit_payload(body, Some(payload), direct)
+    }
+
+    /// Queues one message in a free send buffer: after the ring write of a
+    /// DATA's `payload`, or with an INLINE's `payload` behind its header;
+    /// returns the buffer.
+    fn emit_payload(&mut self, body: Body, payload: Option<Payload>, direct: bool) -> u16 {
         let slot = self
             .free_send
             .pop()
@@ -1699,12 +1752,20 @@ impl Connection {
             self.credits.spend();
         }
         if let (Some(payload), Body::Data { offset, .. }) = (payload, body) {
-            self.ring_busy[usize::from(slot)] = true;
+            self.ring_busy[usize::from(slot)] = Some(if direct {
+                RingUse::Direct {
+                    op: payload.op,
+                    len: payload.len,
+                }
+            } else {
+                RingUse::Staged
+            });
             self.actions.push_back(Action::RingWrite {
                 slot,
                 payload,
                 ring_offset: offset,
                 desc: self.peer_ring,
+                direct,
             });
         }
         // The HELLO is sent before the ring is open: its ack is 0.
