@@ -126,7 +126,9 @@ fn measure_stream(p: &Pair, msgs: usize, msg: &[u8], sink: &mut [u8]) -> Res<()>
     (0..msgs).try_for_each(|_| one(p, msg, sink))
 }
 
-/// Reads `total` bytes on the server with blocking receives.
+/// Reads `total` bytes on the server with blocking receives (callgrind:
+/// `--toggle-collect='*read_all*'` too, for the reader's thread).
+#[inline(never)]
 fn read_all(s: &Stream, total: usize, sink: &mut [u8]) -> Res<()> {
     let mut got = 0;
     while got < total {

@@ -13,7 +13,9 @@
 //! The thread that waits makes the progress: a blocked call polls its own
 //! connection's completion queue (`Provider::progress_socket`, which makes
 //! the upcalls on that thread), spins up to `poller.spin_budget` empty
-//! polls, then sleeps on the connection's notifier. Sleepers are woken only
+//! polls, then sleeps on the connection's notifier (in run-to-completion
+//! mode after arming the completion queue with the runtime's [`CqWake`], so
+//! that the next completion there wakes it). Sleepers are woken only
 //! when something they wait for happened (an op of theirs completed, the
 //! session opened or failed, a cancellation); a send completion wakes no
 //! one. In run-to-completion mode this is the whole data path while the
@@ -28,17 +30,18 @@
 
 use super::io::{AppBuf, OvKind, Wire};
 use super::proto::{self, Action, CancelOutcome, Connection, OpId, Role};
-use super::ready::{self, Readiness};
+use super::ready::{self, Hub, Readiness};
 use super::regcache::{RegCache, RegUse};
 use crate::config::PollerMode;
 use crate::error::WsaError;
+use crate::fabric::Waker;
 use crate::poller::Notifier;
 use crate::spi::{Overlapped, Provider, ProviderSocket};
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddrV4;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, TryLockError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, TryLockError, Weak};
 use std::time::{Duration, Instant};
 
 /// RDMA ops a connection may have in flight.
@@ -100,6 +103,44 @@ pub(super) fn proto_io(e: proto::Error) -> io::Error {
     io::Error::new(kind, e)
 }
 
+/// The waker a runtime arms its completion queues with in run-to-completion
+/// mode: it wakes the readiness hub and every thread that went to sleep in
+/// [`Conn::wait_until`] since the last wake. One waker serves both because a
+/// completion queue keeps one (a later arm replaces the earlier waker). Runs
+/// on the thread that completed the request: it only notifies.
+pub(super) struct CqWake {
+    hub: Arc<Hub>,
+    /// Notifiers of the connections whose threads sleep; taken by a wake,
+    /// entered by each thread before it arms the queue and sleeps.
+    sleepers: Mutex<Vec<Weak<Notifier>>>,
+}
+
+impl CqWake {
+    pub(super) fn new(hub: Arc<Hub>) -> CqWake {
+        CqWake {
+            hub,
+            sleepers: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn enlist(&self, n: &Arc<Notifier>) {
+        let mut v = lock(&self.sleepers);
+        if !v.iter().any(|w| w.as_ptr() == Arc::as_ptr(n)) {
+            v.push(Arc::downgrade(n));
+        }
+    }
+}
+
+impl Waker for CqWake {
+    fn wake(&self) {
+        self.hub.wake();
+        let sleepers = std::mem::take(&mut *lock(&self.sleepers));
+        for n in sleepers.iter().filter_map(Weak::upgrade) {
+            n.notify();
+        }
+    }
+}
+
 /// One connection: its wire (socket, pools, records), the machine and the
 /// waiting threads.
 pub(super) struct Conn {
@@ -118,7 +159,10 @@ pub(super) struct Conn {
     /// notify costs one load when nobody sleeps; it is made only when an op
     /// result, the session state or a cancellation changed (never for a
     /// send completion, unless a close waits for quiescence).
-    sleepers: Notifier,
+    sleepers: Arc<Notifier>,
+    /// Run to completion: the runtime's waker, which the thread arms the
+    /// completion queue with before it sleeps (and as `dyn Waker`).
+    cq_wake: Option<(Arc<CqWake>, Arc<dyn Waker>)>,
     /// Empty polls of the connection's completion queue before a waiting
     /// thread sleeps (`poller.spin_budget`).
     spin_budget: u32,
@@ -187,11 +231,13 @@ impl Conn {
     /// handle table first, then calls [`Conn::start`]).
     /// `cache_entries`: registrations of application buffers it keeps (0:
     /// none, every transfer registers its own).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         provider: &Provider,
         sock: ProviderSocket,
         cfg: proto::Config,
         cache_entries: usize,
+        cq_wake: Option<Arc<CqWake>>,
         role: Role,
         local: SocketAddrV4,
         peer: SocketAddrV4,
@@ -238,7 +284,11 @@ impl Conn {
                 events: 0,
             }),
             inbox: Mutex::new(VecDeque::with_capacity(n_ov)),
-            sleepers: Notifier::default(),
+            sleepers: Arc::default(),
+            cq_wake: cq_wake.map(|w| {
+                let dyn_w: Arc<dyn Waker> = w.clone();
+                (w, dyn_w)
+            }),
             spin_budget: provider.config().poller.spin_budget,
             rtc: provider.config().poller.mode == PollerMode::RunToCompletion,
             ready: OnceLock::new(),
@@ -732,8 +782,17 @@ impl Conn {
                 return false;
             }
             let token = self.sleepers.prepare();
-            // Registered: a completion delivered from here on notifies.
-            if self.progress() > 0 || self.with_state(|st| done(st) || give_up(st)) {
+            // Registered: a completion delivered from here on notifies, and
+            // (run to completion) the next one queued on the completion
+            // queue wakes this thread through the armed waker.
+            let waiting = match &self.cq_wake {
+                Some((w, dyn_w)) => {
+                    w.enlist(&self.sleepers);
+                    self.arm(dyn_w)
+                }
+                None => false,
+            };
+            if waiting || self.progress() > 0 || self.with_state(|st| done(st) || give_up(st)) {
                 drop(token);
                 idle = 0;
                 continue;

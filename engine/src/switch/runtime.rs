@@ -4,7 +4,7 @@
 //! handle, which indexes a slot table: an upcall locks only its own slot,
 //! never a table-wide lock.
 
-use super::connection::{lock, wsa_io, Conn, RDMA_SLOTS};
+use super::connection::{lock, wsa_io, Conn, CqWake, RDMA_SLOTS};
 use super::proto::{self, RdmaFlow, Role};
 use super::ready::{Hub, Readiness};
 use crate::config::PollerMode;
@@ -287,8 +287,11 @@ pub struct Runtime {
     rtc: bool,
     /// The streams waiting for completions through their readiness fd.
     pub(super) hub: Arc<Hub>,
-    /// `hub`, as the waker completion queues are armed with.
-    hub_waker: Arc<dyn Waker>,
+    /// The waker completion queues are armed with (run to completion): it
+    /// wakes `hub` and the stream threads asleep in a blocking call.
+    cq_wake: Arc<CqWake>,
+    /// `cq_wake`, as the `dyn Waker` arms take.
+    cq_waker: Arc<dyn Waker>,
     /// Entries of each connection's registration cache (0: off).
     reg_cache: usize,
 }
@@ -347,14 +350,16 @@ impl Runtime {
             FabricKind::Soft | FabricKind::Shm
         );
         let reg_cache = usize::from(opts.reg_cache.unwrap_or(if by_address { 8 } else { 0 }));
+        let cq_wake = Arc::new(CqWake::new(hub.clone()));
         Ok(Arc::new(Runtime {
             reg_cache,
+            cq_waker: cq_wake.clone(),
+            cq_wake,
             provider,
             upcalls,
             opts,
             can_rdma_read,
             rtc,
-            hub_waker: hub.clone(),
             hub,
         }))
     }
@@ -403,7 +408,17 @@ impl Runtime {
                 u64::MAX
             },
         };
-        let conn = Conn::new(&self.provider, sock, cfg, self.reg_cache, role, local, peer)?;
+        let wake = self.rtc.then(|| self.cq_wake.clone());
+        let conn = Conn::new(
+            &self.provider,
+            sock,
+            cfg,
+            self.reg_cache,
+            wake,
+            role,
+            local,
+            peer,
+        )?;
         let h = self.provider.switch_handle(sock).map_err(wsa_io)?;
         self.upcalls.attach(h, conn.clone()).map_err(wsa_io)?;
         conn.start();
@@ -423,7 +438,7 @@ impl Runtime {
         if waits {
             self.hub.enlist(ready);
         }
-        if self.hub.has_waiters() && conn.arm(&self.hub_waker) {
+        if self.hub.has_waiters() && conn.arm(&self.cq_waker) {
             conn.progress();
         }
     }
