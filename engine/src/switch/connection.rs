@@ -19,7 +19,7 @@
 //! when something they wait for happened (an op of theirs completed, the
 //! session opened or failed, a cancellation); a send completion wakes no
 //! one. In run-to-completion mode this is the whole data path while the
-//! threads poll (sleepers nap, see [`Conn::wait_until`]); in threads mode the
+//! threads poll (sleepers arm their CQ, see [`Conn::wait_until`]); in threads mode the
 //! provider's dispatcher makes the upcalls for connections whose threads
 //! sleep. A stream with a readiness fd (`super::ready`) also has its fd
 //! written, after the unlock, when an event was fed that may let one of
@@ -739,12 +739,13 @@ impl Conn {
     /// and sleeps until a completion it waits for is delivered (by another
     /// thread's progress or the provider's dispatcher) or the deadline.
     ///
-    /// In run-to-completion mode a completion nobody polls for reaches
-    /// this thread through the provider's upcall helper, which first leaves
-    /// it to the polling threads for a while (200 us), and the public SPI
-    /// has no call that sleeps on one socket's CQ with a deadline; so there
-    /// the sleep is a nap of [`NAP_MIN`] doubling up to [`NAP_MAX`], after
-    /// which the thread polls again.
+    /// In run-to-completion mode nobody else polls the connection's CQ, so
+    /// the thread arms it with the runtime's [`CqWake`] before it sleeps:
+    /// the next completion queued there wakes it. The public SPI has no
+    /// call that sleeps on one socket's CQ with a deadline, and another
+    /// thread may have taken the CQ's one wake, so the sleep is still a
+    /// nap of [`NAP_MIN`] doubling up to [`NAP_MAX`], after which the
+    /// thread polls again.
     pub(super) fn wait_until(
         &self,
         deadline: Option<Instant>,
