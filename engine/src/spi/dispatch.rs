@@ -12,8 +12,8 @@
 //! only it could satisfy do not block.
 
 use super::dup::DupCompletion;
-use super::ops::{release_regs, OpState};
-use super::socket::Socket;
+use super::ops::{release_regs, OpState, OvPtr};
+use super::socket::{OpSocket, Socket};
 use super::{lock, Inner, Overlapped, Provider, ProviderSocket, Running};
 use crate::config::PollerMode;
 use crate::error::{WsaError, WsaResult};
@@ -169,6 +169,38 @@ fn completion_error(status: WcStatus, sock: &Socket) -> WsaError {
     sock.failure().unwrap_or(code)
 }
 
+/// Empties a claimed op's state (in its slot): releases its registrations
+/// first (CLOSE-4: the op's memory goes before it is signalled) and returns
+/// its socket pin and overlapped record. For a socket in a duplication it
+/// moves the whole state into `engaged` instead (`dup.rs` may park it or
+/// post it again) and returns `None`.
+#[inline(always)]
+fn take_op(op: &mut OpState, engaged: &mut Option<OpState>) -> Option<(OpSocket, OvPtr)> {
+    // SAFETY: the op is claimed and not yet reported: its pin is held.
+    let socket = unsafe { op.socket.get() };
+    if socket.dup.engaged() && !socket.gate.is_closing() {
+        *engaged = Some(std::mem::take(op));
+        return None;
+    }
+    release_regs(&mut op.regs);
+    Some((op.take_socket(), op.overlapped))
+}
+
+/// Writes a finished op's result into its overlapped record and makes the
+/// upcall, or stores the result for polling (`hEvent` bit 0).
+#[inline(always)]
+fn signal(run: &Running, socket: &Socket, ov: &Overlapped, error: u32, bytes: u32) {
+    ov.offset.store(0, Ordering::Relaxed);
+    ov.offset_high.store(error, Ordering::Release);
+    if ov.wants_upcall() {
+        let _ = run
+            .switch
+            .complete_overlapped_request(socket.handle, ov, error, bytes);
+    } else {
+        ov.complete(error, bytes);
+    }
+}
+
 impl Inner {
     /// Run-to-completion mode: starts the upcall helper if it is not
     /// running. An op that wants an upcall must get it even if the switch
@@ -201,50 +233,59 @@ impl Inner {
         Ok(())
     }
 
-    /// Applies one completion: frees the op's state, writes the result, makes
-    /// the upcall (or stores the result for polling), then lets close proceed.
+    /// Applies one completion, in the op's slot: frees the op's memory,
+    /// frees the slot, then writes the result, makes the upcall (or stores
+    /// the result for polling), and lets close proceed.
+    #[inline]
     pub(super) fn dispatch(&self, run: &Running, wc: &WorkCompletion) {
         // No op: a close that abandoned its queue pair completed it already
         // (`close.rs`), and the NIC still delivered its completion.
-        if let Some(op) = self.ops.complete(wc.wr_id) {
-            self.finish_op(run, op, wc.status, wc.byte_len);
+        let mut engaged = None;
+        let Some(taken) = self.ops.complete(wc.wr_id, |op| take_op(op, &mut engaged)) else {
+            return;
+        };
+        match taken {
+            Some((socket, overlapped)) => {
+                self.finish_taken(run, socket, overlapped, wc.status, wc.byte_len)
+            }
+            None => self.dispatch_engaged_op(run, wc.status, wc.byte_len, engaged),
         }
     }
 
-    /// Completes `op`, taken out of its slot, with `status` (`byte_len` if
-    /// it succeeded): frees its memory, then signals it, then it leaves its
-    /// socket's close gate. Every completed op, whoever took it, ends here.
-    /// Always inlined: the op's state (its registrations included) would
-    /// otherwise be copied into the call, on every completion.
-    #[inline(always)]
-    pub(super) fn finish_op(&self, run: &Running, op: OpState, status: WcStatus, byte_len: u32) {
-        let OpState {
-            socket: op_socket,
-            overlapped,
-            regs,
-            sges,
-            recv,
-        } = op;
-        // SAFETY: the op's pin keeps the socket alive until `unpin_op`
-        // below (or, on the duplication path, until the op is reported or
-        // for as long as it stays parked). Detached from `op_socket` only so
-        // that the op can be put back together on that path.
-        let socket: &Socket = unsafe { &*(op_socket.get() as *const Socket) };
-        if socket.dup.engaged() && !socket.gate.is_closing() {
-            let op = OpState {
-                socket: op_socket,
-                overlapped,
-                regs,
-                sges,
-                recv,
-            };
-            let wc = WorkCompletion {
-                status,
-                byte_len,
-                ..WorkCompletion::EMPTY
-            };
-            return self.dispatch_engaged(run, &wc, socket, op);
+    /// Completes `op`, taken out of its slot by a close's scan, with
+    /// `status` (`byte_len` if it succeeded), as [`Inner::dispatch`] does.
+    pub(super) fn finish_op(
+        &self,
+        run: &Running,
+        mut op: OpState,
+        status: WcStatus,
+        byte_len: u32,
+    ) {
+        let mut engaged = None;
+        match take_op(&mut op, &mut engaged) {
+            Some((socket, overlapped)) => {
+                self.finish_taken(run, socket, overlapped, status, byte_len)
+            }
+            None => self.dispatch_engaged_op(run, status, byte_len, engaged),
         }
+    }
+
+    /// The rest of a completion, once `take_op` emptied the op's state:
+    /// signals it, then it leaves its socket's close gate. Every completed
+    /// op, whoever took it, ends here (or in [`Inner::report`]).
+    #[inline(always)]
+    fn finish_taken(
+        &self,
+        run: &Running,
+        op_socket: OpSocket,
+        overlapped: OvPtr,
+        status: WcStatus,
+        byte_len: u32,
+    ) {
+        // SAFETY: the op's pin keeps the socket alive until `unpin_op`
+        // below. Detached from `op_socket` so that the pin can be given
+        // back through it.
+        let socket: &Socket = unsafe { &*(op_socket.get() as *const Socket) };
         let (error, bytes) = if socket.gate.is_closing() {
             (WsaError::WSA_OPERATION_ABORTED.code() as u32, 0)
         } else if status == WcStatus::Success {
@@ -255,40 +296,47 @@ impl Inner {
         if error != 0 {
             self.counters.failed(error);
         }
-        // The op's private memory goes first (CLOSE-4).
-        release_regs(regs);
-        let ov = overlapped.get();
-        ov.offset.store(0, Ordering::Relaxed);
-        ov.offset_high.store(error, Ordering::Release);
-        if ov.wants_upcall() {
-            let _ = run
-                .switch
-                .complete_overlapped_request(socket.handle, ov, error, bytes);
-        } else {
-            ov.complete(error, bytes);
-        }
+        signal(run, socket, overlapped.get(), error, bytes);
         self.op_finished(socket);
         self.sockets.unpin_op(op_socket);
     }
 
-    /// [`Inner::dispatch`] for a socket taking part in a duplication.
+    /// [`Inner::dispatch_engaged`] of the state `take_op` moved out.
     #[cold]
     #[inline(never)]
-    fn dispatch_engaged(&self, run: &Running, wc: &WorkCompletion, socket: &Socket, op: OpState) {
-        {
-            let (op, error, bytes) = match self.dup_completion(socket, wc, op) {
-                DupCompletion::Parked => return,
-                DupCompletion::Report(op, error, bytes) => (op, error, bytes),
-                DupCompletion::Normal(op) if socket.gate.is_closing() => {
-                    (op, WsaError::WSA_OPERATION_ABORTED.code() as u32, 0)
-                }
-                DupCompletion::Normal(op) => {
-                    let (error, bytes) = completion_result(wc, socket);
-                    (op, error, bytes)
-                }
-            };
-            self.report_and(run, op, error, bytes, |s| self.dup_settled(s));
-        }
+    fn dispatch_engaged_op(
+        &self,
+        run: &Running,
+        status: WcStatus,
+        byte_len: u32,
+        op: Option<OpState>,
+    ) {
+        let op = op.expect("take_op moved the engaged op's state out");
+        self.dispatch_engaged(run, status, byte_len, op);
+    }
+
+    /// [`Inner::dispatch`] for a socket taking part in a duplication.
+    fn dispatch_engaged(&self, run: &Running, status: WcStatus, byte_len: u32, op: OpState) {
+        let wc = WorkCompletion {
+            status,
+            byte_len,
+            ..WorkCompletion::EMPTY
+        };
+        // SAFETY: the op's pin is held until it is reported (or for as long
+        // as it stays parked).
+        let socket: &Socket = unsafe { &*(op.socket.get() as *const Socket) };
+        let (op, error, bytes) = match self.dup_completion(socket, &wc, op) {
+            DupCompletion::Parked => return,
+            DupCompletion::Report(op, error, bytes) => (op, error, bytes),
+            DupCompletion::Normal(op) if socket.gate.is_closing() => {
+                (op, WsaError::WSA_OPERATION_ABORTED.code() as u32, 0)
+            }
+            DupCompletion::Normal(op) => {
+                let (error, bytes) = completion_result(&wc, socket);
+                (op, error, bytes)
+            }
+        };
+        self.report_and(run, op, error, bytes, |s| self.dup_settled(s));
     }
 
     /// Reports a finished op with `error` (a Winsock code, 0 for success)
@@ -303,32 +351,17 @@ impl Inner {
     fn report_and(
         &self,
         run: &Running,
-        op: OpState,
+        mut op: OpState,
         error: u32,
         bytes: u32,
         then: impl FnOnce(&Socket),
     ) {
-        let OpState {
-            socket: op_socket,
-            overlapped,
-            regs,
-            sges: _,
-            recv: _,
-        } = op;
-        // SAFETY: the op's pin is held until `unpin_op` below.
-        let socket = unsafe { op_socket.get() };
         // The op's private memory goes first (CLOSE-4).
-        release_regs(regs);
-        let ov = overlapped.get();
-        ov.offset.store(0, Ordering::Relaxed);
-        ov.offset_high.store(error, Ordering::Release);
-        if ov.wants_upcall() {
-            let _ = run
-                .switch
-                .complete_overlapped_request(socket.handle, ov, error, bytes);
-        } else {
-            ov.complete(error, bytes);
-        }
+        release_regs(&mut op.regs);
+        let op_socket = op.take_socket();
+        // SAFETY: the op's pin is held until `unpin_op` below.
+        let socket: &Socket = unsafe { &*(op_socket.get() as *const Socket) };
+        signal(run, socket, op.overlapped.get(), error, bytes);
         self.op_finished(socket);
         then(socket);
         self.sockets.unpin_op(op_socket);

@@ -917,7 +917,8 @@ impl Inner {
         let Some(slot) = self.ops.reserve(sock.cq_index().unwrap_or(0)) else {
             return Some(op);
         };
-        self.ops.fill(&slot, super::close::owner_tag(sock), op);
+        self.ops
+            .fill(&slot, super::close::owner_tag(sock), |s| *s = op);
         match qp.post_recv(&RecvWr {
             wr_id: slot.wr_id(),
             sges: &sges[..n],

@@ -42,7 +42,7 @@ use crate::fabric::{
 use crate::mem::descriptor::{Descriptor, DESCRIPTOR_LEN};
 use crate::mem::table::{MemFlags, OwnerId, RegRef, RegistrationTable};
 use crate::poller::{Notifier, ParkWaker, Progress};
-use ops::{OpSlab, OpState, OvPtr};
+use ops::{OpSlab, OvPtr};
 use socket::{
     record_connect, Phase, Pinned, Socket, SocketListenerEvents, SocketQpEvents, SocketTable,
 };
@@ -1171,18 +1171,18 @@ impl Inner {
             ov.internal_high.load(Ordering::Relaxed),
         );
         ov.start();
-        self.ops.fill(
-            &slot,
-            close::owner_tag(&sock),
-            OpState {
-                socket: sock.op_socket(),
-                // SAFETY: the caller guarantees `ov` outlives the op.
-                overlapped: unsafe { OvPtr::new(ov) },
-                regs,
-                sges: std::array::from_fn(|i| sges[i]),
-                recv,
-            },
-        );
+        // Built in the slot: only the fields an op uses are written.
+        self.ops.fill(&slot, close::owner_tag(&sock), |op| {
+            op.socket = sock.op_socket();
+            // SAFETY: the caller guarantees `ov` outlives the op.
+            op.overlapped = unsafe { OvPtr::new(ov) };
+            op.recv = recv;
+            op.sges = std::array::from_fn(|i| sges[i]);
+            op.install_regs(&mut regs);
+        });
+        // Emptied by the move into the slot: nothing to drop.
+        debug_assert!(regs.iter().all(Option::is_none));
+        std::mem::forget(regs);
         match post(&**qp, slot.wr_id(), &sges[..n]) {
             Ok(()) => {
                 // The op keeps its pin; its completion (maybe already

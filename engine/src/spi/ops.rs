@@ -3,16 +3,26 @@
 //! generation (`wr_id = generation << 32 | index`), so a completion can never
 //! be applied to a later op that reuses the slot.
 //!
-//! Free slots form lock-free LIFOs (Treiber stacks), one per completion
-//! queue: slot `i` always returns to list `i % lists`, and an op takes from
-//! the list of its socket's CQ first, so the thread that starts and completes
-//! the ops of one CQ (run-to-completion) never shares a cache line with the
-//! thread of another (each slot is padded to its own line, too). A slot's
-//! state has no lock: its stamp hands it from the starter to the one
-//! completion that claims it (see `Slot::stamp`). A head packs the top index with a tag that changes on
-//! every successful update, which defeats ABA: a pop that read `next` of a
-//! slot that was popped and pushed back meanwhile fails its compare-exchange
-//! because the tag moved on.
+//! A slot's state has no lock: its stamp hands it from the starter to the
+//! one completion that claims it (see `Slot::stamp`). The stamp is also the
+//! free list: a reservation looks for a `FREE` stamp and takes it with one
+//! compare-exchange, and a release is one store, so an op costs two locked
+//! instructions in the slab (reserve, claim), where a linked free list costs
+//! a third for the push back. Slots are spread over `lists` lists, one per
+//! completion queue: slot `i` belongs to list `i % lists`, and an op
+//! looks in the list of its socket's CQ first, so the thread that starts
+//! and completes the ops of one CQ (run-to-completion) never shares a cache
+//! line with the thread of another (each slot is padded to its own lines,
+//! too). Each list keeps a cursor where its next reservation starts looking:
+//! a release points it at the slot it freed, whose lines are the warmest,
+//! and a reservation moves it past the slot it took; the cursor is only a
+//! hint, read and written without ordering.
+//!
+//! The state stays in its slot for the op's whole life: the starter builds
+//! it there ([`OpSlab::fill`]) and the completion works on it there
+//! ([`OpSlab::complete`]); only cold paths (a close's scan, a cancel, a
+//! parked receive of socket duplication) move it out. Between ops a slot
+//! keeps its last state, emptied: its registrations are all `None`.
 
 use super::socket::OpSocket;
 use super::types::Overlapped;
@@ -28,7 +38,8 @@ pub const MAX_SGE: usize = 16;
 /// switch receives into one buffer at a time.
 pub const KEPT_SGE: usize = 2;
 
-const NIL: u32 = u32::MAX;
+/// The registration holds of one op, packed from the front.
+pub type Regs = [Option<RegRef>; MAX_SGE];
 
 /// The address of the switch's overlapped record of a pending op.
 #[derive(Clone, Copy, Debug)]
@@ -50,37 +61,90 @@ impl OvPtr {
         OvPtr(NonNull::from(ov))
     }
 
+    /// The placeholder an idle slot's state holds: never dereferenced,
+    /// since only the state of a pending op is read.
+    fn idle() -> OvPtr {
+        OvPtr(NonNull::dangling())
+    }
+
     pub fn get(&self) -> &Overlapped {
-        // SAFETY: valid while the op is pending (constructor contract), and an
-        // OvPtr lives only in the state of a pending op.
+        // SAFETY: valid while the op is pending (constructor contract), and
+        // only the `OvPtr` of a pending op is read (an idle slot's
+        // placeholder never is).
         unsafe { self.0.as_ref() }
     }
 }
 
 /// The provider's private state of one pending op — "the op's memory" of
 /// spec §6.1 step 2, released before the op's completion is signalled.
+/// It lives in the op's slot; the small fields come first, so that an op
+/// of one or two buffers touches the slot's first two cache lines only.
+#[repr(C)]
 pub struct OpState {
     /// The socket the op belongs to, with the table pin that keeps it alive
     /// until the op's completion gives it back.
     pub socket: OpSocket,
     /// The switch's overlapped record.
     pub overlapped: OvPtr,
-    /// Registrations the op uses; each holds its registration "in use".
-    /// Packed: the `Some`s come first (release them with [`release_regs`]).
-    pub regs: [Option<RegRef>; MAX_SGE],
+    /// A receive (its completion's opcode is not reliable on error).
+    pub recv: bool,
     /// The first [`KEPT_SGE`] entries the op was posted with (as many as
     /// `regs` holds, each covered by the registration at its index): a
     /// receive parked while its connection is re-established is posted
     /// again with them (`dup.rs`). Not all: every op pays for the copy.
     pub sges: [Sge; KEPT_SGE],
-    /// A receive (its completion's opcode is not reliable on error).
-    pub recv: bool,
+    /// Registrations the op uses; each holds its registration "in use".
+    /// Packed: the `Some`s come first (release them with [`release_regs`]).
+    /// All `None` in an idle slot, so a starter moves its holds in one by
+    /// one, dropping nothing ([`OpState::install_regs`]).
+    pub regs: Regs,
 }
 
-/// Drops an op's registration holds. They are packed from the front, so
-/// the first `None` ends them and the rest of the array needs no look.
-pub fn release_regs(mut regs: [Option<RegRef>; MAX_SGE]) {
-    for r in &mut regs {
+impl Default for OpState {
+    /// An idle slot's state: no registrations, placeholders elsewhere.
+    fn default() -> OpState {
+        OpState {
+            socket: OpSocket::idle(),
+            overlapped: OvPtr::idle(),
+            recv: false,
+            sges: [Sge {
+                addr: 0,
+                len: 0,
+                lkey: 0,
+            }; KEPT_SGE],
+            regs: Default::default(),
+        }
+    }
+}
+
+impl OpState {
+    /// Moves the starter's registration holds (packed from the front) into
+    /// this state, whose own are all `None` (an idle slot's), one by one:
+    /// only the entries in use are touched, and `regs` is left all `None`.
+    #[inline]
+    pub fn install_regs(&mut self, regs: &mut Regs) {
+        for (mine, theirs) in self.regs.iter_mut().zip(regs.iter_mut()) {
+            let Some(r) = theirs.take() else { break };
+            debug_assert!(mine.is_none(), "an idle slot kept a hold");
+            // Writing over a `None`: nothing to drop.
+            std::mem::forget(mine.replace(r));
+        }
+    }
+
+    /// Takes the op's socket pin out of the state (its completion gives it
+    /// back), leaving the placeholder.
+    #[inline]
+    pub fn take_socket(&mut self) -> OpSocket {
+        std::mem::replace(&mut self.socket, OpSocket::idle())
+    }
+}
+
+/// Drops an op's registration holds, in place. They are packed from the
+/// front, so the first `None` ends them and the rest of the array needs no
+/// look.
+#[inline]
+pub fn release_regs(regs: &mut Regs) {
+    for r in regs.iter_mut() {
         if r.take().is_none() {
             break;
         }
@@ -89,13 +153,11 @@ pub fn release_regs(mut regs: [Option<RegRef>; MAX_SGE]) {
         regs.iter().all(Option::is_none),
         "op registrations not packed"
     );
-    // Every element is `None` now: forgetting the array drops nothing.
-    std::mem::forget(regs);
 }
 
 /// Phases of a slot, in the low bits of its stamp.
 const FREE: u64 = 0;
-/// Popped by a starter; its state is being filled.
+/// Taken by a starter; its state is being filled.
 const RESERVED: u64 = 1;
 /// Filled: the op may be posted and completed.
 const PENDING: u64 = 2;
@@ -105,37 +167,46 @@ const TAKING: u64 = 3;
 /// One op slot, alone on its cache line(s): the slots of different threads
 /// never share a line.
 struct Slot<S> {
-    /// `generation << 32 | phase`. The phase goes `FREE → RESERVED` (pop,
-    /// by the starter, which also bumps the generation), `RESERVED →
-    /// PENDING` (fill, by the starter, release: the state is visible to
-    /// whoever claims it), `PENDING → TAKING` (a compare-exchange by the
-    /// completer or the starter's cancel: exactly one claims the state of
-    /// one generation) and `TAKING → FREE` (the claimer, before pushing the
-    /// slot back). A completion whose generation or phase does not match
-    /// claims nothing.
+    /// `generation << 32 | phase`. The phase goes `FREE → RESERVED` (a
+    /// compare-exchange by the starter, which also bumps the generation:
+    /// exactly one starter takes a free slot), `RESERVED → PENDING` (fill,
+    /// by the starter, release: the state is visible to whoever claims it),
+    /// `PENDING → TAKING` (a compare-exchange by the completer or the
+    /// starter's cancel: exactly one claims the state of one generation)
+    /// and `TAKING → FREE` (the claimer, release: it is done with the state
+    /// before the next starter, whose compare-exchange acquires, writes
+    /// it). A starter that never filled its slot frees it `RESERVED →
+    /// FREE`. A completion whose generation or phase does not match claims
+    /// nothing.
     stamp: AtomicU64,
-    /// Next free slot while this one is on the free list; meaningless
-    /// otherwise. Written by the pusher before the head CAS publishes it.
-    next: AtomicU32,
     /// Who the pending op belongs to (the SPI: its socket's address), so
     /// that a close can find its ops ([`OpSlab::take_owned`]). Written by
     /// the starter before its `PENDING` store (which publishes it), read by
     /// that scan after it saw `PENDING`.
     owner: AtomicUsize,
-    /// The op's private state: written only by the starter between its pop
-    /// and its `PENDING` store, read and taken only by the thread whose
-    /// compare-exchange claimed it. No lock: the stamp orders the two.
-    state: UnsafeCell<Option<S>>,
+    /// The op's private state: written only by the starter between its
+    /// reservation and its `PENDING` store, then read, worked on and
+    /// emptied only by the thread whose compare-exchange claimed it, until
+    /// its `FREE` store. No lock: the stamp orders them.
+    state: UnsafeCell<S>,
+}
+
+/// One free list: the slots `i` with `i % lists == l`.
+struct List {
+    /// Where the next reservation starts looking, as a position in the list
+    /// (slot `l + pos * lists`). A hint: written by reservations (past the
+    /// slot taken) and releases (at the slot freed) without ordering; any
+    /// value below `len` is correct.
+    cursor: AtomicU32,
+    /// Slots in the list (at least 1). Immutable.
+    len: u32,
 }
 
 /// A fixed set of op slots, each holding the private state `S` of a pending
 /// op (the SPI's [`OpState`]; the loom models use plain numbers).
 pub struct OpSlab<S = OpState> {
     slots: Box<[CachePadded<Slot<S>>]>,
-    /// Free-list heads: low 32 bits the top slot index (or `NIL`), high 32
-    /// bits a tag incremented by every successful push or pop. List `l` holds
-    /// only slots `i` with `i % heads.len() == l`.
-    heads: Box<[CachePadded<AtomicU64>]>,
+    lists: Box<[CachePadded<List>]>,
 }
 
 // SAFETY: a slot's state is accessed by one thread at a time, handed over
@@ -160,85 +231,101 @@ fn stamp(generation: u32, phase: u64) -> u64 {
     (u64::from(generation) << 32) | phase
 }
 
-impl<S> OpSlab<S> {
+impl<S: Default> OpSlab<S> {
     /// `size` slots spread over `lists` free lists.
     pub fn new(size: usize, lists: usize) -> OpSlab<S> {
-        assert!(size > 0 && size < NIL as usize, "op slab size out of range");
+        assert!(
+            size > 0 && size < u32::MAX as usize,
+            "op slab size out of range"
+        );
         let lists = lists.clamp(1, size);
         let slots: Box<[CachePadded<Slot<S>>]> = (0..size)
-            .map(|i| {
+            .map(|_| {
                 CachePadded::new(Slot {
                     stamp: AtomicU64::new(stamp(0, FREE)),
-                    next: AtomicU32::new(if i + lists < size {
-                        (i + lists) as u32
-                    } else {
-                        NIL
-                    }),
                     owner: AtomicUsize::new(0),
-                    state: UnsafeCell::new(None),
+                    state: UnsafeCell::new(S::default()),
                 })
             })
             .collect();
         OpSlab {
             slots,
-            heads: (0..lists)
-                .map(|l| CachePadded::new(AtomicU64::new(l as u64)))
+            lists: (0..lists)
+                .map(|l| {
+                    CachePadded::new(List {
+                        cursor: AtomicU32::new(0),
+                        len: (size - l).div_ceil(lists) as u32,
+                    })
+                })
                 .collect(),
         }
     }
 
     /// Takes a free slot, from list `hint` first, or `None` when every slot
     /// is in use.
+    #[inline]
     pub fn reserve(&self, hint: usize) -> Option<Reserved> {
-        let n = self.heads.len();
-        (0..n).find_map(|k| self.pop((hint + k) % n))
+        let n = self.lists.len();
+        let first = if hint < n { hint } else { hint % n };
+        if let Some(r) = self.reserve_in(first) {
+            return Some(r);
+        }
+        (1..n).find_map(|k| self.reserve_in((first + k) % n))
     }
 
-    fn pop(&self, list: usize) -> Option<Reserved> {
-        let head_cell = &self.heads[list];
-        let mut head = head_cell.load(Ordering::Acquire);
-        loop {
-            let index = head as u32;
-            if index == NIL {
-                return None;
+    /// Takes a free slot of list `l`: one look at its cursor's slot when
+    /// that is free (the common case), a walk of the list otherwise.
+    #[inline]
+    fn reserve_in(&self, l: usize) -> Option<Reserved> {
+        let list = &self.lists[l];
+        let lists = self.lists.len();
+        let mut pos = list.cursor.load(Ordering::Relaxed);
+        for _ in 0..list.len {
+            let index = l + pos as usize * lists;
+            pos = if pos + 1 == list.len { 0 } else { pos + 1 };
+            let slot = &self.slots[index];
+            let now = slot.stamp.load(Ordering::Relaxed);
+            if now & 3 != FREE {
+                continue;
             }
-            let next = self.slots[index as usize].next.load(Ordering::Relaxed);
-            let tag = (head >> 32).wrapping_add(1);
-            match head_cell.compare_exchange_weak(
-                head,
-                (tag << 32) | u64::from(next),
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => {
-                    let slot = &self.slots[index as usize];
-                    let was = slot.stamp.load(Ordering::Relaxed);
-                    debug_assert_eq!(was & 3, FREE, "a listed slot is in use");
-                    let generation = ((was >> 32) as u32).wrapping_add(1);
-                    slot.stamp
-                        .store(stamp(generation, RESERVED), Ordering::Relaxed);
-                    return Some(Reserved { index, generation });
-                }
-                Err(actual) => head = actual,
+            let generation = ((now >> 32) as u32).wrapping_add(1);
+            // Acquire: pairs with the release that freed the slot, so the
+            // last claimer is done with the state before we write it.
+            if slot
+                .stamp
+                .compare_exchange(
+                    now,
+                    stamp(generation, RESERVED),
+                    Ordering::Acquire,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+            {
+                list.cursor.store(pos, Ordering::Relaxed);
+                return Some(Reserved {
+                    index: index as u32,
+                    generation,
+                });
             }
         }
+        None
     }
 
-    /// Stores the op's state in its reserved slot (before posting), with
-    /// the `owner` [`OpSlab::take_owned`] finds it by.
-    /// Always inlined: `state` is moved straight into the slot, not copied
-    /// into the call first (it is large: the op's registrations).
-    #[inline(always)]
-    pub fn fill(&self, r: &Reserved, owner: usize, state: S) {
+    /// Builds the op's state in its reserved slot (before posting): `build`
+    /// writes it in place, over the emptied state of the slot's last op,
+    /// and `owner` is what [`OpSlab::take_owned`] finds it by.
+    #[inline]
+    pub fn fill(&self, r: &Reserved, owner: usize, build: impl FnOnce(&mut S)) {
         let slot = &self.slots[r.index as usize];
         debug_assert_eq!(
             slot.stamp.load(Ordering::Relaxed),
             stamp(r.generation, RESERVED)
         );
         slot.owner.store(owner, Ordering::Relaxed);
-        // SAFETY: the slot is RESERVED by the caller (it popped it): no
-        // other thread reads or writes the state until the PENDING store.
-        slot.state.with_mut(|p| unsafe { *p = Some(state) });
+        // SAFETY: the slot is RESERVED by the caller (its compare-exchange
+        // took it): no other thread reads or writes the state until the
+        // PENDING store.
+        slot.state.with_mut(|p| build(unsafe { &mut *p }));
         slot.stamp
             .store(stamp(r.generation, PENDING), Ordering::Release);
     }
@@ -251,28 +338,38 @@ impl<S> OpSlab<S> {
         let slot = &self.slots[r.index as usize];
         let now = slot.stamp.load(Ordering::Relaxed);
         if now == stamp(r.generation, RESERVED) {
+            // Never filled: the state is still the last op's, emptied.
             self.release(r.index, r.generation);
             return None;
         }
-        let state = self.claim(r.index, r.generation)?;
+        self.claim(r.index, r.generation)?;
+        let state = self.take_state(r.index);
         self.release(r.index, r.generation);
         Some(state)
     }
 
-    /// Takes the state of the op named by `wr_id` and frees its slot. `None`
-    /// if the id is stale or unknown (never for a completion of a posted op).
-    pub fn complete(&self, wr_id: u64) -> Option<S> {
+    /// Completes the op named by `wr_id`: claims it, runs `finish` on its
+    /// state in place (which must leave it emptied), frees the slot and
+    /// returns what `finish` did. `None` if the id is stale or unknown
+    /// (never for a completion of a posted op): `finish` does not run.
+    #[inline]
+    pub fn complete<R>(&self, wr_id: u64, finish: impl FnOnce(&mut S) -> R) -> Option<R> {
         let index = wr_id as u32;
         let generation = (wr_id >> 32) as u32;
         self.slots.get(index as usize)?;
-        let state = self.claim(index, generation)?;
+        self.claim(index, generation)?;
+        let slot = &self.slots[index as usize];
+        // SAFETY: our claim made the state ours alone until the release
+        // below (see `Slot::state`).
+        let r = slot.state.with_mut(|p| finish(unsafe { &mut *p }));
         self.release(index, generation);
-        Some(state)
+        Some(r)
     }
 
-    /// Claims the state of generation `generation` of slot `index` (one
+    /// Claims the op of generation `generation` of slot `index` (one
     /// compare-exchange; a stale id fails it and touches no state).
-    fn claim(&self, index: u32, generation: u32) -> Option<S> {
+    #[inline]
+    fn claim(&self, index: u32, generation: u32) -> Option<()> {
         let slot = &self.slots[index as usize];
         // Acquire: pairs with fill's release, so the state is visible.
         slot.stamp
@@ -282,11 +379,18 @@ impl<S> OpSlab<S> {
                 Ordering::Acquire,
                 Ordering::Relaxed,
             )
-            .ok()?;
-        // SAFETY: our compare-exchange claimed the state of this generation
-        // alone; the starter no longer writes it (it stored PENDING after
-        // its write), and nobody else can claim it.
-        slot.state.with_mut(|p| unsafe { (*p).take() })
+            .ok()
+            .map(drop)
+    }
+
+    /// Moves the state of a slot this thread claimed out (a cold path),
+    /// leaving an idle state.
+    fn take_state(&self, index: u32) -> S {
+        // SAFETY: the caller claimed the slot: the state is its alone until
+        // it releases the slot.
+        self.slots[index as usize]
+            .state
+            .with_mut(|p| std::mem::take(unsafe { &mut *p }))
     }
 
     /// Takes the state of every pending op filled with `owner`, frees its
@@ -305,7 +409,8 @@ impl<S> OpSlab<S> {
             }
             let generation = (now >> 32) as u32;
             // A claim fails if the op completed (or the slot moved on) since.
-            if let Some(state) = self.claim(index as u32, generation) {
+            if self.claim(index as u32, generation).is_some() {
+                let state = self.take_state(index as u32);
                 self.release(index as u32, generation);
                 f(state);
                 n += 1;
@@ -313,7 +418,9 @@ impl<S> OpSlab<S> {
         }
         n
     }
+}
 
+impl<S> OpSlab<S> {
     /// Slots currently allocated (a scan; for tests and stats).
     pub fn in_use(&self) -> usize {
         self.slots
@@ -332,26 +439,20 @@ impl<S> OpSlab<S> {
             .sum()
     }
 
+    /// Frees a slot this thread reserved or claimed, and points its list's
+    /// cursor at it: the next op of the list reuses the warmest slot.
+    #[inline]
     fn release(&self, index: u32, generation: u32) {
-        let list = index as usize % self.heads.len();
+        let lists = self.lists.len();
         let slot = &self.slots[index as usize];
-        slot.stamp.store(stamp(generation, FREE), Ordering::Relaxed);
-        let head_cell = &self.heads[list];
-        let mut head = head_cell.load(Ordering::Relaxed);
-        loop {
-            slot.next.store(head as u32, Ordering::Relaxed);
-            let tag = (head >> 32).wrapping_add(1);
-            // Release: the state was taken before the next popper fills it.
-            match head_cell.compare_exchange_weak(
-                head,
-                (tag << 32) | u64::from(index),
-                Ordering::Release,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => return,
-                Err(actual) => head = actual,
-            }
-        }
+        // Release: our use of the state happens before the next starter's.
+        slot.stamp.store(stamp(generation, FREE), Ordering::Release);
+        let (l, pos) = if lists == 1 {
+            (0, index)
+        } else {
+            (index as usize % lists, index / lists as u32)
+        };
+        self.lists[l].cursor.store(pos, Ordering::Relaxed);
     }
 }
 
@@ -372,7 +473,10 @@ mod tests {
         slab.cancel(a);
         let d = slab.reserve(1).unwrap();
         assert_ne!(d.wr_id(), old, "a reused slot gets a new generation");
-        assert!(slab.complete(old).is_none(), "stale ids are ignored");
+        assert!(
+            slab.complete(old, std::mem::take).is_none(),
+            "stale ids are ignored"
+        );
         for r in [b, c, d] {
             slab.cancel(r);
         }
@@ -381,23 +485,51 @@ mod tests {
     }
 
     #[test]
+    fn a_release_hands_the_warmest_slot_to_the_next_op_and_busy_slots_are_passed() {
+        let slab = OpSlab::<u32>::new(6, 2);
+        // List 1 holds slots 1, 3 and 5.
+        let a = slab.reserve(1).unwrap();
+        let b = slab.reserve(1).unwrap();
+        assert_eq!((a.index, b.index), (1, 3));
+        slab.fill(&a, 0, |s| *s = 10);
+        assert_eq!(slab.complete(a.wr_id(), std::mem::take), Some(10));
+        let c = slab.reserve(1).unwrap();
+        assert_eq!(c.index, 1, "the slot just freed is reused");
+        let d = slab.reserve(1).unwrap();
+        assert_eq!(d.index, 5, "the busy slot 3 is passed");
+        let e = slab.reserve(1).unwrap();
+        assert_eq!(e.index % 2, 0, "a full list falls back to the other");
+        for r in [b, c, d, e] {
+            assert_eq!(slab.cancel(r), None);
+        }
+        assert_eq!(slab.in_use(), 0);
+    }
+
+    #[test]
     fn take_owned_takes_only_the_owners_pending_ops_once() {
         let slab = OpSlab::<u32>::new(4, 1);
         let a = slab.reserve(0).unwrap();
-        slab.fill(&a, 7, 1);
+        slab.fill(&a, 7, |s| *s = 1);
         let b = slab.reserve(0).unwrap();
-        slab.fill(&b, 8, 2);
+        slab.fill(&b, 8, |s| *s = 2);
         let c = slab.reserve(0).unwrap();
-        slab.fill(&c, 7, 3);
+        slab.fill(&c, 7, |s| *s = 3);
         let unfilled = slab.reserve(0).unwrap();
         let mut taken = Vec::new();
         assert_eq!(slab.take_owned(7, &mut |s| taken.push(s)), 2);
         taken.sort_unstable();
         assert_eq!(taken, [1, 3]);
-        assert!(slab.complete(a.wr_id()).is_none(), "taken once");
+        assert!(
+            slab.complete(a.wr_id(), std::mem::take).is_none(),
+            "taken once"
+        );
         assert_eq!(slab.cancel(c), None, "the starter sees its op taken");
         assert_eq!(slab.take_owned(7, &mut |_| panic!("taken twice")), 0);
-        assert_eq!(slab.complete(b.wr_id()), Some(2), "another owner's op");
+        assert_eq!(
+            slab.complete(b.wr_id(), std::mem::take),
+            Some(2),
+            "another owner's op"
+        );
         assert_eq!(slab.cancel(unfilled), None);
         assert_eq!(slab.in_use(), 0);
     }
@@ -436,9 +568,10 @@ mod loom_models {
     use super::*;
     use loom::thread;
 
-    /// Two threads reserve and release from one free list of two slots
-    /// (the ABA pattern: a pop whose `next` went stale must fail its CAS);
-    /// each checks it owns its slot alone while it holds it.
+    /// Two threads reserve and release from one list of two slots, its
+    /// cursor moved by both: two reservations that found the same free
+    /// stamp race for it, and exactly one compare-exchange takes it; each
+    /// thread checks it owns its slot alone while it holds it.
     #[test]
     fn loom_concurrent_reserve_release_never_shares_a_slot() {
         crate::sync::model("concurrent_reserve_release_never_shares_a_slot", 3, || {
@@ -446,7 +579,7 @@ mod loom_models {
             let worker = |slab: loom::sync::Arc<OpSlab<u32>>, me: u32| {
                 for _ in 0..2 {
                     if let Some(r) = slab.reserve(0) {
-                        slab.fill(&r, 0, me);
+                        slab.fill(&r, 0, |s| *s = me);
                         assert_eq!(slab.cancel(r), Some(me), "slot shared");
                     }
                 }
@@ -458,8 +591,8 @@ mod loom_models {
             assert_eq!(slab.in_use(), 0);
             let a = slab.reserve(0).unwrap();
             let b = slab.reserve(0).unwrap();
-            assert_ne!(a.index, b.index, "free list corrupted");
-            assert!(slab.reserve(0).is_none(), "a slot listed twice");
+            assert_ne!(a.index, b.index, "one slot reserved twice");
+            assert!(slab.reserve(0).is_none(), "a slot left behind");
         });
     }
 
@@ -472,15 +605,15 @@ mod loom_models {
         crate::sync::model("take_owned_racing_completion_and_cancel", 3, || {
             let slab = loom::sync::Arc::new(OpSlab::<u32>::new(3, 1));
             let a = slab.reserve(0).unwrap();
-            slab.fill(&a, 7, 1);
+            slab.fill(&a, 7, |s| *s = 1);
             let b = slab.reserve(0).unwrap();
-            slab.fill(&b, 7, 2);
+            slab.fill(&b, 7, |s| *s = 2);
             let other = slab.reserve(0).unwrap();
-            slab.fill(&other, 8, 3);
+            slab.fill(&other, 8, |s| *s = 3);
             let a_id = a.wr_id();
             let completer = {
                 let slab = slab.clone();
-                thread::spawn(move || slab.complete(a_id))
+                thread::spawn(move || slab.complete(a_id, std::mem::take))
             };
             let starter = {
                 let slab = slab.clone();
@@ -513,12 +646,12 @@ mod loom_models {
             let slab = loom::sync::Arc::new(OpSlab::<u32>::new(1, 1));
             let first = slab.reserve(0).unwrap();
             let old_id = first.wr_id();
-            slab.fill(&first, 0, 1);
+            slab.fill(&first, 0, |s| *s = 1);
             let poller = {
                 let slab = slab.clone();
                 thread::spawn(move || {
-                    let a = slab.complete(old_id);
-                    let b = slab.complete(old_id);
+                    let a = slab.complete(old_id, std::mem::take);
+                    let b = slab.complete(old_id, std::mem::take);
                     (a, b)
                 })
             };
@@ -526,7 +659,7 @@ mod loom_models {
                 let slab = slab.clone();
                 thread::spawn(move || {
                     let r = slab.reserve(0)?;
-                    slab.fill(&r, 0, 2);
+                    slab.fill(&r, 0, |s| *s = 2);
                     Some(r.wr_id())
                 })
             };
@@ -536,7 +669,11 @@ mod loom_models {
             assert_eq!(b, None, "exactly once");
             if let Some(id) = new_id {
                 assert_ne!(id, old_id);
-                assert_eq!(slab.complete(id), Some(2), "the new op is intact");
+                assert_eq!(
+                    slab.complete(id, std::mem::take),
+                    Some(2),
+                    "the new op is intact"
+                );
             }
             assert_eq!(slab.in_use(), 0);
         });

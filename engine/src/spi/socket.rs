@@ -398,6 +398,15 @@ unsafe impl<T: Sync> Send for OpSocket<T> {}
 unsafe impl<T: Sync> Sync for OpSocket<T> {}
 
 impl<T> OpSocket<T> {
+    /// The placeholder an idle op slot holds: names no pin, and is never
+    /// dereferenced or given back (only a pending op's socket is).
+    pub fn idle() -> OpSocket<T> {
+        OpSocket {
+            index: u32::MAX,
+            ptr: NonNull::dangling(),
+        }
+    }
+
     /// The socket.
     ///
     /// # Safety
