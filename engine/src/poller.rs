@@ -532,26 +532,42 @@ impl Progress {
                     }
                 }
             }
-            PollerMode::RunToCompletion => {
-                for (i, (cq, lock)) in self.cqs.iter().zip(&self.rtc_reapers).enumerate() {
-                    if only.is_some_and(|o| o != i) {
-                        continue;
-                    }
-                    let Some(_guard) = lock.try_lock() else {
-                        continue;
-                    };
-                    loop {
-                        let n = cq.poll(buf);
-                        buf[..n].iter().for_each(&mut *f);
-                        total += n;
-                        if n < buf.len() {
-                            break;
-                        }
+            PollerMode::RunToCompletion => match only {
+                Some(i) => total = self.reap(i, buf, f),
+                None => {
+                    for i in 0..self.cqs.len() {
+                        total += self.reap(i, buf, f);
                     }
                 }
-            }
+            },
         }
         total
+    }
+
+    /// Run-to-completion mode: polls CQ `i` until it is empty, unless
+    /// another thread is reaping it (or there is no such CQ).
+    #[inline]
+    fn reap(
+        &self,
+        i: usize,
+        buf: &mut [WorkCompletion; POLL_BATCH],
+        f: &mut dyn FnMut(&WorkCompletion),
+    ) -> usize {
+        let (Some(cq), Some(lock)) = (self.cqs.get(i), self.rtc_reapers.get(i)) else {
+            return 0;
+        };
+        let Some(_guard) = lock.try_lock() else {
+            return 0;
+        };
+        let mut total = 0;
+        loop {
+            let n = cq.poll(buf);
+            buf[..n].iter().for_each(&mut *f);
+            total += n;
+            if n < buf.len() {
+                return total;
+            }
+        }
     }
 
     /// Prepares to sleep: run-to-completion mode arms every CQ; returns true
