@@ -40,9 +40,38 @@
 //! 2. an **owner lock** (`OwnerRegs::state`), one per socket.
 //!
 //! The data path ([`RegistrationTable::acquire_covering`],
-//! [`RegistrationTable::acquire_handle`]) takes only the owner lock. NIC
+//! [`RegistrationTable::acquire_handle`]) takes only the owner lock, and
+//! the SPI's ([`RegistrationTable::acquire_pinned`]) takes none when its
+//! query repeats the last one of its direction (see [`Hit`]). NIC
 //! calls (`register`, `deregister`, `bind_remote`, `unbind_remote`) may be
 //! made with either or both held; the NIC never calls back into the table.
+//!
+//! # The hit, a lookup without the lock
+//!
+//! Each owner remembers its last successful lookup per direction (buffers
+//! read by the NIC, buffers written by it: a socket's sends and receives)
+//! in a [`Hit`]: the query and the association it found. A repeat of the
+//! query takes a hold through the hit, one atomic add on the hit's `held`
+//! count and no lock; the hold is given back by one atomic subtraction
+//! when the op's `RegRef` is dropped. The association a hit names is in
+//! use while its `held` count is not zero, as while its `Arc` has
+//! `RegRef`s (`OwnerRegs::in_use`). The protocol, for each hit:
+//!
+//! * Writers hold the owner lock. Before they look at `held` or change the
+//!   hit, they stop it (`seq` odd, then a `SeqCst` fence); they start it
+//!   again (`seq` even and moved on) when done.
+//! * A reader checks the query against the hit with `seq` even, adds to
+//!   `held` (`SeqCst`), then loads `seq` again: changed, it gives the hold
+//!   back and takes the lock instead.
+//! * Both sides write one location and then read the other's, `SeqCst`:
+//!   a writer that reads `held` at 0 has stopped every reader that did not
+//!   add to it yet, and a writer never changes a hit while `held` is not
+//!   zero (a lookup that misses then just does not remember its answer).
+//!   So a hold always names the association the hit names, which the hit
+//!   keeps (`OwnerState::hit`) as long as holds remain: the NIC
+//!   registration outlives every op that uses it.
+//!
+//! The loom model `loom_hit_hold_racing_deregistration` checks it.
 //!
 //! # Cache
 //!
@@ -65,6 +94,7 @@ use crate::mem::region::check_mapped;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::num::NonZeroU64;
+use std::ptr::NonNull;
 // The refcount protocol (`OwnerState::op_refs`, the locks, the shared NIC
 // registration) goes through the sync facade so that loom can check it; the
 // owner handles and the NIC stay plain `std::sync::Arc`s.
@@ -350,45 +380,150 @@ struct OwnerState {
     locals: BTreeMap<u64, LocalAssoc>,
     /// Exposures; few per socket, searched linearly.
     exposures: Vec<Exposure>,
-    /// The last successful `acquire_covering`: its query and the association
-    /// it found, so the next op on the same buffer skips the walk of
-    /// `locals`. Exact: the first covering association of a query changes
-    /// only when that association leaves `locals` (later registrations get
+    /// The association each of `OwnerRegs::hits` names: set when a hit
+    /// is (re)written, cleared when the association leaves `locals` (or the
+    /// owner is released) and no hold through the hit remains, kept
+    /// otherwise, so that the holds keep the NIC registration alive. A hit
+    /// is exact: the first covering association of a query changes only
+    /// when that association leaves `locals` (later registrations get
     /// larger handles and come after it), and every removal from `locals`
-    /// clears this if it names the removed association.
-    last_hit: Option<LastHit>,
+    /// clears the hits that name the removed association.
+    hit: [Option<sync::Arc<LocalShared>>; HITS],
 }
 
 impl OwnerState {
-    /// How many [`RegRef`]s hold `s` (one of this owner's associations):
-    /// the association is *in use* iff this is not zero. The `Arc` count is
-    /// the one counter: besides `RegRef`s only this state holds `s`, once in
-    /// its association and once more if it is the last hit. Called with the
-    /// owner lock held, under which no op starts holding an association, so
-    /// a zero stays zero until the lock is released.
+    /// How many `Arc` [`RegRef`]s hold `s` (one of this owner's
+    /// associations); holds through a hit are counted apart (see
+    /// `OwnerRegs::in_use`). Besides `RegRef`s only this state holds `s`'s
+    /// `Arc`, once in its association and once more per hit naming it.
+    /// Called with the owner lock held, under which no `Arc` `RegRef` is
+    /// made, so a zero stays zero until the lock is released.
     fn op_refs(&self, s: &sync::Arc<LocalShared>) -> usize {
-        let last_hit = self
-            .last_hit
-            .as_ref()
-            .is_some_and(|h| sync::Arc::ptr_eq(&h.shared, s));
+        let hits = self
+            .hit
+            .iter()
+            .filter(|h| h.as_ref().is_some_and(|h| sync::Arc::ptr_eq(h, s)))
+            .count();
         let held = sync::Arc::strong_count(s);
         // Acquire: an op's use of the buffer happens before a
         // deregistration that sees its `RegRef` dropped (the `Arc`'s
         // decrement is a release).
         sync::fence(Ordering::Acquire);
-        let own = 1 + usize::from(last_hit);
+        let own = 1 + hits;
         debug_assert!(held >= own, "association held less than its owner holds it");
         held - own
     }
 }
 
-/// A cached covering lookup (see `OwnerState::last_hit`).
-struct LastHit {
-    addr: usize,
-    len: usize,
-    need: MemFlags,
-    /// The association found; in `locals` while cached.
-    shared: sync::Arc<LocalShared>,
+/// Hits per owner: one for buffers the NIC reads (sends, RDMA writes), one
+/// for buffers it writes (receives, RDMA reads).
+const HITS: usize = 2;
+
+/// `Hit::need`'s bit for "the hit holds a query".
+const HIT_VALID: u32 = 1 << 31;
+
+/// The hit a lookup needing `need` uses.
+fn hit_index(need: MemFlags) -> usize {
+    usize::from(need.contains(MemFlags::WRITE))
+}
+
+/// The last successful lookup of one direction, readable without the owner
+/// lock (module docs, "The hit"). Every field is written only under the
+/// owner lock, while `seq` is odd, except `held`.
+struct Hit {
+    /// Even while the hit may be used, odd while a writer stops it; moves
+    /// on by 2 with every stop, so a reader that saw it even before a stop
+    /// sees a different value after it.
+    seq: sync::AtomicU64,
+    /// The query: `HIT_VALID | need` (0: no query), the handle (0 for a
+    /// covering lookup), the buffer.
+    need: sync::AtomicU32,
+    handle: sync::AtomicU64,
+    addr: sync::AtomicUsize,
+    len: sync::AtomicUsize,
+    /// The association found: a `*const LocalShared` of the `Arc` in
+    /// `OwnerState::hit`, unchanged while `held` is not zero.
+    shared: sync::AtomicUsize,
+    /// Holds taken through the hit and not given back: each is a live
+    /// [`RegRef`]. Added to by lock-free readers (then validated against
+    /// `seq`), taken from by `RegRef` drops; read by writers after a stop.
+    held: sync::AtomicUsize,
+}
+
+impl Hit {
+    fn new() -> Hit {
+        Hit {
+            seq: sync::AtomicU64::new(0),
+            need: sync::AtomicU32::new(0),
+            handle: sync::AtomicU64::new(0),
+            addr: sync::AtomicUsize::new(0),
+            len: sync::AtomicUsize::new(0),
+            shared: sync::AtomicUsize::new(0),
+            held: sync::AtomicUsize::new(0),
+        }
+    }
+
+    /// The lock-free lookup: a hold on the hit's association if the hit
+    /// holds this query, else `None` (take the lock).
+    #[inline]
+    fn get(&self, handle: u64, addr: usize, len: usize, need: MemFlags) -> Option<RegRef> {
+        let seq = self.seq.load(Ordering::Acquire);
+        if seq & 1 != 0
+            || self.need.load(Ordering::Relaxed) != HIT_VALID | need.bits()
+            || self.handle.load(Ordering::Relaxed) != handle
+            || self.addr.load(Ordering::Relaxed) != addr
+            || self.len.load(Ordering::Relaxed) != len
+        {
+            return None;
+        }
+        // The query's loads happen before the validation below.
+        sync::fence(Ordering::Acquire);
+        self.held.fetch_add(1, Ordering::SeqCst);
+        if self.seq.load(Ordering::SeqCst) != seq {
+            // A writer stopped the hit meanwhile (and may not see us).
+            self.held.fetch_sub(1, Ordering::Release);
+            return None;
+        }
+        #[cfg(feature = "perf-gate-slowdown")]
+        crate::perf_gate_slowdown::burn();
+        Some(RegRef(Held::Hit(NonNull::from(self))))
+    }
+
+    /// Stops the hit (the owner lock is held): no reader takes a new hold
+    /// until [`Hit::start`]. Returns the holds still taken through it.
+    fn stop(&self) -> usize {
+        // A SeqCst read-modify-write, then a SeqCst load of `held`: against
+        // the reader's add to `held` and load of `seq`, one of the two sees
+        // the other (both are in the one total order of SeqCst operations).
+        let was = self.seq.fetch_add(1, Ordering::SeqCst);
+        debug_assert_eq!(was & 1, 0, "a hit stopped twice");
+        // SeqCst (so also acquire): the ops' uses of their buffers happen
+        // before the deregistration that sees their holds given back.
+        self.held.load(Ordering::SeqCst)
+    }
+
+    /// Lets readers use the hit again, as it is now.
+    fn start(&self) {
+        let seq = self.seq.load(Ordering::Relaxed);
+        debug_assert_eq!(seq & 1, 1, "a hit started twice");
+        self.seq.store(seq + 1, Ordering::Release);
+    }
+
+    /// Forgets the query (the hit is stopped).
+    fn clear(&self) {
+        self.need.store(0, Ordering::Relaxed);
+    }
+
+    /// Writes a query and its association (the hit is stopped and holds
+    /// nothing).
+    fn set(&self, handle: u64, addr: usize, len: usize, need: MemFlags, s: &LocalShared) {
+        self.need.store(HIT_VALID | need.bits(), Ordering::Relaxed);
+        self.handle.store(handle, Ordering::Relaxed);
+        self.addr.store(addr, Ordering::Relaxed);
+        self.len.store(len, Ordering::Relaxed);
+        self.shared
+            .store(s as *const LocalShared as usize, Ordering::Relaxed);
+    }
 }
 
 /// One socket's registrations. Created by [`RegistrationTable::new_owner`]
@@ -400,11 +535,81 @@ pub struct OwnerRegs {
     table: u64,
     /// Lock order: after the table lock, never before.
     state: Mutex<OwnerState>,
+    /// The hits (module docs), on their own line: written by the threads
+    /// that start and complete this socket's ops.
+    hits: sync::CachePadded<[Hit; HITS]>,
 }
 
 impl OwnerRegs {
     pub fn owner(&self) -> OwnerId {
         self.owner
+    }
+
+    /// Whether association `s` is in use: by `Arc` `RegRef`s, or by holds
+    /// through a hit naming it. The owner lock is held (`o`). Stops those
+    /// hits and returns their indices in `stopped`: the caller starts them
+    /// again ([`OwnerRegs::start_hits`]) once it changed what it meant to,
+    /// so that no hold is taken on an association it is removing.
+    fn in_use(
+        &self,
+        o: &OwnerState,
+        s: &sync::Arc<LocalShared>,
+        stopped: &mut [bool; HITS],
+    ) -> bool {
+        let mut held = 0;
+        for (i, h) in o.hit.iter().enumerate() {
+            if h.as_ref().is_some_and(|h| sync::Arc::ptr_eq(h, s)) {
+                stopped[i] = true;
+                held += self.hits[i].stop();
+            }
+        }
+        held != 0 || o.op_refs(s) != 0
+    }
+
+    /// Starts the hits [`OwnerRegs::in_use`] stopped.
+    fn start_hits(&self, stopped: &[bool; HITS]) {
+        for (i, &s) in stopped.iter().enumerate() {
+            if s {
+                self.hits[i].start();
+            }
+        }
+    }
+
+    /// Forgets the hits naming association `s`, which is leaving `locals`:
+    /// they were stopped by [`OwnerRegs::in_use`], which found no hold.
+    fn drop_hits(&self, o: &mut OwnerState, s: &sync::Arc<LocalShared>) {
+        for (i, h) in o.hit.iter_mut().enumerate() {
+            if h.as_ref().is_some_and(|h| sync::Arc::ptr_eq(h, s)) {
+                self.hits[i].clear();
+                *h = None;
+            }
+        }
+    }
+
+    /// Remembers a lookup's answer in its direction's hit, unless holds
+    /// are still taken through that hit (the lookup then goes on without
+    /// it).
+    fn remember(
+        &self,
+        o: &mut OwnerState,
+        handle: u64,
+        addr: usize,
+        len: usize,
+        need: MemFlags,
+        s: &sync::Arc<LocalShared>,
+    ) {
+        let i = hit_index(need);
+        let hit = &self.hits[i];
+        // Holds taken through the hit: it cannot change (a hint, checked
+        // again after the stop).
+        if hit.held.load(Ordering::Relaxed) != 0 {
+            return;
+        }
+        if hit.stop() == 0 {
+            hit.set(handle, addr, len, need, s);
+            o.hit[i] = Some(s.clone());
+        }
+        hit.start();
     }
 
     fn lock(&self) -> MutexGuard<'_, OwnerState> {
@@ -426,47 +631,115 @@ impl fmt::Debug for OwnerRegs {
 
 /// A data operation's hold on a local registration: keeps the association
 /// "in use" (it cannot be deregistered) and the NIC registration alive until
-/// dropped. Cloning or dropping costs one atomic add: the `Arc`'s count is
-/// the in-use count (`OwnerState::op_refs`). A clone of an existing
-/// `RegRef` never makes an association in use behind a deregistration's
-/// back, since the original already does.
-#[derive(Clone)]
-pub struct RegRef(sync::Arc<LocalShared>);
+/// dropped. Taking or dropping one costs one atomic add: either on the
+/// association's `Arc` count (`OwnerState::op_refs`), or, for a hold taken
+/// through a hit, on the hit's `held` count (module docs, "The hit"). A
+/// clone of an existing `RegRef` never makes an association in use behind
+/// a deregistration's back, since the original already does.
+pub struct RegRef(Held);
+
+enum Held {
+    /// A reference to the association.
+    Shared(sync::Arc<LocalShared>),
+    /// A hold counted in this hit's `held`: the hit names the association
+    /// (and keeps it) until the hold is given back. Valid while the
+    /// `OwnerRegs` of the hit lives ([`RegistrationTable::acquire_pinned`]'s
+    /// contract).
+    Hit(NonNull<Hit>),
+}
+
+// SAFETY: a `RegRef` shares only atomics (`Hit`) and immutable data
+// (`LocalShared`) between threads, and the `Hit` it may point to outlives
+// it (`acquire_pinned`'s contract), whichever thread drops it.
+unsafe impl Send for RegRef {}
+// SAFETY: as above; `&RegRef` reads only immutable data.
+unsafe impl Sync for RegRef {}
 
 impl RegRef {
+    /// The association's shared part.
+    fn shared(&self) -> &LocalShared {
+        match &self.0 {
+            Held::Shared(s) => s,
+            Held::Hit(hit) => {
+                // SAFETY: the hit outlives the hold (`acquire_pinned`'s
+                // contract), and names the association, whose `Arc` it
+                // keeps in `OwnerState::hit`, while the hold is counted in
+                // `held` (module docs, "The hit").
+                unsafe {
+                    let hit = hit.as_ref();
+                    &*(hit.shared.load(Ordering::Relaxed) as *const LocalShared)
+                }
+            }
+        }
+    }
+
+    /// The association's `Arc` of a hold taken under the owner lock.
+    fn arc(&self) -> &sync::Arc<LocalShared> {
+        match &self.0 {
+            Held::Shared(s) => s,
+            Held::Hit(_) => unreachable!("a hold taken under the lock is an Arc"),
+        }
+    }
+
     /// The local key for scatter/gather entries.
     pub fn lkey(&self) -> u32 {
-        self.0.lkey
+        self.shared().lkey
     }
 
     /// Start of the registered range the op is covered by.
     pub fn addr(&self) -> usize {
-        self.0.addr
+        self.shared().addr
     }
 
     /// Length of the registered range.
     pub fn len(&self) -> usize {
-        self.0.len
+        self.shared().len
     }
 
     /// Registrations are never empty; for clippy.
     pub fn is_empty(&self) -> bool {
-        self.0.len == 0
+        self.shared().len == 0
     }
 
     /// Flags of the registration.
     pub fn flags(&self) -> MemFlags {
-        self.0.flags
+        self.shared().flags
+    }
+}
+
+impl Clone for RegRef {
+    fn clone(&self) -> RegRef {
+        match &self.0 {
+            Held::Shared(s) => RegRef(Held::Shared(s.clone())),
+            Held::Hit(hit) => {
+                // SAFETY: as in `shared`. The hold being cloned keeps
+                // `held` above 0, so the hit cannot change meanwhile.
+                unsafe { hit.as_ref() }.held.fetch_add(1, Ordering::Relaxed);
+                RegRef(Held::Hit(*hit))
+            }
+        }
+    }
+}
+
+impl Drop for RegRef {
+    fn drop(&mut self) {
+        if let Held::Hit(hit) = &self.0 {
+            // SAFETY: as in `shared`. Release: the op's use of the buffer
+            // happens before a writer that sees the hold given back.
+            unsafe { hit.as_ref() }.held.fetch_sub(1, Ordering::Release);
+        }
     }
 }
 
 impl fmt::Debug for RegRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = self.shared();
         f.debug_struct("RegRef")
-            .field("lkey", &self.0.lkey)
-            .field("addr", &format_args!("{:#x}", self.0.addr))
-            .field("len", &self.0.len)
-            .field("flags", &self.0.flags)
+            .field("lkey", &s.lkey)
+            .field("addr", &format_args!("{:#x}", s.addr))
+            .field("len", &s.len)
+            .field("flags", &s.flags)
+            .field("through_hit", &matches!(self.0, Held::Hit(_)))
             .finish()
     }
 }
@@ -673,8 +946,9 @@ impl RegistrationTable {
                 released: false,
                 locals: BTreeMap::new(),
                 exposures: Vec::new(),
-                last_hit: None,
+                hit: Default::default(),
             }),
+            hits: sync::CachePadded::new([Hit::new(), Hit::new()]),
         })
     }
 
@@ -744,7 +1018,9 @@ impl RegistrationTable {
     pub fn deregister_memory(&self, regs: &OwnerRegs, handle: u64) -> WsaResult<()> {
         let (mut t, mut o) = self.lock_both(regs)?;
         let a = o.locals.get(&handle).ok_or(WsaError::WSAEINVAL)?;
-        if o.op_refs(&a.shared) != 0 {
+        let mut stopped = [false; HITS];
+        if regs.in_use(&o, &a.shared, &mut stopped) {
+            regs.start_hits(&stopped);
             return Err(WsaError::WSAEINVAL);
         }
         let a = o.locals.get_mut(&handle).ok_or(WsaError::WSAEINVAL)?;
@@ -752,14 +1028,10 @@ impl RegistrationTable {
         a.count -= 1;
         if a.count == 0 {
             if let Some(gone) = o.locals.remove(&handle) {
-                if o.last_hit
-                    .as_ref()
-                    .is_some_and(|h| sync::Arc::ptr_eq(&h.shared, &gone.shared))
-                {
-                    o.last_hit = None;
-                }
+                regs.drop_hits(&mut o, &gone.shared);
             }
         }
+        regs.start_hits(&stopped);
         t.put(entry, 1, regs.owner, true, &self.cache);
         Ok(())
     }
@@ -845,12 +1117,14 @@ impl RegistrationTable {
             o.exposures[i].addr,
             o.exposures[i].addr + o.exposures[i].len,
         );
-        // Under the owner lock no op can start holding an association
-        // (see `OwnerState::op_refs`).
+        // Under the owner lock no op starts holding an association but
+        // through a hit, which `in_use` stops.
+        let mut stopped = [false; HITS];
         let busy = o.locals.values().any(|a| {
             let s = &a.shared;
-            s.addr < end && start < s.addr + s.len && o.op_refs(s) != 0
+            s.addr < end && start < s.addr + s.len && regs.in_use(&o, s, &mut stopped)
         });
+        regs.start_hits(&stopped);
         if busy {
             return Err(WsaError::WSAEINVAL);
         }
@@ -883,26 +1157,41 @@ impl RegistrationTable {
         if o.released {
             return Err(WsaError::WSAENOTSOCK);
         }
-        if let Some(h) = &o.last_hit {
-            if h.addr == addr && h.len == len && h.need == need {
-                return Ok(take_ref(&h.shared));
-            }
-        }
         let found = o
             .locals
             .values()
             .map(|a| &a.shared)
             .find(|s| s.flags.contains(need) && s.addr <= addr && end <= s.addr + s.len)
-            .ok_or(WsaError::WSAEFAULT)?
-            .clone();
-        let r = take_ref(&found);
-        o.last_hit = Some(LastHit {
-            addr,
-            len,
-            need,
-            shared: found,
-        });
+            .ok_or(WsaError::WSAEFAULT)?;
+        let r = take_ref(found);
+        regs.remember(&mut o, 0, addr, len, need, r.arc());
         Ok(r)
+    }
+
+    /// The SPI's lookup: [`RegistrationTable::acquire_covering`] for
+    /// `handle` 0, else [`RegistrationTable::acquire_handle`], answered
+    /// without the owner lock when it repeats the last query of its
+    /// direction (module docs, "The hit").
+    ///
+    /// # Safety
+    /// The returned [`RegRef`] must be dropped before `regs` is: a hold
+    /// taken through a hit points into it.
+    #[inline]
+    pub unsafe fn acquire_pinned(
+        &self,
+        regs: &OwnerRegs,
+        handle: u64,
+        addr: usize,
+        len: usize,
+        need: MemFlags,
+    ) -> WsaResult<RegRef> {
+        if let Some(r) = regs.hits[hit_index(need)].get(handle, addr, len, need) {
+            return Ok(r);
+        }
+        match handle {
+            0 => self.acquire_covering(regs, addr, len, need),
+            h => self.acquire_handle(regs, h, addr, len, need),
+        }
     }
 
     /// The data-path lookup for a `WSABUFEX`: `handle` must be a local
@@ -918,7 +1207,7 @@ impl RegistrationTable {
         need: MemFlags,
     ) -> WsaResult<RegRef> {
         debug_assert_eq!(regs.table, self.id, "OwnerRegs of another table");
-        let o = regs.lock();
+        let mut o = regs.lock();
         if o.released {
             return Err(WsaError::WSAENOTSOCK);
         }
@@ -929,7 +1218,9 @@ impl RegistrationTable {
         if !fits || !s.flags.contains(need) {
             return Err(WsaError::WSAEFAULT);
         }
-        Ok(take_ref(s))
+        let r = take_ref(s);
+        regs.remember(&mut o, handle, addr, len, need, r.arc());
+        Ok(r)
     }
 
     /// Socket close, once its ops were quiesced: drops every association of
@@ -938,7 +1229,8 @@ impl RegistrationTable {
     /// (CACHE-3). Idempotent; afterwards every call with `regs` fails
     /// `WSAENOTSOCK`. An association still in use (a `RegRef` outlived the
     /// quiesce) is dropped all the same; its NIC registration then lives on
-    /// until the last `RegRef` is dropped.
+    /// until the last `RegRef` is dropped, or, held through a hit, until
+    /// `regs` is dropped (with its socket, after the socket's last op).
     pub fn release_owner(&self, regs: &OwnerRegs) {
         let Ok((mut t, mut o)) = self.lock_both(regs) else {
             return;
@@ -949,7 +1241,16 @@ impl RegistrationTable {
             self.nic.unbind_remote(x.rkey);
             t.put(x.entry, x.count, owner, false, &self.cache);
         }
-        o.last_hit = None;
+        // Holds still taken through a hit keep its association (and so
+        // the NIC registration) until they are given back: the hit's `Arc`
+        // stays, and goes with `regs`.
+        for (i, hit) in regs.hits.iter().enumerate() {
+            if hit.stop() == 0 {
+                o.hit[i] = None;
+            }
+            hit.clear();
+            hit.start();
+        }
         for (_, a) in std::mem::take(&mut o.locals) {
             t.put(a.entry, a.count, owner, false, &self.cache);
         }
@@ -1025,7 +1326,7 @@ impl RegistrationTable {
 fn take_ref(s: &sync::Arc<LocalShared>) -> RegRef {
     #[cfg(feature = "perf-gate-slowdown")]
     crate::perf_gate_slowdown::burn();
-    RegRef(s.clone())
+    RegRef(Held::Shared(s.clone()))
 }
 
 impl fmt::Debug for RegistrationTable {
@@ -1440,6 +1741,61 @@ mod tests {
         assert_eq!(get().unwrap_err(), WSAENOTSOCK);
         assert_eq!(f.t.deregister_memory(&o, h3), Err(WSAENOTSOCK));
         assert_eq!(f.live(), 0);
+    }
+
+    #[test]
+    fn mem_3_a_hold_through_the_hit_blocks_deregistration_until_dropped() {
+        let f = Fx::new(cache_cfg(false));
+        let o = f.t.new_owner(OwnerId(1));
+        let h = f.reg(&o, 0, 8192, RW).unwrap();
+        // SAFETY (each call below): every RegRef is dropped before `o`.
+        let get = || unsafe { f.t.acquire_pinned(&o, 0, f.at(64), 64, MemFlags::WRITE) };
+        let first = get().unwrap();
+        assert!(
+            matches!(first.0, Held::Shared(_)),
+            "a first lookup takes the lock"
+        );
+        drop(first);
+        let op = get().unwrap();
+        assert!(
+            matches!(op.0, Held::Hit(_)),
+            "a repeat goes through the hit"
+        );
+        assert_eq!((op.len(), op.flags()), (8192, MemFlags::READWRITE));
+        let other = unsafe { f.t.acquire_pinned(&o, 0, f.at(128), 64, MemFlags::WRITE) };
+        assert!(
+            matches!(other.unwrap().0, Held::Shared(_)),
+            "another buffer takes the lock, and a held hit stays"
+        );
+        let again = op.clone();
+        drop(op);
+        assert_eq!(
+            f.t.deregister_memory(&o, h),
+            Err(WSAEINVAL),
+            "in use through the hit"
+        );
+        assert!(f.nic.region(again.lkey()).is_some());
+        drop(again);
+        f.t.deregister_memory(&o, h).unwrap();
+        assert_eq!(
+            get().unwrap_err(),
+            WSAEFAULT,
+            "the hit went with its registration"
+        );
+        assert_eq!(f.live(), 0);
+        // A handle's lookup goes through its direction's hit too.
+        let h2 = f.reg(&o, 0, 4096, R).unwrap();
+        let by_handle = |h| unsafe { f.t.acquire_pinned(&o, h, f.at(0), 8, MemFlags::READ) };
+        drop(by_handle(h2).unwrap());
+        let held = by_handle(h2).unwrap();
+        assert!(matches!(held.0, Held::Hit(_)));
+        assert_eq!(by_handle(h2 + 1).unwrap_err(), WSAEINVAL, "another handle");
+        f.t.release_owner(&o);
+        assert_eq!(by_handle(h2).unwrap_err(), WSAENOTSOCK, "released: no hit");
+        assert_eq!(f.live(), 1, "the hold keeps the NIC registration");
+        drop(held);
+        drop(o);
+        assert_eq!(f.live(), 0, "released with the owner's registrations");
     }
 
     #[test]
@@ -2517,6 +2873,43 @@ mod tests {
             assert_eq!(st.cached_entries, 0, "an invalidated range stays cached");
             assert_eq!(f.live(), 0, "the NIC region leaked");
             assert_eq!(f.nic_regs(), 1, "one NIC registration for both sockets");
+        }
+
+        /// A lookup through the hit (lock-free) races the deregistration of
+        /// the registration it names (MEM-3): either the deregistration
+        /// sees the hold and refuses, or the lookup sees the hit stopped
+        /// and takes the lock (and finds nothing once the registration is
+        /// gone). The NIC registration is never released under a hold, and
+        /// is released exactly once.
+        #[test]
+        fn loom_hit_hold_racing_deregistration() {
+            crate::sync::model("hit_hold_racing_deregistration", 3, || {
+                let f = Arc::new(Fx::new(cache_cfg(false)));
+                let o = f.t.new_owner(OwnerId(1));
+                let h = f.reg(&o, 0, 4096, RW).unwrap();
+                // The first lookup takes the lock and sets the hit.
+                // SAFETY (both lookups): the RegRef is dropped before `o`.
+                drop(unsafe { f.t.acquire_pinned(&o, 0, f.at(0), 64, ANY) }.unwrap());
+                let op = {
+                    let (f, o) = (f.clone(), o.clone());
+                    thread::spawn(move || {
+                        let r = unsafe { f.t.acquire_pinned(&o, 0, f.at(0), 64, ANY) };
+                        if let Ok(r) = r {
+                            assert!(
+                                f.nic.region(r.lkey()).is_some(),
+                                "region released under a hold"
+                            );
+                        }
+                    })
+                };
+                let deregistered = f.t.deregister_memory(&o, h).is_ok();
+                op.join().unwrap();
+                if !deregistered {
+                    f.t.deregister_memory(&o, h).unwrap();
+                }
+                assert_eq!(f.live(), 0, "the NIC region leaked");
+                assert_eq!(f.nic_regs(), 1);
+            });
         }
 
         #[test]

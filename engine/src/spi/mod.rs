@@ -1134,13 +1134,23 @@ impl Inner {
                 return Err(WsaError::WSAEFAULT);
             }
             let reg = match handle {
-                None => self
+                // Not a handle `register_memory` returns.
+                Some(0) => self
                     .table
-                    .acquire_covering(&sock.regs, addr, len as usize, need)?,
-                Some(h) => {
-                    self.table
-                        .acquire_handle(&sock.regs, h as u64, addr, len as usize, need)?
-                }
+                    .acquire_handle(&sock.regs, 0, addr, len as usize, need)?,
+                // SAFETY: the pinned socket holds `regs`, and the op's
+                // registration holds are dropped before its pin is given
+                // back: here on an error, else when the op completes
+                // (`dispatch.rs` releases them before `unpin_op`).
+                h => unsafe {
+                    self.table.acquire_pinned(
+                        &sock.regs,
+                        h.map_or(0, |h| h as u64),
+                        addr,
+                        len as usize,
+                        need,
+                    )?
+                },
             };
             sges[n] = Sge {
                 addr,
