@@ -427,6 +427,21 @@ fn hit_index(need: MemFlags) -> usize {
     usize::from(need.contains(MemFlags::WRITE))
 }
 
+/// Between a `SeqCst` read-modify-write of one location and a `SeqCst`
+/// load of another, in the hit's protocol (a reader adds to `held` then
+/// loads `seq`, a writer adds to `seq` then loads `held`). Natively nothing
+/// is needed: all four are `SeqCst`, so they fall in one total order
+/// consistent with program order, in which a load that missed the other
+/// side's write would have to come both before and after it. loom models
+/// `SeqCst` accesses as `AcqRel` (it reports this protocol broken without
+/// a fence), but models `SeqCst` fences: its builds add one here, so the
+/// model checks the same ordering.
+#[inline(always)]
+fn seqcst_rmw_then_load() {
+    #[cfg(loom)]
+    sync::fence(Ordering::SeqCst);
+}
+
 /// The last successful lookup of one direction, readable without the owner
 /// lock (module docs, "The hit"). Every field is written only under the
 /// owner lock, while `seq` is odd, except `held`.
@@ -479,6 +494,7 @@ impl Hit {
         // The query's loads happen before the validation below.
         sync::fence(Ordering::Acquire);
         self.held.fetch_add(1, Ordering::SeqCst);
+        seqcst_rmw_then_load();
         if self.seq.load(Ordering::SeqCst) != seq {
             // A writer stopped the hit meanwhile (and may not see us).
             self.held.fetch_sub(1, Ordering::Release);
@@ -497,6 +513,7 @@ impl Hit {
         // the other (both are in the one total order of SeqCst operations).
         let was = self.seq.fetch_add(1, Ordering::SeqCst);
         debug_assert_eq!(was & 1, 0, "a hit stopped twice");
+        seqcst_rmw_then_load();
         // SeqCst (so also acquire): the ops' uses of their buffers happen
         // before the deregistration that sees their holds given back.
         self.held.load(Ordering::SeqCst)
