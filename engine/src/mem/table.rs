@@ -1765,7 +1765,7 @@ mod tests {
         let f = Fx::new(cache_cfg(false));
         let o = f.t.new_owner(OwnerId(1));
         let h = f.reg(&o, 0, 8192, RW).unwrap();
-        // SAFETY (each call below): every RegRef is dropped before `o`.
+        // SAFETY: every RegRef of this test is dropped before `o`.
         let get = || unsafe { f.t.acquire_pinned(&o, 0, f.at(64), 64, MemFlags::WRITE) };
         let first = get().unwrap();
         assert!(
@@ -1779,6 +1779,7 @@ mod tests {
             "a repeat goes through the hit"
         );
         assert_eq!((op.len(), op.flags()), (8192, MemFlags::READWRITE));
+        // SAFETY: as for `get`.
         let other = unsafe { f.t.acquire_pinned(&o, 0, f.at(128), 64, MemFlags::WRITE) };
         assert!(
             matches!(other.unwrap().0, Held::Shared(_)),
@@ -1802,6 +1803,7 @@ mod tests {
         assert_eq!(f.live(), 0);
         // A handle's lookup goes through its direction's hit too.
         let h2 = f.reg(&o, 0, 4096, R).unwrap();
+        // SAFETY: as for `get`.
         let by_handle = |h| unsafe { f.t.acquire_pinned(&o, h, f.at(0), 8, MemFlags::READ) };
         drop(by_handle(h2).unwrap());
         let held = by_handle(h2).unwrap();
@@ -2905,11 +2907,12 @@ mod tests {
                 let o = f.t.new_owner(OwnerId(1));
                 let h = f.reg(&o, 0, 4096, RW).unwrap();
                 // The first lookup takes the lock and sets the hit.
-                // SAFETY (both lookups): the RegRef is dropped before `o`.
+                // SAFETY: the RegRef is dropped before `o`.
                 drop(unsafe { f.t.acquire_pinned(&o, 0, f.at(0), 64, ANY) }.unwrap());
                 let op = {
                     let (f, o) = (f.clone(), o.clone());
                     thread::spawn(move || {
+                        // SAFETY: the RegRef is dropped before this `o`.
                         let r = unsafe { f.t.acquire_pinned(&o, 0, f.at(0), 64, ANY) };
                         if let Ok(r) = r {
                             assert!(
