@@ -76,11 +76,14 @@ pub struct RingConfig {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct OpsConfig {
-    /// Overlapped op slots preallocated per provider (in-flight limit).
+    /// Overlapped ops in flight at most per provider. The op slab takes
+    /// the address space of this many slots (384 bytes each) at
+    /// startup and initialises slots as ops need them, so the memory it
+    /// uses follows the most ops ever in flight.
     pub slab_size: usize,
     /// Socket table capacity: sockets live or closing at once. The table
-    /// grows with use (a segment of 32 slots, then doubling), so a large
-    /// limit costs nothing until sockets fill it.
+    /// is one zeroed allocation whose pages become resident as sockets use
+    /// them, so a large limit costs address space, not memory.
     pub max_sockets: usize,
 }
 
@@ -268,7 +271,7 @@ impl Default for RingConfig {
 impl Default for OpsConfig {
     fn default() -> Self {
         OpsConfig {
-            slab_size: 4096,
+            slab_size: 1 << 18,
             max_sockets: 65536,
         }
     }

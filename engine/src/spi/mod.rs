@@ -129,6 +129,9 @@ pub enum ProviderError {
     Config(#[from] crate::config::ConfigError),
     #[error("fabric: {0}")]
     Fabric(#[from] FabricError),
+    /// The address space of `ops.slab_size` op slots could not be had.
+    #[error("no memory for an op slab of {0} slots (ops.slab_size)")]
+    OpSlab(usize),
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -180,7 +183,8 @@ impl Provider {
         Ok(Provider {
             inner: Arc::new(Inner {
                 table,
-                ops: OpSlab::new(config.ops.slab_size, config.poller.count),
+                ops: OpSlab::new(config.ops.slab_size, config.poller.count)
+                    .map_err(|ops::SlabTooLarge| ProviderError::OpSlab(config.ops.slab_size))?,
                 sockets: SocketTable::new(config.ops.max_sockets),
                 life: Mutex::new(Life::default()),
                 running: RwLock::new(None),

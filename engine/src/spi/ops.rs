@@ -1,7 +1,13 @@
-//! Overlapped op slots: a fixed slab allocated at startup, so starting an op
-//! allocates nothing. A work request's id names its slot and the slot's
+//! Overlapped op slots. A work request's id names its slot and the slot's
 //! generation (`wr_id = generation << 32 | index`), so a completion can never
 //! be applied to a later op that reuses the slot.
+//!
+//! The slab grows with use: its address space, `capacity` slots, is taken
+//! at startup (one allocation the kernel makes resident only as it is
+//! touched), and slots are initialised a batch at a time, when every
+//! initialised one is in use, up to that capacity. So starting an op
+//! allocates nothing, a slot never moves, and a provider allowed a million
+//! ops in flight costs only the slots it ever used.
 //!
 //! A slot's state has no lock: its stamp hands it from the starter to the
 //! one completion that claims it (see `Slot::stamp`). The stamp is also the
@@ -28,8 +34,10 @@ use super::socket::OpSocket;
 use super::types::Overlapped;
 use crate::fabric::Sge;
 use crate::mem::table::RegRef;
-use crate::sync::{AtomicU32, AtomicU64, AtomicUsize, CachePadded, Ordering, UnsafeCell};
+use crate::sync::{AtomicU32, AtomicU64, AtomicUsize, CachePadded, Mutex, Ordering, UnsafeCell};
+use std::alloc::Layout;
 use std::ptr::NonNull;
+use std::sync::PoisonError;
 
 /// Most buffers one op may name (the soft NIC's and the config's SGE limit).
 pub const MAX_SGE: usize = 16;
@@ -191,27 +199,52 @@ struct Slot<S> {
     state: UnsafeCell<S>,
 }
 
-/// One free list: the slots `i` with `i % lists == l`.
+/// One free list: the initialised slots `i` with `i % lists == l`.
 struct List {
     /// Where the next reservation starts looking, as a position in the list
     /// (slot `l + pos * lists`). A hint: written by reservations (past the
     /// slot taken) and releases (at the slot freed) without ordering; any
     /// value below `len` is correct.
     cursor: AtomicU32,
-    /// Slots in the list (at least 1). Immutable.
-    len: u32,
+    /// Initialised slots in the list. Only grows: stored (release) by
+    /// `grow` after it initialised them; a reservation reads it (acquire)
+    /// and looks at no slot beyond it.
+    len: AtomicU32,
 }
 
-/// A fixed set of op slots, each holding the private state `S` of a pending
-/// op (the SPI's [`OpState`]; the loom models use plain numbers).
+/// A slab of op slots, each holding the private state `S` of a pending op
+/// (the SPI's [`OpState`]; the loom models use plain numbers).
 pub struct OpSlab<S = OpState> {
-    slots: Box<[CachePadded<Slot<S>>]>,
+    /// Room for `capacity` slots, of which `0..grown` are initialised.
+    /// Owned: allocated by `new`, freed by `drop`; a slot never moves.
+    slots: NonNull<CachePadded<Slot<S>>>,
+    capacity: u32,
+    /// Initialised slots. Only grows: stored (release) by `grow` after the
+    /// slots, before the lists' lengths; read (acquire) by whoever indexes
+    /// a slot it did not reserve (a completion's id, the scans).
+    grown: AtomicU32,
+    /// Serialises `grow` (cold: once per doubling).
+    growing: Mutex<()>,
     lists: Box<[CachePadded<List>]>,
 }
 
 // SAFETY: a slot's state is accessed by one thread at a time, handed over
-// through its stamp (see `Slot::state`); `S` crosses threads by value.
+// through its stamp (see `Slot::state`); `S` crosses threads by value. The
+// slab owns its slots (`slots` is a unique allocation).
 unsafe impl<S: Send> Sync for OpSlab<S> {}
+// SAFETY: as above: moving the slab moves the ownership of its slots.
+unsafe impl<S: Send> Send for OpSlab<S> {}
+
+/// Slots a slab initialises first, per list (then it doubles). One under
+/// loom, so that its models grow the slab.
+#[cfg(not(loom))]
+const FIRST_GROWTH: usize = 64;
+#[cfg(loom)]
+const FIRST_GROWTH: usize = 1;
+
+/// The op slab's address space could not be allocated.
+#[derive(Debug)]
+pub struct SlabTooLarge;
 
 /// A slot reserved for a new op, not yet holding state.
 #[derive(Debug)]
@@ -232,37 +265,84 @@ fn stamp(generation: u32, phase: u64) -> u64 {
 }
 
 impl<S: Default> OpSlab<S> {
-    /// `size` slots spread over `lists` free lists.
-    pub fn new(size: usize, lists: usize) -> OpSlab<S> {
+    /// Room for `capacity` slots spread over `lists` free lists; the first
+    /// ones are initialised now, the rest as they are needed. Fails if the
+    /// address space cannot be had.
+    pub fn new(capacity: usize, lists: usize) -> Result<OpSlab<S>, SlabTooLarge> {
         assert!(
-            size > 0 && size < u32::MAX as usize,
+            capacity > 0 && capacity < u32::MAX as usize,
             "op slab size out of range"
         );
-        let lists = lists.clamp(1, size);
-        let slots: Box<[CachePadded<Slot<S>>]> = (0..size)
-            .map(|_| {
-                CachePadded::new(Slot {
-                    stamp: AtomicU64::new(stamp(0, FREE)),
-                    owner: AtomicUsize::new(0),
-                    state: UnsafeCell::new(S::default()),
-                })
-            })
-            .collect();
-        OpSlab {
+        let lists = lists.clamp(1, capacity);
+        let layout = Layout::array::<CachePadded<Slot<S>>>(capacity).map_err(|_| SlabTooLarge)?;
+        // SAFETY: a slot is not zero-sized (it has a stamp), so neither is
+        // the layout.
+        let raw = unsafe { std::alloc::alloc(layout) };
+        let slots = NonNull::new(raw.cast()).ok_or(SlabTooLarge)?;
+        let slab = OpSlab {
             slots,
+            capacity: capacity as u32,
+            grown: AtomicU32::new(0),
+            growing: Mutex::new(()),
             lists: (0..lists)
-                .map(|l| {
+                .map(|_| {
                     CachePadded::new(List {
                         cursor: AtomicU32::new(0),
-                        len: (size - l).div_ceil(lists) as u32,
+                        len: AtomicU32::new(0),
                     })
                 })
                 .collect(),
+        };
+        slab.grow(0);
+        Ok(slab)
+    }
+
+    /// Initialises the next batch of slots (as many again as there are,
+    /// at least [`FIRST_GROWTH`] per list, at most up to the capacity),
+    /// unless another thread grew the slab since the caller saw `seen`
+    /// slots. False when it is at capacity.
+    #[cold]
+    #[inline(never)]
+    fn grow(&self, seen: u32) -> bool {
+        let _one = self.growing.lock().unwrap_or_else(PoisonError::into_inner);
+        let from = self.grown.load(Ordering::Relaxed);
+        if from != seen {
+            return true;
         }
+        if from == self.capacity {
+            return false;
+        }
+        let lists = self.lists.len();
+        let to = (from as usize)
+            .saturating_mul(2)
+            .max(FIRST_GROWTH * lists)
+            .min(self.capacity as usize);
+        for i in from as usize..to {
+            // SAFETY: `i < capacity`: inside the allocation; slots
+            // `grown..` are uninitialised and nobody looks at them (every
+            // reader stays below a list's `len` or `grown`), and `growing`
+            // makes this the only writer.
+            unsafe {
+                self.slots.as_ptr().add(i).write(CachePadded::new(Slot {
+                    stamp: AtomicU64::new(stamp(0, FREE)),
+                    owner: AtomicUsize::new(0),
+                    state: UnsafeCell::new(S::default()),
+                }));
+            }
+        }
+        // `grown` first: a reservation that sees a new length (below) and
+        // takes a new slot must find its completion's id below `grown`.
+        // Release, both: whoever sees either sees the slots.
+        self.grown.store(to as u32, Ordering::Release);
+        for (l, list) in self.lists.iter().enumerate() {
+            let len = to.saturating_sub(l).div_ceil(lists) as u32;
+            list.len.store(len, Ordering::Release);
+        }
+        true
     }
 
     /// Takes a free slot, from list `hint` first, or `None` when every slot
-    /// is in use.
+    /// is in use and the slab is at capacity.
     #[inline]
     pub fn reserve(&self, hint: usize) -> Option<Reserved> {
         let n = self.lists.len();
@@ -270,7 +350,23 @@ impl<S: Default> OpSlab<S> {
         if let Some(r) = self.reserve_in(first) {
             return Some(r);
         }
-        (1..n).find_map(|k| self.reserve_in((first + k) % n))
+        self.reserve_slow(first)
+    }
+
+    /// The other lists, then growth, while the first list was full.
+    #[cold]
+    #[inline(never)]
+    fn reserve_slow(&self, first: usize) -> Option<Reserved> {
+        let n = self.lists.len();
+        loop {
+            let seen = self.grown.load(Ordering::Acquire);
+            if let Some(r) = (0..n).find_map(|k| self.reserve_in((first + k) % n)) {
+                return Some(r);
+            }
+            if !self.grow(seen) {
+                return None;
+            }
+        }
     }
 
     /// Takes a free slot of list `l`: one look at its cursor's slot when
@@ -279,11 +375,16 @@ impl<S: Default> OpSlab<S> {
     fn reserve_in(&self, l: usize) -> Option<Reserved> {
         let list = &self.lists[l];
         let lists = self.lists.len();
+        // Acquire: pairs with grow's release; slots below it are initialised.
+        let len = list.len.load(Ordering::Acquire);
         let mut pos = list.cursor.load(Ordering::Relaxed);
-        for _ in 0..list.len {
+        if pos >= len {
+            pos = 0;
+        }
+        for _ in 0..len {
             let index = l + pos as usize * lists;
-            pos = if pos + 1 == list.len { 0 } else { pos + 1 };
-            let slot = &self.slots[index];
+            pos = if pos + 1 == len { 0 } else { pos + 1 };
+            let slot = self.slot(index as u32);
             let now = slot.stamp.load(Ordering::Relaxed);
             if now & 3 != FREE {
                 continue;
@@ -316,7 +417,7 @@ impl<S: Default> OpSlab<S> {
     /// and `owner` is what [`OpSlab::take_owned`] finds it by.
     #[inline]
     pub fn fill(&self, r: &Reserved, owner: usize, build: impl FnOnce(&mut S)) {
-        let slot = &self.slots[r.index as usize];
+        let slot = self.slot(r.index);
         debug_assert_eq!(
             slot.stamp.load(Ordering::Relaxed),
             stamp(r.generation, RESERVED)
@@ -335,7 +436,7 @@ impl<S: Default> OpSlab<S> {
     /// [`OpSlab::take_owned`] took the op first (and freed the slot): it
     /// completed the op, which therefore counts as started.
     pub fn cancel(&self, r: Reserved) -> Option<S> {
-        let slot = &self.slots[r.index as usize];
+        let slot = self.slot(r.index);
         let now = slot.stamp.load(Ordering::Relaxed);
         if now == stamp(r.generation, RESERVED) {
             // Never filled: the state is still the last op's, emptied.
@@ -356,9 +457,11 @@ impl<S: Default> OpSlab<S> {
     pub fn complete<R>(&self, wr_id: u64, finish: impl FnOnce(&mut S) -> R) -> Option<R> {
         let index = wr_id as u32;
         let generation = (wr_id >> 32) as u32;
-        self.slots.get(index as usize)?;
+        if index >= self.grown.load(Ordering::Acquire) {
+            return None;
+        }
         self.claim(index, generation)?;
-        let slot = &self.slots[index as usize];
+        let slot = self.slot(index);
         // SAFETY: our claim made the state ours alone until the release
         // below (see `Slot::state`).
         let r = slot.state.with_mut(|p| finish(unsafe { &mut *p }));
@@ -370,7 +473,7 @@ impl<S: Default> OpSlab<S> {
     /// compare-exchange; a stale id fails it and touches no state).
     #[inline]
     fn claim(&self, index: u32, generation: u32) -> Option<()> {
-        let slot = &self.slots[index as usize];
+        let slot = self.slot(index);
         // Acquire: pairs with fill's release, so the state is visible.
         slot.stamp
             .compare_exchange(
@@ -388,7 +491,7 @@ impl<S: Default> OpSlab<S> {
     fn take_state(&self, index: u32) -> S {
         // SAFETY: the caller claimed the slot: the state is its alone until
         // it releases the slot.
-        self.slots[index as usize]
+        self.slot(index)
             .state
             .with_mut(|p| std::mem::take(unsafe { &mut *p }))
     }
@@ -401,7 +504,7 @@ impl<S: Default> OpSlab<S> {
     /// seen.
     pub fn take_owned(&self, owner: usize, f: &mut dyn FnMut(S)) -> usize {
         let mut n = 0;
-        for (index, slot) in self.slots.iter().enumerate() {
+        for (index, slot) in self.initialised().enumerate() {
             // Acquire: pairs with fill's release, so `owner` is the op's.
             let now = slot.stamp.load(Ordering::Acquire);
             if now & 3 != PENDING || slot.owner.load(Ordering::Relaxed) != owner {
@@ -421,10 +524,31 @@ impl<S: Default> OpSlab<S> {
 }
 
 impl<S> OpSlab<S> {
+    /// Slot `index`, which the caller knows is initialised (it reserved or
+    /// claimed it, or read `grown` past it).
+    #[inline]
+    fn slot(&self, index: u32) -> &CachePadded<Slot<S>> {
+        debug_assert!(index < self.grown.load(Ordering::Relaxed));
+        // SAFETY: initialised (the caller's knowledge, above), and slots
+        // live, unmoved, until `drop`.
+        unsafe { &*self.slots.as_ptr().add(index as usize) }
+    }
+
+    /// The initialised slots, in index order.
+    fn initialised(&self) -> impl Iterator<Item = &CachePadded<Slot<S>>> {
+        // Acquire: pairs with grow's release.
+        (0..self.grown.load(Ordering::Acquire)).map(|i| self.slot(i))
+    }
+
+    /// Slots initialised so far.
+    #[cfg(test)]
+    fn grown(&self) -> usize {
+        self.grown.load(Ordering::Acquire) as usize
+    }
+
     /// Slots currently allocated (a scan; for tests and stats).
     pub fn in_use(&self) -> usize {
-        self.slots
-            .iter()
+        self.initialised()
             .filter(|s| s.stamp.load(Ordering::Relaxed) & 3 != FREE)
             .count()
     }
@@ -433,8 +557,7 @@ impl<S> OpSlab<S> {
     /// to the next generation. Reads every slot (statistics, not the data
     /// path); counts modulo 2^32 per slot.
     pub fn reserved_total(&self) -> u64 {
-        self.slots
-            .iter()
+        self.initialised()
             .map(|s| s.stamp.load(Ordering::Relaxed) >> 32)
             .sum()
     }
@@ -444,7 +567,7 @@ impl<S> OpSlab<S> {
     #[inline]
     fn release(&self, index: u32, generation: u32) {
         let lists = self.lists.len();
-        let slot = &self.slots[index as usize];
+        let slot = self.slot(index);
         // Release: our use of the state happens before the next starter's.
         slot.stamp.store(stamp(generation, FREE), Ordering::Release);
         let (l, pos) = if lists == 1 {
@@ -456,6 +579,24 @@ impl<S> OpSlab<S> {
     }
 }
 
+impl<S> Drop for OpSlab<S> {
+    fn drop(&mut self) {
+        let grown = self.grown.load(Ordering::Acquire) as usize;
+        // SAFETY: `&mut self`: no reference into the slots is left; slots
+        // `0..grown` are initialised and dropped once here, then the
+        // allocation made in `new` with this layout is freed.
+        unsafe {
+            std::ptr::drop_in_place(std::ptr::slice_from_raw_parts_mut(
+                self.slots.as_ptr(),
+                grown,
+            ));
+            let layout = Layout::array::<CachePadded<Slot<S>>>(self.capacity as usize)
+                .expect("checked in new");
+            std::alloc::dealloc(self.slots.as_ptr().cast(), layout);
+        }
+    }
+}
+
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
@@ -463,7 +604,7 @@ mod tests {
 
     #[test]
     fn reserve_all_then_exhausted_then_reuse_with_new_generation() {
-        let slab = OpSlab::<u32>::new(3, 2);
+        let slab = OpSlab::<u32>::new(3, 2).unwrap();
         let a = slab.reserve(0).unwrap();
         let b = slab.reserve(0).unwrap();
         let c = slab.reserve(1).unwrap();
@@ -486,7 +627,7 @@ mod tests {
 
     #[test]
     fn a_release_hands_the_warmest_slot_to_the_next_op_and_busy_slots_are_passed() {
-        let slab = OpSlab::<u32>::new(6, 2);
+        let slab = OpSlab::<u32>::new(6, 2).unwrap();
         // List 1 holds slots 1, 3 and 5.
         let a = slab.reserve(1).unwrap();
         let b = slab.reserve(1).unwrap();
@@ -507,7 +648,7 @@ mod tests {
 
     #[test]
     fn take_owned_takes_only_the_owners_pending_ops_once() {
-        let slab = OpSlab::<u32>::new(4, 1);
+        let slab = OpSlab::<u32>::new(4, 1).unwrap();
         let a = slab.reserve(0).unwrap();
         slab.fill(&a, 7, |s| *s = 1);
         let b = slab.reserve(0).unwrap();
@@ -535,8 +676,47 @@ mod tests {
     }
 
     #[test]
+    fn the_slab_initialises_slots_as_ops_need_them_up_to_its_capacity() {
+        let probe = Arc::new(());
+        let slab = OpSlab::<Option<Arc<()>>>::new(1000, 2).unwrap();
+        assert_eq!(slab.grown(), 2 * FIRST_GROWTH, "the first batch");
+        let mut held: Vec<_> = (0..2 * FIRST_GROWTH)
+            .map(|k| slab.reserve(k).unwrap())
+            .collect();
+        assert_eq!(
+            slab.grown(),
+            2 * FIRST_GROWTH,
+            "no growth while a slot is free"
+        );
+        assert!(
+            slab.complete(2 * FIRST_GROWTH as u64, std::mem::take)
+                .is_none(),
+            "an id beyond the initialised slots"
+        );
+        held.push(slab.reserve(0).unwrap());
+        assert_eq!(slab.grown(), 4 * FIRST_GROWTH, "doubled");
+        while let Some(r) = slab.reserve(1) {
+            slab.fill(&r, 0, |s| *s = Some(probe.clone()));
+            held.push(r);
+        }
+        assert_eq!(
+            (slab.grown(), held.len(), slab.in_use()),
+            (1000, 1000, 1000)
+        );
+        let filled = 1000 - (2 * FIRST_GROWTH + 1);
+        assert_eq!(Arc::strong_count(&probe), 1 + filled);
+        // A completion frees a slot, which the next op reuses.
+        let r = held.pop().unwrap();
+        assert!(slab.complete(r.wr_id(), std::mem::take).unwrap().is_some());
+        assert!(slab.reserve(0).is_some());
+        // Dropping the slab drops every initialised slot's state once.
+        drop(slab);
+        assert_eq!(Arc::strong_count(&probe), 1);
+    }
+
+    #[test]
     fn concurrent_reserve_release_never_hands_out_a_slot_twice() {
-        let slab = Arc::new(OpSlab::<u32>::new(8, 2));
+        let slab = Arc::new(OpSlab::<u32>::new(8, 2).unwrap());
         let owners: Arc<Vec<AtomicU32>> = Arc::new((0..8).map(|_| AtomicU32::new(0)).collect());
         let threads: Vec<_> = (0..4)
             .map(|_| {
@@ -575,7 +755,7 @@ mod loom_models {
     #[test]
     fn loom_concurrent_reserve_release_never_shares_a_slot() {
         crate::sync::model("concurrent_reserve_release_never_shares_a_slot", 3, || {
-            let slab = loom::sync::Arc::new(OpSlab::<u32>::new(2, 1));
+            let slab = loom::sync::Arc::new(OpSlab::<u32>::new(2, 1).unwrap());
             let worker = |slab: loom::sync::Arc<OpSlab<u32>>, me: u32| {
                 for _ in 0..2 {
                     if let Some(r) = slab.reserve(0) {
@@ -596,6 +776,36 @@ mod loom_models {
         });
     }
 
+    /// A starter holds the one initialised slot of a slab that may grow to
+    /// three; another thread's reservation grows it, and the first starter
+    /// reserves again meanwhile, perhaps through the length the growth
+    /// published on its fast path: whatever slot each finds was initialised
+    /// before it looked, no slot is handed out twice, each op keeps its own
+    /// state.
+    #[test]
+    fn loom_growth_racing_a_reservation() {
+        crate::sync::model("growth_racing_a_reservation", 3, || {
+            let slab = loom::sync::Arc::new(OpSlab::<u32>::new(3, 1).unwrap());
+            assert_eq!(slab.grown.load(Ordering::Relaxed), 1);
+            let held = slab.reserve(0).unwrap();
+            slab.fill(&held, 0, |s| *s = 1);
+            let other = {
+                let slab = slab.clone();
+                thread::spawn(move || {
+                    let r = slab.reserve(0).expect("room for three");
+                    slab.fill(&r, 0, |s| *s = 2);
+                    slab.complete(r.wr_id(), std::mem::take)
+                })
+            };
+            let r = slab.reserve(0).expect("room for three");
+            slab.fill(&r, 0, |s| *s = 3);
+            assert_eq!(slab.complete(r.wr_id(), std::mem::take), Some(3));
+            assert_eq!(other.join().unwrap(), Some(2));
+            assert_eq!(slab.complete(held.wr_id(), std::mem::take), Some(1));
+            assert_eq!(slab.in_use(), 0);
+        });
+    }
+
     /// A close's scan (`take_owned`) races the op's own completion and the
     /// starter's cancel of a failed post: each op's state is taken exactly
     /// once, another owner's op is never taken, and a cancel that finds its
@@ -603,7 +813,7 @@ mod loom_models {
     #[test]
     fn loom_take_owned_racing_completion_and_cancel() {
         crate::sync::model("take_owned_racing_completion_and_cancel", 3, || {
-            let slab = loom::sync::Arc::new(OpSlab::<u32>::new(3, 1));
+            let slab = loom::sync::Arc::new(OpSlab::<u32>::new(3, 1).unwrap());
             let a = slab.reserve(0).unwrap();
             slab.fill(&a, 7, |s| *s = 1);
             let b = slab.reserve(0).unwrap();
@@ -643,7 +853,7 @@ mod loom_models {
     #[test]
     fn loom_stale_completion_never_takes_a_later_op() {
         crate::sync::model("stale_completion_never_takes_a_later_op", 3, || {
-            let slab = loom::sync::Arc::new(OpSlab::<u32>::new(1, 1));
+            let slab = loom::sync::Arc::new(OpSlab::<u32>::new(1, 1).unwrap());
             let first = slab.reserve(0).unwrap();
             let old_id = first.wr_id();
             slab.fill(&first, 0, |s| *s = 1);
