@@ -6,7 +6,7 @@
 //!
 //! Everything local sits under one lock (`st`): posting, and the
 //! progress and reaping done when the end's CQ is polled. A send of up to
-//! [`INLINE_MAX`] bytes is copied into its cell; a longer one, and every
+//! [`INLINE_MAX`](crate::fabric::soft::cell::INLINE_MAX) bytes is copied into its cell; a longer one, and every
 //! RDMA request, travels as the poster's gather list. The *receiving*
 //! process executes what arrives, in order, when its CQ is polled: a send
 //! fills the next posted receive (inline bytes copied from the cell, a long
@@ -23,7 +23,8 @@
 //! An end that breaks the connection (close, a refused request, a failed
 //! copy, garbage in a cell) stores its state word, then waits until the
 //! peer's `busy` word is clear; the peer sets `busy`, fences, and copies
-//! only while both states are intact. So once the break returned, the peer
+//! from or into this end's memory only while both states are intact (an
+//! inline send, which reads only the cell, does without: `SealSide`). So once the break returned, the peer
 //! touches none of this end's memory, and the outstanding requests are
 //! flushed. A peer that died (its socket hung up) copies nothing more.
 
@@ -31,8 +32,9 @@ use super::seg::{Segment, STATE_CLOSED, STATE_INTACT, STATE_OWNER_FAILED, STATE_
 use super::sys::{self, Cma};
 use super::NicInner;
 use crate::fabric::lkey_cache::LkeyCache;
-use crate::fabric::soft::cell::{CellConsumer, CellOp, CellProducer, INLINE_MAX};
+use crate::fabric::soft::cell::{CellConsumer, CellOp, CellProducer};
 use crate::fabric::*;
+use crate::spin::SpinLock;
 use std::collections::VecDeque;
 use std::net::SocketAddrV4;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -132,7 +134,12 @@ pub(super) struct Conn {
     pub(super) reserved: usize,
     /// Set when the queue pair handle dropped.
     pub(super) dropped: AtomicBool,
-    st: Mutex<State>,
+    /// Posting, progress and reaping (module docs). A spin lock: one
+    /// locked instruction to take, none to release, where a `Mutex` pays
+    /// two. Its holder makes at most a CMA copy or, breaking, waits for
+    /// the peer's seal (bounded by `SEAL_WAIT`, yielding), and a thread
+    /// that finds it taken yields after a few spins.
+    st: SpinLock<State>,
     /// Keys this end exposed to the peer; locked across each RDMA the peer
     /// asked for.
     pub(super) window: Mutex<Vec<WindowKey>>,
@@ -187,7 +194,7 @@ impl Conn {
             max_sge,
             reserved: p.reserved,
             dropped: AtomicBool::new(false),
-            st: Mutex::new(State {
+            st: SpinLock::new(State {
                 out,
                 inc,
                 sq: VecDeque::with_capacity(p.params.send_depth as usize),
@@ -224,7 +231,7 @@ impl Conn {
     /// receive is not work (a poller would spin on it): the receive's post
     /// wakes the CQ.
     fn has_work(&self) -> bool {
-        let st = lock(&self.st);
+        let st = self.st.lock();
         if st.broken.is_some() {
             return !st.told || !st.sq.is_empty() || !st.rq.is_empty();
         }
@@ -255,7 +262,7 @@ impl Conn {
         if wr.sges.len() > self.max_sge {
             return Err(PostError::TooManySge);
         }
-        let mut st = lock(&self.st);
+        let mut st = self.st.lock();
         if st.sq.len() >= self.send_depth {
             return Err(PostError::QueueFull);
         }
@@ -322,7 +329,7 @@ impl Conn {
         if wr.sges.len() > self.max_sge {
             return Err(PostError::TooManySge);
         }
-        let mut st = lock(&self.st);
+        let mut st = self.st.lock();
         let Some(mut slot) = st.spare.pop() else {
             return Err(PostError::QueueFull);
         };
@@ -352,7 +359,7 @@ impl Conn {
     /// broken already), then waits for the seal.
     /// `tell_failed`: this end failed (else a local close, told nothing).
     pub(super) fn break_conn(&self, state: u32, tell_failed: bool) {
-        let mut st = lock(&self.st);
+        let mut st = self.st.lock();
         self.break_locked(&mut st, state, None, tell_failed);
         drop(st);
         self.cq.wake();
@@ -443,7 +450,7 @@ impl Conn {
     /// Executes what arrived, then moves up to `out.len()` completions
     /// into `out`; how many.
     pub(super) fn poll(&self, out: &mut [WorkCompletion]) -> usize {
-        let mut st = lock(&self.st);
+        let mut st = self.st.lock();
         self.follow_peer(&mut st);
         let consumed = st.broken.is_none() && self.progress(&mut st);
         if consumed {
@@ -473,29 +480,32 @@ impl Conn {
     /// Matches incoming messages while receives (or RDMA) let it; whether
     /// any was consumed.
     fn progress(&self, st: &mut State) -> bool {
-        // Nothing arrived: nothing to copy, so no need to say we copy.
+        // Nothing arrived: nothing to copy.
         if st.inc.peek().is_none() {
             return false;
         }
-        let busy = &self.mine.control().busy;
-        // Store, then full fence, then the peer's state load (the seal).
-        busy.store(1, Ordering::Relaxed);
-        fence(Ordering::SeqCst);
+        // A peer that broke sends nothing more worth taking (a stale read
+        // only lets a message in that the break raced with anyway).
+        if self.theirs.control().state.load(Ordering::Acquire) != STATE_INTACT {
+            return false;
+        }
+        let mut seal = SealSide {
+            conn: self,
+            entered: false,
+        };
         let mut moved = false;
-        if self.theirs.control().state.load(Ordering::SeqCst) == STATE_INTACT {
-            while let Some(r) = self.step(st) {
-                match r {
-                    Ok(()) => moved = true,
-                    Err((index, status, state)) => {
-                        busy.store(0, Ordering::Release);
-                        let failed = state == STATE_OWNER_FAILED;
-                        self.break_locked(st, state, Some((index, status)), failed);
-                        return moved;
-                    }
+        while let Some(r) = self.step(st, &mut seal) {
+            match r {
+                Ok(()) => moved = true,
+                Err((index, status, state)) => {
+                    seal.leave();
+                    let failed = state == STATE_OWNER_FAILED;
+                    self.break_locked(st, state, Some((index, status)), failed);
+                    return moved;
                 }
             }
         }
-        busy.store(0, Ordering::Release);
+        seal.leave();
         moved
     }
 
@@ -503,7 +513,11 @@ impl Conn {
     /// there is none or it must wait for a receive; `Err` with the cell
     /// index, the peer's status and our new state if it failed.
     #[allow(clippy::type_complexity)]
-    fn step(&self, st: &mut State) -> Option<Result<(), (u64, WcStatus, u32)>> {
+    fn step(
+        &self,
+        st: &mut State,
+        seal: &mut SealSide<'_>,
+    ) -> Option<Result<(), (u64, WcStatus, u32)>> {
         let State {
             inc,
             rq,
@@ -537,17 +551,16 @@ impl Conn {
                     *filled += 1;
                     Err((index, WcStatus::RemoteInvalidRequest, STATE_OWNER_FAILED))
                 } else if d.nsge == 0 {
-                    let mut bytes = [0u8; INLINE_MAX];
-                    msg.copy_inline(&d, &mut bytes);
-                    let src = Sge {
-                        addr: bytes.as_ptr() as usize,
-                        len: d.len,
-                        lkey: 0,
-                    };
-                    // SAFETY: `bytes` is ours; the receive's entries were
-                    // checked against our regions (LOCAL_WRITE) at post
-                    // time, stay registered until it completes, and nothing
-                    // else writes them meanwhile (`Nic::register`).
+                    // Straight from the cell: no staging copy. The peer
+                    // may rewrite the bytes meanwhile (only a corrupt one
+                    // does), which gives the receive garbage, nothing worse.
+                    let src = msg.inline_src(&d);
+                    // SAFETY: `src` lies in the cell's payload, mapped and
+                    // not given back before `inc.pop()` below; the
+                    // receive's entries were checked against our regions
+                    // (LOCAL_WRITE) at post time, stay registered until it
+                    // completes, and nothing else writes them meanwhile
+                    // (`Nic::register`); `d.len <= room`.
                     unsafe { super::copy_local(&[src], &recv.sges) };
                     recv.done = Some((WcStatus::Success, d.len));
                     *filled += 1;
@@ -560,6 +573,9 @@ impl Conn {
                             STATE_PEER_FAILED,
                         )));
                     };
+                    if !seal.enter() {
+                        return None;
+                    }
                     let dst = trim(&recv.sges, d.len);
                     match sys::cma(Cma::Read, self.peer_pid, &dst.0[..dst.1], src) {
                         Ok(()) => {
@@ -585,6 +601,9 @@ impl Conn {
                 } else {
                     Access::REMOTE_READ
                 };
+                if !seal.enter() {
+                    return None;
+                }
                 let window = lock(&self.window);
                 let local = check_window(&window, rkey, remote_addr, d.len as usize, need);
                 let r = match local {
@@ -665,8 +684,43 @@ impl Conn {
 
     /// Whether nothing is outstanding (a dropped end can be forgotten).
     pub(super) fn drained(&self) -> bool {
-        let st = lock(&self.st);
+        let st = self.st.lock();
         st.sq.is_empty() && st.rq.is_empty()
+    }
+}
+
+/// This end's side of the seal (module docs) during one `progress`: the
+/// `busy` word is stored, and fenced, only before the first copy that
+/// touches the peer's memory (`process_vm_readv` / `process_vm_writev`). An
+/// inline send reads the cell and writes this process's own receive, which
+/// the peer's break does not wait for: the common small message pays no
+/// store and no fence here.
+struct SealSide<'a> {
+    conn: &'a Conn,
+    /// Whether `busy` is set.
+    entered: bool,
+}
+
+impl SealSide<'_> {
+    /// Says this end copies (once); whether the peer is still intact, so
+    /// the copy may go ahead. Store, full fence, then the peer's state
+    /// load: a break (state store, fence, `busy` load) and this see each
+    /// other.
+    fn enter(&mut self) -> bool {
+        if !self.entered {
+            self.conn.mine.control().busy.store(1, Ordering::Relaxed);
+            fence(Ordering::SeqCst);
+            self.entered = true;
+        }
+        self.conn.theirs.control().state.load(Ordering::SeqCst) == STATE_INTACT
+    }
+
+    /// Done copying (Release: the copies happen before the peer's break
+    /// sees `busy` clear).
+    fn leave(self) {
+        if self.entered {
+            self.conn.mine.control().busy.store(0, Ordering::Release);
+        }
     }
 }
 

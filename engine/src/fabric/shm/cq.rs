@@ -7,12 +7,9 @@
 
 use super::conn::Conn;
 use crate::fabric::{CompletionQueue, CqId, Waker, WorkCompletion};
+use crate::spin::SpinLock;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
+use std::sync::Arc;
 
 pub(super) struct CqInner {
     pub(super) id: CqId,
@@ -23,8 +20,9 @@ pub(super) struct CqInner {
     /// by the one waker that sends it.
     armed: AtomicBool,
     waker: Arc<dyn Waker>,
-    /// Attached connection ends; the one consumer polls them (its lock).
-    ends: Mutex<Vec<Arc<Conn>>>,
+    /// Attached connection ends; the one consumer polls them (its lock, a
+    /// spin lock: held for a poll, which never blocks).
+    ends: SpinLock<Vec<Arc<Conn>>>,
     /// Set after an end's handle dropped (its `dropped` store first): the
     /// poll looks for ends to forget only then.
     sweep: AtomicBool,
@@ -48,7 +46,7 @@ impl CqInner {
     /// (`Conn::arm`), so the peer's work on it would wake nobody: the
     /// sleeper is woken to poll and arm again, the new end included.
     pub(super) fn attach(&self, c: Arc<Conn>) {
-        lock(&self.ends).push(c);
+        self.ends.lock().push(c);
         self.wake();
     }
 
@@ -75,7 +73,7 @@ impl ShmCq {
             reserved: AtomicUsize::new(0),
             armed: AtomicBool::new(false),
             waker,
-            ends: Mutex::new(Vec::new()),
+            ends: SpinLock::new(Vec::new()),
             sweep: AtomicBool::new(false),
         }))
     }
@@ -85,7 +83,7 @@ impl Drop for ShmCq {
     fn drop(&mut self) {
         // Each attached end holds this CQ's shared part: without a poll to
         // forget them, a cycle.
-        lock(&self.0.ends).clear();
+        self.0.ends.lock().clear();
     }
 }
 
@@ -95,7 +93,7 @@ impl CompletionQueue for ShmCq {
     }
 
     fn poll(&self, out: &mut [WorkCompletion]) -> usize {
-        let mut ends = lock(&self.0.ends);
+        let mut ends = self.0.ends.lock();
         let mut n = 0;
         for c in ends.iter() {
             if n == out.len() {
@@ -116,7 +114,7 @@ impl CompletionQueue for ShmCq {
 
     fn arm(&self) -> bool {
         self.0.armed.store(true, Ordering::SeqCst);
-        let ends = lock(&self.0.ends);
+        let ends = self.0.ends.lock();
         let mut ready = false;
         for c in ends.iter() {
             ready |= c.arm();

@@ -602,6 +602,20 @@ impl Message<'_> {
         });
     }
 
+    /// Where the inline payload of the send `d` decoded lies (`d.nsge ==
+    /// 0`): its first `d.len` bytes (at most [`INLINE_MAX`]), valid until
+    /// the consumer pops the message. Another process may write them
+    /// meanwhile; whoever copies them takes them as plain bytes, any value
+    /// being valid.
+    #[cfg(not(loom))]
+    pub(crate) fn inline_src(&self, d: &Decoded) -> Sge {
+        Sge {
+            addr: self.cell.payload.with(|p| p as usize),
+            len: d.len.min(INLINE_MAX as u32),
+            lkey: 0,
+        }
+    }
+
     /// Copies the message into the scatter list `dst` (which the caller
     /// checked has room for `len()` bytes).
     ///
