@@ -21,24 +21,50 @@ pub(crate) struct CachedRegion {
 }
 
 impl CachedRegion {
+    const EMPTY: CachedRegion = CachedRegion {
+        lkey: 0,
+        addr: 0,
+        len: 0,
+        access: Access::NONE,
+    };
+
+    /// Whether `[s.addr, +s.len)` lies inside the region and the region
+    /// allows `need`. `off` wraps to a huge value for an entry below the
+    /// region, so two comparisons cover every case without overflow.
+    #[inline]
     fn allows(&self, s: &Sge, need: Access) -> bool {
-        self.access.contains(need)
-            && s.addr >= self.addr
-            && s.addr
-                .checked_add(s.len as usize)
-                .is_some_and(|end| end <= self.addr + self.len)
+        let off = s.addr.wrapping_sub(self.addr);
+        self.access.contains(need) && off <= self.len && s.len as usize <= self.len - off
     }
 }
 
+/// Entries a cache holds.
+const WAYS: usize = 4;
+/// The key of an empty entry: no `u32` key widens to it.
+const NO_KEY: u64 = u64::MAX;
+
 /// See the module docs. Owned by one queue pair end, used under its post
 /// lock.
-#[derive(Default)]
 pub(crate) struct LkeyCache {
     /// The NIC's deregistration count the entries were found under.
     epoch: u64,
-    entries: [Option<CachedRegion>; 4],
+    /// The keys of `regions`, widened ([`NO_KEY`] for an empty entry): a
+    /// hit is a scan of one small array of plain integers.
+    keys: [u64; WAYS],
+    regions: [CachedRegion; WAYS],
     /// Where the next miss goes (round robin).
     next: usize,
+}
+
+impl Default for LkeyCache {
+    fn default() -> LkeyCache {
+        LkeyCache {
+            epoch: 0,
+            keys: [NO_KEY; WAYS],
+            regions: [CachedRegion::EMPTY; WAYS],
+            next: 0,
+        }
+    }
 }
 
 impl LkeyCache {
@@ -46,6 +72,9 @@ impl LkeyCache {
     /// `need`: looked up here first, else through `lookup` (the NIC's
     /// table, under whatever lock it needs), whose answer is kept. `epoch`
     /// is the NIC's deregistration count, read by the caller now.
+    ///
+    /// The hit path is small enough to inline into a post; a miss or a new
+    /// epoch goes through [`LkeyCache::check_missed`], out of line.
     #[inline]
     pub(crate) fn check(
         &mut self,
@@ -55,30 +84,57 @@ impl LkeyCache {
         mut lookup: impl FnMut(u32) -> Option<CachedRegion>,
     ) -> bool {
         if self.epoch != epoch {
-            *self = LkeyCache {
-                epoch,
-                ..LkeyCache::default()
-            };
+            return self.check_missed(epoch, sges, need, &mut lookup);
         }
         for s in sges {
             if s.len == 0 {
                 continue;
             }
-            let hit = self.entries.iter().flatten().find(|c| c.lkey == s.lkey);
-            let region = match hit {
-                Some(c) => *c,
+            let key = u64::from(s.lkey);
+            match self.keys.iter().position(|&k| k == key) {
+                Some(at) if self.regions[at].allows(s, need) => {}
+                Some(_) => return false,
+                None => return self.check_missed(epoch, sges, need, &mut lookup),
+            }
+        }
+        true
+    }
+
+    /// [`LkeyCache::check`] after a miss or an epoch change: starts over,
+    /// looking up what is not cached.
+    #[cold]
+    #[inline(never)]
+    fn check_missed(
+        &mut self,
+        epoch: u64,
+        sges: &[Sge],
+        need: Access,
+        lookup: &mut dyn FnMut(u32) -> Option<CachedRegion>,
+    ) -> bool {
+        if self.epoch != epoch {
+            self.epoch = epoch;
+            self.keys = [NO_KEY; WAYS];
+        }
+        for s in sges {
+            if s.len == 0 {
+                continue;
+            }
+            let key = u64::from(s.lkey);
+            let at = match self.keys.iter().position(|&k| k == key) {
+                Some(at) => at,
                 None => {
                     let Some(c) = lookup(s.lkey) else {
                         return false;
                     };
                     debug_assert_eq!(c.lkey, s.lkey, "lookup answered another key");
-                    let slot = self.next % self.entries.len();
-                    self.entries[slot] = Some(c);
+                    let at = self.next % WAYS;
+                    self.keys[at] = key;
+                    self.regions[at] = c;
                     self.next = self.next.wrapping_add(1);
-                    c
+                    at
                 }
             };
-            if !region.allows(s, need) {
+            if !self.regions[at].allows(s, need) {
                 return false;
             }
         }
@@ -129,6 +185,20 @@ mod tests {
         assert!(!c.check(0, &[sge(1, 0, 8)], Access::REMOTE_READ, look));
         assert!(!c.check(0, &[sge(2, 0, 8), sge(9, 0, 8)], Access::NONE, look));
         assert!(c.check(0, &[sge(9, 0, 0), sge(1, 0xf8, 8)], Access::NONE, look));
+        // Starting below the region, or wrapping the address space.
+        let below = Sge {
+            addr: 0x1000 - 8,
+            len: 16,
+            lkey: 1,
+        };
+        assert!(!c.check(0, &[below], Access::NONE, look));
+        let wraps = Sge {
+            addr: usize::MAX - 4,
+            len: 16,
+            lkey: 1,
+        };
+        assert!(!c.check(0, &[wraps], Access::NONE, look));
+        assert!(c.check(0, &[sge(1, 0xff, 1)], Access::NONE, look));
     }
 
     #[test]
