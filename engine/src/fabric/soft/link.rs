@@ -732,17 +732,15 @@ impl Link {
     fn track_sends(&self, d: usize, r: &mut Reaper) -> bool {
         let hint = self.dirs[d].peer_acked.load(Ordering::Acquire);
         r.sent = r.sent.max(hint);
-        let waiting = |r: &Reaper| {
-            matches!(
-                r.sends.peek().map(|e| e.kind),
-                Some(SqKind::Cell { index, .. }) if index >= r.sent
-            )
+        // The message of the oldest unfinished send, if not known consumed.
+        let oldest = match r.sends.peek_cell() {
+            Some(index) if index >= r.sent => index,
+            _ => {
+                r.stalled_polls = 0;
+                r.help_now = false;
+                return false;
+            }
         };
-        if !waiting(r) {
-            r.stalled_polls = 0;
-            r.help_now = false;
-            return false;
-        }
         r.stalled_polls += 1;
         // The first poll of a wait looks (a poll right after the peer took
         // the message reports it), then every ACK_AFTER-th or ACK_AFTER_TICKS.
@@ -755,7 +753,7 @@ impl Link {
         }
         r.sent = r.sent.max(self.dirs[d].ring.consumed());
         r.sent_read = ticks();
-        if !waiting(r) {
+        if oldest < r.sent {
             r.stalled_polls = 0;
             r.help_now = false;
             return false;

@@ -225,6 +225,22 @@ impl SqReaper {
         })
     }
 
+    /// The cell index of the oldest request, if any: a cheaper `peek` for
+    /// the queue of sends travelling as messages, where every entry is a
+    /// [`SqKind::Cell`].
+    pub(super) fn peek_cell(&self) -> Option<u64> {
+        if self.head >= self.q.ends.tail.load(Ordering::Acquire) {
+            return None;
+        }
+        let slot = &self.q.slots[(self.head & self.q.mask) as usize];
+        debug_assert_eq!(
+            slot.meta.load(Ordering::Relaxed) & 0xff,
+            KIND_CELL,
+            "a queue of messages"
+        );
+        Some(slot.index.load(Ordering::Relaxed))
+    }
+
     /// Completes the oldest request (after `peek` returned it).
     pub(super) fn pop(&mut self) {
         self.head += 1;
