@@ -225,7 +225,42 @@ impl Consumer {
     }
 }
 
+/// What one visit of an end found.
+struct Visit {
+    /// Completions written.
+    reaped: usize,
+    /// The end's link must be sealed (once the consumer lock is released).
+    seal: bool,
+    /// The end is drained or long quiet: `Consumer::settle` is due.
+    settle: bool,
+}
+
 impl Attached {
+    /// Reaps the end into `out` and keeps its quiet count.
+    #[inline]
+    fn visit(&mut self, out: &mut [WorkCompletion]) -> Visit {
+        let (reaped, seal) = self.link.reap(self.end, &mut self.r, out);
+        if seal {
+            return Visit {
+                reaped,
+                seal,
+                settle: false,
+            };
+        }
+        let mut settle = false;
+        if reaped == 0 {
+            self.quiet += 1;
+            settle = self.quiet >= IDLE_POLLS;
+        } else {
+            self.quiet = 0;
+        }
+        Visit {
+            reaped,
+            seal,
+            settle: settle || self.link.drained(self.end, &self.r),
+        }
+    }
+
     /// Marks the end idle unless it has work; whether it left the hot list
     /// (idle, or announced by a producer meanwhile).
     fn idle(&mut self) -> bool {
@@ -358,35 +393,47 @@ impl CompletionQueue for SoftCq {
         let mut seal = None;
         let mut settle = false;
         let count = c.hot.len();
-        let start = if c.cursor < count { c.cursor } else { 0 };
-        for visited in 0..count {
-            if n == out.len() {
-                break;
+        if count == 1 {
+            // One hot end (a CQ per connection, the common case): no
+            // rotation to keep.
+            if !out.is_empty() {
+                #[cfg(test)]
+                {
+                    c.visits += 1;
+                }
+                let a = &mut c.hot[0];
+                let v = a.visit(out);
+                n = v.reaped;
+                settle = v.settle;
+                if v.seal {
+                    seal = Some(a.link.clone());
+                }
             }
-            let at = start + visited;
-            #[cfg(test)]
-            {
-                c.visits += 1;
+        } else {
+            let start = if c.cursor < count { c.cursor } else { 0 };
+            for visited in 0..count {
+                if n == out.len() {
+                    break;
+                }
+                let at = start + visited;
+                #[cfg(test)]
+                {
+                    c.visits += 1;
+                }
+                let a = &mut c.hot[if at < count { at } else { at - count }];
+                let v = a.visit(&mut out[n..]);
+                n += v.reaped;
+                settle |= v.settle;
+                if v.seal {
+                    seal = Some(a.link.clone());
+                    break;
+                }
             }
-            let a = &mut c.hot[if at < count { at } else { at - count }];
-            let (k, s) = a.link.reap(a.end, &mut a.r, &mut out[n..]);
-            n += k;
-            if s {
-                seal = Some(a.link.clone());
-                break;
-            }
-            if k == 0 {
-                a.quiet += 1;
-                settle |= a.quiet >= IDLE_POLLS;
-            } else {
-                a.quiet = 0;
-            }
-            settle |= a.link.drained(a.end, &a.r);
+            c.cursor = start + 1;
         }
         if settle {
             c.settle();
         }
-        c.cursor = start + 1;
         drop(guard);
         match seal {
             Some(link) => {
