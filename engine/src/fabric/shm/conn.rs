@@ -576,8 +576,7 @@ impl Conn {
                     if !seal.enter() {
                         return None;
                     }
-                    let dst = trim(&recv.sges, d.len);
-                    match sys::cma(Cma::Read, self.peer_pid, &dst.0[..dst.1], src) {
+                    match read_long(self.peer_pid, &recv.sges, d.len, src) {
                         Ok(()) => {
                             recv.done = Some((WcStatus::Success, d.len));
                             *filled += 1;
@@ -722,6 +721,15 @@ impl SealSide<'_> {
             self.conn.mine.control().busy.store(0, Ordering::Release);
         }
     }
+}
+
+/// Reads a long message's `len` bytes from the sender's gather list `src`
+/// into the scatter list `dst` (one `process_vm_readv`). Out of line: its
+/// arrays of entries would otherwise swell the stack frame of every poll.
+#[inline(never)]
+fn read_long(pid: libc::pid_t, dst: &[Sge], len: u32, src: &[Sge]) -> std::io::Result<()> {
+    let (dst, n) = trim(dst, len);
+    sys::cma(Cma::Read, pid, &dst[..n], src)
 }
 
 /// The first `len` bytes of a scatter list.

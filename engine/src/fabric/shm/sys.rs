@@ -233,6 +233,11 @@ pub(super) enum Cma {
 /// ranges matter to this process, and the caller names ranges of a region
 /// registered for the access (whose owner keeps them valid while they are
 /// registered).
+///
+/// Never inlined: its two arrays of `MAX_IOV` iovecs would otherwise land
+/// in the frame of every poll, which then probes 8 KiB of stack per call;
+/// a call costs nothing beside the system call.
+#[inline(never)]
 pub(super) fn cma(
     dir: Cma,
     pid: libc::pid_t,
