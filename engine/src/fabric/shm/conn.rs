@@ -651,7 +651,13 @@ impl Conn {
             st.filled = st.filled.saturating_sub(1);
             st.spare.push(slot);
         }
-        let consumed = st.out.ring().consumed().min(st.out.tail());
+        // The peer writes this line for every message it takes: a poll
+        // with nothing outstanding leaves it alone.
+        let consumed = if st.sq.is_empty() {
+            0
+        } else {
+            st.out.ring().consumed().min(st.out.tail())
+        };
         while n < out.len() {
             let Some(e) = st.sq.front() else { break };
             let (status, len) = match (e.kind, broken) {
