@@ -10,19 +10,19 @@
 //! ops in flight costs only the slots it ever used.
 //!
 //! A slot's state has no lock: its stamp hands it from the starter to the
-//! one completion that claims it (see `Slot::stamp`). The stamp is also the
-//! free list: a reservation looks for a `FREE` stamp and takes it with one
-//! compare-exchange, and a release is one store, so an op costs two locked
-//! instructions in the slab (reserve, claim), where a linked free list costs
-//! a third for the push back. Slots are spread over `lists` lists, one per
-//! completion queue: slot `i` belongs to list `i % lists`, and an op
-//! looks in the list of its socket's CQ first, so the thread that starts
-//! and completes the ops of one CQ (run-to-completion) never shares a cache
-//! line with the thread of another (each slot is padded to its own lines,
-//! too). Each list keeps a cursor where its next reservation starts looking:
-//! a release points it at the slot it freed, whose lines are the warmest,
-//! and a reservation moves it past the slot it took; the cursor is only a
-//! hint, read and written without ordering.
+//! one completion that claims it (see `Slot::stamp`). Free slots form
+//! lock-free LIFOs (Treiber stacks), one per completion queue: slot `i`
+//! always returns to list `i % lists`, and an op takes from the list of its
+//! socket's CQ first, so the thread that starts and completes the ops of
+//! one CQ (run-to-completion) never shares a cache line with the thread of
+//! another (each slot is padded to its own lines, too), and the slot an op
+//! gets is the one its list freed last, whose lines are the warmest. A head
+//! packs the top index with a tag that changes on every successful update,
+//! which defeats ABA: a pop that read `next` of a slot that was popped and
+//! pushed back meanwhile fails its compare-exchange because the tag moved
+//! on. A reservation and a release cost one compare-exchange each, however
+//! many slots are in use: a scan for a free stamp costs a cache miss per
+//! busy slot it passes, milliseconds with ten thousand receives pending.
 //!
 //! The state stays in its slot for the op's whole life: the starter builds
 //! it there ([`OpSlab::fill`]) and the completion works on it there
@@ -175,18 +175,21 @@ const TAKING: u64 = 3;
 /// One op slot, alone on its cache line(s): the slots of different threads
 /// never share a line.
 struct Slot<S> {
-    /// `generation << 32 | phase`. The phase goes `FREE → RESERVED` (a
-    /// compare-exchange by the starter, which also bumps the generation:
-    /// exactly one starter takes a free slot), `RESERVED → PENDING` (fill,
+    /// `generation << 32 | phase`. The phase goes `FREE → RESERVED` (by
+    /// the starter whose pop took the slot off its free list, which also
+    /// bumps the generation), `RESERVED → PENDING` (fill,
     /// by the starter, release: the state is visible to whoever claims it),
     /// `PENDING → TAKING` (a compare-exchange by the completer or the
     /// starter's cancel: exactly one claims the state of one generation)
-    /// and `TAKING → FREE` (the claimer, release: it is done with the state
-    /// before the next starter, whose compare-exchange acquires, writes
-    /// it). A starter that never filled its slot frees it `RESERVED →
+    /// and `TAKING → FREE` (the claimer, before its push, whose release
+    /// the next popper acquires: it is done with the state before the next
+    /// starter writes it). A starter that never filled its slot frees it `RESERVED →
     /// FREE`. A completion whose generation or phase does not match claims
     /// nothing.
     stamp: AtomicU64,
+    /// Next free slot of the list while this one is on it; meaningless
+    /// otherwise. Written by the pusher before the head CAS publishes it.
+    next: AtomicU32,
     /// Who the pending op belongs to (the SPI: its socket's address), so
     /// that a close can find its ops ([`OpSlab::take_owned`]). Written by
     /// the starter before its `PENDING` store (which publishes it), read by
@@ -199,19 +202,6 @@ struct Slot<S> {
     state: UnsafeCell<S>,
 }
 
-/// One free list: the initialised slots `i` with `i % lists == l`.
-struct List {
-    /// Where the next reservation starts looking, as a position in the list
-    /// (slot `l + pos * lists`). A hint: written by reservations (past the
-    /// slot taken) and releases (at the slot freed) without ordering; any
-    /// value below `len` is correct.
-    cursor: AtomicU32,
-    /// Initialised slots in the list. Only grows: stored (release) by
-    /// `grow` after it initialised them; a reservation reads it (acquire)
-    /// and looks at no slot beyond it.
-    len: AtomicU32,
-}
-
 /// A slab of op slots, each holding the private state `S` of a pending op
 /// (the SPI's [`OpState`]; the loom models use plain numbers).
 pub struct OpSlab<S = OpState> {
@@ -220,13 +210,20 @@ pub struct OpSlab<S = OpState> {
     slots: NonNull<CachePadded<Slot<S>>>,
     capacity: u32,
     /// Initialised slots. Only grows: stored (release) by `grow` after the
-    /// slots, before the lists' lengths; read (acquire) by whoever indexes
-    /// a slot it did not reserve (a completion's id, the scans).
+    /// slots, before they are pushed on the free lists; read (acquire) by
+    /// whoever indexes a slot it did not reserve (a completion's id, the
+    /// scans).
     grown: AtomicU32,
     /// Serialises `grow` (cold: once per doubling).
     growing: Mutex<()>,
-    lists: Box<[CachePadded<List>]>,
+    /// Free-list heads: low 32 bits the top slot index (or `NIL`), high 32
+    /// bits a tag incremented by every successful push or pop. List `l`
+    /// holds only initialised slots `i` with `i % heads.len() == l`.
+    heads: Box<[CachePadded<AtomicU64>]>,
 }
+
+/// The end of a free list.
+const NIL: u32 = u32::MAX;
 
 // SAFETY: a slot's state is accessed by one thread at a time, handed over
 // through its stamp (see `Slot::state`); `S` crosses threads by value. The
@@ -284,13 +281,8 @@ impl<S: Default> OpSlab<S> {
             capacity: capacity as u32,
             grown: AtomicU32::new(0),
             growing: Mutex::new(()),
-            lists: (0..lists)
-                .map(|_| {
-                    CachePadded::new(List {
-                        cursor: AtomicU32::new(0),
-                        len: AtomicU32::new(0),
-                    })
-                })
+            heads: (0..lists)
+                .map(|_| CachePadded::new(AtomicU64::new(u64::from(NIL))))
                 .collect(),
         };
         slab.grow(0);
@@ -312,7 +304,7 @@ impl<S: Default> OpSlab<S> {
         if from == self.capacity {
             return false;
         }
-        let lists = self.lists.len();
+        let lists = self.heads.len();
         let to = (from as usize)
             .saturating_mul(2)
             .max(FIRST_GROWTH * lists)
@@ -325,18 +317,30 @@ impl<S: Default> OpSlab<S> {
             unsafe {
                 self.slots.as_ptr().add(i).write(CachePadded::new(Slot {
                     stamp: AtomicU64::new(stamp(0, FREE)),
+                    next: AtomicU32::new(NIL),
                     owner: AtomicUsize::new(0),
                     state: UnsafeCell::new(S::default()),
                 }));
             }
         }
-        // `grown` first: a reservation that sees a new length (below) and
-        // takes a new slot must find its completion's id below `grown`.
-        // Release, both: whoever sees either sees the slots.
+        // `grown` first: a reservation that pops a new slot (below) must
+        // find its completion's id below `grown`. Release: whoever sees it
+        // sees the slots.
         self.grown.store(to as u32, Ordering::Release);
-        for (l, list) in self.lists.iter().enumerate() {
-            let len = to.saturating_sub(l).div_ceil(lists) as u32;
-            list.len.store(len, Ordering::Release);
+        for l in 0..lists {
+            // The new slots of list `l`, lowest first on top.
+            let first = from as usize + (l + lists - from as usize % lists) % lists;
+            if first >= to {
+                continue;
+            }
+            let mut last = first;
+            while last + lists < to {
+                self.slot(last as u32)
+                    .next
+                    .store((last + lists) as u32, Ordering::Relaxed);
+                last += lists;
+            }
+            self.push_chain(l, first as u32, last as u32);
         }
         true
     }
@@ -345,9 +349,9 @@ impl<S: Default> OpSlab<S> {
     /// is in use and the slab is at capacity.
     #[inline]
     pub fn reserve(&self, hint: usize) -> Option<Reserved> {
-        let n = self.lists.len();
+        let n = self.heads.len();
         let first = if hint < n { hint } else { hint % n };
-        if let Some(r) = self.reserve_in(first) {
+        if let Some(r) = self.pop(first) {
             return Some(r);
         }
         self.reserve_slow(first)
@@ -357,10 +361,10 @@ impl<S: Default> OpSlab<S> {
     #[cold]
     #[inline(never)]
     fn reserve_slow(&self, first: usize) -> Option<Reserved> {
-        let n = self.lists.len();
+        let n = self.heads.len();
         loop {
             let seen = self.grown.load(Ordering::Acquire);
-            if let Some(r) = (0..n).find_map(|k| self.reserve_in((first + k) % n)) {
+            if let Some(r) = (0..n).find_map(|k| self.pop((first + k) % n)) {
                 return Some(r);
             }
             if !self.grow(seen) {
@@ -369,47 +373,39 @@ impl<S: Default> OpSlab<S> {
         }
     }
 
-    /// Takes a free slot of list `l`: one look at its cursor's slot when
-    /// that is free (the common case), a walk of the list otherwise.
+    /// Pops the top slot of free list `list`, if any.
     #[inline]
-    fn reserve_in(&self, l: usize) -> Option<Reserved> {
-        let list = &self.lists[l];
-        let lists = self.lists.len();
-        // Acquire: pairs with grow's release; slots below it are initialised.
-        let len = list.len.load(Ordering::Acquire);
-        let mut pos = list.cursor.load(Ordering::Relaxed);
-        if pos >= len {
-            pos = 0;
-        }
-        for _ in 0..len {
-            let index = l + pos as usize * lists;
-            pos = if pos + 1 == len { 0 } else { pos + 1 };
-            let slot = self.slot(index as u32);
-            let now = slot.stamp.load(Ordering::Relaxed);
-            if now & 3 != FREE {
-                continue;
+    fn pop(&self, list: usize) -> Option<Reserved> {
+        let head_cell = &self.heads[list];
+        // Acquire: pairs with the push that listed the top slot, so its
+        // `next` (and its initialisation, for a slot of a new batch) and
+        // the last claimer's use of its state happened before.
+        let mut head = head_cell.load(Ordering::Acquire);
+        loop {
+            let index = head as u32;
+            if index == NIL {
+                return None;
             }
-            let generation = ((now >> 32) as u32).wrapping_add(1);
-            // Acquire: pairs with the release that freed the slot, so the
-            // last claimer is done with the state before we write it.
-            if slot
-                .stamp
-                .compare_exchange(
-                    now,
-                    stamp(generation, RESERVED),
-                    Ordering::Acquire,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
-            {
-                list.cursor.store(pos, Ordering::Relaxed);
-                return Some(Reserved {
-                    index: index as u32,
-                    generation,
-                });
+            let next = self.slot(index).next.load(Ordering::Relaxed);
+            let tag = (head >> 32).wrapping_add(1);
+            match head_cell.compare_exchange_weak(
+                head,
+                (tag << 32) | u64::from(next),
+                Ordering::Acquire,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    let slot = self.slot(index);
+                    let was = slot.stamp.load(Ordering::Relaxed);
+                    debug_assert_eq!(was & 3, FREE, "a listed slot is in use");
+                    let generation = ((was >> 32) as u32).wrapping_add(1);
+                    slot.stamp
+                        .store(stamp(generation, RESERVED), Ordering::Relaxed);
+                    return Some(Reserved { index, generation });
+                }
+                Err(actual) => head = actual,
             }
         }
-        None
     }
 
     /// Builds the op's state in its reserved slot (before posting): `build`
@@ -562,20 +558,38 @@ impl<S> OpSlab<S> {
             .sum()
     }
 
-    /// Frees a slot this thread reserved or claimed, and points its list's
-    /// cursor at it: the next op of the list reuses the warmest slot.
+    /// Frees a slot this thread reserved or claimed: back on top of its
+    /// list, where the list's next op finds it.
     #[inline]
     fn release(&self, index: u32, generation: u32) {
-        let lists = self.lists.len();
-        let slot = self.slot(index);
-        // Release: our use of the state happens before the next starter's.
-        slot.stamp.store(stamp(generation, FREE), Ordering::Release);
-        let (l, pos) = if lists == 1 {
-            (0, index)
-        } else {
-            (index as usize % lists, index / lists as u32)
-        };
-        self.lists[l].cursor.store(pos, Ordering::Relaxed);
+        self.slot(index)
+            .stamp
+            .store(stamp(generation, FREE), Ordering::Relaxed);
+        self.push_chain(index as usize % self.heads.len(), index, index);
+    }
+
+    /// Pushes the chain `first ..= last` (linked by `next`, all of list
+    /// `list`) on its free list.
+    #[inline]
+    fn push_chain(&self, list: usize, first: u32, last: u32) {
+        let head_cell = &self.heads[list];
+        let last = self.slot(last);
+        let mut head = head_cell.load(Ordering::Relaxed);
+        loop {
+            last.next.store(head as u32, Ordering::Relaxed);
+            let tag = (head >> 32).wrapping_add(1);
+            // Release: the chain's links, and our use of each slot's state,
+            // happen before the popper's acquire.
+            match head_cell.compare_exchange_weak(
+                head,
+                (tag << 32) | u64::from(first),
+                Ordering::Release,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return,
+                Err(actual) => head = actual,
+            }
+        }
     }
 }
 
@@ -802,6 +816,39 @@ mod loom_models {
             assert_eq!(slab.complete(r.wr_id(), std::mem::take), Some(3));
             assert_eq!(other.join().unwrap(), Some(2));
             assert_eq!(slab.complete(held.wr_id(), std::mem::take), Some(1));
+            assert_eq!(slab.in_use(), 0);
+        });
+    }
+
+    /// ABA on a free list: one thread's pop reads the top slot and its
+    /// `next`, then another pops that slot and the next one and pushes the
+    /// first back; the stale pop must fail its compare-exchange (the head's
+    /// tag moved on) rather than hand out the second slot again.
+    #[test]
+    fn loom_a_stale_pop_never_hands_out_a_held_slot() {
+        crate::sync::model("a_stale_pop_never_hands_out_a_held_slot", 3, || {
+            let slab = loom::sync::Arc::new(OpSlab::<u32>::new(3, 1).unwrap());
+            // All three slots initialised (the slab grows to them) and free.
+            for r in [0, 1, 2].map(|_| slab.reserve(0).unwrap()) {
+                slab.cancel(r);
+            }
+            let other = {
+                let slab = slab.clone();
+                thread::spawn(move || {
+                    let r = slab.reserve(0).expect("a free slot");
+                    slab.fill(&r, 0, |s| *s = 1);
+                    assert_eq!(slab.cancel(r), Some(1), "slot shared");
+                })
+            };
+            let a = slab.reserve(0).unwrap();
+            let b = slab.reserve(0).unwrap();
+            slab.fill(&b, 0, |s| *s = 3);
+            assert_eq!(slab.cancel(a), None);
+            let c = slab.reserve(0).unwrap();
+            slab.fill(&c, 0, |s| *s = 4);
+            other.join().unwrap();
+            assert_eq!(slab.cancel(b), Some(3), "slot shared");
+            assert_eq!(slab.cancel(c), Some(4), "slot shared");
             assert_eq!(slab.in_use(), 0);
         });
     }
