@@ -304,6 +304,12 @@ impl Conn {
         self.wire.buffer_bytes()
     }
 
+    /// Resident bytes of the buffers, and whether any is locked.
+    #[cfg(test)]
+    pub(super) fn resident_bytes(&self) -> (usize, bool) {
+        self.wire.resident_bytes()
+    }
+
     /// Starts the protocol: receives posted, HELLO sent by the connector.
     pub(super) fn start(&self) {
         self.with_state(|_| ());

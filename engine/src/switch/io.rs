@@ -59,6 +59,7 @@
 //!    memory before unmapping it.
 
 use super::proto::{Desc, DESC_LEN};
+use crate::config::{FabricKind, MlockPolicy};
 use crate::error::{WsaError, WsaResult};
 use crate::mem::region::Region;
 use crate::spi::{
@@ -152,7 +153,16 @@ impl Wire {
         n_rdma: usize,
         ring_size: usize,
     ) -> io::Result<Wire> {
-        let policy = provider.config().mem.mlock;
+        // Locking would make every idle connection's pools and rings
+        // resident (256 KiB with the defaults). Only a NIC's DMA needs the
+        // pages in place, and verbs registration pins what it registers
+        // anyway; on the soft and shm fabrics they stay lazy: a page becomes
+        // resident when traffic first touches it.
+        let config = provider.config();
+        let policy = match config.fabric.kind {
+            FabricKind::Verbs => config.mem.mlock,
+            FabricKind::Soft | FabricKind::Shm => MlockPolicy::Off,
+        };
         let region = |n: usize| Region::new(n, policy).map_err(io::Error::other);
         Ok(Wire {
             provider: provider.clone(),
@@ -182,6 +192,29 @@ impl Wire {
         .iter()
         .map(|r| r.len())
         .sum()
+    }
+
+    /// Bytes of the pools and rings that are resident, and whether any of
+    /// them is locked.
+    #[cfg(test)]
+    pub(super) fn resident_bytes(&self) -> (usize, bool) {
+        let page = crate::mem::region::page_size();
+        let regions = [
+            &self.recv_pool,
+            &self.send_pool,
+            &self.recv_ring,
+            &self.send_ring,
+        ];
+        let mut resident = 0;
+        for r in regions {
+            let mut pages = vec![0u8; r.len() / page];
+            // SAFETY: `r` is a live page-aligned mapping of `r.len()` bytes
+            // and `pages` holds one byte per page of it.
+            let rc = unsafe { libc::mincore(r.as_ptr().cast(), r.len(), pages.as_mut_ptr()) };
+            assert_eq!(rc, 0, "mincore: {}", io::Error::last_os_error());
+            resident += pages.iter().filter(|&&p| p & 1 == 1).count() * page;
+        }
+        (resident, regions.iter().any(|r| r.locked()))
     }
 
     /// How many overlapped records there are.

@@ -728,3 +728,41 @@ impl io::Write for Stream {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fabric::soft::SoftNetwork;
+    use crate::switch::RuntimeConfig;
+    use std::net::Ipv4Addr;
+
+    /// With the default configuration (`mem.mlock: try`), a connected idle
+    /// stream on the soft fabric keeps resident only the pages the
+    /// handshake touched: one of each pool (HELLO out, HELLO in), none of
+    /// the rings, nothing locked.
+    #[test]
+    fn an_idle_stream_keeps_only_its_handshake_pages_resident() {
+        let net = SoftNetwork::new();
+        let ip = Ipv4Addr::new(198, 18, 7, 1);
+        let mut c = RuntimeConfig::default();
+        c.engine.fabric.soft.addresses = vec![ip];
+        c.switch.accept_timeout = Some(Duration::from_secs(10));
+        let nic = net.attach(c.engine.soft_nic(vec![ip])).unwrap();
+        let rt = Runtime::with_nic(c, nic).unwrap();
+        let l = Listener::bind(&rt, SocketAddrV4::new(ip, 7300)).unwrap();
+        let addr = l.local_addr();
+        let acceptor = std::thread::spawn(move || l.accept().unwrap().0);
+        let client = Stream::connect(&rt, addr).unwrap();
+        let server = acceptor.join().unwrap();
+        let page = crate::mem::region::page_size();
+        for (who, s) in [("client", &client), ("server", &server)] {
+            let (resident, locked) = s.conn.resident_bytes();
+            assert!(!locked, "{who}: buffers locked");
+            assert!(
+                resident <= 2 * page,
+                "{who}: {resident} of {} buffer bytes resident while idle",
+                s.buffer_bytes()
+            );
+        }
+    }
+}
