@@ -6,7 +6,7 @@
 //! [`super::connection`] and the protocol machine:
 //!
 //! 1. **Pools and overlapped records outlive their ops.** A connection's
-//!    receive/send pools, its rings and its `Overlapped` array live in its
+//!    pool of receive and send slots, its rings and its `Overlapped` array live in its
 //!    [`Wire`], which
 //!    the runtime's handle table keeps alive until the provider's
 //!    `close_socket_handle` upcall — made only after every op of the socket
@@ -128,8 +128,8 @@ pub(super) struct Wire {
     pub(super) slot_size: usize,
     n_recv: usize,
     n_send: usize,
-    recv_pool: Region,
-    send_pool: Region,
+    /// The receive and send slots, one registration: see [`Wire::recv_at`].
+    pool: Region,
     /// The receive ring: the peer RDMA-writes stream bytes into it.
     recv_ring: Region,
     /// The send ring: stream bytes are copied into it and RDMA-written from
@@ -170,8 +170,7 @@ impl Wire {
             slot_size,
             n_recv,
             n_send,
-            recv_pool: region(n_recv * slot_size)?,
-            send_pool: region(n_send * slot_size)?,
+            pool: region((n_recv + n_send) * slot_size)?,
             recv_ring: region(ring_size)?,
             send_ring: region(ring_size)?,
             send_ring_handle: 0,
@@ -183,15 +182,10 @@ impl Wire {
 
     /// Bytes of the connection's buffers: pools and rings.
     pub(super) fn buffer_bytes(&self) -> usize {
-        [
-            &self.recv_pool,
-            &self.send_pool,
-            &self.recv_ring,
-            &self.send_ring,
-        ]
-        .iter()
-        .map(|r| r.len())
-        .sum()
+        [&self.pool, &self.recv_ring, &self.send_ring]
+            .iter()
+            .map(|r| r.len())
+            .sum()
     }
 
     /// Bytes of the pools and rings that are resident, and whether any of
@@ -199,12 +193,7 @@ impl Wire {
     #[cfg(test)]
     pub(super) fn resident_bytes(&self) -> (usize, bool) {
         let page = crate::mem::region::page_size();
-        let regions = [
-            &self.recv_pool,
-            &self.send_pool,
-            &self.recv_ring,
-            &self.send_ring,
-        ];
+        let regions = [&self.pool, &self.recv_ring, &self.send_ring];
         let mut resident = 0;
         for r in regions {
             let mut pages = vec![0u8; r.len() / page];
@@ -215,6 +204,25 @@ impl Wire {
             resident += pages.iter().filter(|&&p| p & 1 == 1).count() * page;
         }
         (resident, regions.iter().any(|r| r.locked()))
+    }
+
+    /// Offset of receive slot `slot` in the pool. Receive and send slots
+    /// alternate while both last (`r0 s0 r1 s1 ...`, then the rest of the
+    /// longer kind), so that the first ones, which the handshake uses, share
+    /// a page: an idle connection keeps one pool page resident, not two.
+    fn recv_at(&self, slot: u16) -> usize {
+        let i = usize::from(slot);
+        debug_assert!(i < self.n_recv);
+        let both = self.n_recv.min(self.n_send);
+        (if i < both { 2 * i } else { both + i }) * self.slot_size
+    }
+
+    /// Offset of send slot `slot` in the pool (see [`Wire::recv_at`]).
+    fn send_at(&self, slot: u16) -> usize {
+        let i = usize::from(slot);
+        debug_assert!(i < self.n_send);
+        let both = self.n_recv.min(self.n_send);
+        (if i < both { 2 * i + 1 } else { both + i }) * self.slot_size
     }
 
     /// How many overlapped records there are.
@@ -267,18 +275,16 @@ impl Wire {
     /// releases all of it when the socket closes); returns the receive
     /// ring's descriptor.
     pub(super) fn register(&mut self) -> WsaResult<Desc> {
-        for r in [&self.recv_pool, &self.send_pool] {
-            // SAFETY: invariant 1 — the pools live in this connection, which
-            // outlives the socket's ops and its registrations (if this
-            // fails, the caller closes the socket before dropping them).
-            unsafe {
-                self.provider.register_memory(
-                    self.sock,
-                    r.as_ptr(),
-                    r.len() as u32,
-                    MEM_READWRITE,
-                )?;
-            }
+        // SAFETY: invariant 1 — the pool lives in this connection, which
+        // outlives the socket's ops and its registrations (if this fails,
+        // the caller closes the socket before dropping it).
+        unsafe {
+            self.provider.register_memory(
+                self.sock,
+                self.pool.as_ptr(),
+                self.pool.len() as u32,
+                MEM_READWRITE,
+            )?;
         }
         let ring_len = u32::try_from(self.send_ring.len()).map_err(|_| WsaError::WSAENOBUFS)?;
         // SAFETY: invariant 1, for the send ring.
@@ -303,13 +309,12 @@ impl Wire {
 
     /// Posts receive slot `slot` (the whole slot).
     pub(super) fn post_recv(&self, slot: u16) -> WsaResult<()> {
-        let i = usize::from(slot);
         let buf = WsaBuf {
             len: self.slot_size as u32,
-            buf: self.recv_pool.as_ptr().wrapping_add(i * self.slot_size),
+            buf: self.pool.as_ptr().wrapping_add(self.recv_at(slot)),
         };
-        // SAFETY: invariant 1 — slot `i` of the receive pool and record `i`
-        // live until every op of the socket completed, and slot `i` is not
+        // SAFETY: invariant 1 — receive slot `slot` of the pool and its
+        // record live until every op of the socket completed, and it is not
         // posted again before this receive completes.
         unsafe {
             self.provider
@@ -326,12 +331,12 @@ impl Wire {
         head: &[u8],
         payload: Option<(AppBuf, u64, u32)>,
     ) -> WsaResult<()> {
-        let base = usize::from(slot) * self.slot_size;
+        let base = self.send_at(slot);
         let len = head.len() + payload.map_or(0, |p| p.2 as usize);
         if len > self.slot_size {
             return Err(WsaError::WSAEFAULT);
         }
-        let dst = pool_range(&self.send_pool, base, len)?;
+        let dst = pool_range(&self.pool, base, len)?;
         if let Some((app, off, n)) = payload {
             let src = app.range(off, n)?;
             // SAFETY: invariant 2 — the source lies in a send buffer whose
@@ -340,7 +345,7 @@ impl Wire {
             // header (invariant 4: no send of this slot is posted).
             unsafe { std::ptr::copy_nonoverlapping(src, dst.add(head.len()), n as usize) };
         }
-        // SAFETY: `dst..dst+head.len()` lies in the send pool (checked),
+        // SAFETY: `dst..dst+head.len()` lies in the pool (checked),
         // which lives as long as `self`; invariant 4 — no send of this slot
         // is posted, so nothing else reads or writes it.
         unsafe { std::ptr::copy_nonoverlapping(head.as_ptr(), dst, head.len()) };
@@ -421,8 +426,8 @@ impl Wire {
         if slot_off as usize + len as usize > self.slot_size {
             return Err(WsaError::WSAEFAULT);
         }
-        let at = usize::from(slot) * self.slot_size + slot_off as usize;
-        let src = pool_range(&self.recv_pool, at, len as usize)?;
+        let at = self.recv_at(slot) + slot_off as usize;
+        let src = pool_range(&self.pool, at, len as usize)?;
         // SAFETY: invariant 2 — the destination lies in a receive buffer
         // whose call is blocked until this op completes; invariant 3 — no
         // RDMA op targets it during a copy; the source is inside receive
@@ -437,11 +442,7 @@ impl Wire {
         if head.len() > self.slot_size {
             return Err(WsaError::WSAEFAULT);
         }
-        let src = pool_range(
-            &self.recv_pool,
-            usize::from(slot) * self.slot_size,
-            head.len(),
-        )?;
+        let src = pool_range(&self.pool, self.recv_at(slot), head.len())?;
         // SAFETY: the source is inside receive slot `slot` (checked), whose
         // receive completed and which is not re-posted before this returns
         // (invariant 4); `head` is a distinct local buffer.
