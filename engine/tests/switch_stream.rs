@@ -488,16 +488,16 @@ fn data_sent_before_a_graceful_close_is_not_lost() {
     );
 }
 
-/// A connection's buffers by default: 2 rings of 112 KiB and 16 + 16
-/// message buffers of 1 KiB, 256 KiB in all (README); configurable.
+/// A connection's buffers by default: 2 rings of 112 KiB and 8 + 8
+/// message buffers of 1 KiB, 240 KiB in all (README); configurable.
 #[test]
-fn default_buffers_fit_in_256_kib_and_follow_the_options() {
+fn default_buffers_fit_in_240_kib_and_follow_the_options() {
     let (c, s) = two(opts(), opts());
     let (client, server) = pair(&c, &s, 7012);
-    let want = 2 * (112 << 10) + 2 * 16 * 1024;
+    let want = 2 * (112 << 10) + 2 * 8 * 1024;
     assert_eq!(client.buffer_bytes(), want);
     assert_eq!(server.buffer_bytes(), want);
-    assert_eq!(want, 256 << 10);
+    assert_eq!(want, 240 << 10);
     let small = SwitchOptions {
         ring_size: 8 << 10,
         recv_slots: 8,

@@ -86,9 +86,9 @@ pub struct SwitchOptions {
 impl Default for SwitchOptions {
     fn default() -> Self {
         SwitchOptions {
-            recv_slots: 16,
+            recv_slots: 8,
             credit_batch: None,
-            send_slots: 16,
+            send_slots: 8,
             slot_size: 1024,
             ring_size: 112 << 10,
             rdma_threshold: None,
