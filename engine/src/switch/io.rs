@@ -380,17 +380,35 @@ impl Wire {
         // 5 — nothing reads or writes this send ring range (checked in
         // bounds) until the write posted below.
         unsafe { std::ptr::copy_nonoverlapping(src, dst, len as usize) };
-        let bufs = [WsaBufEx {
+        let buf = WsaBufEx {
             len,
             buf: dst,
             handle: self.send_ring_handle as usize,
-        }];
-        // SAFETY: invariant 1 for the send ring and slot `slot`'s ring write
-        // record, which is not posted again before this op completes.
+        };
+        // SAFETY: invariant 1 for the send ring, which `handle` registers.
+        unsafe { self.ring_write(slot, buf, ring_off, desc) }
+    }
+
+    /// Posts the RDMA write of `buf` to `ring_off` of the peer's receive
+    /// ring `desc` on send slot `slot`'s ring write record (which is not
+    /// posted again before this op completes: invariant 1).
+    ///
+    /// # Safety
+    /// `buf` stays valid, unchanged and registered as its `handle` until the
+    /// op completes.
+    unsafe fn ring_write(
+        &self,
+        slot: u16,
+        buf: WsaBufEx,
+        ring_off: u32,
+        desc: &Desc,
+    ) -> WsaResult<()> {
+        // SAFETY: the caller's contract for the buffer; invariant 1 for the
+        // record.
         unsafe {
             self.provider.rdma_write(
                 self.sock,
-                &bufs,
+                &[buf],
                 desc,
                 ring_off,
                 0,
@@ -540,24 +558,14 @@ impl Wire {
         desc: &Desc,
     ) -> WsaResult<()> {
         let src = app.range(off, len)?;
-        let bufs = [WsaBufEx {
+        let buf = WsaBufEx {
             len,
             buf: src,
             handle: handle as usize,
-        }];
-        // SAFETY: invariant 1 for slot `slot`'s ring write record; invariant
-        // 2 — the send op stays pending until this write completed (the
-        // machine settles a direct write's bytes at its completion), and
-        // `handle` covers the range (invariant 6).
-        unsafe {
-            self.provider.rdma_write(
-                self.sock,
-                &bufs,
-                desc,
-                ring_off,
-                0,
-                &self.ovs[self.ring_ov(slot)],
-            )
-        }
+        };
+        // SAFETY: invariant 2 — the send op stays pending until this write
+        // completed (the machine settles a direct write's bytes at its
+        // completion), and `handle` covers the range (invariant 6).
+        unsafe { self.ring_write(slot, buf, ring_off, desc) }
     }
 }
