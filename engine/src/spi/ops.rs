@@ -762,10 +762,9 @@ mod loom_models {
     use super::*;
     use loom::thread;
 
-    /// Two threads reserve and release from one list of two slots, its
-    /// cursor moved by both: two reservations that found the same free
-    /// stamp race for it, and exactly one compare-exchange takes it; each
-    /// thread checks it owns its slot alone while it holds it.
+    /// Two threads reserve and release from one free list of two slots,
+    /// popping and pushing its head concurrently: each thread checks it
+    /// owns its slot alone while it holds it.
     #[test]
     fn loom_concurrent_reserve_release_never_shares_a_slot() {
         crate::sync::model("concurrent_reserve_release_never_shares_a_slot", 3, || {
