@@ -38,9 +38,24 @@ use crate::spin::SpinLock;
 use std::collections::VecDeque;
 use std::net::SocketAddrV4;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{fence, AtomicBool, Ordering};
+use std::sync::atomic::{compiler_fence, fence, AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
+
+/// The fence between an arm's stores of `armed` ([`Conn::mark_armed`], on
+/// each end of a CQ) and its look for work ([`Conn::has_work`]): a heavy
+/// one where this process takes part in asymmetric fences (its segments
+/// say so, `seg::FLAG_HEAVY_ARM`, and its peers' wakes go without a fence),
+/// else a full fence. `false` if the heavy fence failed (not seen once it
+/// worked): the caller must not sleep then, a wake-up may be lost.
+pub(super) fn arm_fence() -> bool {
+    if sys::asymmetric_fences() {
+        sys::heavy_fence()
+    } else {
+        fence(Ordering::SeqCst);
+        true
+    }
+}
 
 /// How long a break waits for a live peer's copy in progress.
 const SEAL_WAIT: Duration = Duration::from_secs(1);
@@ -117,6 +132,10 @@ pub(super) struct Conn {
     pub(super) my_event: OwnedFd,
     /// Signalled by us to wake the peer.
     peer_event: OwnedFd,
+    /// Whether waking the peer needs only a compiler fence: this process
+    /// takes part in asymmetric fences and the peer arms with a heavy one
+    /// (read once from its segment's header).
+    light_wake: bool,
     /// The connection's socket: the peer's death hangs it up.
     pub(super) sock: OwnedFd,
     /// The peer process (readable once it exited), if the kernel has
@@ -165,6 +184,7 @@ impl Conn {
     pub(super) fn new(nic: Arc<NicInner>, p: Parts) -> Arc<Conn> {
         let (out, _) = p.mine.ring();
         let (_, inc) = p.theirs.ring();
+        let light_wake = sys::asymmetric_fences() && p.theirs.heavy_arm();
         let recv_depth = p.params.recv_depth as usize;
         let max_sge = p.params.max_sge as usize;
         let spare = (0..recv_depth)
@@ -184,6 +204,7 @@ impl Conn {
             peer_pid: p.peer_pid,
             my_event: p.my_event,
             peer_event: p.peer_event,
+            light_wake,
             sock: p.sock,
             peer_proc: sys::pidfd(p.peer_pid).ok(),
             tokens: Mutex::new(Vec::new()),
@@ -210,27 +231,34 @@ impl Conn {
         })
     }
 
-    /// Wakes the peer if it sleeps (after we published work for it).
+    /// Wakes the peer if it sleeps (after we published work for it). The
+    /// store that published the work and the load of `armed` need a full
+    /// fence between them (Dekker, with the peer's `arm`), unless the peer
+    /// arms with a heavy fence that reaches this process: then a compiler
+    /// fence is enough (`light_wake`), and the hot path has no locked
+    /// instruction.
     fn wake_peer(&self) {
-        fence(Ordering::SeqCst);
+        if self.light_wake {
+            compiler_fence(Ordering::SeqCst);
+        } else {
+            fence(Ordering::SeqCst);
+        }
         let armed = &self.theirs.control().armed;
         if armed.load(Ordering::Relaxed) != 0 && armed.swap(0, Ordering::AcqRel) != 0 {
             sys::signal(self.peer_event.as_raw_fd());
         }
     }
 
-    /// Asks the peer for a wake-up on new work; whether work is already
-    /// there (then the caller polls instead of sleeping).
-    pub(super) fn arm(&self) -> bool {
-        self.mine.control().armed.store(1, Ordering::SeqCst);
-        fence(Ordering::SeqCst);
-        self.has_work()
+    /// Asks the peer for a wake-up on new work: the first half of an arm
+    /// (then [`arm_fence`], then [`Conn::has_work`]).
+    pub(super) fn mark_armed(&self) {
+        self.mine.control().armed.store(1, Ordering::Relaxed);
     }
 
     /// Whether a poll would find something to do. A send waiting for a
     /// receive is not work (a poller would spin on it): the receive's post
     /// wakes the CQ.
-    fn has_work(&self) -> bool {
+    pub(super) fn has_work(&self) -> bool {
         let st = self.st.lock();
         if st.broken.is_some() {
             return !st.told || !st.sq.is_empty() || !st.rq.is_empty();

@@ -3,7 +3,9 @@
 //! executes what arrived from the peer) and reads the completions off its
 //! queues. `arm` marks every attached end as sleeping in its own segment,
 //! so the peer signals that end's eventfd for new work; the NIC's event
-//! thread turns the signal into this CQ's wake.
+//! thread turns the signal into this CQ's wake. One fence serves all the
+//! ends (a `membarrier` where the processes take part in asymmetric fences,
+//! which spares the peers' wakes theirs: `conn::arm_fence`).
 
 use super::conn::Conn;
 use crate::fabric::{CompletionQueue, CqId, Waker, WorkCompletion};
@@ -115,9 +117,19 @@ impl CompletionQueue for ShmCq {
     fn arm(&self) -> bool {
         self.0.armed.store(true, Ordering::SeqCst);
         let ends = self.0.ends.lock();
+        if ends.is_empty() {
+            return false;
+        }
+        for c in ends.iter() {
+            c.mark_armed();
+        }
+        // One fence for all the ends, between their marks and the looks.
+        if !super::conn::arm_fence() {
+            return true;
+        }
         let mut ready = false;
         for c in ends.iter() {
-            ready |= c.arm();
+            ready |= c.has_work();
         }
         ready
     }

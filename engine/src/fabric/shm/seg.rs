@@ -34,7 +34,15 @@ struct Header {
     cells: AtomicU32,
     /// Gather entries per cell.
     stride: AtomicU32,
+    /// `FLAG_*` bits; a peer that predates a bit leaves it 0.
+    flags: AtomicU32,
 }
+
+/// The owner issues a heavy fence ([`super::sys::heavy_fence`]) between
+/// storing `armed` and looking for work, so a peer whose process takes part
+/// in asymmetric fences needs only a compiler fence between publishing
+/// work and loading `armed`.
+const FLAG_HEAVY_ARM: u32 = 1;
 
 /// The owner's state, as its peer sees it. Each word is written by one
 /// side only, as noted; the other side only reads it.
@@ -97,6 +105,12 @@ impl Segment {
             .store(layout.cells as u32, std::sync::atomic::Ordering::Relaxed);
         h.stride
             .store(stride as u32, std::sync::atomic::Ordering::Relaxed);
+        let flags = if super::sys::asymmetric_fences() {
+            FLAG_HEAVY_ARM
+        } else {
+            0
+        };
+        h.flags.store(flags, std::sync::atomic::Ordering::Relaxed);
         Ok((fd, seg))
     }
 
@@ -137,6 +151,17 @@ impl Segment {
         // creation and opening), page aligned, and a header of atomics is
         // valid for any bytes.
         unsafe { self.map.base().cast::<Header>().as_ref() }
+    }
+
+    /// Whether the owner says it arms with a heavy fence (`FLAG_HEAVY_ARM`).
+    /// Read once per connection: a peer that changes it later misleads
+    /// only its own wake-ups.
+    pub(super) fn heavy_arm(&self) -> bool {
+        self.header()
+            .flags
+            .load(std::sync::atomic::Ordering::Relaxed)
+            & FLAG_HEAVY_ARM
+            != 0
     }
 
     /// The owner's control words.

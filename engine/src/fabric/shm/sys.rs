@@ -470,3 +470,43 @@ pub(super) fn allow_peer_access() {
     // SAFETY: prctl with integer arguments only.
     unsafe { libc::prctl(libc::PR_SET_PTRACER, libc::PR_SET_PTRACER_ANY, 0, 0, 0) };
 }
+
+/// `membarrier(2)` commands (`linux/membarrier.h`).
+const MEMBARRIER_CMD_GLOBAL_EXPEDITED: libc::c_int = 1 << 1;
+const MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED: libc::c_int = 1 << 2;
+
+fn membarrier(cmd: libc::c_int) -> bool {
+    // SAFETY: membarrier takes two integers and no pointers.
+    unsafe {
+        libc::syscall(
+            libc::SYS_membarrier,
+            cmd,
+            0 as libc::c_uint,
+            0 as libc::c_int,
+        ) == 0
+    }
+}
+
+/// Whether this process takes part in asymmetric fences across processes:
+/// it registered for `MEMBARRIER_CMD_GLOBAL_EXPEDITED` (so another
+/// process's [`heavy_fence`] reaches its threads) and issuing one works
+/// (Linux 4.16 and later, unless a seccomp filter forbids it). Decided
+/// once per process, at the first call.
+pub(super) fn asymmetric_fences() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        membarrier(MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED)
+            && membarrier(MEMBARRIER_CMD_GLOBAL_EXPEDITED)
+    })
+}
+
+/// The heavy side of an asymmetric fence: once this returned, every
+/// running thread of every registered process passed a full memory
+/// barrier after this thread's earlier stores became visible, and a thread
+/// not running passed one when it was switched out; so a registered
+/// thread's store and later load, separated by a compiler fence only,
+/// cannot straddle this call. Only valid where [`asymmetric_fences`] is;
+/// whether it worked (it did once: a failure now is not expected).
+pub(super) fn heavy_fence() -> bool {
+    membarrier(MEMBARRIER_CMD_GLOBAL_EXPEDITED)
+}
