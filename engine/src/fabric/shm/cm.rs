@@ -827,7 +827,7 @@ impl NicInner {
             return Err(ConnectError::NoResources);
         }
         let num = self.new_qp_num();
-        let conn = Conn::new(
+        let (conn, poll) = Conn::new(
             self.clone(),
             Parts {
                 num,
@@ -852,7 +852,7 @@ impl NicInner {
             }
         }
         lock(&self.conns).insert(num.0, Arc::downgrade(&conn));
-        cq.attach(conn.clone());
+        cq.attach(conn.clone(), poll);
         Ok(conn)
     }
 }

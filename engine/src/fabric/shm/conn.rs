@@ -4,8 +4,12 @@
 //!
 //! # Who does what
 //!
-//! Everything local sits under one lock (`st`): posting, and the
-//! progress and reaping done when the end's CQ is polled. A send of up to
+//! Posting threads take the end's post lock (`post`: the outgoing ring's
+//! producer, the registration cache) and hand their requests to the poller
+//! through the work queues ([`wq`](super::wq), lock-free). What the poll
+//! side owns ([`PollSide`]: the incoming ring's consumer, how far the
+//! receives were filled) lives in the CQ's list of ends, under the CQ's
+//! consumer lock: a poll takes no lock of the end's. A send of up to
 //! [`INLINE_MAX`](crate::fabric::soft::cell::INLINE_MAX) bytes is copied into its cell; a longer one, and every
 //! RDMA request, travels as the poster's gather list. The *receiving*
 //! process executes what arrives, in order, when its CQ is polled: a send
@@ -30,12 +34,12 @@
 
 use super::seg::{Segment, STATE_CLOSED, STATE_INTACT, STATE_OWNER_FAILED, STATE_PEER_FAILED};
 use super::sys::{self, Cma};
+use super::wq::{RecvQueue, RqKind, SendQueue, SqEntry, SqKind};
 use super::NicInner;
 use crate::fabric::lkey_cache::LkeyCache;
-use crate::fabric::soft::cell::{CellConsumer, CellOp, CellProducer};
+use crate::fabric::soft::cell::{CellConsumer, CellOp, CellProducer, CellRing};
 use crate::fabric::*;
 use crate::spin::SpinLock;
-use std::collections::VecDeque;
 use std::net::SocketAddrV4;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{compiler_fence, fence, AtomicBool, Ordering};
@@ -72,22 +76,6 @@ pub(super) struct WindowKey {
     pub(super) access: Access,
 }
 
-struct SqEntry {
-    wr_id: WrId,
-    opcode: WcOpcode,
-    len: u32,
-    /// The message's cell index, or the status it completed with at post
-    /// time.
-    kind: Result<u64, WcStatus>,
-}
-
-struct RecvSlot {
-    wr_id: WrId,
-    sges: Vec<Sge>,
-    /// Set once the receive was filled (or failed).
-    done: Option<(WcStatus, u32)>,
-}
-
 /// How this end's outstanding requests complete once the connection broke.
 #[derive(Clone, Copy)]
 struct Broken {
@@ -101,21 +89,30 @@ struct Broken {
     tell: Option<bool>,
 }
 
-struct State {
+/// What the posting threads share, under `Conn::post`.
+struct PostSide {
     out: CellProducer,
-    inc: CellConsumer,
-    sq: VecDeque<SqEntry>,
-    /// Posted receives in posting order; the first `filled` are done.
-    rq: VecDeque<RecvSlot>,
-    /// Empty slots kept for reuse (their `sges` keep their capacity).
-    spare: Vec<RecvSlot>,
-    filled: usize,
-    broken: Option<Broken>,
-    /// Whether `QpEvents` was told.
-    told: bool,
-    gather: Vec<Sge>,
     /// The regions this end's posts named lately.
     lkeys: LkeyCache,
+}
+
+/// What the poller of the end's CQ owns: kept in the CQ's list of ends,
+/// reached only under the CQ's consumer lock.
+pub(super) struct PollSide {
+    inc: CellConsumer,
+    /// Receives filled by a message, `head <= filled <= tail` of the
+    /// receive queue.
+    filled: u64,
+    /// The results of the filled receives not given back yet, by receive
+    /// index modulo the length (a power of two above the depth).
+    results: Box<[(WcStatus, u32)]>,
+    /// Whether `QpEvents` was told of the break.
+    told: bool,
+    /// The peer's gather list of the message being executed (up to
+    /// `MAX_IOV` entries, checked).
+    gather: Vec<Sge>,
+    /// The entries of the receive being filled.
+    dst: Vec<Sge>,
 }
 
 pub(super) struct Conn {
@@ -127,6 +124,9 @@ pub(super) struct Conn {
     mine: Segment,
     /// The peer's segment (incoming ring, its control words).
     theirs: Segment,
+    /// The outgoing ring, for its consumed index (the producer is in
+    /// `post`).
+    out_ring: Arc<CellRing>,
     pub(super) peer_pid: libc::pid_t,
     /// Signalled by the peer to wake us; watched by the NIC's event thread.
     pub(super) my_event: OwnedFd,
@@ -147,18 +147,24 @@ pub(super) struct Conn {
     pub(super) peer_gone: AtomicBool,
     pub(super) cq: Arc<super::cq::CqInner>,
     events: Arc<dyn QpEvents>,
-    send_depth: usize,
     max_sge: usize,
     /// Entries reserved on the CQ.
     pub(super) reserved: usize,
     /// Set when the queue pair handle dropped.
     pub(super) dropped: AtomicBool,
-    /// Posting, progress and reaping (module docs). A spin lock: one
-    /// locked instruction to take, none to release, where a `Mutex` pays
-    /// two. Its holder makes at most a CMA copy or, breaking, waits for
-    /// the peer's seal (bounded by `SEAL_WAIT`, yielding), and a thread
-    /// that finds it taken yields after a few spins.
-    st: SpinLock<State>,
+    /// Posting (module docs). A spin lock: one locked instruction to take,
+    /// none to release, where a `Mutex` pays two. Its holder never blocks.
+    post: SpinLock<PostSide>,
+    /// Send-queue requests, posted under `post`, completed by the poller.
+    sq: SendQueue,
+    /// Receives, posted under `post`, filled and completed by the poller.
+    rq: RecvQueue,
+    /// How outstanding requests complete once broken: set once, by the
+    /// first break (whoever makes it holds the lock across the seal).
+    broken: Mutex<Option<Broken>>,
+    /// Whether `broken` is set (Release after it is): what the hot paths
+    /// read instead of the lock.
+    is_broken: AtomicBool,
     /// Keys this end exposed to the peer; locked across each RDMA the peer
     /// asked for.
     pub(super) window: Mutex<Vec<WindowKey>>,
@@ -181,24 +187,35 @@ pub(super) struct Parts {
 }
 
 impl Conn {
-    pub(super) fn new(nic: Arc<NicInner>, p: Parts) -> Arc<Conn> {
+    /// The end, and its poll side (for its CQ's list of ends).
+    pub(super) fn new(nic: Arc<NicInner>, p: Parts) -> (Arc<Conn>, PollSide) {
         let (out, _) = p.mine.ring();
         let (_, inc) = p.theirs.ring();
         let light_wake = sys::asymmetric_fences() && p.theirs.heavy_arm();
         let recv_depth = p.params.recv_depth as usize;
         let max_sge = p.params.max_sge as usize;
-        let spare = (0..recv_depth)
-            .map(|_| RecvSlot {
-                wr_id: 0,
-                sges: Vec::with_capacity(max_sge),
-                done: None,
-            })
-            .collect();
-        Arc::new(Conn {
+        let poll = PollSide {
+            inc,
+            filled: 0,
+            results: vec![(WcStatus::Success, 0); recv_depth.max(1).next_power_of_two()]
+                .into_boxed_slice(),
+            told: false,
+            gather: vec![
+                Sge {
+                    addr: 0,
+                    len: 0,
+                    lkey: 0
+                };
+                sys::MAX_IOV
+            ],
+            dst: Vec::with_capacity(max_sge),
+        };
+        let conn = Arc::new(Conn {
             nic,
             num: p.num,
             local: p.local,
             peer: p.peer,
+            out_ring: out.ring().clone(),
             mine: p.mine,
             theirs: p.theirs,
             peer_pid: p.peer_pid,
@@ -211,24 +228,20 @@ impl Conn {
             peer_gone: AtomicBool::new(false),
             cq: p.cq,
             events: p.params.events.clone(),
-            send_depth: p.params.send_depth as usize,
             max_sge,
             reserved: p.reserved,
             dropped: AtomicBool::new(false),
-            st: SpinLock::new(State {
+            post: SpinLock::new(PostSide {
                 out,
-                inc,
-                sq: VecDeque::with_capacity(p.params.send_depth as usize),
-                rq: VecDeque::with_capacity(recv_depth),
-                spare,
-                filled: 0,
-                broken: None,
-                told: false,
-                gather: Vec::with_capacity(sys::MAX_IOV),
                 lkeys: LkeyCache::default(),
             }),
+            sq: SendQueue::new(p.params.send_depth as usize),
+            rq: RecvQueue::new(recv_depth, max_sge),
+            broken: Mutex::new(None),
+            is_broken: AtomicBool::new(false),
             window: Mutex::new(Vec::new()),
-        })
+        });
+        (conn, poll)
     }
 
     /// Wakes the peer if it sleeps (after we published work for it). The
@@ -255,101 +268,115 @@ impl Conn {
         self.mine.control().armed.store(1, Ordering::Relaxed);
     }
 
+    /// The break's record, once broken.
+    fn broken(&self) -> Option<Broken> {
+        if !self.is_broken.load(Ordering::Acquire) {
+            return None;
+        }
+        *lock(&self.broken)
+    }
+
     /// Whether a poll would find something to do. A send waiting for a
     /// receive is not work (a poller would spin on it): the receive's post
     /// wakes the CQ.
-    pub(super) fn has_work(&self) -> bool {
-        let st = self.st.lock();
-        if st.broken.is_some() {
-            return !st.told || !st.sq.is_empty() || !st.rq.is_empty();
+    pub(super) fn has_work(&self, ps: &PollSide) -> bool {
+        if self.is_broken.load(Ordering::Acquire) {
+            return !ps.told || !self.sq.is_empty() || !self.rq.is_empty();
         }
         if self.peer_gone.load(Ordering::Acquire)
             || self.theirs.control().state.load(Ordering::Acquire) != STATE_INTACT
-            || st.rq.front().is_some_and(|r| r.done.is_some())
+            || ps.filled > self.rq.head()
         {
             return true;
         }
-        let can_match = st.rq.len() > st.filled;
-        let arrived = st.inc.peek().is_some_and(|m| {
+        let can_match = self.rq.tail() > ps.filled;
+        let arrived = ps.inc.peek().is_some_and(|m| {
             m.decode()
                 .map_or(true, |d| d.op != CellOp::Send || can_match)
         });
-        let consumed = st.out.ring().consumed();
         arrived
-            || st
-                .sq
-                .front()
-                .is_some_and(|e| e.kind.map_or(true, |i| i < consumed))
+            || self.sq.front().is_some_and(|e| match e.kind {
+                SqKind::Ring(i) => i < self.out_ring.consumed(),
+                _ => true,
+            })
     }
 
-    fn check_local(&self, st: &mut State, sges: &[Sge], need: Access) -> bool {
-        self.nic.pd.check(&mut st.lkeys, sges, need)
+    fn check_local(&self, post: &mut PostSide, sges: &[Sge], need: Access) -> bool {
+        self.nic.pd.check(&mut post.lkeys, sges, need)
     }
 
     pub(super) fn post_send(&self, wr: &SendWr<'_>) -> Result<(), PostError> {
         if wr.sges.len() > self.max_sge {
             return Err(PostError::TooManySge);
         }
-        let mut st = self.st.lock();
-        if st.sq.len() >= self.send_depth {
+        let mut post = self.post.lock();
+        if !self.sq.has_room() {
             return Err(PostError::QueueFull);
         }
-        let opcode = super::opcode_of(&wr.op);
-        let len: u64 = wr.sges.iter().map(|s| u64::from(s.len)).sum();
-        let done = |st: &mut State, status| {
-            st.sq.push_back(SqEntry {
-                wr_id: wr.wr_id,
-                opcode,
-                len: 0,
-                kind: Err(status),
-            })
-        };
-        if let Some(b) = st.broken {
-            done(&mut st, b.status);
-            drop(st);
-            self.cq.wake();
-            return Ok(());
+        if self.is_broken.load(Ordering::Acquire) {
+            return self.post_done(post, wr, SqKind::Flush);
         }
+        let len: u64 = wr.sges.iter().map(|s| u64::from(s.len)).sum();
         let Ok(len) = u32::try_from(len) else {
-            done(&mut st, WcStatus::LocalLengthError);
-            drop(st);
-            self.break_conn(STATE_CLOSED, true);
-            return Ok(());
+            return self.post_done(post, wr, SqKind::Failed(WcStatus::LocalLengthError));
         };
         let need = match wr.op {
             SendOp::RdmaRead { .. } => Access::LOCAL_WRITE,
             _ => Access::NONE,
         };
-        if !self.check_local(&mut st, wr.sges, need) {
-            done(&mut st, WcStatus::LocalProtectionError);
-            drop(st);
-            self.break_conn(STATE_CLOSED, true);
-            return Ok(());
+        if !self.check_local(&mut post, wr.sges, need) {
+            return self.post_done(post, wr, SqKind::Failed(WcStatus::LocalProtectionError));
         }
         let index = match wr.op {
             // SAFETY: the entries were just checked against our regions,
             // which stay registered while a request names them
             // (`Nic::deregister` contract); `len` is their total.
-            SendOp::Send => unsafe { st.out.push(wr.sges, len, 0) },
+            SendOp::Send => unsafe { post.out.push(wr.sges, len, 0) },
             SendOp::RdmaWrite { remote_addr, rkey } => {
-                st.out
+                post.out
                     .push_rdma(CellOp::Write { remote_addr, rkey }, wr.sges, len)
             }
             SendOp::RdmaRead { remote_addr, rkey } => {
-                st.out
+                post.out
                     .push_rdma(CellOp::Read { remote_addr, rkey }, wr.sges, len)
             }
         };
-        // The ring has a cell per send-queue slot.
+        // The ring has a cell per send-queue slot, and the queue had room.
         let index = index.ok_or(PostError::QueueFull)?;
-        st.sq.push_back(SqEntry {
+        let pushed = self.sq.push(SqEntry {
             wr_id: wr.wr_id,
-            opcode,
+            opcode: super::opcode_of(&wr.op),
             len,
-            kind: Ok(index),
+            kind: SqKind::Ring(index),
         });
-        drop(st);
+        debug_assert!(pushed.is_ok(), "room was checked under the post lock");
+        drop(post);
         self.wake_peer();
+        Ok(())
+    }
+
+    /// A send-queue request completed at once, without the ring: posted on
+    /// a broken connection, or failed (then the end breaks).
+    #[cold]
+    #[inline(never)]
+    fn post_done(
+        &self,
+        post: crate::spin::SpinGuard<'_, PostSide>,
+        wr: &SendWr<'_>,
+        kind: SqKind,
+    ) -> Result<(), PostError> {
+        let pushed = self.sq.push(SqEntry {
+            wr_id: wr.wr_id,
+            opcode: super::opcode_of(&wr.op),
+            len: 0,
+            kind,
+        });
+        debug_assert!(pushed.is_ok(), "room was checked under the post lock");
+        drop(post);
+        if kind != SqKind::Flush {
+            self.break_conn(STATE_CLOSED, true);
+        }
+        self.cq.wake();
         Ok(())
     }
 
@@ -357,25 +384,22 @@ impl Conn {
         if wr.sges.len() > self.max_sge {
             return Err(PostError::TooManySge);
         }
-        let mut st = self.st.lock();
-        let Some(mut slot) = st.spare.pop() else {
-            return Err(PostError::QueueFull);
-        };
-        slot.wr_id = wr.wr_id;
-        slot.sges.clear();
-        slot.sges.extend_from_slice(wr.sges);
-        slot.done = None;
-        let bad = !self.check_local(&mut st, wr.sges, Access::LOCAL_WRITE);
-        if let Some(b) = st.broken {
-            slot.done = Some((b.status, 0));
+        let mut post = self.post.lock();
+        let bad = !self.check_local(&mut post, wr.sges, Access::LOCAL_WRITE);
+        let broken = self.is_broken.load(Ordering::Acquire);
+        let kind = if broken {
+            RqKind::Flush
         } else if bad {
-            slot.done = Some((WcStatus::LocalProtectionError, 0));
+            RqKind::Failed(WcStatus::LocalProtectionError)
+        } else {
+            RqKind::Posted
+        };
+        if !self.rq.push(wr.wr_id, wr.sges, kind) {
+            return Err(PostError::QueueFull);
         }
-        st.rq.push_back(slot);
+        drop(post);
         // A receive completed at once is reaped with those before it.
-        let fail = bad && st.broken.is_none();
-        drop(st);
-        if fail {
+        if bad && !broken {
             self.break_conn(STATE_CLOSED, true);
         }
         // A message waiting for a receive may match now, here.
@@ -387,20 +411,13 @@ impl Conn {
     /// broken already), then waits for the seal.
     /// `tell_failed`: this end failed (else a local close, told nothing).
     pub(super) fn break_conn(&self, state: u32, tell_failed: bool) {
-        let mut st = self.st.lock();
-        self.break_locked(&mut st, state, None, tell_failed);
-        drop(st);
+        self.break_with(state, None, tell_failed);
         self.cq.wake();
     }
 
-    fn break_locked(
-        &self,
-        st: &mut State,
-        state: u32,
-        refused: Option<(u64, WcStatus)>,
-        tell_failed: bool,
-    ) {
-        if st.broken.is_some() {
+    fn break_with(&self, state: u32, refused: Option<(u64, WcStatus)>, tell_failed: bool) {
+        let mut b = lock(&self.broken);
+        if b.is_some() {
             return;
         }
         let c = self.mine.control();
@@ -418,7 +435,7 @@ impl Conn {
         {
             std::thread::yield_now();
         }
-        st.broken = Some(match state {
+        *b = Some(match state {
             // We refused a request of the peer: it failed, we are told.
             STATE_PEER_FAILED => Broken {
                 status: WcStatus::RemoteDisconnected,
@@ -431,18 +448,26 @@ impl Conn {
                 tell: tell_failed.then_some(true),
             },
         });
+        self.is_broken.store(true, Ordering::Release);
+        drop(b);
         sys::signal(self.peer_event.as_raw_fd());
     }
 
-    /// Reacts to the peer's state word or its death (under `st`).
-    fn follow_peer(&self, st: &mut State) {
-        if st.broken.is_some() {
-            return;
+    /// Reacts to the peer's state word or its death (on the poll side).
+    #[inline(always)]
+    fn follow_peer(&self) {
+        let peer_state = self.theirs.control().state.load(Ordering::Acquire);
+        if peer_state != STATE_INTACT || self.peer_gone.load(Ordering::Acquire) {
+            self.peer_broke(peer_state);
         }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn peer_broke(&self, peer_state: u32) {
         let theirs = self.theirs.control();
-        let peer_state = theirs.state.load(Ordering::Acquire);
-        let gone = self.peer_gone.load(Ordering::Acquire);
-        if peer_state == STATE_INTACT && !gone {
+        let mut b = lock(&self.broken);
+        if b.is_some() {
             return;
         }
         let refused = theirs.refused.load(Ordering::Relaxed);
@@ -464,7 +489,7 @@ impl Conn {
             .control()
             .state
             .store(STATE_CLOSED, Ordering::SeqCst);
-        st.broken = Some(Broken {
+        *b = Some(Broken {
             status: if refused_ours {
                 WcStatus::Flushed
             } else {
@@ -473,27 +498,30 @@ impl Conn {
             own: own.filter(|_| peer_state != STATE_CLOSED),
             tell: Some(failed),
         });
+        self.is_broken.store(true, Ordering::Release);
     }
 
     /// Executes what arrived, then moves up to `out.len()` completions
-    /// into `out`; how many.
-    pub(super) fn poll(&self, out: &mut [WorkCompletion]) -> usize {
-        let mut st = self.st.lock();
-        self.follow_peer(&mut st);
-        let consumed = st.broken.is_none() && self.progress(&mut st);
-        if consumed {
-            st.inc.publish();
+    /// into `out`; how many. The caller holds the CQ's consumer lock, under
+    /// which `ps` lives.
+    pub(super) fn poll(&self, ps: &mut PollSide, out: &mut [WorkCompletion]) -> usize {
+        let mut consumed = false;
+        if !self.is_broken.load(Ordering::Acquire) {
+            self.follow_peer();
+            consumed = !self.is_broken.load(Ordering::Relaxed) && self.progress(ps);
+            if consumed {
+                ps.inc.publish();
+            }
         }
-        let n = self.reap(&mut st, out);
-        let tell = match st.broken {
-            Some(b) if !st.told => {
-                st.told = true;
+        let broken = self.broken();
+        let n = self.reap(ps, broken, out);
+        let tell = match broken {
+            Some(b) if !ps.told => {
+                ps.told = true;
                 b.tell
             }
             _ => None,
         };
-        drop(st);
-        // Not under the lock: a wake may be a syscall.
         if consumed {
             self.wake_peer();
         }
@@ -507,9 +535,9 @@ impl Conn {
 
     /// Matches incoming messages while receives (or RDMA) let it; whether
     /// any was consumed.
-    fn progress(&self, st: &mut State) -> bool {
+    fn progress(&self, ps: &mut PollSide) -> bool {
         // Nothing arrived: nothing to copy.
-        if st.inc.peek().is_none() {
+        if ps.inc.peek().is_none() {
             return false;
         }
         // A peer that broke sends nothing more worth taking (a stale read
@@ -522,13 +550,14 @@ impl Conn {
             entered: false,
         };
         let mut moved = false;
-        while let Some(r) = self.step(st, &mut seal) {
+        let rq_tail = self.rq.tail();
+        while let Some(r) = self.step(ps, rq_tail, &mut seal) {
             match r {
                 Ok(()) => moved = true,
                 Err((index, status, state)) => {
                     seal.leave();
                     let failed = state == STATE_OWNER_FAILED;
-                    self.break_locked(st, state, Some((index, status)), failed);
+                    self.break_with(state, Some((index, status)), failed);
                     return moved;
                 }
             }
@@ -537,24 +566,27 @@ impl Conn {
         moved
     }
 
+    /// Fills the next receive with `result`.
+    fn fill(&self, ps: &mut PollSide, result: (WcStatus, u32)) {
+        let mask = ps.results.len() as u64 - 1;
+        ps.results[(ps.filled & mask) as usize] = result;
+        ps.filled += 1;
+    }
+
     /// Executes the message at the head of the incoming ring: `None` if
     /// there is none or it must wait for a receive; `Err` with the cell
-    /// index, the peer's status and our new state if it failed.
+    /// index, the peer's status and our new state if it failed. An inline
+    /// send is the hot path; the rest is out of line.
     #[allow(clippy::type_complexity)]
+    #[inline(always)]
     fn step(
         &self,
-        st: &mut State,
+        ps: &mut PollSide,
+        rq_tail: u64,
         seal: &mut SealSide<'_>,
     ) -> Option<Result<(), (u64, WcStatus, u32)>> {
-        let State {
-            inc,
-            rq,
-            filled,
-            gather,
-            ..
-        } = st;
-        let index = inc.head();
-        let msg = inc.peek()?;
+        let index = ps.inc.head();
+        let msg = ps.inc.peek()?;
         let Some(d) = msg.decode() else {
             return Some(Err((
                 index,
@@ -562,140 +594,160 @@ impl Conn {
                 STATE_PEER_FAILED,
             )));
         };
-        gather.resize(
-            sys::MAX_IOV,
-            Sge {
-                addr: 0,
-                len: 0,
-                lkey: 0,
-            },
-        );
-        let r = match d.op {
-            CellOp::Send => {
-                let recv = rq.get_mut(*filled)?;
-                let room: u64 = recv.sges.iter().map(|s| u64::from(s.len)).sum();
-                if u64::from(d.len) > room {
-                    recv.done = Some((WcStatus::LocalLengthError, 0));
-                    *filled += 1;
-                    Err((index, WcStatus::RemoteInvalidRequest, STATE_OWNER_FAILED))
-                } else if d.nsge == 0 {
-                    // Straight from the cell: no staging copy. The peer
-                    // may rewrite the bytes meanwhile (only a corrupt one
-                    // does), which gives the receive garbage, nothing worse.
-                    let src = msg.inline_src(&d);
+        let r = if d.op == CellOp::Send {
+            if ps.filled == rq_tail {
+                return None;
+            }
+            let recv = self.rq.get(ps.filled);
+            // A receive that failed at its post: the break follows.
+            if recv.kind != RqKind::Posted {
+                return None;
+            }
+            if u64::from(d.len) > recv.room {
+                self.fill(ps, (WcStatus::LocalLengthError, 0));
+                Err((index, WcStatus::RemoteInvalidRequest, STATE_OWNER_FAILED))
+            } else if d.nsge == 0 {
+                // Straight from the cell: no staging copy. The peer may
+                // rewrite the bytes meanwhile (only a corrupt one does),
+                // which gives the receive garbage, nothing worse.
+                let src = msg.inline_src(&d);
+                match self.rq.single(ps.filled) {
                     // SAFETY: `src` lies in the cell's payload, mapped and
                     // not given back before `inc.pop()` below; the
                     // receive's entries were checked against our regions
                     // (LOCAL_WRITE) at post time, stay registered until it
                     // completes, and nothing else writes them meanwhile
-                    // (`Nic::register`); `d.len <= room`.
-                    unsafe { super::copy_local(&[src], &recv.sges) };
-                    recv.done = Some((WcStatus::Success, d.len));
-                    *filled += 1;
-                    Ok(())
-                } else {
-                    let Some(src) = msg.gather_into(&d, gather) else {
-                        return Some(Err((
-                            index,
-                            WcStatus::RemoteInvalidRequest,
-                            STATE_PEER_FAILED,
-                        )));
-                    };
-                    if !seal.enter() {
-                        return None;
+                    // (`Nic::register`); `d.len <= room`, the length of
+                    // the one entry.
+                    Some(dst) => unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            src.addr as *const u8,
+                            dst as *mut u8,
+                            src.len as usize,
+                        )
+                    },
+                    None => {
+                        self.rq.sges_into(ps.filled, &mut ps.dst);
+                        // SAFETY: as above, over the receive's entries.
+                        unsafe { super::copy_local(&[src], &ps.dst) }
                     }
-                    match read_long(self.peer_pid, &recv.sges, d.len, src) {
-                        Ok(()) => {
-                            recv.done = Some((WcStatus::Success, d.len));
-                            *filled += 1;
-                            Ok(())
-                        }
-                        Err(_) => Err((index, WcStatus::LocalProtectionError, STATE_PEER_FAILED)),
-                    }
+                }
+                self.fill(ps, (WcStatus::Success, d.len));
+                Ok(())
+            } else {
+                match msg.gather_into(&d, &mut ps.gather) {
+                    None => Err((index, WcStatus::RemoteInvalidRequest, STATE_PEER_FAILED)),
+                    Some(_) if !seal.enter() => return None,
+                    Some(_) => self.read_send(ps, index, d.len, d.nsge),
                 }
             }
-            CellOp::Write { remote_addr, rkey } | CellOp::Read { remote_addr, rkey } => {
-                let write = matches!(d.op, CellOp::Write { .. });
-                let Some(remote) = msg.gather_into(&d, gather) else {
-                    return Some(Err((
-                        index,
-                        WcStatus::RemoteInvalidRequest,
-                        STATE_PEER_FAILED,
-                    )));
-                };
-                let need = if write {
-                    Access::REMOTE_WRITE
-                } else {
-                    Access::REMOTE_READ
-                };
-                if !seal.enter() {
-                    return None;
-                }
-                let window = lock(&self.window);
-                let local = check_window(&window, rkey, remote_addr, d.len as usize, need);
-                let r = match local {
-                    None => Err(WcStatus::RemoteAccessError),
-                    Some(addr) => {
-                        let here = [Sge {
-                            addr,
-                            len: d.len,
-                            lkey: 0,
-                        }];
-                        let dir = if write { Cma::Read } else { Cma::Write };
-                        sys::cma(dir, self.peer_pid, &here, remote)
-                            .map_err(|_| WcStatus::LocalProtectionError)
-                    }
-                };
-                drop(window);
-                r.map_err(|s| (index, s, STATE_PEER_FAILED))
+        } else {
+            match msg.gather_into(&d, &mut ps.gather) {
+                None => Err((index, WcStatus::RemoteInvalidRequest, STATE_PEER_FAILED)),
+                Some(_) if !seal.enter() => return None,
+                Some(_) => self
+                    .rdma(&ps.gather[..d.nsge], d.op, d.len)
+                    .map_err(|s| (index, s, STATE_PEER_FAILED)),
             }
         };
         if r.is_ok() {
-            inc.pop();
+            ps.inc.pop();
         }
         Some(r)
     }
 
+    /// A long send: one `process_vm_readv` from the sender's gather list
+    /// (the first `nsge` of `ps.gather`) into the next receive.
+    #[inline(never)]
+    fn read_send(
+        &self,
+        ps: &mut PollSide,
+        index: u64,
+        len: u32,
+        nsge: usize,
+    ) -> Result<(), (u64, WcStatus, u32)> {
+        self.rq.sges_into(ps.filled, &mut ps.dst);
+        match read_long(self.peer_pid, &ps.dst, len, &ps.gather[..nsge]) {
+            Ok(()) => {
+                self.fill(ps, (WcStatus::Success, len));
+                Ok(())
+            }
+            Err(_) => Err((index, WcStatus::LocalProtectionError, STATE_PEER_FAILED)),
+        }
+    }
+
+    /// An RDMA write or read the peer asked for, against the keys this end
+    /// exposed (the window locked across the copy, so an unbind waits).
+    #[inline(never)]
+    fn rdma(&self, remote: &[Sge], op: CellOp, len: u32) -> Result<(), WcStatus> {
+        let (write, remote_addr, rkey) = match op {
+            CellOp::Write { remote_addr, rkey } => (true, remote_addr, rkey),
+            CellOp::Read { remote_addr, rkey } => (false, remote_addr, rkey),
+            CellOp::Send => return Err(WcStatus::RemoteInvalidRequest),
+        };
+        let need = if write {
+            Access::REMOTE_WRITE
+        } else {
+            Access::REMOTE_READ
+        };
+        let window = lock(&self.window);
+        let addr = check_window(&window, rkey, remote_addr, len as usize, need)
+            .ok_or(WcStatus::RemoteAccessError)?;
+        let here = [Sge { addr, len, lkey: 0 }];
+        let dir = if write { Cma::Read } else { Cma::Write };
+        sys::cma(dir, self.peer_pid, &here, remote).map_err(|_| WcStatus::LocalProtectionError)
+    }
+
     /// Moves completions into `out`: receives, then send-queue requests,
     /// each in posting order.
-    fn reap(&self, st: &mut State, out: &mut [WorkCompletion]) -> usize {
+    fn reap(&self, ps: &mut PollSide, broken: Option<Broken>, out: &mut [WorkCompletion]) -> usize {
         let mut n = 0;
-        let broken = st.broken;
-        while n < out.len() {
-            let Some(front) = st.rq.front() else { break };
-            let (status, len) = match (front.done, broken) {
-                (Some(d), _) => d,
-                (None, Some(b)) => (b.status, 0),
-                (None, None) => break,
+        let (head, tail) = (self.rq.head(), self.rq.tail());
+        let mut i = head;
+        let mask = ps.results.len() as u64 - 1;
+        while n < out.len() && i < tail {
+            let r = self.rq.get(i);
+            let (status, len) = if i < ps.filled {
+                ps.results[(i & mask) as usize]
+            } else {
+                match (r.kind, broken) {
+                    (RqKind::Failed(s), Some(_)) => (s, 0),
+                    (_, Some(b)) => (b.status, 0),
+                    (_, None) => break,
+                }
             };
             out[n] = WorkCompletion {
-                wr_id: front.wr_id,
+                wr_id: r.wr_id,
                 status,
                 opcode: WcOpcode::Recv,
                 byte_len: len,
             };
             n += 1;
-            let slot = st.rq.pop_front().expect("a front");
-            st.filled = st.filled.saturating_sub(1);
-            st.spare.push(slot);
+            i += 1;
         }
-        // The peer writes this line for every message it takes: a poll
-        // with nothing outstanding leaves it alone.
-        let consumed = if st.sq.is_empty() {
-            0
-        } else {
-            st.out.ring().consumed().min(st.out.tail())
-        };
+        if i != head {
+            ps.filled = ps.filled.max(i);
+            self.rq.release_to(i);
+        }
+        // The peer writes this line for every message it takes: read only
+        // for a request that went to the ring, once per reap.
+        let mut consumed = None;
         while n < out.len() {
-            let Some(e) = st.sq.front() else { break };
+            let Some(e) = self.sq.front() else { break };
             let (status, len) = match (e.kind, broken) {
-                (Err(s), _) => (s, 0),
-                (Ok(i), _) if i < consumed => (WcStatus::Success, e.len),
-                (Ok(i), Some(b)) => match b.own {
+                (SqKind::Failed(s), _) => (s, 0),
+                (SqKind::Flush, Some(b)) => (b.status, 0),
+                (SqKind::Flush, None) => break,
+                (SqKind::Ring(i), _)
+                    if i < *consumed.get_or_insert_with(|| self.out_ring.consumed()) =>
+                {
+                    (WcStatus::Success, e.len)
+                }
+                (SqKind::Ring(i), Some(b)) => match b.own {
                     Some((f, s)) if f == i => (s, 0),
                     _ => (b.status, 0),
                 },
-                (Ok(_), None) => break,
+                (SqKind::Ring(_), None) => break,
             };
             out[n] = WorkCompletion {
                 wr_id: e.wr_id,
@@ -704,7 +756,7 @@ impl Conn {
                 byte_len: len,
             };
             n += 1;
-            st.sq.pop_front();
+            self.sq.pop();
         }
         n
     }
@@ -717,8 +769,7 @@ impl Conn {
 
     /// Whether nothing is outstanding (a dropped end can be forgotten).
     pub(super) fn drained(&self) -> bool {
-        let st = self.st.lock();
-        st.sq.is_empty() && st.rq.is_empty()
+        self.sq.is_empty() && self.rq.is_empty()
     }
 }
 

@@ -7,11 +7,17 @@
 //! ends (a `membarrier` where the processes take part in asymmetric fences,
 //! which spares the peers' wakes theirs: `conn::arm_fence`).
 
-use super::conn::Conn;
+use super::conn::{Conn, PollSide};
 use crate::fabric::{CompletionQueue, CqId, Waker, WorkCompletion};
 use crate::spin::SpinLock;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+
+/// An attached end: the connection, and what only its poller touches.
+struct End {
+    conn: Arc<Conn>,
+    poll: PollSide,
+}
 
 pub(super) struct CqInner {
     pub(super) id: CqId,
@@ -22,9 +28,10 @@ pub(super) struct CqInner {
     /// by the one waker that sends it.
     armed: AtomicBool,
     waker: Arc<dyn Waker>,
-    /// Attached connection ends; the one consumer polls them (its lock, a
-    /// spin lock: held for a poll, which never blocks).
-    ends: SpinLock<Vec<Arc<Conn>>>,
+    /// Attached connection ends with their poll sides; the one consumer
+    /// polls them (its lock, a spin lock: held for a poll, which never
+    /// blocks but for a break's bounded seal). The only lock a poll takes.
+    ends: SpinLock<Vec<End>>,
     /// Set after an end's handle dropped (its `dropped` store first): the
     /// poll looks for ends to forget only then.
     sweep: AtomicBool,
@@ -47,8 +54,8 @@ impl CqInner {
     /// Adds a new end. A sleeper that armed before it came did not mark it
     /// (`Conn::arm`), so the peer's work on it would wake nobody: the
     /// sleeper is woken to poll and arm again, the new end included.
-    pub(super) fn attach(&self, c: Arc<Conn>) {
-        self.ends.lock().push(c);
+    pub(super) fn attach(&self, conn: Arc<Conn>, poll: PollSide) {
+        self.ends.lock().push(End { conn, poll });
         self.wake();
     }
 
@@ -97,16 +104,16 @@ impl CompletionQueue for ShmCq {
     fn poll(&self, out: &mut [WorkCompletion]) -> usize {
         let mut ends = self.0.ends.lock();
         let mut n = 0;
-        for c in ends.iter() {
+        for e in ends.iter_mut() {
             if n == out.len() {
                 break;
             }
-            n += c.poll(&mut out[n..]);
+            n += e.conn.poll(&mut e.poll, &mut out[n..]);
         }
         let sweep = &self.0.sweep;
         if sweep.load(Ordering::Relaxed) && sweep.swap(false, Ordering::Acquire) {
-            ends.retain(|c| !(c.dropped.load(Ordering::Acquire) && c.drained()));
-            if ends.iter().any(|c| c.dropped.load(Ordering::Relaxed)) {
+            ends.retain(|e| !(e.conn.dropped.load(Ordering::Acquire) && e.conn.drained()));
+            if ends.iter().any(|e| e.conn.dropped.load(Ordering::Relaxed)) {
                 // Not drained yet: look again at the next poll.
                 sweep.store(true, Ordering::Relaxed);
             }
@@ -120,16 +127,16 @@ impl CompletionQueue for ShmCq {
         if ends.is_empty() {
             return false;
         }
-        for c in ends.iter() {
-            c.mark_armed();
+        for e in ends.iter() {
+            e.conn.mark_armed();
         }
         // One fence for all the ends, between their marks and the looks.
         if !super::conn::arm_fence() {
             return true;
         }
         let mut ready = false;
-        for c in ends.iter() {
-            ready |= c.has_work();
+        for e in ends.iter() {
+            ready |= e.conn.has_work(&e.poll);
         }
         ready
     }

@@ -52,6 +52,7 @@ mod conn;
 mod cq;
 mod seg;
 mod sys;
+mod wq;
 
 use crate::fabric::lkey_cache::{CachedRegion, LkeyCache};
 use crate::fabric::*;
