@@ -76,6 +76,8 @@ struct Cq {
     flag: Arc<Flag>,
     /// Completions polled but not yet asked for.
     backlog: Vec<WorkCompletion>,
+    /// Times `take` slept armed (and was woken).
+    sleeps: usize,
 }
 
 impl Cq {
@@ -86,6 +88,7 @@ impl Cq {
             cq,
             flag,
             backlog: Vec::new(),
+            sleeps: 0,
         }
     }
 
@@ -106,6 +109,7 @@ impl Cq {
                 self.backlog
             );
             if !self.cq.arm() {
+                self.sleeps += 1;
                 self.flag.sleep(until);
             }
         }
@@ -525,6 +529,77 @@ fn two_processes_send_recv_and_rdma_with_key_checks() {
     assert_eq!(peer.line(), "bye");
     assert!(peer.wait().success());
     drop(qp);
+    drop(cq);
+    drop(nic);
+    assert_eq!(
+        entries(&dir),
+        Vec::<String>::new(),
+        "left in the runtime dir"
+    );
+}
+
+/// Round trips of 8 bytes where both processes sleep, armed, for every
+/// message: each is delivered by the other side's wake-up (a wake skips
+/// its fence where the sleeper arms with `membarrier`), so a lost wake-up
+/// stalls the exchange and fails the wait. The client counts its sleeps:
+/// the exchange really ran on wake-ups.
+#[test]
+fn a_ping_pong_with_both_sides_asleep_loses_no_wake_up() {
+    const ROUNDS: usize = 2000;
+    let dir = private_dir("pingpong");
+    let mut peer = Peer::spawn("echo", &dir);
+    assert_eq!(peer.line(), "ready");
+    let nic = nic(&dir, CLIENT);
+    let mut cq = Cq::new(&nic, 256);
+    let events = Arc::new(Events::default());
+    let qp = connect(&nic, params(&cq, 16, events.clone())).expect("connected");
+    let recvs = Buf::new(&nic, 4 * 64, Access::LOCAL_WRITE);
+    let post_recv = |i: usize| {
+        let s = [recvs.sge(i * 64, 64)];
+        qp.post_recv(&RecvWr {
+            wr_id: 100 + i as u64,
+            sges: &s,
+        })
+        .unwrap()
+    };
+    for i in 0..4 {
+        post_recv(i);
+    }
+    let hello = cq.expect(100);
+    assert_eq!(hello.status, WcStatus::Success);
+    post_recv(0);
+    let mut src = Buf::new(&nic, 8, Access::NONE);
+    let mut slot = 1;
+    let sleeps_before = cq.sleeps;
+    for round in 0..ROUNDS {
+        src.mem.copy_from_slice(&(round as u64).to_le_bytes());
+        let s = [src.sge(0, 8)];
+        qp.post_send(&SendWr {
+            wr_id: round as u64,
+            op: SendOp::Send,
+            sges: &s,
+        })
+        .unwrap();
+        let c = cq.expect(100 + slot as u64);
+        assert_eq!(
+            (c.status, c.byte_len),
+            (WcStatus::Success, 8),
+            "round {round}"
+        );
+        let got = u64::from_le_bytes(recvs.mem[slot * 64..slot * 64 + 8].try_into().unwrap());
+        assert_eq!(got, round as u64, "the echo of round {round}");
+        assert_eq!(cq.expect(round as u64).status, WcStatus::Success);
+        post_recv(slot);
+        slot = (slot + 1) % 4;
+    }
+    let slept = cq.sleeps - sleeps_before;
+    assert!(
+        slept >= ROUNDS / 2,
+        "the client slept for {slept} of {ROUNDS} echoes: not a test of wake-ups"
+    );
+    drop(qp);
+    assert_eq!(peer.line(), "bye");
+    assert!(peer.wait().success());
     drop(cq);
     drop(nic);
     assert_eq!(

@@ -28,9 +28,30 @@
 //! copy, garbage in a cell) stores its state word, then waits until the
 //! peer's `busy` word is clear; the peer sets `busy`, fences, and copies
 //! from or into this end's memory only while both states are intact (an
-//! inline send, which reads only the cell, does without: `SealSide`). So once the break returned, the peer
-//! touches none of this end's memory, and the outstanding requests are
-//! flushed. A peer that died (its socket hung up) copies nothing more.
+//! inline send, which reads only the cell, does without: `SealSide`). So
+//! once the break returned, the peer touches none of this end's memory, and
+//! the outstanding requests are flushed. A peer that died (its socket hung
+//! up) copies nothing more.
+//!
+//! The first break, from whichever thread (a close, a post that failed its
+//! checks, the poller refusing a message or following the peer's break or
+//! death), writes the record of how the outstanding requests complete
+//! (`broken`, under its lock, held across the seal), then raises
+//! `is_broken`, which the hot paths read instead. A post that raced the
+//! break went to the ring (consumed by the peer: success; else flushed), or
+//! completes with the break's status; a receive that failed its own check
+//! is never filled (the poller stops at it until the break lands).
+//!
+//! # Cache lines per message
+//!
+//! An inline send of up to 40 bytes writes one line the peer reads: its
+//! cell's first (sequence word, header, payload). The receiver's poll
+//! writes one line the sender reads: the ring's consumed index, which the
+//! sender loads only while it has a request in the ring. Each side's
+//! control words (`armed`, `state`, `busy`) change only to sleep, break or
+//! copy by CMA: a busy pair reads them from its own cache. Everything
+//! else a post or a poll touches is the process's own (work queues, the
+//! poll side, the CQ).
 
 use super::seg::{Segment, STATE_CLOSED, STATE_INTACT, STATE_OWNER_FAILED, STATE_PEER_FAILED};
 use super::sys::{self, Cma};
