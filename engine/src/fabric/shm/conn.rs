@@ -474,13 +474,15 @@ impl Conn {
         sys::signal(self.peer_event.as_raw_fd());
     }
 
-    /// Reacts to the peer's state word or its death (on the poll side).
+    /// Reacts to the peer's state word or its death (on the poll side);
+    /// the state word it read.
     #[inline(always)]
-    fn follow_peer(&self) {
+    fn follow_peer(&self) -> u32 {
         let peer_state = self.theirs.control().state.load(Ordering::Acquire);
         if peer_state != STATE_INTACT || self.peer_gone.load(Ordering::Acquire) {
             self.peer_broke(peer_state);
         }
+        peer_state
     }
 
     #[cold]
@@ -528,8 +530,10 @@ impl Conn {
     pub(super) fn poll(&self, ps: &mut PollSide, out: &mut [WorkCompletion]) -> usize {
         let mut consumed = false;
         if !self.is_broken.load(Ordering::Acquire) {
-            self.follow_peer();
-            consumed = !self.is_broken.load(Ordering::Relaxed) && self.progress(ps);
+            let peer_state = self.follow_peer();
+            consumed = peer_state == STATE_INTACT
+                && !self.is_broken.load(Ordering::Relaxed)
+                && self.progress(ps);
             if consumed {
                 ps.inc.publish();
             }
@@ -555,15 +559,12 @@ impl Conn {
     }
 
     /// Matches incoming messages while receives (or RDMA) let it; whether
-    /// any was consumed.
+    /// any was consumed. Called only while the peer's state read intact (a
+    /// peer that broke sends nothing more worth taking; a stale read only
+    /// lets a message in that the break raced with anyway).
     fn progress(&self, ps: &mut PollSide) -> bool {
         // Nothing arrived: nothing to copy.
         if ps.inc.peek().is_none() {
-            return false;
-        }
-        // A peer that broke sends nothing more worth taking (a stale read
-        // only lets a message in that the break raced with anyway).
-        if self.theirs.control().state.load(Ordering::Acquire) != STATE_INTACT {
             return false;
         }
         let mut seal = SealSide {
@@ -723,7 +724,13 @@ impl Conn {
     /// each in posting order.
     fn reap(&self, ps: &mut PollSide, broken: Option<Broken>, out: &mut [WorkCompletion]) -> usize {
         let mut n = 0;
-        let (head, tail) = (self.rq.head(), self.rq.tail());
+        let head = self.rq.head();
+        // Nothing filled and nothing to flush: no receive to look at.
+        let tail = if ps.filled == head && broken.is_none() {
+            head
+        } else {
+            self.rq.tail()
+        };
         let mut i = head;
         let mask = ps.results.len() as u64 - 1;
         while n < out.len() && i < tail {
