@@ -155,7 +155,11 @@ pub(super) struct Conn {
     peer_event: OwnedFd,
     /// Whether waking the peer needs only a compiler fence: this process
     /// takes part in asymmetric fences and the peer arms with a heavy one
-    /// (read once from its segment's header).
+    /// (read once from its segment's header). Sound because this process
+    /// registered before it made its segment (`Segment::create` asks
+    /// `sys::asymmetric_fences`), and the peer arms this connection only
+    /// after it mapped that segment: every heavy fence the peer issues for
+    /// it reaches this process's threads.
     light_wake: bool,
     /// The connection's socket: the peer's death hangs it up.
     pub(super) sock: OwnedFd,
