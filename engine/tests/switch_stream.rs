@@ -273,6 +273,39 @@ fn a_released_buffer_leaves_the_registration_cache_and_is_registered_again() {
 }
 
 #[test]
+fn a_buffer_offered_again_keeps_its_nic_registration_but_not_its_exposure() {
+    let (c, s) = two(opts(), opts());
+    let (client, server) = pair(&c, &s, 7017);
+    let len = 1 << 20;
+    let p = map_at(None, len).expect("mmap");
+    let base = c.provider().registration_stats();
+    send_from(&client, &server, p, len, 1);
+    assert_eq!(client.stats().read_offers, 1, "a read-flow transfer");
+    let first = c.provider().registration_stats();
+    assert_eq!(first.nic_registrations, base.nic_registrations + 1);
+    for seed in 2..4 {
+        send_from(&client, &server, p, len, seed);
+    }
+    let again = c.provider().registration_stats();
+    assert_eq!(
+        again.nic_registrations, first.nic_registrations,
+        "offering the same buffer again registers nothing"
+    );
+    assert_eq!(again.cache_hits, first.cache_hits + 2);
+    // MEM-6: every exposure ended with its send; only the NIC registration
+    // is kept, reachable by no remote key.
+    assert_eq!(again.live_entries, base.live_entries);
+    assert_eq!(again.cached_entries, base.cached_entries + 1);
+    // Released before unmapping: the provider keeps nothing of it.
+    c.release_memory(p, len);
+    let released = c.provider().registration_stats();
+    assert_eq!(released.cached_entries, base.cached_entries);
+    assert_eq!(released.registered_bytes, base.registered_bytes);
+    // SAFETY: the test's own mapping; no call lends it any more.
+    assert_eq!(unsafe { libc::munmap(p.cast(), len) }, 0);
+}
+
+#[test]
 fn small_reads_of_a_large_transfer_and_large_reads_of_small_messages() {
     let (c, s) = two(opts(), opts());
     let (client, server) = pair(&c, &s, 7002);

@@ -75,6 +75,20 @@ pub struct SwitchOptions {
     /// only if the program calls [`Runtime::release_memory`] before it
     /// unmaps memory it sent from or received into.
     pub reg_cache: Option<u16>,
+    /// Whether the provider keeps a buffer's NIC registration after the
+    /// exposure (or local registration) that made it ended — the engine's
+    /// `mr_cache` — so that the next large transfer from the same buffer
+    /// only binds a remote key to it and unbinds it after (the peer loses
+    /// access when the transfer ends either way, spec MEM-6). On soft that
+    /// saves a page-table walk (`mincore`) and a region-table insertion and
+    /// removal per transfer. `None`:
+    /// on for the soft and shm fabrics, whose NIC reaches registered memory
+    /// by virtual address at the time of each op, else as
+    /// `RuntimeConfig::engine` says; on verbs the cache keeps the pages a
+    /// registration pinned, so turn it on there only if the program calls
+    /// [`Runtime::release_memory`] before it unmaps memory it sent from or
+    /// received into.
+    pub exposure_cache: Option<bool>,
     /// Blocking sends from this many bytes up to the RDMA threshold are
     /// RDMA-written into the peer's ring straight from the application's
     /// buffer (one copy fewer; the call returns once the write completed)
@@ -103,6 +117,7 @@ impl Default for SwitchOptions {
             rdma_cancel_timeout: Duration::from_secs(2),
             close_timeout: Duration::from_secs(2),
             reg_cache: None,
+            exposure_cache: None,
             direct_min: 16 << 10,
         }
     }
@@ -129,6 +144,13 @@ impl Default for RuntimeConfig {
             switch: SwitchOptions::default(),
         }
     }
+}
+
+/// Whether the NIC of fabric `kind` reaches registered memory by virtual
+/// address at the time of each op (soft, shm), not through pages pinned at
+/// registration (verbs): a registration kept after use cannot go stale.
+fn by_address(kind: FabricKind) -> bool {
+    matches!(kind, FabricKind::Soft | FabricKind::Shm)
 }
 
 /// Switch handles per chunk of the handle table.
@@ -301,15 +323,26 @@ impl Runtime {
     /// process-wide network by default).
     pub fn start(config: RuntimeConfig) -> io::Result<Arc<Runtime>> {
         Self::check(&config)?;
-        let p = Provider::new(config.engine.clone()).map_err(io::Error::other)?;
+        let p = Provider::new(Self::engine(&config)).map_err(io::Error::other)?;
         Self::start_with(p, config.switch)
     }
 
     /// A runtime on a given NIC (e.g. one of a private soft network).
     pub fn with_nic(config: RuntimeConfig, nic: Arc<dyn Nic>) -> io::Result<Arc<Runtime>> {
         Self::check(&config)?;
-        let p = Provider::with_nic(config.engine.clone(), nic).map_err(io::Error::other)?;
+        let p = Provider::with_nic(Self::engine(&config), nic).map_err(io::Error::other)?;
         Self::start_with(p, config.switch)
+    }
+
+    /// The engine settings the provider starts with: `config.engine`, with
+    /// the registration cache as [`SwitchOptions::exposure_cache`] says.
+    fn engine(config: &RuntimeConfig) -> Config {
+        let mut engine = config.engine.clone();
+        engine.mr_cache.enabled = config
+            .switch
+            .exposure_cache
+            .unwrap_or(engine.mr_cache.enabled || by_address(engine.fabric.kind));
+        engine
     }
 
     fn check(config: &RuntimeConfig) -> io::Result<()> {
@@ -345,11 +378,13 @@ impl Runtime {
         let can_rdma_read = provider.extension(&Extension::RdmaRead.guid()).is_ok();
         let rtc = provider.config().poller.mode == PollerMode::RunToCompletion;
         let hub = Arc::new(Hub::default());
-        let by_address = matches!(
-            provider.config().fabric.kind,
-            FabricKind::Soft | FabricKind::Shm
-        );
-        let reg_cache = usize::from(opts.reg_cache.unwrap_or(if by_address { 8 } else { 0 }));
+        let reg_cache = usize::from(opts.reg_cache.unwrap_or(
+            if by_address(provider.config().fabric.kind) {
+                8
+            } else {
+                0
+            },
+        ));
         let cq_wake = Arc::new(CqWake::new(hub.clone()));
         Ok(Arc::new(Runtime {
             reg_cache,
@@ -446,15 +481,21 @@ impl Runtime {
     /// The program is about to unmap, free or re-protect `[addr,
     /// addr+len)`: every connection of the runtime forgets its cached
     /// registrations overlapping it (deregistered now, or as soon as the
-    /// op using one completes). Call it from an unmap hook, or before
-    /// freeing a buffer streams sent from or received into, when the
-    /// registration cache is on for a fabric that pins memory (see
-    /// [`SwitchOptions::reg_cache`]); on soft and shm it keeps the
+    /// op using one completes), then the provider drops the NIC
+    /// registrations it keeps of the range (`WSPMemoryRegistrationCacheCallback`).
+    /// Call it from an unmap hook, or before freeing a buffer streams sent
+    /// from or received into, when a registration cache is on for a fabric
+    /// that pins memory (see [`SwitchOptions::reg_cache`] and
+    /// [`SwitchOptions::exposure_cache`]); on soft and shm it keeps the
     /// registered set small.
     pub fn release_memory(&self, addr: *const u8, len: usize) {
         for c in self.upcalls.conns() {
             c.release_memory(addr as usize, len);
         }
+        // `WSAEINVAL` when nothing of the range was cached: nothing to do.
+        let _ = self
+            .provider
+            .memory_registration_cache_callback(addr.cast_mut(), len);
     }
 
     pub(super) fn socket(&self) -> io::Result<ProviderSocket> {
