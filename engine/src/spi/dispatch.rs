@@ -24,10 +24,19 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// How long the run-to-completion upcall helper leaves a completion to the
-/// threads that poll before it reports it itself (see
+/// How long the run-to-completion upcall helper first leaves a completion
+/// to the threads that poll before it reports it itself (see
 /// `Inner::upcall_helper_main`): the delay of an upcall nobody polled for.
 const HELPER_STEP_ASIDE: Duration = Duration::from_micros(200);
+
+/// The longest step the upcall helper takes aside while other threads keep
+/// reaping: each step in which they reaped doubles the next one up to this.
+/// It bounds the delay of an upcall on a CQ that none of those threads
+/// polls, and the helper's wake-ups are then one per this long, not one
+/// per [`HELPER_STEP_ASIDE`] (a wake-up takes a core from a polling thread;
+/// under emulation, as in the Soft-RoCE VM, it costs tens of
+/// microseconds).
+const HELPER_STEP_ASIDE_MAX: Duration = Duration::from_micros(3200);
 
 thread_local! {
     /// True while this thread dispatches completions (and so may be inside
@@ -458,7 +467,11 @@ impl Inner {
     /// reaping: it arms the CQs again only after a whole step in which
     /// nobody else reaped, since an armed CQ costs the thread that completes
     /// a request a wake-up, which a thread polling for its own ops must not
-    /// pay per op.
+    /// pay per op. While they reap, each step is twice the last, up to
+    /// [`HELPER_STEP_ASIDE_MAX`], and after each the helper polls every CQ
+    /// once: a thread polls only its own socket's CQ, so a completion on a
+    /// CQ that nobody polls is reported within that bound, however long
+    /// the others keep reaping theirs.
     pub(super) fn upcall_helper_main(self: Arc<Self>, run: &Arc<Running>) {
         let mut idle = IdleLoop::new(0);
         while !run.stop.load(Ordering::SeqCst) {
@@ -478,13 +491,19 @@ impl Inner {
                 std::thread::yield_now();
                 continue;
             }
+            let mut step = HELPER_STEP_ASIDE;
             while !run.stop.load(Ordering::SeqCst) {
-                std::thread::park_timeout(HELPER_STEP_ASIDE);
-                let now = run.reaped.load(Ordering::Relaxed);
-                if now == seen {
+                std::thread::park_timeout(step);
+                if run.reaped.load(Ordering::Relaxed) == seen {
                     break;
                 }
-                seen = now;
+                if self.progress(run, None) > 0 {
+                    run.rtc_notifier.notify();
+                }
+                // After this pass's own count: only the others' reaping
+                // keeps the helper aside.
+                seen = run.reaped.load(Ordering::Relaxed);
+                step = (step * 2).min(HELPER_STEP_ASIDE_MAX);
             }
         }
     }

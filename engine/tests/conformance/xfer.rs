@@ -382,3 +382,81 @@ fn xfer_rnr_overflow_is_connaborted_at_the_sender_and_connreset_at_the_receiver(
         h.p.close_socket(s).unwrap();
     }
 }
+
+/// Run to completion: a thread that waits polls only its own socket's CQ,
+/// so an op that wants an upcall on a CQ nobody polls has only the upcall
+/// helper to report it, and must get its upcall while other threads keep
+/// reaping their CQs (the helper once stayed aside for as long as anybody
+/// reaped anything).
+#[test]
+fn xfer_6_an_upcall_comes_while_other_threads_keep_polling() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let mut config = test_config(PollerMode::RunToCompletion);
+    config.poller.count = 3;
+    let h = Host::with_config(config);
+    // Queue pairs take the CQs in turn: the busy pair's sockets use the
+    // first two, the quiet pair's the third and the first, so one quiet
+    // socket's CQ is polled by nobody.
+    let (bc, bs) = pair(&h, 5511);
+    let (qc, qs) = pair(&h, 5512);
+    let (bbc, bbs) = (
+        buf(&h, bc, 4096, MEM_READWRITE),
+        buf(&h, bs, 4096, MEM_READWRITE),
+    );
+    let (qbc, qbs) = (
+        buf(&h, qc, 4096, MEM_READWRITE),
+        buf(&h, qs, 4096, MEM_READWRITE),
+    );
+    let stop = AtomicBool::new(false);
+    let rounds = AtomicUsize::new(0);
+    /// Stops the busy thread however the test ends (a failed wait panics).
+    struct Stop<'a>(&'a AtomicBool);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+    std::thread::scope(|sc| {
+        let busy = sc.spawn(|| {
+            // Polled ops (hEvent bit 0 set), waited for with fWait: this
+            // thread reaps the busy pair's CQs, nothing else.
+            let (r, w) = (Overlapped::new(1), Overlapped::new(1));
+            while !stop.load(Ordering::Relaxed) {
+                recv(&h, bs, &bbs, 0, 8, &r).unwrap();
+                send(&h, bc, &bbc, 0, 8, &w).unwrap();
+                assert_eq!(h.p.get_overlapped_result(bs, &r, true).unwrap().0, 8);
+                assert_eq!(h.p.get_overlapped_result(bc, &w, true).unwrap().0, 8);
+                rounds.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        let (r1, r2) = (Overlapped::new(0), Overlapped::new(0));
+        let (w1, w2) = (Overlapped::new(0), Overlapped::new(0));
+        // The first op that wants an upcall starts the helper; the busy
+        // thread's completions then wake it, and it steps aside.
+        recv(&h, qs, &qbs, 0, 64, &r1).unwrap();
+        recv(&h, qc, &qbc, 0, 64, &r2).unwrap();
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        while rounds.load(Ordering::Relaxed) < 2000 {
+            assert!(
+                std::time::Instant::now() < deadline && !busy.is_finished(),
+                "the busy pair made {} rounds",
+                rounds.load(Ordering::Relaxed)
+            );
+            std::thread::yield_now();
+        }
+        let stopping = Stop(&stop);
+        // No provider call from here on: only the upcalls report these.
+        send(&h, qc, &qbc, 0, 33, &w1).unwrap();
+        send(&h, qs, &qbs, 0, 44, &w2).unwrap();
+        for ov in [&r1, &r2, &w1, &w2] {
+            h.sw.wait_completions(ov, 1);
+        }
+        drop(stopping);
+        busy.join().expect("the busy thread");
+        assert_eq!(done_ov(&r1), (OK, 33));
+        assert_eq!(done_ov(&r2), (OK, 44));
+    });
+    for s in [bc, bs, qc, qs] {
+        h.p.close_socket(s).unwrap();
+    }
+}
