@@ -208,8 +208,12 @@ fn xfer_4_and_6_completed_op_result_and_one_upcall() {
     let (r, w) = (Overlapped::new(0x40), Overlapped::new(0x80));
     recv(&h, s, &bs, 0, 1000, &r).unwrap();
     send(&h, c, &bc, 0, 777, &w).unwrap();
-    h.sw.wait_completions(&r, 1);
-    h.sw.wait_completions(&w, 1);
+    // The upcall is logged before the record shows the op complete: wait
+    // for the record, then count the upcalls.
+    wait_ov(&h, &r);
+    wait_ov(&h, &w);
+    assert_eq!(h.sw.completions_of(&r), 1);
+    assert_eq!(h.sw.completions_of(&w), 1);
     assert_eq!(h.p.get_overlapped_result(s, &r, false).unwrap(), (777, 0));
     assert_eq!(h.p.get_overlapped_result(c, &w, true).unwrap(), (777, 0));
     let hs = h.p.switch_handle(s).unwrap();
@@ -448,13 +452,10 @@ fn xfer_6_an_upcall_comes_while_other_threads_keep_polling() {
         // No provider call from here on: only the upcalls report these.
         send(&h, qc, &qbc, 0, 33, &w1).unwrap();
         send(&h, qs, &qbs, 0, 44, &w2).unwrap();
-        for ov in [&r1, &r2, &w1, &w2] {
-            h.sw.wait_completions(ov, 1);
-        }
+        let results = [&r1, &r2, &w1, &w2].map(|ov| wait_ov(&h, ov));
         drop(stopping);
         busy.join().expect("the busy thread");
-        assert_eq!(done_ov(&r1), (OK, 33));
-        assert_eq!(done_ov(&r2), (OK, 44));
+        assert_eq!(results, [(OK, 33), (OK, 44), (OK, 33), (OK, 44)]);
     });
     for s in [bc, bs, qc, qs] {
         h.p.close_socket(s).unwrap();
