@@ -1,0 +1,308 @@
+//! conn_touch: what one message exchange touches when it goes to one of N
+//! connections that were idle for N - 1 rounds, counted rather than timed.
+//!
+//! One thread drives both ends of N connected socket pairs in one soft
+//! provider, in run-to-completion mode, through the public SPI only, with
+//! the settings `sanbench conn_scale` uses (two CQs, a registered 64-byte
+//! slice and one receive always pending per socket). A round is what a
+//! ping-pong sample of `conn_scale` does on connection `k` (round robin):
+//! the client sends 8 B, the server reaps it, posts its receive again and
+//! answers, the client reaps the answer, posts its receive again and reaps
+//! its send.
+//!
+//! After `--warmup` rounds (default N: every connection carried a message
+//! once) it runs `--rounds` more inside `measure_rounds`, a function of its
+//! own, for callgrind (`--toggle-collect=*measure_rounds*
+//! --cache-sim=yes`): its first-level data misses per round are the lines a
+//! round touches that were not touched since the connection's last round.
+//! Then, unless `--no-pages`, it counts the pages a round touches (the TLB
+//! entries it needs): clear the pages' referenced bits
+//! (`/proc/self/clear_refs`), run one round, read what is referenced
+//! (`/proc/self/smaps`), minus the 4 KiB pages the reading alone references;
+//! the median over `--page-samples` rounds, each on a connection idle since
+//! the warm-up. Transparent huge pages are counted apart (per mapping that
+//! holds any, its referenced bytes in 2 MiB pages).
+//!
+//! Usage: `conn_touch [--conns N] [--rounds R] [--warmup W]
+//! [--page-samples S] [--no-pages]`. Prints one line of figures; exits 1
+//! with the reason on any error.
+
+use sanpath::config::{MlockPolicy, PollerMode};
+use sanpath::mem::region::Region;
+use sanpath::spi::*;
+use sanpath::testkit::{self, CompletingSwitch};
+use sanpath::Config;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::Arc;
+
+/// hEvent with bit 0 set: no upcall, the harness reaps.
+const POLLED: usize = 1;
+/// Each socket's slice of the shared buffer: send source at 0, receive
+/// sink at `SLICE / 2` (as in `conn_scale`).
+const SLICE: usize = 64;
+/// Message size.
+const MSG: u32 = 8;
+/// Listening ports: connection `k` is set up through port `PORT0 + k`.
+const PORT0: u16 = 20_000;
+
+type Res<T> = Result<T, String>;
+
+fn wsa(what: &'static str) -> impl Fn(sanpath::WsaError) -> String {
+    move |e| format!("{what}: {e}")
+}
+
+/// One socket of a pair and its two records.
+struct End {
+    sock: ProviderSocket,
+    rov: Overlapped,
+    sov: Overlapped,
+}
+
+struct Pairs {
+    p: Provider,
+    buf: Region,
+    /// `(client, server)` per connection.
+    ends: Vec<(End, End)>,
+}
+
+impl Pairs {
+    fn new(n: usize) -> Res<Pairs> {
+        if n == 0 || n > usize::from(u16::MAX - PORT0) {
+            return Err(format!(
+                "--conns takes 1 to {}",
+                usize::from(u16::MAX - PORT0)
+            ));
+        }
+        let mut c = Config::default();
+        c.poller.mode = PollerMode::RunToCompletion;
+        c.poller.count = 2;
+        c.mem.mlock = MlockPolicy::Off;
+        let sockets = 2 * n + 2;
+        c.ops.max_sockets = c.ops.max_sockets.max(sockets);
+        c.ops.slab_size = c.ops.slab_size.max(2 * sockets);
+        let ip = Ipv4Addr::new(198, 18, 254, 1);
+        let (p, _nic, _net) = testkit::soft_provider(c, ip, Arc::new(CompletingSwitch))?;
+        let buf = Region::new(2 * n * SLICE, MlockPolicy::Off).map_err(|e| e.to_string())?;
+        let end = |sock| End {
+            sock,
+            rov: Overlapped::new(POLLED),
+            sov: Overlapped::new(POLLED),
+        };
+        let mut ends = Vec::with_capacity(n);
+        for k in 0..n {
+            let addr = SocketAddrV4::new(ip, PORT0 + k as u16);
+            let (c, s) = testkit::connected_pair(&p, addr).map_err(wsa("connect"))?;
+            ends.push((end(c), end(s)));
+        }
+        let pairs = Pairs { p, buf, ends };
+        for k in 0..n {
+            for server in [false, true] {
+                let e = pairs.end(k, server);
+                // SAFETY: the slice lives in `pairs.buf`, which outlives the
+                // sockets (`Drop` cleans the provider up first).
+                unsafe {
+                    pairs
+                        .p
+                        .register_memory(
+                            e.sock,
+                            pairs.slice(k, server),
+                            SLICE as u32,
+                            MEM_READWRITE,
+                        )
+                        .map_err(wsa("register"))?;
+                }
+                pairs.recv(k, server)?;
+            }
+        }
+        Ok(pairs)
+    }
+
+    fn end(&self, k: usize, server: bool) -> &End {
+        let (c, s) = &self.ends[k];
+        if server {
+            s
+        } else {
+            c
+        }
+    }
+
+    fn slice(&self, k: usize, server: bool) -> *mut u8 {
+        self.buf
+            .as_ptr()
+            .wrapping_add((2 * k + usize::from(server)) * SLICE)
+    }
+
+    fn recv(&self, k: usize, server: bool) -> Res<()> {
+        let e = self.end(k, server);
+        let b = [WsaBuf {
+            len: MSG,
+            buf: self.slice(k, server).wrapping_add(SLICE / 2),
+        }];
+        // SAFETY: a registered slice of `buf`; the record lives in `ends`,
+        // which never moves while an op is pending.
+        unsafe { self.p.recv(e.sock, &b, &e.rov) }.map_err(wsa("recv"))
+    }
+
+    fn send(&self, k: usize, server: bool) -> Res<()> {
+        let e = self.end(k, server);
+        let b = [WsaBuf {
+            len: MSG,
+            buf: self.slice(k, server),
+        }];
+        // SAFETY: as in `recv`.
+        unsafe { self.p.send(e.sock, &b, 0, &e.sov) }.map_err(wsa("send"))
+    }
+
+    fn wait(&self, k: usize, server: bool, recv: bool) -> Res<()> {
+        let e = self.end(k, server);
+        let ov = if recv { &e.rov } else { &e.sov };
+        match self.p.get_overlapped_result(e.sock, ov, true) {
+            Ok((MSG, _)) => Ok(()),
+            Ok((n, _)) => Err(format!("an op moved {n} bytes, not {MSG}")),
+            Err(e) => Err(format!("an op failed: {e}")),
+        }
+    }
+
+    /// One ping-pong on connection `k`, in the order a two-thread run
+    /// makes it (the receiving end reaps first: its CQ's consumer moves the
+    /// message).
+    fn round(&self, k: usize) -> Res<()> {
+        self.send(k, false)?;
+        self.wait(k, true, true)?;
+        self.recv(k, true)?;
+        self.send(k, true)?;
+        self.wait(k, false, true)?;
+        self.recv(k, false)?;
+        self.wait(k, false, false)?;
+        self.wait(k, true, false)
+    }
+}
+
+impl Drop for Pairs {
+    fn drop(&mut self) {
+        let _ = self.p.cleanup();
+    }
+}
+
+/// The measured rounds, never inlined, so that callgrind's
+/// `--toggle-collect=*measure_rounds*` finds them by name.
+#[inline(never)]
+fn measure_rounds(pairs: &Pairs, from: usize, rounds: usize) -> Res<()> {
+    let n = pairs.ends.len();
+    (from..from + rounds).try_for_each(|i| pairs.round(i % n))
+}
+
+/// Pages of this process referenced while `f` ran: `(small, huge)`, 4 KiB
+/// pages and 2 MiB transparent huge pages (a mapping holding any huge page
+/// counts its referenced bytes as huge ones). `buf`: the reading's buffer.
+fn referenced_over(buf: &mut String, f: impl FnOnce() -> Res<()>) -> Res<(u64, u64)> {
+    std::fs::write("/proc/self/clear_refs", "1").map_err(|e| format!("clear_refs: {e}"))?;
+    f()?;
+    buf.clear();
+    let mut file = std::fs::File::open("/proc/self/smaps").map_err(|e| format!("smaps: {e}"))?;
+    std::io::Read::read_to_string(&mut file, buf).map_err(|e| format!("smaps: {e}"))?;
+    let kib = |l: &str, key: &str| {
+        l.strip_prefix(key)
+            .and_then(|v| v.trim().strip_suffix("kB"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    // Each mapping's block lists `Referenced:` before `AnonHugePages:`.
+    let (mut small, mut huge, mut referenced) = (0, 0, 0);
+    for l in buf.lines() {
+        if let Some(r) = kib(l, "Referenced:") {
+            referenced = r;
+        } else if let Some(h) = kib(l, "AnonHugePages:") {
+            if h > 0 {
+                huge += referenced.div_ceil(2048);
+            } else {
+                small += referenced / 4;
+            }
+        }
+    }
+    Ok((small, huge))
+}
+
+fn median(mut v: Vec<u64>) -> u64 {
+    v.sort_unstable();
+    v[v.len() / 2]
+}
+
+struct Args {
+    conns: usize,
+    rounds: usize,
+    warmup: Option<usize>,
+    page_samples: usize,
+    pages: bool,
+}
+
+fn parse() -> Res<Args> {
+    let usage = || {
+        "usage: conn_touch [--conns N] [--rounds R] [--warmup W] [--page-samples S] [--no-pages]"
+            .to_string()
+    };
+    let mut a = Args {
+        conns: 10_000,
+        rounds: 2_000,
+        warmup: None,
+        page_samples: 51,
+        pages: true,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        if flag == "--no-pages" {
+            a.pages = false;
+            continue;
+        }
+        let n = it
+            .next()
+            .and_then(|v| v.parse::<usize>().ok())
+            .ok_or_else(usage)?;
+        match flag.as_str() {
+            "--conns" => a.conns = n,
+            "--rounds" => a.rounds = n,
+            "--warmup" => a.warmup = Some(n),
+            "--page-samples" => a.page_samples = n.max(1),
+            _ => return Err(usage()),
+        }
+    }
+    Ok(a)
+}
+
+fn run() -> Res<()> {
+    let a = parse()?;
+    let pairs = Pairs::new(a.conns)?;
+    let n = a.conns;
+    let warm = a.warmup.unwrap_or(n);
+    for i in 0..warm {
+        pairs.round(i % n)?;
+    }
+    measure_rounds(&pairs, warm, a.rounds)?;
+    let mut line = format!("conn_touch: conns {n} rounds {} warmup {warm}", a.rounds);
+    if a.pages {
+        let mut buf = String::with_capacity(1 << 20);
+        let mut small = Vec::with_capacity(a.page_samples);
+        let mut huge = Vec::with_capacity(a.page_samples);
+        let mut reading = Vec::with_capacity(a.page_samples);
+        for next in (warm + a.rounds..).take(a.page_samples) {
+            reading.push(referenced_over(&mut buf, || Ok(()))?.0);
+            let (s, h) = referenced_over(&mut buf, || pairs.round(next % n))?;
+            small.push(s);
+            huge.push(h);
+        }
+        let (s, h, r) = (median(small), median(huge), median(reading));
+        line += &format!(
+            " pages_per_round {} huge_pages_per_round {h} (4 KiB pages referenced {s}, by the \
+             reading alone {r})",
+            s.saturating_sub(r)
+        );
+    }
+    println!("{line}");
+    Ok(())
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("conn_touch: {e}");
+        std::process::exit(1);
+    }
+}
