@@ -19,9 +19,9 @@
 //! - **idle**: its [`Presence`] says so; visited by no poll.
 //!
 //! An end starts hot. After [`IDLE_POLLS`] visits in a row that found
-//! nothing, the consumer stores `idle`, issues a SeqCst fence and looks
-//! for work once more (the `arm` protocol, per end): if it finds none the
-//! end leaves the hot list. A producer, after publishing work and the
+//! nothing (fewer when many ends are hot: [`quiet_limit`]), the consumer
+//! stores `idle`, issues a SeqCst fence and looks for work once more (the
+//! `arm` protocol, per end): if it finds none the end leaves the hot list. A producer, after publishing work and the
 //! fence it issues anyway for `armed` (`Link::wake`), reads `idle`; only if
 //! it is set does it swap it back (one of possibly several producers wins)
 //! and push the end's slot on `ready`. The next poll moves announced ends
@@ -52,6 +52,24 @@ use std::sync::{Arc, Mutex};
 /// waiting thread polls many times per round trip, so an end in use never
 /// goes idle; one that does costs its next producer one announcement.
 pub(super) const IDLE_POLLS: u32 = 64;
+
+/// The fewest quiet visits after which an end leaves the hot list.
+const MIN_QUIET: u32 = 2;
+
+/// Quiet visits in a row after which an end of a hot list of `hot` ends
+/// leaves it: [`IDLE_POLLS`] shared out among them (divided by the power
+/// of two at or below `hot`: a shift, not a division), at least
+/// [`MIN_QUIET`]. One end alone (a CQ per connection) keeps the full
+/// count; on a CQ shared by thousands of connections that each wake now
+/// and then (a server's round robin), ends leave sooner, or every poll
+/// would visit the last `IDLE_POLLS / polls-per-message` connections that
+/// had a message, each a cache miss, and a poll's cost would grow with the
+/// connections again (a hot list of `8 * sqrt(ends woken per poll)` ends,
+/// not `64 *` that many).
+#[inline]
+fn quiet_limit(hot: usize) -> u32 {
+    (IDLE_POLLS >> hot.max(1).ilog2().min(31)).max(MIN_QUIET)
+}
 
 /// How an idle end gets its CQ to poll it again (kept in `link::End`).
 pub(super) struct Presence {
@@ -163,7 +181,7 @@ struct Attached {
     /// Which end of `link`.
     end: usize,
     r: Reaper,
-    /// Visits in a row that found nothing, up to [`IDLE_POLLS`].
+    /// Visits in a row that found nothing, up to the poll's [`quiet_limit`].
     quiet: u32,
     /// The end's slot in `Consumer::parked`, its own until it is forgotten.
     slot: u32,
@@ -205,15 +223,16 @@ impl Consumer {
     }
 
     /// After a poll that saw an end drained or long quiet: forgets drained
-    /// ends and parks quiet ones that still have nothing.
-    fn settle(&mut self) {
+    /// ends and parks those quiet for `limit` visits that still have
+    /// nothing.
+    fn settle(&mut self, limit: u32) {
         let mut i = 0;
         while i < self.hot.len() {
             let a = &mut self.hot[i];
             if a.link.drained(a.end, &a.r) {
                 self.free.push(a.slot);
                 self.hot.swap_remove(i);
-            } else if a.quiet >= IDLE_POLLS && a.idle() {
+            } else if a.quiet >= limit && a.idle() {
                 let a = self.hot.swap_remove(i);
                 let slot = a.slot as usize;
                 debug_assert!(self.parked[slot].is_none());
@@ -236,9 +255,10 @@ struct Visit {
 }
 
 impl Attached {
-    /// Reaps the end into `out` and keeps its quiet count.
+    /// Reaps the end into `out` and keeps its quiet count (`limit`: the
+    /// poll's [`quiet_limit`]).
     #[inline]
-    fn visit(&mut self, out: &mut [WorkCompletion]) -> Visit {
+    fn visit(&mut self, out: &mut [WorkCompletion], limit: u32) -> Visit {
         let (reaped, seal) = self.link.reap(self.end, &mut self.r, out);
         if seal {
             return Visit {
@@ -250,7 +270,7 @@ impl Attached {
         let mut settle = false;
         if reaped == 0 {
             self.quiet += 1;
-            settle = self.quiet >= IDLE_POLLS;
+            settle = self.quiet >= limit;
         } else {
             self.quiet = 0;
         }
@@ -393,6 +413,7 @@ impl CompletionQueue for SoftCq {
         let mut seal = None;
         let mut settle = false;
         let count = c.hot.len();
+        let mut limit = IDLE_POLLS;
         if count == 1 {
             // One hot end (a CQ per connection, the common case): no
             // rotation to keep.
@@ -402,7 +423,7 @@ impl CompletionQueue for SoftCq {
                     c.visits += 1;
                 }
                 let a = &mut c.hot[0];
-                let v = a.visit(out);
+                let v = a.visit(out, IDLE_POLLS);
                 n = v.reaped;
                 settle = v.settle;
                 if v.seal {
@@ -410,6 +431,7 @@ impl CompletionQueue for SoftCq {
                 }
             }
         } else {
+            limit = quiet_limit(count);
             let start = if c.cursor < count { c.cursor } else { 0 };
             for visited in 0..count {
                 if n == out.len() {
@@ -421,7 +443,7 @@ impl CompletionQueue for SoftCq {
                     c.visits += 1;
                 }
                 let a = &mut c.hot[if at < count { at } else { at - count }];
-                let v = a.visit(&mut out[n..]);
+                let v = a.visit(&mut out[n..], limit);
                 n += v.reaped;
                 settle |= v.settle;
                 if v.seal {
@@ -432,7 +454,7 @@ impl CompletionQueue for SoftCq {
             c.cursor = start + 1;
         }
         if settle {
-            c.settle();
+            c.settle(limit);
         }
         drop(guard);
         match seal {

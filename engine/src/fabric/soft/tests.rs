@@ -1557,6 +1557,55 @@ fn a_poll_visits_only_the_ends_with_work() {
     assert_eq!(sb_cq.ends(), (0, 0));
 }
 
+/// A server's round robin over many connections of one CQ: each message
+/// wakes an idle end. The ends that had a message stay hot only for a
+/// share of `IDLE_POLLS` quiet visits, so a poll visits a few ends, not
+/// every end that had a message in the last `IDLE_POLLS` polls.
+#[test]
+fn round_robin_over_many_ends_keeps_the_hot_list_short() {
+    const M: usize = 256;
+    const ROUNDS: usize = 4 * M;
+    let net = SoftNetwork::new();
+    let (n1, n2) = (
+        nic_on(&net, ip(198, 18, 24, 1), 8),
+        nic_on(&net, ip(198, 18, 24, 2), 8),
+    );
+    let (qa, qb, [(acq, ..), (bcq, ..)]) =
+        pairs_on_shared_cqs(&n1, &n2, sa(ip(198, 18, 24, 2), 1), M);
+    let (sa_cq, sb_cq) = (soft_cq(&n1, &acq), soft_cq(&n2, &bcq));
+    let src = Buf::new(&n1, 8, Access::NONE);
+    let dst = Buf::new(&n2, 8 * M, Access::LOCAL_WRITE);
+    for (k, qp) in qb.iter().enumerate() {
+        recv(qp, k as u64, &[dst.sge(8 * k, 8)]);
+    }
+    let mut out = [WorkCompletion::EMPTY; 16];
+    let (mut visits, mut polls) = (0, 0);
+    for round in 0..ROUNDS {
+        let k = round % M;
+        if round == M {
+            // Counted from the second lap on, every end idle since its
+            // last message.
+            (visits, polls) = (sa_cq.visits() + sb_cq.visits(), 0);
+        }
+        send(&qa[k], (M + k) as u64, &[src.sge(0, 8)]);
+        let mut got = 0;
+        while got < 2 {
+            assert!(polls < 100 * ROUNDS as u64, "completions of {k} lost");
+            polls += 2;
+            got += bcq.poll(&mut out);
+            got += acq.poll(&mut out);
+        }
+        recv(&qb[k], k as u64, &[dst.sge(8 * k, 8)]);
+    }
+    let per_poll = (sa_cq.visits() + sb_cq.visits() - visits) as f64 / polls as f64;
+    // Each end kept hot for `IDLE_POLLS` quiet visits: 65 visits per poll
+    // here; with the quiet visits shared out: 8.5.
+    assert!(
+        per_poll < 16.0,
+        "a poll visits {per_poll:.1} ends on average ({polls} polls)"
+    );
+}
+
 #[test]
 fn ends_idle_and_announced_across_threads_lose_no_wake_up() {
     const M: usize = 48;
