@@ -253,15 +253,27 @@ impl SqReaper {
     }
 }
 
-/// A receive slot: `meta` holds the number of entries (bits 0-15) and the
-/// preset status plus one (bits 16-23, 0 for none); `len` the filled length
-/// (written by the matcher before it publishes the receive as filled).
+/// Scatter entries a receive slot holds itself; the rest of a receive's
+/// entries live in `RqShared::more`.
+const INLINE_SGES: usize = 2;
+
+/// A receive slot, one cache line: `meta` holds the number of entries (bits
+/// 0-15) and the preset status plus one (bits 16-23, 0 for none); `len` the
+/// filled length (written by the matcher before it publishes the receive as
+/// filled); then the first entries. A receive of up to [`INLINE_SGES`]
+/// buffers (the switch posts one) touches one line and one page, where a
+/// header array beside an entry array took two pages per idle queue.
 #[derive(Default)]
+#[repr(C, align(64))]
 struct RqSlot {
     wr_id: AtomicU64,
     meta: AtomicU64,
     len: AtomicU64,
+    sges: [RqSge; INLINE_SGES],
 }
+
+#[cfg(not(loom))]
+const _: () = assert!(std::mem::size_of::<RqSlot>() == 64);
 
 /// An atomic scatter entry.
 #[derive(Default)]
@@ -272,18 +284,34 @@ struct RqSge {
 
 pub(super) struct RqShared {
     slots: super::zeroed::Zeroed<RqSlot>,
-    sges: super::zeroed::Zeroed<RqSge>,
+    /// Entries beyond the first [`INLINE_SGES`]: slot `i` owns
+    /// `[i * more_stride, (i + 1) * more_stride)`.
+    more: super::zeroed::Zeroed<RqSge>,
+    more_stride: usize,
     stride: usize,
     mask: u64,
     ends: Ends,
 }
 
+impl RqShared {
+    /// Entry `j` of receive slot `i`.
+    #[inline]
+    fn sge(&self, i: usize, j: usize) -> &RqSge {
+        match j.checked_sub(INLINE_SGES) {
+            None => &self.slots[i].sges[j],
+            Some(k) => &self.more[i * self.more_stride + k],
+        }
+    }
+}
+
 /// Creates a receive queue of `depth` receives of up to `stride` entries.
 pub(super) fn recv_queue(depth: usize, stride: usize) -> (RqPoster, Arc<RqShared>, RqReaper) {
     let cap = depth.max(1).next_power_of_two();
+    let more_stride = stride.saturating_sub(INLINE_SGES);
     let q = Arc::new(RqShared {
         slots: super::zeroed::slice(cap),
-        sges: super::zeroed::slice(cap * stride),
+        more: super::zeroed::slice(cap * more_stride),
+        more_stride,
         stride,
         mask: cap as u64 - 1,
         ends: Ends::new(),
@@ -334,7 +362,8 @@ impl RqPoster {
         );
         let i = (self.tail & self.q.mask) as usize;
         let slot = &self.q.slots[i];
-        for (d, s) in self.q.sges[i * self.q.stride..].iter().zip(sges) {
+        for (j, s) in sges.iter().enumerate() {
+            let d = self.q.sge(i, j);
             d.addr.store(s.addr as u64, Ordering::Relaxed);
             let v = u64::from(s.len) | u64::from(s.lkey) << 32;
             d.len_lkey.store(v, Ordering::Relaxed);
@@ -359,8 +388,8 @@ pub(super) struct RecvView<'a> {
 impl RecvView<'_> {
     /// The receive's scatter list.
     pub(super) fn iter(&self) -> impl Iterator<Item = Sge> + '_ {
-        let base = self.slot * self.q.stride;
-        self.q.sges[base..base + self.nsge].iter().map(|s| {
+        (0..self.nsge).map(|j| {
+            let s = self.q.sge(self.slot, j);
             let v = s.len_lkey.load(Ordering::Relaxed);
             Sge {
                 addr: s.addr.load(Ordering::Relaxed) as usize,
@@ -372,10 +401,8 @@ impl RecvView<'_> {
 
     /// Total room of the scatter list.
     pub(super) fn room(&self) -> u64 {
-        let base = self.slot * self.q.stride;
-        self.q.sges[base..base + self.nsge]
-            .iter()
-            .map(|s| s.len_lkey.load(Ordering::Relaxed) & 0xffff_ffff)
+        (0..self.nsge)
+            .map(|j| self.q.sge(self.slot, j).len_lkey.load(Ordering::Relaxed) & 0xffff_ffff)
             .sum()
     }
 }
