@@ -306,6 +306,39 @@ fn wildcard_listener_and_address_rules() {
     drop(again_wild);
 }
 
+/// Receives of more buffers than a receive slot holds itself, posted one
+/// after the other: each keeps its own outer entries.
+#[test]
+fn queued_receives_of_many_entries_each_keep_their_own() {
+    let net = SoftNetwork::new();
+    let n = nic_on(&net, ip(198, 18, 4, 2), 4);
+    let (a, b) = pair(&n, &n, sa(ip(198, 18, 4, 2), 1));
+    let src = Buf::new(&n, 64, Access::NONE);
+    let dst = Buf::zeroed(&n, 64, Access::LOCAL_WRITE);
+    // Receive k scatters 4 bytes over 4 one-byte pieces at 16 k + 0..4.
+    for k in 0..3 {
+        let pieces: Vec<_> = (0..4).map(|j| dst.sge(16 * k + j, 1)).collect();
+        recv(&b.qp, k as u64, &pieces);
+    }
+    for k in 0..3 {
+        send(&a.qp, 10 + k as u64, &[src.sge(4 * k, 4)]);
+    }
+    let mut got = Vec::new();
+    for _ in 0..1000 {
+        got.extend(statuses(&b.poll()));
+        if got.len() == 3 {
+            break;
+        }
+    }
+    assert_eq!(
+        got,
+        (0..3).map(|k| (k, WcStatus::Success)).collect::<Vec<_>>()
+    );
+    for k in 0..3 {
+        assert_eq!(dst.mem[16 * k..16 * k + 4], src.mem[4 * k..4 * k + 4]);
+    }
+}
+
 #[test]
 fn send_recv_is_byte_exact_with_several_entries_and_zero_length() {
     let net = SoftNetwork::new();
