@@ -80,20 +80,42 @@ impl Provider {
             }
             return overlapped_result(ov);
         }
-        // A pin, not the provider's `running` lock: the socket's own
-        // reference to the engine serves the wait.
-        let sock = self.inner.pin(s)?;
+        // Neither a pin nor the provider's `running` lock: the wait needs
+        // the socket's CQ, which its table slot tells, and the engine, which
+        // this thread's cache of it holds.
+        let cq = self.inner.sockets.live_cq(s).ok_or(WsaError::WSAENOTSOCK)?;
+        let waited = self
+            .inner
+            .with_running(|run| self.wait_pending(run, cq, ov, wait));
+        match waited {
+            Some(r) => r,
+            None => {
+                let sock = self.inner.pin(s)?;
+                self.wait_pending(&sock.run, sock.cq_index(), ov, wait)
+            }
+        }
+    }
+
+    /// [`Provider::get_overlapped_result`] of an op that was pending, on
+    /// CQ `cq` of engine `run`.
+    #[inline(always)]
+    fn wait_pending(
+        &self,
+        run: &Running,
+        cq: Option<usize>,
+        ov: &Overlapped,
+        wait: bool,
+    ) -> WsaResult<(u32, u32)> {
         if ov.is_pending() && self.inner.config.poller.mode == PollerMode::RunToCompletion {
             // A polled op (hEvent bit 0 set) has no other thread to report
             // it in this mode: the caller that polls makes the progress.
-            self.inner.progress(&sock.run, sock.cq_index());
+            self.inner.progress(run, cq);
         }
         if ov.is_pending() {
             if !wait || DISPATCHING.with(Cell::get) {
                 return Err(WsaError::WSA_IO_INCOMPLETE);
             }
-            self.inner
-                .wait_for(&sock.run, None, sock.cq_index(), || !ov.is_pending());
+            self.inner.wait_for(run, None, cq, || !ov.is_pending());
         }
         overlapped_result(ov)
     }

@@ -46,10 +46,30 @@ use ops::{OpSlab, OvPtr};
 use socket::{
     record_connect, Phase, Pinned, Socket, SocketListenerEvents, SocketQpEvents, SocketTable,
 };
+use std::cell::{Cell, RefCell};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
+
+thread_local! {
+    /// The running engine this thread used last, with its [`Running::id`]
+    /// (see [`Inner::with_running`]): a plain pair, so reading it costs a
+    /// load. Names what `RUN_HELD` holds, or nothing (id 0).
+    static RUN_SEEN: Cell<(u64, *const Running)> = const { Cell::new((0, std::ptr::null())) };
+    /// The reference that keeps `RUN_SEEN`'s engine alive.
+    static RUN_HELD: RunHeld = const { RunHeld(RefCell::new(None)) };
+}
+
+/// This thread's reference to the engine it used last.
+struct RunHeld(RefCell<Option<Arc<Running>>>);
+
+impl Drop for RunHeld {
+    /// Thread exit: nothing names the engine once it may be dropped.
+    fn drop(&mut self) {
+        let _ = RUN_SEEN.try_with(|s| s.set((0, std::ptr::null())));
+    }
+}
 
 /// Size of the RDMA descriptor `register_rdma_memory` writes (spec §7-1).
 pub const RDMA_DESCRIPTOR_LEN: usize = DESCRIPTOR_LEN;
@@ -78,6 +98,10 @@ struct Inner {
     life: Mutex<Life>,
     /// The running engine, read by calls that need the switch or progress.
     running: RwLock<Option<Arc<Running>>>,
+    /// [`Running::id`] of the engine in `running`, 0 when there is none:
+    /// what a thread compares its cached engine with (see
+    /// [`Inner::with_running`]). Written under `life` after `running`.
+    run_id: AtomicU64,
     /// Source of socket ids (never reused).
     next_owner: AtomicU64,
     /// Next ephemeral port.
@@ -97,6 +121,9 @@ struct Life {
 }
 
 pub(crate) struct Running {
+    /// Unique in the process (never 0): names this engine in the threads'
+    /// caches of it (see [`Inner::with_running`]).
+    id: u64,
     switch: Arc<dyn Switch>,
     catalog_entry_id: u32,
     progress: Progress,
@@ -188,6 +215,7 @@ impl Provider {
                 sockets: SocketTable::new(config.ops.max_sockets),
                 life: Mutex::new(Life::default()),
                 running: RwLock::new(None),
+                run_id: AtomicU64::new(0),
                 next_owner: AtomicU64::new(1),
                 next_port: AtomicU16::new(first_ephemeral()),
                 completed: Notifier::default(),
@@ -236,6 +264,7 @@ impl Provider {
                 .running
                 .write()
                 .unwrap_or_else(PoisonError::into_inner) = Some(run.clone());
+            self.inner.run_id.store(run.id, Ordering::Release);
             *lock(&run.dup_service) = self.inner.start_dup_service();
         }
         life.refcount += 1;
@@ -269,6 +298,7 @@ impl Provider {
         for s in sockets {
             let _ = self.close_with(s.desc, std::time::Duration::ZERO);
         }
+        self.inner.run_id.store(0, Ordering::Release);
         let run = self
             .inner
             .running
@@ -978,7 +1008,9 @@ impl Inner {
         };
         let progress = Progress::start(&*self.nic, &self.config, front)
             .map_err(|_| WsaError::WSASYSNOTREADY)?;
+        static NEXT_RUN: AtomicU64 = AtomicU64::new(1);
         let run = Arc::new(Running {
+            id: NEXT_RUN.fetch_add(1, Ordering::Relaxed),
             switch,
             catalog_entry_id,
             progress,
@@ -1010,6 +1042,60 @@ impl Inner {
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
             .ok_or(WsaError::WSANOTINITIALISED)
+    }
+
+    /// Runs `f` with the running engine, from this thread's cache of it:
+    /// no lock and no reference count taken when the cache is fresh (the
+    /// data path's waits). The cache keeps the last engine this thread used
+    /// alive (its threads stopped, its queues empty once cleaned up) until
+    /// the thread uses another or exits. `None` if the provider is not
+    /// started, or if the cache is stale and this thread is dispatching
+    /// (then the caller pins its socket instead).
+    #[inline(always)]
+    fn with_running<R>(&self, f: impl FnOnce(&Running) -> R) -> Option<R> {
+        let id = self.run_id.load(Ordering::Acquire);
+        if id == 0 {
+            return None;
+        }
+        let (seen, run) = RUN_SEEN.with(Cell::get);
+        let run = if seen == id {
+            run
+        } else {
+            self.refresh_running()?
+        };
+        // SAFETY: `RUN_HELD` holds the `Arc` `run` came from (`RUN_SEEN`
+        // names only what it holds, and is cleared before it is dropped),
+        // and replaces it only in `refresh_running`, which no thread runs
+        // while a frame of its own uses the engine (see there).
+        Some(f(unsafe { &*run }))
+    }
+
+    /// Refills this thread's cache of the running engine: the engine, or
+    /// `None` if there is none, or the thread is dispatching, or its cache
+    /// is gone (thread exit).
+    ///
+    /// The engine it replaces may be in use further up this thread's stack
+    /// only if this call came from an upcall (the callers of
+    /// `with_running` reach no other provider call but through one), and an
+    /// upcall runs with `DISPATCHING` set: so then it refreshes nothing.
+    #[cold]
+    #[inline(never)]
+    fn refresh_running(&self) -> Option<*const Running> {
+        if dispatch::DISPATCHING.with(Cell::get) {
+            return None;
+        }
+        let run = self.running().ok()?;
+        let ptr = Arc::as_ptr(&run);
+        let id = run.id;
+        RUN_HELD
+            .try_with(|held| {
+                // Named before the old engine is dropped: never a freed one.
+                let old = held.0.replace(Some(run));
+                RUN_SEEN.with(|s| s.set((id, ptr)));
+                drop(old);
+            })
+            .ok()?;
+        Some(ptr)
     }
 
     fn socket(&self, s: ProviderSocket) -> WsaResult<Arc<Socket>> {
@@ -1056,6 +1142,7 @@ impl Inner {
         let q = &self.config.qp;
         let (index, cq) = run.progress.assign_cq();
         sock.cq.store(index, Ordering::Relaxed);
+        self.sockets.set_cq(sock.desc, index);
         QpParams {
             cq,
             send_depth: q.send_depth,

@@ -284,6 +284,13 @@ struct TableSlot<T> {
     /// `REMOVED` to `FREE` (release, or the table's drop); read by pin
     /// holders.
     socket: UnsafeCell<Option<NonNull<T>>>,
+    /// The socket's completion queue index + 1 (0: none yet), for callers
+    /// that look it up without a pin ([`SocketTable::live_cq`]). Written by
+    /// the socket's connect or accept before its queue pair exists
+    /// ([`SocketTable::set_cq`]) and cleared by `reserve`; a reader that
+    /// races a close and the slot's reuse may read the next socket's, which
+    /// only makes it poll another queue.
+    cq: AtomicU32,
 }
 
 impl<T> TableSlot<T> {
@@ -292,6 +299,7 @@ impl<T> TableSlot<T> {
         CachePadded::new(TableSlot {
             word: AtomicU64::new(FREE),
             socket: UnsafeCell::new(None),
+            cq: AtomicU32::new(0),
         })
     }
 }
@@ -454,6 +462,7 @@ impl<T> SocketTable<T> {
             }
         };
         let slot = self.slot(index);
+        slot.cq.store(0, Ordering::Relaxed);
         // Stale lookups may add and undo pins meanwhile; the state stays
         // FREE, which only this reserver changes.
         let mut word = slot.word.load(Ordering::Relaxed);
@@ -513,6 +522,31 @@ impl<T> SocketTable<T> {
         self.locate(desc).is_some_and(|(_, generation, slot)| {
             let word = slot.word.load(Ordering::Acquire);
             word_state(word) == LIVE && word_generation(word) == generation
+        })
+    }
+
+    /// Records the completion queue of the socket `desc` names (see
+    /// `TableSlot::cq`).
+    pub fn set_cq(&self, desc: ProviderSocket, cq: usize) {
+        if let Some((_, _, slot)) = self.locate(desc) {
+            let v = u32::try_from(cq).map_or(0, |c| c.wrapping_add(1));
+            slot.cq.store(v, Ordering::Relaxed);
+        }
+    }
+
+    /// For a call that needs the socket's completion queue but nothing of
+    /// the socket itself: `None` if `desc` names no live socket now, else
+    /// its CQ index (`None` before it has one). Loads only, no pin.
+    #[inline]
+    pub fn live_cq(&self, desc: ProviderSocket) -> Option<Option<usize>> {
+        let (_, generation, slot) = self.locate(desc)?;
+        let word = slot.word.load(Ordering::Acquire);
+        if word_state(word) != LIVE || word_generation(word) != generation {
+            return None;
+        }
+        Some(match slot.cq.load(Ordering::Relaxed) {
+            0 => None,
+            c => Some(c as usize - 1),
         })
     }
 
