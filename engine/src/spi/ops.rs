@@ -24,6 +24,15 @@
 //! many slots are in use: a scan for a free stamp costs a cache miss per
 //! busy slot it passes, milliseconds with ten thousand receives pending.
 //!
+//! A thread also keeps up to [`CACHED`] slots it freed for its own next
+//! ops ([`ThreadCache`]): taking one back and giving one up are plain loads
+//! and stores, so a thread that starts and completes its ops (run to
+//! completion) reserves and releases without a locked instruction. The
+//! price: those slots are not free for other threads meanwhile, so a full
+//! slab may refuse an op up to `CACHED` slots early per thread that keeps
+//! some (at most [`CACHING_THREADS`] threads do); a slab of fewer than
+//! [`CACHE_FROM`] slots keeps none, and its limit is exact.
+//!
 //! The state stays in its slot for the op's whole life: the starter builds
 //! it there ([`OpSlab::fill`]) and the completion works on it there
 //! ([`OpSlab::complete`]); only cold paths (a close's scan, a cancel, a
@@ -220,6 +229,88 @@ pub struct OpSlab<S = OpState> {
     /// bits a tag incremented by every successful push or pop. List `l`
     /// holds only initialised slots `i` with `i % heads.len() == l`.
     heads: Box<[CachePadded<AtomicU64>]>,
+    /// The slots each caching thread keeps, by its [`thread_index`]; empty
+    /// for a slab of fewer than [`CACHE_FROM`] slots.
+    caches: Box<[CachePadded<ThreadCache>]>,
+}
+
+/// Free slots a thread keeps for its next reservations.
+pub const CACHED: usize = 4;
+/// Threads that keep free slots; the others use the free lists only.
+pub const CACHING_THREADS: usize = 64;
+/// The smallest slab whose threads keep free slots.
+pub const CACHE_FROM: usize = 1024;
+
+/// The free slots one thread keeps ([`OpSlab::caches`]): initialised,
+/// `FREE` and on no free list. Read and written only by the thread whose
+/// [`thread_index`] names it, which the index makes one thread at a time:
+/// a thread takes its index before its first use and gives it back only
+/// when it exits, under `INDICES`' lock, which orders its last use before
+/// the next owner's first. No other thread sees these slots (a close's scan
+/// and the statistics read only stamps, `FREE` here).
+#[derive(Default)]
+struct ThreadCache {
+    /// `slots[..len]` are kept; `len <= CACHED`.
+    len: std::cell::Cell<u32>,
+    slots: [std::cell::Cell<u32>; CACHED],
+}
+
+// SAFETY: each cache is used by one thread at a time (see `ThreadCache`).
+unsafe impl Sync for ThreadCache {}
+
+/// Indices of the threads that keep slots: a thread takes one at its first
+/// reservation or release and gives it back when it exits. `(free, next)`:
+/// indices given back, and the first never handed out.
+#[cfg(not(loom))]
+static INDICES: std::sync::Mutex<(Vec<usize>, usize)> = std::sync::Mutex::new((Vec::new(), 0));
+
+/// A thread's index among the caching threads (`None`: it keeps no slots).
+#[cfg(not(loom))]
+struct ThreadIndex(Option<usize>);
+
+#[cfg(not(loom))]
+impl ThreadIndex {
+    fn take() -> ThreadIndex {
+        let mut g = INDICES.lock().unwrap_or_else(PoisonError::into_inner);
+        let (free, next) = &mut *g;
+        ThreadIndex(free.pop().or_else(|| {
+            (*next < CACHING_THREADS).then(|| {
+                *next += 1;
+                *next - 1
+            })
+        }))
+    }
+}
+
+#[cfg(not(loom))]
+impl Drop for ThreadIndex {
+    /// Thread exit: the slots this thread kept pass to the next thread
+    /// that gets the index (no slot is lost).
+    fn drop(&mut self) {
+        if let Some(i) = self.0 {
+            INDICES
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .0
+                .push(i);
+        }
+    }
+}
+
+#[cfg(not(loom))]
+thread_local! {
+    static THREAD_INDEX: ThreadIndex = ThreadIndex::take();
+}
+
+/// This thread's index among the caching threads; `None` if it keeps no
+/// slots (too many threads, or it is exiting). Under loom none keeps any:
+/// the caches are thread-private, and the models check the free lists.
+#[inline]
+fn thread_index() -> Option<usize> {
+    #[cfg(not(loom))]
+    return THREAD_INDEX.try_with(|t| t.0).ok().flatten();
+    #[cfg(loom)]
+    None
 }
 
 /// The end of a free list.
@@ -283,6 +374,13 @@ impl<S: Default> OpSlab<S> {
             growing: Mutex::new(()),
             heads: (0..lists)
                 .map(|_| CachePadded::new(AtomicU64::new(u64::from(NIL))))
+                .collect(),
+            caches: (0..if capacity >= CACHE_FROM {
+                CACHING_THREADS
+            } else {
+                0
+            })
+                .map(|_| CachePadded::new(ThreadCache::default()))
                 .collect(),
         };
         slab.grow(0);
@@ -349,6 +447,13 @@ impl<S: Default> OpSlab<S> {
     /// is in use and the slab is at capacity.
     #[inline]
     pub fn reserve(&self, hint: usize) -> Option<Reserved> {
+        if let Some(c) = self.cache() {
+            let len = c.len.get();
+            if len > 0 {
+                c.len.set(len - 1);
+                return Some(self.take_free(c.slots[len as usize - 1].get()));
+            }
+        }
         let n = self.heads.len();
         let first = if hint < n { hint } else { hint % n };
         if let Some(r) = self.pop(first) {
@@ -394,18 +499,23 @@ impl<S: Default> OpSlab<S> {
                 Ordering::Acquire,
                 Ordering::Acquire,
             ) {
-                Ok(_) => {
-                    let slot = self.slot(index);
-                    let was = slot.stamp.load(Ordering::Relaxed);
-                    debug_assert_eq!(was & 3, FREE, "a listed slot is in use");
-                    let generation = ((was >> 32) as u32).wrapping_add(1);
-                    slot.stamp
-                        .store(stamp(generation, RESERVED), Ordering::Relaxed);
-                    return Some(Reserved { index, generation });
-                }
+                Ok(_) => return Some(self.take_free(index)),
                 Err(actual) => head = actual,
             }
         }
+    }
+
+    /// Reserves free slot `index`, which this thread took off a free list
+    /// or out of its cache: the next generation, `RESERVED`.
+    #[inline]
+    fn take_free(&self, index: u32) -> Reserved {
+        let slot = self.slot(index);
+        let was = slot.stamp.load(Ordering::Relaxed);
+        debug_assert_eq!(was & 3, FREE, "a free slot is in use");
+        let generation = ((was >> 32) as u32).wrapping_add(1);
+        slot.stamp
+            .store(stamp(generation, RESERVED), Ordering::Relaxed);
+        Reserved { index, generation }
     }
 
     /// Builds the op's state in its reserved slot (before posting): `build`
@@ -565,7 +675,24 @@ impl<S> OpSlab<S> {
         self.slot(index)
             .stamp
             .store(stamp(generation, FREE), Ordering::Relaxed);
+        if let Some(c) = self.cache() {
+            let len = c.len.get();
+            if (len as usize) < CACHED {
+                c.slots[len as usize].set(index);
+                c.len.set(len + 1);
+                return;
+            }
+        }
         self.push_chain(index as usize % self.heads.len(), index, index);
+    }
+
+    /// The slots this thread keeps, if it keeps any in this slab.
+    #[inline]
+    fn cache(&self) -> Option<&ThreadCache> {
+        if self.caches.is_empty() {
+            return None;
+        }
+        self.caches.get(thread_index()?).map(|c| &**c)
     }
 
     /// Pushes the chain `first ..= last` (linked by `next`, all of list
@@ -726,6 +853,97 @@ mod tests {
         // Dropping the slab drops every initialised slot's state once.
         drop(slab);
         assert_eq!(Arc::strong_count(&probe), 1);
+    }
+
+    /// Free slots on the free lists and kept by threads; with no thread
+    /// using the slab, their sum is every initialised slot not in use.
+    fn free_slots(slab: &OpSlab<u32>) -> (usize, usize) {
+        let mut listed = 0;
+        for head in slab.heads.iter() {
+            let mut at = head.load(Ordering::Acquire) as u32;
+            while at != NIL {
+                listed += 1;
+                at = slab.slot(at).next.load(Ordering::Relaxed);
+            }
+        }
+        let kept = slab.caches.iter().map(|c| c.len.get() as usize).sum();
+        (listed, kept)
+    }
+
+    #[test]
+    fn a_thread_takes_back_the_slots_it_freed_without_the_free_lists() {
+        let slab = OpSlab::<u32>::new(CACHE_FROM, 2).unwrap();
+        let a = slab.reserve(0).unwrap();
+        let b = slab.reserve(1).unwrap();
+        let (ia, ib) = (a.index, b.index);
+        let heads: Vec<u64> = slab.heads.iter().map(|h| h.load(Ordering::Relaxed)).collect();
+        slab.fill(&a, 0, |s| *s = 1);
+        assert_eq!(slab.complete(a.wr_id(), std::mem::take), Some(1));
+        assert_eq!(slab.cancel(b), None);
+        let again = [slab.reserve(1).unwrap(), slab.reserve(0).unwrap()];
+        assert_eq!(
+            (again[0].index, again[1].index),
+            (ib, ia),
+            "the slots freed last come back first"
+        );
+        let now: Vec<u64> = slab.heads.iter().map(|h| h.load(Ordering::Relaxed)).collect();
+        assert_eq!(heads, now, "the free lists were not touched");
+        for r in again {
+            slab.cancel(r);
+        }
+        assert_eq!(slab.in_use(), 0);
+    }
+
+    #[test]
+    fn a_small_slab_keeps_no_slots_in_threads() {
+        let slab = OpSlab::<u32>::new(CACHE_FROM - 1, 1).unwrap();
+        let r = slab.reserve(0).unwrap();
+        slab.cancel(r);
+        assert_eq!(free_slots(&slab), (slab.grown(), 0));
+    }
+
+    /// Threads that keep slots start, use the slab and exit, more of them
+    /// than keep slots at once: no slot is handed out twice, and once they
+    /// are gone every slot is free, listed or kept for the next thread.
+    #[test]
+    fn slots_kept_by_threads_are_never_shared_nor_lost() {
+        let slab = Arc::new(OpSlab::<u32>::new(CACHE_FROM, 2).unwrap());
+        let owners: Arc<Vec<AtomicU32>> =
+            Arc::new((0..CACHE_FROM).map(|_| AtomicU32::new(0)).collect());
+        for round in 0..(CACHING_THREADS / 4 + 2) {
+            let threads: Vec<_> = (0..8)
+                .map(|t| {
+                    let (slab, owners) = (slab.clone(), owners.clone());
+                    std::thread::spawn(move || {
+                        let mut held = Vec::new();
+                        for k in 0..2_000 {
+                            if k % 3 != 2 && held.len() < 2 * CACHED + 1 {
+                                let r = slab.reserve(t).expect("room");
+                                let prev = owners[r.index as usize].fetch_add(1, Ordering::SeqCst);
+                                assert_eq!(prev, 0, "slot handed out twice (round {round})");
+                                slab.fill(&r, 0, |s| *s = r.index);
+                                held.push(r);
+                            } else if let Some(r) = held.pop() {
+                                owners[r.index as usize].fetch_sub(1, Ordering::SeqCst);
+                                let id = r.wr_id();
+                                assert_eq!(slab.complete(id, std::mem::take), Some(r.index));
+                            }
+                        }
+                        for r in held {
+                            owners[r.index as usize].fetch_sub(1, Ordering::SeqCst);
+                            slab.cancel(r);
+                        }
+                    })
+                })
+                .collect();
+            for t in threads {
+                t.join().unwrap();
+            }
+        }
+        assert_eq!(slab.in_use(), 0);
+        let (listed, kept) = free_slots(&slab);
+        assert!(kept <= CACHED * CACHING_THREADS, "{kept} kept");
+        assert_eq!(listed + kept, slab.grown(), "a slot was lost");
     }
 
     #[test]
