@@ -281,5 +281,8 @@ impl Inner {
         self.counters.finalized();
         tracing::debug!(socket = sock.desc.0, "closed");
         self.completed.notify();
+        // The removal's pin (`close_with`): the socket may be released now,
+        // so this is the last use of `sock` here.
+        self.sockets.unpin_removed(sock.desc);
     }
 }

@@ -313,10 +313,9 @@ impl Inner {
         status: WcStatus,
         byte_len: u32,
     ) {
-        // SAFETY: the op's pin keeps the socket alive until `unpin_op`
-        // below. Detached from `op_socket` so that the pin can be given
-        // back through it.
-        let socket: &Socket = unsafe { &*(op_socket.get() as *const Socket) };
+        // SAFETY: the op is in the socket's close gate until `op_finished`
+        // below, the socket's last use here.
+        let socket: &Socket = unsafe { op_socket.get() };
         let (error, bytes) = if socket.gate.is_closing() {
             (WsaError::WSA_OPERATION_ABORTED.code() as u32, 0)
         } else if status == WcStatus::Success {
@@ -329,7 +328,6 @@ impl Inner {
         }
         signal(run, socket, overlapped.get(), error, bytes);
         self.op_finished(socket);
-        self.sockets.unpin_op(op_socket);
     }
 
     /// [`Inner::dispatch_engaged`] of the state `take_op` moved out.
@@ -353,8 +351,8 @@ impl Inner {
             byte_len,
             ..WorkCompletion::EMPTY
         };
-        // SAFETY: the op's pin is held until it is reported (or for as long
-        // as it stays parked).
+        // SAFETY: the op stays in the close gate until it is reported (or
+        // for as long as it stays parked).
         let socket: &Socket = unsafe { &*(op.socket.get() as *const Socket) };
         let (op, error, bytes) = match self.dup_completion(socket, &wc, op) {
             DupCompletion::Parked => return,
@@ -378,7 +376,7 @@ impl Inner {
     }
 
     /// [`Inner::report`], running `then` on the socket after the op left
-    /// its close gate and before the op's pin on it is given back.
+    /// its close gate.
     fn report_and(
         &self,
         run: &Running,
@@ -390,12 +388,18 @@ impl Inner {
         // The op's private memory goes first (CLOSE-4).
         release_regs(&mut op.regs);
         let op_socket = op.take_socket();
-        // SAFETY: the op's pin is held until `unpin_op` below.
-        let socket: &Socket = unsafe { &*(op_socket.get() as *const Socket) };
-        signal(run, socket, op.overlapped.get(), error, bytes);
-        self.op_finished(socket);
-        then(socket);
-        self.sockets.unpin_op(op_socket);
+        // SAFETY: the op is in the close gate until `op_finished` below,
+        // and a socket is always an `Arc`'s (`SocketTable::publish`): while
+        // it is not finalized that `Arc` lives, so one more reference may
+        // be taken, which keeps the socket for `then` (a cold path).
+        let socket: Arc<Socket> = unsafe {
+            let ptr: *const Socket = op_socket.get();
+            Arc::increment_strong_count(ptr);
+            Arc::from_raw(ptr)
+        };
+        signal(run, &socket, op.overlapped.get(), error, bytes);
+        self.op_finished(&socket);
+        then(&socket);
     }
 
     /// Reaps and dispatches on this thread (run-to-completion: only CQ

@@ -804,7 +804,7 @@ impl Provider {
         flags: u32,
         ov: &Overlapped,
     ) -> WsaResult<()> {
-        let sock = self.inner.pin_for_op(s)?;
+        let sock = self.inner.pin(s)?;
         if flags != 0 {
             return Err(WsaError::WSAEOPNOTSUPP);
         }
@@ -833,7 +833,7 @@ impl Provider {
         bufs: &[WsaBuf],
         ov: &Overlapped,
     ) -> WsaResult<()> {
-        let sock = self.inner.pin_for_op(s)?;
+        let sock = self.inner.pin(s)?;
         let it = bufs.iter().map(|b| (b.buf as usize, b.len, None));
         // SAFETY: forwarded caller contract.
         unsafe {
@@ -897,7 +897,7 @@ impl Provider {
         ov: &Overlapped,
         dir: RdmaDir,
     ) -> WsaResult<()> {
-        let sock = self.inner.pin_for_op(s)?;
+        let sock = self.inner.pin(s)?;
         if flags != 0 {
             return Err(WsaError::WSAEOPNOTSUPP);
         }
@@ -1108,11 +1108,6 @@ impl Inner {
         self.sockets.pin(s).ok_or(WsaError::WSAENOTSOCK)
     }
 
-    /// [`Inner::pin`] for a call that starts an op (`start_op`).
-    fn pin_for_op(&self, s: ProviderSocket) -> WsaResult<Pinned<'_>> {
-        self.sockets.pin_for_op(s).ok_or(WsaError::WSAENOTSOCK)
-    }
-
     /// Creates a socket object with its switch handle (one
     /// `create_socket_handle` upcall, no lock held), not yet published.
     fn new_socket(&self, run: &Arc<Running>) -> WsaResult<Arc<Socket>> {
@@ -1230,9 +1225,9 @@ impl Inner {
                     .table
                     .acquire_handle(&sock.regs, 0, addr, len as usize, need)?,
                 // SAFETY: the pinned socket holds `regs`, and the op's
-                // registration holds are dropped before its pin is given
-                // back: here on an error, else when the op completes
-                // (`dispatch.rs` releases them before `unpin_op`).
+                // registration holds are dropped while the socket lives:
+                // here on an error, else when the op completes, before it
+                // leaves the close gate (`dispatch.rs`).
                 h => unsafe {
                     self.table.acquire_pinned(
                         &sock.regs,
@@ -1285,18 +1280,14 @@ impl Inner {
         debug_assert!(regs.iter().all(Option::is_none));
         std::mem::forget(regs);
         match post(&**qp, slot.wr_id(), &sges[..n]) {
-            Ok(()) => {
-                // The op keeps its pin; its completion (maybe already
-                // dispatched) gives it back. Ours kept the queue pair alive
-                // through the post.
-                sock.hand_to_op();
-                Ok(())
-            }
+            // The op's completion (maybe already dispatched) may have left
+            // the gate: our pin kept the socket and its queue pair alive
+            // through the post.
+            Ok(()) => Ok(()),
             Err(e) => {
                 let Some(state) = self.ops.cancel(slot) else {
                     // A close that abandoned the queue pair completed the op
                     // meanwhile (`close.rs`): it started, and is over.
-                    sock.hand_to_op();
                     return Ok(());
                 };
                 drop(state);

@@ -3,10 +3,10 @@
 //! A socket is an `Arc`. The descriptor table holds one reference from
 //! publication until close removed the socket (after which lookups fail
 //! `WSAENOTSOCK`) *and* the last pin on its slot is gone: a data call pins
-//! the slot for its duration, and a pending op keeps the pin of the call
-//! that started it until its completion was dispatched, so neither takes a
-//! reference of its own (see [`SocketTable`]). Control calls and close hold
-//! `Arc`s. Nothing of a socket is released before `close_socket` (spec §6.1
+//! the slot for its duration, and the removal leaves a pin of its own that
+//! the socket's finalization gives back, after its last op left the close
+//! gate (see [`SocketTable`]). So a pending op needs no pin: its entry in
+//! the gate keeps the socket. Control calls and close hold `Arc`s. Nothing of a socket is released before `close_socket` (spec §6.1
 //! step 5): peer-detected failures only change `fail`.
 
 use super::dup::DupState;
@@ -256,8 +256,8 @@ const LIVE: u64 = 1 << 30;
 /// Removed by close: lookups fail; the last unpin releases the slot.
 const REMOVED: u64 = 2 << 30;
 const STATE: u64 = 3 << 30;
-/// The low bits: pins held (calls inside, pending ops, stale lookups about
-/// to undo theirs).
+/// The low bits: pins held (calls inside, the teardown's of a removed
+/// socket, stale lookups about to undo theirs).
 const PINS: u64 = LIVE - 1;
 
 fn word_state(word: u64) -> u64 {
@@ -320,11 +320,13 @@ struct Free {
 /// The data path looks a socket up with [`SocketTable::pin`]: one atomic
 /// add on the slot's word, no lock and no reference count. The pin keeps the
 /// socket object alive (the table's reference is dropped only once removal
-/// happened and every pin is gone). A call that starts an op takes two pins
-/// in that one add ([`SocketTable::pin_for_op`]): its own, given back when
-/// it returns, and the op's, kept until its completion was dispatched
-/// ([`SocketTable::unpin_op`]). Control calls take an `Arc` the same way
-/// ([`SocketTable::get`]).
+/// happened and every pin is gone). A successful [`SocketTable::remove`]
+/// leaves its pin on the slot: the socket's teardown gives it back
+/// ([`SocketTable::unpin_removed`]) once it is done with the socket, which
+/// the SPI does after the close-handle upcall, when every op has left the
+/// close gate. So an op that started needs no pin of its own: until it
+/// leaves the gate the socket cannot be finalized, hence not released.
+/// Control calls take an `Arc` the same way ([`SocketTable::get`]).
 pub struct SocketTable<T = Socket> {
     /// Padded: threads spinning on different sockets never share a line.
     /// Resident as used (see `Slots`), never freed before the table: a
@@ -346,12 +348,11 @@ compile_error!("sanpath's descriptor encoding assumes 64-bit pointers");
 /// A pinned socket: valid while this lives (see [`SocketTable`]).
 pub struct Pinned<'a, T = Socket> {
     table: &'a SocketTable<T>,
-    /// The slot `op.index` names, so that the drop needs no lookup.
+    /// The slot `index` names, so that the drop needs no lookup.
     slot: &'a TableSlot<T>,
-    op: OpSocket<T>,
-    /// Pins this guard gives back when dropped: 1, or 2 from
-    /// [`SocketTable::pin_for_op`] until [`Pinned::hand_to_op`].
-    pins: u64,
+    index: u32,
+    /// The socket, kept alive by the pin.
+    ptr: NonNull<T>,
 }
 
 impl<T> std::ops::Deref for Pinned<'_, T> {
@@ -359,44 +360,28 @@ impl<T> std::ops::Deref for Pinned<'_, T> {
 
     fn deref(&self) -> &T {
         // SAFETY: the pin this guard holds keeps the object alive.
-        unsafe { self.op.ptr.as_ref() }
+        unsafe { self.ptr.as_ref() }
     }
 }
 
 impl<T> Pinned<'_, T> {
-    /// The socket for the state of an op this call is starting (a guard from
-    /// [`SocketTable::pin_for_op`]). It names the guard's second pin, which
-    /// becomes the op's with [`Pinned::hand_to_op`] once the op started.
+    /// The socket for the state of an op this call starts. It holds no pin:
+    /// the op's entry in the socket's close gate keeps the socket alive
+    /// until the op leaves it (see [`SocketTable`]).
     pub fn op_socket(&self) -> OpSocket<T> {
-        debug_assert_eq!(self.pins, 2, "not pinned for an op");
-        OpSocket {
-            index: self.op.index,
-            ptr: self.op.ptr,
-        }
-    }
-
-    /// The op named by [`Pinned::op_socket`] started: its pin stays held
-    /// until the completion calls [`SocketTable::unpin_op`]; the call's own
-    /// is given back now. Called after the post returned, since the
-    /// completion may already have run and given the op's pin back: the
-    /// call's pin is what kept the socket (and its queue pair) alive through
-    /// the post.
-    pub fn hand_to_op(mut self) {
-        debug_assert_eq!(self.pins, 2, "not pinned for an op");
-        self.pins = 1;
+        OpSocket { ptr: self.ptr }
     }
 }
 
 impl<T> Drop for Pinned<'_, T> {
     fn drop(&mut self) {
-        self.table.unpin(self.slot, self.op.index, self.pins);
+        self.table.unpin(self.slot, self.index);
     }
 }
 
-/// The socket of a pending op: a pin on its table slot that the op owns
-/// (see [`Pinned::hand_to_op`]). Plain data: dropping it does not unpin.
+/// The socket of a pending op. Plain data: the op's entry in the socket's
+/// close gate, not a pin, keeps the socket alive (see [`SocketTable`]).
 pub struct OpSocket<T = Socket> {
-    index: u32,
     ptr: NonNull<T>,
 }
 
@@ -406,11 +391,10 @@ unsafe impl<T: Sync> Send for OpSocket<T> {}
 unsafe impl<T: Sync> Sync for OpSocket<T> {}
 
 impl<T> OpSocket<T> {
-    /// The placeholder an idle op slot holds: names no pin, and is never
-    /// dereferenced or given back (only a pending op's socket is).
+    /// The placeholder an idle op slot holds: never dereferenced (only a
+    /// pending op's socket is).
     pub fn idle() -> OpSocket<T> {
         OpSocket {
-            index: u32::MAX,
             ptr: NonNull::dangling(),
         }
     }
@@ -418,11 +402,12 @@ impl<T> OpSocket<T> {
     /// The socket.
     ///
     /// # Safety
-    /// The pin this names must still be held: the op is pending, or this is
-    /// the completion that has not called [`SocketTable::unpin_op`] yet.
+    /// The op must not have left its socket's close gate yet: it is
+    /// pending, or this is its completion before the gate's `leave`.
     pub unsafe fn get(&self) -> &T {
-        // SAFETY: the caller guarantees the pin is held, which keeps the
-        // table's `Arc` (and so the object) alive.
+        // SAFETY: the caller guarantees the op is still in the gate, so the
+        // socket is not finalized, so the removal's pin on its slot (or the
+        // table's publication, if not removed) keeps the object alive.
         unsafe { self.ptr.as_ref() }
     }
 }
@@ -554,23 +539,10 @@ impl<T> SocketTable<T> {
     /// live. No lock, one atomic add (two on failure).
     #[inline]
     pub fn pin(&self, desc: ProviderSocket) -> Option<Pinned<'_, T>> {
-        self.pin_n(desc, 1)
-    }
-
-    /// [`SocketTable::pin`] for a call that starts an op: two pins in one
-    /// atomic add, the call's and the one the op keeps if it starts (see
-    /// [`Pinned::op_socket`]).
-    #[inline]
-    pub fn pin_for_op(&self, desc: ProviderSocket) -> Option<Pinned<'_, T>> {
-        self.pin_n(desc, 2)
-    }
-
-    #[inline]
-    fn pin_n(&self, desc: ProviderSocket, pins: u64) -> Option<Pinned<'_, T>> {
         let (index, generation, slot) = self.locate(desc)?;
         // Acquire: pairs with publish's release, so the socket is visible.
-        let was = slot.word.fetch_add(pins, Ordering::Acquire);
-        debug_assert!(was & PINS < PINS - 2, "socket slot pin overflow");
+        let was = slot.word.fetch_add(1, Ordering::Acquire);
+        debug_assert!(was & PINS < PINS - 1, "socket slot pin overflow");
         if word_state(was) == LIVE && word_generation(was) == generation {
             // SAFETY: pinned on a LIVE slot of this generation: the cell
             // holds the socket and keeps it until our unpin.
@@ -580,19 +552,25 @@ impl<T> SocketTable<T> {
                 return Some(Pinned {
                     table: self,
                     slot,
-                    op: OpSocket { index, ptr },
-                    pins,
+                    index,
+                    ptr,
                 });
             }
         }
-        self.unpin(slot, index, pins);
+        self.unpin(slot, index);
         None
     }
 
-    /// Takes back the pin a pending op held (its completion is done with
-    /// the socket).
-    pub fn unpin_op(&self, op: OpSocket<T>) {
-        self.unpin(self.slot(op.index), op.index, 1);
+    /// Gives back the pin a successful [`SocketTable::remove`] of `desc`
+    /// left on its slot: the caller is done with the socket (which may be
+    /// released now, if no other pin is held).
+    pub fn unpin_removed(&self, desc: ProviderSocket) {
+        let Some((index, _, slot)) = self.locate(desc) else {
+            debug_assert!(false, "no slot for a removed socket");
+            return;
+        };
+        debug_assert_eq!(word_state(slot.word.load(Ordering::Relaxed)), REMOVED);
+        self.unpin(slot, index);
     }
 
     /// The socket as an `Arc` (control calls).
@@ -602,10 +580,10 @@ impl<T> SocketTable<T> {
     }
 
     /// Removes a live socket: later lookups fail `WSAENOTSOCK`. Exactly one
-    /// of concurrent removals succeeds.
+    /// of concurrent removals succeeds; it leaves a pin on the slot, which
+    /// the caller gives back with [`SocketTable::unpin_removed`] when the
+    /// socket's teardown is done (the last unpin releases the slot).
     pub fn remove(&self, desc: ProviderSocket) -> WsaResult<Arc<T>> {
-        // Our own pin keeps the slot from being released under us; when it
-        // drops, the last unpin releases the slot.
         let pinned = self.pin(desc).ok_or(WsaError::WSAENOTSOCK)?;
         let socket = self.arc(&pinned);
         let slot = pinned.slot;
@@ -620,7 +598,11 @@ impl<T> SocketTable<T> {
                 Ordering::Relaxed,
                 Ordering::Relaxed,
             ) {
-                Ok(_) => return Ok(socket),
+                Ok(_) => {
+                    // The teardown's pin, from now on.
+                    std::mem::forget(pinned);
+                    return Ok(socket);
+                }
                 Err(actual) => word = actual,
             }
         }
@@ -639,7 +621,7 @@ impl<T> SocketTable<T> {
     }
 
     fn arc(&self, pinned: &Pinned<'_, T>) -> Arc<T> {
-        let ptr = pinned.op.ptr.as_ptr().cast_const();
+        let ptr = pinned.ptr.as_ptr().cast_const();
         // SAFETY: pinned, so the cell still holds the table's reference, an
         // `Arc::into_raw` of this pointer: taking one more is sound.
         unsafe {
@@ -648,14 +630,14 @@ impl<T> SocketTable<T> {
         }
     }
 
-    /// Gives back `pins` pins on slot `index` (`slot`).
+    /// Gives back a pin on slot `index` (`slot`).
     #[inline]
-    fn unpin(&self, slot: &TableSlot<T>, index: u32, pins: u64) {
+    fn unpin(&self, slot: &TableSlot<T>, index: u32) {
         // Release: this pin's use of the socket happens before its release.
-        let was = slot.word.fetch_sub(pins, Ordering::Release);
-        debug_assert!(was & PINS >= pins, "socket slot unpinned more than pinned");
-        if word_state(was) == REMOVED && was & PINS == pins {
-            self.release(slot, index, was - pins);
+        let was = slot.word.fetch_sub(1, Ordering::Release);
+        debug_assert!(was & PINS >= 1, "socket slot unpinned more than pinned");
+        if word_state(was) == REMOVED && was & PINS == 1 {
+            self.release(slot, index, was - 1);
         }
     }
 
@@ -695,12 +677,11 @@ impl<T> SocketTable<T> {
         Some((index, generation, slot))
     }
 
-    /// A slot the caller knows was grown (it holds a pin on it, or
-    /// reserved it).
+    /// A slot the caller knows was grown (it reserved it).
     fn slot(&self, index: u32) -> &TableSlot<T> {
         self.slots
             .get(index as usize)
-            .expect("a pinned or reserved slot exists")
+            .expect("a reserved slot exists")
     }
 }
 
@@ -742,6 +723,12 @@ mod tests {
         assert_eq!(*table.remove(a).unwrap(), 1);
         assert_eq!(table.remove(a).unwrap_err(), WsaError::WSAENOTSOCK);
         assert!(table.pin(a).is_none());
+        assert_eq!(
+            table.reserve().unwrap_err(),
+            WsaError::WSAEMFILE,
+            "the removal's pin keeps the slot"
+        );
+        table.unpin_removed(a);
         let b = table.reserve().unwrap();
         assert_ne!(a, b);
         table.publish(b, Arc::new(2));
@@ -776,6 +763,7 @@ mod tests {
         // Every slot comes back, and the free list holds them all.
         for &d in &descs {
             drop(table.remove(d).unwrap());
+            table.unpin_removed(d);
         }
         assert!(table.all().is_empty());
         assert_eq!(lock(&table.free).indices.len(), cap);
@@ -792,35 +780,35 @@ mod tests {
         }
         let closed = table.reserve().unwrap();
         table.publish(closed, socket.clone());
-        let pinned = table.pin_for_op(closed).unwrap();
-        pinned.hand_to_op();
         drop(table.remove(closed).unwrap());
         assert_eq!(
             Arc::strong_count(&socket),
             5,
-            "three live, one closed but pinned"
+            "three live, one closed but not torn down"
         );
         drop(table);
         assert_eq!(Arc::strong_count(&socket), 1);
     }
 
     #[test]
-    fn an_op_pin_keeps_a_removed_socket_and_its_slot() {
+    fn a_removed_socket_lives_until_its_teardown_and_every_call_is_done() {
         let table = SocketTable::<u32>::new(1);
         let a = table.reserve().unwrap();
         let socket = Arc::new(7);
         table.publish(a, socket.clone());
-        let pinned = table.pin_for_op(a).unwrap();
-        let op = pinned.op_socket();
-        pinned.hand_to_op();
+        let call = table.pin(a).unwrap();
+        // An op started by the call holds no pin, only a pointer.
+        let op = call.op_socket();
         drop(table.remove(a).unwrap());
-        assert_eq!(Arc::strong_count(&socket), 2, "the table still holds it");
-        assert_eq!(table.reserve().unwrap_err(), WsaError::WSAEMFILE);
-        // SAFETY: the op's pin is held until unpin_op.
-        assert_eq!(unsafe { *op.get() }, 7);
-        table.unpin_op(op);
+        table.unpin_removed(a);
+        assert_eq!(Arc::strong_count(&socket), 2, "the call's pin keeps it");
+        assert_eq!(*call, 7);
+        drop(call);
         assert_eq!(Arc::strong_count(&socket), 1, "released with the last pin");
         assert!(table.reserve().is_ok());
+        let _ = op;
+        let b = table.reserve();
+        assert!(b.is_err(), "one slot");
     }
 }
 
@@ -856,6 +844,7 @@ mod loom_models {
             };
             drop(table.remove(desc).unwrap());
             assert!(table.remove(desc).is_err(), "removed twice");
+            table.unpin_removed(desc);
             // The slot comes back once the lookup's pin (if any) is gone.
             if let Ok(next) = table.reserve() {
                 assert_ne!(next, desc);
@@ -868,38 +857,50 @@ mod loom_models {
         });
     }
 
-    /// Two closes race an op whose completion (on another thread) gives its
-    /// pin back, possibly before the starting call returned from its post:
-    /// the call's own pin keeps the socket alive until it hands over; one
-    /// close wins; the slot is released once, after both pins are gone.
+    /// Two closes race a call that started an op, whose completion runs on
+    /// another thread, possibly before the call returned from its post. The
+    /// op holds no pin: its entry in the close gate (here a count) keeps the
+    /// socket, since the close that wins finalizes (gives the removal's pin
+    /// back) only once the op left the gate. The call's pin keeps the socket
+    /// until the call is done; the slot is released once, after both.
     #[test]
-    fn loom_op_pin_outlives_racing_closes() {
-        crate::sync::model("op_pin_outlives_racing_closes", 3, || {
+    fn loom_an_op_in_the_gate_outlives_racing_closes() {
+        crate::sync::model("an_op_in_the_gate_outlives_racing_closes", 3, || {
             let table = loom::sync::Arc::new(SocketTable::<u32>::new(1));
             let desc = table.reserve().unwrap();
             let first = Arc::new(1u32);
             table.publish(desc, first.clone());
-            let pinned = table.pin_for_op(desc).unwrap();
-            let op = pinned.op_socket();
+            let in_gate = loom::sync::Arc::new(crate::sync::AtomicUsize::new(1));
+            let call = table.pin(desc).unwrap();
+            let op = call.op_socket();
             let completion = {
-                let table = table.clone();
-                let probe = first.clone();
+                let (probe, in_gate) = (first.clone(), in_gate.clone());
                 thread::spawn(move || {
-                    // SAFETY: the op's pin is held until unpin_op.
+                    // SAFETY: the op has not left the gate yet.
                     assert_eq!(unsafe { *op.get() }, 1);
                     assert!(Arc::strong_count(&probe) >= 3, "released under an op");
-                    table.unpin_op(op);
+                    in_gate.fetch_sub(1, Ordering::Release);
                 })
             };
-            let closer = {
-                let table = table.clone();
-                thread::spawn(move || table.remove(desc).is_ok())
+            let close = |table: &SocketTable<u32>, in_gate: &crate::sync::AtomicUsize| {
+                if table.remove(desc).is_err() {
+                    return false;
+                }
+                while in_gate.load(Ordering::Acquire) != 0 {
+                    thread::yield_now();
+                }
+                table.unpin_removed(desc);
+                true
             };
-            let mine = table.remove(desc).is_ok();
-            // Still inside the post: the call's pin keeps the socket.
-            assert_eq!(*pinned, 1);
+            let closer = {
+                let (table, in_gate) = (table.clone(), in_gate.clone());
+                thread::spawn(move || close(&table, &in_gate))
+            };
+            let mine = close(&table, &in_gate);
+            // Still inside the call: its pin keeps the socket.
+            assert_eq!(*call, 1);
             assert!(Arc::strong_count(&first) >= 2, "released under the call");
-            pinned.hand_to_op();
+            drop(call);
             let theirs = closer.join().unwrap();
             assert!(mine ^ theirs, "exactly one close removes the socket");
             completion.join().unwrap();
