@@ -61,7 +61,7 @@ use std::time::{Duration, Instant};
 const FORCE_AGAIN: Duration = Duration::from_millis(10);
 
 /// The op-slab owner of `sock`'s ops: the socket's address, unique while
-/// any op of it is pending (each pins the socket).
+/// any op of it is pending (an op in the close gate keeps the socket).
 pub(super) fn owner_tag(sock: &Socket) -> usize {
     sock as *const Socket as usize
 }

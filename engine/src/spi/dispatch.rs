@@ -207,7 +207,8 @@ fn completion_error(status: WcStatus, sock: &Socket) -> WsaError {
 /// post it again) and returns `None`.
 #[inline(always)]
 fn take_op(op: &mut OpState, engaged: &mut Option<OpState>) -> Option<(OpSocket, OvPtr)> {
-    // SAFETY: the op is claimed and not yet reported: its pin is held.
+    // SAFETY: the op is claimed and not yet reported: it is still in its
+    // socket's close gate.
     let socket = unsafe { op.socket.get() };
     if socket.dup.engaged() && !socket.gate.is_closing() {
         *engaged = Some(std::mem::take(op));

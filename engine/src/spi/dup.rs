@@ -904,7 +904,7 @@ impl Inner {
         failed
     }
 
-    /// Posts a parked receive on `qp` under a fresh op slot (its pin, gate
+    /// Posts a parked receive on `qp` under a fresh op slot (its gate
     /// entry, overlapped record and registrations carry over).
     /// Gives the op back if it could not be posted (also a receive of more
     /// than [`KEPT_SGE`] buffers, whose other entries were not kept).

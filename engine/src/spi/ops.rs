@@ -98,8 +98,9 @@ impl OvPtr {
 /// of one or two buffers touches the slot's first two cache lines only.
 #[repr(C)]
 pub struct OpState {
-    /// The socket the op belongs to, with the table pin that keeps it alive
-    /// until the op's completion gives it back.
+    /// The socket the op belongs to, kept alive by the op's entry in its
+    /// close gate (see `socket::SocketTable`), which it leaves once its
+    /// completion was signalled.
     pub socket: OpSocket,
     /// The switch's overlapped record.
     pub overlapped: OvPtr,
@@ -148,8 +149,7 @@ impl OpState {
         }
     }
 
-    /// Takes the op's socket pin out of the state (its completion gives it
-    /// back), leaving the placeholder.
+    /// Takes the op's socket out of the state, leaving the placeholder.
     #[inline]
     pub fn take_socket(&mut self) -> OpSocket {
         std::mem::replace(&mut self.socket, OpSocket::idle())
