@@ -140,7 +140,7 @@ impl OpState {
     /// this state, whose own are all `None` (an idle slot's), one by one:
     /// only the entries in use are touched, and `regs` is left all `None`.
     #[inline]
-    pub fn install_regs(&mut self, regs: &mut Regs) {
+    pub fn install_regs(&mut self, regs: &mut [Option<RegRef>]) {
         for (mine, theirs) in self.regs.iter_mut().zip(regs.iter_mut()) {
             let Some(r) = theirs.take() else { break };
             debug_assert!(mine.is_none(), "an idle slot kept a hold");
@@ -264,30 +264,35 @@ unsafe impl Sync for ThreadCache {}
 #[cfg(not(loom))]
 static INDICES: std::sync::Mutex<(Vec<usize>, usize)> = std::sync::Mutex::new((Vec::new(), 0));
 
-/// A thread's index among the caching threads (`None`: it keeps no slots).
+/// `THREAD_INDEX` before the thread's first use.
 #[cfg(not(loom))]
-struct ThreadIndex(Option<usize>);
+const UNSET: usize = usize::MAX;
+/// `THREAD_INDEX` of a thread that keeps no slots (too many threads, or it
+/// is exiting).
+#[cfg(not(loom))]
+const NO_INDEX: usize = usize::MAX - 1;
 
 #[cfg(not(loom))]
-impl ThreadIndex {
-    fn take() -> ThreadIndex {
-        let mut g = INDICES.lock().unwrap_or_else(PoisonError::into_inner);
-        let (free, next) = &mut *g;
-        ThreadIndex(free.pop().or_else(|| {
-            (*next < CACHING_THREADS).then(|| {
-                *next += 1;
-                *next - 1
-            })
-        }))
-    }
+thread_local! {
+    /// This thread's index among the caching threads, [`UNSET`] or
+    /// [`NO_INDEX`]: a plain word, so reading it costs a load.
+    static THREAD_INDEX: std::cell::Cell<usize> = const { std::cell::Cell::new(UNSET) };
+    /// Gives the index back when the thread exits.
+    static INDEX_GUARD: IndexGuard = const { IndexGuard };
 }
 
+/// Gives this thread's index back when it exits: the slots it kept pass to
+/// the next thread that gets the index (no slot is lost).
 #[cfg(not(loom))]
-impl Drop for ThreadIndex {
-    /// Thread exit: the slots this thread kept pass to the next thread
-    /// that gets the index (no slot is lost).
+struct IndexGuard;
+
+#[cfg(not(loom))]
+impl Drop for IndexGuard {
     fn drop(&mut self) {
-        if let Some(i) = self.0 {
+        let Ok(i) = THREAD_INDEX.try_with(|t| t.replace(NO_INDEX)) else {
+            return;
+        };
+        if i < CACHING_THREADS {
             INDICES
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
@@ -297,20 +302,52 @@ impl Drop for ThreadIndex {
     }
 }
 
-#[cfg(not(loom))]
-thread_local! {
-    static THREAD_INDEX: ThreadIndex = ThreadIndex::take();
-}
-
 /// This thread's index among the caching threads; `None` if it keeps no
-/// slots (too many threads, or it is exiting). Under loom none keeps any:
-/// the caches are thread-private, and the models check the free lists.
+/// slots. Under loom none keeps any: the caches are thread-private, and the
+/// models check the free lists.
 #[inline]
 fn thread_index() -> Option<usize> {
     #[cfg(not(loom))]
-    return THREAD_INDEX.try_with(|t| t.0).ok().flatten();
+    {
+        let i = THREAD_INDEX.with(std::cell::Cell::get);
+        if i < CACHING_THREADS {
+            return Some(i);
+        }
+        if i == UNSET {
+            return take_thread_index();
+        }
+        None
+    }
     #[cfg(loom)]
     None
+}
+
+/// A thread's first use: takes an index (if one is left) and arms the
+/// guard that gives it back.
+#[cfg(not(loom))]
+#[cold]
+#[inline(never)]
+fn take_thread_index() -> Option<usize> {
+    // Touching the guard registers its destructor; an exiting thread, whose
+    // guard is gone, takes none.
+    if INDEX_GUARD.try_with(|_| ()).is_err() {
+        let _ = THREAD_INDEX.try_with(|t| t.set(NO_INDEX));
+        return None;
+    }
+    let i = {
+        let mut g = INDICES.lock().unwrap_or_else(PoisonError::into_inner);
+        let (free, next) = &mut *g;
+        free.pop().unwrap_or_else(|| {
+            if *next < CACHING_THREADS {
+                *next += 1;
+                *next - 1
+            } else {
+                NO_INDEX
+            }
+        })
+    };
+    THREAD_INDEX.with(|t| t.set(i));
+    (i < CACHING_THREADS).then_some(i)
 }
 
 /// The end of a free list.
@@ -876,7 +913,11 @@ mod tests {
         let a = slab.reserve(0).unwrap();
         let b = slab.reserve(1).unwrap();
         let (ia, ib) = (a.index, b.index);
-        let heads: Vec<u64> = slab.heads.iter().map(|h| h.load(Ordering::Relaxed)).collect();
+        let heads: Vec<u64> = slab
+            .heads
+            .iter()
+            .map(|h| h.load(Ordering::Relaxed))
+            .collect();
         slab.fill(&a, 0, |s| *s = 1);
         assert_eq!(slab.complete(a.wr_id(), std::mem::take), Some(1));
         assert_eq!(slab.cancel(b), None);
@@ -886,7 +927,11 @@ mod tests {
             (ib, ia),
             "the slots freed last come back first"
         );
-        let now: Vec<u64> = slab.heads.iter().map(|h| h.load(Ordering::Relaxed)).collect();
+        let now: Vec<u64> = slab
+            .heads
+            .iter()
+            .map(|h| h.load(Ordering::Relaxed))
+            .collect();
         assert_eq!(heads, now, "the free lists were not touched");
         for r in again {
             slab.cancel(r);

@@ -882,7 +882,7 @@ mod loom_models {
                     in_gate.fetch_sub(1, Ordering::Release);
                 })
             };
-            let close = |table: &SocketTable<u32>, in_gate: &crate::sync::AtomicUsize| {
+            let close = move |table: &SocketTable<u32>, in_gate: &crate::sync::AtomicUsize| {
                 if table.remove(desc).is_err() {
                     return false;
                 }
