@@ -1200,10 +1200,11 @@ impl Inner {
     ) -> WsaResult<()> {
         // Most ops name one or two buffers: their entries are then set up
         // in arrays of that size, which cost less to clear than MAX_SGE.
-        // SAFETY (both): forwarded caller contract.
         if bufs.len() <= KEPT_SGE {
+            // SAFETY: forwarded caller contract.
             unsafe { self.start_op_n::<KEPT_SGE>(sock, bufs, need, max_total, ov, recv, post) }
         } else {
+            // SAFETY: forwarded caller contract.
             unsafe { self.start_op_n::<MAX_SGE>(sock, bufs, need, max_total, ov, recv, post) }
         }
     }
