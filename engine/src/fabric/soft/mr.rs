@@ -166,7 +166,7 @@ impl RemoteKey {
     /// using the window to finish.
     fn revoke(&self, rkey: u32) {
         if let Some(link) = self.window.upgrade() {
-            lock(&link.dirs[self.dir].window).remove(rkey);
+            link.dirs[self.dir].window.lock().remove(rkey);
         }
     }
 }
@@ -348,7 +348,7 @@ impl Pd {
             })
             .ok_or(FabricError::NoResources("remote keys"))?;
         region.rkeys.push(rkey);
-        lock(&link.dirs[dir].window).keys.push(WindowKey {
+        link.dirs[dir].window.lock().keys.push(WindowKey {
             rkey,
             addr: region.addr,
             len: region.len,
