@@ -482,7 +482,7 @@ impl<S: Default> OpSlab<S> {
 
     /// Takes a free slot, from list `hint` first, or `None` when every slot
     /// is in use and the slab is at capacity.
-    #[inline]
+    #[inline(always)]
     pub fn reserve(&self, hint: usize) -> Option<Reserved> {
         if let Some(c) = self.cache() {
             let len = c.len.get();
@@ -558,7 +558,7 @@ impl<S: Default> OpSlab<S> {
     /// Builds the op's state in its reserved slot (before posting): `build`
     /// writes it in place, over the emptied state of the slot's last op,
     /// and `owner` is what [`OpSlab::take_owned`] finds it by.
-    #[inline]
+    #[inline(always)]
     pub fn fill(&self, r: &Reserved, owner: usize, build: impl FnOnce(&mut S)) {
         let slot = self.slot(r.index);
         debug_assert_eq!(

@@ -256,8 +256,9 @@ struct Visit {
 
 impl Attached {
     /// Reaps the end into `out` and keeps its quiet count (`limit`: the
-    /// poll's [`quiet_limit`]).
-    #[inline]
+    /// poll's [`quiet_limit`]). Inlined into `poll`: a call's saves and
+    /// restores cost more than its body's bookkeeping.
+    #[inline(always)]
     fn visit(&mut self, out: &mut [WorkCompletion], limit: u32) -> Visit {
         let (reaped, seal) = self.link.reap(self.end, &mut self.r, out);
         if seal {
