@@ -1334,6 +1334,54 @@ impl Inner {
 mod tests {
     use super::*;
 
+    /// `get_overlapped_result` of a pending op looks its socket up without
+    /// a pin: a descriptor that names no live socket is still refused, and
+    /// the op's own descriptor still waits (`fWait` false: incomplete).
+    #[cfg(not(loom))]
+    #[test]
+    fn a_pending_ops_result_through_a_descriptor_that_is_no_socket_is_refused() {
+        use crate::config::MlockPolicy;
+        use crate::mem::region::Region;
+        let mut config = Config::default();
+        config.poller.mode = PollerMode::RunToCompletion;
+        config.mem.mlock = MlockPolicy::Off;
+        let ip = Ipv4Addr::new(198, 18, 252, 1);
+        let (p, _nic, _net) =
+            crate::testkit::soft_provider(config, ip, Arc::new(crate::testkit::CompletingSwitch))
+                .unwrap();
+        let (client, server) =
+            crate::testkit::connected_pair(&p, SocketAddrV4::new(ip, 4791)).unwrap();
+        let buf = Region::new(4096, MlockPolicy::Off).unwrap();
+        let ov = Overlapped::new(1);
+        let b = [WsaBuf {
+            len: 64,
+            buf: buf.as_ptr(),
+        }];
+        // SAFETY: `buf` and `ov` outlive the op, which the cleanup below
+        // completes.
+        unsafe {
+            p.register_memory(server, buf.as_ptr(), 4096, MEM_READWRITE)
+                .unwrap();
+            p.recv(server, &b, &ov).unwrap();
+        }
+        let stale = ProviderSocket(server.0 + (1 << 32));
+        for bad in [stale, ProviderSocket(12345), client] {
+            let r = p.get_overlapped_result(bad, &ov, false);
+            if bad == client {
+                // Another live socket: its CQ is polled, the op stays pending.
+                assert_eq!(r, Err(WsaError::WSA_IO_INCOMPLETE));
+            } else {
+                assert_eq!(r, Err(WsaError::WSAENOTSOCK), "{bad:?}");
+            }
+        }
+        assert_eq!(
+            p.get_overlapped_result(server, &ov, false),
+            Err(WsaError::WSA_IO_INCOMPLETE)
+        );
+        p.cleanup().unwrap();
+        assert!(!ov.is_pending());
+    }
+
     #[test]
     fn version_below_2_2_is_refused() {
         let net = crate::fabric::soft::SoftNetwork::new();
