@@ -656,8 +656,10 @@ impl Conn {
 
     /// A registration of `len` bytes at `off` of application buffer `app`
     /// for one op (`write`: the op writes into it): a pinned cache entry
-    /// covering its pages, a fresh one entered in the cache, or (cache
-    /// off) a registration of exactly that range for this op alone.
+    /// covering its pages, a fresh one of the pages of the whole buffer
+    /// entered in the cache (so the other ops of a transfer split over
+    /// several, e.g. by a ring with room for part of it, find it there), or
+    /// (cache off) a registration of exactly that range for this op alone.
     fn app_reg(
         &self,
         st: &mut State,
@@ -684,6 +686,12 @@ impl Conn {
                 cached: true,
             });
         }
+        let (whole, whole_len) = app.whole();
+        let (start, end) = st
+            .cache
+            .span(whole, whole_len)
+            .filter(|&(s, e)| u32::try_from(e - s).is_ok())
+            .unwrap_or((start, end));
         let handle = self.wire.register_app(start, end, write)?;
         for old in st.cache.insert(start, end, write, handle) {
             let _ = self.wire.provider.deregister_memory(self.wire.sock, old);

@@ -99,6 +99,11 @@ impl AppBuf {
         }
     }
 
+    /// Address and length of the whole buffer.
+    pub(super) fn whole(&self) -> (usize, usize) {
+        (self.addr, self.len)
+    }
+
     /// Address of `off..off+len`, checked against the buffer.
     fn range(&self, off: u64, len: u32) -> WsaResult<*mut u8> {
         let end = off.checked_add(u64::from(len)).ok_or(WsaError::WSAEFAULT)?;
