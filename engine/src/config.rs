@@ -33,7 +33,9 @@ pub struct Config {
 #[serde(rename_all = "snake_case")]
 pub enum PollerMode {
     /// Dedicated poller threads reap CQs into completion rings; a dispatcher
-    /// thread drains the rings and makes the upcalls.
+    /// thread drains the rings and makes the upcalls. A thread that waits
+    /// for (or polls) an op reaps its socket's CQ itself while it spins,
+    /// and the CQ's poller steps aside meanwhile (`poller` module docs).
     Threads,
     /// No polling threads: a thread that waits for a completion (or polls
     /// `get_overlapped_result`, or calls `Provider::progress`) polls the CQs

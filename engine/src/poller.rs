@@ -1,12 +1,27 @@
 //! Completion progress. The engine has `poller.count` completion queues; a
 //! socket's queue pair is attached to one of them.
 //!
-//! - `threads` mode: one pinned poller thread per CQ busy-polls it for up to
-//!   `spin_budget` empty polls, then arms the CQ and parks until the CQ wakes
-//!   it. Reaped completions go into that poller's SPSC [`ring`]
-//!   to the front end, published in batches; when the ring is full the poller
-//!   stops reaping (completions wait in the CQ, nothing is dropped). Pollers
-//!   never make upcalls.
+//! - `threads` mode: one pinned poller thread per CQ, a dispatcher thread,
+//!   and the threads that wait share the work (the [`lane`] of each CQ):
+//!   - a thread that waits for (or polls) an op of its socket reaps the
+//!     socket's CQ itself when nobody else works on it: it dispatches what
+//!     the poller had reaped into the ring, then what it reaps, on its own
+//!     thread ([`Progress::drain`] with the CQ's index), spins its budget,
+//!     then sleeps until the dispatcher reports the op;
+//!   - while waiters reap a CQ, its poller steps aside: it sleeps a step at
+//!     a time ([`STEP_ASIDE`]) and leaves the CQ unarmed, so completing a
+//!     request wakes no thread and the waiters keep the cores;
+//!   - otherwise (nobody waits: upcall-driven ops, and waiters that went to
+//!     sleep, which hand the CQ back first) the poller busy-polls its CQ
+//!     for up to `spin_budget` empty polls, then arms the CQ and parks
+//!     until the CQ wakes it. Reaped completions go into the poller's SPSC
+//!     [`ring`], published in batches; when the ring is full the poller
+//!     stops reaping (completions wait in the CQ, nothing is dropped).
+//!     The dispatcher drains the rings ([`Progress::drain`] without an
+//!     index) and makes the upcalls. Pollers never make upcalls.
+//!
+//!   Why each completion is dispatched once and in CQ order, and why none
+//!   waits with every thread asleep, is in [`lane`]'s docs.
 //! - `run_to_completion` mode: no poller threads. A thread that needs
 //!   progress calls [`Progress::drain`], which polls the CQs directly (no
 //!   handoff); while it has nothing to do it may [`Progress::arm`] the CQs
@@ -16,16 +31,19 @@
 //! Either way the front end gets completions from [`Progress::drain`].
 //!
 //! Every thread that polls for work (the pollers, the front end's
-//! dispatcher, its run-to-completion waits and upcall helper) idles the same
+//! dispatcher, its waits and upcall helper) idles the same
 //! way, with an [`IdleLoop`]: spin a budget, announce the sleep, re-check,
 //! sleep.
 
+mod lane;
+
 use crate::config::{Config, PollerMode};
 use crate::fabric::{CompletionQueue, CqId, FabricError, Nic, Waker, WorkCompletion};
-use crate::ring::{self, Consumer, Producer};
+use crate::ring::{self, Producer};
 use crate::spin::SpinLock;
 use crate::sync;
 use crossbeam_utils::CachePadded;
+use lane::{HandBack, Lane};
 use std::cell::RefCell;
 use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
@@ -394,9 +412,12 @@ pub struct Progress {
     cqs: Vec<Arc<dyn CompletionQueue>>,
     /// Threads mode: poller threads, one per CQ; emptied by `shutdown`.
     pollers: Mutex<Vec<PollerThread>>,
-    /// Threads mode: the consumer ends of the pollers' rings, locked by the
-    /// thread that drains them (normally the dispatcher) for pop + dispatch.
-    consumers: Mutex<Vec<Consumer<WorkCompletion>>>,
+    /// Threads mode: each CQ's lane (who reaps it, who pops its ring),
+    /// shared with its poller thread; empty in run-to-completion mode.
+    lanes: Vec<Arc<Lane<WorkCompletion>>>,
+    /// Threads mode: each CQ's poller's waker (a waiter that goes to sleep
+    /// wakes the poller it let step aside).
+    poller_wakers: Vec<Arc<ParkWaker>>,
     /// Run-to-completion mode: one reaper per CQ at a time (CQs are single
     /// consumer). Padded: the threads spinning on different CQs each
     /// try-lock their own, and must not bounce one line between them.
@@ -422,7 +443,8 @@ impl Progress {
         let stop = Arc::new(AtomicBool::new(false));
         let mut cqs = Vec::with_capacity(pc.count);
         let mut pollers = Vec::new();
-        let mut consumers = Vec::new();
+        let mut lanes = Vec::new();
+        let mut poller_wakers = Vec::new();
         let mut wakes = Vec::new();
         for i in 0..pc.count {
             match pc.mode {
@@ -439,10 +461,12 @@ impl Progress {
                     let waker = Arc::new(ParkWaker::default());
                     let cq = nic.create_cq(config.qp.cq_depth, waker.clone())?;
                     let (producer, consumer) = ring::channel(config.ring.capacity);
-                    consumers.push(consumer);
+                    let lane = Arc::new(Lane::new(consumer));
+                    lanes.push(lane.clone());
                     let ctx = PollerCtx {
                         cq: cq.clone(),
                         producer,
+                        lane,
                         waker: waker.clone(),
                         front: front.clone(),
                         stop: stop.clone(),
@@ -455,6 +479,7 @@ impl Progress {
                         .name(format!("sanpath-poll{i}"))
                         .spawn(move || ctx.run())
                         .map_err(|e| FabricError::Unavailable(format!("poller thread: {e}")))?;
+                    poller_wakers.push(waker.clone());
                     pollers.push(PollerThread {
                         waker,
                         handle: Some(handle),
@@ -470,7 +495,8 @@ impl Progress {
             mode: pc.mode,
             cqs,
             pollers: Mutex::new(pollers),
-            consumers: Mutex::new(consumers),
+            lanes,
+            poller_wakers,
             rtc_reapers,
             wakes,
             stop,
@@ -494,13 +520,14 @@ impl Progress {
     }
 
     /// Hands available completions to `f`, oldest first per CQ; never
-    /// blocks. Threads mode: from the rings; run-to-completion: straight from
-    /// the CQs. The reaper lock of a ring or CQ is held while `f` runs, so two
-    /// threads never interleave the completions of one CQ; `f` must not call
-    /// `drain` again (the front end refuses nested progress). Returns how
-    /// many completions were handed out. `only` limits a run-to-completion
-    /// drain to one CQ (the one a waiting thread's socket uses); threads
-    /// mode drains the rings regardless.
+    /// blocks. Run-to-completion: straight from the CQs (only CQ `only` if
+    /// given: the one a waiting thread's socket uses). Threads mode with
+    /// `only`: the CQ's ring, then the CQ itself, if no other thread works
+    /// on that CQ (a waiter's pass, [`lane`]); without: the rings of all
+    /// CQs (the dispatcher). The right to a CQ (or ring) is held while `f`
+    /// runs, so two threads never interleave the completions of one CQ; `f`
+    /// must not call `drain` again (the front end refuses nested progress).
+    /// Returns how many completions were handed out.
     /// A nested `drain` on the same thread hands out nothing and returns 0.
     pub fn drain(&self, only: Option<usize>, f: &mut dyn FnMut(&WorkCompletion)) -> usize {
         REAP_BUF.with(|buf| match buf.try_borrow_mut() {
@@ -517,21 +544,21 @@ impl Progress {
     ) -> usize {
         let mut total = 0;
         match self.mode {
-            PollerMode::Threads => {
-                let Ok(mut consumers) = self.consumers.try_lock() else {
-                    return 0;
-                };
-                for c in consumers.iter_mut() {
-                    loop {
-                        let n = c.pop_into(buf);
-                        buf[..n].iter().for_each(&mut *f);
-                        total += n;
-                        if n < buf.len() {
-                            break;
-                        }
+            PollerMode::Threads => match only {
+                Some(i) => {
+                    let (Some(lane), Some(cq)) = (self.lanes.get(i), self.cqs.get(i)) else {
+                        return 0;
+                    };
+                    total = lane
+                        .reap_and_consume(buf, &mut |b| cq.poll(b), f)
+                        .unwrap_or(0);
+                }
+                None => {
+                    for lane in &self.lanes {
+                        total += lane.consume(buf, f);
                     }
                 }
-            }
+            },
             PollerMode::RunToCompletion => match only {
                 Some(i) => total = self.reap(i, buf, f),
                 None => {
@@ -572,13 +599,11 @@ impl Progress {
 
     /// Prepares to sleep: run-to-completion mode arms every CQ; returns true
     /// if completions are already waiting (do not sleep). Threads mode: true
-    /// if a ring is non-empty.
+    /// if a ring is non-empty, whoever pops it (the dispatcher's re-check:
+    /// every push is followed by a wake of the dispatcher, see [`lane`]).
     pub fn arm(&self) -> bool {
         match self.mode {
-            PollerMode::Threads => match self.consumers.try_lock() {
-                Ok(mut consumers) => consumers.iter_mut().any(|c| !c.is_empty()),
-                Err(_) => true,
-            },
+            PollerMode::Threads => self.lanes.iter().any(|l| !l.is_empty()),
             PollerMode::RunToCompletion => {
                 let mut ready = false;
                 for cq in &self.cqs {
@@ -587,6 +612,21 @@ impl Progress {
                 ready
             }
         }
+    }
+
+    /// Threads mode: how a thread that reaped CQ `index` while it waited
+    /// sleeps on `then` once it spun its budget: it hands the CQ back to the
+    /// CQ's poller first ([`lane`]). `None` in run-to-completion mode.
+    pub(crate) fn waiter_sleep<'a, S: Sleep + ?Sized>(
+        &'a self,
+        index: usize,
+        then: &'a S,
+    ) -> Option<HandBack<'a, WorkCompletion, ParkWaker, S>> {
+        Some(HandBack {
+            lane: self.lanes.get(index)?,
+            poller: self.poller_wakers.get(index)?,
+            then,
+        })
     }
 
     /// Run-to-completion mode: asks for one wake of `waker` by the next
@@ -627,6 +667,11 @@ impl Drop for Progress {
     }
 }
 
+/// How long a threads-mode poller leaves its CQ to the threads that wait
+/// before it looks again (`lane`): about the longest a completion nobody
+/// waits for waits once the last waiter left.
+pub const STEP_ASIDE: Duration = Duration::from_micros(200);
+
 /// Completions reaped per poll call at most (reap buffer size).
 const POLL_BATCH: usize = 64;
 
@@ -641,6 +686,8 @@ thread_local! {
 struct PollerCtx {
     cq: Arc<dyn CompletionQueue>,
     producer: Producer<WorkCompletion>,
+    /// Who reaps the CQ: this thread, or a waiter (module docs).
+    lane: Arc<Lane<WorkCompletion>>,
     waker: Arc<ParkWaker>,
     front: Arc<dyn Waker>,
     stop: Arc<AtomicBool>,
@@ -660,7 +707,18 @@ impl PollerCtx {
         self.waker.register_current();
         let mut buf = [WorkCompletion::EMPTY; POLL_BATCH];
         let mut idle = IdleLoop::new(self.spin_budget).with_pause(self.spin_pause);
+        let mut seen = self.lane.passes();
+        let stop = || self.stop.load(Ordering::SeqCst);
         while !self.stop.load(Ordering::Relaxed) {
+            // Waiters reap the CQ themselves: leave it (and the cores) to
+            // them for a step.
+            if self
+                .lane
+                .step_aside(&mut seen, false, &*self.waker, STEP_ASIDE, stop)
+            {
+                idle.progress();
+                continue;
+            }
             let free = self.producer.free();
             if free == 0 {
                 // Ring full: leave completions in the CQ until the front end
@@ -674,17 +732,30 @@ impl PollerCtx {
                 }
                 continue;
             }
+            let Some(reaping) = self.lane.try_reap() else {
+                // A waiter holds the CQ: step aside, unless a waiter
+                // sleeps (then this is an empty poll).
+                if !self
+                    .lane
+                    .step_aside(&mut seen, true, &*self.waker, STEP_ASIDE, stop)
+                {
+                    idle.idle(&*self.waker, None, || self.cq.arm() || stop());
+                }
+                continue;
+            };
             let n = self.cq.poll(&mut buf[..free.min(self.batch)]);
             if n > 0 {
                 let pushed = self.producer.push_slice(&buf[..n]);
                 debug_assert_eq!(pushed, n, "ring had room for what was reaped");
+                // Give the CQ back before the wake: the dispatcher's
+                // re-check (or a waiter) may find the lane free at once.
+                drop(reaping);
                 self.front.wake();
                 idle.progress();
                 continue;
             }
-            idle.idle(&*self.waker, None, || {
-                self.cq.arm() || self.stop.load(Ordering::SeqCst)
-            });
+            drop(reaping);
+            idle.idle(&*self.waker, None, || self.cq.arm() || stop());
         }
     }
 }
@@ -699,12 +770,14 @@ mod loom_models {
     use crate::sync::{thread, Arc, AtomicUsize, Ordering};
 
     /// [`ParkWaker`] with the modelled thread's park: the same
-    /// [`SleepFlag`], and a park that has no timeout.
+    /// [`SleepFlag`], and a park that has no timeout (a timed sleep is
+    /// modelled as one only a wake ends: the model must not depend on the
+    /// timeout).
     #[derive(Default)]
-    struct LoomPark {
+    pub(super) struct LoomPark {
         sleeping: SleepFlag,
         /// Set by the sleeper before it first announces a sleep.
-        thread: OnceLock<thread::Thread>,
+        pub(super) thread: OnceLock<thread::Thread>,
     }
 
     impl Sleep for LoomPark {
@@ -718,15 +791,23 @@ mod loom_models {
             self.sleeping.lower();
         }
 
-        fn sleep(&self, (): (), deadline: Option<Instant>) {
-            assert!(deadline.is_none(), "loom models no timed park");
+        fn sleep(&self, (): (), _deadline: Option<Instant>) {
             thread::park();
             self.sleeping.lower();
         }
     }
 
     impl LoomPark {
-        /// As [`ParkWaker`]'s `Waker::wake`.
+        /// Unparks the thread, if it registered (the model's stop).
+        pub(super) fn unpark(&self) {
+            if let Some(t) = self.thread.get() {
+                t.unpark();
+            }
+        }
+    }
+
+    /// As [`ParkWaker`]'s.
+    impl Waker for LoomPark {
         fn wake(&self) {
             if self.sleeping.is_raised() {
                 self.thread.get().expect("registered").unpark();

@@ -396,11 +396,37 @@ impl<T: Copy> Consumer<T> {
         self.shared.head.store(self.head, Ordering::Release);
     }
 
+    /// A handle that tells whether the ring holds items, for a thread that
+    /// holds neither end.
+    pub fn watch(&self) -> Watch<T> {
+        Watch {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
     /// Whether the producer was dropped: no item will be added any more.
     /// Once this returns `true`, every item the producer pushed is visible:
     /// popping until empty drains the ring completely.
     pub fn is_abandoned(&self) -> bool {
         self.shared.abandoned.load(Ordering::Acquire)
+    }
+}
+
+/// Reads a ring's two indices, for a thread that holds neither end (one
+/// that must know whether another thread's consumer has work). Touches no
+/// slot, writes nothing.
+pub struct Watch<T> {
+    shared: Arc<Shared<T>>,
+}
+
+impl<T> Watch<T> {
+    /// Whether the ring held no item when the indices were read: a push
+    /// whose `Release` store of the tail is ordered before this call (by a
+    /// fence pair, or a release/acquire chain) is seen.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        let head = self.shared.head.load(Ordering::Acquire);
+        self.shared.tail.load(Ordering::Acquire) == head
     }
 }
 

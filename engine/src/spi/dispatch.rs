@@ -1,8 +1,9 @@
 //! Completion dispatch: how a work completion becomes the op's result.
 //!
 //! One receive's way out: a CQ is drained by [`Inner::progress`] (on a
-//! thread that waits in run-to-completion mode, or on the dispatcher thread
-//! in threads mode) → [`Inner::dispatch`] takes the op's state out of its
+//! thread that waits for or polls an op of the socket, in either mode; in
+//! threads mode also on the dispatcher thread, from the rings the poller
+//! threads fill while nobody waits, `poller.rs`) → [`Inner::dispatch`] takes the op's state out of its
 //! slot, frees its registrations, writes the overlapped result and makes the
 //! one `complete_overlapped_request` upcall (or stores the result for a
 //! polled op) → the op leaves the socket's close gate (`close.rs`).
@@ -106,9 +107,11 @@ impl Provider {
         ov: &Overlapped,
         wait: bool,
     ) -> WsaResult<(u32, u32)> {
-        if ov.is_pending() && self.inner.config.poller.mode == PollerMode::RunToCompletion {
-            // A polled op (hEvent bit 0 set) has no other thread to report
-            // it in this mode: the caller that polls makes the progress.
+        if ov.is_pending() {
+            // The caller that polls makes the progress: in run-to-
+            // completion mode a polled op (hEvent bit 0 set) has no other
+            // thread to report it; in threads mode this saves the handoff
+            // through the poller and dispatcher threads.
             self.inner.progress(run, cq);
         }
         if ov.is_pending() {
@@ -430,8 +433,10 @@ impl Inner {
         total
     }
 
-    /// Waits until `done()` or `deadline`, making progress itself in
-    /// run-to-completion mode (on CQ `only` if given). Returns `done()`.
+    /// Waits until `done()` or `deadline`, making progress itself (on CQ
+    /// `only` if given; in threads mode only then, as long as it spins, and
+    /// it hands the CQ back to its poller before it sleeps). Returns
+    /// `done()`.
     pub(super) fn wait_for(
         &self,
         run: &Running,
@@ -440,7 +445,29 @@ impl Inner {
         mut done: impl FnMut() -> bool,
     ) -> bool {
         match self.config.poller.mode {
-            PollerMode::Threads => self.completed.wait_until(deadline, done),
+            PollerMode::Threads => {
+                let Some(sleep) = only.and_then(|i| run.progress.waiter_sleep(i, &self.completed))
+                else {
+                    return self.completed.wait_until(deadline, done);
+                };
+                let mut idle = IdleLoop::new(self.config.poller.spin_budget)
+                    .with_pause(self.config.poller.spin_pause);
+                loop {
+                    if done() {
+                        return true;
+                    }
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return done();
+                    }
+                    if self.progress(run, only) > 0 {
+                        idle.progress();
+                        continue;
+                    }
+                    // Sleep until the dispatcher (or another waiter)
+                    // reports an op: `done` becomes true with a notify.
+                    idle.idle(&sleep, deadline, &mut done);
+                }
+            }
             PollerMode::RunToCompletion => {
                 let mut idle = IdleLoop::new(self.config.poller.spin_budget)
                     .with_pause(self.config.poller.spin_pause)
