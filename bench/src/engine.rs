@@ -32,14 +32,10 @@ pub fn tune(c: &mut Config, mode: Mode) {
         Mode::Threads => PollerMode::Threads,
     };
     c.mem.mlock = MlockPolicy::Off;
-    c.poller.count = match mode {
-        // One CQ per side, so that each side's thread polls only its own.
-        Mode::Rtc => 2,
-        // One poller thread: with the two benchmark threads that is already
-        // more threads than this machine's two cores (they block, it spins
-        // only up to its budget).
-        Mode::Threads => 1,
-    };
+    // One CQ per side, so that each side's thread polls only its own (in
+    // threads mode too: a waiting side reaps its CQ itself, and the CQ's
+    // poller thread steps aside meanwhile).
+    c.poller.count = 2;
     // A sender with a full window may run ahead of the receiver's reposts:
     // the soft NIC holds at most this many sends before it breaks the link.
     c.qp.rnr_queue_max = c.qp.rnr_queue_max.max(WINDOW as u32);
@@ -300,8 +296,8 @@ impl Side {
     /// Waits for an op the way a switch would: with
     /// `WSPGetOverlappedResult(fWait = TRUE)`. In run-to-completion mode
     /// that polls only the socket's own CQ, spinning up to the configured
-    /// budget before it sleeps; in threads mode it blocks until the
-    /// dispatcher completed the op.
+    /// budget before it sleeps; so does threads mode, whose poller and
+    /// dispatcher threads then step aside.
     fn wait(&self, ov: &Overlapped) -> Res<u32> {
         self.p
             .get_overlapped_result(self.sock, ov, true)
