@@ -19,7 +19,7 @@ use super::{lock, Inner, Overlapped, Provider, ProviderSocket, Running};
 use crate::config::PollerMode;
 use crate::error::{WsaError, WsaResult};
 use crate::fabric::{Waker, WcStatus, WorkCompletion};
-use crate::poller::{IdleLoop, Idled};
+use crate::poller::{IdleLoop, Idled, Sleep};
 use std::cell::Cell;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -442,7 +442,7 @@ impl Inner {
         run: &Running,
         deadline: Option<Instant>,
         only: Option<usize>,
-        mut done: impl FnMut() -> bool,
+        done: impl FnMut() -> bool,
     ) -> bool {
         match self.config.poller.mode {
             PollerMode::Threads => {
@@ -450,46 +450,51 @@ impl Inner {
                 else {
                     return self.completed.wait_until(deadline, done);
                 };
-                let mut idle = IdleLoop::new(self.config.poller.spin_budget)
+                let idle = IdleLoop::new(self.config.poller.spin_budget)
                     .with_pause(self.config.poller.spin_pause);
-                loop {
-                    if done() {
-                        return true;
-                    }
-                    if deadline.is_some_and(|d| Instant::now() >= d) {
-                        return done();
-                    }
-                    if self.progress(run, only) > 0 {
-                        idle.progress();
-                        continue;
-                    }
-                    // Sleep until the dispatcher (or another waiter)
-                    // reports an op: `done` becomes true with a notify.
-                    idle.idle(&sleep, deadline, &mut done);
-                }
+                // The dispatcher (or another waiter) reports an op: `done`
+                // becomes true with a notify.
+                self.spin_then_sleep(run, deadline, only, idle, &sleep, || false, done)
             }
             PollerMode::RunToCompletion => {
-                let mut idle = IdleLoop::new(self.config.poller.spin_budget)
+                let idle = IdleLoop::new(self.config.poller.spin_budget)
                     .with_pause(self.config.poller.spin_pause)
                     .with_guard(Duration::from_millis(50));
-                loop {
-                    if done() {
-                        return true;
-                    }
-                    if deadline.is_some_and(|d| Instant::now() >= d) {
-                        return done();
-                    }
-                    if self.progress(run, only) > 0 {
-                        idle.progress();
-                        continue;
-                    }
-                    // Sleep until an armed CQ gets a completion (or another
-                    // thread's dispatch notifies), bounded by the deadline.
-                    idle.idle(&*run.rtc_notifier, deadline, || {
-                        run.progress.arm() || done()
-                    });
-                }
+                // An armed CQ's completion (or another thread's dispatch)
+                // wakes the sleeper.
+                let arm = || run.progress.arm();
+                self.spin_then_sleep(run, deadline, only, idle, &*run.rtc_notifier, arm, done)
             }
+        }
+    }
+
+    /// [`Inner::wait_for`]'s loop: makes progress on CQ `only` while it
+    /// finds completions, spins `idle`'s budget, then sleeps on `sleeper`
+    /// (bounded by `deadline`) unless `arm()` (which arms what wakes the
+    /// sleeper) or `done()` says to look again. Returns `done()`.
+    #[allow(clippy::too_many_arguments)]
+    fn spin_then_sleep<S: Sleep + ?Sized>(
+        &self,
+        run: &Running,
+        deadline: Option<Instant>,
+        only: Option<usize>,
+        mut idle: IdleLoop,
+        sleeper: &S,
+        arm: impl Fn() -> bool,
+        mut done: impl FnMut() -> bool,
+    ) -> bool {
+        loop {
+            if done() {
+                return true;
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return done();
+            }
+            if self.progress(run, only) > 0 {
+                idle.progress();
+                continue;
+            }
+            idle.idle(sleeper, deadline, || arm() || done());
         }
     }
 
