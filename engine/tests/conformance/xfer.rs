@@ -422,14 +422,14 @@ fn xfer_6_an_upcall_comes_while_other_threads_keep_polling() {
     }
     std::thread::scope(|sc| {
         let busy = sc.spawn(|| {
-            // Polled ops (hEvent bit 0 set), waited for with fWait: this
-            // thread reaps the busy pair's CQs, nothing else.
+            // Polled ops (hEvent bit 0 set), polled with fWait = FALSE
+            // (bounded): this thread reaps the busy pair's CQs, nothing else.
             let (r, w) = (Overlapped::new(1), Overlapped::new(1));
             while !stop.load(Ordering::Relaxed) {
                 recv(&h, bs, &bbs, 0, 8, &r).unwrap();
                 send(&h, bc, &bbc, 0, 8, &w).unwrap();
-                assert_eq!(h.p.get_overlapped_result(bs, &r, true).unwrap().0, 8);
-                assert_eq!(h.p.get_overlapped_result(bc, &w, true).unwrap().0, 8);
+                assert_eq!(wait_polled(&h, bs, &r), (OK, 8));
+                assert_eq!(wait_polled(&h, bc, &w), (OK, 8));
                 rounds.fetch_add(1, Ordering::Relaxed);
             }
         });
