@@ -1293,15 +1293,21 @@ impl Inner {
             ov.internal_high.load(Ordering::Relaxed),
         );
         ov.start();
-        // Built in the slot: only the fields an op uses are written.
-        self.ops.fill(&slot, close::owner_tag(&sock), |op| {
-            op.socket = sock.op_socket();
-            // SAFETY: the caller guarantees `ov` outlives the op.
-            op.overlapped = unsafe { OvPtr::new(ov) };
-            op.recv = recv;
-            op.sges = std::array::from_fn(|i| sges[i]);
-            op.install_regs(&mut regs);
-        });
+        // Built in the slot: only the fields an op uses are written (in
+        // line: a call would spill every captured reference to the stack).
+        self.ops.fill(
+            &slot,
+            close::owner_tag(&sock),
+            #[inline(always)]
+            |op| {
+                op.socket = sock.op_socket();
+                // SAFETY: the caller guarantees `ov` outlives the op.
+                op.overlapped = unsafe { OvPtr::new(ov) };
+                op.recv = recv;
+                op.sges = std::array::from_fn(|i| sges[i]);
+                op.install_regs(&mut regs);
+            },
+        );
         // Emptied by the move into the slot: nothing to drop.
         debug_assert!(regs.iter().all(Option::is_none));
         std::mem::forget(regs);

@@ -724,7 +724,7 @@ impl<S> OpSlab<S> {
     }
 
     /// The slots this thread keeps, if it keeps any in this slab.
-    #[inline]
+    #[inline(always)]
     fn cache(&self) -> Option<&ThreadCache> {
         if self.caches.is_empty() {
             return None;
