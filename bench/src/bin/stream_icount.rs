@@ -25,18 +25,28 @@
 //! since `rep movsb` counts one instruction per byte). Instruction counts
 //! of this mode include the reader's polling, which depends on scheduling.
 //!
+//! With `--pingpong 1`, one thread plays both ends of `sanbench
+//! stream_lat`'s ping-pong with the blocking calls it makes: the client's
+//! `write_all`, the server's `read_exact` and `write_all` of the echo, the
+//! client's `read_exact`; each message is on the peer's completion queue
+//! before its reader asks, so no call waits, spins or sleeps, and the
+//! counts are deterministic. Counts are per message (half a round trip);
+//! this is the path the Soft-RoCE VM's stream latency takes, without the
+//! empty polls of a reader that waits.
+//!
 //! `--reg-cache N` sets `SwitchOptions::reg_cache` (0: every transfer
 //! registers its buffer and every DATA is staged in the send ring, the
 //! switch before the cache).
 //!
 //! Usage: `stream_icount [--size B] [--msgs N] [--warmup N] [--blocking 0|1]
-//! [--reg-cache N]`.
+//! [--pingpong 0|1] [--reg-cache N]`.
 
 use sanpath::config::{MlockPolicy, PollerMode};
 use sanpath::fabric::soft::SoftNetwork;
+use sanpath::switch::proto::Stats;
 use sanpath::switch::{Listener, Runtime, RuntimeConfig, Stream, SwitchOptions};
 use sanpath::Config;
-use std::io::{self, ErrorKind, Write};
+use std::io::{self, ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Duration;
@@ -154,12 +164,34 @@ fn measure_stream_blocking(p: &Pair, msgs: usize, msg: &[u8], sink: &mut [u8]) -
     })
 }
 
+/// One round trip of `buf` as `sanbench stream_lat` makes it, both ends on
+/// this thread: two messages.
+fn round_trip(p: &Pair, buf: &mut [u8]) -> Res<()> {
+    let (mut c, mut s) = (&p.client, &p.server);
+    c.write_all(buf)
+        .map_err(|e| format!("client write_all: {e}"))?;
+    s.read_exact(buf)
+        .map_err(|e| format!("server read_exact: {e}"))?;
+    s.write_all(buf)
+        .map_err(|e| format!("server write_all: {e}"))?;
+    c.read_exact(buf)
+        .map_err(|e| format!("client read_exact: {e}"))
+}
+
+/// `msgs` messages of the ping-pong (`msgs / 2` round trips).
+#[inline(never)]
+fn measure_stream_pingpong(p: &Pair, msgs: usize, buf: &mut [u8]) -> Res<()> {
+    (0..msgs / 2).try_for_each(|_| round_trip(p, buf))
+}
+
 fn run() -> Res<()> {
     let usage = || {
-        "usage: stream_icount [--size B] [--msgs N] [--warmup N] [--blocking 0|1] [--reg-cache N]"
+        "usage: stream_icount [--size B] [--msgs N] [--warmup N] [--blocking 0|1] \
+         [--pingpong 0|1] [--reg-cache N]"
             .to_string()
     };
     let (mut size, mut msgs, mut warmup, mut blocking) = (65536usize, 100usize, 20usize, false);
+    let mut pingpong = false;
     let mut reg_cache = None;
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -169,6 +201,7 @@ fn run() -> Res<()> {
             "--msgs" => msgs = v,
             "--warmup" => warmup = v,
             "--blocking" => blocking = v != 0,
+            "--pingpong" => pingpong = v != 0,
             "--reg-cache" => reg_cache = Some(u16::try_from(v).map_err(|_| usage())?),
             _ => return Err(usage()),
         }
@@ -176,7 +209,10 @@ fn run() -> Res<()> {
     let p = pair(reg_cache)?;
     let msg = vec![5u8; size];
     let mut sink = vec![0u8; 1 << 20];
-    if blocking {
+    let mut echo = msg.clone();
+    if pingpong {
+        measure_stream_pingpong(&p, warmup, &mut echo)?;
+    } else if blocking {
         measure_stream_blocking(&p, warmup, &msg, &mut sink)?;
     } else {
         for _ in 0..warmup {
@@ -184,13 +220,32 @@ fn run() -> Res<()> {
         }
     }
     let (c0, s0) = (p.client.stats(), p.server.stats());
-    if blocking {
+    if pingpong {
+        measure_stream_pingpong(&p, msgs, &mut echo)?;
+    } else if blocking {
         measure_stream_blocking(&p, msgs, &msg, &mut sink)?;
     } else {
         measure_stream(&p, msgs, &msg, &mut sink)?;
     }
     let (c1, s1) = (p.client.stats(), p.server.stats());
     let per = |a: u64, b: u64| (b - a) as f64 / msgs.max(1) as f64;
+    if pingpong {
+        // Both ends write and read: the protocol messages of both per
+        // payload message.
+        let both = |f: fn(&Stats) -> u64| per(f(&c0) + f(&s0), f(&c1) + f(&s1));
+        println!(
+            "per {size} B message of the ping-pong: {:.2} protocol messages sent ({:.2} DATA/INLINE, \
+             {:.2} INLINE, {:.2} CREDIT, {:.2} NEED), {:.0} B copied in, {:.0} B copied out",
+            both(|s| s.msgs_sent),
+            both(|s| s.data_msgs),
+            both(|s| s.inline_msgs),
+            both(|s| s.credit_msgs),
+            both(|s| s.need_msgs),
+            both(|s| s.bytes_copied_in),
+            both(|s| s.bytes_copied_out),
+        );
+        return Ok(());
+    }
     println!(
         "per {size} B message: writer copied {:.0} B into its rings, wrote {:.0} B straight from \
          the application's buffer, moved {:.0} B by RDMA ({:.2} reads, {:.2} offers); reader \
