@@ -37,10 +37,9 @@ use crate::error::WsaError;
 use crate::fabric::Waker;
 use crate::poller::Notifier;
 use crate::spi::{Overlapped, Provider, ProviderSocket};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddrV4;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, TryLockError, Weak};
 use std::time::{Duration, Instant};
 
@@ -55,6 +54,77 @@ const NAP_MAX: Duration = Duration::from_millis(1);
 /// A spinning waiter checks its deadline once per this many empty polls
 /// (and always before it sleeps).
 const CLOCK_EVERY: u32 = 64;
+
+/// When a wait gives up. The clock is read only once a wait has spun
+/// [`CLOCK_EVERY`] empty polls (or sleeps): under emulation a clock read
+/// costs microseconds (the Soft-RoCE VM's kernel reads the HPET), and
+/// most waits of a stream's call end before that.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Deadline {
+    /// Never.
+    Never,
+    /// At this instant.
+    At(Instant),
+    /// This long after the wait first read the clock: the bound counts
+    /// from the first check, at most [`CLOCK_EVERY`] polls after the call
+    /// began.
+    After(Duration),
+}
+
+impl Deadline {
+    /// A call's bound: `None` waits for ever.
+    pub(super) fn after(timeout: Option<Duration>) -> Deadline {
+        timeout.map_or(Deadline::Never, Deadline::After)
+    }
+
+    /// Whether it passed at `now` (the first check of an `After` starts
+    /// it).
+    fn passed(&mut self, now: Instant) -> bool {
+        match *self {
+            Deadline::Never => false,
+            Deadline::At(d) => d <= now,
+            Deadline::After(t) => {
+                *self = Deadline::At(now + t);
+                false
+            }
+        }
+    }
+
+    /// The instant, once known.
+    fn at(&self) -> Option<Instant> {
+        match *self {
+            Deadline::At(d) => Some(d),
+            Deadline::Never | Deadline::After(_) => None,
+        }
+    }
+}
+
+/// The pending ops of a connection and what belongs to each (an
+/// application buffer, a result): a stream has at most a send and a
+/// receive pending (its calls of one direction are serialised), so a
+/// short list searched in order beats hashing.
+pub(super) struct OpMap<T>(Vec<(OpId, T)>);
+
+impl<T: Copy> OpMap<T> {
+    fn new() -> OpMap<T> {
+        OpMap(Vec::with_capacity(4))
+    }
+
+    pub(super) fn get(&self, op: OpId) -> Option<T> {
+        self.0.iter().find(|(o, _)| *o == op).map(|&(_, v)| v)
+    }
+
+    /// Enters `op` (replacing what it had).
+    pub(super) fn insert(&mut self, op: OpId, v: T) {
+        self.remove(op);
+        self.0.push((op, v));
+    }
+
+    pub(super) fn remove(&mut self, op: OpId) -> Option<T> {
+        let i = self.0.iter().position(|(o, _)| *o == op)?;
+        Some(self.0.swap_remove(i).1)
+    }
+}
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -179,9 +249,11 @@ pub(super) struct Conn {
 pub(super) struct State {
     pub(super) m: Connection,
     /// Application buffers of pending ops.
-    pub(super) bufs: HashMap<OpId, AppBuf>,
+    pub(super) bufs: OpMap<AppBuf>,
     /// Results of completed ops not yet collected.
-    pub(super) results: HashMap<OpId, Result<u64, proto::Error>>,
+    pub(super) results: OpMap<Result<u64, proto::Error>>,
+    /// The id of the connection's next op.
+    next_op: u64,
     /// Local registration of each RDMA op's buffer.
     pub(super) rdma_regs: Vec<Option<RegUse>>,
     /// Registration of the application buffer a send slot's direct ring
@@ -219,10 +291,12 @@ struct Done {
     bytes: u32,
 }
 
-static NEXT_OP: AtomicU64 = AtomicU64::new(1);
-
-pub(super) fn new_op() -> OpId {
-    OpId(NEXT_OP.fetch_add(1, Ordering::Relaxed))
+impl State {
+    /// A fresh id for an op of this connection.
+    pub(super) fn new_op(&mut self) -> OpId {
+        self.next_op += 1;
+        OpId(self.next_op)
+    }
 }
 
 impl Conn {
@@ -270,8 +344,9 @@ impl Conn {
             wire,
             state: Mutex::new(State {
                 m,
-                bufs: HashMap::new(),
-                results: HashMap::new(),
+                bufs: OpMap::new(),
+                results: OpMap::new(),
+                next_op: 0,
                 rdma_regs: vec![None; rdma_slots],
                 ring_regs: vec![None; send_slots],
                 cache: RegCache::new(cache_entries),
@@ -336,7 +411,39 @@ impl Conn {
     /// locked left its completion in the inbox before this thread's last look
     /// or before this unlock, so either this loop or the upcall's own
     /// `try_lock` feeds it.
-    fn settle<'a>(&'a self, mut st: MutexGuard<'a, State>) {
+    fn settle<'a>(&'a self, st: MutexGuard<'a, State>) {
+        self.settle_then(st, |_| ());
+    }
+
+    /// Runs `f` on the state, executes the machine's actions and feeds the
+    /// waiting completions, then runs `then` on the state with `f`'s value
+    /// (it sees the results they produced) and unlocks.
+    pub(super) fn with_state_then<A, R>(
+        &self,
+        f: impl FnOnce(&mut State) -> A,
+        then: impl FnOnce(&mut State, A) -> R,
+    ) -> R {
+        let mut st = self.lock();
+        let a = f(&mut st);
+        self.settle_then(st, |st| then(st, a))
+    }
+
+    /// Runs `f` on the state once every action was executed and every
+    /// waiting completion fed: it sees the results they produced.
+    fn with_driven<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        self.settle_then(self.lock(), f)
+    }
+
+    /// [`Conn::settle`], running `then` on the state after its first
+    /// round of actions and completions, before it unlocks (`then` queues
+    /// no actions: it looks, or takes a result).
+    fn settle_then<'a, R>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+        then: impl FnOnce(&mut State) -> R,
+    ) -> R {
+        let mut then = Some(then);
+        let mut r = None;
         loop {
             let mut abort = false;
             loop {
@@ -345,6 +452,9 @@ impl Conn {
                     break;
                 };
                 self.feed(&mut st, d);
+            }
+            if let Some(f) = then.take() {
+                r = Some(f(&mut st));
             }
             let wake = std::mem::take(&mut st.wake);
             let fire = std::mem::take(&mut st.events) & st.want;
@@ -362,7 +472,7 @@ impl Conn {
             }
             st = match self.try_state() {
                 Some(st) => st,
-                None => return,
+                None => return r.expect("`then` ran in the first round"),
             };
         }
     }
@@ -464,10 +574,10 @@ impl Conn {
                     head,
                     payload: p,
                 } => {
-                    let r = match st.bufs.get(&p.op) {
+                    let r = match st.bufs.get(p.op) {
                         Some(b) => {
                             self.wire
-                                .post_send(slot, head.as_bytes(), Some((*b, p.offset, p.len)))
+                                .post_send(slot, head.as_bytes(), Some((b, p.offset, p.len)))
                         }
                         None => Err(WsaError::WSAEFAULT),
                     };
@@ -482,7 +592,7 @@ impl Conn {
                     desc,
                     direct,
                 } => {
-                    let r = match st.bufs.get(&p.op).copied() {
+                    let r = match st.bufs.get(p.op) {
                         // Straight from the application's buffer when its
                         // registration is cached; else staged in the ring.
                         Some(b) if direct && st.cache.enabled() => {
@@ -529,8 +639,8 @@ impl Conn {
                     op_offset,
                     len,
                 } => {
-                    if let Some(b) = st.bufs.get(&op) {
-                        if self.wire.copy_out(ring_offset, *b, op_offset, len).is_err() {
+                    if let Some(b) = st.bufs.get(op) {
+                        if self.wire.copy_out(ring_offset, b, op_offset, len).is_err() {
                             st.m.abort(proto::Error::Protocol("copy outside the receive buffer"));
                         }
                     }
@@ -542,10 +652,10 @@ impl Conn {
                     op_offset,
                     len,
                 } => {
-                    if let Some(b) = st.bufs.get(&op) {
+                    if let Some(b) = st.bufs.get(op) {
                         if self
                             .wire
-                            .copy_inline(slot, slot_offset, *b, op_offset, len)
+                            .copy_inline(slot, slot_offset, b, op_offset, len)
                             .is_err()
                         {
                             st.m.abort(proto::Error::Protocol("copy outside the receive buffer"));
@@ -559,11 +669,10 @@ impl Conn {
                     len,
                     access,
                 } => {
-                    let r = match st.bufs.get(&op) {
-                        Some(b) => {
-                            self.wire
-                                .expose(*b, offset, len, access == proto::Access::Write)
-                        }
+                    let r = match st.bufs.get(op) {
+                        Some(b) => self
+                            .wire
+                            .expose(b, offset, len, access == proto::Access::Write),
                         None => Err(WsaError::WSAEFAULT),
                     };
                     st.m.exposed(xfer, r.map_err(code));
@@ -593,7 +702,7 @@ impl Conn {
                     let write = matches!(a, Action::RdmaWrite { .. });
                     // The local side of the transfer: the application's
                     // buffer, read by a write or written by a read.
-                    let r = match st.bufs.get(&op).copied() {
+                    let r = match st.bufs.get(op) {
                         Some(b) => self.app_reg(st, b, op_offset, len, !write).and_then(|reg| {
                             let r = self.wire.post_rdma(
                                 rdma,
@@ -618,7 +727,7 @@ impl Conn {
                     }
                 }
                 Action::SendComplete { op, result } | Action::RecvComplete { op, result } => {
-                    st.bufs.remove(&op);
+                    st.bufs.remove(op);
                     st.results.insert(op, result);
                     st.wake = true;
                 }
@@ -745,12 +854,14 @@ impl Conn {
             .unwrap_or(false)
     }
 
-    /// Waits until `done(state)` or `deadline`, or until `give_up(state)`
-    /// (cancellation); returns whether `done` holds. The waiting thread
-    /// makes the progress: it polls the connection's completion queue itself
-    /// (the provider dispatches the completions to the upcalls on this
-    /// thread), up to `spin_budget` empty polls, then registers as a sleeper
-    /// and sleeps until a completion it waits for is delivered (by another
+    /// Waits until `done(state)` gives a value or `deadline`, or until
+    /// `give_up(state)` (cancellation); returns `done`'s value, `None` if
+    /// it gave up. Each look at the state comes after the actions and
+    /// completions waiting there were processed. The waiting thread makes
+    /// the progress: it polls the connection's completion queue itself (the
+    /// provider dispatches the completions to the upcalls on this thread),
+    /// up to `spin_budget` empty polls, then registers as a sleeper and
+    /// sleeps until a completion it waits for is delivered (by another
     /// thread's progress or the provider's dispatcher) or the deadline.
     ///
     /// In run-to-completion mode nobody else polls the connection's CQ, so
@@ -760,27 +871,31 @@ impl Conn {
     /// thread may have taken the CQ's one wake, so the sleep is still a
     /// nap of [`NAP_MIN`] doubling up to [`NAP_MAX`], after which the
     /// thread polls again.
-    pub(super) fn wait_until(
+    pub(super) fn wait_until<R>(
         &self,
-        deadline: Option<Instant>,
-        mut done: impl FnMut(&mut State) -> bool,
+        mut deadline: Deadline,
+        mut done: impl FnMut(&mut State) -> Option<R>,
         mut give_up: impl FnMut(&State) -> bool,
-    ) -> bool {
+    ) -> Option<R> {
         let mut idle = 0u32;
         let mut nap = NAP_MIN;
+        // `Some(outcome)` once the wait is over.
+        let mut look = || {
+            self.with_driven(|st| match done(st) {
+                Some(r) => Some(Some(r)),
+                None if give_up(st) => Some(None),
+                None => None,
+            })
+        };
         loop {
-            let (ok, stop) = self.with_state(|st| (done(st), give_up(st)));
-            if ok {
-                return true;
+            if let Some(outcome) = look() {
+                return outcome;
             }
-            if stop {
-                return false;
-            }
-            // The clock is read once per `CLOCK_EVERY` spins and before a
-            // sleep, not on every spin: on a virtual machine a clock read
-            // can cost as much as the poll it would delay.
-            if idle % CLOCK_EVERY == 0 && deadline.is_some_and(|d| d <= Instant::now()) {
-                return false;
+            // The clock is read once per `CLOCK_EVERY` empty polls and
+            // before a sleep, not on every poll: on a virtual machine a
+            // clock read can cost more than the poll it would delay.
+            if idle > 0 && idle % CLOCK_EVERY == 0 && deadline.passed(Instant::now()) {
+                return None;
             }
             if self.progress() > 0 {
                 idle = 0;
@@ -793,8 +908,8 @@ impl Conn {
                 continue;
             }
             let now = Instant::now();
-            if deadline.is_some_and(|d| d <= now) {
-                return false;
+            if deadline.passed(now) {
+                return None;
             }
             let token = self.sleepers.prepare();
             // Registered: a completion delivered from here on notifies, and
@@ -807,44 +922,50 @@ impl Conn {
                 }
                 None => false,
             };
-            if waiting || self.progress() > 0 || self.with_state(|st| done(st) || give_up(st)) {
+            if waiting || self.progress() > 0 {
                 drop(token);
                 idle = 0;
                 continue;
             }
+            if let Some(outcome) = look() {
+                return outcome;
+            }
             let until = if self.rtc {
                 let n = now + nap;
                 nap = (nap * 2).min(NAP_MAX);
-                Some(deadline.map_or(n, |d| d.min(n)))
+                Some(deadline.at().map_or(n, |d| d.min(n)))
             } else {
-                deadline
+                deadline.at()
             };
             token.wait(until);
             idle = 0;
         }
     }
 
-    /// Starts an op with `start` and waits for its result; on timeout or
-    /// cancellation takes the cancel path (spec §6.2).
+    /// Starts an op with `start` (given its id) and waits for its result;
+    /// on timeout or cancellation takes the cancel path (spec §6.2). An op
+    /// that completes within `start` (a copied send, data already there)
+    /// takes one lock and no clock read.
     pub(super) fn blocking(
         &self,
-        op: OpId,
         timeout: Option<Duration>,
         rdma_cancel: Duration,
-        start: impl FnOnce(&mut State),
+        start: impl FnOnce(&mut State, OpId),
     ) -> io::Result<u64> {
-        let deadline = timeout.map(|t| Instant::now() + t);
-        let gen = self.with_state(|st| {
-            start(st);
-            st.cancel_gen
-        });
+        let mut st = self.lock();
+        let op = st.new_op();
+        start(&mut st, op);
+        let gen = st.cancel_gen;
+        if let Some(r) = self.settle_then(st, |st| st.results.remove(op)) {
+            return op_result(r);
+        }
         let done = self.wait_until(
-            deadline,
-            |st| st.results.contains_key(&op),
+            Deadline::after(timeout),
+            |st| st.results.remove(op),
             |st| st.cancel_gen != gen,
         );
-        if done {
-            return self.with_state(|st| take_result(st, op));
+        if let Some(r) = done {
+            return op_result(r);
         }
         let mut st = self.lock();
         let kind = if st.cancel_gen != gen {
@@ -860,7 +981,7 @@ impl Conn {
                 r
             }
             CancelOutcome::Cancelled { done } => {
-                st.bufs.remove(&op);
+                st.bufs.remove(op);
                 self.settle(st);
                 if done > 0 {
                     Ok(done)
@@ -872,17 +993,16 @@ impl Conn {
                 self.settle(st);
                 // The buffer is in an RDMA op or exposed: wait for it, then
                 // abort the connection, which forces its completion.
-                let until = Instant::now() + rdma_cancel;
-                if self.wait_until(Some(until), |st| st.results.contains_key(&op), |_| false) {
-                    return self.with_state(|st| take_result(st, op));
+                let until = Deadline::At(Instant::now() + rdma_cancel);
+                if let Some(r) = self.wait_until(until, |st| st.results.remove(op), |_| false) {
+                    return op_result(r);
                 }
                 self.with_state(|st| st.m.abort(proto::Error::TimedOut));
                 // After close_socket the fabric no longer touches the buffer
                 // and the machine completes the op once its RDMA came back
                 // flushed (CLOSE-3): the wait below ends (no deadline, since
                 // returning earlier would free a buffer the NIC may use).
-                self.wait_until(None, |st| st.results.contains_key(&op), |_| false);
-                self.with_state(|st| st.results.remove(&op));
+                self.wait_until(Deadline::Never, |st| st.results.remove(op), |_| false);
                 Err(io::Error::new(
                     kind,
                     "transfer cancelled while its buffer was in an RDMA op; connection aborted",
@@ -892,10 +1012,14 @@ impl Conn {
     }
 }
 
+/// An op's result as the stream call returns it.
+fn op_result(r: Result<u64, proto::Error>) -> io::Result<u64> {
+    r.map_err(proto_io)
+}
+
 pub(super) fn take_result(st: &mut State, op: OpId) -> io::Result<u64> {
-    match st.results.remove(&op) {
-        Some(Ok(n)) => Ok(n),
-        Some(Err(e)) => Err(proto_io(e)),
+    match st.results.remove(op) {
+        Some(r) => op_result(r),
         None => Err(io::Error::other("op result missing")),
     }
 }

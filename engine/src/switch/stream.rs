@@ -11,7 +11,7 @@
 //! `close_socket`, which forces the RDMA's completion, and returns once the
 //! fabric no longer touches the buffer.
 
-use super::connection::{lock, new_op, proto_io, take_result, wsa_io, Conn};
+use super::connection::{lock, proto_io, take_result, wsa_io, Conn, Deadline};
 use super::io::AppBuf;
 use super::proto::{self, Role, Stats};
 use super::ready::{self, Readiness};
@@ -246,11 +246,13 @@ fn handshake(conn: &Arc<Conn>, deadline: Instant, cancel: Option<&CancelToken>) 
     if let Some(c) = cancel {
         lock(&c.0.conns).push(Arc::downgrade(conn));
     }
-    let done = conn.wait_until(
-        Some(deadline),
-        |st| st.connected || st.m.error().is_some(),
-        |_| cancel.is_some_and(CancelToken::is_cancelled),
-    );
+    let done = conn
+        .wait_until(
+            Deadline::At(deadline),
+            |st| (st.connected || st.m.error().is_some()).then_some(()),
+            |_| cancel.is_some_and(CancelToken::is_cancelled),
+        )
+        .is_some();
     let (connected, error) = conn.with_state(|st| (st.connected, st.m.error()));
     if connected {
         // Negotiated, even if the connection failed right after: the data
@@ -489,11 +491,10 @@ impl Stream {
             return Ok(0);
         }
         let _g = lock(&self.send_lock);
-        let op = new_op();
         let app = AppBuf::of(buf);
         let len = buf.len() as u64;
         self.conn
-            .blocking(op, timeout, self.rt.opts.rdma_cancel_timeout, |st| {
+            .blocking(timeout, self.rt.opts.rdma_cancel_timeout, |st, op| {
                 st.bufs.insert(op, app);
                 st.m.app_send(op, len, false);
             })
@@ -509,28 +510,31 @@ impl Stream {
         let ready = self.conn.ready.get();
         // Credits returned by the peer may wait in the completion queue.
         self.reap(ready, ready::WRITE);
-        let op = new_op();
         let app = AppBuf::of(buf);
-        self.conn.with_state(|st| {
-            if ready.is_some() {
-                // Before the machine looks: an event fed after it wakes
-                // the fd.
-                st.want |= ready::WRITE;
-            }
-            st.bufs.insert(op, app);
-            st.m.app_send(op, buf.len() as u64, true);
-            // A non-blocking send completes within `app_send`.
-        });
         let r = self
             .conn
-            .with_state(|st| {
-                st.bufs.remove(&op);
-                let r = take_result(st, op);
-                if !is_would_block(&r) {
-                    st.want &= !ready::WRITE;
-                }
-                r
-            })
+            .with_state_then(
+                |st| {
+                    if ready.is_some() {
+                        // Before the machine looks: an event fed after it
+                        // wakes the fd.
+                        st.want |= ready::WRITE;
+                    }
+                    let op = st.new_op();
+                    st.bufs.insert(op, app);
+                    st.m.app_send(op, buf.len() as u64, true);
+                    op
+                },
+                // A non-blocking send completes within `app_send`.
+                |st, op| {
+                    st.bufs.remove(op);
+                    let r = take_result(st, op);
+                    if !is_would_block(&r) {
+                        st.want &= !ready::WRITE;
+                    }
+                    r
+                },
+            )
             .map(|n| n as usize);
         if let Some(ready) = ready {
             self.after(ready, ready::WRITE, &r);
@@ -553,11 +557,10 @@ impl Stream {
             return Ok(0);
         }
         let _g = lock(&self.recv_lock);
-        let op = new_op();
         let len = buf.len() as u64;
         let app = AppBuf::of_mut(buf);
         self.conn
-            .blocking(op, timeout, self.rt.opts.rdma_cancel_timeout, |st| {
+            .blocking(timeout, self.rt.opts.rdma_cancel_timeout, |st, op| {
                 st.bufs.insert(op, app);
                 st.m.app_recv(op, len, false);
             })
@@ -575,13 +578,12 @@ impl Stream {
         let ready = self.conn.ready.get();
         // What arrived may wait in the completion queue.
         self.reap(ready, ready::READ);
-        let op = new_op();
         let len = buf.len() as u64;
         let app = AppBuf::of_mut(buf);
         let bound = self.rt.opts.rdma_cancel_timeout;
         let r = self
             .conn
-            .blocking(op, Some(bound), bound, |st| {
+            .blocking(Some(bound), bound, |st, op| {
                 if ready.is_some() {
                     // Before the machine looks: an event fed after it
                     // wakes the fd.
@@ -653,8 +655,11 @@ impl Stream {
             let deadline = Instant::now() + self.rt.opts.close_timeout;
             self.conn.with_state(|st| st.watch_all = true);
             self.conn.wait_until(
-                Some(deadline),
-                |st| st.m.error().is_some() || (st.m.fin_delivered() && st.m.is_quiescent()),
+                Deadline::At(deadline),
+                |st| {
+                    (st.m.error().is_some() || (st.m.fin_delivered() && st.m.is_quiescent()))
+                        .then_some(())
+                },
                 |_| false,
             );
         }
