@@ -594,7 +594,9 @@ impl Conn {
                 } => {
                     let r = match st.bufs.get(p.op) {
                         // Straight from the application's buffer when its
-                        // registration is cached; else staged in the ring.
+                        // registration is cached; else staged in the ring
+                        // (reported all the same: the machine settles a
+                        // direct write's bytes at its report).
                         Some(b) if direct && st.cache.enabled() => {
                             match self.app_reg(st, b, p.offset, p.len, false) {
                                 Ok(reg) => {
@@ -620,17 +622,25 @@ impl Conn {
                                     p.len,
                                     ring_offset,
                                     &desc,
+                                    true,
                                 ),
                             }
                         }
-                        Some(b) => {
-                            self.wire
-                                .post_ring_write(slot, b, p.offset, p.len, ring_offset, &desc)
-                        }
+                        Some(b) => self.wire.post_ring_write(
+                            slot,
+                            b,
+                            p.offset,
+                            p.len,
+                            ring_offset,
+                            &desc,
+                            direct,
+                        ),
                         None => Err(WsaError::WSAEFAULT),
                     };
-                    if let Err(e) = r {
-                        st.m.ring_write_done(slot, Err(code(e)));
+                    match r {
+                        Ok(()) => {}
+                        Err(e) if direct => st.m.ring_write_done(slot, Err(code(e))),
+                        Err(e) => st.m.abort(proto::Error::Transport(code(e))),
                     }
                 }
                 Action::CopyOut {

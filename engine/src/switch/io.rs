@@ -11,7 +11,11 @@
 //!    the runtime's handle table keeps alive until the provider's
 //!    `close_socket_handle` upcall — made only after every op of the socket
 //!    completed (spec §6.1, CLOSE-5). The protocol machine never posts a slot
-//!    or an RDMA record again before its previous op completed.
+//!    or an RDMA record again before its previous op completed. A staged
+//!    ring write (from the send ring) makes no upcall (`hEvent` bit 0): its
+//!    record is posted again only after its send buffer's DATA, posted after
+//!    it on the same queue pair, reported its completion, and a queue pair's
+//!    sends complete (and the provider dispatches them) in posting order.
 //! 2. **Application buffers outlive their use.** An application buffer is
 //!    entered in the connection's table (as an [`AppBuf`]) by the call that
 //!    borrows it, which does not return before the machine completed or
@@ -66,6 +70,7 @@ use crate::spi::{
     Overlapped, Provider, ProviderSocket, WsaBuf, WsaBufEx, MEM_READ, MEM_READWRITE, MEM_WRITE,
 };
 use std::io;
+use std::sync::atomic::Ordering;
 
 /// Address of `len` bytes at `at` of `pool`, checked against it.
 fn pool_range(pool: &Region, at: usize, len: usize) -> WsaResult<*mut u8> {
@@ -368,7 +373,9 @@ impl Wire {
     /// Copies `len` bytes at `off` of an application send buffer into the
     /// send ring at `ring_off` and posts an RDMA write of them to the same
     /// offset of the peer's receive ring `desc`, on send slot `slot`'s ring
-    /// write record.
+    /// write record; its completion makes an upcall only if `report` (see
+    /// invariant 1).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn post_ring_write(
         &self,
         slot: u16,
@@ -377,6 +384,7 @@ impl Wire {
         len: u32,
         ring_off: u32,
         desc: &Desc,
+        report: bool,
     ) -> WsaResult<()> {
         let src = app.range(off, len)?;
         let dst = pool_range(&self.send_ring, ring_off as usize, len as usize)?;
@@ -391,12 +399,13 @@ impl Wire {
             handle: self.send_ring_handle as usize,
         };
         // SAFETY: invariant 1 for the send ring, which `handle` registers.
-        unsafe { self.ring_write(slot, buf, ring_off, desc) }
+        unsafe { self.ring_write(slot, buf, ring_off, desc, report) }
     }
 
     /// Posts the RDMA write of `buf` to `ring_off` of the peer's receive
     /// ring `desc` on send slot `slot`'s ring write record (which is not
-    /// posted again before this op completes: invariant 1).
+    /// posted again before this op completes: invariant 1), with an upcall
+    /// at its completion if `report`, else none (`hEvent` bit 0).
     ///
     /// # Safety
     /// `buf` stays valid, unchanged and registered as its `handle` until the
@@ -407,18 +416,16 @@ impl Wire {
         buf: WsaBufEx,
         ring_off: u32,
         desc: &Desc,
+        report: bool,
     ) -> WsaResult<()> {
+        let ov = &self.ovs[self.ring_ov(slot)];
+        debug_assert!(!ov.is_pending(), "ring write record {slot} posted twice");
+        ov.h_event.store(usize::from(!report), Ordering::Relaxed);
         // SAFETY: the caller's contract for the buffer; invariant 1 for the
         // record.
         unsafe {
-            self.provider.rdma_write(
-                self.sock,
-                &[buf],
-                desc,
-                ring_off,
-                0,
-                &self.ovs[self.ring_ov(slot)],
-            )
+            self.provider
+                .rdma_write(self.sock, &[buf], desc, ring_off, 0, ov)
         }
     }
 
@@ -571,6 +578,6 @@ impl Wire {
         // SAFETY: invariant 2 — the send op stays pending until this write
         // completed (the machine settles a direct write's bytes at its
         // completion), and `handle` covers the range (invariant 6).
-        unsafe { self.ring_write(slot, buf, ring_off, desc) }
+        unsafe { self.ring_write(slot, buf, ring_off, desc, true) }
     }
 }

@@ -49,6 +49,9 @@ pub struct Wire {
     pub send_slot: u16,
     /// A ring write to this offset of the peer's ring (not a message).
     pub ring: Option<u32>,
+    /// Its completion is reported to the machine (a message, or a direct
+    /// ring write; a staged ring write is covered by its DATA's send).
+    pub report: bool,
 }
 
 #[derive(Debug)]
@@ -264,15 +267,20 @@ impl Sim {
                 }
                 let s = &mut self.sides[i];
                 if s.closed {
-                    s.direct_ring.remove(&slot);
-                    s.m().ring_write_done(slot, Err(NOTSOCK));
+                    if direct {
+                        s.direct_ring.remove(&slot);
+                        s.m().ring_write_done(slot, Err(NOTSOCK));
+                    }
                 } else if s.disconnected {
-                    s.ring_cq.push_back((slot, Err(RESET)));
+                    if direct {
+                        s.ring_cq.push_back((slot, Err(RESET)));
+                    }
                 } else {
                     self.wires[i].push_back(Wire {
                         bytes,
                         send_slot: slot,
                         ring: Some(ring_offset),
+                        report: direct,
                     });
                 }
             }
@@ -316,6 +324,7 @@ impl Sim {
                         bytes,
                         send_slot: slot,
                         ring: None,
+                        report: true,
                     });
                 }
             }
@@ -485,7 +494,10 @@ impl Sim {
             s.rdma_cq.push_back((j.rdma, Err(ABORTED)));
         }
         s.exposures.clear();
-        for w in std::mem::take(&mut self.wires[i]) {
+        for w in std::mem::take(&mut self.wires[i])
+            .into_iter()
+            .filter(|w| w.report)
+        {
             let s = &mut self.sides[i];
             let cq = if w.ring.is_some() {
                 &mut s.ring_cq
@@ -509,7 +521,10 @@ impl Sim {
             for j in std::mem::take(&mut p.rdma_jobs) {
                 p.rdma_cq.push_back((j.rdma, Err(RESET)));
             }
-            for w in std::mem::take(&mut self.wires[peer]) {
+            for w in std::mem::take(&mut self.wires[peer])
+                .into_iter()
+                .filter(|w| w.report)
+            {
                 let p = &mut self.sides[peer];
                 let cq = if w.ring.is_some() {
                     &mut p.ring_cq
@@ -587,7 +602,9 @@ impl Sim {
                     Ok(())
                 }
             };
-            self.sides[from].ring_cq.push_back((w.send_slot, result));
+            if w.report {
+                self.sides[from].ring_cq.push_back((w.send_slot, result));
+            }
             return;
         }
         if self.sides[to].closed {

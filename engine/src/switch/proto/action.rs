@@ -63,12 +63,18 @@ pub enum Action {
     /// Post an RDMA write of `payload` to `ring_offset` of the peer's
     /// receive ring `desc`: from the application's buffer itself if
     /// `direct` and the driver can (a registration of it), else copied into
-    /// the local send ring at the same offset and written from there;
-    /// report with `ring_write_done(slot, ..)`. The `Send` of the DATA that
-    /// announces the bytes follows on the same send buffer `slot` (the
-    /// fabric delivers it after the write). A `direct` write's send op
-    /// completes only after this report; a staged one's may complete
-    /// before (its bytes are in the send ring).
+    /// the local send ring at the same offset and written from there. The
+    /// `Send` of the DATA that announces the bytes follows on the same send
+    /// buffer `slot` (the fabric delivers it after the write). A `direct`
+    /// write is reported with `ring_write_done(slot, ..)`, and its send op
+    /// completes only after that. A staged one is not reported (its send op
+    /// may complete at once: its bytes are in the send ring): a queue
+    /// pair's sends complete in the order they were posted, so the DATA's
+    /// send completion, which frees `slot`, comes after the write's. A
+    /// staged write that cannot be posted aborts the connection
+    /// ([`abort`]).
+    ///
+    /// [`abort`]: super::Connection::abort
     RingWrite {
         /// The send buffer whose DATA announces the bytes (names the
         /// write's completion).

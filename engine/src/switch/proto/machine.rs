@@ -104,14 +104,12 @@ enum Fin {
     Delivered,
 }
 
-/// A ring write in flight on a send buffer (see `Connection::ring_busy`).
+/// A ring write in flight straight from send op `op`'s buffer (see
+/// `Connection::ring_busy`): its `len` bytes settle when it completes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum RingUse {
-    /// From the local send ring: its bytes settled when it was queued.
-    Staged,
-    /// Straight from send op `op`'s buffer: `len` bytes settle when it
-    /// completes.
-    Direct { op: OpId, len: u32 },
+struct DirectWrite {
+    op: OpId,
+    len: u32,
 }
 
 /// Who uses an RDMA op slot.
@@ -309,10 +307,12 @@ pub struct Connection {
     free_send: Vec<u16>,
     /// Send buffers with a send in flight.
     send_busy: Vec<bool>,
-    /// Send buffers whose DATA's ring write is in flight, and where it
-    /// reads from. Invariant: a buffer is free when neither its send nor
-    /// its ring write is.
-    ring_busy: Vec<Option<RingUse>>,
+    /// Send buffers whose DATA's ring write reads the application's buffer
+    /// and is in flight. Invariant: a buffer is free when neither its send
+    /// nor such a write is. A write from the send ring is not tracked: the
+    /// DATA's send, which follows it on the same queue pair, completes
+    /// after it.
+    ring_busy: Vec<Option<DirectWrite>>,
     /// State of each receive buffer.
     recv_slots: Vec<RecvSlot>,
     /// Free RDMA op slots. Invariant: exactly the `None`s of `rdma_use`.
@@ -658,8 +658,8 @@ impl Connection {
         self.progress();
     }
 
-    /// The ring write of send buffer `slot`'s DATA completed (`Err`: the
-    /// fabric's error code).
+    /// The direct ring write of send buffer `slot`'s DATA (see
+    /// [`Action::RingWrite`]) completed (`Err`: the fabric's error code).
     pub fn ring_write_done(&mut self, slot: u16, result: Result<(), u32>) {
         let i = usize::from(slot);
         let Some(used) = self.ring_busy.get_mut(i).and_then(Option::take) else {
@@ -672,10 +672,9 @@ impl Connection {
         if !self.send_busy[i] {
             self.free_send.push(slot);
         }
-        match (used, result) {
-            (_, Err(code)) => self.fail(Error::Transport(code)),
-            (RingUse::Direct { op, len }, Ok(())) => self.settle(op, u64::from(len)),
-            (RingUse::Staged, Ok(())) => {}
+        match result {
+            Err(code) => self.fail(Error::Transport(code)),
+            Ok(()) => self.settle(used.op, u64::from(used.len)),
         }
         self.progress();
     }
@@ -1226,7 +1225,7 @@ impl Connection {
         }) || self
             .ring_busy
             .iter()
-            .any(|u| matches!(*u, Some(RingUse::Direct { op: o, .. }) if o == op))
+            .any(|u| matches!(*u, Some(DirectWrite { op: o, .. }) if o == op))
     }
 
     /// Whether the fabric may still touch `op`'s buffer.
@@ -1752,14 +1751,12 @@ impl Connection {
             self.credits.spend();
         }
         if let (Some(payload), Body::Data { offset, .. }) = (payload, body) {
-            self.ring_busy[usize::from(slot)] = Some(if direct {
-                RingUse::Direct {
+            if direct {
+                self.ring_busy[usize::from(slot)] = Some(DirectWrite {
                     op: payload.op,
                     len: payload.len,
-                }
-            } else {
-                RingUse::Staged
-            });
+                });
+            }
             self.actions.push_back(Action::RingWrite {
                 slot,
                 payload,

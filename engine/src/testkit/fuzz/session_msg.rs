@@ -157,6 +157,7 @@ impl Driver {
                     slot,
                     payload,
                     ring_offset,
+                    direct,
                     ..
                 } => {
                     assert!(slot < cfg.send_slots, "send slot {slot} out of range");
@@ -169,7 +170,10 @@ impl Driver {
                         end <= u64::from(MIN_RING),
                         "ring write beyond the peer's ring"
                     );
-                    m.ring_write_done(slot, Ok(()));
+                    // A staged write is not reported (its DATA's send is).
+                    if direct {
+                        m.ring_write_done(slot, Ok(()));
+                    }
                 }
                 Action::CopyOut {
                     ring_offset, len, ..
