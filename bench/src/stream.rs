@@ -6,6 +6,7 @@
 //! processes by `remote.rs`.
 
 use crate::baseline::{pin, Cores};
+use crate::clock::Clock;
 use crate::stats::{Bw, Lat};
 use sanpath::config::FabricKind;
 use sanpath::fabric::soft::SoftNetwork;
@@ -123,22 +124,25 @@ pub fn path(s: &Stream, size: usize) -> &'static str {
 }
 
 /// The measuring half of the ping-pong of `size` bytes (`write_all`, then
-/// `read_exact` of the echo); half round trip per sample.
+/// `read_exact` of the echo); half round trip per sample, stamped as the
+/// engine's latency tests stamp theirs ([`Clock`]: the TSC where the OS
+/// clock is slow, as in the Soft-RoCE VM).
 pub fn lat(mut c: &Stream, core: Option<usize>, size: usize, iters: usize) -> io::Result<Lat> {
     pin(core);
     let size = size.max(1);
     let warm = iters / 10;
     let mut buf = vec![7u8; size];
-    let mut samples = Vec::with_capacity(iters);
+    let mut ticks = Vec::with_capacity(iters);
+    let clock = Clock::start();
     for i in 0..warm + iters {
-        let t0 = Instant::now();
+        let t0 = clock.now();
         c.write_all(&buf)?;
         c.read_exact(&mut buf)?;
         if i >= warm {
-            samples.push(t0.elapsed().as_nanos() as f64 / 2.0);
+            ticks.push(clock.now().saturating_sub(t0));
         }
     }
-    Ok(Lat::new(samples))
+    Ok(clock.lat(&ticks, 0.5))
 }
 
 /// The echoing half of the ping-pong.
