@@ -564,8 +564,8 @@ impl Conn {
                         st.m.recv_done(slot, Err(code(e)));
                     }
                 }
-                Action::Send { slot, head } => {
-                    if let Err(e) = self.wire.post_send(slot, head.as_bytes(), None) {
+                Action::Send { slot, head, report } => {
+                    if let Err(e) = self.wire.post_send(slot, head.as_bytes(), None, report) {
                         st.m.send_done(slot, Err(code(e)));
                     }
                 }
@@ -573,12 +573,15 @@ impl Conn {
                     slot,
                     head,
                     payload: p,
+                    report,
                 } => {
                     let r = match st.bufs.get(p.op) {
-                        Some(b) => {
-                            self.wire
-                                .post_send(slot, head.as_bytes(), Some((b, p.offset, p.len)))
-                        }
+                        Some(b) => self.wire.post_send(
+                            slot,
+                            head.as_bytes(),
+                            Some((b, p.offset, p.len)),
+                            report,
+                        ),
                         None => Err(WsaError::WSAEFAULT),
                     };
                     if let Err(e) = r {

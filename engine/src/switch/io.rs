@@ -11,11 +11,12 @@
 //!    the runtime's handle table keeps alive until the provider's
 //!    `close_socket_handle` upcall — made only after every op of the socket
 //!    completed (spec §6.1, CLOSE-5). The protocol machine never posts a slot
-//!    or an RDMA record again before its previous op completed. A staged
-//!    ring write (from the send ring) makes no upcall (`hEvent` bit 0): its
-//!    record is posted again only after its send buffer's DATA, posted after
-//!    it on the same queue pair, reported its completion, and a queue pair's
-//!    sends complete (and the provider dispatches them) in posting order.
+//!    or an RDMA record again before its previous op completed. Some sends
+//!    and every staged ring write (from the send ring) make no upcall
+//!    (`hEvent` bit 0): such a record is posted again only after a send
+//!    posted after it on the same queue pair reported its completion, and
+//!    a queue pair's sends complete
+//!    (and the provider dispatches them) in posting order.
 //! 2. **Application buffers outlive their use.** An application buffer is
 //!    entered in the connection's table (as an [`AppBuf`]) by the call that
 //!    borrows it, which does not return before the machine completed or
@@ -334,12 +335,14 @@ impl Wire {
 
     /// Writes `head` into send slot `slot`, then (an INLINE's payload)
     /// `len` bytes at `off` of an application send buffer, and posts one
-    /// send of both.
+    /// send of both; its completion makes an upcall only if `report` (see
+    /// invariant 1).
     pub(super) fn post_send(
         &self,
         slot: u16,
         head: &[u8],
         payload: Option<(AppBuf, u64, u32)>,
+        report: bool,
     ) -> WsaResult<()> {
         let base = self.send_at(slot);
         let len = head.len() + payload.map_or(0, |p| p.2 as usize);
@@ -363,11 +366,11 @@ impl Wire {
             len: len as u32,
             buf: dst,
         };
+        let ov = &self.ovs[self.send_ov(slot)];
+        debug_assert!(!ov.is_pending(), "send record {slot} posted twice");
+        ov.h_event.store(usize::from(!report), Ordering::Relaxed);
         // SAFETY: invariant 1 for send slot `slot` and its record.
-        unsafe {
-            self.provider
-                .send(self.sock, &[buf], 0, &self.ovs[self.send_ov(slot)])
-        }
+        unsafe { self.provider.send(self.sock, &[buf], 0, ov) }
     }
 
     /// Copies `len` bytes at `off` of an application send buffer into the

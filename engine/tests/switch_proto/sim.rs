@@ -285,15 +285,25 @@ impl Sim {
                 }
             }
             Action::Send { .. } | Action::SendInline { .. } => {
-                let (slot, head, payload) = match a {
-                    Action::Send { slot, head } => (slot, head, None),
+                let (slot, head, payload, report) = match a {
+                    Action::Send { slot, head, report } => (slot, head, None, report),
                     Action::SendInline {
                         slot,
                         head,
                         payload,
-                    } => (slot, head, Some(payload)),
+                        report,
+                    } => (slot, head, Some(payload), report),
                     _ => unreachable!(),
                 };
+                // A send buffer's record is posted again only once its send
+                // completed (reported, or covered by a later report).
+                let in_flight = self.wires[i]
+                    .iter()
+                    .any(|w| w.ring.is_none() && w.send_slot == slot)
+                    || self.sides[peer].held.iter().any(|w| w.send_slot == slot);
+                if in_flight {
+                    self.violation(i, format!("send buffer {slot} posted while its send flies"));
+                }
                 let mut bytes = head.as_bytes().to_vec();
                 if let Some(p) = payload {
                     match self.sides[i].ops.get(&p.op) {
@@ -318,13 +328,15 @@ impl Sim {
                 if s.closed {
                     s.m().send_done(slot, Err(NOTSOCK));
                 } else if s.disconnected {
-                    s.send_cq.push_back((slot, Err(RESET)));
+                    if report {
+                        s.send_cq.push_back((slot, Err(RESET)));
+                    }
                 } else {
                     self.wires[i].push_back(Wire {
                         bytes,
                         send_slot: slot,
                         ring: None,
-                        report: true,
+                        report,
                     });
                 }
             }
@@ -507,9 +519,11 @@ impl Sim {
             cq.push_back((w.send_slot, Err(ABORTED)));
         }
         for w in std::mem::take(&mut self.sides[i].held) {
-            self.sides[peer]
-                .send_cq
-                .push_back((w.send_slot, Err(RESET)));
+            if w.report {
+                self.sides[peer]
+                    .send_cq
+                    .push_back((w.send_slot, Err(RESET)));
+            }
         }
         // The peer learns of the teardown.
         let p = &mut self.sides[peer];
@@ -582,7 +596,9 @@ impl Sim {
             }
         }
         self.sides[to].recv_cq.push_back((slot, Ok(w.bytes)));
-        self.sides[from].send_cq.push_back((w.send_slot, Ok(())));
+        if w.report {
+            self.sides[from].send_cq.push_back((w.send_slot, Ok(())));
+        }
     }
 
     fn deliver(&mut self, from: usize) {
@@ -608,9 +624,11 @@ impl Sim {
             return;
         }
         if self.sides[to].closed {
-            self.sides[from]
-                .send_cq
-                .push_back((w.send_slot, Err(RESET)));
+            if w.report {
+                self.sides[from]
+                    .send_cq
+                    .push_back((w.send_slot, Err(RESET)));
+            }
             return;
         }
         if self.sides[to].posted.is_empty() {

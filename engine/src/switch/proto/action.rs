@@ -42,16 +42,22 @@ pub enum Action {
         /// Receive buffer index, `< recv_slots`.
         slot: u16,
     },
-    /// Copy `head` into send buffer `slot` and post one send of it; report
-    /// with `send_done`.
+    /// Copy `head` into send buffer `slot` and post one send of it; if
+    /// `report`, report its completion with `send_done` (which also
+    /// completes the unreported sends posted before it: a queue pair's
+    /// sends complete in posting order). An unreported send's completion
+    /// is not reported (an upcall saved per message); a failed post is
+    /// reported either way.
     Send {
         /// Send buffer index, `< send_slots`.
         slot: u16,
         /// Encoded header and body.
         head: Head,
+        /// Report the completion.
+        report: bool,
     },
     /// Copy `head` and then `payload` (an INLINE's bytes) into send buffer
-    /// `slot` and post one send of both; report with `send_done`.
+    /// `slot` and post one send of both; report as [`Action::Send`] says.
     SendInline {
         /// Send buffer index, `< send_slots`.
         slot: u16,
@@ -59,6 +65,8 @@ pub enum Action {
         head: Head,
         /// Bytes of an application send buffer.
         payload: Payload,
+        /// Report the completion.
+        report: bool,
     },
     /// Post an RDMA write of `payload` to `ring_offset` of the peer's
     /// receive ring `desc`: from the application's buffer itself if

@@ -307,6 +307,14 @@ pub struct Connection {
     free_send: Vec<u16>,
     /// Send buffers with a send in flight.
     send_busy: Vec<bool>,
+    /// The sends in flight in posting order, and whether the driver reports
+    /// each one's completion (`Action::Send`'s `report`). The fabric
+    /// completes a queue pair's sends in that order, so a reported
+    /// completion also completes every send before it. Invariant: exactly
+    /// the buffers of `send_busy`; whenever fewer than half the send
+    /// buffers are free, the last send of this queue is reported (so a
+    /// side short of buffers always has a report coming).
+    sends_posted: VecDeque<(u16, bool)>,
     /// Send buffers whose DATA's ring write reads the application's buffer
     /// and is in flight. Invariant: a buffer is free when neither its send
     /// nor such a write is. A write from the send ring is not tracked: the
@@ -376,6 +384,7 @@ impl Connection {
             recv_seq: 0,
             free_send: (0..n_send).rev().collect(),
             send_busy: vec![false; usize::from(n_send)],
+            sends_posted: VecDeque::with_capacity(usize::from(n_send)),
             ring_busy: vec![None; usize::from(n_send)],
             recv_slots: vec![RecvSlot::Posted; n_recv],
             free_rdma: (0..n_rdma).rev().collect(),
@@ -638,22 +647,26 @@ impl Connection {
         self.progress();
     }
 
-    /// Send `slot` completed (`Err`: the fabric's error code).
+    /// Send `slot` completed (`Err`: the fabric's error code), and with it
+    /// every send posted before it (reported or not).
     pub fn send_done(&mut self, slot: u16, result: Result<(), u32>) {
-        let i = usize::from(slot);
-        if !self.send_busy.get(i).copied().unwrap_or(false) {
+        let Some(k) = self.sends_posted.iter().position(|&(s, _)| s == slot) else {
             self.fail(Error::Protocol("completion of a send that was not posted"));
             self.progress();
             return;
+        };
+        for (s, _) in self.sends_posted.drain(..=k) {
+            let i = usize::from(s);
+            self.send_busy[i] = false;
+            if self.ring_busy[i].is_none() {
+                self.free_send.push(s);
+            }
+            if result.is_ok() && self.fin == Fin::Sent(s) {
+                self.fin = Fin::Delivered;
+            }
         }
-        self.send_busy[i] = false;
-        if self.ring_busy[i].is_none() {
-            self.free_send.push(slot);
-        }
-        match result {
-            Ok(()) if self.fin == Fin::Sent(slot) => self.fin = Fin::Delivered,
-            Ok(()) => {}
-            Err(code) => self.fail(Error::Transport(code)),
+        if let Err(code) = result {
+            self.fail(Error::Transport(code));
         }
         self.progress();
     }
@@ -1779,6 +1792,13 @@ impl Connection {
         };
         self.send_seq = self.send_seq.wrapping_add(1);
         self.send_busy[usize::from(slot)] = true;
+        // Reported: while negotiating or shutting down (FIN and what follows
+        // are waited for), and once fewer than half the send buffers are
+        // free; else the completion comes with a later report.
+        let report = self.phase != Phase::Open
+            || self.fin != Fin::No
+            || 2 * self.free_send.len() < self.send_busy.len();
+        self.sends_posted.push_back((slot, report));
         self.stats.msgs_sent += 1;
         let head = Head::of(&m);
         self.actions.push_back(match (payload, body) {
@@ -1786,8 +1806,9 @@ impl Connection {
                 slot,
                 head,
                 payload,
+                report,
             },
-            _ => Action::Send { slot, head },
+            _ => Action::Send { slot, head, report },
         });
         slot
     }

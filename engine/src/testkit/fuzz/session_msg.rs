@@ -137,11 +137,20 @@ impl Driver {
                     assert!(!self.posted.contains(&slot), "slot {slot} posted twice");
                     self.posted.push_back(slot);
                 }
-                Action::Send { slot, .. } => {
+                // A reported send also completes the unreported ones before
+                // it.
+                Action::Send { slot, report, .. } => {
                     assert!(slot < cfg.send_slots, "send slot {slot} out of range");
-                    m.send_done(slot, Ok(()));
+                    if report {
+                        m.send_done(slot, Ok(()));
+                    }
                 }
-                Action::SendInline { slot, payload, .. } => {
+                Action::SendInline {
+                    slot,
+                    payload,
+                    report,
+                    ..
+                } => {
                     assert!(slot < cfg.send_slots, "send slot {slot} out of range");
                     assert!(
                         payload.op == OpId(2) || payload.op == OpId(3),
@@ -151,7 +160,9 @@ impl Driver {
                         HEADER_LEN + payload.len as usize <= cfg.slot_size as usize,
                         "INLINE larger than a buffer"
                     );
-                    m.send_done(slot, Ok(()));
+                    if report {
+                        m.send_done(slot, Ok(()));
+                    }
                 }
                 Action::RingWrite {
                     slot,
