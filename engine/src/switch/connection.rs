@@ -102,12 +102,13 @@ impl Deadline {
 /// The pending ops of a connection and what belongs to each (an
 /// application buffer, a result): a stream has at most a send and a
 /// receive pending (its calls of one direction are serialised), so a
-/// short list searched in order beats hashing.
+/// short list searched in order beats hashing. It allocates at its first
+/// op (an idle connection holds nothing) and keeps its capacity.
 pub(super) struct OpMap<T>(Vec<(OpId, T)>);
 
 impl<T: Copy> OpMap<T> {
     fn new() -> OpMap<T> {
-        OpMap(Vec::with_capacity(4))
+        OpMap(Vec::new())
     }
 
     pub(super) fn get(&self, op: OpId) -> Option<T> {
