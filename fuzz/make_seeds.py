@@ -275,8 +275,9 @@ SESSION = {
 }
 
 # --- shm_cell -----------------------------------------------------------
-# A whole segment (engine/src/fabric/shm/seg.rs): a 128-byte header line
-# (magic "SANPSHM1", version, cells, stride), a 128-byte control line, then
+# A whole segment (engine/src/fabric/shm/seg.rs, layout version 2): a
+# 128-byte header line (magic "SANPSHM1", version, cells, stride), three
+# 128-byte control lines (state u32 and refused u64 at 8; busy; armed), then
 # the ring (engine/src/fabric/soft/cell.rs, RingLayout): `cells` cells of
 # 192 bytes (seq u64, len u32, nsge u32 = count | tag << 24, ack u64,
 # 168 payload bytes), `cells * stride` gather entries of 16 bytes (addr
@@ -287,13 +288,14 @@ def u64(v):
     return struct.pack("<Q", v)
 
 
-def seg_header(cells, stride, magic=b"SANPSHM1", version=1):
+def seg_header(cells, stride, magic=b"SANPSHM1", version=2, state=0, refused=0):
     line = magic + u32(version) + u32(cells) + u32(stride)
-    return line.ljust(128, b"\0") + bytes(128)
+    control = (u32(state) + bytes(4) + u64(refused)).ljust(128, b"\0") + bytes(256)
+    return line.ljust(128, b"\0") + control
 
 
-def cell(seq, length, nsge=0, tag=0, payload=b""):
-    head = u64(seq) + u32(length) + u32(nsge | tag << 24) + u64(0)
+def cell(seq, length, nsge=0, tag=0, payload=b"", ack=0):
+    head = u64(seq) + u32(length) + u32(nsge | tag << 24) + u64(ack)
     return head + payload.ljust(168, b"\0")
 
 
@@ -327,7 +329,14 @@ SHM = {
     "gather_total_mismatch": segment(2, 1, [cell(1, 300, nsge=1)], [gather(0x1000, 299)]),
     "bad_tag": segment(2, 1, [cell(1, 8, tag=9)], []),
     "bad_magic": segment(2, 1, [cell(1, 8)], [], magic=b"SANPSHM0"),
-    "bad_version": segment(2, 1, [cell(1, 8)], [], version=2),
+    "bad_version": segment(2, 1, [cell(1, 8)], [], version=1),
+    # Acknowledgements (any value, the largest wins) and a broken peer's
+    # control words, `refused` naming no message (index + 1 of 0).
+    "acks_and_refused": segment(
+        4, 1,
+        [cell(1, 8, ack=5), cell(2, 8, ack=2**64 - 1), cell(3, 8, ack=0)],
+        [], state=2, refused=0x12,
+    ),
     "not_power_of_two": segment(3, 1, [cell(1, 8)], []),
     "huge_geometry": seg_header(1 << 30, 255),
     "truncated": segment(4, 2, [cell(1, 8)], [])[:600],

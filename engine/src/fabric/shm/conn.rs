@@ -44,14 +44,24 @@
 //!
 //! # Cache lines per message
 //!
-//! An inline send of up to 40 bytes writes one line the peer reads: its
-//! cell's first (sequence word, header, payload). The receiver's poll
-//! writes one line the sender reads: the ring's consumed index, which the
-//! sender loads only while it has a request in the ring. Each side's
-//! control words (`armed`, `state`, `busy`) change only to sleep, break or
-//! copy by CMA: a busy pair reads them from its own cache. Everything
-//! else a post or a poll touches is the process's own (work queues, the
-//! poll side, the CQ).
+//! One line moves per direction for a small message, as in UCX's
+//! shared-memory FIFO: an inline send of up to 40 bytes writes its cell's
+//! first line (sequence word, header with the acknowledgement, payload),
+//! and the receiver's poll reads only that line of the peer's memory
+//! (besides the peer's state word, which changes only when the connection
+//! breaks). A request is done once the peer consumed its cell; the sender
+//! learns it from the acknowledgement in the peer's next message (how many
+//! of ours it had consumed), so in a request/response exchange the answer
+//! carries it. The receiver also publishes the ring's consumed index
+//! after each poll that took messages, a line that stays in its own cache
+//! as long as the sender does not read it: the sender reads it when its
+//! ring looks full, when the peer acknowledges nothing (a one-way flow),
+//! and when an acknowledgement is overdue (`Conn::read_consumed`). The
+//! wake-up word (`armed`) is read after each publication, from the
+//! reader's own cache while the peer polls; it changes only around a
+//! sleep, and `busy` only around a CMA copy, each on a line of its own.
+//! Everything else a post or a poll touches is the process's own (work
+//! queues, the poll side, the CQ).
 
 use super::seg::{Segment, STATE_CLOSED, STATE_INTACT, STATE_OWNER_FAILED, STATE_PEER_FAILED};
 use super::sys::{self, Cma};
@@ -84,6 +94,17 @@ pub(super) fn arm_fence() -> bool {
 
 /// How long a break waits for a live peer's copy in progress.
 const SEAL_WAIT: Duration = Duration::from_secs(1);
+
+/// How long (in [`sys::ticks`], about 4-8 us) a ring request waits for the
+/// peer's acknowledgement before its end reads the consumed index
+/// (`Conn::read_consumed`): well above a round trip, so that a peer that
+/// answers is never asked, and short enough for a peer that sends nothing
+/// back, until [`UNACKED_READS`] such reads in a row say so.
+const ACK_WAIT_TICKS: u64 = 16384;
+/// Requests found done by reading the consumed index after
+/// [`ACK_WAIT_TICKS`], in a row, after which the end reads it at the first
+/// poll of each wait: the peer does not answer.
+const UNACKED_READS: u8 = 2;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -129,6 +150,24 @@ pub(super) struct PollSide {
     results: Box<[(WcStatus, u32)]>,
     /// Whether `QpEvents` was told of the break.
     told: bool,
+    /// Messages of this end the peer acknowledged in its own messages
+    /// (the highest `ack` of a cell executed): `<=` what it consumed, but
+    /// for a corrupt peer's, which completes no more than the requests
+    /// this end has.
+    acked: u64,
+    /// Messages of this end known consumed from the last read of the
+    /// outgoing ring's consumed index.
+    read: u64,
+    /// `index + 1` of the ring request whose acknowledgement is awaited
+    /// (0: none), and the [`sys::ticks`] of the wait's start or of the last
+    /// read of the consumed index.
+    waiting: u64,
+    wait_since: u64,
+    /// Requests in a row found done by reading the consumed index, not by
+    /// an acknowledgement, up to [`UNACKED_READS`]: from there on, the
+    /// peer is taken to send nothing back, and each wait reads the index
+    /// at its first poll.
+    unacked_reads: u8,
     /// The peer's gather list of the message being executed (up to
     /// `MAX_IOV` entries, checked).
     gather: Vec<Sge>,
@@ -147,7 +186,10 @@ pub(super) struct Conn {
     theirs: Segment,
     /// The outgoing ring, for its consumed index (the producer is in
     /// `post`).
-    out_ring: Arc<CellRing>,
+    pub(super) out_ring: Arc<CellRing>,
+    /// The incoming ring, for its consumed index: what a post
+    /// acknowledges (the consumer is in the poll side).
+    in_ring: Arc<CellRing>,
     pub(super) peer_pid: libc::pid_t,
     /// Signalled by the peer to wake us; watched by the NIC's event thread.
     pub(super) my_event: OwnedFd,
@@ -216,6 +258,7 @@ impl Conn {
     pub(super) fn new(nic: Arc<NicInner>, p: Parts) -> (Arc<Conn>, PollSide) {
         let (out, _) = p.mine.ring();
         let (_, inc) = p.theirs.ring();
+        let in_ring = inc.ring().clone();
         let light_wake = sys::asymmetric_fences() && p.theirs.heavy_arm();
         let recv_depth = p.params.recv_depth as usize;
         let max_sge = p.params.max_sge as usize;
@@ -225,6 +268,11 @@ impl Conn {
             results: vec![(WcStatus::Success, 0); recv_depth.max(1).next_power_of_two()]
                 .into_boxed_slice(),
             told: false,
+            acked: 0,
+            read: 0,
+            waiting: 0,
+            wait_since: 0,
+            unacked_reads: UNACKED_READS,
             gather: vec![
                 Sge {
                     addr: 0,
@@ -241,6 +289,7 @@ impl Conn {
             local: p.local,
             peer: p.peer,
             out_ring: out.ring().clone(),
+            in_ring,
             mine: p.mine,
             theirs: p.theirs,
             peer_pid: p.peer_pid,
@@ -304,12 +353,12 @@ impl Conn {
     /// Whether a poll would find something to do. A send waiting for a
     /// receive is not work (a poller would spin on it): the receive's post
     /// wakes the CQ.
-    pub(super) fn has_work(&self, ps: &PollSide) -> bool {
+    pub(super) fn has_work(&self, ps: &mut PollSide) -> bool {
         if self.is_broken.load(Ordering::Acquire) {
             return !ps.told || !self.sq.is_empty() || !self.rq.is_empty();
         }
         if self.peer_gone.load(Ordering::Acquire)
-            || self.theirs.control().state.load(Ordering::Acquire) != STATE_INTACT
+            || self.theirs.control().link.state.load(Ordering::Acquire) != STATE_INTACT
             || ps.filled > self.rq.head()
         {
             return true;
@@ -321,7 +370,13 @@ impl Conn {
         });
         arrived
             || self.sq.front().is_some_and(|e| match e.kind {
-                SqKind::Ring(i) => i < self.out_ring.consumed(),
+                // Read for the poll that follows too: an end that sleeps
+                // between polls would otherwise not learn it until the
+                // acknowledgement is overdue.
+                SqKind::Ring(i) => {
+                    ps.read = ps.read.max(self.out_ring.consumed());
+                    i < ps.acked || i < ps.read
+                }
                 _ => true,
             })
     }
@@ -352,18 +407,21 @@ impl Conn {
         if !self.check_local(&mut post, wr.sges, need) {
             return self.post_done(post, wr, SqKind::Failed(WcStatus::LocalProtectionError));
         }
+        // Piggybacked: how many of the peer's messages this end consumed
+        // (the word its poll side publishes, in the peer's segment).
+        let ack = self.in_ring.consumed();
         let index = match wr.op {
             // SAFETY: the entries were just checked against our regions,
             // which stay registered while a request names them
             // (`Nic::deregister` contract); `len` is their total.
-            SendOp::Send => unsafe { post.out.push(wr.sges, len, 0) },
+            SendOp::Send => unsafe { post.out.push(wr.sges, len, ack) },
             SendOp::RdmaWrite { remote_addr, rkey } => {
                 post.out
-                    .push_rdma(CellOp::Write { remote_addr, rkey }, wr.sges, len)
+                    .push_rdma(CellOp::Write { remote_addr, rkey }, wr.sges, len, ack)
             }
             SendOp::RdmaRead { remote_addr, rkey } => {
                 post.out
-                    .push_rdma(CellOp::Read { remote_addr, rkey }, wr.sges, len)
+                    .push_rdma(CellOp::Read { remote_addr, rkey }, wr.sges, len, ack)
             }
         };
         // The ring has a cell per send-queue slot, and the queue had room.
@@ -447,10 +505,11 @@ impl Conn {
         }
         let c = self.mine.control();
         if let Some((index, status)) = refused {
-            c.refused
+            c.link
+                .refused
                 .store((index + 1) << 8 | status as u64, Ordering::Relaxed);
         }
-        c.state.store(state, Ordering::SeqCst);
+        c.link.state.store(state, Ordering::SeqCst);
         fence(Ordering::SeqCst);
         // The seal: no copy of the peer's is running once `busy` is clear.
         let deadline = Instant::now() + SEAL_WAIT;
@@ -482,7 +541,7 @@ impl Conn {
     /// the state word it read.
     #[inline(always)]
     fn follow_peer(&self) -> u32 {
-        let peer_state = self.theirs.control().state.load(Ordering::Acquire);
+        let peer_state = self.theirs.control().link.state.load(Ordering::Acquire);
         if peer_state != STATE_INTACT || self.peer_gone.load(Ordering::Acquire) {
             self.peer_broke(peer_state);
         }
@@ -497,8 +556,7 @@ impl Conn {
         if b.is_some() {
             return;
         }
-        let refused = theirs.refused.load(Ordering::Relaxed);
-        let own = (refused != 0).then(|| ((refused >> 8) - 1, super::status_from(refused as u8)));
+        let own = theirs.link.refused();
         // The peer refused a request of ours: we failed. A failure is ours
         // to report (`failed`) only if it is one a NIC finds locally (our
         // gather list); a key or access check the owner of the memory
@@ -514,6 +572,7 @@ impl Conn {
         let failed = refused_ours && !own.is_some_and(|(_, s)| remote(s));
         self.mine
             .control()
+            .link
             .state
             .store(STATE_CLOSED, Ordering::SeqCst);
         *b = Some(Broken {
@@ -620,6 +679,7 @@ impl Conn {
                 STATE_PEER_FAILED,
             )));
         };
+        let ack = msg.ack();
         let r = if d.op == CellOp::Send {
             if ps.filled == rq_tail {
                 return None;
@@ -677,6 +737,9 @@ impl Conn {
             }
         };
         if r.is_ok() {
+            // An acknowledgement beyond what this end sent (only a corrupt
+            // peer's) completes no more than the requests it has.
+            ps.acked = ps.acked.max(ack);
             ps.inc.pop();
         }
         Some(r)
@@ -761,18 +824,17 @@ impl Conn {
             ps.filled = ps.filled.max(i);
             self.rq.release_to(i);
         }
-        // The peer writes this line for every message it takes: read only
-        // for a request that went to the ring, once per reap.
-        let mut consumed = None;
         while n < out.len() {
             let Some(e) = self.sq.front() else { break };
             let (status, len) = match (e.kind, broken) {
                 (SqKind::Failed(s), _) => (s, 0),
                 (SqKind::Flush, Some(b)) => (b.status, 0),
                 (SqKind::Flush, None) => break,
-                (SqKind::Ring(i), _)
-                    if i < *consumed.get_or_insert_with(|| self.out_ring.consumed()) =>
-                {
+                (SqKind::Ring(i), _) if i < ps.acked => {
+                    ps.unacked_reads = 0;
+                    (WcStatus::Success, e.len)
+                }
+                (SqKind::Ring(i), _) if self.read_consumed(ps, i, broken.is_some()) => {
                     (WcStatus::Success, e.len)
                 }
                 (SqKind::Ring(i), Some(b)) => match b.own {
@@ -793,10 +855,43 @@ impl Conn {
         n
     }
 
+    /// Whether ring request `i`, not acknowledged by the peer's messages,
+    /// is known consumed from the outgoing ring's consumed index. The peer
+    /// writes that line for every message it takes, so reading it while
+    /// the peer answers would pull it across once per message: the index
+    /// is read at once only on a broken connection or while the peer
+    /// acknowledges nothing (`unacked_reads`), else once the request waited
+    /// [`ACK_WAIT_TICKS`], then again at that pace.
+    #[inline(never)]
+    fn read_consumed(&self, ps: &mut PollSide, i: u64, broken: bool) -> bool {
+        if i < ps.read {
+            return true;
+        }
+        let waited = ps.unacked_reads < UNACKED_READS && !broken;
+        if waited {
+            let now = sys::ticks();
+            if ps.waiting != i + 1 {
+                ps.waiting = i + 1;
+                ps.wait_since = now;
+                return false;
+            }
+            if now.wrapping_sub(ps.wait_since) < ACK_WAIT_TICKS {
+                return false;
+            }
+            ps.wait_since = now;
+        }
+        ps.read = ps.read.max(self.out_ring.consumed());
+        let done = i < ps.read;
+        if done && waited {
+            ps.unacked_reads += 1;
+        }
+        done
+    }
+
     /// Whether the peer hung up without closing first: it died (or its
     /// process is exiting).
     pub(super) fn peer_died(&self) -> bool {
-        self.theirs.control().state.load(Ordering::Acquire) == STATE_INTACT
+        self.theirs.control().link.state.load(Ordering::Acquire) == STATE_INTACT
     }
 
     /// Whether nothing is outstanding (a dropped end can be forgotten).
@@ -828,7 +923,7 @@ impl SealSide<'_> {
             fence(Ordering::SeqCst);
             self.entered = true;
         }
-        self.conn.theirs.control().state.load(Ordering::SeqCst) == STATE_INTACT
+        self.conn.theirs.control().link.state.load(Ordering::SeqCst) == STATE_INTACT
     }
 
     /// Done copying (Release: the copies happen before the peer's break

@@ -123,7 +123,7 @@ impl CompletionQueue for ShmCq {
 
     fn arm(&self) -> bool {
         self.0.armed.store(true, Ordering::SeqCst);
-        let ends = self.0.ends.lock();
+        let mut ends = self.0.ends.lock();
         if ends.is_empty() {
             return false;
         }
@@ -135,8 +135,8 @@ impl CompletionQueue for ShmCq {
             return true;
         }
         let mut ready = false;
-        for e in ends.iter() {
-            ready |= e.conn.has_work(&e.poll);
+        for e in ends.iter_mut() {
+            ready |= e.conn.has_work(&mut e.poll);
         }
         ready
     }

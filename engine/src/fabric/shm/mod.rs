@@ -16,7 +16,9 @@
 //!   right, under the window's lock: an unbind or deregistration waits for
 //!   a copy in progress, and a key dies with its connection.
 //! - **Progress**: what arrives is executed when the receiving end's CQ is
-//!   polled (the engine's pollers poll, or arm and sleep).
+//!   polled (the engine's pollers poll, or arm and sleep). A small message
+//!   moves one cache line each way: its cell, whose header also
+//!   acknowledges the messages of the other direction ([`conn`]).
 //! - **Wake-ups**: a CQ that arms marks each of its ends as sleeping in the
 //!   end's own segment; a peer that published work for a sleeping end
 //!   clears the mark and signals the end's eventfd, which the NIC's event
@@ -57,6 +59,8 @@ mod conn;
 mod cq;
 mod seg;
 mod sys;
+#[cfg(test)]
+mod tests;
 mod wq;
 
 use crate::fabric::lkey_cache::{CachedRegion, LkeyCache};

@@ -3,9 +3,10 @@
 //! the end and mapped by both (each end owns the segment it sends through).
 //!
 //! Layout (`repr(C)`, little-endian, 128-byte aligned parts): a
-//! [`Header`] of two 128-byte lines — identity and geometry, written once
-//! by the owner before the segment is sent, then the [`Control`] words —
-//! then the ring ([`RingLayout`]). The receiver checks the magic, version,
+//! [`Header`] line — identity and geometry, written once by the owner
+//! before the segment is sent — then the three lines of [`Control`] words
+//! (state, busy, armed: each changes for one reason), then the ring
+//! ([`RingLayout`]). The receiver checks the magic, version,
 //! geometry and size once at mapping time and keeps its own copy of the
 //! geometry: later writes to the header cannot move its accesses out of
 //! bounds.
@@ -18,8 +19,10 @@ use std::sync::Arc;
 
 /// "SANPSHM1".
 const MAGIC: u64 = 0x314d_4853_504e_4153;
-/// Layout version; a peer with another one is refused.
-pub(super) const VERSION: u32 = 1;
+/// Layout version; a peer with another one is refused. 2: the control
+/// words on three lines (state, busy, armed), and cells carry
+/// acknowledgements.
+pub(super) const VERSION: u32 = 2;
 /// Largest ring a peer may ask us to map.
 const MAX_CELLS: usize = 1 << 20;
 /// Largest gather stride (the soft fabric's `max_sge` limit).
@@ -44,24 +47,58 @@ struct Header {
 /// work and loading `armed`.
 const FLAG_HEAVY_ARM: u32 = 1;
 
-/// The owner's state, as its peer sees it. Each word is written by one
-/// side only, as noted; the other side only reads it.
-#[repr(C, align(128))]
+/// The owner's state, as its peer sees it: three lines, each written by
+/// the owner for one reason only, so that a word changing for one reason
+/// does not pull away the line the peer polls for another. Each word is
+/// written by one side only, as noted (but `armed`, which the one waker
+/// clears); the other side only reads it.
+#[repr(C)]
 pub(super) struct Control {
-    /// 1 while the owner sleeps and wants an `eventfd` wake-up for new work.
-    /// Set by the owner (`arm`); cleared by the one waker (peer, swap) or by
-    /// the owner when it wakes.
-    pub(super) armed: AtomicU32,
+    /// Read by the peer on every poll; written when the connection breaks.
+    pub(super) link: LinkLine,
+    /// Non-zero while the owner copies to or from the peer's memory; set
+    /// before and cleared after each pass, so a closing peer can wait for
+    /// it (the seal). Written by the owner only; read by the peer only when
+    /// it breaks the connection.
+    pub(super) busy: Line<AtomicU32>,
+    /// 1 while the owner sleeps and wants an `eventfd` wake-up for new
+    /// work. Set by the owner (`arm`); cleared by the one waker (peer,
+    /// swap) or by the owner when it wakes. Read by the peer after each
+    /// publication of work; unchanged while the owner polls.
+    pub(super) armed: Line<AtomicU32>,
+}
+
+/// One word on a line of its own ([`RING_ALIGN`] bytes: the pair of lines
+/// an adjacent-line prefetcher moves together).
+#[repr(C, align(128))]
+pub(super) struct Line<T>(T);
+
+impl<T> std::ops::Deref for Line<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+/// The connection's state as the owner sees it.
+#[repr(C, align(128))]
+pub(super) struct LinkLine {
     /// The owner's view of the connection (`STATE_*`). Written by the owner
     /// only; grows.
     pub(super) state: AtomicU32,
-    /// Non-zero while the owner copies to or from the peer's memory; set
-    /// before and cleared after each pass, so a closing peer can wait for
-    /// it (the seal). Written by the owner only.
-    pub(super) busy: AtomicU32,
     /// `(index + 1) << 8 | status` of the peer's message the owner refused
     /// (0: none). Written by the owner before `state`.
     pub(super) refused: AtomicU64,
+}
+
+impl LinkLine {
+    /// The peer's message the owner refused and the status it gave, if
+    /// `refused` names one (any other value, a corrupt owner's, names none).
+    pub(super) fn refused(&self) -> Option<(u64, crate::fabric::WcStatus)> {
+        let w = self.refused.load(std::sync::atomic::Ordering::Relaxed);
+        let index = (w >> 8).checked_sub(1)?;
+        Some((index, super::status_from(w as u8)))
+    }
 }
 
 /// The connection is intact.
@@ -74,9 +111,11 @@ pub(super) const STATE_PEER_FAILED: u32 = 2;
 /// owner (its receive could not take the message): the owner failed.
 pub(super) const STATE_OWNER_FAILED: u32 = 3;
 
-const HEADER_BYTES: usize = 2 * RING_ALIGN;
+const HEADER_BYTES: usize = 4 * RING_ALIGN;
 const _: () = assert!(std::mem::size_of::<Header>() == RING_ALIGN);
-const _: () = assert!(std::mem::size_of::<Control>() == RING_ALIGN);
+const _: () = assert!(std::mem::size_of::<Control>() == 3 * RING_ALIGN);
+const _: () = assert!(std::mem::offset_of!(Control, busy) == RING_ALIGN);
+const _: () = assert!(std::mem::offset_of!(Control, armed) == 2 * RING_ALIGN);
 
 /// A mapped segment: the control words and the ring's handles.
 pub(super) struct Segment {
@@ -190,27 +229,35 @@ impl Segment {
 /// peer sent (header, control words, ring), sealed in a `memfd`; it is
 /// opened as a receiver opens a peer's segment, and the receiver decodes
 /// every published message the way the data path does (header, gather
-/// list, inline payload). Whatever the bytes, nothing panics, and what the
-/// decoder accepts is within the ring's bounds. Returns the messages
-/// accepted.
-pub(crate) fn fuzz_segment(data: &[u8]) -> usize {
+/// list, inline payload, acknowledgement), after the control words a poll
+/// reads of a broken peer. Whatever the bytes, nothing panics, and what
+/// the decoder accepts is within the ring's bounds. Returns the messages
+/// accepted and the highest acknowledgement they carried.
+pub(crate) fn fuzz_segment(data: &[u8]) -> (usize, u64) {
     use crate::fabric::soft::cell::{CellOp, INLINE_MAX};
     use crate::fabric::Sge;
     let Ok(fd) = sealed_memfd(data.len()) else {
-        return 0;
+        return (0, 0);
     };
     if !data.is_empty() {
         let Ok(map) = Mapping::new(&fd, data.len()) else {
-            return 0;
+            return (0, 0);
         };
         // SAFETY: the mapping is `data.len()` bytes long, fresh, and only
         // this copy touches it.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), map.base().as_ptr(), data.len()) };
     }
     let Ok(seg) = Segment::open(&fd) else {
-        return 0;
+        return (0, 0);
     };
+    // The words a poll reads of a broken peer; any value is taken.
+    let link = &seg.control().link;
+    let _ = (
+        link.state.load(std::sync::atomic::Ordering::Relaxed),
+        link.refused(),
+    );
     let (_, mut inc) = seg.ring();
+    let mut acked = 0u64;
     let mut scratch = [Sge {
         addr: 0,
         len: 0,
@@ -234,11 +281,12 @@ pub(crate) fn fuzz_segment(data: &[u8]) -> usize {
                 None => break,
             }
         }
+        acked = acked.max(m.ack());
         accepted += 1;
         inc.pop();
         inc.publish();
     }
-    accepted
+    (accepted, acked)
 }
 
 #[cfg(test)]
@@ -267,8 +315,24 @@ mod tests {
             ("truncated", 0),
             ("empty", 0),
         ] {
-            assert_eq!(fuzz_segment(&seed(name)), accepted, "{name}");
+            assert_eq!(fuzz_segment(&seed(name)).0, accepted, "{name}");
         }
+    }
+
+    #[test]
+    fn acknowledgements_of_any_value_are_taken_and_a_bogus_refusal_names_nothing() {
+        assert_eq!(fuzz_segment(&seed("acks_and_refused")), (3, u64::MAX));
+        let (_, seg) = Segment::create(2, 1).unwrap();
+        let link = &seg.control().link;
+        let o = std::sync::atomic::Ordering::Relaxed;
+        // Index + 1 of 0: no message (a corrupt owner's word).
+        link.refused.store(0x12, o);
+        assert_eq!(link.refused(), None);
+        link.refused.store((7 + 1) << 8 | 2, o);
+        assert_eq!(
+            link.refused(),
+            Some((7, crate::fabric::WcStatus::from_u8(2).unwrap()))
+        );
     }
 
     #[test]

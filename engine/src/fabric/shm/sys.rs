@@ -510,3 +510,23 @@ pub(super) fn asymmetric_fences() -> bool {
 pub(super) fn heavy_fence() -> bool {
     membarrier(MEMBARRIER_CMD_GLOBAL_EXPEDITED)
 }
+
+/// A cheap monotonic tick count: the time-stamp counter where there is one
+/// (a few cycles, where a clock read costs tens of nanoseconds), else
+/// nanoseconds of a process clock.
+pub(super) fn ticks() -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: RDTSC exists on every x86-64 processor and has no memory
+        // effects.
+        unsafe { std::arch::x86_64::_rdtsc() }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        START
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_nanos() as u64
+    }
+}

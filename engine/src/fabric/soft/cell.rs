@@ -19,7 +19,9 @@
 //! many messages of the opposite direction its sender had consumed when it
 //! wrote the cell, so that in a request/response exchange the sender of the
 //! request learns its send is done from the response's own line, without
-//! reading the peer's `consumed` (TCP's piggybacked ACK).
+//! reading the peer's `consumed` (TCP's piggybacked ACK). The shared-memory
+//! fabric relies on the same: its sender reads `consumed` only when the
+//! ring looks full or no acknowledgement comes.
 //!
 //! Messages up to [`INLINE_MAX`] bytes travel in the cell. A longer one
 //! travels as the sender's gather list (stored beside the cells, one stride
@@ -188,6 +190,13 @@ impl CellRing {
     /// whatever it wrote before publishing, happen before).
     pub(crate) fn consumed(&self) -> u64 {
         self.consumed_word().load(Ordering::Acquire)
+    }
+
+    /// Overwrites the consumed index, as a corrupt or late peer could
+    /// leave it (tests only).
+    #[cfg(all(test, not(loom)))]
+    pub(crate) fn set_consumed(&self, v: u64) {
+        self.consumed_word().store(v, Ordering::Release);
     }
 
     /// Whether message `index` is published (it may be consumed already).
@@ -423,9 +432,16 @@ impl CellProducer {
 
     /// Publishes an RDMA request: `op`'s remote address and key in the
     /// payload, the local list `local` (`len` bytes in all) as the gather
-    /// list, never copied. `None` as for [`CellProducer::push`].
+    /// list, never copied, with the acknowledgement `ack`. `None` as for
+    /// [`CellProducer::push`].
     #[cfg(not(loom))]
-    pub(crate) fn push_rdma(&mut self, op: CellOp, local: &[Sge], len: u32) -> Option<u64> {
+    pub(crate) fn push_rdma(
+        &mut self,
+        op: CellOp,
+        local: &[Sge],
+        len: u32,
+        ack: u64,
+    ) -> Option<u64> {
         let (tag, remote_addr, rkey) = match op {
             CellOp::Send => return None,
             CellOp::Write { remote_addr, rkey } => (1u32, remote_addr, rkey),
@@ -451,7 +467,7 @@ impl CellProducer {
         cell.nsge
             .store(local.len() as u32 | tag << TAG_SHIFT, Ordering::Relaxed);
         cell.len.store(len, Ordering::Relaxed);
-        cell.ack.store(0, Ordering::Relaxed);
+        cell.ack.store(ack, Ordering::Relaxed);
         cell.seq.store(index + 1, Ordering::Release);
         self.tail += 1;
         Some(index)
@@ -474,6 +490,11 @@ pub(crate) struct Message<'a> {
 }
 
 impl CellConsumer {
+    #[cfg(not(loom))]
+    pub(crate) fn ring(&self) -> &Arc<CellRing> {
+        &self.ring
+    }
+
     /// Index of the next message to consume.
     pub(crate) fn head(&self) -> u64 {
         self.head
