@@ -68,7 +68,7 @@ use super::sys::{self, Cma};
 use super::wq::{RecvQueue, RqKind, SendQueue, SqEntry, SqKind};
 use super::NicInner;
 use crate::fabric::lkey_cache::LkeyCache;
-use crate::fabric::soft::cell::{CellConsumer, CellOp, CellProducer, CellRing};
+use crate::fabric::soft::cell::{copy_bytes, CellConsumer, CellOp, CellProducer, CellRing};
 use crate::fabric::*;
 use crate::spin::SpinLock;
 use std::net::SocketAddrV4;
@@ -706,11 +706,7 @@ impl Conn {
                     // (`Nic::register`); `d.len <= room`, the length of
                     // the one entry.
                     Some(dst) => unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            src.addr as *const u8,
-                            dst as *mut u8,
-                            src.len as usize,
-                        )
+                        copy_bytes(src.addr as *const u8, dst as *mut u8, src.len as usize)
                     },
                     None => {
                         self.rq.sges_into(ps.filled, &mut ps.dst);
