@@ -857,28 +857,37 @@ impl Conn {
     /// the peer answers would pull it across once per message: the index
     /// is read at once only on a broken connection or while the peer
     /// acknowledges nothing (`unacked_reads`), else once the request waited
-    /// [`ACK_WAIT_TICKS`], then again at that pace.
-    #[inline(never)]
+    /// [`ACK_WAIT_TICKS`] ([`Conn::await_ack`]).
+    #[inline]
     fn read_consumed(&self, ps: &mut PollSide, i: u64, broken: bool) -> bool {
         if i < ps.read {
             return true;
         }
-        let waited = ps.unacked_reads < UNACKED_READS && !broken;
-        if waited {
-            let now = sys::ticks();
-            if ps.waiting != i + 1 {
-                ps.waiting = i + 1;
-                ps.wait_since = now;
-                return false;
-            }
-            if now.wrapping_sub(ps.wait_since) < ACK_WAIT_TICKS {
-                return false;
-            }
-            ps.wait_since = now;
+        if ps.unacked_reads < UNACKED_READS && !broken {
+            return self.await_ack(ps, i);
         }
-        ps.read = ps.read.max(self.out_ring.consumed());
+        ps.read = self.out_ring.consumed().max(ps.read);
+        i < ps.read
+    }
+
+    /// [`Conn::read_consumed`] while an acknowledgement is expected: reads
+    /// the index once request `i` waited [`ACK_WAIT_TICKS`], then again at
+    /// that pace.
+    #[inline(never)]
+    fn await_ack(&self, ps: &mut PollSide, i: u64) -> bool {
+        let now = sys::ticks();
+        if ps.waiting != i + 1 {
+            ps.waiting = i + 1;
+            ps.wait_since = now;
+            return false;
+        }
+        if now.wrapping_sub(ps.wait_since) < ACK_WAIT_TICKS {
+            return false;
+        }
+        ps.wait_since = now;
+        ps.read = self.out_ring.consumed().max(ps.read);
         let done = i < ps.read;
-        if done && waited {
+        if done {
             ps.unacked_reads += 1;
         }
         done

@@ -424,7 +424,7 @@ impl CellProducer {
     /// # Safety
     /// When `len <= INLINE_MAX`, every entry of `src` names readable memory
     /// for the duration of the call, and `len` is their total length.
-    #[inline]
+    #[inline(always)]
     pub(crate) unsafe fn push(&mut self, src: &[Sge], len: u32, ack: u64) -> Option<u64> {
         if src.len() > self.ring.stride || !self.room() {
             return None;
