@@ -419,9 +419,13 @@ pub struct Progress {
     /// wakes the poller it let step aside).
     poller_wakers: Vec<Arc<ParkWaker>>,
     /// Run-to-completion mode: one reaper per CQ at a time (CQs are single
-    /// consumer). Padded: the threads spinning on different CQs each
-    /// try-lock their own, and must not bounce one line between them.
-    rtc_reapers: Vec<CachePadded<SpinLock<()>>>,
+    /// consumer, and a reaper dispatches what it reaped before the next
+    /// one reaps), for the CQs that do not serialise their drains
+    /// themselves (`None` for those that do: the soft CQ's consumer lock is
+    /// the one right, one locked instruction per reap, not two). Padded:
+    /// the threads spinning on different CQs each try-lock their own, and
+    /// must not bounce one line between them.
+    rtc_reapers: Vec<Option<CachePadded<SpinLock<()>>>>,
     /// Run-to-completion mode: each CQ's waker (empty in threads mode).
     wakes: Vec<Arc<CqWake>>,
     stop: Arc<AtomicBool>,
@@ -488,8 +492,9 @@ impl Progress {
                 }
             }
         }
-        let rtc_reapers = (0..cqs.len())
-            .map(|_| CachePadded::new(SpinLock::new(())))
+        let rtc_reapers = cqs
+            .iter()
+            .map(|cq| (!cq.serialises_drains()).then(|| CachePadded::new(SpinLock::new(()))))
             .collect();
         Ok(Progress {
             mode: pc.mode,
@@ -583,18 +588,14 @@ impl Progress {
         let (Some(cq), Some(lock)) = (self.cqs.get(i), self.rtc_reapers.get(i)) else {
             return 0;
         };
-        let Some(_guard) = lock.try_lock() else {
-            return 0;
+        let _guard = match lock {
+            Some(lock) => match lock.try_lock() {
+                Some(g) => Some(g),
+                None => return 0,
+            },
+            None => None,
         };
-        let mut total = 0;
-        loop {
-            let n = cq.poll(buf);
-            buf[..n].iter().for_each(&mut *f);
-            total += n;
-            if n < buf.len() {
-                return total;
-            }
-        }
+        cq.drain(buf, f).unwrap_or(0)
     }
 
     /// Prepares to sleep: run-to-completion mode arms every CQ; returns true

@@ -263,6 +263,35 @@ pub trait CompletionQueue: Send + Sync {
     /// the CQ's waker. Returns `true` if completions are already waiting (the
     /// caller should poll rather than sleep; the request stays armed).
     fn arm(&self) -> bool;
+
+    /// Whether [`CompletionQueue::drain`] holds a consumer right of the
+    /// CQ's own across its calls of `f`, so that callers need none: two
+    /// threads draining at once never interleave the CQ's completions.
+    /// Without it (the default) the caller serialises its drains itself.
+    fn serialises_drains(&self) -> bool {
+        false
+    }
+
+    /// Hands the available completions to `f`, oldest first: polls
+    /// `buf.len()` at a time until a poll returns fewer. Returns how many,
+    /// or `None` if another thread drains the CQ (only a CQ that
+    /// [serialises its drains](CompletionQueue::serialises_drains) says
+    /// so). Never blocks; `f` must not drain this CQ.
+    fn drain(
+        &self,
+        buf: &mut [WorkCompletion],
+        f: &mut dyn FnMut(&WorkCompletion),
+    ) -> Option<usize> {
+        let mut total = 0;
+        loop {
+            let n = self.poll(buf);
+            buf[..n].iter().for_each(&mut *f);
+            total += n;
+            if n < buf.len() {
+                return Some(total);
+            }
+        }
+    }
 }
 
 /// Connection events of a queue pair, delivered with no NIC lock held.

@@ -20,11 +20,13 @@
 //!
 //! An end starts hot. After [`IDLE_POLLS`] visits in a row that found
 //! nothing (fewer when many ends are hot: [`quiet_limit`]), the consumer
-//! stores `idle`, issues a SeqCst fence and looks for work once more (the
-//! `arm` protocol, per end): if it finds none the end leaves the hot list. A producer, after publishing work and the
-//! fence it issues anyway for `armed` (`Link::wake`), reads `idle`; only if
-//! it is set does it swap it back (one of possibly several producers wins)
-//! and push the end's slot on `ready`. The next poll moves announced ends
+//! stores `idle`, issues the heavy fence of the wake-up rule (`fence`; one
+//! for all the ends of a poll that go quiet) and looks for work once more
+//! (the `arm` protocol, per end): if it finds none the end leaves the hot
+//! list. A producer, after publishing work and the light fence it issues
+//! anyway for `armed` (`Link::wake`), reads `idle`; only if it is set does
+//! it swap it back (one of possibly several producers wins) and push the
+//! end's slot on `ready`. The next poll moves announced ends
 //! to the hot list. One of the two sides sees the other, so no work is
 //! left on an idle end; and while an end stays busy a producer pays one
 //! plain load for this, no locked instruction (the dirty-list idea of
@@ -40,12 +42,14 @@
 //! the completions a CQ owes never exceed its depth (the admission a
 //! hardware CQ needs to not overflow).
 
+use super::fence;
 use super::link::{Link, Reaper};
 use super::lock;
 use crate::fabric::{CompletionQueue, CqId, Waker, WorkCompletion};
 use crate::spin::SpinLock;
+use crate::sync::AtomicBool;
 use crossbeam_utils::CachePadded;
-use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Visits in a row that find nothing before an end leaves the hot list. A
@@ -92,7 +96,8 @@ impl Presence {
         }
     }
 
-    /// Whether the end is idle (the caller fenced after publishing work).
+    /// Whether the end is idle (the caller issued the light fence after
+    /// publishing work).
     #[inline]
     pub(super) fn is_idle(&self) -> bool {
         self.idle.load(Ordering::Relaxed)
@@ -144,7 +149,8 @@ impl CqShared {
         self.reserved.fetch_sub(n, Ordering::AcqRel);
     }
 
-    /// Whether the consumer sleeps (the caller fenced after publishing).
+    /// Whether the consumer sleeps (the caller issued the light fence after
+    /// publishing).
     pub(super) fn is_armed(&self) -> bool {
         self.armed.load(Ordering::Relaxed)
     }
@@ -170,8 +176,8 @@ impl CqShared {
         self.ready.pending.store(true, Ordering::Relaxed);
         drop(slots);
         // Orders `pending` before the caller's read of `armed` (an `arm`
-        // stores `armed`, fences, then reads `pending`).
-        fence(Ordering::SeqCst);
+        // raises `armed`, then reads `pending`).
+        fence::light();
     }
 }
 
@@ -185,6 +191,9 @@ struct Attached {
     quiet: u32,
     /// The end's slot in `Consumer::parked`, its own until it is forgotten.
     slot: u32,
+    /// `Consumer::settle` raised the end's `idle` and re-checks it after
+    /// the fence.
+    marked: bool,
 }
 
 /// What the consumer owns.
@@ -222,21 +231,44 @@ impl Consumer {
         self.hot.push(a);
     }
 
-    /// After a poll that saw an end drained or long quiet: forgets drained
-    /// ends and parks those quiet for `limit` visits that still have
-    /// nothing.
+    /// After a poll that saw an end drained or long quiet: parks those
+    /// quiet for `limit` visits that still have nothing, and forgets
+    /// drained ends. The ends that go quiet raise their `idle` flags first,
+    /// then one heavy fence serves them all (the syscall is paid once per
+    /// settle, not once per end).
     fn settle(&mut self, limit: u32) {
+        let mut marked = false;
+        for a in &mut self.hot {
+            if a.quiet >= limit && !a.link.drained(a.end, &a.r) {
+                a.quiet = 0;
+                a.marked = true;
+                marked = true;
+                a.link.ends[a.end]
+                    .presence
+                    .idle
+                    .store(true, Ordering::Relaxed);
+            }
+        }
+        if marked {
+            fence::heavy();
+        }
         let mut i = 0;
         while i < self.hot.len() {
             let a = &mut self.hot[i];
+            if a.marked {
+                a.marked = false;
+                if a.leaves() {
+                    let a = self.hot.swap_remove(i);
+                    let slot = a.slot as usize;
+                    debug_assert!(self.parked[slot].is_none());
+                    self.parked[slot] = Some(a);
+                    continue;
+                }
+            }
+            let a = &self.hot[i];
             if a.link.drained(a.end, &a.r) {
                 self.free.push(a.slot);
                 self.hot.swap_remove(i);
-            } else if a.quiet >= limit && a.idle() {
-                let a = self.hot.swap_remove(i);
-                let slot = a.slot as usize;
-                debug_assert!(self.parked[slot].is_none());
-                self.parked[slot] = Some(a);
             } else {
                 i += 1;
             }
@@ -282,18 +314,19 @@ impl Attached {
         }
     }
 
-    /// Marks the end idle unless it has work; whether it left the hot list
-    /// (idle, or announced by a producer meanwhile).
-    fn idle(&mut self) -> bool {
-        self.quiet = 0;
+    /// The re-check of an end whose `idle` flag `settle` raised, after the
+    /// heavy fence: whether it leaves the hot list (idle, or announced by a
+    /// producer meanwhile). One that has work, or was drained meanwhile,
+    /// stays hot, unless a producer's announcement took it.
+    fn leaves(&mut self) -> bool {
         let p = &self.link.ends[self.end].presence;
-        p.idle.store(true, Ordering::Relaxed);
-        fence(Ordering::SeqCst);
-        if !self.link.has_work(self.end, &mut self.r, false) {
+        if !self.link.has_work(self.end, &mut self.r, false)
+            && !self.link.drained(self.end, &self.r)
+        {
             return true;
         }
-        // Work came: keep the end hot, unless a producer's announcement
-        // took it already (it is on the ready list then).
+        // Taken back, unless the announcement has it (it is on the ready
+        // list then, and the poll that takes it in sees the work).
         !p.idle.swap(false, Ordering::AcqRel)
     }
 }
@@ -301,7 +334,9 @@ impl Attached {
 pub(super) struct SoftCq {
     id: CqId,
     shared: Arc<CqShared>,
-    /// Held by `poll` and `arm`: one consumer at a time.
+    /// Held by `poll` and `arm`, and by `drain` across its dispatch: one
+    /// consumer at a time, the CQ's one right (run-to-completion mode
+    /// takes no other, `CompletionQueue::serialises_drains`).
     consumer: SpinLock<Consumer>,
 }
 
@@ -346,6 +381,7 @@ impl SoftCq {
             r,
             quiet: 0,
             slot: u32::MAX,
+            marked: false,
         });
         ready.pending.store(true, Ordering::Release);
     }
@@ -399,16 +435,16 @@ impl Drop for SoftCq {
     }
 }
 
-impl CompletionQueue for SoftCq {
-    fn id(&self) -> CqId {
-        self.id
-    }
-
-    fn poll(&self, out: &mut [WorkCompletion]) -> usize {
-        let Some(mut guard) = self.consumer.try_lock() else {
-            return 0;
-        };
-        let c = &mut *guard;
+impl SoftCq {
+    /// One poll by the holder of the consumer lock: completions into
+    /// `out`, and the link to seal, if one must be (once the lock is
+    /// released: a seal tells the engine, with no lock of the NIC held).
+    #[inline(always)]
+    fn poll_locked(
+        &self,
+        c: &mut Consumer,
+        out: &mut [WorkCompletion],
+    ) -> (usize, Option<Arc<Link>>) {
         self.take_in(c);
         let mut n = 0;
         let mut seal = None;
@@ -457,6 +493,20 @@ impl CompletionQueue for SoftCq {
         if settle {
             c.settle(limit);
         }
+        (n, seal)
+    }
+}
+
+impl CompletionQueue for SoftCq {
+    fn id(&self) -> CqId {
+        self.id
+    }
+
+    fn poll(&self, out: &mut [WorkCompletion]) -> usize {
+        let Some(mut guard) = self.consumer.try_lock() else {
+            return 0;
+        };
+        let (n, seal) = self.poll_locked(&mut guard, out);
         drop(guard);
         match seal {
             Some(link) => {
@@ -468,12 +518,54 @@ impl CompletionQueue for SoftCq {
         }
     }
 
+    /// The consumer lock is the one right to the CQ: held by `poll` and
+    /// `arm`, and by `drain` across its calls of `f`.
+    fn serialises_drains(&self) -> bool {
+        true
+    }
+
+    /// Holds the consumer lock while `f` runs (the caller's dispatch), so
+    /// the engine takes no lock of its own to keep the completions of the
+    /// CQ in order: one locked instruction per drain. A seal lets the lock
+    /// go (and another thread may take it: the completions handed to `f`
+    /// so far are older than any it reaps).
+    fn drain(
+        &self,
+        buf: &mut [WorkCompletion],
+        f: &mut dyn FnMut(&WorkCompletion),
+    ) -> Option<usize> {
+        let mut guard = self.consumer.try_lock()?;
+        let mut total = 0;
+        loop {
+            let (n, seal) = self.poll_locked(&mut guard, buf);
+            buf[..n].iter().for_each(&mut *f);
+            total += n;
+            if let Some(link) = seal {
+                drop(guard);
+                link.seal();
+                // The sealed link's flushed requests are due now.
+                match self.consumer.try_lock() {
+                    Some(g) => guard = g,
+                    None => return Some(total),
+                }
+            } else if n < buf.len() {
+                return Some(total);
+            }
+        }
+    }
+
     fn arm(&self) -> bool {
-        let mut guard = self.consumer.lock();
+        let Some(mut guard) = self.consumer.try_lock() else {
+            // Another thread polls or drains the CQ (or this one, from a
+            // completion `drain` hands out): its ends cannot be looked at
+            // now. Armed all the same; the caller polls again rather than
+            // sleep.
+            fence::raise(&self.shared.armed);
+            return true;
+        };
         let c = &mut *guard;
         self.take_in(c);
-        self.shared.armed.store(true, Ordering::Relaxed);
-        fence(Ordering::SeqCst);
+        fence::raise(&self.shared.armed);
         if self.shared.ready.pending.load(Ordering::Relaxed) {
             return true;
         }

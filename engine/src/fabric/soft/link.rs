@@ -1,5 +1,5 @@
 //! One soft connection: both ends' work queues, one cell ring per direction,
-//! the remote-access window of each direction, and the connection state.
+//! the remote-access window of each end, and the connection state.
 //!
 //! # Who does what
 //!
@@ -8,8 +8,9 @@
 //!   send of up to [`cell::INLINE_MAX`] bytes is copied into the next cell
 //!   of its direction's ring; a longer one goes as its gather list. RDMA
 //!   writes and reads execute at once, in the posting thread (the posting
-//!   CPU is the DMA engine), under the direction's window lock, which holds
-//!   the remote keys the peer bound to this connection.
+//!   CPU is the DMA engine), under that post lock, which also holds the
+//!   end's window: the remote keys the peer bound to this connection (so
+//!   an RDMA takes no lock beyond the post's own).
 //! - **Matching**: the *matcher* of a direction consumes its cells in order
 //!   and fills the receiving end's posted receives in order, copying the
 //!   payload (from the cell, or straight from the sender's registered
@@ -31,7 +32,7 @@
 //! `INTACT → BROKEN` under the control lock (which records who failed and
 //! any request that failed with its own status), so no matcher starts a copy
 //! and no RDMA starts. The breaker then takes and releases both matcher locks
-//! and both window locks, so none is still copying, and stores `SEALED`. Only
+//! and both post locks, so none is still copying, and stores `SEALED`. Only
 //! a sealed connection's outstanding requests are flushed by the reapers:
 //! once `set_error` returned (it waits for the seal) and its flushed
 //! completions were polled, nothing touches the memory those requests named.
@@ -43,17 +44,21 @@
 //! A CQ's `armed` word is set by a sleeper (`arm`) and cleared by the one
 //! waker that wakes it; on the data path it is only read. Whoever makes work
 //! for a CQ (a cell, a consumed index, a receive, a post-time completion, a
-//! seal) publishes it, then issues a SeqCst fence and reads `armed`; the
-//! sleeper stores `armed`, fences, then looks for work. One of the two sees
-//! the other. Between the fence and `armed` the producer reads the end's
+//! seal) publishes it, then issues a fence and reads `armed`; the sleeper
+//! stores `armed`, fences, then looks for work. One of the two sees the
+//! other. The fences are asymmetric (`fence`): the producer's, on every
+//! post and match, is a compiler fence; the sleeper's, paid only when a
+//! thread is about to sleep, makes every thread of the process pass a full
+//! barrier. Between the fence and `armed` the producer reads the end's
 //! `idle` flag and announces an idle end to its CQ, which visits only the
-//! ends that have work (`cq`, the same re-check per end).
+//! ends that have work (`cq`, the same re-check per end, with the same
+//! heavy fence when ends go quiet).
 
 use super::cell::{CellConsumer, CellProducer, CellRing};
 use super::cq::{CqShared, Presence, SoftCq};
 #[cfg(feature = "fault-injection")]
 use super::fault::EndFaults;
-use super::mr::{copy_lists, total_len, Window};
+use super::mr::{copy_flat, total_len, Window};
 use super::wq::{RecvView, RqPoster, RqReaper, RqShared, SqKind, SqPoster, SqReaper};
 use super::{lock, NicShared};
 use crate::fabric::lkey_cache::LkeyCache;
@@ -61,7 +66,7 @@ use crate::fabric::*;
 use crate::spin::SpinLock;
 use crossbeam_utils::CachePadded;
 use std::net::SocketAddrV4;
-use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 #[cfg(not(target_arch = "x86_64"))]
 use std::time::Instant;
@@ -113,6 +118,9 @@ pub(super) struct Poster {
     pub(super) peer_posted: u64,
     /// Local keys this end checked lately.
     pub(super) lkeys: LkeyCache,
+    /// Keys the peer exposed to this end, checked by its RDMA (under the
+    /// post lock, which a revocation takes: `mr`).
+    pub(super) window: Window,
 }
 
 impl Poster {
@@ -181,10 +189,6 @@ pub(super) struct Dir {
     /// The consumer of the ring, held by whoever matches (see module docs).
     matcher: CachePadded<SpinLock<CellConsumer>>,
     pub(super) ring: Arc<CellRing>,
-    /// Keys end `1 - d` exposed to end `d`; held by RDMA of end `d` for the
-    /// duration of its access (a copy: the holder never blocks, so a spin
-    /// lock, one locked instruction per RDMA instead of a mutex's two).
-    pub(super) window: CachePadded<SpinLock<Window>>,
     /// The highest acknowledgement of this direction's messages carried by
     /// a message of the opposite direction. Written by the opposite
     /// direction's matcher, read by end `d`'s reaper (both on end `d`'s
@@ -315,31 +319,22 @@ impl Link {
         {
             return Err(WcStatus::LocalProtectionError);
         }
-        let window = self.dirs[me].window.lock();
+        // The post lock is held: a seal waits for it, so the link stays
+        // unsealed for the copy if it is intact now.
         if !self.is_intact() {
             return Err(self.post_status(me).unwrap_or(WcStatus::Flushed));
         }
-        let remote = window
+        let remote = p
+            .window
             .check(rkey, remote_addr, len as usize, remote_need)
             .ok_or(WcStatus::RemoteAccessError)?;
-        let flat = [Sge {
-            addr: remote,
-            len,
-            lkey: 0,
-        }];
         // SAFETY: `local` was checked against our regions and stays
-        // registered for the call (post lock, see `send`); `flat` lies in a
-        // region the peer exposed to this connection with the needed right,
-        // and `window` stays locked until after the copy, so the key cannot
-        // be revoked (nor its region deregistered) meanwhile.
-        unsafe {
-            if write {
-                copy(local, &flat);
-            } else {
-                copy(&flat, local);
-            }
-        }
-        drop(window);
+        // registered for the call (post lock, see `send`); `[remote, +len)`
+        // lies in a region the peer exposed to this connection with the
+        // needed right, and the post lock, which holds the window, is held
+        // until after the copy, so the key cannot be revoked (nor its region
+        // deregistered: a deregistration revokes first) meanwhile.
+        unsafe { copy_flat(local, remote, write) };
         Ok(len)
     }
 
@@ -360,7 +355,6 @@ impl Link {
             dirs.push(Dir {
                 ring: prod.ring().clone(),
                 matcher: CachePadded::new(SpinLock::new(cons)),
-                window: CachePadded::new(SpinLock::new(Window::default())),
                 peer_acked: CachePadded::new(AtomicU64::new(0)),
             });
             producers.push(prod);
@@ -379,6 +373,7 @@ impl Link {
                     cells,
                     peer_posted: 0,
                     lkeys: LkeyCache::default(),
+                    window: Window::default(),
                 })),
                 rq,
                 send_depth: q.send_depth,
@@ -455,7 +450,7 @@ impl Link {
     /// An idle end is announced to its CQ first (see `cq`).
     #[inline]
     pub(super) fn wake(&self, which: [bool; 2]) {
-        fence(Ordering::SeqCst);
+        super::fence::light();
         for ((cq, end), wake) in self.cqs.iter().zip(&self.ends).zip(which) {
             if !wake {
                 continue;
@@ -471,7 +466,7 @@ impl Link {
 
     /// Breaks the connection (see module docs); `false` if it was broken
     /// already (then a `Close` still makes the end's later posts flush).
-    /// The caller must then [`Link::seal`], holding no matcher or window
+    /// The caller must then [`Link::seal`], holding no matcher or post
     /// lock of this link.
     pub(super) fn break_with(&self, end: usize, cause: Cause, c: &mut Control) -> bool {
         if c.broken {
@@ -527,9 +522,9 @@ impl Link {
     /// lets the reapers flush and wakes both CQs.
     pub(super) fn seal(&self) {
         debug_assert_eq!(self.state(), BROKEN);
-        for d in &self.dirs {
+        for (d, e) in self.dirs.iter().zip(&self.ends) {
             drop(d.matcher.lock());
-            drop(d.window.lock());
+            drop(e.post.lock());
         }
         let (tell, failed) = {
             let mut c = lock(&self.control);
@@ -829,15 +824,6 @@ fn fill(msg: &super::cell::Message<'_>, recv: &RecvView<'_>) {
     // for the matcher (seal) before anything is flushed. Nothing else
     // writes the receive's memory meanwhile (`Nic::register` contract).
     unsafe { msg.copy_to(recv.iter()) }
-}
-
-/// Copies `src` into `dst` (both checked).
-///
-/// # Safety
-/// As [`copy_lists`].
-pub(super) unsafe fn copy(src: &[Sge], dst: &[Sge]) {
-    // SAFETY: forwarded.
-    unsafe { copy_lists(src.iter().copied(), dst.iter().copied()) }
 }
 
 /// Whether an end whose request failed with `status` found the error itself

@@ -80,11 +80,12 @@
 //! # Lock order
 //!
 //! network state (alone) · NIC listener table → listener backlog → request
-//! state · post lock of an end → region table (read, on a key-cache miss) →
-//! a connection's window · post lock → link control · CQ consumer → an
-//! end's reaper → a direction's matcher → link control · region table →
-//! remote-key table → a connection's window (register, bind, unbind,
-//! deregister) · region table (read) → a region's users (a key-cache miss)
+//! state · post lock of an end (which holds the end's window of remote
+//! keys) → region table (read, on a key-cache miss) · post lock → link
+//! control · CQ consumer → an end's reaper → a direction's matcher → link
+//! control · post lock → region table → remote-key table (bind; unbind and
+//! deregister take the tables, release them, then the post lock to revoke)
+//! · region table (read) → a region's users (a key-cache miss)
 //! · a CQ's ready list (alone: an announcement; or under the CQ consumer) ·
 //! NIC queue-pair map and CQ table (alone). A deregistration
 //! takes each end's post lock after releasing the tables. Wakers,
@@ -114,6 +115,7 @@ mod cm;
 mod cq;
 #[cfg(feature = "fault-injection")]
 mod fault;
+mod fence;
 mod link;
 mod mr;
 mod network;

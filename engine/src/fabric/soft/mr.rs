@@ -161,18 +161,38 @@ pub(super) struct RemoteKey {
     dir: usize,
 }
 
-impl RemoteKey {
-    /// Takes the key out of its connection's window; waits for an RDMA
-    /// using the window to finish.
-    fn revoke(&self, rkey: u32) {
+/// A key taken out of the tables, still to be taken out of its window.
+struct Revoked {
+    window: Weak<Link>,
+    dir: usize,
+    rkey: u32,
+}
+
+impl Revoked {
+    /// Takes the key out of its connection's window, under the post lock of
+    /// the end whose RDMA uses the window: waits for an RDMA in progress to
+    /// finish, and none starts with the key after. Called with no table
+    /// lock held (the post path takes the post lock, then `regions`).
+    fn revoke(self) {
         if let Some(link) = self.window.upgrade() {
-            link.dirs[self.dir].window.lock().remove(rkey);
+            link.ends[self.dir].post.lock().window.remove(self.rkey);
+        }
+    }
+}
+
+impl RemoteKey {
+    fn revoked(self, rkey: u32) -> Revoked {
+        Revoked {
+            window: self.window,
+            dir: self.dir,
+            rkey,
         }
     }
 }
 
 /// The remote keys one end of a connection exposed to the other, as its
-/// peer's RDMA checks them; its lock is held across each access.
+/// RDMA checks them: kept with the end's posting state, so the post lock an
+/// RDMA holds anyway is held across each access.
 #[derive(Default)]
 pub(super) struct Window {
     keys: Vec<WindowKey>,
@@ -202,12 +222,15 @@ impl Window {
 
 /// Regions and remote keys of one NIC.
 ///
-/// Lock order: `regions` before `rkeys` before a connection's window. The
-/// data path takes none of them on a hit of its [`LkeyCache`] (a miss
-/// read-locks `regions` briefly); remote keys are checked in the window of
-/// the connection they are bound to, under that window's lock, which
-/// `unbind` and `deregister` take to revoke a key: revocation waits for an
-/// access in progress and no access starts after it.
+/// Lock order: an end's post lock (which holds its window) before `regions`
+/// before `rkeys`. The data path takes none of the tables on a hit of its
+/// [`LkeyCache`] (a miss read-locks `regions` briefly); remote keys are
+/// checked in the window of the connection end they are bound to, under its
+/// post lock, which `unbind` and `deregister` take to revoke a key once
+/// they released the tables: revocation waits for an access in progress
+/// and no access starts after it returned. `bind` takes the post lock
+/// first, so a key is in its window before a deregistration of its region
+/// can find it.
 pub(super) struct Pd {
     /// Registered regions by lkey. Written by register, deregister,
     /// bind/unbind (the region's key list); read by the data path.
@@ -295,12 +318,16 @@ impl Pd {
             return Quiesce::Qps(Vec::new());
         };
         self.epoch.fetch_add(1, Ordering::AcqRel);
-        let mut rkeys = self.write_rkeys();
-        for k in region.rkeys {
-            if let Some(key) = rkeys.remove(k) {
-                key.revoke(k);
-            }
-        }
+        let revoked: Vec<Revoked> = {
+            let mut rkeys = self.write_rkeys();
+            region
+                .rkeys
+                .iter()
+                .filter_map(|&k| Some(rkeys.remove(k)?.revoked(k)))
+                .collect()
+        };
+        drop(regions);
+        revoked.into_iter().for_each(Revoked::revoke);
         let users = region
             .users
             .into_inner()
@@ -327,6 +354,7 @@ impl Pd {
                 "remote access must be REMOTE_READ and/or REMOTE_WRITE",
             ));
         }
+        let mut post = link.ends[dir].post.lock();
         let mut regions = self.write_regions();
         let region = regions
             .get_mut(lkey)
@@ -348,7 +376,7 @@ impl Pd {
             })
             .ok_or(FabricError::NoResources("remote keys"))?;
         region.rkeys.push(rkey);
-        link.dirs[dir].window.lock().keys.push(WindowKey {
+        post.window.keys.push(WindowKey {
             rkey,
             addr: region.addr,
             len: region.len,
@@ -360,13 +388,17 @@ impl Pd {
     /// Revokes a remote key (waiting for an RDMA through it to finish).
     /// Unknown keys are ignored.
     pub(super) fn unbind(&self, rkey: u32) {
-        let mut regions = self.write_regions();
-        if let Some(key) = self.write_rkeys().remove(rkey) {
+        let revoked = {
+            let mut regions = self.write_regions();
+            let Some(key) = self.write_rkeys().remove(rkey) else {
+                return;
+            };
             if let Some(region) = regions.get_mut(key.lkey) {
                 region.rkeys.retain(|k| *k != rkey);
             }
-            key.revoke(rkey);
-        }
+            key.revoked(rkey)
+        };
+        revoked.revoke();
     }
 
     /// Whether every entry lies inside a region allowing `need`, looked up
@@ -445,6 +477,25 @@ pub(super) unsafe fn copy_lists(
             d = dst.next();
             doff = 0;
         }
+    }
+}
+
+/// Copies between the entries of `list`, in order, and the one range of
+/// their total length at `flat`: into that range if `to_flat`, else out of
+/// it (an RDMA write or read: the remote side is one range of one region).
+///
+/// # Safety
+/// As [`copy_lists`], with `[flat, +total)` for the flat side.
+#[inline]
+pub(super) unsafe fn copy_flat(list: &[Sge], flat: usize, to_flat: bool) {
+    let mut at = flat;
+    for s in list {
+        let (from, to) = if to_flat { (s.addr, at) } else { (at, s.addr) };
+        // SAFETY: both ranges lie inside memory valid for the call
+        // (caller); `copy` (memmove): a program may register overlapping
+        // ranges.
+        unsafe { std::ptr::copy(from as *const u8, to as *mut u8, s.len as usize) };
+        at += s.len as usize;
     }
 }
 

@@ -216,6 +216,9 @@ impl SoftQp {
     }
 
     /// After the post lock is released: break on failure, wake who sleeps.
+    /// Inlined into both posts: a call's saves and restores cost more than
+    /// its body.
+    #[inline(always)]
     fn finish(&self, r: Result<Posted, PostError>) -> Result<(), PostError> {
         let posted = r?;
         let me = self.me();

@@ -355,6 +355,7 @@ impl RqPoster {
     /// Appends and publishes a receive (`preset`: completed at once with
     /// that status, never filled). The caller checked `room` and that
     /// `sges` fits the stride.
+    #[inline(always)]
     pub(super) fn push(&mut self, wr_id: WrId, sges: &[Sge], preset: Option<WcStatus>) {
         assert!(
             self.room() && sges.len() <= self.q.stride,

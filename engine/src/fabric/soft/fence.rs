@@ -1,0 +1,178 @@
+//! Asymmetric fences for the soft fabric's wake-up rule (`link`, "Wake-ups").
+//!
+//! The rule is Dekker's: a producer publishes work, then reads a sleeper's
+//! flag (`armed` of a CQ, `idle` of an end); the sleeper raises its flag,
+//! then looks for work. Each side's store must be ordered before its load,
+//! or both may miss the other (on x86 a load may pass an earlier store
+//! still in the store buffer) and the work waits with its consumer asleep.
+//! A full fence on both sides does it, but the producer's side runs on
+//! every post and every match (three per send/receive pair), the sleeper's
+//! only when a thread is about to sleep or an end goes quiet.
+//!
+//! So the cost goes to the sleeper: it raises its flag and issues a
+//! [`heavy`] fence, `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`, which
+//! returns only after every running thread of this process passed a full
+//! barrier (and a thread not running passed one when it was switched out);
+//! the producer issues a [`light`] fence, a compiler fence, free at run
+//! time. Either the heavy fence's barrier reached the producer between its
+//! store and its load (a full fence there), or after its load, so the
+//! producer's store is visible to the sleeper's re-check; or before its
+//! store, so the producer's load sees the raised flag. The asymmetric
+//! Dekker of liburcu's and folly's `asymmetricHeavyBarrier`.
+//!
+//! Where `membarrier` is missing (not Linux, a kernel before 4.14, a
+//! seccomp filter) both sides issue a full fence, decided once per process
+//! before any side relies on it. Under loom, which cannot model the heavy
+//! side, both are SeqCst fences: the model checks the rule's order of
+//! stores, fences and loads (`loom_models` below).
+
+#[cfg(not(loom))]
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// Not decided yet / `membarrier` works / full fences on both sides.
+#[cfg(not(loom))]
+const UNKNOWN: u8 = 0;
+#[cfg(not(loom))]
+const ASYMMETRIC: u8 = 1;
+#[cfg(not(loom))]
+const SYMMETRIC: u8 = 2;
+
+/// Which fences this process uses. Written once, from `UNKNOWN`, by the
+/// first side that needs to know (all deciders compute the same value: a
+/// race only repeats the registration); read by both sides.
+#[cfg(not(loom))]
+static MODE: AtomicU8 = AtomicU8::new(UNKNOWN);
+
+/// `membarrier(2)` commands (`linux/membarrier.h`).
+#[cfg(all(target_os = "linux", not(loom)))]
+const MEMBARRIER_CMD_PRIVATE_EXPEDITED: libc::c_int = 1 << 3;
+#[cfg(all(target_os = "linux", not(loom)))]
+const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED: libc::c_int = 1 << 4;
+
+#[cfg(all(target_os = "linux", not(loom)))]
+fn membarrier(cmd: libc::c_int) -> bool {
+    // SAFETY: membarrier takes integers only and touches no memory of ours.
+    unsafe {
+        libc::syscall(
+            libc::SYS_membarrier,
+            cmd,
+            0 as libc::c_uint,
+            0 as libc::c_int,
+        ) == 0
+    }
+}
+
+#[cfg(not(loom))]
+#[cold]
+#[inline(never)]
+fn decide() -> u8 {
+    #[cfg(target_os = "linux")]
+    let on = membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED)
+        && membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED);
+    #[cfg(not(target_os = "linux"))]
+    let on = false;
+    let mode = if on { ASYMMETRIC } else { SYMMETRIC };
+    // Release: a side that reads ASYMMETRIC runs after the registration.
+    MODE.store(mode, Ordering::Release);
+    mode
+}
+
+#[cfg(not(loom))]
+#[inline(always)]
+fn mode() -> u8 {
+    match MODE.load(Ordering::Acquire) {
+        UNKNOWN => decide(),
+        m => m,
+    }
+}
+
+/// The producer's fence, between publishing work and reading a sleeper's
+/// flag: a compiler fence where sleepers issue [`heavy`] fences.
+#[inline(always)]
+pub(super) fn light() {
+    #[cfg(not(loom))]
+    {
+        if mode() == ASYMMETRIC {
+            std::sync::atomic::compiler_fence(Ordering::SeqCst);
+        } else {
+            std::sync::atomic::fence(Ordering::SeqCst);
+        }
+    }
+    #[cfg(loom)]
+    crate::sync::fence(crate::sync::Ordering::SeqCst);
+}
+
+/// The sleeper's fence, between raising its flag and looking for work:
+/// every thread of the process passes a full barrier before it returns.
+#[inline]
+pub(super) fn heavy() {
+    #[cfg(not(loom))]
+    {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        #[cfg(target_os = "linux")]
+        if mode() == ASYMMETRIC && !membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) {
+            // It worked when the mode was decided (registered); a failure
+            // now would break the rule, and nothing can stand in for it.
+            panic!("membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) failed after it worked");
+        }
+    }
+    #[cfg(loom)]
+    crate::sync::fence(crate::sync::Ordering::SeqCst);
+}
+
+/// Raises a sleeper's `flag` and issues the [`heavy`] fence: the caller
+/// then looks for work, and a producer that published work it does not see
+/// sees the flag (after its [`light`] fence).
+#[inline]
+pub(super) fn raise(flag: &crate::sync::AtomicBool) {
+    flag.store(true, crate::sync::Ordering::Relaxed);
+    heavy();
+}
+
+/// loom model of the wake-up rule with these fences: a producer publishes
+/// work for an end, then (after [`light`]) reads the end's `idle` flag and
+/// its CQ's `armed` flag, as `Link::wake` does; the consumer parks the end
+/// (raises `idle`, re-checks, as `cq`'s `Attached::idle`), then arms the CQ
+/// (raises `armed`, re-checks, as `SoftCq::arm`) and would sleep. A
+/// re-check that misses the work must be matched by the producer seeing
+/// that flag. Checked to fail with the producer's `light` left out (its
+/// load passes its store: both miss).
+#[cfg(all(test, loom))]
+mod loom_models {
+    use super::*;
+    use crate::sync::{thread, Arc, AtomicBool, AtomicU32, Ordering};
+
+    #[derive(Default)]
+    struct End {
+        work: AtomicU32,
+        idle: AtomicBool,
+        armed: AtomicBool,
+    }
+
+    #[test]
+    fn loom_wake_rule_with_asymmetric_fences() {
+        crate::sync::model("wake_rule_with_asymmetric_fences", 3, || {
+            let e = Arc::new(End::default());
+            let producer = {
+                let e = e.clone();
+                thread::spawn(move || {
+                    e.work.store(1, Ordering::Release);
+                    light();
+                    let idle = e.idle.load(Ordering::Relaxed);
+                    let armed = e.armed.load(Ordering::Relaxed);
+                    (idle, armed)
+                })
+            };
+            raise(&e.idle);
+            let parked_with_work = e.work.load(Ordering::Acquire) == 1;
+            raise(&e.armed);
+            let armed_with_work = e.work.load(Ordering::Acquire) == 1;
+            let (saw_idle, saw_armed) = producer.join().unwrap();
+            assert!(parked_with_work || saw_idle, "work left on an idle end");
+            assert!(
+                armed_with_work || saw_armed,
+                "a sleeper missed the work and nobody woke it"
+            );
+        });
+    }
+}
