@@ -721,9 +721,15 @@ impl Link {
 
     /// Learns which sends of end `d` the peer consumed: from the
     /// acknowledgements its messages carried, else from the peer's
-    /// `consumed`, read at the first poll that finds the oldest unfinished
-    /// send waiting, then every [`ACK_AFTER`] polls or [`ACK_AFTER_TICKS`]. If that send is a message the peer could take but has
-    /// not for [`HELP_AFTER`] polls (or `arm` asked), matches it here: the
+    /// `consumed`, read every [`ACK_AFTER`] polls or [`ACK_AFTER_TICKS`],
+    /// and at the first poll that finds the oldest unfinished send waiting
+    /// if the end has no receive posted. An end with one expects a reply,
+    /// whose cell carries the acknowledgement: reading `consumed` right
+    /// after a send would pull the line the peer writes when it takes the
+    /// message, and the peer's store of it (and, in store order, of its
+    /// reply's cell) would then wait for that line to come back. If that
+    /// send is a message the peer could take but has not for
+    /// [`HELP_AFTER`] polls (or `arm` asked), matches it here: the
     /// receiving end is not polled. Returns whether the caller must seal.
     fn track_sends(&self, d: usize, r: &mut Reaper) -> bool {
         let hint = self.dirs[d].peer_acked.load(Ordering::Acquire);
@@ -738,9 +744,10 @@ impl Link {
             }
         };
         r.stalled_polls += 1;
-        // The first poll of a wait looks (a poll right after the peer took
-        // the message reports it), then every ACK_AFTER-th or ACK_AFTER_TICKS.
-        let due = r.stalled_polls == 1
+        // The first poll of a wait looks unless a reply is expected (a
+        // poll right after the peer took the message reports it), then
+        // every ACK_AFTER-th or ACK_AFTER_TICKS.
+        let due = (r.stalled_polls == 1 && r.rq.is_empty())
             || r.stalled_polls % ACK_AFTER == 0
             || r.help_now
             || ticks().wrapping_sub(r.sent_read) >= ACK_AFTER_TICKS;
