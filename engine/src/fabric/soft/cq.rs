@@ -20,18 +20,31 @@
 //!
 //! An end starts hot. After [`IDLE_POLLS`] visits in a row that found
 //! nothing (fewer when many ends are hot: [`quiet_limit`]), the consumer
-//! stores `idle`, issues the heavy fence of the wake-up rule (`fence`; one
-//! for all the ends of a poll that go quiet) and looks for work once more
-//! (the `arm` protocol, per end): if it finds none the end leaves the hot
+//! stores `idle`, fences (once for all the ends of a poll that go quiet)
+//! and looks for work once more: if it finds none the end leaves the hot
 //! list. A producer, after publishing work and the light fence it issues
-//! anyway for `armed` (`Link::wake`), reads `idle`; only if it is set does
-//! it swap it back (one of possibly several producers wins) and push the
-//! end's slot on `ready`. The next poll moves announced ends
-//! to the hot list. One of the two sides sees the other, so no work is
-//! left on an idle end; and while an end stays busy a producer pays one
-//! plain load for this, no locked instruction (the dirty-list idea of
-//! epoll's ready list and of a NIC's doorbell coalescing, with the
-//! arm/re-check of a sleeping poller).
+//! anyway for `armed` (`Link::wake`, see `fence`), reads `idle`; only if it
+//! is set does it swap it back (one of possibly several producers wins)
+//! and push the end's slot on `ready`. The next poll moves announced ends
+//! to the hot list. While an end stays busy a producer pays one plain load
+//! for this, no locked instruction (the dirty-list idea of epoll's ready
+//! list and of a NIC's doorbell coalescing, with the arm/re-check of a
+//! sleeping poller).
+//!
+//! The producer's fence is only a compiler fence, and an end going idle
+//! must not pay the heavy fence that would pair with it (a `membarrier`
+//! per message on a CQ of many connections each woken now and then). So
+//! the two may miss each other: the producer's load of `idle` passes its
+//! store of the work, the consumer's re-check comes before that store is
+//! visible, and the end is parked with work nobody announced. Such an end
+//! is *cooling*: every end parked since the consumer's last heavy fence is
+//! listed in `Consumer::cooling`, and each poll re-checks a few of them
+//! ([`COOLING_CHECKS`]): the work's store becomes visible within a moment
+//! (as a spin loop's flag does), and the re-check that sees it takes the
+//! end back. `arm`, whose heavy fence makes every earlier store visible
+//! and every later producer see `idle`, re-checks them all before the
+//! consumer sleeps and empties the list: nothing is left on an idle end
+//! with its consumer asleep.
 //!
 //! An end whose oldest send waits for a peer that does not poll (see
 //! `HELP_AFTER` in `link`) stays hot: it matches that send itself after
@@ -59,6 +72,9 @@ pub(super) const IDLE_POLLS: u32 = 64;
 
 /// The fewest quiet visits after which an end leaves the hot list.
 const MIN_QUIET: u32 = 2;
+
+/// Cooling ends (module docs) a poll re-checks at most, round robin.
+const COOLING_CHECKS: usize = 2;
 
 /// Quiet visits in a row after which an end of a hot list of `hot` ends
 /// leaves it: [`IDLE_POLLS`] shared out among them (divided by the power
@@ -194,6 +210,9 @@ struct Attached {
     /// `Consumer::settle` raised the end's `idle` and re-checks it after
     /// the fence.
     marked: bool,
+    /// Times the end was parked: names a stay in `parked`, so a
+    /// `Consumer::cooling` entry of an earlier stay is recognised as stale.
+    stay: u32,
 }
 
 /// What the consumer owns.
@@ -209,12 +228,71 @@ struct Consumer {
     /// The buffer swapped with `Ready::slots` when taking them (no
     /// allocation once both have grown).
     taken: Vec<u32>,
+    /// Ends parked since the last heavy fence (`arm`), by slot and stay:
+    /// they may hold work a producer did not announce (module docs). An
+    /// entry whose end left `parked` since, or came back for another stay,
+    /// is stale and dropped when met.
+    cooling: Vec<(u32, u32)>,
+    /// Where the next poll's re-checks start in `cooling`.
+    cooling_at: usize,
     /// Ends visited by polls so far (tests check that idle ones are not).
     #[cfg(test)]
     visits: u64,
 }
 
 impl Consumer {
+    /// Re-checks cooling ends (module docs), round robin from
+    /// `cooling_at`: up to [`COOLING_CHECKS`] of them, or every one if
+    /// `all` (after a heavy fence: the list is emptied then). An end found
+    /// with work (or drained) goes back to the hot list, unless a
+    /// producer's announcement took it (it is on the ready list then).
+    /// Stale entries are dropped. Returns whether an end had work.
+    fn recheck_cooling(&mut self, all: bool) -> bool {
+        let mut found = false;
+        let mut checked = 0;
+        let mut looked = 0;
+        let total = self.cooling.len();
+        let mut i = if all { 0 } else { self.cooling_at };
+        while looked < total && !self.cooling.is_empty() {
+            if i >= self.cooling.len() {
+                i = 0;
+            }
+            looked += 1;
+            let (slot, stay) = self.cooling[i];
+            let Some(a) = self.parked[slot as usize]
+                .as_mut()
+                .filter(|a| a.stay == stay)
+            else {
+                self.cooling.swap_remove(i);
+                continue;
+            };
+            if !all && checked == COOLING_CHECKS {
+                break;
+            }
+            checked += 1;
+            if !a.link.has_work(a.end, &mut a.r, false) && !a.link.drained(a.end, &a.r) {
+                i += 1;
+                continue;
+            }
+            found = true;
+            self.cooling.swap_remove(i);
+            let idle = &a.link.ends[a.end].presence.idle;
+            if idle.swap(false, Ordering::AcqRel) {
+                let a = self.parked[slot as usize]
+                    .take()
+                    .expect("a cooling end is parked");
+                self.hot.push(a);
+            }
+        }
+        if all {
+            self.cooling.clear();
+            self.cooling_at = 0;
+        } else {
+            self.cooling_at = i;
+        }
+        found
+    }
+
     /// Takes in a newly attached end; it starts hot.
     fn add(&mut self, mut a: Attached) {
         a.slot = match self.free.pop() {
@@ -232,10 +310,10 @@ impl Consumer {
     }
 
     /// After a poll that saw an end drained or long quiet: parks those
-    /// quiet for `limit` visits that still have nothing, and forgets
-    /// drained ends. The ends that go quiet raise their `idle` flags first,
-    /// then one heavy fence serves them all (the syscall is paid once per
-    /// settle, not once per end).
+    /// quiet for `limit` visits that still have nothing (they are cooling,
+    /// see the module docs), and forgets drained ends. The ends that go
+    /// quiet raise their `idle` flags first, then one fence serves them
+    /// all.
     fn settle(&mut self, limit: u32) {
         let mut marked = false;
         for a in &mut self.hot {
@@ -250,7 +328,7 @@ impl Consumer {
             }
         }
         if marked {
-            fence::heavy();
+            std::sync::atomic::fence(Ordering::SeqCst);
         }
         let mut i = 0;
         while i < self.hot.len() {
@@ -258,7 +336,9 @@ impl Consumer {
             if a.marked {
                 a.marked = false;
                 if a.leaves() {
-                    let a = self.hot.swap_remove(i);
+                    let mut a = self.hot.swap_remove(i);
+                    a.stay = a.stay.wrapping_add(1);
+                    self.cooling.push((a.slot, a.stay));
                     let slot = a.slot as usize;
                     debug_assert!(self.parked[slot].is_none());
                     self.parked[slot] = Some(a);
@@ -315,7 +395,7 @@ impl Attached {
     }
 
     /// The re-check of an end whose `idle` flag `settle` raised, after the
-    /// heavy fence: whether it leaves the hot list (idle, or announced by a
+    /// fence: whether it leaves the hot list (idle, or announced by a
     /// producer meanwhile). One that has work, or was drained meanwhile,
     /// stays hot, unless a producer's announcement took it.
     fn leaves(&mut self) -> bool {
@@ -361,6 +441,8 @@ impl SoftCq {
                 free: Vec::new(),
                 cursor: 0,
                 taken: Vec::new(),
+                cooling: Vec::new(),
+                cooling_at: 0,
                 #[cfg(test)]
                 visits: 0,
             }),
@@ -382,6 +464,7 @@ impl SoftCq {
             quiet: 0,
             slot: u32::MAX,
             marked: false,
+            stay: 0,
         });
         ready.pending.store(true, Ordering::Release);
     }
@@ -446,6 +529,9 @@ impl SoftCq {
         out: &mut [WorkCompletion],
     ) -> (usize, Option<Arc<Link>>) {
         self.take_in(c);
+        if !c.cooling.is_empty() {
+            c.recheck_cooling(false);
+        }
         let mut n = 0;
         let mut seal = None;
         let mut settle = false;
@@ -566,7 +652,10 @@ impl CompletionQueue for SoftCq {
         let c = &mut *guard;
         self.take_in(c);
         fence::raise(&self.shared.armed);
-        if self.shared.ready.pending.load(Ordering::Relaxed) {
+        // After the heavy fence every cooling end is either seen with its
+        // work here or announced by its producer: the list empties.
+        let cooled = c.recheck_cooling(true);
+        if cooled || self.shared.ready.pending.load(Ordering::Relaxed) {
             return true;
         }
         c.hot

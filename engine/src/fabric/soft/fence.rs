@@ -7,7 +7,7 @@
 //! still in the store buffer) and the work waits with its consumer asleep.
 //! A full fence on both sides does it, but the producer's side runs on
 //! every post and every match (three per send/receive pair), the sleeper's
-//! only when a thread is about to sleep or an end goes quiet.
+//! only when a thread is about to sleep.
 //!
 //! So the cost goes to the sleeper: it raises its flag and issues a
 //! [`heavy`] fence, `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`, which
@@ -132,15 +132,17 @@ pub(super) fn raise(flag: &crate::sync::AtomicBool) {
 /// loom model of the wake-up rule with these fences: a producer publishes
 /// work for an end, then (after [`light`]) reads the end's `idle` flag and
 /// its CQ's `armed` flag, as `Link::wake` does; the consumer parks the end
-/// (raises `idle`, re-checks, as `cq`'s `Attached::idle`), then arms the CQ
-/// (raises `armed`, re-checks, as `SoftCq::arm`) and would sleep. A
-/// re-check that misses the work must be matched by the producer seeing
-/// that flag. Checked to fail with the producer's `light` left out (its
-/// load passes its store: both miss).
+/// (raises `idle` with a full fence, re-checks, as `cq`'s `settle`: no
+/// heavy fence there, so the two may miss each other), then arms the CQ
+/// (raises `armed`, re-checks its ends, the cooling one included, as
+/// `SoftCq::arm`) and would sleep. The work must be seen by a re-check or
+/// announced, and a sleeper that did not see it must be woken. Checked to
+/// fail with the producer's `light` left out (its load passes its store:
+/// both miss).
 #[cfg(all(test, loom))]
 mod loom_models {
     use super::*;
-    use crate::sync::{thread, Arc, AtomicBool, AtomicU32, Ordering};
+    use crate::sync::{fence, thread, Arc, AtomicBool, AtomicU32, Ordering};
 
     #[derive(Default)]
     struct End {
@@ -163,14 +165,18 @@ mod loom_models {
                     (idle, armed)
                 })
             };
-            raise(&e.idle);
-            let parked_with_work = e.work.load(Ordering::Acquire) == 1;
+            e.idle.store(true, Ordering::Relaxed);
+            fence(Ordering::SeqCst);
+            let idle_recheck_found = e.work.load(Ordering::Acquire) == 1;
             raise(&e.armed);
-            let armed_with_work = e.work.load(Ordering::Acquire) == 1;
+            let arm_recheck_found = e.work.load(Ordering::Acquire) == 1;
             let (saw_idle, saw_armed) = producer.join().unwrap();
-            assert!(parked_with_work || saw_idle, "work left on an idle end");
             assert!(
-                armed_with_work || saw_armed,
+                idle_recheck_found || arm_recheck_found || saw_idle,
+                "work left on an idle end"
+            );
+            assert!(
+                arm_recheck_found || saw_armed,
                 "a sleeper missed the work and nobody woke it"
             );
         });

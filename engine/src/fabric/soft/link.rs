@@ -51,8 +51,8 @@
 //! thread is about to sleep, makes every thread of the process pass a full
 //! barrier. Between the fence and `armed` the producer reads the end's
 //! `idle` flag and announces an idle end to its CQ, which visits only the
-//! ends that have work (`cq`, the same re-check per end, with the same
-//! heavy fence when ends go quiet).
+//! ends that have work (`cq`: the same re-check per end, whose misses the
+//! CQ re-checks until its next heavy fence).
 
 use super::cell::{CellConsumer, CellProducer, CellRing};
 use super::cq::{CqShared, Presence, SoftCq};
