@@ -1753,3 +1753,64 @@ fn deregistration_waits_only_for_the_queue_pairs_that_used_the_region() {
         [(1, WcStatus::Flushed), (2, WcStatus::LocalProtectionError)]
     );
 }
+
+/// Queues a send of `src` on `qp`'s outgoing ring the way a post does, but
+/// without its wake: as if the post's load of the receiving end's `idle`
+/// had passed its store of the message (the producer's fence is only a
+/// compiler fence, `fence`), so the idle end is not announced.
+fn send_unannounced(nic: &SoftNic, qp: &Arc<dyn QueuePair>, wr_id: WrId, src: &Buf) {
+    let (link, end) = lock(&nic.shared.qps)[&qp.num().0].clone();
+    let link = link.upgrade().expect("a live queue pair");
+    let mut p = link.ends[end].post.lock();
+    let sges = [src.sge(0, 8)];
+    // SAFETY: `src` is registered and lives until the test ends, after the
+    // message was consumed.
+    let index = unsafe { p.cells.push(&sges, 8, 0) }.expect("room in the ring");
+    p.sends.push(wq::SqEntry {
+        wr_id,
+        opcode: WcOpcode::Send,
+        kind: wq::SqKind::Cell { index, len: 8 },
+    });
+}
+
+#[test]
+fn an_idle_end_with_work_nobody_announced_is_found_by_the_next_polls_and_by_arm() {
+    let net = SoftNetwork::new();
+    let (n1, n2) = (
+        nic_on(&net, ip(198, 18, 25, 1), 8),
+        nic_on(&net, ip(198, 18, 25, 2), 8),
+    );
+    let (a, b) = pair(&n1, &n2, sa(ip(198, 18, 25, 2), 1));
+    let bcq = soft_cq(&n2, &b.cq);
+    let src = Buf::with(&n1, 8, Access::NONE, |i| i as u8);
+    let dst = Buf::zeroed(&n2, 16, Access::LOCAL_WRITE);
+    recv(&b.qp, 1, &[dst.sge(0, 8)]);
+    recv(&b.qp, 2, &[dst.sge(8, 8)]);
+    let park = || {
+        for _ in 0..=cq::IDLE_POLLS {
+            assert!(b.poll().is_empty());
+        }
+        assert_eq!(bcq.ends(), (1, 0), "the quiet end left the hot list");
+    };
+    // Polls: the end is re-checked while it cools, a few polls at most.
+    park();
+    send_unannounced(&n1, &a.qp, 10, &src);
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        got.extend(statuses(&b.poll()));
+    }
+    assert_eq!(got, [(1, WcStatus::Success)], "the next polls find it");
+    // arm, before a sleep: its re-check finds it at once.
+    park();
+    send_unannounced(&n1, &a.qp, 11, &src);
+    assert!(b.cq.arm(), "arm reports the unannounced work");
+    assert_eq!(statuses(&b.poll()), [(2, WcStatus::Success)]);
+    let mut sent = Vec::new();
+    for _ in 0..4 * ACK_POLLS {
+        sent.extend(statuses(&a.poll()));
+    }
+    assert_eq!(sent, [(10, WcStatus::Success), (11, WcStatus::Success)]);
+}
+
+/// Polls after which a sender has read its peer's consumed index.
+const ACK_POLLS: usize = 32;
