@@ -588,14 +588,13 @@ impl Progress {
         let (Some(cq), Some(lock)) = (self.cqs.get(i), self.rtc_reapers.get(i)) else {
             return 0;
         };
-        let _guard = match lock {
+        match lock {
             Some(lock) => match lock.try_lock() {
-                Some(g) => Some(g),
-                None => return 0,
+                Some(_guard) => crate::fabric::poll_each(&**cq, buf, f),
+                None => 0,
             },
-            None => None,
-        };
-        cq.drain(buf, f).unwrap_or(0)
+            None => cq.drain(buf, f).unwrap_or(0),
+        }
     }
 
     /// Prepares to sleep: run-to-completion mode arms every CQ; returns true

@@ -282,14 +282,26 @@ pub trait CompletionQueue: Send + Sync {
         buf: &mut [WorkCompletion],
         f: &mut dyn FnMut(&WorkCompletion),
     ) -> Option<usize> {
-        let mut total = 0;
-        loop {
-            let n = self.poll(buf);
-            buf[..n].iter().for_each(&mut *f);
-            total += n;
-            if n < buf.len() {
-                return Some(total);
-            }
+        Some(poll_each(self, buf, f))
+    }
+}
+
+/// Polls `cq` into `buf` until a poll returns fewer than `buf` holds,
+/// handing each completion to `f`; how many. The caller holds the right to
+/// consume `cq` across the calls.
+#[inline(always)]
+pub fn poll_each<C: CompletionQueue + ?Sized>(
+    cq: &C,
+    buf: &mut [WorkCompletion],
+    f: &mut dyn FnMut(&WorkCompletion),
+) -> usize {
+    let mut total = 0;
+    loop {
+        let n = cq.poll(buf);
+        buf[..n].iter().for_each(&mut *f);
+        total += n;
+        if n < buf.len() {
+            return total;
         }
     }
 }

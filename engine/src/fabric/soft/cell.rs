@@ -466,6 +466,7 @@ impl CellProducer {
     /// list, never copied, with the acknowledgement `ack`. `None` as for
     /// [`CellProducer::push`].
     #[cfg(not(loom))]
+    #[inline]
     pub(crate) fn push_rdma(
         &mut self,
         op: CellOp,
