@@ -731,6 +731,7 @@ impl Link {
     /// send is a message the peer could take but has not for
     /// [`HELP_AFTER`] polls (or `arm` asked), matches it here: the
     /// receiving end is not polled. Returns whether the caller must seal.
+    #[inline(always)]
     fn track_sends(&self, d: usize, r: &mut Reaper) -> bool {
         let hint = self.dirs[d].peer_acked.load(Ordering::Acquire);
         r.sent = r.sent.max(hint);

@@ -446,6 +446,7 @@ pub(super) fn total_len(sges: &[Sge]) -> Option<u32> {
 /// Every byte range of both lists is valid memory for the whole call
 /// (registered, and kept registered by the caller's protocol), and nothing
 /// else accesses the destination ranges meanwhile.
+#[inline(always)]
 pub(super) unsafe fn copy_lists(
     mut src: impl Iterator<Item = Sge>,
     mut dst: impl Iterator<Item = Sge>,
