@@ -3,8 +3,8 @@
 //! be applied to a later op that reuses the slot.
 //!
 //! The slab grows with use: its address space, `capacity` slots, is taken
-//! at startup (one allocation the kernel makes resident only as it is
-//! touched), and slots are initialised a batch at a time, when every
+//! at startup (one mapping the kernel makes resident only as it is
+//! touched, in huge pages: see `SlotMemory`), and slots are initialised a batch at a time, when every
 //! initialised one is in use, up to that capacity. So starting an op
 //! allocates nothing, a slot never moves, and a provider allowed a million
 //! ops in flight costs only the slots it ever used.
@@ -217,6 +217,9 @@ pub struct OpSlab<S = OpState> {
     /// Room for `capacity` slots, of which `0..grown` are initialised.
     /// Owned: allocated by `new`, freed by `drop`; a slot never moves.
     slots: NonNull<CachePadded<Slot<S>>>,
+    /// Holds `slots`' memory, advised as huge pages (see `SlotMemory`).
+    #[cfg(not(loom))]
+    _memory: super::slots::SlotMemory,
     capacity: u32,
     /// Initialised slots. Only grows: stored (release) by `grow` after the
     /// slots, before they are pushed on the free lists; read (acquire) by
@@ -400,12 +403,19 @@ impl<S: Default> OpSlab<S> {
         );
         let lists = lists.clamp(1, capacity);
         let layout = Layout::array::<CachePadded<Slot<S>>>(capacity).map_err(|_| SlabTooLarge)?;
+        #[cfg(not(loom))]
+        let memory = super::slots::SlotMemory::new(layout).map_err(|_| SlabTooLarge)?;
+        #[cfg(not(loom))]
+        let slots = memory.first().cast();
+        #[cfg(loom)]
         // SAFETY: a slot is not zero-sized (it has a stamp), so neither is
         // the layout.
-        let raw = unsafe { std::alloc::alloc(layout) };
-        let slots = NonNull::new(raw.cast()).ok_or(SlabTooLarge)?;
+        let slots =
+            NonNull::new(unsafe { std::alloc::alloc(layout) }.cast()).ok_or(SlabTooLarge)?;
         let slab = OpSlab {
             slots,
+            #[cfg(not(loom))]
+            _memory: memory,
             capacity: capacity as u32,
             grown: AtomicU32::new(0),
             growing: Mutex::new(()),
@@ -761,16 +771,21 @@ impl<S> Drop for OpSlab<S> {
     fn drop(&mut self) {
         let grown = self.grown.load(Ordering::Acquire) as usize;
         // SAFETY: `&mut self`: no reference into the slots is left; slots
-        // `0..grown` are initialised and dropped once here, then the
-        // allocation made in `new` with this layout is freed.
+        // `0..grown` are initialised and dropped once here (their memory is
+        // unmapped after this, with `_memory`).
         unsafe {
             std::ptr::drop_in_place(std::ptr::slice_from_raw_parts_mut(
                 self.slots.as_ptr(),
                 grown,
             ));
+        }
+        #[cfg(loom)]
+        {
             let layout = Layout::array::<CachePadded<Slot<S>>>(self.capacity as usize)
                 .expect("checked in new");
-            std::alloc::dealloc(self.slots.as_ptr().cast(), layout);
+            // SAFETY: allocated in `new` with this layout, freed only here,
+            // after the slots were dropped.
+            unsafe { std::alloc::dealloc(self.slots.as_ptr().cast(), layout) };
         }
     }
 }

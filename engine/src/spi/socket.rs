@@ -294,7 +294,7 @@ struct TableSlot<T> {
 }
 
 impl<T> TableSlot<T> {
-    /// A `FREE` slot of generation 0: all zero bits (see `Zeroed`).
+    /// A `FREE` slot of generation 0: all zero bits (see `Slots`).
     fn new() -> CachePadded<TableSlot<T>> {
         CachePadded::new(TableSlot {
             word: AtomicU64::new(FREE),
