@@ -71,36 +71,71 @@ fn opcode_from(v: u8) -> WcOpcode {
     }
 }
 
-/// Indices shared by a ring's producer and reaper.
-struct Ends {
-    /// Entries published (Release by the poster).
-    tail: CachePadded<AtomicU64>,
+/// A queue's slots and the indices its poster and reaper share, laid out
+/// for the fewest cache lines per access (a queue idle since thousands of
+/// others were used is cold, each line a miss): the poster's published
+/// index shares its line with what every access needs to find a slot (the
+/// array and its mask), so a post, a peek or a match reads one line for
+/// all three; the reaper's index has its own line, which the poster reads
+/// only when the queue looks full.
+struct Ring<T> {
+    published: CachePadded<Published<T>>,
     /// Entries reaped (Release by the reaper).
     head: CachePadded<AtomicU64>,
 }
 
-impl Ends {
-    fn new() -> Ends {
-        Ends {
-            tail: CachePadded::new(AtomicU64::new(0)),
+/// The poster's line of a [`Ring`].
+struct Published<T> {
+    /// Entries published (Release by the poster).
+    tail: AtomicU64,
+    /// Slots minus one (the count is a power of two); never changes.
+    mask: u64,
+    /// `mask + 1` slots; never moves.
+    slots: super::zeroed::Zeroed<T>,
+}
+
+// One line: the three fields of `Published` are read together.
+#[cfg(not(loom))]
+const _: () = assert!(std::mem::size_of::<Published<SqSlot>>() <= 64);
+
+impl<T: super::zeroed::Zeroable> Ring<T> {
+    /// A ring of at least `depth` slots (a power of two).
+    fn new(depth: usize) -> Ring<T> {
+        let cap = depth.max(1).next_power_of_two();
+        Ring {
+            published: CachePadded::new(Published {
+                tail: AtomicU64::new(0),
+                mask: cap as u64 - 1,
+                slots: super::zeroed::slice(cap),
+            }),
             head: CachePadded::new(AtomicU64::new(0)),
         }
     }
 }
 
+impl<T> Ring<T> {
+    /// The slot of entry `index`.
+    #[inline]
+    fn slot(&self, index: u64) -> &T {
+        let p = &*self.published;
+        &p.slots[(index & p.mask) as usize]
+    }
+
+    /// Entries published (see [`Published::tail`]).
+    #[inline]
+    fn tail(&self) -> &AtomicU64 {
+        &self.published.tail
+    }
+}
+
 pub(super) struct SqShared {
-    slots: super::zeroed::Zeroed<SqSlot>,
-    mask: u64,
-    ends: Ends,
+    ring: Ring<SqSlot>,
 }
 
 /// Creates a send queue holding up to `depth` uncompleted requests.
 pub(super) fn send_queue(depth: usize) -> (SqPoster, SqReaper) {
-    let cap = depth.max(1).next_power_of_two();
     let q = Arc::new(SqShared {
-        slots: super::zeroed::slice(cap),
-        mask: cap as u64 - 1,
-        ends: Ends::new(),
+        ring: Ring::new(depth),
     });
     (
         SqPoster {
@@ -139,7 +174,7 @@ impl SqPoster {
 
     /// Reloads the reaper's index.
     pub(super) fn refresh(&mut self) {
-        self.cached_head = self.q.ends.head.load(Ordering::Acquire);
+        self.cached_head = self.q.ring.head.load(Ordering::Acquire);
     }
 
     /// Whether one more request fits.
@@ -155,7 +190,7 @@ impl SqPoster {
     #[inline]
     pub(super) fn push(&mut self, e: SqEntry) {
         assert!(self.room(), "send queue overflow");
-        let slot = &self.q.slots[(self.tail & self.q.mask) as usize];
+        let slot = self.q.ring.slot(self.tail);
         let (kind, status, len, index) = match e.kind {
             SqKind::Done { status, len } => (KIND_DONE, status as u64, len, 0),
             SqKind::Cell { index, len } => (KIND_CELL, 0, len, index),
@@ -166,7 +201,7 @@ impl SqPoster {
         let meta = kind | (e.opcode as u64) << 8 | status << 16 | u64::from(len) << 32;
         slot.meta.store(meta, Ordering::Relaxed);
         self.tail += 1;
-        self.q.ends.tail.store(self.tail, Ordering::Release);
+        self.q.ring.tail().store(self.tail, Ordering::Release);
     }
 
     /// Turns the `Stalled` entry `index` (published, not reaped: a reaper
@@ -175,7 +210,7 @@ impl SqPoster {
     /// the request wrote is visible to the reaper that sees it done.
     #[cfg(feature = "fault-injection")]
     pub(super) fn complete(&mut self, index: u64, status: WcStatus, len: u32) {
-        let slot = &self.q.slots[(index & self.q.mask) as usize];
+        let slot = self.q.ring.slot(index);
         let meta = slot.meta.load(Ordering::Relaxed);
         debug_assert_eq!(meta & 0xff, KIND_STALLED, "only a stalled entry completes");
         let kept = meta & 0xff00;
@@ -199,10 +234,10 @@ impl SqReaper {
 
     /// The oldest uncompleted request, if any.
     pub(super) fn peek(&self) -> Option<SqEntry> {
-        if self.head >= self.q.ends.tail.load(Ordering::Acquire) {
+        if self.head >= self.q.ring.tail().load(Ordering::Acquire) {
             return None;
         }
-        let slot = &self.q.slots[(self.head & self.q.mask) as usize];
+        let slot = self.q.ring.slot(self.head);
         // Acquire: a stalled entry may turn `Done` after it was published
         // (`SqPoster::complete`).
         let meta = slot.meta.load(Ordering::Acquire);
@@ -229,10 +264,10 @@ impl SqReaper {
     /// the queue of sends travelling as messages, where every entry is a
     /// [`SqKind::Cell`].
     pub(super) fn peek_cell(&self) -> Option<u64> {
-        if self.head >= self.q.ends.tail.load(Ordering::Acquire) {
+        if self.head >= self.q.ring.tail().load(Ordering::Acquire) {
             return None;
         }
-        let slot = &self.q.slots[(self.head & self.q.mask) as usize];
+        let slot = self.q.ring.slot(self.head);
         debug_assert_eq!(
             slot.meta.load(Ordering::Relaxed) & 0xff,
             KIND_CELL,
@@ -244,12 +279,12 @@ impl SqReaper {
     /// Completes the oldest request (after `peek` returned it).
     pub(super) fn pop(&mut self) {
         self.head += 1;
-        self.q.ends.head.store(self.head, Ordering::Release);
+        self.q.ring.head.store(self.head, Ordering::Release);
     }
 
     /// Whether every published request was reaped.
     pub(super) fn is_empty(&self) -> bool {
-        self.head >= self.q.ends.tail.load(Ordering::Acquire)
+        self.head >= self.q.ring.tail().load(Ordering::Acquire)
     }
 }
 
@@ -283,38 +318,36 @@ struct RqSge {
 }
 
 pub(super) struct RqShared {
-    slots: super::zeroed::Zeroed<RqSlot>,
+    ring: Ring<RqSlot>,
     /// Entries beyond the first [`INLINE_SGES`]: slot `i` owns
     /// `[i * more_stride, (i + 1) * more_stride)`.
     more: super::zeroed::Zeroed<RqSge>,
     more_stride: usize,
-    stride: usize,
-    mask: u64,
-    ends: Ends,
 }
 
 impl RqShared {
-    /// Entry `j` of receive slot `i`.
+    /// Entry `j` of receive `index`.
     #[inline]
-    fn sge(&self, i: usize, j: usize) -> &RqSge {
+    fn sge(&self, index: u64, j: usize) -> &RqSge {
         match j.checked_sub(INLINE_SGES) {
-            None => &self.slots[i].sges[j],
-            Some(k) => &self.more[i * self.more_stride + k],
+            None => &self.ring.slot(index).sges[j],
+            Some(k) => {
+                let i = (index & self.ring.published.mask) as usize;
+                &self.more[i * self.more_stride + k]
+            }
         }
     }
 }
 
 /// Creates a receive queue of `depth` receives of up to `stride` entries.
 pub(super) fn recv_queue(depth: usize, stride: usize) -> (RqPoster, Arc<RqShared>, RqReaper) {
-    let cap = depth.max(1).next_power_of_two();
+    let ring = Ring::new(depth);
+    let cap = ring.published.slots.len();
     let more_stride = stride.saturating_sub(INLINE_SGES);
     let q = Arc::new(RqShared {
-        slots: super::zeroed::slice(cap),
+        ring,
         more: super::zeroed::slice(cap * more_stride),
         more_stride,
-        stride,
-        mask: cap as u64 - 1,
-        ends: Ends::new(),
     });
     (
         RqPoster {
@@ -322,6 +355,7 @@ pub(super) fn recv_queue(depth: usize, stride: usize) -> (RqPoster, Arc<RqShared
             tail: 0,
             cached_head: 0,
             depth: depth as u64,
+            stride,
         },
         q.clone(),
         RqReaper { q, head: 0 },
@@ -334,13 +368,15 @@ pub(super) struct RqPoster {
     tail: u64,
     cached_head: u64,
     depth: u64,
+    /// Most entries a receive may have.
+    stride: usize,
 }
 
 impl RqPoster {
     /// Receives not reaped yet (reloads the reaper's index).
     #[cfg(feature = "fault-injection")]
     pub(super) fn pending(&mut self) -> u64 {
-        self.cached_head = self.q.ends.head.load(Ordering::Acquire);
+        self.cached_head = self.q.ring.head.load(Ordering::Acquire);
         self.tail - self.cached_head
     }
 
@@ -348,7 +384,7 @@ impl RqPoster {
         if self.tail - self.cached_head < self.depth {
             return true;
         }
-        self.cached_head = self.q.ends.head.load(Ordering::Acquire);
+        self.cached_head = self.q.ring.head.load(Ordering::Acquire);
         self.tail - self.cached_head < self.depth
     }
 
@@ -358,13 +394,12 @@ impl RqPoster {
     #[inline(always)]
     pub(super) fn push(&mut self, wr_id: WrId, sges: &[Sge], preset: Option<WcStatus>) {
         assert!(
-            self.room() && sges.len() <= self.q.stride,
+            self.room() && sges.len() <= self.stride,
             "receive queue overflow"
         );
-        let i = (self.tail & self.q.mask) as usize;
-        let slot = &self.q.slots[i];
+        let slot = self.q.ring.slot(self.tail);
         for (j, s) in sges.iter().enumerate() {
-            let d = self.q.sge(i, j);
+            let d = self.q.sge(self.tail, j);
             d.addr.store(s.addr as u64, Ordering::Relaxed);
             let v = u64::from(s.len) | u64::from(s.lkey) << 32;
             d.len_lkey.store(v, Ordering::Relaxed);
@@ -374,14 +409,14 @@ impl RqPoster {
         slot.meta
             .store(sges.len() as u64 | p << 16, Ordering::Relaxed);
         self.tail += 1;
-        self.q.ends.tail.store(self.tail, Ordering::Release);
+        self.q.ring.tail().store(self.tail, Ordering::Release);
     }
 }
 
 /// A posted receive as the matcher sees it.
 pub(super) struct RecvView<'a> {
     q: &'a RqShared,
-    slot: usize,
+    index: u64,
     nsge: usize,
     pub(super) preset: Option<WcStatus>,
 }
@@ -390,7 +425,7 @@ impl RecvView<'_> {
     /// The receive's scatter list.
     pub(super) fn iter(&self) -> impl Iterator<Item = Sge> + '_ {
         (0..self.nsge).map(|j| {
-            let s = self.q.sge(self.slot, j);
+            let s = self.q.sge(self.index, j);
             let v = s.len_lkey.load(Ordering::Relaxed);
             Sge {
                 addr: s.addr.load(Ordering::Relaxed) as usize,
@@ -403,7 +438,7 @@ impl RecvView<'_> {
     /// Total room of the scatter list.
     pub(super) fn room(&self) -> u64 {
         (0..self.nsge)
-            .map(|j| self.q.sge(self.slot, j).len_lkey.load(Ordering::Relaxed) & 0xffff_ffff)
+            .map(|j| self.q.sge(self.index, j).len_lkey.load(Ordering::Relaxed) & 0xffff_ffff)
             .sum()
     }
 }
@@ -418,7 +453,7 @@ fn preset_of(meta: u64) -> Option<WcStatus> {
 impl RqShared {
     /// Receives posted so far (Acquire: their slots are readable).
     pub(super) fn posted(&self) -> u64 {
-        self.ends.tail.load(Ordering::Acquire)
+        self.ring.tail().load(Ordering::Acquire)
     }
 
     /// Receive `index`, if posted. Only the matcher of the end's incoming
@@ -427,11 +462,10 @@ impl RqShared {
         if index >= self.posted() {
             return None;
         }
-        let slot = (index & self.mask) as usize;
-        let meta = self.slots[slot].meta.load(Ordering::Relaxed);
+        let meta = self.ring.slot(index).meta.load(Ordering::Relaxed);
         Some(RecvView {
             q: self,
-            slot,
+            index,
             nsge: (meta & 0xffff) as usize,
             preset: preset_of(meta),
         })
@@ -441,8 +475,8 @@ impl RqShared {
     /// once the matcher published the fill (Release on the ring's consumed
     /// index).
     pub(super) fn set_len(&self, index: u64, len: u32) {
-        let slot = (index & self.mask) as usize;
-        self.slots[slot]
+        self.ring
+            .slot(index)
             .len
             .store(u64::from(len), Ordering::Relaxed);
     }
@@ -469,7 +503,7 @@ impl RqReaper {
         if self.head >= self.q.posted() {
             return None;
         }
-        let slot = &self.q.slots[(self.head & self.q.mask) as usize];
+        let slot = self.q.ring.slot(self.head);
         let meta = slot.meta.load(Ordering::Relaxed);
         Some(RecvHead {
             index: self.head,
@@ -481,7 +515,7 @@ impl RqReaper {
 
     pub(super) fn pop(&mut self) {
         self.head += 1;
-        self.q.ends.head.store(self.head, Ordering::Release);
+        self.q.ring.head.store(self.head, Ordering::Release);
     }
 
     pub(super) fn is_empty(&self) -> bool {
