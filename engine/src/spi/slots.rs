@@ -24,6 +24,7 @@
 //! Under loom the slots are made by a constructor instead (loom's atomics
 //! and cells are not plain memory); its models use a few slots.
 
+#[cfg(not(loom))]
 use std::alloc::Layout;
 use std::ptr::NonNull;
 
