@@ -41,10 +41,16 @@
 //! listed in `Consumer::cooling`, and each poll re-checks a few of them
 //! ([`COOLING_CHECKS`]): the work's store becomes visible within a moment
 //! (as a spin loop's flag does), and the re-check that sees it takes the
-//! end back. `arm`, whose heavy fence makes every earlier store visible
-//! and every later producer see `idle`, re-checks them all before the
-//! consumer sleeps and empties the list: nothing is left on an idle end
-//! with its consumer asleep.
+//! end back. An end re-checked once it has cooled for [`COOLING_TICKS`]
+//! (far longer than a store takes to drain) moves to `Consumer::cooled`,
+//! which polls leave alone: on a CQ of 10,000 connections nearly every
+//! end is parked, and re-checking old ones on every poll touched two cold
+//! ends per poll (conn_scale's latency at 10,000 doubled). `arm`, whose
+//! heavy fence makes every earlier store visible and every later producer
+//! see `idle`, re-checks both lists before the consumer sleeps and empties
+//! them: nothing is left on an idle end with its consumer asleep. A
+//! consumer that never sleeps issues that fence itself once `cooled`
+//! holds [`COOLED_MAX`] ends (one heavy fence per that many parks).
 //!
 //! An end whose oldest send waits for a peer that does not poll (see
 //! `HELP_AFTER` in `link`) stays hot: it matches that send itself after
@@ -56,7 +62,7 @@
 //! hardware CQ needs to not overflow).
 
 use super::fence;
-use super::link::{Link, Reaper};
+use super::link::{ticks, Link, Reaper};
 use super::lock;
 use crate::fabric::{CompletionQueue, CqId, Waker, WorkCompletion};
 use crate::spin::SpinLock;
@@ -75,6 +81,15 @@ const MIN_QUIET: u32 = 2;
 
 /// Cooling ends (module docs) a poll re-checks at most, round robin.
 const COOLING_CHECKS: usize = 2;
+
+/// Ticks of `link::ticks` (a few microseconds) after its parking from
+/// which a cooling end's re-check finding nothing moves it to
+/// `Consumer::cooled`.
+pub(super) const COOLING_TICKS: u64 = 16384;
+
+/// Cooled ends after which a poll issues the heavy fence and re-checks
+/// them all (module docs).
+const COOLED_MAX: usize = 1024;
 
 /// Quiet visits in a row after which an end of a hot list of `hot` ends
 /// leaves it: [`IDLE_POLLS`] shared out among them (divided by the power
@@ -228,13 +243,16 @@ struct Consumer {
     /// The buffer swapped with `Ready::slots` when taking them (no
     /// allocation once both have grown).
     taken: Vec<u32>,
-    /// Ends parked since the last heavy fence (`arm`), by slot and stay:
-    /// they may hold work a producer did not announce (module docs). An
-    /// entry whose end left `parked` since, or came back for another stay,
-    /// is stale and dropped when met.
-    cooling: Vec<(u32, u32)>,
+    /// Ends parked since the last heavy fence (`arm`), by slot, stay and
+    /// the tick of their parking: they may hold work a producer did not
+    /// announce (module docs). An entry whose end left `parked` since, or
+    /// came back for another stay, is stale and dropped when met.
+    cooling: Vec<(u32, u32, u64)>,
     /// Where the next poll's re-checks start in `cooling`.
     cooling_at: usize,
+    /// Ends of `cooling` re-checked after [`COOLING_TICKS`] (module
+    /// docs): re-checked again only after a heavy fence.
+    cooled: Vec<(u32, u32, u64)>,
     /// Ends visited by polls so far (tests check that idle ones are not).
     #[cfg(test)]
     visits: u64,
@@ -242,55 +260,81 @@ struct Consumer {
 
 impl Consumer {
     /// Re-checks cooling ends (module docs), round robin from
-    /// `cooling_at`: up to [`COOLING_CHECKS`] of them, or every one if
-    /// `all` (after a heavy fence: the list is emptied then). An end found
-    /// with work (or drained) goes back to the hot list, unless a
-    /// producer's announcement took it (it is on the ready list then).
-    /// Stale entries are dropped. Returns whether an end had work.
-    fn recheck_cooling(&mut self, all: bool) -> bool {
+    /// `cooling_at`: up to [`COOLING_CHECKS`] of them, moving those that
+    /// cooled long enough to `cooled`; after [`COOLED_MAX`] of those, the
+    /// heavy fence and [`Consumer::recheck_all`]. Returns whether an end
+    /// had work.
+    fn recheck_cooling(&mut self) -> bool {
         let mut found = false;
         let mut checked = 0;
-        let mut looked = 0;
-        let total = self.cooling.len();
-        let mut i = if all { 0 } else { self.cooling_at };
-        while looked < total && !self.cooling.is_empty() {
+        let mut i = self.cooling_at;
+        while checked < COOLING_CHECKS && !self.cooling.is_empty() {
             if i >= self.cooling.len() {
                 i = 0;
             }
-            looked += 1;
-            let (slot, stay) = self.cooling[i];
-            let Some(a) = self.parked[slot as usize]
-                .as_mut()
-                .filter(|a| a.stay == stay)
-            else {
-                self.cooling.swap_remove(i);
-                continue;
-            };
-            if !all && checked == COOLING_CHECKS {
-                break;
-            }
+            let (slot, stay, since) = self.cooling[i];
             checked += 1;
-            if !a.link.has_work(a.end, &mut a.r, false) && !a.link.drained(a.end, &a.r) {
-                i += 1;
-                continue;
-            }
-            found = true;
-            self.cooling.swap_remove(i);
-            let idle = &a.link.ends[a.end].presence.idle;
-            if idle.swap(false, Ordering::AcqRel) {
-                let a = self.parked[slot as usize]
-                    .take()
-                    .expect("a cooling end is parked");
-                self.hot.push(a);
+            match self.recheck(slot, stay) {
+                Some(false) if ticks().wrapping_sub(since) < COOLING_TICKS => i += 1,
+                Some(false) => {
+                    self.cooled.push(self.cooling.swap_remove(i));
+                }
+                Some(true) => {
+                    found = true;
+                    self.cooling.swap_remove(i);
+                }
+                None => {
+                    self.cooling.swap_remove(i);
+                }
             }
         }
-        if all {
-            self.cooling.clear();
-            self.cooling_at = 0;
-        } else {
-            self.cooling_at = i;
+        self.cooling_at = i;
+        if self.cooled.len() >= COOLED_MAX {
+            fence::heavy();
+            found |= self.recheck_all();
         }
         found
+    }
+
+    /// After a heavy fence: re-checks every cooling and cooled end and
+    /// empties both lists. Returns whether an end had work.
+    fn recheck_all(&mut self) -> bool {
+        let mut found = false;
+        let mut lists = [
+            std::mem::take(&mut self.cooling),
+            std::mem::take(&mut self.cooled),
+        ];
+        for list in &mut lists {
+            for &(slot, stay, _) in list.iter() {
+                found |= self.recheck(slot, stay) == Some(true);
+            }
+            list.clear();
+        }
+        // Give the buffers back: no allocation once they have grown.
+        [self.cooling, self.cooled] = lists;
+        self.cooling_at = 0;
+        found
+    }
+
+    /// Re-checks the parked end of `slot` in its stay `stay`: `None` if the
+    /// entry is stale, else whether the end had work (or drained), in
+    /// which case it goes back to the hot list, unless a producer's
+    /// announcement took it (it is on the ready list then).
+    fn recheck(&mut self, slot: u32, stay: u32) -> Option<bool> {
+        let a = self.parked[slot as usize]
+            .as_mut()
+            .filter(|a| a.stay == stay)?;
+        if !a.link.has_work(a.end, &mut a.r, false) && !a.link.drained(a.end, &a.r) {
+            return Some(false);
+        }
+        let idle = &a.link.ends[a.end].presence.idle;
+        if idle.swap(false, Ordering::AcqRel) {
+            let a = self.parked[slot as usize]
+                .take()
+                .expect("a cooling end is parked");
+            self.hot.push(a);
+        }
+        Some(true)
     }
 
     /// Takes in a newly attached end; it starts hot.
@@ -338,7 +382,7 @@ impl Consumer {
                 if a.leaves() {
                     let mut a = self.hot.swap_remove(i);
                     a.stay = a.stay.wrapping_add(1);
-                    self.cooling.push((a.slot, a.stay));
+                    self.cooling.push((a.slot, a.stay, ticks()));
                     let slot = a.slot as usize;
                     debug_assert!(self.parked[slot].is_none());
                     self.parked[slot] = Some(a);
@@ -443,6 +487,7 @@ impl SoftCq {
                 taken: Vec::new(),
                 cooling: Vec::new(),
                 cooling_at: 0,
+                cooled: Vec::new(),
                 #[cfg(test)]
                 visits: 0,
             }),
@@ -530,7 +575,7 @@ impl SoftCq {
     ) -> (usize, Option<Arc<Link>>) {
         self.take_in(c);
         if !c.cooling.is_empty() {
-            c.recheck_cooling(false);
+            c.recheck_cooling();
         }
         let mut n = 0;
         let mut seal = None;
@@ -653,8 +698,8 @@ impl CompletionQueue for SoftCq {
         self.take_in(c);
         fence::raise(&self.shared.armed);
         // After the heavy fence every cooling end is either seen with its
-        // work here or announced by its producer: the list empties.
-        let cooled = c.recheck_cooling(true);
+        // work here or announced by its producer: the lists empty.
+        let cooled = c.recheck_all();
         if cooled || self.shared.ready.pending.load(Ordering::Relaxed) {
             return true;
         }

@@ -87,7 +87,7 @@ const ACK_AFTER_TICKS: u64 = 4096;
 /// A cheap monotonic tick count: the time-stamp counter where there is one
 /// (a few cycles, where a clock read costs tens of nanoseconds, which a
 /// spinning poll pays on every pass), else nanoseconds of a process clock.
-fn ticks() -> u64 {
+pub(super) fn ticks() -> u64 {
     #[cfg(target_arch = "x86_64")]
     {
         // SAFETY: RDTSC exists on every x86-64 processor and has no

@@ -1783,9 +1783,10 @@ fn an_idle_end_with_work_nobody_announced_is_found_by_the_next_polls_and_by_arm(
     let (a, b) = pair(&n1, &n2, sa(ip(198, 18, 25, 2), 1));
     let bcq = soft_cq(&n2, &b.cq);
     let src = Buf::with(&n1, 8, Access::NONE, |i| i as u8);
-    let dst = Buf::zeroed(&n2, 16, Access::LOCAL_WRITE);
+    let dst = Buf::zeroed(&n2, 24, Access::LOCAL_WRITE);
     recv(&b.qp, 1, &[dst.sge(0, 8)]);
     recv(&b.qp, 2, &[dst.sge(8, 8)]);
+    recv(&b.qp, 3, &[dst.sge(16, 8)]);
     let park = || {
         for _ in 0..=cq::IDLE_POLLS {
             assert!(b.poll().is_empty());
@@ -1805,11 +1806,36 @@ fn an_idle_end_with_work_nobody_announced_is_found_by_the_next_polls_and_by_arm(
     send_unannounced(&n1, &a.qp, 11, &src);
     assert!(b.cq.arm(), "arm reports the unannounced work");
     assert_eq!(statuses(&b.poll()), [(2, WcStatus::Success)]);
+    // An end that cooled long enough is left to the heavy fence: polls no
+    // longer visit it (at 10,000 parked ends they would touch cold ones on
+    // every poll), arm still finds its work.
+    park();
+    let start = link::ticks();
+    while link::ticks().wrapping_sub(start) < cq::COOLING_TICKS {
+        std::hint::spin_loop();
+    }
+    assert!(
+        b.poll().is_empty(),
+        "the re-check that moves it finds nothing"
+    );
+    send_unannounced(&n1, &a.qp, 12, &src);
+    for _ in 0..4 {
+        assert!(b.poll().is_empty(), "polls leave a cooled end alone");
+    }
+    assert!(b.cq.arm(), "arm reports the cooled end's work");
+    assert_eq!(statuses(&b.poll()), [(3, WcStatus::Success)]);
     let mut sent = Vec::new();
     for _ in 0..4 * ACK_POLLS {
         sent.extend(statuses(&a.poll()));
     }
-    assert_eq!(sent, [(10, WcStatus::Success), (11, WcStatus::Success)]);
+    assert_eq!(
+        sent,
+        [
+            (10, WcStatus::Success),
+            (11, WcStatus::Success),
+            (12, WcStatus::Success)
+        ]
+    );
 }
 
 /// Polls after which a sender has read its peer's consumed index.
