@@ -377,47 +377,68 @@ fn random_u64() -> io::Result<u64> {
     Ok(u64::from_le_bytes(b))
 }
 
-/// Writes `rec` under a fresh token; returns the token (never 0).
+/// Prefix of a record still being written (see [`store`]).
+const PARTIAL: &str = "partial.";
+
+/// A partial record older than this belongs to a writer that died.
+const PARTIAL_MAX_AGE: Duration = Duration::from_secs(60);
+
+/// Writes `rec` under a fresh token; returns the token (never 0). The
+/// record is written under a partial name first and linked to its token's
+/// name when complete: another process's [`sweep`] (or [`claim`]) never
+/// sees a record half written (it took an empty one for garbage and
+/// removed it, so the duplication it named failed).
 fn store(rec: &Record) -> io::Result<u32> {
     let dir = record_dir()?;
     sweep(&dir);
-    let text = rec.encode();
-    loop {
+    let partial = dir.join(format!(
+        "{PARTIAL}{}.{:016x}",
+        std::process::id(),
+        random_u64()?
+    ));
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&partial)
+        .and_then(|mut f| f.write_all(rec.encode().as_bytes()));
+    let linked = written.and_then(|()| loop {
         let token = random_u64()? as u32;
         if token == 0 {
             continue;
         }
-        let path = dir.join(format!("{token:08x}"));
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-        {
-            Ok(mut f) => {
-                if let Err(e) = f.write_all(text.as_bytes()) {
-                    let _ = std::fs::remove_file(&path);
-                    return Err(e);
-                }
-                return Ok(token);
-            }
+        // A hard link fails if the name exists: exactly one record per
+        // token, complete from its first appearance.
+        match std::fs::hard_link(&partial, dir.join(format!("{token:08x}"))) {
+            Ok(()) => return Ok(token),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(e),
         }
-    }
+    });
+    let _ = std::fs::remove_file(&partial);
+    linked
 }
 
-/// Removes expired records (and unreadable ones).
+/// Removes expired records (and unreadable ones), and partial ones whose
+/// writer died.
 fn sweep(dir: &std::path::Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
     let now = now_ms();
     for e in entries.flatten() {
-        let void = std::fs::read_to_string(e.path())
-            .ok()
-            .and_then(|t| Record::decode(&t))
-            .map_or(true, |r| r.expires_ms < now);
+        let void = if e.file_name().to_string_lossy().starts_with(PARTIAL) {
+            e.metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > PARTIAL_MAX_AGE)
+        } else {
+            std::fs::read_to_string(e.path())
+                .ok()
+                .and_then(|t| Record::decode(&t))
+                .map_or(true, |r| r.expires_ms < now)
+        };
         if void {
             let _ = std::fs::remove_file(e.path());
         }
@@ -1054,6 +1075,20 @@ mod tests {
         bad = m.encode();
         bad[0] ^= 1;
         assert_eq!(Msg::decode(&bad), None, "magic");
+    }
+
+    /// A record another thread or process is writing is not garbage to
+    /// `sweep` (it removed empty ones, so a concurrent duplication failed:
+    /// its claim got `WSAEINVAL`, or its target never rejoined).
+    #[test]
+    fn a_sweep_leaves_a_record_being_written_alone() {
+        let dir = record_dir().unwrap();
+        let partial = dir.join(format!("{PARTIAL}{}.test", std::process::id()));
+        std::fs::File::create(&partial).unwrap();
+        sweep(&dir);
+        let kept = partial.exists();
+        let _ = std::fs::remove_file(&partial);
+        assert!(kept, "sweep removed a record being written");
     }
 
     #[test]
