@@ -42,7 +42,8 @@
 //! ([`COOLING_CHECKS`]): the work's store becomes visible within a moment
 //! (as a spin loop's flag does), and the re-check that sees it takes the
 //! end back. An end re-checked once it has cooled for [`COOLING_TICKS`]
-//! (far longer than a store takes to drain) moves to `Consumer::cooled`,
+//! (far longer than a store takes to drain), and at least
+//! [`COOLING_MIN_CHECKS`] times, moves to `Consumer::cooled`,
 //! which polls leave alone: on a CQ of 10,000 connections nearly every
 //! end is parked, and re-checking old ones on every poll touched two cold
 //! ends per poll (conn_scale's latency at 10,000 doubled). `arm`, whose
@@ -86,6 +87,10 @@ const COOLING_CHECKS: usize = 2;
 /// which a cooling end's re-check finding nothing moves it to
 /// `Consumer::cooled`.
 pub(super) const COOLING_TICKS: u64 = 16384;
+
+/// Re-checks a cooling end gets at least before it moves to
+/// `Consumer::cooled` (however slowly the polls run).
+pub(super) const COOLING_MIN_CHECKS: u32 = 8;
 
 /// Cooled ends after which a poll issues the heavy fence and re-checks
 /// them all (module docs).
@@ -243,16 +248,16 @@ struct Consumer {
     /// The buffer swapped with `Ready::slots` when taking them (no
     /// allocation once both have grown).
     taken: Vec<u32>,
-    /// Ends parked since the last heavy fence (`arm`), by slot, stay and
-    /// the tick of their parking: they may hold work a producer did not
+    /// Ends parked since the last heavy fence (`arm`), by slot, stay, the
+    /// tick of their parking and the re-checks they had: they may hold work a producer did not
     /// announce (module docs). An entry whose end left `parked` since, or
     /// came back for another stay, is stale and dropped when met.
-    cooling: Vec<(u32, u32, u64)>,
+    cooling: Vec<(u32, u32, u64, u32)>,
     /// Where the next poll's re-checks start in `cooling`.
     cooling_at: usize,
     /// Ends of `cooling` re-checked after [`COOLING_TICKS`] (module
     /// docs): re-checked again only after a heavy fence.
-    cooled: Vec<(u32, u32, u64)>,
+    cooled: Vec<(u32, u32, u64, u32)>,
     /// Ends visited by polls so far (tests check that idle ones are not).
     #[cfg(test)]
     visits: u64,
@@ -272,10 +277,16 @@ impl Consumer {
             if i >= self.cooling.len() {
                 i = 0;
             }
-            let (slot, stay, since) = self.cooling[i];
+            let (slot, stay, since, checks) = self.cooling[i];
             checked += 1;
             match self.recheck(slot, stay) {
-                Some(false) if ticks().wrapping_sub(since) < COOLING_TICKS => i += 1,
+                Some(false)
+                    if checks + 1 < COOLING_MIN_CHECKS
+                        || ticks().wrapping_sub(since) < COOLING_TICKS =>
+                {
+                    self.cooling[i].3 = checks + 1;
+                    i += 1;
+                }
                 Some(false) => {
                     self.cooled.push(self.cooling.swap_remove(i));
                 }
@@ -305,7 +316,7 @@ impl Consumer {
             std::mem::take(&mut self.cooled),
         ];
         for list in &mut lists {
-            for &(slot, stay, _) in list.iter() {
+            for &(slot, stay, _, _) in list.iter() {
                 found |= self.recheck(slot, stay) == Some(true);
             }
             list.clear();
@@ -382,7 +393,7 @@ impl Consumer {
                 if a.leaves() {
                     let mut a = self.hot.swap_remove(i);
                     a.stay = a.stay.wrapping_add(1);
-                    self.cooling.push((a.slot, a.stay, ticks()));
+                    self.cooling.push((a.slot, a.stay, ticks(), 0));
                     let slot = a.slot as usize;
                     debug_assert!(self.parked[slot].is_none());
                     self.parked[slot] = Some(a);
