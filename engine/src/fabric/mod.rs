@@ -10,6 +10,8 @@
 //! in the error state. Nothing here knows about sockets or Winsock.
 
 mod lkey_cache;
+#[cfg(all(target_os = "linux", not(loom)))]
+mod membarrier;
 #[cfg(not(loom))]
 pub mod shm;
 pub mod soft;

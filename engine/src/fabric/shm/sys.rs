@@ -4,6 +4,7 @@
 //! memory copies (`process_vm_readv` / `process_vm_writev`) and `epoll`.
 //! Every `unsafe` block of the fabric outside the cell ring is here.
 
+use crate::fabric::membarrier::{membarrier, CMD_GLOBAL_EXPEDITED, CMD_REGISTER_GLOBAL_EXPEDITED};
 use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -471,22 +472,6 @@ pub(super) fn allow_peer_access() {
     unsafe { libc::prctl(libc::PR_SET_PTRACER, libc::PR_SET_PTRACER_ANY, 0, 0, 0) };
 }
 
-/// `membarrier(2)` commands (`linux/membarrier.h`).
-const MEMBARRIER_CMD_GLOBAL_EXPEDITED: libc::c_int = 1 << 1;
-const MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED: libc::c_int = 1 << 2;
-
-fn membarrier(cmd: libc::c_int) -> bool {
-    // SAFETY: membarrier takes two integers and no pointers.
-    unsafe {
-        libc::syscall(
-            libc::SYS_membarrier,
-            cmd,
-            0 as libc::c_uint,
-            0 as libc::c_int,
-        ) == 0
-    }
-}
-
 /// Whether this process takes part in asymmetric fences across processes:
 /// it registered for `MEMBARRIER_CMD_GLOBAL_EXPEDITED` (so another
 /// process's [`heavy_fence`] reaches its threads) and issuing one works
@@ -495,8 +480,7 @@ fn membarrier(cmd: libc::c_int) -> bool {
 pub(super) fn asymmetric_fences() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| {
-        membarrier(MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED)
-            && membarrier(MEMBARRIER_CMD_GLOBAL_EXPEDITED)
+        membarrier(CMD_REGISTER_GLOBAL_EXPEDITED) && membarrier(CMD_GLOBAL_EXPEDITED)
     })
 }
 
@@ -508,7 +492,7 @@ pub(super) fn asymmetric_fences() -> bool {
 /// cannot straddle this call. Only valid where [`asymmetric_fences`] is;
 /// whether it worked (it did once: a failure now is not expected).
 pub(super) fn heavy_fence() -> bool {
-    membarrier(MEMBARRIER_CMD_GLOBAL_EXPEDITED)
+    membarrier(CMD_GLOBAL_EXPEDITED)
 }
 
 /// A cheap monotonic tick count: the time-stamp counter where there is one

@@ -49,24 +49,11 @@ const SYMMETRIC: u8 = 2;
 #[cfg(not(loom))]
 static MODE: AtomicU8 = AtomicU8::new(UNKNOWN);
 
-/// `membarrier(2)` commands (`linux/membarrier.h`).
 #[cfg(all(target_os = "linux", not(loom)))]
-const MEMBARRIER_CMD_PRIVATE_EXPEDITED: libc::c_int = 1 << 3;
-#[cfg(all(target_os = "linux", not(loom)))]
-const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED: libc::c_int = 1 << 4;
-
-#[cfg(all(target_os = "linux", not(loom)))]
-fn membarrier(cmd: libc::c_int) -> bool {
-    // SAFETY: membarrier takes integers only and touches no memory of ours.
-    unsafe {
-        libc::syscall(
-            libc::SYS_membarrier,
-            cmd,
-            0 as libc::c_uint,
-            0 as libc::c_int,
-        ) == 0
-    }
-}
+use crate::fabric::membarrier::{
+    membarrier, CMD_PRIVATE_EXPEDITED as MEMBARRIER_CMD_PRIVATE_EXPEDITED,
+    CMD_REGISTER_PRIVATE_EXPEDITED as MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED,
+};
 
 #[cfg(not(loom))]
 #[cold]
