@@ -68,6 +68,20 @@
 //!    peer's socket fails `WSAECONNRESET`: parked receives complete with it,
 //!    and so does everything after (§4.8 step 4).
 //!
+//!
+//! # Ops started during a swap
+//!
+//! An op reads the socket's queue pair again once it entered the close
+//! gate ([`Socket::posting_qp`]): one read before would let a swap that
+//! did not count the op yet (it saw the old count) send it to the replaced
+//! queue pair, whose flush then reports an error for an op nothing failed
+//! (a receive lost to the peer's next message). Entering, then loading the
+//! flags, against the swap's storing `SUSPENDED`, then loading the count
+//! (both `SeqCst`): an op that saw the socket not suspended is counted by
+//! the swap, which waits for it to be parked; one that saw it suspended
+//! takes the lock the swap holds, so it finds the swap done (the new queue
+//! pair) or not begun (and is counted).
+//!
 //! A listener is duplicated without the peer: the source stops listening
 //! (its fabric listener closes), the target listens on the same address.
 //! An open or bound socket carries its address only.
@@ -92,7 +106,7 @@ use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{fence, AtomicU32, AtomicU8, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -155,6 +169,36 @@ impl DupState {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Suspension> {
         lock(&self.state)
+    }
+}
+
+impl Socket {
+    /// The queue pair an op posts on, read after the op entered the close
+    /// gate (`loaded`: the one read before, a fallback that is never used,
+    /// since a set queue pair is never unset). See "Ops started during a
+    /// swap" in the module docs.
+    #[inline]
+    pub(super) fn posting_qp<'a>(
+        &'a self,
+        loaded: &'a Arc<dyn QueuePair>,
+    ) -> &'a Arc<dyn QueuePair> {
+        if self.dup.flags.load(Ordering::SeqCst) & SUSPENDED != 0 {
+            return self.posting_qp_suspended(loaded);
+        }
+        self.qp.get().unwrap_or(loaded)
+    }
+
+    /// [`Socket::posting_qp`] while suspended: under the lock a swap holds,
+    /// either the swap is done (its queue pair is current) or it has not
+    /// started, and then counts this op, which it waits to see parked.
+    #[cold]
+    #[inline(never)]
+    fn posting_qp_suspended<'a>(
+        &'a self,
+        loaded: &'a Arc<dyn QueuePair>,
+    ) -> &'a Arc<dyn QueuePair> {
+        let _st = self.dup.lock();
+        self.qp.get().unwrap_or(loaded)
     }
 }
 
@@ -830,7 +874,8 @@ impl Inner {
         }
         st.round += 1;
         st.secret = secret;
-        sock.dup.flags.fetch_or(SUSPENDED, Ordering::Release);
+        // SeqCst: see `try_swap`.
+        sock.dup.flags.fetch_or(SUSPENDED, Ordering::SeqCst);
         Some(st.round)
     }
 
@@ -896,8 +941,14 @@ impl Inner {
         if sock.dup.flags.load(Ordering::Relaxed) & SUSPENDED == 0
             || sock.gate.is_closing()
             || st.rejoined.is_none()
-            || st.parked.len() < sock.gate.in_flight()
         {
+            return Vec::new();
+        }
+        // Between `SUSPENDED`'s store and the count's load (the posting
+        // side enters, then loads the flags): an op that saw the socket
+        // not suspended is counted here.
+        fence(Ordering::SeqCst);
+        if st.parked.len() < sock.gate.in_flight() {
             return Vec::new();
         }
         let Some(new) = st.rejoined.take() else {
@@ -922,6 +973,8 @@ impl Inner {
         if let Some(ack) = st.ack.take() {
             ack.set_error();
         }
+        #[cfg(feature = "fault-injection")]
+        hooks::swapped(sock);
         failed
     }
 
@@ -1047,6 +1100,110 @@ impl Inner {
                 error
             };
             self.report(&sock.run, op, code.code() as u32, 0);
+        }
+    }
+}
+
+/// Test hooks (feature `fault-injection`): hold an op of a socket at the
+/// point of its start where a swap can overtake it (just before it enters
+/// the close gate), and wait for a socket's swap. Sockets are named by
+/// their local port.
+#[cfg(feature = "fault-injection")]
+pub mod hooks {
+    use super::Socket;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+    use std::time::{Duration, Instant};
+
+    #[derive(Default)]
+    struct Hooks {
+        /// `(port, reached, released)` of each hold.
+        holds: Vec<(u16, bool, bool)>,
+        /// Local ports of the sockets swapped so far.
+        swapped: Vec<u16>,
+    }
+
+    static HOOKS: Mutex<Hooks> = Mutex::new(Hooks {
+        holds: Vec::new(),
+        swapped: Vec::new(),
+    });
+    static CHANGED: Condvar = Condvar::new();
+    /// Whether any hold is set: an op's start pays one load without.
+    static HOLDING: AtomicBool = AtomicBool::new(false);
+
+    fn hooks() -> MutexGuard<'static, Hooks> {
+        HOOKS.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn wait_until(timeout: Duration, mut done: impl FnMut(&mut Hooks) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut h = hooks();
+        while !done(&mut h) {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            h = CHANGED
+                .wait_timeout(h, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        true
+    }
+
+    /// Holds the next op started on the socket bound to `port` until
+    /// [`release`].
+    pub fn hold_next_op_on(port: u16) {
+        hooks().holds.push((port, false, false));
+        HOLDING.store(true, Ordering::SeqCst);
+    }
+
+    /// Waits until an op is held on `port`; whether one is.
+    pub fn wait_held(port: u16, timeout: Duration) -> bool {
+        wait_until(timeout, |h| h.holds.iter().any(|x| x.0 == port && x.1))
+    }
+
+    /// Lets the op held on `port` go on.
+    pub fn release(port: u16) {
+        for x in hooks().holds.iter_mut().filter(|x| x.0 == port) {
+            x.2 = true;
+        }
+        CHANGED.notify_all();
+    }
+
+    /// Waits until the socket bound to `port` swapped its queue pair;
+    /// whether it did.
+    pub fn wait_swapped(port: u16, timeout: Duration) -> bool {
+        wait_until(timeout, |h| h.swapped.contains(&port))
+    }
+
+    /// An op of `sock` is about to enter its close gate.
+    pub(in crate::spi) fn before_enter(sock: &Socket) {
+        if !HOLDING.load(Ordering::SeqCst) {
+            return;
+        }
+        let Some(port) = sock.ctl().local.map(|a| a.port()) else {
+            return;
+        };
+        let mut h = hooks();
+        let Some(i) = h.holds.iter().position(|x| x.0 == port && !x.1) else {
+            return;
+        };
+        h.holds[i].1 = true;
+        CHANGED.notify_all();
+        while !h.holds[i].2 {
+            h = CHANGED.wait(h).unwrap_or_else(PoisonError::into_inner);
+        }
+        h.holds.remove(i);
+        HOLDING.store(!h.holds.is_empty(), Ordering::SeqCst);
+    }
+
+    /// `sock` swapped its queue pair (under its duplication lock).
+    pub(super) fn swapped(sock: &Socket) {
+        let local = sock.ctl().local;
+        if let Some(a) = local {
+            hooks().swapped.push(a.port());
+            CHANGED.notify_all();
         }
     }
 }

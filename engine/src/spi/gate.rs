@@ -63,7 +63,10 @@ impl CloseGate {
     /// (the op has then left already, and the caller must finalize if the
     /// returned [`Leave`] says so).
     pub fn enter(&self) -> Result<(), Leave> {
-        let was = self.state.fetch_add(1, Ordering::AcqRel);
+        // SeqCst (free where a read-modify-write fences anyway): a
+        // duplication's swap reads the count after a SeqCst store of its
+        // flag, which the op loads after entering (`dup.rs`).
+        let was = self.state.fetch_add(1, Ordering::SeqCst);
         debug_assert!(was & COUNT < COUNT, "close gate count overflow");
         if was & CLOSING != 0 {
             return Err(self.leave());

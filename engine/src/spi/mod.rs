@@ -27,6 +27,8 @@ mod socket;
 mod stats;
 mod types;
 
+#[cfg(feature = "fault-injection")]
+pub use dup::hooks as dup_hooks;
 pub use ops::MAX_SGE;
 pub use stats::ProviderStats;
 pub use types::*;
@@ -1223,7 +1225,7 @@ impl Inner {
         post: impl FnOnce(&dyn QueuePair, u64, &[Sge]) -> Result<(), PostError>,
     ) -> WsaResult<()> {
         const { assert!(N >= KEPT_SGE && N <= MAX_SGE) };
-        let qp = sock.connected_qp()?;
+        let loaded = sock.connected_qp()?;
         if ov.wants_upcall() {
             self.ensure_upcall_helper(&sock.run)?;
         }
@@ -1276,11 +1278,16 @@ impl Inner {
         if total > u64::from(max_total) {
             return Err(WsaError::WSAEMSGSIZE);
         }
+        #[cfg(feature = "fault-injection")]
+        dup::hooks::before_enter(&sock);
         // Either close counts this op, or we see it closing (gate.rs).
         if let Err(left) = sock.gate.enter() {
             self.finish_close(&sock, left.finalize);
             return Err(WsaError::WSAENOTSOCK);
         }
+        // Read once entered: a duplication's swap either counts this op or
+        // made its queue pair current (dup.rs).
+        let qp = sock.posting_qp(loaded);
         let Some(slot) = self.ops.reserve(sock.cq_index().unwrap_or(0)) else {
             self.op_finished(&sock);
             return Err(WsaError::WSAENOBUFS);

@@ -303,3 +303,47 @@ fn dup_3_the_old_descriptor_stays_valid_until_closed() {
     target.p.close_socket(t).unwrap();
     peer.p.close_socket(p).unwrap();
 }
+
+/// DUP-2, the swap's race: the peer's receive that started before the
+/// target rejoined and reaches the post only after the peer swapped the
+/// connection (held there by a hook) is posted on the new connection, and
+/// gets the target's message; read before, the replaced queue pair would
+/// flush it and the target's send would wait forever.
+#[test]
+fn dup_2_a_receive_started_across_the_swap_lands_on_the_new_connection() {
+    use sanpath::spi::dup_hooks;
+    const PORT: u16 = 6160;
+    let h = Host::new();
+    let peer = h.peer(PEER);
+    let target = h.sibling();
+    let (a, p) = connect_to(&h, &peer, PORT);
+    let pb = buf(&peer, p, 4096, MEM_READWRITE);
+    let token = h.p.duplicate_socket(a, me()).unwrap();
+    dup_hooks::hold_next_op_on(PORT);
+    let pov = Overlapped::new(0);
+    let t = std::thread::scope(|scope| {
+        let posting = scope.spawn(|| recv(&peer, p, &pb, 0, 64, &pov));
+        assert!(
+            dup_hooks::wait_held(PORT, TIMEOUT),
+            "the receive was not held"
+        );
+        let t = claim(&target, token).unwrap();
+        let swapped = dup_hooks::wait_swapped(PORT, TIMEOUT);
+        dup_hooks::release(PORT);
+        assert!(swapped, "the peer did not swap the connection");
+        posting.join().unwrap().unwrap();
+        t
+    });
+    let tb = buf(&target, t, 4096, MEM_READWRITE);
+    // SAFETY: the buffer is ours and outlives the send (waited for).
+    unsafe { std::ptr::copy_nonoverlapping(b"across".as_ptr(), tb.ptr(), 6) };
+    let tov = Overlapped::new(0);
+    send(&target, t, &tb, 0, 6, &tov).unwrap();
+    assert_eq!(wait_ov(&peer, &pov), (OK, 6), "the peer's receive");
+    assert_eq!(pb.bytes(0, 6), b"across");
+    assert_eq!(peer.sw.completions_of(&pov), 1);
+    assert_eq!(wait_ov(&target, &tov), (OK, 6), "the target's send");
+    target.p.close_socket(t).unwrap();
+    h.p.close_socket(a).unwrap();
+    peer.p.close_socket(p).unwrap();
+}
