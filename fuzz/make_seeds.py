@@ -275,7 +275,7 @@ SESSION = {
 }
 
 # --- shm_cell -----------------------------------------------------------
-# A whole segment (engine/src/fabric/shm/seg.rs, layout version 2): a
+# A whole segment (engine/src/fabric/shm/seg.rs, layout version 3): a
 # 128-byte header line (magic "SANPSHM1", version, cells, stride), three
 # 128-byte control lines (state u32 and refused u64 at 8; busy; armed), then
 # the ring (engine/src/fabric/soft/cell.rs, RingLayout): `cells` cells of
@@ -288,7 +288,7 @@ def u64(v):
     return struct.pack("<Q", v)
 
 
-def seg_header(cells, stride, magic=b"SANPSHM1", version=2, state=0, refused=0):
+def seg_header(cells, stride, magic=b"SANPSHM1", version=3, state=0, refused=0):
     line = magic + u32(version) + u32(cells) + u32(stride)
     control = (u32(state) + bytes(4) + u64(refused)).ljust(128, b"\0") + bytes(256)
     return line.ljust(128, b"\0") + control

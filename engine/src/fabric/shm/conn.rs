@@ -24,14 +24,19 @@
 //!
 //! # Breaking and the seal
 //!
-//! An end that breaks the connection (close, a refused request, a failed
-//! copy, garbage in a cell) stores its state word, then waits until the
-//! peer's `busy` word is clear; the peer sets `busy`, fences, and copies
-//! from or into this end's memory only while both states are intact (an
-//! inline send, which reads only the cell, does without: `SealSide`). So
-//! once the break returned, the peer touches none of this end's memory, and
-//! the outstanding requests are flushed. A peer that died (its socket hung
-//! up) copies nothing more.
+//! A poll takes messages in a *pass* (`SealSide`): it raises its `busy`
+//! word, fences, and takes nothing if either end broke; it publishes the
+//! consumed index before it clears `busy`. An end that breaks the
+//! connection (close, a refused request, a failed copy, garbage in a cell)
+//! first stops its own poller (`stopping`, a fence, then it waits for its
+//! own `busy` to clear), then stores its state word, fences, and waits
+//! until the peer's `busy` is clear. So once the break returned the peer
+//! touches none of this end's memory, and the consumed indexes of both
+//! directions are final: an end that sees the other's state word broken
+//! reads, after it, every message the other took, and its requests the
+//! peer took complete with success, the others flushed (each exactly
+//! once, with the status the peer's side agrees with). A peer that died
+//! (its socket hung up) takes nothing more.
 //!
 //! The first break, from whichever thread (a close, a post that failed its
 //! checks, the poller refusing a message or following the peer's break or
@@ -232,6 +237,13 @@ pub(super) struct Conn {
     /// Whether `broken` is set (Release after it is): what the hot paths
     /// read instead of the lock.
     is_broken: AtomicBool,
+    /// Set by this end's break before it waits for its own poller and then
+    /// stores its state word: the poller takes no message once it raised
+    /// `busy` and saw it (`SealSide::enter`).
+    stopping: AtomicBool,
+    /// Test hook: holds the poller after a message was taken.
+    #[cfg(test)]
+    pub(super) hook: super::hook::Hook,
     /// Keys this end exposed to the peer; locked across each RDMA the peer
     /// asked for.
     pub(super) window: Mutex<Vec<WindowKey>>,
@@ -313,6 +325,9 @@ impl Conn {
             rq: RecvQueue::new(recv_depth, max_sge),
             broken: Mutex::new(None),
             is_broken: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            #[cfg(test)]
+            hook: super::hook::Hook::default(),
             window: Mutex::new(Vec::new()),
         });
         (conn, poll)
@@ -504,21 +519,24 @@ impl Conn {
             return;
         }
         let c = self.mine.control();
+        // Our poller first: it takes no message after it saw `stopping`,
+        // and one taking messages now published the consumed index before
+        // it clears `busy`. So the state word below comes after every
+        // message this end took: a peer that saw it reads the final index.
+        // (From the poller itself `busy` is clear already.)
+        self.stopping.store(true, Ordering::Relaxed);
+        seal_fence();
+        self.wait_clear(&c.busy);
         if let Some((index, status)) = refused {
             c.link
                 .refused
                 .store((index + 1) << 8 | status as u64, Ordering::Relaxed);
         }
         c.link.state.store(state, Ordering::SeqCst);
-        fence(Ordering::SeqCst);
-        // The seal: no copy of the peer's is running once `busy` is clear.
-        let deadline = Instant::now() + SEAL_WAIT;
-        while self.theirs.control().busy.load(Ordering::Acquire) != 0
-            && !self.peer_gone.load(Ordering::Acquire)
-            && Instant::now() < deadline
-        {
-            std::thread::yield_now();
-        }
+        seal_fence();
+        // The seal: no copy of the peer's is running once `busy` is clear,
+        // and what the peer took is in the consumed index.
+        self.wait_clear(&self.theirs.control().busy);
         *b = Some(match state {
             // We refused a request of the peer: it failed, we are told.
             STATE_PEER_FAILED => Broken {
@@ -535,6 +553,20 @@ impl Conn {
         self.is_broken.store(true, Ordering::Release);
         drop(b);
         sys::signal(self.peer_event.as_raw_fd());
+    }
+
+    /// Waits (bounded by [`SEAL_WAIT`], and not for a dead peer) until a
+    /// `busy` word is clear.
+    fn wait_clear(&self, busy: &std::sync::atomic::AtomicU32) {
+        let deadline = Instant::now() + SEAL_WAIT;
+        while busy.load(Ordering::Acquire) != 0
+            && !self.peer_gone.load(Ordering::Acquire)
+            && Instant::now() < deadline
+        {
+            #[cfg(test)]
+            self.hook.note_break();
+            std::thread::yield_now();
+        }
     }
 
     /// Reacts to the peer's state word or its death (on the poll side);
@@ -597,9 +629,6 @@ impl Conn {
             consumed = peer_state == STATE_INTACT
                 && !self.is_broken.load(Ordering::Relaxed)
                 && self.progress(ps);
-            if consumed {
-                ps.inc.publish();
-            }
         }
         let broken = self.broken();
         let n = self.reap(ps, broken, out);
@@ -621,31 +650,44 @@ impl Conn {
         n
     }
 
-    /// Matches incoming messages while receives (or RDMA) let it; whether
-    /// any was consumed. Called only while the peer's state read intact (a
-    /// peer that broke sends nothing more worth taking; a stale read only
-    /// lets a message in that the break raced with anyway).
+    /// Matches incoming messages while receives (or RDMA) let it, and
+    /// publishes the consumed index; whether any was consumed. Inside the
+    /// seal (`busy` raised, then either end's break seen), so a break
+    /// waits for the pass and the index it publishes.
     fn progress(&self, ps: &mut PollSide) -> bool {
-        // Nothing arrived: nothing to copy.
+        // Nothing arrived: nothing to take.
         if ps.inc.peek().is_none() {
             return false;
         }
-        let mut seal = SealSide {
-            conn: self,
-            entered: false,
-        };
+        let seal = SealSide::enter(self);
+        if !seal.open {
+            seal.leave();
+            return false;
+        }
         let mut moved = false;
         let rq_tail = self.rq.tail();
-        while let Some(r) = self.step(ps, rq_tail, &mut seal) {
+        while let Some(r) = self.step(ps, rq_tail) {
             match r {
-                Ok(()) => moved = true,
+                Ok(()) => {
+                    moved = true;
+                    #[cfg(test)]
+                    self.hook.took();
+                }
                 Err((index, status, state)) => {
+                    // What was taken before is the peer's to see as done:
+                    // published before the break's state word.
+                    if moved {
+                        ps.inc.publish();
+                    }
                     seal.leave();
                     let failed = state == STATE_OWNER_FAILED;
                     self.break_with(state, Some((index, status)), failed);
                     return moved;
                 }
             }
+        }
+        if moved {
+            ps.inc.publish();
         }
         seal.leave();
         moved
@@ -664,12 +706,7 @@ impl Conn {
     /// send is the hot path; the rest is out of line.
     #[allow(clippy::type_complexity)]
     #[inline(always)]
-    fn step(
-        &self,
-        ps: &mut PollSide,
-        rq_tail: u64,
-        seal: &mut SealSide<'_>,
-    ) -> Option<Result<(), (u64, WcStatus, u32)>> {
+    fn step(&self, ps: &mut PollSide, rq_tail: u64) -> Option<Result<(), (u64, WcStatus, u32)>> {
         let index = ps.inc.head();
         let msg = ps.inc.peek()?;
         let Some(d) = msg.decode() else {
@@ -719,14 +756,12 @@ impl Conn {
             } else {
                 match msg.gather_into(&d, &mut ps.gather) {
                     None => Err((index, WcStatus::RemoteInvalidRequest, STATE_PEER_FAILED)),
-                    Some(_) if !seal.enter() => return None,
                     Some(_) => self.read_send(ps, index, d.len, d.nsge),
                 }
             }
         } else {
             match msg.gather_into(&d, &mut ps.gather) {
                 None => Err((index, WcStatus::RemoteInvalidRequest, STATE_PEER_FAILED)),
-                Some(_) if !seal.enter() => return None,
                 Some(_) => self
                     .rdma(&ps.gather[..d.nsge], d.op, d.len)
                     .map_err(|s| (index, s, STATE_PEER_FAILED)),
@@ -905,38 +940,50 @@ impl Conn {
     }
 }
 
-/// This end's side of the seal (module docs) during one `progress`: the
-/// `busy` word is stored, and fenced, only before the first copy that
-/// touches the peer's memory (`process_vm_readv` / `process_vm_writev`). An
-/// inline send reads the cell and writes this process's own receive, which
-/// the peer's break does not wait for: the common small message pays no
-/// store and no fence here.
-struct SealSide<'a> {
-    conn: &'a Conn,
-    /// Whether `busy` is set.
-    entered: bool,
+/// The fence of a break between its store (`stopping`, the state word) and
+/// its load of a `busy` word: a heavy one where this process takes part in
+/// asymmetric fences (a poller of a peer that does too, or of ours, then
+/// needs only a compiler fence in [`SealSide::enter`]), else a full one.
+fn seal_fence() {
+    if !sys::asymmetric_fences() || !sys::heavy_fence() {
+        fence(Ordering::SeqCst);
+    }
 }
 
-impl SealSide<'_> {
-    /// Says this end copies (once); whether the peer is still intact, so
-    /// the copy may go ahead. Store, full fence, then the peer's state
-    /// load: a break (state store, fence, `busy` load) and this see each
-    /// other.
-    fn enter(&mut self) -> bool {
-        if !self.entered {
-            self.conn.mine.control().busy.store(1, Ordering::Relaxed);
+/// This end's side of the seal (module docs) during one `progress`: `busy`
+/// raised, a fence, then both ends' breaks looked at; cleared once the
+/// pass published what it took. Against a break (its store, its fence,
+/// then its load of `busy`) either the pass sees the break and takes
+/// nothing, or the break sees `busy` and waits for the pass: its copies
+/// from or into the peer's memory, and the consumed index. The fence is a
+/// compiler fence where both processes take part in asymmetric fences (the
+/// breaks' are heavy: `light_wake`), so a small message pays two plain
+/// stores for it.
+struct SealSide<'a> {
+    conn: &'a Conn,
+    /// Whether neither end broke: the pass may take messages.
+    open: bool,
+}
+
+impl<'a> SealSide<'a> {
+    #[inline(always)]
+    fn enter(conn: &'a Conn) -> SealSide<'a> {
+        conn.mine.control().busy.store(1, Ordering::Relaxed);
+        if conn.light_wake {
+            compiler_fence(Ordering::SeqCst);
+        } else {
             fence(Ordering::SeqCst);
-            self.entered = true;
         }
-        self.conn.theirs.control().link.state.load(Ordering::SeqCst) == STATE_INTACT
+        let open = !conn.stopping.load(Ordering::Relaxed)
+            && conn.theirs.control().link.state.load(Ordering::Acquire) == STATE_INTACT;
+        SealSide { conn, open }
     }
 
-    /// Done copying (Release: the copies happen before the peer's break
-    /// sees `busy` clear).
+    /// Done (Release: the copies and the consumed index's publication
+    /// happen before a break sees `busy` clear).
+    #[inline(always)]
     fn leave(self) {
-        if self.entered {
-            self.conn.mine.control().busy.store(0, Ordering::Release);
-        }
+        self.conn.mine.control().busy.store(0, Ordering::Release);
     }
 }
 

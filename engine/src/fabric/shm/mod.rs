@@ -57,6 +57,8 @@
 mod cm;
 mod conn;
 mod cq;
+#[cfg(test)]
+mod hook;
 mod seg;
 mod sys;
 #[cfg(test)]

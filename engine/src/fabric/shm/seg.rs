@@ -21,8 +21,10 @@ use std::sync::Arc;
 const MAGIC: u64 = 0x314d_4853_504e_4153;
 /// Layout version; a peer with another one is refused. 2: the control
 /// words on three lines (state, busy, armed), and cells carry
-/// acknowledgements.
-pub(super) const VERSION: u32 = 2;
+/// acknowledgements. 3: the same layout; `busy` covers every pass that
+/// takes messages and a break stops its own poller before it stores its
+/// state word (`conn`), which a version-2 peer does not.
+pub(super) const VERSION: u32 = 3;
 /// Largest ring a peer may ask us to map.
 const MAX_CELLS: usize = 1 << 20;
 /// Largest gather stride (the soft fabric's `max_sge` limit).
@@ -56,10 +58,11 @@ const FLAG_HEAVY_ARM: u32 = 1;
 pub(super) struct Control {
     /// Read by the peer on every poll; written when the connection breaks.
     pub(super) link: LinkLine,
-    /// Non-zero while the owner copies to or from the peer's memory; set
-    /// before and cleared after each pass, so a closing peer can wait for
-    /// it (the seal). Written by the owner only; read by the peer only when
-    /// it breaks the connection.
+    /// Non-zero while the owner's poller takes messages from the peer
+    /// (copying to or from the peer's memory, publishing the consumed
+    /// index); set before and cleared after each pass, so a breaking peer
+    /// can wait for it (the seal). Written by the owner only; read by the
+    /// peer only when it breaks the connection.
     pub(super) busy: Line<AtomicU32>,
     /// 1 while the owner sleeps and wants an `eventfd` wake-up for new
     /// work. Set by the owner (`arm`); cleared by the one waker (peer,

@@ -42,6 +42,7 @@ struct Pair {
     ccq: Arc<dyn CompletionQueue>,
     scq: Arc<dyn CompletionQueue>,
     client_conn: Arc<Conn>,
+    server_conn: Arc<Conn>,
     buf: Vec<u8>,
     lkey: u32,
     nic: ShmNic,
@@ -93,10 +94,13 @@ impl Pair {
         };
         let server = req.accept(params(&scq)).unwrap();
         let client = rx.recv_timeout(WAIT).unwrap().unwrap();
-        let client_conn = lock(&nic.inner.conns)
-            .get(&client.num().0)
-            .and_then(Weak::upgrade)
-            .unwrap();
+        let conn = |qp: &Arc<dyn QueuePair>| {
+            lock(&nic.inner.conns)
+                .get(&qp.num().0)
+                .and_then(Weak::upgrade)
+                .unwrap()
+        };
+        let (client_conn, server_conn) = (conn(&client), conn(&server));
         let buf = vec![0u8; 256];
         // SAFETY: `buf` lives in the pair, beside the NIC, and is never
         // moved (a Vec's heap block); the queue pairs are dropped first.
@@ -109,6 +113,7 @@ impl Pair {
             ccq,
             scq,
             client_conn,
+            server_conn,
             buf,
             lkey,
             nic,
@@ -137,6 +142,13 @@ impl Pair {
     fn recv(&self, qp: &Arc<dyn QueuePair>, wr_id: WrId, off: usize) {
         let s = [self.sge(off)];
         qp.post_recv(&RecvWr { wr_id, sges: &s }).unwrap();
+    }
+
+    /// One poll's completions, with their statuses.
+    fn poll_wcs(cq: &Arc<dyn CompletionQueue>) -> Vec<(WrId, WcStatus)> {
+        let mut out = [WorkCompletion::EMPTY; 8];
+        let n = cq.poll(&mut out);
+        out[..n].iter().map(|c| (c.wr_id, c.status)).collect()
     }
 
     /// One poll's completions.
@@ -225,4 +237,46 @@ fn a_send_the_peer_never_answers_completes_at_the_first_poll() {
         assert_eq!(Pair::poll(&p.scq), [100 + i]);
         assert_eq!(Pair::poll(&p.ccq), [i], "send {i}");
     }
+}
+
+/// A send the peer took just before it closed completes with success, as
+/// the peer's receive does: the close waits for the peer's poller to
+/// publish what it took before it stores the state word that makes this
+/// end flush. The server's poller is held (test hook) after it took the
+/// message and before it published the consumed index, while another
+/// thread closes the server; the client polls meanwhile (once the close
+/// waits for the pass, or returned) and after the pass.
+#[test]
+fn a_send_the_peer_took_as_it_closed_completes_with_success() {
+    let p = Pair::new("closing");
+    let (c, s) = (&p.client, &p.server);
+    p.recv(s, 10, 64);
+    p.send(c, 1, 0);
+    let hook = &p.server_conn.hook;
+    hook.hold_after_next_message();
+    let mut client = Vec::new();
+    let server = std::thread::scope(|scope| {
+        let poller = scope.spawn(|| Pair::poll_wcs(&p.scq));
+        assert!(hook.wait_held(WAIT), "the server took nothing");
+        let closer = scope.spawn(|| {
+            s.set_error();
+            hook.note_break();
+        });
+        assert!(
+            hook.wait_break(WAIT),
+            "the close neither waited nor returned"
+        );
+        client.extend(Pair::poll_wcs(&p.ccq));
+        hook.release();
+        let server = poller.join().unwrap();
+        closer.join().unwrap();
+        server
+    });
+    assert_eq!(server, [(10, WcStatus::Success)], "the server's receive");
+    let until = Instant::now() + WAIT;
+    while !client.iter().any(|w| w.0 == 1) {
+        assert!(Instant::now() < until, "the send never completed");
+        client.extend(Pair::poll_wcs(&p.ccq));
+    }
+    assert_eq!(client, [(1, WcStatus::Success)], "the client's send");
 }
