@@ -235,11 +235,90 @@ pub(super) enum Cma {
 /// registered for the access (whose owner keeps them valid while they are
 /// registered).
 ///
-/// Never inlined: its two arrays of `MAX_IOV` iovecs would otherwise land
-/// in the frame of every poll, which then probes 8 KiB of stack per call;
-/// a call costs nothing beside the system call.
-#[inline(never)]
+/// One entry on each side (an RDMA, most long sends) takes a path of its
+/// own: two iovecs on the stack, no list to build.
 pub(super) fn cma(
+    dir: Cma,
+    pid: libc::pid_t,
+    local: &[crate::fabric::Sge],
+    remote: &[crate::fabric::Sge],
+) -> io::Result<()> {
+    match (local, remote) {
+        ([l], [r]) => cma_one(dir, pid, l, r),
+        _ => cma_lists(dir, pid, local, remote),
+    }
+}
+
+/// One system call's worth of [`cma`]; the bytes moved.
+///
+/// # Safety
+/// The local iovecs name memory this process may write (a read) or read
+/// (a write) for the call.
+unsafe fn cma_call(
+    dir: Cma,
+    pid: libc::pid_t,
+    lv: &[libc::iovec],
+    rv: &[libc::iovec],
+) -> io::Result<usize> {
+    // SAFETY: the kernel validates both lists against the two address
+    // spaces; the local ranges are ours to use (caller).
+    let n = unsafe {
+        match dir {
+            Cma::Read => libc::process_vm_readv(
+                pid,
+                lv.as_ptr(),
+                lv.len() as _,
+                rv.as_ptr(),
+                rv.len() as _,
+                0,
+            ),
+            Cma::Write => libc::process_vm_writev(
+                pid,
+                lv.as_ptr(),
+                lv.len() as _,
+                rv.as_ptr(),
+                rv.len() as _,
+                0,
+            ),
+        }
+    };
+    match n {
+        n if n > 0 => Ok(n as usize),
+        0 => Err(io::Error::from_raw_os_error(libc::EFAULT)),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
+/// [`cma`] between one local and one remote entry.
+#[inline(never)]
+fn cma_one(
+    dir: Cma,
+    pid: libc::pid_t,
+    local: &crate::fabric::Sge,
+    remote: &crate::fabric::Sge,
+) -> io::Result<()> {
+    let total = local.len as usize;
+    let mut done = 0usize;
+    while done < total {
+        let lv = libc::iovec {
+            iov_base: (local.addr + done) as *mut libc::c_void,
+            iov_len: total - done,
+        };
+        let rv = libc::iovec {
+            iov_base: (remote.addr + done) as *mut libc::c_void,
+            iov_len: (remote.len as usize).saturating_sub(done),
+        };
+        // SAFETY: forwarded from the caller of `cma` (module docs there).
+        done += unsafe { cma_call(dir, pid, &[lv], &[rv])? };
+    }
+    Ok(())
+}
+
+/// [`cma`] between lists. Never inlined: its two arrays of `MAX_IOV`
+/// iovecs would otherwise land in the frame of every poll, which then
+/// probes 8 KiB of stack per call.
+#[inline(never)]
+fn cma_lists(
     dir: Cma,
     pid: libc::pid_t,
     local: &[crate::fabric::Sge],
@@ -256,36 +335,8 @@ pub(super) fn cma(
     let mut done = 0usize;
     while done < total {
         let (lv, rv) = (skip(l, done), skip(r, done));
-        // SAFETY: the kernel validates both lists against the two address
-        // spaces; the local ranges are ours to write (caller, see above).
-        let n = unsafe {
-            match dir {
-                Cma::Read => libc::process_vm_readv(
-                    pid,
-                    lv.as_ptr(),
-                    lv.len() as _,
-                    rv.as_ptr(),
-                    rv.len() as _,
-                    0,
-                ),
-                Cma::Write => libc::process_vm_writev(
-                    pid,
-                    lv.as_ptr(),
-                    lv.len() as _,
-                    rv.as_ptr(),
-                    rv.len() as _,
-                    0,
-                ),
-            }
-        };
-        if n <= 0 {
-            return Err(if n < 0 {
-                io::Error::last_os_error()
-            } else {
-                io::Error::from_raw_os_error(libc::EFAULT)
-            });
-        }
-        done += n as usize;
+        // SAFETY: forwarded from the caller of `cma` (module docs there).
+        done += unsafe { cma_call(dir, pid, lv, rv)? };
     }
     Ok(())
 }
