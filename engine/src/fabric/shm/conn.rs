@@ -246,7 +246,11 @@ pub(super) struct Conn {
     pub(super) hook: super::hook::Hook,
     /// Keys this end exposed to the peer; locked across each RDMA the peer
     /// asked for.
-    pub(super) window: Mutex<Vec<WindowKey>>,
+    /// A spin lock: the poller takes it once per RDMA (one locked
+    /// instruction, where a `Mutex` pays two); a binding, an unbinding or
+    /// a deregistration takes it rarely, and waits (yielding) for a copy in
+    /// progress, as it must.
+    pub(super) window: SpinLock<Vec<WindowKey>>,
 }
 
 /// What a new connection end is made of.
@@ -328,7 +332,7 @@ impl Conn {
             stopping: AtomicBool::new(false),
             #[cfg(test)]
             hook: super::hook::Hook::default(),
-            window: Mutex::new(Vec::new()),
+            window: SpinLock::new(Vec::new()),
         });
         (conn, poll)
     }
@@ -810,7 +814,7 @@ impl Conn {
         } else {
             Access::REMOTE_READ
         };
-        let window = lock(&self.window);
+        let window = self.window.lock();
         let addr = check_window(&window, rkey, remote_addr, len as usize, need)
             .ok_or(WcStatus::RemoteAccessError)?;
         let here = [Sge { addr, len, lkey: 0 }];

@@ -180,7 +180,7 @@ impl Pd {
     /// through it).
     fn revoke(rkey: u32, k: &RemoteKey) {
         if let Some(c) = k.conn.upgrade() {
-            lock(&c.window).retain(|w| w.rkey != rkey);
+            c.window.lock().retain(|w| w.rkey != rkey);
         }
     }
 }
@@ -441,7 +441,7 @@ impl Nic for ShmNic {
                 conn: Arc::downgrade(&conn),
             },
         );
-        lock(&conn.window).push(conn::WindowKey {
+        conn.window.lock().push(conn::WindowKey {
             rkey,
             addr: r.addr,
             len: r.len,
