@@ -31,9 +31,10 @@
 //!   process that cannot keeps full fences on both sides).
 //! - **Failure**: a close, a refused request, garbage in a cell, or the
 //!   peer's death (its socket hangs up) breaks the connection; every
-//!   posted request still completes exactly once (`Flushed`, or
-//!   `RemoteDisconnected` for what the peer's side broke), and a break
-//!   waits for the peer's copy in progress before flushing (the seal).
+//!   posted request still completes exactly once (success if the peer
+//!   took it, else `Flushed`, or `RemoteDisconnected` for what the peer's
+//!   side broke), and a break waits for its own poller's pass and the
+//!   peer's before flushing (the seal: `conn`).
 //! - **Untrusted peer memory**: everything read from the peer's segment
 //!   is bounds-checked (`Message::decode`, gather totals, geometry checked
 //!   once at mapping time); the segments are sealed against resizing.
