@@ -265,6 +265,12 @@ pub(super) struct State {
     pub(super) connected: bool,
     /// `close_socket` was called (or is being called).
     pub(super) socket_closed: bool,
+    /// The machine aborted while an upcall fed it: the socket is closed by
+    /// the next thread that settles the state outside an upcall (a waiting
+    /// call, the next call, or the stream's close). Closing inside the
+    /// upcall would make the provider defer the close to its closer thread,
+    /// which polls every deferred socket until each one finalizes.
+    close_due: bool,
     /// Bumped by `cancel_pending`: blocking calls started before give up.
     pub(super) cancel_gen: u64,
     /// Something a sleeping thread may wait for changed: notify after
@@ -353,6 +359,7 @@ impl Conn {
                 cache: RegCache::new(cache_entries),
                 connected: false,
                 socket_closed: false,
+                close_due: false,
                 cancel_gen: 0,
                 wake: false,
                 watch_all: false,
@@ -416,6 +423,12 @@ impl Conn {
         self.settle_then(st, |_| ());
     }
 
+    /// [`Conn::settle`] inside an upcall: an abort leaves the close to the
+    /// next settle outside one (`State::close_due`).
+    fn settle_in_upcall<'a>(&'a self, st: MutexGuard<'a, State>) {
+        self.settle_as(st, true, |_| ());
+    }
+
     /// Runs `f` on the state, executes the machine's actions and feeds the
     /// waiting completions, then runs `then` on the state with `f`'s value
     /// (it sees the results they produced) and unlocks.
@@ -440,7 +453,18 @@ impl Conn {
     /// no actions: it looks, or takes a result).
     fn settle_then<'a, R>(
         &'a self,
+        st: MutexGuard<'a, State>,
+        then: impl FnOnce(&mut State) -> R,
+    ) -> R {
+        self.settle_as(st, false, then)
+    }
+
+    /// [`Conn::settle_then`]; `upcall`: the thread is inside an upcall, so
+    /// an abort only marks the close due.
+    fn settle_as<'a, R>(
+        &'a self,
         mut st: MutexGuard<'a, State>,
+        upcall: bool,
         then: impl FnOnce(&mut State) -> R,
     ) -> R {
         let mut then = Some(then);
@@ -456,6 +480,12 @@ impl Conn {
             }
             if let Some(f) = then.take() {
                 r = Some(f(&mut st));
+            }
+            if upcall {
+                st.close_due |= abort;
+                abort = false;
+            } else {
+                abort |= std::mem::take(&mut st.close_due);
             }
             let wake = std::mem::take(&mut st.wake);
             let fire = std::mem::take(&mut st.events) & st.want;
@@ -504,7 +534,7 @@ impl Conn {
         // Never waits for the state inside an upcall: whoever holds it
         // (perhaps this thread's own caller) feeds the completion.
         if let Some(st) = self.try_state() {
-            self.settle(st);
+            self.settle_in_upcall(st);
         }
     }
 
