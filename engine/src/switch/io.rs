@@ -73,11 +73,28 @@ use crate::spi::{
 use std::io;
 use std::sync::atomic::Ordering;
 
-/// Address of `len` bytes at `at` of `pool`, checked against it.
-fn pool_range(pool: &Region, at: usize, len: usize) -> WsaResult<*mut u8> {
-    match at.checked_add(len) {
-        Some(end) if end <= pool.len() => Ok(pool.as_ptr().wrapping_add(at)),
-        _ => Err(WsaError::WSAEFAULT),
+/// One part of a connection's mapping (the pool or a ring): `len` bytes at
+/// offset `at`, both whole pages.
+#[derive(Clone, Copy, Debug)]
+struct Area {
+    at: usize,
+    len: usize,
+}
+
+impl Area {
+    /// Start of the area in `mem`.
+    fn ptr(self, mem: &Region) -> *mut u8 {
+        debug_assert!(self.at + self.len <= mem.len());
+        mem.as_ptr().wrapping_add(self.at)
+    }
+
+    /// Address of `len` bytes at `at` of the area in `mem`, checked against
+    /// the area.
+    fn range(self, mem: &Region, at: usize, len: usize) -> WsaResult<*mut u8> {
+        match at.checked_add(len) {
+            Some(end) if end <= self.len => Ok(self.ptr(mem).wrapping_add(at)),
+            _ => Err(WsaError::WSAEFAULT),
+        }
     }
 }
 
@@ -139,13 +156,17 @@ pub(super) struct Wire {
     pub(super) slot_size: usize,
     n_recv: usize,
     n_send: usize,
+    /// One mapping holds the pool and both rings (one `mmap` and one
+    /// `munmap` per connection: with 10,000 connections, a mapping each
+    /// would make closing them mostly page-table work).
+    mem: Region,
     /// The receive and send slots, one registration: see [`Wire::recv_at`].
-    pool: Region,
+    pool: Area,
     /// The receive ring: the peer RDMA-writes stream bytes into it.
-    recv_ring: Region,
+    recv_ring: Area,
     /// The send ring: stream bytes are copied into it and RDMA-written from
     /// it to the same offset of the peer's ring.
-    send_ring: Region,
+    send_ring: Area,
     /// The send ring's local registration (set by [`Wire::register`]).
     send_ring_handle: u64,
     ovs: Box<[Overlapped]>,
@@ -174,16 +195,31 @@ impl Wire {
             FabricKind::Verbs => config.mem.mlock,
             FabricKind::Soft | FabricKind::Shm => MlockPolicy::Off,
         };
-        let region = |n: usize| Region::new(n, policy).map_err(io::Error::other);
+        let page = crate::mem::region::page_size();
+        let pages = |n: usize| n.div_ceil(page) * page;
+        let pool = Area {
+            at: 0,
+            len: pages((n_recv + n_send) * slot_size),
+        };
+        let recv_ring = Area {
+            at: pool.len,
+            len: pages(ring_size),
+        };
+        let send_ring = Area {
+            at: recv_ring.at + recv_ring.len,
+            len: recv_ring.len,
+        };
+        let mem = Region::new(send_ring.at + send_ring.len, policy).map_err(io::Error::other)?;
         Ok(Wire {
             provider: provider.clone(),
             sock,
             slot_size,
             n_recv,
             n_send,
-            pool: region((n_recv + n_send) * slot_size)?,
-            recv_ring: region(ring_size)?,
-            send_ring: region(ring_size)?,
+            mem,
+            pool,
+            recv_ring,
+            send_ring,
             send_ring_handle: 0,
             ovs: (0..n_recv + 2 * n_send + n_rdma)
                 .map(|_| Overlapped::new(0))
@@ -193,10 +229,7 @@ impl Wire {
 
     /// Bytes of the connection's buffers: pools and rings.
     pub(super) fn buffer_bytes(&self) -> usize {
-        [&self.pool, &self.recv_ring, &self.send_ring]
-            .iter()
-            .map(|r| r.len())
-            .sum()
+        self.mem.len()
     }
 
     /// Bytes of the pools and rings that are resident, and whether any of
@@ -204,17 +237,14 @@ impl Wire {
     #[cfg(test)]
     pub(super) fn resident_bytes(&self) -> (usize, bool) {
         let page = crate::mem::region::page_size();
-        let regions = [&self.pool, &self.recv_ring, &self.send_ring];
-        let mut resident = 0;
-        for r in regions {
-            let mut pages = vec![0u8; r.len() / page];
-            // SAFETY: `r` is a live page-aligned mapping of `r.len()` bytes
-            // and `pages` holds one byte per page of it.
-            let rc = unsafe { libc::mincore(r.as_ptr().cast(), r.len(), pages.as_mut_ptr()) };
-            assert_eq!(rc, 0, "mincore: {}", io::Error::last_os_error());
-            resident += pages.iter().filter(|&&p| p & 1 == 1).count() * page;
-        }
-        (resident, regions.iter().any(|r| r.locked()))
+        let r = &self.mem;
+        let mut pages = vec![0u8; r.len() / page];
+        // SAFETY: `r` is a live page-aligned mapping of `r.len()` bytes and
+        // `pages` holds one byte per page of it.
+        let rc = unsafe { libc::mincore(r.as_ptr().cast(), r.len(), pages.as_mut_ptr()) };
+        assert_eq!(rc, 0, "mincore: {}", io::Error::last_os_error());
+        let resident = pages.iter().filter(|&&p| p & 1 == 1).count() * page;
+        (resident, r.locked())
     }
 
     /// Offset of receive slot `slot` in the pool. Receive and send slots
@@ -292,16 +322,20 @@ impl Wire {
         unsafe {
             self.provider.register_memory(
                 self.sock,
-                self.pool.as_ptr(),
-                self.pool.len() as u32,
+                self.pool.ptr(&self.mem),
+                self.pool.len as u32,
                 MEM_READWRITE,
             )?;
         }
-        let ring_len = u32::try_from(self.send_ring.len()).map_err(|_| WsaError::WSAENOBUFS)?;
+        let ring_len = u32::try_from(self.send_ring.len).map_err(|_| WsaError::WSAENOBUFS)?;
         // SAFETY: invariant 1, for the send ring.
         self.send_ring_handle = unsafe {
-            self.provider
-                .register_memory(self.sock, self.send_ring.as_ptr(), ring_len, MEM_READ)?
+            self.provider.register_memory(
+                self.sock,
+                self.send_ring.ptr(&self.mem),
+                ring_len,
+                MEM_READ,
+            )?
         };
         let mut desc = [0u8; DESC_LEN];
         // SAFETY: invariant 1 — the receive ring lives as long as the socket
@@ -309,7 +343,7 @@ impl Wire {
         unsafe {
             self.provider.register_rdma_memory(
                 self.sock,
-                self.recv_ring.as_ptr(),
+                self.recv_ring.ptr(&self.mem),
                 ring_len,
                 MEM_WRITE,
                 &mut desc,
@@ -322,7 +356,7 @@ impl Wire {
     pub(super) fn post_recv(&self, slot: u16) -> WsaResult<()> {
         let buf = WsaBuf {
             len: self.slot_size as u32,
-            buf: self.pool.as_ptr().wrapping_add(self.recv_at(slot)),
+            buf: self.pool.ptr(&self.mem).wrapping_add(self.recv_at(slot)),
         };
         // SAFETY: invariant 1 — receive slot `slot` of the pool and its
         // record live until every op of the socket completed, and it is not
@@ -349,7 +383,7 @@ impl Wire {
         if len > self.slot_size {
             return Err(WsaError::WSAEFAULT);
         }
-        let dst = pool_range(&self.pool, base, len)?;
+        let dst = self.pool.range(&self.mem, base, len)?;
         if let Some((app, off, n)) = payload {
             let src = app.range(off, n)?;
             // SAFETY: invariant 2 — the source lies in a send buffer whose
@@ -390,7 +424,9 @@ impl Wire {
         report: bool,
     ) -> WsaResult<()> {
         let src = app.range(off, len)?;
-        let dst = pool_range(&self.send_ring, ring_off as usize, len as usize)?;
+        let dst = self
+            .send_ring
+            .range(&self.mem, ring_off as usize, len as usize)?;
         // SAFETY: invariant 2 — the source lies in a send buffer whose call
         // is blocked until this op completes (checked in bounds); invariant
         // 5 — nothing reads or writes this send ring range (checked in
@@ -436,7 +472,9 @@ impl Wire {
     /// application receive buffer at `off`.
     pub(super) fn copy_out(&self, ring_off: u32, app: AppBuf, off: u64, len: u32) -> WsaResult<()> {
         let dst = app.range(off, len)?;
-        let src = pool_range(&self.recv_ring, ring_off as usize, len as usize)?;
+        let src = self
+            .recv_ring
+            .range(&self.mem, ring_off as usize, len as usize)?;
         // SAFETY: invariant 2 — the destination lies in a receive buffer
         // whose call is blocked until this op completes; invariant 3 — no
         // RDMA op targets it during a copy; the source is inside the
@@ -460,7 +498,7 @@ impl Wire {
             return Err(WsaError::WSAEFAULT);
         }
         let at = self.recv_at(slot) + slot_off as usize;
-        let src = pool_range(&self.pool, at, len as usize)?;
+        let src = self.pool.range(&self.mem, at, len as usize)?;
         // SAFETY: invariant 2 — the destination lies in a receive buffer
         // whose call is blocked until this op completes; invariant 3 — no
         // RDMA op targets it during a copy; the source is inside receive
@@ -475,7 +513,7 @@ impl Wire {
         if head.len() > self.slot_size {
             return Err(WsaError::WSAEFAULT);
         }
-        let src = pool_range(&self.pool, self.recv_at(slot), head.len())?;
+        let src = self.pool.range(&self.mem, self.recv_at(slot), head.len())?;
         // SAFETY: the source is inside receive slot `slot` (checked), whose
         // receive completed and which is not re-posted before this returns
         // (invariant 4); `head` is a distinct local buffer.
