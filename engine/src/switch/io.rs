@@ -156,18 +156,21 @@ pub(super) struct Wire {
     pub(super) slot_size: usize,
     n_recv: usize,
     n_send: usize,
-    /// One mapping holds the pool and both rings (one `mmap` and one
-    /// `munmap` per connection: with 10,000 connections, a mapping each
-    /// would make closing them mostly page-table work).
+    /// One mapping holds the pool, the send ring and the receive ring, in
+    /// that order (one `mmap` and one `munmap` per connection: with 10,000
+    /// connections, a mapping each would make closing them mostly
+    /// page-table work). The pool and the send ring are one local
+    /// registration; the receive ring is exposed.
     mem: Region,
-    /// The receive and send slots, one registration: see [`Wire::recv_at`].
+    /// The receive and send slots: see [`Wire::recv_at`].
     pool: Area,
     /// The receive ring: the peer RDMA-writes stream bytes into it.
     recv_ring: Area,
     /// The send ring: stream bytes are copied into it and RDMA-written from
     /// it to the same offset of the peer's ring.
     send_ring: Area,
-    /// The send ring's local registration (set by [`Wire::register`]).
+    /// The local registration of the pool and the send ring (set by
+    /// [`Wire::register`]).
     send_ring_handle: u64,
     ovs: Box<[Overlapped]>,
 }
@@ -201,15 +204,15 @@ impl Wire {
             at: 0,
             len: pages((n_recv + n_send) * slot_size),
         };
-        let recv_ring = Area {
+        let send_ring = Area {
             at: pool.len,
             len: pages(ring_size),
         };
-        let send_ring = Area {
-            at: recv_ring.at + recv_ring.len,
-            len: recv_ring.len,
+        let recv_ring = Area {
+            at: send_ring.at + send_ring.len,
+            len: send_ring.len,
         };
-        let mem = Region::new(send_ring.at + send_ring.len, policy).map_err(io::Error::other)?;
+        let mem = Region::new(recv_ring.at + recv_ring.len, policy).map_err(io::Error::other)?;
         Ok(Wire {
             provider: provider.clone(),
             sock,
@@ -316,25 +319,21 @@ impl Wire {
     /// releases all of it when the socket closes); returns the receive
     /// ring's descriptor.
     pub(super) fn register(&mut self) -> WsaResult<Desc> {
-        // SAFETY: invariant 1 — the pool lives in this connection, which
-        // outlives the socket's ops and its registrations (if this fails,
-        // the caller closes the socket before dropping it).
-        unsafe {
-            self.provider.register_memory(
-                self.sock,
-                self.pool.ptr(&self.mem),
-                self.pool.len as u32,
-                MEM_READWRITE,
-            )?;
-        }
-        let ring_len = u32::try_from(self.send_ring.len).map_err(|_| WsaError::WSAENOBUFS)?;
-        // SAFETY: invariant 1, for the send ring.
+        // The pool and the send ring are adjacent (the ring right after
+        // the pool): one local registration covers both.
+        debug_assert_eq!(self.send_ring.at, self.pool.at + self.pool.len);
+        let local_len =
+            u32::try_from(self.pool.len + self.send_ring.len).map_err(|_| WsaError::WSAENOBUFS)?;
+        let ring_len = u32::try_from(self.recv_ring.len).map_err(|_| WsaError::WSAENOBUFS)?;
+        // SAFETY: invariant 1 — the pool and the send ring live in this
+        // connection, which outlives the socket's ops and its registrations
+        // (if this fails, the caller closes the socket before dropping it).
         self.send_ring_handle = unsafe {
             self.provider.register_memory(
                 self.sock,
-                self.send_ring.ptr(&self.mem),
-                ring_len,
-                MEM_READ,
+                self.pool.ptr(&self.mem),
+                local_len,
+                MEM_READWRITE,
             )?
         };
         let mut desc = [0u8; DESC_LEN];
