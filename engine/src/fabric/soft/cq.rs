@@ -473,6 +473,12 @@ pub(super) struct SoftCq {
     /// consumer at a time, the CQ's one right (run-to-completion mode
     /// takes no other, `CompletionQueue::serialises_drains`).
     consumer: SpinLock<Consumer>,
+    /// The holder of `consumer` hands completions to a `drain`'s caller,
+    /// which may take long (an upcall): an `arm` that finds the lock taken
+    /// may then let its caller sleep, and the holder wakes the CQ at the
+    /// end of the dispatch if it was armed meanwhile (see `arm`). Written
+    /// by the holder of `consumer` only; read by `arm`s that find it taken.
+    dispatching: AtomicBool,
 }
 
 impl SoftCq {
@@ -502,6 +508,7 @@ impl SoftCq {
                 #[cfg(test)]
                 visits: 0,
             }),
+            dispatching: AtomicBool::new(false),
         }
     }
 
@@ -639,6 +646,22 @@ impl SoftCq {
     }
 }
 
+impl SoftCq {
+    /// The end of a dispatch by the holder of the consumer lock: an `arm`
+    /// that found the lock taken during it let its caller sleep, counting
+    /// on this wake (the caller polls again, with the lock free or
+    /// dispatching again). Its fence is [`fence::rare_light`]: a compiler
+    /// fence wherever `membarrier` works, the sleeper paying for both.
+    #[inline]
+    fn dispatched(&self) {
+        self.dispatching.store(false, Ordering::Relaxed);
+        fence::rare_light();
+        if self.shared.is_armed() {
+            self.shared.wake();
+        }
+    }
+}
+
 impl CompletionQueue for SoftCq {
     fn id(&self) -> CqId {
         self.id
@@ -680,7 +703,11 @@ impl CompletionQueue for SoftCq {
         let mut total = 0;
         loop {
             let (n, seal) = self.poll_locked(&mut guard, buf);
-            buf[..n].iter().for_each(&mut *f);
+            if n > 0 {
+                self.dispatching.store(true, Ordering::Relaxed);
+                buf[..n].iter().for_each(&mut *f);
+                self.dispatched();
+            }
             total += n;
             if let Some(link) = seal {
                 drop(guard);
@@ -696,14 +723,28 @@ impl CompletionQueue for SoftCq {
         }
     }
 
+    /// Armed all the same if another thread holds the consumer lock (or
+    /// this one, from a completion `drain` hands out), whose ends cannot be
+    /// looked at now. If the holder is dispatching, which may take long (an
+    /// upcall), the caller may sleep: the holder wakes the CQ when the
+    /// dispatch ends ([`SoftCq::dispatched`]), so work that came while the
+    /// holder could no longer see it is not left with everyone asleep, and
+    /// the caller does not spin through another thread's upcall. Otherwise
+    /// (a poll holds the lock for a moment) the caller polls again.
     fn arm(&self) -> bool {
         let Some(mut guard) = self.consumer.try_lock() else {
-            // Another thread polls or drains the CQ (or this one, from a
-            // completion `drain` hands out): its ends cannot be looked at
-            // now. Armed all the same; the caller polls again rather than
-            // sleep.
-            fence::raise(&self.shared.armed);
-            return true;
+            if !self.dispatching.load(Ordering::Relaxed) {
+                fence::raise(&self.shared.armed);
+                return true;
+            }
+            // Dekker with `dispatched` (the rare pair of fences: the
+            // holder's side runs per dispatch, this one only before a
+            // sleep): either this sees the dispatch still running and the
+            // holder, clearing it, sees `armed`, or this sees it ended and
+            // polls again.
+            self.shared.armed.store(true, Ordering::Relaxed);
+            fence::rare_heavy();
+            return !self.dispatching.load(Ordering::Relaxed);
         };
         let c = &mut *guard;
         self.take_in(c);
@@ -717,5 +758,37 @@ impl CompletionQueue for SoftCq {
         c.hot
             .iter_mut()
             .any(|a| a.link.has_work(a.end, &mut a.r, true))
+    }
+}
+
+/// loom model of the dispatch hand-off (`SoftCq::arm` with the consumer
+/// lock taken, `SoftCq::dispatched`): a waiter that arms while another
+/// thread dispatches, and so may sleep, is woken by the end of that
+/// dispatch. Checked to fail with the holder's fence left out.
+#[cfg(all(test, loom))]
+mod loom_models {
+    use super::fence;
+    use crate::sync::{thread, Arc, AtomicBool, Ordering};
+
+    #[test]
+    fn loom_arm_during_a_dispatch_is_woken_by_its_end() {
+        crate::sync::model("arm_during_a_dispatch", 3, || {
+            let armed = Arc::new(AtomicBool::new(false));
+            // The holder is dispatching when the waiter finds the lock taken.
+            let dispatching = Arc::new(AtomicBool::new(true));
+            let waiter = {
+                let (armed, dispatching) = (armed.clone(), dispatching.clone());
+                thread::spawn(move || {
+                    armed.store(true, Ordering::Relaxed);
+                    fence::rare_heavy();
+                    dispatching.load(Ordering::Relaxed)
+                })
+            };
+            dispatching.store(false, Ordering::Relaxed);
+            fence::rare_light();
+            let woke = armed.load(Ordering::Relaxed);
+            let slept = waiter.join().unwrap();
+            assert!(!slept || woke, "a waiter slept through the dispatch's end");
+        });
     }
 }

@@ -28,20 +28,32 @@
 //! 8 B send_lat gained less than the run-to-run noise on this machine.
 //! By default, and where `membarrier` is missing (not Linux, a kernel
 //! before 4.14, a seccomp filter), both sides issue a full fence, decided
-//! once per process before any side relies on it. Under loom, which cannot model the heavy
+//! once per process before any side relies on it.
+//!
+//! A rule whose sleeping side is rare ([`rare_light`], [`rare_heavy`]: an
+//! `arm` that finds another thread dispatching the CQ's completions, which
+//! the dispatching thread checks for at the end of every dispatch) uses
+//! `membarrier` wherever it works, whatever the environment says: the
+//! heavy side runs only before a sleep, never per message.
+//!
+//! Under loom, which cannot model the heavy
 //! side, both are SeqCst fences: the model checks the rule's order of
 //! stores, fences and loads (`loom_models` below).
 
 #[cfg(not(loom))]
 use std::sync::atomic::{AtomicU8, Ordering};
 
-/// Not decided yet / `membarrier` works / full fences on both sides.
+/// Not decided yet; else `DECIDED` with the bits below.
 #[cfg(not(loom))]
 const UNKNOWN: u8 = 0;
 #[cfg(not(loom))]
-const ASYMMETRIC: u8 = 1;
+const DECIDED: u8 = 1;
+/// `membarrier` works: [`rare_light`] and [`rare_heavy`] use it.
 #[cfg(not(loom))]
-const SYMMETRIC: u8 = 2;
+const MEMBARRIER: u8 = 2;
+/// `SANPATH_SOFT_FENCES=asymmetric` too: [`light`] and [`heavy`] use it.
+#[cfg(not(loom))]
+const ASYMMETRIC: u8 = 4;
 
 /// Which fences this process uses. Written once, from `UNKNOWN`, by the
 /// first side that needs to know (all deciders compute the same value: a
@@ -60,13 +72,19 @@ use crate::fabric::membarrier::{
 #[inline(never)]
 fn decide() -> u8 {
     #[cfg(target_os = "linux")]
-    let on = std::env::var_os("SANPATH_SOFT_FENCES").is_some_and(|v| v == "asymmetric")
-        && membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED)
+    let works = membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED)
         && membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED);
     #[cfg(not(target_os = "linux"))]
-    let on = false;
-    let mode = if on { ASYMMETRIC } else { SYMMETRIC };
-    // Release: a side that reads ASYMMETRIC runs after the registration.
+    let works = false;
+    let mut mode = DECIDED;
+    if works {
+        mode |= MEMBARRIER;
+        #[cfg(target_os = "linux")]
+        if std::env::var_os("SANPATH_SOFT_FENCES").is_some_and(|v| v == "asymmetric") {
+            mode |= ASYMMETRIC;
+        }
+    }
+    // Release: a side that reads MEMBARRIER runs after the registration.
     MODE.store(mode, Ordering::Release);
     mode
 }
@@ -80,18 +98,36 @@ fn mode() -> u8 {
     }
 }
 
+/// A compiler fence if `bit` of the mode is set, else a full fence.
+#[cfg(not(loom))]
+#[inline(always)]
+fn light_if(bit: u8) {
+    if mode() & bit != 0 {
+        std::sync::atomic::compiler_fence(Ordering::SeqCst);
+    } else {
+        std::sync::atomic::fence(Ordering::SeqCst);
+    }
+}
+
+/// A full fence, and `membarrier` if `bit` of the mode is set.
+#[cfg(not(loom))]
+#[inline]
+fn heavy_if(bit: u8) {
+    std::sync::atomic::fence(Ordering::SeqCst);
+    #[cfg(target_os = "linux")]
+    if mode() & bit != 0 && !membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) {
+        // It worked when the mode was decided (registered); a failure
+        // now would break the rule, and nothing can stand in for it.
+        panic!("membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) failed after it worked");
+    }
+}
+
 /// The producer's fence, between publishing work and reading a sleeper's
 /// flag: a compiler fence where sleepers issue [`heavy`] fences.
 #[inline(always)]
 pub(super) fn light() {
     #[cfg(not(loom))]
-    {
-        if mode() == ASYMMETRIC {
-            std::sync::atomic::compiler_fence(Ordering::SeqCst);
-        } else {
-            std::sync::atomic::fence(Ordering::SeqCst);
-        }
-    }
+    light_if(ASYMMETRIC);
     #[cfg(loom)]
     crate::sync::fence(crate::sync::Ordering::SeqCst);
 }
@@ -101,15 +137,29 @@ pub(super) fn light() {
 #[inline]
 pub(super) fn heavy() {
     #[cfg(not(loom))]
-    {
-        std::sync::atomic::fence(Ordering::SeqCst);
-        #[cfg(target_os = "linux")]
-        if mode() == ASYMMETRIC && !membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) {
-            // It worked when the mode was decided (registered); a failure
-            // now would break the rule, and nothing can stand in for it.
-            panic!("membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) failed after it worked");
-        }
-    }
+    heavy_if(ASYMMETRIC);
+    #[cfg(loom)]
+    crate::sync::fence(crate::sync::Ordering::SeqCst);
+}
+
+/// [`light`] for a rule whose other side is rare (a thread about to sleep
+/// while another holds what it needs): a compiler fence wherever
+/// `membarrier` works, whatever `SANPATH_SOFT_FENCES` says, since the
+/// [`rare_heavy`] it pairs with is paid seldom.
+#[inline(always)]
+pub(super) fn rare_light() {
+    #[cfg(not(loom))]
+    light_if(MEMBARRIER);
+    #[cfg(loom)]
+    crate::sync::fence(crate::sync::Ordering::SeqCst);
+}
+
+/// The other side of [`rare_light`]: a full fence, and `membarrier`
+/// wherever it works.
+#[inline]
+pub(super) fn rare_heavy() {
+    #[cfg(not(loom))]
+    heavy_if(MEMBARRIER);
     #[cfg(loom)]
     crate::sync::fence(crate::sync::Ordering::SeqCst);
 }

@@ -1142,6 +1142,79 @@ fn arm_does_not_lose_wake_ups() {
     assert_eq!(waker.count(), 2);
 }
 
+/// A thread that arms a CQ while another thread's `drain` dispatches its
+/// completions (an upcall that takes long) may sleep rather than spin
+/// through the upcall, and is not left asleep with work the dispatching
+/// thread can no longer see: the end of the dispatch wakes it.
+#[test]
+fn arm_during_another_threads_dispatch_sleeps_and_the_dispatch_end_wakes() {
+    let net = SoftNetwork::new();
+    let n = nic_on(&net, ip(198, 18, 21, 1), 4);
+    let (lev, _lrx) = Probe::new();
+    let l = n.listen(sa(ip(198, 18, 21, 1), 1), 4, lev).unwrap();
+    let (waker, woken) = Probe::new();
+    let cq = n.create_cq(64, waker.clone()).unwrap();
+    let other_cq = n.create_cq(64, Probe::new().0).unwrap();
+    let ev = Probe::new().0;
+    let (tx, rx) = mpsc::channel();
+    n.connect(
+        sa(ip(198, 18, 21, 1), 2),
+        sa(ip(198, 18, 21, 1), 1),
+        params(&other_cq, &ev, 8),
+        Box::new(move |r| tx.send(r).unwrap()),
+    )
+    .unwrap();
+    let b = l.peek().unwrap().accept(params(&cq, &ev, 8)).unwrap();
+    let a = rx.recv_timeout(WAIT).unwrap().unwrap();
+    let buf = Buf::new(&n, 64, Access::LOCAL_WRITE);
+    recv(&b, 1, &[buf.sge(0, 8)]);
+    send(&a, 2, &[buf.sge(32, 4)]);
+    let (in_upcall, upcall_entered) = mpsc::channel();
+    let (release, released) = mpsc::channel::<()>();
+    let dispatcher = {
+        let cq = cq.clone();
+        std::thread::spawn(move || {
+            let mut out = [WorkCompletion::EMPTY; 8];
+            let mut seen = Vec::new();
+            let mut f = |wc: &WorkCompletion| {
+                seen.push(wc.wr_id);
+                in_upcall.send(()).unwrap();
+                released
+                    .recv_timeout(WAIT)
+                    .expect("the test releases the upcall");
+            };
+            let n = cq.drain(&mut out, &mut f);
+            (n, seen)
+        })
+    };
+    upcall_entered
+        .recv_timeout(WAIT)
+        .expect("the drain dispatches the first receive");
+    // Work the dispatching thread polled before: nobody is armed, so the
+    // producer wakes nobody.
+    recv(&b, 3, &[buf.sge(8, 8)]);
+    send(&a, 4, &[buf.sge(32, 4)]);
+    assert_eq!(waker.count(), 0);
+    assert!(
+        !cq.arm(),
+        "an arm during another thread's dispatch lets its caller sleep"
+    );
+    release.send(()).unwrap();
+    let (drained, seen) = dispatcher.join().unwrap();
+    assert_eq!((drained, seen), (Some(1), vec![1]));
+    woken
+        .recv_timeout(WAIT)
+        .expect("the dispatch's end wakes the CQ armed during it");
+    assert_eq!(waker.count(), 1);
+    let mut out = [WorkCompletion::EMPTY; 8];
+    assert_eq!(cq.poll(&mut out), 1);
+    assert_eq!(statuses(&out[..1]), vec![(3, WcStatus::Success)]);
+    // Without a dispatch running, an arm with nothing waiting sleeps and
+    // nothing wakes it.
+    assert!(!cq.arm());
+    assert_eq!(waker.count(), 1);
+}
+
 #[test]
 fn two_threads_stream_through_rnr_and_wakes() {
     const N: u64 = 2000;
