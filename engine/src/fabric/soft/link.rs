@@ -59,7 +59,7 @@ use super::cq::{CqShared, Presence, SoftCq};
 #[cfg(feature = "fault-injection")]
 use super::fault::EndFaults;
 use super::mr::{copy_flat, total_len, Window};
-use super::wq::{RecvView, RqPoster, RqReaper, RqShared, SqKind, SqPoster, SqReaper};
+use super::wq::{EndQueues, RecvView, RqPoster, RqReaper, SqKind, SqPoster, SqReaper};
 use super::{lock, NicShared};
 use crate::fabric::lkey_cache::LkeyCache;
 use crate::fabric::*;
@@ -168,7 +168,7 @@ pub(super) struct End {
     pub(super) post: CachePadded<SpinLock<Poster>>,
     /// This end's posted receives (read by the matcher of its incoming ring
     /// and, for the receiver-not-ready bound, by the peer's posts).
-    pub(super) rq: Arc<RqShared>,
+    pub(super) rq: Arc<EndQueues>,
     /// Most uncompleted send-queue requests.
     pub(super) send_depth: usize,
     pub(super) max_sge: usize,
@@ -362,9 +362,9 @@ impl Link {
         let mut ends = Vec::with_capacity(2);
         let mut reapers = Vec::with_capacity(2);
         for (q, cells) in p.iter().zip(producers) {
-            let (sqp, sqr) = super::wq::send_queue(q.send_depth);
-            let (sendp, sendr) = super::wq::send_queue(q.send_depth);
-            let (rqp, rq, rqr) = super::wq::recv_queue(q.recv_depth, q.max_sge);
+            let queues = super::wq::end_queues(q.send_depth, q.recv_depth, q.max_sge);
+            let ((sqp, sqr), (sendp, sendr)) = (queues.sq, queues.sends);
+            let ((rqp, rqr), rq) = (queues.rq, queues.shared);
             ends.push(End {
                 post: CachePadded::new(SpinLock::new(Poster {
                     sq: sqp,

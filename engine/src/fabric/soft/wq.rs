@@ -1,18 +1,32 @@
 //! Work queues of one end of a soft connection: the send queue (every
-//! send-queue request, in posting order, until its completion is reaped)
-//! and the receive queue (posted receives, filled by the matcher, reaped in
-//! order).
+//! send-queue request, in posting order, until its completion is reaped;
+//! kept as two queues, requests done at post time and sends that travel as
+//! messages, see `link`) and the receive queue (posted receives, filled by
+//! the matcher, reaped in order).
 //!
-//! Both are single-producer rings of fixed slots made of atomics: the
+//! Each is a single-producer ring of fixed slots made of atomics: the
 //! poster (under the end's post lock) writes a slot with Relaxed stores and
 //! publishes it by a Release store of its tail; readers Acquire-load the
 //! tail before reading a slot. The reaper (the consumer of the end's CQ)
 //! gives slots back by a Release store of its head, which the poster reads
-//! (cached) before it reuses one. No slot is plain memory, so nothing here
-//! needs `unsafe`.
+//! (cached) before it reuses one. No slot is plain memory.
+//!
+//! # Layout
+//!
+//! An end's three queues are one [`EndQueues`], laid out for the fewest
+//! cache lines per message: a connection idle since thousands of others
+//! were used is cold, each line a miss. The posters' line holds the three
+//! tails and where each queue's slots are (so a post, a peek or a match
+//! reads one line to find any slot); the reaper's line holds the three
+//! heads, which the posters read only when a queue looks full. A message
+//! then touches, per end, these two lines and the slots it uses, where
+//! three rings of their own took a line for each index and a heap header
+//! each.
 
+use super::zeroed::{Zeroable, Zeroed};
 use crate::fabric::{Sge, WcOpcode, WcStatus, WrId};
 use crate::sync::{AtomicU64, CachePadded, Ordering};
+use std::ptr::NonNull;
 use std::sync::Arc;
 
 /// How a send-queue request completes.
@@ -46,11 +60,11 @@ struct SqSlot {
 }
 
 // SAFETY: a struct of atomics, zero as zero bytes, as `default` makes it.
-unsafe impl super::zeroed::Zeroable for SqSlot {}
+unsafe impl Zeroable for SqSlot {}
 // SAFETY: as above.
-unsafe impl super::zeroed::Zeroable for RqSlot {}
+unsafe impl Zeroable for RqSlot {}
 // SAFETY: as above.
-unsafe impl super::zeroed::Zeroable for RqSge {}
+unsafe impl Zeroable for RqSge {}
 
 const KIND_DONE: u64 = 0;
 const KIND_CELL: u64 = 1;
@@ -71,88 +85,168 @@ fn opcode_from(v: u8) -> WcOpcode {
     }
 }
 
-/// A queue's slots and the indices its poster and reaper share, laid out
-/// for the fewest cache lines per access (a queue idle since thousands of
-/// others were used is cold, each line a miss): the poster's published
-/// index shares its line with what every access needs to find a slot (the
-/// array and its mask), so a post, a peek or a match reads one line for
-/// all three; the reaper's index has its own line, which the poster reads
-/// only when the queue looks full.
-struct Ring<T> {
-    published: CachePadded<Published<T>>,
-    /// Entries reaped (Release by the reaper).
-    head: CachePadded<AtomicU64>,
+/// Which queue of an [`EndQueues`]: an index into its tails and heads.
+#[derive(Clone, Copy)]
+enum Which {
+    /// Send-queue requests done (or failed) at post time, and stalled ones.
+    Sq = 0,
+    /// Sends travelling as messages.
+    Sends = 1,
+    /// Receives.
+    Rq = 2,
 }
 
-/// The poster's line of a [`Ring`].
-struct Published<T> {
-    /// Entries published (Release by the poster).
-    tail: AtomicU64,
-    /// Slots minus one (the count is a power of two); never changes.
-    mask: u64,
-    /// `mask + 1` slots; never moves.
-    slots: super::zeroed::Zeroed<T>,
+/// The three queues of one end (module docs, "Layout").
+pub(super) struct EndQueues {
+    published: CachePadded<Published>,
+    /// Entries reaped of each queue (by [`Which`]; Release by the reaper).
+    heads: CachePadded<[AtomicU64; 3]>,
+    /// Entries beyond the first [`INLINE_SGES`] of each receive: slot `i`
+    /// owns `[i * more_stride, (i + 1) * more_stride)`.
+    more: Zeroed<RqSge>,
+    more_stride: usize,
+    /// Own the slots `published` points to (held for their drop only; the
+    /// memory does not move with them).
+    _owners: (Zeroed<SqSlot>, Zeroed<SqSlot>, Zeroed<RqSlot>),
 }
 
-// One line: the three fields of `Published` are read together.
+/// The posters' line of an [`EndQueues`].
+struct Published {
+    /// Entries published of each queue (by [`Which`]; Release by the
+    /// queue's poster).
+    tails: [AtomicU64; 3],
+    /// The slots of each queue (`masks[q] + 1` of them, a power of two);
+    /// never change.
+    sq: NonNull<SqSlot>,
+    sends: NonNull<SqSlot>,
+    rq: NonNull<RqSlot>,
+    /// Slots minus one of each queue (by [`Which`]); never change.
+    masks: [u32; 3],
+}
+
+// One line: everything a post, a peek or a match needs to find a slot.
 #[cfg(not(loom))]
-const _: () = assert!(std::mem::size_of::<Published<SqSlot>>() <= 64);
+const _: () = assert!(std::mem::size_of::<Published>() <= 64);
 
-impl<T: super::zeroed::Zeroable> Ring<T> {
-    /// A ring of at least `depth` slots (a power of two).
-    fn new(depth: usize) -> Ring<T> {
-        let cap = depth.max(1).next_power_of_two();
-        Ring {
-            published: CachePadded::new(Published {
-                tail: AtomicU64::new(0),
-                mask: cap as u64 - 1,
-                slots: super::zeroed::slice(cap),
-            }),
-            head: CachePadded::new(AtomicU64::new(0)),
-        }
-    }
+// SAFETY: the pointers name slots of atomics owned by `_owners` (which
+// hold them like a `Box<[T]>` and are `Send` and `Sync`), reached only as
+// `&T`.
+unsafe impl Send for EndQueues {}
+// SAFETY: as above.
+unsafe impl Sync for EndQueues {}
+
+/// Slots for `depth` entries (a power of two), zero.
+fn slots<T: Zeroable>(depth: usize) -> (Zeroed<T>, u32) {
+    let cap = depth.max(1).next_power_of_two();
+    let mask = u32::try_from(cap - 1).expect("fewer than 2^32 slots per queue");
+    (super::zeroed::slice(cap), mask)
 }
 
-impl<T> Ring<T> {
-    /// The slot of entry `index`.
+impl EndQueues {
+    /// The slot of entry `index` of a send queue.
     #[inline]
-    fn slot(&self, index: u64) -> &T {
+    fn sq_slot(&self, which: Which, index: u64) -> &SqSlot {
         let p = &*self.published;
-        &p.slots[(index & p.mask) as usize]
+        let (base, mask) = match which {
+            Which::Sq => (p.sq, p.masks[0]),
+            _ => (p.sends, p.masks[1]),
+        };
+        // SAFETY: `index & mask` is below the slot count of that queue,
+        // whose slots `_owners` keeps alive as long as `self`.
+        unsafe { &*base.as_ptr().add((index & u64::from(mask)) as usize) }
     }
 
-    /// Entries published (see [`Published::tail`]).
+    /// The slot of receive `index`.
     #[inline]
-    fn tail(&self) -> &AtomicU64 {
-        &self.published.tail
+    fn rq_slot(&self, index: u64) -> &RqSlot {
+        let p = &*self.published;
+        // SAFETY: as in `sq_slot`.
+        unsafe { &*p.rq.as_ptr().add((index & u64::from(p.masks[2])) as usize) }
+    }
+
+    #[inline]
+    fn tail(&self, which: Which) -> &AtomicU64 {
+        &self.published.tails[which as usize]
+    }
+
+    #[inline]
+    fn head(&self, which: Which) -> &AtomicU64 {
+        &self.heads[which as usize]
     }
 }
 
-pub(super) struct SqShared {
-    ring: Ring<SqSlot>,
+/// The handles of one end's queues.
+pub(super) struct Queues {
+    pub(super) sq: (SqPoster, SqReaper),
+    pub(super) sends: (SqPoster, SqReaper),
+    pub(super) rq: (RqPoster, RqReaper),
+    /// What the matcher of the end's incoming ring reads.
+    pub(super) shared: Arc<EndQueues>,
 }
 
-/// Creates a send queue holding up to `depth` uncompleted requests.
-pub(super) fn send_queue(depth: usize) -> (SqPoster, SqReaper) {
-    let q = Arc::new(SqShared {
-        ring: Ring::new(depth),
+/// Creates the queues of an end: send queues holding up to `send_depth`
+/// uncompleted requests each, a receive queue of `recv_depth` receives of
+/// up to `stride` entries.
+pub(super) fn end_queues(send_depth: usize, recv_depth: usize, stride: usize) -> Queues {
+    let (sq, sq_mask) = slots::<SqSlot>(send_depth);
+    let (sends, sends_mask) = slots::<SqSlot>(send_depth);
+    let (rq, rq_mask) = slots::<RqSlot>(recv_depth);
+    let more_stride = stride.saturating_sub(INLINE_SGES);
+    let q = Arc::new(EndQueues {
+        published: CachePadded::new(Published {
+            tails: Default::default(),
+            sq: NonNull::from(&*sq).cast(),
+            sends: NonNull::from(&*sends).cast(),
+            rq: NonNull::from(&*rq).cast(),
+            masks: [sq_mask, sends_mask, rq_mask],
+        }),
+        heads: CachePadded::new(Default::default()),
+        more: super::zeroed::slice((rq_mask as usize + 1) * more_stride),
+        more_stride,
+        _owners: (sq, sends, rq),
     });
-    (
-        SqPoster {
-            q: q.clone(),
-            tail: 0,
-            cached_head: 0,
-            depth: depth as u64,
-        },
-        SqReaper { q, head: 0 },
-    )
+    let send = |which| {
+        (
+            SqPoster {
+                q: q.clone(),
+                which,
+                tail: 0,
+                cached_head: 0,
+                depth: send_depth as u64,
+            },
+            SqReaper {
+                q: q.clone(),
+                which,
+                head: 0,
+            },
+        )
+    };
+    Queues {
+        sq: send(Which::Sq),
+        sends: send(Which::Sends),
+        rq: (
+            RqPoster {
+                q: q.clone(),
+                tail: 0,
+                cached_head: 0,
+                depth: recv_depth as u64,
+                stride,
+            },
+            RqReaper {
+                q: q.clone(),
+                head: 0,
+            },
+        ),
+        shared: q,
+    }
 }
 
 /// The posting side of a send queue (one per queue). A queue pair has two,
 /// requests done at post time and sends that travel as messages, which
 /// complete independently (see `Link`); the poster bounds their sum.
 pub(super) struct SqPoster {
-    q: Arc<SqShared>,
+    q: Arc<EndQueues>,
+    which: Which,
     tail: u64,
     cached_head: u64,
     /// Most uncompleted requests, `<=` the slot count.
@@ -174,7 +268,7 @@ impl SqPoster {
 
     /// Reloads the reaper's index.
     pub(super) fn refresh(&mut self) {
-        self.cached_head = self.q.ring.head.load(Ordering::Acquire);
+        self.cached_head = self.q.head(self.which).load(Ordering::Acquire);
     }
 
     /// Whether one more request fits.
@@ -190,7 +284,7 @@ impl SqPoster {
     #[inline]
     pub(super) fn push(&mut self, e: SqEntry) {
         assert!(self.room(), "send queue overflow");
-        let slot = self.q.ring.slot(self.tail);
+        let slot = self.q.sq_slot(self.which, self.tail);
         let (kind, status, len, index) = match e.kind {
             SqKind::Done { status, len } => (KIND_DONE, status as u64, len, 0),
             SqKind::Cell { index, len } => (KIND_CELL, 0, len, index),
@@ -201,7 +295,7 @@ impl SqPoster {
         let meta = kind | (e.opcode as u64) << 8 | status << 16 | u64::from(len) << 32;
         slot.meta.store(meta, Ordering::Relaxed);
         self.tail += 1;
-        self.q.ring.tail().store(self.tail, Ordering::Release);
+        self.q.tail(self.which).store(self.tail, Ordering::Release);
     }
 
     /// Turns the `Stalled` entry `index` (published, not reaped: a reaper
@@ -210,7 +304,7 @@ impl SqPoster {
     /// the request wrote is visible to the reaper that sees it done.
     #[cfg(feature = "fault-injection")]
     pub(super) fn complete(&mut self, index: u64, status: WcStatus, len: u32) {
-        let slot = self.q.ring.slot(index);
+        let slot = self.q.sq_slot(self.which, index);
         let meta = slot.meta.load(Ordering::Relaxed);
         debug_assert_eq!(meta & 0xff, KIND_STALLED, "only a stalled entry completes");
         let kept = meta & 0xff00;
@@ -222,7 +316,8 @@ impl SqPoster {
 /// The reaping side of a send queue (one per queue, owned by the consumer
 /// of the end's CQ).
 pub(super) struct SqReaper {
-    q: Arc<SqShared>,
+    q: Arc<EndQueues>,
+    which: Which,
     head: u64,
 }
 
@@ -234,10 +329,10 @@ impl SqReaper {
 
     /// The oldest uncompleted request, if any.
     pub(super) fn peek(&self) -> Option<SqEntry> {
-        if self.head >= self.q.ring.tail().load(Ordering::Acquire) {
+        if self.head >= self.q.tail(self.which).load(Ordering::Acquire) {
             return None;
         }
-        let slot = self.q.ring.slot(self.head);
+        let slot = self.q.sq_slot(self.which, self.head);
         // Acquire: a stalled entry may turn `Done` after it was published
         // (`SqPoster::complete`).
         let meta = slot.meta.load(Ordering::Acquire);
@@ -264,10 +359,10 @@ impl SqReaper {
     /// the queue of sends travelling as messages, where every entry is a
     /// [`SqKind::Cell`].
     pub(super) fn peek_cell(&self) -> Option<u64> {
-        if self.head >= self.q.ring.tail().load(Ordering::Acquire) {
+        if self.head >= self.q.tail(self.which).load(Ordering::Acquire) {
             return None;
         }
-        let slot = self.q.ring.slot(self.head);
+        let slot = self.q.sq_slot(self.which, self.head);
         debug_assert_eq!(
             slot.meta.load(Ordering::Relaxed) & 0xff,
             KIND_CELL,
@@ -279,17 +374,17 @@ impl SqReaper {
     /// Completes the oldest request (after `peek` returned it).
     pub(super) fn pop(&mut self) {
         self.head += 1;
-        self.q.ring.head.store(self.head, Ordering::Release);
+        self.q.head(self.which).store(self.head, Ordering::Release);
     }
 
     /// Whether every published request was reaped.
     pub(super) fn is_empty(&self) -> bool {
-        self.head >= self.q.ring.tail().load(Ordering::Acquire)
+        self.head >= self.q.tail(self.which).load(Ordering::Acquire)
     }
 }
 
 /// Scatter entries a receive slot holds itself; the rest of a receive's
-/// entries live in `RqShared::more`.
+/// entries live in `EndQueues::more`.
 const INLINE_SGES: usize = 2;
 
 /// A receive slot, one cache line: `meta` holds the number of entries (bits
@@ -317,54 +412,23 @@ struct RqSge {
     len_lkey: AtomicU64,
 }
 
-pub(super) struct RqShared {
-    ring: Ring<RqSlot>,
-    /// Entries beyond the first [`INLINE_SGES`]: slot `i` owns
-    /// `[i * more_stride, (i + 1) * more_stride)`.
-    more: super::zeroed::Zeroed<RqSge>,
-    more_stride: usize,
-}
-
-impl RqShared {
+impl EndQueues {
     /// Entry `j` of receive `index`.
     #[inline]
     fn sge(&self, index: u64, j: usize) -> &RqSge {
         match j.checked_sub(INLINE_SGES) {
-            None => &self.ring.slot(index).sges[j],
+            None => &self.rq_slot(index).sges[j],
             Some(k) => {
-                let i = (index & self.ring.published.mask) as usize;
+                let i = (index & u64::from(self.published.masks[2])) as usize;
                 &self.more[i * self.more_stride + k]
             }
         }
     }
 }
 
-/// Creates a receive queue of `depth` receives of up to `stride` entries.
-pub(super) fn recv_queue(depth: usize, stride: usize) -> (RqPoster, Arc<RqShared>, RqReaper) {
-    let ring = Ring::new(depth);
-    let cap = ring.published.slots.len();
-    let more_stride = stride.saturating_sub(INLINE_SGES);
-    let q = Arc::new(RqShared {
-        ring,
-        more: super::zeroed::slice(cap * more_stride),
-        more_stride,
-    });
-    (
-        RqPoster {
-            q: q.clone(),
-            tail: 0,
-            cached_head: 0,
-            depth: depth as u64,
-            stride,
-        },
-        q.clone(),
-        RqReaper { q, head: 0 },
-    )
-}
-
 /// The posting side of a receive queue (one per queue).
 pub(super) struct RqPoster {
-    q: Arc<RqShared>,
+    q: Arc<EndQueues>,
     tail: u64,
     cached_head: u64,
     depth: u64,
@@ -376,7 +440,7 @@ impl RqPoster {
     /// Receives not reaped yet (reloads the reaper's index).
     #[cfg(feature = "fault-injection")]
     pub(super) fn pending(&mut self) -> u64 {
-        self.cached_head = self.q.ring.head.load(Ordering::Acquire);
+        self.cached_head = self.q.head(Which::Rq).load(Ordering::Acquire);
         self.tail - self.cached_head
     }
 
@@ -384,7 +448,7 @@ impl RqPoster {
         if self.tail - self.cached_head < self.depth {
             return true;
         }
-        self.cached_head = self.q.ring.head.load(Ordering::Acquire);
+        self.cached_head = self.q.head(Which::Rq).load(Ordering::Acquire);
         self.tail - self.cached_head < self.depth
     }
 
@@ -397,7 +461,7 @@ impl RqPoster {
             self.room() && sges.len() <= self.stride,
             "receive queue overflow"
         );
-        let slot = self.q.ring.slot(self.tail);
+        let slot = self.q.rq_slot(self.tail);
         for (j, s) in sges.iter().enumerate() {
             let d = self.q.sge(self.tail, j);
             d.addr.store(s.addr as u64, Ordering::Relaxed);
@@ -409,13 +473,13 @@ impl RqPoster {
         slot.meta
             .store(sges.len() as u64 | p << 16, Ordering::Relaxed);
         self.tail += 1;
-        self.q.ring.tail().store(self.tail, Ordering::Release);
+        self.q.tail(Which::Rq).store(self.tail, Ordering::Release);
     }
 }
 
 /// A posted receive as the matcher sees it.
 pub(super) struct RecvView<'a> {
-    q: &'a RqShared,
+    q: &'a EndQueues,
     index: u64,
     nsge: usize,
     pub(super) preset: Option<WcStatus>,
@@ -450,10 +514,10 @@ fn preset_of(meta: u64) -> Option<WcStatus> {
     }
 }
 
-impl RqShared {
+impl EndQueues {
     /// Receives posted so far (Acquire: their slots are readable).
     pub(super) fn posted(&self) -> u64 {
-        self.ring.tail().load(Ordering::Acquire)
+        self.tail(Which::Rq).load(Ordering::Acquire)
     }
 
     /// Receive `index`, if posted. Only the matcher of the end's incoming
@@ -462,7 +526,7 @@ impl RqShared {
         if index >= self.posted() {
             return None;
         }
-        let meta = self.ring.slot(index).meta.load(Ordering::Relaxed);
+        let meta = self.rq_slot(index).meta.load(Ordering::Relaxed);
         Some(RecvView {
             q: self,
             index,
@@ -475,8 +539,7 @@ impl RqShared {
     /// once the matcher published the fill (Release on the ring's consumed
     /// index).
     pub(super) fn set_len(&self, index: u64, len: u32) {
-        self.ring
-            .slot(index)
+        self.rq_slot(index)
             .len
             .store(u64::from(len), Ordering::Relaxed);
     }
@@ -485,7 +548,7 @@ impl RqShared {
 /// The reaping side of a receive queue (owned by the consumer of the end's
 /// CQ).
 pub(super) struct RqReaper {
-    q: Arc<RqShared>,
+    q: Arc<EndQueues>,
     head: u64,
 }
 
@@ -503,7 +566,7 @@ impl RqReaper {
         if self.head >= self.q.posted() {
             return None;
         }
-        let slot = self.q.ring.slot(self.head);
+        let slot = self.q.rq_slot(self.head);
         let meta = slot.meta.load(Ordering::Relaxed);
         Some(RecvHead {
             index: self.head,
@@ -515,7 +578,7 @@ impl RqReaper {
 
     pub(super) fn pop(&mut self) {
         self.head += 1;
-        self.q.ring.head.store(self.head, Ordering::Release);
+        self.q.head(Which::Rq).store(self.head, Ordering::Release);
     }
 
     pub(super) fn is_empty(&self) -> bool {
