@@ -10,6 +10,11 @@ use std::cell::UnsafeCell;
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+/// `repr(C)`: the lock word first, so that it shares its cache line with
+/// the start of the value, which whoever takes the lock reads next (left to
+/// the compiler it goes after the value, a line of its own for a value of a
+/// line or more).
+#[repr(C)]
 pub(crate) struct SpinLock<T> {
     /// Whether a guard exists. Set by the Acquire swap that creates the
     /// guard, cleared by the Release store that drops it.

@@ -44,7 +44,9 @@ const WAYS: usize = 4;
 const NO_KEY: u64 = u64::MAX;
 
 /// See the module docs. Owned by one queue pair end, used under its post
-/// lock.
+/// lock. `repr(C)`: a hit on the first entry reads the epoch, the keys and
+/// that entry, the first 64 bytes (one line where the owner aligns it).
+#[repr(C)]
 pub(crate) struct LkeyCache {
     /// The NIC's deregistration count the entries were found under.
     epoch: u64,
@@ -55,6 +57,10 @@ pub(crate) struct LkeyCache {
     /// Where the next miss goes (round robin).
     next: usize,
 }
+
+// The epoch, the keys and the first entry: 64 bytes.
+const _: () =
+    assert!(std::mem::offset_of!(LkeyCache, regions) + std::mem::size_of::<CachedRegion>() <= 64);
 
 impl Default for LkeyCache {
     fn default() -> LkeyCache {

@@ -189,11 +189,14 @@ impl Link {
             return Verdict::Proceed;
         }
         let fail = |p: &mut Poster, status| {
-            p.sq.push(SqEntry {
-                wr_id: wr.wr_id,
-                opcode,
-                kind: SqKind::Done { status, len: 0 },
-            });
+            p.sq.push(
+                &p.queues,
+                SqEntry {
+                    wr_id: wr.wr_id,
+                    opcode,
+                    kind: SqKind::Done { status, len: 0 },
+                },
+            );
             Verdict::Done(Posted {
                 fail: Some(status),
                 to_peer: false,
@@ -202,11 +205,14 @@ impl Link {
         let f = &mut c.faults[me];
         if f.silent || f.peer_silent.is_some() {
             let index = p.sq.tail();
-            p.sq.push(SqEntry {
-                wr_id: wr.wr_id,
-                opcode,
-                kind: SqKind::Stalled,
-            });
+            p.sq.push(
+                &p.queues,
+                SqEntry {
+                    wr_id: wr.wr_id,
+                    opcode,
+                    kind: SqKind::Stalled,
+                },
+            );
             f.stalled.push(index);
             if f.peer_silent.is_some() && f.stall_since.is_none() {
                 f.stall_since = Some(Instant::now());
@@ -221,11 +227,14 @@ impl Link {
         };
         if let (true, Some((remote_addr, rkey, write))) = (f.hold_rdma, held) {
             let index = p.sq.tail();
-            p.sq.push(SqEntry {
-                wr_id: wr.wr_id,
-                opcode,
-                kind: SqKind::Stalled,
-            });
+            p.sq.push(
+                &p.queues,
+                SqEntry {
+                    wr_id: wr.wr_id,
+                    opcode,
+                    kind: SqKind::Stalled,
+                },
+            );
             let start = f.held_sges.len();
             f.held_sges.extend_from_slice(wr.sges);
             f.held.push(HeldRdma {
@@ -283,7 +292,7 @@ impl Link {
             } else {
                 f.fail_recv = None;
                 self.rearm(&c, me);
-                p.rq.push(wr.wr_id, &[], Some(status));
+                p.rq.push(&p.queues, wr.wr_id, &[], Some(status));
                 return Verdict::Done(Posted {
                     fail: Some(status),
                     to_peer: false,
@@ -411,7 +420,8 @@ impl QpFaults {
             // As a post: the post lock keeps the local entries registered
             // for the copies; the control lock keeps the link intact, so no
             // close seals it (and flushes the held requests) meanwhile.
-            let mut p = link.ends[me].post.lock();
+            let mut guard = link.ends[me].post.lock();
+            let p = &mut *guard;
             let mut c = lock(&link.control);
             if c.broken {
                 return;
@@ -423,8 +433,8 @@ impl QpFaults {
             let mut seal = false;
             for h in &held {
                 let local = &sges[h.sges.clone()];
-                match link.rdma(me, &mut p, local, h.remote_addr, h.rkey, h.write) {
-                    Ok(len) => p.sq.complete(h.index, WcStatus::Success, len),
+                match link.rdma(me, p, local, h.remote_addr, h.rkey, h.write) {
+                    Ok(len) => p.sq.complete(&p.queues, h.index, WcStatus::Success, len),
                     Err(status) => {
                         seal = link.fail_queued(me, h.index, status, &mut c);
                         break;
@@ -443,10 +453,11 @@ impl QpFaults {
     /// Requests posted on this end whose completion its CQ has not
     /// produced yet (completions polled and dropped count as produced).
     pub fn outstanding(&self) -> u64 {
-        let mut p = self.link.ends[self.end].post.lock();
-        p.sq.refresh();
-        p.sends.refresh();
-        p.sq.pending() + p.sends.pending() + p.rq.pending()
+        let mut guard = self.link.ends[self.end].post.lock();
+        let p = &mut *guard;
+        p.sq.refresh(&p.queues);
+        p.sends.refresh(&p.queues);
+        p.sq.pending() + p.sends.pending() + p.rq.pending(&p.queues)
     }
 
     /// Ends `Fault::NoFlush`: a sealed end's outstanding requests complete

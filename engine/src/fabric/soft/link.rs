@@ -106,14 +106,24 @@ const BROKEN: u32 = 1;
 const SEALED: u32 = 2;
 
 /// What the posting threads of one end share (under the end's post lock).
+///
+/// Laid out by hand (`repr(C)`, after the lock word, see `SpinLock`) so
+/// that a post of a connection idle for long, whose lines are all cold,
+/// touches three: the lock word with what a send needs first (the queue of
+/// messages, the cell ring's producer, the queues' pointer and the bound
+/// on the peer's receives), then the other two queues, then the local keys'
+/// first entry (the asserts below keep them there).
+#[repr(C)]
 pub(super) struct Poster {
-    /// Send-queue requests done (or failed) at post time, and stalled ones.
-    pub(super) sq: SqPoster,
     /// Sends travelling as messages of the outgoing ring.
     pub(super) sends: SqPoster,
-    pub(super) rq: RqPoster,
     /// The producer of this end's outgoing cell ring.
     pub(super) cells: CellProducer,
+    /// This end's queues, passed to every call of the three posters.
+    pub(super) queues: Arc<EndQueues>,
+    /// Send-queue requests done (or failed) at post time, and stalled ones.
+    pub(super) sq: SqPoster,
+    pub(super) rq: RqPoster,
     /// Last count read of the peer's posted receives, `<=` the real one.
     pub(super) peer_posted: u64,
     /// Local keys this end checked lately.
@@ -123,6 +133,17 @@ pub(super) struct Poster {
     pub(super) window: Window,
 }
 
+// The lines of the `Poster` docs, with the 8 bytes of the lock word before
+// it: the send's fields in the first 56 bytes, the other two queues and the
+// peer's count in the next line, the local keys from the third.
+#[cfg(not(loom))]
+const _: () = {
+    use std::mem::offset_of;
+    assert!(offset_of!(Poster, sq) == 56);
+    assert!(offset_of!(Poster, lkeys) == 120);
+    assert!(std::mem::align_of::<Poster>() == 8);
+};
+
 impl Poster {
     /// Whether one more send-queue request fits `depth`.
     pub(super) fn sq_room(&mut self, depth: usize) -> bool {
@@ -130,8 +151,8 @@ impl Poster {
         if self.sq.pending() + self.sends.pending() < depth {
             return true;
         }
-        self.sq.refresh();
-        self.sends.refresh();
+        self.sq.refresh(&self.queues);
+        self.sends.refresh(&self.queues);
         self.sq.pending() + self.sends.pending() < depth
     }
 }
@@ -367,10 +388,11 @@ impl Link {
             let ((rqp, rqr), rq) = (queues.rq, queues.shared);
             ends.push(End {
                 post: CachePadded::new(SpinLock::new(Poster {
-                    sq: sqp,
                     sends: sendp,
-                    rq: rqp,
                     cells,
+                    queues: rq.clone(),
+                    sq: sqp,
+                    rq: rqp,
                     peer_posted: 0,
                     lkeys: LkeyCache::default(),
                     window: Window::default(),

@@ -120,11 +120,14 @@ impl SoftQp {
         }
         let opcode = opcode_of(&wr.op);
         let done = |p: &mut Poster, status, len| {
-            p.sq.push(SqEntry {
-                wr_id: wr.wr_id,
-                opcode,
-                kind: SqKind::Done { status, len },
-            })
+            p.sq.push(
+                &p.queues,
+                SqEntry {
+                    wr_id: wr.wr_id,
+                    opcode,
+                    kind: SqKind::Done { status, len },
+                },
+            )
         };
         if let Some(status) = link.post_status(me) {
             done(p, status, 0);
@@ -144,11 +147,14 @@ impl SoftQp {
         match wr.op {
             SendOp::Send => match self.send(p, wr) {
                 Ok((index, len)) => {
-                    p.sends.push(SqEntry {
-                        wr_id: wr.wr_id,
-                        opcode,
-                        kind: SqKind::Cell { index, len },
-                    });
+                    p.sends.push(
+                        &p.queues,
+                        SqEntry {
+                            wr_id: wr.wr_id,
+                            opcode,
+                            kind: SqKind::Cell { index, len },
+                        },
+                    );
                     posted.to_peer = true;
                 }
                 Err(None) => return Err(PostError::QueueFull),
@@ -183,11 +189,11 @@ impl SoftQp {
     fn post_recv_locked(&self, p: &mut Poster, wr: &RecvWr<'_>) -> Result<Posted, PostError> {
         let me = self.me();
         let link = &*self.link;
-        if !p.rq.room() {
+        if !p.rq.room(&p.queues) {
             return Err(PostError::QueueFull);
         }
         if let Some(status) = link.post_status(me) {
-            p.rq.push(wr.wr_id, &[], Some(status));
+            p.rq.push(&p.queues, wr.wr_id, &[], Some(status));
             return Ok(Posted::default());
         }
         #[cfg(feature = "fault-injection")]
@@ -201,13 +207,13 @@ impl SoftQp {
             .check_cached(&mut p.lkeys, link.nums[me], wr.sges, Access::LOCAL_WRITE)
         {
             let status = WcStatus::LocalProtectionError;
-            p.rq.push(wr.wr_id, &[], Some(status));
+            p.rq.push(&p.queues, wr.wr_id, &[], Some(status));
             return Ok(Posted {
                 fail: Some(status),
                 to_peer: false,
             });
         }
-        p.rq.push(wr.wr_id, wr.sges, None);
+        p.rq.push(&p.queues, wr.wr_id, wr.sges, None);
         // A held message may match now, by us or (helping) by the peer.
         Ok(Posted {
             fail: None,

@@ -1849,16 +1849,20 @@ fn deregistration_waits_only_for_the_queue_pairs_that_used_the_region() {
 fn send_unannounced(nic: &SoftNic, qp: &Arc<dyn QueuePair>, wr_id: WrId, src: &Buf) {
     let (link, end) = lock(&nic.shared.qps)[&qp.num().0].clone();
     let link = link.upgrade().expect("a live queue pair");
-    let mut p = link.ends[end].post.lock();
+    let mut guard = link.ends[end].post.lock();
+    let p = &mut *guard;
     let sges = [src.sge(0, 8)];
     // SAFETY: `src` is registered and lives until the test ends, after the
     // message was consumed.
     let index = unsafe { p.cells.push(&sges, 8, 0) }.expect("room in the ring");
-    p.sends.push(wq::SqEntry {
-        wr_id,
-        opcode: WcOpcode::Send,
-        kind: wq::SqKind::Cell { index, len: 8 },
-    });
+    p.sends.push(
+        &p.queues,
+        wq::SqEntry {
+            wr_id,
+            opcode: WcOpcode::Send,
+            kind: wq::SqKind::Cell { index, len: 8 },
+        },
+    );
 }
 
 #[test]
