@@ -115,10 +115,10 @@ struct Published {
     /// Entries published of each queue (by [`Which`]; Release by the
     /// queue's poster).
     tails: [AtomicU64; 3],
-    /// The slots of each queue (`masks[q] + 1` of them, a power of two);
+    /// The slots of each queue (`masks[q] + 1` of them, a power of two):
+    /// of the two send queues by [`Which`], then of the receive queue;
     /// never change.
-    sq: NonNull<SqSlot>,
-    sends: NonNull<SqSlot>,
+    sq: [NonNull<SqSlot>; 2],
     rq: NonNull<RqSlot>,
     /// Slots minus one of each queue (by [`Which`]); never change.
     masks: [u32; 3],
@@ -146,11 +146,9 @@ impl EndQueues {
     /// The slot of entry `index` of a send queue.
     #[inline]
     fn sq_slot(&self, which: Which, index: u64) -> &SqSlot {
+        debug_assert!(!matches!(which, Which::Rq));
         let p = &*self.published;
-        let (base, mask) = match which {
-            Which::Sq => (p.sq, p.masks[0]),
-            _ => (p.sends, p.masks[1]),
-        };
+        let (base, mask) = (p.sq[which as usize], p.masks[which as usize]);
         // SAFETY: `index & mask` is below the slot count of that queue,
         // whose slots `_owners` keeps alive as long as `self`.
         unsafe { &*base.as_ptr().add((index & u64::from(mask)) as usize) }
@@ -196,8 +194,7 @@ pub(super) fn end_queues(send_depth: usize, recv_depth: usize, stride: usize) ->
     let q = Arc::new(EndQueues {
         published: CachePadded::new(Published {
             tails: Default::default(),
-            sq: NonNull::from(&*sq).cast(),
-            sends: NonNull::from(&*sends).cast(),
+            sq: [NonNull::from(&*sq).cast(), NonNull::from(&*sends).cast()],
             rq: NonNull::from(&*rq).cast(),
             masks: [sq_mask, sends_mask, rq_mask],
         }),
