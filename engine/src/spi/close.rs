@@ -46,11 +46,12 @@
 //! [`OpSlab::take_owned`]: super::ops::OpSlab::take_owned
 
 use super::dispatch::{DispatchingFlag, DISPATCHING};
-use super::socket::Socket;
+use super::socket::{Entry, OpSocket, Socket};
 use super::{lock, Inner, Provider, ProviderSocket, Running};
 use crate::error::WsaResult;
 use crate::fabric::WcStatus;
 use std::cell::Cell;
+use std::mem::ManuallyDrop;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -64,6 +65,48 @@ const FORCE_AGAIN: Duration = Duration::from_millis(10);
 /// any op of it is pending (an op in the close gate keeps the socket).
 pub(super) fn owner_tag(sock: &Socket) -> usize {
     sock as *const Socket as usize
+}
+
+/// A data call inside its socket's close gate (`Inner::enter`): its op's
+/// unit and a pin. Dropped, it gives both back (it posted nothing);
+/// [`Call::posted`] gives back the pin and leaves the op's unit to the op.
+/// Whoever brings a deferred close's count to 0 finalizes the socket.
+pub(super) struct Call<'a> {
+    pub(super) inner: &'a Inner,
+    pub(super) entry: Entry<'a>,
+}
+
+impl std::ops::Deref for Call<'_> {
+    type Target = Socket;
+
+    fn deref(&self) -> &Socket {
+        &self.entry
+    }
+}
+
+impl Call<'_> {
+    /// The socket for the state of the op this call posts (see
+    /// [`Entry::op_socket`]).
+    pub(super) fn op_socket(&self) -> OpSocket {
+        self.entry.op_socket()
+    }
+
+    /// The call's op was posted: the call leaves, its op stays in the gate
+    /// (until [`Inner::op_finished`]).
+    #[inline(always)]
+    pub(super) fn posted(self) {
+        let call = ManuallyDrop::new(self);
+        call.inner.sockets.posted(&call.entry);
+    }
+}
+
+impl Drop for Call<'_> {
+    #[inline(always)]
+    fn drop(&mut self) {
+        if self.inner.sockets.leave_entry(&self.entry) {
+            self.inner.finalize(&self.entry);
+        }
+    }
 }
 
 /// Closes that returned before their socket's teardown ended, and the
@@ -99,6 +142,8 @@ impl Provider {
         let run = self.inner.running()?;
         let sock = self.inner.sockets.remove(s)?;
         let closed_at = Instant::now();
+        // Calls entering from now on find the socket removed; the gate's
+        // count (on its table slot) holds every call and op before.
         sock.gate.shut();
         let (listener, attempt) = {
             let mut c = sock.ctl();
@@ -133,10 +178,10 @@ impl Provider {
             && self
                 .inner
                 .wait_for(&run, Some(closed_at + wait), sock.cq_index(), || {
-                    sock.gate.is_quiet()
+                    self.inner.sockets.is_quiet(s)
                 })
         {
-            if sock.gate.claim_finalize() {
+            if self.inner.sockets.claim_finalize(s) {
                 self.inner.finalize(&sock);
             }
             return Ok(());
@@ -148,15 +193,11 @@ impl Provider {
 }
 
 impl Inner {
-    /// An op of `sock` is over (completed, or never started).
+    /// A posted op of `sock` is over (its completion was signalled): it
+    /// leaves the close gate.
+    #[inline]
     pub(super) fn op_finished(&self, sock: &Socket) {
-        let left = sock.gate.leave();
-        self.finish_close(sock, left.finalize);
-    }
-
-    /// Finalizes `sock` if the gate handed this thread the finalization.
-    pub(super) fn finish_close(&self, sock: &Socket, finalize: bool) {
-        if finalize {
+        if self.sockets.leave(sock.desc) {
             self.finalize(sock);
         }
     }
@@ -165,7 +206,7 @@ impl Inner {
     /// finalizes, and the closer forces the rest at `force_at`.
     fn defer_close(self: &Arc<Self>, sock: &Arc<Socket>, force_at: Instant) {
         self.counters.deferred();
-        if sock.gate.defer() {
+        if self.sockets.defer(sock.desc) {
             self.finalize(sock);
             return;
         }
@@ -277,6 +318,7 @@ impl Inner {
     /// by whoever claimed it from the gate. The socket's registrations were
     /// released by close; what its ops held went with their completions.
     pub(super) fn finalize(&self, sock: &Socket) {
+        sock.gate.set_finalized();
         let _ = sock.run.switch.close_socket_handle(sock.handle);
         self.counters.finalized();
         tracing::debug!(socket = sock.desc.0, "closed");

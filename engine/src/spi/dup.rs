@@ -591,7 +591,7 @@ impl Provider {
             let deadline = Instant::now() + self.inner.config.close_quiesce_timeout();
             self.inner
                 .wait_for(&run, Some(deadline), sock.cq_index(), || {
-                    sock.gate.is_quiet()
+                    self.inner.sockets.is_quiet(sock.desc)
                 });
         }
         Ok(u64::from(token))
@@ -948,7 +948,7 @@ impl Inner {
         // side enters, then loads the flags): an op that saw the socket
         // not suspended is counted here.
         fence(Ordering::SeqCst);
-        if st.parked.len() < sock.gate.in_flight() {
+        if st.parked.len() < self.sockets.in_flight(sock.desc) {
             return Vec::new();
         }
         let Some(new) = st.rejoined.take() else {

@@ -17,6 +17,7 @@
 //! that orders it against ops starting and completing.
 
 mod close;
+use close::Call;
 mod dispatch;
 mod dup;
 mod gate;
@@ -806,7 +807,7 @@ impl Provider {
         flags: u32,
         ov: &Overlapped,
     ) -> WsaResult<()> {
-        let sock = self.inner.pin(s)?;
+        let sock = self.inner.enter(s)?;
         if flags != 0 {
             return Err(WsaError::WSAEOPNOTSUPP);
         }
@@ -835,7 +836,7 @@ impl Provider {
         bufs: &[WsaBuf],
         ov: &Overlapped,
     ) -> WsaResult<()> {
-        let sock = self.inner.pin(s)?;
+        let sock = self.inner.enter(s)?;
         let it = bufs.iter().map(|b| (b.buf as usize, b.len, None));
         // SAFETY: forwarded caller contract.
         unsafe {
@@ -899,7 +900,7 @@ impl Provider {
         ov: &Overlapped,
         dir: RdmaDir,
     ) -> WsaResult<()> {
-        let sock = self.inner.pin(s)?;
+        let sock = self.inner.enter(s)?;
         if flags != 0 {
             return Err(WsaError::WSAEOPNOTSUPP);
         }
@@ -1104,10 +1105,32 @@ impl Inner {
         self.sockets.get(s)
     }
 
-    /// The data path's lookup: a pin on the socket's table slot, no lock
-    /// and no reference count.
+    /// A control call's lookup (progress, arm): a pin on the socket's table
+    /// slot, no lock and no reference count.
+    #[inline(always)]
     fn pin(&self, s: ProviderSocket) -> WsaResult<Pinned<'_>> {
         self.sockets.pin(s).ok_or(WsaError::WSAENOTSOCK)
+    }
+
+    /// A data call's lookup, which also enters the socket's close gate
+    /// (`gate.rs`): one atomic add on the socket's table slot.
+    #[inline(always)]
+    fn enter(&self, s: ProviderSocket) -> WsaResult<Call<'_>> {
+        #[cfg(feature = "fault-injection")]
+        if let Ok(sock) = self.sockets.get(s) {
+            dup::hooks::before_enter(&sock);
+        }
+        match self.sockets.enter(s) {
+            Ok(entry) => Ok(Call { inner: self, entry }),
+            Err(refused) => {
+                if let Some(sock) = refused.finalize {
+                    // SAFETY: the table handed this thread the socket's
+                    // finalization, before which it is not released.
+                    self.finalize(unsafe { sock.as_ref() });
+                }
+                Err(refused.error)
+            }
+        }
     }
 
     /// Creates a socket object with its switch handle (one
@@ -1192,7 +1215,7 @@ impl Inner {
     #[inline]
     unsafe fn start_op(
         self: &Arc<Self>,
-        sock: Pinned<'_>,
+        sock: Call<'_>,
         bufs: impl ExactSizeIterator<Item = (usize, u32, Option<usize>)>,
         need: MemFlags,
         max_total: u32,
@@ -1216,7 +1239,7 @@ impl Inner {
     #[allow(clippy::too_many_arguments)]
     unsafe fn start_op_n<const N: usize>(
         self: &Arc<Self>,
-        sock: Pinned<'_>,
+        sock: Call<'_>,
         bufs: impl ExactSizeIterator<Item = (usize, u32, Option<usize>)>,
         need: MemFlags,
         max_total: u32,
@@ -1252,7 +1275,7 @@ impl Inner {
                 Some(0) => self
                     .table
                     .acquire_handle(&sock.regs, 0, addr, len as usize, need)?,
-                // SAFETY: the pinned socket holds `regs`, and the op's
+                // SAFETY: the entered socket holds `regs`, and the op's
                 // registration holds are dropped while the socket lives:
                 // here on an error, else when the op completes, before it
                 // leaves the close gate (`dispatch.rs`).
@@ -1278,18 +1301,10 @@ impl Inner {
         if total > u64::from(max_total) {
             return Err(WsaError::WSAEMSGSIZE);
         }
-        #[cfg(feature = "fault-injection")]
-        dup::hooks::before_enter(&sock);
-        // Either close counts this op, or we see it closing (gate.rs).
-        if let Err(left) = sock.gate.enter() {
-            self.finish_close(&sock, left.finalize);
-            return Err(WsaError::WSAENOTSOCK);
-        }
         // Read once entered: a duplication's swap either counts this op or
         // made its queue pair current (dup.rs).
         let qp = sock.posting_qp(loaded);
         let Some(slot) = self.ops.reserve(sock.cq_index().unwrap_or(0)) else {
-            self.op_finished(&sock);
             return Err(WsaError::WSAENOBUFS);
         };
         // Marked started before the post, since the completion may be
@@ -1320,20 +1335,24 @@ impl Inner {
         std::mem::forget(regs);
         match post(&**qp, slot.wr_id(), &sges[..n]) {
             // The op's completion (maybe already dispatched) may have left
-            // the gate: our pin kept the socket and its queue pair alive
-            // through the post.
-            Ok(()) => Ok(()),
+            // the gate, even finalized the socket: the call's pin kept the
+            // socket and its queue pair alive through the post.
+            Ok(()) => {
+                sock.posted();
+                Ok(())
+            }
             Err(e) => {
                 let Some(state) = self.ops.cancel(slot) else {
                     // A close that abandoned the queue pair completed the op
                     // meanwhile (`close.rs`): it started, and is over.
+                    sock.posted();
                     return Ok(());
                 };
                 drop(state);
                 self.counters.refused();
                 ov.internal_high.store(before.1, Ordering::Relaxed);
                 ov.internal.store(before.0, Ordering::Release);
-                self.op_finished(&sock);
+                // The call gives its op's unit and its pin back (dropped).
                 Err(match e {
                     PostError::QueueFull => WsaError::WSAENOBUFS,
                     PostError::TooManySge => WsaError::WSAEINVAL,

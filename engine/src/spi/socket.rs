@@ -2,12 +2,13 @@
 //!
 //! A socket is an `Arc`. The descriptor table holds one reference from
 //! publication until close removed the socket (after which lookups fail
-//! `WSAENOTSOCK`) *and* the last pin on its slot is gone: a data call pins
-//! the slot for its duration, and the removal leaves a pin of its own that
-//! the socket's finalization gives back, after its last op left the close
-//! gate (see [`SocketTable`]). So a pending op needs no pin: its entry in
-//! the gate keeps the socket. Control calls and close hold `Arc`s. Nothing of a socket is released before `close_socket` (spec §6.1
-//! step 5): peer-detected failures only change `fail`.
+//! `WSAENOTSOCK`) *and* its slot's pins and close-gate count are gone: a
+//! data call enters the gate on the slot for its duration, its op stays in
+//! it until its completion was signalled, and the removal leaves a pin of
+//! its own that the socket's finalization gives back, after the gate's
+//! count reached 0 (see [`SocketTable`]). Control calls and close hold
+//! `Arc`s. Nothing of a socket is released before `close_socket` (spec
+//! §6.1 step 5): peer-detected failures only change `fail`.
 
 use super::dup::DupState;
 use super::gate::CloseGate;
@@ -253,12 +254,48 @@ const _: () = assert!(FD_CONNECT == 1 << super::types::FD_CONNECT_BIT);
 const FREE: u64 = 0;
 /// Published: lookups with the slot's generation succeed.
 const LIVE: u64 = 1 << 30;
-/// Removed by close: lookups fail; the last unpin releases the slot.
+/// Removed by close: lookups fail; once the socket was finalized, the last
+/// unpin (or gate leave) releases the slot.
 const REMOVED: u64 = 2 << 30;
 const STATE: u64 = 3 << 30;
-/// The low bits: pins held (calls inside, the teardown's of a removed
-/// socket, stale lookups about to undo theirs).
-const PINS: u64 = LIVE - 1;
+/// Close gave up waiting for the gate's count (bit 29): whoever brings it
+/// to 0 finalizes. Set only on a `REMOVED` slot; cleared by `reserve`.
+const DEFERRED: u64 = 1 << 29;
+/// The socket's finalization was claimed (bit 28): exactly once per life
+/// of the slot. Cleared by `reserve`.
+const FINALIZED: u64 = 1 << 28;
+/// One unit of the close gate's count (bits 12..28): a data call inside
+/// holds one for its op, a posted op one.
+const GATE: u64 = 1 << 12;
+/// The close gate's count, in units of [`GATE`].
+const GATE_COUNT: u64 = FINALIZED - GATE;
+/// A call that finds this many units in the gate is refused (`WSAENOBUFS`),
+/// so the count never carries into the flags: half the field, the other
+/// half is room for calls that add before they see it.
+const GATE_LIMIT: u64 = 1 << 15;
+/// The generation, in the high half of the word.
+const GENERATION: u64 = !0 << 32;
+/// The low bits: pins held (control calls inside, the teardown's of a
+/// removed socket, stale lookups about to undo theirs).
+const PINS: u64 = GATE - 1;
+/// A lookup that finds this many pins (a bit: half the field) waits for
+/// some to go (see `SocketTable::pin`), and a data call is refused, so that
+/// pins never carry into the gate's count.
+const PIN_LIMIT: u64 = GATE / 2;
+
+// The limits are the top bits of the gate's count and of the pins, which
+// `enter` tests.
+const _: () = assert!(GATE_LIMIT * GATE * 2 == FINALIZED && PIN_LIMIT * 2 == GATE);
+
+/// What a data call adds to its slot's word in [`SocketTable::enter`]: its
+/// op's unit in the close gate, which the op keeps once posted (until its
+/// completion was signalled), and a pin, which the call gives back when its
+/// post returned ([`SocketTable::posted`]). The pin, because the op's
+/// completion may be dispatched on another thread before the post returns
+/// and even finalize the socket: the pin keeps the socket and its queue
+/// pair alive through the post. Not a second gate unit, because a
+/// duplication's swap counts the ops in the gate (`dup.rs`).
+const CALL: u64 = GATE + 1;
 
 fn word_state(word: u64) -> u64 {
     word & STATE
@@ -269,14 +306,20 @@ fn word_generation(word: u64) -> u32 {
 }
 
 struct TableSlot<T> {
-    /// `generation << 32 | state | pins`. The generation changes only in
-    /// `reserve` (state `FREE`); the state goes `FREE → LIVE` in `publish`,
-    /// `LIVE → REMOVED` in `remove`, and `REMOVED → FREE` by the one thread
-    /// that sees the pins at 0 after removal (`release`). Pins are added by
-    /// every lookup (a single `fetch_add`, whatever the state, which is why
-    /// the slot memory lives as long as the table) and taken away by its
-    /// unpin. While a pin taken on a `LIVE` slot of the right generation is
-    /// held, `socket` is `Some` and is not changed.
+    /// `generation << 32 | state | DEFERRED | FINALIZED | gate count |
+    /// pins`. The generation changes only in `reserve` (state `FREE`); the
+    /// state goes `FREE → LIVE` in `publish`, `LIVE → REMOVED` in `remove`,
+    /// and `REMOVED → FREE` by the one thread that sees the pins and the
+    /// gate's count at 0 after removal (`release`). Pins are added by every
+    /// control lookup, gate units by every data call (each a single
+    /// `fetch_add`, whatever the state, which is why the slot memory lives
+    /// as long as the table), and taken away by their unpin or leave. While
+    /// a pin or a gate unit taken on a `LIVE` slot of the right generation
+    /// is held, `socket` is `Some` and is not changed. All read-modify-
+    /// writes of the word are totally ordered, so a call entering the gate
+    /// and a close removing the socket cannot miss each other (whichever
+    /// comes second sees the first), nor a leave and a deferral both
+    /// believe they came last.
     word: AtomicU64,
     /// The table's reference to the socket (`Arc::into_raw`), from
     /// `publish` until `release`. Written only by the reserver of a `FREE`
@@ -317,16 +360,22 @@ struct Free {
 /// never 0, never `INVALID_SOCKET`, and a closed descriptor's value does not
 /// come back until its slot's 32-bit generation wraps.
 ///
-/// The data path looks a socket up with [`SocketTable::pin`]: one atomic
-/// add on the slot's word, no lock and no reference count. The pin keeps the
-/// socket object alive (the table's reference is dropped only once removal
-/// happened and every pin is gone). A successful [`SocketTable::remove`]
-/// leaves its pin on the slot: the socket's teardown gives it back
-/// ([`SocketTable::unpin_removed`]) once it is done with the socket, which
-/// the SPI does after the close-handle upcall, when every op has left the
-/// close gate. So an op that started needs no pin of its own: until it
-/// leaves the gate the socket cannot be finalized, hence not released.
-/// Control calls take an `Arc` the same way ([`SocketTable::get`]).
+/// The data path looks a socket up with [`SocketTable::enter`]: one atomic
+/// add on the slot's word, no lock and no reference count, which both keeps
+/// the socket object alive and enters the socket's close gate (spec §6.1
+/// steps 3-5, `gate.rs`): the count of the slot's word counts the data
+/// calls inside and the ops they posted. The call gives back its unit when
+/// its post returned, the op its own once its completion was signalled
+/// ([`SocketTable::leave`]); close removes the socket (later calls are
+/// refused) and waits until the count is 0 ([`SocketTable::is_quiet`]), or
+/// defers ([`SocketTable::defer`]): whoever brings the count to 0 then
+/// finalizes. A successful [`SocketTable::remove`] leaves its pin on the
+/// slot: the socket's teardown gives it back ([`SocketTable::unpin_removed`])
+/// once it is done with the socket, which the SPI does after the
+/// close-handle upcall. So the table's reference is dropped only once the
+/// socket was removed, every op left the gate and every pin is gone.
+/// Control calls pin ([`SocketTable::pin`]) or take an `Arc`
+/// ([`SocketTable::get`]).
 pub struct SocketTable<T = Socket> {
     /// Padded: threads spinning on different sockets never share a line.
     /// Resident as used (see `Slots`), never freed before the table: a
@@ -364,22 +413,53 @@ impl<T> std::ops::Deref for Pinned<'_, T> {
     }
 }
 
-impl<T> Pinned<'_, T> {
-    /// The socket for the state of an op this call starts. It holds no pin:
-    /// the op's entry in the socket's close gate keeps the socket alive
-    /// until the op leaves it (see [`SocketTable`]).
-    pub fn op_socket(&self) -> OpSocket<T> {
-        OpSocket { ptr: self.ptr }
-    }
-}
-
 impl<T> Drop for Pinned<'_, T> {
     fn drop(&mut self) {
         self.table.unpin(self.slot, self.index);
     }
 }
 
-/// The socket of a pending op. Plain data: the op's entry in the socket's
+/// A data call inside its socket's close gate, holding its op's unit and a
+/// pin (see [`SocketTable::enter`]). It has no drop: whoever holds it gives
+/// them back with [`SocketTable::posted`] (the op keeps its unit) or
+/// [`SocketTable::leave_entry`], which may hand it the socket's
+/// finalization.
+#[must_use]
+pub struct Entry<'a, T = Socket> {
+    /// The slot the descriptor names.
+    slot: &'a TableSlot<T>,
+    index: u32,
+    /// The socket, kept alive by the gate's count.
+    ptr: NonNull<T>,
+}
+
+impl<T> std::ops::Deref for Entry<'_, T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        // SAFETY: the entry's units in the gate keep the object alive.
+        unsafe { self.ptr.as_ref() }
+    }
+}
+
+impl<T> Entry<'_, T> {
+    /// The socket for the state of the op this call posts, which keeps one
+    /// of the entry's units (see [`SocketTable`]).
+    pub fn op_socket(&self) -> OpSocket<T> {
+        OpSocket { ptr: self.ptr }
+    }
+}
+
+/// A refused [`SocketTable::enter`].
+pub struct Refused<T = Socket> {
+    /// `WSAENOTSOCK`, or `WSAENOBUFS` when the gate is full.
+    pub error: WsaError,
+    /// The refused call brought a deferred close's count to 0: the caller
+    /// must finalize this socket.
+    pub finalize: Option<NonNull<T>>,
+}
+
+/// The socket of a pending op. Plain data: the op's unit in the socket's
 /// close gate, not a pin, keeps the socket alive (see [`SocketTable`]).
 pub struct OpSocket<T = Socket> {
     ptr: NonNull<T>,
@@ -416,7 +496,7 @@ impl<T> SocketTable<T> {
     /// A table of up to `capacity` sockets; the memory of their slots
     /// becomes resident as they are first used.
     pub fn new(capacity: usize) -> SocketTable<T> {
-        assert!(capacity < PINS as usize, "socket table too large");
+        assert!(capacity < 1 << 31, "socket table too large");
         SocketTable {
             // SAFETY: `TableSlot::new` is all zero bits: FREE is 0, `None`
             // of a `NonNull` is the null pointer, the padding is padding.
@@ -453,7 +533,8 @@ impl<T> SocketTable<T> {
         let mut word = slot.word.load(Ordering::Relaxed);
         loop {
             debug_assert_eq!(word_state(word), FREE);
-            let next = (u64::from(word_generation(word).wrapping_add(1)) << 32) | (word & PINS);
+            let next = (u64::from(word_generation(word).wrapping_add(1)) << 32)
+                | (word & (GATE_COUNT | PINS));
             match slot
                 .word
                 .compare_exchange_weak(word, next, Ordering::Relaxed, Ordering::Relaxed)
@@ -537,12 +618,15 @@ impl<T> SocketTable<T> {
 
     /// Pins the live socket `desc` names: `None` if it is not (or no longer)
     /// live. No lock, one atomic add (two on failure).
-    #[inline]
+    #[inline(always)]
     pub fn pin(&self, desc: ProviderSocket) -> Option<Pinned<'_, T>> {
         let (index, generation, slot) = self.locate(desc)?;
         // Acquire: pairs with publish's release, so the socket is visible.
         let was = slot.word.fetch_add(1, Ordering::Acquire);
-        debug_assert!(was & PINS < PINS - 1, "socket slot pin overflow");
+        if was & PIN_LIMIT != 0 {
+            self.unpin(slot, index);
+            return self.pin_crowded(desc);
+        }
         if word_state(was) == LIVE && word_generation(was) == generation {
             // SAFETY: pinned on a LIVE slot of this generation: the cell
             // holds the socket and keeps it until our unpin.
@@ -559,6 +643,202 @@ impl<T> SocketTable<T> {
         }
         self.unpin(slot, index);
         None
+    }
+
+    /// [`SocketTable::pin`] of a slot that thousands of threads pin at
+    /// once: waits for some of them to go.
+    #[cold]
+    #[inline(never)]
+    fn pin_crowded(&self, desc: ProviderSocket) -> Option<Pinned<'_, T>> {
+        crate::sync::thread::yield_now();
+        self.pin(desc)
+    }
+
+    /// Enters a data call into the close gate of the live socket `desc`
+    /// (one atomic add of its op's gate unit and a pin on its slot's word,
+    /// no lock): the socket is alive, and close waits for the op, until
+    /// they are given back ([`SocketTable::posted`] and
+    /// [`SocketTable::leave`], or [`SocketTable::leave_entry`]).
+    #[inline(always)]
+    pub fn enter(&self, desc: ProviderSocket) -> Result<Entry<'_, T>, Refused<T>> {
+        let Some((index, generation, slot)) = self.locate(desc) else {
+            return Err(Refused {
+                error: WsaError::WSAENOTSOCK,
+                finalize: None,
+            });
+        };
+        // Acquire: pairs with publish's release, so the socket is visible.
+        // SeqCst (the instruction is the same): a duplication's swap reads
+        // the count after a SeqCst store of its flag, which the call loads
+        // after entering (`dup.rs`).
+        let was = slot.word.fetch_add(CALL, Ordering::SeqCst);
+        // One test: LIVE, this generation, and the count and the pins
+        // below their limits (their top bits clear).
+        let expect = (u64::from(generation) << 32) | LIVE;
+        if (was ^ expect) & (GENERATION | STATE | (GATE_LIMIT * GATE) | PIN_LIMIT) == 0 {
+            // SAFETY: entered on a LIVE slot of this generation: the cell
+            // holds the socket and keeps it until the units are given back.
+            if let Some(ptr) = slot.socket.with(|p| unsafe { *p }) {
+                return Ok(Entry { slot, index, ptr });
+            }
+            debug_assert!(false, "live slot without a socket");
+        }
+        Err(self.refuse(slot, index, was, generation))
+    }
+
+    /// Undoes a refused [`SocketTable::enter`] (the word as the add found
+    /// it: `was`).
+    #[cold]
+    #[inline(never)]
+    fn refuse(&self, slot: &TableSlot<T>, index: u32, was: u64, generation: u32) -> Refused<T> {
+        let live = word_state(was) == LIVE && word_generation(was) == generation;
+        Refused {
+            error: if live {
+                WsaError::WSAENOBUFS
+            } else {
+                WsaError::WSAENOTSOCK
+            },
+            finalize: self
+                .leave_units(slot, index, CALL)
+                // SAFETY: the finalization was claimed by this thread, so
+                // the removal's pin is held: the cell keeps the socket.
+                .then(|| slot.socket.with(|p| unsafe { *p }))
+                .flatten(),
+        }
+    }
+
+    /// A call that posted nothing gives back all it entered with. `true`:
+    /// the caller brought a deferred close's count to 0 and must finalize
+    /// the socket (which is alive until then).
+    #[inline(always)]
+    #[must_use]
+    pub fn leave_entry(&self, entry: &Entry<'_, T>) -> bool {
+        self.leave_units(entry.slot, entry.index, CALL)
+    }
+
+    /// The call posted its op: it gives back its pin, the op keeps its
+    /// unit in the gate (until [`SocketTable::leave`]).
+    #[inline(always)]
+    pub fn posted(&self, entry: &Entry<'_, T>) {
+        self.unpin(entry.slot, entry.index);
+    }
+
+    /// A posted op of the socket `desc` names is over (its completion was
+    /// signalled): its unit leaves the gate. `true` as for
+    /// [`SocketTable::leave_entry`].
+    #[inline]
+    #[must_use]
+    pub fn leave(&self, desc: ProviderSocket) -> bool {
+        match self.locate(desc) {
+            Some((index, _, slot)) => self.leave_units(slot, index, GATE),
+            None => {
+                debug_assert!(false, "an op of a socket the table never had");
+                false
+            }
+        }
+    }
+
+    /// Takes `delta` ([`GATE`] or [`CALL`]) off the slot's word.
+    #[inline(always)]
+    fn leave_units(&self, slot: &TableSlot<T>, index: u32, delta: u64) -> bool {
+        // Release: the call's or op's use of the socket (its completion
+        // signalled) happens before whoever sees the count at 0 finalizes.
+        let was = slot.word.fetch_sub(delta, Ordering::Release);
+        debug_assert!(was & GATE_COUNT >= GATE, "left the gate more than entered");
+        let now = was - delta;
+        // Only a removed socket can be deferred or released; a stale call
+        // leaving a slot released already (FREE) must touch nothing.
+        if now & (GATE_COUNT | STATE) == REMOVED {
+            return self.last_out(slot, index, now);
+        }
+        false
+    }
+
+    /// The gate's count went to 0 on a removed slot (`now`): a deferred
+    /// close is finalized by this thread (if no one claimed it), or, if the
+    /// socket is finalized and unpinned already (the units were a stale
+    /// call's), the slot is released.
+    #[cold]
+    #[inline(never)]
+    fn last_out(&self, slot: &TableSlot<T>, index: u32, now: u64) -> bool {
+        if now & PINS == 0 {
+            self.release(slot, index, now);
+            return false;
+        }
+        now & DEFERRED != 0 && Self::claim(slot, word_generation(now))
+    }
+
+    /// Claims the finalization of the removed socket of `generation` in
+    /// this slot: `true` once per life of the slot. A compare-exchange, not
+    /// an `or`: a thread that saw the count reach 0 may claim late, when
+    /// another finalized the socket meanwhile and the slot went on to the
+    /// next socket, whose word must stay untouched.
+    fn claim(slot: &TableSlot<T>, generation: u32) -> bool {
+        let mut word = slot.word.load(Ordering::Relaxed);
+        loop {
+            if word_generation(word) != generation
+                || word_state(word) != REMOVED
+                || word & FINALIZED != 0
+            {
+                return false;
+            }
+            // Acquire: every leave's release (one release sequence on the
+            // word) happens before the finalization.
+            match slot.word.compare_exchange_weak(
+                word,
+                word | FINALIZED,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(actual) => word = actual,
+            }
+        }
+    }
+
+    /// Whether no data call and no op of the removed socket `desc` is in
+    /// its close gate (also when the slot went on to another socket: that
+    /// one's ops are not `desc`'s).
+    pub fn is_quiet(&self, desc: ProviderSocket) -> bool {
+        self.in_flight(desc) == 0
+    }
+
+    /// Ops in the close gate of the socket `desc` names: entered, posted
+    /// or about to be, and not yet signalled (0 once the slot went on to
+    /// another socket).
+    pub fn in_flight(&self, desc: ProviderSocket) -> usize {
+        let Some((_, generation, slot)) = self.locate(desc) else {
+            return 0;
+        };
+        let word = slot.word.load(Ordering::SeqCst);
+        if word_generation(word) != generation || word_state(word) == FREE {
+            return 0;
+        }
+        ((word & GATE_COUNT) / GATE) as usize
+    }
+
+    /// Close of the removed socket `desc` gives up waiting: the call or op
+    /// that brings the gate's count to 0 finalizes. `true` if the caller
+    /// must finalize now (nothing is in the gate and nobody claimed it).
+    #[must_use]
+    pub fn defer(&self, desc: ProviderSocket) -> bool {
+        let Some((_, generation, slot)) = self.locate(desc) else {
+            return false;
+        };
+        debug_assert_eq!(word_state(slot.word.load(Ordering::Relaxed)), REMOVED);
+        let was = slot.word.fetch_or(DEFERRED, Ordering::AcqRel);
+        was & GATE_COUNT == 0 && Self::claim(slot, generation)
+    }
+
+    /// Claims the finalization of the removed socket `desc` after its gate
+    /// was seen quiet: `true` for exactly one caller (a close that waited,
+    /// a deferral, the last to leave a deferred gate).
+    #[must_use]
+    pub fn claim_finalize(&self, desc: ProviderSocket) -> bool {
+        self.locate(desc).is_some_and(|(_, generation, slot)| {
+            debug_assert_eq!(word_state(slot.word.load(Ordering::Relaxed)), REMOVED);
+            Self::claim(slot, generation)
+        })
     }
 
     /// Gives back the pin a successful [`SocketTable::remove`] of `desc`
@@ -636,13 +916,14 @@ impl<T> SocketTable<T> {
         // Release: this pin's use of the socket happens before its release.
         let was = slot.word.fetch_sub(1, Ordering::Release);
         debug_assert!(was & PINS >= 1, "socket slot unpinned more than pinned");
-        if word_state(was) == REMOVED && was & PINS == 1 {
+        if word_state(was) == REMOVED && was & (PINS | GATE_COUNT) == 1 {
             self.release(slot, index, was - 1);
         }
     }
 
-    /// Frees a removed slot whose pins reached 0 (`word`), unless a lookup
-    /// pinned it again meanwhile (its unpin then comes here).
+    /// Frees a removed slot whose pins and gate count reached 0 (`word`),
+    /// unless a lookup pinned or entered it again meanwhile (its unpin or
+    /// leave then comes here).
     #[cold]
     #[inline(never)]
     fn release(&self, slot: &TableSlot<T>, index: u32, word: u64) {
@@ -790,25 +1071,89 @@ mod tests {
         assert_eq!(Arc::strong_count(&socket), 1);
     }
 
+    /// A call's units and its op's keep a removed socket, close's deferral
+    /// hands the finalization to whoever leaves last, once, and the slot is
+    /// released only after the teardown's unpin.
     #[test]
-    fn a_removed_socket_lives_until_its_teardown_and_every_call_is_done() {
+    fn the_gate_on_the_slot_counts_calls_and_ops_and_the_last_out_finalizes() {
         let table = SocketTable::<u32>::new(1);
         let a = table.reserve().unwrap();
         let socket = Arc::new(7);
         table.publish(a, socket.clone());
-        let call = table.pin(a).unwrap();
-        // An op started by the call holds no pin, only a pointer.
+        let call = table.enter(a).ok().unwrap();
+        assert_eq!((*call, table.in_flight(a)), (7, 1));
         let op = call.op_socket();
+        table.posted(&call);
+        assert_eq!(table.in_flight(a), 1, "posted: the op keeps its unit");
         drop(table.remove(a).unwrap());
+        let refused = table.enter(a).err().unwrap();
+        assert_eq!(refused.error, WsaError::WSAENOTSOCK, "removed");
+        assert!(refused.finalize.is_none());
+        assert!(!table.is_quiet(a), "the op is in flight");
+        assert!(!table.defer(a), "close defers while the op is in flight");
+        // SAFETY: the op has not left the gate.
+        assert_eq!(unsafe { *op.get() }, 7);
+        assert!(table.leave(a), "the last op out after a deferral finalizes");
+        assert!(table.is_quiet(a));
+        assert!(!table.claim_finalize(a), "exactly once");
+        assert_eq!(Arc::strong_count(&socket), 2, "the removal's pin keeps it");
         table.unpin_removed(a);
-        assert_eq!(Arc::strong_count(&socket), 2, "the call's pin keeps it");
-        assert_eq!(*call, 7);
-        drop(call);
         assert_eq!(Arc::strong_count(&socket), 1, "released with the last pin");
-        assert!(table.reserve().is_ok());
-        let _ = op;
-        let b = table.reserve();
-        assert!(b.is_err(), "one slot");
+        let b = table.reserve().unwrap();
+        assert!(
+            table.is_quiet(a) && table.in_flight(a) == 0,
+            "the next life"
+        );
+        assert!(table.reserve().is_err(), "one slot");
+        table.publish(b, Arc::new(8));
+        assert!(table.enter(a).is_err(), "a stale descriptor");
+        assert_eq!(table.in_flight(b), 0, "the stale call left");
+    }
+
+    /// A call refused on a removed socket may be the one that brings a
+    /// deferred close's count to 0 (its add hid the count from the op that
+    /// left before it): it must then finalize.
+    #[test]
+    fn a_refused_call_that_leaves_last_finalizes() {
+        let table = SocketTable::<u32>::new(1);
+        let a = table.reserve().unwrap();
+        table.publish(a, Arc::new(3));
+        let call = table.enter(a).ok().unwrap();
+        table.posted(&call);
+        drop(table.remove(a).unwrap());
+        assert!(!table.defer(a));
+        // A call's add lands; the op leaves; then the call sees REMOVED.
+        let (index, generation, slot) = table.locate(a).unwrap();
+        let was = slot.word.fetch_add(CALL, Ordering::Acquire);
+        assert!(!table.leave(a), "the refused call's units still count");
+        let refused = table.refuse(slot, index, was, generation);
+        assert_eq!(refused.error, WsaError::WSAENOTSOCK);
+        // SAFETY: this thread was handed the finalization.
+        assert_eq!(refused.finalize.map(|p| unsafe { *p.as_ref() }), Some(3));
+        assert!(!table.claim_finalize(a), "exactly once");
+        table.unpin_removed(a);
+        assert!(table.reserve().is_ok(), "released");
+    }
+
+    /// A full gate refuses calls with `WSAENOBUFS`, and the count never
+    /// reaches the flags.
+    #[test]
+    fn a_full_gate_refuses_calls_without_touching_the_flags() {
+        let table = SocketTable::<u32>::new(1);
+        let a = table.reserve().unwrap();
+        table.publish(a, Arc::new(1));
+        let (_, _, slot) = table.locate(a).unwrap();
+        slot.word
+            .fetch_add((GATE_LIMIT - 1) * GATE, Ordering::Relaxed);
+        let call = table.enter(a).ok().expect("one below the limit");
+        let refused = table.enter(a).err().unwrap();
+        assert_eq!(refused.error, WsaError::WSAENOBUFS);
+        assert!(refused.finalize.is_none());
+        assert!(!table.leave_entry(&call));
+        let word = slot.word.load(Ordering::Relaxed);
+        assert_eq!(word & (DEFERRED | FINALIZED), 0);
+        assert_eq!(table.in_flight(a), GATE_LIMIT as usize - 1);
+        assert!(table.pin(a).is_some(), "pins are apart from the count");
     }
 }
 
@@ -857,55 +1202,162 @@ mod loom_models {
         });
     }
 
-    /// Two closes race a call that started an op, whose completion runs on
-    /// another thread, possibly before the call returned from its post. The
-    /// op holds no pin: its entry in the close gate (here a count) keeps the
-    /// socket, since the close that wins finalizes (gives the removal's pin
-    /// back) only once the op left the gate. The call's pin keeps the socket
-    /// until the call is done; the slot is released once, after both.
+    /// A socket's finalization in the models: it happens once, after
+    /// every op's completion, and gives the removal's pin back.
+    struct Teardown {
+        table: loom::sync::Arc<SocketTable<u32>>,
+        desc: ProviderSocket,
+        /// Ops completed (signalled), and whether the socket was finalized.
+        log: crate::sync::Mutex<(u32, bool)>,
+    }
+
+    impl Teardown {
+        fn finalize(&self, started: &crate::sync::AtomicUsize) {
+            let mut log = self.log.lock().unwrap();
+            assert!(!log.1, "finalized twice");
+            assert_eq!(
+                log.0 as usize,
+                started.load(Ordering::Relaxed),
+                "finalized before every started op completed"
+            );
+            log.1 = true;
+            drop(log);
+            self.table.unpin_removed(self.desc);
+        }
+
+        /// The completion of a posted op: signalled, then it leaves.
+        fn complete(&self, started: &crate::sync::AtomicUsize) {
+            self.log.lock().unwrap().0 += 1;
+            if self.table.leave(self.desc) {
+                self.finalize(started);
+            }
+        }
+    }
+
+    /// A call posts an op whose completion runs on another thread, possibly
+    /// before the call's post returned; a close removes the socket and
+    /// either waits once or defers. The socket is finalized exactly once,
+    /// after the op's completion (if it started), by whoever came last;
+    /// the call's unit keeps the socket through its post; the slot is
+    /// released at the end.
     #[test]
-    fn loom_an_op_in_the_gate_outlives_racing_closes() {
-        crate::sync::model("an_op_in_the_gate_outlives_racing_closes", 3, || {
+    fn loom_a_call_its_completion_and_a_close() {
+        for wait in [false, true] {
+            crate::sync::model("a_call_its_completion_and_a_close", 3, move || {
+                let table = loom::sync::Arc::new(SocketTable::<u32>::new(1));
+                let desc = table.reserve().unwrap();
+                let first = Arc::new(1u32);
+                table.publish(desc, first.clone());
+                let t = loom::sync::Arc::new(Teardown {
+                    table: table.clone(),
+                    desc,
+                    log: crate::sync::Mutex::new((0, false)),
+                });
+                let started = loom::sync::Arc::new(crate::sync::AtomicUsize::new(0));
+                // The fabric: a posted op, completed by the dispatcher.
+                let posted = loom::sync::Arc::new(crate::sync::Mutex::new(false));
+                let caller = {
+                    let (t, started, posted, probe) =
+                        (t.clone(), started.clone(), posted.clone(), first.clone());
+                    thread::spawn(move || match t.table.enter(t.desc) {
+                        Ok(call) => {
+                            started.store(1, Ordering::Relaxed);
+                            *posted.lock().unwrap() = true;
+                            // Still inside the post: the call's unit.
+                            assert_eq!(*call, 1);
+                            assert!(Arc::strong_count(&probe) >= 3, "released in a post");
+                            t.table.posted(&call);
+                        }
+                        Err(refused) => {
+                            if refused.finalize.is_some() {
+                                t.finalize(&started);
+                            }
+                        }
+                    })
+                };
+                let dispatcher = {
+                    let (t, started, posted) = (t.clone(), started.clone(), posted.clone());
+                    thread::spawn(move || {
+                        let op = std::mem::take(&mut *posted.lock().unwrap());
+                        if op {
+                            t.complete(&started);
+                        }
+                    })
+                };
+                drop(t.table.remove(desc).unwrap());
+                if wait && table.is_quiet(desc) {
+                    if table.claim_finalize(desc) {
+                        t.finalize(&started);
+                    }
+                } else if table.defer(desc) {
+                    t.finalize(&started);
+                }
+                caller.join().unwrap();
+                dispatcher.join().unwrap();
+                // The NIC flushes what is left.
+                let op = std::mem::take(&mut *posted.lock().unwrap());
+                if op {
+                    t.complete(&started);
+                }
+                let log = *t.log.lock().unwrap();
+                assert_eq!(log.0 as usize, started.load(Ordering::Relaxed));
+                if !wait {
+                    assert!(log.1, "a deferred close was never finalized");
+                } else if !log.1 {
+                    // The close that looked once found the op in flight and
+                    // gave up: the deferral the real close then makes.
+                    if table.defer(desc) {
+                        t.finalize(&started);
+                    }
+                    assert!(t.log.lock().unwrap().1, "never finalized");
+                }
+                assert_eq!(Arc::strong_count(&first), 1, "the table kept its reference");
+                assert!(table.reserve().is_ok(), "the slot was not released");
+            });
+        }
+    }
+
+    /// A stale call on a slot being closed and reused: its units never
+    /// make a socket finalized twice or released early, and it never
+    /// reaches the next socket.
+    #[test]
+    fn loom_a_stale_call_racing_a_deferred_close_and_reuse() {
+        crate::sync::model("a_stale_call_racing_a_deferred_close_and_reuse", 3, || {
             let table = loom::sync::Arc::new(SocketTable::<u32>::new(1));
             let desc = table.reserve().unwrap();
             let first = Arc::new(1u32);
             table.publish(desc, first.clone());
-            let in_gate = loom::sync::Arc::new(crate::sync::AtomicUsize::new(1));
-            let call = table.pin(desc).unwrap();
-            let op = call.op_socket();
-            let completion = {
-                let (probe, in_gate) = (first.clone(), in_gate.clone());
-                thread::spawn(move || {
-                    // SAFETY: the op has not left the gate yet.
-                    assert_eq!(unsafe { *op.get() }, 1);
-                    assert!(Arc::strong_count(&probe) >= 3, "released under an op");
-                    in_gate.fetch_sub(1, Ordering::Release);
+            let finals = loom::sync::Arc::new(crate::sync::Mutex::new(0));
+            let stale = {
+                let (table, finals) = (table.clone(), finals.clone());
+                thread::spawn(move || match table.enter(desc) {
+                    Ok(call) => {
+                        assert_eq!(*call, 1, "a stale descriptor reached a later socket");
+                        if table.leave_entry(&call) {
+                            *finals.lock().unwrap() += 1;
+                            table.unpin_removed(desc);
+                        }
+                    }
+                    Err(refused) => {
+                        if refused.finalize.is_some() {
+                            *finals.lock().unwrap() += 1;
+                            table.unpin_removed(desc);
+                        }
+                    }
                 })
             };
-            let close = move |table: &SocketTable<u32>, in_gate: &crate::sync::AtomicUsize| {
-                if table.remove(desc).is_err() {
-                    return false;
-                }
-                while in_gate.load(Ordering::Acquire) != 0 {
-                    thread::yield_now();
-                }
+            drop(table.remove(desc).unwrap());
+            if table.defer(desc) {
+                *finals.lock().unwrap() += 1;
                 table.unpin_removed(desc);
-                true
-            };
-            let closer = {
-                let (table, in_gate) = (table.clone(), in_gate.clone());
-                thread::spawn(move || close(&table, &in_gate))
-            };
-            let mine = close(&table, &in_gate);
-            // Still inside the call: its pin keeps the socket.
-            assert_eq!(*call, 1);
-            assert!(Arc::strong_count(&first) >= 2, "released under the call");
-            drop(call);
-            let theirs = closer.join().unwrap();
-            assert!(mine ^ theirs, "exactly one close removes the socket");
-            completion.join().unwrap();
+            }
+            if let Ok(next) = table.reserve() {
+                table.publish(next, Arc::new(2));
+                assert_eq!(table.pin(next).map(|p| *p), Some(2));
+            }
+            stale.join().unwrap();
+            assert_eq!(*finals.lock().unwrap(), 1, "finalized once");
             assert_eq!(Arc::strong_count(&first), 1, "the table kept its reference");
-            assert!(table.reserve().is_ok(), "the slot was not released");
         });
     }
 }
