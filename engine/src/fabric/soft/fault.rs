@@ -202,8 +202,9 @@ impl Link {
                 to_peer: false,
             })
         };
-        let f = &mut c.faults[me];
-        if f.silent || f.peer_silent.is_some() {
+        // Queues the request as stalled (it completes when the fault ends);
+        // its send-queue index.
+        let stall = |p: &mut Poster| {
             let index = p.sq.tail();
             p.sq.push(
                 &p.queues,
@@ -213,6 +214,11 @@ impl Link {
                     kind: SqKind::Stalled,
                 },
             );
+            index
+        };
+        let f = &mut c.faults[me];
+        if f.silent || f.peer_silent.is_some() {
+            let index = stall(p);
             f.stalled.push(index);
             if f.peer_silent.is_some() && f.stall_since.is_none() {
                 f.stall_since = Some(Instant::now());
@@ -226,15 +232,7 @@ impl Link {
             SendOp::Send => None,
         };
         if let (true, Some((remote_addr, rkey, write))) = (f.hold_rdma, held) {
-            let index = p.sq.tail();
-            p.sq.push(
-                &p.queues,
-                SqEntry {
-                    wr_id: wr.wr_id,
-                    opcode,
-                    kind: SqKind::Stalled,
-                },
-            );
+            let index = stall(p);
             let start = f.held_sges.len();
             f.held_sges.extend_from_slice(wr.sges);
             f.held.push(HeldRdma {

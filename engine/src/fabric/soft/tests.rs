@@ -1101,26 +1101,65 @@ fn tcp_only_host_times_out_unless_cancelled() {
     assert_eq!(rx.recv_timeout(WAIT), Err(RecvTimeoutError::Disconnected));
 }
 
-#[test]
-fn arm_does_not_lose_wake_ups() {
+/// A loopback connection on one NIC at 198.18.`octet`.1 whose accepting
+/// end `b` completes on `cq`, woken through the counting `waker`.
+struct Watched {
+    n: Arc<SoftNic>,
+    cq: Arc<dyn CompletionQueue>,
+    waker: Arc<Probe>,
+    woken: Receiver<()>,
+    a: Arc<dyn QueuePair>,
+    b: Arc<dyn QueuePair>,
+    /// Kept for the test's length: the connecting end's CQ, the listener,
+    /// the network.
+    _keep: (
+        Arc<dyn CompletionQueue>,
+        Arc<dyn Listener>,
+        Arc<SoftNetwork>,
+    ),
+}
+
+fn watched_loopback(octet: u8) -> Watched {
     let net = SoftNetwork::new();
-    let n = nic_on(&net, ip(198, 18, 20, 1), 4);
+    let n = nic_on(&net, ip(198, 18, octet, 1), 4);
     let (lev, _lrx) = Probe::new();
-    let l = n.listen(sa(ip(198, 18, 20, 1), 1), 4, lev).unwrap();
+    let l = n.listen(sa(ip(198, 18, octet, 1), 1), 4, lev).unwrap();
     let (waker, woken) = Probe::new();
     let cq = n.create_cq(64, waker.clone()).unwrap();
     let other_cq = n.create_cq(64, Probe::new().0).unwrap();
     let ev = Probe::new().0;
     let (tx, rx) = mpsc::channel();
     n.connect(
-        sa(ip(198, 18, 20, 1), 2),
-        sa(ip(198, 18, 20, 1), 1),
+        sa(ip(198, 18, octet, 1), 2),
+        sa(ip(198, 18, octet, 1), 1),
         params(&other_cq, &ev, 8),
         Box::new(move |r| tx.send(r).unwrap()),
     )
     .unwrap();
     let b = l.peek().unwrap().accept(params(&cq, &ev, 8)).unwrap();
     let a = rx.recv_timeout(WAIT).unwrap().unwrap();
+    Watched {
+        n,
+        cq,
+        waker,
+        woken,
+        a,
+        b,
+        _keep: (other_cq, l, net),
+    }
+}
+
+#[test]
+fn arm_does_not_lose_wake_ups() {
+    let Watched {
+        n,
+        cq,
+        waker,
+        woken,
+        a,
+        b,
+        _keep,
+    } = watched_loopback(20);
     let buf = Arc::new(Buf::new(&n, 64, Access::LOCAL_WRITE));
     // Nothing there: arm reports empty; a completion from another thread
     // wakes exactly once, even with two completions.
@@ -1163,24 +1202,15 @@ fn arm_does_not_lose_wake_ups() {
 /// thread can no longer see: the end of the dispatch wakes it.
 #[test]
 fn arm_during_another_threads_dispatch_sleeps_and_the_dispatch_end_wakes() {
-    let net = SoftNetwork::new();
-    let n = nic_on(&net, ip(198, 18, 21, 1), 4);
-    let (lev, _lrx) = Probe::new();
-    let l = n.listen(sa(ip(198, 18, 21, 1), 1), 4, lev).unwrap();
-    let (waker, woken) = Probe::new();
-    let cq = n.create_cq(64, waker.clone()).unwrap();
-    let other_cq = n.create_cq(64, Probe::new().0).unwrap();
-    let ev = Probe::new().0;
-    let (tx, rx) = mpsc::channel();
-    n.connect(
-        sa(ip(198, 18, 21, 1), 2),
-        sa(ip(198, 18, 21, 1), 1),
-        params(&other_cq, &ev, 8),
-        Box::new(move |r| tx.send(r).unwrap()),
-    )
-    .unwrap();
-    let b = l.peek().unwrap().accept(params(&cq, &ev, 8)).unwrap();
-    let a = rx.recv_timeout(WAIT).unwrap().unwrap();
+    let Watched {
+        n,
+        cq,
+        waker,
+        woken,
+        a,
+        b,
+        _keep,
+    } = watched_loopback(21);
     let buf = Buf::new(&n, 64, Access::LOCAL_WRITE);
     recv(&b, 1, &[buf.sge(0, 8)]);
     send(&a, 2, &[buf.sge(32, 4)]);
