@@ -260,27 +260,21 @@ unsafe fn cma_call(
     lv: &[libc::iovec],
     rv: &[libc::iovec],
 ) -> io::Result<usize> {
+    let call = match dir {
+        Cma::Read => libc::process_vm_readv,
+        Cma::Write => libc::process_vm_writev,
+    };
     // SAFETY: the kernel validates both lists against the two address
     // spaces; the local ranges are ours to use (caller).
     let n = unsafe {
-        match dir {
-            Cma::Read => libc::process_vm_readv(
-                pid,
-                lv.as_ptr(),
-                lv.len() as _,
-                rv.as_ptr(),
-                rv.len() as _,
-                0,
-            ),
-            Cma::Write => libc::process_vm_writev(
-                pid,
-                lv.as_ptr(),
-                lv.len() as _,
-                rv.as_ptr(),
-                rv.len() as _,
-                0,
-            ),
-        }
+        call(
+            pid,
+            lv.as_ptr(),
+            lv.len() as _,
+            rv.as_ptr(),
+            rv.len() as _,
+            0,
+        )
     };
     match n {
         n if n > 0 => Ok(n as usize),
