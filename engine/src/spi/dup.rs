@@ -1130,6 +1130,8 @@ pub mod hooks {
     static CHANGED: Condvar = Condvar::new();
     /// Whether any hold is set: an op's start pays one load without.
     static HOLDING: AtomicBool = AtomicBool::new(false);
+    /// How long a held op waits for its release.
+    const HOLD_MAX: Duration = Duration::from_secs(30);
 
     fn hooks() -> MutexGuard<'static, Hooks> {
         HOOKS.lock().unwrap_or_else(PoisonError::into_inner)
@@ -1191,10 +1193,25 @@ pub mod hooks {
         };
         h.holds[i].1 = true;
         CHANGED.notify_all();
-        while !h.holds[i].2 {
-            h = CHANGED.wait(h).unwrap_or_else(PoisonError::into_inner);
+        // Bounded: an op a failed test never released goes on after
+        // HOLD_MAX (the test's own assertions report the failure).
+        let deadline = Instant::now() + HOLD_MAX;
+        loop {
+            let i = h
+                .holds
+                .iter()
+                .position(|x| x.0 == port && x.1)
+                .expect("a held op's entry stays until it goes on");
+            let now = Instant::now();
+            if h.holds[i].2 || now >= deadline {
+                h.holds.remove(i);
+                break;
+            }
+            h = CHANGED
+                .wait_timeout(h, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
         }
-        h.holds.remove(i);
         HOLDING.store(!h.holds.is_empty(), Ordering::SeqCst);
     }
 

@@ -5,6 +5,9 @@
 use std::sync::{Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+/// How long a held poller waits for the test to release it.
+const HOLD_MAX: Duration = Duration::from_secs(30);
+
 #[derive(Default)]
 struct State {
     armed: bool,
@@ -68,9 +71,13 @@ impl Hook {
         s.armed = false;
         s.held = true;
         self.changed.notify_all();
-        while !s.released {
-            s = self.changed.wait(s).unwrap_or_else(PoisonError::into_inner);
-        }
+        drop(s);
+        // Bounded: a test that failed before releasing must not leave its
+        // poller held for ever.
+        assert!(
+            self.wait(HOLD_MAX, |s| s.released),
+            "the test never released the held poller"
+        );
     }
 
     /// A break waits for a `busy` word, or returned.
