@@ -31,9 +31,13 @@
 //! list and of a NIC's doorbell coalescing, with the arm/re-check of a
 //! sleeping poller).
 //!
-//! The producer's fence is only a compiler fence, and an end going idle
-//! must not pay the heavy fence that would pair with it (a `membarrier`
-//! per message on a CQ of many connections each woken now and then). So
+//! By default the producer's fence is a full one (`fence`): with the
+//! consumer's after `idle`, one of the two sees the other, and an end the
+//! re-check found empty is parked for good. With asymmetric fences
+//! (`SANPATH_SOFT_FENCES=asymmetric`) the producer's fence is only a
+//! compiler fence, and an end going idle must not pay the heavy fence
+//! that would pair with it (a `membarrier` per message on a CQ of many
+//! connections each woken now and then). So
 //! the two may miss each other: the producer's load of `idle` passes its
 //! store of the work, the consumer's re-check comes before that store is
 //! visible, and the end is parked with work nobody announced. Such an end
@@ -385,6 +389,9 @@ impl Consumer {
         if marked {
             std::sync::atomic::fence(Ordering::SeqCst);
         }
+        // With full fences on both sides a re-check that finds nothing is
+        // final: no end cools.
+        let full = fence::light_is_full();
         let mut i = 0;
         while i < self.hot.len() {
             let a = &mut self.hot[i];
@@ -393,7 +400,9 @@ impl Consumer {
                 if a.leaves() {
                     let mut a = self.hot.swap_remove(i);
                     a.stay = a.stay.wrapping_add(1);
-                    self.cooling.push((a.slot, a.stay, ticks(), 0));
+                    if !full {
+                        self.cooling.push((a.slot, a.stay, ticks(), 0));
+                    }
                     let slot = a.slot as usize;
                     debug_assert!(self.parked[slot].is_none());
                     self.parked[slot] = Some(a);
@@ -536,6 +545,13 @@ impl SoftCq {
     #[cfg(test)]
     pub(super) fn visits(&self) -> u64 {
         self.consumer.lock().visits
+    }
+
+    /// Parked ends listed as cooling or cooled.
+    #[cfg(test)]
+    pub(super) fn cooling(&self) -> usize {
+        let c = self.consumer.lock();
+        c.cooling.len() + c.cooled.len()
     }
 
     /// Ends attached and not yet forgotten, and how many of them are hot.

@@ -132,6 +132,17 @@ pub(super) fn light() {
     crate::sync::fence(crate::sync::Ordering::SeqCst);
 }
 
+/// Whether [`light`] is a full fence (the default, symmetric fences): a
+/// sleeper's full fence alone then orders the rule, and a re-check after it
+/// that finds no work is final (`cq` keeps no cooling ends).
+#[inline(always)]
+pub(super) fn light_is_full() -> bool {
+    #[cfg(not(loom))]
+    return mode() & ASYMMETRIC == 0;
+    #[cfg(loom)]
+    true
+}
+
 /// The sleeper's fence, between raising its flag and looking for work:
 /// every thread of the process passes a full barrier before it returns.
 #[inline]
