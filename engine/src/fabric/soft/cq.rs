@@ -81,9 +81,6 @@ use std::sync::{Arc, Mutex};
 /// goes idle; one that does costs its next producer one announcement.
 pub(super) const IDLE_POLLS: u32 = 64;
 
-/// The fewest quiet visits after which an end leaves the hot list.
-const MIN_QUIET: u32 = 2;
-
 /// Cooling ends (module docs) a poll re-checks at most, round robin.
 const COOLING_CHECKS: usize = 2;
 
@@ -101,18 +98,22 @@ pub(super) const COOLING_MIN_CHECKS: u32 = 8;
 const COOLED_MAX: usize = 1024;
 
 /// Quiet visits in a row after which an end of a hot list of `hot` ends
-/// leaves it: [`IDLE_POLLS`] shared out among them (divided by the power
-/// of two at or below `hot`: a shift, not a division), at least
-/// [`MIN_QUIET`]. One end alone (a CQ per connection) keeps the full
-/// count; on a CQ shared by thousands of connections that each wake now
-/// and then (a server's round robin), ends leave sooner, or every poll
-/// would visit the last `IDLE_POLLS / polls-per-message` connections that
-/// had a message, each a cache miss, and a poll's cost would grow with the
-/// connections again (a hot list of `8 * sqrt(ends woken per poll)` ends,
-/// not `64 *` that many).
+/// leaves it: [`IDLE_POLLS`] divided by the cube of the power of two at or
+/// below `hot` (a shift, not a division), at least one. One end alone (a
+/// CQ per connection) keeps the full count, two or three 8; from four on
+/// an end leaves at its first visit that finds nothing. On a CQ shared by
+/// thousands of connections that each wake now and then (a server's round
+/// robin) every end on the list but the one with work costs each poll a
+/// visit that only finds that nothing came: a list of `h` ends each kept
+/// for `IDLE_POLLS / h` quiet visits held about
+/// `8 * sqrt(ends woken per poll)` of them (at 10,000 pairs round robin,
+/// 27 visits per round trip where 3 find work, 3,000 of the round's 10,000
+/// instructions), the cube about three. An end leaving costs the poll one
+/// fence (for all that leave in it) and the end's next producer one
+/// announcement, which the next message of such a connection pays anyway.
 #[inline]
 fn quiet_limit(hot: usize) -> u32 {
-    (IDLE_POLLS >> hot.max(1).ilog2().min(31)).max(MIN_QUIET)
+    (IDLE_POLLS >> (3 * hot.max(1).ilog2()).min(31)).max(1)
 }
 
 /// How an idle end gets its CQ to poll it again (kept in `link::End`).
