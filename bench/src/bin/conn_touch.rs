@@ -20,7 +20,8 @@
 //! (`/proc/self/clear_refs`), run one round, read what is referenced
 //! (`/proc/self/smaps`), minus the 4 KiB pages the reading alone references;
 //! the median over `--page-samples` rounds, each on a connection idle since
-//! the warm-up. Transparent huge pages are counted apart (per mapping that
+//! the warm-up, and apart by kind of mapping (heap, anonymous, files,
+//! other). Transparent huge pages are counted apart (per mapping that
 //! holds any, its referenced bytes in 2 MiB pages).
 //!
 //! Usage: `conn_touch [--conns N] [--rounds R] [--warmup W]
@@ -192,10 +193,26 @@ fn measure_rounds(pairs: &Pairs, from: usize, rounds: usize) -> Res<()> {
     (from..from + rounds).try_for_each(|i| pairs.round(i % n))
 }
 
-/// Pages of this process referenced while `f` ran: `(small, huge)`, 4 KiB
-/// pages and 2 MiB transparent huge pages (a mapping holding any huge page
-/// counts its referenced bytes as huge ones). `buf`: the reading's buffer.
-fn referenced_over(buf: &mut String, f: impl FnOnce() -> Res<()>) -> Res<(u64, u64)> {
+/// What a mapping is, by its `/proc/self/smaps` header: the `[heap]`
+/// (small allocations), an anonymous mapping (large allocations, the soft
+/// fabric's queues and rings, the SPI's tables), a file (code, data of the
+/// binary and its libraries), anything else (`[stack]`, `[vdso]`).
+const KINDS: [&str; 4] = ["heap", "anonymous", "files", "other"];
+
+fn kind_of(header: &str) -> usize {
+    match header.split_whitespace().nth(5) {
+        Some("[heap]") => 0,
+        None => 1,
+        Some(p) if p.starts_with('/') => 2,
+        Some(_) => 3,
+    }
+}
+
+/// Pages of this process referenced while `f` ran: 4 KiB pages by
+/// [`KINDS`] of mapping, and 2 MiB transparent huge pages (a mapping
+/// holding any huge page counts its referenced bytes as huge ones).
+/// `buf`: the reading's buffer.
+fn referenced_over(buf: &mut String, f: impl FnOnce() -> Res<()>) -> Res<([u64; 4], u64)> {
     std::fs::write("/proc/self/clear_refs", "1").map_err(|e| format!("clear_refs: {e}"))?;
     f()?;
     buf.clear();
@@ -206,16 +223,19 @@ fn referenced_over(buf: &mut String, f: impl FnOnce() -> Res<()>) -> Res<(u64, u
             .and_then(|v| v.trim().strip_suffix("kB"))
             .and_then(|v| v.trim().parse::<u64>().ok())
     };
-    // Each mapping's block lists `Referenced:` before `AnonHugePages:`.
-    let (mut small, mut huge, mut referenced) = (0, 0, 0);
+    // Each mapping's block starts with its header (the address range in
+    // lower-case hex), and lists `Referenced:` before `AnonHugePages:`.
+    let (mut small, mut huge, mut referenced, mut kind) = ([0; 4], 0, 0, 0);
     for l in buf.lines() {
-        if let Some(r) = kib(l, "Referenced:") {
+        if l.starts_with(|c: char| c.is_ascii_digit() || ('a'..='f').contains(&c)) {
+            kind = kind_of(l);
+        } else if let Some(r) = kib(l, "Referenced:") {
             referenced = r;
         } else if let Some(h) = kib(l, "AnonHugePages:") {
             if h > 0 {
                 huge += referenced.div_ceil(2048);
             } else {
-                small += referenced / 4;
+                small[kind] += referenced / 4;
             }
         }
     }
@@ -280,21 +300,35 @@ fn run() -> Res<()> {
     let mut line = format!("conn_touch: conns {n} rounds {} warmup {warm}", a.rounds);
     if a.pages {
         let mut buf = String::with_capacity(1 << 20);
-        let mut small = Vec::with_capacity(a.page_samples);
+        let mut small: [Vec<u64>; 4] = Default::default();
+        let mut reading: [Vec<u64>; 4] = Default::default();
         let mut huge = Vec::with_capacity(a.page_samples);
-        let mut reading = Vec::with_capacity(a.page_samples);
         for next in (warm + a.rounds..).take(a.page_samples) {
-            reading.push(referenced_over(&mut buf, || Ok(()))?.0);
+            let (r, _) = referenced_over(&mut buf, || Ok(()))?;
             let (s, h) = referenced_over(&mut buf, || pairs.round(next % n))?;
-            small.push(s);
+            for k in 0..KINDS.len() {
+                reading[k].push(r[k]);
+                small[k].push(s[k]);
+            }
             huge.push(h);
         }
-        let (s, h, r) = (median(small), median(huge), median(reading));
+        let total = |v: &[Vec<u64>; 4]| {
+            let sums = (0..v[0].len())
+                .map(|i| v.iter().map(|k| k[i]).sum())
+                .collect();
+            median(sums)
+        };
+        let (s, r, h) = (total(&small), total(&reading), median(huge));
         line += &format!(
             " pages_per_round {} huge_pages_per_round {h} (4 KiB pages referenced {s}, by the \
-             reading alone {r})",
+             reading alone {r}; by mapping, the round's median minus the reading's:",
             s.saturating_sub(r)
         );
+        for (k, name) in KINDS.iter().enumerate() {
+            let (s, r) = (median(small[k].clone()), median(reading[k].clone()));
+            line += &format!(" {name} {}", s.saturating_sub(r));
+        }
+        line += ")";
     }
     println!("{line}");
     Ok(())
