@@ -90,9 +90,24 @@ fn pin(core: Option<usize>) {
 /// gives up: a peer that died or stopped makes no completion to fail on.
 const PEER_SILENCE: Duration = Duration::from_secs(10);
 
+/// Spins between two readings of the OS clock in [`spin_until`].
+///
+/// perftest's memory polling reads no clock at all; this one must, to fail
+/// a silent peer, but rarely: in the Soft-RoCE VM (QEMU TCG, clock source
+/// HPET) one reading is a system call and an emulated device read of 3-5
+/// µs, and a spin takes tens of nanoseconds, so reading every 4096 spins
+/// (as this did) cost about one reading per ~90 µs wait of a write
+/// ping-pong: 8% of the VM's CPU time went to `read_hpet` (perf), and a
+/// write that lands during a reading is seen that much later. At 2^18 a
+/// reading comes every ~1 ms natively and every few ms there, and a
+/// yielding spinner (threads mode) still notices `PEER_SILENCE` within a
+/// fraction of it.
+const SPINS_PER_CLOCK_READ: u32 = 1 << 18;
+
 /// Spins on a condition; if `yielding`, gives the core away after a short
 /// spin (threads mode: a poller thread needs the core too). Fails with
-/// `WSAETIMEDOUT` after `PEER_SILENCE` (the clock is read every 4096 spins).
+/// `WSAETIMEDOUT` after `PEER_SILENCE` (the clock is read every
+/// [`SPINS_PER_CLOCK_READ`] spins).
 ///
 /// Not yielding, it spins without a pause instruction, as perftest's
 /// memory polling does: a pause delays seeing the peer's write (by up to
@@ -104,10 +119,11 @@ fn spin_until(yielding: bool, mut done: impl FnMut() -> bool) -> Res<()> {
     let mut since: Option<Instant> = None;
     while !done() {
         n = n.wrapping_add(1);
-        if n % 4096 == 0 {
-            let t0 = *since.get_or_insert_with(Instant::now);
-            if t0.elapsed() > PEER_SILENCE {
-                return Err(WsaError::WSAETIMEDOUT);
+        if n % SPINS_PER_CLOCK_READ == 0 {
+            match since {
+                None => since = Some(Instant::now()),
+                Some(t0) if t0.elapsed() > PEER_SILENCE => return Err(WsaError::WSAETIMEDOUT),
+                Some(_) => {}
             }
         }
         if yielding {
