@@ -6,9 +6,9 @@
 //! [`super::connection`] and the protocol machine:
 //!
 //! 1. **Pools and overlapped records outlive their ops.** A connection's
-//!    pool of receive and send slots, its rings and its `Overlapped` array live in its
-//!    [`Wire`], which
-//!    the runtime's handle table keeps alive until the provider's
+//!    pool of receive and send slots (with their tails), its rings and its
+//!    `Overlapped` array live in its [`Wire`], which the runtime's handle
+//!    table keeps alive until the provider's
 //!    `close_socket_handle` upcall — made only after every op of the socket
 //!    completed (spec §6.1, CLOSE-5). The protocol machine never posts a slot
 //!    or an RDMA record again before its previous op completed. Some sends
@@ -28,7 +28,8 @@
 //!    target of a copy and of an RDMA op (the machine serialises them per
 //!    op), and the application thread does not touch its buffer while its
 //!    call is pending.
-//! 4. **The NIC is done with a pool slot the switch copies.** A receive slot
+//! 4. **The NIC is done with a pool slot the switch copies** (its head and
+//!    its tail alike). A receive slot
 //!    is read only between its receive's completion and its re-post (the
 //!    machine yields a slot's copy-outs before its `PostRecv`); a send slot
 //!    is written only while no send of it is posted (the machine hands a
@@ -146,24 +147,40 @@ pub(super) enum OvKind {
     Rdma(u16),
 }
 
+/// The most bytes of a slot kept in the pool, where the slots' first
+/// bytes are packed (see [`Wire::recv_at`]); the rest of a longer slot is
+/// its tail, in a separate area.
+const SLOT_HEAD: usize = 1024;
+
 /// A connection's socket, its registered pools and rings, and its
 /// overlapped records: receive slots, then send slots, then the ring write
 /// of each send slot, then RDMA ops.
 pub(super) struct Wire {
     pub(super) provider: Provider,
     pub(super) sock: ProviderSocket,
-    /// Bytes of each pool slot.
+    /// Bytes of each slot (the largest message): its head in the pool and
+    /// its tail, if any.
     pub(super) slot_size: usize,
+    /// Bytes of a slot in the pool: `min(slot_size, SLOT_HEAD)`.
+    head: usize,
     n_recv: usize,
     n_send: usize,
-    /// One mapping holds the pool, the send ring and the receive ring, in
-    /// that order (one `mmap` and one `munmap` per connection: with 10,000
-    /// connections, a mapping each would make closing them mostly
-    /// page-table work). The pool and the send ring are one local
-    /// registration; the receive ring is exposed.
+    /// One mapping holds the pool, the slots' tails, the send ring and the
+    /// receive ring, in that order (one `mmap` and one `munmap` per
+    /// connection: with 10,000 connections, a mapping each would make
+    /// closing them mostly page-table work). The pool, the tails and the
+    /// send ring are one local registration; the receive ring is exposed.
     mem: Region,
-    /// The receive and send slots: see [`Wire::recv_at`].
+    /// The heads of the receive and send slots: see [`Wire::recv_at`].
     pool: Area,
+    /// The tails of the slots longer than [`SLOT_HEAD`] (receive slots,
+    /// then send slots; empty for shorter ones): a message that fits a
+    /// head, as every small one does, touches no page here, so an idle or
+    /// lightly used connection keeps its resident pages in the pool, while
+    /// a message of a few KiB still travels as one send into one receive
+    /// (the send and the receive take the head and the tail as two
+    /// buffers).
+    tails: Area,
     /// The receive ring: the peer RDMA-writes stream bytes into it.
     recv_ring: Area,
     /// The send ring: stream bytes are copied into it and RDMA-written from
@@ -200,12 +217,17 @@ impl Wire {
         };
         let page = crate::mem::region::page_size();
         let pages = |n: usize| n.div_ceil(page) * page;
+        let head = slot_size.min(SLOT_HEAD);
         let pool = Area {
             at: 0,
-            len: pages((n_recv + n_send) * slot_size),
+            len: pages((n_recv + n_send) * head),
+        };
+        let tails = Area {
+            at: pool.len,
+            len: pages((n_recv + n_send) * (slot_size - head)),
         };
         let send_ring = Area {
-            at: pool.len,
+            at: tails.at + tails.len,
             len: pages(ring_size),
         };
         let recv_ring = Area {
@@ -217,10 +239,12 @@ impl Wire {
             provider: provider.clone(),
             sock,
             slot_size,
+            head,
             n_recv,
             n_send,
             mem,
             pool,
+            tails,
             recv_ring,
             send_ring,
             send_ring_handle: 0,
@@ -250,23 +274,107 @@ impl Wire {
         (resident, r.locked())
     }
 
-    /// Offset of receive slot `slot` in the pool. Receive and send slots
-    /// alternate while both last (`r0 s0 r1 s1 ...`, then the rest of the
-    /// longer kind), so that the first ones, which the handshake uses, share
-    /// a page: an idle connection keeps one pool page resident, not two.
+    /// Offset of receive slot `slot`'s head in the pool. Receive and send
+    /// slots alternate while both last (`r0 s0 r1 s1 ...`, then the rest of
+    /// the longer kind), so that the first ones, which the handshake uses,
+    /// share a page: an idle connection keeps one pool page resident, not
+    /// two.
     fn recv_at(&self, slot: u16) -> usize {
         let i = usize::from(slot);
         debug_assert!(i < self.n_recv);
         let both = self.n_recv.min(self.n_send);
-        (if i < both { 2 * i } else { both + i }) * self.slot_size
+        (if i < both { 2 * i } else { both + i }) * self.head
     }
 
-    /// Offset of send slot `slot` in the pool (see [`Wire::recv_at`]).
+    /// Offset of send slot `slot`'s head in the pool (see [`Wire::recv_at`]).
     fn send_at(&self, slot: u16) -> usize {
         let i = usize::from(slot);
         debug_assert!(i < self.n_send);
         let both = self.n_recv.min(self.n_send);
-        (if i < both { 2 * i + 1 } else { both + i }) * self.slot_size
+        (if i < both { 2 * i + 1 } else { both + i }) * self.head
+    }
+
+    /// Offset of the `i`th tail (receive slots first) in the tails' area.
+    fn tail_at(&self, i: usize) -> usize {
+        debug_assert!(i < self.n_recv + self.n_send);
+        i * (self.slot_size - self.head)
+    }
+
+    /// The buffers of a slot whose head is at `head_at` in the pool and
+    /// whose tail is the `tail`th: its first `len` bytes (at most
+    /// `slot_size`), as the head and, past [`SLOT_HEAD`], the tail.
+    fn slot_bufs(
+        &self,
+        head_at: usize,
+        tail: usize,
+        len: usize,
+    ) -> WsaResult<([WsaBuf; 2], usize)> {
+        let in_head = len.min(self.head);
+        let first = WsaBuf {
+            len: in_head as u32,
+            buf: self.pool.range(&self.mem, head_at, in_head)?,
+        };
+        if len <= self.head {
+            return Ok(([first, first], 1));
+        }
+        let rest = len - self.head;
+        let second = WsaBuf {
+            len: rest as u32,
+            buf: self.tails.range(&self.mem, self.tail_at(tail), rest)?,
+        };
+        Ok(([first, second], 2))
+    }
+
+    /// Copies `len` bytes between `app` and `slot_off..` of the slot whose
+    /// head is at `head_at` and whose tail is the `tail`th (`into_slot`:
+    /// from `app` into the slot): what lies before [`SLOT_HEAD`] in the
+    /// head, the rest in the tail.
+    ///
+    /// # Safety
+    /// `app` is valid for `len` bytes (read if `into_slot`, else written)
+    /// and does not overlap the slot; nothing else reads or writes either
+    /// range meanwhile (invariants 2 to 4).
+    unsafe fn copy_slot(
+        &self,
+        head_at: usize,
+        tail: usize,
+        slot_off: usize,
+        app: *mut u8,
+        len: usize,
+        into_slot: bool,
+    ) -> WsaResult<()> {
+        let end = slot_off.checked_add(len).ok_or(WsaError::WSAEFAULT)?;
+        if end > self.slot_size {
+            return Err(WsaError::WSAEFAULT);
+        }
+        let in_head = end.min(self.head).saturating_sub(slot_off);
+        let in_tail = len - in_head;
+        let head = match in_head {
+            0 => None,
+            n => Some((self.pool.range(&self.mem, head_at + slot_off, n)?, app, n)),
+        };
+        let tail = match in_tail {
+            0 => None,
+            n => {
+                let off = self.tail_at(tail) + slot_off.max(self.head) - self.head;
+                let at = self.tails.range(&self.mem, off, n)?;
+                Some((at, app.wrapping_add(in_head), n))
+            }
+        };
+        for (at, a, n) in [head, tail].into_iter().flatten() {
+            // SAFETY: `at..at+n` lies in the pool or the tails (checked by
+            // `range`), `a..a+n` in the application buffer (the caller's
+            // contract); they do not overlap, and nothing else touches
+            // either meanwhile (the caller's contract).
+            unsafe {
+                if into_slot {
+                    std::ptr::copy_nonoverlapping(a, at, n);
+                } else {
+                    std::ptr::copy_nonoverlapping(at, a, n);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// How many overlapped records there are.
@@ -314,20 +422,22 @@ impl Wire {
         }
     }
 
-    /// Registers the pools and the send ring on the connected socket and
-    /// exposes the receive ring to the peer's RDMA writes (the provider
-    /// releases all of it when the socket closes); returns the receive
-    /// ring's descriptor.
+    /// Registers the pool, the tails and the send ring on the connected
+    /// socket and exposes the receive ring to the peer's RDMA writes (the
+    /// provider releases all of it when the socket closes); returns the
+    /// receive ring's descriptor.
     pub(super) fn register(&mut self) -> WsaResult<Desc> {
-        // The pool and the send ring are adjacent (the ring right after
-        // the pool): one local registration covers both.
-        debug_assert_eq!(self.send_ring.at, self.pool.at + self.pool.len);
-        let local_len =
-            u32::try_from(self.pool.len + self.send_ring.len).map_err(|_| WsaError::WSAENOBUFS)?;
+        // The pool, the tails and the send ring are adjacent, in that
+        // order: one local registration covers them.
+        debug_assert_eq!(self.tails.at, self.pool.at + self.pool.len);
+        debug_assert_eq!(self.send_ring.at, self.tails.at + self.tails.len);
+        let local_len = u32::try_from(self.pool.len + self.tails.len + self.send_ring.len)
+            .map_err(|_| WsaError::WSAENOBUFS)?;
         let ring_len = u32::try_from(self.recv_ring.len).map_err(|_| WsaError::WSAENOBUFS)?;
-        // SAFETY: invariant 1 — the pool and the send ring live in this
-        // connection, which outlives the socket's ops and its registrations
-        // (if this fails, the caller closes the socket before dropping it).
+        // SAFETY: invariant 1 — the pool, the tails and the send ring live
+        // in this connection, which outlives the socket's ops and its
+        // registrations (if this fails, the caller closes the socket before
+        // dropping it).
         self.send_ring_handle = unsafe {
             self.provider.register_memory(
                 self.sock,
@@ -351,18 +461,17 @@ impl Wire {
         Ok(desc)
     }
 
-    /// Posts receive slot `slot` (the whole slot).
+    /// Posts receive slot `slot` (the whole slot: its head, then its
+    /// tail).
     pub(super) fn post_recv(&self, slot: u16) -> WsaResult<()> {
-        let buf = WsaBuf {
-            len: self.slot_size as u32,
-            buf: self.pool.ptr(&self.mem).wrapping_add(self.recv_at(slot)),
-        };
-        // SAFETY: invariant 1 — receive slot `slot` of the pool and its
-        // record live until every op of the socket completed, and it is not
-        // posted again before this receive completes.
+        let (bufs, n) = self.slot_bufs(self.recv_at(slot), usize::from(slot), self.slot_size)?;
+        // SAFETY: invariant 1 — receive slot `slot` (its head in the pool,
+        // its tail) and its record live until every op of the socket
+        // completed, and it is not posted again before this receive
+        // completes.
         unsafe {
             self.provider
-                .recv(self.sock, &[buf], &self.ovs[self.recv_ov(slot)])
+                .recv(self.sock, &bufs[..n], &self.ovs[self.recv_ov(slot)])
         }
     }
 
@@ -378,32 +487,31 @@ impl Wire {
         report: bool,
     ) -> WsaResult<()> {
         let base = self.send_at(slot);
+        let tail = self.n_recv + usize::from(slot);
         let len = head.len() + payload.map_or(0, |p| p.2 as usize);
-        if len > self.slot_size {
+        if len > self.slot_size || head.len() > self.head {
             return Err(WsaError::WSAEFAULT);
         }
-        let dst = self.pool.range(&self.mem, base, len)?;
+        let (bufs, n) = self.slot_bufs(base, tail, len)?;
         if let Some((app, off, n)) = payload {
             let src = app.range(off, n)?;
             // SAFETY: invariant 2 — the source lies in a send buffer whose
-            // call is blocked until this op completes (checked in bounds);
-            // the destination is the slot range checked above, after the
-            // header (invariant 4: no send of this slot is posted).
-            unsafe { std::ptr::copy_nonoverlapping(src, dst.add(head.len()), n as usize) };
+            // call is blocked until this op completes (checked in bounds)
+            // and is not the slot; invariant 4 — no send of this slot is
+            // posted, so nothing else reads or writes it.
+            unsafe { self.copy_slot(base, tail, head.len(), src, n as usize, true)? };
         }
-        // SAFETY: `dst..dst+head.len()` lies in the pool (checked),
-        // which lives as long as `self`; invariant 4 — no send of this slot
-        // is posted, so nothing else reads or writes it.
-        unsafe { std::ptr::copy_nonoverlapping(head.as_ptr(), dst, head.len()) };
-        let buf = WsaBuf {
-            len: len as u32,
-            buf: dst,
-        };
+        // SAFETY: the slot's head holds the header (checked above; `bufs[0]`
+        // is its range in the pool, which lives as long as `self`);
+        // invariant 4 — no send of this slot is posted, so nothing else
+        // reads or writes it.
+        unsafe { std::ptr::copy_nonoverlapping(head.as_ptr(), bufs[0].buf, head.len()) };
         let ov = &self.ovs[self.send_ov(slot)];
         debug_assert!(!ov.is_pending(), "send record {slot} posted twice");
         ov.h_event.store(usize::from(!report), Ordering::Relaxed);
-        // SAFETY: invariant 1 for send slot `slot` and its record.
-        unsafe { self.provider.send(self.sock, &[buf], 0, ov) }
+        // SAFETY: invariant 1 for send slot `slot` (its head and tail) and
+        // its record.
+        unsafe { self.provider.send(self.sock, &bufs[..n], 0, ov) }
     }
 
     /// Copies `len` bytes at `off` of an application send buffer into the
@@ -493,23 +601,27 @@ impl Wire {
         len: u32,
     ) -> WsaResult<()> {
         let dst = app.range(off, len)?;
-        if slot_off as usize + len as usize > self.slot_size {
-            return Err(WsaError::WSAEFAULT);
-        }
-        let at = self.recv_at(slot) + slot_off as usize;
-        let src = self.pool.range(&self.mem, at, len as usize)?;
         // SAFETY: invariant 2 — the destination lies in a receive buffer
-        // whose call is blocked until this op completes; invariant 3 — no
-        // RDMA op targets it during a copy; the source is inside receive
-        // slot `slot` (checked), which the NIC is done with (invariant 4).
-        unsafe { std::ptr::copy_nonoverlapping(src, dst, len as usize) };
-        Ok(())
+        // whose call is blocked until this op completes (checked in
+        // bounds); invariant 3 — no RDMA op targets it during a copy; the
+        // source is inside receive slot `slot` (checked by `copy_slot`),
+        // which the NIC is done with (invariant 4).
+        unsafe {
+            self.copy_slot(
+                self.recv_at(slot),
+                usize::from(slot),
+                slot_off as usize,
+                dst,
+                len as usize,
+                false,
+            )
+        }
     }
 
     /// Copies the first `head.len()` bytes of receive slot `slot` (a
     /// message that just arrived) into `head`.
     pub(super) fn read_head(&self, slot: u16, head: &mut [u8]) -> WsaResult<()> {
-        if head.len() > self.slot_size {
+        if head.len() > self.head {
             return Err(WsaError::WSAEFAULT);
         }
         let src = self.pool.range(&self.mem, self.recv_at(slot), head.len())?;

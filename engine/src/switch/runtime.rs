@@ -38,7 +38,11 @@ pub struct SwitchOptions {
     pub send_slots: u16,
     /// Bytes per message buffer (the largest message), clamped to
     /// `SO_MAX_MSG_SIZE`: copied sends that fit with the header travel
-    /// inline, longer ones through the rings.
+    /// inline, longer ones through the rings. Past its first KiB a buffer
+    /// lies apart from the others' first KiBs, so small messages keep few
+    /// pages resident. The default, 4 KiB and the header, makes a copied
+    /// send of up to 4 KiB one message (one send on the fabric, as an
+    /// rsocket's RDMA write with immediate), not a ring write and a DATA.
     pub slot_size: u32,
     /// Bytes of each of a connection's two rings (copied stream bytes in
     /// flight); the session uses the smaller of both sides'.
@@ -103,8 +107,10 @@ impl Default for SwitchOptions {
             recv_slots: 8,
             credit_batch: None,
             send_slots: 8,
-            slot_size: 1024,
-            ring_size: 112 << 10,
+            slot_size: 4096 + proto::HEADER_LEN as u32,
+            // With the buffers (16 KiB of first KiBs and 52 KiB of the
+            // rest), 252 KiB per connection.
+            ring_size: 92 << 10,
             rdma_threshold: None,
             rdma_flow: RdmaFlow::Read,
             accept_rdma_read: true,
