@@ -51,14 +51,27 @@ const NAP_MIN: Duration = Duration::from_micros(20);
 /// Longest nap of a waiting thread in run-to-completion mode: the most a
 /// sleeping thread adds to the latency of a completion nobody else polls.
 const NAP_MAX: Duration = Duration::from_millis(1);
-/// A spinning waiter checks its deadline once per this many empty polls
-/// (and always before it sleeps).
-const CLOCK_EVERY: u32 = 64;
+/// A spinning waiter first checks its deadline after this many empty polls
+/// (and always before it sleeps), then at each doubling of its empty
+/// polls up to [`CLOCK_MAX_EVERY`].
+const CLOCK_FIRST: u32 = 1024;
+/// Empty polls between two deadline checks of a long spin.
+const CLOCK_MAX_EVERY: u32 = 1 << 16;
+
+/// Whether a wait that has spun `idle` empty polls reads the clock: at
+/// [`CLOCK_FIRST`], at each doubling, then every [`CLOCK_MAX_EVERY`]. A
+/// spin overshoots its deadline by at most as many polls as it had spun
+/// when it last looked (and at most [`CLOCK_MAX_EVERY`]); a wait that
+/// sleeps reads the clock before each sleep anyway.
+fn clock_due(idle: u32) -> bool {
+    idle >= CLOCK_FIRST && (idle.is_power_of_two() || idle % CLOCK_MAX_EVERY == 0)
+}
 
 /// When a wait gives up. The clock is read only once a wait has spun
-/// [`CLOCK_EVERY`] empty polls (or sleeps): under emulation a clock read
-/// costs microseconds (the Soft-RoCE VM's kernel reads the HPET), and
-/// most waits of a stream's call end before that.
+/// [`CLOCK_FIRST`] empty polls (or sleeps), and ever more rarely as it
+/// spins on: under emulation a clock read costs microseconds (the
+/// Soft-RoCE VM's kernel reads the HPET, a system call and an emulated
+/// device read), and most waits of a stream's call end before that.
 #[derive(Clone, Copy, Debug)]
 pub(super) enum Deadline {
     /// Never.
@@ -66,7 +79,7 @@ pub(super) enum Deadline {
     /// At this instant.
     At(Instant),
     /// This long after the wait first read the clock: the bound counts
-    /// from the first check, at most [`CLOCK_EVERY`] polls after the call
+    /// from the first check, at most [`CLOCK_FIRST`] polls after the call
     /// began.
     After(Duration),
 }
@@ -77,14 +90,14 @@ impl Deadline {
         timeout.map_or(Deadline::Never, Deadline::After)
     }
 
-    /// Whether it passed at `now` (the first check of an `After` starts
-    /// it).
-    fn passed(&mut self, now: Instant) -> bool {
+    /// Whether it passed at `now()` (the first check of an `After` starts
+    /// it); `Never` reads no clock.
+    fn passed(&mut self, now: impl FnOnce() -> Instant) -> bool {
         match *self {
             Deadline::Never => false,
-            Deadline::At(d) => d <= now,
+            Deadline::At(d) => d <= now(),
             Deadline::After(t) => {
-                *self = Deadline::At(now + t);
+                *self = Deadline::At(now() + t);
                 false
             }
         }
@@ -935,10 +948,11 @@ impl Conn {
             if let Some(outcome) = look() {
                 return outcome;
             }
-            // The clock is read once per `CLOCK_EVERY` empty polls and
-            // before a sleep, not on every poll: on a virtual machine a
-            // clock read can cost more than the poll it would delay.
-            if idle > 0 && idle % CLOCK_EVERY == 0 && deadline.passed(Instant::now()) {
+            // The clock is read after `CLOCK_FIRST` empty polls, ever more
+            // rarely after, and before a sleep, not on every poll: on a
+            // virtual machine a clock read can cost more than the poll it
+            // would delay.
+            if clock_due(idle) && deadline.passed(Instant::now) {
                 return None;
             }
             if self.progress() > 0 {
@@ -952,7 +966,7 @@ impl Conn {
                 continue;
             }
             let now = Instant::now();
-            if deadline.passed(now) {
+            if deadline.passed(|| now) {
                 return None;
             }
             let token = self.sleepers.prepare();
@@ -1065,5 +1079,22 @@ pub(super) fn take_result(st: &mut State, op: OpId) -> io::Result<u64> {
     match st.results.remove(op) {
         Some(r) => op_result(r),
         None => Err(io::Error::other("op result missing")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A spinning wait reads the clock once at `CLOCK_FIRST`, then at each
+    /// doubling, and never more than `CLOCK_MAX_EVERY` polls apart.
+    #[test]
+    fn a_spinning_wait_reads_the_clock_rarely_and_regularly() {
+        let due: Vec<u32> = (0..=1 << 20).filter(|&i| clock_due(i)).collect();
+        assert_eq!(due[0], CLOCK_FIRST);
+        assert_eq!(&due[..7], &[1024, 2048, 4096, 8192, 16384, 32768, 65536]);
+        // From 2^16 to 2^20: every 65,536 polls.
+        assert_eq!(due.len(), 7 + 15);
+        assert!(due.windows(2).all(|w| w[1] - w[0] <= CLOCK_MAX_EVERY));
     }
 }
