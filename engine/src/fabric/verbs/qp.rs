@@ -115,7 +115,9 @@ impl VerbsQp {
                 break Ok((unsafe { (*id.get()).qp }, attr.cap));
             }
             if inline > 0 {
-                inline = 0; // the device may not do inline data: retry without
+                // The device may give less inline data, or none: halve the
+                // ask (down to 16 B, then none) and retry.
+                inline = if inline > 16 { inline / 2 } else { 0 };
                 continue;
             }
             break Err(match errno() {
