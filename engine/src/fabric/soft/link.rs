@@ -58,7 +58,7 @@ use super::cell::{CellConsumer, CellProducer, CellRing};
 use super::cq::{CqShared, Presence, SoftCq};
 #[cfg(feature = "fault-injection")]
 use super::fault::EndFaults;
-use super::mr::{copy_flat, total_len, Window};
+use super::mr::{copy_flat, total_len, Window, WindowHost};
 use super::wq::{EndQueues, RecvView, RqPoster, RqReaper, SqKind, SqPoster, SqReaper};
 use super::{lock, NicShared};
 use crate::fabric::lkey_cache::LkeyCache;
@@ -851,6 +851,12 @@ impl Link {
             && r.sq.is_empty()
             && r.sends.is_empty()
             && r.rq.is_empty()
+    }
+}
+
+impl WindowHost for Link {
+    fn with_window(&self, dir: usize, f: &mut dyn FnMut(&mut Window)) {
+        f(&mut self.ends[dir].post.lock().window);
     }
 }
 

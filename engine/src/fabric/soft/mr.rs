@@ -6,13 +6,12 @@
 //! the maximum is retired instead of reused, so a stale key never names a
 //! newer entry; the first generation is 1, so key 0 is never valid.
 
-use super::link::Link;
 use super::lock;
 use crate::fabric::lkey_cache::{CachedRegion, LkeyCache};
 use crate::fabric::{Access, FabricError, QpNum, Sge};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 
 const INDEX_BITS: u32 = 20;
 const INDEX_MASK: u32 = (1 << INDEX_BITS) - 1;
@@ -152,18 +151,26 @@ pub(super) enum Quiesce {
     All,
 }
 
+/// A connection whose ends each hold a [`Window`] (`link::Link`): what
+/// binding a remote key and revoking it need of the connection.
+pub(super) trait WindowHost: Send + Sync {
+    /// Runs `f` on the window of end `dir`, under the lock that end's RDMA
+    /// holds across each access (its post lock).
+    fn with_window(&self, dir: usize, f: &mut dyn FnMut(&mut Window));
+}
+
 /// A remote key: exposes a region to the peer of one queue pair.
 pub(super) struct RemoteKey {
     lkey: u32,
     /// The connection whose window holds the key, and the direction (the
     /// peer's end) whose RDMA may use it.
-    window: Weak<Link>,
+    window: Weak<dyn WindowHost>,
     dir: usize,
 }
 
 /// A key taken out of the tables, still to be taken out of its window.
 struct Revoked {
-    window: Weak<Link>,
+    window: Weak<dyn WindowHost>,
     dir: usize,
     rkey: u32,
 }
@@ -174,8 +181,8 @@ impl Revoked {
     /// finish, and none starts with the key after. Called with no table
     /// lock held (the post path takes the post lock, then `regions`).
     fn revoke(self) {
-        if let Some(link) = self.window.upgrade() {
-            link.ends[self.dir].post.lock().window.remove(self.rkey);
+        if let Some(host) = self.window.upgrade() {
+            host.with_window(self.dir, &mut |w| w.remove(self.rkey));
         }
     }
 }
@@ -341,10 +348,10 @@ impl Pd {
 
     /// Binds a new remote key for `lkey`, usable by RDMA of end `dir` of
     /// `link` (whose other end is a live queue pair of this NIC).
-    pub(super) fn bind(
+    pub(super) fn bind<H: WindowHost + 'static>(
         &self,
         lkey: u32,
-        link: &std::sync::Arc<Link>,
+        link: &Arc<H>,
         dir: usize,
         access: Access,
     ) -> Result<u32, FabricError> {
@@ -354,7 +361,23 @@ impl Pd {
                 "remote access must be REMOTE_READ and/or REMOTE_WRITE",
             ));
         }
-        let mut post = link.ends[dir].post.lock();
+        let host: Weak<dyn WindowHost> = Arc::downgrade(link) as Weak<H>;
+        let mut bound = None;
+        link.with_window(dir, &mut |window| {
+            bound = Some(self.bind_in(lkey, window, host.clone(), dir, access));
+        });
+        bound.expect("with_window runs its closure")
+    }
+
+    /// `bind` under the post lock of end `dir`, which holds its `window`.
+    fn bind_in(
+        &self,
+        lkey: u32,
+        window: &mut Window,
+        host: Weak<dyn WindowHost>,
+        dir: usize,
+        access: Access,
+    ) -> Result<u32, FabricError> {
         let mut regions = self.write_regions();
         let region = regions
             .get_mut(lkey)
@@ -371,12 +394,12 @@ impl Pd {
             .write_rkeys()
             .insert(RemoteKey {
                 lkey,
-                window: std::sync::Arc::downgrade(link),
+                window: host,
                 dir,
             })
             .ok_or(FabricError::NoResources("remote keys"))?;
         region.rkeys.push(rkey);
-        post.window.keys.push(WindowKey {
+        window.keys.push(WindowKey {
             rkey,
             addr: region.addr,
             len: region.len,
