@@ -13,10 +13,11 @@
 //! fault touches memory a request does not name (a request that fails
 //! moves at most a prefix of its own bytes).
 //!
-//! Faults live in the link's control block, under its lock; a post of an
-//! end with faults armed takes that lock (the slow path). When none is armed
-//! the post path pays one relaxed load of a flag that only arming writes
-//! (`Link::faults_armed`); without the feature the hooks are compiled out.
+//! Faults live in the link's control block (`link::EndFaults`, part of the
+//! connection's state), under its lock; a post of an end with faults armed
+//! takes that lock (the slow path). When none is armed the post path pays
+//! one relaxed load of a flag that only arming writes (`Link::faults_armed`);
+//! without the feature the hooks are compiled out.
 //!
 //! A test finds the end of a connection with [`SoftNic::qp_faults`] (by its
 //! local and peer address, which the SPI reports) and arms it with
@@ -25,7 +26,7 @@
 //! requests held by [`Fault::StallRdma`] go, [`QpFaults::release_flush`]
 //! the flushes withheld by [`Fault::NoFlush`].
 
-use super::link::{Cause, Control, Link, Posted, Poster};
+use super::link::{Cause, Control, HeldRdma, Link, Posted, Poster};
 use super::wq::{SqEntry, SqKind};
 use super::{lock, SoftNic};
 use crate::fabric::*;
@@ -93,56 +94,6 @@ pub enum Fault {
     NoFlush,
 }
 
-/// Faults armed on one end, in the link's [`Control`], under its lock.
-#[derive(Default)]
-pub(super) struct EndFaults {
-    /// `(posts left before the failing one, status)` per queue: 0 left means
-    /// the next post fails. Cleared when it fires.
-    fail_send: Option<(u32, WcStatus)>,
-    fail_recv: Option<(u32, WcStatus)>,
-    /// The next RDMA request fails its remote-key check. Cleared when it
-    /// fires.
-    rkey_error: bool,
-    /// `(bytes the send queue may still move, status)`. Cleared when it
-    /// fires.
-    byte_budget: Option<(u64, WcStatus)>,
-    /// This end answers nothing (`StopResponding` armed on it). Stays set
-    /// until the link breaks.
-    silent: bool,
-    /// The peer is silent: this end's send-queue requests stall (as
-    /// `SqKind::Stalled` entries), and its oldest one fails after `timeout`.
-    peer_silent: Option<Duration>,
-    /// Send-queue indices of this end's stalled requests, oldest first.
-    /// Room for the end's send depth is reserved when `StopResponding` is
-    /// armed, so pushing never allocates.
-    stalled: Vec<u64>,
-    /// When the oldest entry of `stalled` was posted, while the peer is
-    /// silent and `stalled` is non-empty; the watchdog fires at
-    /// `since + timeout`.
-    stall_since: Option<Instant>,
-    /// `StallRdma` armed: this end's RDMA requests are held.
-    hold_rdma: bool,
-    /// The held requests, oldest first, and their local entries (each
-    /// request's in a range of `held_sges`). Room for the end's send depth
-    /// of requests with its most entries each is reserved when `StallRdma`
-    /// is armed, so holding never allocates.
-    held: Vec<HeldRdma>,
-    held_sges: Vec<Sge>,
-}
-
-/// An RDMA request held by `StallRdma`: what it needs to execute later.
-struct HeldRdma {
-    /// Its send-queue index (a `SqKind::Stalled` entry).
-    index: u64,
-    /// Its local entries, `held_sges[sges]`. They stay registered until
-    /// the request completes (`Nic::deregister` contract); they are checked
-    /// again at release.
-    sges: std::ops::Range<usize>,
-    remote_addr: u64,
-    rkey: u32,
-    write: bool,
-}
-
 /// What a fault hook decided about one post.
 pub(super) enum Verdict {
     /// No fault applies: the post takes its normal course.
@@ -154,19 +105,6 @@ pub(super) enum Verdict {
     Partial(u32, WcStatus),
     /// Only for RDMA: fail the remote-key check.
     BadRkey,
-}
-
-impl EndFaults {
-    /// Whether any fault is still armed.
-    fn any(&self) -> bool {
-        self.fail_send.is_some()
-            || self.fail_recv.is_some()
-            || self.rkey_error
-            || self.byte_budget.is_some()
-            || self.silent
-            || self.peer_silent.is_some()
-            || self.hold_rdma
-    }
 }
 
 impl Link {

@@ -1,5 +1,6 @@
 //! One soft connection: both ends' work queues, one cell ring per direction,
-//! the remote-access window of each end, and the connection state.
+//! the remote-access window of each end, and the connection state (with,
+//! under feature `fault-injection`, the faults armed on each end).
 //!
 //! # Who does what
 //!
@@ -56,8 +57,6 @@
 
 use super::cell::{CellConsumer, CellProducer, CellRing};
 use super::cq::{CqShared, Presence, SoftCq};
-#[cfg(feature = "fault-injection")]
-use super::fault::EndFaults;
 use super::mr::{copy_flat, total_len, Window, WindowHost};
 use super::wq::{EndQueues, RecvView, RqPoster, RqReaper, SqKind, SqPoster, SqReaper};
 use super::{lock, NicShared};
@@ -68,7 +67,9 @@ use crossbeam_utils::CachePadded;
 use std::net::SocketAddrV4;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
-#[cfg(not(target_arch = "x86_64"))]
+#[cfg(feature = "fault-injection")]
+use std::time::Duration;
+#[cfg(any(feature = "fault-injection", not(target_arch = "x86_64")))]
 use std::time::Instant;
 
 /// Polls during which a sending end's reaper waits for the receiving end to
@@ -245,6 +246,73 @@ pub(super) struct Control {
     failed: [bool; 2],
     #[cfg(feature = "fault-injection")]
     pub(super) faults: [EndFaults; 2],
+}
+
+/// Faults armed on one end (`fault`), in the link's [`Control`], under its
+/// lock: cleared by a break.
+#[cfg(feature = "fault-injection")]
+#[derive(Default)]
+pub(super) struct EndFaults {
+    /// `(posts left before the failing one, status)` per queue: 0 left means
+    /// the next post fails. Cleared when it fires.
+    pub(super) fail_send: Option<(u32, WcStatus)>,
+    pub(super) fail_recv: Option<(u32, WcStatus)>,
+    /// The next RDMA request fails its remote-key check. Cleared when it
+    /// fires.
+    pub(super) rkey_error: bool,
+    /// `(bytes the send queue may still move, status)`. Cleared when it
+    /// fires.
+    pub(super) byte_budget: Option<(u64, WcStatus)>,
+    /// This end answers nothing (`StopResponding` armed on it). Stays set
+    /// until the link breaks.
+    pub(super) silent: bool,
+    /// The peer is silent: this end's send-queue requests stall (as
+    /// `SqKind::Stalled` entries), and its oldest one fails after `timeout`.
+    pub(super) peer_silent: Option<Duration>,
+    /// Send-queue indices of this end's stalled requests, oldest first.
+    /// Room for the end's send depth is reserved when `StopResponding` is
+    /// armed, so pushing never allocates.
+    pub(super) stalled: Vec<u64>,
+    /// When the oldest entry of `stalled` was posted, while the peer is
+    /// silent and `stalled` is non-empty; the watchdog fires at
+    /// `since + timeout`.
+    pub(super) stall_since: Option<Instant>,
+    /// `StallRdma` armed: this end's RDMA requests are held.
+    pub(super) hold_rdma: bool,
+    /// The held requests, oldest first, and their local entries (each
+    /// request's in a range of `held_sges`). Room for the end's send depth
+    /// of requests with its most entries each is reserved when `StallRdma`
+    /// is armed, so holding never allocates.
+    pub(super) held: Vec<HeldRdma>,
+    pub(super) held_sges: Vec<Sge>,
+}
+
+/// An RDMA request held by `StallRdma`: what it needs to execute later.
+#[cfg(feature = "fault-injection")]
+pub(super) struct HeldRdma {
+    /// Its send-queue index (a `SqKind::Stalled` entry).
+    pub(super) index: u64,
+    /// Its local entries, `held_sges[sges]`. They stay registered until
+    /// the request completes (`Nic::deregister` contract); they are checked
+    /// again at release.
+    pub(super) sges: std::ops::Range<usize>,
+    pub(super) remote_addr: u64,
+    pub(super) rkey: u32,
+    pub(super) write: bool,
+}
+
+#[cfg(feature = "fault-injection")]
+impl EndFaults {
+    /// Whether any fault is still armed.
+    pub(super) fn any(&self) -> bool {
+        self.fail_send.is_some()
+            || self.fail_recv.is_some()
+            || self.rkey_error
+            || self.byte_budget.is_some()
+            || self.silent
+            || self.peer_silent.is_some()
+            || self.hold_rdma
+    }
 }
 
 /// The completion statuses of a sealed end, copied out of [`Control`].
