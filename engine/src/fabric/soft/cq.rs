@@ -66,8 +66,9 @@
 //! the completions a CQ owes never exceed its depth (the admission a
 //! hardware CQ needs to not overflow).
 
+use super::clock::ticks;
 use super::fence;
-use super::link::{ticks, Link, Reaper};
+use super::link::{Link, Reaper};
 use super::lock;
 use crate::fabric::{CompletionQueue, CqId, Waker, WorkCompletion};
 use crate::spin::SpinLock;
@@ -84,7 +85,7 @@ pub(super) const IDLE_POLLS: u32 = 64;
 /// Cooling ends (module docs) a poll re-checks at most, round robin.
 const COOLING_CHECKS: usize = 2;
 
-/// Ticks of `link::ticks` (a few microseconds) after its parking from
+/// Ticks of `clock::ticks` (a few microseconds) after its parking from
 /// which a cooling end's re-check finding nothing moves it to
 /// `Consumer::cooled`.
 pub(super) const COOLING_TICKS: u64 = 16384;

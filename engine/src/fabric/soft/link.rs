@@ -56,6 +56,7 @@
 //! CQ re-checks until its next heavy fence).
 
 use super::cell::{CellConsumer, CellProducer, CellRing};
+use super::clock::ticks;
 use super::cq::{CqShared, Presence, SoftCq};
 use super::mr::{copy_flat, total_len, Window, WindowHost};
 use super::wq::{EndQueues, RecvView, RqPoster, RqReaper, SqKind, SqPoster, SqReaper};
@@ -68,9 +69,7 @@ use std::net::SocketAddrV4;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 #[cfg(feature = "fault-injection")]
-use std::time::Duration;
-#[cfg(any(feature = "fault-injection", not(target_arch = "x86_64")))]
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Polls during which a sending end's reaper waits for the receiving end to
 /// consume a message it could take, before it matches the message itself.
@@ -84,23 +83,6 @@ const ACK_AFTER: u32 = 32;
 /// ...or this many ticks of [`ticks`] (about 1-4 us), whichever comes
 /// first: a caller that polls rarely still learns at once.
 const ACK_AFTER_TICKS: u64 = 4096;
-
-/// A cheap monotonic tick count: the time-stamp counter where there is one
-/// (a few cycles, where a clock read costs tens of nanoseconds, which a
-/// spinning poll pays on every pass), else nanoseconds of a process clock.
-pub(super) fn ticks() -> u64 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        // SAFETY: RDTSC exists on every x86-64 processor and has no
-        // memory effects.
-        unsafe { std::arch::x86_64::_rdtsc() }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-        START.get_or_init(Instant::now).elapsed().as_nanos() as u64
-    }
-}
 
 const INTACT: u32 = 0;
 const BROKEN: u32 = 1;

@@ -111,6 +111,7 @@
 //! key binding and timers allocate.
 
 pub(in crate::fabric) mod cell;
+mod clock;
 mod cm;
 mod cq;
 #[cfg(feature = "fault-injection")]

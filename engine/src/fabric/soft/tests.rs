@@ -1943,8 +1943,8 @@ fn an_idle_end_with_work_nobody_announced_is_found_by_the_next_polls_and_by_arm(
     // longer visit it (at 10,000 parked ends they would touch cold ones on
     // every poll), arm still finds its work.
     park();
-    let start = link::ticks();
-    while link::ticks().wrapping_sub(start) < cq::COOLING_TICKS {
+    let start = clock::ticks();
+    while clock::ticks().wrapping_sub(start) < cq::COOLING_TICKS {
         std::hint::spin_loop();
     }
     for _ in 0..cq::COOLING_MIN_CHECKS {
