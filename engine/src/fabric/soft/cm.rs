@@ -322,14 +322,17 @@ pub(super) fn make_link(
         reserved,
     };
     let nums = [cnic.new_qp_num(), anic.new_qp_num()];
-    let link = Link::new(
+    let (link, reapers) = Link::new(
         [end(&cparams, cnic, cneed), end(&aparams, anic, aneed)],
-        [&ccq, &acq],
+        [ccq.shared().clone(), acq.shared().clone()],
         [cnic.clone(), anic.clone()],
         nums,
         [from, to],
         [cparams.events.clone(), aparams.events.clone()],
     );
+    for (i, (cq, r)) in [&ccq, &acq].into_iter().zip(reapers).enumerate() {
+        cq.attach(&link, i, r);
+    }
     cnic.register_qp(nums[0], &link, 0);
     anic.register_qp(nums[1], &link, 1);
     #[cfg(feature = "fault-injection")]

@@ -16,7 +16,7 @@
 //!
 //! - **hot**: in the consumer's list, visited by every poll;
 //! - **announced**: in `CqShared::ready`, put there by a producer;
-//! - **idle**: its [`Presence`] says so; visited by no poll.
+//! - **idle**: its `Presence` says so (`notify`); visited by no poll.
 //!
 //! An end starts hot. After [`IDLE_POLLS`] visits in a row that found
 //! nothing (fewer when many ends are hot: [`quiet_limit`]), the consumer
@@ -70,11 +70,11 @@ use super::clock::ticks;
 use super::fence;
 use super::link::{Link, Reaper};
 use super::lock;
+use super::notify::CqShared;
 use crate::fabric::{CompletionQueue, CqId, Waker, WorkCompletion};
 use crate::spin::SpinLock;
 use crate::sync::AtomicBool;
-use crossbeam_utils::CachePadded;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 /// Visits in a row that find nothing before an end leaves the hot list. A
@@ -115,112 +115,6 @@ const COOLED_MAX: usize = 1024;
 #[inline]
 fn quiet_limit(hot: usize) -> u32 {
     (IDLE_POLLS >> (3 * hot.max(1).ilog2()).min(31)).max(1)
-}
-
-/// How an idle end gets its CQ to poll it again (kept in `link::End`).
-pub(super) struct Presence {
-    /// The end is idle (see module docs). Set by the consumer as the end
-    /// leaves its hot list; cleared by the one swap that announces it (a
-    /// producer) or keeps it hot (the consumer, finding work at the
-    /// re-check). Read by every producer after its fence.
-    idle: AtomicBool,
-    /// The end's slot in its CQ's consumer. Written by the consumer when it
-    /// takes the end in, before `idle` is first set; read by the producer
-    /// whose swap cleared `idle`.
-    slot: AtomicU32,
-}
-
-impl Presence {
-    pub(super) fn new() -> Presence {
-        Presence {
-            idle: AtomicBool::new(false),
-            slot: AtomicU32::new(u32::MAX),
-        }
-    }
-
-    /// Whether the end is idle (the caller issued the light fence after
-    /// publishing work).
-    #[inline]
-    pub(super) fn is_idle(&self) -> bool {
-        self.idle.load(Ordering::Relaxed)
-    }
-}
-
-/// Ends announced, and ends attached, since the consumer last looked.
-struct Ready {
-    /// Set by an announcement (under `slots`) and by an attachment (after
-    /// it pushed on `incoming`); cleared by the consumer (under `slots`)
-    /// before it takes both lists. The consumer reads it without a lock on
-    /// every poll, so a lock is taken only when there is something.
-    pending: AtomicBool,
-    slots: SpinLock<Vec<u32>>,
-    /// Ends attached since the consumer last looked.
-    incoming: Mutex<Vec<Attached>>,
-}
-
-/// The part of a CQ the links of its queue pairs hold.
-pub(super) struct CqShared {
-    capacity: usize,
-    /// Entries reserved by live queue pairs of this CQ, `<=` the capacity.
-    /// Changed by `reserve` (QP creation) and `release` (QP destruction).
-    reserved: AtomicUsize,
-    /// A sleeper asked for a wake that was not sent yet. Set by `arm`;
-    /// cleared by the one producer that sends the wake; read by every
-    /// producer after it published work.
-    armed: CachePadded<AtomicBool>,
-    /// Idle ends with work (module docs). Written by producers only when an
-    /// end was idle, read by the consumer at each poll.
-    ready: CachePadded<Ready>,
-    waker: Arc<dyn Waker>,
-}
-
-impl CqShared {
-    /// Reserves `n` entries for a new queue pair; false if that would
-    /// over-commit the queue.
-    pub(super) fn reserve(&self, n: usize) -> bool {
-        let cap = self.capacity;
-        self.reserved
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| {
-                r.checked_add(n).filter(|t| *t <= cap)
-            })
-            .is_ok()
-    }
-
-    /// Gives back a reservation of a destroyed queue pair.
-    pub(super) fn release(&self, n: usize) {
-        self.reserved.fetch_sub(n, Ordering::AcqRel);
-    }
-
-    /// Whether the consumer sleeps (the caller issued the light fence after
-    /// publishing).
-    pub(super) fn is_armed(&self) -> bool {
-        self.armed.load(Ordering::Relaxed)
-    }
-
-    /// Wakes the sleeper, once per arm (the caller saw `is_armed`).
-    pub(super) fn wake(&self) {
-        if self.armed.swap(false, Ordering::AcqRel) {
-            self.waker.wake();
-        }
-    }
-
-    /// Puts an idle end (the caller saw [`Presence::is_idle`] after
-    /// publishing work for it and fencing) on the ready list, unless
-    /// another producer or the consumer took it back first.
-    #[cold]
-    pub(super) fn announce(&self, p: &Presence) {
-        if !p.idle.swap(false, Ordering::AcqRel) {
-            return;
-        }
-        let slot = p.slot.load(Ordering::Relaxed);
-        let mut slots = self.ready.slots.lock();
-        slots.push(slot);
-        self.ready.pending.store(true, Ordering::Relaxed);
-        drop(slots);
-        // Orders `pending` before the caller's read of `armed` (an `arm`
-        // raises `armed`, then reads `pending`).
-        fence::light();
-    }
 }
 
 /// An end attached to a CQ.
@@ -344,8 +238,7 @@ impl Consumer {
         if !a.link.has_work(a.end, &mut a.r, false) && !a.link.drained(a.end, &a.r) {
             return Some(false);
         }
-        let idle = &a.link.ends[a.end].presence.idle;
-        if idle.swap(false, Ordering::AcqRel) {
+        if a.link.ends[a.end].presence.take_back() {
             let a = self.parked[slot as usize]
                 .take()
                 .expect("a cooling end is parked");
@@ -363,10 +256,7 @@ impl Consumer {
                 u32::try_from(self.parked.len() - 1).expect("fewer than 2^32 ends per CQ")
             }
         };
-        a.link.ends[a.end]
-            .presence
-            .slot
-            .store(a.slot, Ordering::Relaxed);
+        a.link.ends[a.end].presence.set_slot(a.slot);
         self.hot.push(a);
     }
 
@@ -382,10 +272,7 @@ impl Consumer {
                 a.quiet = 0;
                 a.marked = true;
                 marked = true;
-                a.link.ends[a.end]
-                    .presence
-                    .idle
-                    .store(true, Ordering::Relaxed);
+                a.link.ends[a.end].presence.raise_idle();
             }
         }
         if marked {
@@ -473,7 +360,7 @@ impl Attached {
         }
         // Taken back, unless the announcement has it (it is on the ready
         // list then, and the poll that takes it in sees the work).
-        !p.idle.swap(false, Ordering::AcqRel)
+        !p.take_back()
     }
 }
 
@@ -490,23 +377,17 @@ pub(super) struct SoftCq {
     /// end of the dispatch if it was armed meanwhile (see `arm`). Written
     /// by the holder of `consumer` only; read by `arm`s that find it taken.
     dispatching: AtomicBool,
+    /// Ends attached since the consumer last looked (`CqShared`'s
+    /// `pending` says there are some). Pushed by `attach`, taken by the
+    /// consumer.
+    incoming: Mutex<Vec<Attached>>,
 }
 
 impl SoftCq {
     pub(super) fn new(id: CqId, depth: usize, waker: Arc<dyn Waker>) -> SoftCq {
         SoftCq {
             id,
-            shared: Arc::new(CqShared {
-                capacity: depth,
-                reserved: AtomicUsize::new(0),
-                armed: CachePadded::new(AtomicBool::new(false)),
-                ready: CachePadded::new(Ready {
-                    pending: AtomicBool::new(false),
-                    slots: SpinLock::new(Vec::new()),
-                    incoming: Mutex::new(Vec::new()),
-                }),
-                waker,
-            }),
+            shared: Arc::new(CqShared::new(depth, waker)),
             consumer: SpinLock::new(Consumer {
                 hot: Vec::new(),
                 parked: Vec::new(),
@@ -520,6 +401,7 @@ impl SoftCq {
                 visits: 0,
             }),
             dispatching: AtomicBool::new(false),
+            incoming: Mutex::new(Vec::new()),
         }
     }
 
@@ -530,8 +412,7 @@ impl SoftCq {
     /// Adds end `end` of `link`, with its reaper state, to the ends this
     /// CQ polls.
     pub(super) fn attach(&self, link: &Arc<Link>, end: usize, r: Reaper) {
-        let ready = &self.shared.ready;
-        lock(&ready.incoming).push(Attached {
+        lock(&self.incoming).push(Attached {
             link: link.clone(),
             end,
             r,
@@ -540,7 +421,7 @@ impl SoftCq {
             marked: false,
             stay: 0,
         });
-        ready.pending.store(true, Ordering::Release);
+        self.shared.note_attached();
     }
 
     /// Ends visited by polls so far.
@@ -566,20 +447,16 @@ impl SoftCq {
     /// Moves newly attached and announced ends to the hot list.
     #[inline]
     fn take_in(&self, c: &mut Consumer) {
-        if self.shared.ready.pending.load(Ordering::Acquire) {
+        if self.shared.pending(Ordering::Acquire) {
             self.take_ready(c);
         }
     }
 
     #[cold]
     fn take_ready(&self, c: &mut Consumer) {
-        let ready = &self.shared.ready;
-        let mut slots = ready.slots.lock();
-        ready.pending.store(false, Ordering::Relaxed);
-        std::mem::swap(&mut *slots, &mut c.taken);
-        drop(slots);
+        self.shared.take_announced(&mut c.taken);
         // After clearing `pending`: an end attached later sets it again.
-        for a in lock(&ready.incoming).drain(..) {
+        for a in lock(&self.incoming).drain(..) {
             c.add(a);
         }
         for slot in c.taken.drain(..) {
@@ -595,7 +472,7 @@ impl Drop for SoftCq {
     fn drop(&mut self) {
         // Ends attached but never taken in by a poll hold their link, whose
         // ends hold this CQ's shared part: a cycle, once no poll will come.
-        lock(&self.shared.ready.incoming).clear();
+        lock(&self.incoming).clear();
     }
 }
 
@@ -752,7 +629,7 @@ impl CompletionQueue for SoftCq {
     fn arm(&self) -> bool {
         let Some(mut guard) = self.consumer.try_lock() else {
             if !self.dispatching.load(Ordering::Relaxed) {
-                fence::raise(&self.shared.armed);
+                fence::raise(self.shared.armed());
                 return true;
             }
             // Dekker with `dispatched` (the rare pair of fences: the
@@ -760,17 +637,17 @@ impl CompletionQueue for SoftCq {
             // sleep): either this sees the dispatch still running and the
             // holder, clearing it, sees `armed`, or this sees it ended and
             // polls again.
-            self.shared.armed.store(true, Ordering::Relaxed);
+            self.shared.armed().store(true, Ordering::Relaxed);
             fence::rare_heavy();
             return !self.dispatching.load(Ordering::Relaxed);
         };
         let c = &mut *guard;
         self.take_in(c);
-        fence::raise(&self.shared.armed);
+        fence::raise(self.shared.armed());
         // After the heavy fence every cooling end is either seen with its
         // work here or announced by its producer: the lists empty.
         let cooled = c.recheck_all();
-        if cooled || self.shared.ready.pending.load(Ordering::Relaxed) {
+        if cooled || self.shared.pending(Ordering::Relaxed) {
             return true;
         }
         c.hot

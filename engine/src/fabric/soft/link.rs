@@ -57,8 +57,8 @@
 
 use super::cell::{CellConsumer, CellProducer, CellRing};
 use super::clock::ticks;
-use super::cq::{CqShared, Presence, SoftCq};
 use super::mr::{copy_flat, total_len, Window, WindowHost};
+use super::notify::{CqShared, Presence};
 use super::wq::{EndQueues, RecvView, RqPoster, RqReaper, SqKind, SqPoster, SqReaper};
 use super::{lock, NicShared};
 use crate::fabric::lkey_cache::LkeyCache;
@@ -417,16 +417,16 @@ impl Link {
         Ok(len)
     }
 
-    /// Builds a link and attaches its ends to their CQs.
-    #[allow(clippy::too_many_arguments)]
+    /// Builds a link whose ends complete on `cqs`, and the reaper state of
+    /// each end, which the caller attaches to that end's CQ (`SoftCq::attach`).
     pub(super) fn new(
         p: [EndParams; 2],
-        cqs: [&Arc<SoftCq>; 2],
+        cqs: [Arc<CqShared>; 2],
         nics: [Arc<NicShared>; 2],
         nums: [QpNum; 2],
         addrs: [SocketAddrV4; 2],
         events: [Arc<dyn QpEvents>; 2],
-    ) -> Arc<Link> {
+    ) -> (Arc<Link>, [Reaper; 2]) {
         let mut producers = Vec::with_capacity(2);
         let mut dirs = Vec::with_capacity(2);
         for q in &p {
@@ -487,16 +487,13 @@ impl Link {
             fault_cv: std::sync::Condvar::new(),
             #[cfg(feature = "fault-injection")]
             withhold_flush: [AtomicBool::new(false), AtomicBool::new(false)],
-            cqs: [cqs[0].shared().clone(), cqs[1].shared().clone()],
+            cqs,
             nics,
             nums,
             addrs,
             events,
         });
-        for (end, (cq, r)) in cqs.iter().zip(reapers).enumerate() {
-            cq.attach(&link, end, r);
-        }
-        link
+        (link, pair(reapers))
     }
 
     fn state(&self) -> u32 {

@@ -42,9 +42,10 @@
 //!   failing one `failed`, the other `disconnected`. `set_error` (local close) flushes the closing end and disconnects
 //!   the peer, which alone is told. Later posts complete at once with the
 //!   end's error status (`Flushed` after a local `set_error`).
-//! - **Completion queues** (`cq`): a CQ stores nothing; polling reads the
-//!   completions off the queues of its ends that have work (a ready list:
-//!   an idle end is announced by whoever makes work for it), so a poll
+//! - **Completion queues** (`cq`, and `notify` for what producers hold of
+//!   one): a CQ stores nothing; polling reads the completions off the
+//!   queues of its ends that have work (a ready list: an idle end is
+//!   announced by whoever makes work for it), so a poll
 //!   costs the same however many ends share the CQ (receive queue first, then the
 //!   requests done at post time, then the sends, each in posting order), so
 //!   each CQ is written by its consumer alone. Every post that returns `Ok`
@@ -120,6 +121,7 @@ mod fence;
 mod link;
 mod mr;
 mod network;
+mod notify;
 mod qp;
 #[cfg(test)]
 mod tests;
