@@ -9,8 +9,9 @@
 //! The owners' own mutexes serialise the CM thread with API calls on the
 //! same id.
 
+use super::id::OwnedId;
 use super::qp::VerbsQp;
-use super::sys::{errno, from_sockaddr, sockaddr_in, Raw};
+use super::sys::{errno, sockaddr_in, Raw};
 use super::{lock, wait_readable_for, Shared};
 use crate::fabric::{
     ConnRequest, ConnectAttempt, ConnectDone, ConnectError, FabricError, Listener, ListenerEvents,
@@ -24,94 +25,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-/// `RDMA_OPTION_ID` / `RDMA_OPTION_ID_ACK_TIMEOUT` of `<rdma/rdma_cma.h>`
-/// (anonymous enums the bindings do not carry).
-const RDMA_OPTION_ID: i32 = 0;
-const RDMA_OPTION_ID_ACK_TIMEOUT: i32 = 3;
 /// IB CM reject reasons (`status` of `RDMA_CM_EVENT_REJECTED` on IB/RoCE).
 const REJ_INVALID_SERVICE_ID: i32 = 8;
 /// Kernel listen backlog of every listening id (ours is enforced above it).
 const KERNEL_BACKLOG: i32 = 128;
-
-/// An rdma_cm id we own; destroyed when dropped.
-pub(crate) struct OwnedId(Raw<rdma_cm_id>);
-
-impl OwnedId {
-    fn create(shared: &Shared, token: u64) -> Result<OwnedId, i32> {
-        let mut id = std::ptr::null_mut();
-        // SAFETY: valid channel; the token is stored as the id's context and
-        // never dereferenced.
-        let rc = unsafe {
-            rdma_create_id(
-                shared.cm_channel.get(),
-                &mut id,
-                token as usize as *mut _,
-                rdma_port_space::RDMA_PS_TCP,
-            )
-        };
-        if rc != 0 {
-            return Err(errno());
-        }
-        Ok(OwnedId(Raw(id)))
-    }
-
-    pub fn get(&self) -> *mut rdma_cm_id {
-        self.0.get()
-    }
-
-    /// Local and peer address of the id (valid once the address is bound or
-    /// resolved, and for ids of connection requests).
-    ///
-    /// # Safety
-    /// None beyond the id being live, which owning it guarantees; `unsafe`
-    /// marks that the route is read without synchronisation with librdmacm
-    /// (call it only when no rdma_cm call on this id is in progress).
-    pub unsafe fn addresses(&self) -> (SocketAddrV4, SocketAddrV4) {
-        // SAFETY: the id is live; the addr unions hold sockaddr_storage-sized
-        // plain data.
-        unsafe {
-            let a = &(*self.get()).route.addr;
-            (
-                from_sockaddr(&a.src_addr_union.src_storage),
-                from_sockaddr(&a.dst_addr_union.dst_storage),
-            )
-        }
-    }
-
-    fn set_ack_timeout(&self, t: u8) {
-        let mut v = t;
-        // SAFETY: live id; the option value is one u8, as the API documents.
-        unsafe {
-            rdma_set_option(
-                self.get(),
-                RDMA_OPTION_ID,
-                RDMA_OPTION_ID_ACK_TIMEOUT,
-                (&mut v as *mut u8).cast(),
-                1,
-            )
-        };
-    }
-
-    fn bind(&self, addr: SocketAddrV4) -> Result<(), i32> {
-        let mut sin = sockaddr_in(addr);
-        // SAFETY: live id; sin is a valid sockaddr_in read during the call.
-        let rc = unsafe { rdma_bind_addr(self.get(), (&mut sin as *mut libc::sockaddr_in).cast()) };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(errno())
-        }
-    }
-}
-
-impl Drop for OwnedId {
-    fn drop(&mut self) {
-        // SAFETY: we own the id and destroy it once; its QP (if any) was
-        // destroyed before (VerbsQp drops it first). The CM thread acks every
-        // event at once, so this never waits long.
-        unsafe { rdma_destroy_id(self.get()) };
-    }
-}
 
 /// The owner of an rdma_cm id, by token.
 pub(crate) enum CmTarget {
@@ -835,7 +752,9 @@ fn dispatch(shared: &Arc<Shared>, e: Event) {
 /// `RDMA_CM_EVENT_CONNECT_REQUEST`: `e.id` is a new id (ours now) whose
 /// context is still the listener's token.
 fn on_request(shared: &Arc<Shared>, e: Event) {
-    let id = OwnedId(e.id);
+    // SAFETY: a connection request's event carries a new id that belongs
+    // to whoever handles the event: this function, once.
+    let id = unsafe { OwnedId::adopt(e.id) };
     let listener = match shared.tokens.get(e.token) {
         Some(Target::Listener(l)) if !l.closed.load(Ordering::Acquire) => Some(l),
         _ => None,

@@ -78,6 +78,7 @@
 
 mod cm;
 mod cq;
+mod id;
 mod mr;
 mod qp;
 mod sys;

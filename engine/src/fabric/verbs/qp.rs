@@ -1,7 +1,7 @@
 //! Reliable-connected queue pairs (created on an rdma_cm id).
 
-use super::cm::OwnedId;
 use super::cq::VerbsCq;
+use super::id::OwnedId;
 use super::sys::{errno, os_error, Raw};
 use super::{lock, Shared, BIND_SLACK, RESERVED_WR_ID};
 use crate::fabric::{
