@@ -9,6 +9,7 @@
 //! completion queue — success, an error, or `Flushed` once the queue pair is
 //! in the error state. Nothing here knows about sockets or Winsock.
 
+mod cq_budget;
 mod lkey_cache;
 #[cfg(all(target_os = "linux", not(loom)))]
 mod membarrier;

@@ -8,9 +8,10 @@
 //! which spares the peers' wakes theirs: `conn::arm_fence`).
 
 use super::conn::{Conn, PollSide};
+use crate::fabric::cq_budget::CqBudget;
 use crate::fabric::{CompletionQueue, CqId, Waker, WorkCompletion};
 use crate::spin::SpinLock;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// An attached end: the connection, and what only its poller touches.
@@ -21,9 +22,8 @@ struct End {
 
 pub(super) struct CqInner {
     pub(super) id: CqId,
-    capacity: usize,
-    /// Entries reserved by live queue pairs, `<=` the capacity.
-    reserved: AtomicUsize,
+    /// Entries promised to the queue pairs of this CQ.
+    pub(super) budget: CqBudget,
     /// A sleeper asked for a wake-up not sent yet: set by `arm`, cleared
     /// by the one waker that sends it.
     armed: AtomicBool,
@@ -38,19 +38,6 @@ pub(super) struct CqInner {
 }
 
 impl CqInner {
-    pub(super) fn reserve(&self, n: usize) -> bool {
-        let cap = self.capacity;
-        self.reserved
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| {
-                r.checked_add(n).filter(|t| *t <= cap)
-            })
-            .is_ok()
-    }
-
-    pub(super) fn release(&self, n: usize) {
-        self.reserved.fetch_sub(n, Ordering::AcqRel);
-    }
-
     /// Adds a new end. A sleeper that armed before it came did not mark it
     /// (`Conn::arm`), so the peer's work on it would wake nobody: the
     /// sleeper is woken to poll and arm again, the new end included.
@@ -78,8 +65,7 @@ impl ShmCq {
     pub(super) fn new(id: CqId, depth: usize, waker: Arc<dyn Waker>) -> ShmCq {
         ShmCq(Arc::new(CqInner {
             id,
-            capacity: depth,
-            reserved: AtomicUsize::new(0),
+            budget: CqBudget::new(depth),
             armed: AtomicBool::new(false),
             waker,
             ends: SpinLock::new(Vec::new()),

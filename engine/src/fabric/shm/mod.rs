@@ -578,7 +578,7 @@ impl Drop for ShmQp {
         lock(&nic.conns).remove(&c.num.0);
         lock(&nic.pd.rkeys).retain(|_, k| !std::ptr::eq(k.conn.as_ptr(), Arc::as_ptr(c)));
         nic.events.forget(&lock(&c.tokens));
-        c.cq.release(c.reserved);
+        c.cq.budget.release(c.reserved);
         c.dropped.store(true, Ordering::Release);
         c.cq.end_dropped();
         c.cq.wake();

@@ -307,11 +307,11 @@ pub(super) fn make_link(
     let acq = anic.cq(aparams.cq).ok_or(ConnectError::NoResources)?;
     let need = |p: &QpParams| p.send_depth as usize + p.recv_depth as usize;
     let (cneed, aneed) = (need(&cparams), need(&aparams));
-    if !ccq.shared().reserve(cneed) {
+    if !ccq.shared().budget.reserve(cneed) {
         return Err(ConnectError::NoResources);
     }
-    if !acq.shared().reserve(aneed) {
-        ccq.shared().release(cneed);
+    if !acq.shared().budget.reserve(aneed) {
+        ccq.shared().budget.release(cneed);
         return Err(ConnectError::NoResources);
     }
     let end = |p: &QpParams, nic: &NicShared, reserved: usize| EndParams {

@@ -8,11 +8,12 @@
 //! end goes idle, are `cq`'s.
 
 use super::fence;
+use crate::fabric::cq_budget::CqBudget;
 use crate::fabric::Waker;
 use crate::spin::SpinLock;
 use crate::sync::AtomicBool;
 use crossbeam_utils::CachePadded;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 /// How an idle end gets its CQ to poll it again (kept in `link::End`).
@@ -77,10 +78,8 @@ struct Ready {
 
 /// The part of a CQ the links of its queue pairs hold.
 pub(super) struct CqShared {
-    capacity: usize,
-    /// Entries reserved by live queue pairs of this CQ, `<=` the capacity.
-    /// Changed by `reserve` (QP creation) and `release` (QP destruction).
-    reserved: AtomicUsize,
+    /// Entries promised to the queue pairs of this CQ.
+    pub(super) budget: CqBudget,
     /// A sleeper asked for a wake that was not sent yet. Set by `arm`;
     /// cleared by the one producer that sends the wake; read by every
     /// producer after it published work.
@@ -95,8 +94,7 @@ impl CqShared {
     /// A CQ of `capacity` entries whose sleeper `waker` wakes.
     pub(super) fn new(capacity: usize, waker: Arc<dyn Waker>) -> CqShared {
         CqShared {
-            capacity,
-            reserved: AtomicUsize::new(0),
+            budget: CqBudget::new(capacity),
             armed: CachePadded::new(AtomicBool::new(false)),
             ready: CachePadded::new(Ready {
                 pending: AtomicBool::new(false),
@@ -104,22 +102,6 @@ impl CqShared {
             }),
             waker,
         }
-    }
-
-    /// Reserves `n` entries for a new queue pair; false if that would
-    /// over-commit the queue.
-    pub(super) fn reserve(&self, n: usize) -> bool {
-        let cap = self.capacity;
-        self.reserved
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| {
-                r.checked_add(n).filter(|t| *t <= cap)
-            })
-            .is_ok()
-    }
-
-    /// Gives back a reservation of a destroyed queue pair.
-    pub(super) fn release(&self, n: usize) {
-        self.reserved.fetch_sub(n, Ordering::AcqRel);
     }
 
     /// Whether the consumer sleeps (the caller issued the light fence after

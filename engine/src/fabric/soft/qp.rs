@@ -286,7 +286,7 @@ impl Drop for SoftQp {
         let link = &*self.link;
         let end = &link.ends[self.end];
         link.nics[self.end].forget_qp(link.nums[self.end]);
-        link.cqs[self.end].release(end.reserved);
+        link.cqs[self.end].budget.release(end.reserved);
         end.dropped.store(true, Ordering::Release);
         // The CQ forgets a drained end at its next poll.
         link.wake([self.end == 0, self.end == 1]);

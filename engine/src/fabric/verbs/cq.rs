@@ -2,12 +2,13 @@
 
 use super::sys::{errno, os_error, wc_opcode, wc_status, Raw};
 use super::{lock, wait_readable, Shared, CQ_SLACK, RESERVED_WR_ID};
+use crate::fabric::cq_budget::CqBudget;
 use crate::fabric::{CompletionQueue, CqId, FabricError, Waker, WorkCompletion};
 use rdma_sys::*;
 use std::collections::VecDeque;
 use std::mem::MaybeUninit;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Entries read from the hardware CQ per `ibv_poll_cq` call.
@@ -30,14 +31,10 @@ pub struct VerbsCq {
     /// Set by `arm`, cleared by the wake-up it asked for (hardware event or
     /// a software completion), so each arm wakes at most once.
     armed: AtomicBool,
-    /// Entries the device gave the CQ (`ibv_cq::cqe`). Immutable.
-    capacity: u32,
-    /// Entries promised to the queue pairs on this CQ: the sum of their
-    /// send and receive queue sizes. Never above `capacity` (see
-    /// `reserve`), so the CQ cannot overrun however many requests those
-    /// queue pairs have outstanding — a verbs CQ overrun loses completions
-    /// and breaks every queue pair on it.
-    committed: AtomicU32,
+    /// Entries promised to the queue pairs on this CQ (the sum of their
+    /// send and receive queue sizes), within what the device gave the CQ
+    /// (`ibv_cq::cqe`).
+    pub(crate) budget: CqBudget,
 }
 
 impl VerbsCq {
@@ -84,8 +81,7 @@ impl VerbsCq {
             pending: Mutex::new(VecDeque::with_capacity(POLL_BATCH)),
             pending_len: AtomicUsize::new(0),
             armed: AtomicBool::new(false),
-            capacity: u32::try_from(cqe).unwrap_or(0),
-            committed: AtomicU32::new(0),
+            budget: CqBudget::new(usize::try_from(cqe).unwrap_or(0)),
         });
         lock(&shared.cqs).insert(id.0, Arc::downgrade(&inner));
         Ok(inner)
@@ -93,21 +89,6 @@ impl VerbsCq {
 
     pub(crate) fn raw(&self) -> *mut ibv_cq {
         self.cq.get()
-    }
-
-    /// Promises `entries` CQ entries to a new queue pair; `false` (nothing
-    /// taken) if the CQ could not hold them beside those already promised.
-    pub(crate) fn reserve(&self, entries: u32) -> bool {
-        self.committed
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
-                c.checked_add(entries).filter(|&t| t <= self.capacity)
-            })
-            .is_ok()
-    }
-
-    /// Returns what `reserve` took, once the queue pair is destroyed.
-    pub(crate) fn release(&self, entries: u32) {
-        self.committed.fetch_sub(entries, Ordering::AcqRel);
     }
 
     /// Adds a completion made in software and wakes the CQ if armed.

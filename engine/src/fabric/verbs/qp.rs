@@ -57,7 +57,7 @@ pub struct VerbsQp {
     max_sge: u32,
     /// CQ entries reserved for this QP (`VerbsCq::reserve`), returned when
     /// it is destroyed.
-    cq_entries: u32,
+    cq_entries: usize,
     events: Arc<dyn QpEvents>,
     /// The post lock: posts hold it shared, entering the error state holds
     /// it exclusively, so no post reaches the NIC after the QP left RTS.
@@ -85,8 +85,8 @@ impl VerbsQp {
             .min(caps.max_qp_wr);
         let max_recv_wr = params.recv_depth.max(1).min(caps.max_qp_wr);
         // Every request of this QP may sit completed in the CQ at once.
-        let cq_entries = max_send_wr.saturating_add(max_recv_wr);
-        if !cq.reserve(cq_entries) {
+        let cq_entries = max_send_wr as usize + max_recv_wr as usize;
+        if !cq.budget.reserve(cq_entries) {
             return Err(FabricError::NoResources(
                 "completion queue full (its queue pairs' depths add up to its size)",
             ));
@@ -126,7 +126,7 @@ impl VerbsQp {
                 _ => FabricError::Unavailable(os_error("rdma_create_qp")),
             });
         };
-        let (qp, cap) = created.inspect_err(|_| cq.release(cq_entries))?;
+        let (qp, cap) = created.inspect_err(|_| cq.budget.release(cq_entries))?;
         // SAFETY: the id is live; its route holds the resolved addresses.
         let (local, peer) = unsafe { id.addresses() };
         // SAFETY: valid QP.
@@ -467,7 +467,7 @@ impl Drop for VerbsQp {
         // hold entries released here, a rare case (a NIC that did not
         // flush within the close's quiesce time) the CQ's slack covers
         // only in part.
-        self.cq.release(self.cq_entries);
+        self.cq.budget.release(self.cq_entries);
         // `id` is destroyed by its own drop, after this.
     }
 }
