@@ -17,24 +17,39 @@
 //! round touches that were not touched since the connection's last round.
 //! Then, unless `--no-pages`, it counts the pages a round touches (the TLB
 //! entries it needs): clear the pages' referenced bits
-//! (`/proc/self/clear_refs`), run one round, read what is referenced
-//! (`/proc/self/smaps`), minus the 4 KiB pages the reading alone references;
+//! (`/proc/self/clear_refs`), flush the TLB ([`flush_tlb`]), run one round,
+//! read what is referenced (`/proc/self/smaps`), minus the 4 KiB pages the
+//! reading alone references;
 //! the median over `--page-samples` rounds, each on a connection idle since
 //! the warm-up, and apart by kind of mapping (heap, anonymous, files,
 //! other). Transparent huge pages are counted apart (per mapping that
-//! holds any, its referenced bytes in 2 MiB pages).
+//! holds any, its referenced bytes in 2 MiB pages). And the page faults
+//! per measured round (`/proc/self/stat`'s minor faults over
+//! `measure_rounds`): first touches of queue pages that traffic reaches
+//! for the first time, each a fault (tens of microseconds in a VM).
+//!
+//! With `--streams`, the N pairs are the reference switch's streams
+//! (`sanpath::switch`, default options, as `conn_scale`'s stream rows) and
+//! a round is their ping-pong as `conn_scale` makes it: the client sends
+//! 8 B, the server reads them and sends 8 B back, the client reads them
+//! (blocking calls that never wait: each message is on its reader's
+//! completion queue before the read); what a stream round costs beyond a
+//! raw one is the difference of the two runs.
 //!
 //! Usage: `conn_touch [--conns N] [--rounds R] [--warmup W]
-//! [--page-samples S] [--no-pages]`. Prints one line of figures; exits 1
+//! [--page-samples S] [--no-pages] [--streams]`. Prints one line of figures; exits 1
 //! with the reason on any error.
 
 use sanpath::config::{MlockPolicy, PollerMode};
+use sanpath::fabric::soft::SoftNetwork;
 use sanpath::mem::region::Region;
 use sanpath::spi::*;
+use sanpath::switch::{Listener, Runtime, RuntimeConfig, Stream, SwitchOptions};
 use sanpath::testkit::{self, CompletingSwitch};
 use sanpath::Config;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// hEvent with bit 0 set: no upcall, the harness reaps.
 const POLLED: usize = 1;
@@ -185,11 +200,116 @@ impl Drop for Pairs {
     }
 }
 
+/// N connected pairs of the reference switch's streams in one provider.
+struct StreamPairs {
+    /// `(client, server)` per connection.
+    pairs: Vec<(Stream, Stream)>,
+    /// Keeps the provider up while the streams live.
+    _rt: Arc<Runtime>,
+}
+
+impl StreamPairs {
+    fn new(n: usize) -> Res<StreamPairs> {
+        let e = |what: &'static str| move |e: std::io::Error| format!("{what}: {e}");
+        let mut engine = Config::default();
+        engine.poller.mode = PollerMode::RunToCompletion;
+        engine.poller.count = 2;
+        engine.mem.mlock = MlockPolicy::Off;
+        let sockets = 2 * n + 2;
+        engine.ops.max_sockets = engine.ops.max_sockets.max(sockets);
+        // An op slot per receive a stream keeps posted and per send in
+        // flight (as `conn_scale` sizes it).
+        let o = SwitchOptions::default();
+        let per_stream = usize::from(o.recv_slots) + usize::from(o.send_slots);
+        engine.ops.slab_size = engine.ops.slab_size.max(sockets * per_stream);
+        let ip = Ipv4Addr::new(198, 18, 254, 2);
+        // Bounds every blocking call: a broken run fails, never hangs.
+        let t = Duration::from_secs(30);
+        let rc = RuntimeConfig {
+            switch: SwitchOptions {
+                connect_timeout: t,
+                handshake_timeout: t,
+                accept_timeout: Some(t),
+                read_timeout: Some(t),
+                write_timeout: Some(t),
+                ..o
+            },
+            engine,
+        };
+        let nic = SoftNetwork::new()
+            .attach(rc.engine.soft_nic(vec![ip]))
+            .map_err(|e| e.to_string())?;
+        let rt = Runtime::with_nic(rc, nic).map_err(e("runtime"))?;
+        let listener = Listener::bind(&rt, SocketAddrV4::new(ip, PORT0)).map_err(e("listen"))?;
+        let addr = listener.local_addr();
+        let (clients, servers) = std::thread::scope(|sc| {
+            let acceptor = sc.spawn(|| -> Res<Vec<Stream>> {
+                (0..n)
+                    .map(|_| listener.accept().map(|(s, _)| s).map_err(e("accept")))
+                    .collect()
+            });
+            let clients: Res<Vec<Stream>> = (0..n)
+                .map(|_| Stream::connect(&rt, addr).map_err(e("connect")))
+                .collect();
+            (clients, acceptor.join().expect("accepting thread"))
+        });
+        // A failed connect leaves the acceptor waiting for it: its error
+        // is the cause.
+        let clients = clients?;
+        Ok(StreamPairs {
+            pairs: clients.into_iter().zip(servers?).collect(),
+            _rt: rt,
+        })
+    }
+
+    /// One ping-pong on connection `k`, as `conn_scale` makes it.
+    fn round(&self, k: usize) -> Res<()> {
+        let (c, s) = &self.pairs[k];
+        let mut buf = [0u8; MSG as usize];
+        for (from, to) in [(c, s), (s, c)] {
+            let sent = from.send(&buf).map_err(|e| format!("send: {e}"))?;
+            if sent != buf.len() {
+                return Err(format!("sent {sent} of {MSG} bytes"));
+            }
+            let mut got = 0;
+            while got < buf.len() {
+                match to.recv(&mut buf[got..]).map_err(|e| format!("recv: {e}"))? {
+                    0 => return Err("end of stream".into()),
+                    n => got += n,
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The connections whose rounds are counted.
+enum Conns {
+    Raw(Pairs),
+    Streams(StreamPairs),
+}
+
+impl Conns {
+    fn len(&self) -> usize {
+        match self {
+            Conns::Raw(p) => p.ends.len(),
+            Conns::Streams(s) => s.pairs.len(),
+        }
+    }
+
+    fn round(&self, k: usize) -> Res<()> {
+        match self {
+            Conns::Raw(p) => p.round(k),
+            Conns::Streams(s) => s.round(k),
+        }
+    }
+}
+
 /// The measured rounds, never inlined, so that callgrind's
 /// `--toggle-collect=*measure_rounds*` finds them by name.
 #[inline(never)]
-fn measure_rounds(pairs: &Pairs, from: usize, rounds: usize) -> Res<()> {
-    let n = pairs.ends.len();
+fn measure_rounds(pairs: &Conns, from: usize, rounds: usize) -> Res<()> {
+    let n = pairs.len();
     (from..from + rounds).try_for_each(|i| pairs.round(i % n))
 }
 
@@ -214,6 +334,7 @@ fn kind_of(header: &str) -> usize {
 /// `buf`: the reading's buffer.
 fn referenced_over(buf: &mut String, f: impl FnOnce() -> Res<()>) -> Res<([u64; 4], u64)> {
     std::fs::write("/proc/self/clear_refs", "1").map_err(|e| format!("clear_refs: {e}"))?;
+    flush_tlb()?;
     f()?;
     buf.clear();
     let mut file = std::fs::File::open("/proc/self/smaps").map_err(|e| format!("smaps: {e}"))?;
@@ -242,6 +363,35 @@ fn referenced_over(buf: &mut String, f: impl FnOnce() -> Res<()>) -> Res<([u64; 
     Ok((small, huge))
 }
 
+/// Flushes this thread's CPU's TLB entries of the process. A page's
+/// referenced bit is set by a page walk only, and `clear_refs` need not
+/// flush the TLB (Linux 6.18 here does not): a page whose translation is
+/// still cached is used without a walk and looks untouched. (Without this,
+/// a round on one of 1 to 10 connections referenced no page at all; at
+/// 100, 18 of its 35.) Unmapping more pages than x86 Linux invalidates
+/// one by one (`tlb_single_page_flush_ceiling`, 33) flushes the whole
+/// address space's entries instead; each page is written first, so that
+/// all are mapped when they go.
+fn flush_tlb() -> Res<()> {
+    const PAGES: usize = 64;
+    let mut map =
+        memmap2::MmapMut::map_anon(PAGES * 4096).map_err(|e| format!("TLB flush: {e}"))?;
+    map.iter_mut().step_by(4096).for_each(|b| *b = 1);
+    drop(map);
+    Ok(())
+}
+
+/// Minor page faults of this process so far (`/proc/self/stat`, field 10).
+fn minor_faults() -> Res<u64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").map_err(|e| format!("stat: {e}"))?;
+    // The command name (field 2) is in parentheses and may hold spaces:
+    // count fields after its closing one (state is field 3).
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(7))
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| "/proc/self/stat: no minor fault count".into())
+}
+
 fn median(mut v: Vec<u64>) -> u64 {
     v.sort_unstable();
     v[v.len() / 2]
@@ -253,11 +403,13 @@ struct Args {
     warmup: Option<usize>,
     page_samples: usize,
     pages: bool,
+    streams: bool,
 }
 
 fn parse() -> Res<Args> {
     let usage = || {
-        "usage: conn_touch [--conns N] [--rounds R] [--warmup W] [--page-samples S] [--no-pages]"
+        "usage: conn_touch [--conns N] [--rounds R] [--warmup W] [--page-samples S] [--no-pages] \
+         [--streams]"
             .to_string()
     };
     let mut a = Args {
@@ -266,11 +418,16 @@ fn parse() -> Res<Args> {
         warmup: None,
         page_samples: 51,
         pages: true,
+        streams: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         if flag == "--no-pages" {
             a.pages = false;
+            continue;
+        }
+        if flag == "--streams" {
+            a.streams = true;
             continue;
         }
         let n = it
@@ -290,15 +447,33 @@ fn parse() -> Res<Args> {
 
 fn run() -> Res<()> {
     let a = parse()?;
-    let pairs = Pairs::new(a.conns)?;
+    let pairs = if a.streams {
+        if a.conns == 0 {
+            return Err("--conns takes at least 1".into());
+        }
+        Conns::Streams(StreamPairs::new(a.conns)?)
+    } else {
+        Conns::Raw(Pairs::new(a.conns)?)
+    };
     let n = a.conns;
     let warm = a.warmup.unwrap_or(n);
     for i in 0..warm {
         pairs.round(i % n)?;
     }
+    let faults0 = minor_faults()?;
     measure_rounds(&pairs, warm, a.rounds)?;
-    let mut line = format!("conn_touch: conns {n} rounds {} warmup {warm}", a.rounds);
+    let faults = minor_faults()? - faults0;
+    let api = if a.streams { "streams" } else { "raw" };
+    let mut line = format!(
+        "conn_touch: {api} conns {n} rounds {} warmup {warm}",
+        a.rounds
+    );
     if a.pages {
+        // Under valgrind (`--no-pages`) the faults are the tool's too.
+        line += &format!(
+            " faults_per_round {:.3}",
+            faults as f64 / a.rounds.max(1) as f64
+        );
         let mut buf = String::with_capacity(1 << 20);
         let mut small: [Vec<u64>; 4] = Default::default();
         let mut reading: [Vec<u64>; 4] = Default::default();
