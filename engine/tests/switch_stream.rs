@@ -162,11 +162,11 @@ fn payloads_from_one_byte_to_big_with_checksums() {
         1,
         2,
         100,
-        // Across the end of a message buffer's first KiB (where its tail
-        // starts), the largest INLINE (4 KiB: the buffer less the header),
-        // one more.
-        1024 - HEADER_LEN,
-        1024 - HEADER_LEN + 1,
+        // Across the end of a message buffer's first 256 bytes (where its
+        // tail starts), the largest INLINE (4 KiB: the buffer less the
+        // header), one more.
+        256 - HEADER_LEN,
+        256 - HEADER_LEN + 1,
         4096,
         4097,
         8192 - 16,
@@ -193,7 +193,7 @@ fn payloads_from_one_byte_to_big_with_checksums() {
 
 /// At the defaults a copied write of up to 4 KiB is one INLINE message
 /// (one send into one receive: the header and the bytes across the end of
-/// the buffers' first KiB, where their tails start), a longer one a ring
+/// the buffers' first 256 bytes, where their tails start), a longer one a ring
 /// write and a DATA; the bytes arrive whole either way.
 #[test]
 fn a_copied_write_of_up_to_4_kib_is_one_message() {
@@ -551,15 +551,16 @@ fn data_sent_before_a_graceful_close_is_not_lost() {
 }
 
 /// A connection's buffers by default: 2 rings of 92 KiB and 8 + 8
-/// message buffers of 4 KiB and the header (their first KiBs in one pool,
-/// the rest in whole pages apart), 252 KiB in all (README); configurable.
+/// message buffers of 4 KiB and the header (their first 256 bytes in one
+/// pool page, the rest in whole pages apart), 252 KiB in all (README);
+/// configurable.
 #[test]
 fn default_buffers_fit_in_256_kib_and_follow_the_options() {
     let (c, s) = two(opts(), opts());
     let (client, server) = pair(&c, &s, 7012);
     let page = 4096;
-    let tails = |n: usize| (n * (4096 + HEADER_LEN - 1024)).div_ceil(page) * page;
-    let want = 2 * (92 << 10) + 16 * 1024 + tails(16);
+    let tails = |n: usize| (n * (4096 + HEADER_LEN - 256)).div_ceil(page) * page;
+    let want = 2 * (92 << 10) + page + tails(16);
     assert_eq!(client.buffer_bytes(), want);
     assert_eq!(server.buffer_bytes(), want);
     assert_eq!(want, 252 << 10);
@@ -571,17 +572,15 @@ fn default_buffers_fit_in_256_kib_and_follow_the_options() {
     };
     let (c, s) = two(small.clone(), opts());
     let (client, server) = pair(&c, &s, 7013);
-    assert_eq!(
-        client.buffer_bytes(),
-        2 * (8 << 10) + (8 + 4) * 1024 + tails(8 + 4)
-    );
-    let one_kib = SwitchOptions {
-        slot_size: 1024,
+    assert_eq!(client.buffer_bytes(), 2 * (8 << 10) + page + tails(8 + 4));
+    // Buffers no longer than a head have no tails.
+    let heads_only = SwitchOptions {
+        slot_size: 256,
         ..small.clone()
     };
-    let (c2, s2) = two(one_kib, opts());
+    let (c2, s2) = two(heads_only, opts());
     let (client2, server2) = pair(&c2, &s2, 7014);
-    assert_eq!(client2.buffer_bytes(), 2 * (8 << 10) + (8 + 4) * 1024);
+    assert_eq!(client2.buffer_bytes(), 2 * (8 << 10) + page);
     echo_round(&client2, &server2, 10_000, 8, 4096);
     // The session runs on the smaller ring: data still flows both ways.
     echo_round(&client, &server, 100_000, 9, 4096);

@@ -38,9 +38,9 @@ pub struct SwitchOptions {
     pub send_slots: u16,
     /// Bytes per message buffer (the largest message), clamped to
     /// `SO_MAX_MSG_SIZE`: copied sends that fit with the header travel
-    /// inline, longer ones through the rings. Past its first KiB a buffer
-    /// lies apart from the others' first KiBs, so small messages keep few
-    /// pages resident. The default, 4 KiB and the header, makes a copied
+    /// inline, longer ones through the rings. Past its first 256 bytes a
+    /// buffer lies apart from the others' first 256 bytes, so small
+    /// messages keep one page resident. The default, 4 KiB and the header, makes a copied
     /// send of up to 4 KiB one message (one send on the fabric, as an
     /// rsocket's RDMA write with immediate), not a ring write and a DATA.
     pub slot_size: u32,
@@ -108,8 +108,8 @@ impl Default for SwitchOptions {
             credit_batch: None,
             send_slots: 8,
             slot_size: 4096 + proto::HEADER_LEN as u32,
-            // With the buffers (16 KiB of first KiBs and 52 KiB of the
-            // rest), 252 KiB per connection.
+            // With the buffers (4 KiB of first 256 bytes and 64 KiB of
+            // the rest), 252 KiB per connection.
             ring_size: 92 << 10,
             rdma_threshold: None,
             rdma_flow: RdmaFlow::Read,
