@@ -511,14 +511,7 @@ pub fn run_streams(
         .attach(engine.soft_nic(vec![ip]))
         .map_err(|e| e.to_string())?;
     let rc = RuntimeConfig {
-        switch: SwitchOptions {
-            connect_timeout: STREAM_TIMEOUT,
-            handshake_timeout: STREAM_TIMEOUT,
-            accept_timeout: Some(STREAM_TIMEOUT),
-            read_timeout: Some(STREAM_TIMEOUT),
-            write_timeout: Some(STREAM_TIMEOUT),
-            ..SwitchOptions::default()
-        },
+        switch: SwitchOptions::bounded(STREAM_TIMEOUT),
         engine,
     };
     let rt = Runtime::with_nic(rc, nic).map_err(e("runtime"))?;

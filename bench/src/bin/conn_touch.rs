@@ -89,13 +89,7 @@ impl Pairs {
                 usize::from(u16::MAX - PORT0)
             ));
         }
-        let mut c = Config::default();
-        c.poller.mode = PollerMode::RunToCompletion;
-        c.poller.count = 2;
-        c.mem.mlock = MlockPolicy::Off;
-        let sockets = 2 * n + 2;
-        c.ops.max_sockets = c.ops.max_sockets.max(sockets);
-        c.ops.slab_size = c.ops.slab_size.max(2 * sockets);
+        let c = engine_config(n, 2);
         let ip = Ipv4Addr::new(198, 18, 254, 1);
         let (p, _nic, _net) = testkit::soft_provider(c, ip, Arc::new(CompletingSwitch))?;
         let buf = Region::new(2 * n * SLICE, MlockPolicy::Off).map_err(|e| e.to_string())?;
@@ -200,6 +194,19 @@ impl Drop for Pairs {
     }
 }
 
+/// The engine settings of `n` pairs: run to completion on two CQs, room
+/// for every socket and `ops_per_socket` ops in flight on each.
+fn engine_config(n: usize, ops_per_socket: usize) -> Config {
+    let mut c = Config::default();
+    c.poller.mode = PollerMode::RunToCompletion;
+    c.poller.count = 2;
+    c.mem.mlock = MlockPolicy::Off;
+    let sockets = 2 * n + 2;
+    c.ops.max_sockets = c.ops.max_sockets.max(sockets);
+    c.ops.slab_size = c.ops.slab_size.max(ops_per_socket * sockets);
+    c
+}
+
 /// N connected pairs of the reference switch's streams in one provider.
 struct StreamPairs {
     /// `(client, server)` per connection.
@@ -211,31 +218,16 @@ struct StreamPairs {
 impl StreamPairs {
     fn new(n: usize) -> Res<StreamPairs> {
         let e = |what: &'static str| move |e: std::io::Error| format!("{what}: {e}");
-        let mut engine = Config::default();
-        engine.poller.mode = PollerMode::RunToCompletion;
-        engine.poller.count = 2;
-        engine.mem.mlock = MlockPolicy::Off;
-        let sockets = 2 * n + 2;
-        engine.ops.max_sockets = engine.ops.max_sockets.max(sockets);
+        // Every blocking call bounded: a broken run fails, never hangs.
+        let switch = SwitchOptions::bounded(Duration::from_secs(30));
         // An op slot per receive a stream keeps posted and per send in
         // flight (as `conn_scale` sizes it).
-        let o = SwitchOptions::default();
-        let per_stream = usize::from(o.recv_slots) + usize::from(o.send_slots);
-        engine.ops.slab_size = engine.ops.slab_size.max(sockets * per_stream);
-        let ip = Ipv4Addr::new(198, 18, 254, 2);
-        // Bounds every blocking call: a broken run fails, never hangs.
-        let t = Duration::from_secs(30);
+        let per_stream = usize::from(switch.recv_slots) + usize::from(switch.send_slots);
         let rc = RuntimeConfig {
-            switch: SwitchOptions {
-                connect_timeout: t,
-                handshake_timeout: t,
-                accept_timeout: Some(t),
-                read_timeout: Some(t),
-                write_timeout: Some(t),
-                ..o
-            },
-            engine,
+            switch,
+            engine: engine_config(n, per_stream),
         };
+        let ip = Ipv4Addr::new(198, 18, 254, 2);
         let nic = SoftNetwork::new()
             .attach(rc.engine.soft_nic(vec![ip]))
             .map_err(|e| e.to_string())?;

@@ -66,16 +66,10 @@ fn pair(reg_cache: Option<u16>) -> Res<Pair> {
     engine.poller.mode = PollerMode::RunToCompletion;
     engine.mem.mlock = MlockPolicy::Off;
     let ip = Ipv4Addr::new(198, 18, 252, 1);
-    let t = Duration::from_secs(10);
     let rc = RuntimeConfig {
         switch: SwitchOptions {
-            connect_timeout: t,
-            handshake_timeout: t,
-            accept_timeout: Some(t),
-            read_timeout: Some(t),
-            write_timeout: Some(t),
             reg_cache,
-            ..SwitchOptions::default()
+            ..SwitchOptions::bounded(Duration::from_secs(10))
         },
         engine,
     };

@@ -129,6 +129,22 @@ impl Default for SwitchOptions {
     }
 }
 
+impl SwitchOptions {
+    /// The defaults with every blocking call bounded by `t`: connect, its
+    /// handshake, accept, reads and writes (for tools and benchmarks that
+    /// must fail rather than hang).
+    pub fn bounded(t: Duration) -> SwitchOptions {
+        SwitchOptions {
+            connect_timeout: t,
+            handshake_timeout: t,
+            accept_timeout: Some(t),
+            read_timeout: Some(t),
+            write_timeout: Some(t),
+            ..SwitchOptions::default()
+        }
+    }
+}
+
 /// Engine and switch settings of a [`Runtime`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct RuntimeConfig {

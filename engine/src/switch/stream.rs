@@ -738,8 +738,26 @@ impl io::Write for Stream {
 mod tests {
     use super::*;
     use crate::fabric::soft::SoftNetwork;
-    use crate::switch::RuntimeConfig;
+    use crate::switch::{RuntimeConfig, SwitchOptions};
     use std::net::Ipv4Addr;
+
+    /// A connected client and server stream of a runtime with the default
+    /// configuration (every blocking call bounded) on its own soft network,
+    /// and the runtime, to keep while they are used.
+    fn connected(host: u8) -> (std::sync::Arc<Runtime>, Stream, Stream) {
+        let net = SoftNetwork::new();
+        let ip = Ipv4Addr::new(198, 18, 7, host);
+        let mut c = RuntimeConfig::default();
+        c.engine.fabric.soft.addresses = vec![ip];
+        c.switch = SwitchOptions::bounded(Duration::from_secs(10));
+        let nic = net.attach(c.engine.soft_nic(vec![ip])).unwrap();
+        let rt = Runtime::with_nic(c, nic).unwrap();
+        let l = Listener::bind(&rt, SocketAddrV4::new(ip, 7300)).unwrap();
+        let addr = l.local_addr();
+        let acceptor = std::thread::spawn(move || l.accept().unwrap().0);
+        let client = Stream::connect(&rt, addr).unwrap();
+        (rt, client, acceptor.join().unwrap())
+    }
 
     /// With the default configuration (`mem.mlock: try`), a connected idle
     /// stream on the soft fabric keeps resident only the page the
@@ -747,18 +765,7 @@ mod tests {
     /// the rings, nothing locked.
     #[test]
     fn an_idle_stream_keeps_only_its_handshake_pages_resident() {
-        let net = SoftNetwork::new();
-        let ip = Ipv4Addr::new(198, 18, 7, 1);
-        let mut c = RuntimeConfig::default();
-        c.engine.fabric.soft.addresses = vec![ip];
-        c.switch.accept_timeout = Some(Duration::from_secs(10));
-        let nic = net.attach(c.engine.soft_nic(vec![ip])).unwrap();
-        let rt = Runtime::with_nic(c, nic).unwrap();
-        let l = Listener::bind(&rt, SocketAddrV4::new(ip, 7300)).unwrap();
-        let addr = l.local_addr();
-        let acceptor = std::thread::spawn(move || l.accept().unwrap().0);
-        let client = Stream::connect(&rt, addr).unwrap();
-        let server = acceptor.join().unwrap();
+        let (_rt, client, server) = connected(1);
         let page = crate::mem::region::page_size();
         for (who, s) in [("client", &client), ("server", &server)] {
             let (resident, locked) = s.conn.resident_bytes();
@@ -776,21 +783,9 @@ mod tests {
     /// connection's buffers resident: the slots' first bytes share it.
     #[test]
     fn small_messages_through_every_slot_keep_one_page_resident() {
-        let net = SoftNetwork::new();
-        let ip = Ipv4Addr::new(198, 18, 7, 2);
-        let mut c = RuntimeConfig::default();
-        c.engine.fabric.soft.addresses = vec![ip];
-        c.switch.accept_timeout = Some(Duration::from_secs(10));
-        c.switch.read_timeout = Some(Duration::from_secs(10));
-        c.switch.write_timeout = Some(Duration::from_secs(10));
-        let laps = 4 * usize::from(c.switch.recv_slots.max(c.switch.send_slots));
-        let nic = net.attach(c.engine.soft_nic(vec![ip])).unwrap();
-        let rt = Runtime::with_nic(c, nic).unwrap();
-        let l = Listener::bind(&rt, SocketAddrV4::new(ip, 7301)).unwrap();
-        let addr = l.local_addr();
-        let acceptor = std::thread::spawn(move || l.accept().unwrap().0);
-        let client = Stream::connect(&rt, addr).unwrap();
-        let server = acceptor.join().unwrap();
+        let (_rt, client, server) = connected(2);
+        let o = SwitchOptions::default();
+        let laps = 4 * usize::from(o.recv_slots.max(o.send_slots));
         let mut buf = [0u8; 200];
         for i in 0..laps {
             for (from, to) in [(&client, &server), (&server, &client)] {
