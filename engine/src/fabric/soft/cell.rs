@@ -347,21 +347,24 @@ const TAG_SHIFT: u32 = 24;
 #[cfg(not(loom))]
 const COUNT_MASK: u32 = (1 << TAG_SHIFT) - 1;
 
-/// Copies `n` bytes from `src` to `dst`: up to 16 without a call (a small
-/// message's payload, where `memcpy`'s call and dispatch cost more than
-/// the copy), by two possibly overlapping loads and stores.
+/// Copies `n` bytes from `src` to `dst` as `memmove` does: up to 16
+/// without a call (a small message's payload, an 8-byte RDMA, where
+/// `memmove`'s call and dispatch cost more than the copy), by two possibly
+/// overlapping loads (three below 4 bytes) that all come before the
+/// stores, so the ranges may overlap, as ranges a program registered twice
+/// can.
 ///
 /// # Safety
-/// As [`std::ptr::copy_nonoverlapping`]: `[src, +n)` readable, `[dst, +n)`
-/// writable, the two disjoint.
+/// As [`std::ptr::copy`]: `[src, +n)` readable, `[dst, +n)` writable.
 #[inline(always)]
 pub(crate) unsafe fn copy_bytes(src: *const u8, dst: *mut u8, n: usize) {
     // SAFETY: each access lies inside `[src, +n)` or `[dst, +n)` (the
-    // second of each pair ends at `n`), which the caller vouches for;
-    // unaligned reads and writes need no alignment.
+    // second of each pair ends at `n`, `n / 2 < n`), which the caller
+    // vouches for; unaligned reads and writes need no alignment; every
+    // load precedes every store.
     unsafe {
         if n > 16 {
-            std::ptr::copy_nonoverlapping(src, dst, n);
+            std::ptr::copy(src, dst, n);
         } else if n >= 8 {
             let (a, b) = (
                 src.cast::<u64>().read_unaligned(),
@@ -376,10 +379,11 @@ pub(crate) unsafe fn copy_bytes(src: *const u8, dst: *mut u8, n: usize) {
             );
             dst.cast::<u32>().write_unaligned(a);
             dst.add(n - 4).cast::<u32>().write_unaligned(b);
-        } else {
-            for i in 0..n {
-                *dst.add(i) = *src.add(i);
-            }
+        } else if n > 0 {
+            let (a, b, c) = (*src, *src.add(n / 2), *src.add(n - 1));
+            *dst = a;
+            *dst.add(n / 2) = b;
+            *dst.add(n - 1) = c;
         }
     }
 }
@@ -757,6 +761,27 @@ mod tests {
             unsafe { copy_bytes(src.as_ptr(), dst.as_mut_ptr().add(1), n) };
             assert_eq!(dst[1..=n], src[..n], "{n} bytes");
             assert!(dst[0] == 0 && dst[n + 1..].iter().all(|b| *b == 0), "{n}");
+        }
+    }
+
+    /// As `memmove`: overlapping ranges, either way round, every length
+    /// and shift up to past the inline limit (a program may register a
+    /// range twice and RDMA-write within it).
+    #[test]
+    fn copy_bytes_moves_overlapping_ranges() {
+        for n in 0..=40usize {
+            for shift in 0..=n {
+                for forward in [true, false] {
+                    let mut buf: Vec<u8> = (1..=90).collect();
+                    let mut want = buf.clone();
+                    let (s, d) = if forward { (0, shift) } else { (shift, 0) };
+                    want.copy_within(s..s + n, d);
+                    let p = buf.as_mut_ptr();
+                    // SAFETY: both ranges lie inside `buf` (`shift + n <= 80`).
+                    unsafe { copy_bytes(p.add(s), p.add(d), n) };
+                    assert_eq!(buf, want, "{n} bytes, shift {shift}, forward {forward}");
+                }
+            }
         }
     }
 

@@ -480,11 +480,11 @@ pub(super) unsafe fn copy_lists(
         let n = (sv.len as usize - soff).min(dv.len as usize - doff);
         if n > 0 {
             // SAFETY: `[sv.addr+soff, +n)` and `[dv.addr+doff, +n)` lie
-            // inside the entries, valid memory for the call (caller).
-            // `copy` (memmove) because a program may register overlapping
-            // ranges and send between them.
+            // inside the entries, valid memory for the call (caller). A
+            // `memmove` because a program may register overlapping ranges
+            // and send between them.
             unsafe {
-                std::ptr::copy(
+                super::cell::copy_bytes(
                     (sv.addr + soff) as *const u8,
                     (dv.addr + doff) as *mut u8,
                     n,
@@ -516,9 +516,9 @@ pub(super) unsafe fn copy_flat(list: &[Sge], flat: usize, to_flat: bool) {
     for s in list {
         let (from, to) = if to_flat { (s.addr, at) } else { (at, s.addr) };
         // SAFETY: both ranges lie inside memory valid for the call
-        // (caller); `copy` (memmove): a program may register overlapping
+        // (caller); a `memmove`: a program may register overlapping
         // ranges.
-        unsafe { std::ptr::copy(from as *const u8, to as *mut u8, s.len as usize) };
+        unsafe { super::cell::copy_bytes(from as *const u8, to as *mut u8, s.len as usize) };
         at += s.len as usize;
     }
 }
