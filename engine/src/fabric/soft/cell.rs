@@ -681,20 +681,29 @@ impl Message<'_> {
     /// during the call; for a message carried as a gather list, its entries
     /// name readable memory (the sender's registered, posted buffers).
     #[inline]
-    pub(super) unsafe fn copy_to(&self, dst: impl Iterator<Item = Sge>) {
+    pub(super) unsafe fn copy_to(&self, mut dst: impl Iterator<Item = Sge>) {
         let nsge = self.cell.nsge.load(Ordering::Relaxed) as usize;
         if nsge == 0 {
             let len = self.len() as usize;
+            let Some(first) = dst.next() else { return };
             self.cell.payload.with(|p| {
-                let src = Sge {
-                    addr: p as usize,
-                    len: len as u32,
-                    lkey: 0,
-                };
-                // SAFETY: the payload's first `len` bytes were written before
-                // `seq` was published and stay untouched until this consumer
-                // gives the cell back; `dst` is the caller's.
-                unsafe { super::mr::copy_lists([src].into_iter(), dst) }
+                if first.len as usize >= len {
+                    // The common case: the receive's first entry holds it.
+                    // SAFETY: the payload's first `len` bytes were written
+                    // before `seq` was published and stay untouched until
+                    // this consumer gives the cell back; `first` is the
+                    // caller's, with room for them.
+                    unsafe { copy_bytes(p as *const u8, first.addr as *mut u8, len) }
+                } else {
+                    let src = Sge {
+                        addr: p as usize,
+                        len: len as u32,
+                        lkey: 0,
+                    };
+                    let dst = std::iter::once(first).chain(dst);
+                    // SAFETY: as above; `dst` is the caller's.
+                    unsafe { super::mr::copy_lists([src].into_iter(), dst) }
+                }
             });
         } else {
             let src = self.ring.gathers(self.slot)[..nsge]
