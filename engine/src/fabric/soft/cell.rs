@@ -437,20 +437,25 @@ impl CellProducer {
         let slot = (index & self.ring.mask) as usize;
         let cell = self.ring.cell(index);
         if len as usize <= INLINE_MAX {
-            cell.payload.with_mut(|p| {
-                let mut at = 0usize;
-                for s in src {
-                    let n = s.len as usize;
-                    // SAFETY: the caller guarantees `[s.addr, +n)` is
-                    // readable; `at + n <= len <= INLINE_MAX` keeps the
-                    // destination inside the payload, which no one else
-                    // accesses: the consumer gave this cell back (`room`)
-                    // and reads it again only after `seq` below.
-                    unsafe { copy_bytes(s.addr as *const u8, (p as *mut u8).add(at), n) };
-                    at += n;
-                }
-                debug_assert_eq!(at, len as usize);
-            });
+            // Inlined: as a call (the shared-memory fabric's post makes one)
+            // its saves and restores cost more than an 8-byte payload's copy.
+            cell.payload.with_mut(
+                #[inline(always)]
+                |p| {
+                    let mut at = 0usize;
+                    for s in src {
+                        let n = s.len as usize;
+                        // SAFETY: the caller guarantees `[s.addr, +n)` is
+                        // readable; `at + n <= len <= INLINE_MAX` keeps the
+                        // destination inside the payload, which no one else
+                        // accesses: the consumer gave this cell back (`room`)
+                        // and reads it again only after `seq` below.
+                        unsafe { copy_bytes(s.addr as *const u8, (p as *mut u8).add(at), n) };
+                        at += n;
+                    }
+                    debug_assert_eq!(at, len as usize);
+                },
+            );
             cell.nsge.store(0, Ordering::Relaxed);
         } else {
             for (g, s) in self.ring.gathers(slot).iter().zip(src) {
