@@ -573,15 +573,17 @@ impl Conn {
         }
     }
 
-    /// Reacts to the peer's state word or its death (on the poll side);
-    /// the state word it read.
+    /// Reacts to the peer's state word or its death (on the poll side):
+    /// whether the peer is intact and alive (else the connection is
+    /// broken now, if it was not).
     #[inline(always)]
-    fn follow_peer(&self) -> u32 {
+    fn follow_peer(&self) -> bool {
         let peer_state = self.theirs.control().link.state.load(Ordering::Acquire);
         if peer_state != STATE_INTACT || self.peer_gone.load(Ordering::Acquire) {
             self.peer_broke(peer_state);
+            return false;
         }
-        peer_state
+        true
     }
 
     #[cold]
@@ -627,13 +629,10 @@ impl Conn {
     /// into `out`; how many. The caller holds the CQ's consumer lock, under
     /// which `ps` lives.
     pub(super) fn poll(&self, ps: &mut PollSide, out: &mut [WorkCompletion]) -> usize {
-        let mut consumed = false;
-        if !self.is_broken.load(Ordering::Acquire) {
-            let peer_state = self.follow_peer();
-            consumed = peer_state == STATE_INTACT
-                && !self.is_broken.load(Ordering::Relaxed)
-                && self.progress(ps);
-        }
+        // A local break that lands after this load is seen by the pass's
+        // seal (`stopping`, raised before the break's state word).
+        let consumed =
+            !self.is_broken.load(Ordering::Acquire) && self.follow_peer() && self.progress(ps);
         let broken = self.broken();
         let n = self.reap(ps, broken, out);
         let tell = match broken {
