@@ -19,7 +19,7 @@ use super::{lock, Inner, Overlapped, Provider, ProviderSocket, Running};
 use crate::config::PollerMode;
 use crate::error::{WsaError, WsaResult};
 use crate::fabric::{Waker, WcStatus, WorkCompletion};
-use crate::poller::{IdleLoop, Idled, Sleep};
+use crate::poller::{IdleLoop, Sleep};
 use std::cell::Cell;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -38,6 +38,48 @@ const HELPER_STEP_ASIDE: Duration = Duration::from_micros(200);
 /// under emulation, as in the Soft-RoCE VM, it costs tens of
 /// microseconds).
 const HELPER_STEP_ASIDE_MAX: Duration = Duration::from_micros(3200);
+
+/// How long the upcall helper first steps aside after a wake: it learns
+/// from its last wakes how long the polling threads leave the CQs alone.
+///
+/// Each wake starts at the step the last one ended with (the others reaped
+/// through every shorter one), so a helper woken again and again while
+/// threads poll, with gaps between their reaps longer than
+/// [`HELPER_STEP_ASIDE`] (a ping-pong in the Soft-RoCE VM: a round trip
+/// there is hundreds of microseconds, longer with a preemption), soon stays
+/// aside [`HELPER_STEP_ASIDE_MAX`] at a time instead of arming the CQs and
+/// being woken once per message, which cost each side of a stream
+/// ping-pong there a CQ arm (an `ioctl`), a completion event and two
+/// thread wake-ups (on the vCPUs the spinning threads run on) per
+/// iteration or two. A pass in which the helper itself reports a
+/// completion (nobody else polled for it) halves the first step again, down
+/// to [`HELPER_STEP_ASIDE`]: a helper that is the only reaper keeps
+/// reporting within it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FirstStep(Duration);
+
+impl FirstStep {
+    fn new() -> FirstStep {
+        FirstStep(HELPER_STEP_ASIDE)
+    }
+
+    /// The step after `step`, in which the others reaped.
+    fn after(step: Duration) -> Duration {
+        (step * 2).min(HELPER_STEP_ASIDE_MAX)
+    }
+
+    /// The helper left its steps aside with a step of `last` in which
+    /// nobody reaped: the next wake starts there.
+    fn left_at(&mut self, last: Duration) {
+        debug_assert!((HELPER_STEP_ASIDE..=HELPER_STEP_ASIDE_MAX).contains(&last));
+        self.0 = last;
+    }
+
+    /// The helper's own pass reported completions nobody polled for.
+    fn reported(&mut self) {
+        self.0 = (self.0 / 2).max(HELPER_STEP_ASIDE);
+    }
+}
 
 thread_local! {
     /// True while this thread dispatches completions (and so may be inside
@@ -522,7 +564,8 @@ impl Inner {
     /// Run-to-completion mode's upcall helper: reports what no other
     /// thread reported, sleeping on the armed CQs meanwhile; it never
     /// spins. Woken by a completion, it first gives the threads that poll a
-    /// [`HELPER_STEP_ASIDE`] to reap it, and stays aside while they keep
+    /// step ([`FirstStep`]: [`HELPER_STEP_ASIDE`], longer while its recent
+    /// wakes found them reaping) to reap it, and stays aside while they keep
     /// reaping: it arms the CQs again only after a whole step in which
     /// nobody else reaped, since an armed CQ costs the thread that completes
     /// a request a wake-up, which a thread polling for its own ops must not
@@ -533,24 +576,26 @@ impl Inner {
     /// the others keep reaping theirs.
     pub(super) fn upcall_helper_main(self: Arc<Self>, run: &Arc<Running>) {
         let mut idle = IdleLoop::new(0);
+        let mut first = FirstStep::new();
         while !run.stop.load(Ordering::SeqCst) {
             if self.progress(run, None) > 0 {
                 // A thread in `wait_for` may sleep on the CQs' notifier for
                 // an op this pass reported.
                 run.rtc_notifier.notify();
+                first.reported();
             }
             let mut seen = run.reaped.load(Ordering::Relaxed);
-            // No spin budget: the helper only ever sleeps. A re-check that
-            // finds completions (or ones waiting in a CQ another thread is
-            // reaping) looks again; stop ends the loop.
-            let slept = idle.idle(&*run.rtc_notifier, None, || {
+            // No spin budget: the helper only ever sleeps; stop ends the
+            // loop. Woken by a completion, or finding completions in a CQ
+            // as it arms them (they may be a polling thread's, which is
+            // reaping them now), it steps aside all the same: looking again
+            // at once made a helper among threads that poll a spinner of
+            // CQ arms (an `ioctl` each on rxe) and yields, several per
+            // message of a stream ping-pong in the Soft-RoCE VM.
+            idle.idle(&*run.rtc_notifier, None, || {
                 run.stop.load(Ordering::SeqCst) || run.progress.arm()
             });
-            if slept == Idled::Rechecked {
-                std::thread::yield_now();
-                continue;
-            }
-            let mut step = HELPER_STEP_ASIDE;
+            let mut step = first.0;
             while !run.stop.load(Ordering::SeqCst) {
                 std::thread::park_timeout(step);
                 if run.reaped.load(Ordering::Relaxed) == seen {
@@ -562,8 +607,40 @@ impl Inner {
                 // After this pass's own count: only the others' reaping
                 // keeps the helper aside.
                 seen = run.reaped.load(Ordering::Relaxed);
-                step = (step * 2).min(HELPER_STEP_ASIDE_MAX);
+                step = FirstStep::after(step);
             }
+            first.left_at(step);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_step_grows_while_others_reap_and_shrinks_when_the_helper_reports() {
+        let mut first = FirstStep::new();
+        assert_eq!(first.0, HELPER_STEP_ASIDE);
+        // Woken; the others reaped through two steps, not the third.
+        let mut step = first.0;
+        for _ in 0..2 {
+            step = FirstStep::after(step);
+        }
+        first.left_at(step);
+        assert_eq!(first.0, HELPER_STEP_ASIDE * 4);
+        // They keep reaping, wake after wake: the first step stops at the
+        // bound on an unpolled CQ's upcall delay.
+        for _ in 0..10 {
+            first.left_at(FirstStep::after(first.0));
+        }
+        assert_eq!(first.0, HELPER_STEP_ASIDE_MAX);
+        // Passes that report what nobody polled for come back to the start.
+        first.reported();
+        assert_eq!(first.0, HELPER_STEP_ASIDE_MAX / 2);
+        for _ in 0..10 {
+            first.reported();
+        }
+        assert_eq!(first.0, HELPER_STEP_ASIDE);
     }
 }
