@@ -547,13 +547,24 @@ impl Progress {
     /// must not call `drain` again (the front end refuses nested progress).
     /// Returns how many completions were handed out.
     /// A nested `drain` on the same thread hands out nothing and returns 0.
+    ///
+    /// In line, the run-to-completion wait's drain of its own CQ (the data
+    /// path's) costs no call of its own; the other drains are one call.
+    #[inline(always)]
     pub fn drain(&self, only: Option<usize>, f: &mut dyn FnMut(&WorkCompletion)) -> usize {
-        REAP_BUF.with(|buf| match buf.try_borrow_mut() {
-            Ok(mut buf) => self.drain_into(&mut buf, only, f),
-            Err(_) => 0,
+        REAP_BUF.with(|buf| {
+            let Ok(mut buf) = buf.try_borrow_mut() else {
+                return 0;
+            };
+            match (self.mode, only) {
+                (PollerMode::RunToCompletion, Some(i)) => self.reap(i, &mut buf, f),
+                _ => self.drain_into(&mut buf, only, f),
+            }
         })
     }
 
+    /// [`Progress::drain`]'s other cases: threads mode, and every CQ.
+    #[inline(never)]
     fn drain_into(
         &self,
         buf: &mut [WorkCompletion; POLL_BATCH],
