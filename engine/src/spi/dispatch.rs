@@ -139,8 +139,8 @@ impl Provider {
         }
     }
 
-    /// [`Provider::get_overlapped_result`] of an op that was pending, on
-    /// CQ `cq` of engine `run`.
+    /// [`Provider::get_overlapped_result`] of an op that was pending a
+    /// moment ago, on CQ `cq` of engine `run`.
     #[inline(always)]
     fn wait_pending(
         &self,
@@ -149,13 +149,12 @@ impl Provider {
         ov: &Overlapped,
         wait: bool,
     ) -> WsaResult<(u32, u32)> {
-        if ov.is_pending() {
-            // The caller that polls makes the progress: in run-to-
-            // completion mode a polled op (hEvent bit 0 set) has no other
-            // thread to report it; in threads mode this saves the handoff
-            // through the poller and dispatcher threads.
-            self.inner.progress(run, cq);
-        }
+        // The caller that polls makes the progress: in run-to-completion
+        // mode a polled op (hEvent bit 0 set) has no other thread to
+        // report it; in threads mode this saves the handoff through the
+        // poller and dispatcher threads. Not checked again first: should
+        // another thread have reported the op since, this only reaps.
+        self.inner.progress(run, cq);
         if ov.is_pending() {
             if !wait || DISPATCHING.with(Cell::get) {
                 return Err(WsaError::WSA_IO_INCOMPLETE);
