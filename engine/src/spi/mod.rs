@@ -43,9 +43,9 @@ use crate::fabric::{
     Waker,
 };
 use crate::mem::descriptor::{Descriptor, DESCRIPTOR_LEN};
-use crate::mem::table::{MemFlags, OwnerId, RegRef, RegistrationTable};
+use crate::mem::table::{MemFlags, OwnerId, RegistrationTable};
 use crate::poller::{Notifier, ParkWaker, Progress};
-use ops::{OpSlab, OvPtr, KEPT_SGE};
+use ops::{release_regs, OpSlab, OvPtr, KEPT_SGE};
 use socket::{
     record_connect, Phase, Pinned, Socket, SocketListenerEvents, SocketQpEvents, SocketTable,
 };
@@ -1255,57 +1255,80 @@ impl Inner {
         if bufs.len() > N || bufs.len() > self.config.qp.max_sge as usize {
             return Err(WsaError::WSAEINVAL);
         }
-        let mut sges = [Sge {
-            addr: 0,
-            len: 0,
-            lkey: 0,
-        }; N];
-        let mut regs: [Option<RegRef>; N] = std::array::from_fn(|_| None);
-        let mut n = 0;
-        let mut total: u64 = 0;
-        for (addr, len, handle) in bufs {
-            if len == 0 {
-                continue;
-            }
-            if addr == 0 {
-                return Err(WsaError::WSAEFAULT);
-            }
-            let reg = match handle {
-                // Not a handle `register_memory` returns.
-                Some(0) => self
-                    .table
-                    .acquire_handle(&sock.regs, 0, addr, len as usize, need)?,
-                // SAFETY: the entered socket holds `regs`, and the op's
-                // registration holds are dropped while the socket lives:
-                // here on an error, else when the op completes, before it
-                // leaves the close gate (`dispatch.rs`).
-                h => unsafe {
-                    self.table.acquire_pinned(
-                        &sock.regs,
-                        h.map_or(0, |h| h as u64),
-                        addr,
-                        len as usize,
-                        need,
-                    )?
-                },
-            };
-            sges[n] = Sge {
-                addr,
-                len,
-                lkey: reg.lkey(),
-            };
-            regs[n] = Some(reg);
-            n += 1;
-            total += u64::from(len);
-        }
-        if total > u64::from(max_total) {
-            return Err(WsaError::WSAEMSGSIZE);
-        }
         // Read once entered: a duplication's swap either counts this op or
         // made its queue pair current (dup.rs).
         let qp = sock.posting_qp(loaded);
         let Some(slot) = self.ops.reserve(sock.cq_index().unwrap_or(0)) else {
             return Err(WsaError::WSAENOBUFS);
+        };
+        let mut sges = [Sge {
+            addr: 0,
+            len: 0,
+            lkey: 0,
+        }; N];
+        // The holds go straight into the reserved slot's state, whose own
+        // are all `None`; on an error they are dropped there again.
+        let found = self.ops.prepare(&slot, |op| {
+            let mut n = 0;
+            let mut total: u64 = 0;
+            for (addr, len, handle) in bufs {
+                if len == 0 {
+                    continue;
+                }
+                let reg = if addr == 0 {
+                    Err(WsaError::WSAEFAULT)
+                } else {
+                    match handle {
+                        // Not a handle `register_memory` returns.
+                        Some(0) => {
+                            self.table
+                                .acquire_handle(&sock.regs, 0, addr, len as usize, need)
+                        }
+                        // SAFETY: the entered socket holds `regs`, and the
+                        // op's registration holds are dropped while the
+                        // socket lives: here on an error, else when the op
+                        // completes, before it leaves the close gate
+                        // (`dispatch.rs`).
+                        h => unsafe {
+                            self.table.acquire_pinned(
+                                &sock.regs,
+                                h.map_or(0, |h| h as u64),
+                                addr,
+                                len as usize,
+                                need,
+                            )
+                        },
+                    }
+                };
+                let reg = match reg {
+                    Ok(reg) => reg,
+                    Err(e) => {
+                        release_regs(&mut op.regs);
+                        return Err(e);
+                    }
+                };
+                sges[n] = Sge {
+                    addr,
+                    len,
+                    lkey: reg.lkey(),
+                };
+                op.push_reg(n, reg);
+                n += 1;
+                total += u64::from(len);
+            }
+            if total > u64::from(max_total) {
+                release_regs(&mut op.regs);
+                return Err(WsaError::WSAEMSGSIZE);
+            }
+            Ok(n)
+        });
+        let n = match found {
+            Ok(n) => n,
+            Err(e) => {
+                // Never filled: the slot just goes back.
+                let _ = self.ops.cancel(slot);
+                return Err(e);
+            }
         };
         // Marked started before the post, since the completion may be
         // dispatched before `post` returns; a post that fails puts the
@@ -1327,12 +1350,8 @@ impl Inner {
                 op.overlapped = unsafe { OvPtr::new(ov) };
                 op.recv = recv;
                 op.sges = std::array::from_fn(|i| sges[i]);
-                op.install_regs(&mut regs);
             },
         );
-        // Emptied by the move into the slot: nothing to drop.
-        debug_assert!(regs.iter().all(Option::is_none));
-        std::mem::forget(regs);
         match post(&**qp, slot.wr_id(), &sges[..n]) {
             // The op's completion (maybe already dispatched) may have left
             // the gate, even finalized the socket: the call's pin kept the

@@ -113,8 +113,8 @@ pub struct OpState {
     pub sges: [Sge; KEPT_SGE],
     /// Registrations the op uses; each holds its registration "in use".
     /// Packed: the `Some`s come first (release them with [`release_regs`]).
-    /// All `None` in an idle slot, so a starter moves its holds in one by
-    /// one, dropping nothing ([`OpState::install_regs`]).
+    /// All `None` in an idle slot, so a starter puts its holds in one by
+    /// one, dropping nothing ([`OpState::push_reg`]).
     pub regs: Regs,
 }
 
@@ -136,17 +136,15 @@ impl Default for OpState {
 }
 
 impl OpState {
-    /// Moves the starter's registration holds (packed from the front) into
-    /// this state, whose own are all `None` (an idle slot's), one by one:
-    /// only the entries in use are touched, and `regs` is left all `None`.
-    #[inline]
-    pub fn install_regs(&mut self, regs: &mut [Option<RegRef>]) {
-        for (mine, theirs) in self.regs.iter_mut().zip(regs.iter_mut()) {
-            let Some(r) = theirs.take() else { break };
-            debug_assert!(mine.is_none(), "an idle slot kept a hold");
-            // Writing over a `None`: nothing to drop.
-            std::mem::forget(mine.replace(r));
-        }
+    /// Puts the starter's hold `r` at index `n` of `regs`, where the holds
+    /// packed before it end: over a `None` (an idle slot's), so nothing is
+    /// dropped.
+    #[inline(always)]
+    pub fn push_reg(&mut self, n: usize, r: RegRef) {
+        debug_assert!(n == 0 || self.regs[n - 1].is_some(), "holds not packed");
+        let mine = &mut self.regs[n];
+        debug_assert!(mine.is_none(), "an idle slot kept a hold");
+        std::mem::forget(mine.replace(r));
     }
 
     /// Takes the op's socket out of the state, leaving the placeholder.
@@ -565,9 +563,27 @@ impl<S: Default> OpSlab<S> {
         Reserved { index, generation }
     }
 
+    /// Works on the state of a slot this thread reserved, before it fills
+    /// it: the starter puts parts of the op's state in place as it finds
+    /// them. Whatever `work` leaves in the state is what [`OpSlab::fill`]
+    /// builds on, or, if the op does not start, what [`OpSlab::cancel`]
+    /// finds (leave it emptied then).
+    #[inline(always)]
+    pub fn prepare<R>(&self, r: &Reserved, work: impl FnOnce(&mut S) -> R) -> R {
+        let slot = self.slot(r.index);
+        debug_assert_eq!(
+            slot.stamp.load(Ordering::Relaxed),
+            stamp(r.generation, RESERVED)
+        );
+        // SAFETY: the slot is RESERVED by the caller: no other thread reads
+        // or writes the state until the PENDING store (see `Slot::state`).
+        slot.state.with_mut(|p| work(unsafe { &mut *p }))
+    }
+
     /// Builds the op's state in its reserved slot (before posting): `build`
-    /// writes it in place, over the emptied state of the slot's last op,
-    /// and `owner` is what [`OpSlab::take_owned`] finds it by.
+    /// writes it in place, over the emptied state of the slot's last op
+    /// (and what [`OpSlab::prepare`] put there), and `owner` is what
+    /// [`OpSlab::take_owned`] finds it by.
     #[inline(always)]
     pub fn fill(&self, r: &Reserved, owner: usize, build: impl FnOnce(&mut S)) {
         let slot = self.slot(r.index);
@@ -592,7 +608,8 @@ impl<S: Default> OpSlab<S> {
         let slot = self.slot(r.index);
         let now = slot.stamp.load(Ordering::Relaxed);
         if now == stamp(r.generation, RESERVED) {
-            // Never filled: the state is still the last op's, emptied.
+            // Never filled: the state is the last op's, emptied (by the
+            // starter, too, of what it prepared).
             self.release(r.index, r.generation);
             return None;
         }
