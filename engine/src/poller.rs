@@ -44,7 +44,6 @@ use crate::spin::SpinLock;
 use crate::sync;
 use crossbeam_utils::CachePadded;
 use lane::{HandBack, Lane};
-use std::cell::RefCell;
 use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
 use std::thread::{JoinHandle, Thread};
@@ -544,30 +543,32 @@ impl Progress {
     /// on that CQ (a waiter's pass, [`lane`]); without: the rings of all
     /// CQs (the dispatcher). The right to a CQ (or ring) is held while `f`
     /// runs, so two threads never interleave the completions of one CQ; `f`
-    /// must not call `drain` again (the front end refuses nested progress).
-    /// Returns how many completions were handed out.
-    /// A nested `drain` on the same thread hands out nothing and returns 0.
+    /// must not call `drain` again (the front end refuses nested progress:
+    /// its thread's `buf` is borrowed then). Completions are reaped into
+    /// `buf`, the caller's (kept per thread and initialised once, so that a
+    /// drain that finds nothing writes no memory for it). Returns how many
+    /// completions were handed out.
     ///
     /// In line, the run-to-completion wait's drain of its own CQ (the data
     /// path's) costs no call of its own; the other drains are one call.
     #[inline(always)]
-    pub fn drain(&self, only: Option<usize>, f: &mut dyn FnMut(&WorkCompletion)) -> usize {
-        REAP_BUF.with(|buf| {
-            let Ok(mut buf) = buf.try_borrow_mut() else {
-                return 0;
-            };
-            match (self.mode, only) {
-                (PollerMode::RunToCompletion, Some(i)) => self.reap(i, &mut buf, f),
-                _ => self.drain_into(&mut buf, only, f),
-            }
-        })
+    pub fn drain(
+        &self,
+        buf: &mut ReapBuf,
+        only: Option<usize>,
+        f: &mut dyn FnMut(&WorkCompletion),
+    ) -> usize {
+        match (self.mode, only) {
+            (PollerMode::RunToCompletion, Some(i)) => self.reap(i, buf, f),
+            _ => self.drain_into(buf, only, f),
+        }
     }
 
     /// [`Progress::drain`]'s other cases: threads mode, and every CQ.
     #[inline(never)]
     fn drain_into(
         &self,
-        buf: &mut [WorkCompletion; POLL_BATCH],
+        buf: &mut ReapBuf,
         only: Option<usize>,
         f: &mut dyn FnMut(&WorkCompletion),
     ) -> usize {
@@ -603,12 +604,7 @@ impl Progress {
     /// Run-to-completion mode: polls CQ `i` until it is empty, unless
     /// another thread is reaping it (or there is no such CQ).
     #[inline]
-    fn reap(
-        &self,
-        i: usize,
-        buf: &mut [WorkCompletion; POLL_BATCH],
-        f: &mut dyn FnMut(&WorkCompletion),
-    ) -> usize {
+    fn reap(&self, i: usize, buf: &mut ReapBuf, f: &mut dyn FnMut(&WorkCompletion)) -> usize {
         let (Some(cq), Some(lock)) = (self.cqs.get(i), self.rtc_reapers.get(i)) else {
             return 0;
         };
@@ -697,15 +693,10 @@ impl Drop for Progress {
 pub const STEP_ASIDE: Duration = Duration::from_micros(200);
 
 /// Completions reaped per poll call at most (reap buffer size).
-const POLL_BATCH: usize = 64;
+pub const POLL_BATCH: usize = 64;
 
-thread_local! {
-    /// The buffer [`Progress::drain`] reaps into, one per thread and
-    /// initialized once: a drain that finds nothing (every spin of a waiting
-    /// thread) writes no memory for it.
-    static REAP_BUF: RefCell<[WorkCompletion; POLL_BATCH]> =
-        const { RefCell::new([WorkCompletion::EMPTY; POLL_BATCH]) };
-}
+/// The buffer [`Progress::drain`] reaps into.
+pub type ReapBuf = [WorkCompletion; POLL_BATCH];
 
 struct PollerCtx {
     cq: Arc<dyn CompletionQueue>,

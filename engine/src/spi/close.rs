@@ -45,12 +45,11 @@
 //! [`QueuePair::abandon`]: crate::fabric::QueuePair::abandon
 //! [`OpSlab::take_owned`]: super::ops::OpSlab::take_owned
 
-use super::dispatch::{DispatchingFlag, DISPATCHING};
+use super::dispatch::{as_dispatch, dispatching};
 use super::socket::{Entry, OpSocket, Socket};
 use super::{lock, Inner, Provider, ProviderSocket, Running};
 use crate::error::WsaResult;
 use crate::fabric::WcStatus;
-use std::cell::Cell;
 use std::mem::ManuallyDrop;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -174,7 +173,7 @@ impl Provider {
         self.inner.dup_abort(&sock);
         // Called from an upcall on the thread that dispatches, the flushed
         // completions can only be processed after we return.
-        if !DISPATCHING.with(Cell::get)
+        if !dispatching()
             && self
                 .inner
                 .wait_for(&run, Some(closed_at + wait), sock.cq_index(), || {
@@ -306,9 +305,10 @@ impl Inner {
             qp.abandon();
         }
         // The upcalls below are dispatches: a close from inside one defers.
-        let _flag = (!DISPATCHING.with(Cell::get)).then(DispatchingFlag::set);
-        self.ops.take_owned(owner_tag(sock), &mut |op| {
-            self.finish_op(&sock.run, op, WcStatus::Flushed, 0);
+        as_dispatch(|| {
+            self.ops.take_owned(owner_tag(sock), &mut |op| {
+                self.finish_op(&sock.run, op, WcStatus::Flushed, 0);
+            })
         });
     }
 

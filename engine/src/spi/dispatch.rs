@@ -8,9 +8,10 @@
 //! one `complete_overlapped_request` upcall (or stores the result for a
 //! polled op) → the op leaves the socket's close gate (`close.rs`).
 //!
-//! A thread that dispatches may be inside an upcall: [`DISPATCHING`] refuses
-//! nested progress on it, so per-socket completion order holds, and waits
-//! only it could satisfy do not block.
+//! A thread that dispatches may be inside an upcall: its reap buffer is
+//! borrowed then ([`dispatching`]), which refuses nested progress on it, so
+//! per-socket completion order holds, and waits only it could satisfy do not
+//! block.
 
 use super::dup::DupCompletion;
 use super::ops::{release_regs, OpState, OvPtr};
@@ -19,8 +20,8 @@ use super::{lock, Inner, Overlapped, Provider, ProviderSocket, Running};
 use crate::config::PollerMode;
 use crate::error::{WsaError, WsaResult};
 use crate::fabric::{Waker, WcStatus, WorkCompletion};
-use crate::poller::{IdleLoop, Sleep};
-use std::cell::Cell;
+use crate::poller::{IdleLoop, ReapBuf, Sleep, POLL_BATCH};
+use std::cell::RefCell;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -82,26 +83,28 @@ impl FirstStep {
 }
 
 thread_local! {
-    /// True while this thread dispatches completions (and so may be inside
-    /// an upcall): nested progress is refused so per-socket completion order
-    /// holds, and waits that only this thread could satisfy do not block.
-    pub(super) static DISPATCHING: Cell<bool> = const { Cell::new(false) };
+    /// The buffer this thread's progress reaps into, borrowed while the
+    /// thread dispatches completions (and so may be inside an upcall):
+    /// borrowed, it says so ([`dispatching`]), nested progress is refused so
+    /// per-socket completion order holds, and waits that only this thread
+    /// could satisfy do not block. One thread-local for both: a pass takes
+    /// the borrow once. Initialised once: a pass that finds nothing writes
+    /// no memory for it.
+    static REAP: RefCell<ReapBuf> = const { RefCell::new([WorkCompletion::EMPTY; POLL_BATCH]) };
 }
 
-/// Sets [`DISPATCHING`] for its lifetime (cleared even if an upcall panics).
-pub(super) struct DispatchingFlag;
-
-impl DispatchingFlag {
-    pub(super) fn set() -> DispatchingFlag {
-        DISPATCHING.with(|d| d.set(true));
-        DispatchingFlag
-    }
+/// Whether this thread dispatches completions now (see [`REAP`]).
+pub(super) fn dispatching() -> bool {
+    REAP.with(|r| r.try_borrow_mut().is_err())
 }
 
-impl Drop for DispatchingFlag {
-    fn drop(&mut self) {
-        DISPATCHING.with(|d| d.set(false));
-    }
+/// Runs `f` as a dispatch (see [`REAP`]): `dispatching()` holds inside
+/// (and stops holding when `f` returns, even by a panic of an upcall).
+pub(super) fn as_dispatch<R>(f: impl FnOnce() -> R) -> R {
+    REAP.with(|r| {
+        let _held = r.try_borrow_mut();
+        f()
+    })
 }
 
 impl Provider {
@@ -156,7 +159,7 @@ impl Provider {
         // another thread have reported the op since, this only reaps.
         self.inner.progress(run, cq);
         if ov.is_pending() {
-            if !wait || DISPATCHING.with(Cell::get) {
+            if !wait || dispatching() {
                 return Err(WsaError::WSA_IO_INCOMPLETE);
             }
             self.inner.wait_for(run, None, cq, || !ov.is_pending());
@@ -450,13 +453,13 @@ impl Inner {
     /// Reaps and dispatches on this thread (run-to-completion: only CQ
     /// `only` if given); 0 if already dispatching.
     pub(super) fn progress(&self, run: &Running, only: Option<usize>) -> usize {
-        if DISPATCHING.with(Cell::get) {
-            return 0;
-        }
-        let total = {
-            let _flag = DispatchingFlag::set();
-            run.progress.drain(only, &mut |wc| self.dispatch(run, wc))
-        };
+        let total = REAP.with(|buf| match buf.try_borrow_mut() {
+            Ok(mut buf) => run
+                .progress
+                .drain(&mut buf, only, &mut |wc| self.dispatch(run, wc)),
+            // Dispatching already.
+            Err(_) => 0,
+        });
         if total > 0 {
             match self.config.poller.mode {
                 // Only the upcall helper reads `reaped`, and only whether it

@@ -92,7 +92,7 @@
 //! others cannot be rejoined (their duplication fails at SUSPEND, harmlessly).
 //! The fabric must carry connection private data (`Nic::connect_with_data`).
 
-use super::dispatch::DISPATCHING;
+use super::dispatch::dispatching;
 use super::ops::{OpState, KEPT_SGE, MAX_SGE};
 use super::socket::{Phase, Socket, SocketQpEvents};
 use super::{lock, Inner, Provider, ProviderSocket, Running};
@@ -101,7 +101,6 @@ use crate::fabric::{
     ConnRequest, ConnectError, Listener, ListenerEvents, QpEvents, QpParams, QueuePair, RecvWr,
     WcStatus, WorkCompletion,
 };
-use std::cell::Cell;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
@@ -587,7 +586,7 @@ impl Provider {
         }
         sock.record_failure(WsaError::WSAENOTCONN);
         qp.set_error();
-        if !DISPATCHING.with(Cell::get) {
+        if !dispatching() {
             let deadline = Instant::now() + self.inner.config.close_quiesce_timeout();
             self.inner
                 .wait_for(&run, Some(deadline), sock.cq_index(), || {

@@ -1080,11 +1080,12 @@ impl Inner {
     /// The engine it replaces may be in use further up this thread's stack
     /// only if this call came from an upcall (the callers of
     /// `with_running` reach no other provider call but through one), and an
-    /// upcall runs with `DISPATCHING` set: so then it refreshes nothing.
+    /// upcall runs dispatching (`dispatch::dispatching`): so then it
+    /// refreshes nothing.
     #[cold]
     #[inline(never)]
     fn refresh_running(&self) -> Option<*const Running> {
-        if dispatch::DISPATCHING.with(Cell::get) {
+        if dispatch::dispatching() {
             return None;
         }
         let run = self.running().ok()?;
