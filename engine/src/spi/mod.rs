@@ -1350,7 +1350,7 @@ impl Inner {
                 // SAFETY: the caller guarantees `ov` outlives the op.
                 op.overlapped = unsafe { OvPtr::new(ov) };
                 op.recv = recv;
-                op.sges = std::array::from_fn(|i| sges[i]);
+                op.sges.copy_from_slice(&sges[..KEPT_SGE]);
             },
         );
         match post(&**qp, slot.wr_id(), &sges[..n]) {
