@@ -284,13 +284,13 @@ impl Inner {
     /// Run-to-completion mode: starts the upcall helper if it is not
     /// running. An op that wants an upcall must get it even if the switch
     /// never calls the provider again (it may just wait for the upcall).
+    /// Threads mode: nothing (`helper_started` is set from the start).
     #[inline]
     pub(super) fn ensure_upcall_helper(self: &Arc<Self>, run: &Arc<Running>) -> WsaResult<()> {
-        if self.config.poller.mode != PollerMode::RunToCompletion
-            || run.helper_started.load(Ordering::Acquire)
-        {
+        if run.helper_started.load(Ordering::Acquire) {
             return Ok(());
         }
+        debug_assert_eq!(self.config.poller.mode, PollerMode::RunToCompletion);
         self.start_upcall_helper(run)
     }
 

@@ -138,7 +138,9 @@ pub(crate) struct Running {
     /// upcall helper, once started.
     dispatcher: Mutex<Option<JoinHandle<()>>>,
     /// Run-to-completion mode: set by the first op that wants an upcall,
-    /// which starts the upcall helper.
+    /// which starts the upcall helper. Threads mode: set from the start
+    /// (the dispatcher thread makes the upcalls), so that an op's check is
+    /// this load alone.
     helper_started: std::sync::atomic::AtomicBool,
     /// Run-to-completion mode: bumped by every progress pass that reported
     /// something, so the upcall helper sees another thread reaping. Its
@@ -1020,7 +1022,9 @@ impl Inner {
             dispatcher_waker,
             rtc_notifier,
             dispatcher: Mutex::new(None),
-            helper_started: std::sync::atomic::AtomicBool::new(false),
+            helper_started: std::sync::atomic::AtomicBool::new(
+                self.config.poller.mode == PollerMode::Threads,
+            ),
             reaped: crate::sync::CachePadded::new(AtomicU64::new(0)),
             closer: close::Closer::default(),
             stop: std::sync::atomic::AtomicBool::new(false),
