@@ -230,9 +230,10 @@ pub struct OpSlab<S = OpState> {
     /// bits a tag incremented by every successful push or pop. List `l`
     /// holds only initialised slots `i` with `i % heads.len() == l`.
     heads: Box<[CachePadded<AtomicU64>]>,
-    /// The slots each caching thread keeps, by its [`thread_index`]; empty
-    /// for a slab of fewer than [`CACHE_FROM`] slots.
-    caches: Box<[CachePadded<ThreadCache>]>,
+    /// The slots each caching thread keeps, by its [`thread_index`]; none
+    /// for a slab of fewer than [`CACHE_FROM`] slots. An array: an index
+    /// below [`CACHING_THREADS`] needs no other bound.
+    caches: Option<Box<[CachePadded<ThreadCache>; CACHING_THREADS]>>,
 }
 
 /// Free slots a thread keeps for its next reservations.
@@ -420,13 +421,13 @@ impl<S: Default> OpSlab<S> {
             heads: (0..lists)
                 .map(|_| CachePadded::new(AtomicU64::new(u64::from(NIL))))
                 .collect(),
-            caches: (0..if capacity >= CACHE_FROM {
-                CACHING_THREADS
-            } else {
-                0
-            })
-                .map(|_| CachePadded::new(ThreadCache::default()))
-                .collect(),
+            caches: (capacity >= CACHE_FROM).then(|| {
+                (0..CACHING_THREADS)
+                    .map(|_| CachePadded::new(ThreadCache::default()))
+                    .collect::<Box<[_]>>()
+                    .try_into()
+                    .unwrap_or_else(|_| unreachable!("CACHING_THREADS caches were made"))
+            }),
         };
         slab.grow(0);
         Ok(slab)
@@ -496,7 +497,8 @@ impl<S: Default> OpSlab<S> {
             let len = c.len.get();
             if len > 0 {
                 c.len.set(len - 1);
-                return Some(self.take_free(c.slots[len as usize - 1].get()));
+                // `len <= CACHED`: the modulo only spares a bound check.
+                return Some(self.take_free(c.slots[(len as usize - 1) % CACHED].get()));
             }
         }
         let n = self.heads.len();
@@ -753,10 +755,8 @@ impl<S> OpSlab<S> {
     /// The slots this thread keeps, if it keeps any in this slab.
     #[inline(always)]
     fn cache(&self) -> Option<&ThreadCache> {
-        if self.caches.is_empty() {
-            return None;
-        }
-        self.caches.get(thread_index()?).map(|c| &**c)
+        let caches = self.caches.as_deref()?;
+        Some(&caches[thread_index()?])
     }
 
     /// Pushes the chain `first ..= last` (linked by `next`, all of list
@@ -935,7 +935,12 @@ mod tests {
                 at = slab.slot(at).next.load(Ordering::Relaxed);
             }
         }
-        let kept = slab.caches.iter().map(|c| c.len.get() as usize).sum();
+        let kept = slab
+            .caches
+            .iter()
+            .flat_map(|c| c.iter())
+            .map(|c| c.len.get() as usize)
+            .sum();
         (listed, kept)
     }
 
