@@ -280,3 +280,19 @@ fn a_send_the_peer_took_as_it_closed_completes_with_success() {
     }
     assert_eq!(client, [(1, WcStatus::Success)], "the client's send");
 }
+
+/// A CQ dropped while ends are still attached to it (their handles
+/// dropped, no poll since to forget them) frees them, and the part of the
+/// CQ they held. Dropping the pair drops the queue pairs, then the CQs,
+/// then the NIC (its event thread joined, so it holds no end either).
+#[test]
+fn a_cq_dropped_unpolled_frees_its_ends() {
+    let p = Pair::new("dropcq");
+    let ends = [&p.client_conn, &p.server_conn].map(Arc::downgrade);
+    let shared = [&p.client_conn, &p.server_conn].map(|c| Arc::downgrade(&c.cq));
+    drop(p);
+    for (end, shared) in ends.iter().zip(&shared) {
+        assert_eq!(end.strong_count(), 0, "an end outlived its CQ");
+        assert_eq!(shared.strong_count(), 0, "a CQ's shared part outlived it");
+    }
+}
