@@ -82,21 +82,6 @@ use std::sync::atomic::{compiler_fence, fence, AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-/// The fence between an arm's stores of `armed` ([`Conn::mark_armed`], on
-/// each end of a CQ) and its look for work ([`Conn::has_work`]): a heavy
-/// one where this process takes part in asymmetric fences (its segments
-/// say so, `seg::FLAG_HEAVY_ARM`, and its peers' wakes go without a fence),
-/// else a full fence. `false` if the heavy fence failed (not seen once it
-/// worked): the caller must not sleep then, a wake-up may be lost.
-pub(super) fn arm_fence() -> bool {
-    if sys::asymmetric_fences() {
-        sys::heavy_fence()
-    } else {
-        fence(Ordering::SeqCst);
-        true
-    }
-}
-
 /// How long a break waits for a live peer's copy in progress.
 const SEAL_WAIT: Duration = Duration::from_secs(1);
 
@@ -355,8 +340,9 @@ impl Conn {
         }
     }
 
-    /// Asks the peer for a wake-up on new work: the first half of an arm
-    /// (then [`arm_fence`], then [`Conn::has_work`]).
+    /// Asks the peer for a wake-up on new work: the first step of the
+    /// CQ's arm (then its fence, once for all its ends, then
+    /// [`Conn::has_work`]).
     pub(super) fn mark_armed(&self) {
         self.mine.control().armed.store(1, Ordering::Relaxed);
     }

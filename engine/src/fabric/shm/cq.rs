@@ -5,14 +5,30 @@
 //! so the peer signals that end's eventfd for new work; the NIC's event
 //! thread turns the signal into this CQ's wake. One fence serves all the
 //! ends (a `membarrier` where the processes take part in asymmetric fences,
-//! which spares the peers' wakes theirs: `conn::arm_fence`).
+//! which spares the peers' wakes theirs: [`arm_fence`]).
 
 use super::conn::{Conn, PollSide};
+use super::sys;
 use crate::fabric::cq_budget::CqBudget;
 use crate::fabric::{CompletionQueue, CqId, Waker, WorkCompletion};
 use crate::spin::SpinLock;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::Arc;
+
+/// The fence of an arm between its stores of `armed` ([`Conn::mark_armed`],
+/// on each end of the CQ) and its look for work ([`Conn::has_work`]): a
+/// heavy one where this process takes part in asymmetric fences (its
+/// segments say so, `seg::FLAG_HEAVY_ARM`, and its peers' wakes go without
+/// a fence), else a full fence. `false` if the heavy fence failed (not seen
+/// once it worked): the caller must not sleep then, a wake-up may be lost.
+fn arm_fence() -> bool {
+    if sys::asymmetric_fences() {
+        sys::heavy_fence()
+    } else {
+        fence(Ordering::SeqCst);
+        true
+    }
+}
 
 /// An attached end: the connection, and what only its poller touches.
 struct End {
@@ -117,7 +133,7 @@ impl CompletionQueue for ShmCq {
             e.conn.mark_armed();
         }
         // One fence for all the ends, between their marks and the looks.
-        if !super::conn::arm_fence() {
+        if !arm_fence() {
             return true;
         }
         let mut ready = false;
