@@ -823,7 +823,7 @@ impl NicInner {
         }
         let cq = self.cq(params.cq).ok_or(ConnectError::NoResources)?;
         let reserved = params.send_depth as usize + params.recv_depth as usize;
-        if !cq.budget.reserve(reserved) {
+        if !cq.shared.budget.reserve(reserved) {
             return Err(ConnectError::NoResources);
         }
         let num = self.new_qp_num();
@@ -841,13 +841,13 @@ impl NicInner {
                 sock,
                 params,
                 reserved,
-                cq: cq.clone(),
+                cq: cq.shared.clone(),
             },
         );
         match self.events.add_conn(&conn) {
             Ok(tokens) => *lock(&conn.tokens) = vec![tokens.0, tokens.1],
             Err(_) => {
-                cq.budget.release(reserved);
+                cq.shared.budget.release(reserved);
                 return Err(ConnectError::NoResources);
             }
         }

@@ -1,6 +1,8 @@
 //! One end of a shared-memory connection in this process: its work
 //! queues, the outgoing ring (in its own segment) and the incoming ring (in
-//! the peer's), the keys it exposed to the peer, and the seal.
+//! the peer's), the keys it exposed to the peer, and the seal. Of its CQ
+//! it holds only the shared part ([`CqShared`]: what wakes the CQ, and
+//! the entries the end reserved), not the CQ, whose list of ends holds it.
 //!
 //! # Who does what
 //!
@@ -68,6 +70,7 @@
 //! Everything else a post or a poll touches is the process's own (work
 //! queues, the poll side, the CQ).
 
+use super::notify::CqShared;
 use super::seg::{Segment, STATE_CLOSED, STATE_INTACT, STATE_OWNER_FAILED, STATE_PEER_FAILED};
 use super::sys::{self, Cma};
 use super::wq::{RecvQueue, RqKind, SendQueue, SqEntry, SqKind};
@@ -202,7 +205,9 @@ pub(super) struct Conn {
     pub(super) tokens: Mutex<Vec<u64>>,
     /// Set by the NIC's event thread when the socket hung up.
     pub(super) peer_gone: AtomicBool,
-    pub(super) cq: Arc<super::cq::CqInner>,
+    /// The CQ's shared part: woken after a post, a receive or a break gave
+    /// its poller work; `reserved` entries of its budget are this end's.
+    pub(super) cq: Arc<CqShared>,
     events: Arc<dyn QpEvents>,
     max_sge: usize,
     /// Entries reserved on the CQ.
@@ -251,7 +256,7 @@ pub(super) struct Parts {
     pub(super) sock: OwnedFd,
     pub(super) params: QpParams,
     pub(super) reserved: usize,
-    pub(super) cq: Arc<super::cq::CqInner>,
+    pub(super) cq: Arc<CqShared>,
 }
 
 impl Conn {

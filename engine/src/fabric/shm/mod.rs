@@ -19,14 +19,15 @@
 //!   polled (the engine's pollers poll, or arm and sleep). A small message
 //!   moves one cache line each way: its cell, whose header also
 //!   acknowledges the messages of the other direction ([`conn`]).
-//! - **Wake-ups**: a CQ that arms marks each of its ends as sleeping in the
-//!   end's own segment; a peer that published work for a sleeping end
-//!   clears the mark and signals the end's eventfd, which the NIC's event
-//!   thread turns into the CQ's wake. An awake end costs its peer a load
-//!   and a compiler fence: the sleeper's side of that Dekker handshake is a
-//!   `membarrier(MEMBARRIER_CMD_GLOBAL_EXPEDITED)` between its marks and
-//!   its look for work, which every registered process's threads pass as
-//!   a full fence (both processes register when their first segment is
+//! - **Wake-ups**: a CQ that arms ([`cq`]) marks each of its ends as
+//!   sleeping in the end's own segment; a peer that published work for a
+//!   sleeping end clears the mark and signals the end's eventfd, which the
+//!   NIC's event thread turns into the CQ's wake (through the CQ's shared
+//!   part, which the ends hold: [`notify`]). An awake end costs its peer a
+//!   load and a compiler fence: the sleeper's side of that Dekker handshake
+//!   is a `membarrier(MEMBARRIER_CMD_GLOBAL_EXPEDITED)` between its marks
+//!   and its look for work, which every registered process's threads pass
+//!   as a full fence (both processes register when their first segment is
 //!   made; a segment's header says whether its owner arms that way, and a
 //!   process that cannot keeps full fences on both sides).
 //! - **Failure**: a close, a refused request, garbage in a cell, or the
@@ -60,6 +61,7 @@ mod conn;
 mod cq;
 #[cfg(test)]
 mod hook;
+mod notify;
 mod seg;
 mod sys;
 #[cfg(test)]
