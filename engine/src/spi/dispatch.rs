@@ -13,7 +13,7 @@
 //! per-socket completion order holds, and waits only it could satisfy do not
 //! block.
 
-use super::dup::DupCompletion;
+use super::dup_state::DupCompletion;
 use super::ops::{release_regs, OpState, OvPtr};
 use super::socket::{OpSocket, Socket};
 use super::{lock, Inner, Overlapped, Provider, ProviderSocket, Running};

@@ -93,6 +93,7 @@
 //! The fabric must carry connection private data (`Nic::connect_with_data`).
 
 use super::dispatch::dispatching;
+use super::dup_state::{DupCompletion, Suspension, SOURCE, SUSPENDED};
 use super::ops::{OpState, KEPT_SGE, MAX_SGE};
 use super::socket::{Phase, Socket, SocketQpEvents};
 use super::{lock, Inner, Provider, ProviderSocket, Running};
@@ -105,71 +106,9 @@ use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::PathBuf;
-use std::sync::atomic::{fence, AtomicU32, AtomicU8, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex, OnceLock, Weak};
+use std::sync::atomic::{fence, Ordering};
+use std::sync::{mpsc, Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-/// `DupState::flags`: this descriptor was duplicated away (source side).
-const SOURCE: u8 = 1;
-/// `DupState::flags`: the peer of this connection is moving it (peer side).
-const SUSPENDED: u8 = 2;
-
-/// Per-socket duplication state.
-#[derive(Default)]
-pub struct DupState {
-    /// `SOURCE | SUSPENDED`. Set and cleared under `state`'s lock; read
-    /// without it by the completion path (one relaxed load while 0: the
-    /// common case costs nothing more) and by queue-pair events.
-    flags: AtomicU8,
-    /// Which queue pair of the socket is current: 0 for the first, bumped
-    /// (under `state`'s lock, before `SUSPENDED` is cleared) by each swap.
-    /// Queue-pair events carry the epoch they were created with.
-    epoch: AtomicU32,
-    state: Mutex<Suspension>,
-    /// Signalled when a suspension ends (the watcher thread waits on it).
-    ended: Condvar,
-}
-
-/// Peer side, under `DupState::state`.
-#[derive(Default)]
-struct Suspension {
-    /// Numbers suspensions; a watcher acts only on its own.
-    round: u64,
-    /// The SUSPEND's secret, which the REJOIN must present.
-    secret: u64,
-    /// Receives whose queue pair went away, in completion (= posting) order.
-    parked: Vec<OpState>,
-    /// The accepted REJOIN's queue pair, until it is swapped in.
-    rejoined: Option<Arc<dyn QueuePair>>,
-    /// The SUSPEND's acknowledgement, kept until the suspension ends: the
-    /// source tears it down once connected; ours breaking it at once could
-    /// fail the source's connect before it is established (rdma_cm).
-    ack: Option<Arc<dyn QueuePair>>,
-}
-
-impl DupState {
-    /// Whether the socket takes part in a duplication (completion path).
-    #[inline]
-    pub fn engaged(&self) -> bool {
-        self.flags.load(Ordering::Relaxed) != 0
-    }
-
-    /// The epoch for the events of the socket's next queue pair.
-    pub fn epoch(&self) -> u32 {
-        self.epoch.load(Ordering::Acquire)
-    }
-
-    /// Whether an event of the queue pair of `epoch` is stale: that queue
-    /// pair was replaced, or it is being replaced.
-    pub fn ignores_events_of(&self, epoch: u32) -> bool {
-        let current = self.epoch.load(Ordering::Acquire);
-        epoch < current || (epoch == current && self.flags.load(Ordering::Acquire) & SUSPENDED != 0)
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Suspension> {
-        lock(&self.state)
-    }
-}
 
 impl Socket {
     /// The queue pair an op posts on, read after the op entered the close
@@ -199,16 +138,6 @@ impl Socket {
         let _st = self.dup.lock();
         self.qp.get().unwrap_or(loaded)
     }
-}
-
-/// What the completion path does with a completion of an engaged socket.
-pub enum DupCompletion {
-    /// Report as usual.
-    Normal(OpState),
-    /// Report with this `(error, bytes)`.
-    Report(OpState, u32, u32),
-    /// Kept for the new queue pair.
-    Parked,
 }
 
 // ---------------------------------------------------------------------------

@@ -20,6 +20,7 @@ mod close;
 use close::Call;
 mod dispatch;
 mod dup;
+mod dup_state;
 mod gate;
 mod ops;
 mod qp_cell;

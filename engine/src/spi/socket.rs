@@ -10,7 +10,7 @@
 //! `Arc`s. Nothing of a socket is released before `close_socket` (spec
 //! §6.1 step 5): peer-detected failures only change `fail`.
 
-use super::dup::DupState;
+use super::dup_state::DupState;
 use super::gate::CloseGate;
 use super::qp_cell::QpCell;
 use super::slots::Slots;
