@@ -22,7 +22,7 @@ use crate::spi::{Condition, ProviderSocket, FD_ACCEPT, FD_CONNECT, FD_CONNECT_BI
 use std::io;
 use std::net::SocketAddrV4;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -293,8 +293,8 @@ pub struct Stream {
     conn: Arc<Conn>,
     send_lock: Mutex<()>,
     recv_lock: Mutex<()>,
-    /// (read, write) timeouts.
-    timeouts: Mutex<(Option<Duration>, Option<Duration>)>,
+    read_timeout: Timeout,
+    write_timeout: Timeout,
     /// `recv`/`send` (and `Read`/`Write`) do not wait (`set_nonblocking`).
     nonblocking: AtomicBool,
     closed: AtomicBool,
@@ -302,13 +302,13 @@ pub struct Stream {
 
 impl Stream {
     fn new(rt: Arc<Runtime>, conn: Arc<Conn>) -> Stream {
-        let t = (rt.opts.read_timeout, rt.opts.write_timeout);
         Stream {
+            read_timeout: Timeout::new(rt.opts.read_timeout),
+            write_timeout: Timeout::new(rt.opts.write_timeout),
             rt,
             conn,
             send_lock: Mutex::new(()),
             recv_lock: Mutex::new(()),
-            timeouts: Mutex::new(t),
             nonblocking: AtomicBool::new(false),
             closed: AtomicBool::new(false),
         }
@@ -398,11 +398,11 @@ impl Stream {
     }
 
     pub fn set_read_timeout(&self, t: Option<Duration>) {
-        lock(&self.timeouts).0 = t;
+        self.read_timeout.set(t);
     }
 
     pub fn set_write_timeout(&self, t: Option<Duration>) {
-        lock(&self.timeouts).1 = t;
+        self.write_timeout.set(t);
     }
 
     /// Makes `recv`/`send` and `Read`/`Write` non-blocking (as
@@ -482,8 +482,7 @@ impl Stream {
         if self.nonblocking.load(Ordering::Relaxed) {
             return self.try_send(buf);
         }
-        let t = lock(&self.timeouts).1;
-        self.send_timeout(buf, t)
+        self.send_timeout(buf, self.write_timeout.get())
     }
 
     pub fn send_timeout(&self, buf: &[u8], timeout: Option<Duration>) -> io::Result<usize> {
@@ -548,8 +547,7 @@ impl Stream {
         if self.nonblocking.load(Ordering::Relaxed) {
             return self.try_recv(buf);
         }
-        let t = lock(&self.timeouts).0;
-        self.recv_timeout(buf, t)
+        self.recv_timeout(buf, self.read_timeout.get())
     }
 
     pub fn recv_timeout(&self, buf: &mut [u8], timeout: Option<Duration>) -> io::Result<usize> {
@@ -678,6 +676,35 @@ impl Drop for Stream {
     }
 }
 
+/// A stream's read or write timeout, read by every blocking call without a
+/// lock: nanoseconds, [`Timeout::NONE`] for none (waits for ever). A bound
+/// beyond `u64::MAX - 1` ns (584 years) is kept as that.
+struct Timeout(AtomicU64);
+
+impl Timeout {
+    const NONE: u64 = u64::MAX;
+
+    fn new(t: Option<Duration>) -> Timeout {
+        let timeout = Timeout(AtomicU64::new(Self::NONE));
+        timeout.set(t);
+        timeout
+    }
+
+    fn set(&self, t: Option<Duration>) {
+        let ns = t.map_or(Self::NONE, |d| {
+            u64::try_from(d.as_nanos()).map_or(Self::NONE - 1, |n| n.min(Self::NONE - 1))
+        });
+        self.0.store(ns, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> Option<Duration> {
+        match self.0.load(Ordering::Relaxed) {
+            Self::NONE => None,
+            ns => Some(Duration::from_nanos(ns)),
+        }
+    }
+}
+
 fn is_would_block<T>(r: &io::Result<T>) -> bool {
     matches!(r, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
 }
@@ -757,6 +784,32 @@ mod tests {
         let acceptor = std::thread::spawn(move || l.accept().unwrap().0);
         let client = Stream::connect(&rt, addr).unwrap();
         (rt, client, acceptor.join().unwrap())
+    }
+
+    /// A timeout reads back as set: none, zero, sub-microsecond and long
+    /// ones, and one beyond what u64 nanoseconds hold saturates instead of
+    /// reading as none.
+    #[test]
+    fn a_stream_timeout_reads_back_as_set() {
+        let t = Timeout::new(None);
+        assert_eq!(t.get(), None);
+        for d in [
+            Duration::ZERO,
+            Duration::from_nanos(1),
+            Duration::from_millis(1500),
+            Duration::from_secs(86_400 * 365),
+        ] {
+            t.set(Some(d));
+            assert_eq!(t.get(), Some(d));
+        }
+        t.set(Some(Duration::MAX));
+        assert_eq!(t.get(), Some(Duration::from_nanos(u64::MAX - 1)));
+        t.set(None);
+        assert_eq!(t.get(), None);
+        assert_eq!(
+            Timeout::new(Some(Duration::from_secs(3))).get(),
+            Some(Duration::from_secs(3))
+        );
     }
 
     /// With the default configuration (`mem.mlock: try`), a connected idle
