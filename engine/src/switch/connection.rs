@@ -930,10 +930,24 @@ impl Conn {
     /// thread polls again.
     pub(super) fn wait_until<R>(
         &self,
+        deadline: Deadline,
+        done: impl FnMut(&mut State) -> Option<R>,
+        give_up: impl FnMut(&State) -> bool,
+    ) -> Option<R> {
+        self.wait(deadline, true, done, give_up)
+    }
+
+    /// [`Conn::wait_until`]; `look_first: false` when the caller has just
+    /// looked (and unlocked): the wait starts with a poll of the completion
+    /// queue, not with a second look at the state.
+    fn wait<R>(
+        &self,
         mut deadline: Deadline,
+        look_first: bool,
         mut done: impl FnMut(&mut State) -> Option<R>,
         mut give_up: impl FnMut(&State) -> bool,
     ) -> Option<R> {
+        let mut skip_look = !look_first;
         let mut idle = 0u32;
         let mut nap = NAP_MIN;
         // `Some(outcome)` once the wait is over.
@@ -945,8 +959,10 @@ impl Conn {
             })
         };
         loop {
-            if let Some(outcome) = look() {
-                return outcome;
+            if !std::mem::take(&mut skip_look) {
+                if let Some(outcome) = look() {
+                    return outcome;
+                }
             }
             // The clock is read after `CLOCK_FIRST` empty polls, ever more
             // rarely after, and before a sleep, not on every poll: on a
@@ -1017,8 +1033,10 @@ impl Conn {
         if let Some(r) = self.settle_then(st, |st| st.results.remove(op)) {
             return op_result(r);
         }
-        let done = self.wait_until(
+        // Just looked: the wait starts by polling.
+        let done = self.wait(
             Deadline::after(timeout),
+            false,
             |st| st.results.remove(op),
             |st| st.cancel_gen != gen,
         );
