@@ -40,6 +40,7 @@ use crate::spi::{Overlapped, Provider, ProviderSocket};
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddrV4;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, TryLockError, Weak};
 use std::time::{Duration, Instant};
 
@@ -236,9 +237,11 @@ pub(super) struct Conn {
     /// the machine: an upcall that finds the state locked (by an
     /// application thread, possibly its own caller further up the stack)
     /// leaves its completion here for the holder, which feeds it before it
-    /// unlocks, and looks again after (see [`Conn::with_state`]). At most one
-    /// entry per overlapped record, so it never grows past `ovs.len()`.
-    inbox: Mutex<VecDeque<Done>>,
+    /// unlocks, and looks again after (see [`Conn::with_state`]); an upcall
+    /// that takes the state and finds the inbox empty feeds its completion
+    /// at once (as if it had passed through). At most one entry per
+    /// overlapped record, so it never grows past `ovs.len()`.
+    inbox: Inbox,
     /// Threads sleeping for this connection (a blocked call, a close). A
     /// notify costs one load when nobody sleeps; it is made only when an op
     /// result, the session state or a cancellation changed (never for a
@@ -300,6 +303,52 @@ pub(super) struct State {
     /// go on; taken by [`Conn::settle`], which writes the fd for those in
     /// `want`.
     pub(super) events: u8,
+}
+
+/// A connection's inbox (see `Conn::inbox`).
+struct Inbox {
+    q: Mutex<VecDeque<Done>>,
+    /// `q.len()`, stored under `q`'s lock: read without the lock by the
+    /// state's holder to skip locking an empty inbox between two rounds of
+    /// its settle loop. A stale 0 only delays an entry to the look after
+    /// the unlock ([`Conn::try_state`]), which locks.
+    len: AtomicUsize,
+}
+
+impl Inbox {
+    fn push(&self, d: Done) {
+        let mut q = lock(&self.q);
+        q.push_back(d);
+        self.len.store(q.len(), Ordering::Release);
+    }
+
+    /// Queues `d` behind the entries there, if any; else gives it back (the
+    /// caller, holding the state, feeds it at once).
+    fn queue_behind(&self, d: Done) -> Option<Done> {
+        let mut q = lock(&self.q);
+        if q.is_empty() {
+            return Some(d);
+        }
+        q.push_back(d);
+        self.len.store(q.len(), Ordering::Release);
+        None
+    }
+
+    /// Whether nothing waits (under the lock: exact).
+    fn is_empty(&self) -> bool {
+        lock(&self.q).is_empty()
+    }
+
+    /// The oldest entry, if the hint says there is one.
+    fn pop_hinted(&self) -> Option<Done> {
+        if self.len.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let mut q = lock(&self.q);
+        let d = q.pop_front();
+        self.len.store(q.len(), Ordering::Release);
+        d
+    }
 }
 
 /// One completion an upcall delivered: the index of its overlapped record
@@ -379,7 +428,10 @@ impl Conn {
                 want: 0,
                 events: 0,
             }),
-            inbox: Mutex::new(VecDeque::with_capacity(n_ov)),
+            inbox: Inbox {
+                q: Mutex::new(VecDeque::with_capacity(n_ov)),
+                len: AtomicUsize::new(0),
+            },
             sleepers: Arc::default(),
             cq_wake: cq_wake.map(|w| {
                 let dyn_w: Arc<dyn Waker> = w.clone();
@@ -485,8 +537,10 @@ impl Conn {
         loop {
             let mut abort = false;
             loop {
-                abort |= self.run(&mut st);
-                let Some(d) = lock(&self.inbox).pop_front() else {
+                if st.m.has_actions() {
+                    abort |= self.run(&mut st);
+                }
+                let Some(d) = self.inbox.pop_hinted() else {
                     break;
                 };
                 self.feed(&mut st, d);
@@ -524,7 +578,7 @@ impl Conn {
     /// The state, if a completion waits in the inbox and no other thread
     /// holds the state (that thread feeds it before it unlocks).
     fn try_state(&self) -> Option<MutexGuard<'_, State>> {
-        if lock(&self.inbox).is_empty() {
+        if self.inbox.is_empty() {
             return None;
         }
         match self.state.try_lock() {
@@ -539,16 +593,31 @@ impl Conn {
         let Some(index) = self.wire.ov_index(ov) else {
             return;
         };
-        lock(&self.inbox).push_back(Done {
+        let d = Done {
             index,
             error,
             bytes,
-        });
+        };
         // Never waits for the state inside an upcall: whoever holds it
         // (perhaps this thread's own caller) feeds the completion.
-        if let Some(st) = self.try_state() {
-            self.settle_in_upcall(st);
+        let mut st = match self.state.try_lock() {
+            Ok(st) => st,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                self.inbox.push(d);
+                if let Some(st) = self.try_state() {
+                    self.settle_in_upcall(st);
+                }
+                return;
+            }
+        };
+        // Holding the state (whose actions the last holder executed): with
+        // nothing in the inbox before it, the completion is fed at once;
+        // else it queues behind what is there.
+        if let Some(d) = self.inbox.queue_behind(d) {
+            self.feed(&mut st, d);
         }
+        self.settle_in_upcall(st);
     }
 
     /// Feeds one delivered completion to the machine (state locked).

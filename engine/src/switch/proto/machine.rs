@@ -422,6 +422,11 @@ impl Connection {
         self.actions.pop_front()
     }
 
+    /// Whether [`Connection::poll_action`] has an action for the driver.
+    pub fn has_actions(&self) -> bool {
+        !self.actions.is_empty()
+    }
+
     /// Which end this is.
     pub fn role(&self) -> Role {
         self.role
