@@ -677,21 +677,20 @@ impl Conn {
                         st.m.recv_done(slot, Err(code(e)));
                     }
                 }
-                Action::Send { slot, head, report } => {
-                    if let Err(e) = self.wire.post_send(slot, head.as_bytes(), None, report) {
+                Action::Send { slot, report } => {
+                    if let Err(e) = self.wire.post_send(slot, st.m.head(slot), None, report) {
                         st.m.send_done(slot, Err(code(e)));
                     }
                 }
                 Action::SendInline {
                     slot,
-                    head,
                     payload: p,
                     report,
                 } => {
                     let r = match st.bufs.get(p.op) {
                         Some(b) => self.wire.post_send(
                             slot,
-                            head.as_bytes(),
+                            st.m.head(slot),
                             Some((b, p.offset, p.len)),
                             report,
                         ),

@@ -285,14 +285,13 @@ impl Sim {
                 }
             }
             Action::Send { .. } | Action::SendInline { .. } => {
-                let (slot, head, payload, report) = match a {
-                    Action::Send { slot, head, report } => (slot, head, None, report),
+                let (slot, payload, report) = match a {
+                    Action::Send { slot, report } => (slot, None, report),
                     Action::SendInline {
                         slot,
-                        head,
                         payload,
                         report,
-                    } => (slot, head, Some(payload), report),
+                    } => (slot, Some(payload), report),
                     _ => unreachable!(),
                 };
                 // A send buffer's record is posted again only once its send
@@ -304,7 +303,7 @@ impl Sim {
                 if in_flight {
                     self.violation(i, format!("send buffer {slot} posted while its send flies"));
                 }
-                let mut bytes = head.as_bytes().to_vec();
+                let mut bytes = self.sides[i].m().head(slot).to_vec();
                 if let Some(p) = payload {
                     match self.sides[i].ops.get(&p.op) {
                         Some(op)

@@ -1,7 +1,7 @@
 //! What the machine asks its driver to do.
 
 use super::error::Error;
-use super::wire::{Desc, Head};
+use super::wire::Desc;
 use super::OpId;
 
 /// Access an exposure grants the peer.
@@ -42,27 +42,28 @@ pub enum Action {
         /// Receive buffer index, `< recv_slots`.
         slot: u16,
     },
-    /// Copy `head` into send buffer `slot` and post one send of it; if
-    /// `report`, report its completion with `send_done` (which also
-    /// completes the unreported sends posted before it: a queue pair's
-    /// sends complete in posting order). An unreported send's completion
-    /// is not reported (an upcall saved per message); a failed post is
-    /// reported either way.
+    /// Copy the message [`Connection::head`] gives for `slot` into send
+    /// buffer `slot` and post one send of it; if `report`, report its
+    /// completion with `send_done` (which also completes the unreported
+    /// sends posted before it: a queue pair's sends complete in posting
+    /// order). An unreported send's completion is not reported (an upcall
+    /// saved per message); a failed post is reported either way.
+    ///
+    /// [`Connection::head`]: super::Connection::head
     Send {
         /// Send buffer index, `< send_slots`.
         slot: u16,
-        /// Encoded header and body.
-        head: Head,
         /// Report the completion.
         report: bool,
     },
-    /// Copy `head` and then `payload` (an INLINE's bytes) into send buffer
-    /// `slot` and post one send of both; report as [`Action::Send`] says.
+    /// Copy the header [`Connection::head`] gives for `slot` and then
+    /// `payload` (an INLINE's bytes) into send buffer `slot` and post one
+    /// send of both; report as [`Action::Send`] says.
+    ///
+    /// [`Connection::head`]: super::Connection::head
     SendInline {
         /// Send buffer index, `< send_slots`.
         slot: u16,
-        /// Encoded header.
-        head: Head,
         /// Bytes of an application send buffer.
         payload: Payload,
         /// Report the completion.

@@ -302,6 +302,10 @@ pub struct Connection {
     send_seq: u32,
     /// Sequence number the next message received must carry.
     recv_seq: u32,
+    /// The message each send buffer's latest `Send`/`SendInline` sends,
+    /// encoded: rewritten only when the buffer is handed out again, after
+    /// its send completed, so after the driver executed that action.
+    heads: Vec<Head>,
     /// Free send buffers. Invariant: exactly the indices with
     /// neither `send_busy[i]` nor `ring_busy[i]`.
     free_send: Vec<u16>,
@@ -382,6 +386,7 @@ impl Connection {
             peer_reads: false,
             send_seq: 0,
             recv_seq: 0,
+            heads: vec![Head::default(); usize::from(n_send)],
             free_send: (0..n_send).rev().collect(),
             send_busy: vec![false; usize::from(n_send)],
             sends_posted: VecDeque::with_capacity(usize::from(n_send)),
@@ -420,6 +425,16 @@ impl Connection {
     /// The next action for the driver, if any.
     pub fn poll_action(&mut self) -> Option<Action> {
         self.actions.pop_front()
+    }
+
+    /// The encoded message (header and body, without an INLINE's payload)
+    /// of the [`Action::Send`] or [`Action::SendInline`] of send buffer
+    /// `slot`: valid from that action until the buffer's send completed
+    /// (empty for a buffer never used or out of range).
+    pub fn head(&self, slot: u16) -> &[u8] {
+        self.heads
+            .get(usize::from(slot))
+            .map_or(&[], Head::as_bytes)
     }
 
     /// Whether [`Connection::poll_action`] has an action for the driver.
@@ -1805,15 +1820,14 @@ impl Connection {
             || 2 * self.free_send.len() < self.send_busy.len();
         self.sends_posted.push_back((slot, report));
         self.stats.msgs_sent += 1;
-        let head = Head::of(&m);
+        self.heads[usize::from(slot)].set(&m);
         self.actions.push_back(match (payload, body) {
             (Some(payload), Body::Inline { .. }) => Action::SendInline {
                 slot,
-                head,
                 payload,
                 report,
             },
-            _ => Action::Send { slot, head, report },
+            _ => Action::Send { slot, report },
         });
         slot
     }

@@ -269,8 +269,8 @@ impl fmt::Display for DecodeError {
 
 impl std::error::Error for DecodeError {}
 
-/// An encoded header and body (no payload), as [`Action::Send`] carries
-/// it: `len` valid bytes of `bytes`.
+/// An encoded header and body (no payload), as a send buffer's
+/// [`Action::Send`] sends it: `len` valid bytes of `bytes`.
 ///
 /// [`Action::Send`]: super::Action::Send
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -281,19 +281,24 @@ pub struct Head {
 }
 
 impl Head {
-    /// Encodes `m`.
-    pub fn of(m: &Message) -> Head {
-        let mut bytes = [0u8; MAX_HEAD];
-        let n = m.encode(&mut bytes);
-        Head {
-            bytes,
-            len: n as u8,
-        }
+    /// Encodes `m` in place (no new buffer to fill and move).
+    pub fn set(&mut self, m: &Message) {
+        self.len = m.encode(&mut self.bytes) as u8;
     }
 
     /// The encoded bytes.
     pub fn as_bytes(&self) -> &[u8] {
         &self.bytes[..usize::from(self.len)]
+    }
+}
+
+impl Default for Head {
+    /// No message (empty).
+    fn default() -> Head {
+        Head {
+            bytes: [0; MAX_HEAD],
+            len: 0,
+        }
     }
 }
 
