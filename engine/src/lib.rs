@@ -10,9 +10,11 @@
 //!   descriptors.
 //! - [`poller`], [`ring`]: completion progress (poller threads or run to
 //!   completion) and the lock-free poller → front end ring.
+//! - [`coarse`]: deadlines for spinning waits that read no fine clock.
 //! - [`testkit`]: a completing switch, a provider on a private soft network
 //!   and a connected pair, for tests and benchmarks.
 
+pub mod coarse;
 pub mod config;
 pub mod error;
 pub mod event;
