@@ -32,6 +32,7 @@ use super::io::{AppBuf, OvKind, Wire};
 use super::proto::{self, Action, CancelOutcome, Connection, OpId, Role};
 use super::ready::{self, Hub, Readiness};
 use super::regcache::{RegCache, RegUse};
+use crate::coarse::CoarseDeadline;
 use crate::config::PollerMode;
 use crate::error::WsaError;
 use crate::fabric::Waker;
@@ -68,17 +69,22 @@ fn clock_due(idle: u32) -> bool {
     idle >= CLOCK_FIRST && (idle.is_power_of_two() || idle % CLOCK_MAX_EVERY == 0)
 }
 
-/// When a wait gives up. The clock is read only once a wait has spun
-/// [`CLOCK_FIRST`] empty polls (or sleeps), and ever more rarely as it
-/// spins on: under emulation a clock read costs microseconds (the
-/// Soft-RoCE VM's kernel reads the HPET, a system call and an emulated
-/// device read), and most waits of a stream's call end before that.
+/// When a wait gives up: a [`CoarseDeadline`], which reads the kernel's
+/// coarse clock (a vDSO read of the timekeeping page, never a system call)
+/// and passes up to two ticks late, never early: the bounds here detect a
+/// silent peer or a stuck transfer (handshake, close and RDMA cancellation
+/// bounds of seconds, and the streams' read and write timeouts, which like
+/// `SO_RCVTIMEO`'s promise no precision). Even so it is read only once a
+/// wait has spun [`CLOCK_FIRST`] empty polls (or sleeps), and ever more
+/// rarely as it spins on: most waits of a stream's call end before that.
+/// The fine clock (`Instant`) is read only to bound a sleep, whose naps of
+/// [`NAP_MIN`] to [`NAP_MAX`] are shorter than a tick.
 #[derive(Clone, Copy, Debug)]
 pub(super) enum Deadline {
     /// Never.
     Never,
-    /// At this instant.
-    At(Instant),
+    /// When this passes.
+    At(CoarseDeadline),
     /// This long after the wait first read the clock: the bound counts
     /// from the first check, at most [`CLOCK_FIRST`] polls after the call
     /// began.
@@ -91,23 +97,33 @@ impl Deadline {
         timeout.map_or(Deadline::Never, Deadline::After)
     }
 
-    /// Whether it passed at `now()` (the first check of an `After` starts
-    /// it); `Never` reads no clock.
-    fn passed(&mut self, now: impl FnOnce() -> Instant) -> bool {
+    /// `timeout` from now.
+    pub(super) fn within(timeout: Duration) -> Deadline {
+        Deadline::At(CoarseDeadline::after(timeout))
+    }
+
+    /// At `at` of the fine clock (one reading of it, now).
+    pub(super) fn until(at: Instant) -> Deadline {
+        Deadline::within(at.saturating_duration_since(Instant::now()))
+    }
+
+    /// Whether it passed (the first check of an `After` starts it); `Never`
+    /// reads no clock.
+    fn passed(&mut self) -> bool {
         match *self {
             Deadline::Never => false,
-            Deadline::At(d) => d <= now(),
+            Deadline::At(d) => d.passed(),
             Deadline::After(t) => {
-                *self = Deadline::At(now() + t);
+                *self = Deadline::within(t);
                 false
             }
         }
     }
 
-    /// The instant, once known.
-    fn at(&self) -> Option<Instant> {
+    /// The time left, once known: at least what is left on the fine clock.
+    fn remaining(&self) -> Option<Duration> {
         match *self {
-            Deadline::At(d) => Some(d),
+            Deadline::At(d) => Some(d.remaining()),
             Deadline::Never | Deadline::After(_) => None,
         }
     }
@@ -1033,10 +1049,9 @@ impl Conn {
                 }
             }
             // The clock is read after `CLOCK_FIRST` empty polls, ever more
-            // rarely after, and before a sleep, not on every poll: on a
-            // virtual machine a clock read can cost more than the poll it
-            // would delay.
-            if clock_due(idle) && deadline.passed(Instant::now) {
+            // rarely after, and before a sleep, not on every poll: even the
+            // coarse clock's vDSO call is not free next to a poll.
+            if clock_due(idle) && deadline.passed() {
                 return None;
             }
             if self.progress() > 0 {
@@ -1049,8 +1064,7 @@ impl Conn {
                 std::hint::spin_loop();
                 continue;
             }
-            let now = Instant::now();
-            if deadline.passed(|| now) {
+            if deadline.passed() {
                 return None;
             }
             let token = self.sleepers.prepare();
@@ -1072,14 +1086,14 @@ impl Conn {
             if let Some(outcome) = look() {
                 return outcome;
             }
-            let until = if self.rtc {
-                let n = now + nap;
+            let sleep = if self.rtc {
+                let n = nap;
                 nap = (nap * 2).min(NAP_MAX);
-                Some(deadline.at().map_or(n, |d| d.min(n)))
+                Some(deadline.remaining().map_or(n, |d| d.min(n)))
             } else {
-                deadline.at()
+                deadline.remaining()
             };
-            token.wait(until);
+            token.wait(sleep.map(|t| Instant::now() + t));
             idle = 0;
         }
     }
@@ -1137,7 +1151,7 @@ impl Conn {
                 self.settle(st);
                 // The buffer is in an RDMA op or exposed: wait for it, then
                 // abort the connection, which forces its completion.
-                let until = Deadline::At(Instant::now() + rdma_cancel);
+                let until = Deadline::within(rdma_cancel);
                 if let Some(r) = self.wait_until(until, |st| st.results.remove(op), |_| false) {
                     return op_result(r);
                 }

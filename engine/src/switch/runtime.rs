@@ -62,7 +62,9 @@ pub struct SwitchOptions {
     pub handshake_timeout: Duration,
     /// Default bound on `accept`; `None` waits for ever.
     pub accept_timeout: Option<Duration>,
-    /// Default bound on a blocking receive; `None` waits for ever.
+    /// Default bound on a blocking receive; `None` waits for ever. Read
+    /// and write timeouts end up to two ticks of the kernel's coarse clock
+    /// late (`crate::coarse`), never early.
     pub read_timeout: Option<Duration>,
     /// Default bound on a blocking send; `None` waits for ever.
     pub write_timeout: Option<Duration>,

@@ -248,7 +248,7 @@ fn handshake(conn: &Arc<Conn>, deadline: Instant, cancel: Option<&CancelToken>) 
     }
     let done = conn
         .wait_until(
-            Deadline::At(deadline),
+            Deadline::until(deadline),
             |st| (st.connected || st.m.error().is_some()).then_some(()),
             |_| cancel.is_some_and(CancelToken::is_cancelled),
         )
@@ -650,10 +650,9 @@ impl Stream {
                 ok
             });
         if graceful {
-            let deadline = Instant::now() + self.rt.opts.close_timeout;
             self.conn.with_state(|st| st.watch_all = true);
             self.conn.wait_until(
-                Deadline::At(deadline),
+                Deadline::within(self.rt.opts.close_timeout),
                 |st| {
                     (st.m.error().is_some() || (st.m.fin_delivered() && st.m.is_quiescent()))
                         .then_some(())
