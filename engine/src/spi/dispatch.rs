@@ -17,10 +17,11 @@ use super::dup_state::DupCompletion;
 use super::ops::{release_regs, OpState, OvPtr};
 use super::socket::{OpSocket, Socket};
 use super::{lock, Inner, Overlapped, Provider, ProviderSocket, Running};
+use crate::coarse::CoarseDeadline;
 use crate::config::PollerMode;
 use crate::error::{WsaError, WsaResult};
 use crate::fabric::{Waker, WcStatus, WorkCompletion};
-use crate::poller::{IdleLoop, ReapBuf, Sleep, POLL_BATCH};
+use crate::poller::{IdleLoop, Idled, ReapBuf, Sleep, POLL_BATCH};
 use std::cell::RefCell;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -516,6 +517,14 @@ impl Inner {
     /// finds completions, spins `idle`'s budget, then sleeps on `sleeper`
     /// (bounded by `deadline`) unless `arm()` (which arms what wakes the
     /// sleeper) or `done()` says to look again. Returns `done()`.
+    ///
+    /// The deadlines are close bounds (`close.wait_ms`, 100 ms by default,
+    /// and the quiesce timeout): the spin checks them on every pass against
+    /// the coarse clock ([`CoarseDeadline`], up to two ticks late, never
+    /// early), where the fine clock would be a system call per poll in a
+    /// VM whose clock source the vDSO cannot read; after a sleep, which
+    /// costs a system call anyway, against the fine clock, so that a sleep
+    /// to the deadline ends the wait.
     #[allow(clippy::too_many_arguments)]
     fn spin_then_sleep<S: Sleep + ?Sized>(
         &self,
@@ -527,18 +536,24 @@ impl Inner {
         arm: impl Fn() -> bool,
         mut done: impl FnMut() -> bool,
     ) -> bool {
+        let spin_bound =
+            deadline.map(|d| CoarseDeadline::after(d.saturating_duration_since(Instant::now())));
         loop {
             if done() {
                 return true;
             }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
+            if spin_bound.is_some_and(|d| d.passed()) {
                 return done();
             }
             if self.progress(run, only) > 0 {
                 idle.progress();
                 continue;
             }
-            idle.idle(sleeper, deadline, || arm() || done());
+            if idle.idle(sleeper, deadline, || arm() || done()) == Idled::Slept
+                && deadline.is_some_and(|d| Instant::now() >= d)
+            {
+                return done();
+            }
         }
     }
 
