@@ -8,6 +8,7 @@
 use crate::clock::Clock;
 use crate::stats::{Bw, Lat};
 use crate::Mode;
+use sanpath::coarse::CoarseDeadline;
 use sanpath::config::{FabricKind, MlockPolicy, PollerMode};
 use sanpath::mem::region::Region;
 use sanpath::spi::*;
@@ -90,24 +91,25 @@ fn pin(core: Option<usize>) {
 /// gives up: a peer that died or stopped makes no completion to fail on.
 const PEER_SILENCE: Duration = Duration::from_secs(10);
 
-/// Spins between two readings of the OS clock in [`spin_until`].
+/// Spins between two readings of the clock in [`spin_until`].
 ///
 /// perftest's memory polling reads no clock at all; this one must, to fail
-/// a silent peer, but rarely: in the Soft-RoCE VM (QEMU TCG, clock source
-/// HPET) one reading is a system call and an emulated device read of 3-5
-/// µs, and a spin takes tens of nanoseconds, so reading every 4096 spins
-/// (as this did) cost about one reading per ~90 µs wait of a write
-/// ping-pong: 8% of the VM's CPU time went to `read_hpet` (perf), and a
-/// write that lands during a reading is seen that much later. At 2^18 a
-/// reading comes every ~1 ms natively and every few ms there, and a
-/// yielding spinner (threads mode) still notices `PEER_SILENCE` within a
-/// fraction of it.
+/// a silent peer, but rarely. It reads the kernel's coarse clock
+/// ([`CoarseDeadline`]: a vDSO read, never a system call; `PEER_SILENCE`
+/// is seconds, so its tick of lateness does not matter), where a fine
+/// reading in the Soft-RoCE VM (QEMU TCG, clock source HPET) is a system
+/// call and an emulated device read of 3-5 µs: reading that every 4096
+/// spins cost about one reading per ~90 µs wait of a write ping-pong, 8% of
+/// the VM's CPU time in `read_hpet` (perf). The spins between two readings
+/// stay as many as for the fine clock: at 2^18 a reading comes every ~1 ms
+/// natively and every few ms there, and a yielding spinner (threads mode) still notices
+/// `PEER_SILENCE` within a fraction of it.
 const SPINS_PER_CLOCK_READ: u32 = 1 << 18;
 
 /// Spins on a condition; if `yielding`, gives the core away after a short
 /// spin (threads mode: a poller thread needs the core too). Fails with
 /// `WSAETIMEDOUT` after `PEER_SILENCE` (the clock is read every
-/// [`SPINS_PER_CLOCK_READ`] spins).
+/// [`SPINS_PER_CLOCK_READ`] spins; the bound counts from the first).
 ///
 /// Not yielding, it spins without a pause instruction, as perftest's
 /// memory polling does: a pause delays seeing the peer's write (by up to
@@ -116,13 +118,13 @@ const SPINS_PER_CLOCK_READ: u32 = 1 << 18;
 /// main loop and its global lock.
 fn spin_until(yielding: bool, mut done: impl FnMut() -> bool) -> Res<()> {
     let mut n = 0u32;
-    let mut since: Option<Instant> = None;
+    let mut silence: Option<CoarseDeadline> = None;
     while !done() {
         n = n.wrapping_add(1);
         if n % SPINS_PER_CLOCK_READ == 0 {
-            match since {
-                None => since = Some(Instant::now()),
-                Some(t0) if t0.elapsed() > PEER_SILENCE => return Err(WsaError::WSAETIMEDOUT),
+            match silence {
+                None => silence = Some(CoarseDeadline::after(PEER_SILENCE)),
+                Some(d) if d.passed() => return Err(WsaError::WSAETIMEDOUT),
                 Some(_) => {}
             }
         }
