@@ -96,7 +96,7 @@ const PEER_SILENCE: Duration = Duration::from_secs(10);
 /// perftest's memory polling reads no clock at all; this one must, to fail
 /// a silent peer, but rarely. It reads the kernel's coarse clock
 /// ([`CoarseDeadline`]: a vDSO read, never a system call; `PEER_SILENCE`
-/// is seconds, so its tick of lateness does not matter), where a fine
+/// is seconds, so its few ticks of lateness does not matter), where a fine
 /// reading in the Soft-RoCE VM (QEMU TCG, clock source HPET) is a system
 /// call and an emulated device read of 3-5 µs: reading that every 4096
 /// spins cost about one reading per ~90 µs wait of a write ping-pong, 8% of

@@ -13,35 +13,43 @@
 //! `CONFIG_HZ` 1000-100).
 //!
 //! A [`CoarseDeadline`] made for `t` passes once the coarse clock reads its
-//! reading at creation plus `t` plus one resolution. The coarse clock is
-//! the fine clock's value at the last tick, so it trails the fine clock by
-//! less than a tick while the kernel's ticks come on time: then the
-//! deadline never passes before `t` elapsed on the fine clock (the padding
-//! covers how far the creation's reading trailed), and it passes less than
-//! two ticks after (the padding, and how far the reading that sees it
-//! trails), plus the time between the loop's checks. A timekeeping tick
-//! that comes late (a vCPU the host did not run; Linux makes another CPU
-//! update after five stalled ticks) lets a deadline made meanwhile pass
-//! early by the delay beyond one tick. So: for timeouts that detect a dead
-//! peer or a stuck operation, where a few ticks do not matter; never for
-//! measuring time or for sleeps of microseconds.
+//! reading at creation plus `t` plus [`PAD_TICKS`] resolutions. The coarse
+//! clock is the fine clock's value at the last timekeeping update, so it
+//! trails the fine clock by up to a tick plus however late that tick's
+//! interrupt came: one resolution of padding is not enough (on a KVM guest
+//! with 4 ms ticks, a 4 ms deadline padded by one tick passed after
+//! 3.993 ms on the fine clock in 5 of 55 test runs), two are while no
+//! tick comes a whole tick late. Then the deadline never passes before `t`
+//! elapsed on the fine clock, and it passes less than three ticks after
+//! (the padding, and how far the reading that sees it trails), plus the
+//! time between the loop's checks. A tick a whole tick late (a vCPU the
+//! host did not run for milliseconds; Linux makes another CPU update after
+//! five stalled ticks) lets a deadline made meanwhile pass early by the
+//! excess. So: for timeouts that detect a dead peer or a stuck operation,
+//! where a few ticks do not matter; never for measuring time or for sleeps
+//! shorter than a few ticks.
 
 use std::time::Duration;
+
+/// Resolutions of the coarse clock a deadline is padded by (module docs).
+pub const PAD_TICKS: u32 = 2;
 
 /// A point on the coarse monotonic clock by which a spinning wait gives up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CoarseDeadline {
     /// The coarse clock's reading from which on the deadline has passed
-    /// (creation's reading + timeout + one resolution).
+    /// (creation's reading + timeout + [`PAD_TICKS`] resolutions).
     at: Duration,
 }
 
 impl CoarseDeadline {
-    /// The deadline `t` from now: passes at least `t` later, less than two
-    /// ticks after that (module docs).
+    /// The deadline `t` from now: passes at least `t` later, less than
+    /// three ticks after that (module docs).
     pub fn after(t: Duration) -> CoarseDeadline {
         CoarseDeadline {
-            at: now().saturating_add(t).saturating_add(resolution()),
+            at: now()
+                .saturating_add(t)
+                .saturating_add(resolution() * PAD_TICKS),
         }
     }
 
@@ -52,7 +60,7 @@ impl CoarseDeadline {
     }
 
     /// How long until it passes as the coarse clock sees it now: at least
-    /// the time left on the fine clock, at most two ticks more.
+    /// the time left on the fine clock, less than three ticks more.
     pub fn remaining(&self) -> Duration {
         self.at.saturating_sub(now())
     }
@@ -96,7 +104,7 @@ mod tests {
     use super::*;
     use std::time::Instant;
 
-    /// How late past its two ticks a deadline may be seen here (the median
+    /// How late past its three ticks a deadline may be seen here (the median
     /// of 40): the loop checks on every pass, but a loaded 2-core machine
     /// does not always run it.
     const SLACK: Duration = Duration::from_millis(50);
@@ -112,10 +120,10 @@ mod tests {
     }
 
     /// A coarse deadline never passes before its time on the fine clock
-    /// and passes within two ticks (+ slack) after it, for timeouts
+    /// and passes within three ticks (+ slack) after it, for timeouts
     /// shorter, as long as and longer than a tick.
     #[test]
-    fn a_coarse_deadline_is_never_early_and_at_most_two_ticks_late() {
+    fn a_coarse_deadline_is_never_early_and_at_most_three_ticks_late() {
         let tick = resolution();
         let mut lateness = Vec::new();
         for t in [Duration::ZERO, tick / 3, tick, 3 * tick + tick / 2]
@@ -125,7 +133,7 @@ mod tests {
         {
             let start = Instant::now();
             let d = CoarseDeadline::after(t);
-            let give_up = start + t + 2 * tick + Duration::from_secs(5);
+            let give_up = start + t + 3 * tick + Duration::from_secs(5);
             loop {
                 let passed = d.passed();
                 // Read after the check that passed: "fired < t" would
@@ -141,7 +149,7 @@ mod tests {
         }
         lateness.sort();
         let median = lateness[lateness.len() / 2];
-        assert!(median < 2 * tick + SLACK, "lateness {lateness:?}");
+        assert!(median < 3 * tick + SLACK, "lateness {lateness:?}");
     }
 
     /// What is left shrinks to zero exactly when the deadline passes.

@@ -520,7 +520,7 @@ impl Inner {
     ///
     /// The deadlines are close bounds (`close.wait_ms`, 100 ms by default,
     /// and the quiesce timeout): the spin checks them on every pass against
-    /// the coarse clock ([`CoarseDeadline`], up to two ticks late, never
+    /// the coarse clock ([`CoarseDeadline`], up to three ticks late, never
     /// early), where the fine clock would be a system call per poll in a
     /// VM whose clock source the vDSO cannot read; after a sleep, which
     /// costs a system call anyway, against the fine clock, so that a sleep

@@ -71,7 +71,7 @@ fn clock_due(idle: u32) -> bool {
 
 /// When a wait gives up: a [`CoarseDeadline`], which reads the kernel's
 /// coarse clock (a vDSO read of the timekeeping page, never a system call)
-/// and passes up to two ticks late, never early: the bounds here detect a
+/// and passes up to three ticks late, never early: the bounds here detect a
 /// silent peer or a stuck transfer (handshake, close and RDMA cancellation
 /// bounds of seconds, and the streams' read and write timeouts, which like
 /// `SO_RCVTIMEO`'s promise no precision). Even so it is read only once a

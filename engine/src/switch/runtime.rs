@@ -63,7 +63,7 @@ pub struct SwitchOptions {
     /// Default bound on `accept`; `None` waits for ever.
     pub accept_timeout: Option<Duration>,
     /// Default bound on a blocking receive; `None` waits for ever. Read
-    /// and write timeouts end up to two ticks of the kernel's coarse clock
+    /// and write timeouts end up to three ticks of the kernel's coarse clock
     /// late (`crate::coarse`), never early.
     pub read_timeout: Option<Duration>,
     /// Default bound on a blocking send; `None` waits for ever.
