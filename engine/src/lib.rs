@@ -22,6 +22,8 @@ pub mod fabric;
 pub mod mem;
 #[cfg(feature = "perf-gate-slowdown")]
 pub mod perf_gate_slowdown;
+#[cfg(feature = "perf-marks")]
+mod perf_marks;
 pub mod poller;
 pub mod ring;
 pub mod spi;

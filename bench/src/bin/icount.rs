@@ -22,6 +22,13 @@
 //! private runtime directory): its cell rings, key checks and completions,
 //! without a second process (the receive side's copies are the same code).
 //!
+//! With the cargo feature `marks` (`tools/crit-path`), two more: the
+//! critical path of a ping-pong's half round trip, cut where the engine
+//! marks the op visible to its peer:
+//! - `crit_send`: the echoing side finds the peer's message (its previous
+//!   reply still unreaped, as in a ping-pong), then posts its reply;
+//! - `crit_write`: one RDMA write, up to its copy into the peer's memory.
+//!
 //! Usage: `icount OP [--ops N] [--warmup N] [--fabric soft|shm]`; with the cargo feature
 //! `slowdown` also `[--slowdown K] [--slowdown-locks L]` (the engine's
 //! test-only extra work and extra locked instructions, see
@@ -45,6 +52,8 @@ const UPCALL: usize = 0;
 
 /// The operations this harness measures (the names `tools/icount-gate` uses).
 const OPS: [&str; 3] = ["send_recv", "rdma_write", "rdma_read"];
+/// The critical paths it cuts out with the cargo feature `marks`.
+const CRIT_OPS: [&str; 2] = ["crit_send", "crit_write"];
 
 /// A connected pair on a private soft network, with registered buffers.
 struct Pair {
@@ -60,6 +69,12 @@ struct Pair {
     /// The target of an RDMA op must poll for it to happen (shm: the owner
     /// of the memory makes the copy when it polls).
     target_polls: bool,
+    /// `crit_send`: the server's replies, one per round in turn, and the
+    /// rounds run; a reply is reaped in the next round, after the step.
+    #[cfg(feature = "marks")]
+    replies: [Overlapped; 2],
+    #[cfg(feature = "marks")]
+    rounds: std::cell::Cell<usize>,
 }
 
 type Res<T> = Result<T, String>;
@@ -122,6 +137,10 @@ impl Pair {
             server_buf,
             descriptor,
             target_polls: matches!(fabric, Fabric::Shm(_)),
+            #[cfg(feature = "marks")]
+            replies: [Overlapped::new(UPCALL), Overlapped::new(UPCALL)],
+            #[cfg(feature = "marks")]
+            rounds: std::cell::Cell::new(0),
         })
     }
 
@@ -184,10 +203,55 @@ impl Pair {
         self.wait(self.client, &ov)
     }
 
+    /// One round of `crit_send`, in the state of a ping-pong's: the
+    /// client's message waits at the server, and acknowledges the server's
+    /// reply of the round before, not reaped yet (as a ping-pong's echoing
+    /// side reaps it once it answered); [`crit_send_step`] is the server's
+    /// half round trip. Never inlined: callgrind zeroes its counts at its
+    /// entry too.
+    #[cfg(feature = "marks")]
+    #[inline(never)]
+    fn crit_send(&self) -> Res<()> {
+        let round = self.rounds.get();
+        self.rounds.set(round + 1);
+        let (crov, csov, srov) = (
+            Overlapped::new(UPCALL),
+            Overlapped::new(UPCALL),
+            Overlapped::new(UPCALL),
+        );
+        let buf = |r: &Region| {
+            [WsaBuf {
+                len: SIZE,
+                buf: r.as_ptr(),
+            }]
+        };
+        let (cb, sb) = (buf(&self.client_buf), buf(&self.server_buf));
+        let (reply, last) = (&self.replies[round % 2], &self.replies[(round + 1) % 2]);
+        // SAFETY: as in `send_recv`: every record is waited for below, the
+        // replies (in `self`) at the next round or in `Drop`.
+        unsafe {
+            self.p.recv(self.client, &cb, &crov).map_err(wsa("recv"))?;
+            self.p.recv(self.server, &sb, &srov).map_err(wsa("recv"))?;
+            self.p
+                .send(self.client, &cb, 0, &csov)
+                .map_err(wsa("send"))?;
+            crit_send_step(self, &srov, &sb, reply)?;
+        }
+        if round > 0 {
+            self.wait(self.server, last)?;
+        }
+        self.wait(self.client, &crov)?;
+        self.wait(self.client, &csov)
+    }
+
     fn one(&self, op: &str) -> Res<()> {
         match op {
             "send_recv" => self.send_recv(),
             "rdma_write" => self.rdma(true),
+            #[cfg(feature = "marks")]
+            "crit_send" => self.crit_send(),
+            #[cfg(feature = "marks")]
+            "crit_write" => crit_write_step(self),
             _ => self.rdma(false),
         }
     }
@@ -195,6 +259,10 @@ impl Pair {
 
 impl Drop for Pair {
     fn drop(&mut self) {
+        #[cfg(feature = "marks")]
+        if let Some(round) = self.rounds.get().checked_sub(1) {
+            let _ = self.wait(self.server, &self.replies[round % 2]);
+        }
         let _ = self.p.cleanup();
     }
 }
@@ -215,6 +283,37 @@ fn measure_rdma_write(pair: &Pair, ops: usize) -> Res<()> {
 #[inline(never)]
 fn measure_rdma_read(pair: &Pair, ops: usize) -> Res<()> {
     (0..ops).try_for_each(|_| pair.rdma(false))
+}
+
+// The critical paths (`tools/crit-path`, with the cargo feature `marks`):
+// callgrind zeroes its counts at the entry of a step and dumps them where
+// the engine marks the op visible to its peer (`perf_marks::published`).
+
+/// The receiver's half of a send ping-pong, from the look at its CQ that
+/// finds the peer's message waiting to the store that publishes the reply.
+///
+/// # Safety
+/// `rov` must be posted on the server; `ssov` and `sb` outlive the reply.
+#[cfg(feature = "marks")]
+#[inline(never)]
+unsafe fn crit_send_step(
+    pair: &Pair,
+    rov: &Overlapped,
+    sb: &[WsaBuf],
+    ssov: &Overlapped,
+) -> Res<()> {
+    pair.wait(pair.server, rov)?;
+    // SAFETY: forwarded caller contract.
+    unsafe { pair.p.send(pair.server, sb, 0, ssov) }.map_err(wsa("send"))
+}
+
+/// The writer's half of a write ping-pong, from the call of `rdma_write` to
+/// the store of the bytes into the peer's memory (then, not cut off, its
+/// completion is reaped).
+#[cfg(feature = "marks")]
+#[inline(never)]
+fn crit_write_step(pair: &Pair) -> Res<()> {
+    pair.rdma(true)
 }
 
 /// A runtime directory of this process's own, removed at exit.
@@ -257,7 +356,9 @@ fn parse() -> Res<Args> {
         )
     };
     let mut it = std::env::args().skip(1);
-    let op = it.next().filter(|o| OPS.contains(&o.as_str()));
+    let op = it.next().filter(|o| {
+        OPS.contains(&o.as_str()) || cfg!(feature = "marks") && CRIT_OPS.contains(&o.as_str())
+    });
     let mut a = Args {
         op: op.ok_or_else(usage)?,
         fabric: Fabric::Soft,
@@ -305,7 +406,8 @@ fn run() -> Res<()> {
     match a.op.as_str() {
         "send_recv" => measure_send_recv(&pair, a.ops),
         "rdma_write" => measure_rdma_write(&pair, a.ops),
-        _ => measure_rdma_read(&pair, a.ops),
+        "rdma_read" => measure_rdma_read(&pair, a.ops),
+        op => (0..a.ops).try_for_each(|_| pair.one(op)),
     }
 }
 

@@ -466,6 +466,8 @@ impl CellProducer {
         cell.len.store(len, Ordering::Relaxed);
         cell.ack.store(ack, Ordering::Relaxed);
         cell.seq.store(index + 1, Ordering::Release);
+        #[cfg(feature = "perf-marks")]
+        crate::perf_marks::published();
         self.tail += 1;
         Some(index)
     }

@@ -414,6 +414,8 @@ impl Link {
         // until after the copy, so the key cannot be revoked (nor its region
         // deregistered: a deregistration revokes first) meanwhile.
         unsafe { copy_flat(local, remote, write) };
+        #[cfg(feature = "perf-marks")]
+        crate::perf_marks::published();
         Ok(len)
     }
 
