@@ -445,6 +445,52 @@ fn sends_wait_for_receives_in_order() {
     assert_eq!(a.events.count() + b.events.count(), 0);
 }
 
+/// A ping-pong's requester: the reply completes at the poll that finds
+/// it, and the request's send, which the reply acknowledged, at the next
+/// poll (not before the thread can act on the reply); a send known done
+/// before a poll is reported by it alongside its receives.
+#[test]
+fn a_reply_is_reported_before_the_send_it_acknowledges() {
+    let net = SoftNetwork::new();
+    let n = nic_on(&net, ip(198, 18, 5, 2), 4);
+    let (a, b) = pair(&n, &n, sa(ip(198, 18, 5, 2), 1));
+    let src = Buf::new(&n, 64, Access::NONE);
+    let dst = Buf::new(&n, 64, Access::LOCAL_WRITE);
+    for round in 0..3u64 {
+        let (req, rep) = (10 * round, 10 * round + 1);
+        recv(&a.qp, rep, &[dst.sge(0, 8)]);
+        recv(&b.qp, req + 100, &[dst.sge(8, 8)]);
+        send(&a.qp, req, &[src.sge(0, 8)]);
+        assert_eq!(statuses(&b.poll()), vec![(req + 100, WcStatus::Success)]);
+        send(&b.qp, rep + 100, &[src.sge(8, 8)]);
+        // The reply alone, though it carries the request's acknowledgement.
+        assert_eq!(statuses(&a.poll()), vec![(rep, WcStatus::Success)]);
+        assert_eq!(statuses(&a.poll()), vec![(req, WcStatus::Success)]);
+        assert!(a.poll().is_empty());
+        // B learns of its reply from A's consumed index, which it reads
+        // after some polls: then with no receive of its own completing.
+        assert_eq!(
+            statuses(&b.poll_some()),
+            vec![(rep + 100, WcStatus::Success)]
+        );
+    }
+    // Not starved by replies that keep coming: a send known done before a
+    // poll goes with that poll's receive.
+    recv(&a.qp, 1000, &[dst.sge(0, 8)]);
+    recv(&a.qp, 1001, &[dst.sge(0, 8)]);
+    recv(&b.qp, 1100, &[dst.sge(8, 8)]);
+    send(&a.qp, 1002, &[src.sge(0, 8)]);
+    assert_eq!(statuses(&b.poll()), vec![(1100, WcStatus::Success)]);
+    send(&b.qp, 1101, &[src.sge(8, 8)]);
+    assert_eq!(statuses(&a.poll()), vec![(1000, WcStatus::Success)]);
+    send(&b.qp, 1102, &[src.sge(8, 8)]);
+    assert_eq!(
+        statuses(&a.poll()),
+        vec![(1001, WcStatus::Success), (1002, WcStatus::Success)]
+    );
+    assert_eq!(a.events.count() + b.events.count(), 0);
+}
+
 #[test]
 fn rnr_overflow_fails_the_newest_send_and_breaks_both_ends() {
     let net = SoftNetwork::new();
