@@ -383,25 +383,40 @@ impl Side {
     }
 
     /// The echoing half of the send ping-pong; `ready` runs once the first
-    /// receive is posted.
+    /// receives are posted.
+    ///
+    /// Between seeing a message and answering it this side does nothing
+    /// else, as the measuring half does nothing else between its send and
+    /// its sample: two receives stay posted, so that the one the next
+    /// message needs is there before the reply goes, and the receive a
+    /// message used is replaced after the reply, while the peer works; a
+    /// reply's own completion is reaped after the next reply (the peer
+    /// acknowledges it with its next message).
     pub fn serve_send_lat(&self, size: usize, iters: usize, ready: impl FnOnce()) -> Res<()> {
         pin(self.core);
         let total = warmup(iters) + iters;
         let rov = [Overlapped::new(POLLED), Overlapped::new(POLLED)];
-        let sov = Overlapped::new(POLLED);
-        self.recv(size, &rov[0])?;
+        let sov = [Overlapped::new(POLLED), Overlapped::new(POLLED)];
+        for ov in rov.iter().take(total) {
+            self.recv(size, ov)?;
+        }
         ready();
         for i in 0..total {
             self.wait(&rov[i % 2])?;
-            // No receive outlives the loop (its record is on this stack):
-            // the last round posts none.
-            if i + 1 < total {
-                self.recv(size, &rov[(i + 1) % 2])?;
+            self.send(size, &sov[i % 2])?;
+            // For round i + 2 (round i + 1's is posted). No op outlives the
+            // loop (its record is on this stack).
+            if i + 2 < total {
+                self.recv(size, &rov[i % 2])?;
             }
-            self.send(size, &sov)?;
-            self.wait(&sov)?;
+            if i > 0 {
+                self.wait(&sov[(i + 1) % 2])?;
+            }
         }
-        Ok(())
+        match total {
+            0 => Ok(()),
+            n => self.wait(&sov[(n - 1) % 2]).map(drop),
+        }
     }
 
     fn mark(&self, size: usize, v: u8) {
