@@ -418,13 +418,34 @@ fn send_recv_is_byte_exact_with_several_entries_and_zero_length() {
     assert!(a.poll().is_empty() && b.poll().is_empty());
 }
 
+/// A connection from a NIC to itself, at 198.18.5.`host` of a network of
+/// its own, with a 64-byte source and a 64-byte sink registered on it.
+struct OneNic {
+    a: End,
+    b: End,
+    src: Buf,
+    dst: Buf,
+    _nic: Arc<SoftNic>,
+    _net: Arc<SoftNetwork>,
+}
+
+fn one_nic(host: u8) -> OneNic {
+    let net = SoftNetwork::new();
+    let n = nic_on(&net, ip(198, 18, 5, host), 4);
+    let (a, b) = pair(&n, &n, sa(ip(198, 18, 5, host), 1));
+    OneNic {
+        a,
+        b,
+        src: Buf::new(&n, 64, Access::NONE),
+        dst: Buf::new(&n, 64, Access::LOCAL_WRITE),
+        _nic: n,
+        _net: net,
+    }
+}
+
 #[test]
 fn sends_wait_for_receives_in_order() {
-    let net = SoftNetwork::new();
-    let n = nic_on(&net, ip(198, 18, 5, 1), 4);
-    let (a, b) = pair(&n, &n, sa(ip(198, 18, 5, 1), 1));
-    let src = Buf::new(&n, 64, Access::NONE);
-    let dst = Buf::new(&n, 64, Access::LOCAL_WRITE);
+    let OneNic { a, b, src, dst, .. } = one_nic(1);
     for i in 0..3u64 {
         send(&a.qp, i, &[src.sge(i as usize * 10, 10)]);
     }
@@ -451,11 +472,7 @@ fn sends_wait_for_receives_in_order() {
 /// before a poll is reported by it alongside its receives.
 #[test]
 fn a_reply_is_reported_before_the_send_it_acknowledges() {
-    let net = SoftNetwork::new();
-    let n = nic_on(&net, ip(198, 18, 5, 2), 4);
-    let (a, b) = pair(&n, &n, sa(ip(198, 18, 5, 2), 1));
-    let src = Buf::new(&n, 64, Access::NONE);
-    let dst = Buf::new(&n, 64, Access::LOCAL_WRITE);
+    let OneNic { a, b, src, dst, .. } = one_nic(2);
     for round in 0..3u64 {
         let (req, rep) = (10 * round, 10 * round + 1);
         recv(&a.qp, rep, &[dst.sge(0, 8)]);
