@@ -1434,7 +1434,7 @@ impl Connection {
 
     /// Sends what credits and send buffers allow, most urgent first.
     fn flush_out(&mut self) {
-        if self.error.is_some() || self.phase != Phase::Open {
+        if self.error.is_some() || self.phase != Phase::Open || self.nothing_to_send() {
             return;
         }
         let mut short_of_credit = false;
@@ -1481,6 +1481,20 @@ impl Connection {
             self.stats.need_msgs += 1;
             self.emit(Body::Need, None);
         }
+    }
+
+    /// Whether `flush_out` has nothing to send: no NEED to answer, no
+    /// control answer, no payload or FIN waiting, no CREDIT due (by batch or
+    /// by ring). Checked first because most events (a receive completing
+    /// with nothing to answer, an application receive) leave it so.
+    fn nothing_to_send(&self) -> bool {
+        !self.need_from_peer
+            && self.control.is_empty()
+            && self.sends.is_empty()
+            && self.fin != Fin::Queued
+            && (self.cfg.credit_batch == 0
+                || self.credits.pending() < u64::from(self.cfg.credit_batch))
+            && !self.ring_rx.ack_due()
     }
 
     /// Sends payload in application order, then FIN. Returns whether it
@@ -1577,7 +1591,7 @@ impl Connection {
                     s.settled += u64::from(len);
                     if s.settled == s.len {
                         let n = s.len;
-                        self.sends.remove(i);
+                        self.remove_send(i);
                         self.complete_send(op, Ok(n));
                     }
                 }
@@ -1619,7 +1633,7 @@ impl Connection {
         if !self.sends[i].nonblocking {
             return;
         }
-        if let Some(s) = self.sends.remove(i) {
+        if let Some(s) = self.remove_send(i) {
             let result = if s.queued > 0 {
                 Ok(s.queued)
             } else {
@@ -1638,8 +1652,19 @@ impl Connection {
         s.settled += bytes;
         if s.settled == s.len {
             let n = s.len;
-            self.sends.remove(i);
+            self.remove_send(i);
             self.complete_send(op, Ok(n));
+        }
+    }
+
+    /// Takes send `i` out of the queue: almost always the first, which
+    /// `pop_front` takes without `remove`'s general shuffle.
+    #[inline]
+    fn remove_send(&mut self, i: usize) -> Option<SendOp> {
+        if i == 0 {
+            self.sends.pop_front()
+        } else {
+            self.sends.remove(i)
         }
     }
 
