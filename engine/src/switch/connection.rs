@@ -41,7 +41,7 @@ use crate::spi::{Overlapped, Provider, ProviderSocket};
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddrV4;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, TryLockError, Weak};
 use std::time::{Duration, Instant};
 
@@ -324,10 +324,17 @@ pub(super) struct State {
 /// A connection's inbox (see `Conn::inbox`).
 struct Inbox {
     q: Mutex<VecDeque<Done>>,
-    /// `q.len()`, stored under `q`'s lock: read without the lock by the
-    /// state's holder to skip locking an empty inbox between two rounds of
-    /// its settle loop. A stale 0 only delays an entry to the look after
-    /// the unlock ([`Conn::try_state`]), which locks.
+    /// `q.len()`, stored under `q`'s lock; read without it:
+    /// - by the state's holder between two rounds of its settle loop, where
+    ///   a stale 0 only delays an entry to the look after the unlock;
+    /// - by that look ([`Conn::try_state`]) after a `SeqCst` fence, which
+    ///   the pusher also makes between its push and its `try_lock` of the
+    ///   state (see [`Inbox::waiting`]);
+    /// - by an upcall that holds the state, to feed its completion at once
+    ///   when nothing waits ([`Inbox::queue_behind`]): a CQ's completions
+    ///   are dispatched one after the other by whichever thread holds its
+    ///   drain (taken with acquire, given back with release), so an earlier
+    ///   upcall's push happens before this load.
     len: AtomicUsize,
 }
 
@@ -341,6 +348,9 @@ impl Inbox {
     /// Queues `d` behind the entries there, if any; else gives it back (the
     /// caller, holding the state, feeds it at once).
     fn queue_behind(&self, d: Done) -> Option<Done> {
+        if self.len.load(Ordering::Acquire) == 0 {
+            return Some(d);
+        }
         let mut q = lock(&self.q);
         if q.is_empty() {
             return Some(d);
@@ -350,9 +360,17 @@ impl Inbox {
         None
     }
 
-    /// Whether nothing waits (under the lock: exact).
-    fn is_empty(&self) -> bool {
-        lock(&self.q).is_empty()
+    /// Whether something waits, as the look after an unlock of the state
+    /// needs it (Dekker's pattern, without locking the inbox): the holder
+    /// unlocks the state, fences, loads `len`; the pusher stores `len`,
+    /// fences (this same call), then `try_lock`s the state. Of the two
+    /// fences in their total order, if the pusher's comes first this load
+    /// sees its entry; if the holder's does, the pusher's `try_lock` sees
+    /// the unlock (or a later lock, whose holder looks in turn). Either
+    /// way one of them feeds the entry.
+    fn waiting(&self) -> bool {
+        fence(Ordering::SeqCst);
+        self.len.load(Ordering::Relaxed) != 0
     }
 
     /// The oldest entry, if the hint says there is one.
@@ -594,7 +612,7 @@ impl Conn {
     /// The state, if a completion waits in the inbox and no other thread
     /// holds the state (that thread feeds it before it unlocks).
     fn try_state(&self) -> Option<MutexGuard<'_, State>> {
-        if self.inbox.is_empty() {
+        if !self.inbox.waiting() {
             return None;
         }
         match self.state.try_lock() {
