@@ -672,11 +672,14 @@ impl Conn {
             OvKind::Recv(slot) => match result {
                 Ok(()) => {
                     let n = d.bytes as usize;
-                    let mut head = [0u8; proto::MAX_HEAD];
                     let k = n.min(proto::MAX_HEAD).min(self.wire.slot_size);
-                    if self.wire.read_head(slot, &mut head[..k]).is_ok() {
-                        st.m.recv_done(slot, Ok((&head[..k], n)));
-                    } else {
+                    // Decoded in the slot: the machine only queues its
+                    // re-post, which `run` executes after this.
+                    let m = &mut st.m;
+                    let fed = self
+                        .wire
+                        .with_recv_head(slot, k, |head| m.recv_done(slot, Ok((head, n))));
+                    if fed.is_err() {
                         st.m.recv_done(slot, Err(WsaError::WSAEFAULT.code() as u32));
                     }
                 }

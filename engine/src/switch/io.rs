@@ -625,18 +625,26 @@ impl Wire {
         }
     }
 
-    /// Copies the first `head.len()` bytes of receive slot `slot` (a
-    /// message that just arrived) into `head`.
-    pub(super) fn read_head(&self, slot: u16, head: &mut [u8]) -> WsaResult<()> {
-        if head.len() > self.head {
+    /// Runs `f` on the first `len` bytes of receive slot `slot` (a message
+    /// that just arrived) where they lie, without copying them out; fails if
+    /// they are not all in the slot's head.
+    pub(super) fn with_recv_head<R>(
+        &self,
+        slot: u16,
+        len: usize,
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> WsaResult<R> {
+        if len > self.head {
             return Err(WsaError::WSAEFAULT);
         }
-        let src = self.pool.range(&self.mem, self.recv_at(slot), head.len())?;
-        // SAFETY: the source is inside receive slot `slot` (checked), whose
-        // receive completed and which is not re-posted before this returns
-        // (invariant 4); `head` is a distinct local buffer.
-        unsafe { std::ptr::copy_nonoverlapping(src, head.as_mut_ptr(), head.len()) };
-        Ok(())
+        let src = self.pool.range(&self.mem, self.recv_at(slot), len)?;
+        // SAFETY: the range is inside receive slot `slot`'s head (checked),
+        // in the pool, which lives as long as `self`; the slot's receive
+        // completed and it is not re-posted while `f` runs (invariant 4: the
+        // machine only queues the `PostRecv`, executed after this returns),
+        // so nothing writes the bytes while the slice lives.
+        let head = unsafe { std::slice::from_raw_parts(src.cast_const(), len) };
+        Ok(f(head))
     }
 
     /// Exposes `len` bytes of an application buffer at `off` to the peer:
