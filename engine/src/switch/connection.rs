@@ -129,31 +129,70 @@ impl Deadline {
     }
 }
 
-/// The pending ops of a connection and what belongs to each (an
-/// application buffer, a result): a stream has at most a send and a
-/// receive pending (its calls of one direction are serialised), so a
-/// short list searched in order beats hashing. It allocates at its first
+/// What a connection holds for one of its ops: the application buffer it
+/// lent, until the op completes; then its result, until the call takes it.
+#[derive(Clone, Copy)]
+enum OpState {
+    Lent(AppBuf),
+    Done(Result<u64, proto::Error>),
+}
+
+/// The ops of a connection, each with its buffer or result ([`OpState`]):
+/// one entry per op from its start until its call took the result, so a
+/// completion turns the entry over in place. A stream has at most a send
+/// and a receive pending (its calls of one direction are serialised), so
+/// a short list searched in order beats hashing. It allocates at its first
 /// op (an idle connection holds nothing) and keeps its capacity.
-pub(super) struct OpMap<T>(Vec<(OpId, T)>);
+pub(super) struct Ops(Vec<(OpId, OpState)>);
 
-impl<T: Copy> OpMap<T> {
-    fn new() -> OpMap<T> {
-        OpMap(Vec::new())
+impl Ops {
+    fn new() -> Ops {
+        Ops(Vec::new())
     }
 
-    pub(super) fn get(&self, op: OpId) -> Option<T> {
-        self.0.iter().find(|(o, _)| *o == op).map(|&(_, v)| v)
+    fn find(&self, op: OpId) -> Option<usize> {
+        self.0.iter().position(|(o, _)| *o == op)
     }
 
-    /// Enters `op` (replacing what it had).
-    pub(super) fn insert(&mut self, op: OpId, v: T) {
-        self.remove(op);
-        self.0.push((op, v));
+    /// Enters op `op` (a fresh id, [`State::new_op`]), which lends `buf`.
+    pub(super) fn lend(&mut self, op: OpId, buf: AppBuf) {
+        debug_assert!(self.find(op).is_none(), "op {op:?} entered twice");
+        self.0.push((op, OpState::Lent(buf)));
     }
 
-    pub(super) fn remove(&mut self, op: OpId) -> Option<T> {
-        let i = self.0.iter().position(|(o, _)| *o == op)?;
-        Some(self.0.swap_remove(i).1)
+    /// The buffer `op` lent, while it is pending.
+    pub(super) fn buf(&self, op: OpId) -> Option<AppBuf> {
+        self.0.iter().find_map(|&(o, s)| match s {
+            OpState::Lent(b) if o == op => Some(b),
+            _ => None,
+        })
+    }
+
+    /// `op` completed with `r`: its buffer is no longer used.
+    fn complete(&mut self, op: OpId, r: Result<u64, proto::Error>) {
+        match self.find(op) {
+            Some(i) => self.0[i].1 = OpState::Done(r),
+            None => self.0.push((op, OpState::Done(r))),
+        }
+    }
+
+    /// Takes `op`'s result (and its entry), once it completed.
+    pub(super) fn take_result(&mut self, op: OpId) -> Option<Result<u64, proto::Error>> {
+        let i = self.find(op)?;
+        match self.0[i].1 {
+            OpState::Done(r) => {
+                self.0.swap_remove(i);
+                Some(r)
+            }
+            OpState::Lent(_) => None,
+        }
+    }
+
+    /// Forgets `op` (withdrawn: no result follows).
+    pub(super) fn forget(&mut self, op: OpId) {
+        if let Some(i) = self.find(op) {
+            self.0.swap_remove(i);
+        }
     }
 }
 
@@ -281,10 +320,8 @@ pub(super) struct Conn {
 
 pub(super) struct State {
     pub(super) m: Connection,
-    /// Application buffers of pending ops.
-    pub(super) bufs: OpMap<AppBuf>,
-    /// Results of completed ops not yet collected.
-    pub(super) results: OpMap<Result<u64, proto::Error>>,
+    /// Buffers of pending ops, results of completed ones not yet taken.
+    pub(super) ops: Ops,
     /// The id of the connection's next op.
     next_op: u64,
     /// Local registration of each RDMA op's buffer.
@@ -447,8 +484,7 @@ impl Conn {
             wire,
             state: Mutex::new(State {
                 m,
-                bufs: OpMap::new(),
-                results: OpMap::new(),
+                ops: Ops::new(),
                 next_op: 0,
                 rdma_regs: vec![None; rdma_slots],
                 ring_regs: vec![None; send_slots],
@@ -724,7 +760,7 @@ impl Conn {
                     payload: p,
                     report,
                 } => {
-                    let r = match st.bufs.get(p.op) {
+                    let r = match st.ops.buf(p.op) {
                         Some(b) => self.wire.post_send(
                             slot,
                             st.m.head(slot),
@@ -744,7 +780,7 @@ impl Conn {
                     desc,
                     direct,
                 } => {
-                    let r = match st.bufs.get(p.op) {
+                    let r = match st.ops.buf(p.op) {
                         // Straight from the application's buffer when its
                         // registration is cached; else staged in the ring
                         // (reported all the same: the machine settles a
@@ -801,7 +837,7 @@ impl Conn {
                     op_offset,
                     len,
                 } => {
-                    if let Some(b) = st.bufs.get(op) {
+                    if let Some(b) = st.ops.buf(op) {
                         if self.wire.copy_out(ring_offset, b, op_offset, len).is_err() {
                             st.m.abort(proto::Error::Protocol("copy outside the receive buffer"));
                         }
@@ -814,7 +850,7 @@ impl Conn {
                     op_offset,
                     len,
                 } => {
-                    if let Some(b) = st.bufs.get(op) {
+                    if let Some(b) = st.ops.buf(op) {
                         if self
                             .wire
                             .copy_inline(slot, slot_offset, b, op_offset, len)
@@ -831,7 +867,7 @@ impl Conn {
                     len,
                     access,
                 } => {
-                    let r = match st.bufs.get(op) {
+                    let r = match st.ops.buf(op) {
                         Some(b) => self
                             .wire
                             .expose(b, offset, len, access == proto::Access::Write),
@@ -864,7 +900,7 @@ impl Conn {
                     let write = matches!(a, Action::RdmaWrite { .. });
                     // The local side of the transfer: the application's
                     // buffer, read by a write or written by a read.
-                    let r = match st.bufs.get(op) {
+                    let r = match st.ops.buf(op) {
                         Some(b) => self.app_reg(st, b, op_offset, len, !write).and_then(|reg| {
                             let r = self.wire.post_rdma(
                                 rdma,
@@ -889,8 +925,7 @@ impl Conn {
                     }
                 }
                 Action::SendComplete { op, result } | Action::RecvComplete { op, result } => {
-                    st.bufs.remove(op);
-                    st.results.insert(op, result);
+                    st.ops.complete(op, result);
                     st.wake = true;
                 }
                 Action::Connected => {
@@ -1133,14 +1168,14 @@ impl Conn {
         let op = st.new_op();
         start(&mut st, op);
         let gen = st.cancel_gen;
-        if let Some(r) = self.settle_then(st, |st| st.results.remove(op)) {
+        if let Some(r) = self.settle_then(st, |st| st.ops.take_result(op)) {
             return op_result(r);
         }
         // Just looked: the wait starts by polling.
         let done = self.wait(
             Deadline::after(timeout),
             false,
-            |st| st.results.remove(op),
+            |st| st.ops.take_result(op),
             |st| st.cancel_gen != gen,
         );
         if let Some(r) = done {
@@ -1160,7 +1195,7 @@ impl Conn {
                 r
             }
             CancelOutcome::Cancelled { done } => {
-                st.bufs.remove(op);
+                st.ops.forget(op);
                 self.settle(st);
                 if done > 0 {
                     Ok(done)
@@ -1173,7 +1208,7 @@ impl Conn {
                 // The buffer is in an RDMA op or exposed: wait for it, then
                 // abort the connection, which forces its completion.
                 let until = Deadline::within(rdma_cancel);
-                if let Some(r) = self.wait_until(until, |st| st.results.remove(op), |_| false) {
+                if let Some(r) = self.wait_until(until, |st| st.ops.take_result(op), |_| false) {
                     return op_result(r);
                 }
                 self.with_state(|st| st.m.abort(proto::Error::TimedOut));
@@ -1181,7 +1216,7 @@ impl Conn {
                 // and the machine completes the op once its RDMA came back
                 // flushed (CLOSE-3): the wait below ends (no deadline, since
                 // returning earlier would free a buffer the NIC may use).
-                self.wait_until(Deadline::Never, |st| st.results.remove(op), |_| false);
+                self.wait_until(Deadline::Never, |st| st.ops.take_result(op), |_| false);
                 Err(io::Error::new(
                     kind,
                     "transfer cancelled while its buffer was in an RDMA op; connection aborted",
@@ -1197,9 +1232,12 @@ fn op_result(r: Result<u64, proto::Error>) -> io::Result<u64> {
 }
 
 pub(super) fn take_result(st: &mut State, op: OpId) -> io::Result<u64> {
-    match st.results.remove(op) {
+    match st.ops.take_result(op) {
         Some(r) => op_result(r),
-        None => Err(io::Error::other("op result missing")),
+        None => {
+            st.ops.forget(op);
+            Err(io::Error::other("op result missing"))
+        }
     }
 }
 

@@ -494,7 +494,7 @@ impl Stream {
         let len = buf.len() as u64;
         self.conn
             .blocking(timeout, self.rt.opts.rdma_cancel_timeout, |st, op| {
-                st.bufs.insert(op, app);
+                st.ops.lend(op, app);
                 st.m.app_send(op, len, false);
             })
             .map(|n| n as usize)
@@ -520,13 +520,12 @@ impl Stream {
                         st.want |= ready::WRITE;
                     }
                     let op = st.new_op();
-                    st.bufs.insert(op, app);
+                    st.ops.lend(op, app);
                     st.m.app_send(op, buf.len() as u64, true);
                     op
                 },
                 // A non-blocking send completes within `app_send`.
                 |st, op| {
-                    st.bufs.remove(op);
                     let r = take_result(st, op);
                     if !is_would_block(&r) {
                         st.want &= !ready::WRITE;
@@ -559,7 +558,7 @@ impl Stream {
         let app = AppBuf::of_mut(buf);
         self.conn
             .blocking(timeout, self.rt.opts.rdma_cancel_timeout, |st, op| {
-                st.bufs.insert(op, app);
+                st.ops.lend(op, app);
                 st.m.app_recv(op, len, false);
             })
             .map(|n| n as usize)
@@ -587,7 +586,7 @@ impl Stream {
                     // wakes the fd.
                     st.want |= ready::READ;
                 }
-                st.bufs.insert(op, app);
+                st.ops.lend(op, app);
                 st.m.app_recv(op, len, true);
             })
             .map(|n| n as usize);
