@@ -570,6 +570,11 @@ impl Connection {
             nonblocking,
             busy: Busy::No,
         });
+        // With nothing received, a blocking receive just waits: the pass
+        // would find nothing to serve, and nothing it sends changed.
+        if self.inbox.is_empty() && self.error.is_none() && !nonblocking {
+            return;
+        }
         self.progress();
     }
 
