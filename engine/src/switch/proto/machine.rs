@@ -260,6 +260,53 @@ struct RecvOp {
     busy: Busy,
 }
 
+/// The actions for the driver, in order: a vector read from the front and
+/// emptied when read to its end. The driver takes every action after each
+/// event, so the vector restarts at 0 each time, and a push and a take are
+/// cheaper than a ring buffer's, which wraps its indices on each.
+#[derive(Debug)]
+struct Actions {
+    v: Vec<Action>,
+    /// The next action to take. Invariant: `next < v.len()`, or both are 0.
+    next: usize,
+}
+
+impl Actions {
+    fn with_capacity(n: usize) -> Actions {
+        Actions {
+            v: Vec::with_capacity(n),
+            next: 0,
+        }
+    }
+
+    #[inline]
+    fn push_back(&mut self, a: Action) {
+        if self.next > 0 && self.v.len() == self.v.capacity() {
+            // A driver that leaves actions untaken: reuse the space of the
+            // taken ones before growing.
+            self.v.drain(..self.next);
+            self.next = 0;
+        }
+        self.v.push(a);
+    }
+
+    #[inline]
+    fn pop_front(&mut self) -> Option<Action> {
+        let a = *self.v.get(self.next)?;
+        self.next += 1;
+        if self.next == self.v.len() {
+            self.v.clear();
+            self.next = 0;
+        }
+        Some(a)
+    }
+
+    #[inline]
+    fn is_empty(&self) -> bool {
+        self.v.is_empty()
+    }
+}
+
 /// One side of a session: the protocol state of one connection. See the
 /// [module docs](super) for the protocol; [`Action`] for what the driver
 /// must do.
@@ -279,7 +326,7 @@ pub struct Connection {
     /// `Action::Abort` was queued (at most once).
     abort_sent: bool,
     /// Actions for the driver, in order.
-    actions: VecDeque<Action>,
+    actions: Actions,
     /// Credits both ways (see `credit.rs`).
     credits: Credits,
     /// Sends of more bytes go by RDMA.
@@ -375,7 +422,7 @@ impl Connection {
             error: None,
             socket_closed: false,
             abort_sent: false,
-            actions: VecDeque::with_capacity(n_recv + 8),
+            actions: Actions::with_capacity(n_recv + 8),
             credits: Credits::default(),
             threshold: cfg.rdma_threshold,
             ring,
@@ -1770,6 +1817,7 @@ impl Connection {
 
     /// Re-posts receive `slot`; a counted message's receive is owed to the
     /// peer. Not once the connection failed.
+    #[inline(always)]
     fn repost(&mut self, slot: u16, counted: bool) {
         let i = usize::from(slot);
         if self.error.is_some() {
