@@ -1553,7 +1553,7 @@ impl Connection {
     /// stopped for lack of credit.
     fn pump(&mut self) -> bool {
         loop {
-            let Some(i) = self.sends.iter().position(|s| s.queued < s.len) else {
+            let Some(i) = self.next_to_send() else {
                 if self.fin != Fin::Queued || self.free_send.is_empty() {
                     return false;
                 }
@@ -1677,6 +1677,17 @@ impl Connection {
                 }
                 _ => return false,
             }
+        }
+    }
+
+    /// The first send with bytes not put into the stream yet: almost always
+    /// the first of the queue (those before it wait only for transfers).
+    #[inline]
+    fn next_to_send(&self) -> Option<usize> {
+        match self.sends.front() {
+            None => None,
+            Some(s) if s.queued < s.len => Some(0),
+            Some(_) => self.sends.iter().position(|s| s.queued < s.len),
         }
     }
 
