@@ -484,6 +484,12 @@ impl Connection {
             .map_or(&[], Head::as_bytes)
     }
 
+    /// The send buffer the next message will be written into, if one is
+    /// free (the free buffers are reused last freed, first taken).
+    pub fn next_send_buffer(&self) -> Option<u16> {
+        self.free_send.last().copied()
+    }
+
     /// Whether [`Connection::poll_action`] has an action for the driver.
     pub fn has_actions(&self) -> bool {
         !self.actions.is_empty()
