@@ -1167,7 +1167,7 @@ impl Conn {
     /// INLINE will be copied into ([`Wire::prefetch_send`]), as many as the
     /// last one took, so that the peer core's copies are invalidated while
     /// this thread waits, not when it sends (in a ping-pong of 4 KiB on the
-    /// soft fabric, 1.8 -> 1.5 us a half round trip). Taken after each
+    /// soft fabric, 1.76 -> 1.52 us a half round trip). Taken after each
     /// completion that ended a spin, since a send completion changes which
     /// buffer is next. Skipped if another thread holds the state: a hint is
     /// not worth a wait.

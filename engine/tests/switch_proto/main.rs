@@ -172,6 +172,32 @@ fn a_small_send_is_one_inline_message_held_in_its_receive_until_read() {
     no_violations(&s);
 }
 
+/// The driver takes the lines of the send buffer the next message will be
+/// copied into while it waits (`next_send_buffer`): that must be the one
+/// the machine then gives the message, also after send completions (which
+/// return buffers) arrived in between.
+#[test]
+fn the_next_send_buffer_is_the_one_the_next_message_takes() {
+    let mut s = connected(cfg(), cfg());
+    let mut distinct = std::collections::BTreeSet::new();
+    for round in 0..40u64 {
+        let want = s.m(0).next_send_buffer();
+        assert!(want.is_some(), "round {round}: a free send buffer");
+        let op = s.app_send(0, round * 100, 100, false);
+        let took = s.wires[0].back().map(|w| w.send_slot);
+        assert_eq!(took, want, "round {round}");
+        distinct.extend(took);
+        // Deliver and read; completions come back from time to time.
+        s.settle();
+        assert_eq!(ok(&s, 0, op), 100);
+        let r = s.app_recv(1, 1000, false);
+        s.settle();
+        assert_eq!(ok(&s, 1, r), 100);
+    }
+    assert!(distinct.len() > 1, "completions changed the next buffer");
+    no_violations(&s);
+}
+
 #[test]
 fn one_byte_more_than_fits_inline_goes_through_the_ring() {
     let mut s = connected(cfg(), cfg());
