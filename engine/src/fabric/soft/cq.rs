@@ -15,7 +15,7 @@
 //! exactly one of three places:
 //!
 //! - **hot**: in the consumer's list, visited by every poll;
-//! - **announced**: in `CqShared::ready`, put there by a producer;
+//! - **announced**: on `CqShared`'s ready list, put there by a producer;
 //! - **idle**: its `Presence` says so (`notify`); visited by no poll.
 //!
 //! An end starts hot. After [`IDLE_POLLS`] visits in a row that found
@@ -25,8 +25,8 @@
 //! list. A producer, after publishing work and the light fence it issues
 //! anyway for `armed` (`Link::wake`, see `fence`), reads `idle`; only if it
 //! is set does it swap it back (one of possibly several producers wins)
-//! and push the end's slot on `ready`. The next poll moves announced ends
-//! to the hot list. While an end stays busy a producer pays one plain load
+//! and push the end on the ready list (`notify`). The next poll moves
+//! announced ends to the hot list. While an end stays busy a producer pays one plain load
 //! for this, no locked instruction (the dirty-list idea of epoll's ready
 //! list and of a NIC's doorbell coalescing, with the arm/re-check of a
 //! sleeping poller).
@@ -57,6 +57,19 @@
 //! consumer that never sleeps issues that fence itself once `cooled`
 //! holds [`COOLED_MAX`] ends (one heavy fence per that many parks).
 //!
+//! # Displacement
+//!
+//! When a poll takes ends in (announced or attached), every end already
+//! hot is *displaced*: it leaves at its first visit that finds nothing,
+//! whatever [`quiet_limit`] says. The newest ends are the ones a thread
+//! waits on (a server's round robin over many connections brings one in per
+//! request); an older end that went quiet is one whose exchange is over,
+//! and each visit it keeps getting is a poll that only finds nothing (at
+//! 100 pairs round robin, 9 visits per round trip where 3 find work). An
+//! end alone on the list keeps [`IDLE_POLLS`], and a connection that is
+//! never parked never displaces another: a ping-pong on one connection
+//! announces nothing.
+//!
 //! An end whose oldest send waits for a peer that does not poll (see
 //! `HELP_AFTER` in `link`) stays hot: it matches that send itself after
 //! enough polls.
@@ -70,7 +83,7 @@ use super::clock::ticks;
 use super::fence;
 use super::link::{Link, Reaper};
 use super::lock;
-use super::notify::CqShared;
+use super::notify::{CqShared, NO_SLOT};
 use crate::fabric::{CompletionQueue, CqId, Waker, WorkCompletion};
 use crate::spin::SpinLock;
 use crate::sync::AtomicBool;
@@ -117,7 +130,10 @@ fn quiet_limit(hot: usize) -> u32 {
     (IDLE_POLLS >> (3 * hot.max(1).ilog2()).min(31)).max(1)
 }
 
-/// An end attached to a CQ.
+/// An end attached to a CQ. It stays at its slot of `Consumer::ends` from
+/// its attachment until the CQ forgets it: the hot list, the ready list and
+/// the cooling lists name it by slot, so that it never moves (an end's
+/// reaper state is a few lines).
 struct Attached {
     link: Arc<Link>,
     /// Which end of `link`.
@@ -125,32 +141,33 @@ struct Attached {
     r: Reaper,
     /// Visits in a row that found nothing, up to the poll's [`quiet_limit`].
     quiet: u32,
-    /// The end's slot in `Consumer::parked`, its own until it is forgotten.
-    slot: u32,
+    /// The end is not on the hot list (idle or announced).
+    parked: bool,
+    /// Ends came off the ready list (or were attached) after this one went
+    /// hot: it leaves the hot list at its first visit that finds nothing
+    /// (module docs, "Displacement"). Cleared when it leaves.
+    displaced: bool,
     /// `Consumer::settle` raised the end's `idle` and re-checks it after
     /// the fence.
     marked: bool,
-    /// Times the end was parked: names a stay in `parked`, so a
+    /// Times the end was parked: names a stay off the hot list, so a
     /// `Consumer::cooling` entry of an earlier stay is recognised as stale.
     stay: u32,
 }
 
 /// What the consumer owns.
 struct Consumer {
-    /// The hot ends, visited by every poll.
-    hot: Vec<Attached>,
-    /// The idle and announced ends by slot; `None` at the slot of a hot
-    /// end and at a free slot (listed in `free`).
-    parked: Vec<Option<Attached>>,
+    /// Every end attached and not forgotten, by slot; `None` at a free
+    /// slot (listed in `free`).
+    ends: Vec<Option<Attached>>,
     free: Vec<u32>,
+    /// The slots of the hot ends, visited by every poll.
+    hot: Vec<u32>,
     /// Where the next poll starts in `hot` (round robin between ends).
     cursor: usize,
-    /// The buffer swapped with `Ready::slots` when taking them (no
-    /// allocation once both have grown).
-    taken: Vec<u32>,
     /// Ends parked since the last heavy fence (`arm`), by slot, stay, the
     /// tick of their parking and the re-checks they had: they may hold work a producer did not
-    /// announce (module docs). An entry whose end left `parked` since, or
+    /// announce (module docs). An entry whose end went hot since, or
     /// came back for another stay, is stale and dropped when met.
     cooling: Vec<(u32, u32, u64, u32)>,
     /// Where the next poll's re-checks start in `cooling`.
@@ -232,32 +249,44 @@ impl Consumer {
     /// which case it goes back to the hot list, unless a producer's
     /// announcement took it (it is on the ready list then).
     fn recheck(&mut self, slot: u32, stay: u32) -> Option<bool> {
-        let a = self.parked[slot as usize]
+        let a = self.ends[slot as usize]
             .as_mut()
-            .filter(|a| a.stay == stay)?;
+            .filter(|a| a.parked && a.stay == stay)?;
         if !a.link.has_work(a.end, &mut a.r, false) && !a.link.drained(a.end, &a.r) {
             return Some(false);
         }
         if a.link.ends[a.end].presence.take_back() {
-            let a = self.parked[slot as usize]
-                .take()
-                .expect("a cooling end is parked");
-            self.hot.push(a);
+            a.parked = false;
+            self.hot.push(slot);
         }
         Some(true)
     }
 
     /// Takes in a newly attached end; it starts hot.
-    fn add(&mut self, mut a: Attached) {
-        a.slot = match self.free.pop() {
-            Some(s) => s,
+    fn add(&mut self, a: Attached) {
+        let slot = match self.free.pop() {
+            Some(s) => {
+                self.ends[s as usize] = Some(a);
+                s
+            }
             None => {
-                self.parked.push(None);
-                u32::try_from(self.parked.len() - 1).expect("fewer than 2^32 ends per CQ")
+                self.ends.push(Some(a));
+                u32::try_from(self.ends.len() - 1).expect("fewer than 2^32 ends per CQ")
             }
         };
-        a.link.ends[a.end].presence.set_slot(a.slot);
-        self.hot.push(a);
+        let a = self.ends[slot as usize].as_ref().expect("just placed");
+        a.link.ends[a.end].presence.set_slot(slot);
+        self.hot.push(slot);
+    }
+
+    /// The end at `slot` of the hot list or the ready list.
+    #[inline(always)]
+    fn at(ends: &mut [Option<Attached>], slot: u32) -> &mut Attached {
+        // An end leaves `ends` only when it is forgotten, after it left
+        // every list.
+        ends[slot as usize]
+            .as_mut()
+            .expect("a listed slot holds an end")
     }
 
     /// After a poll that saw an end drained or long quiet: parks those
@@ -267,8 +296,9 @@ impl Consumer {
     /// all.
     fn settle(&mut self, limit: u32) {
         let mut marked = false;
-        for a in &mut self.hot {
-            if a.quiet >= limit && !a.link.drained(a.end, &a.r) {
+        for &slot in &self.hot {
+            let a = Self::at(&mut self.ends, slot);
+            if a.quiet >= a.limit(limit) && !a.link.drained(a.end, &a.r) {
                 a.quiet = 0;
                 a.marked = true;
                 marked = true;
@@ -283,24 +313,24 @@ impl Consumer {
         let full = fence::light_is_full();
         let mut i = 0;
         while i < self.hot.len() {
-            let a = &mut self.hot[i];
+            let slot = self.hot[i];
+            let a = Self::at(&mut self.ends, slot);
             if a.marked {
                 a.marked = false;
                 if a.leaves() {
-                    let mut a = self.hot.swap_remove(i);
                     a.stay = a.stay.wrapping_add(1);
+                    a.parked = true;
+                    a.displaced = false;
                     if !full {
-                        self.cooling.push((a.slot, a.stay, ticks(), 0));
+                        self.cooling.push((slot, a.stay, ticks(), 0));
                     }
-                    let slot = a.slot as usize;
-                    debug_assert!(self.parked[slot].is_none());
-                    self.parked[slot] = Some(a);
+                    self.hot.swap_remove(i);
                     continue;
                 }
             }
-            let a = &self.hot[i];
             if a.link.drained(a.end, &a.r) {
-                self.free.push(a.slot);
+                self.ends[slot as usize] = None;
+                self.free.push(slot);
                 self.hot.swap_remove(i);
             } else {
                 i += 1;
@@ -336,7 +366,7 @@ impl Attached {
         let mut settle = false;
         if reaped == 0 {
             self.quiet += 1;
-            settle = self.quiet >= limit;
+            settle = self.quiet >= self.limit(limit);
         } else {
             self.quiet = 0;
         }
@@ -344,6 +374,17 @@ impl Attached {
             reaped,
             seal,
             settle: settle || self.link.drained(self.end, &self.r),
+        }
+    }
+
+    /// Quiet visits after which the end leaves the hot list, the poll's
+    /// being `limit`: one once it is displaced.
+    #[inline(always)]
+    fn limit(&self, limit: u32) -> u32 {
+        if self.displaced {
+            1
+        } else {
+            limit
         }
     }
 
@@ -389,11 +430,10 @@ impl SoftCq {
             id,
             shared: Arc::new(CqShared::new(depth, waker)),
             consumer: SpinLock::new(Consumer {
-                hot: Vec::new(),
-                parked: Vec::new(),
+                ends: Vec::new(),
                 free: Vec::new(),
+                hot: Vec::new(),
                 cursor: 0,
-                taken: Vec::new(),
                 cooling: Vec::new(),
                 cooling_at: 0,
                 cooled: Vec::new(),
@@ -417,7 +457,8 @@ impl SoftCq {
             end,
             r,
             quiet: 0,
-            slot: u32::MAX,
+            parked: false,
+            displaced: false,
             marked: false,
             stay: 0,
         });
@@ -441,30 +482,42 @@ impl SoftCq {
     #[cfg(test)]
     pub(super) fn ends(&self) -> (usize, usize) {
         let c = self.consumer.lock();
-        (c.parked.len() - c.free.len(), c.hot.len())
+        (c.ends.len() - c.free.len(), c.hot.len())
     }
 
     /// Moves newly attached and announced ends to the hot list.
     #[inline]
     fn take_in(&self, c: &mut Consumer) {
-        if self.shared.pending(Ordering::Acquire) {
+        if self.shared.has_ready() {
             self.take_ready(c);
         }
     }
 
     #[cold]
     fn take_ready(&self, c: &mut Consumer) {
-        self.shared.take_announced(&mut c.taken);
-        // After clearing `pending`: an end attached later sets it again.
-        for a in lock(&self.incoming).drain(..) {
-            c.add(a);
+        // Whatever comes in now is newer than every hot end.
+        for &slot in &c.hot {
+            Consumer::at(&mut c.ends, slot).displaced = true;
         }
-        for slot in c.taken.drain(..) {
-            let a = c.parked[slot as usize]
-                .take()
-                .expect("an announced end is parked");
-            c.hot.push(a);
+        let list = self.shared.take_ready();
+        if list.attached {
+            // After taking the flag: an end attached later sets it again.
+            for a in lock(&self.incoming).drain(..) {
+                c.add(a);
+            }
         }
+        list.walk(|slot, linked| {
+            let a = Consumer::at(&mut c.ends, slot);
+            debug_assert!(a.parked, "an announced end is parked");
+            a.parked = false;
+            let next = if linked {
+                a.link.ends[a.end].presence.next()
+            } else {
+                NO_SLOT
+            };
+            c.hot.push(slot);
+            next
+        });
     }
 }
 
@@ -503,7 +556,7 @@ impl SoftCq {
                 {
                     c.visits += 1;
                 }
-                let a = &mut c.hot[0];
+                let a = Consumer::at(&mut c.ends, c.hot[0]);
                 let v = a.visit(out, IDLE_POLLS);
                 n = v.reaped;
                 settle = v.settle;
@@ -523,7 +576,8 @@ impl SoftCq {
                 {
                     c.visits += 1;
                 }
-                let a = &mut c.hot[if at < count { at } else { at - count }];
+                let slot = c.hot[if at < count { at } else { at - count }];
+                let a = Consumer::at(&mut c.ends, slot);
                 let v = a.visit(&mut out[n..], limit);
                 n += v.reaped;
                 settle |= v.settle;
@@ -647,12 +701,14 @@ impl CompletionQueue for SoftCq {
         // After the heavy fence every cooling end is either seen with its
         // work here or announced by its producer: the lists empty.
         let cooled = c.recheck_all();
-        if cooled || self.shared.pending(Ordering::Relaxed) {
+        if cooled || self.shared.has_ready() {
             return true;
         }
-        c.hot
-            .iter_mut()
-            .any(|a| a.link.has_work(a.end, &mut a.r, true))
+        let Consumer { hot, ends, .. } = c;
+        hot.iter().any(|&slot| {
+            let a = Consumer::at(ends, slot);
+            a.link.has_work(a.end, &mut a.r, true)
+        })
     }
 }
 

@@ -1,19 +1,38 @@
 //! What the producers of a completion queue's work hold of it: the CQ's
 //! shared part ([`CqShared`]: the sleeper's `armed` word, the ready list of
 //! announced idle ends, and the entries its queue pairs reserved) and, per
-//! end, its [`Presence`] (whether the end is idle, and its slot). A
-//! producer publishes its work, issues the light fence, then reads both
-//! words, and only when one is set announces the end or wakes the sleeper
-//! (`link`, "Wake-ups"). The consumer's side of the same words, and why an
-//! end goes idle, are `cq`'s.
+//! end, its [`Presence`] (whether the end is idle, its slot, and its link
+//! in the ready list). A producer publishes its work, issues the light
+//! fence, then reads both words, and only when one is set announces the end
+//! or wakes the sleeper (`link`, "Wake-ups"). The consumer's side of the
+//! same words, and why an end goes idle, are `cq`'s.
+//!
+//! # The ready list
+//!
+//! One word ([`CqShared`]'s `ready`) is the list of announced ends: a
+//! stack linked through the ends' [`Presence`] (Treiber's, with a consumer
+//! that only ever takes the whole stack, so no ABA), and a flag for ends
+//! attached since the consumer last looked. A producer that won an end's
+//! `idle` swap writes the end's `next` (the stack's top, or none) on the
+//! line it just wrote, then swings the word to the end with one
+//! compare-and-swap; the consumer reads the word on every poll (one line,
+//! written only by announcements and attachments) and, when it is not
+//! empty, swaps it empty and walks the ends. A stack of one end says so in
+//! the word (`LONE`), so taking it reads no line of the producer's but the
+//! word. An end is on the stack at most once: it is pushed only by the
+//! producer whose swap cleared its `idle`, and `idle` is raised again only
+//! by the consumer, once it took the end off the stack. (Before, the list
+//! was a vector under a spin lock: a producer's lock, push and unlock and
+//! the consumer's lock and swap moved the lock's line and the vector's
+//! buffer line between the two cores, on the path of the message that
+//! woke the end.)
 
 use super::fence;
 use crate::fabric::cq_budget::CqBudget;
 use crate::fabric::Waker;
-use crate::spin::SpinLock;
-use crate::sync::AtomicBool;
+use crate::sync::{AtomicBool, AtomicU32, AtomicU64};
 use crossbeam_utils::CachePadded;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// How an idle end gets its CQ to poll it again (kept in `link::End`).
@@ -27,14 +46,37 @@ pub(super) struct Presence {
     /// takes the end in, before `idle` is first set; read by the producer
     /// whose swap cleared `idle`.
     slot: AtomicU32,
+    /// The slot of the end below this one on the ready list ([`NO_SLOT`]:
+    /// none). Written by the producer whose swap cleared `idle`, before
+    /// its push publishes the end; read by the consumer that took the list.
+    next: AtomicU32,
 }
+
+/// No slot: the end of the ready list.
+pub(super) const NO_SLOT: u32 = u32::MAX;
+
+/// `CqShared::ready`: the top end's slot + 1 (0: the list is empty).
+const TOP: u64 = 0xffff_ffff;
+/// `CqShared::ready`: the top end is the only one (its `next` need not be
+/// read).
+const LONE: u64 = 1 << 32;
+/// `CqShared::ready`: ends were attached since the consumer last looked.
+const ATTACHED: u64 = 1 << 33;
 
 impl Presence {
     pub(super) fn new() -> Presence {
         Presence {
             idle: AtomicBool::new(false),
-            slot: AtomicU32::new(u32::MAX),
+            slot: AtomicU32::new(NO_SLOT),
+            next: AtomicU32::new(NO_SLOT),
         }
+    }
+
+    /// The slot below this end on the ready list the consumer took (see
+    /// [`Announced`]).
+    #[inline]
+    pub(super) fn next(&self) -> u32 {
+        self.next.load(Ordering::Relaxed)
     }
 
     /// Whether the end is idle (the caller issued the light fence after
@@ -65,17 +107,6 @@ impl Presence {
     }
 }
 
-/// Ends announced, and ends attached, since the consumer last looked.
-struct Ready {
-    /// Set by an announcement (under `slots`) and by an attachment (after
-    /// it pushed on `SoftCq`'s list of attached ends); cleared by the
-    /// consumer (under `slots`) before it takes both lists. The consumer
-    /// reads it without a lock on every poll, so a lock is taken only when
-    /// there is something.
-    pending: AtomicBool,
-    slots: SpinLock<Vec<u32>>,
-}
-
 /// The part of a CQ the links of its queue pairs hold.
 pub(super) struct CqShared {
     /// Entries promised to the queue pairs of this CQ.
@@ -84,9 +115,11 @@ pub(super) struct CqShared {
     /// cleared by the one producer that sends the wake; read by every
     /// producer after it published work.
     armed: CachePadded<AtomicBool>,
-    /// Idle ends with work (`cq`). Written by producers only when an end
-    /// was idle, read by the consumer at each poll.
-    ready: CachePadded<Ready>,
+    /// The ready list (module docs): the top announced end's slot + 1 and
+    /// the `LONE` and `ATTACHED` flags. Pushed to by producers only when an
+    /// end was idle, and by `attach`; read by the consumer at each poll and
+    /// swapped empty when it is not.
+    ready: CachePadded<AtomicU64>,
     waker: Arc<dyn Waker>,
 }
 
@@ -96,10 +129,7 @@ impl CqShared {
         CqShared {
             budget: CqBudget::new(capacity),
             armed: CachePadded::new(AtomicBool::new(false)),
-            ready: CachePadded::new(Ready {
-                pending: AtomicBool::new(false),
-                slots: SpinLock::new(Vec::new()),
-            }),
+            ready: CachePadded::new(AtomicU64::new(0)),
             waker,
         }
     }
@@ -126,12 +156,27 @@ impl CqShared {
             return;
         }
         let slot = p.slot.load(Ordering::Relaxed);
-        let mut slots = self.ready.slots.lock();
-        slots.push(slot);
-        self.ready.pending.store(true, Ordering::Relaxed);
-        drop(slots);
-        // Orders `pending` before the caller's read of `armed` (an `arm`
-        // raises `armed`, then reads `pending`).
+        debug_assert!(slot != NO_SLOT, "an end goes idle only once taken in");
+        let mut old = self.ready.load(Ordering::Relaxed);
+        loop {
+            let top = old & TOP;
+            let (next, lone) = match top {
+                0 => (NO_SLOT, LONE),
+                t => ((t - 1) as u32, 0),
+            };
+            p.next.store(next, Ordering::Relaxed);
+            let new = (old & ATTACHED) | lone | (u64::from(slot) + 1);
+            // Release: the consumer that takes the list sees every `next`.
+            match self
+                .ready
+                .compare_exchange_weak(old, new, Ordering::Release, Ordering::Relaxed)
+            {
+                Ok(_) => break,
+                Err(now) => old = now,
+            }
+        }
+        // Orders the push before the caller's read of `armed` (an `arm`
+        // raises `armed`, then reads the list).
         fence::light();
     }
 
@@ -141,24 +186,169 @@ impl CqShared {
     }
 
     /// Whether an end was announced or attached since the consumer last
-    /// took them (read by the consumer on every poll, without a lock).
+    /// took the list (read by the consumer on every poll: one load of a
+    /// line that only announcements and attachments write).
     #[inline]
-    pub(super) fn pending(&self, order: Ordering) -> bool {
-        self.ready.pending.load(order)
+    pub(super) fn has_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed) != 0
     }
 
-    /// An end was attached (pushed on `SoftCq`'s list): the next poll takes
-    /// it in.
+    /// An end was attached (pushed on `SoftCq`'s list of attached ends, before
+    /// this): the next poll takes it in.
     pub(super) fn note_attached(&self) {
-        self.ready.pending.store(true, Ordering::Release);
+        self.ready.fetch_or(ATTACHED, Ordering::Release);
     }
 
-    /// The consumer takes the announced slots into `taken` (empty; the
-    /// buffers swap, so nothing allocates once both have grown) and clears
-    /// `pending`, before it takes the attached ends too.
-    pub(super) fn take_announced(&self, taken: &mut Vec<u32>) {
-        let mut slots = self.ready.slots.lock();
-        self.ready.pending.store(false, Ordering::Relaxed);
-        std::mem::swap(&mut *slots, taken);
+    /// The consumer takes the ready list, leaving it empty.
+    pub(super) fn take_ready(&self) -> Announced {
+        let word = self.ready.swap(0, Ordering::Acquire);
+        Announced {
+            top: match word & TOP {
+                0 => NO_SLOT,
+                t => (t - 1) as u32,
+            },
+            lone: word & LONE != 0,
+            attached: word & ATTACHED != 0,
+        }
+    }
+}
+
+/// The ready list as the consumer took it ([`CqShared::take_ready`]).
+pub(super) struct Announced {
+    /// The slot of the last end announced, [`NO_SLOT`] if none.
+    top: u32,
+    /// `top` is the only end announced: its `next` is [`NO_SLOT`] without
+    /// reading it.
+    lone: bool,
+    /// Ends were attached: they wait in `SoftCq`'s list.
+    pub(super) attached: bool,
+}
+
+impl Announced {
+    /// Walks the ends taken, the last announced first: `take` is called with
+    /// each one's slot and whether the walk needs its [`Presence::next`]
+    /// (it must return it then, and may return anything else otherwise).
+    pub(super) fn walk(self, mut take: impl FnMut(u32, bool) -> u32) {
+        let (mut slot, mut lone) = (self.top, self.lone);
+        while slot != NO_SLOT {
+            let next = take(slot, !lone);
+            (slot, lone) = (if lone { NO_SLOT } else { next }, false);
+        }
+    }
+}
+
+/// loom models of the ready list: ends announced by concurrent producers
+/// while the consumer takes the list are each taken exactly once, and an
+/// end parked while a producer publishes work for it is seen by the
+/// consumer's re-check, announced, or (the consumer about to sleep) its
+/// sleeper woken.
+#[cfg(all(test, loom))]
+mod loom_models {
+    use super::*;
+    use crate::sync::{fence, thread, Arc, AtomicUsize};
+
+    struct Wakes(AtomicUsize);
+
+    impl Waker for Wakes {
+        fn wake(&self) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn cq() -> (Arc<CqShared>, std::sync::Arc<Wakes>) {
+        let wakes = std::sync::Arc::new(Wakes(AtomicUsize::new(0)));
+        (Arc::new(CqShared::new(0, wakes.clone())), wakes)
+    }
+
+    /// An end at `slot` that its consumer parked.
+    fn parked(slot: u32) -> Presence {
+        let p = Presence::new();
+        p.set_slot(slot);
+        p.raise_idle();
+        p
+    }
+
+    /// The slots of the ends on `cq`'s list, taken by the consumer.
+    fn take(cq: &CqShared, ends: &[Presence], into: &mut Vec<u32>) {
+        cq.take_ready().walk(|slot, linked| {
+            into.push(slot);
+            if linked {
+                ends[slot as usize].next()
+            } else {
+                NO_SLOT
+            }
+        });
+    }
+
+    #[test]
+    fn loom_ready_list_takes_each_announced_end_once() {
+        crate::sync::model("ready_list_takes_each_announced_end_once", 3, || {
+            let (cq, _) = cq();
+            let ends = Arc::new([parked(0), parked(1), parked(2)]);
+            // Two producers announce three ends, one of them twice (only
+            // the first wins its `idle`).
+            let producers: Vec<_> = [[0, 1], [2, 0]]
+                .into_iter()
+                .map(|slots| {
+                    let (cq, ends) = (cq.clone(), ends.clone());
+                    thread::spawn(move || {
+                        for s in slots {
+                            cq.announce(&ends[s]);
+                        }
+                    })
+                })
+                .collect();
+            let mut got = Vec::new();
+            take(&cq, &ends[..], &mut got);
+            for p in producers {
+                p.join().unwrap();
+            }
+            take(&cq, &ends[..], &mut got);
+            got.sort_unstable();
+            assert_eq!(got, [0, 1, 2], "each announced end taken once");
+            assert!(!cq.has_ready());
+        });
+    }
+
+    #[test]
+    fn loom_work_on_a_parking_end_is_not_lost() {
+        crate::sync::model("work_on_a_parking_end_is_not_lost", 3, || {
+            let (cq, wakes) = cq();
+            let end = Arc::new(Presence::new());
+            end.set_slot(0);
+            let work = Arc::new(AtomicBool::new(false));
+            let producer = {
+                let (cq, end, work) = (cq.clone(), end.clone(), work.clone());
+                thread::spawn(move || {
+                    // `Link::wake` after a post.
+                    work.store(true, Ordering::Release);
+                    fence::light();
+                    if end.is_idle() {
+                        cq.announce(&end);
+                    }
+                    if cq.is_armed() {
+                        cq.wake();
+                    }
+                })
+            };
+            // `Consumer::settle`: raise, fence, re-check.
+            end.raise_idle();
+            fence(Ordering::SeqCst);
+            let mut hot = work.load(Ordering::Acquire) && end.take_back();
+            let mut found = hot;
+            // `SoftCq::arm`: raise `armed`, then look at the list and the
+            // hot ends.
+            fence::raise(cq.armed());
+            found |= cq.has_ready() || (hot && work.load(Ordering::Acquire));
+            producer.join().unwrap();
+            let mut taken = Vec::new();
+            take(&cq, &[], &mut taken);
+            hot |= taken == [0];
+            assert!(hot, "the end with work neither kept nor announced");
+            assert!(
+                found || wakes.0.load(Ordering::Relaxed) == 1,
+                "the consumer slept through work nobody woke it for"
+            );
+        });
     }
 }
