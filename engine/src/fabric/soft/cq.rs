@@ -68,7 +68,10 @@
 //! 100 pairs round robin, 9 visits per round trip where 3 find work). An
 //! end alone on the list keeps [`IDLE_POLLS`], and a connection that is
 //! never parked never displaces another: a ping-pong on one connection
-//! announces nothing.
+//! announces nothing. So the end a thread waits on stays hot while it
+//! waits: with the last round's end beside it on the list, both used to
+//! leave after 8 quiet visits, and the reply it waited for then had to
+//! announce it, from the other core, on the path of the reply.
 //!
 //! An end whose oldest send waits for a peer that does not poll (see
 //! `HELP_AFTER` in `link`) stays hot: it matches that send itself after

@@ -1824,6 +1824,61 @@ fn round_robin_over_many_ends_keeps_the_hot_list_short() {
     );
 }
 
+/// A thread that keeps polling while it waits on a connection whose end
+/// just came in (a round robin: a server waiting for the rest of a
+/// request, a client for its reply): the end of the last round, busy until
+/// then, is displaced by the new one and leaves the hot list at its first
+/// quiet visit, and the new end, alone on the list, stays hot for
+/// `IDLE_POLLS` quiet visits, so that the work it waits for needs no
+/// announcement. Two ends hot without displacement both left after 8
+/// quiet visits, the awaited one with them.
+#[test]
+fn a_round_robin_displaces_the_last_rounds_end_and_keeps_the_new_one_hot() {
+    const M: usize = 64;
+    const ROUNDS: usize = 4 * M;
+    /// Polls of the receiving CQ per round while its new end has nothing.
+    const WAIT_POLLS: u64 = 16;
+    let net = SoftNetwork::new();
+    let (n1, n2) = (
+        nic_on(&net, ip(198, 18, 25, 1), 8),
+        nic_on(&net, ip(198, 18, 25, 2), 8),
+    );
+    let (qa, qb, [(acq, ..), (bcq, ..)]) =
+        pairs_on_shared_cqs(&n1, &n2, sa(ip(198, 18, 25, 2), 1), M);
+    let sb_cq = soft_cq(&n2, &bcq);
+    let src = Buf::new(&n1, 8, Access::NONE);
+    let dst = Buf::new(&n2, 8 * M, Access::LOCAL_WRITE);
+    let mut out = [WorkCompletion::EMPTY; 16];
+    for round in 0..ROUNDS {
+        let k = round % M;
+        // The message waits for its receive: its end comes in with nothing
+        // to reap, while the last round's end had its completion last.
+        send(&qa[k], (M + k) as u64, &[src.sge(0, 8)]);
+        let visits = sb_cq.visits();
+        for _ in 0..WAIT_POLLS {
+            assert_eq!(bcq.poll(&mut out), 0);
+        }
+        if round >= M {
+            let visits = sb_cq.visits() - visits;
+            assert!(
+                visits <= WAIT_POLLS + 1,
+                "round {round}: {visits} visits in {WAIT_POLLS} polls"
+            );
+            assert_eq!(sb_cq.ends().1, 1, "round {round}: the new end is not hot");
+        }
+        recv(&qb[k], k as u64, &[dst.sge(8 * k, 8)]);
+        let mut got = 0;
+        for _ in 0..100 {
+            got += bcq.poll(&mut out);
+            got += acq.poll(&mut out);
+            if got == 2 {
+                break;
+            }
+        }
+        assert_eq!(got, 2, "round {round}: completions lost");
+    }
+}
+
 #[test]
 fn ends_idle_and_announced_across_threads_lose_no_wake_up() {
     const M: usize = 48;
