@@ -241,7 +241,10 @@ impl Announced {
 /// while the consumer takes the list are each taken exactly once, and an
 /// end parked while a producer publishes work for it is seen by the
 /// consumer's re-check, announced, or (the consumer about to sleep) its
-/// sleeper woken.
+/// sleeper woken. Checked to fail with the push's `Release` made `Relaxed`
+/// (the consumer reads a stale `next` and loses an end) and with the
+/// producer's fence after the push left out (the consumer sleeps through
+/// the work).
 #[cfg(all(test, loom))]
 mod loom_models {
     use super::*;
