@@ -61,14 +61,17 @@
 //!
 //! When a poll takes ends in (announced or attached), every end already
 //! hot is *displaced*: it leaves at its first visit that finds nothing,
-//! whatever [`quiet_limit`] says. The newest ends are the ones a thread
+//! whatever [`quiet_limit`] says. (The consumer counts its take-ins and
+//! each end keeps the count it came in at: one store per take-in, not one
+//! per hot end, which on a CQ of thousands closing at once, each drop
+//! announcing its end, was a walk of the hot list per poll.) The newest ends are the ones a thread
 //! waits on (a server's round robin over many connections brings one in per
 //! request); an older end that went quiet is one whose exchange is over,
 //! and each visit it keeps getting is a poll that only finds nothing (at
 //! 100 pairs round robin, 9 visits per round trip where 3 find work). An
-//! end alone on the list keeps [`IDLE_POLLS`], and a connection that is
-//! never parked never displaces another: a ping-pong on one connection
-//! announces nothing. So the end a thread waits on stays hot while it
+//! end alone on the list keeps [`IDLE_POLLS`], whenever it came in, and a
+//! connection that is never parked never displaces another: a ping-pong
+//! on one connection announces nothing. So the end a thread waits on stays hot while it
 //! waits: with the last round's end beside it on the list, both used to
 //! leave after 8 quiet visits, and the reply it waited for then had to
 //! announce it, from the other core, on the path of the reply.
@@ -146,10 +149,10 @@ struct Attached {
     quiet: u32,
     /// The end is not on the hot list (idle or announced).
     parked: bool,
-    /// Ends came off the ready list (or were attached) after this one went
-    /// hot: it leaves the hot list at its first visit that finds nothing
-    /// (module docs, "Displacement"). Cleared when it leaves.
-    displaced: bool,
+    /// `Consumer::took_in` when the end last went hot: an older one is
+    /// displaced, and leaves the hot list at its first visit that finds
+    /// nothing while other ends are hot (module docs, "Displacement").
+    came_in: u32,
     /// `Consumer::settle` raised the end's `idle` and re-checks it after
     /// the fence.
     marked: bool,
@@ -168,6 +171,10 @@ struct Consumer {
     hot: Vec<u32>,
     /// Where the next poll starts in `hot` (round robin between ends).
     cursor: usize,
+    /// Take-ins of ends so far (wrapping): bumped by each poll that takes
+    /// ends off the ready list, so that every end hot before it is
+    /// displaced, in one store rather than one per hot end.
+    took_in: u32,
     /// Ends parked since the last heavy fence (`arm`), by slot, stay, the
     /// tick of their parking and the re-checks they had: they may hold work a producer did not
     /// announce (module docs). An entry whose end went hot since, or
@@ -260,13 +267,15 @@ impl Consumer {
         }
         if a.link.ends[a.end].presence.take_back() {
             a.parked = false;
+            a.came_in = self.took_in;
             self.hot.push(slot);
         }
         Some(true)
     }
 
     /// Takes in a newly attached end; it starts hot.
-    fn add(&mut self, a: Attached) {
+    fn add(&mut self, mut a: Attached) {
+        a.came_in = self.took_in;
         let slot = match self.free.pop() {
             Some(s) => {
                 self.ends[s as usize] = Some(a);
@@ -299,9 +308,16 @@ impl Consumer {
     /// all.
     fn settle(&mut self, limit: u32) {
         let mut marked = false;
+        // An end alone on the list is never displaced.
+        let alone = self.hot.len() == 1;
         for &slot in &self.hot {
             let a = Self::at(&mut self.ends, slot);
-            if a.quiet >= a.limit(limit) && !a.link.drained(a.end, &a.r) {
+            let limit = if alone {
+                limit
+            } else {
+                a.limit(limit, self.took_in)
+            };
+            if a.quiet >= limit && !a.link.drained(a.end, &a.r) {
                 a.quiet = 0;
                 a.marked = true;
                 marked = true;
@@ -323,7 +339,6 @@ impl Consumer {
                 if a.leaves() {
                     a.stay = a.stay.wrapping_add(1);
                     a.parked = true;
-                    a.displaced = false;
                     if !full {
                         self.cooling.push((slot, a.stay, ticks(), 0));
                     }
@@ -357,7 +372,7 @@ impl Attached {
     /// poll's [`quiet_limit`]). Inlined into `poll`: a call's saves and
     /// restores cost more than its body's bookkeeping.
     #[inline(always)]
-    fn visit(&mut self, out: &mut [WorkCompletion], limit: u32) -> Visit {
+    fn visit(&mut self, out: &mut [WorkCompletion], limit: u32, took_in: u32) -> Visit {
         let (reaped, seal) = self.link.reap(self.end, &mut self.r, out);
         if seal {
             return Visit {
@@ -369,7 +384,7 @@ impl Attached {
         let mut settle = false;
         if reaped == 0 {
             self.quiet += 1;
-            settle = self.quiet >= self.limit(limit);
+            settle = self.quiet >= self.limit(limit, took_in);
         } else {
             self.quiet = 0;
         }
@@ -381,13 +396,14 @@ impl Attached {
     }
 
     /// Quiet visits after which the end leaves the hot list, the poll's
-    /// being `limit`: one once it is displaced.
+    /// being `limit` and the consumer's take-ins `took_in`: one once it is
+    /// displaced.
     #[inline(always)]
-    fn limit(&self, limit: u32) -> u32 {
-        if self.displaced {
-            1
-        } else {
+    fn limit(&self, limit: u32, took_in: u32) -> u32 {
+        if self.came_in == took_in {
             limit
+        } else {
+            1
         }
     }
 
@@ -437,6 +453,7 @@ impl SoftCq {
                 free: Vec::new(),
                 hot: Vec::new(),
                 cursor: 0,
+                took_in: 0,
                 cooling: Vec::new(),
                 cooling_at: 0,
                 cooled: Vec::new(),
@@ -461,7 +478,7 @@ impl SoftCq {
             r,
             quiet: 0,
             parked: false,
-            displaced: false,
+            came_in: 0,
             marked: false,
             stay: 0,
         });
@@ -499,9 +516,7 @@ impl SoftCq {
     #[cold]
     fn take_ready(&self, c: &mut Consumer) {
         // Whatever comes in now is newer than every hot end.
-        for &slot in &c.hot {
-            Consumer::at(&mut c.ends, slot).displaced = true;
-        }
+        c.took_in = c.took_in.wrapping_add(1);
         let list = self.shared.take_ready();
         if list.attached {
             // After taking the flag: an end attached later sets it again.
@@ -513,6 +528,7 @@ impl SoftCq {
             let a = Consumer::at(&mut c.ends, slot);
             debug_assert!(a.parked, "an announced end is parked");
             a.parked = false;
+            a.came_in = c.took_in;
             let next = if linked {
                 a.link.ends[a.end].presence.next()
             } else {
@@ -560,7 +576,8 @@ impl SoftCq {
                     c.visits += 1;
                 }
                 let a = Consumer::at(&mut c.ends, c.hot[0]);
-                let v = a.visit(out, IDLE_POLLS);
+                // Alone on the list: never displaced.
+                let v = a.visit(out, IDLE_POLLS, a.came_in);
                 n = v.reaped;
                 settle = v.settle;
                 if v.seal {
@@ -581,7 +598,7 @@ impl SoftCq {
                 }
                 let slot = c.hot[if at < count { at } else { at - count }];
                 let a = Consumer::at(&mut c.ends, slot);
-                let v = a.visit(&mut out[n..], limit);
+                let v = a.visit(&mut out[n..], limit, c.took_in);
                 n += v.reaped;
                 settle |= v.settle;
                 if v.seal {
