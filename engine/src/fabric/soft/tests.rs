@@ -1667,6 +1667,46 @@ fn pairs_on_shared_cqs(
     (qa, qb, [(acq, aw, arx), (bcq, bw, brx)])
 }
 
+/// `m` connected pairs between two NICs of `198.18.{subnet}.0/24`, the
+/// connecting ends on one shared CQ and the accepting ends on another, an
+/// 8-byte send source on the first NIC and `m` 8-byte receive slots on the
+/// second: the round robins of the hot-list tests. Fields drop in order,
+/// the network last.
+struct RoundRobin {
+    dst: Buf,
+    src: Buf,
+    sa_cq: Arc<SoftCq>,
+    sb_cq: Arc<SoftCq>,
+    qa: Vec<Arc<dyn QueuePair>>,
+    qb: Vec<Arc<dyn QueuePair>>,
+    acq: Arc<dyn CompletionQueue>,
+    bcq: Arc<dyn CompletionQueue>,
+    _nics: [Arc<SoftNic>; 2],
+    _net: Arc<SoftNetwork>,
+}
+
+fn round_robin(subnet: u8, m: usize) -> RoundRobin {
+    let net = SoftNetwork::new();
+    let (n1, n2) = (
+        nic_on(&net, ip(198, 18, subnet, 1), 8),
+        nic_on(&net, ip(198, 18, subnet, 2), 8),
+    );
+    let (qa, qb, [(acq, ..), (bcq, ..)]) =
+        pairs_on_shared_cqs(&n1, &n2, sa(ip(198, 18, subnet, 2), 1), m);
+    RoundRobin {
+        dst: Buf::new(&n2, 8 * m, Access::LOCAL_WRITE),
+        src: Buf::new(&n1, 8, Access::NONE),
+        sa_cq: soft_cq(&n1, &acq),
+        sb_cq: soft_cq(&n2, &bcq),
+        qa,
+        qb,
+        acq,
+        bcq,
+        _nics: [n1, n2],
+        _net: net,
+    }
+}
+
 /// The soft CQ behind a `dyn` one of `nic`.
 fn soft_cq(nic: &SoftNic, cq: &Arc<dyn CompletionQueue>) -> Arc<SoftCq> {
     nic.shared.cq(cq.id()).expect("a live CQ of this NIC")
@@ -1698,16 +1738,19 @@ fn a_cq_dropped_before_any_poll_frees_its_connections() {
 #[test]
 fn a_poll_visits_only_the_ends_with_work() {
     const M: usize = 200;
-    let net = SoftNetwork::new();
-    let (n1, n2) = (
-        nic_on(&net, ip(198, 18, 22, 1), 8),
-        nic_on(&net, ip(198, 18, 22, 2), 8),
-    );
-    let (qa, qb, [(acq, ..), (bcq, ..)]) =
-        pairs_on_shared_cqs(&n1, &n2, sa(ip(198, 18, 22, 2), 1), M);
-    let (sa_cq, sb_cq) = (soft_cq(&n1, &acq), soft_cq(&n2, &bcq));
-    let src = Buf::new(&n1, 8, Access::NONE);
-    let dst = Buf::new(&n2, 8 * M, Access::LOCAL_WRITE);
+    // Owned: the test drops the queue pairs; the NICs live to its end.
+    let RoundRobin {
+        qa,
+        qb,
+        acq,
+        bcq,
+        sa_cq,
+        sb_cq,
+        src,
+        dst,
+        _nics,
+        _net,
+    } = round_robin(22, M);
     // A receive pending on every acceptor end, as a server holds them.
     for (k, qp) in qb.iter().enumerate() {
         recv(qp, k as u64, &[dst.sge(8 * k, 8)]);
@@ -1782,18 +1825,9 @@ fn a_poll_visits_only_the_ends_with_work() {
 fn round_robin_over_many_ends_keeps_the_hot_list_short() {
     const M: usize = 256;
     const ROUNDS: usize = 4 * M;
-    let net = SoftNetwork::new();
-    let (n1, n2) = (
-        nic_on(&net, ip(198, 18, 24, 1), 8),
-        nic_on(&net, ip(198, 18, 24, 2), 8),
-    );
-    let (qa, qb, [(acq, ..), (bcq, ..)]) =
-        pairs_on_shared_cqs(&n1, &n2, sa(ip(198, 18, 24, 2), 1), M);
-    let (sa_cq, sb_cq) = (soft_cq(&n1, &acq), soft_cq(&n2, &bcq));
-    let src = Buf::new(&n1, 8, Access::NONE);
-    let dst = Buf::new(&n2, 8 * M, Access::LOCAL_WRITE);
-    for (k, qp) in qb.iter().enumerate() {
-        recv(qp, k as u64, &[dst.sge(8 * k, 8)]);
+    let rr = &round_robin(24, M);
+    for (k, qp) in rr.qb.iter().enumerate() {
+        recv(qp, k as u64, &[rr.dst.sge(8 * k, 8)]);
     }
     let mut out = [WorkCompletion::EMPTY; 16];
     let (mut visits, mut polls) = (0, 0);
@@ -1802,19 +1836,19 @@ fn round_robin_over_many_ends_keeps_the_hot_list_short() {
         if round == M {
             // Counted from the second lap on, every end idle since its
             // last message.
-            (visits, polls) = (sa_cq.visits() + sb_cq.visits(), 0);
+            (visits, polls) = (rr.sa_cq.visits() + rr.sb_cq.visits(), 0);
         }
-        send(&qa[k], (M + k) as u64, &[src.sge(0, 8)]);
+        send(&rr.qa[k], (M + k) as u64, &[rr.src.sge(0, 8)]);
         let mut got = 0;
         while got < 2 {
             assert!(polls < 100 * ROUNDS as u64, "completions of {k} lost");
             polls += 2;
-            got += bcq.poll(&mut out);
-            got += acq.poll(&mut out);
+            got += rr.bcq.poll(&mut out);
+            got += rr.acq.poll(&mut out);
         }
-        recv(&qb[k], k as u64, &[dst.sge(8 * k, 8)]);
+        recv(&rr.qb[k], k as u64, &[rr.dst.sge(8 * k, 8)]);
     }
-    let per_poll = (sa_cq.visits() + sb_cq.visits() - visits) as f64 / polls as f64;
+    let per_poll = (rr.sa_cq.visits() + rr.sb_cq.visits() - visits) as f64 / polls as f64;
     // Each end kept hot for `IDLE_POLLS` quiet visits: 65 visits per poll
     // here; with them divided by the hot ends: 8.5; by their cube: 3 (the
     // end with work and two that had some).
@@ -1838,39 +1872,34 @@ fn a_round_robin_displaces_the_last_rounds_end_and_keeps_the_new_one_hot() {
     const ROUNDS: usize = 4 * M;
     /// Polls of the receiving CQ per round while its new end has nothing.
     const WAIT_POLLS: u64 = 16;
-    let net = SoftNetwork::new();
-    let (n1, n2) = (
-        nic_on(&net, ip(198, 18, 25, 1), 8),
-        nic_on(&net, ip(198, 18, 25, 2), 8),
-    );
-    let (qa, qb, [(acq, ..), (bcq, ..)]) =
-        pairs_on_shared_cqs(&n1, &n2, sa(ip(198, 18, 25, 2), 1), M);
-    let sb_cq = soft_cq(&n2, &bcq);
-    let src = Buf::new(&n1, 8, Access::NONE);
-    let dst = Buf::new(&n2, 8 * M, Access::LOCAL_WRITE);
+    let rr = &round_robin(25, M);
     let mut out = [WorkCompletion::EMPTY; 16];
     for round in 0..ROUNDS {
         let k = round % M;
         // The message waits for its receive: its end comes in with nothing
         // to reap, while the last round's end had its completion last.
-        send(&qa[k], (M + k) as u64, &[src.sge(0, 8)]);
-        let visits = sb_cq.visits();
+        send(&rr.qa[k], (M + k) as u64, &[rr.src.sge(0, 8)]);
+        let visits = rr.sb_cq.visits();
         for _ in 0..WAIT_POLLS {
-            assert_eq!(bcq.poll(&mut out), 0);
+            assert_eq!(rr.bcq.poll(&mut out), 0);
         }
         if round >= M {
-            let visits = sb_cq.visits() - visits;
+            let visits = rr.sb_cq.visits() - visits;
             assert!(
                 visits <= WAIT_POLLS + 1,
                 "round {round}: {visits} visits in {WAIT_POLLS} polls"
             );
-            assert_eq!(sb_cq.ends().1, 1, "round {round}: the new end is not hot");
+            assert_eq!(
+                rr.sb_cq.ends().1,
+                1,
+                "round {round}: the new end is not hot"
+            );
         }
-        recv(&qb[k], k as u64, &[dst.sge(8 * k, 8)]);
+        recv(&rr.qb[k], k as u64, &[rr.dst.sge(8 * k, 8)]);
         let mut got = 0;
         for _ in 0..100 {
-            got += bcq.poll(&mut out);
-            got += acq.poll(&mut out);
+            got += rr.bcq.poll(&mut out);
+            got += rr.acq.poll(&mut out);
             if got == 2 {
                 break;
             }
