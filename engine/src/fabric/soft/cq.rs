@@ -136,10 +136,11 @@ fn quiet_limit(hot: usize) -> u32 {
     (IDLE_POLLS >> (3 * hot.max(1).ilog2()).min(31)).max(1)
 }
 
-/// An end attached to a CQ. It stays at its slot of `Consumer::ends` from
-/// its attachment until the CQ forgets it: the hot list, the ready list and
-/// the cooling lists name it by slot, so that it never moves (an end's
-/// reaper state is a few lines).
+/// An end attached to a CQ. A hot one is held by the hot list itself, so
+/// that a poll reaches it without a lookup (on a one-connection ping-pong,
+/// a poll is on the path of every message); a parked one waits at its slot
+/// of `Consumer::parked`, where the ready list and the cooling lists name
+/// it.
 struct Attached {
     link: Arc<Link>,
     /// Which end of `link`.
@@ -147,8 +148,8 @@ struct Attached {
     r: Reaper,
     /// Visits in a row that found nothing, up to the poll's [`quiet_limit`].
     quiet: u32,
-    /// The end is not on the hot list (idle or announced).
-    parked: bool,
+    /// The end's slot in `Consumer::parked`, its own until it is forgotten.
+    slot: u32,
     /// `Consumer::took_in` when the end last went hot: an older one is
     /// displaced, and leaves the hot list at its first visit that finds
     /// nothing while other ends are hot (module docs, "Displacement").
@@ -163,12 +164,12 @@ struct Attached {
 
 /// What the consumer owns.
 struct Consumer {
-    /// Every end attached and not forgotten, by slot; `None` at a free
-    /// slot (listed in `free`).
-    ends: Vec<Option<Attached>>,
+    /// The hot ends, visited by every poll.
+    hot: Vec<Attached>,
+    /// The idle and announced ends by slot; `None` at the slot of a hot
+    /// end and at a free slot (listed in `free`).
+    parked: Vec<Option<Attached>>,
     free: Vec<u32>,
-    /// The slots of the hot ends, visited by every poll.
-    hot: Vec<u32>,
     /// Where the next poll starts in `hot` (round robin between ends).
     cursor: usize,
     /// Take-ins of ends so far (wrapping): bumped by each poll that takes
@@ -259,16 +260,18 @@ impl Consumer {
     /// which case it goes back to the hot list, unless a producer's
     /// announcement took it (it is on the ready list then).
     fn recheck(&mut self, slot: u32, stay: u32) -> Option<bool> {
-        let a = self.ends[slot as usize]
+        let a = self.parked[slot as usize]
             .as_mut()
-            .filter(|a| a.parked && a.stay == stay)?;
+            .filter(|a| a.stay == stay)?;
         if !a.link.has_work(a.end, &mut a.r, false) && !a.link.drained(a.end, &a.r) {
             return Some(false);
         }
         if a.link.ends[a.end].presence.take_back() {
-            a.parked = false;
+            let mut a = self.parked[slot as usize]
+                .take()
+                .expect("a cooling end is parked");
             a.came_in = self.took_in;
-            self.hot.push(slot);
+            self.hot.push(a);
         }
         Some(true)
     }
@@ -276,29 +279,15 @@ impl Consumer {
     /// Takes in a newly attached end; it starts hot.
     fn add(&mut self, mut a: Attached) {
         a.came_in = self.took_in;
-        let slot = match self.free.pop() {
-            Some(s) => {
-                self.ends[s as usize] = Some(a);
-                s
-            }
+        a.slot = match self.free.pop() {
+            Some(s) => s,
             None => {
-                self.ends.push(Some(a));
-                u32::try_from(self.ends.len() - 1).expect("fewer than 2^32 ends per CQ")
+                self.parked.push(None);
+                u32::try_from(self.parked.len() - 1).expect("fewer than 2^32 ends per CQ")
             }
         };
-        let a = self.ends[slot as usize].as_ref().expect("just placed");
-        a.link.ends[a.end].presence.set_slot(slot);
-        self.hot.push(slot);
-    }
-
-    /// The end at `slot` of the hot list or the ready list.
-    #[inline(always)]
-    fn at(ends: &mut [Option<Attached>], slot: u32) -> &mut Attached {
-        // An end leaves `ends` only when it is forgotten, after it left
-        // every list.
-        ends[slot as usize]
-            .as_mut()
-            .expect("a listed slot holds an end")
+        a.link.ends[a.end].presence.set_slot(a.slot);
+        self.hot.push(a);
     }
 
     /// After a poll that saw an end drained or long quiet: parks those
@@ -310,8 +299,7 @@ impl Consumer {
         let mut marked = false;
         // An end alone on the list is never displaced.
         let alone = self.hot.len() == 1;
-        for &slot in &self.hot {
-            let a = Self::at(&mut self.ends, slot);
+        for a in &mut self.hot {
             let limit = if alone {
                 limit
             } else {
@@ -332,23 +320,24 @@ impl Consumer {
         let full = fence::light_is_full();
         let mut i = 0;
         while i < self.hot.len() {
-            let slot = self.hot[i];
-            let a = Self::at(&mut self.ends, slot);
+            let a = &mut self.hot[i];
             if a.marked {
                 a.marked = false;
                 if a.leaves() {
+                    let mut a = self.hot.swap_remove(i);
                     a.stay = a.stay.wrapping_add(1);
-                    a.parked = true;
                     if !full {
-                        self.cooling.push((slot, a.stay, ticks(), 0));
+                        self.cooling.push((a.slot, a.stay, ticks(), 0));
                     }
-                    self.hot.swap_remove(i);
+                    let slot = a.slot as usize;
+                    debug_assert!(self.parked[slot].is_none());
+                    self.parked[slot] = Some(a);
                     continue;
                 }
             }
+            let a = &self.hot[i];
             if a.link.drained(a.end, &a.r) {
-                self.ends[slot as usize] = None;
-                self.free.push(slot);
+                self.free.push(a.slot);
                 self.hot.swap_remove(i);
             } else {
                 i += 1;
@@ -369,10 +358,11 @@ struct Visit {
 
 impl Attached {
     /// Reaps the end into `out` and keeps its quiet count (`limit`: the
-    /// poll's [`quiet_limit`]). Inlined into `poll`: a call's saves and
-    /// restores cost more than its body's bookkeeping.
+    /// quiet visits after which it leaves, [`Attached::limit`], or
+    /// [`IDLE_POLLS`] for an end alone on the list). Inlined into `poll`: a
+    /// call's saves and restores cost more than its body's bookkeeping.
     #[inline(always)]
-    fn visit(&mut self, out: &mut [WorkCompletion], limit: u32, took_in: u32) -> Visit {
+    fn visit(&mut self, out: &mut [WorkCompletion], limit: u32) -> Visit {
         let (reaped, seal) = self.link.reap(self.end, &mut self.r, out);
         if seal {
             return Visit {
@@ -384,7 +374,7 @@ impl Attached {
         let mut settle = false;
         if reaped == 0 {
             self.quiet += 1;
-            settle = self.quiet >= self.limit(limit, took_in);
+            settle = self.quiet >= limit;
         } else {
             self.quiet = 0;
         }
@@ -449,9 +439,9 @@ impl SoftCq {
             id,
             shared: Arc::new(CqShared::new(depth, waker)),
             consumer: SpinLock::new(Consumer {
-                ends: Vec::new(),
-                free: Vec::new(),
                 hot: Vec::new(),
+                parked: Vec::new(),
+                free: Vec::new(),
                 cursor: 0,
                 took_in: 0,
                 cooling: Vec::new(),
@@ -477,7 +467,7 @@ impl SoftCq {
             end,
             r,
             quiet: 0,
-            parked: false,
+            slot: u32::MAX,
             came_in: 0,
             marked: false,
             stay: 0,
@@ -502,7 +492,7 @@ impl SoftCq {
     #[cfg(test)]
     pub(super) fn ends(&self) -> (usize, usize) {
         let c = self.consumer.lock();
-        (c.ends.len() - c.free.len(), c.hot.len())
+        (c.parked.len() - c.free.len(), c.hot.len())
     }
 
     /// Moves newly attached and announced ends to the hot list.
@@ -525,16 +515,16 @@ impl SoftCq {
             }
         }
         list.walk(|slot, linked| {
-            let a = Consumer::at(&mut c.ends, slot);
-            debug_assert!(a.parked, "an announced end is parked");
-            a.parked = false;
+            let mut a = c.parked[slot as usize]
+                .take()
+                .expect("an announced end is parked");
             a.came_in = c.took_in;
             let next = if linked {
                 a.link.ends[a.end].presence.next()
             } else {
                 NO_SLOT
             };
-            c.hot.push(slot);
+            c.hot.push(a);
             next
         });
     }
@@ -575,9 +565,9 @@ impl SoftCq {
                 {
                     c.visits += 1;
                 }
-                let a = Consumer::at(&mut c.ends, c.hot[0]);
+                let a = &mut c.hot[0];
                 // Alone on the list: never displaced.
-                let v = a.visit(out, IDLE_POLLS, a.came_in);
+                let v = a.visit(out, IDLE_POLLS);
                 n = v.reaped;
                 settle = v.settle;
                 if v.seal {
@@ -596,9 +586,8 @@ impl SoftCq {
                 {
                     c.visits += 1;
                 }
-                let slot = c.hot[if at < count { at } else { at - count }];
-                let a = Consumer::at(&mut c.ends, slot);
-                let v = a.visit(&mut out[n..], limit, c.took_in);
+                let a = &mut c.hot[if at < count { at } else { at - count }];
+                let v = a.visit(&mut out[n..], a.limit(limit, c.took_in));
                 n += v.reaped;
                 settle |= v.settle;
                 if v.seal {
@@ -724,11 +713,9 @@ impl CompletionQueue for SoftCq {
         if cooled || self.shared.has_ready() {
             return true;
         }
-        let Consumer { hot, ends, .. } = c;
-        hot.iter().any(|&slot| {
-            let a = Consumer::at(ends, slot);
-            a.link.has_work(a.end, &mut a.r, true)
-        })
+        c.hot
+            .iter_mut()
+            .any(|a| a.link.has_work(a.end, &mut a.r, true))
     }
 }
 
