@@ -167,7 +167,17 @@ fn a_small_send_is_one_inline_message_held_in_its_receive_until_read() {
         s.settle();
         got += ok(&s, 1, r);
     }
-    assert_eq!(s.sides[1].posted.len(), posted + 1, "re-posted once read");
+    assert_eq!(
+        s.sides[1].posted.len(),
+        posted,
+        "read: the re-post waits for the reader's next message or wait"
+    );
+    s.app_recv(1, 100, false);
+    assert_eq!(
+        s.sides[1].posted.len(),
+        posted + 1,
+        "re-posted once the reader waits"
+    );
     assert_eq!(s.sides[1].received, s.expected(1, INLINE_MAX));
     no_violations(&s);
 }
@@ -595,6 +605,144 @@ fn control_answers_are_not_starved_by_unread_data() {
     s.settle();
     assert_eq!(ok(&s, 0, r), 4000);
     assert_eq!(ok(&s, 1, big), 4000, "READ_DONE went out on the reserve");
+    no_violations(&s);
+}
+
+/// The `credits` field of the message side `i` sent last in `actions`.
+fn credits_sent(s: &mut Sim, i: usize, actions: &[Action]) -> u16 {
+    let (slot, payload) = actions
+        .iter()
+        .rev()
+        .find_map(|a| match *a {
+            Action::Send { slot, .. } => Some((slot, 0)),
+            Action::SendInline { slot, payload, .. } => Some((slot, payload.len as usize)),
+            _ => None,
+        })
+        .expect("a message was sent");
+    let head = s.m(i).head(slot).to_vec();
+    Message::decode(&head, head.len() + payload)
+        .expect("a valid header")
+        .credits
+}
+
+#[test]
+fn a_consumed_receive_is_re_posted_after_the_reply_and_announced_by_the_next() {
+    // Side 1 echoes side 0's messages as `sanbench stream_lat` does: the
+    // receive its read consumed is re-posted after the reply is posted,
+    // so the reply returns the one consumed a round before.
+    let mut s = connected(cfg(), cfg());
+    let announced = s.m(0).credits();
+    let mut off = [0u64; 2];
+    for round in 0..40 {
+        let op = s.app_send(0, off[0], 8, false);
+        ok(&s, 0, op);
+        off[0] += 8;
+        s.settle();
+        let (r, actions) = s.app_recv_actions(1, 8, false);
+        assert_eq!(ok(&s, 1, r), 8);
+        assert!(
+            !actions.iter().any(|a| matches!(a, Action::PostRecv { .. })),
+            "round {round}: the read re-posts nothing: {actions:?}"
+        );
+        let (w, actions) = s.app_send_actions(1, off[1], 8, false);
+        ok(&s, 1, w);
+        off[1] += 8;
+        let send = actions
+            .iter()
+            .position(|a| matches!(a, Action::SendInline { .. }))
+            .expect("the reply is an INLINE");
+        let post = actions
+            .iter()
+            .position(|a| matches!(a, Action::PostRecv { .. }))
+            .expect("the consumed receive is re-posted");
+        assert!(send < post, "round {round}: reply first: {actions:?}");
+        // The sim: no receive was announced before it was posted.
+        no_violations(&s);
+        let returned = credits_sent(&mut s, 1, &actions);
+        assert_eq!(returned, u16::from(round > 0), "round {round}");
+        s.settle();
+        let r = s.app_recv(0, 8, false);
+        s.settle();
+        assert_eq!(ok(&s, 0, r), 8);
+    }
+    assert!(
+        s.m(0).credits() + 2 >= announced,
+        "side 0 keeps its credits"
+    );
+    assert_eq!(s.sides[1].received, s.expected(1, 40 * 8));
+    assert_eq!(s.sides[0].received, s.expected(0, 40 * 8));
+    for i in 0..2 {
+        let st = s.m(i).stats();
+        assert_eq!((st.need_msgs, st.credit_msgs), (0, 0), "side {i}");
+    }
+    no_violations(&s);
+}
+
+#[test]
+fn holding_receives_back_never_leaves_the_peer_short() {
+    // Side 0 sends bursts that use half its credits; side 1 reads each
+    // burst, then answers once: the answer returns every receive the burst
+    // took (none held back once the peer is down to half), so the next
+    // burst needs no NEED.
+    let mut s = connected(cfg(), cfg());
+    let burst = s.m(0).credits() / 2;
+    let mut off = [0u64; 2];
+    for _ in 0..10 {
+        for _ in 0..burst {
+            let op = s.app_send(0, off[0], 8, false);
+            ok(&s, 0, op);
+            off[0] += 8;
+        }
+        s.settle();
+        for _ in 0..burst {
+            let r = s.app_recv(1, 8, false);
+            assert_eq!(ok(&s, 1, r), 8);
+        }
+        let op = s.app_send(1, off[1], 8, false);
+        ok(&s, 1, op);
+        off[1] += 8;
+        s.settle();
+        let r = s.app_recv(0, 8, false);
+        s.settle();
+        assert_eq!(ok(&s, 0, r), 8);
+    }
+    assert_eq!(s.sides[1].received, s.expected(1, off[0] as usize));
+    assert_eq!(s.m(0).stats().need_msgs, 0);
+    no_violations(&s);
+}
+
+#[test]
+fn a_receive_held_back_goes_back_to_a_need_without_further_calls() {
+    // Side 1 reads one message and then makes no call: its receive is held
+    // back. Side 0 sends until it is short of credits and asks with NEED;
+    // side 1's machine posts the receive and returns it in CREDIT_ACK.
+    let mut s = connected(cfg(), cfg());
+    let op = s.app_send(0, 0, 8, false);
+    ok(&s, 0, op);
+    s.settle();
+    let r = s.app_recv(1, 8, false);
+    assert_eq!(ok(&s, 1, r), 8);
+    let posted = s.sides[1].posted.len();
+    let mut off = 8;
+    let stuck = loop {
+        let op = s.app_send(0, off, 8, false);
+        off += 8;
+        if s.result(0, op).is_none() {
+            break op;
+        }
+        s.settle();
+        assert!(off < 100, "side 0 never ran short");
+    };
+    assert_eq!(s.m(0).stats().need_msgs, 1, "short of credits, side 0 asks");
+    s.settle();
+    assert_eq!(s.m(1).stats().credit_msgs, 1, "a CREDIT_ACK answered");
+    assert_eq!(ok(&s, 0, stuck), 8, "the receive it returned took the rest");
+    let unread = (off / 8 - 1) as usize;
+    assert_eq!(
+        s.sides[1].posted.len(),
+        posted + 1 - unread,
+        "the held-back receive was posted, the unread ones hold their messages"
+    );
     no_violations(&s);
 }
 

@@ -10,7 +10,10 @@
 //! with the right access and bounds, an application
 //! buffer is not released while an RDMA op or exposure still uses it, and
 //! (independently of the machines' own counts) no side sends without credit
-//! or spends its last credit on a message that returns none.
+//! or spends its last credit on a message that returns none, and no side
+//! announces a receive it has not posted: whenever a side sends a header
+//! or a message lands in one of its receives, its posted receives cover
+//! every counted message the peer may still send.
 
 use sanpath::switch::proto::*;
 use std::collections::{HashMap, VecDeque};
@@ -111,6 +114,10 @@ pub struct Side {
     // Independent credit accounting from the messages themselves.
     pub sim_sent: i64,
     pub sim_peer_announced: i64,
+    /// Receives this side announced (HELLO and `credits` fields sent).
+    pub sim_announced: i64,
+    /// Counted messages that landed in this side's receives.
+    pub sim_landed: i64,
     pub held_non_hello: usize,
 }
 
@@ -331,6 +338,7 @@ impl Sim {
                         s.send_cq.push_back((slot, Err(RESET)));
                     }
                 } else {
+                    self.check_announced(i, &bytes);
                     self.wires[i].push_back(Wire {
                         bytes,
                         send_slot: slot,
@@ -577,6 +585,35 @@ impl Sim {
         }
     }
 
+    /// Side `i` sends `bytes`: the receives it announced, this header's
+    /// included, must all be posted, but for those the peer's counted
+    /// messages already took.
+    fn check_announced(&mut self, i: usize, bytes: &[u8]) {
+        let Ok(m) = Message::decode(bytes, bytes.len()) else {
+            return;
+        };
+        let s = &mut self.sides[i];
+        s.sim_announced += i64::from(m.credits);
+        if let Body::Hello { recv_slots, .. } = m.body {
+            s.sim_announced += i64::from(recv_slots);
+        }
+        self.check_posted(i, &format!("sending {m:?}"));
+    }
+
+    /// Side `i`'s posted receives cover every counted message its peer may
+    /// still send (`when` names the event).
+    fn check_posted(&mut self, i: usize, when: &str) {
+        let s = &self.sides[i];
+        let owed = s.sim_announced - s.sim_landed;
+        if (s.posted.len() as i64) < owed {
+            let posted = s.posted.len();
+            self.violation(
+                i,
+                format!("{owed} receives announced, {posted} posted, {when}"),
+            );
+        }
+    }
+
     /// Message `w` from side `from` lands in side `to`'s next posted receive.
     fn land(&mut self, from: usize, to: usize, w: Wire) {
         let t = &mut self.sides[to];
@@ -593,6 +630,16 @@ impl Sim {
             if let Body::Hello { recv_slots, .. } = m.body {
                 self.sides[to].sim_peer_announced += i64::from(recv_slots);
             }
+            let counted = match m.body {
+                // Side 1 accepts: its HELLO is counted.
+                Body::Hello { .. } => from == 1,
+                Body::Need | Body::CreditAck => false,
+                _ => true,
+            };
+            if counted {
+                self.sides[to].sim_landed += 1;
+            }
+            self.check_posted(to, &format!("after {m:?} landed"));
         }
         self.sides[to].recv_cq.push_back((slot, Ok(w.bytes)));
         if w.report {
@@ -775,14 +822,25 @@ impl Sim {
 
     /// Side `i` sends `len` bytes of its stream starting at `stream_off`.
     pub fn app_send(&mut self, i: usize, stream_off: u64, len: usize, nonblocking: bool) -> OpId {
+        self.app_send_actions(i, stream_off, len, nonblocking).0
+    }
+
+    /// [`Sim::app_send`], also returning the actions side `i` yielded for
+    /// it, in order (each executed before the next is polled).
+    pub fn app_send_actions(
+        &mut self,
+        i: usize,
+        stream_off: u64,
+        len: usize,
+        nonblocking: bool,
+    ) -> (OpId, Vec<Action>) {
         let op = self.new_op();
         let buf = (0..len as u64)
             .map(|k| pattern(i, stream_off + k))
             .collect();
         self.sides[i].ops.insert(op, AppOp { send: true, buf });
         self.m(i).app_send(op, len as u64, nonblocking);
-        self.drain(i);
-        op
+        (op, self.drain_seen(i))
     }
 
     pub fn app_recv(&mut self, i: usize, cap: usize, nonblocking: bool) -> OpId {
@@ -806,12 +864,17 @@ impl Sim {
             },
         );
         self.m(i).app_recv(op, cap as u64, nonblocking);
+        (op, self.drain_seen(i))
+    }
+
+    /// [`Sim::drain`], returning the actions executed.
+    fn drain_seen(&mut self, i: usize) -> Vec<Action> {
         let mut seen = Vec::new();
         while let Some(a) = self.sides[i].m.as_mut().and_then(Connection::poll_action) {
             seen.push(a);
             self.exec(i, a);
         }
-        (op, seen)
+        seen
     }
 
     pub fn result(&self, i: usize, op: OpId) -> Option<Result<u64, Error>> {

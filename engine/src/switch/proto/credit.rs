@@ -4,8 +4,9 @@
 //! A *credit* is one receive the peer posted and announced. Counted
 //! messages (all but the connector's HELLO, NEED and CREDIT_ACK) each take
 //! one; the receiver re-posts the buffer once the message is consumed and
-//! announces it again in the `credits` field of a later header. The rules
-//! that keep a connection free of deadlock:
+//! announces it again in the `credits` field of a later header, never
+//! before the re-post (a credit is a posted receive: the peer's message
+//! never finds none). The rules that keep a connection free of deadlock:
 //!
 //! * **Payload** (DATA, READ_OFFER, WRITE_REQUEST, FIN) needs more than
 //!   [`RESERVE`] credits: unread data can never fill the last `RESERVE`
@@ -19,6 +20,13 @@
 //!   credits) as soon as it has re-posted receives. At most one of each is
 //!   in flight per direction, so [`SLACK`] receives beyond those announced
 //!   always hold them.
+//! * **Re-posts may wait**, off the path of a reply (the machine's
+//!   `repost`): the receive of a consumed counted message may stay
+//!   un-posted, and so unannounced, while the peer holds more than half of
+//!   this side's HELLO announcement and more than `RESERVE + 1` credits
+//!   ([`Credits::may_hold_back`]).
+//!   So holding receives back never leaves the peer short of credits, and
+//!   a NEED, which is answered only once they are posted, still finds them.
 
 use super::error::Error;
 
@@ -53,6 +61,8 @@ pub(super) struct Credits {
     /// Receives this side announced: its HELLO count plus every `credits`
     /// field it sent.
     announced: u64,
+    /// Its HELLO count (`recv_slots - SLACK`).
+    hello: u64,
     /// Counted messages received. The peer keeps `received <= announced`;
     /// more is [`Error::CreditViolation`].
     received: u64,
@@ -66,6 +76,7 @@ impl Credits {
     /// This side announces `n` receives in its HELLO.
     pub(super) fn announce_hello(&mut self, n: u64) {
         self.announced = n;
+        self.hello = n;
     }
 
     /// The peer's HELLO announced `n` receives.
@@ -134,6 +145,16 @@ impl Credits {
     pub(super) fn reposted(&mut self) {
         self.pending += 1;
     }
+
+    /// Whether the receive of a counted message just consumed may wait to
+    /// be re-posted: the peer holds more than half of this side's HELLO
+    /// announcement, and more than `RESERVE + 1` credits (announced, less
+    /// the counted messages received: re-posts not announced yet do not
+    /// count).
+    pub(super) fn may_hold_back(&self) -> bool {
+        let peer = self.announced.saturating_sub(self.received);
+        2 * peer > self.hello && peer > u64::from(RESERVE) + 1
+    }
 }
 
 #[cfg(test)]
@@ -155,6 +176,29 @@ mod tests {
         assert!(c.may_send(Class::Control) && c.may_send(Class::Credit));
         assert_eq!(c.take_returns(), 1);
         assert_eq!(c.pending(), 0);
+    }
+
+    #[test]
+    fn a_re_post_waits_only_while_the_peer_keeps_more_than_half() {
+        let mut c = Credits::default();
+        c.announce_hello(6);
+        c.peer_hello(6);
+        for _ in 0..2 {
+            assert_eq!(c.on_counted(), Ok(()));
+        }
+        assert!(c.may_hold_back(), "4 of 6 left");
+        assert_eq!(c.on_counted(), Ok(()));
+        assert!(!c.may_hold_back(), "3 of 6 left: half");
+        c.reposted();
+        assert!(!c.may_hold_back(), "a re-post counts once announced");
+        assert_eq!(c.take_returns(), 1);
+        assert!(c.may_hold_back());
+        // A small announcement keeps RESERVE + 1 beyond what is held back.
+        let mut c = Credits::default();
+        c.announce_hello(4);
+        assert!(c.may_hold_back());
+        assert_eq!(c.on_counted(), Ok(()));
+        assert!(!c.may_hold_back(), "3 left: RESERVE + 1");
     }
 
     #[test]

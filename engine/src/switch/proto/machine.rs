@@ -88,6 +88,9 @@ enum RecvSlot {
     Posted,
     /// Holds an item of the incoming stream not yet consumed.
     Held,
+    /// Its counted message was consumed; the re-post waits (in
+    /// `Connection::unposted`, see `Connection::repost`).
+    Consumed,
     /// Neither (completed after the connection failed).
     Idle,
 }
@@ -374,6 +377,12 @@ pub struct Connection {
     ring_busy: Vec<Option<DirectWrite>>,
     /// State of each receive buffer.
     recv_slots: Vec<RecvSlot>,
+    /// The `Consumed` receive buffers, to post (and then announce) after
+    /// this side's next message, before a CREDIT, when the peer's NEED
+    /// arrives or a receive may not wait, or when the application waits
+    /// for data (see `repost`). Never holds more than the peer can miss
+    /// (`Credits::may_hold_back`); empty once the connection failed.
+    unposted: Vec<u16>,
     /// Free RDMA op slots. Invariant: exactly the `None`s of `rdma_use`.
     free_rdma: Vec<u16>,
     /// What each RDMA op slot is used for.
@@ -439,6 +448,7 @@ impl Connection {
             sends_posted: VecDeque::with_capacity(usize::from(n_send)),
             ring_busy: vec![None; usize::from(n_send)],
             recv_slots: vec![RecvSlot::Posted; n_recv],
+            unposted: Vec::with_capacity(n_recv),
             free_rdma: (0..n_rdma).rev().collect(),
             rdma_use: vec![None; usize::from(n_rdma)],
             next_xfer: 1,
@@ -624,8 +634,12 @@ impl Connection {
             busy: Busy::No,
         });
         // With nothing received, a blocking receive just waits: the pass
-        // would find nothing to serve, and nothing it sends changed.
+        // would find nothing to serve, and nothing it sends changed. Its
+        // thread has nothing else to do: the receives held back are posted
+        // (not at a `try_recv`'s `WouldBlock`, which an event loop meets
+        // before it writes its reply).
         if self.inbox.is_empty() && self.error.is_none() && !nonblocking {
+            self.post_unposted();
             return;
         }
         self.progress();
@@ -1329,6 +1343,7 @@ impl Connection {
     // ------------------------------------------------------------------
 
     fn progress(&mut self) {
+        let seq = self.send_seq;
         self.serve_recvs();
         if self.error.is_some() {
             self.reap();
@@ -1337,6 +1352,10 @@ impl Connection {
         }
         self.start_writes();
         self.flush_out();
+        if self.send_seq != seq {
+            // After this pass's messages: a reply goes out first.
+            self.post_unposted();
+        }
     }
 
     /// Sends a CREDIT carrying the ring ack if half the ring was read and
@@ -1347,10 +1366,12 @@ impl Connection {
             && self.error.is_none()
             && self.phase == Phase::Open
             && !self.free_send.is_empty()
-            && self.credits.may_send(Class::Control)
         {
-            self.stats.credit_msgs += 1;
-            self.emit(Body::Credit, None);
+            self.post_unposted();
+            if self.credits.may_send(Class::Control) {
+                self.stats.credit_msgs += 1;
+                self.emit(Body::Credit, None);
+            }
         }
     }
 
@@ -1516,15 +1537,15 @@ impl Connection {
             short_of_credit |= self.pump();
         }
         let batch = u64::from(self.cfg.credit_batch);
-        if batch > 0
-            && self.credits.pending() >= batch
-            && !self.free_send.is_empty()
-            && self.credits.may_send(Class::Credit)
-        {
-            self.stats.credit_msgs += 1;
-            self.emit(Body::Credit, None);
+        if batch > 0 && self.owed() >= batch && !self.free_send.is_empty() {
+            self.post_unposted();
+            if self.credits.may_send(Class::Credit) {
+                self.stats.credit_msgs += 1;
+                self.emit(Body::Credit, None);
+            }
         }
         if self.ring_rx.ack_due() && !self.free_send.is_empty() {
+            self.post_unposted();
             // Half the ring is read: give the space back without waiting
             // for a message to carry it.
             if self.credits.may_send(Class::Control) {
@@ -1550,9 +1571,13 @@ impl Connection {
             && self.control.is_empty()
             && self.sends.is_empty()
             && self.fin != Fin::Queued
-            && (self.cfg.credit_batch == 0
-                || self.credits.pending() < u64::from(self.cfg.credit_batch))
+            && (self.cfg.credit_batch == 0 || self.owed() < u64::from(self.cfg.credit_batch))
             && !self.ring_rx.ack_due()
+    }
+
+    /// Receives consumed and not announced: re-posted, or held back.
+    fn owed(&self) -> u64 {
+        self.credits.pending() + self.unposted.len() as u64
     }
 
     /// Sends payload in application order, then FIN. Returns whether it
@@ -1764,6 +1789,9 @@ impl Connection {
         self.error = Some(e);
         self.control.clear();
         self.transfers.clear();
+        for slot in std::mem::take(&mut self.unposted) {
+            self.recv_slots[usize::from(slot)] = RecvSlot::Idle;
+        }
         let live: Vec<(u64, Desc)> = self
             .exposures
             .iter()
@@ -1832,8 +1860,13 @@ impl Connection {
         xfer
     }
 
-    /// Re-posts receive `slot`; a counted message's receive is owed to the
-    /// peer. Not once the connection failed.
+    /// Receive `slot`'s message was consumed: re-posts it, or (a counted
+    /// message's, while the peer can do without it and has no NEED
+    /// unanswered) holds it back in `unposted`. A re-post costs the driver
+    /// a provider call, and the message consumed is often one a reply
+    /// answers: held back, the re-post follows that reply (`progress`)
+    /// instead of delaying it. A counted message's receive is owed to the
+    /// peer once re-posted, never before. Not once the connection failed.
     #[inline(always)]
     fn repost(&mut self, slot: u16, counted: bool) {
         let i = usize::from(slot);
@@ -1841,10 +1874,33 @@ impl Connection {
             self.recv_slots[i] = RecvSlot::Idle;
             return;
         }
-        self.recv_slots[i] = RecvSlot::Posted;
+        if counted && !self.need_from_peer && self.credits.may_hold_back() {
+            self.recv_slots[i] = RecvSlot::Consumed;
+            self.unposted.push(slot);
+            return;
+        }
+        // The peer runs low, asked for credits, or sent NEED or CREDIT_ACK
+        // into this slack receive: everything now.
+        self.post_unposted();
+        self.post_recv(slot, counted);
+    }
+
+    /// Posts receive `slot`; a counted message's is owed to the peer.
+    #[inline(always)]
+    fn post_recv(&mut self, slot: u16, counted: bool) {
+        self.recv_slots[usize::from(slot)] = RecvSlot::Posted;
         self.actions.push_back(Action::PostRecv { slot });
         if counted {
             self.credits.reposted();
+        }
+    }
+
+    /// Posts the receives held back (`unposted`); the next header returns
+    /// them.
+    #[inline]
+    fn post_unposted(&mut self) {
+        while let Some(slot) = self.unposted.pop() {
+            self.post_recv(slot, true);
         }
     }
 

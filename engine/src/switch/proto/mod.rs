@@ -16,7 +16,10 @@
 //!   posted receive. A receive is re-posted once what it holds was
 //!   consumed: control messages and DATA at once (DATA's bytes stay in the
 //!   ring), INLINE once its payload was copied out, an offer or write
-//!   request when it was transferred, FIN never.
+//!   request when it was transferred, FIN never; while the peer holds more
+//!   than half its credits, a counted message's re-post waits until after
+//!   this side's next message (so a reply is not delayed by it), a CREDIT,
+//!   the peer's NEED, or a blocking receive that finds nothing to read.
 //! * **The ring** (`ring.rs`): a DATA says where in the receiver's ring the
 //!   sender wrote its bytes (the next free byte, never across the ring's
 //!   end); every header's `ack` returns the ring bytes the sender consumed
@@ -38,7 +41,7 @@
 //!   message needs a credit; payload keeps a reserve of [`RESERVE`] for
 //!   control answers; the last credit goes only to a message that returns
 //!   credits; every header returns the receives re-posted since the last
-//!   one; a side short of credits sends NEED and the peer answers with
+//!   one (never one not posted yet); a side short of credits sends NEED and the peer answers with
 //!   CREDIT_ACK as soon as it has receives to return (both outside the
 //!   count, in [`SLACK`] receives). With `credit_batch > 0` a CREDIT also
 //!   goes unasked once that many are owed.
