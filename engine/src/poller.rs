@@ -634,6 +634,19 @@ impl Progress {
         }
     }
 
+    /// Prepares a run-to-completion wait that polls only CQ `only` to
+    /// sleep: arms that CQ alone, the one whose completions it reaps (as
+    /// [`Progress::arm`] without it). Another CQ would wake it for
+    /// completions it leaves to others, and one that another thread is
+    /// polling says "completions waiting" (see `arm`), which kept the
+    /// waiter from ever sleeping while any other thread polled.
+    pub fn arm_only(&self, only: Option<usize>) -> bool {
+        match (self.mode, only) {
+            (PollerMode::RunToCompletion, Some(i)) => self.cqs.get(i).is_some_and(|cq| cq.arm()),
+            _ => self.arm(),
+        }
+    }
+
     /// Threads mode: how a thread that reaped CQ `index` while it waited
     /// sleeps on `then` once it spun its budget: it hands the CQ back to the
     /// CQ's poller first ([`lane`]). `None` in run-to-completion mode.

@@ -50,6 +50,12 @@ impl<T> SpinLock<T> {
         Some(SpinGuard { lock: self })
     }
 
+    /// Whether a guard exists now (a hint: it may be dropped or taken
+    /// right after).
+    pub(crate) fn is_locked(&self) -> bool {
+        self.locked.load(Ordering::Relaxed)
+    }
+
     /// The guard, waiting for the holder (spinning a little, then yielding
     /// the core: on two cores the holder may need it).
     pub(crate) fn lock(&self) -> SpinGuard<'_, T> {

@@ -507,7 +507,7 @@ impl Inner {
                     .with_guard(Duration::from_millis(50));
                 // An armed CQ's completion (or another thread's dispatch)
                 // wakes the sleeper.
-                let arm = || run.progress.arm();
+                let arm = || run.progress.arm_only(only);
                 self.spin_then_sleep(run, deadline, only, idle, &*run.rtc_notifier, arm, done)
             }
         }

@@ -22,6 +22,11 @@
 //!   receiving end's reaper; when the receiving end is not reaped (no thread
 //!   polls its CQ) the sending end's reaper takes over after
 //!   [`HELP_AFTER`] polls, as a NIC moves data without the host's CPU.
+//!   It does not while the matcher is at work (its lock held: copying a
+//!   long message takes tens of microseconds): it may sleep, as the matcher
+//!   publishes and wakes both ends when done, and one that leaves without
+//!   consuming anything wakes the sender. A sender spinning through such a
+//!   copy took the CPU time, on a shared machine, that the copier needed.
 //! - **Reaping**: each CQ is written by one thread only, its consumer: the
 //!   completions of an end are not queued anywhere but read off its send and
 //!   receive queues in posting order when its CQ is polled (a send is done
@@ -66,7 +71,7 @@ use super::wq::{EndQueues, RecvView, RqPoster, RqReaper, SqKind, SqPoster, SqRea
 use super::{lock, NicShared};
 use crate::fabric::lkey_cache::LkeyCache;
 use crate::fabric::*;
-use crate::spin::SpinLock;
+use crate::spin::{SpinGuard, SpinLock};
 use crossbeam_utils::CachePadded;
 use std::net::SocketAddrV4;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
@@ -649,6 +654,12 @@ impl Link {
 
     /// Records that request `sq_index` of `end` failed with `status` after
     /// it was queued (a fault's watchdog), and breaks.
+    /// The matcher of direction `d`, held as a copier holds it (tests).
+    #[cfg(test)]
+    pub(super) fn hold_matcher(&self, d: usize) -> SpinGuard<'_, CellConsumer> {
+        self.dirs[d].matcher.consumer.lock()
+    }
+
     #[cfg(feature = "fault-injection")]
     pub(super) fn fail_queued(
         &self,
@@ -707,12 +718,31 @@ impl Link {
         if acked > pa.load(Ordering::Relaxed) {
             pa.store(acked, Ordering::Release);
         }
+        self.release_matcher(d, m);
+        seal
+    }
+
+    /// Publishes what the matcher `m` of direction `d` consumed, lets it
+    /// go and wakes both ends if it consumed anything. If not, wakes the
+    /// sending end: it may have gone to sleep trusting the holder of this
+    /// lock with a message the holder did not see (`copying`), and must
+    /// take it itself (the rule of the module docs, the lock word as the
+    /// work).
+    pub(super) fn release_matcher(&self, d: usize, m: SpinGuard<'_, CellConsumer>) {
         let moved = m.publish();
         drop(m);
         if moved {
             self.wake([true, true]);
+        } else {
+            self.wake([d == 0, d == 1]);
         }
-        seal
+    }
+
+    /// Whether someone holds the matcher of direction `d` (it is matching,
+    /// and publishes and wakes both ends when done; a hint, read without
+    /// ordering).
+    fn copying(&self, d: usize) -> bool {
+        self.dirs[d].matcher.consumer.is_locked()
     }
 
     /// Whether direction `d` has a message its receiver has a receive for.
@@ -893,8 +923,10 @@ impl Link {
             let sent = r.sent;
             match e.kind {
                 SqKind::Cell { index, .. } if index < sent || sealed => return true,
-                _ if self.matchable(end) => {
-                    // The peer is not taking it: match it ourselves.
+                _ if self.matchable(end) && !self.copying(end) => {
+                    // The peer is not taking it: match it ourselves. (A
+                    // matcher at work publishes, and wakes this end's CQ,
+                    // when done; one that leaves the message wakes it.)
                     r.help_now |= help;
                     return true;
                 }

@@ -2155,3 +2155,108 @@ fn parked_ends_do_not_cool_with_full_fences() {
     }
     assert_eq!(got, [(1, WcStatus::Success)]);
 }
+
+/// A sender whose message the receiving end's matcher is copying (its
+/// lock held) may sleep: `arm` does not claim the message for it to match
+/// (it spun through every long copy, taking the CPU time the copier needed
+/// on a shared machine). The matcher's publish wakes it; a matcher that
+/// lets go having consumed nothing wakes it too, and it then takes the
+/// message itself.
+#[test]
+fn a_sender_sleeps_while_the_matcher_copies_and_is_woken_when_it_ends() {
+    let Watched {
+        n,
+        cq,
+        waker,
+        woken,
+        a,
+        b,
+        _keep,
+    } = watched_loopback(26);
+    let (link, end) = lock(&n.shared.qps)[&b.num().0].clone();
+    let link = link.upgrade().expect("a live queue pair");
+    let src = Buf::with(&n, 4096, Access::NONE, |i| i as u8);
+    let dst = Buf::zeroed(&n, 2 * 4096, Access::LOCAL_WRITE);
+    for (i, wr_id) in [10, 11].into_iter().enumerate() {
+        recv(&a, wr_id, &[dst.sge(i * 4096, 4096)]);
+        send(&b, wr_id + 10, &[src.sge(0, 4096)]);
+    }
+    // The receiving end's matcher at work: the sender's CQ may sleep.
+    let m = link.hold_matcher(end);
+    assert!(
+        !cq.arm(),
+        "a sender arming while its message is being matched may sleep"
+    );
+    assert_eq!(waker.count(), 0);
+    // It lets go having consumed nothing (it looked before the messages
+    // were there): the sender is woken and matches them itself.
+    link.release_matcher(end, m);
+    woken
+        .recv_timeout(WAIT)
+        .expect("a matcher leaving the messages wakes the sender");
+    assert!(cq.arm(), "nobody matches them now: the sender does");
+    let mut got = Vec::new();
+    let deadline = std::time::Instant::now() + WAIT;
+    while got.len() < 2 {
+        let mut out = [WorkCompletion::EMPTY; 8];
+        let k = cq.poll(&mut out);
+        got.extend(statuses(&out[..k]));
+        assert!(std::time::Instant::now() < deadline, "sends not done");
+    }
+    assert_eq!(got, [(20, WcStatus::Success), (21, WcStatus::Success)]);
+    assert_eq!(dst.mem[..4096], src.mem[..]);
+    assert_eq!(dst.mem[4096..], src.mem[..]);
+}
+
+/// A run-to-completion wait that polls one CQ arms that CQ alone: work on
+/// another CQ does not wake it (it would only find nothing to reap), and
+/// another CQ being polled does not keep it awake (a soft CQ whose poll
+/// holds its lock answers an arm with "completions waiting").
+#[test]
+fn a_wait_on_one_cq_arms_only_that_cq() {
+    use crate::config::{Config, PollerMode};
+    use crate::poller::Progress;
+    let net = SoftNetwork::new();
+    let n = nic_on(&net, ip(198, 18, 27, 1), 4);
+    let mut config = Config::default();
+    config.poller.mode = PollerMode::RunToCompletion;
+    config.poller.count = 2;
+    let (front, woken) = Probe::new();
+    let progress = Progress::start(&*n, &config, front.clone()).unwrap();
+    // A connection whose two ends complete on CQ 1.
+    let (lev, _lrx) = Probe::new();
+    let l = n.listen(sa(ip(198, 18, 27, 1), 1), 4, lev).unwrap();
+    let ev = Probe::new().0;
+    let on_cq1 = || QpParams {
+        cq: progress.cq_id(1),
+        send_depth: 8,
+        recv_depth: 8,
+        max_sge: 4,
+        events: ev.clone(),
+    };
+    let (tx, rx) = mpsc::channel();
+    n.connect(
+        sa(ip(198, 18, 27, 1), 2),
+        sa(ip(198, 18, 27, 1), 1),
+        on_cq1(),
+        Box::new(move |r| tx.send(r).unwrap()),
+    )
+    .unwrap();
+    let b = l.peek().unwrap().accept(on_cq1()).unwrap();
+    let a = rx.recv_timeout(WAIT).unwrap().unwrap();
+    let buf = Buf::new(&n, 64, Access::LOCAL_WRITE);
+    let exchange = |wr_id: WrId| {
+        recv(&b, wr_id, &[buf.sge(0, 8)]);
+        send(&a, wr_id + 1, &[buf.sge(32, 8)]);
+    };
+    assert!(!progress.arm_only(Some(0)));
+    exchange(1);
+    assert_eq!(front.count(), 0, "CQ 1's work woke a wait on CQ 0");
+    // Armed the same way for CQ 1 (which has work already, and says so:
+    // the request stays), its work wakes.
+    assert!(progress.arm_only(Some(1)));
+    exchange(3);
+    woken
+        .recv_timeout(WAIT)
+        .expect("CQ 1's work wakes a wait on CQ 1");
+}
