@@ -791,9 +791,10 @@ impl Runner<'_> {
         );
         if t == Test::SendBw && size >= 1 << 16 && ratio_memcpy < 0.5 {
             self.note(
-                "send_bw below memcpy: the soft NIC copies a send in whichever thread posts \
-                 second (the send, or the receive it waited for), so both cores copy through \
-                 the same buffers and their cache lines move between cores",
+                "send_bw below memcpy: the receiving thread copies each send into its posted \
+                 receive (the sender only when the receiver does not poll), pulling the lines \
+                 the sender wrote from the other core; on a loaded machine that thread also \
+                 gets less of its core than the memcpy baseline did",
             );
         }
         let rounds: Vec<Value> = eng

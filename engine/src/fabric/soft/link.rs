@@ -652,14 +652,14 @@ impl Link {
         }
     }
 
-    /// Records that request `sq_index` of `end` failed with `status` after
-    /// it was queued (a fault's watchdog), and breaks.
     /// The matcher of direction `d`, held as a copier holds it (tests).
     #[cfg(test)]
     pub(super) fn hold_matcher(&self, d: usize) -> SpinGuard<'_, CellConsumer> {
         self.dirs[d].matcher.consumer.lock()
     }
 
+    /// Records that request `sq_index` of `end` failed with `status` after
+    /// it was queued (a fault's watchdog), and breaks.
     #[cfg(feature = "fault-injection")]
     pub(super) fn fail_queued(
         &self,
