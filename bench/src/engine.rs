@@ -15,6 +15,7 @@ use sanpath::spi::*;
 use sanpath::testkit::{self, CompletingSwitch};
 use sanpath::{Config, WsaError};
 use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -215,7 +216,7 @@ impl Bench {
 
     /// RDMA read of the peer's buffer; full round trip per sample.
     pub fn read_lat(&self, size: usize, iters: usize) -> Res<Lat> {
-        self.c.read_lat(size, iters)
+        self.with_target_progress(|| self.c.read_lat(size, iters))
     }
 
     /// Streaming sends with a window; the receiver keeps a window posted.
@@ -232,11 +233,43 @@ impl Bench {
     }
 
     pub fn write_bw(&self, size: usize, msgs: usize) -> Res<Bw> {
-        self.c.rdma_bw(size, msgs, true)
+        self.with_target_progress(|| self.c.rdma_bw(size, msgs, true))
     }
 
     pub fn read_bw(&self, size: usize, msgs: usize) -> Res<Bw> {
-        self.c.rdma_bw(size, msgs, false)
+        self.with_target_progress(|| self.c.rdma_bw(size, msgs, false))
+    }
+
+    /// Runs `client`, a one-sided test's initiator, while the target side
+    /// polls its socket on its own core when the fabric needs it for the
+    /// initiator's RDMA to land (`Side::target_progress`: shm), as the
+    /// two-process server does; else runs `client` alone.
+    fn with_target_progress<T>(&self, client: impl FnOnce() -> T) -> T {
+        if !self.s.needs_target_progress() {
+            return client();
+        }
+        /// Tells the target's thread to stop when the client returns or
+        /// unwinds, so that the scope's join never waits forever.
+        struct Stop<'a>(&'a AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Release);
+            }
+        }
+        let done = AtomicBool::new(false);
+        std::thread::scope(|sc| {
+            sc.spawn(|| {
+                pin(self.s.core);
+                while !done.load(Ordering::Acquire) {
+                    self.s.make_target_progress();
+                    if self.s.yielding {
+                        std::thread::yield_now();
+                    }
+                }
+            });
+            let _stop = Stop(&done);
+            client()
+        })
     }
 }
 
@@ -593,5 +626,39 @@ impl Drop for Bench {
         // Closes both sockets (aborting the server's last posted receive)
         // before the regions are unmapped.
         let _ = self.p.cleanup();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    /// One-sided tests on the shm fabric in one process, run to completion
+    /// (no engine thread polls for the target): the initiator's RDMA lands
+    /// only if the target side polls, which `Bench` does for it. Bounded:
+    /// without that progress the first op never completes. (The target's
+    /// thread spins; on a loaded machine the test only takes longer.)
+    #[test]
+    fn one_sided_tests_on_shm_in_one_process_end() {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut c = Config::default();
+            c.fabric.kind = FabricKind::Shm;
+            tune(&mut c, Mode::Rtc);
+            let b = Bench::new(c, None).expect("a connected pair on shm");
+            let r = (
+                b.write_bw(4096, 256).map(|bw| bw.msgs),
+                b.read_bw(4096, 256).map(|bw| bw.msgs),
+                b.read_lat(8, 50).map(|lat| lat.count()),
+            );
+            let _ = tx.send(r);
+        });
+        let (w, r, l) = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("write_bw, read_bw and read_lat on shm ended within 60 s");
+        assert_eq!(w.expect("write_bw"), 256);
+        assert_eq!(r.expect("read_bw"), 256);
+        assert_eq!(l.expect("read_lat"), 50);
     }
 }
