@@ -746,6 +746,57 @@ fn a_receive_held_back_goes_back_to_a_need_without_further_calls() {
     no_violations(&s);
 }
 
+/// Lands `m` (and `payload` after its header) in one of side `i`'s posted
+/// receives, as if the peer had sent it, and executes what side `i` does
+/// about it.
+fn deliver(s: &mut Sim, i: usize, m: Message, payload: &[u8]) {
+    let mut head = [0u8; MAX_HEAD];
+    let n = m.encode(&mut head);
+    let bytes = [&head[..n], payload].concat();
+    let slot = s.sides[i].posted.pop_front().expect("a posted receive");
+    s.m(i).recv_done(slot, Ok((&bytes, bytes.len())));
+    s.drain(i);
+}
+
+/// The peer's message `seq`, returning no credits.
+fn no_credits(seq: u32, body: Body) -> Message {
+    Message {
+        credits: 0,
+        seq,
+        ack: 0,
+        body,
+    }
+}
+
+#[test]
+fn a_receive_consumed_after_a_need_is_posted_at_once_and_answered() {
+    // Side 1 holds a consumed receive back only while side 0 can do
+    // without it. An unanswered NEED says it cannot, even while side 0
+    // still holds most of its credits by side 1's count: the INLINE read
+    // after the NEED is re-posted at once and returned in a CREDIT_ACK.
+    let mut s = connected(cfg(), cfg());
+    deliver(&mut s, 1, no_credits(1, Body::Need), &[]);
+    assert_eq!(
+        s.m(1).stats().credit_msgs,
+        0,
+        "nothing consumed yet to return"
+    );
+    deliver(&mut s, 1, no_credits(2, Body::Inline { len: 1 }), &[7]);
+    let (r, actions) = s.app_recv_actions(1, 8, false);
+    assert_eq!(ok(&s, 1, r), 1);
+    assert!(
+        actions.iter().any(|a| matches!(a, Action::PostRecv { .. })),
+        "the consumed receive is re-posted, not held back: {actions:?}"
+    );
+    assert_eq!(s.m(1).stats().credit_msgs, 1, "the CREDIT_ACK went out");
+    assert_eq!(
+        credits_sent(&mut s, 1, &actions),
+        1,
+        "returning that receive"
+    );
+    assert!(s.sides[1].aborted.is_none());
+}
+
 #[test]
 fn credit_violation_ends_the_connection() {
     let mut s = connected(cfg(), cfg());
@@ -755,22 +806,11 @@ fn credit_violation_ends_the_connection() {
     let mut err = None;
     for seq in 1..=100u32 {
         let r = s.app_recv(1, 10, false);
-        let m = Message {
-            credits: 0,
-            seq,
-            ack: 0,
-            body: Body::Data {
-                offset: seq - 1,
-                len: 1,
-            },
+        let data = Body::Data {
+            offset: seq - 1,
+            len: 1,
         };
-        let mut head = [0u8; MAX_HEAD];
-        let n = m.encode(&mut head);
-        let bytes = head[..n].to_vec();
-        let slot = s.sides[1].posted.pop_front().expect("posted");
-        let len = bytes.len();
-        s.m(1).recv_done(slot, Ok((&bytes, len)));
-        s.drain(1);
+        deliver(&mut s, 1, no_credits(seq, data), &[]);
         if let Some(e) = s.sides[1].aborted {
             err = Some(e);
             break;
@@ -796,11 +836,7 @@ fn peer_returning_too_many_credits_is_a_violation() {
         ack: 0,
         body: Body::Credit,
     };
-    let mut head = [0u8; MAX_HEAD];
-    let n = m.encode(&mut head);
-    let slot = s.sides[1].posted.pop_front().unwrap();
-    s.m(1).recv_done(slot, Ok((&head[..n], n)));
-    s.drain(1);
+    deliver(&mut s, 1, m, &[]);
     assert_eq!(s.sides[1].aborted, Some(Error::CreditOverflow));
 }
 
@@ -870,17 +906,7 @@ fn malformed_message_fails_pending_ops_with_a_clear_error() {
 #[test]
 fn out_of_sequence_message_is_rejected() {
     let mut s = connected(cfg(), cfg());
-    let m = Message {
-        credits: 0,
-        seq: 7,
-        ack: 0,
-        body: Body::Fin,
-    };
-    let mut head = [0u8; MAX_HEAD];
-    let n = m.encode(&mut head);
-    let slot = s.sides[1].posted.pop_front().unwrap();
-    s.m(1).recv_done(slot, Ok((&head[..n], n)));
-    s.drain(1);
+    deliver(&mut s, 1, no_credits(7, Body::Fin), &[]);
     assert_eq!(
         s.sides[1].aborted,
         Some(Error::Protocol("message out of sequence"))
@@ -906,17 +932,7 @@ fn unexpected_messages_are_protocol_errors() {
     ];
     for body in bodies {
         let mut s = connected(cfg(), cfg());
-        let m = Message {
-            credits: 0,
-            seq: 1,
-            ack: 0,
-            body,
-        };
-        let mut head = [0u8; MAX_HEAD];
-        let n = m.encode(&mut head);
-        let slot = s.sides[1].posted.pop_front().unwrap();
-        s.m(1).recv_done(slot, Ok((&head[..n], n)));
-        s.drain(1);
+        deliver(&mut s, 1, no_credits(1, body), &[]);
         assert!(
             matches!(s.sides[1].aborted, Some(Error::Protocol(_))),
             "{body:?}: {:?}",
