@@ -62,6 +62,16 @@ const PORT: u16 = 18600;
 /// close owes): a broken run fails, never hangs.
 const RAW_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The sockets a run of `conn_scale` measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub enum Api {
+    /// Raw SPI sockets (`spi_send` rows).
+    SpiSend,
+    /// The reference switch's streams (`stream` rows; soft fabric only).
+    Stream,
+}
+
 /// One connection count's figures.
 pub struct Scale {
     /// `spi_send` (raw SPI sockets) or `stream` (the reference switch).
@@ -612,13 +622,16 @@ pub fn run_streams(
     })
 }
 
-/// Runs every connection count of `conns`, prints a table and returns one
-/// JSON result per count (`peer_dev`: see [`providers`]).
+/// Runs every connection count of `conns` for each API of `apis` (both
+/// when empty), prints a table and returns one JSON result per count and
+/// API (`peer_dev`: see [`providers`]).
+#[allow(clippy::too_many_arguments)]
 pub fn suite(
     base: &Config,
     mode: Mode,
     peer_dev: Option<&str>,
     conns: &[usize],
+    apis: &[Api],
     iters: Option<usize>,
     quick: bool,
     stats: bool,
@@ -667,17 +680,20 @@ pub fn suite(
             return Err("conn_scale: --conns takes counts of at least 1".into());
         }
         let iters = iters.unwrap_or(if quick { 2_000 } else { 20_000 }).max(1);
-        let raw = run(base, mode, peer_dev, n, iters, stats)?;
+        let wants = |a| apis.is_empty() || apis.contains(&a);
+        let raw = wants(Api::SpiSend)
+            .then(|| run(base, mode, peer_dev, n, iters, stats))
+            .transpose()?;
         // A stream run that fails (a limit of the switch) still leaves the
         // raw figures of this count, and the next counts, to report.
-        let streams = soft
+        let streams = (soft && wants(Api::Stream))
             .then(|| {
                 run_streams(base, mode, n, iters, stats)
                     .inspect_err(|e| println!("{:<8} {n:>7} failed: {e}", "stream"))
                     .ok()
             })
             .flatten();
-        for s in std::iter::once(raw).chain(streams) {
+        for s in raw.into_iter().chain(streams) {
             let median = s.lat.median_ns();
             let base_lat = *first.entry(s.api).or_insert(median);
             println!(

@@ -124,6 +124,11 @@ struct Cli {
     /// conn_scale: the connection counts to measure.
     #[arg(long, value_delimiter = ',', default_values_t = [1, 100, 1_000, 10_000])]
     conns: Vec<usize>,
+    /// conn_scale: measure only these APIs (default: both; streams only on
+    /// the soft fabric), e.g. `--conn-api stream` to time the streams'
+    /// close alone.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    conn_api: Vec<conn_scale::Api>,
 }
 
 /// A fabric kind by its config name: every kind the engine knows.
@@ -363,6 +368,7 @@ fn run(cli: &Cli) -> Result<(), String> {
                     cli.mode,
                     cli.peer_dev.as_deref(),
                     &cli.conns,
+                    &cli.conn_api,
                     cli.iters,
                     cli.quick,
                     cli.stats,
