@@ -12,5 +12,5 @@ pub mod region;
 pub mod table;
 
 pub use descriptor::{Descriptor, DESCRIPTOR_LEN};
-pub use region::{check_mapped, MemError, Region};
+pub use region::{check_mapped, Chunk, MemError, Region};
 pub use table::{MemFlags, OwnerId, OwnerRegs, RegHandle, RegRef, RegistrationTable, TableStats};

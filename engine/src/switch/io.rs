@@ -67,7 +67,7 @@
 use super::proto::{Desc, DESC_LEN};
 use crate::config::{FabricKind, MlockPolicy};
 use crate::error::{WsaError, WsaResult};
-use crate::mem::region::Region;
+use crate::mem::region::Chunk;
 use crate::spi::{
     Overlapped, Provider, ProviderSocket, WsaBuf, WsaBufEx, MEM_READ, MEM_READWRITE, MEM_WRITE,
 };
@@ -85,14 +85,14 @@ struct Area {
 
 impl Area {
     /// Start of the area in `mem`.
-    fn ptr(self, mem: &Region) -> *mut u8 {
+    fn ptr(self, mem: &Chunk) -> *mut u8 {
         debug_assert!(self.at + self.len <= mem.len());
         mem.as_ptr().wrapping_add(self.at)
     }
 
     /// Address of `len` bytes at `at` of the area in `mem`, checked against
     /// the area.
-    fn range(self, mem: &Region, at: usize, len: usize) -> WsaResult<*mut u8> {
+    fn range(self, mem: &Chunk, at: usize, len: usize) -> WsaResult<*mut u8> {
         match at.checked_add(len) {
             Some(end) if end <= self.len => Ok(self.ptr(mem).wrapping_add(at)),
             _ => Err(WsaError::WSAEFAULT),
@@ -233,12 +233,13 @@ pub(super) struct Wire {
     head: usize,
     n_recv: usize,
     n_send: usize,
-    /// One mapping holds the pool, the slots' tails, the send ring and the
-    /// receive ring, in that order (one `mmap` and one `munmap` per
-    /// connection: with 10,000 connections, a mapping each would make
-    /// closing them mostly page-table work). The pool, the tails and the
-    /// send ring are one local registration; the receive ring is exposed.
-    mem: Region,
+    /// One chunk holds the pool, the slots' tails, the send ring and the
+    /// receive ring, in that order: carved from the process's pool of
+    /// equal chunks (`mem::region::Chunk`), whose pages go back in batches,
+    /// where a mapping per connection made closing 10,000 connections
+    /// mostly `munmap` and TLB shootdowns. The pool, the tails and the send
+    /// ring are one local registration; the receive ring is exposed.
+    mem: Chunk,
     /// The heads of the receive and send slots: see [`Wire::recv_at`].
     pool: Area,
     /// The tails of the slots longer than [`SLOT_HEAD`] (receive slots,
@@ -302,7 +303,7 @@ impl Wire {
             at: send_ring.at + send_ring.len,
             len: send_ring.len,
         };
-        let mem = Region::new(recv_ring.at + recv_ring.len, policy).map_err(io::Error::other)?;
+        let mem = Chunk::new(recv_ring.at + recv_ring.len, policy).map_err(io::Error::other)?;
         Ok(Wire {
             provider: provider.clone(),
             sock,
@@ -334,7 +335,7 @@ impl Wire {
         let page = crate::mem::region::page_size();
         let r = &self.mem;
         let mut pages = vec![0u8; r.len() / page];
-        // SAFETY: `r` is a live page-aligned mapping of `r.len()` bytes and
+        // SAFETY: `r` is a live page-aligned chunk of `r.len()` bytes and
         // `pages` holds one byte per page of it.
         let rc = unsafe { libc::mincore(r.as_ptr().cast(), r.len(), pages.as_mut_ptr()) };
         assert_eq!(rc, 0, "mincore: {}", io::Error::last_os_error());

@@ -3,7 +3,10 @@
 //! connection uses their first entries only: an array of a page or more is
 //! its own anonymous mapping, whose pages the OS maps (zeroed) at first
 //! touch, so a connection costs resident memory as traffic reaches deeper
-//! into its queues, and setting one up writes nothing. (The allocator's
+//! into its queues, and setting one up writes nothing. The pages come from
+//! the process's pool (`mem::region::Chunk`), which releases the arrays of
+//! closed connections in batches: an `munmap` each made tearing down
+//! 10,000 connections mostly TLB shootdowns. (The allocator's
 //! `alloc_zeroed` would clear reused heap memory, and memory aligned beyond
 //! 16 bytes, by writing it: every page resident at once.)
 //!
@@ -55,9 +58,10 @@ enum Owner<T> {
     /// Small arrays, and every array under loom (whose atomics are not
     /// plain memory): values made one by one.
     Boxed(#[allow(dead_code)] Box<[T]>),
-    /// An anonymous private mapping of the values, page-aligned.
+    /// A chunk of the process's page pool (`mem::region::Chunk`): zero
+    /// pages, mapped at first touch, given back in batches.
     #[cfg(not(loom))]
-    Mapped(#[allow(dead_code)] memmap2::MmapMut),
+    Mapped(#[allow(dead_code)] crate::mem::Chunk),
 }
 
 // SAFETY: a `Zeroed<T>` owns its values like a `Box<[T]>` (the pointer
@@ -78,15 +82,15 @@ pub(super) fn slice<T: Zeroable>(n: usize) -> Zeroed<T> {
         let colour = NEXT_COLOUR.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % COLOURS;
         let offset = colour * 64;
         // Out of mappings (`vm.max_map_count`): the heap, resident at once.
-        if let Some(mut map) = (bytes >= MAP_FROM)
-            .then(|| memmap2::MmapMut::map_anon(bytes + offset).ok())
+        if let Some(map) = (bytes >= MAP_FROM)
+            .then(|| crate::mem::Chunk::new(bytes + offset, crate::config::MlockPolicy::Off).ok())
             .flatten()
         {
-            // The mapping is page-aligned, so `offset` (a multiple of 64) is
+            // The chunk is page-aligned, so `offset` (a multiple of 64) is
             // aligned for `T`; it holds `n` values' bytes after `offset` and
             // starts as zero bytes, a valid `T` each (`Zeroable`).
-            let ptr = NonNull::new(map[offset..].as_mut_ptr().cast::<T>())
-                .expect("a mapping is not null");
+            let ptr = NonNull::new(map.as_ptr().wrapping_add(offset).cast::<T>())
+                .expect("a chunk is not null");
             return Zeroed {
                 ptr,
                 len: n,
