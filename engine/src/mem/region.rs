@@ -175,78 +175,68 @@ pub fn check_mapped(addr: usize, len: usize) -> bool {
     true
 }
 
+/// `len` rounded up to whole pages: not 0, at most `max`.
+fn whole_pages(len: usize, max: usize) -> Result<usize, MemError> {
+    if len == 0 {
+        return Err(MemError::Empty);
+    }
+    let page = page_size();
+    len.checked_add(page - 1)
+        .map(|l| l & !(page - 1))
+        .filter(|&l| l <= max)
+        .ok_or(MemError::TooLarge(len))
+}
+
+/// Locks `len` bytes at `ptr` according to `policy`: whether they are
+/// locked, or the error `Require` makes of a failure.
+///
+/// # Safety
+/// `[ptr, ptr+len)` is mapped memory the caller owns.
+unsafe fn lock(ptr: NonNull<u8>, len: usize, policy: MlockPolicy) -> Result<bool, MemError> {
+    if policy == MlockPolicy::Off {
+        return Ok(false);
+    }
+    // SAFETY: the caller's range (see above); mlock only pins its pages.
+    if unsafe { libc::mlock(ptr.as_ptr().cast(), len) } == 0 {
+        return Ok(true);
+    }
+    if policy == MlockPolicy::Require {
+        return Err(MemError::Lock {
+            requested: ByteSize(len as u64),
+            limit: MemlockLimit::current(),
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(false)
+}
+
 /// Page-aligned, zero-filled anonymous memory meant for registration.
 ///
 /// The region owns its mapping; dropping it unlocks (if locked) and unmaps.
 /// Whoever registered it with a NIC must deregister it before dropping.
 pub struct Region {
+    /// The whole mapping, taken once from the owned map at construction.
+    pages: Pages,
     /// The mapping. Never dereferenced as a slice after construction: all
-    /// access goes through `ptr`, so no Rust reference ever aliases memory
-    /// the NIC writes.
+    /// access goes through `pages`, so no Rust reference ever aliases
+    /// memory the NIC writes.
     _map: MmapMut,
-    /// Start of the mapping, taken once from the owned map at construction.
+}
+
+/// Page-aligned memory that a [`Region`] or a [`Chunk`] owns: where it is,
+/// how long, whether it is locked.
+#[derive(Debug)]
+pub struct Pages {
+    /// Start (page-aligned).
     ptr: NonNull<u8>,
-    /// Mapped length: the requested length rounded up to the page size.
+    /// Length: the requested length rounded up to the page size.
     len: usize,
-    /// Whether `mlock` succeeded (then `Drop` calls `munlock`).
+    /// Whether `mlock` succeeded (then the owner's drop calls `munlock`).
     locked: bool,
 }
 
-// SAFETY: a Region is an owned anonymous mapping (like `MmapMut`, which is
-// Send + Sync); its only shared-access methods copy through relaxed atomics,
-// so using it from several threads creates no data race on its own.
-unsafe impl Send for Region {}
-// SAFETY: as above.
-unsafe impl Sync for Region {}
-
-impl Region {
-    /// Maps `len` bytes rounded up to whole pages, zero-filled, and locks
-    /// them according to `policy`.
-    pub fn new(len: usize, policy: MlockPolicy) -> Result<Region, MemError> {
-        if len == 0 {
-            return Err(MemError::Empty);
-        }
-        let page = page_size();
-        let rounded = len
-            .checked_add(page - 1)
-            .map(|l| l & !(page - 1))
-            .filter(|&l| l <= isize::MAX as usize)
-            .ok_or(MemError::TooLarge(len))?;
-        let mut map = MmapOptions::new()
-            .len(rounded)
-            .map_anon()
-            .map_err(|source| MemError::Map {
-                size: ByteSize(rounded as u64),
-                source,
-            })?;
-        let ptr = NonNull::new(map.as_mut_ptr()).expect("mmap never returns null");
-        let locked = match policy {
-            MlockPolicy::Off => false,
-            MlockPolicy::Try | MlockPolicy::Require => {
-                // SAFETY: [ptr, ptr+rounded) is exactly the mapping we own.
-                let rc = unsafe { libc::mlock(ptr.as_ptr().cast(), rounded) };
-                if rc == 0 {
-                    true
-                } else if policy == MlockPolicy::Require {
-                    return Err(MemError::Lock {
-                        requested: ByteSize(rounded as u64),
-                        limit: MemlockLimit::current(),
-                        source: io::Error::last_os_error(),
-                    });
-                } else {
-                    false
-                }
-            }
-        };
-        Ok(Region {
-            _map: map,
-            ptr,
-            len: rounded,
-            locked,
-        })
-    }
-
-    /// Start of the region (page-aligned). Valid until the region is dropped.
+impl Pages {
+    /// Start of the memory (page-aligned). Valid while its owner lives.
     pub fn as_ptr(&self) -> *mut u8 {
         self.ptr.as_ptr()
     }
@@ -261,24 +251,65 @@ impl Region {
         self.len
     }
 
-    /// Always `false`: regions are at least one page. (For clippy's
+    /// Always `false`: at least one page. (For clippy's
     /// `len_without_is_empty`.)
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
-    /// Whether the region is locked into RAM.
+    /// Whether the memory is locked into RAM.
     pub fn locked(&self) -> bool {
         self.locked
     }
 
+    /// Unlocks the memory if it is locked (its owner's drop).
+    fn unlock(&self) {
+        if self.locked {
+            // SAFETY: the owner's range, which it locked and still owns.
+            unsafe { libc::munlock(self.ptr.as_ptr().cast(), self.len) };
+        }
+    }
+}
+
+// SAFETY: a Region is an owned anonymous mapping (like `MmapMut`, which is
+// Send + Sync); its only shared-access methods copy through relaxed atomics,
+// so using it from several threads creates no data race on its own.
+unsafe impl Send for Region {}
+// SAFETY: as above.
+unsafe impl Sync for Region {}
+
+impl Region {
+    /// Maps `len` bytes rounded up to whole pages, zero-filled, and locks
+    /// them according to `policy`.
+    pub fn new(len: usize, policy: MlockPolicy) -> Result<Region, MemError> {
+        let rounded = whole_pages(len, isize::MAX as usize)?;
+        let mut map = MmapOptions::new()
+            .len(rounded)
+            .map_anon()
+            .map_err(|source| MemError::Map {
+                size: ByteSize(rounded as u64),
+                source,
+            })?;
+        let ptr = NonNull::new(map.as_mut_ptr()).expect("mmap never returns null");
+        // SAFETY: [ptr, ptr+rounded) is exactly the mapping we own.
+        let locked = unsafe { lock(ptr, rounded, policy) }?;
+        Ok(Region {
+            pages: Pages {
+                ptr,
+                len: rounded,
+                locked,
+            },
+            _map: map,
+        })
+    }
+
     fn check(&self, offset: usize, len: usize) -> Result<(), MemError> {
         match offset.checked_add(len) {
-            Some(end) if end <= self.len => Ok(()),
+            Some(end) if end <= self.pages.len => Ok(()),
             _ => Err(MemError::OutOfRange {
                 offset,
                 len,
-                region_len: self.len,
+                region_len: self.pages.len,
             }),
         }
     }
@@ -293,7 +324,7 @@ impl Region {
         self.check(offset, src.len())?;
         // SAFETY: [offset, offset+src.len()) is inside the mapping (checked),
         // which lives as long as `self`.
-        let dst = unsafe { self.ptr.as_ptr().add(offset) };
+        let dst = unsafe { self.pages.as_ptr().add(offset) };
         atomic_copy_in(dst, src);
         Ok(())
     }
@@ -303,29 +334,30 @@ impl Region {
     pub fn read_at(&self, offset: usize, dst: &mut [u8]) -> Result<(), MemError> {
         self.check(offset, dst.len())?;
         // SAFETY: as in `write_at`.
-        let src = unsafe { self.ptr.as_ptr().add(offset) };
+        let src = unsafe { self.pages.as_ptr().add(offset) };
         atomic_copy_out(src, dst);
         Ok(())
     }
 }
 
+impl std::ops::Deref for Region {
+    type Target = Pages;
+
+    fn deref(&self) -> &Pages {
+        &self.pages
+    }
+}
+
 impl fmt::Debug for Region {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Region")
-            .field("addr", &format_args!("{:#x}", self.addr()))
-            .field("len", &self.len)
-            .field("locked", &self.locked)
-            .finish()
+        f.debug_tuple("Region").field(&self.pages).finish()
     }
 }
 
 impl Drop for Region {
     fn drop(&mut self) {
-        if self.locked {
-            // SAFETY: the range is the mapping we locked and still own (the
-            // map is unmapped only after this, when `_map` drops).
-            unsafe { libc::munlock(self.ptr.as_ptr().cast(), self.len) };
-        }
+        // The map is unmapped only after this, when `_map` drops.
+        self.pages.unlock();
     }
 }
 
@@ -364,12 +396,8 @@ const PIDFD_SELF_THREAD: libc::c_int = -10000;
 /// The owner must be done with the memory when it drops the chunk: whoever
 /// registered it with a NIC deregisters it first, as for a [`Region`].
 pub struct Chunk {
-    /// Start of the chunk inside its arena's mapping.
-    ptr: NonNull<u8>,
-    /// Its length: a multiple of the page size, never 0.
-    len: usize,
-    /// Whether `mlock` succeeded (then `Drop` calls `munlock`).
-    locked: bool,
+    /// The chunk, inside its arena's mapping.
+    pages: Pages,
 }
 
 // SAFETY: a Chunk owns its bytes of an arena mapping, which the pool keeps
@@ -383,74 +411,41 @@ impl Chunk {
     /// `len` bytes rounded up to whole pages, zero-filled, locked according
     /// to `policy`.
     pub fn new(len: usize, policy: MlockPolicy) -> Result<Chunk, MemError> {
-        if len == 0 {
-            return Err(MemError::Empty);
-        }
-        let page = page_size();
-        let rounded = len
-            .checked_add(page - 1)
-            .map(|l| l & !(page - 1))
-            .filter(|&l| l <= isize::MAX as usize / 2)
-            .ok_or(MemError::TooLarge(len))?;
+        let rounded = whole_pages(len, isize::MAX as usize / 2)?;
         let ptr = take(rounded)?;
         let mut chunk = Chunk {
-            ptr,
-            len: rounded,
-            locked: false,
+            pages: Pages {
+                ptr,
+                len: rounded,
+                locked: false,
+            },
         };
-        if policy != MlockPolicy::Off {
-            // SAFETY: [ptr, ptr+rounded) is the chunk this value owns.
-            if unsafe { libc::mlock(ptr.as_ptr().cast(), rounded) } == 0 {
-                chunk.locked = true;
-            } else if policy == MlockPolicy::Require {
-                return Err(MemError::Lock {
-                    requested: ByteSize(rounded as u64),
-                    limit: MemlockLimit::current(),
-                    source: io::Error::last_os_error(),
-                });
-            }
-        }
+        // SAFETY: [ptr, ptr+rounded) is the chunk this value owns (on an
+        // error it goes back to the pool, unlocked).
+        chunk.pages.locked = unsafe { lock(ptr, rounded, policy) }?;
         Ok(chunk)
     }
+}
 
-    /// Start of the chunk (page-aligned). Valid until the chunk is dropped.
-    pub fn as_ptr(&self) -> *mut u8 {
-        self.ptr.as_ptr()
-    }
+impl std::ops::Deref for Chunk {
+    type Target = Pages;
 
-    /// Length in bytes (a multiple of the page size, never 0).
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Always `false`: chunks are at least one page.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Whether the chunk is locked into RAM.
-    pub fn locked(&self) -> bool {
-        self.locked
+    fn deref(&self) -> &Pages {
+        &self.pages
     }
 }
 
 impl fmt::Debug for Chunk {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Chunk")
-            .field("addr", &format_args!("{:#x}", self.ptr.as_ptr() as usize))
-            .field("len", &self.len)
-            .field("locked", &self.locked)
-            .finish()
+        f.debug_tuple("Chunk").field(&self.pages).finish()
     }
 }
 
 impl Drop for Chunk {
     fn drop(&mut self) {
-        if self.locked {
-            // SAFETY: the chunk's range, which it locked and still owns.
-            unsafe { libc::munlock(self.ptr.as_ptr().cast(), self.len) };
-        }
-        give_back(self.ptr.as_ptr() as usize, self.len);
+        // Unlocked before another thread may release its pages.
+        self.pages.unlock();
+        give_back(self.pages.addr(), self.pages.len);
     }
 }
 
