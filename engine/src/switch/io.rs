@@ -67,7 +67,7 @@
 use super::proto::{Desc, DESC_LEN};
 use crate::config::{FabricKind, MlockPolicy};
 use crate::error::{WsaError, WsaResult};
-use crate::mem::region::Chunk;
+use crate::mem::pool::Chunk;
 use crate::spi::{
     Overlapped, Provider, ProviderSocket, WsaBuf, WsaBufEx, MEM_READ, MEM_READWRITE, MEM_WRITE,
 };
@@ -235,7 +235,7 @@ pub(super) struct Wire {
     n_send: usize,
     /// One chunk holds the pool, the slots' tails, the send ring and the
     /// receive ring, in that order: carved from the process's pool of
-    /// equal chunks (`mem::region::Chunk`), whose pages go back in batches,
+    /// equal chunks (`mem::pool::Chunk`), whose pages go back in batches,
     /// where a mapping per connection made closing 10,000 connections
     /// mostly `munmap` and TLB shootdowns. The pool, the tails and the send
     /// ring are one local registration; the receive ring is exposed.

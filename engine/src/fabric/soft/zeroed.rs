@@ -4,7 +4,7 @@
 //! its own anonymous mapping, whose pages the OS maps (zeroed) at first
 //! touch, so a connection costs resident memory as traffic reaches deeper
 //! into its queues, and setting one up writes nothing. The pages come from
-//! the process's pool (`mem::region::Chunk`), which releases the arrays of
+//! the process's pool (`mem::pool::Chunk`), which releases the arrays of
 //! closed connections in batches: an `munmap` each made tearing down
 //! 10,000 connections mostly TLB shootdowns. (The allocator's
 //! `alloc_zeroed` would clear reused heap memory, and memory aligned beyond
@@ -58,7 +58,7 @@ enum Owner<T> {
     /// Small arrays, and every array under loom (whose atomics are not
     /// plain memory): values made one by one.
     Boxed(#[allow(dead_code)] Box<[T]>),
-    /// A chunk of the process's page pool (`mem::region::Chunk`): zero
+    /// A chunk of the process's page pool (`mem::pool::Chunk`): zero
     /// pages, mapped at first touch, given back in batches.
     #[cfg(not(loom))]
     Mapped(#[allow(dead_code)] crate::mem::Chunk),
