@@ -343,8 +343,17 @@ pub(super) struct State {
     /// Bumped by `cancel_pending`: blocking calls started before give up.
     pub(super) cancel_gen: u64,
     /// Something a sleeping thread may wait for changed: notify after
-    /// unlocking.
+    /// unlocking, if a thread sleeps (`sleeping`).
     pub(super) wake: bool,
+    /// Threads of [`Conn::wait`] that may be asleep on `Conn::sleepers`: at
+    /// least the number between the look before their sleep and the next
+    /// look after it, each of which counts under this lock. A wake is
+    /// notified only when it is not 0: the look before a sleep comes after
+    /// the sleeper's `Notifier::prepare`, so a change made under the lock
+    /// after it sees the count, and one made before it is seen by the look
+    /// itself. The lock orders the two; the notifier's fence is paid only
+    /// when someone may sleep. Too high only costs a notify.
+    sleeping: u32,
     /// A close waits for quiescence: every completion is worth a wake.
     pub(super) watch_all: bool,
     /// Readiness: the operations (`ready::READ`, `ready::WRITE`) whose last
@@ -498,6 +507,7 @@ impl Conn {
                 close_due: false,
                 cancel_gen: 0,
                 wake: false,
+                sleeping: 0,
                 watch_all: false,
                 want: 0,
                 inline_len: 0,
@@ -629,7 +639,7 @@ impl Conn {
             } else {
                 abort |= std::mem::take(&mut st.close_due);
             }
-            let wake = std::mem::take(&mut st.wake);
+            let wake = std::mem::take(&mut st.wake) && st.sleeping > 0;
             let fire = std::mem::take(&mut st.events) & st.want;
             drop(st);
             if wake {
@@ -1096,17 +1106,31 @@ impl Conn {
         let mut skip_look = !look_first;
         let mut idle = 0u32;
         let mut nap = NAP_MIN;
-        // `Some(outcome)` once the wait is over.
-        let mut look = || {
-            self.with_driven(|st| match done(st) {
-                Some(r) => Some(Some(r)),
-                None if give_up(st) => Some(None),
-                None => None,
+        // Whether this thread is counted in `State::sleeping`.
+        let mut counted = false;
+        // `Some(outcome)` once the wait is over; `sleep`: the look before a
+        // sleep, which counts this thread as sleeping unless the wait is
+        // over (the next look uncounts it).
+        let mut look = |sleep: bool, counted: &mut bool| {
+            self.with_driven(|st| {
+                if std::mem::take(counted) {
+                    st.sleeping -= 1;
+                }
+                let outcome = match done(st) {
+                    Some(r) => Some(Some(r)),
+                    None if give_up(st) => Some(None),
+                    None => None,
+                };
+                if sleep && outcome.is_none() {
+                    st.sleeping += 1;
+                    *counted = true;
+                }
+                outcome
             })
         };
         loop {
             if !std::mem::take(&mut skip_look) {
-                if let Some(outcome) = look() {
+                if let Some(outcome) = look(false, &mut counted) {
                     return outcome;
                 }
             }
@@ -1148,7 +1172,7 @@ impl Conn {
                 idle = 0;
                 continue;
             }
-            if let Some(outcome) = look() {
+            if let Some(outcome) = look(true, &mut counted) {
                 return outcome;
             }
             let sleep = if self.rtc {
