@@ -773,6 +773,57 @@ fn cancel_pending_withdraws_a_waiting_receive_and_the_stream_survives() {
     assert_eq!(read_n(&client, 10, 100), b"still fine");
 }
 
+/// Calls of one direction from several threads pass one at a time (the
+/// stream's gate, taken and opened under its state lock): each blocking
+/// send is one op and arrives whole, each blocking receive returns one
+/// message. In debug builds the switch asserts that no second op of a
+/// direction starts while one is pending, so a gate that lets two pass
+/// fails here.
+#[test]
+fn concurrent_calls_of_one_direction_pass_one_at_a_time() {
+    let (c, s) = two(opts(), opts());
+    let (client, server) = pair(&c, &s, 7031);
+    // Four writers at once, payloads from an INLINE to RDMA sizes: the
+    // stream is their payloads, each whole, in some order.
+    let lens = [100, 5000, 200 << 10, 1 << 20];
+    let payloads: Vec<Vec<u8>> = lens.iter().zip(1..).map(|(&n, i)| data(n, i)).collect();
+    let total: usize = lens.iter().sum();
+    let got = thread::scope(|sc| {
+        for p in &payloads {
+            let mut w = &client;
+            sc.spawn(move || w.write_all(p).expect("write_all"));
+        }
+        read_n(&server, total, 1 << 20)
+    });
+    let mut at = 0;
+    let mut seen = [false; 4];
+    while at < total {
+        let i = (0..4)
+            .find(|&i| !seen[i] && got[at..].starts_with(&payloads[i]))
+            .unwrap_or_else(|| panic!("bytes at {at} start no unsent payload"));
+        seen[i] = true;
+        at += lens[i];
+    }
+    // Four readers at once, one message at a time: each returns one.
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::scope(|sc| {
+        for _ in 0..4 {
+            let tx = tx.clone();
+            let server = &server;
+            sc.spawn(move || {
+                let mut buf = [0u8; 64];
+                let n = server.recv(&mut buf).expect("recv");
+                tx.send(buf[..n].to_vec()).unwrap();
+            });
+        }
+        let mut w = &client;
+        for i in 0..4u8 {
+            w.write_all(&[i; 10]).unwrap();
+            assert_eq!(rx.recv_timeout(T).expect("a reader returned"), [i; 10]);
+        }
+    });
+}
+
 #[test]
 fn receive_timeout_leaves_the_connection_usable() {
     let (c, s) = two(opts(), opts());

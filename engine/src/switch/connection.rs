@@ -140,9 +140,10 @@ enum OpState {
 /// The ops of a connection, each with its buffer or result ([`OpState`]):
 /// one entry per op from its start until its call took the result, so a
 /// completion turns the entry over in place. A stream has at most a send
-/// and a receive pending (its calls of one direction are serialised), so
-/// a short list searched in order beats hashing. It allocates at its first
-/// op (an idle connection holds nothing) and keeps its capacity.
+/// and a receive pending (its calls of one direction pass one at a time,
+/// [`Dir`]), so a short list searched in order beats hashing. It allocates
+/// at its first op (an idle connection holds nothing) and keeps its
+/// capacity.
 pub(super) struct Ops(Vec<(OpId, OpState)>);
 
 impl Ops {
@@ -157,6 +158,8 @@ impl Ops {
     /// Enters op `op` (a fresh id, [`State::new_op`]), which lends `buf`.
     pub(super) fn lend(&mut self, op: OpId, buf: AppBuf) {
         debug_assert!(self.find(op).is_none(), "op {op:?} entered twice");
+        // The other direction's op at most: this one's gate is taken.
+        debug_assert!(self.0.len() < 2, "more ops than directions");
         self.0.push((op, OpState::Lent(buf)));
     }
 
@@ -361,6 +364,14 @@ pub(super) struct State {
     /// machine looks), cleared when one succeeds. 0 unless the stream's fd
     /// was asked for.
     pub(super) want: u8,
+    /// The directions ([`Dir::bit`]) whose gate a call holds: set by
+    /// [`State::pass`] under the lock that starts the call's op, cleared by
+    /// [`State::open`] under the lock that takes its result (or withdraws
+    /// the op). At most one op per direction is in `ops` or the machine.
+    busy: u8,
+    /// Blocking calls waiting for a gate ([`Conn::enter`]): an opening
+    /// wakes the sleepers while one waits.
+    gated: u32,
     /// Bytes the last INLINE took in its send buffer (header and payload):
     /// how much of the next send buffer a waiting thread takes for writing
     /// ([`Conn::prefetch_next_send`]). 0 until the first INLINE.
@@ -435,6 +446,27 @@ impl Inbox {
     }
 }
 
+/// A direction of a stream's calls. Calls of one direction pass its gate
+/// one at a time (`State::busy`): taken under the state lock that starts
+/// the call's op, opened under the one that takes its result or withdraws
+/// it, so a call pays no lock of its own.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) enum Dir {
+    Send,
+    Recv,
+}
+
+impl Dir {
+    /// The direction's bit in `State::busy`, which is also its readiness
+    /// event (`ready::WRITE`, `ready::READ`).
+    fn bit(self) -> u8 {
+        match self {
+            Dir::Send => ready::WRITE,
+            Dir::Recv => ready::READ,
+        }
+    }
+}
+
 /// One completion an upcall delivered: the index of its overlapped record
 /// and the result.
 #[derive(Clone, Copy)]
@@ -449,6 +481,48 @@ impl State {
     pub(super) fn new_op(&mut self) -> OpId {
         self.next_op += 1;
         OpId(self.next_op)
+    }
+
+    /// Takes `dir`'s gate for the calling call, if no call holds it.
+    fn pass(&mut self, dir: Dir) -> bool {
+        if self.busy & dir.bit() != 0 {
+            return false;
+        }
+        self.busy |= dir.bit();
+        true
+    }
+
+    /// The call holding `dir`'s gate is over: the next one may pass (a
+    /// call waiting for it is woken).
+    fn open(&mut self, dir: Dir) {
+        debug_assert!(self.busy & dir.bit() != 0, "{dir:?} gate opened twice");
+        self.busy &= !dir.bit();
+        if self.gated > 0 {
+            self.wake = true;
+        }
+    }
+
+    /// Takes `op`'s result, if it completed, and ends its call
+    /// ([`State::end_call`]).
+    fn finish(
+        &mut self,
+        dir: Dir,
+        op: OpId,
+        nonblocking: bool,
+    ) -> Option<Result<u64, proto::Error>> {
+        let r = self.ops.take_result(op)?;
+        self.end_call(dir, nonblocking, r == Err(proto::Error::WouldBlock));
+        Some(r)
+    }
+
+    /// The call of direction `dir` is over: its gate opens. A non-blocking
+    /// call that did not fail with `WouldBlock` no longer wants `dir`'s
+    /// readiness (`State::want`).
+    fn end_call(&mut self, dir: Dir, nonblocking: bool, would_block: bool) {
+        if nonblocking && !would_block {
+            self.want &= !dir.bit();
+        }
+        self.open(dir);
     }
 }
 
@@ -510,6 +584,8 @@ impl Conn {
                 sleeping: 0,
                 watch_all: false,
                 want: 0,
+                busy: 0,
+                gated: 0,
                 inline_len: 0,
                 events: 0,
             }),
@@ -579,17 +655,25 @@ impl Conn {
         self.settle_as(st, true, |_| ());
     }
 
-    /// Runs `f` on the state, executes the machine's actions and feeds the
-    /// waiting completions, then runs `then` on the state with `f`'s value
-    /// (it sees the results they produced) and unlocks.
-    pub(super) fn with_state_then<A, R>(
+    /// Runs `f` on the state with direction `dir`'s gate taken (waiting for
+    /// it as long as the call holding it), executes the machine's actions
+    /// and feeds the waiting completions, then runs `then` on the state
+    /// with `f`'s value (it sees the results they produced), opens the gate
+    /// and unlocks: for a call whose op completes within `f` (a
+    /// non-blocking send).
+    pub(super) fn gated_then<A, R>(
         &self,
+        dir: Dir,
         f: impl FnOnce(&mut State) -> A,
         then: impl FnOnce(&mut State, A) -> R,
-    ) -> R {
-        let mut st = self.lock();
+    ) -> io::Result<R> {
+        let mut st = self.enter(dir, None)?;
         let a = f(&mut st);
-        self.settle_then(st, |st| then(st, a))
+        Ok(self.settle_then(st, |st| {
+            let r = then(st, a);
+            st.open(dir);
+            r
+        }))
     }
 
     /// Runs `f` on the state once every action was executed and every
@@ -1208,30 +1292,80 @@ impl Conn {
         }
     }
 
-    /// Starts an op with `start` (given its id) and waits for its result;
-    /// on timeout or cancellation takes the cancel path (spec §6.2). An op
-    /// that completes within `start` (a copied send, data already there)
-    /// takes one lock and no clock read.
+    /// The state, locked, with `dir`'s gate taken for the caller: at once
+    /// if no call holds it, else once the holder's call is over, waiting
+    /// as [`Conn::wait_until`] does (`TimedOut` past `timeout`, `None`:
+    /// no bound; `Interrupted` if cancelled meanwhile).
+    #[inline]
+    fn enter(&self, dir: Dir, timeout: Option<Duration>) -> io::Result<MutexGuard<'_, State>> {
+        let mut st = self.lock();
+        if st.pass(dir) {
+            return Ok(st);
+        }
+        self.wait_gate(st, dir, timeout)
+    }
+
+    /// [`Conn::enter`] once `dir`'s gate was found taken (`st`).
+    #[cold]
+    fn wait_gate<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+        dir: Dir,
+        timeout: Option<Duration>,
+    ) -> io::Result<MutexGuard<'a, State>> {
+        st.gated += 1;
+        let gen = st.cancel_gen;
+        self.settle(st);
+        let passed = self.wait_until(
+            Deadline::after(timeout),
+            |st| st.pass(dir).then_some(()),
+            |st| st.cancel_gen != gen,
+        );
+        let mut st = self.lock();
+        st.gated -= 1;
+        if passed.is_some() {
+            return Ok(st);
+        }
+        let kind = if st.cancel_gen != gen {
+            io::ErrorKind::Interrupted
+        } else {
+            io::ErrorKind::TimedOut
+        };
+        self.settle(st);
+        Err(io::Error::new(
+            kind,
+            "another call of this direction is in progress",
+        ))
+    }
+
+    /// Starts an op of direction `dir` with `start` (given its id, the
+    /// direction's gate taken: [`Conn::enter`]) and waits for its result;
+    /// on timeout or cancellation takes the cancel path (spec §6.2). The
+    /// gate opens under the lock that takes the result or withdraws the
+    /// op. A blocking call waits for the gate within `timeout`, a
+    /// `nonblocking` one (whose `timeout` only bounds an RDMA op) as long
+    /// as the blocking call holding it. An op that completes within `start`
+    /// (a copied send, data already there) takes one lock and no clock read.
     pub(super) fn blocking(
         &self,
+        dir: Dir,
+        nonblocking: bool,
         timeout: Option<Duration>,
         rdma_cancel: Duration,
         start: impl FnOnce(&mut State, OpId),
     ) -> io::Result<u64> {
-        let mut st = self.lock();
+        let mut st = self.enter(dir, if nonblocking { None } else { timeout })?;
         let op = st.new_op();
         start(&mut st, op);
         let gen = st.cancel_gen;
-        if let Some(r) = self.settle_then(st, |st| st.ops.take_result(op)) {
+        let finish = move |st: &mut State| st.finish(dir, op, nonblocking);
+        if let Some(r) = self.settle_then(st, finish) {
             return op_result(r);
         }
         // Just looked: the wait starts by polling.
-        let done = self.wait(
-            Deadline::after(timeout),
-            false,
-            |st| st.ops.take_result(op),
-            |st| st.cancel_gen != gen,
-        );
+        let done = self.wait(Deadline::after(timeout), false, finish, |st| {
+            st.cancel_gen != gen
+        });
         if let Some(r) = done {
             return op_result(r);
         }
@@ -1245,11 +1379,14 @@ impl Conn {
         match outcome {
             CancelOutcome::NotFound => {
                 let r = take_result(&mut st, op);
+                let would_block = matches!(&r, Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+                st.end_call(dir, nonblocking, would_block);
                 self.settle(st);
                 r
             }
             CancelOutcome::Cancelled { done } => {
                 st.ops.forget(op);
+                st.end_call(dir, nonblocking, false);
                 self.settle(st);
                 if done > 0 {
                     Ok(done)
@@ -1262,7 +1399,7 @@ impl Conn {
                 // The buffer is in an RDMA op or exposed: wait for it, then
                 // abort the connection, which forces its completion.
                 let until = Deadline::within(rdma_cancel);
-                if let Some(r) = self.wait_until(until, |st| st.ops.take_result(op), |_| false) {
+                if let Some(r) = self.wait_until(until, finish, |_| false) {
                     return op_result(r);
                 }
                 self.with_state(|st| st.m.abort(proto::Error::TimedOut));
@@ -1270,7 +1407,7 @@ impl Conn {
                 // and the machine completes the op once its RDMA came back
                 // flushed (CLOSE-3): the wait below ends (no deadline, since
                 // returning earlier would free a buffer the NIC may use).
-                self.wait_until(Deadline::Never, |st| st.ops.take_result(op), |_| false);
+                self.wait_until(Deadline::Never, finish, |_| false);
                 Err(io::Error::new(
                     kind,
                     "transfer cancelled while its buffer was in an RDMA op; connection aborted",

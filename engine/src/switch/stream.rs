@@ -11,7 +11,7 @@
 //! `close_socket`, which forces the RDMA's completion, and returns once the
 //! fabric no longer touches the buffer.
 
-use super::connection::{lock, proto_io, take_result, wsa_io, Conn, Deadline};
+use super::connection::{lock, proto_io, take_result, wsa_io, Conn, Deadline, Dir};
 use super::io::AppBuf;
 use super::proto::{self, Role, Stats};
 use super::ready::{self, Readiness};
@@ -291,8 +291,6 @@ fn handshake(conn: &Arc<Conn>, deadline: Instant, cancel: Option<&CancelToken>) 
 pub struct Stream {
     rt: Arc<Runtime>,
     conn: Arc<Conn>,
-    send_lock: Mutex<()>,
-    recv_lock: Mutex<()>,
     read_timeout: Timeout,
     write_timeout: Timeout,
     /// `recv`/`send` (and `Read`/`Write`) do not wait (`set_nonblocking`).
@@ -307,8 +305,6 @@ impl Stream {
             write_timeout: Timeout::new(rt.opts.write_timeout),
             rt,
             conn,
-            send_lock: Mutex::new(()),
-            recv_lock: Mutex::new(()),
             nonblocking: AtomicBool::new(false),
             closed: AtomicBool::new(false),
         }
@@ -489,11 +485,11 @@ impl Stream {
         if buf.is_empty() {
             return Ok(0);
         }
-        let _g = lock(&self.send_lock);
         let app = AppBuf::of(buf);
         let len = buf.len() as u64;
+        let bound = self.rt.opts.rdma_cancel_timeout;
         self.conn
-            .blocking(timeout, self.rt.opts.rdma_cancel_timeout, |st, op| {
+            .blocking(Dir::Send, false, timeout, bound, |st, op| {
                 st.ops.lend(op, app);
                 st.m.app_send(op, len, false);
             })
@@ -505,14 +501,14 @@ impl Stream {
         if buf.is_empty() {
             return Ok(0);
         }
-        let _g = lock(&self.send_lock);
         let ready = self.conn.ready.get();
         // Credits returned by the peer may wait in the completion queue.
         self.reap(ready, ready::WRITE);
         let app = AppBuf::of(buf);
         let r = self
             .conn
-            .with_state_then(
+            .gated_then(
+                Dir::Send,
                 |st| {
                     if ready.is_some() {
                         // Before the machine looks: an event fed after it
@@ -533,6 +529,7 @@ impl Stream {
                     r
                 },
             )
+            .and_then(|r| r)
             .map(|n| n as usize);
         if let Some(ready) = ready {
             self.after(ready, ready::WRITE, &r);
@@ -553,11 +550,11 @@ impl Stream {
         if buf.is_empty() {
             return Ok(0);
         }
-        let _g = lock(&self.recv_lock);
         let len = buf.len() as u64;
         let app = AppBuf::of_mut(buf);
+        let bound = self.rt.opts.rdma_cancel_timeout;
         self.conn
-            .blocking(timeout, self.rt.opts.rdma_cancel_timeout, |st, op| {
+            .blocking(Dir::Recv, false, timeout, bound, |st, op| {
                 st.ops.lend(op, app);
                 st.m.app_recv(op, len, false);
             })
@@ -571,7 +568,6 @@ impl Stream {
         if buf.is_empty() {
             return Ok(0);
         }
-        let _g = lock(&self.recv_lock);
         let ready = self.conn.ready.get();
         // What arrived may wait in the completion queue.
         self.reap(ready, ready::READ);
@@ -580,7 +576,7 @@ impl Stream {
         let bound = self.rt.opts.rdma_cancel_timeout;
         let r = self
             .conn
-            .blocking(Some(bound), bound, |st, op| {
+            .blocking(Dir::Recv, true, Some(bound), bound, |st, op| {
                 if ready.is_some() {
                     // Before the machine looks: an event fed after it
                     // wakes the fd.
@@ -591,9 +587,6 @@ impl Stream {
             })
             .map(|n| n as usize);
         if let Some(ready) = ready {
-            if !is_would_block(&r) {
-                self.conn.with_state(|st| st.want &= !ready::READ);
-            }
             self.after(ready, ready::READ, &r);
         }
         r
