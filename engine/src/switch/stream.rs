@@ -278,7 +278,8 @@ fn handshake(conn: &Arc<Conn>, deadline: Instant, cancel: Option<&CancelToken>) 
 /// A connected stream socket over the SAN (`Read`/`Write`, blocking with
 /// timeouts, or non-blocking `try_*` and `set_nonblocking`). `Sync`: one
 /// thread may send while another receives; concurrent sends (or receives)
-/// are serialised.
+/// are serialised: a blocking call waits for the one in progress within
+/// its own timeout, a non-blocking one as long as that call.
 ///
 /// `AsRawFd` gives its readiness fd, an eventfd that is readable when a
 /// `try_recv`/`try_send` (or non-blocking `read`/`write`) that failed with
