@@ -1,7 +1,8 @@
 //! `SpinLock`: a lock for state one thread at a time works on, where the
 //! holder never blocks and contention is the exception (a CQ's consumer
-//! side, a direction's matcher, an end's posting side, the right to
-//! reap a CQ in run-to-completion mode). Taking it is one
+//! side, a direction's matcher, the right to reap a CQ in
+//! run-to-completion mode; an end's posting side has a biased variant,
+//! `fabric::soft::post_lock`). Taking it is one
 //! atomic swap, releasing it one plain store (a `std::sync::Mutex` pays a
 //! second locked instruction to release, to find sleepers to wake); a
 //! thread that finds it taken spins briefly, then yields.

@@ -289,7 +289,7 @@ impl QpFaults {
         let link = &self.link;
         // Posts of this end check the flag under their post lock: take it
         // so no post of this end is half-way through the normal path.
-        let _post = link.ends[me].post.lock();
+        let _post = link.ends[me].post.lock_control();
         let mut c = lock(&link.control);
         if c.broken {
             return;
@@ -356,7 +356,7 @@ impl QpFaults {
             // As a post: the post lock keeps the local entries registered
             // for the copies; the control lock keeps the link intact, so no
             // close seals it (and flushes the held requests) meanwhile.
-            let mut guard = link.ends[me].post.lock();
+            let mut guard = link.ends[me].post.lock_control();
             let p = &mut *guard;
             let mut c = lock(&link.control);
             if c.broken {
@@ -389,7 +389,7 @@ impl QpFaults {
     /// Requests posted on this end whose completion its CQ has not
     /// produced yet (completions polled and dropped count as produced).
     pub fn outstanding(&self) -> u64 {
-        let mut guard = self.link.ends[self.end].post.lock();
+        let mut guard = self.link.ends[self.end].post.lock_control();
         let p = &mut *guard;
         p.sq.refresh(&p.queues);
         p.sends.refresh(&p.queues);

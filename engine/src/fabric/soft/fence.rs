@@ -165,6 +165,16 @@ pub(super) fn rare_light() {
     crate::sync::fence(crate::sync::Ordering::SeqCst);
 }
 
+/// Whether [`rare_light`] is only a compiler fence (`membarrier` works):
+/// what a rule that relies on [`rare_heavy`] alone needs (`post_lock`).
+#[inline]
+pub(super) fn rare_is_asymmetric() -> bool {
+    #[cfg(not(loom))]
+    return mode() & MEMBARRIER != 0;
+    #[cfg(loom)]
+    true
+}
+
 /// The other side of [`rare_light`]: a full fence, and `membarrier`
 /// wherever it works.
 #[inline]

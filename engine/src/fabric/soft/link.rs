@@ -67,6 +67,7 @@ use super::cell::{CellConsumer, CellProducer, CellRing};
 use super::clock::ticks;
 use super::mr::{copy_flat, total_len, Window, WindowHost};
 use super::notify::{CqShared, Presence};
+use super::post_lock::PostLock;
 use super::wq::{EndQueues, RecvView, RqPoster, RqReaper, SqKind, SqPoster, SqReaper};
 use super::{lock, NicShared};
 use crate::fabric::lkey_cache::LkeyCache;
@@ -98,9 +99,9 @@ const SEALED: u32 = 2;
 
 /// What the posting threads of one end share (under the end's post lock).
 ///
-/// Laid out by hand (`repr(C)`, after the lock word, see `SpinLock`) so
+/// Laid out by hand (`repr(C)`, after the lock words, see `PostLock`) so
 /// that a post of a connection idle for long, whose lines are all cold,
-/// touches three: the lock word with what a send needs first (the queue of
+/// touches three: the lock words with what a send needs first (the queue of
 /// messages, the cell ring's producer, the queues' pointer and the bound
 /// on the peer's receives), then the other two queues, then the local keys'
 /// first entry (the asserts below keep them there).
@@ -124,7 +125,7 @@ pub(super) struct Poster {
     pub(super) window: Window,
 }
 
-// The lines of the `Poster` docs, with the 8 bytes of the lock word before
+// The lines of the `Poster` docs, with the 8 bytes of the lock words before
 // it: the send's fields in the first 56 bytes, the other two queues and the
 // peer's count in the next line, the local keys from the third.
 #[cfg(not(loom))]
@@ -177,7 +178,7 @@ pub(super) struct Posted {
 
 /// One end of the connection.
 pub(super) struct End {
-    pub(super) post: CachePadded<SpinLock<Poster>>,
+    pub(super) post: CachePadded<PostLock<Poster>>,
     /// This end's posted receives (read by the matcher of its incoming ring
     /// and, for the receiver-not-ready bound, by the peer's posts).
     pub(super) rq: Arc<EndQueues>,
@@ -457,7 +458,7 @@ impl Link {
             let ((sqp, sqr), (sendp, sendr)) = (queues.sq, queues.sends);
             let ((rqp, rqr), rq) = (queues.rq, queues.shared);
             ends.push(End {
-                post: CachePadded::new(SpinLock::new(Poster {
+                post: CachePadded::new(PostLock::new(Poster {
                     sends: sendp,
                     cells,
                     queues: rq.clone(),
@@ -613,7 +614,7 @@ impl Link {
         debug_assert_eq!(self.state(), BROKEN);
         for (d, e) in self.dirs.iter().zip(&self.ends) {
             drop(d.matcher.consumer.lock());
-            drop(e.post.lock());
+            drop(e.post.lock_control());
         }
         let (tell, failed) = {
             let mut c = lock(&self.control);
@@ -954,7 +955,7 @@ impl Link {
 
 impl WindowHost for Link {
     fn with_window(&self, dir: usize, f: &mut dyn FnMut(&mut Window)) {
-        f(&mut self.ends[dir].post.lock().window);
+        f(&mut self.ends[dir].post.lock_control().window);
     }
 }
 

@@ -122,6 +122,7 @@ mod link;
 mod mr;
 mod network;
 mod notify;
+mod post_lock;
 mod qp;
 #[cfg(test)]
 mod tests;
@@ -254,7 +255,7 @@ impl NicShared {
             }
         };
         for (link, end) in ends {
-            drop(link.ends[end].post.lock());
+            drop(link.ends[end].post.lock_control());
         }
     }
 

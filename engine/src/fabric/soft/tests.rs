@@ -2260,3 +2260,88 @@ fn a_wait_on_one_cq_arms_only_that_cq() {
         .recv_timeout(WAIT)
         .expect("CQ 1's work wakes a wait on CQ 1");
 }
+
+/// Two threads posting RDMA writes on one end (the post lock's bias moves
+/// between them, then the lock is shared), while a third binds and revokes
+/// remote keys for that end (each a control path through its post lock):
+/// every write lands when its post returns, and every accepted post
+/// completes exactly once.
+#[test]
+fn two_threads_posting_on_one_end_lose_and_duplicate_nothing() {
+    const PER: u64 = 2_000;
+    let net = SoftNetwork::new();
+    let (n1, n2) = (
+        nic_on(&net, ip(198, 18, 30, 1), 4),
+        nic_on(&net, ip(198, 18, 30, 2), 4),
+    );
+    let (a, b) = pair(&n1, &n2, sa(ip(198, 18, 30, 2), 1));
+    let local = Buf::zeroed(&n1, 16, Access::NONE);
+    let target = Buf::zeroed(&n2, 16, Access::LOCAL_WRITE | Access::REMOTE_WRITE);
+    let rkey = n2
+        .bind_remote(target.lkey, b.qp.num(), Access::REMOTE_WRITE)
+        .unwrap();
+    let spare = Buf::zeroed(&n2, 16, Access::LOCAL_WRITE | Access::REMOTE_WRITE);
+    let posting = AtomicUsize::new(2);
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut seen = std::collections::HashSet::new();
+    std::thread::scope(|s| {
+        for t in 0..2u64 {
+            let (a, local, target, posting) = (&a, &local, &target, &posting);
+            s.spawn(move || {
+                let slot = t as usize * 8;
+                for k in 0..PER {
+                    let v = t << 32 | k;
+                    // SAFETY: only this thread writes its slot of `local`,
+                    // and the NIC reads it only during this thread's post.
+                    unsafe { (local.ptr.add(slot) as *mut u64).write_unaligned(v) };
+                    let wr = SendWr {
+                        wr_id: v,
+                        op: SendOp::RdmaWrite {
+                            remote_addr: target.addr() + slot as u64,
+                            rkey,
+                        },
+                        sges: &[local.sge(slot, 8)],
+                    };
+                    loop {
+                        match a.qp.post_send(&wr) {
+                            Ok(()) => break,
+                            Err(PostError::QueueFull) => {
+                                assert!(std::time::Instant::now() < deadline, "no room");
+                                std::thread::yield_now();
+                            }
+                            Err(e) => panic!("post {v:#x}: {e:?}"),
+                        }
+                    }
+                    // SAFETY: only this thread's writes reach its slot of
+                    // `target`, and the write executed in its post.
+                    let got = unsafe { (target.ptr.add(slot) as *const u64).read_unaligned() };
+                    assert_eq!(got, v, "write {v:#x} landed");
+                }
+                posting.fetch_sub(1, Ordering::Release);
+            });
+        }
+        let (n2, b, spare, posting) = (&n2, &b, &spare, &posting);
+        s.spawn(move || {
+            while posting.load(Ordering::Acquire) != 0 {
+                let k = n2
+                    .bind_remote(spare.lkey, b.qp.num(), Access::REMOTE_WRITE)
+                    .unwrap();
+                n2.unbind_remote(k);
+            }
+        });
+        while seen.len() < 2 * PER as usize {
+            for wc in a.poll() {
+                assert_eq!(wc.status, WcStatus::Success, "write {:#x}", wc.wr_id);
+                assert!(
+                    seen.insert(wc.wr_id),
+                    "write {:#x} completed twice",
+                    wc.wr_id
+                );
+            }
+            assert!(std::time::Instant::now() < deadline, "completions missing");
+            std::thread::yield_now();
+        }
+    });
+    assert!(a.poll().is_empty(), "more completions than posts");
+    assert_eq!(a.events.count() + b.events.count(), 0, "the link stayed up");
+}
