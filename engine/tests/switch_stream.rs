@@ -320,6 +320,10 @@ fn a_buffer_offered_again_keeps_its_nic_registration_but_not_its_exposure() {
         again.nic_registrations, first.nic_registrations,
         "offering the same buffer again registers nothing"
     );
+    assert_eq!(
+        again.mapping_checks, first.mapping_checks,
+        "nor looks up its pages (a system call) again"
+    );
     assert_eq!(again.cache_hits, first.cache_hits + 2);
     // MEM-6: every exposure ended with its send; only the NIC registration
     // is kept, reachable by no remote key.

@@ -214,6 +214,10 @@ pub struct TableStats {
     pub cache_hits: u64,
     /// NIC registrations this table made.
     pub nic_registrations: u64,
+    /// Registrations that looked the pages of their range up (`mincore`,
+    /// a system call) and found them mapped: those that found no entry of
+    /// their key, live or cached.
+    pub mapping_checks: u64,
     /// Bytes of the entries with at least one registration (each NIC
     /// registration counted once, however many sockets share it).
     pub registered_bytes: u64,
@@ -309,6 +313,9 @@ struct TableState {
     cache_hits: u64,
     /// Successful `Nic::register` calls. Only grows.
     nic_registrations: u64,
+    /// Ranges found mapped by `RegistrationTable::lock_mapped`'s look.
+    /// Only grows.
+    mapping_checks: u64,
 }
 
 /// The part of a local association a [`RegRef`] needs, shared with it.
@@ -797,9 +804,10 @@ fn bind_error(e: FabricError) -> WsaError {
 }
 
 /// The checks every registration makes before taking a lock: non-null,
-/// non-empty, not wrapping, mapped (`WSAEFAULT`).
+/// non-empty, not wrapping (`WSAEFAULT`). Whether the range is mapped is
+/// checked by [`RegistrationTable::lock_mapped`].
 fn validate_range(addr: usize, len: usize) -> WsaResult<()> {
-    if addr == 0 || len == 0 || addr.checked_add(len).is_none() || !check_mapped(addr, len) {
+    if addr == 0 || len == 0 || addr.checked_add(len).is_none() {
         return Err(WsaError::WSAEFAULT);
     }
     Ok(())
@@ -931,6 +939,7 @@ impl RegistrationTable {
                 next_generation: 1,
                 cache_hits: 0,
                 nic_registrations: 0,
+                mapping_checks: 0,
             }),
         }
     }
@@ -951,6 +960,38 @@ impl RegistrationTable {
         if o.released {
             return Err(WsaError::WSAENOTSOCK);
         }
+        Ok((t, o))
+    }
+
+    /// Both locks ([`RegistrationTable::lock_both`]) for a registration of
+    /// `key`, once its range is known to be mapped (else `WSAEFAULT`). An
+    /// entry of `key`, live or cached, says so without a look: a live one
+    /// is registered, and its registrant keeps the memory valid while it
+    /// is (the SPI's contract); a cached one stays only as long as the
+    /// program has not changed the range's mapping, which it must report
+    /// through the cache callback (`WSPMemoryRegistrationCacheCallback`,
+    /// the switch's `release_memory`) before it does: the same promise on
+    /// which a hit revives the entry's NIC registration. Otherwise the
+    /// pages are looked up (`mincore`, a system call) with no lock held.
+    /// So registering a range again that the cache kept (a stream's
+    /// exposure of the same send buffer, each large transfer) makes no
+    /// system call.
+    fn lock_mapped<'a>(
+        &'a self,
+        regs: &'a OwnerRegs,
+        key: EntryKey,
+    ) -> WsaResult<(MutexGuard<'a, TableState>, MutexGuard<'a, OwnerState>)> {
+        {
+            let (t, o) = self.lock_both(regs)?;
+            if t.by_key.contains_key(&key) {
+                return Ok((t, o));
+            }
+        }
+        if !check_mapped(key.addr, key.len) {
+            return Err(WsaError::WSAEFAULT);
+        }
+        let (mut t, o) = self.lock_both(regs)?;
+        t.mapping_checks += 1;
         Ok((t, o))
     }
 
@@ -997,7 +1038,7 @@ impl RegistrationTable {
             len,
             access: flags.local_access(),
         };
-        let (mut t, mut o) = self.lock_both(regs)?;
+        let (mut t, mut o) = self.lock_mapped(regs, key)?;
         if let Some(&id) = t.by_key.get(&key) {
             let found = o
                 .locals
@@ -1078,7 +1119,7 @@ impl RegistrationTable {
             len,
             access: flags.exposure_access(),
         };
-        let (mut t, mut o) = self.lock_both(regs)?;
+        let (mut t, mut o) = self.lock_mapped(regs, key)?;
         if let Some(&id) = t.by_key.get(&key) {
             if let Some(x) = o.exposures.iter_mut().find(|x| x.entry == id && x.qp == qp) {
                 debug_assert_eq!(x.flags, flags);
@@ -1328,6 +1369,7 @@ impl RegistrationTable {
             cached_bytes: t.cached_bytes,
             cache_hits: t.cache_hits,
             nic_registrations: t.nic_registrations,
+            mapping_checks: t.mapping_checks,
             registered_bytes: t
                 .entries
                 .values()
@@ -1697,6 +1739,7 @@ mod tests {
             f.t.stats(),
             TableStats {
                 nic_registrations: 1,
+                mapping_checks: 1,
                 ..TableStats::default()
             }
         );
@@ -2006,10 +2049,13 @@ mod tests {
         );
         assert_eq!((f.live(), f.rkeys()), (1, 0));
         assert_eq!(f.t.stats().cached_entries, 1);
-        // A hit re-exposes with a fresh key/generation, no NIC registration.
+        // A hit re-exposes with a fresh key/generation, no NIC registration
+        // and no look at the mapping.
         let regs = f.nic_regs();
+        assert_eq!(f.t.stats().mapping_checks, 1);
         let d2 = f.expose(&o, QP, 0, 4096, RW).unwrap();
         assert_eq!(f.nic_regs(), regs);
+        assert_eq!(f.t.stats().mapping_checks, 1);
         assert_ne!(d2.generation, d.generation);
         assert!(f.nic.rkey(d2.rkey).is_some());
         assert_eq!(f.t.stats().cache_hits, 1);
