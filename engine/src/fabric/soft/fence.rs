@@ -165,6 +165,21 @@ pub(super) fn rare_light() {
     crate::sync::fence(crate::sync::Ordering::SeqCst);
 }
 
+/// [`rare_light`] where [`rare_is_asymmetric`] was seen true (the mode
+/// never changes once decided): a compiler fence, without a look at the
+/// mode. For a side that is reached only after such a look (a post lock's
+/// biased owner, `post_lock`).
+#[inline(always)]
+pub(super) fn biased_light() {
+    #[cfg(not(loom))]
+    {
+        debug_assert!(rare_is_asymmetric(), "biased without membarrier");
+        std::sync::atomic::compiler_fence(Ordering::SeqCst);
+    }
+    #[cfg(loom)]
+    crate::sync::fence(crate::sync::Ordering::SeqCst);
+}
+
 /// Whether [`rare_light`] is only a compiler fence (`membarrier` works):
 /// what a rule that relies on [`rare_heavy`] alone needs (`post_lock`).
 #[inline]

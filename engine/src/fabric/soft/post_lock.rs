@@ -23,10 +23,12 @@
 //! one is inside (the loom model below finds it).
 //!
 //! - **Owner** (`word` is its tag in tenure `t`, lock bit clear): stores
-//!   `busy[t] = true`, issues [`fence::rare_light`] (a compiler fence),
-//!   then loads `word` (Acquire). Unchanged: it holds the lock; dropping the
-//!   guard stores `busy[t] = false` (Release). Otherwise it clears
-//!   `busy[t]` and takes the slow path below.
+//!   `busy[t] = true`, issues a compiler fence ([`fence::biased_light`]:
+//!   a lock is biased only where `membarrier` works, so the fast path
+//!   does not look at the fence mode again), then loads `word` (Acquire).
+//!   Unchanged: it holds the lock; dropping the guard stores
+//!   `busy[t] = false` (Release). Otherwise it clears `busy[t]` and takes
+//!   the slow path below.
 //! - **Everyone else**, and the owner's slow path: sets the lock bit by a
 //!   compare-and-swap (Acquire). If the bias names another thread, in
 //!   tenure `t`, it then issues [`fence::rare_heavy`] (`membarrier`: every
@@ -88,9 +90,17 @@ const MOVES: u32 = 3;
 const OWNER_SHIFT: u32 = 3;
 /// The largest thread number a tag holds.
 const MAX_THREAD: u32 = u32::MAX >> OWNER_SHIFT;
-/// The tag of a thread that has none (yet, or ever): no `word` with its
-/// moves bits cleared equals it.
+/// The tag of a thread that has none (ever): no `word` with its moves
+/// bits cleared equals it.
 const NO_TAG: u32 = u32::MAX;
+/// A thread's tag before it is drawn: as [`NO_TAG`], no `word` with its
+/// moves bits cleared equals it (its bit 1 is set), so the owner's fast
+/// path needs no test for it.
+const UNDRAWN: u32 = u32::MAX - 1;
+/// `busy`'s length: one flag per tenure, and one more that no tenure uses
+/// (`MOVES`, a shared word's), so that every value of the moves bits
+/// indexes it without a bounds check.
+const BUSY: usize = MOVES as usize + 1;
 
 /// A lock for an end's posting side (see the module docs). `repr(C)`: the
 /// two words first, sharing a line with the start of the value, as
@@ -103,8 +113,9 @@ pub(super) struct PostLock<T> {
     word: AtomicU32,
     /// Whether the owner of tenure `t` is inside the lock by its fast path
     /// (`busy[t]`). Written by that owner only; read by a taker of the lock
-    /// bit that revokes the bias.
-    busy: [AtomicBool; MOVES as usize],
+    /// bit that revokes the bias. `busy[MOVES]` is never written (a shared
+    /// word has no owner).
+    busy: [AtomicBool; BUSY],
     value: UnsafeCell<T>,
 }
 
@@ -147,11 +158,10 @@ impl<T> PostLock<T> {
     /// bias (module docs, "Bias").
     #[inline(always)]
     pub(super) fn lock(&self) -> PostGuard<'_, T> {
-        let tag = thread_tag();
-        if let Some(g) = self.lock_fast(tag) {
+        if let Some(g) = self.lock_fast(seen_tag()) {
             return g;
         }
-        self.lock_slow(tag, true)
+        self.lock_slow(thread_tag(), true)
     }
 
     /// The guard of a thread that does not post (a control path): the bias
@@ -160,7 +170,7 @@ impl<T> PostLock<T> {
         self.lock_slow(thread_tag(), false)
     }
 
-    /// The owner's fast path, for the thread tagged `tag`.
+    /// The owner's fast path, for the thread tagged `tag` (or [`UNDRAWN`]).
     #[inline(always)]
     fn lock_fast(&self, tag: u32) -> Option<PostGuard<'_, T>> {
         // A plain look first: a thread that is not the owner pays no
@@ -171,7 +181,10 @@ impl<T> PostLock<T> {
         }
         let busy = &self.busy[tenure(word)];
         busy.store(true, Ordering::Relaxed);
-        fence::rare_light();
+        // Only a lock whose slow path found `membarrier` working was biased
+        // (`biasable`), and the fence mode never changes once decided: the
+        // other side's `rare_heavy` is a `membarrier`.
+        fence::biased_light();
         // Acquire: what the last holder of the lock bit wrote.
         if self.word.load(Ordering::Acquire) == word {
             return Some(self.guard(Unlock::Fast(tenure(word))));
@@ -272,7 +285,8 @@ impl<T> Drop for PostGuard<'_, T> {
     }
 }
 
-/// The tenure a `word` with an owner names, an index of `busy`.
+/// The tenure a `word` with an owner names, an index of `busy` (below
+/// [`BUSY`] for every `word`: no bounds check).
 #[inline(always)]
 fn tenure(word: u32) -> usize {
     let t = ((word & MOVES_MASK) >> MOVES_SHIFT) as usize;
@@ -291,17 +305,26 @@ fn backoff(spins: &mut u32) {
     }
 }
 
+#[cfg(not(loom))]
+thread_local! {
+    /// This thread's tag: [`UNDRAWN`] until [`thread_tag`] draws it.
+    static TAG: std::cell::Cell<u32> = const { std::cell::Cell::new(UNDRAWN) };
+}
+
+/// This thread's tag if it was drawn, else [`UNDRAWN`]: what the owner's
+/// fast path compares (one thread-local load; a thread without its tag is
+/// no owner).
+#[cfg(not(loom))]
+#[inline(always)]
+fn seen_tag() -> u32 {
+    TAG.with(std::cell::Cell::get)
+}
+
 /// This thread's tag in a `word` (its number shifted into the owner's
 /// place), drawn on first use; [`NO_TAG`] once the numbers ran out.
 #[cfg(not(loom))]
-#[inline(always)]
 fn thread_tag() -> u32 {
-    use std::cell::Cell;
     use std::sync::atomic::AtomicU32;
-    thread_local! {
-        /// 0 until drawn.
-        static TAG: Cell<u32> = const { Cell::new(0) };
-    }
     /// The last thread number drawn.
     static LAST: AtomicU32 = AtomicU32::new(0);
     #[cold]
@@ -314,21 +337,27 @@ fn thread_tag() -> u32 {
         TAG.with(|t| t.set(n));
         n
     }
-    match TAG.with(Cell::get) {
-        0 => draw(),
+    match seen_tag() {
+        UNDRAWN => draw(),
         t => t,
     }
+}
+
+/// Under loom: as [`thread_tag`] (loom's thread locals are not `const`).
+#[cfg(loom)]
+fn seen_tag() -> u32 {
+    thread_tag()
 }
 
 /// Under loom: each model thread's tag, from its loom thread id.
 #[cfg(loom)]
 fn thread_tag() -> u32 {
     loom::thread_local! {
-        static TAG: std::cell::Cell<u32> = std::cell::Cell::new(0);
+        static TAG: std::cell::Cell<u32> = std::cell::Cell::new(UNDRAWN);
     }
     static LAST: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     TAG.with(|t| {
-        if t.get() == 0 {
+        if t.get() == UNDRAWN {
             let n = LAST.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % MAX_THREAD + 1;
             t.set(n << OWNER_SHIFT);
         }
