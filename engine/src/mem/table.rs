@@ -466,6 +466,10 @@ struct Hit {
     /// The association found: a `*const LocalShared` of the `Arc` in
     /// `OwnerState::hit`, unchanged while `held` is not zero.
     shared: sync::AtomicUsize,
+    /// The association's local key (`LocalShared::lkey` of `shared`), on
+    /// the query's line: what a post reads of a hold taken through the
+    /// hit, without a look at the association.
+    lkey: sync::AtomicU32,
     /// Holds taken through the hit and not given back: each is a live
     /// [`RegRef`]. Added to by lock-free readers (then validated against
     /// `seq`), taken from by `RegRef` drops; read by writers after a stop.
@@ -481,6 +485,7 @@ impl Hit {
             addr: sync::AtomicUsize::new(0),
             len: sync::AtomicUsize::new(0),
             shared: sync::AtomicUsize::new(0),
+            lkey: sync::AtomicU32::new(0),
             held: sync::AtomicUsize::new(0),
         }
     }
@@ -547,6 +552,7 @@ impl Hit {
         self.len.store(len, Ordering::Relaxed);
         self.shared
             .store(s as *const LocalShared as usize, Ordering::Relaxed);
+        self.lkey.store(s.lkey, Ordering::Relaxed);
     }
 }
 
@@ -706,8 +712,14 @@ impl RegRef {
     }
 
     /// The local key for scatter/gather entries.
+    #[inline]
     pub fn lkey(&self) -> u32 {
-        self.shared().lkey
+        match &self.0 {
+            Held::Shared(s) => s.lkey,
+            // SAFETY: as in `shared`; the hit's `lkey` is its
+            // association's while the hold is counted.
+            Held::Hit(hit) => unsafe { hit.as_ref() }.lkey.load(Ordering::Relaxed),
+        }
     }
 
     /// Start of the registered range the op is covered by.
@@ -1815,12 +1827,14 @@ mod tests {
             matches!(first.0, Held::Shared(_)),
             "a first lookup takes the lock"
         );
+        let key = first.lkey();
         drop(first);
         let op = get().unwrap();
         assert!(
             matches!(op.0, Held::Hit(_)),
             "a repeat goes through the hit"
         );
+        assert_eq!(op.lkey(), key, "the hit's key is its association's");
         assert_eq!((op.len(), op.flags()), (8192, MemFlags::READWRITE));
         // SAFETY: as for `get`.
         let other = unsafe { f.t.acquire_pinned(&o, 0, f.at(128), 64, MemFlags::WRITE) };
@@ -1848,9 +1862,11 @@ mod tests {
         let h2 = f.reg(&o, 0, 4096, R).unwrap();
         // SAFETY: as for `get`.
         let by_handle = |h| unsafe { f.t.acquire_pinned(&o, h, f.at(0), 8, MemFlags::READ) };
-        drop(by_handle(h2).unwrap());
+        let key2 = by_handle(h2).unwrap().lkey();
+        assert_ne!(key2, key, "another registration, another key");
         let held = by_handle(h2).unwrap();
         assert!(matches!(held.0, Held::Hit(_)));
+        assert_eq!(held.lkey(), key2, "the hit's key moved with it");
         assert_eq!(by_handle(h2 + 1).unwrap_err(), WSAEINVAL, "another handle");
         f.t.release_owner(&o);
         assert_eq!(by_handle(h2).unwrap_err(), WSAENOTSOCK, "released: no hit");
