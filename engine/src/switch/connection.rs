@@ -28,7 +28,7 @@
 //! across a provider call that could wait for an upcall (`close_socket` is
 //! always made with the connection unlocked).
 
-use super::io::{AppBuf, OvKind, Wire};
+use super::io::{AppBuf, OvKind, Owner, Wire};
 use super::proto::{self, Action, CancelOutcome, Connection, OpId, Role};
 use super::ready::{self, Hub, Readiness};
 use super::regcache::{RegCache, RegUse};
@@ -37,7 +37,7 @@ use crate::config::PollerMode;
 use crate::error::WsaError;
 use crate::fabric::Waker;
 use crate::poller::Notifier;
-use crate::spi::{Overlapped, Provider, ProviderSocket};
+use crate::spi::{Provider, ProviderSocket};
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddrV4;
@@ -567,7 +567,7 @@ impl Conn {
         let send_slots = usize::from(cfg.send_slots);
         let m = Connection::new(cfg, role, ring)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        let conn = Arc::new(Conn {
+        let conn = wire.into_owner(|wire| Conn {
             wire,
             state: Mutex::new(State {
                 m,
@@ -605,6 +605,12 @@ impl Conn {
             peer,
         });
         Ok(conn)
+    }
+
+    /// The address the handle table publishes for the connection's wire,
+    /// which its records lead back to (`io.rs`, invariant 7).
+    pub(super) fn wire_addr(&self) -> usize {
+        self.wire.addr()
     }
 
     /// Bytes of the connection's buffers (control pools and both rings),
@@ -757,11 +763,8 @@ impl Conn {
         }
     }
 
-    /// A completion upcall for one of our records.
-    pub(super) fn on_completion(&self, ov: &Overlapped, error: u32, bytes: u32) {
-        let Some(index) = self.wire.ov_index(ov) else {
-            return;
-        };
+    /// A completion upcall for our record `index`.
+    fn on_completion(&self, index: usize, error: u32, bytes: u32) {
         let d = Done {
             index,
             error,
@@ -1414,6 +1417,14 @@ impl Conn {
                 ))
             }
         }
+    }
+}
+
+/// The upcall reaches the connection through the completed record
+/// (`io.rs`, invariant 7).
+impl Owner for Conn {
+    fn completed(&self, index: usize, error: u32, bytes: u32) {
+        self.on_completion(index, error, bytes);
     }
 }
 

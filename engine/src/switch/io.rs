@@ -63,6 +63,21 @@
 //!    buffer unmapped and mapped again at the same address would be read
 //!    from the old pages: there it is off unless the application releases
 //!    memory before unmapping it.
+//! 7. **A record leads back to its connection.** Each record's `hEvent`
+//!    holds the address of the [`Wire`] it belongs to (bit 0 aside, the
+//!    provider's no-upcall flag), and the wire holds a weak reference to
+//!    the connection around it ([`Wire::into_owner`], whose `make` keeps the
+//!    wire in the value it builds, the one place a `Wire` lives once it has
+//!    an owner). The runtime publishes the wire's address in the handle
+//!    table's slot after the slot's entry took the connection's `Arc`, and
+//!    withdraws it in `close_socket_handle` before it lets the `Arc` go; the
+//!    provider makes that upcall only after every other upcall for the
+//!    socket returned (an op's upcall comes before the op leaves the
+//!    socket's close gate, spec §6.1). So during a completion upcall for a
+//!    socket, the address its slot publishes names a live wire inside a live
+//!    connection, and a record whose `hEvent` names that address is one of
+//!    that wire's (checked against its array): the upcall reaches the
+//!    connection with no lookup, lock or reference count.
 
 use super::proto::{Desc, DESC_LEN};
 use crate::config::{FabricKind, MlockPolicy};
@@ -73,7 +88,7 @@ use crate::spi::{
 };
 use std::io;
 use std::sync::atomic::Ordering;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock, Weak};
 
 /// One part of a connection's mapping (the pool or a ring): `len` bytes at
 /// offset `at`, both whole pages.
@@ -220,6 +235,14 @@ fn prefetch_write(p: *const u8, len: usize) {
     }
 }
 
+/// What an upcall hands the completion of one of a wire's records to: the
+/// connection that holds the wire (invariant 7).
+pub(super) trait Owner: Send + Sync {
+    /// Record `index` (see [`Wire::ov_kind`]) completed with `error` and
+    /// `bytes`.
+    fn completed(&self, index: usize, error: u32, bytes: u32);
+}
+
 /// A connection's socket, its registered pools and rings, and its
 /// overlapped records: receive slots, then send slots, then the ring write
 /// of each send slot, then RDMA ops.
@@ -259,6 +282,9 @@ pub(super) struct Wire {
     /// [`Wire::register`]).
     send_ring_handle: u64,
     ovs: Box<[Overlapped]>,
+    /// The connection holding this wire, which its records lead back to
+    /// (invariant 7); set once, by [`Wire::into_owner`].
+    owner: Option<Weak<dyn Owner>>,
 }
 
 impl Wire {
@@ -320,7 +346,55 @@ impl Wire {
             ovs: (0..n_recv + 2 * n_send + n_rdma)
                 .map(|_| Overlapped::new(0))
                 .collect(),
+            owner: None,
         })
+    }
+
+    /// Moves the wire into the connection `make` builds around it, which
+    /// must keep it (invariant 7): from then on its records lead back to
+    /// that connection ([`Wire::deliver`]).
+    pub(super) fn into_owner<T: Owner + 'static>(mut self, make: impl FnOnce(Wire) -> T) -> Arc<T> {
+        Arc::new_cyclic(|owner: &Weak<T>| {
+            let owner: Weak<dyn Owner> = owner.clone();
+            self.owner = Some(owner);
+            make(self)
+        })
+    }
+
+    /// The address a runtime publishes for this wire in its handle table
+    /// (invariant 7), once the wire is in its connection.
+    pub(super) fn addr(&self) -> usize {
+        debug_assert!(self.owner.is_some(), "a wire published before its owner");
+        self as *const Wire as usize
+    }
+
+    /// The `hEvent` of a record of this wire: its address (invariant 7),
+    /// with bit 0 set if the completion makes no upcall.
+    fn event(&self, report: bool) -> usize {
+        self.addr() | usize::from(!report)
+    }
+
+    /// Hands the completion of record `ov` (its result `error`, `bytes`) to
+    /// the connection holding the wire at `live`, the address the handle
+    /// table publishes for the upcall's socket, if `ov` is one of that
+    /// wire's records; else does nothing (a record the switch did not post).
+    pub(super) fn deliver(live: usize, ov: &Overlapped, error: u32, bytes: u32) {
+        let named = ov.h_event.load(Ordering::Relaxed) & !1;
+        if live == 0 || named != live {
+            return;
+        }
+        // SAFETY: invariant 7 — a nonzero address the handle table
+        // publishes for a socket during a completion upcall for it is that
+        // of a live wire inside a live connection.
+        let wire = unsafe { &*(live as *const Wire) };
+        let (Some(index), Some(owner)) = (wire.ov_index(ov), &wire.owner) else {
+            return;
+        };
+        // SAFETY: invariant 7 — the wire lives in the connection `owner`
+        // refers to (`into_owner`), so that connection is alive while the
+        // wire is: its strong count is not 0.
+        let owner = unsafe { &*owner.as_ptr() };
+        owner.completed(index, error, bytes);
     }
 
     /// Bytes of the connection's buffers: pools and rings.
@@ -468,7 +542,7 @@ impl Wire {
     }
 
     /// Index of `ov` among the records, if it is one of them.
-    pub(super) fn ov_index(&self, ov: &Overlapped) -> Option<usize> {
+    fn ov_index(&self, ov: &Overlapped) -> Option<usize> {
         let base = self.ovs.as_ptr() as usize;
         let at = ov as *const Overlapped as usize;
         let size = std::mem::size_of::<Overlapped>();
@@ -534,14 +608,13 @@ impl Wire {
     /// tail).
     pub(super) fn post_recv(&self, slot: u16) -> WsaResult<()> {
         let (bufs, n) = self.slot_bufs(self.recv_at(slot), usize::from(slot), self.slot_size)?;
+        let ov = &self.ovs[self.recv_ov(slot)];
+        ov.h_event.store(self.event(true), Ordering::Relaxed);
         // SAFETY: invariant 1 — receive slot `slot` (its head in the pool,
         // its tail) and its record live until every op of the socket
         // completed, and it is not posted again before this receive
         // completes.
-        unsafe {
-            self.provider
-                .recv(self.sock, &bufs[..n], &self.ovs[self.recv_ov(slot)])
-        }
+        unsafe { self.provider.recv(self.sock, &bufs[..n], ov) }
     }
 
     /// Writes `head` into send slot `slot`, then (an INLINE's payload)
@@ -577,7 +650,7 @@ impl Wire {
         unsafe { std::ptr::copy_nonoverlapping(head.as_ptr(), bufs[0].buf, head.len()) };
         let ov = &self.ovs[self.send_ov(slot)];
         debug_assert!(!ov.is_pending(), "send record {slot} posted twice");
-        ov.h_event.store(usize::from(!report), Ordering::Relaxed);
+        ov.h_event.store(self.event(report), Ordering::Relaxed);
         // SAFETY: invariant 1 for send slot `slot` (its head and tail) and
         // its record.
         unsafe { self.provider.send(self.sock, &bufs[..n], 0, ov) }
@@ -656,7 +729,7 @@ impl Wire {
     ) -> WsaResult<()> {
         let ov = &self.ovs[self.ring_ov(slot)];
         debug_assert!(!ov.is_pending(), "ring write record {slot} posted twice");
-        ov.h_event.store(usize::from(!report), Ordering::Relaxed);
+        ov.h_event.store(self.event(report), Ordering::Relaxed);
         // SAFETY: the caller's contract for the buffer; invariant 1 for the
         // record.
         unsafe {
@@ -790,6 +863,7 @@ impl Wire {
             handle: handle as usize,
         }];
         let ov = &self.ovs[self.rdma_ov(rdma)];
+        ov.h_event.store(self.event(true), Ordering::Relaxed);
         // SAFETY: invariants 1 and 2 — record `rdma` and the buffer outlive
         // the op (`handle` covers it, invariant 6); invariant 3 — nothing
         // else touches the range meanwhile.

@@ -1,10 +1,13 @@
 //! The runtime: a started provider with the reference switch on top, the
 //! factory of [`super::Listener`]s and [`super::Stream`]s, and the switch's
 //! side of the SPI. The upcalls find their connection through the switch
-//! handle, which indexes a slot table: an upcall locks only its own slot,
-//! never a table-wide lock.
+//! handle, which indexes a slot table: a completion upcall reaches its
+//! connection through the slot's published wire and the completed record
+//! (`io.rs`, invariant 7), without a lock; the other upcalls lock only their
+//! own slot, never a table-wide lock.
 
 use super::connection::{lock, wsa_io, Conn, CqWake, RDMA_SLOTS};
+use super::io::Wire;
 use super::proto::{self, RdmaFlow, Role};
 use super::ready::{Hub, Readiness};
 use crate::config::PollerMode;
@@ -183,7 +186,19 @@ const CHUNK: usize = 64;
 const CHUNKS: usize = 1024;
 
 /// `CHUNK` slots of the handle table.
-type Chunk = Box<[Mutex<Entry>]>;
+type Chunk = Box<[Slot]>;
+
+/// One slot of the handle table.
+#[derive(Default)]
+struct Slot {
+    entry: Mutex<Entry>,
+    /// The address of the wire of `entry.conn` ([`Conn::wire_addr`]), 0
+    /// while the slot has no connection: stored (release) after `entry`
+    /// took the connection, cleared before `close_socket_handle` lets it
+    /// go, read (acquire) by the completion upcalls, which reach the
+    /// connection through it without the lock (`io.rs`, invariant 7).
+    wire: AtomicUsize,
+}
 
 /// One switch handle's entry: what the upcalls need.
 #[derive(Default)]
@@ -226,21 +241,24 @@ impl Upcalls {
         }
     }
 
-    fn slot(&self, index: usize) -> Option<&Mutex<Entry>> {
+    fn slot(&self, index: usize) -> Option<&Slot> {
         let chunk = self.chunks.get(index / CHUNK)?;
-        let chunk = chunk.get_or_init(|| (0..CHUNK).map(|_| Mutex::default()).collect());
+        let chunk = chunk.get_or_init(|| (0..CHUNK).map(|_| Slot::default()).collect());
         chunk.get(index % CHUNK)
+    }
+
+    /// The slot handle `h` names, if its chunk exists (the slot may be
+    /// another handle's if `h` is stale).
+    fn slot_of(&self, h: SwitchHandle) -> Option<&Slot> {
+        let index = (h.0 & 0xffff_ffff).checked_sub(1)?;
+        self.chunks.get(index / CHUNK)?.get()?.get(index % CHUNK)
     }
 
     /// The live entry of handle `h`, locked.
     fn entry(&self, h: SwitchHandle) -> Option<MutexGuard<'_, Entry>> {
         let index = (h.0 & 0xffff_ffff).checked_sub(1)?;
-        let e = lock(self.slot(index)?);
+        let e = lock(&self.slot(index)?.entry);
         (e.handle == h.0 && h.0 != 0).then_some(e)
-    }
-
-    fn conn(&self, h: SwitchHandle) -> Option<Arc<Conn>> {
-        self.entry(h).and_then(|e| e.conn.clone())
     }
 
     /// Every live connection (each slot locked in turn, briefly).
@@ -249,7 +267,7 @@ impl Upcalls {
         (0..used)
             .filter_map(|i| {
                 let chunk = self.chunks.get(i / CHUNK)?.get()?;
-                lock(chunk.get(i % CHUNK)?).conn.clone()
+                lock(&chunk.get(i % CHUNK)?.entry).conn.clone()
             })
             .collect()
     }
@@ -257,7 +275,11 @@ impl Upcalls {
     /// Enters `conn` as the connection of handle `h`.
     fn attach(&self, h: SwitchHandle, conn: Arc<Conn>) -> WsaResult<()> {
         let mut e = self.entry(h).ok_or(WsaError::WSAENOTSOCK)?;
+        let wire = conn.wire_addr();
         e.conn = Some(conn);
+        if let Some(slot) = self.slot_of(h) {
+            slot.wire.store(wire, Ordering::Release);
+        }
         Ok(())
     }
 }
@@ -279,7 +301,7 @@ impl Switch for Upcalls {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) & 0x7fff_ffff;
         let h = (generation << 32) | (index + 1);
         let slot = self.slot(index).ok_or(WsaError::WSAENOBUFS)?;
-        *lock(slot) = Entry {
+        *lock(&slot.entry) = Entry {
             handle: h,
             context,
             conn: None,
@@ -290,6 +312,9 @@ impl Switch for Upcalls {
     fn close_socket_handle(&self, h: SwitchHandle) -> WsaResult<()> {
         let conn = {
             let mut e = self.entry(h).ok_or(WsaError::WSAENOTSOCK)?;
+            if let Some(slot) = self.slot_of(h) {
+                slot.wire.store(0, Ordering::Release);
+            }
             let conn = e.conn.take();
             *e = Entry::default();
             conn
@@ -314,8 +339,8 @@ impl Switch for Upcalls {
         bytes: u32,
     ) -> WsaResult<()> {
         ov.complete(error, bytes);
-        if let Some(c) = self.conn(h) {
-            c.on_completion(ov, error, bytes);
+        if let Some(slot) = self.slot_of(h) {
+            Wire::deliver(slot.wire.load(Ordering::Acquire), ov, error, bytes);
         }
         Ok(())
     }
@@ -600,6 +625,61 @@ mod tests {
                 "{bogus:#x}"
             );
         }
+    }
+
+    /// A completion upcall reaches a connection only through one of its
+    /// own records (`io.rs`, invariant 7): a record the switch did not post
+    /// (its `hEvent` empty, or naming the connection's wire from outside
+    /// its array) is ignored, and the streams go on as if it never came.
+    #[test]
+    fn a_completion_upcall_reaches_only_the_connection_whose_record_it_is() {
+        use crate::fabric::soft::SoftNetwork;
+        use crate::switch::{Listener, Stream};
+        use std::io::{Read, Write};
+        use std::net::Ipv4Addr;
+
+        let ip = Ipv4Addr::new(198, 18, 7, 40);
+        let mut c = RuntimeConfig::default();
+        c.engine.fabric.soft.addresses = vec![ip];
+        c.switch = SwitchOptions::bounded(Duration::from_secs(10));
+        let nic = SoftNetwork::new()
+            .attach(c.engine.soft_nic(vec![ip]))
+            .unwrap();
+        let rt = Runtime::with_nic(c, nic).unwrap();
+        let l = Listener::bind(&rt, SocketAddrV4::new(ip, 7301)).unwrap();
+        let addr = l.local_addr();
+        let acceptor = std::thread::spawn(move || l.accept().unwrap().0);
+        let mut client = Stream::connect(&rt, addr).unwrap();
+        let mut server = acceptor.join().unwrap();
+
+        // The two connections' handles and published wires (the listener's
+        // socket has no connection).
+        let u = &rt.upcalls;
+        let chunk = u.chunks[0].get().unwrap();
+        let live: Vec<(SwitchHandle, usize)> = chunk
+            .iter()
+            .filter_map(|s| {
+                let wire = s.wire.load(Ordering::Acquire);
+                (wire != 0).then(|| (SwitchHandle(lock(&s.entry).handle), wire))
+            })
+            .collect();
+        assert_eq!(live.len(), 2);
+        for &(h, wire) in &live {
+            for forged in [
+                Overlapped::new(0),
+                Overlapped::new(wire),
+                Overlapped::new(wire | 1),
+            ] {
+                u.complete_overlapped_request(h, &forged, 0, 8).unwrap();
+            }
+        }
+        let mut buf = [0u8; 5];
+        client.write_all(b"hello").unwrap();
+        server.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"hello");
+        server.write_all(b"olleh").unwrap();
+        client.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"olleh");
     }
 
     #[test]
