@@ -556,15 +556,17 @@ fn data_sent_before_a_graceful_close_is_not_lost() {
 
 /// A connection's buffers by default: 2 rings of 92 KiB and 8 + 8
 /// message buffers of 4 KiB and the header (their first 256 bytes in one
-/// pool page, the rest in whole pages apart), 252 KiB in all (README);
-/// configurable.
+/// pool page, the rest in whole pages apart, where a send buffer has room
+/// for a whole message), 252 KiB in all (README); configurable.
 #[test]
 fn default_buffers_fit_in_256_kib_and_follow_the_options() {
     let (c, s) = two(opts(), opts());
     let (client, server) = pair(&c, &s, 7012);
     let page = 4096;
-    let tails = |n: usize| (n * (4096 + HEADER_LEN - 256)).div_ceil(page) * page;
-    let want = 2 * (92 << 10) + page + tails(16);
+    let slot = 4096 + HEADER_LEN;
+    let tails =
+        |recv: usize, send: usize| (recv * (slot - 256) + send * slot).div_ceil(page) * page;
+    let want = 2 * (92 << 10) + page + tails(8, 8);
     assert_eq!(client.buffer_bytes(), want);
     assert_eq!(server.buffer_bytes(), want);
     assert_eq!(want, 252 << 10);
@@ -576,7 +578,7 @@ fn default_buffers_fit_in_256_kib_and_follow_the_options() {
     };
     let (c, s) = two(small.clone(), opts());
     let (client, server) = pair(&c, &s, 7013);
-    assert_eq!(client.buffer_bytes(), 2 * (8 << 10) + page + tails(8 + 4));
+    assert_eq!(client.buffer_bytes(), 2 * (8 << 10) + page + tails(8, 4));
     // Buffers no longer than a head have no tails.
     let heads_only = SwitchOptions {
         slot_size: 256,

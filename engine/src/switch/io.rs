@@ -164,9 +164,10 @@ pub(super) enum OvKind {
 }
 
 /// The most bytes of a slot kept in the pool, where the slots' first
-/// bytes are packed (see [`Wire::recv_at`]); the rest of a longer slot is
-/// its tail, in a separate area. Every control message, and data of up to
-/// 236 bytes with its header, fits a head. Receives complete in the order
+/// bytes are packed (see [`Wire::recv_at`]); the rest of a longer receive
+/// slot is its tail, in a separate area, and a send slot has a buffer of
+/// the whole slot there for messages longer than its head. Every control
+/// message, and data of up to 236 bytes with its header, fits a head. Receives complete in the order
 /// they were posted, so a connection's small messages go through all its
 /// receive slots in turn: with heads of 256 bytes the default 8 + 8 slots
 /// keep them in one page, where heads of 1 KiB took four (a stream's
@@ -265,13 +266,15 @@ pub(super) struct Wire {
     mem: Chunk,
     /// The heads of the receive and send slots: see [`Wire::recv_at`].
     pool: Area,
-    /// The tails of the slots longer than [`SLOT_HEAD`] (receive slots,
-    /// then send slots; empty for shorter ones): a message that fits a
-    /// head, as every small one does, touches no page here, so an idle or
-    /// lightly used connection keeps its resident pages in the pool, while
-    /// a message of a few KiB still travels as one send into one receive
-    /// (the send and the receive take the head and the tail as two
-    /// buffers).
+    /// For slots longer than [`SLOT_HEAD`] (empty for shorter ones): the
+    /// receive slots' tails, then a buffer of `slot_size` bytes per send
+    /// slot. A message that fits a head, as every small one does, touches
+    /// no page here, so an idle or lightly used connection keeps its
+    /// resident pages in the pool, while a message of a few KiB still
+    /// travels as one send into one receive: the receive takes the head and
+    /// the tail as two buffers; the send writes a message longer than a
+    /// head whole into the slot's buffer here and sends it as one (one
+    /// copy and one registration lookup, not two of each).
     tails: Area,
     /// The receive ring: the peer RDMA-writes stream bytes into it.
     recv_ring: Area,
@@ -317,9 +320,14 @@ impl Wire {
             at: 0,
             len: pages((n_recv + n_send) * head),
         };
+        let long_sends = if slot_size > head {
+            n_send * slot_size
+        } else {
+            0
+        };
         let tails = Area {
             at: pool.len,
-            len: pages((n_recv + n_send) * (slot_size - head)),
+            len: pages(n_recv * (slot_size - head) + long_sends),
         };
         let send_ring = Area {
             at: tails.at + tails.len,
@@ -437,25 +445,19 @@ impl Wire {
         (if i < both { 2 * i + 1 } else { both + i }) * self.head
     }
 
-    /// Offset of the `i`th tail (receive slots first) in the tails' area.
-    fn tail_at(&self, i: usize) -> usize {
-        debug_assert!(i < self.n_recv + self.n_send);
-        i * (self.slot_size - self.head)
+    /// Offset of receive slot `slot`'s tail in the tails' area.
+    fn tail_at(&self, slot: u16) -> usize {
+        debug_assert!(usize::from(slot) < self.n_recv);
+        usize::from(slot) * (self.slot_size - self.head)
     }
 
-    /// The buffers of a slot whose head is at `head_at` in the pool and
-    /// whose tail is the `tail`th: its first `len` bytes (at most
+    /// The buffers of receive slot `slot`: its first `len` bytes (at most
     /// `slot_size`), as the head and, past [`SLOT_HEAD`], the tail.
-    fn slot_bufs(
-        &self,
-        head_at: usize,
-        tail: usize,
-        len: usize,
-    ) -> WsaResult<([WsaBuf; 2], usize)> {
+    fn recv_bufs(&self, slot: u16, len: usize) -> WsaResult<([WsaBuf; 2], usize)> {
         let in_head = len.min(self.head);
         let first = WsaBuf {
             len: in_head as u32,
-            buf: self.pool.range(&self.mem, head_at, in_head)?,
+            buf: self.pool.range(&self.mem, self.recv_at(slot), in_head)?,
         };
         if len <= self.head {
             return Ok(([first, first], 1));
@@ -463,29 +465,48 @@ impl Wire {
         let rest = len - self.head;
         let second = WsaBuf {
             len: rest as u32,
-            buf: self.tails.range(&self.mem, self.tail_at(tail), rest)?,
+            buf: self.tails.range(&self.mem, self.tail_at(slot), rest)?,
         };
         Ok(([first, second], 2))
     }
 
-    /// Copies `len` bytes between `app` and `slot_off..` of the slot whose
-    /// head is at `head_at` and whose tail is the `tail`th (`into_slot`:
-    /// from `app` into the slot): what lies before [`SLOT_HEAD`] in the
-    /// head, the rest in the tail.
+    /// The buffer a message of `len` bytes (at most `slot_size`) takes in
+    /// send slot `slot`: its head if the message fits there, else the
+    /// slot's buffer in the tails' area (see [`Wire::tails`]).
+    fn send_buf(&self, slot: u16, len: usize) -> WsaResult<WsaBuf> {
+        let buf = if len <= self.head {
+            self.pool.range(&self.mem, self.send_at(slot), len)?
+        } else {
+            debug_assert!(usize::from(slot) < self.n_send);
+            let at =
+                self.n_recv * (self.slot_size - self.head) + usize::from(slot) * self.slot_size;
+            if len > self.slot_size {
+                return Err(WsaError::WSAEFAULT);
+            }
+            self.tails.range(&self.mem, at, len)?
+        };
+        Ok(WsaBuf {
+            len: len as u32,
+            buf,
+        })
+    }
+
+    /// Copies `len` bytes at `slot_off` of receive slot `slot` into `app`:
+    /// what lies before [`SLOT_HEAD`] from the head, the rest from the
+    /// tail.
     ///
     /// # Safety
-    /// `app` is valid for `len` bytes (read if `into_slot`, else written)
-    /// and does not overlap the slot; nothing else reads or writes either
-    /// range meanwhile (invariants 2 to 4).
-    unsafe fn copy_slot(
+    /// `app` is valid for writing `len` bytes and does not overlap the
+    /// slot; nothing else reads or writes either range meanwhile
+    /// (invariants 2 to 4).
+    unsafe fn copy_from_recv_slot(
         &self,
-        head_at: usize,
-        tail: usize,
+        slot: u16,
         slot_off: usize,
         app: *mut u8,
         len: usize,
-        into_slot: bool,
     ) -> WsaResult<()> {
+        let head_at = self.recv_at(slot);
         let end = slot_off.checked_add(len).ok_or(WsaError::WSAEFAULT)?;
         if end > self.slot_size {
             return Err(WsaError::WSAEFAULT);
@@ -499,7 +520,7 @@ impl Wire {
         let tail = match in_tail {
             0 => None,
             n => {
-                let off = self.tail_at(tail) + slot_off.max(self.head) - self.head;
+                let off = self.tail_at(slot) + slot_off.max(self.head) - self.head;
                 let at = self.tails.range(&self.mem, off, n)?;
                 Some((at, app.wrapping_add(in_head), n))
             }
@@ -509,13 +530,7 @@ impl Wire {
             // `range`), `a..a+n` in the application buffer (the caller's
             // contract); they do not overlap, and nothing else touches
             // either meanwhile (the caller's contract).
-            unsafe {
-                if into_slot {
-                    std::ptr::copy_nonoverlapping(a, at, n);
-                } else {
-                    std::ptr::copy_nonoverlapping(at, a, n);
-                }
-            }
+            unsafe { std::ptr::copy_nonoverlapping(at, a, n) };
         }
         Ok(())
     }
@@ -607,7 +622,7 @@ impl Wire {
     /// Posts receive slot `slot` (the whole slot: its head, then its
     /// tail).
     pub(super) fn post_recv(&self, slot: u16) -> WsaResult<()> {
-        let (bufs, n) = self.slot_bufs(self.recv_at(slot), usize::from(slot), self.slot_size)?;
+        let (bufs, n) = self.recv_bufs(slot, self.slot_size)?;
         let ov = &self.ovs[self.recv_ov(slot)];
         ov.h_event.store(self.event(true), Ordering::Relaxed);
         // SAFETY: invariant 1 — receive slot `slot` (its head in the pool,
@@ -628,36 +643,35 @@ impl Wire {
         payload: Option<(AppBuf, u64, u32)>,
         report: bool,
     ) -> WsaResult<()> {
-        let base = self.send_at(slot);
-        let tail = self.n_recv + usize::from(slot);
         let len = head.len() + payload.map_or(0, |p| p.2 as usize);
         if len > self.slot_size || head.len() > self.head {
             return Err(WsaError::WSAEFAULT);
         }
-        let (bufs, n) = self.slot_bufs(base, tail, len)?;
+        // The whole message in one buffer of the slot (`len` checked).
+        let buf = self.send_buf(slot, len)?;
         if let Some((app, off, n)) = payload {
             let src = app.range(off, n)?;
             // SAFETY: invariant 2 — the source lies in a send buffer whose
             // call is blocked until this op completes (checked in bounds)
-            // and is not the slot; invariant 4 — no send of this slot is
-            // posted, so nothing else reads or writes it.
-            unsafe { self.copy_slot(base, tail, head.len(), src, n as usize, true)? };
+            // and is not the slot; the destination is `buf`'s range past
+            // the header (`len` bytes of the pool or the tails, checked by
+            // `send_buf`); invariant 4 — no send of this slot is posted, so
+            // nothing else reads or writes it.
+            unsafe { std::ptr::copy_nonoverlapping(src, buf.buf.add(head.len()), n as usize) };
         }
-        // SAFETY: the slot's head holds the header (checked above; `bufs[0]`
-        // is its range in the pool, which lives as long as `self`);
-        // invariant 4 — no send of this slot is posted, so nothing else
-        // reads or writes it.
-        unsafe { std::ptr::copy_nonoverlapping(head.as_ptr(), bufs[0].buf, head.len()) };
+        // SAFETY: `buf` holds the header at its start (as above); invariant
+        // 4 as above.
+        unsafe { std::ptr::copy_nonoverlapping(head.as_ptr(), buf.buf, head.len()) };
         let ov = &self.ovs[self.send_ov(slot)];
         debug_assert!(!ov.is_pending(), "send record {slot} posted twice");
         ov.h_event.store(self.event(report), Ordering::Relaxed);
-        // SAFETY: invariant 1 for send slot `slot` (its head and tail) and
-        // its record.
-        unsafe { self.provider.send(self.sock, &bufs[..n], 0, ov) }
+        // SAFETY: invariant 1 for send slot `slot` (its head and its
+        // buffer in the tails) and its record.
+        unsafe { self.provider.send(self.sock, &[buf], 0, ov) }
     }
 
-    /// Takes the cache lines of the first `len` bytes of send slot `slot`
-    /// (its head, then its tail) into this core's cache for writing, without
+    /// Takes the cache lines of the buffer a message of `len` bytes takes in
+    /// send slot `slot` ([`Wire::send_buf`]) into this core's cache for writing, without
     /// waiting ([`prefetch_write`]), ahead of a message copied there. Where
     /// the NIC is another core (soft, shm), that core read the slot's lines
     /// when it took the slot's last message, so each line still has a copy
@@ -669,11 +683,8 @@ impl Wire {
     /// while it waits. Only addresses: a slot that is posted (by another
     /// thread, meanwhile) is not touched.
     pub(super) fn prefetch_send(&self, slot: u16, len: usize) {
-        let tail = self.n_recv + usize::from(slot);
-        if let Ok((bufs, n)) = self.slot_bufs(self.send_at(slot), tail, len.min(self.slot_size)) {
-            for b in &bufs[..n] {
-                prefetch_write(b.buf, b.len as usize);
-            }
+        if let Ok(b) = self.send_buf(slot, len.min(self.slot_size)) {
+            prefetch_write(b.buf, b.len as usize);
         }
     }
 
@@ -767,18 +778,9 @@ impl Wire {
         // SAFETY: invariant 2 — the destination lies in a receive buffer
         // whose call is blocked until this op completes (checked in
         // bounds); invariant 3 — no RDMA op targets it during a copy; the
-        // source is inside receive slot `slot` (checked by `copy_slot`),
-        // which the NIC is done with (invariant 4).
-        unsafe {
-            self.copy_slot(
-                self.recv_at(slot),
-                usize::from(slot),
-                slot_off as usize,
-                dst,
-                len as usize,
-                false,
-            )
-        }
+        // source is inside receive slot `slot` (checked by
+        // `copy_from_recv_slot`), which the NIC is done with (invariant 4).
+        unsafe { self.copy_from_recv_slot(slot, slot_off as usize, dst, len as usize) }
     }
 
     /// Runs `f` on the first `len` bytes of receive slot `slot` (a message
