@@ -38,6 +38,7 @@ use crate::error::WsaError;
 use crate::fabric::Waker;
 use crate::poller::Notifier;
 use crate::spi::{Provider, ProviderSocket};
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddrV4;
@@ -476,6 +477,48 @@ struct Done {
     bytes: u32,
 }
 
+/// An op's result, as the machine completes it.
+type OpResult = Result<u64, proto::Error>;
+
+/// The op a blocked call of this thread waits for while the thread polls
+/// its connection's completion queue ([`Conn::wait`]).
+#[derive(Clone, Copy)]
+struct Claim {
+    /// The connection (its address).
+    conn: usize,
+    op: OpId,
+    dir: Dir,
+    nonblocking: bool,
+}
+
+/// A wait's claim on an op's result ([`Conn::wait`]), and how its value is
+/// made of the result.
+type Claimed<R> = Option<(Claim, fn(OpResult) -> R)>;
+
+/// The hand-off between a blocked call and the completion upcalls its own
+/// poll makes on its thread (see [`HANDOFF`]).
+#[derive(Clone, Copy)]
+enum Handoff {
+    /// No call of this thread polls for an op.
+    Idle,
+    /// A call polls for this op.
+    Waits(Claim),
+    /// An upcall of the poll took the op's result for the call.
+    Taken(OpResult),
+}
+
+thread_local! {
+    /// Set by a blocked call of this thread around each poll of its
+    /// completion queue ([`Conn::poll_claiming`]): an upcall that the poll
+    /// makes on this thread for the same connection, once it fed its
+    /// completion, takes the op's result under the state lock it holds
+    /// anyway, as the call's next look would ([`State::finish`]), and
+    /// leaves it here; the call returns it without locking the state again.
+    /// Only this thread reads or writes it; upcalls on other threads leave
+    /// the result for the call's look.
+    static HANDOFF: Cell<Handoff> = const { Cell::new(Handoff::Idle) };
+}
+
 impl State {
     /// A fresh id for an op of this connection.
     pub(super) fn new_op(&mut self) -> OpId {
@@ -656,9 +699,37 @@ impl Conn {
     }
 
     /// [`Conn::settle`] inside an upcall: an abort leaves the close to the
-    /// next settle outside one (`State::close_due`).
+    /// next settle outside one (`State::close_due`). If a blocked call of
+    /// this thread polls for an op of this connection that is now
+    /// complete, takes its result for the call ([`HANDOFF`]), unless a
+    /// close is due: the call's own look makes it.
     fn settle_in_upcall<'a>(&'a self, st: MutexGuard<'a, State>) {
-        self.settle_as(st, true, |_| ());
+        self.settle_as(st, true, |st| {
+            HANDOFF.with(|h| {
+                if let Handoff::Waits(c) = h.get() {
+                    if c.conn == self as *const Conn as usize && !st.close_due {
+                        if let Some(r) = st.finish(c.dir, c.op, c.nonblocking) {
+                            h.set(Handoff::Taken(r));
+                        }
+                    }
+                }
+            })
+        });
+    }
+
+    /// [`Conn::progress`] for a blocked call waiting for op `claim`: the
+    /// number of completions dispatched, and the op's result if an upcall
+    /// on this thread took it ([`HANDOFF`]).
+    fn poll_claiming(&self, claim: Claim) -> (usize, Option<OpResult>) {
+        HANDOFF.with(|h| {
+            debug_assert!(matches!(h.get(), Handoff::Idle), "nested claims");
+            h.set(Handoff::Waits(claim));
+            let n = self.progress();
+            match h.replace(Handoff::Idle) {
+                Handoff::Taken(r) => (n, Some(r)),
+                _ => (n, None),
+            }
+        })
     }
 
     /// Runs `f` on the state with direction `dir`'s gate taken (waiting for
@@ -720,14 +791,14 @@ impl Conn {
                 };
                 self.feed(&mut st, d);
             }
-            if let Some(f) = then.take() {
-                r = Some(f(&mut st));
-            }
             if upcall {
                 st.close_due |= abort;
                 abort = false;
             } else {
                 abort |= std::mem::take(&mut st.close_due);
+            }
+            if let Some(f) = then.take() {
+                r = Some(f(&mut st));
             }
             let wake = std::mem::take(&mut st.wake) && st.sleeping > 0;
             let fire = std::mem::take(&mut st.events) & st.want;
@@ -1177,16 +1248,20 @@ impl Conn {
         done: impl FnMut(&mut State) -> Option<R>,
         give_up: impl FnMut(&State) -> bool,
     ) -> Option<R> {
-        self.wait(deadline, true, done, give_up)
+        self.wait(deadline, true, None, done, give_up)
     }
 
     /// [`Conn::wait_until`]; `look_first: false` when the caller has just
     /// looked (and unlocked): the wait starts with a poll of the completion
-    /// queue, not with a second look at the state.
+    /// queue, not with a second look at the state. `claim`: the wait is for
+    /// that op's result (`done` takes it with [`State::finish`]), which an
+    /// upcall of the wait's own poll may take for it ([`HANDOFF`]), `R`
+    /// made of it by the function given.
     fn wait<R>(
         &self,
         mut deadline: Deadline,
         look_first: bool,
+        claim: Claimed<R>,
         mut done: impl FnMut(&mut State) -> Option<R>,
         mut give_up: impl FnMut(&State) -> bool,
     ) -> Option<R> {
@@ -1227,7 +1302,16 @@ impl Conn {
             if clock_due(idle) && deadline.passed() {
                 return None;
             }
-            if self.progress() > 0 {
+            // A thread counted as sleeping polls unclaimed: its look
+            // uncounts it.
+            let polled = match claim {
+                Some((c, made)) if !counted => match self.poll_claiming(c) {
+                    (_, Some(r)) => return Some(made(r)),
+                    (n, None) => n,
+                },
+                _ => self.progress(),
+            };
+            if polled > 0 {
                 idle = 0;
                 nap = NAP_MIN;
                 continue;
@@ -1366,9 +1450,19 @@ impl Conn {
             return op_result(r);
         }
         // Just looked: the wait starts by polling.
-        let done = self.wait(Deadline::after(timeout), false, finish, |st| {
-            st.cancel_gen != gen
-        });
+        let claim = Claim {
+            conn: self as *const Conn as usize,
+            op,
+            dir,
+            nonblocking,
+        };
+        let done = self.wait(
+            Deadline::after(timeout),
+            false,
+            Some((claim, |r| r)),
+            finish,
+            |st| st.cancel_gen != gen,
+        );
         if let Some(r) = done {
             return op_result(r);
         }
@@ -1446,6 +1540,62 @@ pub(super) fn take_result(st: &mut State, op: OpId) -> io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fabric::soft::SoftNetwork;
+    use crate::switch::{Listener, Runtime, RuntimeConfig, Stream, SwitchOptions};
+    use std::net::Ipv4Addr;
+
+    /// An upcall hands a result over ([`HANDOFF`]) only to a call of its
+    /// own connection that polls on its thread: a claim naming another
+    /// connection leaves the result where it is, for its own call's look.
+    #[test]
+    fn an_upcall_takes_a_result_only_for_its_own_connections_claim() {
+        let ip = Ipv4Addr::new(198, 18, 7, 41);
+        let mut c = RuntimeConfig::default();
+        c.engine.fabric.soft.addresses = vec![ip];
+        c.switch = SwitchOptions::bounded(Duration::from_secs(10));
+        let nic = SoftNetwork::new()
+            .attach(c.engine.soft_nic(vec![ip]))
+            .unwrap();
+        let rt = Runtime::with_nic(c, nic).unwrap();
+        let l = Listener::bind(&rt, SocketAddrV4::new(ip, 7302)).unwrap();
+        let addr = l.local_addr();
+        let acceptor = std::thread::spawn(move || l.accept().unwrap().0);
+        let client = Stream::connect(&rt, addr).unwrap();
+        let server = acceptor.join().unwrap();
+        let (a, b) = (client.conn(), server.conn());
+
+        // A non-blocking send of `b`'s, completed and not taken yet, its
+        // gate held as by its call.
+        let data = [7u8; 8];
+        let op = b.with_state(|st| {
+            assert!(st.pass(Dir::Send));
+            let op = st.new_op();
+            st.ops.lend(op, AppBuf::of(&data));
+            st.m.app_send(op, data.len() as u64, true);
+            op
+        });
+        let claim = |conn: &Arc<Conn>| Claim {
+            conn: Arc::as_ptr(conn) as usize,
+            op,
+            dir: Dir::Send,
+            nonblocking: true,
+        };
+        HANDOFF.with(|h| h.set(Handoff::Waits(claim(a))));
+        b.settle_in_upcall(b.lock());
+        let left = HANDOFF.with(|h| h.replace(Handoff::Idle));
+        assert!(
+            matches!(left, Handoff::Waits(_)),
+            "taken for another connection's call"
+        );
+        HANDOFF.with(|h| h.set(Handoff::Waits(claim(b))));
+        b.settle_in_upcall(b.lock());
+        let taken = HANDOFF.with(|h| h.replace(Handoff::Idle));
+        assert!(
+            matches!(taken, Handoff::Taken(Ok(8))),
+            "its own connection's call gets the result"
+        );
+        assert!(b.lock().pass(Dir::Send), "the gate opened with the result");
+    }
 
     /// A spinning wait reads the clock once at `CLOCK_FIRST`, then at each
     /// doubling, and never more than `CLOCK_MAX_EVERY` polls apart.

@@ -442,6 +442,12 @@ impl Stream {
         self.rt.keep_armed(&self.conn, ready, waits);
     }
 
+    /// The stream's connection (for the connection's own tests).
+    #[cfg(test)]
+    pub(super) fn conn(&self) -> &Arc<Conn> {
+        &self.conn
+    }
+
     /// Bytes of this stream's buffers: its control pools and its two rings
     /// (`SwitchOptions::{recv_slots, send_slots, slot_size, ring_size}`).
     pub fn buffer_bytes(&self) -> usize {
