@@ -1540,28 +1540,13 @@ pub(super) fn take_result(st: &mut State, op: OpId) -> io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fabric::soft::SoftNetwork;
-    use crate::switch::{Listener, Runtime, RuntimeConfig, Stream, SwitchOptions};
-    use std::net::Ipv4Addr;
 
     /// An upcall hands a result over ([`HANDOFF`]) only to a call of its
     /// own connection that polls on its thread: a claim naming another
     /// connection leaves the result where it is, for its own call's look.
     #[test]
     fn an_upcall_takes_a_result_only_for_its_own_connections_claim() {
-        let ip = Ipv4Addr::new(198, 18, 7, 41);
-        let mut c = RuntimeConfig::default();
-        c.engine.fabric.soft.addresses = vec![ip];
-        c.switch = SwitchOptions::bounded(Duration::from_secs(10));
-        let nic = SoftNetwork::new()
-            .attach(c.engine.soft_nic(vec![ip]))
-            .unwrap();
-        let rt = Runtime::with_nic(c, nic).unwrap();
-        let l = Listener::bind(&rt, SocketAddrV4::new(ip, 7302)).unwrap();
-        let addr = l.local_addr();
-        let acceptor = std::thread::spawn(move || l.accept().unwrap().0);
-        let client = Stream::connect(&rt, addr).unwrap();
-        let server = acceptor.join().unwrap();
+        let (_rt, client, server) = crate::switch::stream::connected(41);
         let (a, b) = (client.conn(), server.conn());
 
         // A non-blocking send of `b`'s, completed and not taken yet, its

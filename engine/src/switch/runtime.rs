@@ -633,24 +633,9 @@ mod tests {
     /// its array) is ignored, and the streams go on as if it never came.
     #[test]
     fn a_completion_upcall_reaches_only_the_connection_whose_record_it_is() {
-        use crate::fabric::soft::SoftNetwork;
-        use crate::switch::{Listener, Stream};
         use std::io::{Read, Write};
-        use std::net::Ipv4Addr;
 
-        let ip = Ipv4Addr::new(198, 18, 7, 40);
-        let mut c = RuntimeConfig::default();
-        c.engine.fabric.soft.addresses = vec![ip];
-        c.switch = SwitchOptions::bounded(Duration::from_secs(10));
-        let nic = SoftNetwork::new()
-            .attach(c.engine.soft_nic(vec![ip]))
-            .unwrap();
-        let rt = Runtime::with_nic(c, nic).unwrap();
-        let l = Listener::bind(&rt, SocketAddrV4::new(ip, 7301)).unwrap();
-        let addr = l.local_addr();
-        let acceptor = std::thread::spawn(move || l.accept().unwrap().0);
-        let mut client = Stream::connect(&rt, addr).unwrap();
-        let mut server = acceptor.join().unwrap();
+        let (rt, mut client, mut server) = crate::switch::stream::connected(40);
 
         // The two connections' handles and published wires (the listener's
         // socket has no connection).

@@ -759,30 +759,34 @@ impl io::Write for Stream {
     }
 }
 
+/// A connected client and server stream of a runtime with the default
+/// configuration (every blocking call bounded) on its own soft network
+/// (address 198.18.7.`host`), and the runtime, to keep while they are used:
+/// for the switch's unit tests.
+#[cfg(test)]
+pub(super) fn connected(host: u8) -> (Arc<Runtime>, Stream, Stream) {
+    use super::RuntimeConfig;
+    use crate::fabric::soft::SoftNetwork;
+    use std::net::Ipv4Addr;
+
+    let net = SoftNetwork::new();
+    let ip = Ipv4Addr::new(198, 18, 7, host);
+    let mut c = RuntimeConfig::default();
+    c.engine.fabric.soft.addresses = vec![ip];
+    c.switch = super::SwitchOptions::bounded(Duration::from_secs(10));
+    let nic = net.attach(c.engine.soft_nic(vec![ip])).unwrap();
+    let rt = Runtime::with_nic(c, nic).unwrap();
+    let l = Listener::bind(&rt, SocketAddrV4::new(ip, 7300)).unwrap();
+    let addr = l.local_addr();
+    let acceptor = std::thread::spawn(move || l.accept().unwrap().0);
+    let client = Stream::connect(&rt, addr).unwrap();
+    (rt, client, acceptor.join().unwrap())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fabric::soft::SoftNetwork;
-    use crate::switch::{RuntimeConfig, SwitchOptions};
-    use std::net::Ipv4Addr;
-
-    /// A connected client and server stream of a runtime with the default
-    /// configuration (every blocking call bounded) on its own soft network,
-    /// and the runtime, to keep while they are used.
-    fn connected(host: u8) -> (std::sync::Arc<Runtime>, Stream, Stream) {
-        let net = SoftNetwork::new();
-        let ip = Ipv4Addr::new(198, 18, 7, host);
-        let mut c = RuntimeConfig::default();
-        c.engine.fabric.soft.addresses = vec![ip];
-        c.switch = SwitchOptions::bounded(Duration::from_secs(10));
-        let nic = net.attach(c.engine.soft_nic(vec![ip])).unwrap();
-        let rt = Runtime::with_nic(c, nic).unwrap();
-        let l = Listener::bind(&rt, SocketAddrV4::new(ip, 7300)).unwrap();
-        let addr = l.local_addr();
-        let acceptor = std::thread::spawn(move || l.accept().unwrap().0);
-        let client = Stream::connect(&rt, addr).unwrap();
-        (rt, client, acceptor.join().unwrap())
-    }
+    use crate::switch::SwitchOptions;
 
     /// A timeout reads back as set: none, zero, sub-microsecond and long
     /// ones, and one beyond what u64 nanoseconds hold saturates instead of
