@@ -89,14 +89,15 @@ pub(super) const HELP_AFTER: u32 = 256;
 /// line itself (reading it on every poll would pull that line away from the
 /// peer each time the peer writes it)...
 const ACK_AFTER: u32 = 32;
-/// ...or this many ticks of [`ticks`] (about 1-4 us) since the wait began
-/// or since the last read, whichever comes first: a caller that polls
-/// rarely still learns soon. Not since the last read alone: in a
-/// ping-pong whose round trip is shorter, the first poll after each send
-/// then found that time passed, read `consumed` a few times per round
-/// trip, and the peer's next store of it, with the fence of its wake right
-/// behind, waited for the line on the path of its reply (sanbench
-/// send_lat 8 B, median of 9 interleaved runs: 0.236 us, now 0.210).
+/// ...or this many ticks of [`ticks`] (about 1-4 us) since the last read,
+/// whichever comes first: a caller that polls rarely still learns at once.
+/// In a ping-pong (the last wait ended with the acknowledgement a reply
+/// carried, `Reaper::replied`) the ticks count from the wait's first poll
+/// if that is later: in one whose round trip is shorter, the first poll
+/// after most sends found them passed since the last read and read
+/// `consumed`, and the peer's next store of it, with the fence of its wake
+/// right behind, waited for the line on the path of its reply (sanbench
+/// send_lat 8 B, median of 9 interleaved runs: 0.236 us, then 0.210).
 pub(super) const ACK_AFTER_TICKS: u64 = 4096;
 
 const INTACT: u32 = 0;
@@ -167,10 +168,17 @@ pub(super) struct Reaper {
     /// Messages of this end known consumed by the peer, `<=` the peer's
     /// `consumed`.
     sent: u64,
-    /// When (in [`ticks`]) the wait for the oldest unfinished send's
-    /// acknowledgement began (its first stalled poll), or, if later, when
-    /// `sent` was last read from the peer's `consumed`.
+    /// When (in [`ticks`]) `sent` was last read from the peer's `consumed`,
+    /// or, in a ping-pong (`replied`), when the wait for the oldest
+    /// unfinished send's acknowledgement began (its first stalled poll) if
+    /// that is later.
     waited_from: u64,
+    /// The last wait for an acknowledgement ended with one a message of
+    /// the peer carried, before this end read `consumed`: a ping-pong,
+    /// whose next wait with a receive posted waits [`ACK_AFTER_TICKS`] for
+    /// the reply before it reads `consumed`. Cleared by a wait that had to
+    /// read it.
+    replied: bool,
     /// Set by `arm`: match the stuck message at the next poll.
     help_now: bool,
 }
@@ -491,6 +499,7 @@ impl Link {
                 stalled_polls: 0,
                 sent: 0,
                 waited_from: 0,
+                replied: false,
                 help_now: false,
             });
         }
@@ -877,6 +886,8 @@ impl Link {
         let oldest = match r.sends.peek_cell() {
             Some(index) if index >= r.sent => index,
             _ => {
+                // A wait under way ended with a message's acknowledgement.
+                r.replied |= r.stalled_polls > 0;
                 r.stalled_polls = 0;
                 r.help_now = false;
                 return false;
@@ -885,9 +896,10 @@ impl Link {
         r.stalled_polls += 1;
         // The first poll of a wait looks unless a reply is expected (a
         // poll right after the peer took the message reports it), then
-        // every ACK_AFTER-th or ACK_AFTER_TICKS into the wait.
+        // every ACK_AFTER-th or ACK_AFTER_TICKS since the last read, or,
+        // in a ping-pong, since the wait began.
         let now = ticks();
-        if r.stalled_polls == 1 {
+        if r.stalled_polls == 1 && r.replied {
             r.waited_from = now;
         }
         let due = (r.stalled_polls == 1 && r.rq.is_empty())
@@ -899,6 +911,7 @@ impl Link {
         }
         r.sent = r.sent.max(self.dirs[d].ring.consumed());
         r.waited_from = now;
+        r.replied = false;
         if oldest < r.sent {
             r.stalled_polls = 0;
             r.help_now = false;

@@ -508,33 +508,37 @@ fn a_reply_is_reported_before_the_send_it_acknowledges() {
     assert_eq!(a.events.count() + b.events.count(), 0);
 }
 
-/// A requester that has a receive posted for the reply learns that its
-/// request was taken from the acknowledgement the reply carries: the first
-/// poll of its wait does not read the peer's consumed index (the line the
-/// peer writes as it takes the request, whose store would then wait for it
-/// on the path of the reply), however long ago the last read was. Without
-/// a receive posted it does.
+/// A requester in a ping-pong (its last wait ended with the
+/// acknowledgement the reply carried) learns that its next request was
+/// taken from the next reply too: the first poll of its wait does not read
+/// the peer's consumed index (the line the peer writes as it takes the
+/// request, whose store would then wait for it on the path of the reply),
+/// however long ago the last read was.
 #[test]
-fn a_requester_waits_for_the_replys_acknowledgement_before_reading_consumed() {
+fn a_requester_in_a_ping_pong_waits_for_the_replys_acknowledgement() {
     let OneNic { a, b, src, dst, .. } = one_nic(9);
+    // A round whose reply comes after A looked once (and read consumed).
+    recv(&a.qp, 1, &[dst.sge(0, 8)]);
     recv(&b.qp, 100, &[dst.sge(8, 8)]);
-    send(&a.qp, 1, &[src.sge(0, 8)]);
+    send(&a.qp, 2, &[src.sge(0, 8)]);
+    assert!(a.poll().is_empty());
     assert_eq!(statuses(&b.poll()), vec![(100, WcStatus::Success)]);
-    // No reply expected: the first poll reads it.
+    send(&b.qp, 101, &[src.sge(8, 8)]);
     assert_eq!(statuses(&a.poll()), vec![(1, WcStatus::Success)]);
-    // Long after that read, a request that expects a reply.
+    assert_eq!(statuses(&a.poll()), vec![(2, WcStatus::Success)]);
+    // Long after that read, the next request.
     let start = clock::ticks();
     while clock::ticks().wrapping_sub(start) < 2 * link::ACK_AFTER_TICKS {
         std::hint::spin_loop();
     }
-    recv(&a.qp, 2, &[dst.sge(0, 8)]);
-    recv(&b.qp, 101, &[dst.sge(8, 8)]);
-    send(&a.qp, 3, &[src.sge(0, 8)]);
-    assert_eq!(statuses(&b.poll()), vec![(101, WcStatus::Success)]);
+    recv(&a.qp, 3, &[dst.sge(0, 8)]);
+    recv(&b.qp, 102, &[dst.sge(8, 8)]);
+    send(&a.qp, 4, &[src.sge(0, 8)]);
+    assert_eq!(statuses(&b.poll()), vec![(102, WcStatus::Success)]);
     assert!(a.poll().is_empty(), "the wait's first poll read consumed");
-    send(&b.qp, 102, &[src.sge(8, 8)]);
-    assert_eq!(statuses(&a.poll()), vec![(2, WcStatus::Success)]);
+    send(&b.qp, 103, &[src.sge(8, 8)]);
     assert_eq!(statuses(&a.poll()), vec![(3, WcStatus::Success)]);
+    assert_eq!(statuses(&a.poll()), vec![(4, WcStatus::Success)]);
     assert_eq!(a.events.count() + b.events.count(), 0);
 }
 
