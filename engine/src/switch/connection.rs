@@ -28,6 +28,7 @@
 //! across a provider call that could wait for an upcall (`close_socket` is
 //! always made with the connection unlocked).
 
+use super::inbox_lock::{Held, InboxLock};
 use super::io::{AppBuf, OvKind, Owner, Wire};
 use super::proto::{self, Action, CancelOutcome, Connection, OpId, Role};
 use super::ready::{self, Hub, Readiness};
@@ -39,11 +40,9 @@ use crate::fabric::Waker;
 use crate::poller::Notifier;
 use crate::spi::{Provider, ProviderSocket};
 use std::cell::Cell;
-use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddrV4;
-use std::sync::atomic::{fence, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, TryLockError, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 /// RDMA ops a connection may have in flight.
@@ -291,16 +290,16 @@ pub(super) struct Conn {
     /// The socket, its pools and overlapped records, and the unsafe calls
     /// that use them.
     wire: Wire,
-    state: Mutex<State>,
-    /// Completions the upcalls delivered, in dispatch order, not yet fed to
-    /// the machine: an upcall that finds the state locked (by an
-    /// application thread, possibly its own caller further up the stack)
-    /// leaves its completion here for the holder, which feeds it before it
-    /// unlocks, and looks again after (see [`Conn::with_state`]); an upcall
-    /// that takes the state and finds the inbox empty feeds its completion
-    /// at once (as if it had passed through). At most one entry per
-    /// overlapped record, so it never grows past `ovs.len()`.
-    inbox: Inbox,
+    /// The state, and in its inbox the completions the upcalls delivered,
+    /// in dispatch order, not yet fed to the machine: an upcall that finds
+    /// the state locked (by an application thread, possibly its own caller
+    /// further up the stack) leaves its completion there for the holder,
+    /// which feeds it before it unlocks, and looks again after (see
+    /// [`Conn::settle`]); an upcall that takes the state and finds the
+    /// inbox empty feeds its completion at once (as if it had passed
+    /// through). At most one entry per overlapped record, so the inbox
+    /// never grows past `ovs.len()`.
+    state: InboxLock<State, Done>,
     /// Threads sleeping for this connection (a blocked call, a close). A
     /// notify costs one load when nobody sleeps; it is made only when an op
     /// result, the session state or a cancellation changed (never for a
@@ -381,70 +380,6 @@ pub(super) struct State {
     /// go on; taken by [`Conn::settle`], which writes the fd for those in
     /// `want`.
     pub(super) events: u8,
-}
-
-/// A connection's inbox (see `Conn::inbox`).
-struct Inbox {
-    q: Mutex<VecDeque<Done>>,
-    /// `q.len()`, stored under `q`'s lock; read without it:
-    /// - by the state's holder between two rounds of its settle loop, where
-    ///   a stale 0 only delays an entry to the look after the unlock;
-    /// - by that look ([`Conn::try_state`]) after a `SeqCst` fence, which
-    ///   the pusher also makes between its push and its `try_lock` of the
-    ///   state (see [`Inbox::waiting`]);
-    /// - by an upcall that holds the state, to feed its completion at once
-    ///   when nothing waits ([`Inbox::queue_behind`]): a CQ's completions
-    ///   are dispatched one after the other by whichever thread holds its
-    ///   drain (taken with acquire, given back with release), so an earlier
-    ///   upcall's push happens before this load.
-    len: AtomicUsize,
-}
-
-impl Inbox {
-    fn push(&self, d: Done) {
-        let mut q = lock(&self.q);
-        q.push_back(d);
-        self.len.store(q.len(), Ordering::Release);
-    }
-
-    /// Queues `d` behind the entries there, if any; else gives it back (the
-    /// caller, holding the state, feeds it at once).
-    fn queue_behind(&self, d: Done) -> Option<Done> {
-        if self.len.load(Ordering::Acquire) == 0 {
-            return Some(d);
-        }
-        let mut q = lock(&self.q);
-        if q.is_empty() {
-            return Some(d);
-        }
-        q.push_back(d);
-        self.len.store(q.len(), Ordering::Release);
-        None
-    }
-
-    /// Whether something waits, as the look after an unlock of the state
-    /// needs it (Dekker's pattern, without locking the inbox): the holder
-    /// unlocks the state, fences, loads `len`; the pusher stores `len`,
-    /// fences (this same call), then `try_lock`s the state. Of the two
-    /// fences in their total order, if the pusher's comes first this load
-    /// sees its entry; if the holder's does, the pusher's `try_lock` sees
-    /// the unlock (or a later lock, whose holder looks in turn). Either
-    /// way one of them feeds the entry.
-    fn waiting(&self) -> bool {
-        fence(Ordering::SeqCst);
-        self.len.load(Ordering::Relaxed) != 0
-    }
-
-    /// The oldest entry, if the hint says there is one.
-    fn pop_hinted(&self) -> Option<Done> {
-        if self.len.load(Ordering::Acquire) == 0 {
-            return None;
-        }
-        let mut q = lock(&self.q);
-        let d = q.pop_front();
-        self.len.store(q.len(), Ordering::Release);
-        d
-    }
 }
 
 /// A direction of a stream's calls. Calls of one direction pass its gate
@@ -612,30 +547,29 @@ impl Conn {
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let conn = wire.into_owner(|wire| Conn {
             wire,
-            state: Mutex::new(State {
-                m,
-                ops: Ops::new(),
-                next_op: 0,
-                rdma_regs: vec![None; rdma_slots],
-                ring_regs: vec![None; send_slots],
-                cache: RegCache::new(cache_entries),
-                connected: false,
-                socket_closed: false,
-                close_due: false,
-                cancel_gen: 0,
-                wake: false,
-                sleeping: 0,
-                watch_all: false,
-                want: 0,
-                busy: 0,
-                gated: 0,
-                inline_len: 0,
-                events: 0,
-            }),
-            inbox: Inbox {
-                q: Mutex::new(VecDeque::with_capacity(n_ov)),
-                len: AtomicUsize::new(0),
-            },
+            state: InboxLock::new(
+                n_ov,
+                State {
+                    m,
+                    ops: Ops::new(),
+                    next_op: 0,
+                    rdma_regs: vec![None; rdma_slots],
+                    ring_regs: vec![None; send_slots],
+                    cache: RegCache::new(cache_entries),
+                    connected: false,
+                    socket_closed: false,
+                    close_due: false,
+                    cancel_gen: 0,
+                    wake: false,
+                    sleeping: 0,
+                    watch_all: false,
+                    want: 0,
+                    busy: 0,
+                    gated: 0,
+                    inline_len: 0,
+                    events: 0,
+                },
+            ),
             sleepers: Arc::default(),
             cq_wake: cq_wake.map(|w| {
                 let dyn_w: Arc<dyn Waker> = w.clone();
@@ -673,8 +607,8 @@ impl Conn {
         self.with_state(|_| ());
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        lock(&self.state)
+    fn lock(&self) -> Held<'_, State> {
+        self.state.lock()
     }
 
     /// Runs `f` on the state, executes the machine's actions and unlocks
@@ -694,7 +628,7 @@ impl Conn {
     /// locked left its completion in the inbox before this thread's last look
     /// or before this unlock, so either this loop or the upcall's own
     /// `try_lock` feeds it.
-    fn settle<'a>(&'a self, st: MutexGuard<'a, State>) {
+    fn settle<'a>(&'a self, st: Held<'a, State>) {
         self.settle_then(st, |_| ());
     }
 
@@ -703,7 +637,7 @@ impl Conn {
     /// this thread polls for an op of this connection that is now
     /// complete, takes its result for the call ([`HANDOFF`]), unless a
     /// close is due: the call's own look makes it.
-    fn settle_in_upcall<'a>(&'a self, st: MutexGuard<'a, State>) {
+    fn settle_in_upcall<'a>(&'a self, st: Held<'a, State>) {
         self.settle_as(st, true, |st| {
             HANDOFF.with(|h| {
                 if let Handoff::Waits(c) = h.get() {
@@ -762,11 +696,7 @@ impl Conn {
     /// [`Conn::settle`], running `then` on the state after its first
     /// round of actions and completions, before it unlocks (`then` queues
     /// no actions: it looks, or takes a result).
-    fn settle_then<'a, R>(
-        &'a self,
-        st: MutexGuard<'a, State>,
-        then: impl FnOnce(&mut State) -> R,
-    ) -> R {
+    fn settle_then<'a, R>(&'a self, st: Held<'a, State>, then: impl FnOnce(&mut State) -> R) -> R {
         self.settle_as(st, false, then)
     }
 
@@ -774,7 +704,7 @@ impl Conn {
     /// an abort only marks the close due.
     fn settle_as<'a, R>(
         &'a self,
-        mut st: MutexGuard<'a, State>,
+        mut st: Held<'a, State>,
         upcall: bool,
         then: impl FnOnce(&mut State) -> R,
     ) -> R {
@@ -786,7 +716,7 @@ impl Conn {
                 if st.m.has_actions() {
                     abort |= self.run(&mut st);
                 }
-                let Some(d) = self.inbox.pop_hinted() else {
+                let Some(d) = self.state.pop(&st) else {
                     break;
                 };
                 self.feed(&mut st, d);
@@ -814,23 +744,10 @@ impl Conn {
             if abort {
                 self.close_socket();
             }
-            st = match self.try_state() {
+            st = match self.state.look() {
                 Some(st) => st,
                 None => return r.expect("`then` ran in the first round"),
             };
-        }
-    }
-
-    /// The state, if a completion waits in the inbox and no other thread
-    /// holds the state (that thread feeds it before it unlocks).
-    fn try_state(&self) -> Option<MutexGuard<'_, State>> {
-        if !self.inbox.waiting() {
-            return None;
-        }
-        match self.state.try_lock() {
-            Ok(st) => Some(st),
-            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
-            Err(TryLockError::WouldBlock) => None,
         }
     }
 
@@ -843,21 +760,13 @@ impl Conn {
         };
         // Never waits for the state inside an upcall: whoever holds it
         // (perhaps this thread's own caller) feeds the completion.
-        let mut st = match self.state.try_lock() {
-            Ok(st) => st,
-            Err(TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(TryLockError::WouldBlock) => {
-                self.inbox.push(d);
-                if let Some(st) = self.try_state() {
-                    self.settle_in_upcall(st);
-                }
-                return;
-            }
+        let Some((mut st, d)) = self.state.deliver(d) else {
+            return;
         };
         // Holding the state (whose actions the last holder executed): with
         // nothing in the inbox before it, the completion is fed at once;
-        // else it queues behind what is there.
-        if let Some(d) = self.inbox.queue_behind(d) {
+        // else it queued behind what is there.
+        if let Some(d) = d {
             self.feed(&mut st, d);
         }
         self.settle_in_upcall(st);
@@ -1365,12 +1274,11 @@ impl Conn {
     /// soft fabric, 1.76 -> 1.52 us a half round trip). Taken after each
     /// completion that ended a spin, since a send completion changes which
     /// buffer is next. Skipped if another thread holds the state: a hint is
-    /// not worth a wait.
+    /// not worth a wait. It lets go without settling (`InboxLock::try_lock`):
+    /// its wait looks at the state next, or returns to a caller that does.
     fn prefetch_next_send(&self) {
-        let st = match self.state.try_lock() {
-            Ok(st) => st,
-            Err(TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(TryLockError::WouldBlock) => return,
+        let Some(st) = self.state.try_lock() else {
+            return;
         };
         if st.inline_len > 0 {
             if let Some(slot) = st.m.next_send_buffer() {
@@ -1384,7 +1292,7 @@ impl Conn {
     /// as [`Conn::wait_until`] does (`TimedOut` past `timeout`, `None`:
     /// no bound; `Interrupted` if cancelled meanwhile).
     #[inline]
-    fn enter(&self, dir: Dir, timeout: Option<Duration>) -> io::Result<MutexGuard<'_, State>> {
+    fn enter(&self, dir: Dir, timeout: Option<Duration>) -> io::Result<Held<'_, State>> {
         let mut st = self.lock();
         if st.pass(dir) {
             return Ok(st);
@@ -1396,10 +1304,10 @@ impl Conn {
     #[cold]
     fn wait_gate<'a>(
         &'a self,
-        mut st: MutexGuard<'a, State>,
+        mut st: Held<'a, State>,
         dir: Dir,
         timeout: Option<Duration>,
-    ) -> io::Result<MutexGuard<'a, State>> {
+    ) -> io::Result<Held<'a, State>> {
         st.gated += 1;
         let gen = st.cancel_gen;
         self.settle(st);

@@ -42,6 +42,7 @@
 //! ```
 
 mod connection;
+mod inbox_lock;
 mod io;
 pub mod proto;
 mod ready;
