@@ -295,10 +295,10 @@ pub(super) struct Conn {
     /// the state locked (by an application thread, possibly its own caller
     /// further up the stack) leaves its completion there for the holder,
     /// which feeds it before it unlocks, and looks again after (see
-    /// [`Conn::settle`]); an upcall that takes the state and finds the
-    /// inbox empty feeds its completion at once (as if it had passed
-    /// through). At most one entry per overlapped record, so the inbox
-    /// never grows past `ovs.len()`.
+    /// [`Conn::settle`], and `inbox_lock.rs` for the protocol); an upcall
+    /// that takes the state and finds the inbox empty feeds its completion
+    /// at once (as if it had passed through). At most one entry per
+    /// overlapped record, so the inbox never grows past `ovs.len()`.
     state: InboxLock<State, Done>,
     /// Threads sleeping for this connection (a blocked call, a close). A
     /// notify costs one load when nobody sleeps; it is made only when an op

@@ -11,7 +11,8 @@
 //! - `runtime`: [`Runtime`] (a provider and its switch: the upcalls, whose
 //!   switch handles index a slot table).
 //! - `connection` (with `io`, the switch's unsafe): one socket's protocol
-//!   machine, driven by the thread that waits for it.
+//!   machine, driven by the thread that waits for it; `inbox_lock`: its
+//!   state lock, which upcalls never wait for.
 //! - [`stream`]: [`Listener`], [`Stream`] (blocking with timeouts,
 //!   non-blocking `try_*`, `Read`/`Write`, graceful shutdown, abortive
 //!   close, cancellation).
