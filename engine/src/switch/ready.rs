@@ -382,11 +382,8 @@ mod tests {
         // its CQ, which need not be done when the client's send returns:
         // the fd the pick raises says when.
         // SAFETY: one valid pollfd; waits at most 10 s.
-        assert_eq!(
-            unsafe { libc::poll(&mut p, 1, 10_000) },
-            1,
-            "not readable within 10 s"
-        );
+        let n = unsafe { libc::poll(&mut p, 1, 10_000) };
+        assert_eq!(n, 1, "not readable within 10 s");
         assert!(!srt.hub.has_waiters(), "picked by the hub");
         // The message is there; a reap can still find its completion in the
         // hands of the provider's upcall helper (a spurious wake-up, as
