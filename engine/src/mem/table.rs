@@ -50,9 +50,12 @@
 //!
 //! Each owner remembers its last successful lookup per direction (buffers
 //! read by the NIC, buffers written by it: a socket's sends and receives)
-//! in a [`Hit`]: the query and the association it found. A repeat of the
-//! query takes a hold through the hit, one atomic add on the hit's `held`
-//! count and no lock; the hold is given back by one atomic subtraction
+//! in a [`Hit`]: the query's handle and flags, the association it found,
+//! and the range within which every buffer gets that same answer (the
+//! association's whole range when that is exact, see `OwnerState::hit`,
+//! else the query's buffer). A query with that handle and those flags
+//! whose buffer lies in the range takes a hold through the hit, one atomic
+//! add on the hit's `held` count and no lock; the hold is given back by one atomic subtraction
 //! when the op's `RegRef` is dropped. The association a hit names is in
 //! use while its `held` count is not zero, as while its `Arc` has
 //! `RegRef`s (`OwnerRegs::in_use`). The protocol, for each hit:
@@ -390,11 +393,30 @@ struct OwnerState {
     /// The association each of `OwnerRegs::hits` names: set when a hit
     /// is (re)written, cleared when the association leaves `locals` (or the
     /// owner is released) and no hold through the hit remains, kept
-    /// otherwise, so that the holds keep the NIC registration alive. A hit
-    /// is exact: the first covering association of a query changes only
-    /// when that association leaves `locals` (later registrations get
-    /// larger handles and come after it), and every removal from `locals`
-    /// clears the hits that name the removed association.
+    /// otherwise, so that the holds keep the NIC registration alive.
+    ///
+    /// A hit is exact: every query it answers gets the association the
+    /// locked lookup would return. When it is written, for every buffer in
+    /// its range (`Hit::addr`, `Hit::len`):
+    /// * a handle query's answer is the handle's association, whatever the
+    ///   buffer inside its range: the hit's range is the association's;
+    /// * a covering query's answer is the first association in `locals`
+    ///   (handle order) whose flags contain `need` and which covers the
+    ///   buffer. With F that answer for the query's buffer, F's whole
+    ///   range is remembered only if no association before F whose flags
+    ///   contain `need` meets F, closed ends included
+    ///   (`RegistrationTable::acquire_covering`): an earlier A covers some
+    ///   buffer inside F (empty ones too) exactly when `A.addr <= F.end`
+    ///   and `F.addr <= A.end`, so then none does and F is the answer for
+    ///   every buffer inside F. Otherwise the hit's range is the query's
+    ///   buffer alone.
+    ///
+    /// And it stays exact: a later registration gets a larger handle (a
+    /// repeat of an existing one counts on its handle) and comes after F in
+    /// `locals`, so it is not an earlier match; a removal from `locals`
+    /// only takes earlier matches away, and the removal of F itself clears
+    /// the hits that name it (`OwnerRegs::drop_hits`, `release_owner`). A
+    /// handle names one association until it leaves `locals`.
     hit: [Option<sync::Arc<LocalShared>>; HITS],
 }
 
@@ -458,7 +480,9 @@ struct Hit {
     /// sees a different value after it.
     seq: sync::AtomicU64,
     /// The query: `HIT_VALID | need` (0: no query), the handle (0 for a
-    /// covering lookup), the buffer.
+    /// covering lookup), and the range `[addr, addr+len)` every buffer of
+    /// the query with this handle and `need` gets the same answer in
+    /// (`OwnerState::hit`); the range does not wrap.
     need: sync::AtomicU32,
     handle: sync::AtomicU64,
     addr: sync::AtomicUsize,
@@ -491,16 +515,23 @@ impl Hit {
     }
 
     /// The lock-free lookup: a hold on the hit's association if the hit
-    /// holds this query, else `None` (take the lock).
+    /// holds this handle and `need` and `[addr, addr+len)` lies in its
+    /// range, else `None` (take the lock).
     #[inline]
     fn get(&self, handle: u64, addr: usize, len: usize, need: MemFlags) -> Option<RegRef> {
         let seq = self.seq.load(Ordering::Acquire);
         if seq & 1 != 0
             || self.need.load(Ordering::Relaxed) != HIT_VALID | need.bits()
             || self.handle.load(Ordering::Relaxed) != handle
-            || self.addr.load(Ordering::Relaxed) != addr
-            || self.len.load(Ordering::Relaxed) != len
         {
+            return None;
+        }
+        // Inside `[start, start+span)` without an overflow: a buffer below
+        // `start` wraps `off` past `span` (the range does not wrap), and a
+        // buffer whose end would wrap is longer than `span - off`.
+        let off = addr.wrapping_sub(self.addr.load(Ordering::Relaxed));
+        let span = self.len.load(Ordering::Relaxed);
+        if off > span || len > span - off {
             return None;
         }
         // The query's loads happen before the validation below.
@@ -543,8 +574,8 @@ impl Hit {
         self.need.store(0, Ordering::Relaxed);
     }
 
-    /// Writes a query and its association (the hit is stopped and holds
-    /// nothing).
+    /// Writes a query, the range it is answered in and its association
+    /// (the hit is stopped and holds nothing).
     fn set(&self, handle: u64, addr: usize, len: usize, need: MemFlags, s: &LocalShared) {
         self.need.store(HIT_VALID | need.bits(), Ordering::Relaxed);
         self.handle.store(handle, Ordering::Relaxed);
@@ -616,9 +647,9 @@ impl OwnerRegs {
         }
     }
 
-    /// Remembers a lookup's answer in its direction's hit, unless holds
-    /// are still taken through that hit (the lookup then goes on without
-    /// it).
+    /// Remembers a lookup's answer in its direction's hit, for every buffer
+    /// in `[addr, addr+len)` (exact: `OwnerState::hit`), unless holds are
+    /// still taken through that hit (the lookup then goes on without it).
     fn remember(
         &self,
         o: &mut OwnerState,
@@ -1212,8 +1243,7 @@ impl RegistrationTable {
     /// The data-path lookup for a plain `WSABUF` (spec §7-2): a local
     /// association of this owner whose range contains `[addr, addr+len)` and
     /// whose flags include `need` (first in registration order); none →
-    /// `WSAEFAULT`. Takes only the owner lock; allocates nothing. A repeat of
-    /// the last successful query is answered from `OwnerState::last_hit`.
+    /// `WSAEFAULT`. Takes only the owner lock; allocates nothing.
     pub fn acquire_covering(
         &self,
         regs: &OwnerRegs,
@@ -1227,21 +1257,33 @@ impl RegistrationTable {
         if o.released {
             return Err(WsaError::WSAENOTSOCK);
         }
-        let found = o
+        let (&h, found) = o
             .locals
-            .values()
-            .map(|a| &a.shared)
-            .find(|s| s.flags.contains(need) && s.addr <= addr && end <= s.addr + s.len)
+            .iter()
+            .find(|(_, a)| {
+                let s = &a.shared;
+                s.flags.contains(need) && s.addr <= addr && end <= s.addr + s.len
+            })
             .ok_or(WsaError::WSAEFAULT)?;
+        let found = &found.shared;
+        let (lo, span) = (found.addr, found.len);
         let r = take_ref(found);
-        regs.remember(&mut o, 0, addr, len, need, r.arc());
+        // The whole association is the answer for every buffer inside it
+        // unless an earlier match meets it (`OwnerState::hit`).
+        let alone = !o.locals.range(..h).any(|(_, a)| {
+            let s = &a.shared;
+            s.flags.contains(need) && s.addr <= lo + span && lo <= s.addr + s.len
+        });
+        let (at, n) = if alone { (lo, span) } else { (addr, len) };
+        regs.remember(&mut o, 0, at, n, need, r.arc());
         Ok(r)
     }
 
     /// The SPI's lookup: [`RegistrationTable::acquire_covering`] for
     /// `handle` 0, else [`RegistrationTable::acquire_handle`], answered
-    /// without the owner lock when it repeats the last query of its
-    /// direction (module docs, "The hit").
+    /// without the owner lock when its handle and flags are those of the
+    /// last query of its direction and its buffer lies in the hit's range
+    /// (module docs, "The hit").
     ///
     /// # Safety
     /// The returned [`RegRef`] must be dropped before `regs` is: a hold
@@ -1288,8 +1330,10 @@ impl RegistrationTable {
         if !fits || !s.flags.contains(need) {
             return Err(WsaError::WSAEFAULT);
         }
+        // Any buffer inside the handle's association gets it.
+        let (at, n) = (s.addr, s.len);
         let r = take_ref(s);
-        regs.remember(&mut o, handle, addr, len, need, r.arc());
+        regs.remember(&mut o, handle, at, n, need, r.arc());
         Ok(r)
     }
 
@@ -1837,10 +1881,10 @@ mod tests {
         assert_eq!(op.lkey(), key, "the hit's key is its association's");
         assert_eq!((op.len(), op.flags()), (8192, MemFlags::READWRITE));
         // SAFETY: as for `get`.
-        let other = unsafe { f.t.acquire_pinned(&o, 0, f.at(128), 64, MemFlags::WRITE) };
+        let other = unsafe { f.t.acquire_pinned(&o, h, f.at(128), 64, MemFlags::WRITE) };
         assert!(
             matches!(other.unwrap().0, Held::Shared(_)),
-            "another buffer takes the lock, and a held hit stays"
+            "another query takes the lock, and a held hit stays"
         );
         let again = op.clone();
         drop(op);
@@ -1874,6 +1918,107 @@ mod tests {
         drop(held);
         drop(o);
         assert_eq!(f.live(), 0, "released with the owner's registrations");
+    }
+
+    #[test]
+    fn mem_3_a_buffer_inside_the_hit_s_association_skips_the_lock() {
+        let f = Fx::new(cache_cfg(false));
+        let o = f.t.new_owner(OwnerId(1));
+        let h = f.reg(&o, 4096, 8192, R).unwrap();
+        // SAFETY: every RegRef of this test is dropped before `o`.
+        let get =
+            |h, off, len| unsafe { f.t.acquire_pinned(&o, h, f.at(off), len, MemFlags::READ) };
+        for h in [0, h] {
+            let first = get(h, 4096, 64).unwrap();
+            assert!(
+                matches!(first.0, Held::Shared(_)),
+                "a first lookup takes the lock"
+            );
+            let key = first.lkey();
+            // Other slots of the registered pool, its whole range, and an
+            // empty buffer at its end: answered without the lock.
+            for (off, len) in [(4096 + 512, 1024), (4096, 8192), (12288 - 8, 8), (12288, 0)] {
+                let r = get(h, off, len).unwrap();
+                assert!(matches!(r.0, Held::Hit(_)), "inside [{off}, +{len}) hits");
+                assert_eq!(r.lkey(), key, "the association's key");
+            }
+            // Crossing an end, or wrapping: the lock, which refuses them.
+            for (off, len) in [(12288 - 8, 16), (4096 - 1, 2)] {
+                assert_eq!(get(h, off, len).unwrap_err(), WSAEFAULT, "[{off}, +{len})");
+            }
+            // SAFETY: as for `get`.
+            let wraps = unsafe {
+                f.t.acquire_pinned(&o, h, f.at(4096), usize::MAX, MemFlags::READ)
+            };
+            assert_eq!(wraps.unwrap_err(), WSAEFAULT);
+            // Another direction's hit: a write query does not see this one.
+            // SAFETY: as for `get`.
+            let w = unsafe { f.t.acquire_pinned(&o, h, f.at(4096), 64, MemFlags::WRITE) };
+            assert_eq!(w.unwrap_err(), WSAEFAULT, "a read-only registration");
+        }
+        f.t.deregister_memory(&o, h).unwrap();
+        assert_eq!(
+            get(0, 4096 + 512, 64).unwrap_err(),
+            WSAEFAULT,
+            "gone with it"
+        );
+        assert_eq!(f.live(), 0);
+    }
+
+    #[test]
+    fn mem_3_a_covering_query_inside_an_earlier_smaller_association_gets_its_key() {
+        let f = Fx::new(cache_cfg(false));
+        let o = f.t.new_owner(OwnerId(1));
+        // SAFETY: every RegRef of this test is dropped before `o`.
+        let get = |off, len| unsafe { f.t.acquire_pinned(&o, 0, f.at(off), len, MemFlags::READ) };
+        let small = f.reg(&o, 4096, 512, R).unwrap();
+        let pool = f.reg(&o, 0, 16384, RW).unwrap();
+        let small_key = get(4096, 64).unwrap().lkey();
+        let pool_key = get(0, 64).unwrap().lkey();
+        assert_ne!(small_key, pool_key);
+        // The pool's answer holds for its first buffer only: the earlier
+        // registration is the first match inside it.
+        let inner = get(4096 + 64, 64).unwrap();
+        assert_eq!(inner.lkey(), small_key, "the earlier registration's key");
+        assert!(matches!(inner.0, Held::Shared(_)), "not the pool's hit");
+        drop(inner);
+        assert_eq!(get(8192, 64).unwrap().lkey(), pool_key);
+        assert!(
+            matches!(get(8192, 64).unwrap().0, Held::Hit(_)),
+            "the exact query hits"
+        );
+        // Gone, the earlier registration no longer shadows the pool: a
+        // later, smaller one comes after it and does not either.
+        f.t.deregister_memory(&o, small).unwrap();
+        let later = f.reg(&o, 64, 64, R).unwrap();
+        assert_eq!(get(0, 64).unwrap().lkey(), pool_key);
+        let r = get(64, 64).unwrap();
+        assert!(matches!(r.0, Held::Hit(_)), "the pool's whole range");
+        assert_eq!(r.lkey(), pool_key, "before the later one");
+        drop(r);
+        f.t.deregister_memory(&o, pool).unwrap();
+        assert_eq!(get(64, 64).unwrap().len(), 64, "the later one now");
+        f.t.deregister_memory(&o, later).unwrap();
+        // An earlier registration that only touches the pool's end is the
+        // first match for an empty buffer there: ends count.
+        let next = f.reg(&o, 8192, 4096, R).unwrap();
+        let pool = f.reg(&o, 0, 8192, R).unwrap();
+        let next_key = get(8192, 64).unwrap().lkey();
+        assert_eq!(get(0, 64).unwrap().addr(), f.at(0), "the pool");
+        assert_eq!(get(8192, 0).unwrap().lkey(), next_key, "the earlier one's");
+        // Only registrations with the query's flags shadow: a write-only
+        // one before the pool does not.
+        f.t.deregister_memory(&o, pool).unwrap();
+        f.t.deregister_memory(&o, next).unwrap();
+        f.reg(&o, 4096, 512, W).unwrap();
+        f.reg(&o, 0, 8192, R).unwrap();
+        assert_eq!(get(0, 64).unwrap().flags(), MemFlags::READ, "the pool");
+        let r = get(4096 + 64, 64).unwrap();
+        assert!(matches!(r.0, Held::Hit(_)), "the pool's whole range");
+        assert_eq!((r.len(), r.flags()), (8192, MemFlags::READ));
+        drop(r);
+        f.t.release_owner(&o);
+        assert_eq!(f.live(), 0);
     }
 
     #[test]
@@ -2737,19 +2882,24 @@ mod tests {
                         let (boff, blen) = BUFS[buf];
                         let addr = f.at(boff + off % blen);
                         let need_f = MemFlags(need);
-                        let (got, h_asked) = match by_handle {
-                            Some(pick) => {
-                                let h = if m.handles.is_empty() {
-                                    3
-                                } else {
-                                    m.handles[pick % m.handles.len()]
-                                };
-                                (
-                                    f.t.acquire_handle(&regs[owner], h, addr, len, need_f),
-                                    Some(h),
-                                )
+                        let h_asked = by_handle.map(|pick| {
+                            if m.handles.is_empty() {
+                                3
+                            } else {
+                                m.handles[pick % m.handles.len()]
                             }
-                            None => (f.t.acquire_covering(&regs[owner], addr, len, need_f), None),
+                        });
+                        // Through the hit when it answers (MEM-3), so the
+                        // model checks that its answers are exact too.
+                        // SAFETY: `held` drops before `regs`.
+                        let got = unsafe {
+                            f.t.acquire_pinned(
+                                &regs[owner],
+                                h_asked.unwrap_or(0),
+                                addr,
+                                len,
+                                need_f,
+                            )
                         };
                         let o = &mut m.owners[owner];
                         if o.released {
@@ -2974,8 +3124,10 @@ mod tests {
                 let op = {
                     let (f, o) = (f.clone(), o.clone());
                     thread::spawn(move || {
+                        // Another buffer of the registration: the hit
+                        // answers it too.
                         // SAFETY: the RegRef is dropped before this `o`.
-                        let r = unsafe { f.t.acquire_pinned(&o, 0, f.at(0), 64, ANY) };
+                        let r = unsafe { f.t.acquire_pinned(&o, 0, f.at(512), 64, ANY) };
                         if let Ok(r) = r {
                             assert!(
                                 f.nic.region(r.lkey()).is_some(),
