@@ -248,7 +248,8 @@ impl Upcalls {
     }
 
     /// The slot handle `h` names, if its chunk exists (the slot may be
-    /// another handle's if `h` is stale).
+    /// another handle's if `h` is stale; a handle was made with its chunk,
+    /// so no live one names a slot of a chunk not made).
     fn slot_of(&self, h: SwitchHandle) -> Option<&Slot> {
         let index = (h.0 & 0xffff_ffff).checked_sub(1)?;
         self.chunks.get(index / CHUNK)?.get()?.get(index % CHUNK)
@@ -256,8 +257,7 @@ impl Upcalls {
 
     /// The live entry of handle `h`, locked.
     fn entry(&self, h: SwitchHandle) -> Option<MutexGuard<'_, Entry>> {
-        let index = (h.0 & 0xffff_ffff).checked_sub(1)?;
-        let e = lock(&self.slot(index)?.entry);
+        let e = lock(&self.slot_of(h)?.entry);
         (e.handle == h.0 && h.0 != 0).then_some(e)
     }
 
