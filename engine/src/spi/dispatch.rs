@@ -182,11 +182,19 @@ impl Provider {
     /// the completion queue of socket `s`: the thread that waits for `s`'s
     /// ops polls its own CQ, without touching other threads' CQs.
     pub fn progress_socket(&self, s: ProviderSocket) -> usize {
-        match self.inner.pin(s) {
-            // The socket's own reference to the engine: no provider-wide
-            // lock is touched by a thread spinning on its socket.
-            Ok(sock) => self.inner.progress(&sock.run, sock.cq_index()),
-            Err(_) => 0,
+        // As a pending op's wait: the CQ from the socket's table slot (a
+        // load) and the engine from this thread's cache of it, so a thread
+        // spinning on its socket takes neither a pin (two locked
+        // instructions a poll) nor a provider-wide lock.
+        let Some(cq) = self.inner.sockets.live_cq(s) else {
+            return 0;
+        };
+        match self.inner.with_running(|run| self.inner.progress(run, cq)) {
+            Some(n) => n,
+            None => match self.inner.pin(s) {
+                Ok(sock) => self.inner.progress(&sock.run, sock.cq_index()),
+                Err(_) => 0,
+            },
         }
     }
 
