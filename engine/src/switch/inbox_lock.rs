@@ -166,6 +166,17 @@ impl<S, T> InboxLock<S, T> {
         self.try_lock()
     }
 
+    /// The items in the inbox, as `len` tells: for the state's holder, whose
+    /// thread delivered items that it did not enter in the inbox
+    /// (`Conn::poll_held`) and must feed behind those delivered before. It
+    /// counts every item whose delivery happened before the load (their
+    /// stores, or later ones, are seen), and it falls only by the holder's
+    /// pops.
+    #[inline]
+    pub(super) fn queued(&self) -> usize {
+        self.len.load(Ordering::Acquire)
+    }
+
     /// Enters `item` in the inbox (the state was found held).
     fn push(&self, item: T) {
         let mut q = self.inbox();
