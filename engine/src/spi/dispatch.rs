@@ -14,7 +14,7 @@
 //! block.
 
 use super::dup_state::DupCompletion;
-use super::ops::{release_regs, OpState, OvPtr};
+use super::ops::{release_done_regs, OpState, OvPtr};
 use super::socket::{OpSocket, Socket};
 use super::{lock, Inner, Overlapped, Provider, ProviderSocket, Running};
 use crate::coarse::CoarseDeadline;
@@ -270,7 +270,7 @@ fn take_op(op: &mut OpState, engaged: &mut Option<OpState>) -> Option<(OpSocket,
         *engaged = Some(std::mem::take(op));
         return None;
     }
-    release_regs(&mut op.regs);
+    release_done_regs(&mut op.regs);
     Some((op.take_socket(), op.overlapped))
 }
 
@@ -443,7 +443,7 @@ impl Inner {
         then: impl FnOnce(&Socket),
     ) {
         // The op's private memory goes first (CLOSE-4).
-        release_regs(&mut op.regs);
+        release_done_regs(&mut op.regs);
         let op_socket = op.take_socket();
         // SAFETY: the op is in the close gate until `op_finished` below,
         // and a socket is always an `Arc`'s (`SocketTable::publish`): while

@@ -170,6 +170,30 @@ pub fn release_regs(regs: &mut Regs) {
     );
 }
 
+/// [`release_regs`] for a completed op, on the completion's path: the
+/// first two holds go together ([`RegRef::release_pair`]), one locked
+/// instruction for an op whose two buffers lie in one registration.
+#[inline(always)]
+pub fn release_done_regs(regs: &mut Regs) {
+    if let Some(first) = regs[0].take() {
+        match regs[1].take() {
+            Some(second) => {
+                RegRef::release_pair(first, second);
+                for r in &mut regs[2..] {
+                    if r.take().is_none() {
+                        break;
+                    }
+                }
+            }
+            None => drop(first),
+        }
+    }
+    debug_assert!(
+        regs.iter().all(Option::is_none),
+        "op registrations not packed"
+    );
+}
+
 /// Phases of a slot, in the low bits of its stamp.
 const FREE: u64 = 0;
 /// Taken by a starter; its state is being filled.
