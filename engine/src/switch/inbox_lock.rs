@@ -40,6 +40,12 @@
 //! only reads the state: it need not pop or look if its thread takes the
 //! state by [`InboxLock::lock`] and follows the contract afterwards (an item
 //! delivered meanwhile waits only until then).
+//!
+//! Items that the holder's own thread delivers while it holds the state
+//! need not pass through the inbox: the holder may feed them itself,
+//! behind the items [`InboxLock::queued`] counted when the first of them
+//! was delivered (`Conn::poll_held`). The inbox's protocol is the same: such
+//! an item is never in it, and it is fed before the holder unlocks.
 
 use crate::sync::{fence, AtomicUsize, Mutex, MutexGuard, Ordering};
 use std::collections::VecDeque;
