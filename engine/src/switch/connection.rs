@@ -12,10 +12,8 @@
 //!
 //! The thread that waits makes the progress: a blocked call polls its own
 //! connection's completion queue (`Provider::progress_socket`, which makes
-//! the upcalls on that thread): once while it still holds the state that
-//! started its op (`Conn::poll_held`: its own upcalls stash their
-//! completions for it), then unlocked, up to `poller.spin_budget` empty
-//! polls; then it sleeps on the connection's notifier (in run-to-completion
+//! the upcalls on that thread), spins up to `poller.spin_budget` empty
+//! polls, then sleeps on the connection's notifier (in run-to-completion
 //! mode after arming the completion queue with the runtime's [`CqWake`], so
 //! that the next completion there wakes it). Sleepers are woken only
 //! when something they wait for happened (an op of theirs completed, the
@@ -414,15 +412,6 @@ struct Done {
     bytes: u32,
 }
 
-impl Done {
-    /// A placeholder (the stash's empty entries).
-    const NONE: Done = Done {
-        index: 0,
-        error: 0,
-        bytes: 0,
-    };
-}
-
 /// An op's result, as the machine completes it.
 type OpResult = Result<u64, proto::Error>;
 
@@ -463,94 +452,6 @@ thread_local! {
     /// Only this thread reads or writes it; upcalls on other threads leave
     /// the result for the call's look.
     static HANDOFF: Cell<Handoff> = const { Cell::new(Handoff::Idle) };
-
-    /// Set by a call of this thread that polls its connection's completion
-    /// queue while it holds the connection's state ([`Conn::poll_held`]):
-    /// the upcalls the poll makes on this thread for that connection leave
-    /// their completions here instead of in the inbox, and the call feeds
-    /// them once the poll returned (see [`Stash`]).
-    static STASH: Stash = const {
-        Stash {
-            conn: Cell::new(0),
-            before: Cell::new(0),
-            n: Cell::new(0),
-            items: [const { Cell::new(Done::NONE) }; STASH_LEN],
-        }
-    };
-}
-
-/// Completions a poll made under the state lock stashes ([`STASH`]).
-const STASH_LEN: usize = 8;
-
-/// The completions that the upcalls of a poll made by the state's holder
-/// ([`Conn::poll_held`]) delivered on the holder's own thread, for its own
-/// connection. To the inbox's protocol these are items the holder pops:
-/// the holder's thread delivers them, so the state is held, and the holder
-/// feeds them before it unlocks; they only skip the inbox's lock and the
-/// upcall's failed `try_lock` and look. The order of delivery is kept:
-/// - the items that waited in the inbox when the first one was stashed
-///   (`before`) are fed first: the completions of the queue being polled
-///   that were delivered earlier were delivered by a thread that held its
-///   drain before this poll did (a queue's completions are dispatched in
-///   order, one drain at a time), so their pushes are seen; the count may
-///   take in a completion a close made itself meanwhile, which no order
-///   binds to the queue's;
-/// - a completion that finds the stash full goes through the inbox as
-///   usual (the state is held: it is pushed), behind the stash, and so do
-///   the ones delivered after it, by this poll or by other threads.
-struct Stash {
-    /// The connection whose state this thread holds while it polls (its
-    /// address); 0 when no poll under the lock is in progress.
-    conn: Cell<usize>,
-    /// Items in the inbox when the first completion was stashed.
-    before: Cell<usize>,
-    /// The stashed completions, `items[..n]`, in dispatch order; read by
-    /// the holder only once the poll ended (`conn` 0 again), so a
-    /// completion dispatched while it feeds them does not write here.
-    n: Cell<usize>,
-    items: [Cell<Done>; STASH_LEN],
-}
-
-/// What a poll under the state lock stashed: `before` and `n` of the
-/// [`Stash`], whose items the holder then feeds.
-#[derive(Clone, Copy)]
-struct Stashed {
-    before: usize,
-    n: usize,
-}
-
-/// A poll under the state lock in progress ([`Conn::poll_held`]): while it
-/// lives, this thread's upcalls for the connection stash their completions.
-/// Its drop ends the stashing also when an upcall of the poll panicked.
-struct PollHeld;
-
-impl PollHeld {
-    fn start(conn: &Conn) -> PollHeld {
-        STASH.with(|s| {
-            debug_assert_eq!(s.conn.get(), 0, "nested polls under a state lock");
-            s.conn.set(conn as *const Conn as usize);
-            s.before.set(0);
-            s.n.set(0);
-        });
-        PollHeld
-    }
-
-    /// Ends the stashing: what it stashed.
-    fn end(self) -> Stashed {
-        STASH.with(|s| {
-            s.conn.set(0);
-            Stashed {
-                before: s.before.get(),
-                n: s.n.get(),
-            }
-        })
-    }
-}
-
-impl Drop for PollHeld {
-    fn drop(&mut self) {
-        let _ = STASH.try_with(|s| s.conn.set(0));
-    }
 }
 
 impl State {
@@ -737,7 +638,7 @@ impl Conn {
     /// complete, takes its result for the call ([`HANDOFF`]), unless a
     /// close is due: the call's own look makes it.
     fn settle_in_upcall<'a>(&'a self, st: Held<'a, State>) {
-        self.settle_as(st, true, None, |st| {
+        self.settle_as(st, true, |st| {
             HANDOFF.with(|h| {
                 if let Handoff::Waits(c) = h.get() {
                     if c.conn == self as *const Conn as usize && !st.close_due {
@@ -796,34 +697,15 @@ impl Conn {
     /// round of actions and completions, before it unlocks (`then` queues
     /// no actions: it looks, or takes a result).
     fn settle_then<'a, R>(&'a self, st: Held<'a, State>, then: impl FnOnce(&mut State) -> R) -> R {
-        self.settle_as(st, false, None, then)
-    }
-
-    /// [`Conn::settle_then`] for a call that just started op `op`, with
-    /// `finish` (which takes the op's result) as `then`: if the first round
-    /// leaves the op pending, the call polls its connection's completion
-    /// queue before it unlocks ([`Conn::poll_held`]) and `finish` sees what
-    /// that fed. When the op's completion waits in the queue already (in a
-    /// ping-pong, the message a read is for), the state is taken once,
-    /// where a poll after the unlock would have its upcall take it again
-    /// (a second `try_lock`, unlock and look: three locked instructions).
-    fn settle_polling<'a, R>(
-        &'a self,
-        st: Held<'a, State>,
-        op: OpId,
-        finish: impl FnOnce(&mut State) -> R,
-    ) -> R {
-        self.settle_as(st, false, Some(op), finish)
+        self.settle_as(st, false, then)
     }
 
     /// [`Conn::settle_then`]; `upcall`: the thread is inside an upcall, so
-    /// an abort only marks the close due; `poll`: [`Conn::settle_polling`]'s
-    /// op.
+    /// an abort only marks the close due.
     fn settle_as<'a, R>(
         &'a self,
         mut st: Held<'a, State>,
         upcall: bool,
-        mut poll: Option<OpId>,
         then: impl FnOnce(&mut State) -> R,
     ) -> R {
         let mut then = Some(then);
@@ -834,15 +716,10 @@ impl Conn {
                 if st.m.has_actions() {
                     abort |= self.run(&mut st);
                 }
-                if let Some(d) = self.state.pop(&st) {
-                    self.feed(&mut st, d);
-                    continue;
-                }
-                // Once, in the first round, if the op is still pending.
-                match poll.take() {
-                    Some(op) if st.ops.buf(op).is_some() => abort |= self.poll_held(&mut st),
-                    _ => break,
-                }
+                let Some(d) = self.state.pop(&st) else {
+                    break;
+                };
+                self.feed(&mut st, d);
             }
             if upcall {
                 st.close_due |= abort;
@@ -874,74 +751,6 @@ impl Conn {
         }
     }
 
-    /// Polls the connection's completion queue while holding its state
-    /// (`st`), then feeds what the poll's upcalls on this thread delivered
-    /// for this connection ([`Stash`]): the items that waited in the inbox
-    /// before them, then them, each after the actions the previous one
-    /// produced, as the settle loop feeds the inbox. Returns whether the
-    /// connection must be aborted. The poll's upcalls never wait for the
-    /// lock this thread holds: for this connection they stash their
-    /// completion (or find the state held and push it); for others, their
-    /// own connection's `deliver`.
-    fn poll_held(&self, st: &mut Held<'_, State>) -> bool {
-        let stash = self.poll_stashing();
-        self.feed_stashed(st, stash)
-    }
-
-    /// The poll of [`Conn::poll_held`] (the caller holds the state): what
-    /// its upcalls stashed.
-    fn poll_stashing(&self) -> Stashed {
-        let polling = PollHeld::start(self);
-        self.progress();
-        polling.end()
-    }
-
-    /// Feeds what [`Conn::poll_stashing`] stashed, behind the inbox items
-    /// delivered before it; whether the connection must be aborted.
-    fn feed_stashed(&self, st: &mut Held<'_, State>, stash: Stashed) -> bool {
-        let mut abort = false;
-        for _ in 0..stash.before {
-            if st.m.has_actions() {
-                abort |= self.run(st);
-            }
-            // Only the holder pops: the items counted wait still.
-            let d = self.state.pop(st);
-            debug_assert!(d.is_some(), "a counted inbox item is gone");
-            if let Some(d) = d {
-                self.feed(st, d);
-            }
-        }
-        for i in 0..stash.n {
-            if st.m.has_actions() {
-                abort |= self.run(st);
-            }
-            let d = STASH.with(|s| s.items[i].get());
-            self.feed(st, d);
-        }
-        abort
-    }
-
-    /// Stashes completion `d` if this thread polls this connection's
-    /// completion queue under its state lock ([`Conn::poll_held`]) and the
-    /// stash has room; whether it did.
-    #[inline]
-    fn stash(&self, d: Done) -> bool {
-        let me = self as *const Conn as usize;
-        STASH.with(|s| {
-            let n = s.n.get();
-            if s.conn.get() != me || n == STASH_LEN {
-                return false;
-            }
-            if n == 0 {
-                // Delivered before this drain took the queue: fed first.
-                s.before.set(self.state.queued());
-            }
-            s.items[n].set(d);
-            s.n.set(n + 1);
-            true
-        })
-    }
-
     /// A completion upcall for our record `index`.
     fn on_completion(&self, index: usize, error: u32, bytes: u32) {
         let d = Done {
@@ -949,11 +758,6 @@ impl Conn {
             error,
             bytes,
         };
-        // This thread holds the state and polls for it: the holder feeds
-        // the completion once the poll returned.
-        if self.stash(d) {
-            return;
-        }
         // Never waits for the state inside an upcall: whoever holds it
         // (perhaps this thread's own caller) feeds the completion.
         let Some((mut st, d)) = self.state.deliver(d) else {
@@ -1315,9 +1119,7 @@ impl Conn {
     }
 
     /// Dispatches the completions waiting in this connection's completion
-    /// queue on the calling thread (with the state locked only by
-    /// [`Conn::poll_held`], whose upcalls for this connection stash their
-    /// completions).
+    /// queue on the calling thread (never with the state locked).
     pub(super) fn progress(&self) -> usize {
         self.wire.provider.progress_socket(self.wire.sock)
     }
@@ -1552,7 +1354,7 @@ impl Conn {
         start(&mut st, op);
         let gen = st.cancel_gen;
         let finish = move |st: &mut State| st.finish(dir, op, nonblocking);
-        if let Some(r) = self.settle_polling(st, op, finish) {
+        if let Some(r) = self.settle_then(st, finish) {
             return op_result(r);
         }
         // Just looked: the wait starts by polling.
@@ -1686,46 +1488,6 @@ mod tests {
             "its own connection's call gets the result"
         );
         assert!(b.lock().pass(Dir::Send), "the gate opened with the result");
-    }
-
-    /// What a poll under the state lock stashes ([`Stash`]) is fed behind
-    /// what another thread left in the inbox before the poll's drain. The
-    /// server holds its state while the client writes twice: another
-    /// thread reaps the first message into the inbox, the holder's own
-    /// poll the second, which must come out second. A round in which the
-    /// upcall helper reaped the second message too (into the inbox) tests
-    /// nothing, and the test fails if no round had both.
-    #[test]
-    fn a_poll_under_the_lock_feeds_its_completions_behind_the_inbox() {
-        use std::io::{Read, Write};
-        let (_rt, mut client, mut server) =
-            crate::switch::stream::connected_with(42, PollerMode::RunToCompletion);
-        let b = server.conn().clone();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut tested = 0;
-        for round in 0..20 {
-            let mut st = b.lock();
-            client.write_all(b"first").unwrap();
-            std::thread::scope(|s| {
-                s.spawn(|| {
-                    while b.state.queued() == 0 {
-                        assert!(Instant::now() < deadline, "the first message never came");
-                        b.progress();
-                    }
-                });
-            });
-            client.write_all(b"second").unwrap();
-            let stash = b.poll_stashing();
-            if stash.n > 0 && stash.before > 0 {
-                tested += 1;
-            }
-            assert!(!b.feed_stashed(&mut st, stash), "no abort");
-            b.settle(st);
-            let mut got = [0u8; 11];
-            server.read_exact(&mut got).unwrap();
-            assert_eq!(&got, b"firstsecond", "round {round}: fed out of order");
-        }
-        assert!(tested > 0, "no round stashed behind the inbox");
     }
 
     /// A spinning wait reads the clock once at `CLOCK_FIRST`, then at each

@@ -40,12 +40,6 @@
 //! only reads the state: it need not pop or look if its thread takes the
 //! state by [`InboxLock::lock`] and follows the contract afterwards (an item
 //! delivered meanwhile waits only until then).
-//!
-//! Items that the holder's own thread delivers while it holds the state
-//! need not pass through the inbox: the holder may feed them itself,
-//! behind the items [`InboxLock::queued`] counted when the first of them
-//! was delivered (`Conn::poll_held`). The inbox's protocol is the same: such
-//! an item is never in it, and it is fed before the holder unlocks.
 
 use crate::sync::{fence, AtomicUsize, Mutex, MutexGuard, Ordering};
 use std::collections::VecDeque;
@@ -170,17 +164,6 @@ impl<S, T> InboxLock<S, T> {
             return None;
         }
         self.try_lock()
-    }
-
-    /// The items in the inbox, as `len` tells: for the state's holder, whose
-    /// thread delivered items that it did not enter in the inbox
-    /// (`Conn::poll_held`) and must feed behind those delivered before. It
-    /// counts every item whose delivery happened before the load (their
-    /// stores, or later ones, are seen), and it falls only by the holder's
-    /// pops.
-    #[inline]
-    pub(super) fn queued(&self) -> usize {
-        self.len.load(Ordering::Acquire)
     }
 
     /// Enters `item` in the inbox (the state was found held).

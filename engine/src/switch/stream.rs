@@ -765,15 +765,6 @@ impl io::Write for Stream {
 /// for the switch's unit tests.
 #[cfg(test)]
 pub(super) fn connected(host: u8) -> (Arc<Runtime>, Stream, Stream) {
-    connected_with(host, crate::Config::default().poller.mode)
-}
-
-/// [`connected`], with the provider's poller in `mode`.
-#[cfg(test)]
-pub(super) fn connected_with(
-    host: u8,
-    mode: crate::config::PollerMode,
-) -> (Arc<Runtime>, Stream, Stream) {
     use super::RuntimeConfig;
     use crate::fabric::soft::SoftNetwork;
     use std::net::Ipv4Addr;
@@ -781,7 +772,6 @@ pub(super) fn connected_with(
     let net = SoftNetwork::new();
     let ip = Ipv4Addr::new(198, 18, 7, host);
     let mut c = RuntimeConfig::default();
-    c.engine.poller.mode = mode;
     c.engine.fabric.soft.addresses = vec![ip];
     c.switch = super::SwitchOptions::bounded(Duration::from_secs(10));
     let nic = net.attach(c.engine.soft_nic(vec![ip])).unwrap();
