@@ -377,6 +377,41 @@ fn rxe0_rxe1_send_recv_byte_exact() {
     send_recv_byte_exact(&open("rxe1"), &open("rxe0"));
 }
 
+/// An arm repeated before the wake-up it asked for (the CQ still armed, so
+/// no second notification request) still wakes at the next completion; and
+/// the first arm after that wake asks again, so the completion after it
+/// wakes too.
+#[test]
+fn an_arm_repeated_while_armed_wakes_and_the_arm_after_the_wake_asks_again() {
+    if !have("rxe0") {
+        return;
+    }
+    let nic = open("rxe0");
+    let (s, c) = pair(&nic, &nic);
+    let rbuf = Buf::new(&s.nic, 64, Access::LOCAL_WRITE);
+    let sbuf = Buf::new(&c.nic, 64, Access::NONE);
+    let mut out = [WorkCompletion::EMPTY];
+    for round in 0..3u64 {
+        recv(&s, 10 + round, &[rbuf.sge(0, 64)]);
+        let seen = s.cq.sig.get();
+        assert!(!s.cq.cq.arm(), "round {round}: nothing completed yet");
+        assert!(
+            !s.cq.cq.arm(),
+            "round {round}: armed again, nothing completed"
+        );
+        send(&c, 20 + round, &[sbuf.sge(0, 8)]);
+        let now = s.cq.sig.wait_change(seen, LIMIT);
+        assert_ne!(now, seen, "round {round}: the completion woke nobody");
+        assert_eq!(s.cq.cq.poll(&mut out), 1, "round {round}");
+        expect_ok(out[0], 10 + round, WcOpcode::Recv, 8);
+        expect_ok(c.cq.next(LIMIT), 20 + round, WcOpcode::Send, 8);
+    }
+    close(c);
+    close(s);
+    rbuf.free(&nic);
+    sbuf.free(&nic);
+}
+
 fn rdma_write_read(server: &Arc<VerbsNic>, client: &Arc<VerbsNic>) {
     let (s, c) = pair(server, client);
     let n = 16384;

@@ -29,7 +29,11 @@ pub struct VerbsCq {
     /// `pending.len()`, readable without the lock (poll's fast path).
     pending_len: AtomicUsize,
     /// Set by `arm`, cleared by the wake-up it asked for (hardware event or
-    /// a software completion), so each arm wakes at most once.
+    /// a software completion), so each arm wakes at most once. While it is
+    /// set, the hardware CQ's notification request is still pending (no
+    /// event was read since it was made, and a failed request clears it),
+    /// so `arm` makes no new one: that would be a system call (an `ioctl`
+    /// on rxe) asking for what is already asked for.
     armed: AtomicBool,
     /// Entries promised to the queue pairs on this CQ (the sum of their
     /// send and receive queue sizes), within what the device gave the CQ
@@ -175,10 +179,15 @@ impl CompletionQueue for VerbsCq {
 
     fn arm(&self) -> bool {
         let cq = self;
-        cq.armed.store(true, Ordering::Release);
-        // SAFETY: valid CQ created on a completion channel.
-        if unsafe { ibv_req_notify_cq(cq.cq.get(), 0) } != 0 {
-            // Could not arm: tell the caller to poll rather than sleep.
+        // Still armed: the request made then wakes at the next completion
+        // (or its event is being read and wakes now), as a new one would.
+        let asked = cq.armed.swap(true, Ordering::AcqRel)
+            // SAFETY: valid CQ created on a completion channel.
+            || unsafe { ibv_req_notify_cq(cq.cq.get(), 0) } == 0;
+        if !asked {
+            // Could not arm: tell the caller to poll rather than sleep, and
+            // the next arm to ask again.
+            cq.armed.store(false, Ordering::Release);
             return true;
         }
         if cq.pending_len.load(Ordering::Acquire) != 0 {
@@ -199,29 +208,33 @@ impl CompletionQueue for VerbsCq {
 
 /// The notify thread: reads CQ events from the NIC's completion channel,
 /// acknowledges each at once and wakes the CQ's waker.
+///
+/// One event per wait: the channel stays readable while more are queued,
+/// so the next `poll` returns at once, and the usual single event costs a
+/// `poll` and a `read`, not also a second `read` that finds the channel
+/// empty (under emulation each system call takes microseconds of a vCPU the
+/// polling threads run on).
 pub(crate) fn run_notify(shared: Arc<Shared>, stop: Arc<OwnedFd>) {
     let ch = shared.comp_channel.get();
     // SAFETY: the channel lives as long as `shared`.
     let fd = unsafe { (*ch).fd };
     while wait_readable(fd, &stop) {
-        loop {
-            let mut cq: *mut ibv_cq = std::ptr::null_mut();
-            let mut ctx: *mut libc::c_void = std::ptr::null_mut();
-            // SAFETY: valid channel (non-blocking fd: returns -1 when empty).
-            if unsafe { ibv_get_cq_event(ch, &mut cq, &mut ctx) } != 0 {
-                break;
-            }
-            // SAFETY: the event names a CQ that cannot be destroyed before
-            // this acknowledgement (ibv_destroy_cq waits for it).
-            unsafe { ibv_ack_cq_events(cq, 1) };
-            let id = ctx as usize as u32;
-            let target = lock(&shared.cqs).get(&id).and_then(|w| w.upgrade());
-            if let Some(c) = target {
-                // Every hardware event wakes (a stale one costs one spurious
-                // poll); `armed` only gates software completions.
-                c.armed.store(false, Ordering::Release);
-                c.waker.wake();
-            }
+        let mut cq: *mut ibv_cq = std::ptr::null_mut();
+        let mut ctx: *mut libc::c_void = std::ptr::null_mut();
+        // SAFETY: valid channel (non-blocking fd: returns -1 when empty).
+        if unsafe { ibv_get_cq_event(ch, &mut cq, &mut ctx) } != 0 {
+            continue;
+        }
+        // SAFETY: the event names a CQ that cannot be destroyed before this
+        // acknowledgement (ibv_destroy_cq waits for it).
+        unsafe { ibv_ack_cq_events(cq, 1) };
+        let id = ctx as usize as u32;
+        let target = lock(&shared.cqs).get(&id).and_then(|w| w.upgrade());
+        if let Some(c) = target {
+            // Every hardware event wakes (a stale one costs one spurious
+            // poll); it also ends the request `armed` stands for.
+            c.armed.store(false, Ordering::Release);
+            c.waker.wake();
         }
     }
 }
