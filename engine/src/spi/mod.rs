@@ -935,10 +935,11 @@ impl Provider {
             ),
         };
         let it = bufs.iter().map(|b| (b.buf as usize, b.len, Some(b.handle)));
-        // SAFETY: forwarded caller contract.
+        // SAFETY: forwarded caller contract. The total was checked above:
+        // no second bound (one buffer's length is never above it).
         unsafe {
             self.inner
-                .start_op(sock, it, need, max, ov, false, |qp, id, sges| {
+                .start_op(sock, it, need, u32::MAX, ov, false, |qp, id, sges| {
                     qp.post_send(&SendWr {
                         wr_id: id,
                         op,
@@ -1268,7 +1269,7 @@ impl Inner {
         // Read once entered: a duplication's swap either counts this op or
         // made its queue pair current (dup.rs).
         let qp = sock.posting_qp(loaded);
-        let Some(slot) = self.ops.reserve(sock.cq_index().unwrap_or(0)) else {
+        let Some(slot) = self.ops.reserve(sock.cq_hint()) else {
             return Err(WsaError::WSAENOBUFS);
         };
         let mut sges = [Sge {
@@ -1359,7 +1360,10 @@ impl Inner {
                 // SAFETY: the caller guarantees `ov` outlives the op.
                 op.overlapped = unsafe { OvPtr::new(ov) };
                 op.recv = recv;
-                op.sges.copy_from_slice(&sges[..KEPT_SGE]);
+                // Only a parked receive is posted again with them.
+                if recv {
+                    op.sges.copy_from_slice(&sges[..KEPT_SGE]);
+                }
             },
         );
         match post(&**qp, slot.wr_id(), &sges[..n]) {

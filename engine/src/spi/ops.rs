@@ -106,10 +106,11 @@ pub struct OpState {
     pub overlapped: OvPtr,
     /// A receive (its completion's opcode is not reliable on error).
     pub recv: bool,
-    /// The first [`KEPT_SGE`] entries the op was posted with (as many as
-    /// `regs` holds, each covered by the registration at its index): a
-    /// receive parked while its connection is re-established is posted
-    /// again with them (`dup.rs`). Not all: every op pays for the copy.
+    /// A receive's first [`KEPT_SGE`] entries (as many as `regs` holds,
+    /// each covered by the registration at its index): a receive parked
+    /// while its connection is re-established is posted again with them
+    /// (`dup.rs`). Not all: every receive pays for the copy. Other ops
+    /// leave what the slot had (never parked, never posted again).
     pub sges: [Sge; KEPT_SGE],
     /// Registrations the op uses; each holds its registration "in use".
     /// Packed: the `Some`s come first (release them with [`release_regs`]).

@@ -137,6 +137,13 @@ impl Socket {
         }
     }
 
+    /// The socket's CQ index, or some value when it has none: a hint for
+    /// the op slab's free lists (`OpSlab::reserve`), which take any.
+    #[inline(always)]
+    pub fn cq_hint(&self) -> usize {
+        self.cq.load(Ordering::Relaxed)
+    }
+
     /// The socket's CQ index, once it has a queue pair (or is getting one).
     pub fn cq_index(&self) -> Option<usize> {
         match self.cq.load(Ordering::Relaxed) {
